@@ -1,0 +1,59 @@
+# spliced: the test command is `make test`. Every target installs what it needs.
+CARGO ?= cargo
+SPLICED := target/release/spliced
+
+.PHONY: all build test lint unit bench bench-quick bench-peers deps e2e faults scale soak fuzz fuzz-smoke ci clean
+
+all: build
+
+build:
+	$(CARGO) build --release
+
+# The README's test command: unit + loopback integration tests (both engines),
+# the bench smoke run and the lints.
+test: lint unit bench-quick
+
+unit:
+	$(CARGO) test --release --all-targets
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+bench:
+	$(CARGO) bench --bench relay
+
+bench-quick: build
+	$(SPLICED) bench --quick
+
+bench-peers: build
+	bash scripts/bench-peers.sh
+
+# Debian packages the database, fault and peer tests drive.
+deps:
+	bash scripts/install-deps.sh
+
+e2e: build
+	bash scripts/e2e.sh
+
+faults: build
+	bash scripts/faults.sh
+
+scale: build
+	bash scripts/scale.sh
+
+soak: build
+	SOAK_SECS=$${SOAK_SECS:-1800} bash scripts/soak.sh
+
+fuzz:
+	bash scripts/fuzz.sh $${FUZZ_SECS:-60}
+
+fuzz-smoke:
+	bash scripts/fuzz.sh 10
+
+# What .ci/run calls after `make test`.
+ci: e2e faults scale fuzz-smoke
+	SOAK_SECS=120 bash scripts/soak.sh
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,95 @@
+//! Errors that say which side failed and doing what.
+
+use std::fmt;
+use std::io;
+
+use crate::config::ConfigError;
+
+/// Which end of a relay an error came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Side {
+    Client,
+    Upstream,
+    /// The proxy itself (pipes, buffers, the event loop).
+    Internal,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+            Side::Internal => "internal",
+        })
+    }
+}
+
+/// The operation that failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write,
+    Shutdown,
+    Connect,
+    Register,
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::Shutdown => "shutdown",
+            Op::Connect => "connect",
+            Op::Register => "register",
+        })
+    }
+}
+
+/// A failed I/O operation inside a relay.
+#[derive(Debug)]
+pub struct RelayError {
+    pub side: Side,
+    pub op: Op,
+    pub source: io::Error,
+}
+
+impl RelayError {
+    pub fn new(side: Side, op: Op, source: io::Error) -> Self {
+        RelayError { side, op, source }
+    }
+}
+
+impl fmt::Display for RelayError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} failed: {}", self.side, self.op, self.source)
+    }
+}
+
+impl std::error::Error for RelayError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// Why the proxy could not start. Each variant prints as one line.
+#[derive(Debug)]
+pub enum StartError {
+    Config(ConfigError),
+    /// Binding a listener failed (address in use, permission, bad address).
+    Listen(std::net::SocketAddr, io::Error),
+    /// Any other setup step, named by the string.
+    Io(String, io::Error),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Config(e) => write!(f, "bad configuration: {e}"),
+            StartError::Listen(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
+            StartError::Io(what, e) => write!(f, "cannot {what}: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}

@@ -1,0 +1,34 @@
+//! spliced: a Linux layer-4 TCP proxy whose data path never copies payload
+//! through userspace.
+//!
+//! See docs/ARCHITECTURE.md for the lifetime of a relay and where each part
+//! lives. In short:
+//!
+//! | module | what lives there |
+//! |---|---|
+//! | [`config`] | validated settings, duration/size/address parsing |
+//! | [`proxy`] | [`start`] a proxy, its [`ProxyHandle`] |
+//! | `worker` | one mio event loop per thread: accept, connect, readiness, budget, timers |
+//! | `relay` | a relay = two `Direction`s; the pure per-direction state machine |
+//! | `engine` | the one transfer interface: splice (pipe) and copy (buffer), and their pools |
+//! | `timer` | coarse deadlines with lazy re-arm |
+//! | `sys` | the only `unsafe`: pipe2, splice, fcntl pipe size, rlimits |
+//! | [`stats`] | per-worker counters and close reasons |
+//! | [`bench`] | `spliced bench`: the self-contained benchmark |
+#![deny(unsafe_code)]
+
+pub mod bench;
+pub mod config;
+mod engine;
+pub mod error;
+pub mod proxy;
+mod relay;
+pub mod stats;
+pub mod sys;
+mod timer;
+mod worker;
+
+pub use config::{Config, ListenerConfig, Mode, Timeouts};
+pub use error::{Side, StartError};
+pub use proxy::{start, ProxyHandle};
+pub use stats::{CloseReason, Stats};

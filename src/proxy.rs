@@ -1,0 +1,158 @@
+//! Starting and controlling a running proxy: the library's front door.
+//!
+//! [`start`] binds every listener once per worker (SO_REUSEPORT, so the kernel
+//! spreads accepts), spawns the workers and returns a [`ProxyHandle`]. Binding
+//! happens on the caller's thread, so "address in use" is reported before any
+//! worker runs. `spliced run` is this plus signal handling.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::error::StartError;
+use crate::stats::{Stats, WorkerCounters};
+use crate::worker::{self, Worker};
+
+/// Shared between the handle and every worker.
+#[derive(Debug, Default)]
+pub(crate) struct Control {
+    /// Stop accepting and let relays drain (first SIGTERM).
+    pub(crate) draining: AtomicBool,
+    /// Close every relay now and exit the loop.
+    pub(crate) aborting: AtomicBool,
+}
+
+struct WorkerHandle {
+    thread: Option<JoinHandle<()>>,
+    waker: Arc<mio::Waker>,
+    counters: Arc<WorkerCounters>,
+    tid: Arc<AtomicI32>,
+}
+
+/// A running proxy. Dropping it aborts every relay and joins the workers.
+pub struct ProxyHandle {
+    local_addrs: Vec<SocketAddr>,
+    workers: Vec<WorkerHandle>,
+    control: Arc<Control>,
+}
+
+/// Binds the listeners and starts the workers.
+pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
+    config.validate().map_err(StartError::Config)?;
+    crate::sys::raise_nofile_limit();
+    let config = Arc::new(config);
+    let control = Arc::new(Control::default());
+    let bound = worker::bind_listeners(&config)?;
+    let local_addrs = bound.local_addrs.clone();
+    let mut workers = Vec::with_capacity(config.workers);
+    for (index, listeners) in bound.per_worker.into_iter().enumerate() {
+        let counters = Arc::new(WorkerCounters::default());
+        let tid = Arc::new(AtomicI32::new(0));
+        let w = Worker::new(
+            index,
+            Arc::clone(&config),
+            listeners,
+            Arc::clone(&control),
+            Arc::clone(&counters),
+        )
+        .map_err(|e| StartError::Io("create the event loop".into(), e))?;
+        let waker = w.waker();
+        let tid_slot = Arc::clone(&tid);
+        let thread = std::thread::Builder::new()
+            .name(format!("spliced-w{index}"))
+            .spawn(move || {
+                tid_slot.store(crate::sys::gettid(), Ordering::Relaxed);
+                w.run();
+            })
+            .map_err(|e| StartError::Io("spawn a worker thread".into(), e))?;
+        workers.push(WorkerHandle {
+            thread: Some(thread),
+            waker,
+            counters,
+            tid,
+        });
+    }
+    Ok(ProxyHandle {
+        local_addrs,
+        workers,
+        control,
+    })
+}
+
+impl ProxyHandle {
+    /// The address the first listener is bound to (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addrs[0]
+    }
+
+    /// Bound addresses, one per configured listener, in config order.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    /// Counters summed over all workers.
+    pub fn stats(&self) -> Stats {
+        Stats::sum(self.workers.iter().map(|w| &*w.counters))
+    }
+
+    /// CPU time (user + system) the worker threads have used so far.
+    pub fn worker_cpu_time(&self) -> Duration {
+        self.workers
+            .iter()
+            .map(|w| crate::sys::thread_cpu_time(w.tid.load(Ordering::Relaxed)))
+            .sum()
+    }
+
+    /// Stops accepting; live relays finish within the drain timeout.
+    pub fn shutdown(&self) {
+        self.control.draining.store(true, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    /// Closes every relay now.
+    pub fn abort(&self) {
+        self.control.aborting.store(true, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    /// True once every worker has exited (all relays closed).
+    pub fn is_finished(&self) -> bool {
+        self.workers
+            .iter()
+            .all(|w| w.thread.as_ref().is_none_or(|t| t.is_finished()))
+    }
+
+    /// Waits for every worker to exit (after [`shutdown`](Self::shutdown) or
+    /// [`abort`](Self::abort)).
+    pub fn join(mut self) {
+        self.join_workers();
+    }
+
+    fn wake_all(&self) {
+        for w in &self.workers {
+            // A failed wake means the worker already exited: nothing to tell it.
+            let _ = w.waker.wake();
+        }
+    }
+
+    fn join_workers(&mut self) {
+        for w in &mut self.workers {
+            if let Some(t) = w.thread.take() {
+                // A panicking worker already printed its message; the others go on.
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        if self.workers.iter().any(|w| w.thread.is_some()) {
+            self.abort();
+            self.join_workers();
+        }
+    }
+}
