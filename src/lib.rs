@@ -26,9 +26,10 @@ mod relay;
 pub mod stats;
 pub mod sys;
 mod timer;
+mod upstream;
 mod worker;
 
 pub use config::{Config, ListenerConfig, Mode, Timeouts};
 pub use error::{Side, StartError};
-pub use proxy::{start, ProxyHandle};
+pub use proxy::{start, Controller, ProxyHandle};
 pub use stats::{CloseReason, Stats};

@@ -32,6 +32,34 @@ struct WorkerHandle {
     tid: Arc<AtomicI32>,
 }
 
+/// Asks a running proxy to stop, from any thread (a signal handler's, say).
+#[derive(Clone)]
+pub struct Controller {
+    control: Arc<Control>,
+    wakers: Vec<Arc<mio::Waker>>,
+}
+
+impl Controller {
+    /// Stops accepting; live relays finish within the drain timeout.
+    pub fn shutdown(&self) {
+        self.control.draining.store(true, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    /// Closes every relay now.
+    pub fn abort(&self) {
+        self.control.aborting.store(true, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
+        for waker in &self.wakers {
+            // A failed wake means the worker already exited: nothing to tell it.
+            let _ = waker.wake();
+        }
+    }
+}
+
 /// A running proxy. Dropping it aborts every relay and joins the workers.
 pub struct ProxyHandle {
     local_addrs: Vec<SocketAddr>,
@@ -75,6 +103,15 @@ pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
             tid,
         });
     }
+    for (addr, listener) in local_addrs.iter().zip(&config.listeners) {
+        tracing::info!(
+            upstreams = ?listener.upstreams,
+            mode = %listener.mode,
+            workers = config.workers,
+            pipe_size = config.pipe_size,
+            "listening on {addr}"
+        );
+    }
     Ok(ProxyHandle {
         local_addrs,
         workers,
@@ -106,16 +143,22 @@ impl ProxyHandle {
             .sum()
     }
 
+    /// A cloneable handle that can stop this proxy from another thread.
+    pub fn controller(&self) -> Controller {
+        Controller {
+            control: Arc::clone(&self.control),
+            wakers: self.workers.iter().map(|w| Arc::clone(&w.waker)).collect(),
+        }
+    }
+
     /// Stops accepting; live relays finish within the drain timeout.
     pub fn shutdown(&self) {
-        self.control.draining.store(true, Ordering::SeqCst);
-        self.wake_all();
+        self.controller().shutdown();
     }
 
     /// Closes every relay now.
     pub fn abort(&self) {
-        self.control.aborting.store(true, Ordering::SeqCst);
-        self.wake_all();
+        self.controller().abort();
     }
 
     /// True once every worker has exited (all relays closed).
@@ -129,13 +172,6 @@ impl ProxyHandle {
     /// [`abort`](Self::abort)).
     pub fn join(mut self) {
         self.join_workers();
-    }
-
-    fn wake_all(&self) {
-        for w in &self.workers {
-            // A failed wake means the worker already exited: nothing to tell it.
-            let _ = w.waker.wake();
-        }
     }
 
     fn join_workers(&mut self) {

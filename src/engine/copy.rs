@@ -1,0 +1,58 @@
+//! The copy engine: read(2)/write(2) through a userspace buffer. It is the
+//! fallback when no pipe can be had, and the honest baseline for benchmarks.
+
+use std::io::{self, Read, Write};
+
+use mio::net::TcpStream;
+
+use super::{transfer, Transfer};
+
+/// A fixed-size buffer with the unsent bytes at `start..end`.
+#[derive(Debug)]
+pub(crate) struct HeapBuffer {
+    bytes: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl HeapBuffer {
+    pub(crate) fn new(size: usize) -> HeapBuffer {
+        HeapBuffer {
+            bytes: vec![0; size].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    /// Socket → buffer. A full buffer answers `WouldBlock` without a syscall.
+    pub(crate) fn fill(&mut self, mut src: &TcpStream) -> io::Result<Transfer> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        if self.end == self.bytes.len() {
+            return Ok(Transfer::WouldBlock);
+        }
+        let room = &mut self.bytes[self.end..];
+        let moved = transfer(|| src.read(room), Transfer::Eof)?;
+        if let Transfer::Moved(n) = moved {
+            self.end += n;
+        }
+        Ok(moved)
+    }
+
+    /// Buffer → socket.
+    pub(crate) fn drain(&mut self, mut dst: &TcpStream) -> io::Result<Transfer> {
+        let unsent = &self.bytes[self.start..self.end];
+        // A zero-byte write reads as `Eof`: the state machine treats it as an error.
+        let moved = transfer(|| dst.write(unsent), Transfer::Eof)?;
+        if let Transfer::Moved(n) = moved {
+            self.start += n;
+        }
+        Ok(moved)
+    }
+}

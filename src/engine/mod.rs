@@ -1,0 +1,174 @@
+//! The one transfer interface both engines sit behind.
+//!
+//! A direction's in-flight bytes live in a [`Buffer`]: a kernel pipe for the
+//! splice engine, a heap buffer for the copy engine. Engines only move bytes
+//! and report [`Transfer`]; they never decide lifecycle, which is the
+//! direction state machine's job (`relay::direction`). [`Wire`] joins a
+//! direction's buffer slot to its two sockets and the worker's [`Pools`], and
+//! is what the state machine drives in production.
+
+mod copy;
+mod pool;
+mod splice;
+
+use std::io;
+use std::os::fd::AsFd;
+
+use mio::net::TcpStream;
+
+pub(crate) use copy::HeapBuffer;
+pub(crate) use pool::Pools;
+pub(crate) use splice::PooledPipe;
+
+use crate::config::Mode;
+
+/// What one engine call did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Transfer {
+    Moved(usize),
+    /// Nothing moved now; readiness (or room) must change first.
+    WouldBlock,
+    /// The source sent FIN.
+    Eof,
+}
+
+/// The I/O one direction needs, so the state machine can be driven by real
+/// sockets ([`Wire`]) or by a scripted engine in tests and fuzzing.
+pub(crate) trait Endpoints {
+    /// Moves bytes from the source into the buffer, taking one if needed.
+    /// `WouldBlock` with bytes pending may mean the buffer is full.
+    fn fill(&mut self) -> io::Result<Transfer>;
+    /// Moves up to `pending` buffered bytes to the destination.
+    fn drain(&mut self, pending: usize) -> io::Result<Transfer>;
+    /// Forwards FIN: `shutdown(SHUT_WR)` on the destination.
+    fn shutdown(&mut self) -> io::Result<()>;
+    /// The buffer is empty: give it back to the pool.
+    fn release(&mut self);
+}
+
+/// In-flight bytes of one direction.
+#[derive(Debug)]
+pub(crate) enum Buffer {
+    Pipe(PooledPipe),
+    Heap(HeapBuffer),
+}
+
+/// A direction's engine choice and (lazily held) buffer.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    engine: Mode,
+    buffer: Option<Buffer>,
+    /// Whether splice ever moved a byte; decides if EINVAL may fall back.
+    spliced_any: bool,
+}
+
+impl Slot {
+    pub(crate) fn new(engine: Mode) -> Slot {
+        Slot {
+            engine,
+            buffer: None,
+            spliced_any: false,
+        }
+    }
+
+    /// The engine this direction uses now (splice may have fallen back to copy).
+    pub(crate) fn engine(&self) -> Mode {
+        self.engine
+    }
+
+    #[cfg(test)]
+    pub(crate) fn holds_buffer(&self) -> bool {
+        self.buffer.is_some()
+    }
+
+    /// Gives the buffer back at relay close; a pipe still holding bytes is
+    /// closed rather than pooled.
+    pub(crate) fn discard(&mut self, pools: &mut Pools, pending: usize) {
+        if let Some(buffer) = self.buffer.take() {
+            pools.give(buffer, pending == 0);
+        }
+    }
+
+    fn fall_back_to_copy(&mut self, pools: &mut Pools) {
+        self.engine = Mode::Copy;
+        if let Some(buffer) = self.buffer.take() {
+            pools.give(buffer, true);
+        }
+        pools.count_fallback("splice refused");
+    }
+}
+
+/// A direction's slot wired to its source, destination and the worker's pools.
+pub(crate) struct Wire<'a> {
+    pub(crate) slot: &'a mut Slot,
+    pub(crate) src: &'a TcpStream,
+    pub(crate) dst: &'a TcpStream,
+    pub(crate) pools: &'a mut Pools,
+}
+
+impl Endpoints for Wire<'_> {
+    fn fill(&mut self) -> io::Result<Transfer> {
+        loop {
+            if self.slot.buffer.is_none() {
+                self.slot.buffer = Some(self.pools.take(&mut self.slot.engine));
+            }
+            let result = match self.slot.buffer.as_mut() {
+                Some(Buffer::Pipe(pipe)) => pipe.fill(self.src.as_fd()),
+                Some(Buffer::Heap(heap)) => heap.fill(self.src),
+                None => unreachable!("a buffer was just taken"),
+            };
+            match result {
+                Err(e) if splice_refused(&e) && !self.slot.spliced_any => {
+                    // Nothing moved yet, so nothing can be lost by switching.
+                    self.slot.fall_back_to_copy(self.pools);
+                }
+                Ok(Transfer::Moved(_)) if self.slot.engine == Mode::Splice => {
+                    self.slot.spliced_any = true;
+                    return result;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn drain(&mut self, pending: usize) -> io::Result<Transfer> {
+        let moved = match self.slot.buffer.as_mut() {
+            Some(Buffer::Pipe(pipe)) => pipe.drain(self.dst.as_fd(), pending),
+            Some(Buffer::Heap(heap)) => heap.drain(self.dst),
+            None => return Err(io::Error::other("drain with no buffer held")),
+        }?;
+        if let Transfer::Moved(n) = moved {
+            self.pools.count_moved(self.slot.engine, n);
+        }
+        Ok(moved)
+    }
+
+    fn shutdown(&mut self) -> io::Result<()> {
+        self.dst.shutdown(std::net::Shutdown::Write)
+    }
+
+    fn release(&mut self) {
+        if let Some(buffer) = self.slot.buffer.take() {
+            self.pools.give(buffer, true);
+        }
+    }
+}
+
+/// splice(2) errors that mean "this pair of fds cannot be spliced" rather
+/// than a failed connection.
+fn splice_refused(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS))
+}
+
+/// Retries a call interrupted by a signal; maps WouldBlock to [`Transfer`].
+fn transfer(mut op: impl FnMut() -> io::Result<usize>, zero: Transfer) -> io::Result<Transfer> {
+    loop {
+        return match op() {
+            Ok(0) => Ok(zero),
+            Ok(n) => Ok(Transfer::Moved(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Transfer::WouldBlock),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => Err(e),
+        };
+    }
+}

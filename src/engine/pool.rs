@@ -1,0 +1,169 @@
+//! Per-worker pools of pipes and copy buffers.
+//!
+//! A direction takes a buffer only when its source is readable and gives it
+//! back as soon as it is empty, so an idle relay holds none. Pipes cost two
+//! fds and are charged against the user's `pipe-user-pages-soft`, hence the
+//! cap: past it (or on EMFILE/ENFILE) a direction falls back to copy, which
+//! is counted and logged at most once a second per worker.
+
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{Buffer, HeapBuffer, PooledPipe};
+use crate::config::{Config, Mode};
+use crate::stats::WorkerCounters;
+use crate::sys::{self, Pipe};
+
+/// How often a worker may log fallbacks or pipe-size warnings.
+const LOG_EVERY: Duration = Duration::from_secs(1);
+/// Most empty copy buffers a worker keeps.
+const MAX_IDLE_BUFFERS: usize = 256;
+
+pub(crate) struct Pools {
+    idle_pipes: Vec<PooledPipe>,
+    /// Pipes alive, in use or idle.
+    pipes_live: usize,
+    max_pipes: usize,
+    max_idle_pipes: usize,
+    pipe_size: usize,
+    idle_buffers: Vec<HeapBuffer>,
+    buffer_size: usize,
+    counters: Arc<WorkerCounters>,
+    last_log: Option<Instant>,
+    unlogged_fallbacks: u64,
+    pipe_size_warned: bool,
+}
+
+impl Pools {
+    pub(crate) fn new(config: &Config, counters: Arc<WorkerCounters>) -> Pools {
+        Pools {
+            idle_pipes: Vec::new(),
+            pipes_live: 0,
+            max_pipes: config.max_pipes_per_worker,
+            max_idle_pipes: config.max_idle_pipes_per_worker,
+            pipe_size: config.pipe_size,
+            idle_buffers: Vec::new(),
+            buffer_size: config.copy_buffer_size,
+            counters,
+            last_log: None,
+            unlogged_fallbacks: 0,
+            pipe_size_warned: false,
+        }
+    }
+
+    /// A buffer for a direction using `engine`. When no pipe can be had the
+    /// direction switches to copy for good (`engine` is updated).
+    pub(crate) fn take(&mut self, engine: &mut Mode) -> Buffer {
+        if *engine == Mode::Splice {
+            match self.take_pipe() {
+                Ok(pipe) => return Buffer::Pipe(pipe),
+                Err(why) => {
+                    *engine = Mode::Copy;
+                    self.count_fallback(&why);
+                }
+            }
+        }
+        WorkerCounters::add(&self.counters.buffers_in_use, 1);
+        Buffer::Heap(
+            self.idle_buffers
+                .pop()
+                .unwrap_or_else(|| HeapBuffer::new(self.buffer_size)),
+        )
+    }
+
+    /// Takes a buffer back. `empty` must be false when bytes may remain in
+    /// it; such a pipe is closed, never pooled.
+    pub(crate) fn give(&mut self, buffer: Buffer, empty: bool) {
+        match buffer {
+            Buffer::Pipe(pipe) => {
+                WorkerCounters::sub(&self.counters.pipes_in_use, 1);
+                if empty && self.idle_pipes.len() < self.max_idle_pipes {
+                    self.idle_pipes.push(pipe);
+                    WorkerCounters::add(&self.counters.pipes_idle, 1);
+                } else {
+                    self.pipes_live -= 1;
+                }
+            }
+            Buffer::Heap(heap) => {
+                WorkerCounters::sub(&self.counters.buffers_in_use, 1);
+                if heap.is_empty() && self.idle_buffers.len() < MAX_IDLE_BUFFERS {
+                    self.idle_buffers.push(heap);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn count_moved(&self, engine: Mode, n: usize) {
+        let counter = match engine {
+            Mode::Splice => &self.counters.bytes_spliced,
+            Mode::Copy => &self.counters.bytes_copied,
+        };
+        WorkerCounters::add(counter, n as u64);
+    }
+
+    /// Counts a direction falling back to copy; logs at most once a second.
+    pub(crate) fn count_fallback(&mut self, why: &str) {
+        WorkerCounters::add(&self.counters.splice_fallbacks, 1);
+        self.unlogged_fallbacks += 1;
+        let now = Instant::now();
+        if self.last_log.is_none_or(|t| now.duration_since(t) >= LOG_EVERY) {
+            tracing::warn!(
+                count = self.unlogged_fallbacks,
+                reason = why,
+                "splice fallback: direction(s) switched to userspace copy"
+            );
+            self.unlogged_fallbacks = 0;
+            self.last_log = Some(now);
+        }
+    }
+
+    fn take_pipe(&mut self) -> Result<PooledPipe, String> {
+        if let Some(pipe) = self.idle_pipes.pop() {
+            WorkerCounters::sub(&self.counters.pipes_idle, 1);
+            WorkerCounters::add(&self.counters.pipes_in_use, 1);
+            return Ok(pipe);
+        }
+        if self.pipes_live >= self.max_pipes {
+            return Err(format!("pipe cap of {} per worker reached", self.max_pipes));
+        }
+        let pipe = Pipe::new().map_err(|e| format!("pipe2 failed: {e}"))?;
+        let capacity = self.size_pipe(&pipe);
+        self.pipes_live += 1;
+        WorkerCounters::add(&self.counters.pipes_created, 1);
+        WorkerCounters::add(&self.counters.pipes_in_use, 1);
+        Ok(PooledPipe::new(pipe, capacity))
+    }
+
+    /// Applies `pipe_size` and reads back what the kernel granted. EPERM
+    /// (past `pipe-user-pages-soft`, or above `pipe-max-size` unprivileged)
+    /// leaves the default size: slower, still correct.
+    fn size_pipe(&mut self, pipe: &Pipe) -> usize {
+        if self.pipe_size > 0 {
+            if let Err(e) = sys::set_pipe_size(pipe, self.pipe_size) {
+                if !self.pipe_size_warned {
+                    self.pipe_size_warned = true;
+                    tracing::warn!(
+                        want = self.pipe_size,
+                        error = %e,
+                        "cannot set pipe size; using the kernel's (see pipe-user-pages-soft and pipe-max-size)"
+                    );
+                }
+            }
+        }
+        sys::pipe_size(pipe).unwrap_or(64 * 1024)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn idle_pipes(&self) -> usize {
+        self.idle_pipes.len()
+    }
+}
+
+impl Drop for Pools {
+    fn drop(&mut self) {
+        let idle = self.idle_pipes.len() as u64;
+        WorkerCounters::sub(&self.counters.pipes_idle, idle);
+    }
+}
+

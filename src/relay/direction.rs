@@ -1,0 +1,409 @@
+//! One direction of a relay: the pure state machine.
+//!
+//! It fills from the source while the source is open and readable, drains to
+//! the destination while bytes are pending and it is writable, and forwards
+//! FIN (`shutdown(SHUT_WR)`) once the source hit EOF and nothing is pending.
+//! It owns the only count of pending bytes, which is what gives EAGAIN its
+//! meaning: from `fill` with bytes pending, the buffer may be full, so wait
+//! for the destination; with none pending, the source is empty, so wait for
+//! it to become readable.
+//!
+//! Readiness is remembered here (edge-triggered epoll reports a change once):
+//! the source's readable bit and the destination's writable bit each belong to
+//! exactly one direction, and are cleared only when an operation says
+//! WouldBlock.
+
+use std::io;
+
+use crate::engine::{Endpoints, Transfer};
+use crate::error::{Op, RelayError, Side};
+
+/// Where a direction is in its life, named after what it may still do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DirState {
+    /// The source may send more.
+    Open,
+    /// The source sent FIN; pending bytes are still being written.
+    SourceEof,
+    /// FIN was forwarded to the destination; nothing more will move.
+    Shut,
+}
+
+/// What a pump call achieved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Pumped {
+    /// Bytes written to the destination (what resets the idle deadline).
+    pub(crate) moved: usize,
+    /// The state changed (EOF seen or FIN forwarded).
+    pub(crate) state_changed: bool,
+    /// The budget ran out while work was still possible.
+    pub(crate) exhausted: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct Direction {
+    from: Side,
+    to: Side,
+    state: DirState,
+    pending: usize,
+    src_readable: bool,
+    dst_writable: bool,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+impl Direction {
+    /// A direction from `from` to the other side. Readiness starts optimistic:
+    /// one spurious WouldBlock is cheaper than a missed edge.
+    pub(crate) fn new(from: Side, to: Side) -> Direction {
+        Direction {
+            from,
+            to,
+            state: DirState::Open,
+            pending: 0,
+            src_readable: true,
+            dst_writable: true,
+            bytes_in: 0,
+            bytes_out: 0,
+        }
+    }
+
+    pub(crate) fn state(&self) -> DirState {
+        self.state
+    }
+
+    pub(crate) fn pending(&self) -> usize {
+        self.pending
+    }
+
+    pub(crate) fn bytes_out(&self) -> u64 {
+        self.bytes_out
+    }
+
+    pub(crate) fn source_readable(&mut self) {
+        self.src_readable = true;
+    }
+
+    pub(crate) fn destination_writable(&mut self) {
+        self.dst_writable = true;
+    }
+
+    /// Whether a pump could make progress now.
+    pub(crate) fn has_work(&self) -> bool {
+        (self.state == DirState::Open && self.src_readable)
+            || (self.pending > 0 && self.dst_writable)
+            || (self.state == DirState::SourceEof && self.pending == 0)
+    }
+
+    /// Moves as much as readiness and `budget` (engine calls) allow.
+    pub(crate) fn pump(
+        &mut self,
+        io: &mut impl Endpoints,
+        budget: &mut u32,
+    ) -> Result<Pumped, RelayError> {
+        let mut done = Pumped::default();
+        loop {
+            if *budget == 0 {
+                done.exhausted = self.has_work();
+                return Ok(done);
+            }
+            let mut progressed = false;
+            if self.pending > 0 && self.dst_writable {
+                *budget -= 1;
+                match io.drain(self.pending).map_err(|e| self.dst_error(Op::Write, e))? {
+                    Transfer::Moved(n) => {
+                        let n = n.min(self.pending);
+                        self.pending -= n;
+                        self.bytes_out += n as u64;
+                        done.moved += n;
+                        progressed = true;
+                    }
+                    Transfer::WouldBlock => self.dst_writable = false,
+                    Transfer::Eof => {
+                        return Err(self.dst_error(Op::Write, io::ErrorKind::WriteZero.into()))
+                    }
+                }
+            }
+            if self.state == DirState::Open && self.src_readable && *budget > 0 {
+                *budget -= 1;
+                match io.fill().map_err(|e| self.src_error(e))? {
+                    Transfer::Moved(n) => {
+                        self.pending += n;
+                        self.bytes_in += n as u64;
+                        progressed = true;
+                    }
+                    // With nothing pending the source is empty; with bytes
+                    // pending the buffer may just be full, so keep the bit.
+                    Transfer::WouldBlock if self.pending == 0 => self.src_readable = false,
+                    Transfer::WouldBlock => {}
+                    Transfer::Eof => {
+                        self.state = DirState::SourceEof;
+                        done.state_changed = true;
+                        progressed = true;
+                    }
+                }
+            }
+            if self.pending == 0 {
+                io.release();
+                if self.state == DirState::SourceEof {
+                    io.shutdown().map_err(|e| self.dst_error(Op::Shutdown, e))?;
+                    self.state = DirState::Shut;
+                    done.state_changed = true;
+                }
+            }
+            if !progressed {
+                return Ok(done);
+            }
+        }
+    }
+
+    fn src_error(&self, e: io::Error) -> RelayError {
+        RelayError::new(self.from, Op::Read, e)
+    }
+
+    fn dst_error(&self, op: Op, e: io::Error) -> RelayError {
+        RelayError::new(self.to, op, e)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    /// One scripted answer of the fake engine.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) enum Step {
+        Moved(usize),
+        WouldBlock,
+        Eof,
+        Fail(io::ErrorKind),
+    }
+
+    /// An engine that answers from scripts and records what it was asked.
+    #[derive(Default, Debug)]
+    pub(crate) struct Scripted {
+        pub(crate) fills: VecDeque<Step>,
+        pub(crate) drains: VecDeque<Step>,
+        pub(crate) shutdowns: usize,
+        pub(crate) releases: usize,
+        pub(crate) holding: bool,
+        /// Pending count seen at each shutdown (must be zero).
+        pub(crate) pending_at_shutdown: Vec<usize>,
+        pub(crate) buffered: usize,
+    }
+
+    fn answer(step: Option<Step>) -> io::Result<Transfer> {
+        match step.unwrap_or(Step::WouldBlock) {
+            Step::Moved(n) => Ok(Transfer::Moved(n)),
+            Step::WouldBlock => Ok(Transfer::WouldBlock),
+            Step::Eof => Ok(Transfer::Eof),
+            Step::Fail(kind) => Err(kind.into()),
+        }
+    }
+
+    impl Endpoints for Scripted {
+        fn fill(&mut self) -> io::Result<Transfer> {
+            self.holding = true;
+            let t = answer(self.fills.pop_front());
+            if let Ok(Transfer::Moved(n)) = t {
+                self.buffered += n;
+            }
+            t
+        }
+        fn drain(&mut self, pending: usize) -> io::Result<Transfer> {
+            assert!(self.holding, "drain without a buffer");
+            assert_eq!(pending, self.buffered, "pending count drifted");
+            let t = answer(self.drains.pop_front());
+            match t {
+                Ok(Transfer::Moved(n)) => {
+                    let n = n.min(pending);
+                    self.buffered -= n;
+                    Ok(Transfer::Moved(n))
+                }
+                other => other,
+            }
+        }
+        fn shutdown(&mut self) -> io::Result<()> {
+            self.pending_at_shutdown.push(self.buffered);
+            self.shutdowns += 1;
+            Ok(())
+        }
+        fn release(&mut self) {
+            if self.holding {
+                assert_eq!(self.buffered, 0, "released a buffer holding bytes");
+                self.holding = false;
+                self.releases += 1;
+            }
+        }
+    }
+
+    fn dir() -> Direction {
+        Direction::new(Side::Client, Side::Upstream)
+    }
+
+    fn script(fills: &[Step], drains: &[Step]) -> Scripted {
+        Scripted {
+            fills: fills.iter().cloned().collect(),
+            drains: drains.iter().cloned().collect(),
+            ..Scripted::default()
+        }
+    }
+
+    fn pump(d: &mut Direction, io: &mut Scripted) -> Result<Pumped, RelayError> {
+        d.pump(io, &mut 1000)
+    }
+
+    // Tests for the Open state
+
+    #[test]
+    fn open_moves_bytes_and_releases_the_buffer_when_empty() {
+        let mut d = dir();
+        let mut io = script(&[Step::Moved(100), Step::WouldBlock], &[Step::Moved(100)]);
+        let p = pump(&mut d, &mut io).unwrap();
+        assert_eq!(p.moved, 100);
+        assert_eq!(d.pending(), 0);
+        assert_eq!(d.state(), DirState::Open);
+        assert!(!io.holding, "an idle direction must hold no buffer");
+        assert!(!d.has_work(), "source empty: wait for readable");
+    }
+
+    #[test]
+    fn open_full_buffer_waits_for_destination_not_source() {
+        let mut d = dir();
+        let mut io = script(
+            &[Step::Moved(10), Step::WouldBlock],
+            &[Step::WouldBlock],
+        );
+        pump(&mut d, &mut io).unwrap();
+        assert_eq!(d.pending(), 10);
+        assert!(io.holding, "a buffer with bytes is kept");
+        // Source bit stays set: EAGAIN with bytes pending meant "full".
+        d.destination_writable();
+        io.drains.push_back(Step::Moved(10));
+        io.fills.push_back(Step::Moved(5));
+        io.drains.push_back(Step::Moved(5));
+        let p = pump(&mut d, &mut io).unwrap();
+        assert_eq!(p.moved, 15);
+        assert_eq!(d.pending(), 0);
+    }
+
+    #[test]
+    fn open_partial_drains_keep_the_rest_pending() {
+        let mut d = dir();
+        let mut io = script(&[Step::Moved(100)], &[Step::Moved(30), Step::WouldBlock]);
+        pump(&mut d, &mut io).unwrap();
+        assert_eq!(d.pending(), 70);
+        assert_eq!(d.bytes_out(), 30);
+        assert!(io.holding);
+    }
+
+    #[test]
+    fn open_read_error_names_the_source() {
+        let mut d = dir();
+        let mut io = script(&[Step::Fail(io::ErrorKind::ConnectionReset)], &[]);
+        let e = pump(&mut d, &mut io).unwrap_err();
+        assert_eq!((e.side, e.op), (Side::Client, Op::Read));
+    }
+
+    #[test]
+    fn open_write_error_names_the_destination() {
+        let mut d = dir();
+        let mut io = script(&[Step::Moved(1)], &[Step::Fail(io::ErrorKind::BrokenPipe)]);
+        let e = pump(&mut d, &mut io).unwrap_err();
+        assert_eq!((e.side, e.op), (Side::Upstream, Op::Write));
+    }
+
+    #[test]
+    fn open_zero_byte_drain_is_an_error_not_a_stall() {
+        let mut d = dir();
+        let mut io = script(&[Step::Moved(1)], &[Step::Eof]);
+        assert!(pump(&mut d, &mut io).is_err());
+    }
+
+    #[test]
+    fn open_budget_bounds_the_work_and_says_so() {
+        let mut d = dir();
+        let mut io = script(&[Step::Moved(1); 50], &[Step::Moved(1); 50]);
+        let p = d.pump(&mut io, &mut 4).unwrap();
+        assert!(p.exhausted);
+        assert!(d.has_work());
+    }
+
+    // Tests for the SourceEof state
+
+    #[test]
+    fn source_eof_forwards_fin_only_after_every_byte() {
+        let mut d = dir();
+        let mut io = script(&[Step::Moved(50), Step::Eof], &[Step::Moved(20), Step::WouldBlock]);
+        pump(&mut d, &mut io).unwrap();
+        assert_eq!(d.state(), DirState::SourceEof);
+        assert_eq!(io.shutdowns, 0, "30 bytes still pending");
+        d.destination_writable();
+        io.drains.push_back(Step::Moved(30));
+        let p = pump(&mut d, &mut io).unwrap();
+        assert!(p.state_changed);
+        assert_eq!(d.state(), DirState::Shut);
+        assert_eq!(io.shutdowns, 1);
+        assert_eq!(io.pending_at_shutdown, vec![0]);
+        assert_eq!(d.bytes_out(), 50);
+    }
+
+    #[test]
+    fn source_eof_with_nothing_pending_shuts_at_once() {
+        let mut d = dir();
+        let mut io = script(&[Step::Eof], &[]);
+        pump(&mut d, &mut io).unwrap();
+        assert_eq!(d.state(), DirState::Shut);
+        assert_eq!(io.shutdowns, 1);
+    }
+
+    #[test]
+    fn source_eof_stops_reading_the_source() {
+        let mut d = dir();
+        let mut io = script(&[Step::Moved(5), Step::Eof, Step::Moved(99)], &[Step::WouldBlock]);
+        pump(&mut d, &mut io).unwrap();
+        d.source_readable();
+        pump(&mut d, &mut io).unwrap();
+        assert_eq!(io.fills.len(), 1, "no read after EOF");
+        assert_eq!(d.pending(), 5);
+    }
+
+    #[test]
+    fn source_eof_shutdown_error_names_the_destination() {
+        struct FailingShutdown(Scripted);
+        impl Endpoints for FailingShutdown {
+            fn fill(&mut self) -> io::Result<Transfer> {
+                self.0.fill()
+            }
+            fn drain(&mut self, p: usize) -> io::Result<Transfer> {
+                self.0.drain(p)
+            }
+            fn shutdown(&mut self) -> io::Result<()> {
+                Err(io::ErrorKind::NotConnected.into())
+            }
+            fn release(&mut self) {
+                self.0.release()
+            }
+        }
+        let mut d = dir();
+        let mut io = FailingShutdown(script(&[Step::Eof], &[]));
+        let e = d.pump(&mut io, &mut 10).unwrap_err();
+        assert_eq!((e.side, e.op), (Side::Upstream, Op::Shutdown));
+    }
+
+    // Tests for the Shut state
+
+    #[test]
+    fn shut_does_nothing_more() {
+        let mut d = dir();
+        let mut io = script(&[Step::Eof], &[]);
+        pump(&mut d, &mut io).unwrap();
+        d.source_readable();
+        d.destination_writable();
+        assert!(!d.has_work());
+        let p = pump(&mut d, &mut io).unwrap();
+        assert_eq!(p, Pumped::default());
+        assert_eq!(io.shutdowns, 1, "FIN is forwarded exactly once");
+    }
+}

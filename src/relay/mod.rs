@@ -1,0 +1,386 @@
+//! A relay: one client, one upstream, two [`Direction`]s.
+//!
+//! The relay owns both sockets and the two directions' buffer slots, and
+//! keeps its timing facts in [`Activity`], which is pure and takes `now`.
+//! Every transfer costs one timestamp store (`last_active`); the worker's
+//! timer re-arms lazily when a deadline fires early.
+
+pub(crate) mod direction;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use socket2::SockRef;
+
+pub(crate) use direction::{DirState, Direction};
+
+use crate::config::{ListenerConfig, Mode, Timeouts};
+use crate::engine::{Pools, Slot, Wire};
+use crate::error::{RelayError, Side};
+use crate::stats::CloseReason;
+
+/// Engine calls one relay may make per wakeup before yielding to others.
+pub(crate) const PUMP_BUDGET: u32 = 32;
+
+/// Which deadline fired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Expiry {
+    Connect,
+    Idle,
+    FinTimeout,
+}
+
+/// The relay's clock-related facts, apart from its sockets so it can be
+/// tested with `now` as a parameter.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Activity {
+    pub(crate) started: Instant,
+    /// Last time a byte was written either way (or the connect completed).
+    pub(crate) last_active: Instant,
+    /// Set while an upstream connect attempt is in flight.
+    pub(crate) connecting_since: Option<Instant>,
+    /// Either direction has seen EOF.
+    pub(crate) half_closed: bool,
+}
+
+impl Activity {
+    pub(crate) fn new(now: Instant) -> Activity {
+        Activity {
+            started: now,
+            last_active: now,
+            connecting_since: Some(now),
+            half_closed: false,
+        }
+    }
+
+    /// The next deadline and what it means. A half-closed relay is held to
+    /// the shorter of the FIN and idle timeouts.
+    pub(crate) fn deadline(&self, t: &Timeouts) -> Option<(Instant, Expiry)> {
+        if let Some(since) = self.connecting_since {
+            return t.connect.map(|d| (since + d, Expiry::Connect));
+        }
+        let idle = t.idle.map(|d| (self.last_active + d, Expiry::Idle));
+        if !self.half_closed {
+            return idle;
+        }
+        let fin = t.fin.map(|d| (self.last_active + d, Expiry::FinTimeout));
+        match (idle, fin) {
+            (Some(i), Some(f)) => Some(if f.0 <= i.0 { f } else { i }),
+            (i, f) => f.or(i),
+        }
+    }
+
+    /// What has expired at `now`, if anything.
+    pub(crate) fn expired(&self, t: &Timeouts, now: Instant) -> Option<Expiry> {
+        self.deadline(t).filter(|(at, _)| *at <= now).map(|(_, e)| e)
+    }
+}
+
+/// A listener's settings plus the state its workers share.
+#[derive(Debug)]
+pub(crate) struct ListenerRuntime {
+    pub(crate) config: ListenerConfig,
+    /// Round-robin cursor over upstreams, shared by all workers.
+    pub(crate) next_upstream: std::sync::atomic::AtomicUsize,
+}
+
+/// What a pump of the whole relay left to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// Wait for readiness.
+    Wait,
+    /// Out of budget with work left: run again after other relays.
+    Again,
+    /// Both directions forwarded FIN.
+    Finished,
+}
+
+pub(crate) struct Relay {
+    pub(crate) id: u64,
+    pub(crate) listener: Arc<ListenerRuntime>,
+    pub(crate) client: TcpStream,
+    pub(crate) upstream: TcpStream,
+    pub(crate) upstream_addr: SocketAddr,
+    /// Connect attempts made so far (the first is attempt 0).
+    pub(crate) attempt: usize,
+    /// Index of the first upstream tried, from the round-robin cursor.
+    pub(crate) first_upstream: usize,
+    pub(crate) activity: Activity,
+    /// The deadline this relay currently has an entry for in the timer heap.
+    pub(crate) armed_at: Option<Instant>,
+    c2u: Direction,
+    u2c: Direction,
+    c2u_slot: Slot,
+    u2c_slot: Slot,
+    span: tracing::Span,
+}
+
+impl Relay {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        id: u64,
+        listener: Arc<ListenerRuntime>,
+        client: TcpStream,
+        client_addr: SocketAddr,
+        upstream: TcpStream,
+        upstream_addr: SocketAddr,
+        first_upstream: usize,
+        now: Instant,
+    ) -> Relay {
+        let mode = listener.config.mode;
+        Relay {
+            id,
+            span: tracing::info_span!("relay", id, client = %client_addr),
+            listener,
+            client,
+            upstream,
+            upstream_addr,
+            attempt: 0,
+            first_upstream,
+            activity: Activity::new(now),
+            armed_at: None,
+            c2u: Direction::new(Side::Client, Side::Upstream),
+            u2c: Direction::new(Side::Upstream, Side::Client),
+            c2u_slot: Slot::new(mode),
+            u2c_slot: Slot::new(mode),
+        }
+    }
+
+    pub(crate) fn timeouts(&self) -> &Timeouts {
+        &self.listener.config.timeouts
+    }
+
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.activity.deadline(self.timeouts()).map(|(at, _)| at)
+    }
+
+    pub(crate) fn is_connecting(&self) -> bool {
+        self.activity.connecting_since.is_some()
+    }
+
+    /// The upstream connect finished; bytes may flow.
+    pub(crate) fn connected(&mut self, now: Instant) {
+        self.activity.connecting_since = None;
+        self.activity.last_active = now;
+        // Readiness edges that arrived while connecting are not lost: the
+        // directions start optimistic and the first call tells the truth.
+        self.c2u.destination_writable();
+        self.u2c.source_readable();
+    }
+
+    /// A new connect attempt replaced the upstream socket.
+    pub(crate) fn retry_upstream(&mut self, upstream: TcpStream, addr: SocketAddr, now: Instant) {
+        self.upstream = upstream;
+        self.upstream_addr = addr;
+        self.attempt += 1;
+        self.activity.connecting_since = Some(now);
+    }
+
+    /// Records readiness reported for one socket.
+    pub(crate) fn ready(&mut self, side: Side, readable: bool, writable: bool) {
+        let (reading, writing) = match side {
+            Side::Client => (&mut self.c2u, &mut self.u2c),
+            _ => (&mut self.u2c, &mut self.c2u),
+        };
+        if readable {
+            reading.source_readable();
+        }
+        if writable {
+            writing.destination_writable();
+        }
+    }
+
+    /// The socket error epoll hinted at, if the socket really has one.
+    pub(crate) fn socket_error(&self, side: Side) -> Option<RelayError> {
+        let socket = match side {
+            Side::Client => &self.client,
+            _ => &self.upstream,
+        };
+        match socket.take_error() {
+            Ok(Some(e)) | Err(e) => Some(RelayError::new(side, crate::error::Op::Read, e)),
+            Ok(None) => None,
+        }
+    }
+
+    /// Pumps both directions within the budget.
+    pub(crate) fn pump(&mut self, now: Instant, pools: &mut Pools) -> Result<Next, RelayError> {
+        // Half the budget each, so a firehose one way cannot starve the other.
+        let mut c2u_budget = PUMP_BUDGET / 2;
+        let mut u2c_budget = PUMP_BUDGET / 2;
+        let a = self.c2u.pump(
+            &mut Wire {
+                slot: &mut self.c2u_slot,
+                src: &self.client,
+                dst: &self.upstream,
+                pools,
+            },
+            &mut c2u_budget,
+        )?;
+        let b = self.u2c.pump(
+            &mut Wire {
+                slot: &mut self.u2c_slot,
+                src: &self.upstream,
+                dst: &self.client,
+                pools,
+            },
+            &mut u2c_budget,
+        )?;
+        if a.moved + b.moved > 0 {
+            self.activity.last_active = now;
+        }
+        if a.state_changed || b.state_changed {
+            self.activity.half_closed = true;
+            tracing::trace!(parent: &self.span, c2u = ?self.c2u.state(), u2c = ?self.u2c.state(), "half-close");
+        }
+        Ok(if self.c2u.state() == DirState::Shut && self.u2c.state() == DirState::Shut {
+            Next::Finished
+        } else if a.exhausted || b.exhausted {
+            Next::Again
+        } else {
+            Next::Wait
+        })
+    }
+
+    /// Closes both sockets, giving buffers back, and logs the one line per
+    /// relay. Resets (SO_LINGER 0) both sides when `reason` is a reset, so the
+    /// peer of the side that did not fail learns it was no clean close.
+    pub(crate) fn close(mut self, reason: CloseReason, error: Option<&RelayError>, now: Instant, pools: &mut Pools) {
+        if matches!(reason, CloseReason::ClientReset | CloseReason::UpstreamReset) {
+            // A failed setsockopt only means the socket is already gone.
+            let _ = SockRef::from(&self.client).set_linger(Some(Duration::ZERO));
+            let _ = SockRef::from(&self.upstream).set_linger(Some(Duration::ZERO));
+        }
+        self.c2u_slot.discard(pools, self.c2u.pending());
+        self.u2c_slot.discard(pools, self.u2c.pending());
+        let _enter = self.span.enter();
+        let duration_ms = now.saturating_duration_since(self.activity.started).as_millis() as u64;
+        let engine_c2u = self.engine_label(Side::Client);
+        let engine_u2c = self.engine_label(Side::Upstream);
+        match error {
+            Some(e) => tracing::info!(
+                upstream = %self.upstream_addr,
+                bytes_c2u = self.c2u.bytes_out(),
+                bytes_u2c = self.u2c.bytes_out(),
+                duration_ms,
+                engine_c2u = %engine_c2u,
+                engine_u2c = %engine_u2c,
+                reason = %reason,
+                error = %e,
+                "relay closed"
+            ),
+            None => tracing::info!(
+                upstream = %self.upstream_addr,
+                bytes_c2u = self.c2u.bytes_out(),
+                bytes_u2c = self.u2c.bytes_out(),
+                duration_ms,
+                engine_c2u = %engine_c2u,
+                engine_u2c = %engine_u2c,
+                reason = %reason,
+                "relay closed"
+            ),
+        }
+    }
+
+    /// The engine a direction ended with (`splice`, `copy`, or `copy` after a
+    /// fallback from splice).
+    fn engine_label(&self, from: Side) -> &'static str {
+        let slot = match from {
+            Side::Client => &self.c2u_slot,
+            _ => &self.u2c_slot,
+        };
+        match (self.listener.config.mode, slot.engine()) {
+            (Mode::Splice, Mode::Copy) => "copy-fallback",
+            (_, engine) => engine.as_str(),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn holds_buffers(&self) -> bool {
+        self.c2u_slot.holds_buffer() || self.u2c_slot.holds_buffer()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeouts(idle: u64, fin: u64, connect: u64) -> Timeouts {
+        let opt = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
+        Timeouts {
+            idle: opt(idle),
+            fin: opt(fin),
+            connect: opt(connect),
+        }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    // Tests for the connecting phase
+
+    #[test]
+    fn connecting_is_bounded_by_the_connect_timeout() {
+        let t0 = Instant::now();
+        let a = Activity::new(t0);
+        let t = timeouts(100, 50, 30);
+        assert_eq!(a.deadline(&t), Some((t0 + ms(30), Expiry::Connect)));
+        assert_eq!(a.expired(&t, t0 + ms(29)), None);
+        assert_eq!(a.expired(&t, t0 + ms(30)), Some(Expiry::Connect));
+    }
+
+    #[test]
+    fn connecting_without_a_connect_timeout_has_no_deadline() {
+        let a = Activity::new(Instant::now());
+        assert_eq!(a.deadline(&timeouts(100, 50, 0)), None);
+    }
+
+    // Tests for the open (relaying) phase
+
+    #[test]
+    fn idle_deadline_counts_from_the_last_transfer() {
+        let t0 = Instant::now();
+        let mut a = Activity::new(t0);
+        a.connecting_since = None;
+        let t = timeouts(100, 50, 30);
+        assert_eq!(a.expired(&t, t0 + ms(100)), Some(Expiry::Idle));
+        // A transfer is a timestamp store; the deadline moves with it.
+        a.last_active = t0 + ms(60);
+        assert_eq!(a.expired(&t, t0 + ms(100)), None);
+        assert_eq!(a.expired(&t, t0 + ms(159)), None);
+        assert_eq!(a.expired(&t, t0 + ms(160)), Some(Expiry::Idle));
+    }
+
+    #[test]
+    fn idle_zero_disables_the_deadline() {
+        let mut a = Activity::new(Instant::now());
+        a.connecting_since = None;
+        assert_eq!(a.deadline(&timeouts(0, 50, 30)), None);
+    }
+
+    // Tests for the half-closed phase
+
+    #[test]
+    fn half_closed_uses_the_shorter_fin_timeout() {
+        let t0 = Instant::now();
+        let mut a = Activity::new(t0);
+        a.connecting_since = None;
+        a.half_closed = true;
+        let t = timeouts(100, 50, 30);
+        assert_eq!(a.deadline(&t), Some((t0 + ms(50), Expiry::FinTimeout)));
+    }
+
+    #[test]
+    fn half_closed_never_outlives_the_idle_timeout() {
+        let t0 = Instant::now();
+        let mut a = Activity::new(t0);
+        a.connecting_since = None;
+        a.half_closed = true;
+        assert_eq!(a.deadline(&timeouts(40, 50, 30)), Some((t0 + ms(40), Expiry::Idle)));
+        assert_eq!(a.deadline(&timeouts(40, 0, 30)), Some((t0 + ms(40), Expiry::Idle)));
+        assert_eq!(a.deadline(&timeouts(0, 50, 30)), Some((t0 + ms(50), Expiry::FinTimeout)));
+        assert_eq!(a.deadline(&timeouts(0, 0, 30)), None);
+    }
+}
