@@ -21,6 +21,8 @@ pub mod bench;
 pub mod config;
 mod engine;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod proxy;
 mod relay;
 pub mod stats;

@@ -6,6 +6,8 @@
 //! timer re-arms lazily when a deadline fires early.
 
 pub(crate) mod direction;
+#[cfg(test)]
+mod props;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,7 +19,7 @@ use socket2::SockRef;
 pub(crate) use direction::{DirState, Direction};
 
 use crate::config::{ListenerConfig, Mode, Timeouts};
-use crate::engine::{Pools, Slot, Wire};
+use crate::engine::{Endpoints, Pools, Slot, Wire};
 use crate::error::{RelayError, Side};
 use crate::stats::CloseReason;
 
@@ -95,6 +97,82 @@ pub(crate) enum Next {
     Again,
     /// Both directions forwarded FIN.
     Finished,
+}
+
+/// Hands out one direction's I/O at a time (both borrow the worker's pools).
+pub(crate) trait PairIo {
+    type Io<'a>: Endpoints
+    where
+        Self: 'a;
+    /// The I/O of the direction whose source is `from`.
+    fn io(&mut self, from: Side) -> Self::Io<'_>;
+}
+
+/// What pumping both directions achieved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PairPumped {
+    pub(crate) moved: usize,
+    pub(crate) state_changed: bool,
+    pub(crate) next: Next,
+}
+
+/// Pumps both directions of a relay, half the budget each so a firehose one
+/// way cannot starve the other. Any error ends the pump at once: the caller
+/// closes (and resets) both sides, so no direction is left orphaned.
+pub(crate) fn pump_pair(
+    c2u: &mut Direction,
+    u2c: &mut Direction,
+    io: &mut impl PairIo,
+) -> Result<PairPumped, RelayError> {
+    let mut c2u_budget = PUMP_BUDGET / 2;
+    let mut u2c_budget = PUMP_BUDGET / 2;
+    let a = c2u.pump(&mut io.io(Side::Client), &mut c2u_budget)?;
+    let b = u2c.pump(&mut io.io(Side::Upstream), &mut u2c_budget)?;
+    let next = if c2u.state() == DirState::Shut && u2c.state() == DirState::Shut {
+        Next::Finished
+    } else if a.exhausted || b.exhausted {
+        Next::Again
+    } else {
+        Next::Wait
+    };
+    Ok(PairPumped {
+        moved: a.moved + b.moved,
+        state_changed: a.state_changed || b.state_changed,
+        next,
+    })
+}
+
+/// A relay's sockets, slots and the worker's pools, as [`PairIo`].
+struct RelayIo<'r> {
+    client: &'r TcpStream,
+    upstream: &'r TcpStream,
+    c2u_slot: &'r mut Slot,
+    u2c_slot: &'r mut Slot,
+    pools: &'r mut Pools,
+}
+
+impl PairIo for RelayIo<'_> {
+    type Io<'a>
+        = Wire<'a>
+    where
+        Self: 'a;
+
+    fn io(&mut self, from: Side) -> Wire<'_> {
+        match from {
+            Side::Client => Wire {
+                slot: self.c2u_slot,
+                src: self.client,
+                dst: self.upstream,
+                pools: self.pools,
+            },
+            _ => Wire {
+                slot: self.u2c_slot,
+                src: self.upstream,
+                dst: self.client,
+                pools: self.pools,
+            },
+        }
+    }
 }
 
 pub(crate) struct Relay {
@@ -206,41 +284,22 @@ impl Relay {
 
     /// Pumps both directions within the budget.
     pub(crate) fn pump(&mut self, now: Instant, pools: &mut Pools) -> Result<Next, RelayError> {
-        // Half the budget each, so a firehose one way cannot starve the other.
-        let mut c2u_budget = PUMP_BUDGET / 2;
-        let mut u2c_budget = PUMP_BUDGET / 2;
-        let a = self.c2u.pump(
-            &mut Wire {
-                slot: &mut self.c2u_slot,
-                src: &self.client,
-                dst: &self.upstream,
-                pools,
-            },
-            &mut c2u_budget,
-        )?;
-        let b = self.u2c.pump(
-            &mut Wire {
-                slot: &mut self.u2c_slot,
-                src: &self.upstream,
-                dst: &self.client,
-                pools,
-            },
-            &mut u2c_budget,
-        )?;
-        if a.moved + b.moved > 0 {
+        let mut io = RelayIo {
+            client: &self.client,
+            upstream: &self.upstream,
+            c2u_slot: &mut self.c2u_slot,
+            u2c_slot: &mut self.u2c_slot,
+            pools,
+        };
+        let pumped = pump_pair(&mut self.c2u, &mut self.u2c, &mut io)?;
+        if pumped.moved > 0 {
             self.activity.last_active = now;
         }
-        if a.state_changed || b.state_changed {
+        if pumped.state_changed {
             self.activity.half_closed = true;
             tracing::trace!(parent: &self.span, c2u = ?self.c2u.state(), u2c = ?self.u2c.state(), "half-close");
         }
-        Ok(if self.c2u.state() == DirState::Shut && self.u2c.state() == DirState::Shut {
-            Next::Finished
-        } else if a.exhausted || b.exhausted {
-            Next::Again
-        } else {
-            Next::Wait
-        })
+        Ok(pumped.next)
     }
 
     /// Closes both sockets, giving buffers back, and logs the one line per

@@ -1,0 +1,1 @@
+//! Property tests of the relay state machine (proptest).
