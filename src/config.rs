@@ -105,6 +105,11 @@ pub struct Config {
     pub max_pipes_per_worker: usize,
     /// Most empty pipes one worker keeps for reuse.
     pub max_idle_pipes_per_worker: usize,
+    /// Bytes of enlarged pipe capacity the whole process may hold (split
+    /// evenly between workers). Past it, new pipes keep the kernel's default
+    /// size. The default is half of `pipe-user-pages-soft`, the per-user
+    /// allowance past which the kernel itself refuses to enlarge pipes.
+    pub pipe_budget: usize,
     pub copy_buffer_size: usize,
     /// How long live relays may finish after the first SIGTERM/SIGINT.
     pub drain_timeout: Option<Duration>,
@@ -119,6 +124,7 @@ impl Config {
             pipe_size: DEFAULT_PIPE_SIZE,
             max_pipes_per_worker: 4096,
             max_idle_pipes_per_worker: 64,
+            pipe_budget: default_pipe_budget(),
             copy_buffer_size: DEFAULT_COPY_BUFFER,
             drain_timeout: Some(Duration::from_secs(30)),
         }
@@ -144,6 +150,20 @@ impl Config {
             return Err(ConfigError("copy buffer size must be positive".into()));
         }
         Ok(())
+    }
+}
+
+/// Half of `pipe-user-pages-soft` in bytes; 32 MiB if it cannot be read,
+/// 1 GiB if the limit is off (0).
+pub fn default_pipe_budget() -> usize {
+    const PAGE: usize = 4096;
+    match std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+    {
+        Some(0) => 1 << 30,
+        Some(pages) => pages * PAGE / 2,
+        None => 32 << 20,
     }
 }
 
@@ -177,15 +197,21 @@ pub fn parse_duration(text: &str) -> Result<Option<Duration>, String> {
     let mut total = Duration::ZERO;
     let mut rest = s;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
-            return Err(format!("'{text}' is not a duration (try 500ms, 30s, 5m, 1h)"));
+            return Err(format!(
+                "'{text}' is not a duration (try 500ms, 30s, 5m, 1h)"
+            ));
         }
         let value: u64 = rest[..digits]
             .parse()
             .map_err(|_| format!("'{text}' is too large"))?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let part = match unit {
@@ -257,7 +283,10 @@ mod tests {
 
     #[test]
     fn durations_need_units() {
-        assert_eq!(parse_duration("500ms"), Ok(Some(Duration::from_millis(500))));
+        assert_eq!(
+            parse_duration("500ms"),
+            Ok(Some(Duration::from_millis(500)))
+        );
         assert_eq!(parse_duration("30s"), Ok(Some(Duration::from_secs(30))));
         assert_eq!(parse_duration("5m"), Ok(Some(Duration::from_secs(300))));
         assert_eq!(parse_duration("1h"), Ok(Some(Duration::from_secs(3600))));
@@ -293,7 +322,9 @@ mod tests {
     fn validation_names_the_problem() {
         let mut c = Config::single("127.0.0.1:1".parse().unwrap(), vec![], Mode::Splice);
         assert!(c.validate().unwrap_err().0.contains("no upstream"));
-        c.listeners[0].upstreams.push("127.0.0.1:2".parse().unwrap());
+        c.listeners[0]
+            .upstreams
+            .push("127.0.0.1:2".parse().unwrap());
         assert!(c.validate().is_ok());
         c.workers = 0;
         assert!(c.validate().is_err());

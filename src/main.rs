@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use spliced::config::{self, Config, ListenerConfig, Mode, Timeouts};
 
 #[derive(Parser, Debug)]
-#[command(name = "spliced", version, about = "A zero-copy (splice) layer-4 TCP proxy for Linux")]
+#[command(
+    name = "spliced",
+    version,
+    about = "A zero-copy (splice) layer-4 TCP proxy for Linux"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,6 +54,10 @@ struct RunArgs {
     /// Most pipes per worker (in use + pooled); past it, directions copy.
     #[arg(long, value_name = "N")]
     max_pipes: Option<usize>,
+    /// Enlarged-pipe bytes for the whole process; past it pipes keep the
+    /// kernel's default size [default: half of pipe-user-pages-soft].
+    #[arg(long, value_name = "BYTES", value_parser = config::parse_size)]
+    pipe_budget: Option<usize>,
     /// After SIGTERM/SIGINT, how long live relays may finish (0: no limit).
     #[arg(long, default_value = "30s", value_name = "DUR", value_parser = duration)]
     drain_timeout: Limit,
@@ -88,6 +96,9 @@ impl RunArgs {
         if let Some(size) = self.pipe_size {
             config.pipe_size = size;
         }
+        if let Some(bytes) = self.pipe_budget {
+            config.pipe_budget = bytes;
+        }
         if let Some(n) = self.max_pipes {
             config.max_pipes_per_worker = n;
         }
@@ -123,7 +134,10 @@ fn run(config: Config) -> ExitCode {
         Err(e) => return fail(&e.to_string()),
     };
     let controller = handle.controller();
-    let signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]);
+    let signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ]);
     let mut signals = match signals {
         Ok(s) => s,
         Err(e) => return fail(&format!("cannot install signal handlers: {e}")),
@@ -158,7 +172,11 @@ fn init_logging() {
 
 /// clap's messages span several lines; the first one names the problem.
 fn first_line(message: &str) -> &str {
-    message.lines().next().unwrap_or(message).trim_start_matches("error: ")
+    message
+        .lines()
+        .next()
+        .unwrap_or(message)
+        .trim_start_matches("error: ")
 }
 
 fn fail(message: &str) -> ExitCode {

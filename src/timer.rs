@@ -66,9 +66,15 @@ mod tests {
         t.schedule(t0 + Duration::from_millis(10), 1, 10);
         assert_eq!(t.next(), Some(t0 + Duration::from_millis(10)));
         assert_eq!(t.pop_due(t0), None);
-        assert_eq!(t.pop_due(t0 + Duration::from_millis(15)).map(|e| e.key), Some(1));
+        assert_eq!(
+            t.pop_due(t0 + Duration::from_millis(15)).map(|e| e.key),
+            Some(1)
+        );
         assert_eq!(t.pop_due(t0 + Duration::from_millis(15)), None);
-        assert_eq!(t.pop_due(t0 + Duration::from_millis(25)).map(|e| e.id), Some(20));
+        assert_eq!(
+            t.pop_due(t0 + Duration::from_millis(25)).map(|e| e.id),
+            Some(20)
+        );
         assert_eq!(t.len(), 0);
     }
 }

@@ -18,7 +18,11 @@ pub(crate) fn first_index(listener: &ListenerRuntime) -> usize {
 }
 
 /// The server for attempt `attempt`, or `None` once every server was tried.
-pub(crate) fn server(listener: &ListenerRuntime, first: usize, attempt: usize) -> Option<SocketAddr> {
+pub(crate) fn server(
+    listener: &ListenerRuntime,
+    first: usize,
+    attempt: usize,
+) -> Option<SocketAddr> {
     let servers = &listener.config.upstreams;
     (attempt < servers.len()).then(|| servers[(first + attempt) % servers.len()])
 }

@@ -59,7 +59,9 @@ pub(crate) fn bind_listeners(config: &Config) -> Result<Bound, StartError> {
         let mut addr = listener.listen;
         for sockets in per_worker.iter_mut() {
             let socket = bind_one(addr).map_err(|e| StartError::Listen(listener.listen, e))?;
-            addr = socket.local_addr().map_err(|e| StartError::Listen(listener.listen, e))?;
+            addr = socket
+                .local_addr()
+                .map_err(|e| StartError::Listen(listener.listen, e))?;
             sockets.push((socket, Arc::clone(&runtime)));
         }
         local_addrs.push(addr);
@@ -173,7 +175,11 @@ impl Worker {
                         self.accept(LISTENER_BASE - t, now);
                     }
                     Token(t) => {
-                        let side = if t % 2 == 0 { Side::Client } else { Side::Upstream };
+                        let side = if t % 2 == 0 {
+                            Side::Client
+                        } else {
+                            Side::Upstream
+                        };
                         self.on_socket_event(t / 2, side, event, now);
                     }
                 }
@@ -191,11 +197,15 @@ impl Worker {
         if !self.ready.is_empty() || self.listeners.iter().any(|l| l.backlog) {
             return Some(Duration::ZERO);
         }
-        [self.timers.next(), self.accept_paused_until, self.drain_deadline]
-            .into_iter()
-            .flatten()
-            .min()
-            .map(|at| at.saturating_duration_since(now))
+        [
+            self.timers.next(),
+            self.accept_paused_until,
+            self.drain_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|at| at.saturating_duration_since(now))
     }
 
     // Accepting
@@ -236,7 +246,10 @@ impl Worker {
     fn pause_accepting(&mut self, now: Instant, e: &io::Error) {
         self.accept_paused_until = Some(now + ACCEPT_PAUSE);
         WorkerCounters::add(&self.counters.accept_pauses, 1);
-        if self.last_accept_warning.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+        if self
+            .last_accept_warning
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
             self.last_accept_warning = Some(now);
             tracing::warn!(
                 worker = self.index,
@@ -263,7 +276,13 @@ impl Worker {
         }
     }
 
-    fn start_relay(&mut self, client: TcpStream, addr: SocketAddr, runtime: Arc<ListenerRuntime>, now: Instant) {
+    fn start_relay(
+        &mut self,
+        client: TcpStream,
+        addr: SocketAddr,
+        runtime: Arc<ListenerRuntime>,
+        now: Instant,
+    ) {
         WorkerCounters::add(&self.counters.relays_accepted, 1);
         // Database traffic is small request/response: never delay it.
         let _ = client.set_nodelay(true);
@@ -289,7 +308,16 @@ impl Worker {
         self.next_id += 1;
         let entry = self.relays.vacant_entry();
         let key = entry.key();
-        let mut relay = Relay::new(self.next_id, runtime, client, addr, upstream, upstream_addr, first, now);
+        let mut relay = Relay::new(
+            self.next_id,
+            runtime,
+            client,
+            addr,
+            upstream,
+            upstream_addr,
+            first,
+            now,
+        );
         relay.attempt = attempt;
         let registry = self.poll.registry();
         let both = Interest::READABLE | Interest::WRITABLE;
@@ -317,12 +345,18 @@ impl Worker {
     // Readiness
 
     fn on_socket_event(&mut self, key: usize, side: Side, event: &mio::event::Event, now: Instant) {
-        let Some(relay) = self.relays.get_mut(key) else { return };
+        let Some(relay) = self.relays.get_mut(key) else {
+            return;
+        };
         if relay.is_connecting() {
             if side == Side::Upstream {
                 self.on_connect_event(key, now);
             } else {
-                relay.ready(side, event.is_readable() || event.is_read_closed(), event.is_writable());
+                relay.ready(
+                    side,
+                    event.is_readable() || event.is_read_closed(),
+                    event.is_writable(),
+                );
             }
             return;
         }
@@ -372,7 +406,9 @@ impl Worker {
             let token = Token(2 * key + 1);
             let attempt = upstream::start_connect(server).and_then(|mut stream| {
                 let interest = Interest::READABLE | Interest::WRITABLE;
-                self.poll.registry().register(&mut stream, token, interest)?;
+                self.poll
+                    .registry()
+                    .register(&mut stream, token, interest)?;
                 Ok(stream)
             });
             let relay = &mut self.relays[key];
@@ -442,7 +478,9 @@ impl Worker {
 
     fn expire(&mut self, now: Instant) {
         while let Some(entry) = self.timers.pop_due(now) {
-            let Some(relay) = self.relays.get_mut(entry.key) else { continue };
+            let Some(relay) = self.relays.get_mut(entry.key) else {
+                continue;
+            };
             if relay.id != entry.id || relay.armed_at != Some(entry.at) {
                 continue;
             }
@@ -456,7 +494,9 @@ impl Worker {
                     self.next_connect_attempt(entry.key, e, now);
                 }
                 Some(Expiry::Idle) => self.close(entry.key, CloseReason::Idle, None, now),
-                Some(Expiry::FinTimeout) => self.close(entry.key, CloseReason::FinTimeout, None, now),
+                Some(Expiry::FinTimeout) => {
+                    self.close(entry.key, CloseReason::FinTimeout, None, now)
+                }
             }
         }
     }
@@ -522,4 +562,3 @@ fn reset_reason(side: Side) -> CloseReason {
         Side::Upstream | Side::Internal => CloseReason::UpstreamReset,
     }
 }
-

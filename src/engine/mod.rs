@@ -76,11 +76,6 @@ impl Slot {
         self.engine
     }
 
-    #[cfg(test)]
-    pub(crate) fn holds_buffer(&self) -> bool {
-        self.buffer.is_some()
-    }
-
     /// Gives the buffer back at relay close; a pipe still holding bytes is
     /// closed rather than pooled.
     pub(crate) fn discard(&mut self, pools: &mut Pools, pending: usize) {

@@ -6,7 +6,6 @@
 //! cap: past it (or on EMFILE/ENFILE) a direction falls back to copy, which
 //! is counted and logged at most once a second per worker.
 
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +26,9 @@ pub(crate) struct Pools {
     max_pipes: usize,
     max_idle_pipes: usize,
     pipe_size: usize,
+    /// Enlarged-pipe bytes this worker may hold, and holds now.
+    pipe_budget: usize,
+    pipe_bytes: usize,
     idle_buffers: Vec<HeapBuffer>,
     buffer_size: usize,
     counters: Arc<WorkerCounters>,
@@ -43,6 +45,8 @@ impl Pools {
             max_pipes: config.max_pipes_per_worker,
             max_idle_pipes: config.max_idle_pipes_per_worker,
             pipe_size: config.pipe_size,
+            pipe_budget: config.pipe_budget / config.workers.max(1),
+            pipe_bytes: 0,
             idle_buffers: Vec::new(),
             buffer_size: config.copy_buffer_size,
             counters,
@@ -83,6 +87,7 @@ impl Pools {
                     WorkerCounters::add(&self.counters.pipes_idle, 1);
                 } else {
                     self.pipes_live -= 1;
+                    self.pipe_bytes -= pipe.capacity();
                 }
             }
             Buffer::Heap(heap) => {
@@ -107,7 +112,10 @@ impl Pools {
         WorkerCounters::add(&self.counters.splice_fallbacks, 1);
         self.unlogged_fallbacks += 1;
         let now = Instant::now();
-        if self.last_log.is_none_or(|t| now.duration_since(t) >= LOG_EVERY) {
+        if self
+            .last_log
+            .is_none_or(|t| now.duration_since(t) >= LOG_EVERY)
+        {
             tracing::warn!(
                 count = self.unlogged_fallbacks,
                 reason = why,
@@ -130,16 +138,18 @@ impl Pools {
         let pipe = Pipe::new().map_err(|e| format!("pipe2 failed: {e}"))?;
         let capacity = self.size_pipe(&pipe);
         self.pipes_live += 1;
+        self.pipe_bytes += capacity;
         WorkerCounters::add(&self.counters.pipes_created, 1);
         WorkerCounters::add(&self.counters.pipes_in_use, 1);
         Ok(PooledPipe::new(pipe, capacity))
     }
 
-    /// Applies `pipe_size` and reads back what the kernel granted. EPERM
-    /// (past `pipe-user-pages-soft`, or above `pipe-max-size` unprivileged)
-    /// leaves the default size: slower, still correct.
+    /// Applies `pipe_size` if the budget allows and reads back what the
+    /// kernel granted. EPERM (past `pipe-user-pages-soft`, or above
+    /// `pipe-max-size` unprivileged) leaves the default size: slower, still
+    /// correct.
     fn size_pipe(&mut self, pipe: &Pipe) -> usize {
-        if self.pipe_size > 0 {
+        if self.pipe_size > 0 && self.pipe_bytes + self.pipe_size <= self.pipe_budget {
             if let Err(e) = sys::set_pipe_size(pipe, self.pipe_size) {
                 if !self.pipe_size_warned {
                     self.pipe_size_warned = true;
@@ -153,11 +163,6 @@ impl Pools {
         }
         sys::pipe_size(pipe).unwrap_or(64 * 1024)
     }
-
-    #[cfg(test)]
-    pub(crate) fn idle_pipes(&self) -> usize {
-        self.idle_pipes.len()
-    }
 }
 
 impl Drop for Pools {
@@ -167,3 +172,89 @@ impl Drop for Pools {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    fn pools(max_pipes: usize, pipe_size: usize, budget: usize) -> (Pools, Arc<WorkerCounters>) {
+        let mut config = Config::single("127.0.0.1:1".parse().unwrap(), vec![], Mode::Splice);
+        config.workers = 1;
+        config.max_pipes_per_worker = max_pipes;
+        config.pipe_size = pipe_size;
+        config.pipe_budget = budget;
+        let counters = Arc::new(WorkerCounters::default());
+        (Pools::new(&config, Arc::clone(&counters)), counters)
+    }
+
+    fn capacity(b: &Buffer) -> usize {
+        match b {
+            Buffer::Pipe(p) => p.capacity(),
+            Buffer::Heap(_) => panic!("expected a pipe"),
+        }
+    }
+
+    #[test]
+    fn pipes_are_reused_and_counted() {
+        let (mut p, c) = pools(8, 0, 0);
+        let mut mode = Mode::Splice;
+        let a = p.take(&mut mode);
+        assert!(matches!(a, Buffer::Pipe(_)));
+        assert_eq!(c.pipes_in_use.load(Relaxed), 1);
+        p.give(a, true);
+        assert_eq!(
+            (c.pipes_in_use.load(Relaxed), c.pipes_idle.load(Relaxed)),
+            (0, 1)
+        );
+        let b = p.take(&mut mode);
+        assert_eq!(
+            c.pipes_created.load(Relaxed),
+            1,
+            "the pooled pipe was reused"
+        );
+        p.give(b, true);
+    }
+
+    #[test]
+    fn a_pipe_holding_bytes_is_never_pooled() {
+        let (mut p, c) = pools(8, 0, 0);
+        let mut mode = Mode::Splice;
+        let a = p.take(&mut mode);
+        p.give(a, false);
+        assert_eq!(c.pipes_idle.load(Relaxed), 0);
+        assert_eq!(p.pipes_live, 0);
+    }
+
+    #[test]
+    fn past_the_cap_a_direction_falls_back_to_copy() {
+        let (mut p, c) = pools(1, 0, 0);
+        let mut first = Mode::Splice;
+        let a = p.take(&mut first);
+        let mut second = Mode::Splice;
+        let b = p.take(&mut second);
+        assert!(matches!(b, Buffer::Heap(_)));
+        assert_eq!(second, Mode::Copy);
+        assert_eq!(c.splice_fallbacks.load(Relaxed), 1);
+        assert_eq!(c.buffers_in_use.load(Relaxed), 1);
+        p.give(a, true);
+        p.give(b, true);
+        assert_eq!(c.buffers_in_use.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn past_the_budget_pipes_keep_the_default_size() {
+        let (mut p, _) = pools(8, 256 * 1024, 512 * 1024);
+        let mut mode = Mode::Splice;
+        let taken: Vec<Buffer> = (0..3).map(|_| p.take(&mut mode)).collect();
+        assert_eq!(capacity(&taken[0]), 256 * 1024);
+        assert_eq!(capacity(&taken[1]), 256 * 1024);
+        assert!(
+            capacity(&taken[2]) < 256 * 1024,
+            "budget spent: default size"
+        );
+        for b in taken {
+            p.give(b, false);
+        }
+        assert_eq!(p.pipe_bytes, 0);
+    }
+}

@@ -18,6 +18,10 @@ impl PooledPipe {
         PooledPipe { pipe, capacity }
     }
 
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Socket → pipe. Asks for a full pipe's worth: the kernel moves what
     /// fits, and on loopback (GRO) may even move more than `capacity`, so
     /// callers must never assume `pending <= capacity`.

@@ -110,7 +110,10 @@ impl Direction {
             let mut progressed = false;
             if self.pending > 0 && self.dst_writable {
                 *budget -= 1;
-                match io.drain(self.pending).map_err(|e| self.dst_error(Op::Write, e))? {
+                match io
+                    .drain(self.pending)
+                    .map_err(|e| self.dst_error(Op::Write, e))?
+                {
                     Transfer::Moved(n) => {
                         let n = n.min(self.pending);
                         self.pending -= n;
@@ -271,10 +274,7 @@ pub(crate) mod tests {
     #[test]
     fn open_full_buffer_waits_for_destination_not_source() {
         let mut d = dir();
-        let mut io = script(
-            &[Step::Moved(10), Step::WouldBlock],
-            &[Step::WouldBlock],
-        );
+        let mut io = script(&[Step::Moved(10), Step::WouldBlock], &[Step::WouldBlock]);
         pump(&mut d, &mut io).unwrap();
         assert_eq!(d.pending(), 10);
         assert!(io.holding, "a buffer with bytes is kept");
@@ -335,7 +335,10 @@ pub(crate) mod tests {
     #[test]
     fn source_eof_forwards_fin_only_after_every_byte() {
         let mut d = dir();
-        let mut io = script(&[Step::Moved(50), Step::Eof], &[Step::Moved(20), Step::WouldBlock]);
+        let mut io = script(
+            &[Step::Moved(50), Step::Eof],
+            &[Step::Moved(20), Step::WouldBlock],
+        );
         pump(&mut d, &mut io).unwrap();
         assert_eq!(d.state(), DirState::SourceEof);
         assert_eq!(io.shutdowns, 0, "30 bytes still pending");
@@ -361,7 +364,10 @@ pub(crate) mod tests {
     #[test]
     fn source_eof_stops_reading_the_source() {
         let mut d = dir();
-        let mut io = script(&[Step::Moved(5), Step::Eof, Step::Moved(99)], &[Step::WouldBlock]);
+        let mut io = script(
+            &[Step::Moved(5), Step::Eof, Step::Moved(99)],
+            &[Step::WouldBlock],
+        );
         pump(&mut d, &mut io).unwrap();
         d.source_readable();
         pump(&mut d, &mut io).unwrap();

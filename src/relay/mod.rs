@@ -76,7 +76,9 @@ impl Activity {
 
     /// What has expired at `now`, if anything.
     pub(crate) fn expired(&self, t: &Timeouts, now: Instant) -> Option<Expiry> {
-        self.deadline(t).filter(|(at, _)| *at <= now).map(|(_, e)| e)
+        self.deadline(t)
+            .filter(|(at, _)| *at <= now)
+            .map(|(_, e)| e)
     }
 }
 
@@ -305,8 +307,17 @@ impl Relay {
     /// Closes both sockets, giving buffers back, and logs the one line per
     /// relay. Resets (SO_LINGER 0) both sides when `reason` is a reset, so the
     /// peer of the side that did not fail learns it was no clean close.
-    pub(crate) fn close(mut self, reason: CloseReason, error: Option<&RelayError>, now: Instant, pools: &mut Pools) {
-        if matches!(reason, CloseReason::ClientReset | CloseReason::UpstreamReset) {
+    pub(crate) fn close(
+        mut self,
+        reason: CloseReason,
+        error: Option<&RelayError>,
+        now: Instant,
+        pools: &mut Pools,
+    ) {
+        if matches!(
+            reason,
+            CloseReason::ClientReset | CloseReason::UpstreamReset
+        ) {
             // A failed setsockopt only means the socket is already gone.
             let _ = SockRef::from(&self.client).set_linger(Some(Duration::ZERO));
             let _ = SockRef::from(&self.upstream).set_linger(Some(Duration::ZERO));
@@ -314,7 +325,9 @@ impl Relay {
         self.c2u_slot.discard(pools, self.c2u.pending());
         self.u2c_slot.discard(pools, self.u2c.pending());
         let _enter = self.span.enter();
-        let duration_ms = now.saturating_duration_since(self.activity.started).as_millis() as u64;
+        let duration_ms = now
+            .saturating_duration_since(self.activity.started)
+            .as_millis() as u64;
         let engine_c2u = self.engine_label(Side::Client);
         let engine_u2c = self.engine_label(Side::Upstream);
         match error {
@@ -355,10 +368,6 @@ impl Relay {
         }
     }
 
-    #[cfg(test)]
-    pub(crate) fn holds_buffers(&self) -> bool {
-        self.c2u_slot.holds_buffer() || self.u2c_slot.holds_buffer()
-    }
 }
 
 #[cfg(test)]
@@ -437,9 +446,18 @@ mod tests {
         let mut a = Activity::new(t0);
         a.connecting_since = None;
         a.half_closed = true;
-        assert_eq!(a.deadline(&timeouts(40, 50, 30)), Some((t0 + ms(40), Expiry::Idle)));
-        assert_eq!(a.deadline(&timeouts(40, 0, 30)), Some((t0 + ms(40), Expiry::Idle)));
-        assert_eq!(a.deadline(&timeouts(0, 50, 30)), Some((t0 + ms(50), Expiry::FinTimeout)));
+        assert_eq!(
+            a.deadline(&timeouts(40, 50, 30)),
+            Some((t0 + ms(40), Expiry::Idle))
+        );
+        assert_eq!(
+            a.deadline(&timeouts(40, 0, 30)),
+            Some((t0 + ms(40), Expiry::Idle))
+        );
+        assert_eq!(
+            a.deadline(&timeouts(0, 50, 30)),
+            Some((t0 + ms(50), Expiry::FinTimeout))
+        );
         assert_eq!(a.deadline(&timeouts(0, 0, 30)), None);
     }
 }
