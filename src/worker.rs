@@ -431,7 +431,8 @@ impl Worker {
     fn run_ready(&mut self, now: Instant) {
         let ready = std::mem::take(&mut self.ready);
         for key in ready {
-            if self.relays.contains(key) {
+            if let Some(relay) = self.relays.get_mut(key) {
+                relay.queued = false;
                 self.run_relay(key, now);
             }
         }
@@ -443,7 +444,8 @@ impl Worker {
         match relay.pump(now, &mut self.pools) {
             Ok(Next::Wait) => {}
             Ok(Next::Again) => {
-                if !self.ready.contains(&key) {
+                if !relay.queued {
+                    relay.queued = true;
                     self.ready.push(key);
                 }
             }

@@ -190,6 +190,8 @@ pub(crate) struct Relay {
     pub(crate) activity: Activity,
     /// The deadline this relay currently has an entry for in the timer heap.
     pub(crate) armed_at: Option<Instant>,
+    /// On the worker's ready list (ran out of budget with work left).
+    pub(crate) queued: bool,
     c2u: Direction,
     u2c: Direction,
     c2u_slot: Slot,
@@ -221,6 +223,7 @@ impl Relay {
             first_upstream,
             activity: Activity::new(now),
             armed_at: None,
+            queued: false,
             c2u: Direction::new(Side::Client, Side::Upstream),
             u2c: Direction::new(Side::Upstream, Side::Client),
             c2u_slot: Slot::new(mode),
