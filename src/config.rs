@@ -111,6 +111,11 @@ pub struct Config {
     /// allowance past which the kernel itself refuses to enlarge pipes.
     pub pipe_budget: usize,
     pub copy_buffer_size: usize,
+    /// Most relays at once, over all workers. `None` derives it from the fd
+    /// limit (two sockets per relay, a reserve kept), so accepted clients
+    /// never fail for want of an upstream socket: past the cap, new
+    /// connections wait in the listen backlog.
+    pub max_relays: Option<usize>,
     /// How long live relays may finish after the first SIGTERM/SIGINT.
     pub drain_timeout: Option<Duration>,
 }
@@ -126,6 +131,7 @@ impl Config {
             max_idle_pipes_per_worker: 64,
             pipe_budget: default_pipe_budget(),
             copy_buffer_size: DEFAULT_COPY_BUFFER,
+            max_relays: None,
             drain_timeout: Some(Duration::from_secs(30)),
         }
     }

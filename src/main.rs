@@ -58,6 +58,10 @@ struct RunArgs {
     /// kernel's default size [default: half of pipe-user-pages-soft].
     #[arg(long, value_name = "BYTES", value_parser = config::parse_size)]
     pipe_budget: Option<usize>,
+    /// Most relays at once; past it, new clients wait in the listen backlog
+    /// [default: what the fd limit allows at two sockets per relay].
+    #[arg(long, value_name = "N")]
+    max_conns: Option<usize>,
     /// After SIGTERM/SIGINT, how long live relays may finish (0: no limit).
     #[arg(long, default_value = "30s", value_name = "DUR", value_parser = duration)]
     drain_timeout: Limit,
@@ -102,6 +106,7 @@ impl RunArgs {
         if let Some(n) = self.max_pipes {
             config.max_pipes_per_worker = n;
         }
+        config.max_relays = self.max_conns;
         config.drain_timeout = self.drain_timeout.0;
         config.validate().map_err(|e| e.to_string())?;
         Ok(config)

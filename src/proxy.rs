@@ -70,7 +70,8 @@ pub struct ProxyHandle {
 /// Binds the listeners and starts the workers.
 pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
     config.validate().map_err(StartError::Config)?;
-    crate::sys::raise_nofile_limit();
+    let nofile = crate::sys::raise_nofile_limit();
+    let relay_cap = relays_per_worker(&config, nofile);
     let config = Arc::new(config);
     let control = Arc::new(Control::default());
     let bound = worker::bind_listeners(&config)?;
@@ -85,6 +86,7 @@ pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
             listeners,
             Arc::clone(&control),
             Arc::clone(&counters),
+            relay_cap,
         )
         .map_err(|e| StartError::Io("create the event loop".into(), e))?;
         let waker = w.waker();
@@ -117,6 +119,17 @@ pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
         workers,
         control,
     })
+}
+
+/// Each worker's share of the relay cap: `max_relays` if set, else what the
+/// fd limit allows at two sockets per relay, after a reserve (an eighth of
+/// the limit, 16 to 256 fds, plus a few per worker) for the event loops,
+/// listeners and pipes. Pipes past the reserve fall back to copy.
+fn relays_per_worker(config: &Config, nofile: u64) -> usize {
+    let reserve = (nofile / 8).clamp(16, 256) + 4 * config.workers as u64;
+    let by_fds = (nofile.saturating_sub(reserve) / 2) as usize;
+    let cap = config.max_relays.map_or(by_fds, |m| m.min(by_fds));
+    (cap / config.workers).max(1)
 }
 
 impl ProxyHandle {
@@ -190,5 +203,24 @@ impl Drop for ProxyHandle {
             self.abort();
             self.join_workers();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Mode;
+
+    #[test]
+    fn relay_cap_leaves_room_for_the_loop_and_pipes() {
+        let mut c = Config::single("127.0.0.1:0".parse().unwrap(), vec![], Mode::Splice);
+        c.workers = 1;
+        assert_eq!(relays_per_worker(&c, 64), 22);
+        assert_eq!(relays_per_worker(&c, 20_000), 9_870);
+        c.workers = 2;
+        assert_eq!(relays_per_worker(&c, 20_000), 4_934);
+        c.max_relays = Some(100);
+        assert_eq!(relays_per_worker(&c, 20_000), 50);
+        assert_eq!(relays_per_worker(&c, 0), 1, "never zero");
     }
 }

@@ -108,6 +108,10 @@ pub(crate) struct Worker {
     last_accept_warning: Option<Instant>,
     drain_deadline: Option<Instant>,
     draining: bool,
+    /// Most relays this worker holds; past it, clients wait in the backlog.
+    relay_cap: usize,
+    /// Accepting stopped at the relay cap; resumes when a relay closes.
+    at_relay_cap: bool,
 }
 
 impl Worker {
@@ -117,6 +121,7 @@ impl Worker {
         listeners: Vec<(TcpListener, Arc<ListenerRuntime>)>,
         control: Arc<Control>,
         counters: Arc<WorkerCounters>,
+        relay_cap: usize,
     ) -> io::Result<Worker> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
@@ -147,6 +152,8 @@ impl Worker {
             last_accept_warning: None,
             drain_deadline: None,
             draining: false,
+            relay_cap,
+            at_relay_cap: false,
         })
     }
 
@@ -211,11 +218,15 @@ impl Worker {
     // Accepting
 
     fn accept(&mut self, index: usize, now: Instant) {
-        if self.accept_paused_until.is_some() {
+        if self.accept_paused_until.is_some() || self.at_relay_cap {
             return;
         }
         self.listeners[index].backlog = false;
         for _ in 0..ACCEPT_BUDGET {
+            if self.relays.len() >= self.relay_cap {
+                self.reach_relay_cap(now);
+                return;
+            }
             let accepted = match self.listeners[index].socket.as_ref() {
                 Some(socket) => socket.accept(),
                 None => return,
@@ -257,6 +268,20 @@ impl Worker {
                 relays = self.relays.len(),
                 "out of file descriptors: accepting paused for {} ms",
                 ACCEPT_PAUSE.as_millis()
+            );
+        }
+    }
+
+    /// Stops accepting until a relay closes: the kernel queues new clients.
+    fn reach_relay_cap(&mut self, now: Instant) {
+        self.at_relay_cap = true;
+        WorkerCounters::add(&self.counters.accept_pauses, 1);
+        if self.last_accept_warning.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+            self.last_accept_warning = Some(now);
+            tracing::warn!(
+                worker = self.index,
+                relays = self.relays.len(),
+                "relay limit reached (from the fd limit or max_relays): new connections wait in the listen backlog"
             );
         }
     }
@@ -513,6 +538,12 @@ impl Worker {
         // Freed fds may let a paused accept succeed now.
         if self.accept_paused_until.is_some() {
             self.accept_paused_until = Some(now);
+        }
+        if self.at_relay_cap {
+            self.at_relay_cap = false;
+            for slot in &mut self.listeners {
+                slot.backlog = slot.socket.is_some();
+            }
         }
     }
 
