@@ -189,6 +189,10 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// The longest timeout accepted: a year. Longer ones are surely typos, and
+/// `Instant + Duration` must never overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86400);
+
 /// Parses `500ms`, `30s`, `5m`, `1h` (also `us`, `d`, and sums like `1m30s`).
 /// `0` alone means "disabled" and yields `None`; any other bare number is
 /// rejected, because `--idle-timeout 30` is ambiguous.
@@ -239,6 +243,9 @@ pub fn parse_duration(text: &str) -> Result<Option<Duration>, String> {
             }
         };
         total = total.saturating_add(part);
+    }
+    if total > MAX_DURATION {
+        return Err(format!("'{text}' is longer than the maximum of 365d"));
     }
     Ok(if total.is_zero() { None } else { Some(total) })
 }
@@ -305,6 +312,9 @@ mod tests {
         assert!(parse_duration("3x").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("99999999999999999999999s").is_err());
+        assert_eq!(parse_duration("365d"), Ok(Some(MAX_DURATION)));
+        assert!(parse_duration("366d").unwrap_err().contains("maximum"));
+        assert!(parse_duration("106751991167301d").is_err());
     }
 
     #[test]

@@ -276,7 +276,10 @@ impl Worker {
     fn reach_relay_cap(&mut self, now: Instant) {
         self.at_relay_cap = true;
         WorkerCounters::add(&self.counters.accept_pauses, 1);
-        if self.last_accept_warning.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+        if self
+            .last_accept_warning
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
             self.last_accept_warning = Some(now);
             tracing::warn!(
                 worker = self.index,
@@ -567,7 +570,7 @@ impl Worker {
                 slot.socket = None;
                 slot.backlog = false;
             }
-            self.drain_deadline = self.config.drain_timeout.map(|d| now + d);
+            self.drain_deadline = self.config.drain_timeout.and_then(|d| now.checked_add(d));
             tracing::info!(worker = self.index, relays = self.relays.len(), "draining");
         }
         if self.draining {

@@ -155,6 +155,7 @@ impl Direction {
                 }
             }
             if !progressed {
+                done.exhausted = *budget == 0 && self.has_work();
                 return Ok(done);
             }
         }

@@ -58,16 +58,18 @@ impl Activity {
     }
 
     /// The next deadline and what it means. A half-closed relay is held to
-    /// the shorter of the FIN and idle timeouts.
+    /// the shorter of the FIN and idle timeouts. A deadline too far away to
+    /// represent counts as none.
     pub(crate) fn deadline(&self, t: &Timeouts) -> Option<(Instant, Expiry)> {
+        let after = |from: Instant, d: Option<Duration>, what| Some((from.checked_add(d?)?, what));
         if let Some(since) = self.connecting_since {
-            return t.connect.map(|d| (since + d, Expiry::Connect));
+            return after(since, t.connect, Expiry::Connect);
         }
-        let idle = t.idle.map(|d| (self.last_active + d, Expiry::Idle));
+        let idle = after(self.last_active, t.idle, Expiry::Idle);
         if !self.half_closed {
             return idle;
         }
-        let fin = t.fin.map(|d| (self.last_active + d, Expiry::FinTimeout));
+        let fin = after(self.last_active, t.fin, Expiry::FinTimeout);
         match (idle, fin) {
             (Some(i), Some(f)) => Some(if f.0 <= i.0 { f } else { i }),
             (i, f) => f.or(i),
@@ -370,7 +372,6 @@ impl Relay {
             (_, engine) => engine.as_str(),
         }
     }
-
 }
 
 #[cfg(test)]
@@ -429,6 +430,20 @@ mod tests {
         let mut a = Activity::new(Instant::now());
         a.connecting_since = None;
         assert_eq!(a.deadline(&timeouts(0, 50, 30)), None);
+    }
+
+    #[test]
+    fn an_unrepresentable_deadline_is_none_not_a_panic() {
+        let mut a = Activity::new(Instant::now());
+        a.connecting_since = None;
+        let t = Timeouts {
+            idle: Some(Duration::MAX),
+            fin: None,
+            connect: None,
+        };
+        assert_eq!(a.deadline(&t), None);
+        a.half_closed = true;
+        assert_eq!(a.deadline(&t), None);
     }
 
     // Tests for the half-closed phase

@@ -199,11 +199,12 @@ mod tests {
     fn thread_cpu_time_reads_this_thread() {
         let tid = gettid();
         let start = thread_cpu_time(tid);
+        // schedstat advances at scheduler ticks, so spin across several.
+        let spin_until = std::time::Instant::now() + Duration::from_millis(60);
         let mut x = 0u64;
-        for i in 0..5_000_000u64 {
-            x = x.wrapping_mul(31).wrapping_add(i);
+        while std::time::Instant::now() < spin_until {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
         }
-        std::hint::black_box(x);
         assert!(thread_cpu_time(tid) > start);
         assert_eq!(thread_cpu_time(0), Duration::ZERO);
     }
