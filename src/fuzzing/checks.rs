@@ -1,0 +1,123 @@
+//! Checks shared by both drivers.
+
+use crate::error::{Op, RelayError, Side};
+use crate::relay::{DirState, Direction};
+
+use super::engine::{Call, Discard, Engine};
+
+/// What a direction and its engine must agree on after every successful pump.
+pub(crate) fn check_books(d: &Direction, io: &Engine) {
+    assert!(
+        io.failed.is_none(),
+        "the engine failed ({:?}) but the pump returned Ok",
+        io.failed
+    );
+    assert!(
+        io.drained <= io.filled,
+        "bytes out ({}) exceed bytes in ({})",
+        io.drained,
+        io.filled
+    );
+    assert_eq!(
+        d.bytes_out(),
+        io.drained,
+        "bytes_out differs from the bytes the engine wrote"
+    );
+    assert_eq!(
+        d.pending(),
+        io.buffered,
+        "pending differs from the bytes buffered"
+    );
+    assert_eq!(
+        d.pending() as u64,
+        io.filled - io.drained,
+        "pending is not bytes in minus bytes out"
+    );
+    if d.pending() == 0 {
+        assert!(
+            !io.holding,
+            "nothing pending but a buffer is still held (no release)"
+        );
+    } else {
+        assert!(io.holding, "bytes pending without a buffer");
+    }
+    match d.state() {
+        DirState::Open => {
+            assert!(!io.source_eof, "the source's EOF was not recorded");
+            assert_eq!(io.shutdowns, 0, "FIN forwarded while the source is open");
+        }
+        DirState::SourceEof => {
+            assert!(io.source_eof, "SourceEof without an EOF from the source");
+            assert_eq!(io.shutdowns, 0, "FIN forwarded but the state is SourceEof");
+            assert!(
+                d.pending() > 0,
+                "source ended and nothing pending, yet FIN not forwarded"
+            );
+        }
+        DirState::Shut => {
+            assert!(io.source_eof, "Shut without an EOF from the source");
+            assert_eq!(
+                io.shutdowns, 1,
+                "Shut but FIN forwarded {} times",
+                io.shutdowns
+            );
+            assert_eq!(d.pending(), 0, "Shut with bytes pending");
+        }
+    }
+}
+
+/// A direction that stops without running out of budget must be waiting for
+/// an edge the kernel owes it: otherwise the relay stalls for good under
+/// edge-triggered epoll.
+pub(crate) fn check_waiting(d: &Direction, io: &Engine) {
+    if d.pending() > 0 {
+        assert!(
+            io.drain_blocked,
+            "stopped with {} bytes pending but the destination never said WouldBlock: lost wakeup",
+            d.pending()
+        );
+    }
+    if d.state() == DirState::Open && d.pending() == 0 {
+        assert!(
+            io.fill_blocked,
+            "stopped with an open, empty source that never said WouldBlock: lost wakeup"
+        );
+    }
+    assert!(
+        !(d.state() == DirState::SourceEof && d.pending() == 0),
+        "stopped with the source ended and nothing pending, FIN not forwarded"
+    );
+}
+
+/// The error a failed pump returned must name the engine call that failed.
+pub(crate) fn check_error(e: &RelayError, from: Side, to: Side, io: &Engine) {
+    let (call, kind) = io
+        .failed
+        .expect("the pump failed but the engine returned no error");
+    let expected = match call {
+        Call::Fill => (from, Op::Read),
+        Call::Drain => (to, Op::Write),
+        Call::Shutdown => (to, Op::Shutdown),
+    };
+    assert_eq!(
+        (e.side, e.op),
+        expected,
+        "error attributed to the wrong side or operation"
+    );
+    assert_eq!(e.source.kind(), kind, "error kind changed on the way up");
+}
+
+/// The direction's part of the relay close after an error: the buffer goes
+/// back (pooled only if empty); nothing stays held.
+pub(super) fn close_direction(d: &Direction, io: &mut Engine) -> Discard {
+    let done = io.discard(d.pending());
+    assert!(!io.holding);
+    if d.pending() > 0 {
+        assert_eq!(
+            done,
+            Discard::Closed,
+            "a buffer holding bytes went back to the pool"
+        );
+    }
+    done
+}
