@@ -6,7 +6,7 @@
 //! worker runs. `spliced run` is this plus signal handling.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -23,6 +23,8 @@ pub(crate) struct Control {
     pub(crate) draining: AtomicBool,
     /// Close every relay now and exit the loop.
     pub(crate) aborting: AtomicBool,
+    /// Relays alive in all workers, checked against the relay cap.
+    pub(crate) relays_live: AtomicUsize,
 }
 
 struct WorkerHandle {
@@ -71,7 +73,7 @@ pub struct ProxyHandle {
 pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
     config.validate().map_err(StartError::Config)?;
     let nofile = crate::sys::raise_nofile_limit();
-    let relay_cap = relays_per_worker(&config, nofile);
+    let relay_cap = relay_cap(&config, nofile);
     let config = Arc::new(config);
     let control = Arc::new(Control::default());
     let bound = worker::bind_listeners(&config)?;
@@ -121,15 +123,17 @@ pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
     })
 }
 
-/// Each worker's share of the relay cap: `max_relays` if set, else what the
+/// The relay cap for the whole process: `max_relays` if set, else what the
 /// fd limit allows at two sockets per relay, after a reserve (an eighth of
 /// the limit, 16 to 256 fds, plus a few per worker) for the event loops,
-/// listeners and pipes. Pipes past the reserve fall back to copy.
-fn relays_per_worker(config: &Config, nofile: u64) -> usize {
+/// listeners and pipes. Pipes past the reserve fall back to copy. The cap is
+/// shared, not split per worker, because SO_REUSEPORT does not spread
+/// connections evenly: a per-worker share would strand clients on a full
+/// worker while another has room.
+fn relay_cap(config: &Config, nofile: u64) -> usize {
     let reserve = (nofile / 8).clamp(16, 256) + 4 * config.workers as u64;
     let by_fds = (nofile.saturating_sub(reserve) / 2) as usize;
-    let cap = config.max_relays.map_or(by_fds, |m| m.min(by_fds));
-    (cap / config.workers).max(1)
+    config.max_relays.map_or(by_fds, |m| m.min(by_fds)).max(1)
 }
 
 impl ProxyHandle {
@@ -215,12 +219,12 @@ mod tests {
     fn relay_cap_leaves_room_for_the_loop_and_pipes() {
         let mut c = Config::single("127.0.0.1:0".parse().unwrap(), vec![], Mode::Splice);
         c.workers = 1;
-        assert_eq!(relays_per_worker(&c, 64), 22);
-        assert_eq!(relays_per_worker(&c, 20_000), 9_870);
+        assert_eq!(relay_cap(&c, 64), 22);
+        assert_eq!(relay_cap(&c, 20_000), 9_870);
         c.workers = 2;
-        assert_eq!(relays_per_worker(&c, 20_000), 4_934);
+        assert_eq!(relay_cap(&c, 20_000), 9_868);
         c.max_relays = Some(100);
-        assert_eq!(relays_per_worker(&c, 20_000), 50);
-        assert_eq!(relays_per_worker(&c, 0), 1, "never zero");
+        assert_eq!(relay_cap(&c, 20_000), 100);
+        assert_eq!(relay_cap(&c, 0), 1, "never zero");
     }
 }

@@ -39,6 +39,10 @@ const ACCEPT_BUDGET: usize = 128;
 /// How long accepting pauses after EMFILE/ENFILE.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 const LISTEN_BACKLOG: i32 = 4096;
+/// At the relay cap, how often to look whether another worker freed room.
+const CAP_RECHECK: Duration = Duration::from_millis(20);
+/// Relay slots kept allocated when a worker becomes idle.
+const SLAB_KEEP: usize = 1024;
 
 /// Listeners bound for every worker, before any worker starts.
 pub(crate) struct Bound {
@@ -108,10 +112,9 @@ pub(crate) struct Worker {
     last_accept_warning: Option<Instant>,
     drain_deadline: Option<Instant>,
     draining: bool,
-    /// Most relays this worker holds; past it, clients wait in the backlog.
+    /// Most relays in all workers together; past it, clients wait in the
+    /// backlog (see `proxy::relay_cap`).
     relay_cap: usize,
-    /// Accepting stopped at the relay cap; resumes when a relay closes.
-    at_relay_cap: bool,
 }
 
 impl Worker {
@@ -153,7 +156,6 @@ impl Worker {
             drain_deadline: None,
             draining: false,
             relay_cap,
-            at_relay_cap: false,
         })
     }
 
@@ -218,12 +220,12 @@ impl Worker {
     // Accepting
 
     fn accept(&mut self, index: usize, now: Instant) {
-        if self.accept_paused_until.is_some() || self.at_relay_cap {
+        if self.accept_paused_until.is_some() {
             return;
         }
         self.listeners[index].backlog = false;
         for _ in 0..ACCEPT_BUDGET {
-            if self.relays.len() >= self.relay_cap {
+            if self.control.relays_live.load(Ordering::Relaxed) >= self.relay_cap {
                 self.reach_relay_cap(now);
                 return;
             }
@@ -272,19 +274,19 @@ impl Worker {
         }
     }
 
-    /// Stops accepting until a relay closes: the kernel queues new clients.
+    /// Stops accepting until a relay closes here, or briefly when the
+    /// relays that would free room live in another worker. Meanwhile the
+    /// kernel queues new clients.
     fn reach_relay_cap(&mut self, now: Instant) {
-        self.at_relay_cap = true;
+        self.accept_paused_until = Some(now + CAP_RECHECK);
         WorkerCounters::add(&self.counters.accept_pauses, 1);
-        if self
-            .last_accept_warning
-            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
-        {
+        if self.last_accept_warning.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
             self.last_accept_warning = Some(now);
             tracing::warn!(
                 worker = self.index,
                 relays = self.relays.len(),
-                "relay limit reached (from the fd limit or max_relays): new connections wait in the listen backlog"
+                cap = self.relay_cap,
+                "relay limit reached (from the fd limit or --max-conns): new connections wait in the listen backlog"
             );
         }
     }
@@ -359,6 +361,7 @@ impl Worker {
             });
         entry.insert(relay);
         WorkerCounters::add(&self.counters.relays_active, 1);
+        self.control.relays_live.fetch_add(1, Ordering::Relaxed);
         match registered {
             Ok(()) => self.arm(key),
             Err(e) => self.close(key, CloseReason::ConnectFailed, Some(&e), now),
@@ -538,15 +541,15 @@ impl Worker {
         relay.close(reason, error, now, &mut self.pools);
         self.counters.closed(reason);
         WorkerCounters::sub(&self.counters.relays_active, 1);
+        self.control.relays_live.fetch_sub(1, Ordering::Relaxed);
         // Freed fds may let a paused accept succeed now.
         if self.accept_paused_until.is_some() {
             self.accept_paused_until = Some(now);
         }
-        if self.at_relay_cap {
-            self.at_relay_cap = false;
-            for slot in &mut self.listeners {
-                slot.backlog = slot.socket.is_some();
-            }
+        if self.relays.is_empty() && self.relays.capacity() > SLAB_KEEP {
+            // Give back the slab a burst grew; stale timer and ready-list
+            // entries are recognised by relay id.
+            self.relays.shrink_to_fit();
         }
     }
 

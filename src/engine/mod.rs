@@ -105,7 +105,7 @@ impl Endpoints for Wire<'_> {
     fn fill(&mut self) -> io::Result<Transfer> {
         loop {
             if self.slot.buffer.is_none() {
-                self.slot.buffer = Some(self.pools.take(&mut self.slot.engine));
+                self.slot.buffer = Some(self.pools.take(&mut self.slot.engine)?);
             }
             let result = match self.slot.buffer.as_mut() {
                 Some(Buffer::Pipe(pipe)) => pipe.fill(self.src.as_fd()),

@@ -6,6 +6,7 @@
 //! cap: past it (or on EMFILE/ENFILE) a direction falls back to copy, which
 //! is counted and logged at most once a second per worker.
 
+use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,23 +58,24 @@ impl Pools {
     }
 
     /// A buffer for a direction using `engine`. When no pipe can be had the
-    /// direction switches to copy for good (`engine` is updated).
-    pub(crate) fn take(&mut self, engine: &mut Mode) -> Buffer {
+    /// direction switches to copy for good (`engine` is updated). Fails only
+    /// when not even a copy buffer can be mapped (out of memory).
+    pub(crate) fn take(&mut self, engine: &mut Mode) -> io::Result<Buffer> {
         if *engine == Mode::Splice {
             match self.take_pipe() {
-                Ok(pipe) => return Buffer::Pipe(pipe),
+                Ok(pipe) => return Ok(Buffer::Pipe(pipe)),
                 Err(why) => {
                     *engine = Mode::Copy;
                     self.count_fallback(&why);
                 }
             }
         }
+        let heap = match self.idle_buffers.pop() {
+            Some(heap) => heap,
+            None => HeapBuffer::new(self.buffer_size)?,
+        };
         WorkerCounters::add(&self.counters.buffers_in_use, 1);
-        Buffer::Heap(
-            self.idle_buffers
-                .pop()
-                .unwrap_or_else(|| HeapBuffer::new(self.buffer_size)),
-        )
+        Ok(Buffer::Heap(heap))
     }
 
     /// Takes a buffer back. `empty` must be false when bytes may remain in
@@ -198,7 +200,7 @@ mod tests {
     fn pipes_are_reused_and_counted() {
         let (mut p, c) = pools(8, 0, 0);
         let mut mode = Mode::Splice;
-        let a = p.take(&mut mode);
+        let a = p.take(&mut mode).unwrap();
         assert!(matches!(a, Buffer::Pipe(_)));
         assert_eq!(c.pipes_in_use.load(Relaxed), 1);
         p.give(a, true);
@@ -206,7 +208,7 @@ mod tests {
             (c.pipes_in_use.load(Relaxed), c.pipes_idle.load(Relaxed)),
             (0, 1)
         );
-        let b = p.take(&mut mode);
+        let b = p.take(&mut mode).unwrap();
         assert_eq!(
             c.pipes_created.load(Relaxed),
             1,
@@ -219,7 +221,7 @@ mod tests {
     fn a_pipe_holding_bytes_is_never_pooled() {
         let (mut p, c) = pools(8, 0, 0);
         let mut mode = Mode::Splice;
-        let a = p.take(&mut mode);
+        let a = p.take(&mut mode).unwrap();
         p.give(a, false);
         assert_eq!(c.pipes_idle.load(Relaxed), 0);
         assert_eq!(p.pipes_live, 0);
@@ -229,9 +231,9 @@ mod tests {
     fn past_the_cap_a_direction_falls_back_to_copy() {
         let (mut p, c) = pools(1, 0, 0);
         let mut first = Mode::Splice;
-        let a = p.take(&mut first);
+        let a = p.take(&mut first).unwrap();
         let mut second = Mode::Splice;
-        let b = p.take(&mut second);
+        let b = p.take(&mut second).unwrap();
         assert!(matches!(b, Buffer::Heap(_)));
         assert_eq!(second, Mode::Copy);
         assert_eq!(c.splice_fallbacks.load(Relaxed), 1);
@@ -245,7 +247,7 @@ mod tests {
     fn past_the_budget_pipes_keep_the_default_size() {
         let (mut p, _) = pools(8, 256 * 1024, 512 * 1024);
         let mut mode = Mode::Splice;
-        let taken: Vec<Buffer> = (0..3).map(|_| p.take(&mut mode)).collect();
+        let taken: Vec<Buffer> = (0..3).map(|_| p.take(&mut mode).unwrap()).collect();
         assert_eq!(capacity(&taken[0]), 256 * 1024);
         assert_eq!(capacity(&taken[1]), 256 * 1024);
         assert!(
