@@ -280,7 +280,10 @@ impl Worker {
     fn reach_relay_cap(&mut self, now: Instant) {
         self.accept_paused_until = Some(now + CAP_RECHECK);
         WorkerCounters::add(&self.counters.accept_pauses, 1);
-        if self.last_accept_warning.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+        if self
+            .last_accept_warning
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
             self.last_accept_warning = Some(now);
             tracing::warn!(
                 worker = self.index,
