@@ -123,7 +123,12 @@ fn main() -> ExitCode {
         }
         Err(e) => return fail(first_line(&e.to_string())),
     };
-    init_logging();
+    // The bench runs thousands of relays in-process: one line each would
+    // cost the worker CPU it measures.
+    init_logging(match cli.command {
+        Command::Bench(_) => "warn",
+        Command::Run(_) => "info",
+    });
     match cli.command {
         Command::Run(args) => match args.into_config() {
             Ok(config) => run(config),
@@ -165,9 +170,9 @@ fn run(config: Config) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn init_logging() {
+fn init_logging(default_level: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -1,11 +1,302 @@
-//! `spliced bench`: placeholder, being written.
+//! `spliced bench`: the self-contained benchmark.
+//!
+//! It starts an embedded upstream on loopback ([`upstream`]), runs spliced
+//! in-process once per engine (`splice`, `copy`), a `direct` baseline with no
+//! proxy, and any `--target` proxies, and drives the same load through each
+//! ([`load`], [`workloads`], [`idle`]). Runs interleave the engines (case by
+//! case, run by run) so slow drift of the machine hits them alike; each figure
+//! is the median of the runs. The proxy's CPU is its worker threads' own
+//! (schedstat), read apart from the load generator's threads.
+//!
+//! | module | what lives there |
+//! |---|---|
+//! | `args` | the CLI and the settings derived from it |
+//! | [`upstream`] | sink / source / echo server (one mio loop) |
+//! | [`load`] | client connections: bulk, ping-pong, churn |
+//! | `engines` | spliced in-process, a `--target`, or `direct` |
+//! | `workloads` | the cases and one measured run of each |
+//! | `idle` | idle relays measured in a child process |
+//! | `measure` | /proc readers, medians and percentiles |
+//! | `report`, `floors`, `plot`, `sysinfo` | what is printed and drawn |
 
-/// Arguments of `spliced bench`.
-#[derive(clap::Args, Debug, Clone)]
-pub struct BenchArgs {}
+mod args;
+mod engines;
+mod floors;
+mod idle;
+pub mod load;
+mod measure;
+mod plot;
+mod report;
+mod sysinfo;
+pub mod upstream;
+mod workloads;
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::time::Instant;
+
+pub use args::{BenchArgs, Workload};
+
+use args::{EngineSpec, Settings};
+use engines::Engine;
+use report::{EngineInfo, Results};
+use workloads::CaseKind;
+
+/// A one-line progress display on stderr (a line per case when stderr is not a terminal).
+struct Progress {
+    total: usize,
+    done: usize,
+    tty: bool,
+    quiet: bool,
+    started: Instant,
+    last_case: String,
+}
+
+impl Progress {
+    fn step(&mut self, case: &str, engine: &str, run: usize, runs: usize) {
+        self.done += 1;
+        if self.quiet {
+            return;
+        }
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            let _ = write!(
+                err,
+                "\r\x1b[2K[{:>3}/{}] {:>4.1}s  {case} · {engine} · run {run}/{runs}",
+                self.done,
+                self.total,
+                self.started.elapsed().as_secs_f64()
+            );
+            let _ = err.flush();
+        } else if case != self.last_case {
+            let _ = writeln!(
+                err,
+                "spliced bench: {:>5.1}s [{}/{}] {case}",
+                self.started.elapsed().as_secs_f64(),
+                self.done,
+                self.total
+            );
+        }
+        self.last_case = case.to_string();
+    }
+
+    fn clear(&self) {
+        if self.tty && !self.quiet {
+            eprint!("\r\x1b[2K");
+        }
+    }
+}
 
 /// Runs the benchmark; returns the process exit code.
-pub fn run(_args: BenchArgs) -> std::process::ExitCode {
-    eprintln!("spliced bench: not built yet");
-    std::process::ExitCode::FAILURE
+pub fn run(args: BenchArgs) -> ExitCode {
+    if let Some(spec) = &args.idle_child {
+        return idle::child_main(spec, &args);
+    }
+    match run_bench(&args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("spliced bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_bench(args: &BenchArgs) -> Result<ExitCode, String> {
+    let mut settings = Settings::from_args(args);
+    let specs = args::engine_specs(args)?;
+    let several = specs
+        .iter()
+        .filter(|s| {
+            matches!(
+                s,
+                EngineSpec::Proxy {
+                    mode: crate::Mode::Splice,
+                    ..
+                }
+            )
+        })
+        .count()
+        > 1;
+    let mut notes = Vec::new();
+    if settings.workloads.contains(&Workload::Idle) {
+        let nofile = measure::raise_nofile(idle::fds_needed(settings.idle_relays));
+        let fit = idle::relays_that_fit(settings.idle_relays, nofile);
+        if fit < settings.idle_relays {
+            notes.push(format!(
+                "idle: the fd limit ({nofile}) allows {fit} of the {} relays asked; raise `ulimit -n` (hard) to measure them all",
+                settings.idle_relays
+            ));
+            settings.idle_relays = fit;
+        }
+    }
+    let up = upstream::Upstream::start(args.upstream).map_err(|e| {
+        format!(
+            "cannot start the embedded upstream on {}: {e}",
+            args.upstream
+        )
+    })?;
+    let mut engines = Vec::new();
+    for spec in &specs {
+        let e = Engine::start(spec, spec.label(several), up.addr(), &settings)?;
+        engines.push(e);
+    }
+    for e in &engines {
+        engines::check(e)?;
+    }
+    if let Some(cpu) = settings.pin_proxy {
+        let threads = engines.iter().filter(|e| e.mode().is_some()).count() * settings.workers;
+        if threads > 0 {
+            engines::pin_workers(cpu, threads)?;
+        }
+    }
+    let cases = workloads::cases(&settings);
+    let mut results = Results {
+        sys: sysinfo::collect(),
+        settings: settings.clone(),
+        engines: specs
+            .iter()
+            .zip(&engines)
+            .map(|(s, e)| EngineInfo::new(s, &e.label, e.addr))
+            .collect(),
+        cases: cases.clone(),
+        runs: BTreeMap::new(),
+        notes,
+        errors: Vec::new(),
+    };
+    let total: usize = cases
+        .iter()
+        .map(|c| match c.kind {
+            CaseKind::Idle { .. } => settings.idle_runs * engines.len(),
+            _ => settings.runs * engines.len(),
+        })
+        .sum();
+    let mut progress = Progress {
+        total,
+        done: 0,
+        tty: std::io::stderr().is_terminal(),
+        quiet: false,
+        started: Instant::now(),
+        last_case: String::new(),
+    };
+    for (ci, case) in cases.iter().enumerate() {
+        let title = format!("{} {}", case.workload.as_str(), case.name);
+        let runs = match case.kind {
+            CaseKind::Idle { .. } => settings.idle_runs,
+            _ => settings.runs,
+        };
+        let mut failed = vec![false; engines.len()];
+        for run in 0..runs {
+            for (ei, e) in engines.iter().enumerate() {
+                progress.step(&title, &e.label, run + 1, runs);
+                if failed[ei] {
+                    continue;
+                }
+                let once = || match case.kind {
+                    CaseKind::Bulk { conns, duplex } => {
+                        Some(workloads::bulk(e, &up, conns, duplex, &settings))
+                    }
+                    CaseKind::Rr { size } => Some(workloads::rr(e, &up, size, &settings)),
+                    CaseKind::Connect { threads } => {
+                        Some(workloads::connect(e, &up, threads, &settings))
+                    }
+                    CaseKind::Idle { relays } => idle::run(&e.spec, relays, &settings, up.addr()),
+                };
+                // One retry, so a hiccup of a busy machine does not fail the whole
+                // bench; it is reported in the notes all the same.
+                let r = match once() {
+                    Some(Err(first)) => {
+                        let again = once();
+                        if let Some(Ok(_)) = again {
+                            results.notes.push(format!(
+                                "{title} · {} run {}: failed once ({first}), the retry passed",
+                                e.label,
+                                run + 1
+                            ));
+                        }
+                        again
+                    }
+                    r => r,
+                };
+                match r {
+                    Some(Ok(f)) => results.runs.entry((ci, ei)).or_default().push(f),
+                    Some(Err(err)) => {
+                        failed[ei] = true;
+                        results.errors.push(format!("{title} · {}: {err}", e.label));
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+    progress.clear();
+    add_notes(&mut results, &engines);
+    for e in engines {
+        e.stop();
+    }
+    drop(up);
+    let floors = floors::check(&results);
+    if let Some(path) = &args.plot {
+        if let Err(e) = plot::draw(&results, path) {
+            results.errors.push(format!("plot: {e}"));
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    let text = if args.json {
+        results.to_json(&floors)
+    } else {
+        results.table(&floors)
+    };
+    let _ = writeln!(out, "{text}");
+    let _ = out.flush();
+    if !args.json {
+        eprintln!(
+            "spliced bench: done in {:.1} s",
+            progress.started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(if results.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Notes on what the figures cannot show by themselves.
+fn add_notes(r: &mut Results, engines: &[Engine]) {
+    for (ei, e) in engines.iter().enumerate() {
+        if e.mode() == Some(crate::Mode::Splice) {
+            let pct: Vec<f64> = (0..r.cases.len())
+                .filter_map(|ci| r.median(ci, ei, workloads::Metric::SplicedPct))
+                .collect();
+            if let Some(min) = pct.iter().copied().reduce(f64::min) {
+                if min < 99.0 {
+                    r.notes.push(format!(
+                        "{}: only {min:.1}% of the bytes of some case moved by splice; the rest fell back to copy",
+                        e.label
+                    ));
+                }
+            }
+            if let Some(s) = e.stats() {
+                if s.splice_fallbacks > 0 {
+                    r.notes.push(format!(
+                        "{}: {} directions fell back from splice to copy (no pipe, or splice refused)",
+                        e.label, s.splice_fallbacks
+                    ));
+                }
+            }
+        }
+        if e.is_target() && e.cpu().is_none() {
+            r.notes.push(format!(
+                "{}: no --target-pid, so its CPU, memory and pipes are not measured",
+                e.label
+            ));
+        }
+    }
+    if r.sys.root {
+        r.notes.push(
+            "running as root: pipe-user-pages-soft does not limit pipe sizes; benchmark as a user too (docs/BENCHMARKS.md)"
+                .into(),
+        );
+    }
 }

@@ -1,0 +1,389 @@
+//! Command-line arguments of `spliced bench` and the settings derived from them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::config::{parse_duration, parse_size};
+use crate::Mode;
+
+/// A workload family; each can be selected with `--workloads`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// Streaming: 1 and N connections one way, and both ways at once.
+    Bulk,
+    /// Request/response ping-pong across message sizes.
+    Rr,
+    /// New connection, one small exchange, close.
+    Connect,
+    /// Many open idle relays: the proxy's memory, fds and pipes per relay.
+    Idle,
+}
+
+impl Workload {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Workload::Bulk => "bulk",
+            Workload::Rr => "rr",
+            Workload::Connect => "connect",
+            Workload::Idle => "idle",
+        }
+    }
+}
+
+/// Arguments of `spliced bench`.
+#[derive(clap::Args, Debug, Clone)]
+#[command(
+    after_help = "The figures are the median of several runs, with the spread (largest \
+distance of a run from the median, in %). docs/BENCHMARKS.md explains how to read them."
+)]
+pub struct BenchArgs {
+    /// Workloads to run, comma-separated.
+    #[arg(long, short = 'w', value_enum, value_delimiter = ',',
+          default_values_t = [Workload::Bulk, Workload::Rr, Workload::Connect, Workload::Idle])]
+    pub workloads: Vec<Workload>,
+
+    /// Engines to compare, comma-separated: splice, copy, direct (no proxy), target (every
+    /// --target). Default: splice,copy,direct; with --target: direct,target.
+    #[arg(long, short = 'e', value_delimiter = ',', value_name = "ENGINE")]
+    pub engines: Vec<String>,
+
+    /// A short smoke run (under 10 s): fewer, shorter runs and 1000 idle relays.
+    #[arg(long)]
+    pub quick: bool,
+
+    /// Print the results as JSON on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Also draw throughput and CPU per GiB against rr message size into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+
+    /// Measure another running proxy that forwards to --upstream: [NAME=]HOST:PORT.
+    /// Repeat it to compare several proxies in one run.
+    #[arg(long, value_name = "[NAME=]HOST:PORT")]
+    pub target: Vec<String>,
+
+    /// PID of a --target proxy (the n-th --target-pid goes with the n-th --target): its
+    /// CPU time, memory and fds (with its child processes) are read from /proc.
+    #[arg(long, value_name = "PID")]
+    pub target_pid: Vec<u32>,
+
+    /// Where the embedded upstream (sink, source and echo server) listens; a --target
+    /// must forward there.
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:0")]
+    pub upstream: SocketAddr,
+
+    /// Pipe size of the splice engine; give several (e.g. 64k,256k,1m) to compare them
+    /// side by side as engines splice-64k, splice-256k, ... Default: the built-in default.
+    #[arg(long, value_delimiter = ',', value_parser = parse_size_arg, value_name = "SIZE")]
+    pub pipe_size: Vec<usize>,
+
+    /// Worker threads of the proxy under test.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+
+    /// Runs per figure (the median is reported). Default 5 (idle 3), --quick 3 (idle 1).
+    #[arg(long)]
+    pub runs: Option<usize>,
+
+    /// Measured time of one bulk, rr or connect run (e.g. 400ms). Default 250ms
+    /// (rr 150ms), --quick 50ms.
+    #[arg(long, value_parser = parse_duration_arg)]
+    pub duration: Option<Duration>,
+
+    /// Connections of the N-connection bulk cases. Default 8.
+    #[arg(long)]
+    pub conns: Option<usize>,
+
+    /// rr message sizes, comma-separated. Default 64,1k,16k,256k.
+    #[arg(long, value_delimiter = ',', value_parser = parse_size_arg, value_name = "SIZE")]
+    pub sizes: Vec<usize>,
+
+    /// Idle relays to open. Default 10000, --quick 1000.
+    #[arg(long)]
+    pub idle_relays: Option<usize>,
+
+    /// Pin the in-process proxy's worker threads to this CPU (runs taskset -p on them).
+    #[arg(long, value_name = "CPU")]
+    pub pin_proxy: Option<usize>,
+
+    /// Internal: run as the proxy process of an idle measurement.
+    #[arg(long, hide = true)]
+    pub idle_child: Option<String>,
+}
+
+fn parse_size_arg(s: &str) -> Result<usize, String> {
+    parse_size(s)
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s)?.ok_or_else(|| "the duration must be positive".to_string())
+}
+
+/// What to run, after defaults and --quick are applied.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Settings {
+    pub workloads: Vec<Workload>,
+    pub quick: bool,
+    pub runs: usize,
+    pub idle_runs: usize,
+    #[serde(serialize_with = "ser_secs")]
+    pub duration: Duration,
+    #[serde(serialize_with = "ser_secs")]
+    pub rr_duration: Duration,
+    #[serde(serialize_with = "ser_secs")]
+    pub warmup: Duration,
+    pub conns: usize,
+    pub connect_threads: usize,
+    pub sizes: Vec<usize>,
+    pub idle_relays: usize,
+    pub workers: usize,
+    pub pin_proxy: Option<usize>,
+}
+
+fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+impl Settings {
+    pub fn from_args(a: &BenchArgs) -> Settings {
+        let quick = a.quick;
+        let mut workloads = Vec::new();
+        for w in &a.workloads {
+            if !workloads.contains(w) {
+                workloads.push(*w);
+            }
+        }
+        let sizes = if a.sizes.is_empty() {
+            vec![64, 1 << 10, 16 << 10, 256 << 10]
+        } else {
+            a.sizes.clone()
+        };
+        let runs = a.runs.unwrap_or(if quick { 3 } else { 5 }).max(1);
+        Settings {
+            workloads,
+            quick,
+            runs,
+            idle_runs: if quick { 1 } else { runs.min(3) },
+            duration: a.duration.unwrap_or(if quick {
+                Duration::from_millis(50)
+            } else {
+                Duration::from_millis(250)
+            }),
+            rr_duration: a.duration.unwrap_or(if quick {
+                Duration::from_millis(50)
+            } else {
+                Duration::from_millis(150)
+            }),
+            warmup: if quick {
+                Duration::from_millis(20)
+            } else {
+                Duration::from_millis(80)
+            },
+            conns: a.conns.unwrap_or(8).max(1),
+            connect_threads: 2,
+            sizes,
+            idle_relays: a.idle_relays.unwrap_or(if quick { 1000 } else { 10_000 }),
+            workers: a.workers.max(1),
+            pin_proxy: a.pin_proxy,
+        }
+    }
+}
+
+/// One engine the load is run through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineSpec {
+    /// No proxy: the load talks to the embedded upstream.
+    Direct,
+    /// spliced in-process.
+    Proxy { mode: Mode, pipe_size: usize },
+    /// Another running proxy.
+    Target {
+        name: String,
+        addr: SocketAddr,
+        pid: Option<u32>,
+    },
+}
+
+impl EngineSpec {
+    pub fn label(&self, several_pipe_sizes: bool) -> String {
+        match self {
+            EngineSpec::Direct => "direct".into(),
+            EngineSpec::Proxy {
+                mode: Mode::Splice,
+                pipe_size,
+            } if several_pipe_sizes => format!("splice-{}", size_label(*pipe_size)),
+            EngineSpec::Proxy { mode, .. } => mode.as_str().into(),
+            EngineSpec::Target { name, .. } => name.clone(),
+        }
+    }
+}
+
+/// `65536` → `64k`, `1048576` → `1m`.
+pub fn size_label(n: usize) -> String {
+    if n >= 1 << 20 && n.trailing_zeros() >= 20 {
+        format!("{}m", n >> 20)
+    } else if n >= 1 << 10 && n.trailing_zeros() >= 10 {
+        format!("{}k", n >> 10)
+    } else {
+        n.to_string()
+    }
+}
+
+/// `64` → `64 B`, `16384` → `16 KiB`.
+pub fn size_human(n: usize) -> String {
+    if n >= 1 << 20 && n.trailing_zeros() >= 20 {
+        format!("{} MiB", n >> 20)
+    } else if n >= 1 << 10 && n.trailing_zeros() >= 10 {
+        format!("{} KiB", n >> 10)
+    } else {
+        format!("{n} B")
+    }
+}
+
+/// The engines to run, in order, from --engines, --target and --pipe-size.
+pub fn engine_specs(a: &BenchArgs) -> Result<Vec<EngineSpec>, String> {
+    let mut targets = Vec::new();
+    for (i, t) in a.target.iter().enumerate() {
+        let (name, addr) = match t.split_once('=') {
+            Some((n, rest)) if !n.is_empty() && !n.contains(':') => (n.to_string(), rest),
+            _ => (
+                if a.target.len() == 1 {
+                    "target".to_string()
+                } else {
+                    format!("target{}", i + 1)
+                },
+                t.as_str(),
+            ),
+        };
+        let addr = crate::config::resolve(addr)?[0];
+        targets.push(EngineSpec::Target {
+            name,
+            addr,
+            pid: a.target_pid.get(i).copied(),
+        });
+    }
+    if a.target_pid.len() > a.target.len() {
+        return Err("more --target-pid than --target".into());
+    }
+    let names: Vec<String> = if a.engines.is_empty() {
+        if targets.is_empty() {
+            vec!["splice".into(), "copy".into(), "direct".into()]
+        } else {
+            vec!["direct".into(), "target".into()]
+        }
+    } else {
+        a.engines
+            .iter()
+            .map(|s| s.trim().to_ascii_lowercase())
+            .collect()
+    };
+    let pipe_sizes = if a.pipe_size.is_empty() {
+        vec![crate::config::DEFAULT_PIPE_SIZE]
+    } else {
+        a.pipe_size.clone()
+    };
+    let mut out = Vec::new();
+    for n in &names {
+        let add: Vec<EngineSpec> = match n.as_str() {
+            "splice" => pipe_sizes
+                .iter()
+                .map(|&p| EngineSpec::Proxy {
+                    mode: Mode::Splice,
+                    pipe_size: p,
+                })
+                .collect(),
+            "copy" => vec![EngineSpec::Proxy {
+                mode: Mode::Copy,
+                pipe_size: pipe_sizes[0],
+            }],
+            "direct" => vec![EngineSpec::Direct],
+            "target" | "targets" => {
+                if targets.is_empty() {
+                    return Err("engine 'target' needs --target HOST:PORT".into());
+                }
+                targets.clone()
+            }
+            other => {
+                return Err(format!(
+                    "unknown engine '{other}' (expected splice, copy, direct or target)"
+                ))
+            }
+        };
+        for e in add {
+            if !out.contains(&e) {
+                out.push(e);
+            }
+        }
+    }
+    if !targets.is_empty() && !out.iter().any(|e| matches!(e, EngineSpec::Target { .. })) {
+        out.extend(targets);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn parse(args: &[&str]) -> BenchArgs {
+        Cli::parse_from(std::iter::once("bench").chain(args.iter().copied())).bench
+    }
+
+    #[test]
+    fn default_engines_and_sizes() {
+        let a = parse(&[]);
+        let specs = engine_specs(&a).unwrap();
+        assert_eq!(specs.len(), 3);
+        assert_eq!(specs[2], EngineSpec::Direct);
+        let s = Settings::from_args(&a);
+        assert_eq!(s.sizes, vec![64, 1024, 16384, 262144]);
+        assert_eq!(s.workloads.len(), 4);
+        assert!(Settings::from_args(&parse(&["--quick"])).duration < s.duration);
+    }
+
+    #[test]
+    fn targets_pipe_sizes_and_labels() {
+        let a = parse(&[
+            "--target",
+            "haproxy=127.0.0.1:8000",
+            "--target-pid",
+            "42",
+            "--target",
+            "127.0.0.1:8001",
+            "-e",
+            "splice,direct,target",
+            "--pipe-size",
+            "64k,1m",
+        ]);
+        let specs = engine_specs(&a).unwrap();
+        let labels: Vec<String> = specs.iter().map(|s| s.label(true)).collect();
+        assert_eq!(
+            labels,
+            ["splice-64k", "splice-1m", "direct", "haproxy", "target2"]
+        );
+        assert!(matches!(specs[3], EngineSpec::Target { pid: Some(42), .. }));
+        assert!(matches!(specs[4], EngineSpec::Target { pid: None, .. }));
+        assert!(engine_specs(&parse(&["-e", "bogus"])).is_err());
+        assert!(engine_specs(&parse(&["-e", "target"])).is_err());
+    }
+
+    #[test]
+    fn size_names() {
+        assert_eq!(size_label(65536), "64k");
+        assert_eq!(size_label(1 << 20), "1m");
+        assert_eq!(size_label(1000), "1000");
+        assert_eq!(size_human(64), "64 B");
+        assert_eq!(size_human(256 << 10), "256 KiB");
+    }
+}

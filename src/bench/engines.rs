@@ -1,0 +1,138 @@
+//! The engines under test: spliced in-process (splice or copy), another
+//! running proxy (`--target`), or no proxy at all (`direct`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::args::{EngineSpec, Settings};
+use super::measure;
+use crate::{Config, Mode, ProxyHandle, Stats};
+
+/// One engine, ready to take load.
+pub struct Engine {
+    pub spec: EngineSpec,
+    pub label: String,
+    /// Where the load connects.
+    pub addr: SocketAddr,
+    handle: Option<ProxyHandle>,
+}
+
+impl Engine {
+    /// Starts an in-process proxy for `Proxy` specs; the others need nothing started.
+    pub fn start(
+        spec: &EngineSpec,
+        label: String,
+        upstream: SocketAddr,
+        s: &Settings,
+    ) -> Result<Engine, String> {
+        let (addr, handle) = match spec {
+            EngineSpec::Direct => (upstream, None),
+            EngineSpec::Target { addr, .. } => (*addr, None),
+            EngineSpec::Proxy { mode, pipe_size } => {
+                let h = start_proxy(*mode, *pipe_size, s.workers, upstream)
+                    .map_err(|e| format!("{label}: cannot start spliced: {e}"))?;
+                let addr = h.local_addr();
+                (addr, Some(h))
+            }
+        };
+        Ok(Engine {
+            spec: spec.clone(),
+            label,
+            addr,
+            handle,
+        })
+    }
+
+    pub fn is_target(&self) -> bool {
+        matches!(self.spec, EngineSpec::Target { .. })
+    }
+
+    pub fn mode(&self) -> Option<Mode> {
+        match self.spec {
+            EngineSpec::Proxy { mode, .. } => Some(mode),
+            _ => None,
+        }
+    }
+
+    /// The proxy's CPU time so far, where it can be read.
+    pub fn cpu(&self) -> Option<Duration> {
+        if let Some(h) = &self.handle {
+            return Some(h.worker_cpu_time());
+        }
+        match self.spec {
+            EngineSpec::Target { pid: Some(pid), .. } => measure::process_cpu(pid),
+            _ => None,
+        }
+    }
+
+    /// Pipes the proxy holds for relays now (in-process: in use; a target: every pipe it has open).
+    pub fn pipes(&self) -> Option<u64> {
+        if let Some(h) = &self.handle {
+            return Some(h.stats().pipes_in_use);
+        }
+        match self.spec {
+            EngineSpec::Target { pid: Some(pid), .. } => {
+                measure::fds_and_pipes(Some(pid)).map(|(_, p)| p)
+            }
+            _ => None,
+        }
+    }
+
+    pub fn stats(&self) -> Option<Stats> {
+        self.handle.as_ref().map(|h| h.stats())
+    }
+
+    /// Stops an in-process proxy.
+    pub fn stop(mut self) {
+        if let Some(h) = self.handle.take() {
+            h.abort();
+            h.join();
+        }
+    }
+}
+
+/// Starts spliced in this process with one listener on an ephemeral loopback port.
+pub fn start_proxy(
+    mode: Mode,
+    pipe_size: usize,
+    workers: usize,
+    upstream: SocketAddr,
+) -> Result<ProxyHandle, crate::StartError> {
+    let listen: SocketAddr = ([127, 0, 0, 1], 0).into();
+    let mut cfg = Config::single(listen, vec![upstream], mode);
+    cfg.workers = workers;
+    cfg.pipe_size = pipe_size;
+    crate::start(cfg)
+}
+
+/// Pins every spliced worker thread of this process (named `spliced-w*`) to
+/// `cpu`, once `expected` of them are running (a new thread names itself).
+pub fn pin_workers(cpu: usize, expected: usize) -> Result<(), String> {
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let tids = measure::own_threads("spliced-w");
+        if tids.len() >= expected {
+            return measure::pin_threads(&tids, cpu);
+        }
+        if std::time::Instant::now() >= until {
+            return Err(format!(
+                "found {} of {expected} spliced worker threads to pin",
+                tids.len()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// One small echo exchange through the engine, so a wrong --target fails fast
+/// with a clear message instead of as a zero in the table.
+pub fn check(e: &Engine) -> Result<(), String> {
+    super::load::one_exchange(e.addr).map_err(|err| {
+        let hint = if e.is_target() {
+            " (is it running, and does it forward to --upstream?)"
+        } else {
+            ""
+        };
+        format!("{}: no echo through {}: {err}{hint}", e.label, e.addr)
+    })
+}

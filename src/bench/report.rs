@@ -1,0 +1,357 @@
+//! The results: medians over runs, ratios between engines, the terminal table
+//! and the JSON document.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use super::args::{EngineSpec, Settings};
+use super::floors::Floor;
+use super::measure::Summary;
+use super::sysinfo::SysInfo;
+use super::workloads::{Case, Figures, Metric};
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EngineInfo {
+    pub label: String,
+    /// spliced, direct or target.
+    pub kind: &'static str,
+    pub mode: Option<crate::Mode>,
+    pub pipe_size: Option<usize>,
+    pub addr: String,
+    pub pid: Option<u32>,
+}
+
+impl EngineInfo {
+    pub fn new(spec: &EngineSpec, label: &str, addr: std::net::SocketAddr) -> EngineInfo {
+        let (kind, mode, pipe_size, pid) = match spec {
+            EngineSpec::Direct => ("direct", None, None, None),
+            EngineSpec::Proxy { mode, pipe_size } => (
+                "spliced",
+                Some(*mode),
+                (*mode == crate::Mode::Splice).then_some(*pipe_size),
+                None,
+            ),
+            EngineSpec::Target { pid, .. } => ("target", None, None, *pid),
+        };
+        EngineInfo {
+            label: label.to_string(),
+            kind,
+            mode,
+            pipe_size,
+            addr: addr.to_string(),
+            pid,
+        }
+    }
+}
+
+/// Everything measured, before and after aggregation.
+pub struct Results {
+    pub sys: SysInfo,
+    pub settings: Settings,
+    pub engines: Vec<EngineInfo>,
+    pub cases: Vec<Case>,
+    /// (case, engine) → the figures of each run.
+    pub runs: BTreeMap<(usize, usize), Vec<Figures>>,
+    pub notes: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+/// A ratio row: numerator engine over denominator engine.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Ratio {
+    pub case: String,
+    pub metric: Metric,
+    pub numerator: String,
+    pub denominator: String,
+    /// numerator / denominator of the medians.
+    pub ratio: f64,
+    /// numerator − denominator of the medians (what a proxy adds, for latencies).
+    pub difference: f64,
+}
+
+#[derive(serde::Serialize)]
+struct JsonRow<'a> {
+    workload: &'a str,
+    case: &'a str,
+    engine: &'a str,
+    metric: Metric,
+    unit: &'static str,
+    median: f64,
+    min: f64,
+    max: f64,
+    spread_pct: f64,
+    runs: &'a [f64],
+}
+
+impl Results {
+    pub fn summary(&self, case: usize, engine: usize, m: Metric) -> Option<Summary> {
+        let runs = self.runs.get(&(case, engine))?;
+        let values: Vec<f64> = runs
+            .iter()
+            .filter_map(|f| f.iter().find(|(k, _)| *k == m).map(|(_, v)| *v))
+            .collect();
+        Summary::of(&values)
+    }
+
+    pub fn median(&self, case: usize, engine: usize, m: Metric) -> Option<f64> {
+        self.summary(case, engine, m).map(|s| s.median)
+    }
+
+    pub fn engine_index(&self, pred: impl Fn(&EngineInfo) -> bool) -> Vec<usize> {
+        (0..self.engines.len())
+            .filter(|&i| pred(&self.engines[i]))
+            .collect()
+    }
+
+    /// The splice engine the floors and ratios speak of: the default pipe size if
+    /// it was run, else the first splice engine.
+    pub fn main_splice(&self) -> Option<usize> {
+        let splices = self.engine_index(|e| e.mode == Some(crate::Mode::Splice));
+        splices
+            .iter()
+            .copied()
+            .find(|&i| self.engines[i].pipe_size == Some(crate::config::DEFAULT_PIPE_SIZE))
+            .or(splices.first().copied())
+    }
+
+    /// (numerator, denominator) pairs of the ratio rows: each splice engine over
+    /// copy, the main splice engine over each target, and spliced over direct
+    /// (every proxy over direct where latency is measured, to show what each adds).
+    fn ratio_pairs(&self, latency: bool) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        let splices = self.engine_index(|e| e.mode == Some(crate::Mode::Splice));
+        let copy = self.engine_index(|e| e.mode == Some(crate::Mode::Copy));
+        let direct = self.engine_index(|e| e.kind == "direct");
+        let targets = self.engine_index(|e| e.kind == "target");
+        if let Some(&c) = copy.first() {
+            out.extend(splices.iter().map(|&s| (s, c)));
+        }
+        if let Some(s) = self.main_splice() {
+            out.extend(targets.iter().map(|&t| (s, t)));
+        }
+        if let Some(&d) = direct.first() {
+            out.extend(
+                (0..self.engines.len())
+                    .filter(|&e| e != d && (latency || self.engines[e].kind != "target"))
+                    .map(|e| (e, d)),
+            );
+        }
+        out
+    }
+
+    pub fn ratios(&self) -> Vec<Ratio> {
+        let mut out = Vec::new();
+        for (ci, case) in self.cases.iter().enumerate() {
+            let latency = case.metrics().iter().any(|m| m.is_latency());
+            for (a, b) in self.ratio_pairs(latency) {
+                for &m in case.metrics() {
+                    if m.no_ratio() {
+                        continue;
+                    }
+                    if let (Some(x), Some(y)) = (self.median(ci, a, m), self.median(ci, b, m)) {
+                        out.push(Ratio {
+                            case: format!("{} {}", case.workload.as_str(), case.name),
+                            metric: m,
+                            numerator: self.engines[a].label.clone(),
+                            denominator: self.engines[b].label.clone(),
+                            ratio: if y != 0.0 { x / y } else { f64::NAN },
+                            difference: x - y,
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    pub fn to_json(&self, floors: &[Floor]) -> String {
+        let mut rows = Vec::new();
+        let mut sums = Vec::new();
+        for ci in 0..self.cases.len() {
+            for ei in 0..self.engines.len() {
+                let mut metrics: Vec<Metric> = self
+                    .runs
+                    .get(&(ci, ei))
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|f| f.iter().map(|(m, _)| *m))
+                    .collect();
+                metrics.sort();
+                metrics.dedup();
+                for m in metrics {
+                    if let Some(s) = self.summary(ci, ei, m) {
+                        sums.push((ci, ei, m, s));
+                    }
+                }
+            }
+        }
+        for (ci, ei, m, s) in &sums {
+            let case = &self.cases[*ci];
+            rows.push(JsonRow {
+                workload: case.workload.as_str(),
+                case: &case.name,
+                engine: &self.engines[*ei].label,
+                metric: *m,
+                unit: m.unit(),
+                median: s.median,
+                min: s.min,
+                max: s.max,
+                spread_pct: s.spread_pct(),
+                runs: &s.runs,
+            });
+        }
+        let doc = serde_json::json!({
+            "system": self.sys,
+            "settings": self.settings,
+            "engines": self.engines,
+            "cases": self.cases,
+            "results": rows,
+            "ratios": self.ratios().iter().filter(|r| r.ratio.is_finite()).collect::<Vec<_>>(),
+            "floors": floors,
+            "notes": self.notes,
+            "errors": self.errors,
+        });
+        serde_json::to_string_pretty(&doc).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    }
+
+    pub fn table(&self, floors: &[Floor]) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "spliced bench");
+        for l in self.sys.lines() {
+            let _ = writeln!(out, "  {l}");
+        }
+        let s = &self.settings;
+        let engines: Vec<String> = self
+            .engines
+            .iter()
+            .map(|e| match (e.pipe_size, e.pid) {
+                (Some(p), _) => format!("{} (pipe {})", e.label, super::args::size_human(p)),
+                (_, Some(pid)) => format!("{} ({} pid {pid})", e.label, e.addr),
+                _ if e.kind == "target" => format!("{} ({}, CPU unknown)", e.label, e.addr),
+                _ => e.label.clone(),
+            })
+            .collect();
+        let _ = writeln!(out, "  engines   {}", engines.join(", "));
+        let pin = s
+            .pin_proxy
+            .map_or(String::new(), |c| format!(", workers pinned to CPU {c}"));
+        let _ = writeln!(
+            out,
+            "  runs      median of {} runs (idle {}) of {} ms, rr {} ms (±: largest distance of a run \
+             from the median); spliced: {} worker(s){pin}",
+            s.runs,
+            s.idle_runs,
+            s.duration.as_millis(),
+            s.rr_duration.as_millis(),
+            s.workers
+        );
+        let labels = self
+            .engines
+            .iter()
+            .map(|e| e.label.len())
+            .max()
+            .unwrap_or(6);
+        let titles = self
+            .cases
+            .iter()
+            .map(|c| c.workload.as_str().len() + c.name.chars().count() + 5)
+            .max()
+            .unwrap_or(0);
+        let name_w = (labels * 2 + 13).max(titles).max(24);
+        let col_w = 15;
+        let ratios = self.ratios();
+        for (ci, case) in self.cases.iter().enumerate() {
+            let metrics = case.metrics();
+            out.push('\n');
+            let title = format!("{} — {}", case.workload.as_str(), case.name);
+            let _ = write!(out, "{title:<name_w$}");
+            for m in metrics {
+                let _ = write!(out, "{:>col_w$}", m.header());
+            }
+            out.push('\n');
+            if !(0..self.engines.len()).any(|ei| self.runs.contains_key(&(ci, ei))) {
+                let _ = writeln!(
+                    out,
+                    "  (no engine measured: see the errors, or no proxy to measure)"
+                );
+            }
+            for (ei, e) in self.engines.iter().enumerate() {
+                if !self.runs.contains_key(&(ci, ei)) {
+                    continue;
+                }
+                let _ = write!(out, "  {:<w$}", e.label, w = name_w - 2);
+                for &m in metrics {
+                    let cell = self.summary(ci, ei, m).map_or("—".to_string(), |sm| {
+                        let v = format!("{:.*}", m.decimals(sm.median), sm.median);
+                        if sm.runs.len() > 1 && !m.no_ratio() {
+                            format!("{v} ±{:.0}%", sm.spread_pct())
+                        } else {
+                            v
+                        }
+                    });
+                    let _ = write!(out, "{cell:>col_w$}");
+                }
+                out.push('\n');
+            }
+            let key = format!("{} {}", case.workload.as_str(), case.name);
+            let mut pairs: Vec<(String, String)> = Vec::new();
+            for r in ratios.iter().filter(|r| r.case == key) {
+                let p = (r.numerator.clone(), r.denominator.clone());
+                if !pairs.contains(&p) {
+                    pairs.push(p);
+                }
+            }
+            for (a, b) in pairs {
+                let vs_direct = b == "direct";
+                let label = if vs_direct {
+                    format!("{a} vs direct")
+                } else {
+                    format!("{a}/{b}")
+                };
+                let _ = write!(out, "  {label:<w$}", w = name_w - 2);
+                for &m in metrics {
+                    let r = ratios.iter().find(|r| {
+                        r.case == key && r.metric == m && r.numerator == a && r.denominator == b
+                    });
+                    let cell = match r {
+                        None => String::new(),
+                        Some(r) if vs_direct && m.is_latency() => format!("{:+.1}", r.difference),
+                        Some(r) if r.ratio.is_finite() => format!("{:.2}×", r.ratio),
+                        Some(_) => "—".into(),
+                    };
+                    let _ = write!(out, "{cell:>col_w$}");
+                }
+                out.push('\n');
+            }
+        }
+        if !floors.is_empty() {
+            out.push_str("\nfloors (issue 3)\n");
+            for f in floors {
+                let mark = match f.met {
+                    Some(true) => "met   ",
+                    Some(false) => "MISSED",
+                    None => "n/a   ",
+                };
+                let _ = writeln!(out, "  {mark}  {}: {}", f.name, f.detail);
+            }
+        }
+        if !self.notes.is_empty() {
+            out.push_str("\nnotes\n");
+            for n in &self.notes {
+                let _ = writeln!(out, "  - {n}");
+            }
+        }
+        if !self.errors.is_empty() {
+            out.push_str("\nerrors\n");
+            for e in &self.errors {
+                let _ = writeln!(out, "  - {e}");
+            }
+        }
+        out.push_str(
+            "\nGB/s: payload bytes delivered per second (both directions summed for 'both ways' and rr). \
+             CPU s/GiB: the proxy's own CPU seconds per GiB it moved. \
+             'vs direct' rows: ratios, and for latencies the µs the proxy adds.\n",
+        );
+        out
+    }
+}
