@@ -12,7 +12,7 @@
 //! | `relay` | a relay = two `Direction`s; the pure per-direction state machine |
 //! | `engine` | the one transfer interface: splice (pipe) and copy (buffer), and their pools |
 //! | `timer` | coarse deadlines with lazy re-arm |
-//! | `sys` | the only `unsafe`: pipe2, splice, fcntl pipe size, rlimits |
+//! | `sys` | the OS boundary, the one module allowed raw syscalls: pipe2, splice, fcntl pipe size, rlimits |
 //! | [`stats`] | per-worker counters and close reasons |
 //! | [`bench`] | `spliced bench`: the self-contained benchmark |
 #![deny(unsafe_code)]

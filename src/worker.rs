@@ -259,11 +259,7 @@ impl Worker {
     fn pause_accepting(&mut self, now: Instant, e: &io::Error) {
         self.accept_paused_until = Some(now + ACCEPT_PAUSE);
         WorkerCounters::add(&self.counters.accept_pauses, 1);
-        if self
-            .last_accept_warning
-            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
-        {
-            self.last_accept_warning = Some(now);
+        if self.may_warn_about_accepting(now) {
             tracing::warn!(
                 worker = self.index,
                 error = %e,
@@ -280,11 +276,7 @@ impl Worker {
     fn reach_relay_cap(&mut self, now: Instant) {
         self.accept_paused_until = Some(now + CAP_RECHECK);
         WorkerCounters::add(&self.counters.accept_pauses, 1);
-        if self
-            .last_accept_warning
-            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
-        {
-            self.last_accept_warning = Some(now);
+        if self.may_warn_about_accepting(now) {
             tracing::warn!(
                 worker = self.index,
                 relays = self.relays.len(),
@@ -292,6 +284,17 @@ impl Worker {
                 "relay limit reached (from the fd limit or --max-conns): new connections wait in the listen backlog"
             );
         }
+    }
+
+    /// Accept-pause warnings are logged at most once a second per worker.
+    fn may_warn_about_accepting(&mut self, now: Instant) -> bool {
+        let due = self
+            .last_accept_warning
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+        if due {
+            self.last_accept_warning = Some(now);
+        }
+        due
     }
 
     fn resume_accepting(&mut self, now: Instant) {

@@ -335,29 +335,18 @@ impl Relay {
             .as_millis() as u64;
         let engine_c2u = self.engine_label(Side::Client);
         let engine_u2c = self.engine_label(Side::Upstream);
-        match error {
-            Some(e) => tracing::info!(
-                upstream = %self.upstream_addr,
-                bytes_c2u = self.c2u.bytes_out(),
-                bytes_u2c = self.u2c.bytes_out(),
-                duration_ms,
-                engine_c2u = %engine_c2u,
-                engine_u2c = %engine_u2c,
-                reason = %reason,
-                error = %e,
-                "relay closed"
-            ),
-            None => tracing::info!(
-                upstream = %self.upstream_addr,
-                bytes_c2u = self.c2u.bytes_out(),
-                bytes_u2c = self.u2c.bytes_out(),
-                duration_ms,
-                engine_c2u = %engine_c2u,
-                engine_u2c = %engine_u2c,
-                reason = %reason,
-                "relay closed"
-            ),
-        }
+        tracing::info!(
+            upstream = %self.upstream_addr,
+            bytes_c2u = self.c2u.bytes_out(),
+            bytes_u2c = self.u2c.bytes_out(),
+            duration_ms,
+            engine_c2u = %engine_c2u,
+            engine_u2c = %engine_u2c,
+            reason = %reason,
+            // Recorded only when there is one: `None` adds no field.
+            error = error.map(tracing::field::display),
+            "relay closed"
+        );
     }
 
     /// The engine a direction ended with (`splice`, `copy`, or `copy` after a
