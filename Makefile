@@ -54,7 +54,10 @@ fuzz-smoke:
 # What .ci/run calls after `make test`. The fuzz corpus already runs as a
 # regression test inside `make test` (fuzzing::tests::seed_corpus_passes);
 # `make fuzz-smoke` adds a 10 s cargo-fuzz run per target (≈8 min cold).
-ci: e2e faults scale
+# scale runs first: it opens 9 000 relays at once and measures fd and RSS
+# baselines, so it starts before the other suites leave sockets behind
+# (TIME_WAIT, TCP memory).
+ci: scale e2e faults
 	SOAK_SECS=120 bash scripts/soak.sh
 
 clean:

@@ -324,9 +324,16 @@ impl Worker {
         let _ = client.set_nodelay(true);
         let first = upstream::first_index(&runtime);
         let mut attempt = 0;
+        let mut last_error = None;
         let (upstream, upstream_addr) = loop {
             let Some(server) = upstream::server(&runtime, first, attempt) else {
-                tracing::info!(client = %addr, reason = %CloseReason::ConnectFailed, "relay closed");
+                let error = last_error.map(|e| RelayError::new(Side::Upstream, Op::Connect, e));
+                tracing::info!(
+                    client = %addr,
+                    reason = %CloseReason::ConnectFailed,
+                    error = error.as_ref().map(tracing::field::display),
+                    "relay closed"
+                );
                 self.counters.closed(CloseReason::ConnectFailed);
                 return;
             };
@@ -337,6 +344,7 @@ impl Worker {
                     if out_of_fds(&e) {
                         self.pause_accepting(now, &e);
                     }
+                    last_error = Some(e);
                     attempt += 1;
                 }
             }
