@@ -51,20 +51,6 @@ log "work dir $FL_DIR"
 
 want() { [[ $1 =~ $ONLY ]]; }
 
-# fd_kinds PID -> "sockets pipes other"
-fd_kinds() {
-    ls -l "/proc/$1/fd" 2>/dev/null | awk 'NR>1{ if ($NF ~ /^socket:/) s++; else if ($NF ~ /^pipe:/) p++; else o++ }
-        END { printf "%d %d %d\n", s, p, o }'
-}
-# fds_back PID "BASE_SOCK BASE_PIPE BASE_OTHER": sockets and other fds exactly
-# back, pipes at most the base plus what the idle pools may keep.
-fds_back() {
-    local cur base
-    read -r -a cur <<<"$(fd_kinds "$1")"
-    read -r -a base <<<"$2"
-    [ "${cur[0]}" -le "${base[0]}" ] && [ "${cur[2]}" -le "${base[2]}" ] &&
-        [ "${cur[1]}" -le $((base[1] + POOL_SLACK)) ]
-}
 
 # progress_ok ERRFILE ESTABLISHED MIN_VERIFIED: loadgen's last progress line.
 progress_ok() {

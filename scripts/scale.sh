@@ -74,18 +74,7 @@ NUP=$((N / 10000 + 1))
 log "user $SP_AS, spliced hard fd limit $HARD -> $N relays (2 sockets each, $SLACK_FDS fds slack for pipes/listeners); loadgen limit $MY_HARD"
 log "pipe-user-pages-soft=$(cat /proc/sys/fs/pipe-user-pages-soft) pipe-max-size=$(cat /proc/sys/fs/pipe-max-size) work dir $FL_DIR"
 
-fd_kinds() {
-    ls -l "/proc/$1/fd" 2>/dev/null | awk 'NR>1{ if ($NF ~ /^socket:/) s++; else if ($NF ~ /^pipe:/) p++; else o++ }
-        END { printf "%d %d %d\n", s, p, o }'
-}
 POOL_SLACK=$((2 * 64 * WORKERS))
-fds_back() {
-    local cur base
-    read -r -a cur <<<"$(fd_kinds "$1")"
-    read -r -a base <<<"$2"
-    [ "${cur[0]}" -le "${base[0]}" ] && [ "${cur[2]}" -le "${base[2]}" ] &&
-        [ "${cur[1]}" -le $((base[1] + POOL_SLACK)) ]
-}
 sockets_at_least() { [ "$(fd_kinds "$1" | cut -d' ' -f1)" -ge "$2" ]; }
 rss_back() { [ "$(rss_kb "$1")" -le $(($2 + RSS_SLACK_KB)) ]; }
 

@@ -39,17 +39,6 @@ PER_MODE=$((SOAK_SECS / nmodes))
 [ "$PER_MODE" -lt 10 ] && PER_MODE=10
 log "soak ${SOAK_SECS}s: ${PER_MODE}s per mode ($MODES), $CONC concurrent relays, work dir $FL_DIR"
 
-fd_kinds() {
-    ls -l "/proc/$1/fd" 2>/dev/null | awk 'NR>1{ if ($NF ~ /^socket:/) s++; else if ($NF ~ /^pipe:/) p++; else o++ }
-        END { printf "%d %d %d\n", s, p, o }'
-}
-fds_back() {
-    local cur base
-    read -r -a cur <<<"$(fd_kinds "$1")"
-    read -r -a base <<<"$2"
-    [ "${cur[0]}" -le "${base[0]}" ] && [ "${cur[2]}" -le "${base[2]}" ] &&
-        [ "${cur[1]}" -le $((base[1] + POOL_SLACK)) ]
-}
 sum_json() { # FIELD FILES... : sum of a field over loadgen summaries
     local k=$1
     shift
