@@ -66,10 +66,12 @@ impl Default for Timeouts {
     }
 }
 
-/// One listening address and where its connections go.
+/// One listener: the addresses it accepts on and where its connections go.
 #[derive(Clone, Debug)]
 pub struct ListenerConfig {
-    pub listen: SocketAddr,
+    /// Every address is bound by every worker; `:PORT` yields both the IPv4
+    /// and the IPv6 wildcard, and a host name every address it resolves to.
+    pub listen: Vec<SocketAddr>,
     /// Tried round-robin per accepted connection; a failed connect tries the next.
     pub upstreams: Vec<SocketAddr>,
     pub mode: Mode,
@@ -79,7 +81,7 @@ pub struct ListenerConfig {
 impl ListenerConfig {
     pub fn new(listen: SocketAddr, upstreams: Vec<SocketAddr>, mode: Mode) -> Self {
         ListenerConfig {
-            listen,
+            listen: vec![listen],
             upstreams,
             mode,
             timeouts: Timeouts::default(),
@@ -145,8 +147,11 @@ impl Config {
             if l.upstreams.is_empty() {
                 return Err(ConfigError(format!(
                     "listener {} has no upstream (give at least one --upstream)",
-                    l.listen
+                    display_addrs(&l.listen)
                 )));
+            }
+            if l.listen.is_empty() {
+                return Err(ConfigError("a listener has no address".into()));
             }
         }
         if self.workers == 0 {
@@ -272,6 +277,37 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("'{text}' is too large"))
 }
 
+/// `a, b, c` for log lines and errors.
+pub fn display_addrs(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(SocketAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Resolves a listen address. Besides what [`resolve`] takes, `:PORT` (and
+/// `*:PORT`) means every address, IPv4 and IPv6, as HAProxy and nginx users
+/// write it. A name is bound on every address it resolves to.
+pub fn resolve_listen(text: &str) -> Result<Vec<SocketAddr>, String> {
+    let wildcard_port = text
+        .strip_prefix(':')
+        .or_else(|| text.strip_prefix("*:"));
+    if let Some(port) = wildcard_port {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("'{text}' has no valid port (expected :PORT, e.g. :6432)"))?;
+        return Ok(vec![
+            SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)),
+            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)),
+        ]);
+    }
+    let mut addrs = resolve(text)?;
+    let mut seen = std::collections::HashSet::new();
+    addrs.retain(|a| seen.insert(*a));
+    Ok(addrs)
+}
+
 /// Resolves `host:port` (or `ip:port`, or `[v6]:port`) to addresses.
 pub fn resolve(text: &str) -> Result<Vec<SocketAddr>, String> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
@@ -332,6 +368,20 @@ mod tests {
         assert!(resolve("[::1]:80").is_ok());
         assert!(resolve("nonsense").is_err());
         assert!(resolve("127.0.0.1:notaport").is_err());
+    }
+
+    #[test]
+    fn listen_addresses() {
+        let all = resolve_listen(":6432").unwrap();
+        assert_eq!(all.len(), 2);
+        assert!(all.iter().all(|a| a.ip().is_unspecified() && a.port() == 6432));
+        assert!(all[0].is_ipv4() && all[1].is_ipv6());
+        assert_eq!(resolve_listen("*:5").unwrap().len(), 2);
+        assert!(resolve_listen(":").is_err());
+        assert!(resolve_listen(":99999").is_err());
+        assert_eq!(resolve_listen("127.0.0.1:7").unwrap().len(), 1);
+        let local = resolve_listen("localhost:7").unwrap();
+        assert!(!local.is_empty() && local.iter().all(|a| a.ip().is_loopback()));
     }
 
     #[test]

@@ -77,7 +77,7 @@ fn duration(text: &str) -> Result<Limit, String> {
 
 impl RunArgs {
     fn into_config(self) -> Result<Config, String> {
-        let listen = config::resolve(&self.listen).map_err(|e| format!("--listen: {e}"))?[0];
+        let listen = config::resolve_listen(&self.listen).map_err(|e| format!("--listen: {e}"))?;
         let mut upstreams = Vec::new();
         for u in &self.upstreams {
             upstreams.extend(config::resolve(u).map_err(|e| format!("--upstream: {e}"))?);
@@ -85,8 +85,9 @@ impl RunArgs {
         if upstreams.is_empty() {
             return Err("no upstream: give at least one --upstream HOST:PORT".into());
         }
-        let mut config = Config::single(listen, upstreams, self.mode);
+        let mut config = Config::single(listen[0], upstreams, self.mode);
         config.listeners[0] = ListenerConfig {
+            listen,
             timeouts: Timeouts {
                 idle: self.idle_timeout.0,
                 fin: self.fin_timeout.0,

@@ -77,7 +77,7 @@ pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
     let config = Arc::new(config);
     let control = Arc::new(Control::default());
     let bound = worker::bind_listeners(&config)?;
-    let local_addrs = bound.local_addrs.clone();
+    let local_addrs: Vec<SocketAddr> = bound.local_addrs.iter().map(|(_, a)| *a).collect();
     let mut workers = Vec::with_capacity(config.workers);
     for (index, listeners) in bound.per_worker.into_iter().enumerate() {
         let counters = Arc::new(WorkerCounters::default());
@@ -107,7 +107,8 @@ pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
             tid,
         });
     }
-    for (addr, listener) in local_addrs.iter().zip(&config.listeners) {
+    for (index, addr) in &bound.local_addrs {
+        let listener = &config.listeners[*index];
         tracing::info!(
             upstreams = ?listener.upstreams,
             mode = %listener.mode,
@@ -142,7 +143,7 @@ impl ProxyHandle {
         self.local_addrs[0]
     }
 
-    /// Bound addresses, one per configured listener, in config order.
+    /// Every bound address, in config order (a listener may have several).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
     }

@@ -46,29 +46,51 @@ const SLAB_KEEP: usize = 1024;
 
 /// Listeners bound for every worker, before any worker starts.
 pub(crate) struct Bound {
-    pub(crate) local_addrs: Vec<SocketAddr>,
+    /// Every bound address with the index of its listener, in config order.
+    pub(crate) local_addrs: Vec<(usize, SocketAddr)>,
     pub(crate) per_worker: Vec<Vec<(TcpListener, Arc<ListenerRuntime>)>>,
 }
 
-/// Binds each listener once per worker with SO_REUSEPORT. The first bind
-/// resolves port 0, the others reuse the concrete port.
+/// Binds each listener address once per worker with SO_REUSEPORT, so the
+/// kernel spreads accepts. The first bind resolves port 0, the others reuse
+/// the concrete port.
+///
+/// SO_REUSEPORT alone would let a second spliced (or anything else that set
+/// it) share a port and take half its connections. So each address is first
+/// claimed by a probe socket without SO_REUSEPORT: its bind fails with
+/// EADDRINUSE while any other process listens there, whatever options that
+/// process set. The probe stays bound, not listening, until the workers'
+/// sockets listen; SO_REUSEADDR on both lets them coexist.
 pub(crate) fn bind_listeners(config: &Config) -> Result<Bound, StartError> {
     let mut per_worker: Vec<Vec<_>> = (0..config.workers).map(|_| Vec::new()).collect();
     let mut local_addrs = Vec::new();
-    for listener in &config.listeners {
+    for (index, listener) in config.listeners.iter().enumerate() {
         let runtime = Arc::new(ListenerRuntime {
             config: listener.clone(),
             next_upstream: AtomicUsize::new(0),
         });
-        let mut addr = listener.listen;
-        for sockets in per_worker.iter_mut() {
-            let socket = bind_one(addr).map_err(|e| StartError::Listen(listener.listen, e))?;
-            addr = socket
-                .local_addr()
-                .map_err(|e| StartError::Listen(listener.listen, e))?;
-            sockets.push((socket, Arc::clone(&runtime)));
+        let dual_family = listener.listen.iter().any(|a| a.is_ipv4());
+        for &asked in &listener.listen {
+            let fail = |e| StartError::Listen(asked, e);
+            let probe = match claim(asked, dual_family) {
+                Ok(probe) => probe,
+                Err(e) if asked.is_ipv6() && asked.ip().is_unspecified() && no_ipv6(&e) && dual_family => {
+                    tracing::warn!(address = %asked, error = %e, "IPv6 is not available here; listening on IPv4 only");
+                    continue;
+                }
+                Err(e) => return Err(fail(e)),
+            };
+            let addr = probe.local_addr().and_then(|a| {
+                a.as_socket()
+                    .ok_or_else(|| io::Error::other("bound address is not an IP address"))
+            });
+            let addr = addr.map_err(fail)?;
+            for sockets in per_worker.iter_mut() {
+                let socket = bind_one(addr, dual_family).map_err(fail)?;
+                sockets.push((socket, Arc::clone(&runtime)));
+            }
+            local_addrs.push((index, addr));
         }
-        local_addrs.push(addr);
     }
     Ok(Bound {
         local_addrs,
@@ -76,15 +98,40 @@ pub(crate) fn bind_listeners(config: &Config) -> Result<Bound, StartError> {
     })
 }
 
-fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
+fn new_socket(addr: SocketAddr, v6_only: bool) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() && v6_only {
+        // Beside an IPv4 address of the same listener, `[::]` must not claim
+        // IPv4 too, or the two binds would collide.
+        socket.set_only_v6(true)?;
+    }
     socket.set_reuse_address(true)?;
+    socket.set_cloexec(true)?;
+    Ok(socket)
+}
+
+/// Binds without SO_REUSEPORT to find out whether the address is free.
+fn claim(addr: SocketAddr, v6_only: bool) -> io::Result<Socket> {
+    let socket = new_socket(addr, v6_only)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+fn bind_one(addr: SocketAddr, v6_only: bool) -> io::Result<TcpListener> {
+    let socket = new_socket(addr, v6_only)?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
-    socket.set_cloexec(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(TcpListener::from_std(socket.into()))
+}
+
+/// The host has no IPv6 (disabled, or no such address family).
+fn no_ipv6(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
+    )
 }
 
 struct ListenerSlot {
