@@ -28,6 +28,7 @@ mod relay;
 pub mod stats;
 pub mod sys;
 mod timer;
+mod token;
 mod upstream;
 mod worker;
 

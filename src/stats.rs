@@ -24,10 +24,13 @@ pub enum CloseReason {
     ConnectFailed,
     /// The drain timeout ran out during shutdown.
     Shutdown,
+    /// The proxy itself failed (no buffer, the event loop); both sides
+    /// were reset.
+    Internal,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 7] = [
+    pub const ALL: [CloseReason; 8] = [
         CloseReason::Eof,
         CloseReason::Idle,
         CloseReason::FinTimeout,
@@ -35,6 +38,7 @@ impl CloseReason {
         CloseReason::UpstreamReset,
         CloseReason::ConnectFailed,
         CloseReason::Shutdown,
+        CloseReason::Internal,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -46,6 +50,7 @@ impl CloseReason {
             CloseReason::UpstreamReset => "upstream-reset",
             CloseReason::ConnectFailed => "connect-failed",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Internal => "internal-error",
         }
     }
 
@@ -76,7 +81,9 @@ pub struct WorkerCounters {
     /// Times accept was paused because the process or system ran out of fds.
     pub accept_pauses: AtomicU64,
     pub upstream_connect_failures: AtomicU64,
-    closed: [AtomicU64; 7],
+    /// Entries in the worker's deadline heap (live and not yet swept).
+    pub timer_entries: AtomicU64,
+    closed: [AtomicU64; CloseReason::ALL.len()],
 }
 
 impl WorkerCounters {
@@ -107,8 +114,9 @@ pub struct Stats {
     pub buffers_in_use: u64,
     pub accept_pauses: u64,
     pub upstream_connect_failures: u64,
+    pub timer_entries: u64,
     /// Relays closed, by reason (indexed like [`CloseReason::ALL`]).
-    pub closed: [u64; 7],
+    pub closed: [u64; CloseReason::ALL.len()],
 }
 
 impl Stats {
@@ -134,6 +142,7 @@ impl Stats {
             s.buffers_in_use += w.buffers_in_use.load(Relaxed);
             s.accept_pauses += w.accept_pauses.load(Relaxed);
             s.upstream_connect_failures += w.upstream_connect_failures.load(Relaxed);
+            s.timer_entries += w.timer_entries.load(Relaxed);
             for (sum, c) in s.closed.iter_mut().zip(&w.closed) {
                 *sum += c.load(Relaxed);
             }

@@ -47,7 +47,11 @@ impl Timers {
         }
     }
 
-    #[cfg(test)]
+    /// Keeps only the entries `live` accepts.
+    pub(crate) fn retain(&mut self, mut live: impl FnMut(&Entry) -> bool) {
+        self.heap.retain(|Reverse(e)| live(e));
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.heap.len()
     }

@@ -33,15 +33,38 @@ pub(crate) fn start_connect(addr: SocketAddr) -> io::Result<TcpStream> {
     TcpStream::connect(addr)
 }
 
-/// `Ok(true)` once connected, `Ok(false)` while still connecting (a spurious
-/// wakeup), `Err` when the connect failed.
-pub(crate) fn connect_result(stream: &TcpStream) -> io::Result<bool> {
-    if let Some(e) = stream.take_error()? {
-        return Err(e);
+/// Where a non-blocking connect stands.
+#[derive(Debug)]
+pub(crate) enum Connect {
+    /// Still in the handshake (a spurious wakeup).
+    Pending,
+    Established,
+    /// The handshake completed, then the server reset the connection before
+    /// the connect event was handled: a connection that failed, not a
+    /// failed connect, so it must not fail over.
+    Lost(io::Error),
+    /// The handshake failed (refused, unreachable, timed out): try the next
+    /// server.
+    Failed(io::Error),
+}
+
+/// Reads a connect's outcome after an event on its socket.
+pub(crate) fn connect_result(stream: &TcpStream) -> Connect {
+    match stream.take_error() {
+        Ok(Some(e)) | Err(e) if established_then_lost(&e) => return Connect::Lost(e),
+        Ok(Some(e)) | Err(e) => return Connect::Failed(e),
+        Ok(None) => {}
     }
     match stream.peer_addr() {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
-        Err(e) => Err(e),
+        Ok(_) => Connect::Established,
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Connect::Pending,
+        Err(e) => Connect::Failed(e),
     }
+}
+
+/// Errors a socket only gets after its handshake completed: a reset (a
+/// reset during the handshake reads as ECONNREFUSED) or a write to a closed
+/// connection.
+fn established_then_lost(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ECONNRESET) | Some(libc::EPIPE))
 }

@@ -5,8 +5,10 @@
 //! list), record readiness and pump the relays it concerns, run relays that
 //! ran out of budget last time, then expire due deadlines.
 //!
-//! Tokens: relay slab key `k` owns `2k` (client) and `2k + 1` (upstream);
-//! listeners count down from [`LISTENER_BASE`]; the waker is `usize::MAX`.
+//! Tokens are made and read in `token`: a relay's carry its slab key and its
+//! id, so an event meant for a relay that closed earlier in the same batch
+//! never reaches a new relay in the same slot. Deferred work (the ready
+//! list, the timers) holds the same key + id pair.
 //!
 //! The writable invariant: readiness is remembered per direction and only
 //! cleared by WouldBlock, so any code that leaves bytes pending still gets
@@ -14,12 +16,12 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Interest, Poll, Waker};
 use slab::Slab;
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -30,19 +32,54 @@ use crate::proxy::Control;
 use crate::relay::{Expiry, ListenerRuntime, Next, Relay};
 use crate::stats::{CloseReason, WorkerCounters};
 use crate::timer::Timers;
-use crate::upstream;
+use crate::token::{self, Owner, RelayRef};
+use crate::upstream::{self, Connect};
 
-const WAKER: Token = Token(usize::MAX);
-const LISTENER_BASE: usize = usize::MAX / 2;
 /// Connections accepted per listener per wakeup before serving others.
 const ACCEPT_BUDGET: usize = 128;
 /// How long accepting pauses after EMFILE/ENFILE.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 const LISTEN_BACKLOG: i32 = 4096;
+/// What a relay's sockets are registered for. PRIORITY (EPOLLPRI) reports
+/// urgent data, at whose mark splice stalls.
+const RELAY_INTEREST: Interest = Interest::READABLE
+    .add(Interest::WRITABLE)
+    .add(Interest::PRIORITY);
 /// At the relay cap, how often to look whether another worker freed room.
 const CAP_RECHECK: Duration = Duration::from_millis(20);
 /// Relay slots kept allocated when a worker becomes idle.
 const SLAB_KEEP: usize = 1024;
+/// Stale deadline entries a worker tolerates beyond two per live relay
+/// before it sweeps them out (closed relays leave theirs behind).
+const TIMER_SLACK: usize = 1024;
+/// At most one warning a second per worker for each kind of trouble.
+const WARN_EVERY: Duration = Duration::from_secs(1);
+
+/// Relay ids are unique in the process, across workers.
+static NEXT_RELAY_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Lets a warning through at most once per [`WARN_EVERY`], and counts the
+/// ones held back so the next line can say how many.
+#[derive(Debug, Default)]
+struct WarnLimit {
+    last: Option<Instant>,
+    held_back: u64,
+}
+
+impl WarnLimit {
+    /// `Some(held back since the last warning)` when one may be logged now.
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|t| now.saturating_duration_since(t) < WARN_EVERY)
+        {
+            self.held_back += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held_back))
+    }
+}
 
 /// Listeners bound for every worker, before any worker starts.
 pub(crate) struct Bound {
@@ -74,7 +111,12 @@ pub(crate) fn bind_listeners(config: &Config) -> Result<Bound, StartError> {
             let fail = |e| StartError::Listen(asked, e);
             let probe = match claim(asked, dual_family) {
                 Ok(probe) => probe,
-                Err(e) if asked.is_ipv6() && asked.ip().is_unspecified() && no_ipv6(&e) && dual_family => {
+                Err(e)
+                    if asked.is_ipv6()
+                        && asked.ip().is_unspecified()
+                        && no_ipv6(&e)
+                        && dual_family =>
+                {
                     tracing::warn!(address = %asked, error = %e, "IPv6 is not available here; listening on IPv4 only");
                     continue;
                 }
@@ -149,14 +191,14 @@ pub(crate) struct Worker {
     relays: Slab<Relay>,
     timers: Timers,
     /// Relays that ran out of budget with work left.
-    ready: Vec<usize>,
+    ready: Vec<RelayRef>,
     pools: Pools,
     config: Arc<Config>,
     control: Arc<Control>,
     counters: Arc<WorkerCounters>,
-    next_id: u64,
     accept_paused_until: Option<Instant>,
-    last_accept_warning: Option<Instant>,
+    accept_warnings: WarnLimit,
+    connect_warnings: WarnLimit,
     drain_deadline: Option<Instant>,
     draining: bool,
     /// Most relays in all workers together; past it, clients wait in the
@@ -174,11 +216,11 @@ impl Worker {
         relay_cap: usize,
     ) -> io::Result<Worker> {
         let poll = Poll::new()?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let waker = Arc::new(Waker::new(poll.registry(), token::waker())?);
         let mut slots = Vec::with_capacity(listeners.len());
         for (i, (mut socket, runtime)) in listeners.into_iter().enumerate() {
             poll.registry()
-                .register(&mut socket, Token(LISTENER_BASE - i), Interest::READABLE)?;
+                .register(&mut socket, token::listener(i), Interest::READABLE)?;
             slots.push(ListenerSlot {
                 socket: Some(socket),
                 runtime,
@@ -197,9 +239,9 @@ impl Worker {
             config,
             control,
             counters,
-            next_id: 0,
             accept_paused_until: None,
-            last_accept_warning: None,
+            accept_warnings: WarnLimit::default(),
+            connect_warnings: WarnLimit::default(),
             drain_deadline: None,
             draining: false,
             relay_cap,
@@ -225,24 +267,21 @@ impl Worker {
             }
             let now = Instant::now();
             for event in events.iter() {
-                match event.token() {
-                    WAKER => {}
-                    Token(t) if t > LISTENER_BASE - self.listeners.len() && t <= LISTENER_BASE => {
-                        self.accept(LISTENER_BASE - t, now);
+                match token::decode(event.token()) {
+                    Owner::Waker => {}
+                    Owner::Listener(index) if index < self.listeners.len() => {
+                        self.accept(index, now)
                     }
-                    Token(t) => {
-                        let side = if t % 2 == 0 {
-                            Side::Client
-                        } else {
-                            Side::Upstream
-                        };
-                        self.on_socket_event(t / 2, side, event, now);
-                    }
+                    Owner::Listener(_) => {}
+                    Owner::Relay(relay, side) => self.on_socket_event(relay, side, event, now),
                 }
             }
             self.run_ready(now);
             self.resume_accepting(now);
             self.expire(now);
+            self.counters
+                .timer_entries
+                .store(self.timers.len() as u64, Ordering::Relaxed);
             if self.check_control(now) {
                 return;
             }
@@ -306,7 +345,7 @@ impl Worker {
     fn pause_accepting(&mut self, now: Instant, e: &io::Error) {
         self.accept_paused_until = Some(now + ACCEPT_PAUSE);
         WorkerCounters::add(&self.counters.accept_pauses, 1);
-        if self.may_warn_about_accepting(now) {
+        if self.accept_warnings.allow(now).is_some() {
             tracing::warn!(
                 worker = self.index,
                 error = %e,
@@ -323,7 +362,7 @@ impl Worker {
     fn reach_relay_cap(&mut self, now: Instant) {
         self.accept_paused_until = Some(now + CAP_RECHECK);
         WorkerCounters::add(&self.counters.accept_pauses, 1);
-        if self.may_warn_about_accepting(now) {
+        if self.accept_warnings.allow(now).is_some() {
             tracing::warn!(
                 worker = self.index,
                 relays = self.relays.len(),
@@ -331,17 +370,6 @@ impl Worker {
                 "relay limit reached (from the fd limit or --max-conns): new connections wait in the listen backlog"
             );
         }
-    }
-
-    /// Accept-pause warnings are logged at most once a second per worker.
-    fn may_warn_about_accepting(&mut self, now: Instant) -> bool {
-        let due = self
-            .last_accept_warning
-            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
-        if due {
-            self.last_accept_warning = Some(now);
-        }
-        due
     }
 
     fn resume_accepting(&mut self, now: Instant) {
@@ -367,18 +395,18 @@ impl Worker {
         now: Instant,
     ) {
         WorkerCounters::add(&self.counters.relays_accepted, 1);
+        let id = NEXT_RELAY_ID.fetch_add(1, Ordering::Relaxed);
         // Database traffic is small request/response: never delay it.
         let _ = client.set_nodelay(true);
         let first = upstream::first_index(&runtime);
         let mut attempt = 0;
-        let mut last_error = None;
         let (upstream, upstream_addr) = loop {
-            let Some(server) = upstream::server(&runtime, first, attempt) else {
-                let error = last_error.map(|e| RelayError::new(Side::Upstream, Op::Connect, e));
+            let server = upstream::server(&runtime, first, attempt);
+            let Some(server) = server else {
                 tracing::info!(
+                    relay = id,
                     client = %addr,
                     reason = %CloseReason::ConnectFailed,
-                    error = error.as_ref().map(tracing::field::display),
                     "relay closed"
                 );
                 self.counters.closed(CloseReason::ConnectFailed);
@@ -387,20 +415,19 @@ impl Worker {
             match upstream::start_connect(server) {
                 Ok(stream) => break (stream, server),
                 Err(e) => {
-                    self.connect_failed(server, &e);
+                    let more = upstream::server(&runtime, first, attempt + 1).is_some();
+                    self.connect_failed(id, server, &e, more, now);
                     if out_of_fds(&e) {
                         self.pause_accepting(now, &e);
                     }
-                    last_error = Some(e);
                     attempt += 1;
                 }
             }
         };
-        self.next_id += 1;
         let entry = self.relays.vacant_entry();
         let key = entry.key();
         let mut relay = Relay::new(
-            self.next_id,
+            id,
             runtime,
             client,
             addr,
@@ -410,78 +437,125 @@ impl Worker {
             now,
         );
         relay.attempt = attempt;
+        let this = RelayRef { key, id };
         let registry = self.poll.registry();
-        let both = Interest::READABLE | Interest::WRITABLE;
         let registered = registry
-            .register(&mut relay.client, Token(2 * key), both)
-            .map_err(|e| RelayError::new(Side::Internal, Op::Register, e))
+            .register(
+                &mut relay.client,
+                token::relay(this, Side::Client),
+                RELAY_INTEREST,
+            )
             .and_then(|()| {
-                registry
-                    .register(&mut relay.upstream, Token(2 * key + 1), both)
-                    .map_err(|e| RelayError::new(Side::Internal, Op::Register, e))
-            });
+                registry.register(
+                    &mut relay.upstream,
+                    token::relay(this, Side::Upstream),
+                    RELAY_INTEREST,
+                )
+            })
+            .map_err(|e| RelayError::new(Side::Internal, Op::Register, e));
         entry.insert(relay);
         WorkerCounters::add(&self.counters.relays_active, 1);
         self.control.relays_live.fetch_add(1, Ordering::Relaxed);
         match registered {
             Ok(()) => self.arm(key),
-            Err(e) => self.close(key, CloseReason::ConnectFailed, Some(&e), now),
+            Err(e) => self.close(key, CloseReason::Internal, Some(&e), now),
         }
     }
 
-    fn connect_failed(&self, server: SocketAddr, e: &io::Error) {
+    /// Counts a failed connect attempt and warns (rate-limited) naming the
+    /// server and the error, and whether another server is tried.
+    fn connect_failed(
+        &mut self,
+        relay: u64,
+        server: SocketAddr,
+        e: &io::Error,
+        trying_next: bool,
+        now: Instant,
+    ) {
         WorkerCounters::add(&self.counters.upstream_connect_failures, 1);
-        tracing::debug!(upstream = %server, error = %e, "upstream connect failed; trying the next server");
+        let next = if trying_next {
+            "trying the next server"
+        } else {
+            "no server left to try"
+        };
+        match self.connect_warnings.allow(now) {
+            Some(held_back) => tracing::warn!(
+                worker = self.index,
+                relay,
+                upstream = %server,
+                error = %e,
+                similar_warnings_held_back = held_back,
+                "upstream connect failed; {next}"
+            ),
+            None => {
+                tracing::debug!(relay, upstream = %server, error = %e, "upstream connect failed; {next}")
+            }
+        }
     }
 
     // Readiness
 
-    fn on_socket_event(&mut self, key: usize, side: Side, event: &mio::event::Event, now: Instant) {
+    fn on_socket_event(
+        &mut self,
+        this: RelayRef,
+        side: Side,
+        event: &mio::event::Event,
+        now: Instant,
+    ) {
+        let key = this.key;
         let Some(relay) = self.relays.get_mut(key) else {
             return;
         };
-        if relay.is_connecting() {
-            if side == Side::Upstream {
-                self.on_connect_event(key, now);
-            } else {
-                relay.ready(
-                    side,
-                    event.is_readable() || event.is_read_closed(),
-                    event.is_writable(),
-                );
-            }
+        if !this.is(relay.id) {
+            // Meant for a relay that closed earlier in this batch.
             return;
         }
         if event.is_error() {
-            if let Some(e) = relay.socket_error(side) {
-                let reason = reset_reason(e.side);
-                self.close(key, reason, Some(&e), now);
-                return;
+            // While connecting, only the client's errors are the relay's:
+            // the upstream's are the connect's outcome, read below.
+            if !(relay.is_connecting() && side == Side::Upstream) {
+                if let Some(e) = relay.socket_error(side) {
+                    let reason = reset_reason(e.side);
+                    self.close(key, reason, Some(&e), now);
+                    return;
+                }
             }
         }
         // HUP and RDHUP are hints: the read that follows tells EOF or error.
         let readable = event.is_readable() || event.is_read_closed() || event.is_error();
         let writable = event.is_writable() || event.is_write_closed() || event.is_error();
-        relay.ready(side, readable, writable);
+        if relay.is_connecting() {
+            if side == Side::Upstream {
+                self.on_connect_event(key, now);
+            } else {
+                relay.ready(side, readable, writable, event.is_priority());
+            }
+            return;
+        }
+        relay.ready(side, readable, writable, event.is_priority());
         self.run_relay(key, now);
     }
 
     fn on_connect_event(&mut self, key: usize, now: Instant) {
         let relay = &mut self.relays[key];
         match upstream::connect_result(&relay.upstream) {
-            Ok(false) => {}
-            Ok(true) => {
+            Connect::Pending => {}
+            Connect::Established => {
                 let _ = relay.upstream.set_nodelay(true);
                 relay.connected(now);
                 tracing::debug!(relay = relay.id, upstream = %relay.upstream_addr, "upstream connected");
                 self.arm(key);
                 self.run_relay(key, now);
             }
-            Err(e) => {
-                let server = relay.upstream_addr;
-                self.connect_failed(server, &e);
-                self.next_connect_attempt(key, e, now);
+            Connect::Lost(e) => {
+                // The server accepted: this is a connection that reset, not
+                // a failed connect, so the client gets a reset too and no
+                // other server is tried.
+                relay.connected(now);
+                let e = RelayError::new(Side::Upstream, Op::Read, e);
+                self.close(key, CloseReason::UpstreamReset, Some(&e), now);
             }
+            Connect::Failed(e) => self.next_connect_attempt(key, e, now),
         }
     }
 
@@ -489,18 +563,19 @@ impl Worker {
     fn next_connect_attempt(&mut self, key: usize, mut error: io::Error, now: Instant) {
         loop {
             let relay = &self.relays[key];
+            let (id, failed) = (relay.id, relay.upstream_addr);
             let next = upstream::server(&relay.listener, relay.first_upstream, relay.attempt + 1);
+            self.connect_failed(id, failed, &error, next.is_some(), now);
             let Some(server) = next else {
                 let e = RelayError::new(Side::Upstream, Op::Connect, error);
                 self.close(key, CloseReason::ConnectFailed, Some(&e), now);
                 return;
             };
-            let token = Token(2 * key + 1);
+            let token = token::relay(RelayRef { key, id }, Side::Upstream);
             let attempt = upstream::start_connect(server).and_then(|mut stream| {
-                let interest = Interest::READABLE | Interest::WRITABLE;
                 self.poll
                     .registry()
-                    .register(&mut stream, token, interest)?;
+                    .register(&mut stream, token, RELAY_INTEREST)?;
                 Ok(stream)
             });
             let relay = &mut self.relays[key];
@@ -513,7 +588,7 @@ impl Worker {
                 }
                 Err(e) => {
                     relay.attempt += 1;
-                    self.connect_failed(server, &e);
+                    relay.upstream_addr = server;
                     error = e;
                 }
             }
@@ -522,23 +597,32 @@ impl Worker {
 
     fn run_ready(&mut self, now: Instant) {
         let ready = std::mem::take(&mut self.ready);
-        for key in ready {
-            if let Some(relay) = self.relays.get_mut(key) {
-                relay.queued = false;
-                self.run_relay(key, now);
+        for this in ready {
+            match self.relays.get_mut(this.key) {
+                Some(relay) if relay.id == this.id => {
+                    relay.queued = false;
+                    self.run_relay(this.key, now);
+                }
+                // Closed since it was queued; the slot may hold a new relay.
+                _ => {}
             }
         }
     }
 
     fn run_relay(&mut self, key: usize, now: Instant) {
         let relay = &mut self.relays[key];
+        if relay.is_connecting() {
+            // Nothing may move (or be half-closed) before the upstream
+            // connect is known to have succeeded.
+            return;
+        }
         let was_half_closed = relay.activity.half_closed;
         match relay.pump(now, &mut self.pools) {
             Ok(Next::Wait) => {}
             Ok(Next::Again) => {
                 if !relay.queued {
                     relay.queued = true;
-                    self.ready.push(key);
+                    self.ready.push(RelayRef { key, id: relay.id });
                 }
             }
             Ok(Next::Finished) => {
@@ -582,9 +666,7 @@ impl Worker {
             match relay.activity.expired(relay.timeouts(), now) {
                 None => self.arm(entry.key),
                 Some(Expiry::Connect) => {
-                    let server = relay.upstream_addr;
                     let e = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
-                    self.connect_failed(server, &e);
                     self.next_connect_attempt(entry.key, e, now);
                 }
                 Some(Expiry::Idle) => self.close(entry.key, CloseReason::Idle, None, now),
@@ -593,6 +675,23 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Entries of closed relays (and ones superseded by an earlier deadline)
+    /// wait in the heap until their time, which with a long idle timeout
+    /// would let the heap grow with the connection rate. Once they clearly
+    /// outnumber the live ones, one sweep drops them all: amortised O(1)
+    /// per close.
+    fn sweep_timers(&mut self) {
+        if self.timers.len() <= 2 * self.relays.len() + TIMER_SLACK {
+            return;
+        }
+        let relays = &self.relays;
+        self.timers.retain(|e| {
+            relays
+                .get(e.key)
+                .is_some_and(|r| r.id == e.id && r.armed_at == Some(e.at))
+        });
     }
 
     // Closing and shutdown
@@ -607,6 +706,7 @@ impl Worker {
         if self.accept_paused_until.is_some() {
             self.accept_paused_until = Some(now);
         }
+        self.sweep_timers();
         if self.relays.is_empty() && self.relays.capacity() > SLAB_KEEP {
             // Give back the slab a burst grew; stale timer and ready-list
             // entries are recognised by relay id.
@@ -657,8 +757,7 @@ fn out_of_fds(e: &io::Error) -> bool {
 fn reset_reason(side: Side) -> CloseReason {
     match side {
         Side::Client => CloseReason::ClientReset,
-        // An internal failure is reported as the upstream's: the client must
-        // see a reset either way, and the log line carries the real side.
-        Side::Upstream | Side::Internal => CloseReason::UpstreamReset,
+        Side::Upstream => CloseReason::UpstreamReset,
+        Side::Internal => CloseReason::Internal,
     }
 }

@@ -5,12 +5,11 @@
 mod common;
 
 use std::io::Write;
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use socket2::{Domain, Socket, Type};
 use spliced::{CloseReason, Mode, ProxyHandle};
 
 both_engines!(
@@ -196,25 +195,6 @@ fn fin_timeout_closes_half_closed_relay(mode: Mode) {
 
     let s = assert_quiescent(&h, mode);
     assert_eq!(s.closed(CloseReason::FinTimeout), 1, "{s:#?}");
-}
-
-/// A listener whose accept queue is full, so further SYNs are dropped and a
-/// connect to it hangs. Returns the listener and the connection filling it.
-fn black_hole() -> (TcpListener, TcpStream, SocketAddr) {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    s.bind(&any.into()).unwrap();
-    s.listen(0).unwrap();
-    let l: TcpListener = s.into();
-    let addr = l.local_addr().unwrap();
-    let filler = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
-    // Precondition: one more connect really hangs.
-    let probe = TcpStream::connect_timeout(&addr, Duration::from_millis(300));
-    assert!(
-        probe.is_err(),
-        "test precondition: a full accept queue should make connects hang"
-    );
-    (l, filler, addr)
 }
 
 fn connect_timeout_closes_client(mode: Mode) {

@@ -21,6 +21,7 @@ pub(crate) use pool::Pools;
 pub(crate) use splice::PooledPipe;
 
 use crate::config::Mode;
+use crate::sys;
 
 /// What one engine call did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,8 +37,9 @@ pub(crate) enum Transfer {
 /// sockets ([`Wire`]) or by a scripted engine in tests and fuzzing.
 pub(crate) trait Endpoints {
     /// Moves bytes from the source into the buffer, taking one if needed.
-    /// `WouldBlock` with bytes pending may mean the buffer is full.
-    fn fill(&mut self) -> io::Result<Transfer>;
+    /// `pending` is what the buffer holds now. `WouldBlock` with bytes
+    /// pending may mean the buffer is full.
+    fn fill(&mut self, pending: usize) -> io::Result<Transfer>;
     /// Moves up to `pending` buffered bytes to the destination.
     fn drain(&mut self, pending: usize) -> io::Result<Transfer>;
     /// Forwards FIN: `shutdown(SHUT_WR)` on the destination.
@@ -60,6 +62,9 @@ pub(crate) struct Slot {
     buffer: Option<Buffer>,
     /// Whether splice ever moved a byte; decides if EINVAL may fall back.
     spliced_any: bool,
+    /// The source signalled urgent data (EPOLLPRI): splice may stall at
+    /// its mark, so a splice that finds nothing looks for the mark.
+    urgent: bool,
 }
 
 impl Slot {
@@ -68,7 +73,13 @@ impl Slot {
             engine,
             buffer: None,
             spliced_any: false,
+            urgent: false,
         }
+    }
+
+    /// The source has urgent (out-of-band) data on the way.
+    pub(crate) fn urgent_data(&mut self) {
+        self.urgent = true;
     }
 
     /// The engine this direction uses now (splice may have fallen back to copy).
@@ -84,12 +95,14 @@ impl Slot {
         }
     }
 
-    fn fall_back_to_copy(&mut self, pools: &mut Pools) {
+    /// Switches to copy for the rest of the direction's life. Only called
+    /// with the buffer empty, so no byte can be reordered or lost.
+    fn fall_back_to_copy(&mut self, pools: &mut Pools, why: &str) {
         self.engine = Mode::Copy;
         if let Some(buffer) = self.buffer.take() {
             pools.give(buffer, true);
         }
-        pools.count_fallback("splice refused");
+        pools.count_fallback(why);
     }
 }
 
@@ -101,8 +114,18 @@ pub(crate) struct Wire<'a> {
     pub(crate) pools: &'a mut Pools,
 }
 
+impl Wire<'_> {
+    /// Whether splice found nothing because the source sits at an urgent
+    /// mark, with normal bytes possibly behind it. Checked on every EOF (once
+    /// per direction) and, after EPOLLPRI, on every empty splice.
+    fn stalled_at_urgent_mark(&self, result: &io::Result<Transfer>) -> bool {
+        let eof = matches!(result, Ok(Transfer::Eof));
+        (eof || self.slot.urgent) && sys::at_urgent_mark(self.src.as_fd()).unwrap_or(false)
+    }
+}
+
 impl Endpoints for Wire<'_> {
-    fn fill(&mut self) -> io::Result<Transfer> {
+    fn fill(&mut self, pending: usize) -> io::Result<Transfer> {
         loop {
             if self.slot.buffer.is_none() {
                 self.slot.buffer = Some(self.pools.take(&mut self.slot.engine)?);
@@ -115,11 +138,24 @@ impl Endpoints for Wire<'_> {
             match result {
                 Err(e) if splice_refused(&e) && !self.slot.spliced_any => {
                     // Nothing moved yet, so nothing can be lost by switching.
-                    self.slot.fall_back_to_copy(self.pools);
+                    self.slot.fall_back_to_copy(self.pools, "splice refused");
                 }
                 Ok(Transfer::Moved(_)) if self.slot.engine == Mode::Splice => {
                     self.slot.spliced_any = true;
                     return result;
+                }
+                Ok(Transfer::WouldBlock | Transfer::Eof)
+                    if self.slot.engine == Mode::Splice && self.stalled_at_urgent_mark(&result) =>
+                {
+                    if pending > 0 {
+                        // Deliver what the pipe holds first; the direction
+                        // keeps the source readable and comes back here.
+                        return Ok(Transfer::WouldBlock);
+                    }
+                    // Only recv(2) steps over the mark (dropping the urgent
+                    // byte, as a plain reader does), so this direction copies
+                    // from here on.
+                    self.slot.fall_back_to_copy(self.pools, "urgent data");
                 }
                 other => return other,
             }

@@ -168,8 +168,9 @@ fn fail(engine: &mut Engine, call: Call, kind: io::ErrorKind) -> io::Error {
 }
 
 impl Endpoints for Engine {
-    fn fill(&mut self) -> io::Result<Transfer> {
+    fn fill(&mut self, pending: usize) -> io::Result<Transfer> {
         self.usable("fill");
+        assert_eq!(pending, self.buffered, "pending count drifted (fill)");
         assert!(!self.source_eof, "fill after the source reported EOF");
         self.calls += 1;
         self.holding = true;
@@ -262,8 +263,8 @@ impl Endpoints for Engine {
 }
 
 impl Endpoints for &mut Engine {
-    fn fill(&mut self) -> io::Result<Transfer> {
-        (**self).fill()
+    fn fill(&mut self, pending: usize) -> io::Result<Transfer> {
+        (**self).fill(pending)
     }
     fn drain(&mut self, pending: usize) -> io::Result<Transfer> {
         (**self).drain(pending)

@@ -207,8 +207,8 @@ impl PairRun {
                 "Again without a direction out of budget with work left"
             );
         }
-        // Relay::pump's bookkeeping.
-        if p.moved > 0 {
+        // Relay::pump's bookkeeping: a FIN is activity too.
+        if p.moved > 0 || p.state_changed {
             self.activity.last_active = self.now;
         }
         if p.state_changed {

@@ -117,7 +117,7 @@ fn random_inputs() {
 fn a_release_of_a_full_buffer_is_caught() {
     let mut e = Engine::default();
     e.fills.push_back(Step::Moved(3));
-    e.fill().unwrap();
+    e.fill(0).unwrap();
     let caught = std::panic::catch_unwind(move || e.release());
     assert!(caught.is_err(), "the engine must catch a lost buffer");
 }
@@ -126,7 +126,7 @@ fn a_release_of_a_full_buffer_is_caught() {
 fn a_drifted_pending_count_is_caught() {
     let mut e = Engine::default();
     e.fills.push_back(Step::Moved(3));
-    e.fill().unwrap();
+    e.fill(0).unwrap();
     let caught = std::panic::catch_unwind(move || e.drain(2));
     assert!(caught.is_err(), "the engine must catch pending drift");
 }

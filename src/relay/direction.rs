@@ -76,6 +76,12 @@ impl Direction {
         self.pending
     }
 
+    /// The destination still lacks something the source gave: accepted
+    /// bytes not yet written, or a FIN not yet forwarded.
+    pub(crate) fn undelivered(&self) -> bool {
+        self.pending > 0 || self.state == DirState::SourceEof
+    }
+
     pub(crate) fn bytes_out(&self) -> u64 {
         self.bytes_out
     }
@@ -129,7 +135,7 @@ impl Direction {
             }
             if self.state == DirState::Open && self.src_readable && *budget > 0 {
                 *budget -= 1;
-                match io.fill().map_err(|e| self.src_error(e))? {
+                match io.fill(self.pending).map_err(|e| self.src_error(e))? {
                     Transfer::Moved(n) => {
                         self.pending += n;
                         self.bytes_in += n as u64;
@@ -207,7 +213,8 @@ pub(crate) mod tests {
     }
 
     impl Endpoints for Scripted {
-        fn fill(&mut self) -> io::Result<Transfer> {
+        fn fill(&mut self, pending: usize) -> io::Result<Transfer> {
+            assert_eq!(pending, self.buffered, "pending count drifted");
             self.holding = true;
             let t = answer(self.fills.pop_front());
             if let Ok(Transfer::Moved(n)) = t {
@@ -380,8 +387,8 @@ pub(crate) mod tests {
     fn source_eof_shutdown_error_names_the_destination() {
         struct FailingShutdown(Scripted);
         impl Endpoints for FailingShutdown {
-            fn fill(&mut self) -> io::Result<Transfer> {
-                self.0.fill()
+            fn fill(&mut self, pending: usize) -> io::Result<Transfer> {
+                self.0.fill(pending)
             }
             fn drain(&mut self, p: usize) -> io::Result<Transfer> {
                 self.0.drain(p)

@@ -179,6 +179,31 @@ impl PairIo for RelayIo<'_> {
     }
 }
 
+/// Which sockets a closing relay resets (SO_LINGER 0) instead of closing
+/// with a FIN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Resets {
+    pub(crate) client: bool,
+    pub(crate) upstream: bool,
+}
+
+/// The close decision. A reset on either side resets both, so the peer of
+/// the side that did not fail learns it was no clean close. Whatever the
+/// reason, a destination that has not received every byte its direction
+/// accepted, or has not had a FIN forwarded that its source sent, is reset:
+/// a cut stream never ends with a clean FIN. A relay with nothing in flight
+/// closes normally (an idle timeout, a drain deadline).
+pub(crate) fn resets(reason: CloseReason, c2u: &Direction, u2c: &Direction) -> Resets {
+    let both = matches!(
+        reason,
+        CloseReason::ClientReset | CloseReason::UpstreamReset | CloseReason::Internal
+    );
+    Resets {
+        client: both || u2c.undelivered(),
+        upstream: both || c2u.undelivered(),
+    }
+}
+
 pub(crate) struct Relay {
     pub(crate) id: u64,
     pub(crate) listener: Arc<ListenerRuntime>,
@@ -263,13 +288,17 @@ impl Relay {
         self.activity.connecting_since = Some(now);
     }
 
-    /// Records readiness reported for one socket.
-    pub(crate) fn ready(&mut self, side: Side, readable: bool, writable: bool) {
-        let (reading, writing) = match side {
-            Side::Client => (&mut self.c2u, &mut self.u2c),
-            _ => (&mut self.u2c, &mut self.c2u),
+    /// Records readiness reported for one socket. `urgent` is EPOLLPRI:
+    /// out-of-band data arrived, which splice cannot step over.
+    pub(crate) fn ready(&mut self, side: Side, readable: bool, writable: bool, urgent: bool) {
+        let (reading, writing, reading_slot) = match side {
+            Side::Client => (&mut self.c2u, &mut self.u2c, &mut self.c2u_slot),
+            _ => (&mut self.u2c, &mut self.c2u, &mut self.u2c_slot),
         };
-        if readable {
+        if urgent {
+            reading_slot.urgent_data();
+        }
+        if readable || urgent {
             reading.source_readable();
         }
         if writable {
@@ -299,7 +328,9 @@ impl Relay {
             pools,
         };
         let pumped = pump_pair(&mut self.c2u, &mut self.u2c, &mut io)?;
-        if pumped.moved > 0 {
+        // A FIN seen or forwarded is activity too: the half-closed limit
+        // counts from it, not from the last byte before it.
+        if pumped.moved > 0 || pumped.state_changed {
             self.activity.last_active = now;
         }
         if pumped.state_changed {
@@ -310,8 +341,7 @@ impl Relay {
     }
 
     /// Closes both sockets, giving buffers back, and logs the one line per
-    /// relay. Resets (SO_LINGER 0) both sides when `reason` is a reset, so the
-    /// peer of the side that did not fail learns it was no clean close.
+    /// relay. Which side gets a reset instead of a FIN is [`resets`]'s call.
     pub(crate) fn close(
         mut self,
         reason: CloseReason,
@@ -319,12 +349,12 @@ impl Relay {
         now: Instant,
         pools: &mut Pools,
     ) {
-        if matches!(
-            reason,
-            CloseReason::ClientReset | CloseReason::UpstreamReset
-        ) {
-            // A failed setsockopt only means the socket is already gone.
+        let reset = resets(reason, &self.c2u, &self.u2c);
+        // A failed setsockopt only means the socket is already gone.
+        if reset.client {
             let _ = SockRef::from(&self.client).set_linger(Some(Duration::ZERO));
+        }
+        if reset.upstream {
             let _ = SockRef::from(&self.upstream).set_linger(Some(Duration::ZERO));
         }
         self.c2u_slot.discard(pools, self.c2u.pending());
@@ -466,5 +496,125 @@ mod tests {
             Some((t0 + ms(50), Expiry::FinTimeout))
         );
         assert_eq!(a.deadline(&timeouts(0, 0, 30)), None);
+    }
+
+    // Tests for the close decision
+
+    use super::direction::tests::{Scripted, Step};
+
+    /// A direction that accepted `accepted` bytes, delivered `delivered`, and
+    /// saw EOF if `eof`.
+    fn direction_with(accepted: usize, delivered: usize, eof: bool) -> Direction {
+        let mut d = Direction::new(Side::Client, Side::Upstream);
+        let mut fills = vec![Step::Moved(accepted)];
+        if eof {
+            fills.push(Step::Eof);
+        }
+        let mut io = Scripted {
+            fills: fills.into(),
+            drains: [Step::Moved(delivered), Step::WouldBlock].into(),
+            ..Scripted::default()
+        };
+        let mut budget = PUMP_BUDGET;
+        d.pump(&mut io, &mut budget).unwrap();
+        d
+    }
+
+    fn done() -> Direction {
+        let d = direction_with(5, 5, true);
+        assert_eq!(d.state(), DirState::Shut);
+        d
+    }
+
+    #[test]
+    fn a_relay_with_nothing_in_flight_closes_with_fins() {
+        let quiet = direction_with(5, 5, false);
+        for reason in [
+            CloseReason::Idle,
+            CloseReason::FinTimeout,
+            CloseReason::Shutdown,
+        ] {
+            let r = resets(reason, &quiet, &direction_with(0, 0, false));
+            assert_eq!(
+                r,
+                Resets {
+                    client: false,
+                    upstream: false
+                },
+                "{reason}"
+            );
+        }
+        assert_eq!(
+            resets(CloseReason::Eof, &done(), &done()),
+            Resets {
+                client: false,
+                upstream: false
+            }
+        );
+    }
+
+    #[test]
+    fn bytes_in_flight_reset_only_their_destination() {
+        let stuck = direction_with(100, 40, false);
+        assert!(stuck.undelivered());
+        for reason in [
+            CloseReason::Idle,
+            CloseReason::FinTimeout,
+            CloseReason::Shutdown,
+        ] {
+            let towards_client = resets(reason, &done(), &stuck);
+            assert_eq!(
+                towards_client,
+                Resets {
+                    client: true,
+                    upstream: false
+                },
+                "{reason}"
+            );
+            let towards_upstream = resets(reason, &stuck, &done());
+            assert_eq!(
+                towards_upstream,
+                Resets {
+                    client: false,
+                    upstream: true
+                },
+                "{reason}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unforwarded_fin_resets_its_destination() {
+        let fin_pending = direction_with(10, 0, true);
+        assert_eq!(fin_pending.state(), DirState::SourceEof);
+        let r = resets(
+            CloseReason::FinTimeout,
+            &fin_pending,
+            &direction_with(0, 0, false),
+        );
+        assert_eq!(
+            r,
+            Resets {
+                client: false,
+                upstream: true
+            }
+        );
+    }
+
+    #[test]
+    fn a_reset_on_either_side_resets_both() {
+        for reason in [
+            CloseReason::ClientReset,
+            CloseReason::UpstreamReset,
+            CloseReason::Internal,
+        ] {
+            assert_eq!(
+                resets(reason, &done(), &done()),
+                Resets {
+                    client: true,
+                    upstream: true
+                }
+            );
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! - [`splice`]: one non-blocking splice(2) call, never with `SPLICE_F_MORE`
 //!   (it delays the final segment by up to ~200 ms on TCP).
 //! - [`set_pipe_size`]/[`pipe_size`]: fcntl(2) `F_SETPIPE_SZ`/`F_GETPIPE_SZ`.
+//! - [`at_urgent_mark`]: ioctl(2) `SIOCATMARK`, where splice stalls.
 //! - process helpers: raise RLIMIT_NOFILE, thread ids, per-thread CPU time.
 //!
 //! Every libc call goes through [`syscall!`], which turns `-1` into
@@ -97,6 +98,26 @@ pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Resul
         flags,
     ))?;
     Ok(n as usize)
+}
+
+/// Whether a TCP socket's read position sits at its urgent mark
+/// (`ioctl(SIOCATMARK)`, what sockatmark(3) does).
+///
+/// splice(2) from a TCP socket stops at the urgent mark and reports EAGAIN
+/// (or 0 once the peer's FIN arrived) without moving past it; only recv(2)
+/// steps over the mark. See <https://man7.org/linux/man-pages/man3/sockatmark.3.html>.
+pub fn at_urgent_mark(socket: BorrowedFd<'_>) -> io::Result<bool> {
+    // From <asm-generic/sockios.h>; the libc crate does not export it for Linux.
+    const SIOCATMARK: libc::c_ulong = 0x8905;
+    let mut at_mark: libc::c_int = 0;
+    // SAFETY: the fd is borrowed, so open; SIOCATMARK writes one int to the
+    // pointer, which points at a live, writable c_int.
+    syscall!(ioctl(
+        socket.as_raw_fd(),
+        SIOCATMARK as _,
+        &mut at_mark as *mut libc::c_int
+    ))?;
+    Ok(at_mark != 0)
 }
 
 /// Raises RLIMIT_NOFILE's soft limit to the hard limit and returns the new

@@ -159,3 +159,31 @@ pub fn round_trip(stream: &mut TcpStream, msg: &[u8], timeout: Duration) {
         .unwrap_or_else(|e| panic!("echo of {} bytes: {e}", msg.len()));
     assert_eq!(back, msg, "echoed bytes differ");
 }
+
+/// Reads whatever arrives until the peer closes; returns the bytes read and
+/// how the connection ended. Panics on another error or on timeout.
+pub fn read_until_closed(stream: &mut TcpStream, timeout: Duration) -> (Vec<u8>, Ending) {
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let left = remaining(deadline).unwrap_or_else(|_| {
+            panic!(
+                "connection still open after {timeout:?} ({} bytes read)",
+                out.len()
+            )
+        });
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => return (out, Ending::Eof),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return (out, Ending::Reset),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if timed_out(&e) => panic!(
+                "connection still open after {timeout:?} ({} bytes read)",
+                out.len()
+            ),
+            Err(e) => panic!("unexpected error after {} bytes: {e}", out.len()),
+        }
+    }
+}

@@ -125,3 +125,22 @@ pub fn sink(mut s: TcpStream) {
         }
     }
 }
+
+/// A listener whose accept queue is full, so further SYNs are dropped and a
+/// connect to it hangs. Returns the listener and the connection filling it.
+pub fn black_hole() -> (TcpListener, TcpStream, SocketAddr) {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    s.bind(&any.into()).unwrap();
+    s.listen(0).unwrap();
+    let l: TcpListener = s.into();
+    let addr = l.local_addr().unwrap();
+    let filler = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+    // Precondition: one more connect really hangs.
+    let probe = TcpStream::connect_timeout(&addr, Duration::from_millis(300));
+    assert!(
+        probe.is_err(),
+        "test precondition: a full accept queue should make connects hang"
+    );
+    (l, filler, addr)
+}
