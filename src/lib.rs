@@ -20,6 +20,7 @@
 pub mod bench;
 pub mod config;
 mod engine;
+pub mod listener;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -15,7 +15,7 @@
 
 use mio::Token;
 
-use crate::error::Side;
+use crate::relay::Peer;
 
 const OTHER: usize = 1 << 63;
 const KIND_SHIFT: u32 = 61;
@@ -49,7 +49,7 @@ pub(crate) enum Owner {
     Waker,
     /// The worker's listener socket with this index.
     Listener(usize),
-    Relay(RelayRef, Side),
+    Relay(RelayRef, Peer),
 }
 
 pub(crate) fn waker() -> Token {
@@ -62,9 +62,9 @@ pub(crate) fn listener(index: usize) -> Token {
 
 /// The token of one of a relay's sockets. Keys past 2^31 cannot occur: the
 /// relay cap is bounded by the fd limit.
-pub(crate) fn relay(relay: RelayRef, side: Side) -> Token {
+pub(crate) fn relay(relay: RelayRef, peer: Peer) -> Token {
     debug_assert!(relay.key <= KEY_MASK, "relay slab key out of range");
-    let side_bit = usize::from(side != Side::Client);
+    let side_bit = usize::from(peer == Peer::Upstream);
     let id_bits = ((relay.id & ID_MASK) as usize) << ID_SHIFT;
     Token(id_bits | ((relay.key & KEY_MASK) << 1) | side_bit)
 }
@@ -72,14 +72,14 @@ pub(crate) fn relay(relay: RelayRef, side: Side) -> Token {
 pub(crate) fn decode(token: Token) -> Owner {
     let t = token.0;
     if t & OTHER == 0 {
-        let side = if t & 1 == 0 {
-            Side::Client
+        let peer = if t & 1 == 0 {
+            Peer::Client
         } else {
-            Side::Upstream
+            Peer::Upstream
         };
         let key = (t >> 1) & KEY_MASK;
         let id = ((t >> ID_SHIFT) as u64) & ID_MASK;
-        return Owner::Relay(RelayRef { key, id }, side);
+        return Owner::Relay(RelayRef { key, id }, peer);
     }
     match (t >> KIND_SHIFT) & KIND_MASK {
         KIND_LISTENER => Owner::Listener(t & KEY_MASK),
@@ -95,7 +95,7 @@ mod tests {
     fn relay_tokens_round_trip_with_their_side_and_id() {
         for (key, id) in [(0, 1), (7, 12_345), (KEY_MASK, u64::MAX), (3, 1 << 31)] {
             let r = RelayRef { key, id };
-            for side in [Side::Client, Side::Upstream] {
+            for side in [Peer::Client, Peer::Upstream] {
                 match decode(relay(r, side)) {
                     Owner::Relay(got, got_side) => {
                         assert_eq!(got.key, key);
@@ -111,7 +111,7 @@ mod tests {
     #[test]
     fn a_reused_key_is_told_apart_by_its_id() {
         let old = RelayRef { key: 5, id: 41 };
-        let Owner::Relay(r, _) = decode(relay(old, Side::Upstream)) else {
+        let Owner::Relay(r, _) = decode(relay(old, Peer::Upstream)) else {
             panic!("not a relay token")
         };
         assert!(r.is(41));

@@ -16,7 +16,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,12 +28,13 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::config::Config;
 use crate::engine::Pools;
 use crate::error::{Op, RelayError, Side, StartError};
+use crate::listener::{Listener, ListenerId};
 use crate::proxy::Control;
-use crate::relay::{Expiry, ListenerRuntime, Next, Relay};
+use crate::relay::{Accepted, Expiry, Next, Peer, Relay};
 use crate::stats::{CloseReason, WorkerCounters};
 use crate::timer::Timers;
 use crate::token::{self, Owner, RelayRef};
-use crate::upstream::{self, Connect};
+use crate::upstream::{self, Connect, Round};
 
 /// Connections accepted per listener per wakeup before serving others.
 const ACCEPT_BUDGET: usize = 128;
@@ -85,7 +86,7 @@ impl WarnLimit {
 pub(crate) struct Bound {
     /// Every bound address with the index of its listener, in config order.
     pub(crate) local_addrs: Vec<(usize, SocketAddr)>,
-    pub(crate) per_worker: Vec<Vec<(TcpListener, Arc<ListenerRuntime>)>>,
+    pub(crate) per_worker: Vec<Vec<(TcpListener, Arc<Listener>)>>,
 }
 
 /// Binds each listener address once per worker with SO_REUSEPORT, so the
@@ -102,10 +103,7 @@ pub(crate) fn bind_listeners(config: &Config) -> Result<Bound, StartError> {
     let mut per_worker: Vec<Vec<_>> = (0..config.workers).map(|_| Vec::new()).collect();
     let mut local_addrs = Vec::new();
     for (index, listener) in config.listeners.iter().enumerate() {
-        let runtime = Arc::new(ListenerRuntime {
-            config: listener.clone(),
-            next_upstream: AtomicUsize::new(0),
-        });
+        let runtime = Arc::new(Listener::new(ListenerId(index as u32), listener.clone()));
         let dual_family = listener.listen.iter().any(|a| a.is_ipv4());
         for &asked in &listener.listen {
             let fail = |e| StartError::Listen(asked, e);
@@ -178,7 +176,7 @@ fn no_ipv6(e: &io::Error) -> bool {
 
 struct ListenerSlot {
     socket: Option<TcpListener>,
-    runtime: Arc<ListenerRuntime>,
+    runtime: Arc<Listener>,
     /// Stopped by the accept budget with connections possibly left.
     backlog: bool,
 }
@@ -210,7 +208,7 @@ impl Worker {
     pub(crate) fn new(
         index: usize,
         config: Arc<Config>,
-        listeners: Vec<(TcpListener, Arc<ListenerRuntime>)>,
+        listeners: Vec<(TcpListener, Arc<Listener>)>,
         control: Arc<Control>,
         counters: Arc<WorkerCounters>,
         relay_cap: usize,
@@ -333,7 +331,14 @@ impl Worker {
                 // The client gave up between SYN and accept; nothing to serve.
                 Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
                 Err(e) => {
-                    tracing::warn!(worker = self.index, error = %e, "accept failed");
+                    let listener = &self.listeners[index].runtime;
+                    tracing::warn!(
+                        worker = self.index,
+                        listener = %listener.id,
+                        address = %listener.label(),
+                        error = %e,
+                        "accept failed"
+                    );
                     return;
                 }
             }
@@ -390,65 +395,46 @@ impl Worker {
     fn start_relay(
         &mut self,
         client: TcpStream,
-        addr: SocketAddr,
-        runtime: Arc<ListenerRuntime>,
+        client_addr: SocketAddr,
+        listener: Arc<Listener>,
         now: Instant,
     ) {
         WorkerCounters::add(&self.counters.relays_accepted, 1);
         let id = NEXT_RELAY_ID.fetch_add(1, Ordering::Relaxed);
         // Database traffic is small request/response: never delay it.
         let _ = client.set_nodelay(true);
-        let first = upstream::first_index(&runtime);
-        let mut attempt = 0;
-        let (upstream, upstream_addr) = loop {
-            let server = upstream::server(&runtime, first, attempt);
-            let Some(server) = server else {
-                tracing::info!(
-                    relay = id,
-                    client = %addr,
-                    reason = %CloseReason::ConnectFailed,
-                    "relay closed"
-                );
-                self.counters.closed(CloseReason::ConnectFailed);
-                return;
-            };
-            match upstream::start_connect(server) {
-                Ok(stream) => break (stream, server),
-                Err(e) => {
-                    let more = upstream::server(&runtime, first, attempt + 1).is_some();
-                    self.connect_failed(id, server, &e, more, now);
-                    if out_of_fds(&e) {
-                        self.pause_accepting(now, &e);
-                    }
-                    attempt += 1;
-                }
-            }
+        let mut round = Round::new(&listener.pool);
+        let Some(upstream) = self.connect_next(id, &mut round, &listener.pool, now) else {
+            tracing::info!(
+                relay = id,
+                client = %client_addr,
+                reason = %CloseReason::ConnectFailed,
+                "relay closed"
+            );
+            self.counters.closed(CloseReason::ConnectFailed);
+            return;
         };
         let entry = self.relays.vacant_entry();
         let key = entry.key();
-        let mut relay = Relay::new(
+        let accepted = Accepted {
             id,
-            runtime,
+            listener,
             client,
-            addr,
-            upstream,
-            upstream_addr,
-            first,
-            now,
-        );
-        relay.attempt = attempt;
+            client_addr,
+        };
+        let mut relay = Relay::new(accepted, upstream, round, now);
         let this = RelayRef { key, id };
         let registry = self.poll.registry();
         let registered = registry
             .register(
                 &mut relay.client,
-                token::relay(this, Side::Client),
+                token::relay(this, Peer::Client),
                 RELAY_INTEREST,
             )
             .and_then(|()| {
                 registry.register(
                     &mut relay.upstream,
-                    token::relay(this, Side::Upstream),
+                    token::relay(this, Peer::Upstream),
                     RELAY_INTEREST,
                 )
             })
@@ -460,6 +446,30 @@ impl Worker {
             Ok(()) => self.arm(key),
             Err(e) => self.close(key, CloseReason::Internal, Some(&e), now),
         }
+    }
+
+    /// The connector: starts a connect to the next server of `round`,
+    /// logging each server that fails at once. `None` once every server was
+    /// tried.
+    fn connect_next(
+        &mut self,
+        relay: u64,
+        round: &mut Round,
+        pool: &upstream::Pool,
+        now: Instant,
+    ) -> Option<(TcpStream, SocketAddr)> {
+        let mut out_of_fds_error = None;
+        let next = round.connect_next(pool, |server, e, more| {
+            self.connect_failed(relay, server, e, more, now);
+            if out_of_fds(e) {
+                out_of_fds_error =
+                    Some(io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(0)));
+            }
+        });
+        if let Some(e) = out_of_fds_error {
+            self.pause_accepting(now, &e);
+        }
+        next
     }
 
     /// Counts a failed connect attempt and warns (rate-limited) naming the
@@ -498,7 +508,7 @@ impl Worker {
     fn on_socket_event(
         &mut self,
         this: RelayRef,
-        side: Side,
+        peer: Peer,
         event: &mio::event::Event,
         now: Instant,
     ) {
@@ -510,29 +520,23 @@ impl Worker {
             // Meant for a relay that closed earlier in this batch.
             return;
         }
-        if event.is_error() {
-            // While connecting, only the client's errors are the relay's:
-            // the upstream's are the connect's outcome, read below.
-            if !(relay.is_connecting() && side == Side::Upstream) {
-                if let Some(e) = relay.socket_error(side) {
-                    let reason = reset_reason(e.side);
-                    self.close(key, reason, Some(&e), now);
-                    return;
-                }
+        let connecting = relay.core.is_connecting();
+        // While connecting, the upstream's errors are the connect's outcome,
+        // read below; the client's end the relay at once.
+        if event.is_error() && !(connecting && peer == Peer::Upstream) {
+            if let Some(e) = relay.socket_error(peer) {
+                self.close(key, reset_reason(e.side), Some(&e), now);
+                return;
             }
         }
         // HUP and RDHUP are hints: the read that follows tells EOF or error.
         let readable = event.is_readable() || event.is_read_closed() || event.is_error();
         let writable = event.is_writable() || event.is_write_closed() || event.is_error();
-        if relay.is_connecting() {
-            if side == Side::Upstream {
-                self.on_connect_event(key, now);
-            } else {
-                relay.ready(side, readable, writable, event.is_priority());
-            }
+        if connecting && peer == Peer::Upstream {
+            self.on_connect_event(key, now);
             return;
         }
-        relay.ready(side, readable, writable, event.is_priority());
+        relay.ready(peer, readable, writable, event.is_priority());
         self.run_relay(key, now);
     }
 
@@ -542,7 +546,7 @@ impl Worker {
             Connect::Pending => {}
             Connect::Established => {
                 let _ = relay.upstream.set_nodelay(true);
-                relay.connected(now);
+                relay.core.connected(now);
                 tracing::debug!(relay = relay.id, upstream = %relay.upstream_addr, "upstream connected");
                 self.arm(key);
                 self.run_relay(key, now);
@@ -551,7 +555,7 @@ impl Worker {
                 // The server accepted: this is a connection that reset, not
                 // a failed connect, so the client gets a reset too and no
                 // other server is tried.
-                relay.connected(now);
+                relay.core.connected(now);
                 let e = RelayError::new(Side::Upstream, Op::Read, e);
                 self.close(key, CloseReason::UpstreamReset, Some(&e), now);
             }
@@ -559,38 +563,45 @@ impl Worker {
         }
     }
 
-    /// Tries the next server after a failed or timed-out connect.
-    fn next_connect_attempt(&mut self, key: usize, mut error: io::Error, now: Instant) {
-        loop {
-            let relay = &self.relays[key];
-            let (id, failed) = (relay.id, relay.upstream_addr);
-            let next = upstream::server(&relay.listener, relay.first_upstream, relay.attempt + 1);
-            self.connect_failed(id, failed, &error, next.is_some(), now);
-            let Some(server) = next else {
-                let e = RelayError::new(Side::Upstream, Op::Connect, error);
-                self.close(key, CloseReason::ConnectFailed, Some(&e), now);
-                return;
+    /// Moves on to the next server after a failed or timed-out connect.
+    fn next_connect_attempt(&mut self, key: usize, error: io::Error, now: Instant) {
+        let relay = &self.relays[key];
+        let (id, failed, listener) = (relay.id, relay.upstream_addr, Arc::clone(&relay.listener));
+        let mut round = relay.round;
+        let more = round.has_next(&listener.pool);
+        self.connect_failed(id, failed, &error, more, now);
+        let token = token::relay(RelayRef { key, id }, Peer::Upstream);
+        let mut error = Some(error);
+        let next = loop {
+            let Some((mut stream, server)) = self.connect_next(id, &mut round, &listener.pool, now)
+            else {
+                break None;
             };
-            let token = token::relay(RelayRef { key, id }, Side::Upstream);
-            let attempt = upstream::start_connect(server).and_then(|mut stream| {
-                self.poll
-                    .registry()
-                    .register(&mut stream, token, RELAY_INTEREST)?;
-                Ok(stream)
-            });
-            let relay = &mut self.relays[key];
-            match attempt {
-                Ok(stream) => {
-                    // The old socket closes on drop, which also removes it from epoll.
-                    relay.retry_upstream(stream, server, now);
-                    self.arm(key);
-                    return;
-                }
+            match self
+                .poll
+                .registry()
+                .register(&mut stream, token, RELAY_INTEREST)
+            {
+                Ok(()) => break Some((stream, server)),
                 Err(e) => {
-                    relay.attempt += 1;
-                    relay.upstream_addr = server;
-                    error = e;
+                    let more = round.has_next(&listener.pool);
+                    self.connect_failed(id, server, &e, more, now);
+                    error = Some(e);
                 }
+            }
+        };
+        let relay = &mut self.relays[key];
+        relay.round = round;
+        match next {
+            Some((stream, server)) => {
+                // The old socket closes on drop, which also removes it from epoll.
+                relay.retry_upstream(stream, server, now);
+                self.arm(key);
+            }
+            None => {
+                let e = error.unwrap_or_else(|| io::Error::other("no server left"));
+                let e = RelayError::new(Side::Upstream, Op::Connect, e);
+                self.close(key, CloseReason::ConnectFailed, Some(&e), now);
             }
         }
     }
@@ -611,30 +622,28 @@ impl Worker {
 
     fn run_relay(&mut self, key: usize, now: Instant) {
         let relay = &mut self.relays[key];
-        if relay.is_connecting() {
-            // Nothing may move (or be half-closed) before the upstream
-            // connect is known to have succeeded.
-            return;
-        }
-        let was_half_closed = relay.activity.half_closed;
-        match relay.pump(now, &mut self.pools) {
-            Ok(Next::Wait) => {}
-            Ok(Next::Again) => {
-                if !relay.queued {
-                    relay.queued = true;
-                    self.ready.push(RelayRef { key, id: relay.id });
+        let newly_half_closed = match relay.pump(now, &mut self.pools) {
+            Ok((next, newly_half_closed)) => {
+                match next {
+                    Next::Wait => {}
+                    Next::Again if !relay.queued => {
+                        relay.queued = true;
+                        self.ready.push(RelayRef { key, id: relay.id });
+                    }
+                    Next::Again => {}
+                    Next::Finished => {
+                        self.close(key, CloseReason::Eof, None, now);
+                        return;
+                    }
                 }
-            }
-            Ok(Next::Finished) => {
-                self.close(key, CloseReason::Eof, None, now);
-                return;
+                newly_half_closed
             }
             Err(e) => {
                 self.close(key, reset_reason(e.side), Some(&e), now);
                 return;
             }
-        }
-        if !was_half_closed && self.relays[key].activity.half_closed {
+        };
+        if newly_half_closed {
             // The FIN timeout may be earlier than the armed idle deadline.
             self.arm(key);
         }
@@ -663,7 +672,7 @@ impl Worker {
                 continue;
             }
             relay.armed_at = None;
-            match relay.activity.expired(relay.timeouts(), now) {
+            match relay.core.expired(relay.timeouts(), now) {
                 None => self.arm(entry.key),
                 Some(Expiry::Connect) => {
                     let e = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");

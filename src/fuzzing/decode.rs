@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::config::Timeouts;
-use crate::error::Side;
+use crate::relay::Peer;
 use crate::relay::PUMP_BUDGET;
 
 use super::direction::{Action, DirSetup};
@@ -103,9 +103,9 @@ pub(super) fn decode_pair(data: &[u8]) -> (PairSetup, Vec<PairAction>) {
     };
     let side = |b: u8| {
         if b & 8 == 0 {
-            Side::Client
+            Peer::Client
         } else {
-            Side::Upstream
+            Peer::Upstream
         }
     };
     let mut actions = Vec::new();

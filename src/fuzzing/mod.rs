@@ -43,7 +43,7 @@ pub fn direction_script(data: &[u8]) {
     run_direction(&setup, &actions);
 }
 
-/// Fuzz target `relay_pair`: both directions through `pump_pair`, with the
+/// Fuzz target `relay_pair`: both directions through the relay core, with the
 /// relay's [`Activity`](crate::relay::Activity) bookkeeping and a clock.
 pub fn pair_script(data: &[u8]) {
     let (setup, actions) = decode_pair(data);

@@ -1,11 +1,12 @@
-//! Both directions: pump_pair and Activity.
+//! Both directions: the relay core the worker drives, with a scripted
+//! engine in place of sockets.
 
 use std::io;
 use std::time::{Duration, Instant};
 
 use crate::config::Timeouts;
 use crate::error::{Op, Side};
-use crate::relay::{pump_pair, Activity, DirState, Direction, Expiry, Next, PairIo, PUMP_BUDGET};
+use crate::relay::{Activity, DirState, Expiry, Next, PairIo, Peer, RelayCore, PUMP_BUDGET};
 
 use super::checks::{check_books, check_error, check_waiting, close_direction};
 use super::engine::{Discard, Engine, Step};
@@ -18,10 +19,10 @@ pub(crate) struct PairEngines {
 }
 
 impl PairEngines {
-    pub(crate) fn of(&mut self, from: Side) -> &mut Engine {
+    pub(crate) fn of(&mut self, from: Peer) -> &mut Engine {
         match from {
-            Side::Client => &mut self.c2u,
-            _ => &mut self.u2c,
+            Peer::Client => &mut self.c2u,
+            Peer::Upstream => &mut self.u2c,
         }
     }
 }
@@ -32,7 +33,7 @@ impl PairIo for PairEngines {
     where
         Self: 'a;
 
-    fn io(&mut self, from: Side) -> &mut Engine {
+    fn io(&mut self, from: Peer) -> &mut Engine {
         self.of(from)
     }
 }
@@ -46,14 +47,14 @@ pub(crate) struct PairSetup {
     pub(crate) settle: bool,
 }
 
-/// What the pair driver does next. `Side` names a direction by its source.
+/// What the pair driver does next. A `Peer` names a direction by its source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum PairAction {
-    Fill(Side, Step),
-    Drain(Side, Step),
-    /// Readiness reported for one socket (readable, writable), routed as
-    /// `Relay::ready` does.
-    Ready(Side, bool, bool),
+    Fill(Peer, Step),
+    Drain(Peer, Step),
+    /// Readiness reported for one socket (readable, writable), routed by
+    /// the relay core.
+    Ready(Peer, bool, bool),
     Pump,
     /// The clock moves on this many milliseconds; an expired deadline
     /// closes the relay.
@@ -74,10 +75,8 @@ pub(crate) struct PairOutcome {
 }
 
 struct PairRun {
-    c2u: Direction,
-    u2c: Direction,
+    core: RelayCore,
     io: PairEngines,
-    activity: Activity,
     timeouts: Timeouts,
     now: Instant,
     error: Option<(Side, Op)>,
@@ -110,41 +109,39 @@ impl PairRun {
 
     /// Closes both directions (what `Relay::close` does with the buffers).
     fn close(&mut self) {
-        close_direction(&self.c2u, &mut self.io.c2u);
-        close_direction(&self.u2c, &mut self.io.u2c);
+        close_direction(self.core.direction(Peer::Client), &mut self.io.c2u);
+        close_direction(self.core.direction(Peer::Upstream), &mut self.io.u2c);
     }
 
-    fn ready(&mut self, side: Side, readable: bool, writable: bool) {
-        let other = match side {
-            Side::Client => Side::Upstream,
-            _ => Side::Client,
-        };
+    /// Readiness of `peer`'s socket, routed by the core; the engines learn
+    /// which edge the kernel delivered.
+    fn ready(&mut self, peer: Peer, readable: bool, writable: bool) {
         if readable {
-            self.io.of(side).readable_edge();
-            self.dir(side).source_readable();
+            self.io.of(peer).readable_edge();
         }
         if writable {
             // The socket's writable bit belongs to the direction toward it.
-            self.io.of(other).writable_edge();
-            self.dir(other).destination_writable();
+            self.io.of(peer.other()).writable_edge();
         }
+        self.core.ready(peer, readable, writable);
     }
 
-    fn dir(&mut self, from: Side) -> &mut Direction {
-        match from {
-            Side::Client => &mut self.c2u,
-            _ => &mut self.u2c,
-        }
+    fn activity(&self) -> &Activity {
+        self.core.activity()
     }
 
-    /// One `pump_pair` and the relay's bookkeeping (`Relay::pump`), checked.
+    /// One [`RelayCore::pump`], as the worker runs it, checked.
     fn pump(&mut self) -> Option<Next> {
         self.pumps += 1;
-        let states = [self.c2u.state(), self.u2c.state()];
+        let (c2u, u2c) = (Peer::Client, Peer::Upstream);
+        let states = [
+            self.core.direction(c2u).state(),
+            self.core.direction(u2c).state(),
+        ];
         let drained = [self.io.c2u.drained, self.io.u2c.drained];
         let calls = [self.io.c2u.calls, self.io.u2c.calls];
-        let deadline = self.activity.deadline(&self.timeouts);
-        let result = pump_pair(&mut self.c2u, &mut self.u2c, &mut self.io);
+        let deadline = self.core.deadline(&self.timeouts);
+        let result = self.core.pump(&mut self.io, self.now).map(|p| p.pair);
         let used = [self.io.c2u.calls - calls[0], self.io.u2c.calls - calls[1]];
         for u in used {
             assert!(
@@ -161,7 +158,7 @@ impl PairRun {
                         assert_eq!(used[1], 0, "the other direction ran after an error");
                     }
                     (None, Some(_)) => {
-                        check_books(&self.c2u, &self.io.c2u);
+                        check_books(self.core.direction(c2u), &self.io.c2u);
                         check_error(&e, Side::Upstream, Side::Client, &self.io.u2c);
                     }
                     other => panic!("pump_pair failed with {e} but the engines say {other:?}"),
@@ -172,14 +169,21 @@ impl PairRun {
                 return None;
             }
         };
-        for (d, io) in [(&self.c2u, &self.io.c2u), (&self.u2c, &self.io.u2c)] {
+        for (d, io) in [
+            (self.core.direction(c2u), &self.io.c2u),
+            (self.core.direction(u2c), &self.io.u2c),
+        ] {
             check_books(d, io);
         }
         let moved = (self.io.c2u.drained - drained[0]) + (self.io.u2c.drained - drained[1]);
         assert_eq!(p.moved as u64, moved, "`moved` is not the bytes written");
-        let changed = self.c2u.state() != states[0] || self.u2c.state() != states[1];
+        let now_states = [
+            self.core.direction(c2u).state(),
+            self.core.direction(u2c).state(),
+        ];
+        let changed = now_states != states;
         assert_eq!(p.state_changed, changed, "`state_changed` is wrong");
-        let both_shut = self.c2u.state() == DirState::Shut && self.u2c.state() == DirState::Shut;
+        let both_shut = now_states == [DirState::Shut, DirState::Shut];
         assert_eq!(
             p.next == Next::Finished,
             both_shut,
@@ -192,8 +196,8 @@ impl PairRun {
         // is only deferred to the owed writable edge, so Wait is accepted.)
         let mut any_exhausted = false;
         for (d, io, u) in [
-            (&self.c2u, &self.io.c2u, used[0]),
-            (&self.u2c, &self.io.u2c, used[1]),
+            (self.core.direction(c2u), &self.io.c2u, used[0]),
+            (self.core.direction(u2c), &self.io.u2c, used[1]),
         ] {
             let exhausted = u == PUMP_BUDGET / 2 && d.has_work();
             any_exhausted |= exhausted;
@@ -207,16 +211,18 @@ impl PairRun {
                 "Again without a direction out of budget with work left"
             );
         }
-        // Relay::pump's bookkeeping: a FIN is activity too.
+        // The core's bookkeeping: every transfer and every FIN is activity.
         if p.moved > 0 || p.state_changed {
-            self.activity.last_active = self.now;
+            assert_eq!(
+                self.activity().last_active,
+                self.now,
+                "activity not recorded"
+            );
         }
-        if p.state_changed {
-            self.activity.half_closed = true;
-        }
-        let half = self.c2u.state() != DirState::Open || self.u2c.state() != DirState::Open;
+        let half = now_states.iter().any(|s| *s != DirState::Open);
         assert_eq!(
-            self.activity.half_closed, half,
+            self.activity().half_closed,
+            half,
             "half_closed disagrees with the directions"
         );
         self.check_deadline(deadline, p.moved > 0 && !p.state_changed);
@@ -226,13 +232,13 @@ impl PairRun {
     /// The deadline never precedes the last transfer, a fresh transfer puts
     /// it in the future, and a transfer alone never moves it earlier.
     fn check_deadline(&self, before: Option<(Instant, Expiry)>, transfer_only: bool) {
-        let after = self.activity.deadline(&self.timeouts);
+        let after = self.activity().deadline(&self.timeouts);
         if let Some((at, _)) = after {
             assert!(
-                at >= self.activity.last_active,
+                at >= self.activity().last_active,
                 "deadline before the last transfer"
             );
-            if self.activity.last_active == self.now {
+            if self.activity().last_active == self.now {
                 assert!(
                     at > self.now,
                     "a relay that just moved bytes is already expired"
@@ -249,13 +255,13 @@ impl PairRun {
                 assert!(a >= b, "a transfer moved the deadline earlier");
             }
         }
-        check_expiry(&self.activity, &self.timeouts, self.now);
+        check_expiry(self.activity(), &self.timeouts, self.now);
     }
 
     fn tick(&mut self, ms: u64) {
         self.now += Duration::from_millis(ms);
-        check_expiry(&self.activity, &self.timeouts, self.now);
-        if let Some(e) = self.activity.expired(&self.timeouts, self.now) {
+        check_expiry(self.activity(), &self.timeouts, self.now);
+        if let Some(e) = self.core.expired(&self.timeouts, self.now) {
             self.close();
             self.expired = Some(e);
         }
@@ -274,19 +280,19 @@ impl PairRun {
                 break;
             }
             let mut owed = false;
-            for from in [Side::Client, Side::Upstream] {
+            for from in [Peer::Client, Peer::Upstream] {
                 let (fill, drain) = {
                     let e = self.io.of(from);
                     (e.fill_blocked, e.drain_blocked)
                 };
                 owed |= fill || drain;
                 if fill {
-                    self.io.of(from).readable_edge();
-                    self.dir(from).source_readable();
+                    // The source of this direction is `from`'s socket.
+                    self.ready(from, true, false);
                 }
                 if drain {
-                    self.io.of(from).writable_edge();
-                    self.dir(from).destination_writable();
+                    // Its destination is the other peer's socket.
+                    self.ready(from.other(), false, true);
                 }
             }
             let calls = self.io.c2u.calls + self.io.u2c.calls;
@@ -347,19 +353,15 @@ pub(crate) fn run_pair(setup: &PairSetup, actions: &[PairAction]) -> PairOutcome
         ..Engine::default()
     };
     let now = Instant::now();
-    let mut activity = Activity::new(now);
-    check_expiry(&activity, &setup.timeouts, now);
-    // Relay::connected.
-    activity.connecting_since = None;
-    activity.last_active = now;
+    let mut core = RelayCore::new(now);
+    check_expiry(core.activity(), &setup.timeouts, now);
+    core.connected(now);
     let mut run = PairRun {
-        c2u: Direction::new(Side::Client, Side::Upstream),
-        u2c: Direction::new(Side::Upstream, Side::Client),
+        core,
         io: PairEngines {
             c2u: engine(),
             u2c: engine(),
         },
-        activity,
         timeouts: setup.timeouts,
         now,
         error: None,

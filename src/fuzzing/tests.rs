@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::engine::Endpoints;
 use crate::error::{Op, Side};
+use crate::relay::Peer;
 
 type Target = fn(&[u8]);
 
@@ -159,11 +160,11 @@ fn a_reset_ends_the_pair_and_discards_both_buffers() {
     let out = run_pair(
         &setup,
         &[
-            PairAction::Fill(Side::Upstream, Step::Moved(7)),
-            PairAction::Drain(Side::Upstream, Step::WouldBlock),
+            PairAction::Fill(Peer::Upstream, Step::Moved(7)),
+            PairAction::Drain(Peer::Upstream, Step::WouldBlock),
             PairAction::Pump,
-            PairAction::Fill(Side::Client, Step::Fail(io::ErrorKind::ConnectionReset)),
-            PairAction::Ready(Side::Client, true, false),
+            PairAction::Fill(Peer::Client, Step::Fail(io::ErrorKind::ConnectionReset)),
+            PairAction::Ready(Peer::Client, true, false),
             PairAction::Pump,
             PairAction::Pump,
         ],

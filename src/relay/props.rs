@@ -22,6 +22,7 @@ use crate::fuzzing::{
     check_books, check_expiry, run_direction, run_pair, Action, DirSetup, Discard, Engine,
     PairAction, PairSetup, Step, FAIL_KINDS,
 };
+use crate::relay::Peer;
 
 /// Case counts keep the whole file well under 20 s in a debug build.
 fn config(cases: u32) -> Config {
@@ -92,8 +93,8 @@ fn dir_setup(settle: bool) -> impl Strategy<Value = DirSetup> {
     })
 }
 
-fn side() -> impl Strategy<Value = Side> {
-    prop_oneof![Just(Side::Client), Just(Side::Upstream)]
+fn peer() -> impl Strategy<Value = Peer> {
+    prop_oneof![Just(Peer::Client), Just(Peer::Upstream)]
 }
 
 fn pair_action<F, D>(fill: F, drain: D) -> impl Strategy<Value = PairAction>
@@ -102,9 +103,9 @@ where
     D: Strategy<Value = Step>,
 {
     prop_oneof![
-        3 => (side(), fill).prop_map(|(s, f)| PairAction::Fill(s, f)),
-        3 => (side(), drain).prop_map(|(s, d)| PairAction::Drain(s, d)),
-        2 => (side(), any::<bool>(), any::<bool>()).prop_map(|(s, r, w)| PairAction::Ready(s, r, w)),
+        3 => (peer(), fill).prop_map(|(s, f)| PairAction::Fill(s, f)),
+        3 => (peer(), drain).prop_map(|(s, d)| PairAction::Drain(s, d)),
+        2 => (peer(), any::<bool>(), any::<bool>()).prop_map(|(s, r, w)| PairAction::Ready(s, r, w)),
         3 => Just(PairAction::Pump),
         1 => (0u64..200).prop_map(PairAction::Tick),
     ]
@@ -217,7 +218,7 @@ proptest! {
 proptest! {
     #![proptest_config(config(384))]
 
-    /// pump_pair with clocks and deadlines: every per-direction invariant on
+    /// The relay core with clocks and deadlines: every per-direction invariant on
     /// both, `moved`/`state_changed`/`Next` right, each direction within half
     /// the budget, `half_closed` iff a direction left Open, the deadline never
     /// before the last transfer and never moved earlier by a transfer alone.
