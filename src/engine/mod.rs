@@ -1,7 +1,7 @@
 //! The one transfer interface both engines sit behind.
 //!
 //! A direction's in-flight bytes live in a [`Buffer`]: a kernel pipe for the
-//! splice engine, a heap buffer for the copy engine. Engines only move bytes
+//! splice engine, an anonymously mapped buffer for the copy engine. Engines only move bytes
 //! and report [`Transfer`]; they never decide lifecycle, which is the
 //! direction state machine's job (`relay::direction`). [`Wire`] joins a
 //! direction's buffer slot to its two sockets and the worker's [`Pools`], and
@@ -16,12 +16,37 @@ use std::os::fd::AsFd;
 
 use mio::net::TcpStream;
 
-pub(crate) use copy::HeapBuffer;
+pub(crate) use copy::MappedBuffer;
 pub(crate) use pool::Pools;
 pub(crate) use splice::PooledPipe;
 
 use crate::config::Mode;
 use crate::sys;
+
+/// The engine a direction runs now. [`Mode`] is the user's choice; a
+/// direction of a `splice` listener may run `Copy` after a fallback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Engine {
+    Splice,
+    Copy,
+}
+
+impl Engine {
+    /// The engine a new direction of a listener with `mode` starts with.
+    pub(crate) fn for_mode(mode: Mode) -> Engine {
+        match mode {
+            Mode::Splice => Engine::Splice,
+            Mode::Copy => Engine::Copy,
+        }
+    }
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Engine::Splice => "splice",
+            Engine::Copy => "copy",
+        }
+    }
+}
 
 /// What one engine call did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,13 +77,13 @@ pub(crate) trait Endpoints {
 #[derive(Debug)]
 pub(crate) enum Buffer {
     Pipe(PooledPipe),
-    Heap(HeapBuffer),
+    Mapped(MappedBuffer),
 }
 
 /// A direction's engine choice and (lazily held) buffer.
 #[derive(Debug)]
 pub(crate) struct Slot {
-    engine: Mode,
+    engine: Engine,
     buffer: Option<Buffer>,
     /// Whether splice ever moved a byte; decides if EINVAL may fall back.
     spliced_any: bool,
@@ -68,9 +93,9 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
-    pub(crate) fn new(engine: Mode) -> Slot {
+    pub(crate) fn new(mode: Mode) -> Slot {
         Slot {
-            engine,
+            engine: Engine::for_mode(mode),
             buffer: None,
             spliced_any: false,
             urgent: false,
@@ -83,7 +108,7 @@ impl Slot {
     }
 
     /// The engine this direction uses now (splice may have fallen back to copy).
-    pub(crate) fn engine(&self) -> Mode {
+    pub(crate) fn engine(&self) -> Engine {
         self.engine
     }
 
@@ -98,7 +123,7 @@ impl Slot {
     /// Switches to copy for the rest of the direction's life. Only called
     /// with the buffer empty, so no byte can be reordered or lost.
     fn fall_back_to_copy(&mut self, pools: &mut Pools, why: &str) {
-        self.engine = Mode::Copy;
+        self.engine = Engine::Copy;
         if let Some(buffer) = self.buffer.take() {
             pools.give(buffer, true);
         }
@@ -132,7 +157,7 @@ impl Endpoints for Wire<'_> {
             }
             let result = match self.slot.buffer.as_mut() {
                 Some(Buffer::Pipe(pipe)) => pipe.fill(self.src.as_fd()),
-                Some(Buffer::Heap(heap)) => heap.fill(self.src),
+                Some(Buffer::Mapped(heap)) => heap.fill(self.src),
                 None => unreachable!("a buffer was just taken"),
             };
             match result {
@@ -140,12 +165,13 @@ impl Endpoints for Wire<'_> {
                     // Nothing moved yet, so nothing can be lost by switching.
                     self.slot.fall_back_to_copy(self.pools, "splice refused");
                 }
-                Ok(Transfer::Moved(_)) if self.slot.engine == Mode::Splice => {
+                Ok(Transfer::Moved(_)) if self.slot.engine == Engine::Splice => {
                     self.slot.spliced_any = true;
                     return result;
                 }
                 Ok(Transfer::WouldBlock | Transfer::Eof)
-                    if self.slot.engine == Mode::Splice && self.stalled_at_urgent_mark(&result) =>
+                    if self.slot.engine == Engine::Splice
+                        && self.stalled_at_urgent_mark(&result) =>
                 {
                     if pending > 0 {
                         // Deliver what the pipe holds first; the direction
@@ -165,7 +191,7 @@ impl Endpoints for Wire<'_> {
     fn drain(&mut self, pending: usize) -> io::Result<Transfer> {
         let moved = match self.slot.buffer.as_mut() {
             Some(Buffer::Pipe(pipe)) => pipe.drain(self.dst.as_fd(), pending),
-            Some(Buffer::Heap(heap)) => heap.drain(self.dst),
+            Some(Buffer::Mapped(heap)) => heap.drain(self.dst),
             None => return Err(io::Error::other("drain with no buffer held")),
         }?;
         if let Transfer::Moved(n) = moved {

@@ -10,8 +10,8 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Buffer, HeapBuffer, PooledPipe};
-use crate::config::{Config, Mode};
+use super::{Buffer, Engine, MappedBuffer, PooledPipe};
+use crate::config::Config;
 use crate::stats::WorkerCounters;
 use crate::sys::{self, Pipe};
 
@@ -30,7 +30,7 @@ pub(crate) struct Pools {
     /// Enlarged-pipe bytes this worker may hold, and holds now.
     pipe_budget: usize,
     pipe_bytes: usize,
-    idle_buffers: Vec<HeapBuffer>,
+    idle_buffers: Vec<MappedBuffer>,
     buffer_size: usize,
     counters: Arc<WorkerCounters>,
     last_log: Option<Instant>,
@@ -60,22 +60,22 @@ impl Pools {
     /// A buffer for a direction using `engine`. When no pipe can be had the
     /// direction switches to copy for good (`engine` is updated). Fails only
     /// when not even a copy buffer can be mapped (out of memory).
-    pub(crate) fn take(&mut self, engine: &mut Mode) -> io::Result<Buffer> {
-        if *engine == Mode::Splice {
+    pub(crate) fn take(&mut self, engine: &mut Engine) -> io::Result<Buffer> {
+        if *engine == Engine::Splice {
             match self.take_pipe() {
                 Ok(pipe) => return Ok(Buffer::Pipe(pipe)),
                 Err(why) => {
-                    *engine = Mode::Copy;
+                    *engine = Engine::Copy;
                     self.count_fallback(&why);
                 }
             }
         }
         let heap = match self.idle_buffers.pop() {
             Some(heap) => heap,
-            None => HeapBuffer::new(self.buffer_size)?,
+            None => MappedBuffer::new(self.buffer_size)?,
         };
         WorkerCounters::add(&self.counters.buffers_in_use, 1);
-        Ok(Buffer::Heap(heap))
+        Ok(Buffer::Mapped(heap))
     }
 
     /// Takes a buffer back. `empty` must be false when bytes may remain in
@@ -92,7 +92,7 @@ impl Pools {
                     self.pipe_bytes -= pipe.capacity();
                 }
             }
-            Buffer::Heap(heap) => {
+            Buffer::Mapped(heap) => {
                 WorkerCounters::sub(&self.counters.buffers_in_use, 1);
                 if heap.is_empty() && self.idle_buffers.len() < MAX_IDLE_BUFFERS {
                     self.idle_buffers.push(heap);
@@ -101,10 +101,10 @@ impl Pools {
         }
     }
 
-    pub(crate) fn count_moved(&self, engine: Mode, n: usize) {
+    pub(crate) fn count_moved(&self, engine: Engine, n: usize) {
         let counter = match engine {
-            Mode::Splice => &self.counters.bytes_spliced,
-            Mode::Copy => &self.counters.bytes_copied,
+            Engine::Splice => &self.counters.bytes_spliced,
+            Engine::Copy => &self.counters.bytes_copied,
         };
         WorkerCounters::add(counter, n as u64);
     }
@@ -180,7 +180,11 @@ mod tests {
     use std::sync::atomic::Ordering::Relaxed;
 
     fn pools(max_pipes: usize, pipe_size: usize, budget: usize) -> (Pools, Arc<WorkerCounters>) {
-        let mut config = Config::single("127.0.0.1:1".parse().unwrap(), vec![], Mode::Splice);
+        let mut config = Config::single(
+            "127.0.0.1:1".parse().unwrap(),
+            vec![],
+            crate::config::Mode::Splice,
+        );
         config.workers = 1;
         config.max_pipes_per_worker = max_pipes;
         config.pipe_size = pipe_size;
@@ -192,14 +196,14 @@ mod tests {
     fn capacity(b: &Buffer) -> usize {
         match b {
             Buffer::Pipe(p) => p.capacity(),
-            Buffer::Heap(_) => panic!("expected a pipe"),
+            Buffer::Mapped(_) => panic!("expected a pipe"),
         }
     }
 
     #[test]
     fn pipes_are_reused_and_counted() {
         let (mut p, c) = pools(8, 0, 0);
-        let mut mode = Mode::Splice;
+        let mut mode = Engine::Splice;
         let a = p.take(&mut mode).unwrap();
         assert!(matches!(a, Buffer::Pipe(_)));
         assert_eq!(c.pipes_in_use.load(Relaxed), 1);
@@ -220,7 +224,7 @@ mod tests {
     #[test]
     fn a_pipe_holding_bytes_is_never_pooled() {
         let (mut p, c) = pools(8, 0, 0);
-        let mut mode = Mode::Splice;
+        let mut mode = Engine::Splice;
         let a = p.take(&mut mode).unwrap();
         p.give(a, false);
         assert_eq!(c.pipes_idle.load(Relaxed), 0);
@@ -230,12 +234,12 @@ mod tests {
     #[test]
     fn past_the_cap_a_direction_falls_back_to_copy() {
         let (mut p, c) = pools(1, 0, 0);
-        let mut first = Mode::Splice;
+        let mut first = Engine::Splice;
         let a = p.take(&mut first).unwrap();
-        let mut second = Mode::Splice;
+        let mut second = Engine::Splice;
         let b = p.take(&mut second).unwrap();
-        assert!(matches!(b, Buffer::Heap(_)));
-        assert_eq!(second, Mode::Copy);
+        assert!(matches!(b, Buffer::Mapped(_)));
+        assert_eq!(second, Engine::Copy);
         assert_eq!(c.splice_fallbacks.load(Relaxed), 1);
         assert_eq!(c.buffers_in_use.load(Relaxed), 1);
         p.give(a, true);
@@ -246,7 +250,7 @@ mod tests {
     #[test]
     fn past_the_budget_pipes_keep_the_default_size() {
         let (mut p, _) = pools(8, 256 * 1024, 512 * 1024);
-        let mut mode = Mode::Splice;
+        let mut mode = Engine::Splice;
         let taken: Vec<Buffer> = (0..3).map(|_| p.take(&mut mode).unwrap()).collect();
         assert_eq!(capacity(&taken[0]), 256 * 1024);
         assert_eq!(capacity(&taken[1]), 256 * 1024);

@@ -23,7 +23,7 @@ pub(crate) use self::core::{Activity, Expiry, Next, PairIo, Peer, RelayCore, PUM
 pub(crate) use direction::{DirState, Direction};
 
 use crate::config::{Mode, Timeouts};
-use crate::engine::{Pools, Slot, Wire};
+use crate::engine::{Engine, Pools, Slot, Wire};
 use crate::error::{Op, RelayError};
 use crate::listener::Listener;
 use crate::stats::CloseReason;
@@ -237,7 +237,7 @@ impl Relay {
             Peer::Upstream => &self.u2c_slot,
         };
         match (self.listener.config.mode, slot.engine()) {
-            (Mode::Splice, Mode::Copy) => "copy-fallback",
+            (Mode::Splice, Engine::Copy) => "copy-fallback",
             (_, engine) => engine.as_str(),
         }
     }
