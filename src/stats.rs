@@ -65,25 +65,101 @@ impl std::fmt::Display for CloseReason {
     }
 }
 
-/// Live counters of one worker. Gauges (`*_active`, `pipes_*`) go up and down.
-#[derive(Debug, Default)]
-pub struct WorkerCounters {
-    pub relays_accepted: AtomicU64,
-    pub relays_active: AtomicU64,
-    pub bytes_spliced: AtomicU64,
-    pub bytes_copied: AtomicU64,
-    /// Directions that fell back from splice to copy (no pipe, or splice refused).
-    pub splice_fallbacks: AtomicU64,
-    pub pipes_in_use: AtomicU64,
-    pub pipes_idle: AtomicU64,
-    pub pipes_created: AtomicU64,
-    pub buffers_in_use: AtomicU64,
-    /// Times accept was paused because the process or system ran out of fds.
-    pub accept_pauses: AtomicU64,
-    pub upstream_connect_failures: AtomicU64,
-    /// Entries in the worker's deadline heap (live and not yet swept).
-    pub timer_entries: AtomicU64,
-    closed: [AtomicU64; CloseReason::ALL.len()],
+/// Whether a value only grows or goes up and down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// One row of the counter table: what a value is called and means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CounterInfo {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub help: &'static str,
+}
+
+/// Declares every counter once. From the one table come the per-worker
+/// live counters (a fixed `repr(C)` layout of plain atomics, so a block can
+/// later live in a shared-memory file and be repeated per listener), the
+/// summed [`Stats`] snapshot, and [`COUNTERS`], the names, kinds and help
+/// texts an exposition is made from.
+macro_rules! counter_table {
+    ($($(#[doc = $help:literal])+ $name:ident: $kind:ident,)+) => {
+        /// Live counters of one worker. Each worker is the only writer of
+        /// its block, so the relaxed atomics never contend.
+        #[derive(Debug, Default)]
+        #[repr(C)]
+        pub struct WorkerCounters {
+            $($(#[doc = $help])+ pub $name: AtomicU64,)+
+            closed: [AtomicU64; CloseReason::ALL.len()],
+        }
+
+        /// A sum over all workers at one moment.
+        #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+        pub struct Stats {
+            $($(#[doc = $help])+ pub $name: u64,)+
+            /// Relays closed, by reason (indexed like [`CloseReason::ALL`]).
+            pub closed: [u64; CloseReason::ALL.len()],
+        }
+
+        /// Every counter of [`Stats`], in declaration order.
+        pub const COUNTERS: &[CounterInfo] = &[
+            $(CounterInfo {
+                name: stringify!($name),
+                kind: Kind::$kind,
+                help: concat!($($help),+),
+            },)+
+        ];
+
+        impl Stats {
+            pub(crate) fn sum<'a>(workers: impl IntoIterator<Item = &'a WorkerCounters>) -> Stats {
+                let mut s = Stats::default();
+                for w in workers {
+                    $(s.$name += w.$name.load(Relaxed);)+
+                    for (sum, c) in s.closed.iter_mut().zip(&w.closed) {
+                        *sum += c.load(Relaxed);
+                    }
+                }
+                s
+            }
+
+            /// Each counter's value, in the order of [`COUNTERS`].
+            pub fn values(&self) -> Vec<u64> {
+                vec![$(self.$name),+]
+            }
+        }
+    };
+}
+
+counter_table! {
+    /// Connections accepted.
+    relays_accepted: Counter,
+    /// Relays alive now.
+    relays_active: Gauge,
+    /// Bytes written to a destination by splice(2).
+    bytes_spliced: Counter,
+    /// Bytes written to a destination from a userspace buffer.
+    bytes_copied: Counter,
+    /// Directions that fell back from splice to copy (no pipe, splice
+    /// refused, urgent data).
+    splice_fallbacks: Counter,
+    /// Pipes held by directions now.
+    pipes_in_use: Gauge,
+    /// Empty pipes kept for reuse.
+    pipes_idle: Gauge,
+    /// Pipes created.
+    pipes_created: Counter,
+    /// Copy buffers held by directions now.
+    buffers_in_use: Gauge,
+    /// Times accepting paused: out of fds, or at the relay cap.
+    accept_pauses: Counter,
+    /// Upstream connect attempts that failed.
+    upstream_connect_failures: Counter,
+    /// Entries in the workers' deadline heaps (live and not yet swept).
+    timer_entries: Gauge,
 }
 
 impl WorkerCounters {
@@ -100,25 +176,6 @@ impl WorkerCounters {
     }
 }
 
-/// A sum over all workers at one moment.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Stats {
-    pub relays_accepted: u64,
-    pub relays_active: u64,
-    pub bytes_spliced: u64,
-    pub bytes_copied: u64,
-    pub splice_fallbacks: u64,
-    pub pipes_in_use: u64,
-    pub pipes_idle: u64,
-    pub pipes_created: u64,
-    pub buffers_in_use: u64,
-    pub accept_pauses: u64,
-    pub upstream_connect_failures: u64,
-    pub timer_entries: u64,
-    /// Relays closed, by reason (indexed like [`CloseReason::ALL`]).
-    pub closed: [u64; CloseReason::ALL.len()],
-}
-
 impl Stats {
     pub fn closed(&self, reason: CloseReason) -> u64 {
         self.closed[reason.index()]
@@ -127,26 +184,37 @@ impl Stats {
     pub fn closed_total(&self) -> u64 {
         self.closed.iter().sum()
     }
+}
 
-    pub(crate) fn sum<'a>(workers: impl IntoIterator<Item = &'a WorkerCounters>) -> Stats {
-        let mut s = Stats::default();
-        for w in workers {
-            s.relays_accepted += w.relays_accepted.load(Relaxed);
-            s.relays_active += w.relays_active.load(Relaxed);
-            s.bytes_spliced += w.bytes_spliced.load(Relaxed);
-            s.bytes_copied += w.bytes_copied.load(Relaxed);
-            s.splice_fallbacks += w.splice_fallbacks.load(Relaxed);
-            s.pipes_in_use += w.pipes_in_use.load(Relaxed);
-            s.pipes_idle += w.pipes_idle.load(Relaxed);
-            s.pipes_created += w.pipes_created.load(Relaxed);
-            s.buffers_in_use += w.buffers_in_use.load(Relaxed);
-            s.accept_pauses += w.accept_pauses.load(Relaxed);
-            s.upstream_connect_failures += w.upstream_connect_failures.load(Relaxed);
-            s.timer_entries += w.timer_entries.load(Relaxed);
-            for (sum, c) in s.closed.iter_mut().zip(&w.closed) {
-                *sum += c.load(Relaxed);
-            }
-        }
-        s
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_names_every_counter_once_with_help() {
+        let mut names: Vec<&str> = COUNTERS.iter().map(|c| c.name).collect();
+        assert_eq!(names.len(), Stats::default().values().len());
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), COUNTERS.len(), "a counter is declared twice");
+        assert!(COUNTERS.iter().all(|c| !c.help.trim().is_empty()));
+    }
+
+    #[test]
+    fn sums_add_workers_and_keep_the_table_order() {
+        let (a, b) = (WorkerCounters::default(), WorkerCounters::default());
+        WorkerCounters::add(&a.bytes_spliced, 5);
+        WorkerCounters::add(&b.bytes_spliced, 7);
+        WorkerCounters::add(&b.relays_active, 2);
+        WorkerCounters::sub(&b.relays_active, 1);
+        b.closed(CloseReason::Idle);
+        let s = Stats::sum([&a, &b]);
+        assert_eq!(s.bytes_spliced, 12);
+        assert_eq!(s.relays_active, 1);
+        assert_eq!(s.closed(CloseReason::Idle), 1);
+        assert_eq!(s.closed_total(), 1);
+        let at = |name| COUNTERS.iter().position(|c| c.name == name).unwrap();
+        assert_eq!(s.values()[at("bytes_spliced")], 12);
+        assert_eq!(COUNTERS[at("relays_active")].kind, Kind::Gauge);
     }
 }
