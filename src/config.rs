@@ -146,7 +146,7 @@ impl Config {
         for l in &self.listeners {
             if l.upstreams.is_empty() {
                 return Err(ConfigError(format!(
-                    "listener {} has no upstream (give at least one --upstream)",
+                    "listener {} has no upstream server",
                     display_addrs(&l.listen)
                 )));
             }
@@ -155,7 +155,7 @@ impl Config {
             }
         }
         if self.workers == 0 {
-            return Err(ConfigError("--workers must be at least 1".into()));
+            return Err(ConfigError("workers must be at least 1".into()));
         }
         if self.copy_buffer_size == 0 {
             return Err(ConfigError("copy buffer size must be positive".into()));
@@ -182,7 +182,10 @@ pub fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// A configuration problem, worded for a one-line error message.
+/// A configuration problem, worded for a one-line error message. It names
+/// settings as the library knows them (`workers`, a listener's upstream
+/// servers); a front end (the CLI, a config file) maps them to its own
+/// words.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError(pub String);
 
@@ -290,9 +293,7 @@ pub fn display_addrs(addrs: &[SocketAddr]) -> String {
 /// `*:PORT`) means every address, IPv4 and IPv6, as HAProxy and nginx users
 /// write it. A name is bound on every address it resolves to.
 pub fn resolve_listen(text: &str) -> Result<Vec<SocketAddr>, String> {
-    let wildcard_port = text
-        .strip_prefix(':')
-        .or_else(|| text.strip_prefix("*:"));
+    let wildcard_port = text.strip_prefix(':').or_else(|| text.strip_prefix("*:"));
     if let Some(port) = wildcard_port {
         let port: u16 = port
             .parse()
@@ -374,7 +375,9 @@ mod tests {
     fn listen_addresses() {
         let all = resolve_listen(":6432").unwrap();
         assert_eq!(all.len(), 2);
-        assert!(all.iter().all(|a| a.ip().is_unspecified() && a.port() == 6432));
+        assert!(all
+            .iter()
+            .all(|a| a.ip().is_unspecified() && a.port() == 6432));
         assert!(all[0].is_ipv4() && all[1].is_ipv6());
         assert_eq!(resolve_listen("*:5").unwrap().len(), 2);
         assert!(resolve_listen(":").is_err());
