@@ -1,6 +1,6 @@
 //! Validated settings: what the CLI (and later a TOML file) turns into.
 //!
-//! The shape already follows the roadmap: a [`Config`] holds several
+//! A [`Config`] holds several
 //! [`ListenerConfig`]s, each with its own upstreams, engine and timeouts, and
 //! every worker serves all of them. A relay keeps an `Arc` to its listener's
 //! settings, so per-listener changes never touch the hot path.

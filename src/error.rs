@@ -78,6 +78,9 @@ pub enum StartError {
     Config(ConfigError),
     /// Binding a listener failed (address in use, permission, bad address).
     Listen(std::net::SocketAddr, io::Error),
+    /// An upstream is one of this proxy's own listen addresses: every relay
+    /// to it would open another relay.
+    Loop(std::net::SocketAddr),
     /// Any other setup step, named by the string.
     Io(String, io::Error),
 }
@@ -87,6 +90,10 @@ impl fmt::Display for StartError {
         match self {
             StartError::Config(e) => write!(f, "bad configuration: {e}"),
             StartError::Listen(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
+            StartError::Loop(addr) => write!(
+                f,
+                "upstream {addr} is this proxy's own listen address (a loop)"
+            ),
             StartError::Io(what, e) => write!(f, "cannot {what}: {e}"),
         }
     }

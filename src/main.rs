@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use spliced::config::{self, Config, ListenerConfig, Mode, Timeouts};
 
 #[derive(Parser, Debug)]
@@ -27,13 +27,14 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// Address to accept clients on, HOST:PORT.
+    /// Address to accept clients on: HOST:PORT, :PORT for every IPv4 and IPv6
+    /// address, or NAME:PORT for every address the name resolves to.
     #[arg(long, value_name = "ADDR")]
     listen: String,
-    /// Server to relay to, HOST:PORT; repeat for round-robin with failover.
+    /// Server to relay to, HOST:PORT; repeat it for round-robin with failover.
     #[arg(long = "upstream", value_name = "ADDR")]
     upstreams: Vec<String>,
-    /// How bytes move: splice (zero-copy, falls back per direction) or copy.
+    /// How bytes move: splice (zero-copy, falling back to copy per direction) or copy.
     #[arg(long, default_value = "splice", value_name = "MODE")]
     mode: Mode,
     /// Close a relay after this long with no byte moved either way (0 disables).
@@ -42,19 +43,20 @@ struct RunArgs {
     /// Inactivity limit once either direction is half-closed (0 disables).
     #[arg(long, default_value = "60s", value_name = "DUR", value_parser = duration)]
     fin_timeout: Limit,
-    /// Bound on each upstream connect attempt (0 disables).
+    /// Limit on each upstream connect attempt (0 disables).
     #[arg(long, default_value = "5s", value_name = "DUR", value_parser = duration)]
     connect_timeout: Limit,
     /// Worker threads, each with its own event loop [default: number of CPUs].
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
-    /// Capacity asked of each pooled pipe (F_SETPIPE_SZ), e.g. 1m, 256k; 0 keeps the kernel's.
-    #[arg(long, value_name = "BYTES", value_parser = config::parse_size)]
-    pipe_size: Option<usize>,
-    /// Most pipes per worker (in use + pooled); past it, directions copy.
-    #[arg(long, value_name = "N")]
-    max_pipes: Option<usize>,
-    /// Enlarged-pipe bytes for the whole process; past it pipes keep the
+    /// Capacity asked of each pooled pipe (F_SETPIPE_SZ), e.g. 256k; 0 keeps
+    /// the kernel's default size.
+    #[arg(long, default_value = "1m", value_name = "BYTES", value_parser = config::parse_size)]
+    pipe_size: usize,
+    /// Most pipes per worker, in use or pooled; past it, new directions copy.
+    #[arg(long, default_value = "4096", value_name = "N")]
+    max_pipes: usize,
+    /// Enlarged-pipe bytes for the whole process; past it, new pipes keep the
     /// kernel's default size [default: half of pipe-user-pages-soft].
     #[arg(long, value_name = "BYTES", value_parser = config::parse_size)]
     pipe_budget: Option<usize>,
@@ -98,14 +100,10 @@ impl RunArgs {
         if let Some(n) = self.workers {
             config.workers = n;
         }
-        if let Some(size) = self.pipe_size {
-            config.pipe_size = size;
-        }
+        config.pipe_size = self.pipe_size;
+        config.max_pipes_per_worker = self.max_pipes;
         if let Some(bytes) = self.pipe_budget {
             config.pipe_budget = bytes;
-        }
-        if let Some(n) = self.max_pipes {
-            config.max_pipes_per_worker = n;
         }
         config.max_relays = self.max_conns;
         config.drain_timeout = self.drain_timeout.0;
@@ -122,7 +120,7 @@ fn main() -> ExitCode {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
-        Err(e) => return fail(first_line(&e.to_string())),
+        Err(e) => return fail(&usage_error(&e)),
     };
     // The bench runs thousands of relays in-process: one line each would
     // cost the worker CPU it measures.
@@ -140,15 +138,13 @@ fn main() -> ExitCode {
 }
 
 fn run(config: Config) -> ExitCode {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let handle = match spliced::start(config) {
         Ok(h) => h,
         Err(e) => return fail(&e.to_string()),
     };
     let controller = handle.controller();
-    let signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ]);
+    let signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]);
     let mut signals = match signals {
         Ok(s) => s,
         Err(e) => return fail(&format!("cannot install signal handlers: {e}")),
@@ -156,6 +152,14 @@ fn run(config: Config) -> ExitCode {
     std::thread::spawn(move || {
         let mut seen = 0;
         for signal in signals.forever() {
+            if signal == SIGHUP {
+                // Its default action would end the process at once, without
+                // a drain.
+                tracing::warn!(
+                    "SIGHUP received; configuration reload is not supported yet, ignoring"
+                );
+                continue;
+            }
             seen += 1;
             if seen == 1 {
                 tracing::info!(signal, "stopping: no new connections; draining live relays");
@@ -182,16 +186,113 @@ fn init_logging(default_level: &str) {
         .init();
 }
 
-/// clap's messages span several lines; the first one names the problem.
-fn first_line(message: &str) -> &str {
-    message
-        .lines()
-        .next()
-        .unwrap_or(message)
-        .trim_start_matches("error: ")
+/// clap's error as one line: the lines before its usage and "For more
+/// information" footer (the problem, then any list of arguments or tip),
+/// joined, and a pointer to the right `--help`.
+fn usage_error(e: &clap::Error) -> String {
+    let command = Cli::command();
+    let path = help_path(&command);
+    if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        let names: Vec<&str> = command
+            .get_subcommands()
+            .map(|c| c.get_name())
+            .filter(|&n| n != "help")
+            .collect();
+        return format!(
+            "no command given; expected one of: {} (see '{path} --help')",
+            names.join(", ")
+        );
+    }
+    let rendered = e.to_string();
+    let mut line = String::new();
+    let mut in_list = false;
+    for raw in rendered.lines() {
+        let text = raw.trim();
+        if text.starts_with("Usage:") || text.starts_with("For more information") {
+            break;
+        }
+        if text.is_empty() {
+            in_list = false;
+            continue;
+        }
+        let text = text.strip_prefix("error: ").unwrap_or(text);
+        let item = raw.starts_with(' ') && !text.starts_with("tip:");
+        let joint = if line.is_empty() {
+            ""
+        } else if line.ends_with(':') || text.starts_with('[') {
+            " "
+        } else if in_list && item {
+            ", "
+        } else {
+            "; "
+        };
+        line.push_str(joint);
+        line.push_str(text);
+        in_list = item || line.ends_with(':');
+    }
+    format!("{line} (see '{path} --help')")
+}
+
+/// `spliced` or `spliced SUBCOMMAND`: whose `--help` explains the error.
+fn help_path(command: &clap::Command) -> String {
+    let name = command.get_name();
+    match std::env::args().nth(1) {
+        Some(sub) if command.get_subcommands().any(|c| c.get_name() == sub) => {
+            format!("{name} {sub}")
+        }
+        _ => name.to_string(),
+    }
 }
 
 fn fail(message: &str) -> ExitCode {
     eprintln!("spliced: error: {message}");
     ExitCode::from(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let argv = ["spliced", "run", "--listen", "127.0.0.1:1"];
+        match Cli::parse_from(argv.iter().chain(args)).command {
+            Command::Run(r) => r,
+            Command::Bench(_) => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn cli_defaults_are_the_library_defaults() {
+        let cli = run_args(&["--upstream", "127.0.0.1:2"]);
+        let lib = Config::single("127.0.0.1:1".parse().unwrap(), vec![], Mode::Splice);
+        assert_eq!(cli.pipe_size, lib.pipe_size);
+        assert_eq!(cli.max_pipes, lib.max_pipes_per_worker);
+        let timeouts = Timeouts::default();
+        assert_eq!(cli.idle_timeout.0, timeouts.idle);
+        assert_eq!(cli.fin_timeout.0, timeouts.fin);
+        assert_eq!(cli.connect_timeout.0, timeouts.connect);
+        assert_eq!(cli.drain_timeout.0, lib.drain_timeout);
+    }
+
+    #[test]
+    fn clap_errors_become_one_line() {
+        let one_line = |argv: &[&str]| {
+            let e = Cli::try_parse_from(argv).unwrap_err();
+            let line = usage_error(&e);
+            assert!(!line.contains('\n'), "{line}");
+            line
+        };
+        let missing = one_line(&["spliced", "run"]);
+        assert!(
+            missing.contains("not provided: --listen <ADDR>"),
+            "{missing}"
+        );
+        let typo = one_line(&["spliced", "runn"]);
+        assert!(
+            typo.contains("'runn'; tip: a similar subcommand exists: 'run'"),
+            "{typo}"
+        );
+        let bare = one_line(&["spliced"]);
+        assert!(bare.contains("run, bench"), "{bare}");
+    }
 }

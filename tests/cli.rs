@@ -5,7 +5,8 @@
 mod common;
 
 use std::io::Write;
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,12 @@ both_engines!(
 
 #[test]
 fn help_and_version_exit_zero() {
-    for args in [&["--help"][..], &["run", "--help"], &["--version"]] {
+    for args in [
+        &["--help"][..],
+        &["run", "--help"],
+        &["bench", "--help"],
+        &["--version"],
+    ] {
         let (status, stdout, stderr) = run_bin(args, Duration::from_secs(10));
         let status = status.unwrap_or_else(|| panic!("{args:?} did not exit"));
         assert!(
@@ -51,38 +57,120 @@ fn help_and_version_exit_zero() {
     }
 }
 
-/// Runs `spliced run ARGS`, which must fail at once with one error line on
-/// stderr containing every one of `needles` (case-insensitive).
-fn assert_one_line_error(args: &[&str], needles: &[&str]) {
-    let mut full = vec!["run"];
-    full.extend_from_slice(args);
-    let (status, _stdout, stderr) = run_bin(&full, Duration::from_secs(10));
-    let status = status.unwrap_or_else(|| panic!("`spliced {full:?}` kept running"));
-    assert!(!status.success(), "`spliced {full:?}` exited 0");
-    assert!(
-        status.code().is_some(),
-        "`spliced {full:?}` died of a signal ({status})"
+/// Runs `spliced ARGS`, which must exit 2 at once with exactly one stderr
+/// line, `spliced: error: ...`, containing every one of `needles`
+/// (case-insensitive). Returns the line.
+fn assert_error_line(args: &[&str], needles: &[&str]) -> String {
+    let (status, _stdout, stderr) = run_bin(args, Duration::from_secs(10));
+    let status = status.unwrap_or_else(|| panic!("`spliced {args:?}` kept running"));
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "`spliced {args:?}` exited {status}; stderr:\n{stderr}"
     );
     let lines: Vec<&str> = stderr.trim_end().lines().collect();
     assert_eq!(
         lines.len(),
         1,
-        "`spliced {full:?}`: expected exactly one stderr line, got:\n{stderr}"
+        "`spliced {args:?}`: expected exactly one stderr line, got:\n{stderr}"
     );
     let line = lines[0];
     assert!(
-        line.starts_with("spliced: error:") || line.starts_with("error:"),
-        "`spliced {full:?}`: the line does not start with 'spliced: error:' / 'error:': {line}"
+        line.starts_with("spliced: error: "),
+        "`spliced {args:?}`: the line does not start with 'spliced: error: ': {line}"
     );
     let lower = line.to_lowercase();
     for n in needles {
         assert!(
             lower.contains(&n.to_lowercase()),
-            "`spliced {full:?}`: the error does not name '{n}': {line}"
+            "`spliced {args:?}`: the error does not name '{n}': {line}"
         );
     }
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
     assert!(!stderr.contains("backtrace"), "backtrace: {stderr}");
+    line.to_string()
+}
+
+/// [`assert_error_line`] for `spliced run ARGS`.
+fn assert_one_line_error(args: &[&str], needles: &[&str]) {
+    let mut full = vec!["run"];
+    full.extend_from_slice(args);
+    assert_error_line(&full, needles);
+}
+
+#[test]
+fn usage_errors_carry_clap_details_on_one_line() {
+    // The missing argument is named, and the line says where help is.
+    assert_error_line(
+        &["run"],
+        &[
+            "the following required arguments were not provided: --listen <ADDR>",
+            "spliced run --help",
+        ],
+    );
+    // No command: the commands are named, not the crate description.
+    let line = assert_error_line(&[], &["run", "bench", "--help"]);
+    assert!(
+        !line.contains("zero-copy"),
+        "the description as an error: {line}"
+    );
+    // clap's suggestions stay, on the same line.
+    assert_error_line(
+        &["runn"],
+        &[
+            "unrecognized subcommand 'runn'",
+            "tip: a similar subcommand exists: 'run'",
+        ],
+    );
+    assert_error_line(
+        &["run", "--listne", "127.0.0.1:1"],
+        &["'--listne'", "tip: a similar argument exists: '--listen'"],
+    );
+    assert_error_line(
+        &["bench", "--workloads", "bogus"],
+        &["'bogus'", "possible values: bulk", "spliced bench --help"],
+    );
+    assert_error_line(
+        &["bench", "--engines", "bogus"],
+        &["unknown engine 'bogus'"],
+    );
+}
+
+#[test]
+fn help_shows_defaults_in_whole_sentences() {
+    for args in [&["run", "--help"][..], &["bench", "--help"]] {
+        let (status, stdout, stderr) = run_bin(args, Duration::from_secs(10));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{args:?}: {status:?}; stderr: {stderr}"
+        );
+        for line in stdout.lines() {
+            let line = line.trim_end();
+            // A description cut before its noun ("keeps the kernel's").
+            assert!(
+                !line.ends_with("'s") && !line.ends_with("...") && !line.ends_with(','),
+                "{args:?}: a help line ends mid-sentence: {line}"
+            );
+        }
+    }
+    let (_, stdout, _) = run_bin(&["run", "--help"], Duration::from_secs(10));
+    let flag_line = |flag: &str| {
+        stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(flag))
+            .unwrap_or_else(|| panic!("run --help has no {flag} line:\n{stdout}"))
+            .to_string()
+    };
+    assert!(
+        flag_line("--pipe-size").contains("[default: 1m]"),
+        "{}",
+        flag_line("--pipe-size")
+    );
+    assert!(
+        flag_line("--max-pipes").contains("[default: 4096]"),
+        "{}",
+        flag_line("--max-pipes")
+    );
 }
 
 #[test]
@@ -298,4 +386,255 @@ fn second_signal_exits_at_once(mode: Mode) {
     let status = proxy.wait_exit(Duration::from_secs(2));
     assert!(status.is_some(), "a second signal did not end the process");
     let (_ending, _) = expect_closed(&mut client, Duration::from_secs(2));
+}
+
+#[test]
+fn sighup_is_logged_and_ignored() {
+    let up = echo_server();
+    let addr = up.addr.to_string();
+    let mut proxy = Spliced::run(&["--upstream", &addr]);
+    let mut before = connect(proxy.addr);
+    round_trip(&mut before, b"before", Duration::from_secs(5));
+
+    proxy.signal(Signal::SIGHUP);
+    wait_until(Duration::from_secs(5), "SIGHUP is logged", || {
+        proxy.try_wait().is_none()
+            && proxy.logs().iter().any(|l| {
+                l.contains("WARN")
+                    && l.contains(
+                        "SIGHUP received; configuration reload is not supported yet, ignoring",
+                    )
+            })
+    });
+    assert!(proxy.try_wait().is_none(), "SIGHUP ended the process");
+    // Both the live relay and a new one still work.
+    round_trip(&mut before, b"after", Duration::from_secs(5));
+    let mut after = connect(proxy.addr);
+    round_trip(&mut after, b"new relay", Duration::from_secs(5));
+    assert!(proxy.try_wait().is_none(), "exited after SIGHUP");
+    drop((before, after));
+
+    proxy.signal(Signal::SIGTERM);
+    let status = proxy
+        .wait_exit(Duration::from_secs(5))
+        .expect("still running 5 s after SIGTERM");
+    assert!(status.success(), "exit status {status} after SIGTERM");
+}
+
+/// A port no socket of this host uses, on any address of either family:
+/// bound once on the dual-stack wildcard without SO_REUSEADDR (which the
+/// kernel grants only on a port nothing uses), then released.
+fn free_port() -> u16 {
+    use socket2::{Domain, Socket, Type};
+    let dual = || -> std::io::Result<Socket> {
+        let s = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+        s.set_only_v6(false)?;
+        s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)).into())?;
+        Ok(s)
+    };
+    let socket = dual().unwrap_or_else(|_| {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::from(([0, 0, 0, 0], 0)).into()).unwrap();
+        s
+    });
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    addr.port()
+}
+
+#[test]
+fn upstream_that_is_the_listen_address_is_refused() {
+    let port = free_port();
+    let own = format!("127.0.0.1:{port}");
+    assert_one_line_error(
+        &["--listen", &own, "--upstream", &own],
+        &[
+            &format!("upstream {own} is this proxy's own listen address"),
+            "loop",
+        ],
+    );
+    // A wildcard listener takes loopback and unspecified upstreams of its port.
+    let any = format!("0.0.0.0:{port}");
+    assert_one_line_error(&["--listen", &any, "--upstream", &own], &[&own, "loop"]);
+    assert_one_line_error(&["--listen", &own, "--upstream", &any], &[&any, "loop"]);
+    // One looping upstream among others is refused too.
+    let elsewhere = format!("127.0.0.1:{}", free_port());
+    assert_one_line_error(
+        &[
+            "--listen",
+            &own,
+            "--upstream",
+            &elsewhere,
+            "--upstream",
+            &own,
+        ],
+        &[&own, "loop"],
+    );
+    // The same port on another loopback address is no loop.
+    let mut cmd = Command::new(bin());
+    cmd.args([
+        "run",
+        "--listen",
+        &own,
+        "--upstream",
+        &format!("127.0.0.2:{port}"),
+    ]);
+    let proxy = Spliced::spawn(cmd);
+    assert_eq!(proxy.addr.port(), port);
+}
+
+/// The value of `key=` in a log line.
+fn field(line: &str, key: &str) -> Option<u64> {
+    let at = line.find(&format!("{key}="))? + key.len() + 1;
+    let digits: String = line[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+#[test]
+fn effective_limits_are_logged_at_start() {
+    let up = echo_server();
+    let addr = up.addr.to_string();
+
+    // The relay cap derived from the fd limit, and the pipe size granted.
+    // 16 MiB is past the default pipe-max-size: the kernel grants it only
+    // with CAP_SYS_RESOURCE. Either way the log must tell.
+    const PIPE: u64 = 16 << 20;
+    let proxy = Spliced::run(&["--upstream", &addr, "--pipe-size", "16m"]);
+    let logs = proxy.logs();
+    let cap = logs
+        .iter()
+        .find(|l| l.contains("INFO") && l.contains("relays at once"))
+        .unwrap_or_else(|| panic!("no relay cap line:\n{}", logs.join("\n")));
+    assert!(cap.contains("fd limit"), "{cap}");
+    let pipe = logs
+        .iter()
+        .find(|l| l.contains("pipe size") && field(l, "pipe_size").is_some())
+        .unwrap_or_else(|| panic!("no pipe size line:\n{}", logs.join("\n")));
+    let granted = field(pipe, "pipe_size").unwrap();
+    assert_eq!(
+        granted < PIPE,
+        pipe.contains("WARN"),
+        "granted {granted} of {PIPE}: a warning if and only if less: {pipe}"
+    );
+    drop(proxy);
+
+    // More relays than the fd limit allows, and a budget below one pipe.
+    const ASKED: u64 = 1_000_000_000;
+    let proxy = Spliced::run(&[
+        "--upstream",
+        &addr,
+        "--max-conns",
+        &ASKED.to_string(),
+        "--workers",
+        "2",
+        "--pipe-budget",
+        "1m",
+    ]);
+    let logs = proxy.logs();
+    let lowered = logs
+        .iter()
+        .find(|l| l.contains("WARN") && l.contains("max_conns lowered"))
+        .unwrap_or_else(|| panic!("no warning for --max-conns:\n{}", logs.join("\n")));
+    let effective = field(lowered, "max_conns").expect("max_conns=N in the warning");
+    assert!(effective < ASKED, "{lowered}");
+    assert!(lowered.contains("fd limit"), "{lowered}");
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("WARN") && l.contains("pipe budget")),
+        "no warning that a worker's budget share (512 KiB) holds no 1 MiB pipe:\n{}",
+        logs.join("\n")
+    );
+    drop(proxy);
+
+    // A cap within the limit is taken as asked; copy mode checks no pipe.
+    let proxy = Spliced::run(&["--upstream", &addr, "--max-conns", "10", "--mode", "copy"]);
+    let logs = proxy.logs();
+    assert!(
+        logs.iter().any(|l| l.contains("INFO")
+            && l.contains("at most 10 relays at once")
+            && field(l, "max_conns") == Some(10)),
+        "no 'at most 10 relays' line:\n{}",
+        logs.join("\n")
+    );
+    assert!(
+        !logs.iter().any(|l| l.contains("pipe size")),
+        "copy mode checked pipes:\n{}",
+        logs.join("\n")
+    );
+}
+
+#[test]
+fn second_proxy_on_a_taken_port_is_refused() {
+    let up = echo_server();
+    let addr = up.addr.to_string();
+    let first = Spliced::run(&["--upstream", &addr]);
+    let taken = first.addr.to_string();
+    // The first proxy set SO_REUSEPORT; the second must not share its port.
+    assert_one_line_error(
+        &["--listen", &taken, "--upstream", &addr],
+        &[&taken, "address already in use"],
+    );
+    let mut client = connect(first.addr);
+    round_trip(&mut client, b"first still serves", Duration::from_secs(5));
+}
+
+fn ipv6_loopback() -> bool {
+    TcpListener::bind("[::1]:0").is_ok()
+}
+
+#[test]
+fn listen_on_port_alone_binds_ipv4_and_ipv6() {
+    let up = echo_server();
+    let addr = up.addr.to_string();
+    for form in [":", "*:"] {
+        let port = free_port();
+        let mut cmd = Command::new(bin());
+        cmd.args([
+            "run",
+            "--listen",
+            &format!("{form}{port}"),
+            "--upstream",
+            &addr,
+        ]);
+        let proxy = Spliced::spawn(cmd);
+        let mut targets: Vec<SocketAddr> = vec![([127, 0, 0, 1], port).into()];
+        if ipv6_loopback() {
+            targets.push(format!("[::1]:{port}").parse().unwrap());
+        }
+        for target in targets {
+            let mut client = connect(target);
+            round_trip(&mut client, b"hello", Duration::from_secs(5));
+        }
+        drop(proxy);
+    }
+}
+
+#[test]
+fn bench_output_reports_measurements_only() {
+    let (status, stdout, stderr) = run_bin(
+        &[
+            "bench",
+            "--quick",
+            "--workloads",
+            "bulk,idle",
+            "--idle-relays",
+            "200",
+        ],
+        Duration::from_secs(120),
+    );
+    let status = status.expect("spliced bench --quick did not finish in 120 s");
+    assert!(status.success(), "exit {status}:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("CPU per GiB vs copy: ") && stdout.contains("×"),
+        "no splice vs copy ratio in the summary:\n{stdout}"
+    );
+    let lower = stdout.to_lowercase();
+    for word in ["issue", "floor", "missed", "targets's", "worker(s)"] {
+        assert!(
+            !lower.contains(word),
+            "the bench output says '{word}':\n{stdout}"
+        );
+    }
 }

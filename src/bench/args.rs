@@ -11,11 +11,11 @@ use crate::Mode;
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Workload {
-    /// Streaming: 1 and N connections one way, and both ways at once.
+    /// Streaming through 1 and N connections, one way and both ways at once.
     Bulk,
     /// Request/response ping-pong across message sizes.
     Rr,
-    /// New connection, one small exchange, close.
+    /// A new connection for each small exchange, closed after it.
     Connect,
     /// Many open idle relays: the proxy's memory, fds and pipes per relay.
     Idle,
@@ -44,12 +44,12 @@ pub struct BenchArgs {
           default_values_t = [Workload::Bulk, Workload::Rr, Workload::Connect, Workload::Idle])]
     pub workloads: Vec<Workload>,
 
-    /// Engines to compare, comma-separated: splice, copy, direct (no proxy), target (every
-    /// --target). Default: splice,copy,direct; with --target: direct,target.
+    /// Engines to compare, comma-separated: splice, copy, direct (no proxy) or target (every
+    /// --target) [default: splice,copy,direct; with --target: direct,target].
     #[arg(long, short = 'e', value_delimiter = ',', value_name = "ENGINE")]
     pub engines: Vec<String>,
 
-    /// A short smoke run (under 10 s): fewer, shorter runs and 1000 idle relays.
+    /// Run a short smoke test (under 10 s): fewer, shorter runs and 1000 idle relays.
     #[arg(long)]
     pub quick: bool,
 
@@ -61,13 +61,13 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
 
-    /// Measure another running proxy that forwards to --upstream: [NAME=]HOST:PORT.
-    /// Repeat it to compare several proxies in one run.
+    /// Measure another running proxy, one that forwards to --upstream; repeat it to
+    /// compare several proxies in one run.
     #[arg(long, value_name = "[NAME=]HOST:PORT")]
     pub target: Vec<String>,
 
-    /// PID of a --target proxy (the n-th --target-pid goes with the n-th --target): its
-    /// CPU time, memory and fds (with its child processes) are read from /proc.
+    /// PID of a --target proxy, whose CPU time, memory and fds (its child processes'
+    /// included) are then read from /proc; the n-th --target-pid goes with the n-th --target.
     #[arg(long, value_name = "PID")]
     pub target_pid: Vec<u32>,
 
@@ -76,34 +76,35 @@ pub struct BenchArgs {
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:0")]
     pub upstream: SocketAddr,
 
-    /// Pipe size of the splice engine; give several (e.g. 64k,256k,1m) to compare them
-    /// side by side as engines splice-64k, splice-256k, ... Default: the built-in default.
+    /// Pipe size of the splice engine; give several, e.g. 64k,256k,1m, to compare them
+    /// side by side as engines named splice-64k, splice-256k and so on [default: 1m].
     #[arg(long, value_delimiter = ',', value_parser = parse_size_arg, value_name = "SIZE")]
     pub pipe_size: Vec<usize>,
 
     /// Worker threads of the proxy under test.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_name = "N")]
     pub workers: usize,
 
-    /// Runs per figure (the median is reported). Default 5 (idle 3), --quick 3 (idle 1).
-    #[arg(long)]
+    /// Runs per figure, of which the median is reported [default: 5, idle 3; with
+    /// --quick: 3, idle 1].
+    #[arg(long, value_name = "N")]
     pub runs: Option<usize>,
 
-    /// Measured time of one bulk, rr or connect run (e.g. 400ms). Default 250ms
-    /// (rr 150ms), --quick 50ms.
-    #[arg(long, value_parser = parse_duration_arg)]
+    /// Measured time of one bulk, rr or connect run, e.g. 400ms [default: 250ms, rr
+    /// 150ms; with --quick: 50ms].
+    #[arg(long, value_parser = parse_duration_arg, value_name = "DUR")]
     pub duration: Option<Duration>,
 
-    /// Connections of the N-connection bulk cases. Default 8.
-    #[arg(long)]
+    /// Connections of the many-connection bulk cases [default: 8].
+    #[arg(long, value_name = "N")]
     pub conns: Option<usize>,
 
-    /// rr message sizes, comma-separated. Default 64,1k,16k,256k.
+    /// Message sizes of the rr workload, comma-separated [default: 64,1k,16k,256k].
     #[arg(long, value_delimiter = ',', value_parser = parse_size_arg, value_name = "SIZE")]
     pub sizes: Vec<usize>,
 
-    /// Idle relays to open. Default 10000, --quick 1000.
-    #[arg(long)]
+    /// Idle relays to open [default: 10000; with --quick: 1000].
+    #[arg(long, value_name = "N")]
     pub idle_relays: Option<usize>,
 
     /// Pin the in-process proxy's worker threads to this CPU (runs taskset -p on them).
@@ -383,6 +384,8 @@ mod tests {
         assert_eq!(size_label(65536), "64k");
         assert_eq!(size_label(1 << 20), "1m");
         assert_eq!(size_label(1000), "1000");
+        // What the --pipe-size help quotes as the default.
+        assert_eq!(size_label(crate::config::DEFAULT_PIPE_SIZE), "1m");
         assert_eq!(size_human(64), "64 B");
         assert_eq!(size_human(256 << 10), "256 KiB");
     }

@@ -247,19 +247,19 @@ pub fn child_main(spec: &str, args: &BenchArgs) -> ExitCode {
         .split_once(':')
         .and_then(|(m, p)| Some((m.parse::<Mode>().ok()?, p.parse::<usize>().ok()?)));
     let Some((mode, pipe_size)) = parsed else {
-        eprintln!("spliced bench: bad --idle-child {spec:?}");
-        return ExitCode::FAILURE;
+        eprintln!("spliced: error: bad --idle-child {spec:?}");
+        return ExitCode::from(2);
     };
     let h = match engines::start_proxy(mode, pipe_size, args.workers.max(1), args.upstream) {
         Ok(h) => h,
         Err(e) => {
-            eprintln!("spliced bench: idle proxy: {e}");
-            return ExitCode::FAILURE;
+            eprintln!("spliced: error: idle proxy: {e}");
+            return ExitCode::from(2);
         }
     };
     if let Some(cpu) = args.pin_proxy {
         if let Err(e) = engines::pin_workers(cpu, args.workers.max(1)) {
-            eprintln!("spliced bench: {e}");
+            eprintln!("spliced bench: {e}; the idle proxy runs unpinned");
         }
     }
     let mut out = std::io::stdout().lock();

@@ -17,16 +17,16 @@
 //! | `workloads` | the cases and one measured run of each |
 //! | `idle` | idle relays measured in a child process |
 //! | `measure` | /proc readers, medians and percentiles |
-//! | `report`, `floors`, `plot`, `sysinfo` | what is printed and drawn |
+//! | `report`, `summary`, `plot`, `sysinfo` | what is printed and drawn |
 
 mod args;
 mod engines;
-mod floors;
 mod idle;
 pub mod load;
 mod measure;
 mod plot;
 mod report;
+mod summary;
 mod sysinfo;
 pub mod upstream;
 mod workloads;
@@ -96,8 +96,8 @@ pub fn run(args: BenchArgs) -> ExitCode {
     match run_bench(&args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("spliced bench: {e}");
-            ExitCode::FAILURE
+            eprintln!("spliced: error: {e}");
+            ExitCode::from(2)
         }
     }
 }
@@ -235,7 +235,7 @@ fn run_bench(args: &BenchArgs) -> Result<ExitCode, String> {
         e.stop();
     }
     drop(up);
-    let floors = floors::check(&results);
+    let summary = summary::compare(&results);
     if let Some(path) = &args.plot {
         if let Err(e) = plot::draw(&results, path) {
             results.errors.push(format!("plot: {e}"));
@@ -243,9 +243,9 @@ fn run_bench(args: &BenchArgs) -> Result<ExitCode, String> {
     }
     let mut out = std::io::stdout().lock();
     let text = if args.json {
-        results.to_json(&floors)
+        results.to_json(&summary)
     } else {
-        results.table(&floors)
+        results.table(&summary)
     };
     let _ = writeln!(out, "{text}");
     let _ = out.flush();

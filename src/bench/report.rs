@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use super::args::{EngineSpec, Settings};
-use super::floors::Floor;
 use super::measure::Summary;
+use super::summary::Comparison;
 use super::sysinfo::SysInfo;
 use super::workloads::{Case, Figures, Metric};
 
@@ -103,7 +103,7 @@ impl Results {
             .collect()
     }
 
-    /// The splice engine the floors and ratios speak of: the default pipe size if
+    /// The splice engine the summary and ratios speak of: the default pipe size if
     /// it was run, else the first splice engine.
     pub fn main_splice(&self) -> Option<usize> {
         let splices = self.engine_index(|e| e.mode == Some(crate::Mode::Splice));
@@ -164,7 +164,7 @@ impl Results {
         out
     }
 
-    pub fn to_json(&self, floors: &[Floor]) -> String {
+    pub fn to_json(&self, summary: &[Comparison]) -> String {
         let mut rows = Vec::new();
         let mut sums = Vec::new();
         for ci in 0..self.cases.len() {
@@ -207,14 +207,14 @@ impl Results {
             "cases": self.cases,
             "results": rows,
             "ratios": self.ratios().iter().filter(|r| r.ratio.is_finite()).collect::<Vec<_>>(),
-            "floors": floors,
+            "summary": summary,
             "notes": self.notes,
             "errors": self.errors,
         });
         serde_json::to_string_pretty(&doc).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
     }
 
-    pub fn table(&self, floors: &[Floor]) -> String {
+    pub fn table(&self, summary: &[Comparison]) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "spliced bench");
         for l in self.sys.lines() {
@@ -237,13 +237,14 @@ impl Results {
             .map_or(String::new(), |c| format!(", workers pinned to CPU {c}"));
         let _ = writeln!(
             out,
-            "  runs      median of {} runs (idle {}) of {} ms, rr {} ms (±: largest distance of a run \
-             from the median); spliced: {} worker(s){pin}",
-            s.runs,
+            "  runs      median of {} (idle {}) of {} ms, rr {} ms (±: largest distance of a run \
+             from the median); spliced: {} worker{}{pin}",
+            plural(s.runs, "run"),
             s.idle_runs,
             s.duration.as_millis(),
             s.rr_duration.as_millis(),
-            s.workers
+            s.workers,
+            if s.workers == 1 { "" } else { "s" }
         );
         let labels = self
             .engines
@@ -324,15 +325,10 @@ impl Results {
                 out.push('\n');
             }
         }
-        if !floors.is_empty() {
-            out.push_str("\nfloors (issue 3)\n");
-            for f in floors {
-                let mark = match f.met {
-                    Some(true) => "met   ",
-                    Some(false) => "MISSED",
-                    None => "n/a   ",
-                };
-                let _ = writeln!(out, "  {mark}  {}: {}", f.name, f.detail);
+        if !summary.is_empty() {
+            out.push_str("\nsummary (medians)\n");
+            for c in summary {
+                let _ = writeln!(out, "  {}: {}", c.case, c.text);
             }
         }
         if !self.notes.is_empty() {
@@ -350,8 +346,18 @@ impl Results {
         out.push_str(
             "\nGB/s: payload bytes delivered per second (both directions summed for 'both ways' and rr). \
              CPU s/GiB: the proxy's own CPU seconds per GiB it moved. \
-             'vs direct' rows: ratios, and for latencies the µs the proxy adds.\n",
+             'a/b' rows: ratios of the medians. 'vs direct' rows: ratios too, and for latencies \
+             the µs the proxy adds.\n",
         );
         out
+    }
+}
+
+/// `1 run`, `5 runs`.
+fn plural(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("{n} {what}")
+    } else {
+        format!("{n} {what}s")
     }
 }

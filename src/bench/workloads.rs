@@ -140,7 +140,7 @@ pub fn cases(s: &Settings) -> Vec<Case> {
                     let way = if duplex { "both ways" } else { "one way" };
                     out.push(Case {
                         workload: *w,
-                        name: format!("{conns} conn, {way}"),
+                        name: format!("{conns} conn{}, {way}", if conns == 1 { "" } else { "s" }),
                         kind: CaseKind::Bulk { conns, duplex },
                     });
                 }

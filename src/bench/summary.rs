@@ -1,0 +1,141 @@
+//! The headline comparisons of a run, from its medians: what splice costs
+//! against copy and against the fastest or most frugal `--target`, the
+//! latency a proxy adds, and what an idle relay holds. They state what was
+//! measured; they judge nothing.
+
+use super::report::Results;
+use super::workloads::{CaseKind, Metric};
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Comparison {
+    /// The case, e.g. `bulk 1 conn, one way`.
+    pub case: String,
+    /// What was compared and the figures, e.g. `splice CPU per GiB vs copy: 0.44×
+    /// (0.149 vs 0.341 s/GiB)`.
+    pub text: String,
+    /// The ratio of the medians, where the comparison is one.
+    pub ratio: Option<f64>,
+}
+
+fn line(case: &str, text: String, ratio: Option<f64>) -> Comparison {
+    Comparison {
+        case: case.to_string(),
+        text,
+        ratio,
+    }
+}
+
+pub fn compare(r: &Results) -> Vec<Comparison> {
+    let mut out = Vec::new();
+    let Some(sp) = r.main_splice() else {
+        return out;
+    };
+    let spl = r.engines[sp].label.clone();
+    let copy = r
+        .engine_index(|e| e.mode == Some(crate::Mode::Copy))
+        .first()
+        .copied();
+    let direct = r.engine_index(|e| e.kind == "direct").first().copied();
+    let targets = r.engine_index(|e| e.kind == "target");
+    let several = targets.len() > 1;
+    // "haproxy", or "haproxy (the most frugal target)" when there are several.
+    let target_name = |t: usize, best: &str| {
+        let label = &r.engines[t].label;
+        if several {
+            format!("{label} (the {best} target)")
+        } else {
+            label.clone()
+        }
+    };
+    for (ci, case) in r.cases.iter().enumerate() {
+        let name = format!("{} {}", case.workload.as_str(), case.name);
+        match case.kind {
+            CaseKind::Bulk {
+                conns,
+                duplex: false,
+            } => {
+                let cpu = r.median(ci, sp, Metric::CpuPerGib);
+                if let (Some(s), Some(c)) =
+                    (cpu, copy.and_then(|c| r.median(ci, c, Metric::CpuPerGib)))
+                {
+                    out.push(line(
+                        &name,
+                        format!(
+                            "{spl} CPU per GiB vs copy: {:.2}× ({s:.3} vs {c:.3} s/GiB)",
+                            s / c
+                        ),
+                        Some(s / c),
+                    ));
+                }
+                let frugal = targets
+                    .iter()
+                    .filter_map(|&t| Some((r.median(ci, t, Metric::CpuPerGib)?, t)))
+                    .min_by(|a, b| a.0.total_cmp(&b.0));
+                if let (Some(s), Some((h, t))) = (cpu, frugal) {
+                    out.push(line(
+                        &name,
+                        format!(
+                            "{spl} CPU per GiB vs {}: {:.2}× ({s:.3} vs {h:.3} s/GiB)",
+                            target_name(t, "most frugal"),
+                            s / h
+                        ),
+                        Some(s / h),
+                    ));
+                }
+                let fastest = targets
+                    .iter()
+                    .filter_map(|&t| Some((r.median(ci, t, Metric::Gbps)?, t)))
+                    .max_by(|a, b| a.0.total_cmp(&b.0));
+                if let (1, Some(s), Some((h, t))) = (conns, r.median(ci, sp, Metric::Gbps), fastest)
+                {
+                    out.push(line(
+                        &name,
+                        format!(
+                            "{spl} throughput vs {}: {:.2}× ({s:.2} vs {h:.2} GB/s)",
+                            target_name(t, "fastest"),
+                            s / h
+                        ),
+                        Some(s / h),
+                    ));
+                }
+            }
+            CaseKind::Rr { size: 64 } => {
+                let Some(d) = direct else { continue };
+                let added =
+                    |e: usize| Some(r.median(ci, e, Metric::P50)? - r.median(ci, d, Metric::P50)?);
+                let Some(s) = added(sp) else { continue };
+                let lowest = targets
+                    .iter()
+                    .filter_map(|&t| Some((added(t)?, t)))
+                    .min_by(|a, b| a.0.total_cmp(&b.0));
+                let text = match lowest {
+                    Some((h, t)) => format!(
+                        "p50 latency added over direct: {spl} {s:+.1} µs, {} {h:+.1} µs",
+                        target_name(t, "quickest")
+                    ),
+                    None => format!("p50 latency {spl} adds over direct: {s:+.1} µs"),
+                };
+                out.push(line(&name, text, None));
+            }
+            CaseKind::Idle { .. } => {
+                let (Some(b), Some(p)) = (
+                    r.median(ci, sp, Metric::BytesPerRelay),
+                    r.median(ci, sp, Metric::Pipes),
+                ) else {
+                    continue;
+                };
+                let fds = r
+                    .median(ci, sp, Metric::FdsPerRelay)
+                    .map_or(String::new(), |f| format!(" and {f:.1} fds"));
+                let pipes = if p == 1.0 { "pipe" } else { "pipes" };
+                out.push(line(
+                    &name,
+                    format!("{spl}: {b:.0} B of memory{fds} per relay; {p:.0} {pipes} held"),
+                    None,
+                ));
+            }
+            _ => {}
+        }
+    }
+    out
+}
