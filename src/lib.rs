@@ -19,11 +19,12 @@
 
 pub mod bench;
 pub mod config;
+mod control;
 mod engine;
-pub mod listener;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod listener;
 pub mod proxy;
 mod relay;
 pub mod stats;

@@ -3,33 +3,25 @@
 //! [`start`] binds every listener once per worker (SO_REUSEPORT, so the kernel
 //! spreads accepts), spawns the workers and returns a [`ProxyHandle`]. Binding
 //! happens on the caller's thread, so "address in use" is reported before any
-//! worker runs. `spliced run` is this plus signal handling.
+//! worker runs, as is an upstream that leads back into the proxy (a loop).
+//! The relay cap and pipe size in force are logged then too. `spliced run` is
+//! this plus signal handling.
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::config::Config;
+use crate::config::{Config, Mode};
+use crate::control::{Command, Shared, WorkerLink};
 use crate::error::StartError;
 use crate::stats::{Stats, WorkerCounters};
 use crate::worker::{self, Worker};
 
-/// Shared between the handle and every worker.
-#[derive(Debug, Default)]
-pub(crate) struct Control {
-    /// Stop accepting and let relays drain (first SIGTERM).
-    pub(crate) draining: AtomicBool,
-    /// Close every relay now and exit the loop.
-    pub(crate) aborting: AtomicBool,
-    /// Relays alive in all workers, checked against the relay cap.
-    pub(crate) relays_live: AtomicUsize,
-}
-
 struct WorkerHandle {
     thread: Option<JoinHandle<()>>,
-    waker: Arc<mio::Waker>,
+    link: WorkerLink,
     counters: Arc<WorkerCounters>,
     tid: Arc<AtomicI32>,
 }
@@ -37,27 +29,24 @@ struct WorkerHandle {
 /// Asks a running proxy to stop, from any thread (a signal handler's, say).
 #[derive(Clone)]
 pub struct Controller {
-    control: Arc<Control>,
-    wakers: Vec<Arc<mio::Waker>>,
+    links: Vec<WorkerLink>,
 }
 
 impl Controller {
     /// Stops accepting; live relays finish within the drain timeout.
     pub fn shutdown(&self) {
-        self.control.draining.store(true, Ordering::SeqCst);
-        self.wake_all();
+        self.tell_all(|| Command::Drain);
     }
 
     /// Closes every relay now.
     pub fn abort(&self) {
-        self.control.aborting.store(true, Ordering::SeqCst);
-        self.wake_all();
+        self.tell_all(|| Command::Abort);
     }
 
-    fn wake_all(&self) {
-        for waker in &self.wakers {
-            // A failed wake means the worker already exited: nothing to tell it.
-            let _ = waker.wake();
+    fn tell_all(&self, command: impl Fn() -> Command) {
+        for link in &self.links {
+            // A failed send means the worker already exited: nothing to tell it.
+            let _ = link.send(command());
         }
     }
 }
@@ -66,17 +55,20 @@ impl Controller {
 pub struct ProxyHandle {
     local_addrs: Vec<SocketAddr>,
     workers: Vec<WorkerHandle>,
-    control: Arc<Control>,
 }
 
-/// Binds the listeners and starts the workers.
+/// Binds the listeners, refuses an upstream that loops back into the proxy,
+/// logs the limits in force and starts the workers.
 pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
     config.validate().map_err(StartError::Config)?;
     let nofile = crate::sys::raise_nofile_limit();
     let relay_cap = relay_cap(&config, nofile);
     let config = Arc::new(config);
-    let control = Arc::new(Control::default());
+    let shared = Arc::new(Shared::default());
     let bound = worker::bind_listeners(&config)?;
+    refuse_loops(&config, &bound.local_addrs)?;
+    log_relay_cap(&config, nofile, relay_cap);
+    check_pipe_size(&config);
     let local_addrs: Vec<SocketAddr> = bound.local_addrs.iter().map(|(_, a)| *a).collect();
     let mut workers = Vec::with_capacity(config.workers);
     for (index, listeners) in bound.per_worker.into_iter().enumerate() {
@@ -86,12 +78,12 @@ pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
             index,
             Arc::clone(&config),
             listeners,
-            Arc::clone(&control),
+            Arc::clone(&shared),
             Arc::clone(&counters),
             relay_cap,
         )
         .map_err(|e| StartError::Io("create the event loop".into(), e))?;
-        let waker = w.waker();
+        let link = w.link();
         let tid_slot = Arc::clone(&tid);
         let thread = std::thread::Builder::new()
             .name(format!("spliced-w{index}"))
@@ -102,7 +94,7 @@ pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
             .map_err(|e| StartError::Io("spawn a worker thread".into(), e))?;
         workers.push(WorkerHandle {
             thread: Some(thread),
-            waker,
+            link,
             counters,
             tid,
         });
@@ -120,7 +112,6 @@ pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
     Ok(ProxyHandle {
         local_addrs,
         workers,
-        control,
     })
 }
 
@@ -132,9 +123,214 @@ pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
 /// connections evenly: a per-worker share would strand clients on a full
 /// worker while another has room.
 fn relay_cap(config: &Config, nofile: u64) -> usize {
-    let reserve = (nofile / 8).clamp(16, 256) + 4 * config.workers as u64;
-    let by_fds = (nofile.saturating_sub(reserve) / 2) as usize;
+    let by_fds = relays_by_fds(config, nofile);
     config.max_relays.map_or(by_fds, |m| m.min(by_fds)).max(1)
+}
+
+/// The relays the fd limit has room for (see [`relay_cap`]).
+fn relays_by_fds(config: &Config, nofile: u64) -> usize {
+    let reserve = (nofile / 8).clamp(16, 256) + 4 * config.workers as u64;
+    (nofile.saturating_sub(reserve) / 2) as usize
+}
+
+/// Logs the relay cap in force, and warns when it is not what was asked.
+fn log_relay_cap(config: &Config, nofile: u64, cap: usize) {
+    match config.max_relays {
+        None => tracing::info!(
+            max_conns = cap,
+            fd_limit = nofile,
+            "at most {cap} relays at once: what the fd limit of {nofile} allows at two sockets per relay"
+        ),
+        Some(asked) if asked > cap => tracing::warn!(
+            asked,
+            max_conns = cap,
+            fd_limit = nofile,
+            "max_conns lowered from {asked} to {cap}: the fd limit of {nofile} allows no more at two sockets per relay"
+        ),
+        Some(asked) if asked < cap => tracing::warn!(
+            asked,
+            max_conns = cap,
+            "max_conns raised from {asked} to {cap}: a proxy must allow at least one relay"
+        ),
+        Some(_) => tracing::info!(max_conns = cap, "at most {cap} relays at once"),
+    }
+}
+
+/// Sizes one pipe as the pools will and logs what the kernel granted; warns
+/// when pipes will be smaller than asked, because the kernel refuses the size
+/// or because a worker's share of the pipe budget cannot hold one such pipe.
+/// Listeners that all copy need no pipe, and no check.
+fn check_pipe_size(config: &Config) {
+    if !config.listeners.iter().any(|l| l.mode == Mode::Splice) {
+        return;
+    }
+    let asked = config.pipe_size;
+    let pipe = match crate::sys::Pipe::new() {
+        Ok(pipe) => pipe,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot create a pipe to check the pipe size");
+            return;
+        }
+    };
+    let set = (asked > 0).then(|| crate::sys::set_pipe_size(&pipe, asked));
+    let granted = match crate::sys::pipe_size(&pipe) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read a pipe's size back");
+            return;
+        }
+    };
+    match set {
+        None => tracing::info!(
+            pipe_size = granted,
+            "pipes keep the kernel's default size of {}",
+            human_bytes(granted)
+        ),
+        Some(Err(e)) => tracing::warn!(
+            asked,
+            pipe_size = granted,
+            error = %e,
+            "pipe size {} refused; pipes keep {} (see /proc/sys/fs/pipe-max-size and pipe-user-pages-soft)",
+            human_bytes(asked),
+            human_bytes(granted)
+        ),
+        Some(Ok(_)) if granted < asked => tracing::warn!(
+            asked,
+            pipe_size = granted,
+            "pipe size {} not granted; pipes get {}",
+            human_bytes(asked),
+            human_bytes(granted)
+        ),
+        Some(Ok(_)) => tracing::info!(pipe_size = granted, "pipe size {}", human_bytes(granted)),
+    }
+    let workers = config.workers.max(1);
+    let share = config.pipe_budget / workers;
+    if asked > 0 && share < asked {
+        tracing::warn!(
+            pipe_budget = config.pipe_budget,
+            workers,
+            pipe_size = asked,
+            "a worker's share of the pipe budget ({} of {}) holds no {} pipe: every pipe keeps the kernel's default size",
+            human_bytes(share),
+            human_bytes(config.pipe_budget),
+            human_bytes(asked)
+        );
+    }
+}
+
+/// `1 MiB`, `64 KiB`, `1000 B`.
+fn human_bytes(n: usize) -> String {
+    if n >= 1 << 20 && n % (1 << 20) == 0 {
+        format!("{} MiB", n >> 20)
+    } else if n >= 1 << 10 && n % (1 << 10) == 0 {
+        format!("{} KiB", n >> 10)
+    } else {
+        format!("{n} B")
+    }
+}
+
+/// Refuses an upstream that leads back into this proxy: one of its own
+/// listen addresses, directly or through the proxy's other listeners. Every
+/// relay to it would open another relay until the relay cap is used up.
+///
+/// An upstream reaches a bound address when both are equal, or when the
+/// bound address is a wildcard (`0.0.0.0`, `[::]`) of the same port and the
+/// upstream's IP is this host's: loopback, unspecified (which connects to
+/// loopback) or an interface address. A dual-stack `[::]` also takes IPv4.
+fn refuse_loops(config: &Config, bound: &[(usize, SocketAddr)]) -> Result<(), StartError> {
+    let mut host_ips: Option<Vec<IpAddr>> = None;
+    let mut is_host_ip = |ip: IpAddr| {
+        ip.is_loopback()
+            || host_ips
+                .get_or_insert_with(interface_ips)
+                .iter()
+                .any(|&a| canonical(a) == ip)
+    };
+    let dual_stack: Vec<bool> = config
+        .listeners
+        .iter()
+        .map(|l| !l.listen.iter().any(SocketAddr::is_ipv4) && !bindv6only())
+        .collect();
+    // edges[i]: (upstream, listener it reaches) for each upstream of listener i.
+    let mut edges: Vec<Vec<(SocketAddr, usize)>> = vec![Vec::new(); config.listeners.len()];
+    for (i, listener) in config.listeners.iter().enumerate() {
+        for &up in &listener.upstreams {
+            let ip = match canonical(up.ip()) {
+                IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+                ip => ip,
+            };
+            for &(j, addr) in bound {
+                if addr.port() != up.port() || edges[i].iter().any(|&(u, k)| u == up && k == j) {
+                    continue;
+                }
+                let reached = match canonical(addr.ip()) {
+                    IpAddr::V4(b) if b.is_unspecified() => ip.is_ipv4() && is_host_ip(ip),
+                    IpAddr::V6(b) if b.is_unspecified() => {
+                        (ip.is_ipv6() || dual_stack[j]) && is_host_ip(ip)
+                    }
+                    b => b == ip,
+                };
+                if reached {
+                    edges[i].push((up, j));
+                }
+            }
+        }
+    }
+    for (i, out) in edges.iter().enumerate() {
+        for &(up, j) in out {
+            if reaches(&edges, j, i) {
+                return Err(StartError::Loop(up));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether listener `to` is `from` or can be reached from it along `edges`.
+fn reaches(edges: &[Vec<(SocketAddr, usize)>], from: usize, to: usize) -> bool {
+    let mut seen = vec![false; edges.len()];
+    let mut stack = vec![from];
+    while let Some(at) = stack.pop() {
+        if at == to {
+            return true;
+        }
+        if !std::mem::replace(&mut seen[at], true) {
+            stack.extend(edges[at].iter().map(|&(_, next)| next));
+        }
+    }
+    false
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it stands for.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The addresses of this host's network interfaces (none if they cannot be read).
+fn interface_ips() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addrs
+        .filter_map(|a| {
+            let a = a.address?;
+            if let Some(v4) = a.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect()
+}
+
+/// `net.ipv6.bindv6only`: whether a `[::]` listener without IPV6_V6ONLY
+/// set explicitly takes IPv6 only.
+fn bindv6only() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|s| s.trim() == "1")
 }
 
 impl ProxyHandle {
@@ -164,8 +360,7 @@ impl ProxyHandle {
     /// A cloneable handle that can stop this proxy from another thread.
     pub fn controller(&self) -> Controller {
         Controller {
-            control: Arc::clone(&self.control),
-            wakers: self.workers.iter().map(|w| Arc::clone(&w.waker)).collect(),
+            links: self.workers.iter().map(|w| w.link.clone()).collect(),
         }
     }
 
@@ -227,5 +422,83 @@ mod tests {
         c.max_relays = Some(100);
         assert_eq!(relay_cap(&c, 20_000), 100);
         assert_eq!(relay_cap(&c, 0), 1, "never zero");
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// Listeners `(listen, upstreams)`, bound at their listen addresses.
+    fn loops(listeners: &[(&[&str], &[&str])]) -> Result<(), SocketAddr> {
+        let mut c = Config::single(addr("127.0.0.1:1"), vec![], Mode::Splice);
+        c.listeners = listeners
+            .iter()
+            .map(|(listen, ups)| {
+                let mut l = crate::config::ListenerConfig::new(
+                    addr(listen[0]),
+                    ups.iter().map(|u| addr(u)).collect(),
+                    Mode::Splice,
+                );
+                l.listen = listen.iter().map(|a| addr(a)).collect();
+                l
+            })
+            .collect();
+        let bound: Vec<(usize, SocketAddr)> = c
+            .listeners
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| l.listen.iter().map(move |&a| (i, a)))
+            .collect();
+        match refuse_loops(&c, &bound) {
+            Ok(()) => Ok(()),
+            Err(StartError::Loop(up)) => Err(up),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn an_upstream_back_into_the_proxy_is_a_loop() {
+        let own = addr("127.0.0.1:6432");
+        assert_eq!(
+            loops(&[(&["127.0.0.1:6432"], &["127.0.0.1:6432"])]),
+            Err(own)
+        );
+        // Among other upstreams too.
+        assert_eq!(
+            loops(&[(&["127.0.0.1:6432"], &["127.0.0.1:5432", "127.0.0.1:6432"])]),
+            Err(own)
+        );
+        // A wildcard takes loopback, unspecified and mapped addresses of its port.
+        for up in ["127.0.0.9:6432", "0.0.0.0:6432", "[::ffff:127.0.0.1]:6432"] {
+            assert_eq!(loops(&[(&["0.0.0.0:6432"], &[up])]), Err(addr(up)), "{up}");
+        }
+        assert_eq!(
+            loops(&[(&["[::]:6432"], &["[::1]:6432"])]),
+            Err(addr("[::1]:6432"))
+        );
+        // Through another listener.
+        assert_eq!(
+            loops(&[
+                (&["127.0.0.1:7000"], &["127.0.0.1:7001"]),
+                (&["127.0.0.1:7001"], &["127.0.0.1:7000"]),
+            ]),
+            Err(addr("127.0.0.1:7001"))
+        );
+    }
+
+    #[test]
+    fn other_servers_are_no_loop() {
+        // Another port, another loopback address, a host that is not this one.
+        assert!(loops(&[(&["127.0.0.1:6432"], &["127.0.0.1:5432"])]).is_ok());
+        assert!(loops(&[(&["127.0.0.1:6432"], &["127.0.0.2:6432"])]).is_ok());
+        assert!(loops(&[(&["0.0.0.0:6432"], &["198.51.100.7:6432"])]).is_ok());
+        // An IPv6-only wildcard beside an IPv4 address does not take IPv4.
+        assert!(loops(&[(&["127.0.0.1:6432", "[::]:6432"], &["127.0.0.2:6432"])]).is_ok());
+        // A chain that ends outside the proxy.
+        assert!(loops(&[
+            (&["127.0.0.1:7000"], &["127.0.0.1:7001"]),
+            (&["127.0.0.1:7001"], &["127.0.0.1:5432"]),
+        ])
+        .is_ok());
     }
 }

@@ -17,6 +17,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,10 +27,10 @@ use slab::Slab;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Config;
+use crate::control::{self, Command, Shared, WorkerLink};
 use crate::engine::Pools;
 use crate::error::{Op, RelayError, Side, StartError};
 use crate::listener::{Listener, ListenerId};
-use crate::proxy::Control;
 use crate::relay::{Accepted, Expiry, Next, Peer, Relay};
 use crate::stats::{CloseReason, WorkerCounters};
 use crate::timer::Timers;
@@ -184,7 +185,6 @@ struct ListenerSlot {
 pub(crate) struct Worker {
     index: usize,
     poll: Poll,
-    waker: Arc<Waker>,
     listeners: Vec<ListenerSlot>,
     relays: Slab<Relay>,
     timers: Timers,
@@ -192,7 +192,9 @@ pub(crate) struct Worker {
     ready: Vec<RelayRef>,
     pools: Pools,
     config: Arc<Config>,
-    control: Arc<Control>,
+    shared: Arc<Shared>,
+    commands: Receiver<Command>,
+    link: WorkerLink,
     counters: Arc<WorkerCounters>,
     accept_paused_until: Option<Instant>,
     accept_warnings: WarnLimit,
@@ -209,12 +211,13 @@ impl Worker {
         index: usize,
         config: Arc<Config>,
         listeners: Vec<(TcpListener, Arc<Listener>)>,
-        control: Arc<Control>,
+        shared: Arc<Shared>,
         counters: Arc<WorkerCounters>,
         relay_cap: usize,
     ) -> io::Result<Worker> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), token::waker())?);
+        let (link, commands) = control::channel(Arc::clone(&waker));
         let mut slots = Vec::with_capacity(listeners.len());
         for (i, (mut socket, runtime)) in listeners.into_iter().enumerate() {
             poll.registry()
@@ -228,14 +231,15 @@ impl Worker {
         Ok(Worker {
             index,
             poll,
-            waker,
             listeners: slots,
             relays: Slab::new(),
             timers: Timers::default(),
             ready: Vec::new(),
             pools: Pools::new(&config, Arc::clone(&counters)),
             config,
-            control,
+            shared,
+            commands,
+            link,
             counters,
             accept_paused_until: None,
             accept_warnings: WarnLimit::default(),
@@ -246,8 +250,9 @@ impl Worker {
         })
     }
 
-    pub(crate) fn waker(&self) -> Arc<Waker> {
-        Arc::clone(&self.waker)
+    /// The sending end of this worker's command channel.
+    pub(crate) fn link(&self) -> WorkerLink {
+        self.link.clone()
     }
 
     /// Runs until aborted, or until draining has closed every relay.
@@ -309,7 +314,7 @@ impl Worker {
         }
         self.listeners[index].backlog = false;
         for _ in 0..ACCEPT_BUDGET {
-            if self.control.relays_live.load(Ordering::Relaxed) >= self.relay_cap {
+            if self.shared.relays_live.load(Ordering::Relaxed) >= self.relay_cap {
                 self.reach_relay_cap(now);
                 return;
             }
@@ -441,7 +446,7 @@ impl Worker {
             .map_err(|e| RelayError::new(Side::Internal, Op::Register, e));
         entry.insert(relay);
         WorkerCounters::add(&self.counters.relays_active, 1);
-        self.control.relays_live.fetch_add(1, Ordering::Relaxed);
+        self.shared.relays_live.fetch_add(1, Ordering::Relaxed);
         match registered {
             Ok(()) => self.arm(key),
             Err(e) => self.close(key, CloseReason::Internal, Some(&e), now),
@@ -710,7 +715,7 @@ impl Worker {
         relay.close(reason, error, now, &mut self.pools);
         self.counters.closed(reason);
         WorkerCounters::sub(&self.counters.relays_active, 1);
-        self.control.relays_live.fetch_sub(1, Ordering::Relaxed);
+        self.shared.relays_live.fetch_sub(1, Ordering::Relaxed);
         // Freed fds may let a paused accept succeed now.
         if self.accept_paused_until.is_some() {
             self.accept_paused_until = Some(now);
@@ -730,13 +735,29 @@ impl Worker {
         }
     }
 
-    /// Reacts to shutdown requests; returns true when the worker should exit.
+    /// Carries out queued commands and moves a drain along; returns true
+    /// when the worker should exit.
     fn check_control(&mut self, now: Instant) -> bool {
-        if self.control.aborting.load(Ordering::SeqCst) {
-            self.close_all(now);
-            return true;
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Abort => {
+                    self.close_all(now);
+                    return true;
+                }
+                Command::Drain => self.start_draining(now),
+            }
         }
-        if !self.draining && self.control.draining.load(Ordering::SeqCst) {
+        if self.draining {
+            if self.drain_deadline.is_some_and(|t| t <= now) {
+                self.close_all(now);
+            }
+            return self.relays.is_empty();
+        }
+        false
+    }
+
+    fn start_draining(&mut self, now: Instant) {
+        if !self.draining {
             self.draining = true;
             for slot in &mut self.listeners {
                 // Dropping the socket stops accepting; queued SYNs are refused.
@@ -746,13 +767,6 @@ impl Worker {
             self.drain_deadline = self.config.drain_timeout.and_then(|d| now.checked_add(d));
             tracing::info!(worker = self.index, relays = self.relays.len(), "draining");
         }
-        if self.draining {
-            if self.drain_deadline.is_some_and(|t| t <= now) {
-                self.close_all(now);
-            }
-            return self.relays.is_empty();
-        }
-        false
     }
 }
 
