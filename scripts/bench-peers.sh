@@ -15,8 +15,11 @@
 # Only loopback addresses are used. Needs root to install packages (apt-get).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# One log line per closed relay is spliced's default; the peers log nothing.
+export RUST_LOG=${RUST_LOG:-warn}
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
-SPLICED=${SPLICED:-target/release/spliced}
 OUT=${OUT:-docs/BENCHMARKS.md}
 RUNS=${RUNS:-5}
 UP_PORT=${UP_PORT:-19000}
@@ -26,12 +29,8 @@ PROXY_CPU=${PROXY_CPU:-$((NCPU > 1 ? 1 : 0))}
 LOAD_CPU=${LOAD_CPU:-0}
 UPSTREAM=127.0.0.1:$UP_PORT
 
-log() { echo "bench-peers: $*" >&2; }
-# One log line per closed relay is spliced's default; the peers log nothing.
-export RUST_LOG=${RUST_LOG:-warn}
-
-if [[ ! -x $SPLICED ]]; then
-    log "build first: cargo build --release ($SPLICED is missing)"
+if [[ ! -x $SPLICED_BIN ]]; then
+    lib_log "build first: cargo build --release ($SPLICED_BIN is missing)"
     exit 1
 fi
 
@@ -43,18 +42,12 @@ command -v taskset >/dev/null || pkgs+=(util-linux)
 if ! command -v nginx >/dev/null; then pkgs+=(nginx-light); fi
 [[ -e /usr/lib/nginx/modules/ngx_stream_module.so ]] || pkgs+=(libnginx-mod-stream)
 if ((${#pkgs[@]})); then
-    if [[ $(id -u) != 0 ]]; then
-        log "missing ${pkgs[*]}; run as root so apt-get can install them"
+    # No service is started by the packages (lib_apt_install): the peers run
+    # from their own configs below.
+    lib_apt_install "${pkgs[@]}" || {
+        lib_log "missing ${pkgs[*]}; run as root so apt-get can install them"
         exit 1
-    fi
-    log "installing ${pkgs[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    if ! apt-get install -y --no-install-recommends "${pkgs[@]}" >/dev/null 2>&1; then
-        apt-get update -qq
-        apt-get install -y --no-install-recommends "${pkgs[@]}" >/dev/null
-    fi
-    # The nginx package may start its own server on port 80: leave that alone,
-    # ours runs from its own config below.
+    }
 fi
 
 # --- who runs it -----------------------------------------------------------
@@ -80,18 +73,14 @@ PEER_MAXPIPES=1000
 MAXCONN=$(((NOFILE - 2 * PEER_MAXPIPES - 300) / 2))
 IDLE_RELAYS=${IDLE_RELAYS:-$((MAXCONN - 50 < 10000 ? MAXCONN - 50 : 10000))}
 
-WORK=$(mktemp -d /tmp/spliced-peers.XXXXXX)
+# The work dir goes at exit, after the peers (tracked pids) are stopped.
+lib_init peers
+WORK=$LIB_TMP
 chmod 755 "$WORK"
 [[ $(id -un) == "$BENCH_USER" ]] || chown "$BENCH_USER" "$WORK"
-cp "$SPLICED" "$WORK/spliced"
+cp "$SPLICED_BIN" "$WORK/spliced"
 BIN=$WORK/spliced
 PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
 
 # --- peers -----------------------------------------------------------------
 haproxy_cfg() { # name port splice-mode(forced|auto|none)
@@ -121,13 +110,14 @@ backend be
 EOF
 }
 
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# peer_up PID PORT: the peer runs and listens.
+peer_up() { lib_pid_alive "$1" && lib_port_listening "$2"; }
 
 start_peer() { # name port command...
     local name=$1 port=$2
     shift 2
-    if port_open "$port"; then
-        log "port $port is already in use (a peer left over from an earlier run?); set BASE_PORT"
+    if lib_port_listening "$port"; then
+        lib_log "port $port is already in use (a peer left over from an earlier run?); set BASE_PORT"
         exit 1
     fi
     # exec, so that $! is the peer's own pid (what --target-pid reads).
@@ -140,16 +130,13 @@ start_peer() { # name port command...
     ) >"$WORK/$name.log" 2>&1 &
     local pid=$!
     PIDS+=("$pid")
-    for _ in $(seq 100); do
-        if port_open "$port" && kill -0 "$pid" 2>/dev/null; then
-            TARGETS+=("--target" "$name=127.0.0.1:$port" "--target-pid" "$pid")
-            NAMES+=("$name")
-            return
-        fi
-        if ! kill -0 "$pid" 2>/dev/null; then break; fi
-        sleep 0.1
-    done
-    log "$name did not start:"
+    lib_track_pid "$pid"
+    if lib_wait_until 10 peer_up "$pid" "$port"; then
+        TARGETS+=("--target" "$name=127.0.0.1:$port" "--target-pid" "$pid")
+        NAMES+=("$name")
+        return
+    fi
+    lib_log "$name did not start:"
     cat "$WORK/$name.log" >&2
     exit 1
 }
@@ -187,11 +174,11 @@ port=$((port + 1))
 start_peer socat "$port" socat "TCP-LISTEN:$port,bind=127.0.0.1,fork,reuseaddr,backlog=1024,nodelay" "TCP:$UPSTREAM,nodelay"
 port=$((port + 1))
 
-if port_open "$UP_PORT"; then
-    log "the upstream port $UP_PORT is already in use; set UP_PORT"
+if lib_port_listening "$UP_PORT"; then
+    lib_log "the upstream port $UP_PORT is already in use; set UP_PORT"
     exit 1
 fi
-log "peers: ${NAMES[*]} (pinned to CPU $PROXY_CPU), running as $BENCH_USER"
+lib_log "peers: ${NAMES[*]} (pinned to CPU $PROXY_CPU), running as $BENCH_USER"
 
 # The peers' --target/--target-pid pairs without socat (fork per connection: 10 000
 # idle relays would be 10 000 processes).
@@ -208,7 +195,7 @@ bench() { # cpu-for-load args...
     shift
     as_user taskset -c "$cpu" "$BIN" bench --upstream "$UPSTREAM" --runs "${BENCH_RUNS:-$RUNS}" "$@" || rc=$?
     # A failed case is reported in its table; keep going with the others.
-    ((rc == 0)) || log "spliced bench exited $rc (see its errors section)"
+    ((rc == 0)) || lib_log "spliced bench exited $rc (see its errors section)"
 }
 
 repin() { # cpu
@@ -219,26 +206,26 @@ repin() { # cpu
 
 # Idle first, while the peers are fresh: after the other workloads their
 # memory pools are already grown and new relays would not show in their RSS.
-log "1/4 idle: spliced with up to 10000 relays, the peers with $IDLE_RELAYS"
+lib_log "1/4 idle: spliced with up to 10000 relays, the peers with $IDLE_RELAYS"
 bench "$LOAD_CPU" -w idle --idle-relays 10000 -e splice,copy --pin-proxy "$PROXY_CPU" >"$WORK/idle.txt"
 mapfile -t IDLE_TARGETS < <(targets_without_socat)
 # One run: a second one would find the peers' pools grown by the first.
 BENCH_RUNS=1 bench "$LOAD_CPU" -w idle --idle-relays "$IDLE_RELAYS" -e splice,copy,target \
     --pin-proxy "$PROXY_CPU" "${IDLE_TARGETS[@]}" >"$WORK/idle-peers.txt"
 
-log "2/4 bulk, rr, connect: spliced (splice, copy), direct and every peer"
+lib_log "2/4 bulk, rr, connect: spliced (splice, copy), direct and every peer"
 bench "$LOAD_CPU" -w bulk,rr,connect -e splice,copy,direct,target --pin-proxy "$PROXY_CPU" \
     "${TARGETS[@]}" --plot "$WORK/peers.svg" >"$WORK/main.txt"
 mkdir -p target
 cp "$WORK/peers.svg" target/bench-peers.svg 2>/dev/null || true
 
-log "3/4 rr 64 B with the load and every proxy on CPU $LOAD_CPU"
+lib_log "3/4 rr 64 B with the load and every proxy on CPU $LOAD_CPU"
 repin "$LOAD_CPU"
 bench "$LOAD_CPU" -w rr --sizes 64 -e splice,copy,direct,target --pin-proxy "$LOAD_CPU" \
     "${TARGETS[@]}" >"$WORK/onecpu.txt"
 repin "$PROXY_CPU"
 
-log "4/4 spliced's pipe size: 64k, 256k, 512k, 1m"
+lib_log "4/4 spliced's pipe size: 64k, 256k, 512k, 1m"
 bench "$LOAD_CPU" -w bulk,rr --pipe-size 64k,256k,512k,1m -e splice,copy --pin-proxy "$PROXY_CPU" \
     >"$WORK/pipes.txt"
 
@@ -275,5 +262,5 @@ else
     { [[ -f $OUT ]] && cat "$OUT"; echo; cat "$WORK/section.md"; } >"$WORK/out.md"
     cp "$WORK/out.md" "$OUT"
 fi
-log "wrote $OUT (plot: target/bench-peers.svg)"
+lib_log "wrote $OUT (plot: target/bench-peers.svg)"
 cat "$WORK/main.txt"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# scripts/e2e.sh: real-database end-to-end tests of spliced (issue 4).
+# scripts/e2e.sh: real-database end-to-end tests of spliced.
 #
 # Starts a throwaway PostgreSQL and Redis on 127.0.0.1 (in a mktemp -d dir,
 # stopped at exit even on failure), then for each engine (splice, copy) runs
@@ -40,7 +40,7 @@ if lib_standin; then
     echo "e2e: SPLICED_STANDIN=$SPLICED_STANDIN: relaying with a stand-in, spliced log checks are skipped"
 elif [[ ! -x "$SPLICED_BIN" ]]; then
     echo "e2e: $SPLICED_BIN missing: cargo build --release"
-    (cd "$REPO_ROOT" && cargo build --release)
+    lib_build || lib_die "cargo build --release failed"
 fi
 
 lib_init e2e
@@ -55,17 +55,17 @@ fi
 : >"$W/metrics"
 
 # ---------------------------------------------------------------- harness
-PASSED=0
-FAILED=0
-FAILED_NAMES=()
+# Results are counted by lib_pass / lib_fail; names padded to 68 columns.
+# shellcheck disable=SC2034 # read by lib.sh
+LIB_NAME_WIDTH=68
 
 # check NAME CMD...: run CMD in a subshell with errexit (any failing command
 # fails the check), output captured; print PASS/FAIL (+ output tail on FAIL).
 check() {
     local name="$1" out rc t0
     shift
-    out="$W/checks/$((PASSED + FAILED + 1)).out"
-    t0="$(lib_now)"
+    out="$W/checks/$((LIB_PASSED + LIB_FAILED + 1)).out"
+    t0="$(lib_now_ms)"
     set +e
     (
         set -eEuo pipefail
@@ -83,21 +83,19 @@ check() {
 check_here() {
     local name="$1" out rc=0 t0
     shift
-    out="$W/checks/$((PASSED + FAILED + 1)).out"
-    t0="$(lib_now)"
+    out="$W/checks/$((LIB_PASSED + LIB_FAILED + 1)).out"
+    t0="$(lib_now_ms)"
     if "$@" >"$out" 2>&1 </dev/null; then rc=0; else rc=$?; fi
     record "$name" "$rc" "$t0" "$out"
 }
 
 record() {
-    local name="$1" rc="$2" t0="$3" out="$4"
+    local name="$1" rc="$2" t0="$3" out="$4" took
+    took="$(printf '%6ss' "$(lib_elapsed "$t0")")"
     if ((rc == 0)); then
-        PASSED=$((PASSED + 1))
-        printf 'PASS  %-68s %6ss\n' "$name" "$(lib_elapsed "$t0")"
+        lib_pass "$name" "$took"
     else
-        FAILED=$((FAILED + 1))
-        FAILED_NAMES+=("$name")
-        printf 'FAIL  %-68s %6ss (status %s)\n' "$name" "$(lib_elapsed "$t0")" "$rc"
+        lib_fail "$name" "$took (status $rc)"
         tail -n 25 "$out" | sed 's/^/      | /'
     fi
 }
@@ -162,7 +160,7 @@ pg_stop() {
     [[ -f "$PG_DATA/postmaster.pid" ]] || return 0
     pg_as "$PGBIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 30 stop >/dev/null 2>&1 && return 0
     local pid
-    pid="$(head -n1 "$PG_DATA/postmaster.pid" 2>/dev/null)" && [[ -n "$pid" ]] && lib_kill_pid "$pid" 10
+    pid="$(head -n1 "$PG_DATA/postmaster.pid" 2>/dev/null)" && [[ -n "$pid" ]] && lib_stop_pid "$pid" 10
     cp "$W/pg/server.log" "$W/pg-server.log" 2>/dev/null || true
 }
 
@@ -172,14 +170,11 @@ PGBENCH() { local port="$1"; shift; "$PGBIN/pgbench" -h 127.0.0.1 -p "$port" -U 
 
 # ---------------------------------------------------------------- redis
 RD_PORT=""
-RD_PID=""
 redis_start() {
     mkdir -p "$W/redis" || return 1
     RD_PORT="$(lib_free_port)" || return 1
-    redis-server --port "$RD_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$W/redis" \
-        --logfile "$W/redis.log" --daemonize no --protected-mode yes </dev/null >/dev/null 2>&1 &
-    RD_PID=$!
-    lib_track_pid "$RD_PID"
+    lib_bg redis-server redis-server --port "$RD_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$W/redis" \
+        --logfile "$W/redis.log" --daemonize no --protected-mode yes
     lib_wait_port "$RD_PORT" 10 || { cat "$W/redis.log"; return 1; }
     lib_wait_until 10 rcli "$RD_PORT" PING >/dev/null || return 1
     echo "redis $(redis-server --version | grep -Eo 'v=[0-9.]+') on 127.0.0.1:$RD_PORT"
@@ -239,7 +234,7 @@ PERF_COPY_Q="${COPY_Q/generate_series(1, $COPY_ROWS)/generate_series(1, $PERF_CO
 
 pg_copy_reference() {
     local t0
-    t0="$(lib_now)"
+    t0="$(lib_now_ms)"
     t 120 "$PGBIN/psql" -X -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres -d bench -c "$COPY_Q" >"$W/copy-direct.tsv"
     metric copy_direct_s "$(lib_elapsed "$t0")"
     sha256sum <"$W/copy-direct.tsv" | awk '{print $1}' >"$W/copy-direct.sha"
@@ -253,7 +248,7 @@ pg_copy_reference() {
 
 pg_copy_out() {
     local port="$1" mode="$2" t0 sha sz
-    t0="$(lib_now)"
+    t0="$(lib_now_ms)"
     t 120 "$PGBIN/psql" -X -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d bench -c "$COPY_Q" >"$W/copy-$mode.tsv"
     metric "copy_${mode}_s" "$(lib_elapsed "$t0")"
     sz="$(stat -c %s "$W/copy-$mode.tsv")"
@@ -280,27 +275,26 @@ pg_copy_in() {
 
 # One connection per transaction (-C): every relay must be logged closed.
 pg_conn_churn() {
-    local port="$1" mode="$2" log="$3" before n after bad
-    before="$(spliced_relays_closed "$log")"
+    local port="$1" mode="$2" log="$3" before eof0 n closed bad
+    before="$(lib_closes "$log")"
+    eof0="$(lib_closes "$log" eof)"
     pgbench_run "${mode}_C" "$port" -n -S -C -c 2 -j 2 -T 3
     n="$(get_metric "pg_${mode}_C_xacts")"
     if lib_standin; then return 0; fi
     # each transaction had its own connection: >= n relays closed
-    # shellcheck disable=SC2317 # called through lib_wait_until
-    have_closed() { (($(spliced_relays_closed "$log") - before >= n)); }
-    lib_wait_until 10 have_closed || fail "only $(($(spliced_relays_closed "$log") - before)) 'relay closed' lines for $n connections"
-    after="$(lib_clean_log "$log" | grep 'relay closed' | tail -n +$((before + 1)))"
-    echo "$(($(spliced_relays_closed "$log") - before)) relays closed for $n transactions; reasons:"
-    { grep -Eo 'reason=[^ ]+' <<<"$after" || true; } | sort | uniq -c
+    lib_wait_until 10 lib_closes_at_least "$log" $((before + n)) ||
+        fail "only $(($(lib_closes "$log") - before)) 'relay closed' lines for $n connections"
+    closed=$(($(lib_closes "$log") - before))
+    echo "$closed relays closed for $n transactions; reasons over the whole log: $(lib_close_reasons "$log")"
     # pgbench ends every connection cleanly (Terminate, then close)
-    bad="$(grep -vc 'reason=eof' <<<"$after" || true)"
+    bad=$((closed - ($(lib_closes "$log" eof) - eof0)))
     ((bad == 0)) || fail "$bad of these relays closed with a reason other than eof"
 }
 
 pg_idle_long() {
     local port="$1" log="$2" before t0 el rc=0 sleep_s=$((IDLE_TIMEOUT_S * 2 + 1))
-    before="$(spliced_relays_closed "$log" idle)"
-    t0="$(lib_now)"
+    before="$(lib_closes "$log" idle)"
+    t0="$(lib_now_ms)"
     t 60 "$PGBIN/psql" -X -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d bench -At \
         -c "SELECT pg_sleep($sleep_s)" >"$W/idle.out" 2>&1 || rc=$?
     el="$(lib_elapsed "$t0")"
@@ -310,9 +304,7 @@ pg_idle_long() {
     awk -v e="$el" -v s="$sleep_s" 'BEGIN { exit !(e < s - 0.5) }' || fail "closed only after ${el}s, not at the idle timeout"
     awk -v e="$el" -v i="$IDLE_TIMEOUT_S" 'BEGIN { exit !(e >= i - 0.2) }' || fail "closed after ${el}s, before the idle timeout"
     if lib_standin; then return 0; fi
-    # shellcheck disable=SC2317 # called through lib_wait_until
-    idle_logged() { (($(spliced_relays_closed "$log" idle) > before)); }
-    lib_wait_until 5 idle_logged || fail "spliced log shows no new 'relay closed ... reason=idle'"
+    lib_wait_until 5 lib_closes_at_least "$log" $((before + 1)) idle || fail "spliced log shows no new 'relay closed ... reason=idle'"
     lib_clean_log "$log" | grep 'reason=idle' | tail -n1
 }
 
@@ -405,9 +397,9 @@ log_clean() {
     local log="$1" expect_idle="${2:-0}" total eof idle other
     if lib_clean_log "$log" | grep -Ei 'panicked|RUST_BACKTRACE'; then fail "panic in $log"; fi
     lib_standin && return 0
-    total="$(spliced_relays_closed "$log")"
-    eof="$(spliced_relays_closed "$log" eof)"
-    idle="$(spliced_relays_closed "$log" idle)"
+    total="$(lib_closes "$log")"
+    eof="$(lib_closes "$log" eof)"
+    idle="$(lib_closes "$log" idle)"
     echo "relay closed lines: $total (eof $eof, idle $idle)"
     ((total > 0)) || fail "no 'relay closed' line at all"
     other=$((total - eof - idle))
@@ -418,9 +410,14 @@ log_clean() {
 }
 
 stop_spliced() {
-    local pid="$1" log="$2" rc=0
-    spliced_stop "$pid" 20 || rc=$?
-    echo "exit status $rc"
+    local pid="$1" log="$2" rc
+    if lib_stop_pid "$pid" 20; then
+        rc=$LIB_STOP_STATUS
+        echo "exit status $rc"
+    else
+        rc=124
+        echo "still running 20s after SIGTERM: killed"
+    fi
     lib_clean_log "$log" | tail -n 3
     ((rc == 0)) || fail "spliced exited with $rc after SIGTERM"
 }
@@ -435,7 +432,7 @@ perf_round() {
     pgbench_run "perf_${tgt}_C" "$pgp" -n -S -C -c 2 -j 2 -T 2 | grep '^tps'
     redis_bench "perf_${tgt}" "$rdp" "$REDIS_PERF_TESTS" -n 20000 -c 20
     redis_bench "perf_${tgt}P" "$rdp" "$REDIS_PERF_TESTS" -n 100000 -c 20 -P 16
-    t0="$(lib_now)"
+    t0="$(lib_now_ms)"
     t 120 "$PGBIN/psql" -X -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$pgp" -U postgres -d bench -c "$PERF_COPY_Q" >"$W/perf-copy.tsv"
     metric "perf_${tgt}_copy_mbps" "$(awk -v b="$(stat -c %s "$W/perf-copy.tsv")" -v s="$(lib_elapsed "$t0")" 'BEGIN { printf "%.1f\n", b / s / 1e6 }')"
     [[ "$(wc -l <"$W/perf-copy.tsv")" == "$PERF_COPY_ROWS" ]] || fail "COPY returned $(wc -l <"$W/perf-copy.tsv") rows, want $PERF_COPY_ROWS"
@@ -472,13 +469,13 @@ COPY_MB=$((COPY_MB / 1000000))
 
 for mode in $MODES; do
     PGP="" IDP="" RDP="" PGPID="" IDPID="" RDPID="" PGLOG="" IDLOG="" RDLOG=""
-    if check_here "[$mode] spliced starts in front of postgres" spliced_start "pg-$mode" "$mode" --upstream "127.0.0.1:$PG_PORT"; then
+    if check_here "[$mode] spliced starts in front of postgres" spliced_start "pg-$mode" --listen 127.0.0.1:0 --mode "$mode" --upstream "127.0.0.1:$PG_PORT"; then
         PGP=$SPLICED_PORT PGPID=$SPLICED_PID PGLOG=$SPLICED_LOG
     fi
-    if check_here "[$mode] spliced starts with --idle-timeout ${IDLE_TIMEOUT_S}s" spliced_start "pgidle-$mode" "$mode" --upstream "127.0.0.1:$PG_PORT" --idle-timeout "${IDLE_TIMEOUT_S}s"; then
+    if check_here "[$mode] spliced starts with --idle-timeout ${IDLE_TIMEOUT_S}s" spliced_start "pgidle-$mode" --listen 127.0.0.1:0 --mode "$mode" --upstream "127.0.0.1:$PG_PORT" --idle-timeout "${IDLE_TIMEOUT_S}s"; then
         IDP=$SPLICED_PORT IDPID=$SPLICED_PID IDLOG=$SPLICED_LOG
     fi
-    if check_here "[$mode] spliced starts in front of redis" spliced_start "redis-$mode" "$mode" --upstream "127.0.0.1:$RD_PORT"; then
+    if check_here "[$mode] spliced starts in front of redis" spliced_start "redis-$mode" --listen 127.0.0.1:0 --mode "$mode" --upstream "127.0.0.1:$RD_PORT"; then
         RDP=$SPLICED_PORT RDPID=$SPLICED_PID RDLOG=$SPLICED_LOG
     fi
     # an unstarted spliced makes its checks fail against port 1 (refused)
@@ -512,11 +509,11 @@ done
 TARGETS=(direct)
 declare -A TPG=([direct]=$PG_PORT) TRD=([direct]=$RD_PORT) TPIDS=() TLOGS=()
 for mode in $MODES; do
-    if check_here "[perf] spliced($mode) starts in front of postgres" spliced_start "perf-pg-$mode" "$mode" --upstream "127.0.0.1:$PG_PORT"; then
+    if check_here "[perf] spliced($mode) starts in front of postgres" spliced_start "perf-pg-$mode" --listen 127.0.0.1:0 --mode "$mode" --upstream "127.0.0.1:$PG_PORT"; then
         TPG[$mode]=$SPLICED_PORT
         TPIDS[pg-$mode]=$SPLICED_PID TLOGS[pg-$mode]=$SPLICED_LOG
     fi
-    if check_here "[perf] spliced($mode) starts in front of redis" spliced_start "perf-redis-$mode" "$mode" --upstream "127.0.0.1:$RD_PORT"; then
+    if check_here "[perf] spliced($mode) starts in front of redis" spliced_start "perf-redis-$mode" --listen 127.0.0.1:0 --mode "$mode" --upstream "127.0.0.1:$RD_PORT"; then
         TRD[$mode]=$SPLICED_PORT
         TPIDS[redis-$mode]=$SPLICED_PID TLOGS[redis-$mode]=$SPLICED_LOG
     fi
@@ -578,9 +575,9 @@ cp "$W/metrics" "$W/metrics.log" 2>/dev/null || true
 
 echo
 echo "e2e: elapsed $((SECONDS - T_START))s"
-if ((FAILED > 0)); then
+if ((LIB_FAILED > 0)); then
     echo "e2e: failed checks:"
-    printf '  - %s\n' "${FAILED_NAMES[@]}"
+    printf '  - %s\n' "${LIB_FAILED_NAMES[@]}"
 fi
-echo "e2e: $PASSED passed, $FAILED failed"
-((FAILED == 0))
+echo "e2e: $LIB_PASSED passed, $LIB_FAILED failed"
+((LIB_FAILED == 0))

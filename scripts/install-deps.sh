@@ -16,12 +16,12 @@
 #   Tools      : iproute2 (ss), procps (ps, pgrep), psmisc (fuser),
 #                util-linux (runuser, setpriv), socat, coreutils.
 #
-# Package installation never starts system services (a temporary
-# policy-rc.d denies it) and never creates the default "main" PostgreSQL
-# cluster: the tests run their own throwaway servers on 127.0.0.1.
+# Package installation never starts system services (lib_apt_install's
+# temporary policy-rc.d denies it) and never creates the default "main"
+# PostgreSQL cluster: the tests run their own throwaway servers on 127.0.0.1.
 set -euo pipefail
-
-log() { printf 'install-deps: %s\n' "$*" >&2; }
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 have_pg() {
     local d
@@ -29,10 +29,6 @@ have_pg() {
         [[ -x "$d/initdb" && -x "$d/pg_ctl" && -x "$d/postgres" && -x "$d/psql" && -x "$d/pgbench" ]] && return 0
     done
     return 1
-}
-
-pkg_installed() {
-    [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" == "install ok installed" ]]
 }
 
 missing=()
@@ -48,56 +44,23 @@ command -v sha256sum >/dev/null || missing+=(coreutils)
 command -v awk >/dev/null || missing+=(mawk)
 
 if ((${#missing[@]} == 0)); then
-    log "all dependencies present"
+    lib_log "install-deps: all dependencies present"
     exit 0
 fi
 
-log "missing: ${missing[*]}"
-if [[ "$(id -u)" != 0 ]]; then
-    log "ERROR: these packages must be installed as root (CI runs as root):"
-    log "  sudo apt-get install -y ${missing[*]}"
-    exit 1
-fi
-command -v apt-get >/dev/null || { log "ERROR: apt-get not found: not a Debian-like system"; exit 1; }
-
-export DEBIAN_FRONTEND=noninteractive
-APT_OPTS=(-y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold --no-install-recommends)
-
-# Don't let maintainer scripts start redis/postgresql services, and don't let
-# postgresql-common create (and start) a "main" cluster on port 5432.
-policy_created=0
-if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-    printf '#!/bin/sh\n# temporary, scripts/install-deps.sh\nexit 101\n' >/usr/sbin/policy-rc.d
-    chmod 755 /usr/sbin/policy-rc.d
-    policy_created=1
-fi
-cleanup() { ((policy_created)) && rm -f /usr/sbin/policy-rc.d; return 0; }
-trap cleanup EXIT
-mkdir -p /etc/postgresql-common/createcluster.d
-if [[ ! -e /etc/postgresql-common/createcluster.d/spliced-tests.conf ]]; then
-    echo 'create_main_cluster = false' >/etc/postgresql-common/createcluster.d/spliced-tests.conf
-fi
-
-lists_present() { compgen -G '/var/lib/apt/lists/*_Packages' >/dev/null; }
-updated=0
-if ! lists_present; then
-    log "apt-get update"
-    apt-get update -q
-    updated=1
-fi
-log "apt-get install ${missing[*]}"
-if ! apt-get install "${APT_OPTS[@]}" "${missing[@]}"; then
-    if ((updated)); then
-        log "ERROR: apt-get install failed"
-        exit 1
+lib_log "install-deps: missing: ${missing[*]}"
+if [[ "$(id -u)" == 0 ]]; then
+    # Don't let postgresql-common create (and start) a "main" cluster on
+    # port 5432.
+    mkdir -p /etc/postgresql-common/createcluster.d
+    if [[ ! -e /etc/postgresql-common/createcluster.d/spliced-tests.conf ]]; then
+        echo 'create_main_cluster = false' >/etc/postgresql-common/createcluster.d/spliced-tests.conf
     fi
-    log "install failed with the current package lists: apt-get update and retry"
-    apt-get update -q
-    apt-get install "${APT_OPTS[@]}" "${missing[@]}"
 fi
+lib_apt_install "${missing[@]}" || lib_die "install-deps: could not install ${missing[*]}"
 
-have_pg || { log "ERROR: PostgreSQL binaries (initdb, pg_ctl, postgres, psql, pgbench) still missing"; exit 1; }
+have_pg || lib_die "install-deps: PostgreSQL binaries (initdb, pg_ctl, postgres, psql, pgbench) still missing"
 for c in redis-server redis-cli redis-benchmark ss socat runuser; do
-    command -v "$c" >/dev/null || { log "ERROR: $c still missing after install"; exit 1; }
+    command -v "$c" >/dev/null || lib_die "install-deps: $c still missing after install"
 done
-log "done"
+lib_log "install-deps: done"
