@@ -14,21 +14,31 @@
 //! | `timer` | coarse deadlines with lazy re-arm |
 //! | `sys` | the OS boundary, the one module allowed raw syscalls: pipe2, splice, fcntl pipe size, rlimits |
 //! | [`stats`] | per-worker counters and close reasons |
-//! | [`bench`] | `spliced bench`: the self-contained benchmark |
-#![deny(unsafe_code)]
+//! | `bench` | `spliced bench`: the self-contained benchmark (feature `cli`) |
+//!
+//! The default feature `cli` adds the command line and the benchmark; with
+//! `default-features = false` the crate is the relay, its config and its
+//! runtime, without clap, plotters or serde_json.
+//!
+//! `unsafe_code` is denied for the whole crate (Cargo.toml `[lints]`); only
+//! `sys` allows it, and every block there carries a `// SAFETY:` comment.
 
+#[cfg(feature = "cli")]
 pub mod bench;
 pub mod config;
 mod control;
 mod engine;
 pub mod error;
+/// Drivers for the fuzz targets and the property tests; built for tests
+/// and under cargo-fuzz (`--cfg fuzzing`), never into a release library.
+#[cfg(any(test, fuzzing))]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod listener;
 pub mod proxy;
 mod relay;
 pub mod stats;
-pub mod sys;
+mod sys;
 mod timer;
 mod token;
 mod upstream;

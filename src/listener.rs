@@ -8,6 +8,7 @@
 use std::net::SocketAddr;
 
 use crate::config::ListenerConfig;
+use crate::stats::{CounterBlock, Stats};
 use crate::upstream::Pool;
 
 /// A listener's identity within one running proxy.
@@ -25,12 +26,33 @@ pub(crate) struct Listener {
     pub(crate) id: ListenerId,
     pub(crate) config: ListenerConfig,
     pub(crate) pool: Pool,
+    /// This listener's counters, one block per worker: worker `i` alone
+    /// writes block `i`.
+    counters: Box<[CounterBlock]>,
 }
 
 impl Listener {
-    pub(crate) fn new(id: ListenerId, config: ListenerConfig) -> Listener {
+    pub(crate) fn new(id: ListenerId, config: ListenerConfig, workers: usize) -> Listener {
         let pool = Pool::new(config.upstreams.clone());
-        Listener { id, config, pool }
+        let counters = (0..workers.max(1))
+            .map(|_| CounterBlock::default())
+            .collect();
+        Listener {
+            id,
+            config,
+            pool,
+            counters,
+        }
+    }
+
+    /// The block worker `worker` writes this listener's counters to.
+    pub(crate) fn counters(&self, worker: usize) -> &CounterBlock {
+        &self.counters[worker]
+    }
+
+    /// This listener's counters summed over the workers.
+    pub(crate) fn stats(&self) -> Stats {
+        Stats::sum(self.counters.iter())
     }
 
     /// A name for log lines: the first address it listens on.

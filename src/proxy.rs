@@ -16,13 +16,14 @@ use std::time::Duration;
 use crate::config::{Config, Mode};
 use crate::control::{Command, Shared, WorkerLink};
 use crate::error::StartError;
-use crate::stats::{Stats, WorkerCounters};
+use crate::listener::{Listener, ListenerId};
+use crate::stats::{CounterBlock, Stats};
 use crate::worker::{self, Worker};
 
 struct WorkerHandle {
     thread: Option<JoinHandle<()>>,
     link: WorkerLink,
-    counters: Arc<WorkerCounters>,
+    counters: Arc<CounterBlock>,
     tid: Arc<AtomicI32>,
 }
 
@@ -54,6 +55,7 @@ impl Controller {
 /// A running proxy. Dropping it aborts every relay and joins the workers.
 pub struct ProxyHandle {
     local_addrs: Vec<SocketAddr>,
+    listeners: Vec<Arc<Listener>>,
     workers: Vec<WorkerHandle>,
 }
 
@@ -72,7 +74,7 @@ pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
     let local_addrs: Vec<SocketAddr> = bound.local_addrs.iter().map(|(_, a)| *a).collect();
     let mut workers = Vec::with_capacity(config.workers);
     for (index, listeners) in bound.per_worker.into_iter().enumerate() {
-        let counters = Arc::new(WorkerCounters::default());
+        let counters = Arc::new(CounterBlock::default());
         let tid = Arc::new(AtomicI32::new(0));
         let w = Worker::new(
             index,
@@ -111,6 +113,7 @@ pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
     }
     Ok(ProxyHandle {
         local_addrs,
+        listeners: bound.listeners,
         workers,
     })
 }
@@ -344,9 +347,18 @@ impl ProxyHandle {
         &self.local_addrs
     }
 
-    /// Counters summed over all workers.
+    /// Counters summed over all workers and listeners.
     pub fn stats(&self) -> Stats {
-        Stats::sum(self.workers.iter().map(|w| &*w.counters))
+        let listeners = self.listeners.iter().map(|l| l.stats());
+        let workers = Stats::sum(self.workers.iter().map(|w| &*w.counters));
+        listeners.fold(workers, |sum, l| sum + l)
+    }
+
+    /// Each listener's counters (its relays, bytes and closes), in config
+    /// order; the worker-scoped counters (pipes, buffers, timers) are zero
+    /// here and counted once in [`ProxyHandle::stats`].
+    pub fn listener_stats(&self) -> Vec<(ListenerId, Stats)> {
+        self.listeners.iter().map(|l| (l.id, l.stats())).collect()
     }
 
     /// CPU time (user + system) the worker threads have used so far.

@@ -1,6 +1,6 @@
 //! Per-worker counters, summed on demand.
 //!
-//! Each worker owns one [`WorkerCounters`] and is its only writer, so the
+//! Each worker owns one [`CounterBlock`] and is its only writer, so the
 //! relaxed atomics never contend; readers (bench, tests, later metrics and
 //! `spliced stats`) sum a [`Stats`] snapshot from all workers.
 
@@ -73,26 +73,41 @@ pub enum Kind {
     Gauge,
 }
 
+/// What a counter is kept for: each listener (relays, bytes, closes) or
+/// each worker (pipes, buffers, timers, which relays of every listener
+/// share).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Listener,
+    Worker,
+}
+
 /// One row of the counter table: what a value is called and means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CounterInfo {
     pub name: &'static str,
     pub kind: Kind,
+    pub scope: Scope,
     pub help: &'static str,
 }
 
-/// Declares every counter once. From the one table come the per-worker
-/// live counters (a fixed `repr(C)` layout of plain atomics, so a block can
-/// later live in a shared-memory file and be repeated per listener), the
-/// summed [`Stats`] snapshot, and [`COUNTERS`], the names, kinds and help
-/// texts an exposition is made from.
+/// Declares every counter once. From the one table come the live counter
+/// block (a fixed `repr(C)` layout of plain atomics, so blocks can later
+/// live in a shared-memory file), the summed [`Stats`] snapshot, and
+/// [`COUNTERS`], the names, kinds, scopes and help texts an exposition is
+/// made from.
+///
+/// Every worker has one block for its worker-scoped counters, and every
+/// listener one block per worker for its listener-scoped ones; a block's
+/// counters of the other scope stay zero, so any sum of blocks is right.
 macro_rules! counter_table {
-    ($($(#[doc = $help:literal])+ $name:ident: $kind:ident,)+) => {
-        /// Live counters of one worker. Each worker is the only writer of
-        /// its block, so the relaxed atomics never contend.
+    ($($(#[doc = $help:literal])+ $name:ident: $kind:ident per $scope:ident,)+) => {
+        /// Live counters written by one worker, the block's only writer, so
+        /// the relaxed atomics never contend.
         #[derive(Debug, Default)]
         #[repr(C)]
-        pub struct WorkerCounters {
+        pub struct CounterBlock {
             $($(#[doc = $help])+ pub $name: AtomicU64,)+
             closed: [AtomicU64; CloseReason::ALL.len()],
         }
@@ -110,14 +125,15 @@ macro_rules! counter_table {
             $(CounterInfo {
                 name: stringify!($name),
                 kind: Kind::$kind,
+                scope: Scope::$scope,
                 help: concat!($($help),+),
             },)+
         ];
 
         impl Stats {
-            pub(crate) fn sum<'a>(workers: impl IntoIterator<Item = &'a WorkerCounters>) -> Stats {
+            pub(crate) fn sum<'a>(blocks: impl IntoIterator<Item = &'a CounterBlock>) -> Stats {
                 let mut s = Stats::default();
-                for w in workers {
+                for w in blocks {
                     $(s.$name += w.$name.load(Relaxed);)+
                     for (sum, c) in s.closed.iter_mut().zip(&w.closed) {
                         *sum += c.load(Relaxed);
@@ -125,7 +141,21 @@ macro_rules! counter_table {
                 }
                 s
             }
+        }
 
+        impl std::ops::Add for Stats {
+            type Output = Stats;
+
+            fn add(mut self, other: Stats) -> Stats {
+                $(self.$name += other.$name;)+
+                for (sum, c) in self.closed.iter_mut().zip(other.closed) {
+                    *sum += c;
+                }
+                self
+            }
+        }
+
+        impl Stats {
             /// Each counter's value, in the order of [`COUNTERS`].
             pub fn values(&self) -> Vec<u64> {
                 vec![$(self.$name),+]
@@ -136,33 +166,33 @@ macro_rules! counter_table {
 
 counter_table! {
     /// Connections accepted.
-    relays_accepted: Counter,
+    relays_accepted: Counter per Listener,
     /// Relays alive now.
-    relays_active: Gauge,
+    relays_active: Gauge per Listener,
     /// Bytes written to a destination by splice(2).
-    bytes_spliced: Counter,
+    bytes_spliced: Counter per Listener,
     /// Bytes written to a destination from a userspace buffer.
-    bytes_copied: Counter,
+    bytes_copied: Counter per Listener,
     /// Directions that fell back from splice to copy (no pipe, splice
     /// refused, urgent data).
-    splice_fallbacks: Counter,
+    splice_fallbacks: Counter per Listener,
     /// Pipes held by directions now.
-    pipes_in_use: Gauge,
+    pipes_in_use: Gauge per Worker,
     /// Empty pipes kept for reuse.
-    pipes_idle: Gauge,
+    pipes_idle: Gauge per Worker,
     /// Pipes created.
-    pipes_created: Counter,
+    pipes_created: Counter per Worker,
     /// Copy buffers held by directions now.
-    buffers_in_use: Gauge,
+    buffers_in_use: Gauge per Worker,
     /// Times accepting paused: out of fds, or at the relay cap.
-    accept_pauses: Counter,
+    accept_pauses: Counter per Worker,
     /// Upstream connect attempts that failed.
-    upstream_connect_failures: Counter,
+    upstream_connect_failures: Counter per Listener,
     /// Entries in the workers' deadline heaps (live and not yet swept).
-    timer_entries: Gauge,
+    timer_entries: Gauge per Worker,
 }
 
-impl WorkerCounters {
+impl CounterBlock {
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
     }
@@ -198,15 +228,17 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), COUNTERS.len(), "a counter is declared twice");
         assert!(COUNTERS.iter().all(|c| !c.help.trim().is_empty()));
+        // Closes are counted per listener, beside the table.
+        assert!(COUNTERS.iter().any(|c| c.scope == Scope::Worker));
     }
 
     #[test]
     fn sums_add_workers_and_keep_the_table_order() {
-        let (a, b) = (WorkerCounters::default(), WorkerCounters::default());
-        WorkerCounters::add(&a.bytes_spliced, 5);
-        WorkerCounters::add(&b.bytes_spliced, 7);
-        WorkerCounters::add(&b.relays_active, 2);
-        WorkerCounters::sub(&b.relays_active, 1);
+        let (a, b) = (CounterBlock::default(), CounterBlock::default());
+        CounterBlock::add(&a.bytes_spliced, 5);
+        CounterBlock::add(&b.bytes_spliced, 7);
+        CounterBlock::add(&b.relays_active, 2);
+        CounterBlock::sub(&b.relays_active, 1);
         b.closed(CloseReason::Idle);
         let s = Stats::sum([&a, &b]);
         assert_eq!(s.bytes_spliced, 12);

@@ -32,7 +32,7 @@ use crate::engine::Pools;
 use crate::error::{Op, RelayError, Side, StartError};
 use crate::listener::{Listener, ListenerId};
 use crate::relay::{Accepted, Expiry, Next, Peer, Relay};
-use crate::stats::{CloseReason, WorkerCounters};
+use crate::stats::{CloseReason, CounterBlock};
 use crate::timer::Timers;
 use crate::token::{self, Owner, RelayRef};
 use crate::upstream::{self, Connect, Round};
@@ -87,6 +87,8 @@ impl WarnLimit {
 pub(crate) struct Bound {
     /// Every bound address with the index of its listener, in config order.
     pub(crate) local_addrs: Vec<(usize, SocketAddr)>,
+    /// Every listener, in config order.
+    pub(crate) listeners: Vec<Arc<Listener>>,
     pub(crate) per_worker: Vec<Vec<(TcpListener, Arc<Listener>)>>,
 }
 
@@ -103,8 +105,14 @@ pub(crate) struct Bound {
 pub(crate) fn bind_listeners(config: &Config) -> Result<Bound, StartError> {
     let mut per_worker: Vec<Vec<_>> = (0..config.workers).map(|_| Vec::new()).collect();
     let mut local_addrs = Vec::new();
+    let mut listeners = Vec::with_capacity(config.listeners.len());
     for (index, listener) in config.listeners.iter().enumerate() {
-        let runtime = Arc::new(Listener::new(ListenerId(index as u32), listener.clone()));
+        let runtime = Arc::new(Listener::new(
+            ListenerId(index as u32),
+            listener.clone(),
+            config.workers,
+        ));
+        listeners.push(Arc::clone(&runtime));
         let dual_family = listener.listen.iter().any(|a| a.is_ipv4());
         for &asked in &listener.listen {
             let fail = |e| StartError::Listen(asked, e);
@@ -135,6 +143,7 @@ pub(crate) fn bind_listeners(config: &Config) -> Result<Bound, StartError> {
     }
     Ok(Bound {
         local_addrs,
+        listeners,
         per_worker,
     })
 }
@@ -195,7 +204,7 @@ pub(crate) struct Worker {
     shared: Arc<Shared>,
     commands: Receiver<Command>,
     link: WorkerLink,
-    counters: Arc<WorkerCounters>,
+    counters: Arc<CounterBlock>,
     accept_paused_until: Option<Instant>,
     accept_warnings: WarnLimit,
     connect_warnings: WarnLimit,
@@ -212,7 +221,7 @@ impl Worker {
         config: Arc<Config>,
         listeners: Vec<(TcpListener, Arc<Listener>)>,
         shared: Arc<Shared>,
-        counters: Arc<WorkerCounters>,
+        counters: Arc<CounterBlock>,
         relay_cap: usize,
     ) -> io::Result<Worker> {
         let poll = Poll::new()?;
@@ -235,7 +244,7 @@ impl Worker {
             relays: Slab::new(),
             timers: Timers::default(),
             ready: Vec::new(),
-            pools: Pools::new(&config, Arc::clone(&counters)),
+            pools: Pools::new(&config, index, Arc::clone(&counters)),
             config,
             shared,
             commands,
@@ -354,7 +363,7 @@ impl Worker {
     /// Pauses accepting instead of spinning on a listener that stays readable.
     fn pause_accepting(&mut self, now: Instant, e: &io::Error) {
         self.accept_paused_until = Some(now + ACCEPT_PAUSE);
-        WorkerCounters::add(&self.counters.accept_pauses, 1);
+        CounterBlock::add(&self.counters.accept_pauses, 1);
         if self.accept_warnings.allow(now).is_some() {
             tracing::warn!(
                 worker = self.index,
@@ -371,7 +380,7 @@ impl Worker {
     /// kernel queues new clients.
     fn reach_relay_cap(&mut self, now: Instant) {
         self.accept_paused_until = Some(now + CAP_RECHECK);
-        WorkerCounters::add(&self.counters.accept_pauses, 1);
+        CounterBlock::add(&self.counters.accept_pauses, 1);
         if self.accept_warnings.allow(now).is_some() {
             tracing::warn!(
                 worker = self.index,
@@ -404,19 +413,22 @@ impl Worker {
         listener: Arc<Listener>,
         now: Instant,
     ) {
-        WorkerCounters::add(&self.counters.relays_accepted, 1);
+        let counters = listener.counters(self.index);
+        CounterBlock::add(&counters.relays_accepted, 1);
         let id = NEXT_RELAY_ID.fetch_add(1, Ordering::Relaxed);
         // Database traffic is small request/response: never delay it.
         let _ = client.set_nodelay(true);
         let mut round = Round::new(&listener.pool);
-        let Some(upstream) = self.connect_next(id, &mut round, &listener.pool, now) else {
+        let Some(upstream) = self.connect_next(id, &mut round, &listener, now) else {
             tracing::info!(
                 relay = id,
                 client = %client_addr,
                 reason = %CloseReason::ConnectFailed,
                 "relay closed"
             );
-            self.counters.closed(CloseReason::ConnectFailed);
+            listener
+                .counters(self.index)
+                .closed(CloseReason::ConnectFailed);
             return;
         };
         let entry = self.relays.vacant_entry();
@@ -444,8 +456,8 @@ impl Worker {
                 )
             })
             .map_err(|e| RelayError::new(Side::Internal, Op::Register, e));
+        CounterBlock::add(&relay.listener.counters(self.index).relays_active, 1);
         entry.insert(relay);
-        WorkerCounters::add(&self.counters.relays_active, 1);
         self.shared.relays_live.fetch_add(1, Ordering::Relaxed);
         match registered {
             Ok(()) => self.arm(key),
@@ -460,12 +472,12 @@ impl Worker {
         &mut self,
         relay: u64,
         round: &mut Round,
-        pool: &upstream::Pool,
+        listener: &Listener,
         now: Instant,
     ) -> Option<(TcpStream, SocketAddr)> {
         let mut out_of_fds_error = None;
-        let next = round.connect_next(pool, |server, e, more| {
-            self.connect_failed(relay, server, e, more, now);
+        let next = round.connect_next(&listener.pool, |server, e, more| {
+            self.connect_failed(listener, relay, server, e, more, now);
             if out_of_fds(e) {
                 out_of_fds_error =
                     Some(io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(0)));
@@ -481,13 +493,14 @@ impl Worker {
     /// server and the error, and whether another server is tried.
     fn connect_failed(
         &mut self,
+        listener: &Listener,
         relay: u64,
         server: SocketAddr,
         e: &io::Error,
         trying_next: bool,
         now: Instant,
     ) {
-        WorkerCounters::add(&self.counters.upstream_connect_failures, 1);
+        CounterBlock::add(&listener.counters(self.index).upstream_connect_failures, 1);
         let next = if trying_next {
             "trying the next server"
         } else {
@@ -574,11 +587,11 @@ impl Worker {
         let (id, failed, listener) = (relay.id, relay.upstream_addr, Arc::clone(&relay.listener));
         let mut round = relay.round;
         let more = round.has_next(&listener.pool);
-        self.connect_failed(id, failed, &error, more, now);
+        self.connect_failed(&listener, id, failed, &error, more, now);
         let token = token::relay(RelayRef { key, id }, Peer::Upstream);
         let mut error = Some(error);
         let next = loop {
-            let Some((mut stream, server)) = self.connect_next(id, &mut round, &listener.pool, now)
+            let Some((mut stream, server)) = self.connect_next(id, &mut round, &listener, now)
             else {
                 break None;
             };
@@ -590,7 +603,7 @@ impl Worker {
                 Ok(()) => break Some((stream, server)),
                 Err(e) => {
                     let more = round.has_next(&listener.pool);
-                    self.connect_failed(id, server, &e, more, now);
+                    self.connect_failed(&listener, id, server, &e, more, now);
                     error = Some(e);
                 }
             }
@@ -712,9 +725,10 @@ impl Worker {
 
     fn close(&mut self, key: usize, reason: CloseReason, error: Option<&RelayError>, now: Instant) {
         let relay = self.relays.remove(key);
+        let counters = relay.listener.counters(self.index);
+        counters.closed(reason);
+        CounterBlock::sub(&counters.relays_active, 1);
         relay.close(reason, error, now, &mut self.pools);
-        self.counters.closed(reason);
-        WorkerCounters::sub(&self.counters.relays_active, 1);
         self.shared.relays_live.fetch_sub(1, Ordering::Relaxed);
         // Freed fds may let a paused accept succeed now.
         if self.accept_paused_until.is_some() {

@@ -18,6 +18,7 @@ both_engines!(
     client_half_closes_then_trickled_reply,
     upstream_half_closes_first_client_keeps_sending,
     pipes_return_to_the_pool,
+    each_listener_counts_its_own_relays,
 );
 
 const BULK: usize = 64 * MIB;
@@ -235,4 +236,44 @@ fn prng_stream_is_independent_of_chunking() {
     assert!(pieces == whole, "chunked generation differs");
     assert_ne!(pattern(1, 64), pattern(2, 64), "seeds give the same stream");
     assert_eq!(expected_digest(42, 10_000), digest(&whole));
+}
+
+/// Two listeners served by two workers:
+/// each counts only the relays, bytes and closes of its own clients, and
+/// the proxy's totals are their sum.
+fn each_listener_counts_its_own_relays(mode: Mode) {
+    let echo = echo_server();
+    let h = proxy(mode, vec![echo.addr], |c| {
+        c.workers = 2;
+        let second = c.listeners[0].clone();
+        c.listeners.push(second);
+    });
+    let (first, second) = (h.local_addrs()[0], h.local_addrs()[1]);
+    let exchange = |addr, len: usize, seed| {
+        let mut c = connect(addr);
+        let msg = pattern(seed, len);
+        c.write_all(&msg).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let (got, ending) = read_until_closed(&mut c, Duration::from_secs(10));
+        assert_eq!((got.len(), ending), (len, Ending::Eof));
+    };
+    exchange(first, 1000, 1);
+    for seed in 0..3 {
+        exchange(second, 70_000, seed);
+    }
+    let total = assert_quiescent(&h, mode);
+    let per: Vec<_> = h.listener_stats().into_iter().map(|(_, s)| s).collect();
+    assert_eq!(per.len(), 2);
+    let moved = |s: &spliced::Stats| s.bytes_spliced + s.bytes_copied;
+    assert_eq!((per[0].relays_accepted, moved(&per[0])), (1, 2 * 1000));
+    assert_eq!(
+        (per[1].relays_accepted, moved(&per[1])),
+        (3, 3 * 2 * 70_000)
+    );
+    assert_eq!(per[0].closed(CloseReason::Eof), 1);
+    assert_eq!(per[1].closed(CloseReason::Eof), 3);
+    assert_eq!(total.relays_accepted, 4);
+    assert_eq!(moved(&total), moved(&per[0]) + moved(&per[1]));
+    // Pipes and buffers belong to workers, not listeners.
+    assert!(per.iter().all(|s| s.pipes_created == 0));
 }

@@ -21,6 +21,7 @@ pub(crate) use pool::Pools;
 pub(crate) use splice::PooledPipe;
 
 use crate::config::Mode;
+use crate::stats::CounterBlock;
 use crate::sys;
 
 /// The engine a direction runs now. [`Mode`] is the user's choice; a
@@ -122,12 +123,12 @@ impl Slot {
 
     /// Switches to copy for the rest of the direction's life. Only called
     /// with the buffer empty, so no byte can be reordered or lost.
-    fn fall_back_to_copy(&mut self, pools: &mut Pools, why: &str) {
+    fn fall_back_to_copy(&mut self, pools: &mut Pools, counters: &CounterBlock, why: &str) {
         self.engine = Engine::Copy;
         if let Some(buffer) = self.buffer.take() {
             pools.give(buffer, true);
         }
-        pools.count_fallback(why);
+        pools.count_fallback(counters, why);
     }
 }
 
@@ -137,6 +138,8 @@ pub(crate) struct Wire<'a> {
     pub(crate) src: &'a TcpStream,
     pub(crate) dst: &'a TcpStream,
     pub(crate) pools: &'a mut Pools,
+    /// The counters of the relay's listener, as this worker writes them.
+    pub(crate) counters: &'a CounterBlock,
 }
 
 impl Wire<'_> {
@@ -153,7 +156,7 @@ impl Endpoints for Wire<'_> {
     fn fill(&mut self, pending: usize) -> io::Result<Transfer> {
         loop {
             if self.slot.buffer.is_none() {
-                self.slot.buffer = Some(self.pools.take(&mut self.slot.engine)?);
+                self.slot.buffer = Some(self.pools.take(&mut self.slot.engine, self.counters)?);
             }
             let result = match self.slot.buffer.as_mut() {
                 Some(Buffer::Pipe(pipe)) => pipe.fill(self.src.as_fd()),
@@ -163,7 +166,8 @@ impl Endpoints for Wire<'_> {
             match result {
                 Err(e) if splice_refused(&e) && !self.slot.spliced_any => {
                     // Nothing moved yet, so nothing can be lost by switching.
-                    self.slot.fall_back_to_copy(self.pools, "splice refused");
+                    self.slot
+                        .fall_back_to_copy(self.pools, self.counters, "splice refused");
                 }
                 Ok(Transfer::Moved(_)) if self.slot.engine == Engine::Splice => {
                     self.slot.spliced_any = true;
@@ -181,7 +185,8 @@ impl Endpoints for Wire<'_> {
                     // Only recv(2) steps over the mark (dropping the urgent
                     // byte, as a plain reader does), so this direction copies
                     // from here on.
-                    self.slot.fall_back_to_copy(self.pools, "urgent data");
+                    self.slot
+                        .fall_back_to_copy(self.pools, self.counters, "urgent data");
                 }
                 other => return other,
             }
@@ -195,7 +200,11 @@ impl Endpoints for Wire<'_> {
             None => return Err(io::Error::other("drain with no buffer held")),
         }?;
         if let Transfer::Moved(n) = moved {
-            self.pools.count_moved(self.slot.engine, n);
+            let counter = match self.slot.engine {
+                Engine::Splice => &self.counters.bytes_spliced,
+                Engine::Copy => &self.counters.bytes_copied,
+            };
+            CounterBlock::add(counter, n as u64);
         }
         Ok(moved)
     }

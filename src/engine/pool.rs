@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::{Buffer, Engine, MappedBuffer, PooledPipe};
 use crate::config::Config;
-use crate::stats::WorkerCounters;
+use crate::stats::CounterBlock;
 use crate::sys::{self, Pipe};
 
 /// How often a worker may log fallbacks or pipe-size warnings.
@@ -32,14 +32,17 @@ pub(crate) struct Pools {
     pipe_bytes: usize,
     idle_buffers: Vec<MappedBuffer>,
     buffer_size: usize,
-    counters: Arc<WorkerCounters>,
+    /// The worker these belong to: it selects the listener counter block
+    /// a relay's transfers are counted on.
+    pub(crate) worker: usize,
+    counters: Arc<CounterBlock>,
     last_log: Option<Instant>,
     unlogged_fallbacks: u64,
     pipe_size_warned: bool,
 }
 
 impl Pools {
-    pub(crate) fn new(config: &Config, counters: Arc<WorkerCounters>) -> Pools {
+    pub(crate) fn new(config: &Config, worker: usize, counters: Arc<CounterBlock>) -> Pools {
         Pools {
             idle_pipes: Vec::new(),
             pipes_live: 0,
@@ -50,6 +53,7 @@ impl Pools {
             pipe_bytes: 0,
             idle_buffers: Vec::new(),
             buffer_size: config.copy_buffer_size,
+            worker,
             counters,
             last_log: None,
             unlogged_fallbacks: 0,
@@ -60,13 +64,17 @@ impl Pools {
     /// A buffer for a direction using `engine`. When no pipe can be had the
     /// direction switches to copy for good (`engine` is updated). Fails only
     /// when not even a copy buffer can be mapped (out of memory).
-    pub(crate) fn take(&mut self, engine: &mut Engine) -> io::Result<Buffer> {
+    pub(crate) fn take(
+        &mut self,
+        engine: &mut Engine,
+        counters: &CounterBlock,
+    ) -> io::Result<Buffer> {
         if *engine == Engine::Splice {
             match self.take_pipe() {
                 Ok(pipe) => return Ok(Buffer::Pipe(pipe)),
                 Err(why) => {
                     *engine = Engine::Copy;
-                    self.count_fallback(&why);
+                    self.count_fallback(counters, &why);
                 }
             }
         }
@@ -74,7 +82,7 @@ impl Pools {
             Some(heap) => heap,
             None => MappedBuffer::new(self.buffer_size)?,
         };
-        WorkerCounters::add(&self.counters.buffers_in_use, 1);
+        CounterBlock::add(&self.counters.buffers_in_use, 1);
         Ok(Buffer::Mapped(heap))
     }
 
@@ -83,17 +91,17 @@ impl Pools {
     pub(crate) fn give(&mut self, buffer: Buffer, empty: bool) {
         match buffer {
             Buffer::Pipe(pipe) => {
-                WorkerCounters::sub(&self.counters.pipes_in_use, 1);
+                CounterBlock::sub(&self.counters.pipes_in_use, 1);
                 if empty && self.idle_pipes.len() < self.max_idle_pipes {
                     self.idle_pipes.push(pipe);
-                    WorkerCounters::add(&self.counters.pipes_idle, 1);
+                    CounterBlock::add(&self.counters.pipes_idle, 1);
                 } else {
                     self.pipes_live -= 1;
                     self.pipe_bytes -= pipe.capacity();
                 }
             }
             Buffer::Mapped(heap) => {
-                WorkerCounters::sub(&self.counters.buffers_in_use, 1);
+                CounterBlock::sub(&self.counters.buffers_in_use, 1);
                 if heap.is_empty() && self.idle_buffers.len() < MAX_IDLE_BUFFERS {
                     self.idle_buffers.push(heap);
                 }
@@ -101,17 +109,10 @@ impl Pools {
         }
     }
 
-    pub(crate) fn count_moved(&self, engine: Engine, n: usize) {
-        let counter = match engine {
-            Engine::Splice => &self.counters.bytes_spliced,
-            Engine::Copy => &self.counters.bytes_copied,
-        };
-        WorkerCounters::add(counter, n as u64);
-    }
-
-    /// Counts a direction falling back to copy; logs at most once a second.
-    pub(crate) fn count_fallback(&mut self, why: &str) {
-        WorkerCounters::add(&self.counters.splice_fallbacks, 1);
+    /// Counts a direction's fallback to copy on its listener's block
+    /// `counters`, and logs it (rate-limited) for the worker.
+    pub(crate) fn count_fallback(&mut self, counters: &CounterBlock, why: &str) {
+        CounterBlock::add(&counters.splice_fallbacks, 1);
         self.unlogged_fallbacks += 1;
         let now = Instant::now();
         if self
@@ -130,8 +131,8 @@ impl Pools {
 
     fn take_pipe(&mut self) -> Result<PooledPipe, String> {
         if let Some(pipe) = self.idle_pipes.pop() {
-            WorkerCounters::sub(&self.counters.pipes_idle, 1);
-            WorkerCounters::add(&self.counters.pipes_in_use, 1);
+            CounterBlock::sub(&self.counters.pipes_idle, 1);
+            CounterBlock::add(&self.counters.pipes_in_use, 1);
             return Ok(pipe);
         }
         if self.pipes_live >= self.max_pipes {
@@ -141,8 +142,8 @@ impl Pools {
         let capacity = self.size_pipe(&pipe);
         self.pipes_live += 1;
         self.pipe_bytes += capacity;
-        WorkerCounters::add(&self.counters.pipes_created, 1);
-        WorkerCounters::add(&self.counters.pipes_in_use, 1);
+        CounterBlock::add(&self.counters.pipes_created, 1);
+        CounterBlock::add(&self.counters.pipes_in_use, 1);
         Ok(PooledPipe::new(pipe, capacity))
     }
 
@@ -170,7 +171,7 @@ impl Pools {
 impl Drop for Pools {
     fn drop(&mut self) {
         let idle = self.idle_pipes.len() as u64;
-        WorkerCounters::sub(&self.counters.pipes_idle, idle);
+        CounterBlock::sub(&self.counters.pipes_idle, idle);
     }
 }
 
@@ -179,7 +180,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::Ordering::Relaxed;
 
-    fn pools(max_pipes: usize, pipe_size: usize, budget: usize) -> (Pools, Arc<WorkerCounters>) {
+    fn pools(max_pipes: usize, pipe_size: usize, budget: usize) -> (Pools, Arc<CounterBlock>) {
         let mut config = Config::single(
             "127.0.0.1:1".parse().unwrap(),
             vec![],
@@ -189,8 +190,8 @@ mod tests {
         config.max_pipes_per_worker = max_pipes;
         config.pipe_size = pipe_size;
         config.pipe_budget = budget;
-        let counters = Arc::new(WorkerCounters::default());
-        (Pools::new(&config, Arc::clone(&counters)), counters)
+        let counters = Arc::new(CounterBlock::default());
+        (Pools::new(&config, 0, Arc::clone(&counters)), counters)
     }
 
     fn capacity(b: &Buffer) -> usize {
@@ -204,7 +205,7 @@ mod tests {
     fn pipes_are_reused_and_counted() {
         let (mut p, c) = pools(8, 0, 0);
         let mut mode = Engine::Splice;
-        let a = p.take(&mut mode).unwrap();
+        let a = p.take(&mut mode, &c).unwrap();
         assert!(matches!(a, Buffer::Pipe(_)));
         assert_eq!(c.pipes_in_use.load(Relaxed), 1);
         p.give(a, true);
@@ -212,7 +213,7 @@ mod tests {
             (c.pipes_in_use.load(Relaxed), c.pipes_idle.load(Relaxed)),
             (0, 1)
         );
-        let b = p.take(&mut mode).unwrap();
+        let b = p.take(&mut mode, &c).unwrap();
         assert_eq!(
             c.pipes_created.load(Relaxed),
             1,
@@ -225,7 +226,7 @@ mod tests {
     fn a_pipe_holding_bytes_is_never_pooled() {
         let (mut p, c) = pools(8, 0, 0);
         let mut mode = Engine::Splice;
-        let a = p.take(&mut mode).unwrap();
+        let a = p.take(&mut mode, &c).unwrap();
         p.give(a, false);
         assert_eq!(c.pipes_idle.load(Relaxed), 0);
         assert_eq!(p.pipes_live, 0);
@@ -235,9 +236,9 @@ mod tests {
     fn past_the_cap_a_direction_falls_back_to_copy() {
         let (mut p, c) = pools(1, 0, 0);
         let mut first = Engine::Splice;
-        let a = p.take(&mut first).unwrap();
+        let a = p.take(&mut first, &c).unwrap();
         let mut second = Engine::Splice;
-        let b = p.take(&mut second).unwrap();
+        let b = p.take(&mut second, &c).unwrap();
         assert!(matches!(b, Buffer::Mapped(_)));
         assert_eq!(second, Engine::Copy);
         assert_eq!(c.splice_fallbacks.load(Relaxed), 1);
@@ -249,9 +250,9 @@ mod tests {
 
     #[test]
     fn past_the_budget_pipes_keep_the_default_size() {
-        let (mut p, _) = pools(8, 256 * 1024, 512 * 1024);
+        let (mut p, c) = pools(8, 256 * 1024, 512 * 1024);
         let mut mode = Engine::Splice;
-        let taken: Vec<Buffer> = (0..3).map(|_| p.take(&mut mode).unwrap()).collect();
+        let taken: Vec<Buffer> = (0..3).map(|_| p.take(&mut mode, &c).unwrap()).collect();
         assert_eq!(capacity(&taken[0]), 256 * 1024);
         assert_eq!(capacity(&taken[1]), 256 * 1024);
         assert!(

@@ -20,6 +20,7 @@ pub(crate) enum Peer {
 }
 
 impl Peer {
+    #[cfg(any(test, fuzzing))]
     pub(crate) fn other(self) -> Peer {
         match self {
             Peer::Client => Peer::Upstream,

@@ -19,14 +19,17 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 use socket2::SockRef;
 
-pub(crate) use self::core::{Activity, Expiry, Next, PairIo, Peer, RelayCore, PUMP_BUDGET};
+#[cfg(any(test, fuzzing))]
+pub(crate) use self::core::{Activity, PUMP_BUDGET};
+pub(crate) use self::core::{Expiry, Next, PairIo, Peer, RelayCore};
+#[cfg(any(test, fuzzing))]
 pub(crate) use direction::{DirState, Direction};
 
 use crate::config::{Mode, Timeouts};
 use crate::engine::{Engine, Pools, Slot, Wire};
 use crate::error::{Op, RelayError};
 use crate::listener::Listener;
-use crate::stats::CloseReason;
+use crate::stats::{CloseReason, CounterBlock};
 use crate::upstream::Round;
 
 /// A relay's sockets, slots and the worker's pools, as [`PairIo`].
@@ -36,6 +39,7 @@ struct RelayIo<'r> {
     c2u_slot: &'r mut Slot,
     u2c_slot: &'r mut Slot,
     pools: &'r mut Pools,
+    counters: &'r CounterBlock,
 }
 
 impl PairIo for RelayIo<'_> {
@@ -51,12 +55,14 @@ impl PairIo for RelayIo<'_> {
                 src: self.client,
                 dst: self.upstream,
                 pools: self.pools,
+                counters: self.counters,
             },
             Peer::Upstream => Wire {
                 slot: self.u2c_slot,
                 src: self.upstream,
                 dst: self.client,
                 pools: self.pools,
+                counters: self.counters,
             },
         }
     }
@@ -173,6 +179,7 @@ impl Relay {
             upstream: &self.upstream,
             c2u_slot: &mut self.c2u_slot,
             u2c_slot: &mut self.u2c_slot,
+            counters: self.listener.counters(pools.worker),
             pools,
         };
         let pumped = self.core.pump(&mut io, now)?;

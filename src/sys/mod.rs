@@ -152,11 +152,6 @@ pub fn thread_cpu_time(tid: i32) -> Duration {
         .map_or(Duration::ZERO, Duration::from_nanos)
 }
 
-/// Number of open fds of this process.
-pub fn open_fds() -> usize {
-    fs::read_dir("/proc/self/fd").map_or(0, |d| d.count().saturating_sub(1))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
