@@ -15,6 +15,7 @@ test: lint unit bench-quick
 
 unit:
 	$(CARGO) test --release --all-targets
+	$(CARGO) test --release --doc
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -143,6 +143,7 @@ impl Config {
         if self.listeners.is_empty() {
             return Err(ConfigError("no listener configured".into()));
         }
+        self.validate_runtime()?;
         for l in &self.listeners {
             if l.upstreams.is_empty() {
                 return Err(ConfigError(format!(
@@ -154,6 +155,12 @@ impl Config {
                 return Err(ConfigError("a listener has no address".into()));
             }
         }
+        Ok(())
+    }
+
+    /// Checks the settings a runtime needs even with no listener (one
+    /// that only relays handed-off pairs).
+    pub fn validate_runtime(&self) -> Result<(), ConfigError> {
         if self.workers == 0 {
             return Err(ConfigError("workers must be at least 1".into()));
         }

@@ -10,14 +10,70 @@ use std::sync::Arc;
 
 use mio::Waker;
 
-/// What a worker can be told. Reload, hand-off of a connected pair and
-/// health updates join here.
-#[derive(Debug)]
+use crate::relay::report::{RelayReport, Reporter};
+use crate::relay::HandedOff;
+use crate::stats::CloseReason;
+
+/// What a worker can be told. Reload and health updates join here.
 pub(crate) enum Command {
     /// Stop accepting; let live relays finish within the drain timeout.
     Drain,
     /// Close every relay now and exit the loop.
     Abort,
+    /// Relay this connected pair.
+    Handoff(Box<Handoff>),
+    /// Reset both sides of handed-off relay `id` now.
+    AbortRelay { id: u64, reporter: Arc<Reporter> },
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Drain => f.write_str("Drain"),
+            Command::Abort => f.write_str("Abort"),
+            Command::Handoff(_) => f.write_str("Handoff"),
+            Command::AbortRelay { id, .. } => write!(f, "AbortRelay({id})"),
+        }
+    }
+}
+
+/// A pair on its way to a worker. Should the worker exit before taking it,
+/// dropping it closes the sockets and tells whoever waits that the runtime
+/// stopped, so no waiter hangs.
+pub(crate) struct Handoff {
+    pair: Option<HandedOff>,
+}
+
+impl Handoff {
+    pub(crate) fn new(pair: HandedOff) -> Handoff {
+        Handoff { pair: Some(pair) }
+    }
+
+    /// The pair, for the worker that relays it.
+    pub(crate) fn take(&mut self) -> Option<HandedOff> {
+        self.pair.take()
+    }
+
+    /// The pair back, for a sender whose worker has exited.
+    pub(crate) fn into_pair(mut self) -> Option<HandedOff> {
+        self.pair.take()
+    }
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        if let Some(pair) = self.pair.take() {
+            pair.reporter.finish(RelayReport {
+                bytes_c2u: 0,
+                bytes_u2c: 0,
+                duration: std::time::Duration::ZERO,
+                engine_c2u: "none",
+                engine_u2c: "none",
+                reason: CloseReason::Shutdown,
+                error: None,
+            });
+        }
+    }
 }
 
 /// State every worker reads and writes, shared with the proxy handle.
@@ -38,10 +94,18 @@ impl WorkerLink {
     /// Queues `command` and wakes the worker. Fails only when the worker
     /// has exited, which leaves nothing to tell it.
     pub(crate) fn send(&self, command: Command) -> io::Result<()> {
-        self.commands
-            .send(command)
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the worker has exited"))?;
-        self.waker.wake()
+        self.try_send(command)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the worker has exited"))
+    }
+
+    /// Like [`send`](Self::send), but gives the command back when the
+    /// worker has exited.
+    pub(crate) fn try_send(&self, command: Command) -> Result<(), Command> {
+        self.commands.send(command).map_err(|e| e.0)?;
+        // Waking fails only if the poll is gone, i.e. the worker exited;
+        // then the command is dropped with the channel.
+        let _ = self.waker.wake();
+        Ok(())
     }
 }
 

@@ -8,6 +8,8 @@
 //! |---|---|
 //! | [`config`] | validated settings, duration/size/address parsing |
 //! | [`proxy`] | [`start`] a proxy, its [`ProxyHandle`] |
+//! | [`runtime`] | the [`Runtime`]: workers and their command channel; a proxy is one with listeners |
+//! | [`handoff`] | hand two connected sockets to a runtime: [`Runtime::handoff`], the [`Handoff`] handle |
 //! | `worker` | one mio event loop per thread: accept, connect, readiness, budget, timers |
 //! | `relay` | a relay = two `Direction`s; the pure per-direction state machine |
 //! | `engine` | the one transfer interface: splice (pipe) and copy (buffer), and their pools |
@@ -34,9 +36,11 @@ pub mod error;
 #[cfg(any(test, fuzzing))]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod handoff;
 pub mod listener;
 pub mod proxy;
 mod relay;
+pub mod runtime;
 pub mod stats;
 mod sys;
 mod timer;
@@ -46,5 +50,7 @@ mod worker;
 
 pub use config::{Config, ListenerConfig, Mode, Timeouts};
 pub use error::{Side, StartError};
-pub use proxy::{start, Controller, ProxyHandle};
+pub use handoff::{End, Ending, Handoff, HandoffError, Outcome, Socket};
+pub use proxy::{start, ProxyHandle};
+pub use runtime::{Controller, Runtime, RuntimeBuilder};
 pub use stats::{CloseReason, Stats};

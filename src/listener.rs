@@ -5,8 +5,6 @@
 //! [`ListenerId`], never a position in a list, so listeners can be added or
 //! removed while the proxy runs without renumbering the others.
 
-use std::net::SocketAddr;
-
 use crate::config::ListenerConfig;
 use crate::stats::{CounterBlock, Stats};
 use crate::upstream::Pool;
@@ -55,8 +53,21 @@ impl Listener {
         Stats::sum(self.counters.iter())
     }
 
-    /// A name for log lines: the first address it listens on.
-    pub(crate) fn label(&self) -> SocketAddr {
-        self.config.listen[0]
+    /// A name for log lines: the first address it listens on, or
+    /// `handoff` for the pairs a program hands to the runtime.
+    pub(crate) fn label(&self) -> Label<'_> {
+        Label(self)
+    }
+}
+
+/// See [`Listener::label`].
+pub(crate) struct Label<'a>(&'a Listener);
+
+impl std::fmt::Display for Label<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.config.listen.first() {
+            Some(addr) => addr.fmt(f),
+            None => f.write_str("handoff"),
+        }
     }
 }

@@ -8,55 +8,21 @@
 //! this plus signal handling.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::config::{Config, Mode};
-use crate::control::{Command, Shared, WorkerLink};
+use crate::config::{Config, ListenerConfig, Mode};
 use crate::error::StartError;
-use crate::listener::{Listener, ListenerId};
-use crate::stats::{CounterBlock, Stats};
-use crate::worker::{self, Worker};
+use crate::listener::ListenerId;
+use crate::runtime::{relay_cap, Controller, Runtime};
+use crate::stats::Stats;
+use crate::worker;
 
-struct WorkerHandle {
-    thread: Option<JoinHandle<()>>,
-    link: WorkerLink,
-    counters: Arc<CounterBlock>,
-    tid: Arc<AtomicI32>,
-}
-
-/// Asks a running proxy to stop, from any thread (a signal handler's, say).
-#[derive(Clone)]
-pub struct Controller {
-    links: Vec<WorkerLink>,
-}
-
-impl Controller {
-    /// Stops accepting; live relays finish within the drain timeout.
-    pub fn shutdown(&self) {
-        self.tell_all(|| Command::Drain);
-    }
-
-    /// Closes every relay now.
-    pub fn abort(&self) {
-        self.tell_all(|| Command::Abort);
-    }
-
-    fn tell_all(&self, command: impl Fn() -> Command) {
-        for link in &self.links {
-            // A failed send means the worker already exited: nothing to tell it.
-            let _ = link.send(command());
-        }
-    }
-}
-
-/// A running proxy. Dropping it aborts every relay and joins the workers.
+/// A running proxy: a [`Runtime`] with bound listeners. Dropping it aborts
+/// every relay and joins the workers.
 pub struct ProxyHandle {
     local_addrs: Vec<SocketAddr>,
-    listeners: Vec<Arc<Listener>>,
-    workers: Vec<WorkerHandle>,
+    runtime: Runtime,
 }
 
 /// Binds the listeners, refuses an upstream that loops back into the proxy,
@@ -66,41 +32,26 @@ pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
     let nofile = crate::sys::raise_nofile_limit();
     let relay_cap = relay_cap(&config, nofile);
     let config = Arc::new(config);
-    let shared = Arc::new(Shared::default());
     let bound = worker::bind_listeners(&config)?;
     refuse_loops(&config, &bound.local_addrs)?;
     log_relay_cap(&config, nofile, relay_cap);
     check_pipe_size(&config);
     let local_addrs: Vec<SocketAddr> = bound.local_addrs.iter().map(|(_, a)| *a).collect();
-    let mut workers = Vec::with_capacity(config.workers);
-    for (index, listeners) in bound.per_worker.into_iter().enumerate() {
-        let counters = Arc::new(CounterBlock::default());
-        let tid = Arc::new(AtomicI32::new(0));
-        let w = Worker::new(
-            index,
-            Arc::clone(&config),
-            listeners,
-            Arc::clone(&shared),
-            Arc::clone(&counters),
-            relay_cap,
-        )
-        .map_err(|e| StartError::Io("create the event loop".into(), e))?;
-        let link = w.link();
-        let tid_slot = Arc::clone(&tid);
-        let thread = std::thread::Builder::new()
-            .name(format!("spliced-w{index}"))
-            .spawn(move || {
-                tid_slot.store(crate::sys::gettid(), Ordering::Relaxed);
-                w.run();
-            })
-            .map_err(|e| StartError::Io("spawn a worker thread".into(), e))?;
-        workers.push(WorkerHandle {
-            thread: Some(thread),
-            link,
-            counters,
-            tid,
-        });
-    }
+    // Pairs handed to a running proxy relay like the first listener's.
+    let first = &config.listeners[0];
+    let handoff = ListenerConfig {
+        listen: Vec::new(),
+        upstreams: Vec::new(),
+        mode: first.mode,
+        timeouts: first.timeouts,
+    };
+    let runtime = Runtime::spawn(
+        Arc::clone(&config),
+        bound.per_worker,
+        bound.listeners,
+        handoff,
+        relay_cap,
+    )?;
     for (index, addr) in &bound.local_addrs {
         let listener = &config.listeners[*index];
         tracing::info!(
@@ -113,27 +64,8 @@ pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
     }
     Ok(ProxyHandle {
         local_addrs,
-        listeners: bound.listeners,
-        workers,
+        runtime,
     })
-}
-
-/// The relay cap for the whole process: `max_relays` if set, else what the
-/// fd limit allows at two sockets per relay, after a reserve (an eighth of
-/// the limit, 16 to 256 fds, plus a few per worker) for the event loops,
-/// listeners and pipes. Pipes past the reserve fall back to copy. The cap is
-/// shared, not split per worker, because SO_REUSEPORT does not spread
-/// connections evenly: a per-worker share would strand clients on a full
-/// worker while another has room.
-fn relay_cap(config: &Config, nofile: u64) -> usize {
-    let by_fds = relays_by_fds(config, nofile);
-    config.max_relays.map_or(by_fds, |m| m.min(by_fds)).max(1)
-}
-
-/// The relays the fd limit has room for (see [`relay_cap`]).
-fn relays_by_fds(config: &Config, nofile: u64) -> usize {
-    let reserve = (nofile / 8).clamp(16, 256) + 4 * config.workers as u64;
-    (nofile.saturating_sub(reserve) / 2) as usize
 }
 
 /// Logs the relay cap in force, and warns when it is not what was asked.
@@ -347,74 +279,52 @@ impl ProxyHandle {
         &self.local_addrs
     }
 
-    /// Counters summed over all workers and listeners.
-    pub fn stats(&self) -> Stats {
-        let listeners = self.listeners.iter().map(|l| l.stats());
-        let workers = Stats::sum(self.workers.iter().map(|w| &*w.counters));
-        listeners.fold(workers, |sum, l| sum + l)
+    /// The runtime under the listeners; pairs handed to it are relayed
+    /// beside the accepted ones.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
     }
 
-    /// Each listener's counters (its relays, bytes and closes), in config
-    /// order; the worker-scoped counters (pipes, buffers, timers) are zero
-    /// here and counted once in [`ProxyHandle::stats`].
+    /// Counters summed over all workers and listeners.
+    pub fn stats(&self) -> Stats {
+        self.runtime.stats()
+    }
+
+    /// Each listener's counters, in config order (see
+    /// [`Runtime::listener_stats`]).
     pub fn listener_stats(&self) -> Vec<(ListenerId, Stats)> {
-        self.listeners.iter().map(|l| (l.id, l.stats())).collect()
+        self.runtime.listener_stats()
     }
 
     /// CPU time (user + system) the worker threads have used so far.
     pub fn worker_cpu_time(&self) -> Duration {
-        self.workers
-            .iter()
-            .map(|w| crate::sys::thread_cpu_time(w.tid.load(Ordering::Relaxed)))
-            .sum()
+        self.runtime.worker_cpu_time()
     }
 
     /// A cloneable handle that can stop this proxy from another thread.
     pub fn controller(&self) -> Controller {
-        Controller {
-            links: self.workers.iter().map(|w| w.link.clone()).collect(),
-        }
+        self.runtime.controller()
     }
 
     /// Stops accepting; live relays finish within the drain timeout.
     pub fn shutdown(&self) {
-        self.controller().shutdown();
+        self.runtime.shutdown();
     }
 
     /// Closes every relay now.
     pub fn abort(&self) {
-        self.controller().abort();
+        self.runtime.abort();
     }
 
     /// True once every worker has exited (all relays closed).
     pub fn is_finished(&self) -> bool {
-        self.workers
-            .iter()
-            .all(|w| w.thread.as_ref().is_none_or(|t| t.is_finished()))
+        self.runtime.is_finished()
     }
 
     /// Waits for every worker to exit (after [`shutdown`](Self::shutdown) or
     /// [`abort`](Self::abort)).
-    pub fn join(mut self) {
-        self.join_workers();
-    }
-
-    fn join_workers(&mut self) {
-        for w in &mut self.workers {
-            if let Some(t) = w.thread.take() {
-                // A panicking worker already printed its message; the others go on.
-                let _ = t.join();
-            }
-        }
-    }
-}
-
-impl Drop for ProxyHandle {
-    fn drop(&mut self) {
-        if self.workers.iter().any(|w| w.thread.is_some()) {
-            self.abort();
-            self.join_workers();
-        }
+    pub fn join(self) {
+        self.runtime.join();
     }
 }
 
@@ -422,19 +332,6 @@ impl Drop for ProxyHandle {
 mod tests {
     use super::*;
     use crate::config::Mode;
-
-    #[test]
-    fn relay_cap_leaves_room_for_the_loop_and_pipes() {
-        let mut c = Config::single("127.0.0.1:0".parse().unwrap(), vec![], Mode::Splice);
-        c.workers = 1;
-        assert_eq!(relay_cap(&c, 64), 22);
-        assert_eq!(relay_cap(&c, 20_000), 9_870);
-        c.workers = 2;
-        assert_eq!(relay_cap(&c, 20_000), 9_868);
-        c.max_relays = Some(100);
-        assert_eq!(relay_cap(&c, 20_000), 100);
-        assert_eq!(relay_cap(&c, 0), 1, "never zero");
-    }
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()

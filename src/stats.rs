@@ -27,10 +27,13 @@ pub enum CloseReason {
     /// The proxy itself failed (no buffer, the event loop); both sides
     /// were reset.
     Internal,
+    /// The program that handed the pair over aborted it; both sides were
+    /// reset.
+    Aborted,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 9] = [
         CloseReason::Eof,
         CloseReason::Idle,
         CloseReason::FinTimeout,
@@ -39,6 +42,7 @@ impl CloseReason {
         CloseReason::ConnectFailed,
         CloseReason::Shutdown,
         CloseReason::Internal,
+        CloseReason::Aborted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -51,6 +55,7 @@ impl CloseReason {
             CloseReason::ConnectFailed => "connect-failed",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Internal => "internal-error",
+            CloseReason::Aborted => "aborted",
         }
     }
 

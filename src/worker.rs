@@ -27,11 +27,12 @@ use slab::Slab;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Config;
-use crate::control::{self, Command, Shared, WorkerLink};
+use crate::control::{self, Command, Handoff, Shared, WorkerLink};
 use crate::engine::Pools;
 use crate::error::{Op, RelayError, Side, StartError};
 use crate::listener::{Listener, ListenerId};
-use crate::relay::{Accepted, Expiry, Next, Peer, Relay};
+use crate::relay::report::Reporter;
+use crate::relay::{self, Accepted, Expiry, Next, Peer, Relay};
 use crate::stats::{CloseReason, CounterBlock};
 use crate::timer::Timers;
 use crate::token::{self, Owner, RelayRef};
@@ -59,6 +60,11 @@ const WARN_EVERY: Duration = Duration::from_secs(1);
 
 /// Relay ids are unique in the process, across workers.
 static NEXT_RELAY_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A new relay id (for a relay accepted here or handed over).
+pub(crate) fn next_relay_id() -> u64 {
+    NEXT_RELAY_ID.fetch_add(1, Ordering::Relaxed)
+}
 
 /// Lets a warning through at most once per [`WARN_EVERY`], and counts the
 /// ones held back so the next line can say how many.
@@ -415,7 +421,7 @@ impl Worker {
     ) {
         let counters = listener.counters(self.index);
         CounterBlock::add(&counters.relays_accepted, 1);
-        let id = NEXT_RELAY_ID.fetch_add(1, Ordering::Relaxed);
+        let id = next_relay_id();
         // Database traffic is small request/response: never delay it.
         let _ = client.set_nodelay(true);
         let mut round = Round::new(&listener.pool);
@@ -431,16 +437,64 @@ impl Worker {
                 .closed(CloseReason::ConnectFailed);
             return;
         };
-        let entry = self.relays.vacant_entry();
-        let key = entry.key();
         let accepted = Accepted {
             id,
             listener,
             client,
             client_addr,
         };
-        let mut relay = Relay::new(accepted, upstream, round, now);
-        let this = RelayRef { key, id };
+        let relay = Relay::new(accepted, upstream, round, now);
+        self.admit(relay, now);
+    }
+
+    /// Takes a pair handed over from outside the accept loop: it joins the
+    /// worker exactly as an accepted client whose upstream connected.
+    fn take_handoff(&mut self, handoff: &mut Handoff, now: Instant) {
+        let Some(pair) = handoff.take() else {
+            return;
+        };
+        let counters = pair.listener.counters(self.index);
+        CounterBlock::add(&counters.relays_accepted, 1);
+        match Relay::handed_off(pair, &mut self.pools, now) {
+            Ok(relay) => {
+                if let Some(key) = self.admit(relay, now) {
+                    let relay = &mut self.relays[key];
+                    // Read-ahead bytes wait in the buffers: pump once.
+                    relay.queued = true;
+                    self.ready.push(RelayRef { key, id: relay.id });
+                }
+            }
+            Err(refused) => {
+                let (pair, e) = *refused;
+                let e = RelayError::new(Side::Internal, Op::Register, e);
+                tracing::warn!(relay = pair.id, error = %e, "handoff refused");
+                pair.listener
+                    .counters(self.index)
+                    .closed(CloseReason::Internal);
+                // Dropping the pair closes both sockets; the waiter learns why.
+                let report = relay::report::RelayReport {
+                    bytes_c2u: 0,
+                    bytes_u2c: 0,
+                    duration: Duration::ZERO,
+                    engine_c2u: "none",
+                    engine_u2c: "none",
+                    reason: CloseReason::Internal,
+                    error: Some((Side::Internal, format!("{} failed: {}", e.op, e.source))),
+                };
+                pair.client.reset_on_close();
+                pair.upstream.reset_on_close();
+                pair.reporter.finish(report);
+            }
+        }
+    }
+
+    /// Places a relay in the slab and registers both sockets: the one path
+    /// every relay takes, accepted or handed over. `None` if it closed at
+    /// once because a socket could not be registered.
+    fn admit(&mut self, mut relay: Relay, now: Instant) -> Option<usize> {
+        let entry = self.relays.vacant_entry();
+        let key = entry.key();
+        let this = RelayRef { key, id: relay.id };
         let registry = self.poll.registry();
         let registered = registry
             .register(
@@ -456,12 +510,27 @@ impl Worker {
                 )
             })
             .map_err(|e| RelayError::new(Side::Internal, Op::Register, e));
+        relay.placed(key);
         CounterBlock::add(&relay.listener.counters(self.index).relays_active, 1);
         entry.insert(relay);
         self.shared.relays_live.fetch_add(1, Ordering::Relaxed);
         match registered {
-            Ok(()) => self.arm(key),
-            Err(e) => self.close(key, CloseReason::Internal, Some(&e), now),
+            Ok(()) => {
+                self.arm(key);
+                Some(key)
+            }
+            Err(e) => {
+                self.close(key, CloseReason::Internal, Some(&e), now);
+                None
+            }
+        }
+    }
+
+    /// Resets both sides of a handed-off relay at its owner's request.
+    fn abort_relay(&mut self, id: u64, reporter: &Reporter, now: Instant) {
+        let key = reporter.key();
+        if self.relays.get(key).is_some_and(|r| r.id == id) {
+            self.close(key, CloseReason::Aborted, None, now);
         }
     }
 
@@ -560,12 +629,21 @@ impl Worker {
 
     fn on_connect_event(&mut self, key: usize, now: Instant) {
         let relay = &mut self.relays[key];
-        match upstream::connect_result(&relay.upstream) {
+        // Only a TCP upstream is ever connecting; a handed-off pair is not.
+        let outcome = relay
+            .upstream
+            .as_tcp()
+            .map_or(Connect::Established, upstream::connect_result);
+        match outcome {
             Connect::Pending => {}
             Connect::Established => {
-                let _ = relay.upstream.set_nodelay(true);
+                relay.upstream.set_nodelay();
                 relay.core.connected(now);
-                tracing::debug!(relay = relay.id, upstream = %relay.upstream_addr, "upstream connected");
+                tracing::debug!(
+                    relay = relay.id,
+                    upstream = relay.upstream_addr.map(tracing::field::display),
+                    "upstream connected"
+                );
                 self.arm(key);
                 self.run_relay(key, now);
             }
@@ -587,7 +665,9 @@ impl Worker {
         let (id, failed, listener) = (relay.id, relay.upstream_addr, Arc::clone(&relay.listener));
         let mut round = relay.round;
         let more = round.has_next(&listener.pool);
-        self.connect_failed(&listener, id, failed, &error, more, now);
+        if let Some(failed) = failed {
+            self.connect_failed(&listener, id, failed, &error, more, now);
+        }
         let token = token::relay(RelayRef { key, id }, Peer::Upstream);
         let mut error = Some(error);
         let next = loop {
@@ -759,6 +839,8 @@ impl Worker {
                     return true;
                 }
                 Command::Drain => self.start_draining(now),
+                Command::Handoff(mut handoff) => self.take_handoff(&mut handoff, now),
+                Command::AbortRelay { id, reporter } => self.abort_relay(id, &reporter, now),
             }
         }
         if self.draining {

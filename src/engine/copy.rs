@@ -4,9 +4,8 @@
 use std::io::{self, Read, Write};
 
 use memmap2::MmapMut;
-use mio::net::TcpStream;
 
-use super::{transfer, Transfer};
+use super::{transfer, Stream, Transfer};
 
 /// A fixed-size buffer, an anonymous mapping, with the unsent bytes at
 /// `start..end`.
@@ -35,8 +34,25 @@ impl MappedBuffer {
         self.start == self.end
     }
 
+    /// Starts the buffer with `bytes`, which must fit.
+    pub(crate) fn preload(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if bytes.len() > self.bytes.len() - self.end {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} bytes handed over with a socket exceed the {}-byte copy buffer",
+                    bytes.len(),
+                    self.bytes.len()
+                ),
+            ));
+        }
+        self.bytes[self.end..self.end + bytes.len()].copy_from_slice(bytes);
+        self.end += bytes.len();
+        Ok(())
+    }
+
     /// Socket → buffer. A full buffer answers `WouldBlock` without a syscall.
-    pub(crate) fn fill(&mut self, mut src: &TcpStream) -> io::Result<Transfer> {
+    pub(crate) fn fill(&mut self, mut src: &Stream) -> io::Result<Transfer> {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -53,7 +69,7 @@ impl MappedBuffer {
     }
 
     /// Buffer → socket.
-    pub(crate) fn drain(&mut self, mut dst: &TcpStream) -> io::Result<Transfer> {
+    pub(crate) fn drain(&mut self, mut dst: &Stream) -> io::Result<Transfer> {
         let unsent = &self.bytes[self.start..self.end];
         // A zero-byte write reads as `Eof`: the state machine treats it as an error.
         let moved = transfer(|| dst.write(unsent), Transfer::Eof)?;

@@ -10,15 +10,15 @@
 mod copy;
 mod pool;
 mod splice;
+mod stream;
 
 use std::io;
 use std::os::fd::AsFd;
 
-use mio::net::TcpStream;
-
 pub(crate) use copy::MappedBuffer;
 pub(crate) use pool::Pools;
 pub(crate) use splice::PooledPipe;
+pub(crate) use stream::Stream;
 
 use crate::config::Mode;
 use crate::stats::CounterBlock;
@@ -103,6 +103,32 @@ impl Slot {
         }
     }
 
+    /// A slot whose direction starts with `bytes` to deliver before any
+    /// the source sends (bytes the caller already read from it), held in a
+    /// copy buffer from `pools`. A splice direction takes its pipe once
+    /// they are written.
+    pub(crate) fn preloaded(
+        mode: Mode,
+        bytes: &[u8],
+        pools: &mut Pools,
+        counters: &CounterBlock,
+    ) -> io::Result<Slot> {
+        let mut slot = Slot::new(mode);
+        if !bytes.is_empty() {
+            let mut engine = Engine::Copy;
+            let mut buffer = pools.take(&mut engine, counters)?;
+            let Buffer::Mapped(mapped) = &mut buffer else {
+                unreachable!("a copy direction takes a mapped buffer")
+            };
+            if let Err(e) = mapped.preload(bytes) {
+                pools.give(buffer, true);
+                return Err(e);
+            }
+            slot.buffer = Some(buffer);
+        }
+        Ok(slot)
+    }
+
     /// The source has urgent (out-of-band) data on the way.
     pub(crate) fn urgent_data(&mut self) {
         self.urgent = true;
@@ -135,8 +161,8 @@ impl Slot {
 /// A direction's slot wired to its source, destination and the worker's pools.
 pub(crate) struct Wire<'a> {
     pub(crate) slot: &'a mut Slot,
-    pub(crate) src: &'a TcpStream,
-    pub(crate) dst: &'a TcpStream,
+    pub(crate) src: &'a Stream,
+    pub(crate) dst: &'a Stream,
     pub(crate) pools: &'a mut Pools,
     /// The counters of the relay's listener, as this worker writes them.
     pub(crate) counters: &'a CounterBlock,
@@ -155,6 +181,16 @@ impl Wire<'_> {
 impl Endpoints for Wire<'_> {
     fn fill(&mut self, pending: usize) -> io::Result<Transfer> {
         loop {
+            if self.slot.engine == Engine::Splice {
+                if let Some(Buffer::Mapped(preloaded)) = &self.slot.buffer {
+                    if !preloaded.is_empty() {
+                        // Bytes handed over with the socket go first; the
+                        // direction drains them and comes back.
+                        return Ok(Transfer::WouldBlock);
+                    }
+                    self.release();
+                }
+            }
             if self.slot.buffer.is_none() {
                 self.slot.buffer = Some(self.pools.take(&mut self.slot.engine, self.counters)?);
             }
@@ -194,16 +230,15 @@ impl Endpoints for Wire<'_> {
     }
 
     fn drain(&mut self, pending: usize) -> io::Result<Transfer> {
-        let moved = match self.slot.buffer.as_mut() {
-            Some(Buffer::Pipe(pipe)) => pipe.drain(self.dst.as_fd(), pending),
-            Some(Buffer::Mapped(heap)) => heap.drain(self.dst),
+        let (moved, counter) = match self.slot.buffer.as_mut() {
+            Some(Buffer::Pipe(pipe)) => (
+                pipe.drain(self.dst.as_fd(), pending)?,
+                &self.counters.bytes_spliced,
+            ),
+            Some(Buffer::Mapped(heap)) => (heap.drain(self.dst)?, &self.counters.bytes_copied),
             None => return Err(io::Error::other("drain with no buffer held")),
-        }?;
+        };
         if let Transfer::Moved(n) = moved {
-            let counter = match self.slot.engine {
-                Engine::Splice => &self.counters.bytes_spliced,
-                Engine::Copy => &self.counters.bytes_copied,
-            };
             CounterBlock::add(counter, n as u64);
         }
         Ok(moved)

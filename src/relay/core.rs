@@ -170,7 +170,10 @@ pub(crate) struct Resets {
 pub(crate) fn resets(reason: CloseReason, c2u: &Direction, u2c: &Direction) -> Resets {
     let both = matches!(
         reason,
-        CloseReason::ClientReset | CloseReason::UpstreamReset | CloseReason::Internal
+        CloseReason::ClientReset
+            | CloseReason::UpstreamReset
+            | CloseReason::Internal
+            | CloseReason::Aborted
     );
     Resets {
         client: both || u2c.undelivered(),
@@ -232,6 +235,15 @@ impl RelayCore {
         // directions start optimistic and the first call tells the truth.
         self.c2u.destination_writable();
         self.u2c.source_readable();
+    }
+
+    /// The direction from `from` starts with `n` bytes already accepted
+    /// (read ahead by whoever handed the pair over).
+    pub(crate) fn preload(&mut self, from: Peer, n: usize) {
+        match from {
+            Peer::Client => self.c2u.preload(n),
+            Peer::Upstream => self.u2c.preload(n),
+        }
     }
 
     /// Routes readiness of one peer's socket: its readable bit belongs to

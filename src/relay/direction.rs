@@ -68,6 +68,13 @@ impl Direction {
         }
     }
 
+    /// Counts `n` bytes the buffer holds from the start as accepted from
+    /// the source.
+    pub(crate) fn preload(&mut self, n: usize) {
+        self.pending += n;
+        self.bytes_in += n as u64;
+    }
+
     pub(crate) fn state(&self) -> DirState {
         self.state
     }

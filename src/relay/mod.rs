@@ -11,13 +11,13 @@ pub(crate) mod core;
 pub(crate) mod direction;
 #[cfg(test)]
 mod props;
+pub(crate) mod report;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mio::net::TcpStream;
-use socket2::SockRef;
 
 #[cfg(any(test, fuzzing))]
 pub(crate) use self::core::{Activity, PUMP_BUDGET};
@@ -26,16 +26,17 @@ pub(crate) use self::core::{Expiry, Next, PairIo, Peer, RelayCore};
 pub(crate) use direction::{DirState, Direction};
 
 use crate::config::{Mode, Timeouts};
-use crate::engine::{Engine, Pools, Slot, Wire};
+use crate::engine::{Engine, Pools, Slot, Stream, Wire};
 use crate::error::{Op, RelayError};
 use crate::listener::Listener;
 use crate::stats::{CloseReason, CounterBlock};
 use crate::upstream::Round;
+use report::{RelayReport, Reporter};
 
 /// A relay's sockets, slots and the worker's pools, as [`PairIo`].
 struct RelayIo<'r> {
-    client: &'r TcpStream,
-    upstream: &'r TcpStream,
+    client: &'r Stream,
+    upstream: &'r Stream,
     c2u_slot: &'r mut Slot,
     u2c_slot: &'r mut Slot,
     pools: &'r mut Pools,
@@ -71,9 +72,10 @@ impl PairIo for RelayIo<'_> {
 pub(crate) struct Relay {
     pub(crate) id: u64,
     pub(crate) listener: Arc<Listener>,
-    pub(crate) client: TcpStream,
-    pub(crate) upstream: TcpStream,
-    pub(crate) upstream_addr: SocketAddr,
+    pub(crate) client: Stream,
+    pub(crate) upstream: Stream,
+    /// The server connected to; `None` for a handed-off pair.
+    pub(crate) upstream_addr: Option<SocketAddr>,
     /// This relay's connect attempts over the listener's pool.
     pub(crate) round: Round,
     pub(crate) core: RelayCore,
@@ -84,6 +86,20 @@ pub(crate) struct Relay {
     c2u_slot: Slot,
     u2c_slot: Slot,
     span: tracing::Span,
+    /// Someone waits for this relay's end (a handed-off pair).
+    reporter: Option<Arc<Reporter>>,
+}
+
+/// A connected pair handed to the runtime, with the bytes already read
+/// from each side (delivered to the other side before anything else).
+pub(crate) struct HandedOff {
+    pub(crate) id: u64,
+    pub(crate) listener: Arc<Listener>,
+    pub(crate) client: Stream,
+    pub(crate) upstream: Stream,
+    pub(crate) client_preread: Vec<u8>,
+    pub(crate) upstream_preread: Vec<u8>,
+    pub(crate) reporter: Arc<Reporter>,
 }
 
 /// The accepted client of a new relay.
@@ -114,15 +130,68 @@ impl Relay {
             id,
             span: tracing::info_span!("relay", id, client = %client_addr),
             listener,
-            client,
-            upstream: upstream.0,
-            upstream_addr: upstream.1,
+            client: Stream::Tcp(client),
+            upstream: Stream::Tcp(upstream.0),
+            upstream_addr: Some(upstream.1),
             round,
             core: RelayCore::new(now),
             armed_at: None,
             queued: false,
             c2u_slot: Slot::new(mode),
             u2c_slot: Slot::new(mode),
+            reporter: None,
+        }
+    }
+
+    /// A relay of a pair that is connected already. The bytes read ahead
+    /// from each side wait in a copy buffer of their direction, so they
+    /// reach the other side first. Fails (giving nothing away) only when
+    /// no buffer can be had for them, or they do not fit one.
+    pub(crate) fn handed_off(
+        pair: HandedOff,
+        pools: &mut Pools,
+        now: Instant,
+    ) -> Result<Relay, Box<(HandedOff, std::io::Error)>> {
+        let mode = pair.listener.config.mode;
+        let counters = pair.listener.counters(pools.worker);
+        let c2u_slot = match Slot::preloaded(mode, &pair.client_preread, pools, counters) {
+            Ok(slot) => slot,
+            Err(e) => return Err(Box::new((pair, e))),
+        };
+        let u2c_slot = match Slot::preloaded(mode, &pair.upstream_preread, pools, counters) {
+            Ok(slot) => slot,
+            Err(e) => {
+                let mut c2u_slot = c2u_slot;
+                c2u_slot.discard(pools, 0);
+                return Err(Box::new((pair, e)));
+            }
+        };
+        let mut core = RelayCore::new(now);
+        core.connected(now);
+        core.preload(Peer::Client, pair.client_preread.len());
+        core.preload(Peer::Upstream, pair.upstream_preread.len());
+        let round = Round::new(&pair.listener.pool);
+        Ok(Relay {
+            id: pair.id,
+            span: tracing::info_span!("relay", id = pair.id, handoff = true),
+            listener: pair.listener,
+            client: pair.client,
+            upstream: pair.upstream,
+            upstream_addr: None,
+            round,
+            core,
+            armed_at: None,
+            queued: false,
+            c2u_slot,
+            u2c_slot,
+            reporter: Some(pair.reporter),
+        })
+    }
+
+    /// The worker keeps this relay at slab `key`.
+    pub(crate) fn placed(&self, key: usize) {
+        if let Some(reporter) = &self.reporter {
+            reporter.place(key);
         }
     }
 
@@ -136,8 +205,8 @@ impl Relay {
 
     /// A new connect attempt replaced the upstream socket.
     pub(crate) fn retry_upstream(&mut self, upstream: TcpStream, addr: SocketAddr, now: Instant) {
-        self.upstream = upstream;
-        self.upstream_addr = addr;
+        self.upstream = Stream::Tcp(upstream);
+        self.upstream_addr = Some(addr);
         self.core.connecting(now);
     }
 
@@ -204,12 +273,11 @@ impl Relay {
         pools: &mut Pools,
     ) {
         let reset = self.core.resets(reason);
-        // A failed setsockopt only means the socket is already gone.
         if reset.client {
-            let _ = SockRef::from(&self.client).set_linger(Some(Duration::ZERO));
+            self.client.reset_on_close();
         }
         if reset.upstream {
-            let _ = SockRef::from(&self.upstream).set_linger(Some(Duration::ZERO));
+            self.upstream.reset_on_close();
         }
         let (c2u, u2c) = (
             self.core.direction(Peer::Client),
@@ -218,12 +286,22 @@ impl Relay {
         self.c2u_slot.discard(pools, c2u.pending());
         self.u2c_slot.discard(pools, u2c.pending());
         let _enter = self.span.enter();
-        let duration_ms = now
-            .saturating_duration_since(self.core.activity().started)
-            .as_millis() as u64;
+        let duration = now.saturating_duration_since(self.core.activity().started);
+        let duration_ms = duration.as_millis() as u64;
+        if let Some(reporter) = &self.reporter {
+            reporter.finish(RelayReport {
+                bytes_c2u: c2u.bytes_out(),
+                bytes_u2c: u2c.bytes_out(),
+                duration,
+                engine_c2u: self.engine_label(Peer::Client),
+                engine_u2c: self.engine_label(Peer::Upstream),
+                reason,
+                error: error.map(|e| (e.side, format!("{} failed: {}", e.op, e.source))),
+            });
+        }
         tracing::info!(
             listener = %self.listener.label(),
-            upstream = %self.upstream_addr,
+            upstream = self.upstream_addr.map(tracing::field::display),
             bytes_c2u = c2u.bytes_out(),
             bytes_u2c = u2c.bytes_out(),
             duration_ms,

@@ -1,0 +1,399 @@
+//! Handing two connected sockets to a running [`Runtime`].
+//!
+//! A program that accepted (or connected) two sockets and decided they
+//! belong together hands both over and moves on; the runtime relays them
+//! with exactly the proxy's relay: zero-copy splice where the kernel
+//! allows it, half-close per direction, a reset answered with a reset, and
+//! the idle and FIN deadlines. The returned [`Handoff`] reports the outcome
+//! (blocking, polled, or as a future) and can abort the pair.
+//!
+//! ```
+//! use std::io::{Read, Write};
+//! use std::net::{TcpListener, TcpStream};
+//! use spliced::Runtime;
+//!
+//! let runtime = Runtime::builder().workers(1).start().unwrap();
+//! // Two connected pairs: the program keeps one end of each.
+//! let l = TcpListener::bind("127.0.0.1:0").unwrap();
+//! let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+//! let (a, _) = l.accept().unwrap();
+//! let mut server = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+//! let (b, _) = l.accept().unwrap();
+//!
+//! let pair = runtime.handoff(a, b).unwrap();
+//! client.write_all(b"ping").unwrap();
+//! client.shutdown(std::net::Shutdown::Write).unwrap();
+//! let mut got = Vec::new();
+//! server.read_to_end(&mut got).unwrap();
+//! assert_eq!(got, b"ping");
+//! drop(server);
+//! let outcome = pair.wait();
+//! assert_eq!(outcome.a_to_b, 4);
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use crate::control::{Command, Handoff as Queued, WorkerLink};
+use crate::engine::Stream;
+use crate::error::Side;
+use crate::relay::report::{RelayReport, Reporter};
+use crate::relay::HandedOff;
+use crate::runtime::Runtime;
+use crate::stats::CloseReason;
+
+/// A connected stream socket a runtime can relay: TCP, or a Unix stream
+/// socket (to a local PostgreSQL or Redis, say). A tokio stream converts
+/// with `into_std()`.
+#[derive(Debug)]
+pub enum Socket {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl From<TcpStream> for Socket {
+    fn from(s: TcpStream) -> Socket {
+        Socket::Tcp(s)
+    }
+}
+
+impl From<UnixStream> for Socket {
+    fn from(s: UnixStream) -> Socket {
+        Socket::Unix(s)
+    }
+}
+
+impl Socket {
+    fn into_stream(self) -> Result<Stream, (Socket, io::Error)> {
+        let nonblocking = match &self {
+            Socket::Tcp(s) => s.set_nonblocking(true),
+            Socket::Unix(s) => s.set_nonblocking(true),
+        };
+        match (nonblocking, self) {
+            (Err(e), socket) => Err((socket, e)),
+            (Ok(()), Socket::Tcp(s)) => Ok(Stream::Tcp(mio::net::TcpStream::from_std(s))),
+            (Ok(()), Socket::Unix(s)) => Ok(Stream::Unix(mio::net::UnixStream::from_std(s))),
+        }
+    }
+
+    fn from_stream(stream: Stream) -> Socket {
+        match stream {
+            Stream::Tcp(s) => Socket::Tcp(s.into()),
+            Stream::Unix(s) => Socket::Unix(s.into()),
+        }
+    }
+}
+
+/// One of the two sockets of a pair, in the order they were handed over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum End {
+    A,
+    B,
+}
+
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            End::A => "a",
+            End::B => "b",
+        })
+    }
+}
+
+/// Why a handed-off pair ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// Both sides sent FIN and every byte was delivered.
+    Completed,
+    /// No byte moved either way for the idle timeout.
+    IdleTimeout,
+    /// After a FIN, the pair was inactive for the FIN timeout.
+    FinTimeout,
+    /// This side reset the connection or failed; the other was reset.
+    Reset(End),
+    /// [`Handoff::abort`] reset both sides.
+    Aborted,
+    /// The runtime shut down (its drain timeout ran out, or it stopped
+    /// before the pair was taken).
+    Shutdown,
+    /// The runtime itself failed (no buffer could be had); both sides were
+    /// reset.
+    Internal,
+}
+
+/// What a handed-off pair did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// Bytes delivered to `b` from `a` (read-ahead bytes included).
+    pub a_to_b: u64,
+    /// Bytes delivered to `a` from `b` (read-ahead bytes included).
+    pub b_to_a: u64,
+    pub duration: Duration,
+    /// The engine each direction ended with: `splice`, `copy`, or
+    /// `copy-fallback` (splice was refused or no pipe could be had).
+    pub engine_a_to_b: &'static str,
+    pub engine_b_to_a: &'static str,
+    pub ending: Ending,
+    /// The failure that ended the pair, if one did: which side, and the
+    /// operation and error (`read failed: Connection reset by peer`).
+    pub error: Option<(End, String)>,
+}
+
+impl Outcome {
+    fn from_report(r: RelayReport) -> Outcome {
+        let end = |side: Side| match side {
+            Side::Client => Some(End::A),
+            Side::Upstream => Some(End::B),
+            Side::Internal => None,
+        };
+        let ending = match r.reason {
+            CloseReason::Eof => Ending::Completed,
+            CloseReason::Idle => Ending::IdleTimeout,
+            CloseReason::FinTimeout => Ending::FinTimeout,
+            CloseReason::ClientReset => Ending::Reset(End::A),
+            CloseReason::UpstreamReset => Ending::Reset(End::B),
+            CloseReason::Aborted => Ending::Aborted,
+            CloseReason::Shutdown => Ending::Shutdown,
+            CloseReason::Internal | CloseReason::ConnectFailed => Ending::Internal,
+        };
+        Outcome {
+            a_to_b: r.bytes_c2u,
+            b_to_a: r.bytes_u2c,
+            duration: r.duration,
+            engine_a_to_b: r.engine_c2u,
+            engine_b_to_a: r.engine_u2c,
+            ending,
+            error: r
+                .error
+                .and_then(|(side, text)| end(side).map(|e| (e, text))),
+        }
+    }
+}
+
+/// Why a runtime did not take a pair.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The runtime is shutting down or has stopped.
+    ShuttingDown,
+    /// Read-ahead bytes larger than a copy buffer (`max` bytes).
+    ReadAheadTooLarge { len: usize, max: usize },
+    /// A socket could not be made non-blocking.
+    Socket(End, io::Error),
+}
+
+/// A pair the runtime did not take, given back whole: both sockets (in
+/// non-blocking mode) and the read-ahead bytes.
+#[derive(Debug)]
+pub struct HandoffError {
+    pub a: Socket,
+    pub b: Socket,
+    pub read_from_a: Vec<u8>,
+    pub read_from_b: Vec<u8>,
+    pub refusal: Refusal,
+}
+
+impl fmt::Display for HandoffError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.refusal {
+            Refusal::ShuttingDown => f.write_str("handoff refused: the runtime is shutting down"),
+            Refusal::ReadAheadTooLarge { len, max } => write!(
+                f,
+                "handoff refused: {len} read-ahead bytes exceed the {max}-byte copy buffer"
+            ),
+            Refusal::Socket(end, e) => {
+                write!(
+                    f,
+                    "handoff refused: cannot make socket {end} non-blocking: {e}"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for HandoffError {}
+
+/// A pair being relayed. Dropping the handle leaves the pair running.
+///
+/// `handoff(a, b)` and `handoff(b, a)` behave alike; only the names of
+/// the byte counts swap.
+pub struct Handoff {
+    id: u64,
+    reporter: Arc<Reporter>,
+    link: WorkerLink,
+}
+
+impl fmt::Debug for Handoff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handoff").field("id", &self.id).finish()
+    }
+}
+
+impl Handoff {
+    /// The relay id, as in the runtime's log lines.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Ends both directions at once with a reset to both sockets' peers.
+    /// Does nothing if the pair has ended already.
+    pub fn abort(&self) {
+        let command = Command::AbortRelay {
+            id: self.id,
+            reporter: Arc::clone(&self.reporter),
+        };
+        // A worker that has exited has closed the pair already.
+        let _ = self.link.send(command);
+    }
+
+    /// Blocks until the pair has ended.
+    pub fn wait(&self) -> Outcome {
+        Outcome::from_report(self.reporter.wait())
+    }
+
+    /// The outcome if the pair has ended, without blocking.
+    pub fn try_result(&self) -> Option<Outcome> {
+        self.reporter.try_report().map(Outcome::from_report)
+    }
+
+    /// A future of the outcome, for any executor (it needs no runtime of
+    /// its own: the worker wakes the task when the pair ends).
+    pub fn finished(&self) -> Finished {
+        Finished {
+            reporter: Arc::clone(&self.reporter),
+        }
+    }
+}
+
+/// The outcome of a [`Handoff`] as a future; see [`Handoff::finished`].
+#[derive(Debug)]
+pub struct Finished {
+    reporter: Arc<Reporter>,
+}
+
+impl Future for Finished {
+    type Output = Outcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        match self.reporter.poll_report(cx.waker()) {
+            Some(report) => Poll::Ready(Outcome::from_report(report)),
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl Runtime {
+    /// Relays two connected sockets until both sides have closed, and
+    /// returns at once. See the [module docs](crate::handoff).
+    pub fn handoff(
+        &self,
+        a: impl Into<Socket>,
+        b: impl Into<Socket>,
+    ) -> Result<Handoff, HandoffError> {
+        self.handoff_with_read(a, Vec::new(), b, Vec::new())
+    }
+
+    /// Like [`handoff`](Self::handoff), for sockets the program already
+    /// read from (a protocol header it peeked at, say): `read_from_a`
+    /// reaches `b`, and `read_from_b` reaches `a`, before any byte relayed
+    /// after them. Each may be at most the copy buffer size (64 KiB by
+    /// default).
+    pub fn handoff_with_read(
+        &self,
+        a: impl Into<Socket>,
+        read_from_a: Vec<u8>,
+        b: impl Into<Socket>,
+        read_from_b: Vec<u8>,
+    ) -> Result<Handoff, HandoffError> {
+        let (a, b) = (a.into(), b.into());
+        let refuse = |a, b, read_from_a, read_from_b, refusal| HandoffError {
+            a,
+            b,
+            read_from_a,
+            read_from_b,
+            refusal,
+        };
+        if self.stopping.load(Ordering::Relaxed) {
+            return Err(refuse(
+                a,
+                b,
+                read_from_a,
+                read_from_b,
+                Refusal::ShuttingDown,
+            ));
+        }
+        let max = self.copy_buffer_size;
+        if let Some(len) = [read_from_a.len(), read_from_b.len()]
+            .into_iter()
+            .find(|&n| n > max)
+        {
+            let refusal = Refusal::ReadAheadTooLarge { len, max };
+            return Err(refuse(a, b, read_from_a, read_from_b, refusal));
+        }
+        let a = match a.into_stream() {
+            Ok(a) => a,
+            Err((a, e)) => {
+                return Err(refuse(
+                    a,
+                    b,
+                    read_from_a,
+                    read_from_b,
+                    Refusal::Socket(End::A, e),
+                ))
+            }
+        };
+        let b = match b.into_stream() {
+            Ok(b) => b,
+            Err((b, e)) => {
+                let a = Socket::from_stream(a);
+                return Err(refuse(
+                    a,
+                    b,
+                    read_from_a,
+                    read_from_b,
+                    Refusal::Socket(End::B, e),
+                ));
+            }
+        };
+        for s in [&a, &b] {
+            s.set_nodelay();
+        }
+        let reporter = Arc::new(Reporter::default());
+        let id = crate::worker::next_relay_id();
+        let pair = HandedOff {
+            id,
+            listener: Arc::clone(&self.handoff_listener),
+            client: a,
+            upstream: b,
+            client_preread: read_from_a,
+            upstream_preread: read_from_b,
+            reporter: Arc::clone(&reporter),
+        };
+        let link = self.next_link();
+        match link.try_send(Command::Handoff(Box::new(Queued::new(pair)))) {
+            Ok(()) => Ok(Handoff {
+                id,
+                reporter,
+                link: link.clone(),
+            }),
+            Err(Command::Handoff(queued)) => match queued.into_pair() {
+                Some(pair) => Err(refuse(
+                    Socket::from_stream(pair.client),
+                    Socket::from_stream(pair.upstream),
+                    pair.client_preread,
+                    pair.upstream_preread,
+                    Refusal::ShuttingDown,
+                )),
+                None => unreachable!("a queued pair is taken only by its worker"),
+            },
+            Err(_) => unreachable!("try_send gives back the command it was given"),
+        }
+    }
+}

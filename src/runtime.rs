@@ -1,0 +1,359 @@
+//! The runtime: worker threads, each with its event loop, pools and
+//! relays, and the channel that tells them what to do.
+//!
+//! `spliced run` is a runtime with listeners ([`crate::proxy::start`] binds
+//! them first); a program that embeds spliced starts one without listeners
+//! and hands it connected pairs ([`Runtime::handoff`]). Both kinds of
+//! relay take the same path inside a worker.
+
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use mio::net::TcpListener;
+
+use crate::config::{Config, ListenerConfig, Mode, Timeouts};
+use crate::control::{Command, Shared, WorkerLink};
+use crate::error::StartError;
+use crate::listener::{Listener, ListenerId};
+use crate::stats::{CounterBlock, Stats};
+use crate::worker::Worker;
+
+/// The id of the pseudo-listener whose settings and counters handed-off
+/// pairs use; real listeners count up from zero.
+const HANDOFF_LISTENER: ListenerId = ListenerId(u32::MAX);
+
+struct WorkerHandle {
+    thread: Option<JoinHandle<()>>,
+    link: WorkerLink,
+    counters: Arc<CounterBlock>,
+    tid: Arc<AtomicI32>,
+}
+
+/// Asks a running runtime (or proxy) to stop, from any thread (a signal
+/// handler's, say).
+#[derive(Clone)]
+pub struct Controller {
+    links: Vec<WorkerLink>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Controller {
+    /// Stops accepting and taking handoffs; live relays finish within the
+    /// drain timeout.
+    pub fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        self.tell_all(|| Command::Drain);
+    }
+
+    /// Closes every relay now.
+    pub fn abort(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        self.tell_all(|| Command::Abort);
+    }
+
+    fn tell_all(&self, command: impl Fn() -> Command) {
+        for link in &self.links {
+            // A failed send means the worker already exited: nothing to tell it.
+            let _ = link.send(command());
+        }
+    }
+}
+
+/// Running workers. Dropping it aborts every relay and joins the workers.
+///
+/// ```
+/// use std::time::Duration;
+/// use spliced::{Mode, Runtime};
+///
+/// let runtime = Runtime::builder()
+///     .workers(1)
+///     .mode(Mode::Splice)
+///     .idle_timeout(Some(Duration::from_secs(600)))
+///     .start()
+///     .expect("start the runtime");
+/// assert_eq!(runtime.stats().relays_active, 0);
+/// runtime.shutdown();
+/// runtime.join();
+/// ```
+pub struct Runtime {
+    workers: Vec<WorkerHandle>,
+    listeners: Vec<Arc<Listener>>,
+    pub(crate) handoff_listener: Arc<Listener>,
+    /// Round-robin over workers for handoffs.
+    next_worker: AtomicUsize,
+    pub(crate) stopping: Arc<AtomicBool>,
+    pub(crate) copy_buffer_size: usize,
+}
+
+/// Settings of a runtime started for handoffs; see [`Runtime::builder`].
+#[derive(Clone, Debug)]
+pub struct RuntimeBuilder {
+    config: Config,
+    mode: Mode,
+    timeouts: Timeouts,
+}
+
+impl RuntimeBuilder {
+    /// Worker threads (default: one per CPU).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.config.workers = n;
+        self
+    }
+
+    /// How handed-off pairs move bytes (default: splice).
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Close a pair after this long with no byte moved (default 1 h;
+    /// `None` disables it).
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeouts.idle = timeout;
+        self
+    }
+
+    /// The inactivity limit once either side sent FIN (default 60 s).
+    pub fn fin_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeouts.fin = timeout;
+        self
+    }
+
+    /// Capacity asked of each pooled pipe (default 1 MiB).
+    pub fn pipe_size(mut self, bytes: usize) -> Self {
+        self.config.pipe_size = bytes;
+        self
+    }
+
+    /// How long live pairs may finish after [`Runtime::shutdown`] (default
+    /// 30 s; `None` waits for them).
+    pub fn drain_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config.drain_timeout = timeout;
+        self
+    }
+
+    /// Every process-wide setting at once (its listeners are ignored).
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self.config.listeners.clear();
+        self
+    }
+
+    /// Starts the workers.
+    pub fn start(self) -> Result<Runtime, StartError> {
+        self.config.validate_runtime().map_err(StartError::Config)?;
+        let nofile = crate::sys::raise_nofile_limit();
+        let relay_cap = relay_cap(&self.config, nofile);
+        let handoff = handoff_settings(self.mode, self.timeouts);
+        let per_worker = (0..self.config.workers).map(|_| Vec::new()).collect();
+        Runtime::spawn(
+            Arc::new(self.config),
+            per_worker,
+            Vec::new(),
+            handoff,
+            relay_cap,
+        )
+    }
+}
+
+fn handoff_settings(mode: Mode, timeouts: Timeouts) -> ListenerConfig {
+    ListenerConfig {
+        listen: Vec::new(),
+        upstreams: Vec::new(),
+        mode,
+        timeouts,
+    }
+}
+
+impl Runtime {
+    /// A runtime for handoffs: set it up, then [`start`](RuntimeBuilder::start).
+    pub fn builder() -> RuntimeBuilder {
+        let mut config = Config::single(
+            "127.0.0.1:0".parse().expect("an address"),
+            vec![],
+            Mode::Splice,
+        );
+        config.listeners.clear();
+        RuntimeBuilder {
+            config,
+            mode: Mode::Splice,
+            timeouts: Timeouts::default(),
+        }
+    }
+
+    /// Spawns one worker per entry of `per_worker`, each serving its own
+    /// sockets of `listeners`.
+    pub(crate) fn spawn(
+        config: Arc<Config>,
+        per_worker: Vec<Vec<(TcpListener, Arc<Listener>)>>,
+        listeners: Vec<Arc<Listener>>,
+        handoff: ListenerConfig,
+        relay_cap: usize,
+    ) -> Result<Runtime, StartError> {
+        let shared = Arc::new(Shared::default());
+        let mut runtime = Runtime {
+            workers: Vec::with_capacity(per_worker.len()),
+            listeners,
+            handoff_listener: Arc::new(Listener::new(HANDOFF_LISTENER, handoff, config.workers)),
+            next_worker: AtomicUsize::new(0),
+            stopping: Arc::new(AtomicBool::new(false)),
+            copy_buffer_size: config.copy_buffer_size,
+        };
+        for (index, sockets) in per_worker.into_iter().enumerate() {
+            let counters = Arc::new(CounterBlock::default());
+            let tid = Arc::new(AtomicI32::new(0));
+            let w = Worker::new(
+                index,
+                Arc::clone(&config),
+                sockets,
+                Arc::clone(&shared),
+                Arc::clone(&counters),
+                relay_cap,
+            )
+            .map_err(|e| StartError::Io("create the event loop".into(), e))?;
+            let link = w.link();
+            let tid_slot = Arc::clone(&tid);
+            // On failure `runtime` drops, which aborts and joins the
+            // workers already started.
+            let thread = std::thread::Builder::new()
+                .name(format!("spliced-w{index}"))
+                .spawn(move || {
+                    tid_slot.store(crate::sys::gettid(), Ordering::Relaxed);
+                    w.run();
+                })
+                .map_err(|e| StartError::Io("spawn a worker thread".into(), e))?;
+            runtime.workers.push(WorkerHandle {
+                thread: Some(thread),
+                link,
+                counters,
+                tid,
+            });
+        }
+        Ok(runtime)
+    }
+
+    /// The link of the worker that takes the next handoff.
+    pub(crate) fn next_link(&self) -> &WorkerLink {
+        let i = self.next_worker.fetch_add(1, Ordering::Relaxed) % self.workers.len();
+        &self.workers[i].link
+    }
+
+    /// Counters summed over all workers, listeners and handed-off pairs.
+    pub fn stats(&self) -> Stats {
+        let listeners = self
+            .listeners
+            .iter()
+            .chain([&self.handoff_listener])
+            .map(|l| l.stats());
+        let workers = Stats::sum(self.workers.iter().map(|w| &*w.counters));
+        listeners.fold(workers, |sum, l| sum + l)
+    }
+
+    /// Each listener's counters (its relays, bytes and closes), in config
+    /// order; the worker-scoped counters (pipes, buffers, timers) are zero
+    /// here and counted once in [`Runtime::stats`].
+    pub fn listener_stats(&self) -> Vec<(ListenerId, Stats)> {
+        self.listeners.iter().map(|l| (l.id, l.stats())).collect()
+    }
+
+    /// The counters of handed-off pairs alone.
+    pub fn handoff_stats(&self) -> Stats {
+        self.handoff_listener.stats()
+    }
+
+    /// CPU time (user + system) the worker threads have used so far.
+    pub fn worker_cpu_time(&self) -> Duration {
+        self.workers
+            .iter()
+            .map(|w| crate::sys::thread_cpu_time(w.tid.load(Ordering::Relaxed)))
+            .sum()
+    }
+
+    /// A cloneable handle that can stop this runtime from another thread.
+    pub fn controller(&self) -> Controller {
+        Controller {
+            links: self.workers.iter().map(|w| w.link.clone()).collect(),
+            stopping: Arc::clone(&self.stopping),
+        }
+    }
+
+    /// Stops accepting and taking handoffs; live relays finish within the
+    /// drain timeout.
+    pub fn shutdown(&self) {
+        self.controller().shutdown();
+    }
+
+    /// Closes every relay now.
+    pub fn abort(&self) {
+        self.controller().abort();
+    }
+
+    /// True once every worker has exited (all relays closed).
+    pub fn is_finished(&self) -> bool {
+        self.workers
+            .iter()
+            .all(|w| w.thread.as_ref().is_none_or(|t| t.is_finished()))
+    }
+
+    /// Waits for every worker to exit (after [`shutdown`](Self::shutdown) or
+    /// [`abort`](Self::abort)).
+    pub fn join(mut self) {
+        self.join_workers();
+    }
+
+    fn join_workers(&mut self) {
+        for w in &mut self.workers {
+            if let Some(t) = w.thread.take() {
+                // A panicking worker already printed its message; the others go on.
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// The relay cap for the whole process: `max_relays` if set, else what the
+/// fd limit allows at two sockets per relay, after a reserve (an eighth of
+/// the limit, 16 to 256 fds, plus a few per worker) for the event loops,
+/// listeners and pipes. Pipes past the reserve fall back to copy. The cap is
+/// shared, not split per worker, because SO_REUSEPORT does not spread
+/// connections evenly: a per-worker share would strand clients on a full
+/// worker while another has room.
+pub(crate) fn relay_cap(config: &Config, nofile: u64) -> usize {
+    let by_fds = relays_by_fds(config, nofile);
+    config.max_relays.map_or(by_fds, |m| m.min(by_fds)).max(1)
+}
+
+/// The relays the fd limit has room for (see [`relay_cap`]).
+fn relays_by_fds(config: &Config, nofile: u64) -> usize {
+    let reserve = (nofile / 8).clamp(16, 256) + 4 * config.workers as u64;
+    (nofile.saturating_sub(reserve) / 2) as usize
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if self.workers.iter().any(|w| w.thread.is_some()) {
+            self.abort();
+            self.join_workers();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_cap_leaves_room_for_the_loop_and_pipes() {
+        let mut c = Config::single("127.0.0.1:0".parse().unwrap(), vec![], Mode::Splice);
+        c.workers = 1;
+        assert_eq!(relay_cap(&c, 64), 22);
+        assert_eq!(relay_cap(&c, 20_000), 9_870);
+        c.workers = 2;
+        assert_eq!(relay_cap(&c, 20_000), 9_868);
+        c.max_relays = Some(100);
+        assert_eq!(relay_cap(&c, 20_000), 100);
+        assert_eq!(relay_cap(&c, 0), 1, "never zero");
+    }
+}
