@@ -53,6 +53,14 @@ use crate::stats::CloseReason;
 /// A connected stream socket a runtime can relay: TCP, or a Unix stream
 /// socket (to a local PostgreSQL or Redis, say). A tokio stream converts
 /// with `into_std()`.
+///
+/// ```
+/// use std::os::unix::net::UnixStream;
+/// use spliced::Socket;
+///
+/// let (local, _peer) = UnixStream::pair().unwrap();
+/// assert!(matches!(Socket::from(local), Socket::Unix(_)));
+/// ```
 #[derive(Debug)]
 pub enum Socket {
     Tcp(TcpStream),
@@ -93,6 +101,25 @@ impl Socket {
 }
 
 /// One of the two sockets of a pair, in the order they were handed over.
+///
+/// ```
+/// # use std::io::{Read, Write};
+/// # use std::net::{Shutdown, TcpListener, TcpStream};
+/// # let runtime = spliced::Runtime::builder().workers(1).start().unwrap();
+/// # let l = TcpListener::bind("127.0.0.1:0").unwrap();
+/// # let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+/// # let (a, _) = l.accept().unwrap();
+/// # let mut server = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+/// # let (b, _) = l.accept().unwrap();
+/// use spliced::handoff::{End, Ending};
+/// let pair = runtime.handoff(a, b).unwrap();
+/// server.write_all(b"x").unwrap();
+/// # socket2::SockRef::from(&server).set_linger(Some(std::time::Duration::ZERO)).unwrap();
+/// drop(server); // b's peer resets
+/// let outcome = pair.wait();
+/// assert_eq!(outcome.ending, Ending::Reset(End::B));
+/// assert_eq!(outcome.error.unwrap().0, End::B);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum End {
     A,
@@ -109,6 +136,22 @@ impl fmt::Display for End {
 }
 
 /// Why a handed-off pair ended.
+///
+/// ```
+/// # use std::io::{Read, Write};
+/// # use std::net::{Shutdown, TcpListener, TcpStream};
+/// # let runtime = spliced::Runtime::builder().workers(1).start().unwrap();
+/// # let l = TcpListener::bind("127.0.0.1:0").unwrap();
+/// # let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+/// # let (a, _) = l.accept().unwrap();
+/// # let mut server = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+/// # let (b, _) = l.accept().unwrap();
+/// use spliced::handoff::Ending;
+/// let pair = runtime.handoff(a, b).unwrap();
+/// client.shutdown(Shutdown::Write).unwrap();
+/// server.shutdown(Shutdown::Write).unwrap();
+/// assert_eq!(pair.wait().ending, Ending::Completed);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ending {
     /// Both sides sent FIN and every byte was delivered.
@@ -130,6 +173,24 @@ pub enum Ending {
 }
 
 /// What a handed-off pair did.
+///
+/// ```
+/// # use std::io::{Read, Write};
+/// # use std::net::{Shutdown, TcpListener, TcpStream};
+/// # let runtime = spliced::Runtime::builder().workers(1).start().unwrap();
+/// # let l = TcpListener::bind("127.0.0.1:0").unwrap();
+/// # let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+/// # let (a, _) = l.accept().unwrap();
+/// # let mut server = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+/// # let (b, _) = l.accept().unwrap();
+/// let pair = runtime.handoff(a, b).unwrap();
+/// client.write_all(b"hello").unwrap();
+/// client.shutdown(Shutdown::Write).unwrap();
+/// server.shutdown(Shutdown::Write).unwrap();
+/// let outcome = pair.wait();
+/// assert_eq!((outcome.a_to_b, outcome.b_to_a), (5, 0));
+/// assert!(["splice", "copy"].contains(&outcome.engine_a_to_b));
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outcome {
     /// Bytes delivered to `b` from `a` (read-ahead bytes included).
@@ -179,6 +240,21 @@ impl Outcome {
 }
 
 /// Why a runtime did not take a pair.
+///
+/// ```
+/// # use std::io::{Read, Write};
+/// # use std::net::{Shutdown, TcpListener, TcpStream};
+/// # let runtime = spliced::Runtime::builder().workers(1).start().unwrap();
+/// # let l = TcpListener::bind("127.0.0.1:0").unwrap();
+/// # let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+/// # let (a, _) = l.accept().unwrap();
+/// # let mut server = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+/// # let (b, _) = l.accept().unwrap();
+/// use spliced::handoff::Refusal;
+/// let too_much = vec![0u8; 1 << 20];
+/// let err = runtime.handoff_with_read(a, too_much, b, Vec::new()).unwrap_err();
+/// assert!(matches!(err.refusal, Refusal::ReadAheadTooLarge { .. }));
+/// ```
 #[derive(Debug)]
 pub enum Refusal {
     /// The runtime is shutting down or has stopped.
@@ -191,6 +267,24 @@ pub enum Refusal {
 
 /// A pair the runtime did not take, given back whole: both sockets (in
 /// non-blocking mode) and the read-ahead bytes.
+///
+/// ```
+/// # use std::io::{Read, Write};
+/// # use std::net::{Shutdown, TcpListener, TcpStream};
+/// # let runtime = spliced::Runtime::builder().workers(1).start().unwrap();
+/// # let l = TcpListener::bind("127.0.0.1:0").unwrap();
+/// # let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+/// # let (a, _) = l.accept().unwrap();
+/// # let mut server = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+/// # let (b, _) = l.accept().unwrap();
+/// use spliced::Socket;
+/// runtime.shutdown();
+/// let err = runtime.handoff(a, b).unwrap_err();
+/// eprintln!("{err}"); // handoff refused: the runtime is shutting down
+/// let Socket::Tcp(a) = err.a else { unreachable!() };
+/// a.set_nonblocking(false).unwrap();
+/// (&a).write_all(b"still the program's").unwrap();
+/// ```
 #[derive(Debug)]
 pub struct HandoffError {
     pub a: Socket,
@@ -224,6 +318,22 @@ impl std::error::Error for HandoffError {}
 ///
 /// `handoff(a, b)` and `handoff(b, a)` behave alike; only the names of
 /// the byte counts swap.
+///
+/// ```
+/// # use std::io::{Read, Write};
+/// # use std::net::{Shutdown, TcpListener, TcpStream};
+/// # let runtime = spliced::Runtime::builder().workers(1).start().unwrap();
+/// # let l = TcpListener::bind("127.0.0.1:0").unwrap();
+/// # let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+/// # let (a, _) = l.accept().unwrap();
+/// # let mut server = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+/// # let (b, _) = l.accept().unwrap();
+/// let pair = runtime.handoff(b, a).unwrap(); // either order
+/// server.write_all(b"hi").unwrap();
+/// server.shutdown(Shutdown::Write).unwrap();
+/// client.shutdown(Shutdown::Write).unwrap();
+/// assert_eq!(pair.wait().a_to_b, 2); // from `b` above, the server's side
+/// ```
 pub struct Handoff {
     id: u64,
     reporter: Arc<Reporter>,
@@ -238,12 +348,41 @@ impl fmt::Debug for Handoff {
 
 impl Handoff {
     /// The relay id, as in the runtime's log lines.
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::net::{Shutdown, TcpListener, TcpStream};
+    /// # let runtime = spliced::Runtime::builder().workers(1).start().unwrap();
+    /// # let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    /// # let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    /// # let (a, _) = l.accept().unwrap();
+    /// # let mut server = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    /// # let (b, _) = l.accept().unwrap();
+    /// let pair = runtime.handoff(a, b).unwrap();
+    /// assert!(pair.id() > 0);
+    /// ```
     pub fn id(&self) -> u64 {
         self.id
     }
 
     /// Ends both directions at once with a reset to both sockets' peers.
     /// Does nothing if the pair has ended already.
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::net::{Shutdown, TcpListener, TcpStream};
+    /// # let runtime = spliced::Runtime::builder().workers(1).start().unwrap();
+    /// # let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    /// # let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    /// # let (a, _) = l.accept().unwrap();
+    /// # let mut server = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    /// # let (b, _) = l.accept().unwrap();
+    /// let pair = runtime.handoff(a, b).unwrap();
+    /// pair.abort();
+    /// assert_eq!(pair.wait().ending, spliced::handoff::Ending::Aborted);
+    /// let err = client.read(&mut [0u8; 8]).unwrap_err();
+    /// assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    /// ```
     pub fn abort(&self) {
         let command = Command::AbortRelay {
             id: self.id,
@@ -254,17 +393,61 @@ impl Handoff {
     }
 
     /// Blocks until the pair has ended.
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::net::{Shutdown, TcpListener, TcpStream};
+    /// # let runtime = spliced::Runtime::builder().workers(1).start().unwrap();
+    /// # let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    /// # let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    /// # let (a, _) = l.accept().unwrap();
+    /// # let mut server = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    /// # let (b, _) = l.accept().unwrap();
+    /// let pair = runtime.handoff(a, b).unwrap();
+    /// drop((client, server)); // both peers close
+    /// println!("{:?}", pair.wait());
+    /// ```
     pub fn wait(&self) -> Outcome {
         Outcome::from_report(self.reporter.wait())
     }
 
     /// The outcome if the pair has ended, without blocking.
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::net::{Shutdown, TcpListener, TcpStream};
+    /// # let runtime = spliced::Runtime::builder().workers(1).start().unwrap();
+    /// # let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    /// # let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    /// # let (a, _) = l.accept().unwrap();
+    /// # let mut server = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    /// # let (b, _) = l.accept().unwrap();
+    /// let pair = runtime.handoff(a, b).unwrap();
+    /// assert!(pair.try_result().is_none()); // both peers still connected
+    /// # drop((client, server)); pair.wait();
+    /// ```
     pub fn try_result(&self) -> Option<Outcome> {
         self.reporter.try_report().map(Outcome::from_report)
     }
 
     /// A future of the outcome, for any executor (it needs no runtime of
     /// its own: the worker wakes the task when the pair ends).
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::net::{Shutdown, TcpListener, TcpStream};
+    /// # let runtime = spliced::Runtime::builder().workers(1).start().unwrap();
+    /// # let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    /// # let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    /// # let (a, _) = l.accept().unwrap();
+    /// # let mut server = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    /// # let (b, _) = l.accept().unwrap();
+    /// let pair = runtime.handoff(a, b).unwrap();
+    /// drop((client, server));
+    /// let tokio = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    /// let outcome = tokio.block_on(pair.finished());
+    /// assert_eq!(outcome.a_to_b, 0);
+    /// ```
     pub fn finished(&self) -> Finished {
         Finished {
             reporter: Arc::clone(&self.reporter),
@@ -273,6 +456,21 @@ impl Handoff {
 }
 
 /// The outcome of a [`Handoff`] as a future; see [`Handoff::finished`].
+///
+/// ```
+/// # use std::io::{Read, Write};
+/// # use std::net::{Shutdown, TcpListener, TcpStream};
+/// # let runtime = spliced::Runtime::builder().workers(1).start().unwrap();
+/// # let l = TcpListener::bind("127.0.0.1:0").unwrap();
+/// # let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+/// # let (a, _) = l.accept().unwrap();
+/// # let mut server = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+/// # let (b, _) = l.accept().unwrap();
+/// let finished: spliced::handoff::Finished = runtime.handoff(a, b).unwrap().finished();
+/// drop((client, server));
+/// let tokio = tokio::runtime::Builder::new_current_thread().build().unwrap();
+/// tokio.block_on(finished);
+/// ```
 #[derive(Debug)]
 pub struct Finished {
     reporter: Arc<Reporter>,
@@ -292,6 +490,22 @@ impl Future for Finished {
 impl Runtime {
     /// Relays two connected sockets until both sides have closed, and
     /// returns at once. See the [module docs](crate::handoff).
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::net::{Shutdown, TcpListener, TcpStream};
+    /// # let runtime = spliced::Runtime::builder().workers(1).start().unwrap();
+    /// # let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    /// # let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    /// # let (a, _) = l.accept().unwrap();
+    /// # let mut server = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    /// # let (b, _) = l.accept().unwrap();
+    /// let pair = runtime.handoff(a, b).unwrap();
+    /// client.write_all(b"ping").unwrap();
+    /// let mut buf = [0u8; 4];
+    /// server.read_exact(&mut buf).unwrap();
+    /// assert_eq!(&buf, b"ping");
+    /// ```
     pub fn handoff(
         &self,
         a: impl Into<Socket>,
@@ -305,6 +519,25 @@ impl Runtime {
     /// reaches `b`, and `read_from_b` reaches `a`, before any byte relayed
     /// after them. Each may be at most the copy buffer size (64 KiB by
     /// default).
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::net::{Shutdown, TcpListener, TcpStream};
+    /// # let runtime = spliced::Runtime::builder().workers(1).start().unwrap();
+    /// # let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    /// # let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    /// # let (a, _) = l.accept().unwrap();
+    /// # let mut server = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    /// # let (b, _) = l.accept().unwrap();
+    /// client.write_all(b"HEADER rest").unwrap();
+    /// let mut a = a;
+    /// let mut header = [0u8; 7];
+    /// a.read_exact(&mut header).unwrap(); // the program peeks at a header
+    /// let pair = runtime.handoff_with_read(a, header.to_vec(), b, Vec::new()).unwrap();
+    /// let mut got = [0u8; 11];
+    /// server.read_exact(&mut got).unwrap();
+    /// assert_eq!(&got, b"HEADER rest");
+    /// ```
     pub fn handoff_with_read(
         &self,
         a: impl Into<Socket>,
