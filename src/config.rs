@@ -17,6 +17,9 @@ pub enum Mode {
     Splice,
     /// read(2)/write(2) through a userspace buffer.
     Copy,
+    /// Per direction: copy while it carries small messages, splice once it
+    /// streams, and back; the engine changes only with the buffer empty.
+    Auto,
 }
 
 impl Mode {
@@ -24,6 +27,7 @@ impl Mode {
         match self {
             Mode::Splice => "splice",
             Mode::Copy => "copy",
+            Mode::Auto => "auto",
         }
     }
 }
@@ -40,7 +44,10 @@ impl std::str::FromStr for Mode {
         match s {
             "splice" => Ok(Mode::Splice),
             "copy" => Ok(Mode::Copy),
-            other => Err(format!("unknown mode '{other}' (expected splice or copy)")),
+            "auto" => Ok(Mode::Auto),
+            other => Err(format!(
+                "unknown mode '{other}' (expected splice, copy or auto)"
+            )),
         }
     }
 }

@@ -34,7 +34,7 @@ struct RunArgs {
     /// Server to relay to, HOST:PORT; repeat it for round-robin with failover.
     #[arg(long = "upstream", value_name = "ADDR")]
     upstreams: Vec<String>,
-    /// How bytes move: splice (zero-copy, falling back to copy per direction) or copy.
+    /// How bytes move: splice (zero-copy, falling back to copy per direction), copy, or auto (per direction: copy for small messages, splice once it streams).
     #[arg(long, default_value = "splice", value_name = "MODE")]
     mode: Mode,
     /// Close a relay after this long with no byte moved either way (0 disables).

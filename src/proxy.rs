@@ -96,7 +96,7 @@ fn log_relay_cap(config: &Config, nofile: u64, cap: usize) {
 /// or because a worker's share of the pipe budget cannot hold one such pipe.
 /// Listeners that all copy need no pipe, and no check.
 fn check_pipe_size(config: &Config) {
-    if !config.listeners.iter().any(|l| l.mode == Mode::Splice) {
+    if !config.listeners.iter().any(|l| l.mode != Mode::Copy) {
         return;
     }
     let asked = config.pipe_size;

@@ -181,6 +181,9 @@ counter_table! {
     /// Directions that fell back from splice to copy (no pipe, splice
     /// refused, urgent data).
     splice_fallbacks: Counter per Listener,
+    /// Times an auto-mode direction switched engines (always with its
+    /// buffer empty).
+    engine_switches: Counter per Listener,
     /// Pipes held by directions now.
     pipes_in_use: Gauge per Worker,
     /// Empty pipes kept for reuse.

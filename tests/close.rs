@@ -342,7 +342,7 @@ fn closed_relays_leave_no_timer_entries_behind(mode: Mode) {
 #[test]
 fn reused_relay_slots_never_pump_a_connecting_relay() {
     let _serial = serial();
-    for mode in [Mode::Splice, Mode::Copy] {
+    for mode in [Mode::Splice, Mode::Copy, Mode::Auto] {
         let firehose = serve(|s: TcpStream| {
             let mut w = s;
             let _ = send_stream(&mut w, 9, 1 << 40, 64 * 1024, None);

@@ -194,8 +194,13 @@ fn pipes_return_to_the_pool(mode: Mode) {
         let s = assert_quiescent(&h, mode);
         assert_eq!(s.closed(CloseReason::Eof), round + 1, "{s:#?}");
         match mode {
-            Mode::Splice => {
+            Mode::Splice | Mode::Auto => {
                 assert!(s.bytes_spliced > 0, "nothing spliced: {s:#?}");
+                if mode == Mode::Auto {
+                    // A stream: both directions switch to splice early on.
+                    assert!(s.bytes_spliced > 10 * s.bytes_copied, "{s:#?}");
+                    assert!(s.engine_switches >= 2 * (round + 1), "{s:#?}");
+                }
                 // Every pipe ever created is back in the pool (none was
                 // closed with bytes in it: the relay ended cleanly).
                 let s = wait_stats(&h, Duration::from_secs(5), "every pipe is pooled", |s| {
@@ -276,4 +281,47 @@ fn each_listener_counts_its_own_relays(mode: Mode) {
     assert_eq!(moved(&total), moved(&per[0]) + moved(&per[1]));
     // Pipes and buffers belong to workers, not listeners.
     assert!(per.iter().all(|s| s.pipes_created == 0));
+}
+
+/// `auto` copies small request/response messages, splices once a direction
+/// streams, and goes back to copying when the messages are small again;
+/// every switch happens with the direction's buffer empty, so the echoed
+/// bytes stay exact throughout.
+#[test]
+fn auto_copies_messages_and_splices_streams() {
+    let up = echo_server();
+    let h = proxy(Mode::Auto, vec![up.addr], |_| {});
+    let mut client = connect(h.local_addr());
+    for i in 0..50u64 {
+        round_trip(&mut client, &pattern(i, 64), Duration::from_secs(5));
+    }
+    let s = h.stats();
+    assert_eq!((s.bytes_spliced, s.engine_switches), (0, 0), "{s:#?}");
+    assert_eq!(s.bytes_copied, 2 * 50 * 64);
+
+    // A stream: both directions switch to splice.
+    let mut w = client.try_clone().unwrap();
+    let writer = thread::spawn(move || send_stream(&mut w, 7, 16 * MIB, 256 * 1024, None));
+    let back = read_exact_within(&mut client, 16 * MIB, Duration::from_secs(30)).unwrap();
+    assert!(back == pattern(7, 16 * MIB), "streamed bytes differ");
+    writer.join().unwrap().unwrap();
+    let streamed = h.stats();
+    assert!(streamed.bytes_spliced > 30 * MIB as u64, "{streamed:#?}");
+    assert!(streamed.engine_switches >= 2, "{streamed:#?}");
+
+    // Small messages again: back to copy.
+    for i in 0..50u64 {
+        round_trip(&mut client, &pattern(i, 64), Duration::from_secs(5));
+    }
+    let before = h.stats();
+    for i in 0..50u64 {
+        round_trip(&mut client, &pattern(i, 64), Duration::from_secs(5));
+    }
+    let after = h.stats();
+    assert_eq!(after.bytes_spliced, before.bytes_spliced, "{after:#?}");
+    assert_eq!(after.bytes_copied - before.bytes_copied, 2 * 50 * 64);
+    assert!(after.engine_switches >= 4, "{after:#?}");
+    client.shutdown(Shutdown::Write).unwrap();
+    read_to_eof(&mut client, Duration::from_secs(5)).unwrap();
+    assert_quiescent(&h, Mode::Auto);
 }

@@ -34,6 +34,15 @@ impl MappedBuffer {
         self.start == self.end
     }
 
+    /// Bytes the next fill may read.
+    pub(crate) fn room(&self) -> usize {
+        if self.start == self.end {
+            self.bytes.len()
+        } else {
+            self.bytes.len() - self.end
+        }
+    }
+
     /// Starts the buffer with `bytes`, which must fit.
     pub(crate) fn preload(&mut self, bytes: &[u8]) -> io::Result<()> {
         if bytes.len() > self.bytes.len() - self.end {

@@ -7,6 +7,7 @@
 //! direction's buffer slot to its two sockets and the worker's [`Pools`], and
 //! is what the state machine drives in production.
 
+mod auto;
 mod copy;
 mod pool;
 mod splice;
@@ -20,6 +21,7 @@ pub(crate) use pool::Pools;
 pub(crate) use splice::PooledPipe;
 pub(crate) use stream::Stream;
 
+use self::auto::AutoPolicy;
 use crate::config::Mode;
 use crate::stats::CounterBlock;
 use crate::sys;
@@ -37,7 +39,8 @@ impl Engine {
     pub(crate) fn for_mode(mode: Mode) -> Engine {
         match mode {
             Mode::Splice => Engine::Splice,
-            Mode::Copy => Engine::Copy,
+            // An auto direction starts with small messages in mind.
+            Mode::Copy | Mode::Auto => Engine::Copy,
         }
     }
 
@@ -91,6 +94,10 @@ pub(crate) struct Slot {
     /// The source signalled urgent data (EPOLLPRI): splice may stall at
     /// its mark, so a splice that finds nothing looks for the mark.
     urgent: bool,
+    /// Splice was refused or no pipe could be had: copy for good.
+    fell_back: bool,
+    /// In `auto` mode (until a fallback), what the reads have looked like.
+    auto: Option<AutoPolicy>,
 }
 
 impl Slot {
@@ -100,6 +107,26 @@ impl Slot {
             buffer: None,
             spliced_any: false,
             urgent: false,
+            fell_back: false,
+            auto: (mode == Mode::Auto).then(AutoPolicy::new),
+        }
+    }
+
+    /// Whether this direction was forced to copy (splice refused, no pipe,
+    /// urgent data).
+    pub(crate) fn fell_back(&self) -> bool {
+        self.fell_back
+    }
+
+    /// In `auto` mode, switches to the engine the policy wants. Called only
+    /// with no buffer held, so nothing buffered can be reordered.
+    fn follow_policy(&mut self, counters: &CounterBlock) {
+        if let Some(auto) = &self.auto {
+            let wanted = auto.wanted();
+            if wanted != self.engine {
+                self.engine = wanted;
+                CounterBlock::add(&counters.engine_switches, 1);
+            }
         }
     }
 
@@ -151,6 +178,8 @@ impl Slot {
     /// with the buffer empty, so no byte can be reordered or lost.
     fn fall_back_to_copy(&mut self, pools: &mut Pools, counters: &CounterBlock, why: &str) {
         self.engine = Engine::Copy;
+        self.fell_back = true;
+        self.auto = None;
         if let Some(buffer) = self.buffer.take() {
             pools.give(buffer, true);
         }
@@ -192,13 +221,26 @@ impl Endpoints for Wire<'_> {
                 }
             }
             if self.slot.buffer.is_none() {
+                self.slot.follow_policy(self.counters);
+                let asked = self.slot.engine;
                 self.slot.buffer = Some(self.pools.take(&mut self.slot.engine, self.counters)?);
+                if self.slot.engine != asked {
+                    // No pipe could be had (counted by the pool).
+                    self.slot.fell_back = true;
+                    self.slot.auto = None;
+                }
             }
-            let result = match self.slot.buffer.as_mut() {
-                Some(Buffer::Pipe(pipe)) => pipe.fill(self.src.as_fd()),
-                Some(Buffer::Mapped(heap)) => heap.fill(self.src),
+            let (result, room) = match self.slot.buffer.as_mut() {
+                Some(Buffer::Pipe(pipe)) => (pipe.fill(self.src.as_fd()), None),
+                Some(Buffer::Mapped(heap)) => {
+                    let room = heap.room();
+                    (heap.fill(self.src), Some(room))
+                }
                 None => unreachable!("a buffer was just taken"),
             };
+            if let (Some(auto), Ok(Transfer::Moved(n))) = (&mut self.slot.auto, &result) {
+                auto.observe(self.slot.engine, *n, room == Some(*n));
+            }
             match result {
                 Err(e) if splice_refused(&e) && !self.slot.spliced_any => {
                     // Nothing moved yet, so nothing can be lost by switching.

@@ -25,7 +25,7 @@ pub(crate) use self::core::{Expiry, Next, PairIo, Peer, RelayCore};
 #[cfg(any(test, fuzzing))]
 pub(crate) use direction::{DirState, Direction};
 
-use crate::config::{Mode, Timeouts};
+use crate::config::Timeouts;
 use crate::engine::{Engine, Pools, Slot, Stream, Wire};
 use crate::error::{Op, RelayError};
 use crate::listener::Listener;
@@ -321,9 +321,9 @@ impl Relay {
             Peer::Client => &self.c2u_slot,
             Peer::Upstream => &self.u2c_slot,
         };
-        match (self.listener.config.mode, slot.engine()) {
-            (Mode::Splice, Engine::Copy) => "copy-fallback",
-            (_, engine) => engine.as_str(),
+        match slot.engine() {
+            Engine::Copy if slot.fell_back() => "copy-fallback",
+            engine => engine.as_str(),
         }
     }
 }

@@ -23,7 +23,8 @@ use std::sync::{Mutex, MutexGuard};
 use spliced::{start, Config, Mode, ProxyHandle};
 
 /// Runs a case once per engine: `both_engines!(case_a, case_b)` makes
-/// `case_a::splice` and `case_a::copy` tests calling `case_a(Mode)`.
+/// `case_a::splice`, `case_a::copy` and `case_a::auto` tests calling
+/// `case_a(Mode)` (auto switches engines per direction as it goes).
 #[macro_export]
 macro_rules! both_engines {
     ($($name:ident),* $(,)?) => {
@@ -36,6 +37,10 @@ macro_rules! both_engines {
                 #[test]
                 fn copy() {
                     super::$name(spliced::Mode::Copy)
+                }
+                #[test]
+                fn auto() {
+                    super::$name(spliced::Mode::Auto)
                 }
             }
         )*
