@@ -32,7 +32,7 @@ use crate::engine::Pools;
 use crate::error::{Op, RelayError, Side, StartError};
 use crate::listener::{Listener, ListenerId};
 use crate::relay::report::Reporter;
-use crate::relay::{self, Accepted, Expiry, Next, Peer, Relay};
+use crate::relay::{self, Accepted, Expiry, Next, Peer, Readiness, Relay};
 use crate::stats::{CloseReason, CounterBlock};
 use crate::timer::Timers;
 use crate::token::{self, Owner, RelayRef};
@@ -623,7 +623,13 @@ impl Worker {
             self.on_connect_event(key, now);
             return;
         }
-        relay.ready(peer, readable, writable, event.is_priority());
+        let readiness = Readiness {
+            readable,
+            writable,
+            hung_up: event.is_read_closed() || event.is_error(),
+            urgent: event.is_priority(),
+        };
+        relay.ready(peer, readiness);
         self.run_relay(key, now);
     }
 

@@ -70,11 +70,22 @@ impl MappedBuffer {
             return Ok(Transfer::WouldBlock);
         }
         let room = &mut self.bytes[self.end..];
+        let asked = room.len();
         let moved = transfer(|| src.read(room), Transfer::Eof)?;
-        if let Transfer::Moved(n) = moved {
-            self.end += n;
-        }
-        Ok(moved)
+        Ok(match moved {
+            Transfer::Moved(n) => {
+                self.end += n;
+                // A stream socket's read stops short only when its receive
+                // queue ran dry (or at an urgent mark, which the caller
+                // knows about).
+                if n < asked {
+                    Transfer::MovedAll(n)
+                } else {
+                    moved
+                }
+            }
+            other => other,
+        })
     }
 
     /// Buffer → socket.

@@ -56,6 +56,11 @@ impl Engine {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Transfer {
     Moved(usize),
+    /// From `fill`: moved this many bytes and emptied the source's receive
+    /// queue (a read shorter than the room it had). Under edge-triggered
+    /// epoll, any byte or FIN that arrives later raises a new readable
+    /// edge, so reading again now would only return EAGAIN.
+    MovedAll(usize),
     /// Nothing moved now; readiness (or room) must change first.
     WouldBlock,
     /// The source sent FIN.
@@ -238,9 +243,17 @@ impl Endpoints for Wire<'_> {
                 }
                 None => unreachable!("a buffer was just taken"),
             };
-            if let (Some(auto), Ok(Transfer::Moved(n))) = (&mut self.slot.auto, &result) {
+            if let (Some(auto), Ok(Transfer::Moved(n) | Transfer::MovedAll(n))) =
+                (&mut self.slot.auto, &result)
+            {
                 auto.observe(self.slot.engine, *n, room == Some(*n));
             }
+            // recv(2) also stops short at an urgent mark, with bytes left
+            // behind it: no shortcut then.
+            let result = match result {
+                Ok(Transfer::MovedAll(n)) if self.slot.urgent => Ok(Transfer::Moved(n)),
+                other => other,
+            };
             match result {
                 Err(e) if splice_refused(&e) && !self.slot.spliced_any => {
                     // Nothing moved yet, so nothing can be lost by switching.

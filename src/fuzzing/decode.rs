@@ -33,7 +33,8 @@ impl Bytes<'_> {
     fn step(&mut self) -> Step {
         let b = self.byte();
         match b & 7 {
-            0..=2 => Step::Moved(1 + (b >> 3) as usize),
+            0 | 1 => Step::Moved(1 + (b >> 3) as usize),
+            2 => Step::MovedAll(1 + (b >> 3) as usize),
             3 => Step::Moved(1 + self.u16() as usize * 16),
             4 | 5 => Step::WouldBlock,
             6 => Step::Eof,

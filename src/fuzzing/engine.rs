@@ -10,6 +10,9 @@ use crate::engine::{Endpoints, Transfer};
 pub(crate) enum Step {
     /// Moves this many bytes (at least 1: real engines map 0 to EOF).
     Moved(usize),
+    /// From `fill`: moves this many bytes and empties the source, which
+    /// then owes a readable edge before more comes.
+    MovedAll(usize),
     WouldBlock,
     /// From `fill`: the source sent FIN. From `drain`: write returned 0.
     Eof,
@@ -175,24 +178,30 @@ impl Endpoints for Engine {
         self.calls += 1;
         self.holding = true;
         let mut step = self.fills.pop_front().unwrap_or(self.fill_default);
-        if let (Step::Moved(n), Some(cap)) = (step, self.capacity) {
+        if let (Step::Moved(n) | Step::MovedAll(n), Some(cap)) = (step, self.capacity) {
             let room = cap.saturating_sub(self.buffered);
-            step = if room == 0 {
-                Step::WouldBlock
-            } else {
-                Step::Moved(n.min(room))
+            step = match step {
+                _ if room == 0 => Step::WouldBlock,
+                Step::MovedAll(_) => Step::MovedAll(n.min(room)),
+                _ => Step::Moved(n.min(room)),
             };
         }
         match step {
-            Step::Moved(n) => {
+            Step::Moved(n) | Step::MovedAll(n) => {
                 let n = n.max(1);
                 self.buffered = self
                     .buffered
                     .checked_add(n)
                     .expect("buffered byte count overflows");
                 self.filled += n as u64;
-                self.fill_blocked = false;
-                Ok(Transfer::Moved(n))
+                let all = matches!(step, Step::MovedAll(_));
+                // A source emptied by this read owes a readable edge.
+                self.fill_blocked = all;
+                Ok(if all {
+                    Transfer::MovedAll(n)
+                } else {
+                    Transfer::Moved(n)
+                })
             }
             Step::WouldBlock => {
                 // With bytes buffered this may mean "full": no edge is owed.
@@ -220,7 +229,7 @@ impl Endpoints for Engine {
         assert_eq!(self.shutdowns, 0, "write after FIN was forwarded");
         self.calls += 1;
         match self.drains.pop_front().unwrap_or(self.drain_default) {
-            Step::Moved(n) => {
+            Step::Moved(n) | Step::MovedAll(n) => {
                 let n = n.clamp(1, pending);
                 self.buffered -= n;
                 self.drained += n as u64;

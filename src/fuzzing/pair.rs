@@ -123,7 +123,9 @@ impl PairRun {
             // The socket's writable bit belongs to the direction toward it.
             self.io.of(peer.other()).writable_edge();
         }
-        self.core.ready(peer, readable, writable);
+        // The scripted source needs an edge for every byte and its EOF,
+        // so no edge carries a hang-up.
+        self.core.ready(peer, readable, writable, false);
     }
 
     fn activity(&self) -> &Activity {

@@ -234,7 +234,7 @@ impl RelayCore {
         // Readiness edges that arrived while connecting are not lost: the
         // directions start optimistic and the first call tells the truth.
         self.c2u.destination_writable();
-        self.u2c.source_readable();
+        self.u2c.source_unsure();
     }
 
     /// The direction from `from` starts with `n` bytes already accepted
@@ -248,12 +248,15 @@ impl RelayCore {
 
     /// Routes readiness of one peer's socket: its readable bit belongs to
     /// the direction it feeds, its writable bit to the one that feeds it.
-    pub(crate) fn ready(&mut self, peer: Peer, readable: bool, writable: bool) {
+    /// `hung_up`: the readable edge came with RDHUP or HUP.
+    pub(crate) fn ready(&mut self, peer: Peer, readable: bool, writable: bool, hung_up: bool) {
         let (reading, writing) = match peer {
             Peer::Client => (&mut self.c2u, &mut self.u2c),
             Peer::Upstream => (&mut self.u2c, &mut self.c2u),
         };
-        if readable {
+        if hung_up {
+            reading.source_unsure();
+        } else if readable {
             reading.source_readable();
         }
         if writable {

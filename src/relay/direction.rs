@@ -47,6 +47,11 @@ pub(crate) struct Direction {
     state: DirState,
     pending: usize,
     src_readable: bool,
+    /// A FIN may wait behind the source's data with no edge left to
+    /// announce it (an edge came with RDHUP/HUP, or edges may have been
+    /// missed before the direction could move): reading goes on until a
+    /// read says EAGAIN or EOF, instead of stopping after a short read.
+    src_unsure: bool,
     dst_writable: bool,
     bytes_in: u64,
     bytes_out: u64,
@@ -62,6 +67,7 @@ impl Direction {
             state: DirState::Open,
             pending: 0,
             src_readable: true,
+            src_unsure: true,
             dst_writable: true,
             bytes_in: 0,
             bytes_out: 0,
@@ -97,6 +103,13 @@ impl Direction {
         self.src_readable = true;
     }
 
+    /// The source's readable edge came with a hang-up, or edges may have
+    /// gone by unseen: read until EAGAIN or EOF.
+    pub(crate) fn source_unsure(&mut self) {
+        self.src_readable = true;
+        self.src_unsure = true;
+    }
+
     pub(crate) fn destination_writable(&mut self) {
         self.dst_writable = true;
     }
@@ -127,7 +140,7 @@ impl Direction {
                     .drain(self.pending)
                     .map_err(|e| self.dst_error(Op::Write, e))?
                 {
-                    Transfer::Moved(n) => {
+                    Transfer::Moved(n) | Transfer::MovedAll(n) => {
                         let n = n.min(self.pending);
                         self.pending -= n;
                         self.bytes_out += n as u64;
@@ -148,9 +161,23 @@ impl Direction {
                         self.bytes_in += n as u64;
                         progressed = true;
                     }
+                    Transfer::MovedAll(n) => {
+                        self.pending += n;
+                        self.bytes_in += n as u64;
+                        progressed = true;
+                        // The queue is empty: wait for the next edge instead
+                        // of a read that would say EAGAIN.
+                        if !self.src_unsure {
+                            self.src_readable = false;
+                        }
+                    }
                     // With nothing pending the source is empty; with bytes
                     // pending the buffer may just be full, so keep the bit.
-                    Transfer::WouldBlock if self.pending == 0 => self.src_readable = false,
+                    Transfer::WouldBlock if self.pending == 0 => {
+                        self.src_readable = false;
+                        // Empty and no FIN: whatever comes next raises an edge.
+                        self.src_unsure = false;
+                    }
                     Transfer::WouldBlock => {}
                     Transfer::Eof => {
                         self.state = DirState::SourceEof;
@@ -192,6 +219,7 @@ pub(crate) mod tests {
     #[derive(Clone, Copy, Debug)]
     pub(crate) enum Step {
         Moved(usize),
+        MovedAll(usize),
         WouldBlock,
         Eof,
         Fail(io::ErrorKind),
@@ -213,6 +241,7 @@ pub(crate) mod tests {
     fn answer(step: Option<Step>) -> io::Result<Transfer> {
         match step.unwrap_or(Step::WouldBlock) {
             Step::Moved(n) => Ok(Transfer::Moved(n)),
+            Step::MovedAll(n) => Ok(Transfer::MovedAll(n)),
             Step::WouldBlock => Ok(Transfer::WouldBlock),
             Step::Eof => Ok(Transfer::Eof),
             Step::Fail(kind) => Err(kind.into()),
@@ -224,7 +253,7 @@ pub(crate) mod tests {
             assert_eq!(pending, self.buffered, "pending count drifted");
             self.holding = true;
             let t = answer(self.fills.pop_front());
-            if let Ok(Transfer::Moved(n)) = t {
+            if let Ok(Transfer::Moved(n) | Transfer::MovedAll(n)) = t {
                 self.buffered += n;
             }
             t
@@ -301,6 +330,36 @@ pub(crate) mod tests {
         let p = pump(&mut d, &mut io).unwrap();
         assert_eq!(p.moved, 15);
         assert_eq!(d.pending(), 0);
+    }
+
+    #[test]
+    fn open_a_short_read_ends_reading_until_the_next_edge() {
+        let mut d = dir();
+        // At first the direction is unsure (edges may have gone by): it
+        // reads on until EAGAIN, whatever the reads look like.
+        let mut io = script(&[Step::MovedAll(10), Step::WouldBlock], &[Step::Moved(10)]);
+        pump(&mut d, &mut io).unwrap();
+        assert!(io.fills.is_empty(), "read until EAGAIN");
+        // From then on a short read is known to empty the queue: no read
+        // that could only say EAGAIN.
+        d.source_readable();
+        let mut io = script(&[Step::MovedAll(64), Step::Moved(1)], &[Step::Moved(64)]);
+        pump(&mut d, &mut io).unwrap();
+        assert_eq!(io.fills.len(), 1, "no second read after a short one");
+        assert!(!d.has_work());
+    }
+
+    #[test]
+    fn open_a_hang_up_reads_on_to_the_fin() {
+        let mut d = dir();
+        let mut io = script(&[Step::WouldBlock], &[]);
+        pump(&mut d, &mut io).unwrap();
+        // The edge says RDHUP: the FIN waits behind the data.
+        d.source_unsure();
+        let mut io = script(&[Step::MovedAll(64), Step::Eof], &[Step::Moved(64)]);
+        pump(&mut d, &mut io).unwrap();
+        assert_eq!(d.state(), DirState::Shut);
+        assert_eq!(io.shutdowns, 1);
     }
 
     #[test]

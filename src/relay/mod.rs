@@ -90,6 +90,15 @@ pub(crate) struct Relay {
     reporter: Option<Arc<Reporter>>,
 }
 
+/// What one epoll event said about a socket.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Readiness {
+    pub(crate) readable: bool,
+    pub(crate) writable: bool,
+    pub(crate) hung_up: bool,
+    pub(crate) urgent: bool,
+}
+
 /// A connected pair handed to the runtime, with the bytes already read
 /// from each side (delivered to the other side before anything else).
 pub(crate) struct HandedOff {
@@ -212,15 +221,21 @@ impl Relay {
 
     /// Records readiness reported for one socket. `urgent` is EPOLLPRI:
     /// out-of-band data arrived, which splice cannot step over, so the
-    /// direction it feeds is told (and must look again).
-    pub(crate) fn ready(&mut self, peer: Peer, readable: bool, writable: bool, urgent: bool) {
-        if urgent {
+    /// direction it feeds is told (and must look again). `hung_up` is
+    /// RDHUP/HUP: the peer's FIN may wait behind its data.
+    pub(crate) fn ready(&mut self, peer: Peer, readiness: Readiness) {
+        if readiness.urgent {
             match peer {
                 Peer::Client => self.c2u_slot.urgent_data(),
                 Peer::Upstream => self.u2c_slot.urgent_data(),
             }
         }
-        self.core.ready(peer, readable || urgent, writable);
+        self.core.ready(
+            peer,
+            readiness.readable || readiness.urgent,
+            readiness.writable,
+            readiness.hung_up,
+        );
     }
 
     /// The socket error epoll hinted at, if the socket really has one.
