@@ -6,8 +6,9 @@
 //!
 //! | module | what lives there |
 //! |---|---|
-//! | [`config`] | validated settings, duration/size/address parsing |
+//! | [`config`] | validated settings, the TOML config file, duration/size/address parsing |
 //! | [`proxy`] | [`start`] a proxy, its [`ProxyHandle`] |
+//! | `listener`, `upstream` | a listener's limits and access list; pools, balancing, passive health, re-resolution |
 //! | `worker` | one mio event loop per thread: accept, connect, readiness, budget, timers |
 //! | `relay` | a relay = two `Direction`s; the pure per-direction state machine |
 //! | `engine` | the one transfer interface: splice (pipe) and copy (buffer), and their pools |
@@ -36,5 +37,6 @@ mod worker;
 
 pub use config::{Config, ListenerConfig, Mode, Timeouts};
 pub use error::{Side, StartError};
-pub use proxy::{start, Controller, ProxyHandle};
+pub use proxy::{start, start_with, Controller, ProxyHandle};
+pub use upstream::{Resolve, SystemResolver};
 pub use stats::{CloseReason, Stats};

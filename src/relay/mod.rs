@@ -25,7 +25,7 @@ pub(crate) use direction::{DirState, Direction};
 use crate::config::{Mode, Timeouts};
 use crate::engine::{Engine, Pools, Slot, Wire};
 use crate::error::{Op, RelayError};
-use crate::listener::Listener;
+use crate::listener::{Admission, Listener};
 use crate::stats::CloseReason;
 use crate::upstream::Round;
 
@@ -70,6 +70,8 @@ pub(crate) struct Relay {
     pub(crate) upstream_addr: SocketAddr,
     /// This relay's connect attempts over the listener's pool.
     pub(crate) round: Round,
+    /// Its room under the listener's limits, given back when it closes.
+    _admission: Admission,
     pub(crate) core: RelayCore,
     /// The deadline this relay currently has an entry for in the timer heap.
     pub(crate) armed_at: Option<Instant>,
@@ -86,6 +88,7 @@ pub(crate) struct Accepted {
     pub(crate) listener: Arc<Listener>,
     pub(crate) client: TcpStream,
     pub(crate) client_addr: SocketAddr,
+    pub(crate) admission: Admission,
 }
 
 impl Relay {
@@ -102,6 +105,7 @@ impl Relay {
             listener,
             client,
             client_addr,
+            admission,
         } = accepted;
         let mode = listener.config.mode;
         Relay {
@@ -112,6 +116,7 @@ impl Relay {
             upstream: upstream.0,
             upstream_addr: upstream.1,
             round,
+            _admission: admission,
             core: RelayCore::new(now),
             armed_at: None,
             queued: false,

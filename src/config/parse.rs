@@ -1,201 +1,8 @@
-//! Validated settings: what the CLI (and later a TOML file) turns into.
-//!
-//! A [`Config`] holds several
-//! [`ListenerConfig`]s, each with its own upstreams, engine and timeouts, and
-//! every worker serves all of them. A relay keeps an `Arc` to its listener's
-//! settings, so per-listener changes never touch the hot path.
+//! Parsing of durations, sizes and addresses, shared by the CLI and the
+//! config file.
 
-use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
-
-/// How a listener's relays move bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// socket → pipe → socket with splice(2); falls back to copy per direction.
-    Splice,
-    /// read(2)/write(2) through a userspace buffer.
-    Copy,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Splice => "splice",
-            Mode::Copy => "copy",
-        }
-    }
-}
-
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "splice" => Ok(Mode::Splice),
-            "copy" => Ok(Mode::Copy),
-            other => Err(format!("unknown mode '{other}' (expected splice or copy)")),
-        }
-    }
-}
-
-/// Deadlines of one listener's relays. `None` disables a deadline.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Timeouts {
-    /// Close a relay when no byte moved either way for this long.
-    pub idle: Option<Duration>,
-    /// The inactivity limit once either direction has seen EOF.
-    pub fin: Option<Duration>,
-    /// Bounds each upstream connect attempt.
-    pub connect: Option<Duration>,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Timeouts {
-            idle: Some(Duration::from_secs(3600)),
-            fin: Some(Duration::from_secs(60)),
-            connect: Some(Duration::from_secs(5)),
-        }
-    }
-}
-
-/// One listener: the addresses it accepts on and where its connections go.
-#[derive(Clone, Debug)]
-pub struct ListenerConfig {
-    /// Every address is bound by every worker; `:PORT` yields both the IPv4
-    /// and the IPv6 wildcard, and a host name every address it resolves to.
-    pub listen: Vec<SocketAddr>,
-    /// Tried round-robin per accepted connection; a failed connect tries the next.
-    pub upstreams: Vec<SocketAddr>,
-    pub mode: Mode,
-    pub timeouts: Timeouts,
-}
-
-impl ListenerConfig {
-    pub fn new(listen: SocketAddr, upstreams: Vec<SocketAddr>, mode: Mode) -> Self {
-        ListenerConfig {
-            listen: vec![listen],
-            upstreams,
-            mode,
-            timeouts: Timeouts::default(),
-        }
-    }
-}
-
-/// Default capacity asked of each pooled pipe (F_SETPIPE_SZ). See docs/BENCHMARKS.md
-/// for the measurements behind it.
-pub const DEFAULT_PIPE_SIZE: usize = 1 << 20;
-/// Default size of a copy-engine buffer.
-pub const DEFAULT_COPY_BUFFER: usize = 64 * 1024;
-
-/// Process-wide settings.
-#[derive(Clone, Debug)]
-pub struct Config {
-    pub listeners: Vec<ListenerConfig>,
-    /// Worker threads, each with its own event loop and SO_REUSEPORT listener.
-    pub workers: usize,
-    /// Capacity asked of pooled pipes; 0 keeps the kernel default (64 KiB).
-    pub pipe_size: usize,
-    /// Most pipes one worker holds (in use plus pooled); past it, directions copy.
-    pub max_pipes_per_worker: usize,
-    /// Most empty pipes one worker keeps for reuse.
-    pub max_idle_pipes_per_worker: usize,
-    /// Bytes of enlarged pipe capacity the whole process may hold (split
-    /// evenly between workers). Past it, new pipes keep the kernel's default
-    /// size. The default is half of `pipe-user-pages-soft`, the per-user
-    /// allowance past which the kernel itself refuses to enlarge pipes.
-    pub pipe_budget: usize,
-    pub copy_buffer_size: usize,
-    /// Most relays at once, over all workers. `None` derives it from the fd
-    /// limit (two sockets per relay, a reserve kept), so accepted clients
-    /// never fail for want of an upstream socket: past the cap, new
-    /// connections wait in the listen backlog.
-    pub max_relays: Option<usize>,
-    /// How long live relays may finish after the first SIGTERM/SIGINT.
-    pub drain_timeout: Option<Duration>,
-}
-
-impl Config {
-    /// A config with one listener and default settings.
-    pub fn single(listen: SocketAddr, upstreams: Vec<SocketAddr>, mode: Mode) -> Self {
-        Config {
-            listeners: vec![ListenerConfig::new(listen, upstreams, mode)],
-            workers: default_workers(),
-            pipe_size: DEFAULT_PIPE_SIZE,
-            max_pipes_per_worker: 4096,
-            max_idle_pipes_per_worker: 64,
-            pipe_budget: default_pipe_budget(),
-            copy_buffer_size: DEFAULT_COPY_BUFFER,
-            max_relays: None,
-            drain_timeout: Some(Duration::from_secs(30)),
-        }
-    }
-
-    /// Checks what types cannot: non-empty lists and sane sizes.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.listeners.is_empty() {
-            return Err(ConfigError("no listener configured".into()));
-        }
-        for l in &self.listeners {
-            if l.upstreams.is_empty() {
-                return Err(ConfigError(format!(
-                    "listener {} has no upstream server",
-                    display_addrs(&l.listen)
-                )));
-            }
-            if l.listen.is_empty() {
-                return Err(ConfigError("a listener has no address".into()));
-            }
-        }
-        if self.workers == 0 {
-            return Err(ConfigError("workers must be at least 1".into()));
-        }
-        if self.copy_buffer_size == 0 {
-            return Err(ConfigError("copy buffer size must be positive".into()));
-        }
-        Ok(())
-    }
-}
-
-/// Half of `pipe-user-pages-soft` in bytes; 32 MiB if it cannot be read,
-/// 1 GiB if the limit is off (0).
-pub fn default_pipe_budget() -> usize {
-    const PAGE: usize = 4096;
-    match std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
-        .ok()
-        .and_then(|s| s.trim().parse::<usize>().ok())
-    {
-        Some(0) => 1 << 30,
-        Some(pages) => pages * PAGE / 2,
-        None => 32 << 20,
-    }
-}
-
-pub fn default_workers() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// A configuration problem, worded for a one-line error message. It names
-/// settings as the library knows them (`workers`, a listener's upstream
-/// servers); a front end (the CLI, a config file) maps them to its own
-/// words.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError(pub String);
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 /// The longest timeout accepted: a year. Longer ones are surely typos, and
 /// `Instant + Duration` must never overflow.
@@ -280,6 +87,29 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("'{text}' is too large"))
 }
 
+/// The inverse of [`parse_duration`]: the largest unit that divides it
+/// (`90s`, `5m`, `1h`); `0` for "disabled".
+pub fn format_duration(d: Option<Duration>) -> String {
+    let Some(d) = d else { return "0".into() };
+    let us = d.as_micros();
+    for (unit, size) in [("d", 86_400_000_000u128), ("h", 3_600_000_000), ("m", 60_000_000), ("s", 1_000_000), ("ms", 1000)] {
+        if us >= size && us % size == 0 {
+            return format!("{}{unit}", us / size);
+        }
+    }
+    format!("{us}us")
+}
+
+/// The inverse of [`parse_size`]: `1m`, `64k` or plain bytes.
+pub fn format_size(n: usize) -> String {
+    for (unit, size) in [("g", 1usize << 30), ("m", 1 << 20), ("k", 1 << 10)] {
+        if n >= size && n % size == 0 {
+            return format!("{}{unit}", n / size);
+        }
+    }
+    n.to_string()
+}
+
 /// `a, b, c` for log lines and errors.
 pub fn display_addrs(addrs: &[SocketAddr]) -> String {
     addrs
@@ -355,6 +185,18 @@ mod tests {
     }
 
     #[test]
+    fn formats_parse_back() {
+        for text in ["500ms", "90s", "5m", "1h", "2d", "1500us"] {
+            let d = parse_duration(text).unwrap();
+            assert_eq!(format_duration(d), text);
+        }
+        assert_eq!(format_duration(None), "0");
+        for text in ["1m", "64k", "1000", "2g"] {
+            assert_eq!(format_size(parse_size(text).unwrap()), text);
+        }
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("65536"), Ok(65536));
         assert_eq!(parse_size("64k"), Ok(65536));
@@ -385,17 +227,5 @@ mod tests {
         assert_eq!(resolve_listen("127.0.0.1:7").unwrap().len(), 1);
         let local = resolve_listen("localhost:7").unwrap();
         assert!(!local.is_empty() && local.iter().all(|a| a.ip().is_loopback()));
-    }
-
-    #[test]
-    fn validation_names_the_problem() {
-        let mut c = Config::single("127.0.0.1:1".parse().unwrap(), vec![], Mode::Splice);
-        assert!(c.validate().unwrap_err().0.contains("no upstream"));
-        c.listeners[0]
-            .upstreams
-            .push("127.0.0.1:2".parse().unwrap());
-        assert!(c.validate().is_ok());
-        c.workers = 0;
-        assert!(c.validate().is_err());
     }
 }
