@@ -84,8 +84,7 @@ struct Server {
 struct Health {
     #[serde(skip_serializing_if = "Option::is_none")]
     check: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    interval: Option<String>,
+    interval: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     timeout: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -151,10 +150,11 @@ fn listener(l: &ListenerConfig) -> Listener {
                     backup: s.backup,
                 })
                 .collect(),
-            // Without an active check only `fall` means anything.
+            // Without an active check only `fall` and `interval` (the
+            // first retry of a down server) mean anything.
             health: Health {
                 check: h.check.map(Check::as_str),
-                interval: active.then(|| format_duration(Some(h.interval))),
+                interval: format_duration(Some(h.interval)),
                 timeout: active.then(|| format_duration(Some(h.timeout))),
                 rise: active.then_some(h.rise),
                 fall: h.fall,

@@ -31,6 +31,7 @@ pub struct Diagnostic {
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.line {
+            0 if self.key.is_empty() => f.write_str(&self.message),
             0 => write!(f, "{}: {}", self.key, self.message),
             n => write!(f, "line {n}: {}: {}", self.key, self.message),
         }
@@ -60,7 +61,7 @@ pub fn load(path: &Path, flags: &FlagDefaults) -> Result<Loaded, Vec<Diagnostic>
     let text = std::fs::read_to_string(path).map_err(|e| {
         vec![Diagnostic {
             line: 0,
-            key: path.display().to_string(),
+            key: String::new(),
             message: format!("cannot read the config file: {e}"),
         }]
     })?;
@@ -411,13 +412,16 @@ fn read_root(cx: &mut Cx, root: &DeTable<'_>, flags: &FlagDefaults) -> Option<Co
             continue;
         };
         if let Some(l) = read_listener(cx, table, i, &item.span(), &defaults) {
-            let line = cx.line(&item.span());
+            let span_of = |key: &str| table.get(key).map_or(item.span(), |v| v.span());
+            let (name_span, listen_span) = (span_of("name"), span_of("listen"));
+            let line = cx.line(&name_span);
             if let Some(first) = names.insert(l.name.clone(), line) {
-                cx.error(&item.span(), &format!("listener[{}].name", l.name), format!("the name is already used by the listener on line {first}"));
+                cx.error(&name_span, &format!("listener[{}].name", l.name), format!("the name is already used by the listener on line {first}"));
             }
+            let line = cx.line(&listen_span);
             for &addr in &l.listen {
                 if let Some((other, owner, at)) = addresses.iter().find(|(a, ..)| overlaps(*a, addr)) {
-                    cx.error(&item.span(), &format!("listener[{}].listen", l.name), format!("{addr} overlaps {other} of listener '{owner}' (line {at})"));
+                    cx.error(&listen_span, &format!("listener[{}].listen", l.name), format!("{addr} overlaps {other} of listener '{owner}' (line {at})"));
                 }
                 addresses.push((addr, l.name.clone(), line));
             }
@@ -697,7 +701,8 @@ fn read_health(cx: &mut Cx, v: &Value<'_>, path: &str) -> Option<HealthConfig> {
     for (k, v) in t.iter() {
         let name = k.get_ref().as_ref();
         let key = join(path, name);
-        if !matches!(name, "check" | "fall") && known.contains(&name) {
+        // `interval` also paces passive health's retries of a down server.
+        if !matches!(name, "check" | "fall" | "interval") && known.contains(&name) {
             active_only.push((key.clone(), v.span()));
         }
         match name {

@@ -138,14 +138,17 @@ pub fn split_host_port(text: &str) -> Result<(&str, u16), String> {
     let port: u16 = port
         .parse()
         .map_err(|_| format!("'{text}' has no valid port (expected HOST:PORT)"))?;
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
+    let bracketed = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
     if host.is_empty() {
         return Err(format!("'{text}' has no host (expected HOST:PORT)"));
     }
-    if host.contains(':') && host.parse::<IpAddr>().is_err() {
+    if let Some(v6) = bracketed {
+        if v6.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!("'{text}' is not an address ([{v6}] is no IPv6 address)"));
+        }
+        return Ok((v6, port));
+    }
+    if host.contains(':') {
         return Err(format!("'{text}' is not an address (write IPv6 as [ADDR]:PORT)"));
     }
     Ok((host, port))
