@@ -38,5 +38,5 @@ mod worker;
 pub use config::{Config, ListenerConfig, Mode, Timeouts};
 pub use error::{Side, StartError};
 pub use proxy::{start, start_with, Controller, ProxyHandle};
-pub use upstream::{Resolve, SystemResolver};
 pub use stats::{CloseReason, Stats};
+pub use upstream::{Resolve, SystemResolver};

@@ -73,14 +73,20 @@ impl Listener {
     pub(crate) fn reserve(self: &Arc<Self>) -> Option<Reservation> {
         let max = self.config.max_conns.unwrap_or(usize::MAX);
         self.live
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
             .ok()?;
         Some(Reservation(Arc::clone(self)))
     }
 
     /// Checks the access list, then the per-source limit, before anything
     /// is done for the client (no upstream connect yet).
-    pub(crate) fn admit(&self, reservation: Reservation, client: IpAddr) -> Result<Admission, Refused> {
+    pub(crate) fn admit(
+        &self,
+        reservation: Reservation,
+        client: IpAddr,
+    ) -> Result<Admission, Refused> {
         if !self.config.access.permits(client) {
             return Err(Refused::Denied);
         }
@@ -141,7 +147,12 @@ pub(crate) struct Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         if let Some(ip) = self.source {
-            let mut sources = self.reservation.0.sources.lock().unwrap_or_else(|p| p.into_inner());
+            let mut sources = self
+                .reservation
+                .0
+                .sources
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if let Some(n) = sources.get_mut(&ip) {
                 *n -= 1;
                 if *n == 0 {
@@ -178,11 +189,42 @@ mod tests {
         let l = listener(|c| c.max_conns_per_source = Some(1));
         let (x, y): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
         let first = l.admit(l.reserve().unwrap(), x).unwrap();
-        assert_eq!(l.admit(l.reserve().unwrap(), x).unwrap_err(), Refused::PerSource);
+        assert_eq!(
+            l.admit(l.reserve().unwrap(), x).unwrap_err(),
+            Refused::PerSource
+        );
         let _other = l.admit(l.reserve().unwrap(), y).unwrap();
         drop(first);
         assert!(l.admit(l.reserve().unwrap(), x).is_ok());
-        assert_eq!(l.live.load(Ordering::Relaxed), 1, "refusals gave their room back");
+        assert_eq!(
+            l.live.load(Ordering::Relaxed),
+            1,
+            "refusals gave their room back"
+        );
+    }
+
+    #[test]
+    fn tune_sets_keepalive_and_user_timeout_through_socket2() {
+        use crate::config::Keepalive;
+        use std::time::Duration;
+        let l = listener(|c| {
+            c.keepalive = Some(Keepalive {
+                idle: Duration::from_secs(30),
+                interval: Duration::from_secs(10),
+                count: 3,
+            });
+            c.user_timeout = Some(Duration::from_secs(7));
+        });
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let std_stream = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
+        let stream = TcpStream::from_std(std_stream);
+        l.tune(&stream).unwrap();
+        let s = SockRef::from(&stream);
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.keepalive_time().unwrap(), Duration::from_secs(30));
+        assert_eq!(s.keepalive_interval().unwrap(), Duration::from_secs(10));
+        assert_eq!(s.keepalive_retries().unwrap(), 3);
+        assert_eq!(s.tcp_user_timeout().unwrap(), Some(Duration::from_secs(7)));
     }
 
     #[test]

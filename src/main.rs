@@ -101,8 +101,7 @@ impl RunArgs {
             return self.file_config(&path, given);
         }
         let listen = self.listen.as_deref().unwrap_or_default();
-        let listen_addrs =
-            config::resolve_listen(listen).map_err(|e| format!("--listen: {e}"))?;
+        let listen_addrs = config::resolve_listen(listen).map_err(|e| format!("--listen: {e}"))?;
         let mut upstreams = Vec::new();
         for u in &self.upstreams {
             upstreams.extend(config::resolve(u).map_err(|e| format!("--upstream: {e}"))?);

@@ -128,7 +128,12 @@ pub fn start_with(config: Config, resolver: Arc<dyn Resolve>) -> Result<ProxyHan
     }
     for (index, addr) in &bound.local_addrs {
         let listener = &config.listeners[*index];
-        let servers: Vec<&str> = listener.pool.servers.iter().map(|s| s.address.as_str()).collect();
+        let servers: Vec<&str> = listener
+            .pool
+            .servers
+            .iter()
+            .map(|s| s.address.as_str())
+            .collect();
         tracing::info!(
             listener = %listener.name,
             upstreams = ?servers,

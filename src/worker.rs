@@ -443,7 +443,9 @@ impl Worker {
                 similar_warnings_held_back = held_back,
                 "client refused (reset): {why}"
             ),
-            None => tracing::debug!(listener = listener.label(), client = %addr, "client refused (reset): {why}"),
+            None => {
+                tracing::debug!(listener = listener.label(), client = %addr, "client refused (reset): {why}")
+            }
         }
     }
 

@@ -65,18 +65,27 @@ fn every_example_validates_and_prints_a_config_that_parses_back() {
         assert_eq!(config::effective_toml(&again.config), stdout, "{p}");
         checked += 1;
     }
-    assert!(checked >= 3, "expected the PostgreSQL, Redis and MySQL examples, found {checked}");
+    assert!(
+        checked >= 3,
+        "expected the PostgreSQL, Redis and MySQL examples, found {checked}"
+    );
 }
 
 #[test]
 fn defaults_are_inherited_and_flags_replace_them() {
     let text = format!("[defaults]\nmode = \"copy\"\nidle-timeout = \"5m\"\n{MINIMAL}");
     let own = text.replace("name = \"one\"", "name = \"one\"\nidle-timeout = \"7m\"");
-    let c = config::parse_str(&text, &FlagDefaults::default()).unwrap().config;
+    let c = config::parse_str(&text, &FlagDefaults::default())
+        .unwrap()
+        .config;
     let l = &c.listeners[0];
     assert_eq!(l.mode, Mode::Copy);
     assert_eq!(l.timeouts.idle, Some(Duration::from_secs(300)));
-    assert_eq!(l.timeouts.fin, Some(Duration::from_secs(60)), "built-in default");
+    assert_eq!(
+        l.timeouts.fin,
+        Some(Duration::from_secs(60)),
+        "built-in default"
+    );
     assert_eq!(l.pool.balance, Balance::RoundRobin);
     let flags = FlagDefaults {
         mode: Some(Mode::Splice),
@@ -84,7 +93,11 @@ fn defaults_are_inherited_and_flags_replace_them() {
         ..FlagDefaults::default()
     };
     let c = config::parse_str(&text, &flags).unwrap().config;
-    assert_eq!(c.listeners[0].mode, Mode::Splice, "a flag replaces [defaults]");
+    assert_eq!(
+        c.listeners[0].mode,
+        Mode::Splice,
+        "a flag replaces [defaults]"
+    );
     assert_eq!(c.listeners[0].timeouts.idle, Some(Duration::from_secs(60)));
     let c = config::parse_str(&own, &flags).unwrap().config;
     assert_eq!(
@@ -97,7 +110,10 @@ fn defaults_are_inherited_and_flags_replace_them() {
 #[test]
 fn each_error_names_its_key_and_line() {
     let e = errors("[defaults]\nidle-timeout = 30\n");
-    assert_has(&e, &["line 2", "defaults.idle-timeout", "bare number", "30s"]);
+    assert_has(
+        &e,
+        &["line 2", "defaults.idle-timeout", "bare number", "30s"],
+    );
     assert_has(&e, &["listener", "at least one"]);
     let e = errors(&MINIMAL.replace("listen =", "colour = 1\nlisten ="));
     assert_has(&e, &["line 4", "listener[one].colour", "unknown key"]);
@@ -106,19 +122,30 @@ fn each_error_names_its_key_and_line() {
     let e = errors(&MINIMAL.replace("listen = [", "allow = [\"10.0.0.0/33\"]\nlisten = ["));
     assert_has(&e, &["line 4", "allow[0]", "10.0.0.0/33", "CIDR"]);
     let twice = format!("{MINIMAL}{}", MINIMAL.replace("127.0.0.1:0", "127.0.0.1:7"));
-    assert_has(&errors(&twice), &["line 9", "name", "already used", "line 3"]);
+    assert_has(
+        &errors(&twice),
+        &["line 9", "name", "already used", "line 3"],
+    );
     let overlap = format!(
         "{}{}",
         MINIMAL.replace("127.0.0.1:0", "127.0.0.1:7"),
         MINIMAL.replace("one", "two").replace("127.0.0.1:0", ":7")
     );
-    assert_has(&errors(&overlap), &["line 10", "listener[two].listen", "overlaps 127.0.0.1:7"]);
-    let e = errors(&MINIMAL.replace("[listener.pool]", "[listener.pool]\nbalance = \"rr\"\nretries = -1"));
+    assert_has(
+        &errors(&overlap),
+        &["line 10", "listener[two].listen", "overlaps 127.0.0.1:7"],
+    );
+    let e = errors(&MINIMAL.replace(
+        "[listener.pool]",
+        "[listener.pool]\nbalance = \"rr\"\nretries = -1",
+    ));
     assert_has(&e, &["line 6", "balance", "'rr'", "least-conn"]);
     assert_has(&e, &["line 7", "retries", "out of range"]);
     let e = errors(&MINIMAL.replace("9\" }", "9\", weight = 0 }"));
     assert_has(&e, &["line 6", "servers[0].weight", "out of range"]);
-    let e = errors(&format!("{MINIMAL}[listener.pool.health]\nrole = \"primary\"\n"));
+    let e = errors(&format!(
+        "{MINIMAL}[listener.pool.health]\nrole = \"primary\"\n"
+    ));
     assert_has(&e, &["line 8", "health.role", "set health.check"]);
     assert_has(&errors("[[listener]\n"), &["line 1", "(syntax)"]);
 }
@@ -129,15 +156,26 @@ fn check_lists_every_error_and_exits_one() {
         "bad",
         "[defaults]\nfin-timeout = 10\nmode = \"fast\"\n\n[[listener]]\nname = \"x\"\nlisten = [\"127.0.0.1:0\"]\n[listener.pool]\nservers = []\n",
     );
-    let (status, stdout, stderr) =
-        run_bin(&["check", "--config", path.to_str().unwrap()], Duration::from_secs(20));
+    let (status, stdout, stderr) = run_bin(
+        &["check", "--config", path.to_str().unwrap()],
+        Duration::from_secs(20),
+    );
     assert_eq!(status.and_then(|s| s.code()), Some(1), "{stderr}");
     assert!(stdout.is_empty(), "{stdout}");
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 3, "{stderr}");
-    assert!(lines[0].contains("line 2: defaults.fin-timeout"), "{stderr}");
-    assert!(lines[1].contains("line 3: defaults.mode: unknown value 'fast'"), "{stderr}");
-    assert!(lines[2].contains("line 9: listener[x].pool.servers"), "{stderr}");
+    assert!(
+        lines[0].contains("line 2: defaults.fin-timeout"),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].contains("line 3: defaults.mode: unknown value 'fast'"),
+        "{stderr}"
+    );
+    assert!(
+        lines[2].contains("line 9: listener[x].pool.servers"),
+        "{stderr}"
+    );
     assert!(lines.iter().all(|l| l.starts_with("spliced: error: ")));
     let _ = std::fs::remove_file(path);
 }
@@ -145,7 +183,10 @@ fn check_lists_every_error_and_exits_one() {
 #[test]
 fn run_refuses_what_it_cannot_do_yet_on_one_line() {
     for (key, extra) in [
-        ("accept-proxy", "accept-proxy = { trusted = [\"10.0.0.0/8\"] }\nlisten ="),
+        (
+            "accept-proxy",
+            "accept-proxy = { trusted = [\"10.0.0.0/8\"] }\nlisten =",
+        ),
         ("send-proxy", "listen ="),
         ("health.check", "listen ="),
     ] {
@@ -162,7 +203,10 @@ fn run_refuses_what_it_cannot_do_yet_on_one_line() {
         assert_eq!(status.and_then(|s| s.code()), Some(2), "{key}: {stderr}");
         let lines: Vec<&str> = stderr.trim_end().lines().collect();
         assert_eq!(lines.len(), 1, "{key}: {stderr}");
-        assert!(lines[0].contains(key) && lines[0].contains("not supported"), "{stderr}");
+        assert!(
+            lines[0].contains(key) && lines[0].contains("not supported"),
+            "{stderr}"
+        );
         assert!(lines[0].contains("line "), "{stderr}");
         // check accepts the file and says run will not.
         let (status, _, stderr) = run_bin(&["check", "--config", p], Duration::from_secs(20));
@@ -190,19 +234,32 @@ fn run_serves_the_files_listeners_also_through_the_environment() {
         let mut c = connect(proxy.addr);
         round_trip(&mut c, b"through the config file", Duration::from_secs(5));
         drop(c);
-        wait_until(Duration::from_secs(5), "the relay's close line names the listener", || {
-            proxy
-                .logs()
-                .iter()
-                .any(|l| l.contains("relay closed") && l.contains("listener=one"))
-        });
+        wait_until(
+            Duration::from_secs(5),
+            "the relay's close line names the listener",
+            || {
+                proxy
+                    .logs()
+                    .iter()
+                    .any(|l| l.contains("relay closed") && l.contains("listener=one"))
+            },
+        );
     }
     // --listen beside --config is a conflict, said on one line.
     let (status, _, stderr) = run_bin(
-        &["run", "--config", path.to_str().unwrap(), "--listen", "127.0.0.1:0"],
+        &[
+            "run",
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
         Duration::from_secs(20),
     );
     assert_eq!(status.and_then(|s| s.code()), Some(2), "{stderr}");
-    assert!(stderr.contains("cannot be combined with --config"), "{stderr}");
+    assert!(
+        stderr.contains("cannot be combined with --config"),
+        "{stderr}"
+    );
     let _ = std::fs::remove_file(path);
 }

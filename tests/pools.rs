@@ -83,7 +83,8 @@ fn via(proxy: SocketAddr, from: Option<IpAddr>) -> (TcpStream, u8) {
     let mut c: TcpStream = s.into();
     c.set_read_timeout(Some(T)).unwrap();
     let mut tag = [0u8];
-    c.read_exact(&mut tag).unwrap_or_else(|e| panic!("no tag from the upstream: {e}"));
+    c.read_exact(&mut tag)
+        .unwrap_or_else(|e| panic!("no tag from the upstream: {e}"));
     (c, tag[0])
 }
 
@@ -118,7 +119,10 @@ fn server(addr: SocketAddr, weight: u32, backup: bool) -> ServerConfig {
 #[test]
 fn weighted_round_robin_spreads_by_weight() {
     let (a, b) = (tagged(1), tagged(2));
-    let h = pool_proxy(vec![server(a.addr, 3, false), server(b.addr, 1, false)], |_| {});
+    let h = pool_proxy(
+        vec![server(a.addr, 3, false), server(b.addr, 1, false)],
+        |_| {},
+    );
     let tags: Vec<u8> = (0..40).map(|_| tag_of(h.local_addr())).collect();
     assert_eq!(tags.iter().filter(|&&t| t == 1).count(), 30, "{tags:?}");
     // Interleaved, not bunched: never four in a row on one server.
@@ -128,9 +132,12 @@ fn weighted_round_robin_spreads_by_weight() {
 #[test]
 fn least_conn_sends_new_relays_to_the_emptier_server() {
     let (a, b) = (tagged(1), tagged(2));
-    let h = pool_proxy(vec![server(a.addr, 1, false), server(b.addr, 1, false)], |c| {
-        c.listeners[0].pool.balance = Balance::LeastConn;
-    });
+    let h = pool_proxy(
+        vec![server(a.addr, 1, false), server(b.addr, 1, false)],
+        |c| {
+            c.listeners[0].pool.balance = Balance::LeastConn;
+        },
+    );
     let held: Vec<(TcpStream, u8)> = (0..4).map(|_| via(h.local_addr(), None)).collect();
     let on_a = held.iter().filter(|(_, t)| *t == 1).count();
     assert_eq!(on_a, 2, "equal servers share evenly");
@@ -147,27 +154,45 @@ fn least_conn_sends_new_relays_to_the_emptier_server() {
 fn source_hash_keeps_clients_and_moves_only_the_new_servers_share() {
     let servers: Vec<Server> = (1..=4).map(tagged).collect();
     let names = TestResolver::new();
-    names.set("db.test", &servers[..3].iter().map(|s| s.addr).collect::<Vec<_>>());
+    names.set(
+        "db.test",
+        &servers[..3].iter().map(|s| s.addr).collect::<Vec<_>>(),
+    );
     let h = pool_proxy_with(vec![ServerConfig::new("db.test:1")], names.clone(), |c| {
         c.listeners[0].pool.balance = Balance::SourceHash;
         c.listeners[0].pool.resolve_interval = Some(Duration::from_millis(50));
     });
     let clients: Vec<IpAddr> = (1..=60).map(|i| IpAddr::from([127, 0, 1, i])).collect();
     let map = |h: &ProxyHandle| -> Vec<u8> {
-        clients.iter().map(|&ip| via(h.local_addr(), Some(ip)).1).collect()
+        clients
+            .iter()
+            .map(|&ip| via(h.local_addr(), Some(ip)).1)
+            .collect()
     };
     let before = map(&h);
-    assert_eq!(before, map(&h), "a stable pool keeps every client on its server");
+    assert_eq!(
+        before,
+        map(&h),
+        "a stable pool keeps every client on its server"
+    );
     assert!((1..=3).all(|t| before.contains(&t)), "{before:?}");
-    names.set("db.test", &servers.iter().map(|s| s.addr).collect::<Vec<_>>());
+    names.set(
+        "db.test",
+        &servers.iter().map(|s| s.addr).collect::<Vec<_>>(),
+    );
     wait_until(T, "the fourth server joins", || {
-        clients.iter().any(|&ip| via(h.local_addr(), Some(ip)).1 == 4)
+        clients
+            .iter()
+            .any(|&ip| via(h.local_addr(), Some(ip)).1 == 4)
     });
     let after = map(&h);
     let mut moved = 0;
     for (b, a) in before.iter().zip(&after) {
         if b != a {
-            assert_eq!(*a, 4, "a client moved between old servers: {before:?} -> {after:?}");
+            assert_eq!(
+                *a, 4,
+                "a client moved between old servers: {before:?} -> {after:?}"
+            );
             moved += 1;
         }
     }
@@ -186,15 +211,20 @@ fn backup_takes_over_and_gives_back() {
             c.listeners[0].pool.health.interval = Duration::from_millis(200);
         },
     );
-    assert!((0..5).all(|_| tag_of(h.local_addr()) == 1), "the backup idles while the primary is up");
+    assert!(
+        (0..5).all(|_| tag_of(h.local_addr()) == 1),
+        "the backup idles while the primary is up"
+    );
     drop(primary);
     assert!((0..5).all(|_| tag_of(h.local_addr()) == 2), "takeover");
     let failures = h.stats().upstream_connect_failures;
     assert!(failures >= 1);
     let _primary = tagged_at(primary_addr, 1);
-    wait_until(T, "the primary gets its trial and takes relays again", || {
-        tag_of(h.local_addr()) == 1
-    });
+    wait_until(
+        T,
+        "the primary gets its trial and takes relays again",
+        || tag_of(h.local_addr()) == 1,
+    );
     assert!((0..5).all(|_| tag_of(h.local_addr()) == 1), "giveback");
 }
 
@@ -202,9 +232,16 @@ fn backup_takes_over_and_gives_back() {
 fn retries_bound_the_servers_tried() {
     let good = tagged(1);
     let (dead1, dead2) = (refused_addr(), refused_addr());
-    let servers = vec![server(dead1, 1, false), server(dead2, 1, false), server(good.addr, 1, false)];
+    let servers = vec![
+        server(dead1, 1, false),
+        server(dead2, 1, false),
+        server(good.addr, 1, false),
+    ];
     let h = pool_proxy(servers.clone(), |c| c.listeners[0].pool.health.fall = 100);
-    assert!((0..6).all(|_| tag_of(h.local_addr()) == 1), "default: every server once");
+    assert!(
+        (0..6).all(|_| tag_of(h.local_addr()) == 1),
+        "default: every server once"
+    );
     drop(h);
     let h = pool_proxy(servers, |c| {
         c.listeners[0].pool.health.fall = 100;
@@ -216,8 +253,13 @@ fn retries_bound_the_servers_tried() {
         let (bytes, _) = read_until_closed_or_tag(&mut c);
         served += usize::from(bytes == [1]);
     }
-    assert_eq!(served, 2, "with no retry only relays that start on the live server succeed");
-    let s = wait_stats(&h, T, "four connect-failed closes", |s| s.closed(CloseReason::ConnectFailed) == 4);
+    assert_eq!(
+        served, 2,
+        "with no retry only relays that start on the live server succeed"
+    );
+    let s = wait_stats(&h, T, "four connect-failed closes", |s| {
+        s.closed(CloseReason::ConnectFailed) == 4
+    });
     assert_eq!(s.upstream_connect_failures, 4);
 }
 
@@ -237,11 +279,17 @@ fn read_until_closed_or_tag(c: &mut TcpStream) -> (Vec<u8>, ()) {
 fn passive_health_stops_trying_a_server_after_fall_failures() {
     let good = tagged(1);
     let dead = refused_addr();
-    let h = pool_proxy(vec![server(dead, 1, false), server(good.addr, 1, false)], |c| {
-        c.listeners[0].pool.health.fall = 2;
-        c.listeners[0].pool.health.interval = Duration::from_secs(60);
-    });
-    assert!((0..12).all(|_| tag_of(h.local_addr()) == 1), "retries hide the dead server");
+    let h = pool_proxy(
+        vec![server(dead, 1, false), server(good.addr, 1, false)],
+        |c| {
+            c.listeners[0].pool.health.fall = 2;
+            c.listeners[0].pool.health.interval = Duration::from_secs(60);
+        },
+    );
+    assert!(
+        (0..12).all(|_| tag_of(h.local_addr()) == 1),
+        "retries hide the dead server"
+    );
     assert_eq!(
         h.stats().upstream_connect_failures,
         2,
@@ -278,9 +326,13 @@ fn names_are_resolved_again_and_a_missing_name_is_retried() {
     let (a, b) = (tagged(1), tagged(2));
     let names = TestResolver::new();
     // Unknown at start: the proxy starts anyway and refuses relays...
-    let h = pool_proxy_with(vec![ServerConfig::new("db.test:5432")], names.clone(), |c| {
-        c.listeners[0].pool.resolve_interval = Some(Duration::from_millis(50));
-    });
+    let h = pool_proxy_with(
+        vec![ServerConfig::new("db.test:5432")],
+        names.clone(),
+        |c| {
+            c.listeners[0].pool.resolve_interval = Some(Duration::from_millis(50));
+        },
+    );
     let mut c = connect(h.local_addr());
     assert_eq!(read_until_closed_or_tag(&mut c).0, Vec::<u8>::new());
     // ...until the name resolves.

@@ -148,7 +148,11 @@ impl Cx {
     fn table<'a, 'i>(&mut self, v: &'a Value<'i>, key: &str) -> Option<&'a DeTable<'i>> {
         let t = v.get_ref().as_table();
         if t.is_none() {
-            self.error(&v.span(), key, format!("expected a table, found {}", v.get_ref().type_str()));
+            self.error(
+                &v.span(),
+                key,
+                format!("expected a table, found {}", v.get_ref().type_str()),
+            );
         }
         t
     }
@@ -156,7 +160,11 @@ impl Cx {
     fn string<'a>(&mut self, v: &'a Value<'_>, key: &str) -> Option<&'a str> {
         let s = v.get_ref().as_str();
         if s.is_none() {
-            self.error(&v.span(), key, format!("expected a string, found {}", v.get_ref().type_str()));
+            self.error(
+                &v.span(),
+                key,
+                format!("expected a string, found {}", v.get_ref().type_str()),
+            );
         }
         s
     }
@@ -177,7 +185,11 @@ impl Cx {
         match n {
             Some(n) if n >= min as i64 && n as u64 <= max => Some(n as u64),
             Some(n) => {
-                self.error(&v.span(), key, format!("{n} is out of range ({min} to {max})"));
+                self.error(
+                    &v.span(),
+                    key,
+                    format!("{n} is out of range ({min} to {max})"),
+                );
                 None
             }
             None => {
@@ -187,11 +199,21 @@ impl Cx {
         }
     }
 
-    fn choice<T>(&mut self, v: &Value<'_>, key: &str, parse: fn(&str) -> Option<T>, choices: &[&str]) -> Option<T> {
+    fn choice<T>(
+        &mut self,
+        v: &Value<'_>,
+        key: &str,
+        parse: fn(&str) -> Option<T>,
+        choices: &[&str],
+    ) -> Option<T> {
         let s = self.string(v, key)?;
         let t = parse(s);
         if t.is_none() {
-            self.error(&v.span(), key, format!("unknown value '{s}' (expected {})", choices.join(", ")));
+            self.error(
+                &v.span(),
+                key,
+                format!("unknown value '{s}' (expected {})", choices.join(", ")),
+            );
         }
         t
     }
@@ -209,11 +231,24 @@ impl Cx {
             DeValue::Integer(i) if i.as_str() == "0" => Some(None),
             DeValue::Integer(i) => {
                 let n = i.as_str();
-                self.error(&v.span(), key, format!("{n} is a bare number: a duration needs a unit, e.g. \"{n}s\" or \"{n}ms\""));
+                self.error(
+                    &v.span(),
+                    key,
+                    format!(
+                        "{n} is a bare number: a duration needs a unit, e.g. \"{n}s\" or \"{n}ms\""
+                    ),
+                );
                 None
             }
             other => {
-                self.error(&v.span(), key, format!("expected a duration such as \"30s\", found {}", other.type_str()));
+                self.error(
+                    &v.span(),
+                    key,
+                    format!(
+                        "expected a duration such as \"30s\", found {}",
+                        other.type_str()
+                    ),
+                );
                 None
             }
         }
@@ -234,7 +269,10 @@ impl Cx {
         let parsed = match v.get_ref() {
             DeValue::String(s) => parse_size(s),
             DeValue::Integer(i) => parse_size(i.as_str()),
-            other => Err(format!("expected a size such as \"1m\", found {}", other.type_str())),
+            other => Err(format!(
+                "expected a size such as \"1m\", found {}",
+                other.type_str()
+            )),
         };
         parsed.map_err(|e| self.error(&v.span(), key, e)).ok()
     }
@@ -252,7 +290,11 @@ impl Cx {
                 })
                 .collect(),
             other => {
-                self.error(&v.span(), key, format!("expected a list of strings, found {}", other.type_str()));
+                self.error(
+                    &v.span(),
+                    key,
+                    format!("expected a list of strings, found {}", other.type_str()),
+                );
                 Vec::new()
             }
         }
@@ -266,7 +308,11 @@ impl Cx {
                 // A bare address is a network of one.
                 Err(_) => match text.parse::<std::net::IpAddr>() {
                     Ok(ip) => nets.push(IpNet::from(ip)),
-                    Err(_) => self.error(&span, &format!("{key}[{i}]"), format!("'{text}' is not a CIDR network (e.g. 10.0.0.0/8 or fd00::/8)")),
+                    Err(_) => self.error(
+                        &span,
+                        &format!("{key}[{i}]"),
+                        format!("'{text}' is not a CIDR network (e.g. 10.0.0.0/8 or fd00::/8)"),
+                    ),
                 },
             }
         }
@@ -398,11 +444,19 @@ fn read_root(cx: &mut Cx, root: &DeTable<'_>, flags: &FlagDefaults) -> Option<Co
     };
     let defaults = flagged.over(&defaults);
     let Some(listeners) = listeners else {
-        cx.error(&(0..0), "listener", "no [[listener]] table: a config needs at least one");
+        cx.error(
+            &(0..0),
+            "listener",
+            "no [[listener]] table: a config needs at least one",
+        );
         return None;
     };
     let DeValue::Array(items) = listeners.get_ref() else {
-        cx.error(&listeners.span(), "listener", "expected [[listener]] tables");
+        cx.error(
+            &listeners.span(),
+            "listener",
+            "expected [[listener]] tables",
+        );
         return None;
     };
     let mut names: HashMap<String, usize> = HashMap::new();
@@ -416,12 +470,22 @@ fn read_root(cx: &mut Cx, root: &DeTable<'_>, flags: &FlagDefaults) -> Option<Co
             let (name_span, listen_span) = (span_of("name"), span_of("listen"));
             let line = cx.line(&name_span);
             if let Some(first) = names.insert(l.name.clone(), line) {
-                cx.error(&name_span, &format!("listener[{}].name", l.name), format!("the name is already used by the listener on line {first}"));
+                cx.error(
+                    &name_span,
+                    &format!("listener[{}].name", l.name),
+                    format!("the name is already used by the listener on line {first}"),
+                );
             }
             let line = cx.line(&listen_span);
             for &addr in &l.listen {
-                if let Some((other, owner, at)) = addresses.iter().find(|(a, ..)| overlaps(*a, addr)) {
-                    cx.error(&listen_span, &format!("listener[{}].listen", l.name), format!("{addr} overlaps {other} of listener '{owner}' (line {at})"));
+                if let Some((other, owner, at)) =
+                    addresses.iter().find(|(a, ..)| overlaps(*a, addr))
+                {
+                    cx.error(
+                        &listen_span,
+                        &format!("listener[{}].listen", l.name),
+                        format!("{addr} overlaps {other} of listener '{owner}' (line {at})"),
+                    );
                 }
                 addresses.push((addr, l.name.clone(), line));
             }
@@ -441,8 +505,17 @@ fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
 }
 
 fn read_global(cx: &mut Cx, v: &Value<'_>, config: &mut Config) {
-    let Some(t) = cx.table(v, "global") else { return };
-    let known = ["workers", "max-conns", "pipe-size", "max-pipes", "pipe-budget", "drain-timeout"];
+    let Some(t) = cx.table(v, "global") else {
+        return;
+    };
+    let known = [
+        "workers",
+        "max-conns",
+        "pipe-size",
+        "max-pipes",
+        "pipe-budget",
+        "drain-timeout",
+    ];
     for (k, v) in t.iter() {
         let key = join("global", k.get_ref());
         match k.get_ref().as_ref() {
@@ -477,9 +550,21 @@ fn read_global(cx: &mut Cx, v: &Value<'_>, config: &mut Config) {
     }
 }
 
-fn read_listener(cx: &mut Cx, t: &DeTable<'_>, index: usize, span: &Range<usize>, defaults: &Inherited) -> Option<ListenerConfig> {
-    let name = t.get("name").and_then(|v| v.get_ref().as_str()).map(str::to_string);
-    let path = format!("listener[{}]", name.as_deref().unwrap_or(&index.to_string()));
+fn read_listener(
+    cx: &mut Cx,
+    t: &DeTable<'_>,
+    index: usize,
+    span: &Range<usize>,
+    defaults: &Inherited,
+) -> Option<ListenerConfig> {
+    let name = t
+        .get("name")
+        .and_then(|v| v.get_ref().as_str())
+        .map(str::to_string);
+    let path = format!(
+        "listener[{}]",
+        name.as_deref().unwrap_or(&index.to_string())
+    );
     let known: Vec<&str> = ["name", "listen", "allow", "deny", "accept-proxy", "pool"]
         .into_iter()
         .chain(INHERITED.iter().copied())
@@ -500,7 +585,11 @@ fn read_listener(cx: &mut Cx, t: &DeTable<'_>, index: usize, span: &Range<usize>
             "name" => {
                 if let Some(s) = cx.string(v, &key) {
                     if s.trim().is_empty() || s.chars().any(char::is_control) {
-                        cx.error(&v.span(), &key, "must be a non-empty name without control characters");
+                        cx.error(
+                            &v.span(),
+                            &key,
+                            "must be a non-empty name without control characters",
+                        );
                     }
                 }
             }
@@ -528,7 +617,11 @@ fn read_listener(cx: &mut Cx, t: &DeTable<'_>, index: usize, span: &Range<usize>
                         }
                     }
                     if trusted.is_empty() {
-                        cx.error(&v.span(), &key, "trusted lists no source: PROXY headers would be accepted from nobody");
+                        cx.error(
+                            &v.span(),
+                            &key,
+                            "trusted lists no source: PROXY headers would be accepted from nobody",
+                        );
                     }
                     cx.unsupported(&v.span(), &key, "reading PROXY headers (accept-proxy)");
                     accept_proxy = Some(AcceptProxy { trusted });
@@ -547,7 +640,11 @@ fn read_listener(cx: &mut Cx, t: &DeTable<'_>, index: usize, span: &Range<usize>
     }
     let Some(pool) = pool else {
         if !t.contains_key("pool") {
-            cx.error(span, &join(&path, "pool"), "missing [listener.pool] with at least one server");
+            cx.error(
+                span,
+                &join(&path, "pool"),
+                "missing [listener.pool] with at least one server",
+            );
         }
         return None;
     };
@@ -575,7 +672,15 @@ fn read_listener(cx: &mut Cx, t: &DeTable<'_>, index: usize, span: &Range<usize>
 fn read_pool(cx: &mut Cx, v: &Value<'_>, path: &str) -> Option<PoolConfig> {
     let t = cx.table(v, path)?;
     let mut pool = PoolConfig::new(Vec::new());
-    let known = ["balance", "retries", "on-down", "resolve-interval", "send-proxy", "servers", "health"];
+    let known = [
+        "balance",
+        "retries",
+        "on-down",
+        "resolve-interval",
+        "send-proxy",
+        "servers",
+        "health",
+    ];
     let mut servers_seen = false;
     for (k, v) in t.iter() {
         let key = join(path, k.get_ref());
@@ -589,7 +694,11 @@ fn read_pool(cx: &mut Cx, v: &Value<'_>, path: &str) -> Option<PoolConfig> {
             "on-down" => {
                 if let Some(o) = cx.choice(v, &key, OnDown::parse, OnDown::CHOICES) {
                     if o == OnDown::Kill {
-                        cx.unsupported(&v.span(), &key, "resetting a down server's relays (on-down = \"kill\")");
+                        cx.unsupported(
+                            &v.span(),
+                            &key,
+                            "resetting a down server's relays (on-down = \"kill\")",
+                        );
                     }
                     pool.on_down = o;
                 }
@@ -611,7 +720,11 @@ fn read_pool(cx: &mut Cx, v: &Value<'_>, path: &str) -> Option<PoolConfig> {
                 servers_seen = true;
                 read_servers(cx, v, &key, &mut pool.servers);
                 if pool.servers.is_empty() && !cx.errors.iter().any(|d| d.key.starts_with(&key)) {
-                    cx.error(&v.span(), &key, "the pool is empty: list at least one server");
+                    cx.error(
+                        &v.span(),
+                        &key,
+                        "the pool is empty: list at least one server",
+                    );
                 }
             }
             "health" => {
@@ -623,14 +736,22 @@ fn read_pool(cx: &mut Cx, v: &Value<'_>, path: &str) -> Option<PoolConfig> {
         }
     }
     if !servers_seen {
-        cx.error(&v.span(), &join(path, "servers"), "the pool is empty: list at least one server");
+        cx.error(
+            &v.span(),
+            &join(path, "servers"),
+            "the pool is empty: list at least one server",
+        );
     }
     Some(pool)
 }
 
 fn read_servers(cx: &mut Cx, v: &Value<'_>, path: &str, out: &mut Vec<ServerConfig>) {
     let DeValue::Array(items) = v.get_ref() else {
-        cx.error(&v.span(), path, "expected a list of { address = \"HOST:PORT\" } tables");
+        cx.error(
+            &v.span(),
+            path,
+            "expected a list of { address = \"HOST:PORT\" } tables",
+        );
         return;
     };
     let mut seen: HashMap<String, usize> = HashMap::new();
@@ -668,7 +789,14 @@ fn read_servers(cx: &mut Cx, v: &Value<'_>, path: &str, out: &mut Vec<ServerConf
                 Some(())
             }
             other => {
-                cx.error(&item.span(), &at, format!("expected {{ address = \"HOST:PORT\" }}, found {}", other.type_str()));
+                cx.error(
+                    &item.span(),
+                    &at,
+                    format!(
+                        "expected {{ address = \"HOST:PORT\" }}, found {}",
+                        other.type_str()
+                    ),
+                );
                 None
             }
         };
@@ -685,7 +813,11 @@ fn read_servers(cx: &mut Cx, v: &Value<'_>, path: &str, out: &mut Vec<ServerConf
         }
         let line = cx.line(&item.span());
         if let Some(first) = seen.insert(server.address.clone(), line) {
-            cx.error(&item.span(), &join(&at, "address"), format!("{} is already listed on line {first}", server.address));
+            cx.error(
+                &item.span(),
+                &join(&at, "address"),
+                format!("{} is already listed on line {first}", server.address),
+            );
             continue;
         }
         out.push(server);
@@ -695,7 +827,19 @@ fn read_servers(cx: &mut Cx, v: &Value<'_>, path: &str, out: &mut Vec<ServerConf
 fn read_health(cx: &mut Cx, v: &Value<'_>, path: &str) -> Option<HealthConfig> {
     let t = cx.table(v, path)?;
     let mut h = HealthConfig::default();
-    let known = ["check", "interval", "timeout", "rise", "fall", "role", "user", "password-file", "database", "port", "path"];
+    let known = [
+        "check",
+        "interval",
+        "timeout",
+        "rise",
+        "fall",
+        "role",
+        "user",
+        "password-file",
+        "database",
+        "port",
+        "path",
+    ];
     // Keys that only mean something to an active check.
     let mut active_only: Vec<(String, Range<usize>)> = Vec::new();
     for (k, v) in t.iter() {
@@ -716,7 +860,11 @@ fn read_health(cx: &mut Cx, v: &Value<'_>, path: &str) -> Option<HealthConfig> {
             "timeout" => h.timeout = cx.positive_duration(v, &key).unwrap_or(h.timeout),
             "rise" => h.rise = cx.uint(v, &key, 1, 100).map_or(h.rise, |n| n as u32),
             "fall" => h.fall = cx.uint(v, &key, 1, 100).map_or(h.fall, |n| n as u32),
-            "role" => h.role = cx.choice(v, &key, Role::parse, Role::CHOICES).unwrap_or(h.role),
+            "role" => {
+                h.role = cx
+                    .choice(v, &key, Role::parse, Role::CHOICES)
+                    .unwrap_or(h.role)
+            }
             "user" => h.user = cx.string(v, &key).map(str::to_string),
             "password-file" => h.password_file = cx.string(v, &key).map(str::to_string),
             "database" => h.database = cx.string(v, &key).map(str::to_string),
@@ -733,19 +881,35 @@ fn read_health(cx: &mut Cx, v: &Value<'_>, path: &str) -> Option<HealthConfig> {
     match h.check {
         None if !t.contains_key("check") => {
             for (key, span) in &active_only {
-                cx.error(span, key, "only applies to an active check: set health.check too");
+                cx.error(
+                    span,
+                    key,
+                    "only applies to an active check: set health.check too",
+                );
             }
         }
         Some(Check::Http) if h.role != Role::Any => {
             let span = t.get("role").map_or(v.span(), |r| r.span());
-            cx.error(&span, &join(path, "role"), "an http check takes the role from its path (e.g. path = \"/primary\")");
+            cx.error(
+                &span,
+                &join(path, "role"),
+                "an http check takes the role from its path (e.g. path = \"/primary\")",
+            );
         }
         Some(Check::Tcp) if h.role != Role::Any => {
             let span = t.get("role").map_or(v.span(), |r| r.span());
-            cx.error(&span, &join(path, "role"), "a tcp check cannot tell roles: use redis, postgres, mysql or http");
+            cx.error(
+                &span,
+                &join(path, "role"),
+                "a tcp check cannot tell roles: use redis, postgres, mysql or http",
+            );
         }
         Some(Check::Postgres | Check::Mysql) if h.role != Role::Any && h.user.is_none() => {
-            cx.error(&v.span(), &join(path, "user"), "a role check logs in: set user (and password-file if needed)");
+            cx.error(
+                &v.span(),
+                &join(path, "user"),
+                "a role check logs in: set user (and password-file if needed)",
+            );
         }
         _ => {}
     }
@@ -753,13 +917,21 @@ fn read_health(cx: &mut Cx, v: &Value<'_>, path: &str) -> Option<HealthConfig> {
         for k in ["port", "path"] {
             if let Some(v) = t.get(k) {
                 if h.check.is_some() {
-                    cx.error(&v.span(), &join(path, k), "only applies to check = \"http\"");
+                    cx.error(
+                        &v.span(),
+                        &join(path, k),
+                        "only applies to check = \"http\"",
+                    );
                 }
             }
         }
     }
     if h.timeout > h.interval {
-        cx.error(&v.span(), &join(path, "timeout"), "is longer than interval: probes would overlap");
+        cx.error(
+            &v.span(),
+            &join(path, "timeout"),
+            "is longer than interval: probes would overlap",
+        );
     }
     Some(h)
 }

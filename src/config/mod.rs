@@ -199,10 +199,7 @@ impl Config {
         let mut names = std::collections::HashSet::new();
         for l in &self.listeners {
             if !names.insert(l.name.as_str()) {
-                return Err(ConfigError(format!(
-                    "two listeners are named '{}'",
-                    l.name
-                )));
+                return Err(ConfigError(format!("two listeners are named '{}'", l.name)));
             }
             if l.pool.servers.is_empty() {
                 return Err(ConfigError(format!(
@@ -211,9 +208,8 @@ impl Config {
                 )));
             }
             for s in &l.pool.servers {
-                s.host_port().map_err(|e| {
-                    ConfigError(format!("listener '{}': server {e}", l.name))
-                })?;
+                s.host_port()
+                    .map_err(|e| ConfigError(format!("listener '{}': server {e}", l.name)))?;
                 if s.weight == 0 || s.weight > MAX_WEIGHT {
                     return Err(ConfigError(format!(
                         "listener '{}': server {} has weight {} (1 to {MAX_WEIGHT})",
@@ -228,10 +224,7 @@ impl Config {
                 )));
             }
             if l.listen.is_empty() {
-                return Err(ConfigError(format!(
-                    "listener '{}' has no address",
-                    l.name
-                )));
+                return Err(ConfigError(format!("listener '{}' has no address", l.name)));
             }
             if l.max_conns == Some(0) || l.max_conns_per_source == Some(0) {
                 return Err(ConfigError(format!(

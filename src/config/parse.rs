@@ -92,7 +92,13 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
 pub fn format_duration(d: Option<Duration>) -> String {
     let Some(d) = d else { return "0".into() };
     let us = d.as_micros();
-    for (unit, size) in [("d", 86_400_000_000u128), ("h", 3_600_000_000), ("m", 60_000_000), ("s", 1_000_000), ("ms", 1000)] {
+    for (unit, size) in [
+        ("d", 86_400_000_000u128),
+        ("h", 3_600_000_000),
+        ("m", 60_000_000),
+        ("s", 1_000_000),
+        ("ms", 1000),
+    ] {
         if us >= size && us % size == 0 {
             return format!("{}{unit}", us / size);
         }

@@ -144,12 +144,16 @@ pub fn split_host_port(text: &str) -> Result<(&str, u16), String> {
     }
     if let Some(v6) = bracketed {
         if v6.parse::<std::net::Ipv6Addr>().is_err() {
-            return Err(format!("'{text}' is not an address ([{v6}] is no IPv6 address)"));
+            return Err(format!(
+                "'{text}' is not an address ([{v6}] is no IPv6 address)"
+            ));
         }
         return Ok((v6, port));
     }
     if host.contains(':') {
-        return Err(format!("'{text}' is not an address (write IPv6 as [ADDR]:PORT)"));
+        return Err(format!(
+            "'{text}' is not an address (write IPv6 as [ADDR]:PORT)"
+        ));
     }
     Ok((host, port))
 }

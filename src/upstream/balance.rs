@@ -67,13 +67,11 @@ fn mix(mut z: u64) -> u64 {
 }
 
 fn hash_bytes(bytes: &[u8]) -> u64 {
-    bytes
-        .chunks(8)
-        .fold(0x9e37_79b9_7f4a_7c15, |h, chunk| {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            mix(h ^ u64::from_le_bytes(word))
-        })
+    bytes.chunks(8).fold(0x9e37_79b9_7f4a_7c15, |h, chunk| {
+        let mut word = [0u8; 8];
+        word[..chunk.len()].copy_from_slice(chunk);
+        mix(h ^ u64::from_le_bytes(word))
+    })
 }
 
 /// A client address's hash; an IPv4-mapped IPv6 address hashes as IPv4.
@@ -153,7 +151,10 @@ mod tests {
         }
         // The new server takes about a quarter, each keeps about a quarter.
         assert!((600..900).contains(&moved), "moved {moved}");
-        assert!(counts.iter().all(|&n| (600..900).contains(&n)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&n| (600..900).contains(&n)),
+            "{counts:?}"
+        );
     }
 
     #[test]

@@ -80,7 +80,12 @@ impl Round {
     ) -> Option<(TcpStream, SocketAddr)> {
         self.current = None;
         while self.tried.len() < self.max_attempts {
-            let lease = pool.pick(self.cursor + self.tried.len(), self.client, &self.tried, now)?;
+            let lease = pool.pick(
+                self.cursor + self.tried.len(),
+                self.client,
+                &self.tried,
+                now,
+            )?;
             let server = lease.0.addr;
             self.tried.push(server);
             match TcpStream::connect(server) {
@@ -148,4 +153,3 @@ pub(crate) fn connect_result(stream: &TcpStream) -> Connect {
 fn established_then_lost(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ECONNRESET) | Some(libc::EPIPE))
 }
-

@@ -196,11 +196,16 @@ impl Pool {
     /// Makes `wanted` the pool. A server that stays keeps its live count
     /// and health; relays of a removed one run on (drain). Returns the
     /// addresses added and removed.
-    pub(crate) fn set_members(&self, mut wanted: Vec<Member>) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+    pub(crate) fn set_members(
+        &self,
+        mut wanted: Vec<Member>,
+    ) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
         wanted.sort();
         wanted.dedup_by_key(|m| m.addr);
         let old = self.members();
-        let same = |s: &Server, m: &Member| s.addr == m.addr && s.weight == m.weight && s.backup == m.backup;
+        let same = |s: &Server, m: &Member| {
+            s.addr == m.addr && s.weight == m.weight && s.backup == m.backup
+        };
         let servers: Vec<Arc<Server>> = wanted
             .iter()
             .map(|m| match old.servers.iter().find(|s| same(s, m)) {
@@ -244,7 +249,13 @@ impl Pool {
     /// policy's choice among up servers not yet tried, primaries before
     /// backups. Backups are chosen only while no primary is up, or once
     /// every up primary failed this relay already.
-    pub(crate) fn pick(&self, cursor: usize, client: IpAddr, tried: &[SocketAddr], now: Instant) -> Option<Lease> {
+    pub(crate) fn pick(
+        &self,
+        cursor: usize,
+        client: IpAddr,
+        tried: &[SocketAddr],
+        now: Instant,
+    ) -> Option<Lease> {
         let m = self.members();
         let untried = |s: &Arc<Server>| !tried.contains(&s.addr);
         let primary_up = m.servers.iter().any(|s| !s.backup && !s.is_down());
@@ -254,7 +265,11 @@ impl Pool {
             }
         }
         for backup in [false, true] {
-            if backup && m.servers.iter().any(|s| !s.backup && !s.is_down() && untried(s)) {
+            if backup
+                && m.servers
+                    .iter()
+                    .any(|s| !s.backup && !s.is_down() && untried(s))
+            {
                 break;
             }
             let eligible = |s: &Arc<Server>| s.backup == backup && !s.is_down() && untried(s);
@@ -265,7 +280,13 @@ impl Pool {
         None
     }
 
-    fn choose(&self, m: &Members, cursor: usize, client: IpAddr, eligible: &dyn Fn(&Arc<Server>) -> bool) -> Option<Arc<Server>> {
+    fn choose(
+        &self,
+        m: &Members,
+        cursor: usize,
+        client: IpAddr,
+        eligible: &dyn Fn(&Arc<Server>) -> bool,
+    ) -> Option<Arc<Server>> {
         match self.balance {
             Balance::RoundRobin => {
                 let len = m.schedule.len();
@@ -333,7 +354,10 @@ mod tests {
         assert_eq!(h.succeeded(), None, "a success resets the count");
         assert_eq!(h.failed(now, 3, BASE), None);
         assert_eq!(h.failed(now, 3, BASE), None);
-        assert_eq!(h.failed(now, 3, BASE), Some(Transition::Down { retry_in: BASE }));
+        assert_eq!(
+            h.failed(now, 3, BASE),
+            Some(Transition::Down { retry_in: BASE })
+        );
         assert!(h.is_down());
     }
 
@@ -422,8 +446,16 @@ mod tests {
         let lease = p.pick(0, CLIENT, &[], Instant::now()).unwrap();
         let held = lease.0.addr;
         let (added, removed) = p.set_members(vec![
-            Member { addr: held, weight: 1, backup: false },
-            Member { addr: SocketAddr::from(([127, 0, 0, 1], 3)), weight: 1, backup: false },
+            Member {
+                addr: held,
+                weight: 1,
+                backup: false,
+            },
+            Member {
+                addr: SocketAddr::from(([127, 0, 0, 1], 3)),
+                weight: 1,
+                backup: false,
+            },
         ]);
         assert_eq!(added.len(), 1);
         assert_eq!(removed.len(), 1);

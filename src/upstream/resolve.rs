@@ -60,7 +60,9 @@ impl Tracked {
         let mut members = Vec::new();
         for (entry, known) in pool_config.servers.iter().zip(&mut self.known) {
             // Validation guarantees HOST:PORT.
-            let Ok((host, port)) = entry.host_port() else { continue };
+            let Ok((host, port)) = entry.host_port() else {
+                continue;
+            };
             let addrs = match entry.ip() {
                 Some(ip) => Ok(vec![SocketAddr::new(ip, port)]),
                 None => resolver.resolve(host, port).and_then(|a| {
@@ -111,7 +113,13 @@ impl Tracked {
 
     /// Whether this pool needs the background thread at all.
     fn needs_refresh(&self) -> bool {
-        let names = self.listener.config.pool.servers.iter().any(|s| s.ip().is_none());
+        let names = self
+            .listener
+            .config
+            .pool
+            .servers
+            .iter()
+            .any(|s| s.ip().is_none());
         names
             && (self.listener.config.pool.resolve_interval.is_some()
                 || self.known.iter().any(Option::is_none))
@@ -126,7 +134,10 @@ pub(crate) struct Refresher {
 
 /// Resolves every listener's servers now, on this thread, then starts the
 /// background thread if some pool has names to resolve again.
-pub(crate) fn start(listeners: &[Arc<Listener>], resolver: Arc<dyn Resolve>) -> io::Result<Option<Refresher>> {
+pub(crate) fn start(
+    listeners: &[Arc<Listener>],
+    resolver: Arc<dyn Resolve>,
+) -> io::Result<Option<Refresher>> {
     let now = Instant::now();
     let mut tracked: Vec<Tracked> = listeners
         .iter()
