@@ -10,7 +10,7 @@
 //! | `mod.rs` | `Config`, `ListenerConfig`, `Timeouts`, `Mode`, validation |
 //! | `pool.rs` | pools, servers, health, access lists, keepalive |
 //! | `parse.rs` | durations, sizes, addresses |
-//! | `file.rs` | the TOML file: every error with its key and line |
+//! | `file/` | the TOML file: every error with its key and line (`values.rs` typed values, `listener.rs` the top tables and listeners, `pool.rs` pools and health) |
 //! | `check.rs` | the effective config as TOML (`spliced check`) |
 
 mod check;
