@@ -41,6 +41,8 @@ struct Tracked {
     listener: Arc<Listener>,
     known: Vec<Option<Vec<SocketAddr>>>,
     next: Instant,
+    /// Resolved once already.
+    started: bool,
 }
 
 impl Tracked {
@@ -50,6 +52,7 @@ impl Tracked {
             listener,
             known,
             next: now,
+            started: false,
         }
     }
 
@@ -92,7 +95,9 @@ impl Tracked {
             }
         }
         let (added, removed) = self.listener.pool.set_members(members);
-        if !added.is_empty() || !removed.is_empty() {
+        // The first resolution is what the start line shows; changes after
+        // it are news.
+        if self.started && (!added.is_empty() || !removed.is_empty()) {
             tracing::info!(
                 listener = %self.listener.config.name,
                 added = ?added,
@@ -101,6 +106,7 @@ impl Tracked {
                 "pool membership changed"
             );
         }
+        self.started = true;
         let unresolved = self.known.iter().any(Option::is_none);
         let wait = match (pool_config.resolve_interval, unresolved) {
             (Some(every), false) => Some(every),
