@@ -598,6 +598,17 @@ impl Runtime {
         for s in [&a, &b] {
             s.set_nodelay();
         }
+        let Some(admission) = self.handoff_listener.admit_handoff() else {
+            // The handoff settings set no max-conns; this is only defence.
+            let (a, b) = (Socket::from_stream(a), Socket::from_stream(b));
+            return Err(refuse(
+                a,
+                b,
+                read_from_a,
+                read_from_b,
+                Refusal::ShuttingDown,
+            ));
+        };
         let reporter = Arc::new(Reporter::default());
         let id = crate::worker::next_relay_id();
         let pair = HandedOff {
@@ -608,6 +619,7 @@ impl Runtime {
             client_preread: read_from_a,
             upstream_preread: read_from_b,
             reporter: Arc::clone(&reporter),
+            admission,
         };
         let link = self.next_link();
         match link.try_send(Command::Handoff(Box::new(Queued::new(pair)))) {

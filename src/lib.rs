@@ -6,10 +6,11 @@
 //!
 //! | module | what lives there |
 //! |---|---|
-//! | [`config`] | validated settings, duration/size/address parsing |
+//! | [`config`] | validated settings, the TOML config file, duration/size/address parsing |
 //! | [`proxy`] | [`start`] a proxy, its [`ProxyHandle`] |
 //! | [`runtime`] | the [`Runtime`]: workers and their command channel; a proxy is one with listeners |
 //! | [`handoff`] | hand two connected sockets to a runtime: [`Runtime::handoff`], the [`Handoff`] handle |
+//! | `listener`, `upstream` | a listener's limits and access list; pools, balancing, passive health, re-resolution |
 //! | `worker` | one mio event loop per thread: accept, connect, readiness, budget, timers |
 //! | `relay` | a relay = two `Direction`s; the pure per-direction state machine |
 //! | `engine` | the one transfer interface: splice (pipe) and copy (buffer), and their pools |
@@ -51,6 +52,7 @@ mod worker;
 pub use config::{Config, ListenerConfig, Mode, Timeouts};
 pub use error::{Side, StartError};
 pub use handoff::{End, Ending, Handoff, HandoffError, Outcome, Socket};
-pub use proxy::{start, ProxyHandle};
+pub use proxy::{start, start_with, ProxyHandle};
 pub use runtime::{Controller, Runtime, RuntimeBuilder};
 pub use stats::{CloseReason, Stats};
+pub use upstream::{Resolve, SystemResolver};

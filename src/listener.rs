@@ -1,9 +1,23 @@
-//! A listener as the workers know it: its identity, its settings and its
-//! upstream pool, shared by every worker that accepts for it.
+//! A listener as the workers know it: its identity, its settings, its
+//! upstream pool and its limits, shared by every worker that accepts for it.
 //!
 //! Everything that refers to a listener holds an `Arc<Listener>` or its
 //! [`ListenerId`], never a position in a list, so listeners can be added or
 //! removed while the proxy runs without renumbering the others.
+//!
+//! Limits are held by guards: a [`Reservation`] is taken before `accept`
+//! (so at `max-conns` the listener stops accepting and clients wait in the
+//! backlog), and becomes an [`Admission`] once the client passed the access
+//! list and its per-source limit. Dropping either gives the room back.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use mio::net::TcpStream;
+use socket2::{SockRef, TcpKeepalive};
 
 use crate::config::ListenerConfig;
 use crate::stats::{CounterBlock, Stats};
@@ -24,14 +38,27 @@ pub(crate) struct Listener {
     pub(crate) id: ListenerId,
     pub(crate) config: ListenerConfig,
     pub(crate) pool: Pool,
+    /// Relays (and reservations) of this listener, over all workers.
+    live: AtomicUsize,
+    /// Live relays per client IP; kept only with `max_conns_per_source`.
+    sources: Mutex<HashMap<IpAddr, usize>>,
     /// This listener's counters, one block per worker: worker `i` alone
     /// writes block `i`.
     counters: Box<[CounterBlock]>,
 }
 
+/// Why a client was turned away after accept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// Denied by `deny`, or not in a non-empty `allow`.
+    Denied,
+    /// Its IP already has `max_conns_per_source` relays here.
+    PerSource,
+}
+
 impl Listener {
     pub(crate) fn new(id: ListenerId, config: ListenerConfig, workers: usize) -> Listener {
-        let pool = Pool::new(config.upstreams.clone());
+        let pool = Pool::new(&config.name, &config.pool);
         let counters = (0..workers.max(1))
             .map(|_| CounterBlock::default())
             .collect();
@@ -39,6 +66,8 @@ impl Listener {
             id,
             config,
             pool,
+            live: AtomicUsize::new(0),
+            sources: Mutex::new(HashMap::new()),
             counters,
         }
     }
@@ -53,21 +82,182 @@ impl Listener {
         Stats::sum(self.counters.iter())
     }
 
-    /// A name for log lines: the first address it listens on, or
-    /// `handoff` for the pairs a program hands to the runtime.
-    pub(crate) fn label(&self) -> Label<'_> {
-        Label(self)
+    /// The listener's name, for log lines.
+    pub(crate) fn label(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Room for one more relay, or `None` at `max_conns`.
+    pub(crate) fn reserve(self: &Arc<Self>) -> Option<Reservation> {
+        let max = self.config.max_conns.unwrap_or(usize::MAX);
+        self.live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Reservation(Arc::clone(self)))
+    }
+
+    /// Checks the access list, then the per-source limit, before anything
+    /// is done for the client (no upstream connect yet).
+    /// Room for a handed-off pair: under `max_conns` (unset for the
+    /// handoff settings), with no source to check.
+    pub(crate) fn admit_handoff(self: &Arc<Self>) -> Option<Admission> {
+        self.reserve().map(|reservation| Admission {
+            reservation,
+            source: None,
+        })
+    }
+
+    pub(crate) fn admit(
+        &self,
+        reservation: Reservation,
+        client: IpAddr,
+    ) -> Result<Admission, Refused> {
+        if !self.config.access.permits(client) {
+            return Err(Refused::Denied);
+        }
+        let source = match self.config.max_conns_per_source {
+            None => None,
+            Some(max) => {
+                let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+                let n = sources.entry(client).or_insert(0);
+                if *n >= max {
+                    return Err(Refused::PerSource);
+                }
+                *n += 1;
+                Some(client)
+            }
+        };
+        Ok(Admission {
+            reservation,
+            source,
+        })
+    }
+
+    /// Keepalive and TCP_USER_TIMEOUT, as configured, on one of a relay's
+    /// sockets.
+    pub(crate) fn tune(&self, stream: &TcpStream) -> io::Result<()> {
+        let socket = SockRef::from(stream);
+        if let Some(k) = self.config.keepalive {
+            let params = TcpKeepalive::new()
+                .with_time(k.idle)
+                .with_interval(k.interval)
+                .with_retries(k.count);
+            socket.set_tcp_keepalive(&params)?;
+        }
+        if let Some(t) = self.config.user_timeout {
+            socket.set_tcp_user_timeout(Some(t))?;
+        }
+        Ok(())
     }
 }
 
-/// See [`Listener::label`].
-pub(crate) struct Label<'a>(&'a Listener);
+/// One relay's room under the listener's `max_conns`.
+#[derive(Debug)]
+pub(crate) struct Reservation(Arc<Listener>);
 
-impl std::fmt::Display for Label<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0.config.listen.first() {
-            Some(addr) => addr.fmt(f),
-            None => f.write_str("handoff"),
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An admitted client: its room under `max_conns` and, when limited, its
+/// count under `max_conns_per_source`, both given back on drop.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    reservation: Reservation,
+    source: Option<IpAddr>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if let Some(ip) = self.source {
+            let mut sources = self
+                .reservation
+                .0
+                .sources
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = sources.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    sources.remove(&ip);
+                }
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Mode;
+
+    fn listener(tweak: impl FnOnce(&mut ListenerConfig)) -> Arc<Listener> {
+        let mut c = ListenerConfig::new("127.0.0.1:0".parse().unwrap(), vec![], Mode::Splice);
+        tweak(&mut c);
+        Arc::new(Listener::new(ListenerId(0), c, 1))
+    }
+
+    #[test]
+    fn max_conns_reserves_and_gives_back() {
+        let l = listener(|c| c.max_conns = Some(2));
+        let a = l.reserve().unwrap();
+        let _b = l.reserve().unwrap();
+        assert!(l.reserve().is_none());
+        drop(a);
+        assert!(l.reserve().is_some());
+    }
+
+    #[test]
+    fn per_source_limit_counts_each_ip() {
+        let l = listener(|c| c.max_conns_per_source = Some(1));
+        let (x, y): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let first = l.admit(l.reserve().unwrap(), x).unwrap();
+        assert_eq!(
+            l.admit(l.reserve().unwrap(), x).unwrap_err(),
+            Refused::PerSource
+        );
+        let _other = l.admit(l.reserve().unwrap(), y).unwrap();
+        drop(first);
+        assert!(l.admit(l.reserve().unwrap(), x).is_ok());
+        assert_eq!(
+            l.live.load(Ordering::Relaxed),
+            1,
+            "refusals gave their room back"
+        );
+    }
+
+    #[test]
+    fn tune_sets_keepalive_and_user_timeout_through_socket2() {
+        use crate::config::Keepalive;
+        use std::time::Duration;
+        let l = listener(|c| {
+            c.keepalive = Some(Keepalive {
+                idle: Duration::from_secs(30),
+                interval: Duration::from_secs(10),
+                count: 3,
+            });
+            c.user_timeout = Some(Duration::from_secs(7));
+        });
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let std_stream = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
+        let stream = TcpStream::from_std(std_stream);
+        l.tune(&stream).unwrap();
+        let s = SockRef::from(&stream);
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.keepalive_time().unwrap(), Duration::from_secs(30));
+        assert_eq!(s.keepalive_interval().unwrap(), Duration::from_secs(10));
+        assert_eq!(s.keepalive_retries().unwrap(), 3);
+        assert_eq!(s.tcp_user_timeout().unwrap(), Some(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn the_access_list_comes_first() {
+        let l = listener(|c| c.access.deny = vec!["10.0.0.0/8".parse().unwrap()]);
+        let r = l.admit(l.reserve().unwrap(), "10.1.1.1".parse().unwrap());
+        assert_eq!(r.unwrap_err(), Refused::Denied);
     }
 }

@@ -1,10 +1,12 @@
 //! The `spliced` command: CLI → Config → run. Everything else is the library.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{CommandFactory, Parser, Subcommand};
-use spliced::config::{self, Config, ListenerConfig, Mode, Timeouts};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use spliced::config::{self, Config, Diagnostic, FlagDefaults, ListenerConfig, Mode, Timeouts};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -19,18 +21,32 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Relay TCP connections from --listen to the --upstream servers.
+    /// Relay TCP connections from --listen to the --upstream servers, or as a --config file says.
     Run(RunArgs),
     /// Measure splice against copy (and a direct baseline) on this machine.
     Bench(spliced::bench::BenchArgs),
+    /// Validate a config file without binding; print it with every default filled in.
+    Check(CheckArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct CheckArgs {
+    /// The config file to check (see docs/CONFIG.md).
+    #[arg(long, env = "SPLICED_CONFIG", value_name = "FILE")]
+    config: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
+    /// A config file with one or more listeners, each with its own pool and
+    /// limits (see docs/CONFIG.md). Flags given beside it replace the file's
+    /// [defaults] and [global] settings.
+    #[arg(long, env = "SPLICED_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Address to accept clients on: HOST:PORT, :PORT for every IPv4 and IPv6
     /// address, or NAME:PORT for every address the name resolves to.
-    #[arg(long, value_name = "ADDR")]
-    listen: String,
+    #[arg(long, value_name = "ADDR", required_unless_present = "config")]
+    listen: Option<String>,
     /// Server to relay to, HOST:PORT; repeat it for round-robin with failover.
     #[arg(long = "upstream", value_name = "ADDR")]
     upstreams: Vec<String>,
@@ -78,8 +94,14 @@ fn duration(text: &str) -> Result<Limit, String> {
 }
 
 impl RunArgs {
-    fn into_config(self) -> Result<Config, String> {
-        let listen = config::resolve_listen(&self.listen).map_err(|e| format!("--listen: {e}"))?;
+    /// The config the flags describe; `given` tells which flags were on the
+    /// command line (and so override a config file).
+    fn into_config(self, given: impl Fn(&str) -> bool) -> Result<Config, String> {
+        if let Some(path) = self.config.clone() {
+            return self.file_config(&path, given);
+        }
+        let listen = self.listen.as_deref().unwrap_or_default();
+        let listen_addrs = config::resolve_listen(listen).map_err(|e| format!("--listen: {e}"))?;
         let mut upstreams = Vec::new();
         for u in &self.upstreams {
             upstreams.extend(config::resolve(u).map_err(|e| format!("--upstream: {e}"))?);
@@ -87,9 +109,10 @@ impl RunArgs {
         if upstreams.is_empty() {
             return Err("no upstream: give at least one --upstream HOST:PORT".into());
         }
-        let mut config = Config::single(listen[0], upstreams, self.mode);
+        let mut config = Config::single(listen_addrs[0], upstreams, self.mode);
         config.listeners[0] = ListenerConfig {
-            listen,
+            name: listen.to_string(),
+            listen: listen_addrs,
             timeouts: Timeouts {
                 idle: self.idle_timeout.0,
                 fin: self.fin_timeout.0,
@@ -110,11 +133,94 @@ impl RunArgs {
         config.validate().map_err(|e| e.to_string())?;
         Ok(config)
     }
+
+    /// The config file's listeners, with the flags that were given laid
+    /// over its [defaults] and [global] settings.
+    fn file_config(self, path: &Path, given: impl Fn(&str) -> bool) -> Result<Config, String> {
+        if self.listen.is_some() || !self.upstreams.is_empty() {
+            return Err(format!(
+                "--listen and --upstream describe a single listener and cannot be combined with --config {} (also set by SPLICED_CONFIG): put the listener in the file",
+                path.display()
+            ));
+        }
+        let flags = FlagDefaults {
+            mode: given("mode").then_some(self.mode),
+            idle_timeout: given("idle_timeout").then_some(self.idle_timeout.0),
+            fin_timeout: given("fin_timeout").then_some(self.fin_timeout.0),
+            connect_timeout: given("connect_timeout").then_some(self.connect_timeout.0),
+        };
+        let loaded = config::load(path, &flags).map_err(|d| first_of(path, &d, "problems"))?;
+        if !loaded.unsupported.is_empty() {
+            return Err(first_of(path, &loaded.unsupported, "such settings"));
+        }
+        let mut config = loaded.config;
+        if let Some(n) = self.workers {
+            config.workers = n;
+        }
+        if given("pipe_size") {
+            config.pipe_size = self.pipe_size;
+        }
+        if given("max_pipes") {
+            config.max_pipes_per_worker = self.max_pipes;
+        }
+        if let Some(bytes) = self.pipe_budget {
+            config.pipe_budget = bytes;
+        }
+        if self.max_conns.is_some() {
+            config.max_relays = self.max_conns;
+        }
+        if given("drain_timeout") {
+            config.drain_timeout = self.drain_timeout.0;
+        }
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+}
+
+/// The first diagnostic as one line, saying how many more there are.
+fn first_of(path: &Path, diagnostics: &[Diagnostic], what: &str) -> String {
+    let mut line = format!("{}: {}", path.display(), diagnostics[0]);
+    if diagnostics.len() > 1 {
+        line.push_str(&format!(
+            " (and {} more {what}; 'spliced check --config {}' lists them all)",
+            diagnostics.len() - 1,
+            path.display()
+        ));
+    }
+    line
+}
+
+/// `spliced check`: the effective config on stdout and exit 0, or every
+/// problem on stderr (one a line) and exit 1. Settings `spliced run` cannot
+/// carry out yet are notes: the file is valid, but `run` refuses it.
+fn check(args: CheckArgs) -> ExitCode {
+    let path = &args.config;
+    match config::load(path, &FlagDefaults::default()) {
+        Ok(loaded) => {
+            print!("{}", config::effective_toml(&loaded.config));
+            for d in &loaded.unsupported {
+                eprintln!(
+                    "spliced: note: {}: {d}; 'spliced run' refuses this file until it is",
+                    path.display()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(diagnostics) => {
+            for d in &diagnostics {
+                eprintln!("spliced: error: {}: {d}", path.display());
+            }
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let (cli, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) if !e.use_stderr() => {
             // --help and --version
             let _ = e.print();
@@ -125,16 +231,24 @@ fn main() -> ExitCode {
     // The bench runs thousands of relays in-process: one line each would
     // cost the worker CPU it measures.
     init_logging(match cli.command {
-        Command::Bench(_) => "warn",
+        Command::Bench(_) | Command::Check(_) => "warn",
         Command::Run(_) => "info",
     });
     match cli.command {
-        Command::Run(args) => match args.into_config() {
+        Command::Run(args) => match args.into_config(|id| given(&matches, id)) {
             Ok(config) => run(config),
             Err(e) => fail(&e),
         },
         Command::Bench(args) => spliced::bench::run(args),
+        Command::Check(args) => check(args),
     }
+}
+
+/// Whether `spliced run`'s flag `id` was on the command line (not a default).
+fn given(matches: &ArgMatches, id: &str) -> bool {
+    matches
+        .subcommand_matches("run")
+        .is_some_and(|m| m.value_source(id) == Some(ValueSource::CommandLine))
 }
 
 fn run(config: Config) -> ExitCode {
@@ -257,7 +371,7 @@ mod tests {
         let argv = ["spliced", "run", "--listen", "127.0.0.1:1"];
         match Cli::parse_from(argv.iter().chain(args)).command {
             Command::Run(r) => r,
-            Command::Bench(_) => unreachable!(),
+            Command::Bench(_) | Command::Check(_) => unreachable!(),
         }
     }
 

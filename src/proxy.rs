@@ -13,9 +13,11 @@ use std::time::Duration;
 
 use crate::config::{Config, ListenerConfig, Mode};
 use crate::error::StartError;
-use crate::listener::ListenerId;
+use crate::listener::{Listener, ListenerId};
 use crate::runtime::{relay_cap, Controller, Runtime};
 use crate::stats::Stats;
+use crate::upstream::resolve::Refresher;
+use crate::upstream::{Resolve, SystemResolver};
 use crate::worker;
 
 /// A running proxy: a [`Runtime`] with bound listeners. Dropping it aborts
@@ -23,39 +25,71 @@ use crate::worker;
 pub struct ProxyHandle {
     local_addrs: Vec<SocketAddr>,
     runtime: Runtime,
+    /// The background resolver, stopped when the handle goes.
+    _refresher: Option<Refresher>,
 }
 
 /// Binds the listeners, refuses an upstream that loops back into the proxy,
-/// logs the limits in force and starts the workers.
+/// logs the limits in force and starts the workers. Server names go
+/// through the system resolver.
 pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
+    start_with(config, Arc::new(SystemResolver))
+}
+
+/// [`start`] with server names resolved by `resolver`: once now, then on a
+/// background thread every `resolve-interval`.
+pub fn start_with(config: Config, resolver: Arc<dyn Resolve>) -> Result<ProxyHandle, StartError> {
     config.validate().map_err(StartError::Config)?;
+    if let Some(what) = config.unsupported() {
+        return Err(StartError::Config(what));
+    }
     let nofile = crate::sys::raise_nofile_limit();
     let relay_cap = relay_cap(&config, nofile);
     let config = Arc::new(config);
-    let bound = worker::bind_listeners(&config)?;
-    refuse_loops(&config, &bound.local_addrs)?;
+    let runtimes: Vec<Arc<Listener>> = config
+        .listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            Arc::new(Listener::new(
+                ListenerId(i as u32),
+                l.clone(),
+                config.workers,
+            ))
+        })
+        .collect();
+    let refresher = crate::upstream::resolve::start(&runtimes, resolver)
+        .map_err(|e| StartError::Io("start the resolver thread".into(), e))?;
+    let upstreams: Vec<Vec<SocketAddr>> = runtimes
+        .iter()
+        .map(|l| l.pool.members().servers.iter().map(|s| s.addr).collect())
+        .collect();
+    let bound = worker::bind_listeners(&config, &runtimes)?;
+    refuse_loops(&config, &upstreams, &bound.local_addrs)?;
     log_relay_cap(&config, nofile, relay_cap);
     check_pipe_size(&config);
     let local_addrs: Vec<SocketAddr> = bound.local_addrs.iter().map(|(_, a)| *a).collect();
     // Pairs handed to a running proxy relay like the first listener's.
     let first = &config.listeners[0];
-    let handoff = ListenerConfig {
-        listen: Vec::new(),
-        upstreams: Vec::new(),
-        mode: first.mode,
-        timeouts: first.timeouts,
-    };
+    let handoff = ListenerConfig::handoff(first.mode, first.timeouts);
     let runtime = Runtime::spawn(
         Arc::clone(&config),
         bound.per_worker,
-        bound.listeners,
+        runtimes,
         handoff,
         relay_cap,
     )?;
     for (index, addr) in &bound.local_addrs {
         let listener = &config.listeners[*index];
+        let servers: Vec<&str> = listener
+            .pool
+            .servers
+            .iter()
+            .map(|s| s.address.as_str())
+            .collect();
         tracing::info!(
-            upstreams = ?listener.upstreams,
+            listener = %listener.name,
+            upstreams = ?servers,
             mode = %listener.mode,
             workers = config.workers,
             pipe_size = config.pipe_size,
@@ -65,6 +99,7 @@ pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
     Ok(ProxyHandle {
         local_addrs,
         runtime,
+        _refresher: refresher,
     })
 }
 
@@ -172,7 +207,11 @@ fn human_bytes(n: usize) -> String {
 /// bound address is a wildcard (`0.0.0.0`, `[::]`) of the same port and the
 /// upstream's IP is this host's: loopback, unspecified (which connects to
 /// loopback) or an interface address. A dual-stack `[::]` also takes IPv4.
-fn refuse_loops(config: &Config, bound: &[(usize, SocketAddr)]) -> Result<(), StartError> {
+fn refuse_loops(
+    config: &Config,
+    upstreams: &[Vec<SocketAddr>],
+    bound: &[(usize, SocketAddr)],
+) -> Result<(), StartError> {
     let mut host_ips: Option<Vec<IpAddr>> = None;
     let mut is_host_ip = |ip: IpAddr| {
         ip.is_loopback()
@@ -188,8 +227,8 @@ fn refuse_loops(config: &Config, bound: &[(usize, SocketAddr)]) -> Result<(), St
         .collect();
     // edges[i]: (upstream, listener it reaches) for each upstream of listener i.
     let mut edges: Vec<Vec<(SocketAddr, usize)>> = vec![Vec::new(); config.listeners.len()];
-    for (i, listener) in config.listeners.iter().enumerate() {
-        for &up in &listener.upstreams {
+    for (i, ups) in upstreams.iter().enumerate() {
+        for &up in ups {
             let ip = match canonical(up.ip()) {
                 IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
                 IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
@@ -358,7 +397,11 @@ mod tests {
             .enumerate()
             .flat_map(|(i, l)| l.listen.iter().map(move |&a| (i, a)))
             .collect();
-        match refuse_loops(&c, &bound) {
+        let ups: Vec<Vec<SocketAddr>> = listeners
+            .iter()
+            .map(|(_, ups)| ups.iter().map(|u| addr(u)).collect())
+            .collect();
+        match refuse_loops(&c, &ups, &bound) {
             Ok(()) => Ok(()),
             Err(StartError::Loop(up)) => Err(up),
             Err(e) => panic!("{e}"),

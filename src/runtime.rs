@@ -146,7 +146,7 @@ impl RuntimeBuilder {
         self.config.validate_runtime().map_err(StartError::Config)?;
         let nofile = crate::sys::raise_nofile_limit();
         let relay_cap = relay_cap(&self.config, nofile);
-        let handoff = handoff_settings(self.mode, self.timeouts);
+        let handoff = ListenerConfig::handoff(self.mode, self.timeouts);
         let per_worker = (0..self.config.workers).map(|_| Vec::new()).collect();
         Runtime::spawn(
             Arc::new(self.config),
@@ -155,15 +155,6 @@ impl RuntimeBuilder {
             handoff,
             relay_cap,
         )
-    }
-}
-
-fn handoff_settings(mode: Mode, timeouts: Timeouts) -> ListenerConfig {
-    ListenerConfig {
-        listen: Vec::new(),
-        upstreams: Vec::new(),
-        mode,
-        timeouts,
     }
 }
 

@@ -198,6 +198,14 @@ counter_table! {
     upstream_connect_failures: Counter per Listener,
     /// Entries in the workers' deadline heaps (live and not yet swept).
     timer_entries: Gauge per Worker,
+    /// Connections reset because the listener's allow/deny list refused
+    /// the client.
+    refused_denied: Counter per Listener,
+    /// Connections reset because their client IP was at the listener's
+    /// max-conns-per-source.
+    refused_max_conns_per_source: Counter per Listener,
+    /// Times a listener stopped accepting at its own max-conns.
+    listener_limit_pauses: Counter per Listener,
 }
 
 impl CounterBlock {

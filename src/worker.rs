@@ -24,13 +24,13 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Waker};
 use slab::Slab;
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 use crate::config::Config;
 use crate::control::{self, Command, Handoff, Shared, WorkerLink};
 use crate::engine::Pools;
 use crate::error::{Op, RelayError, Side, StartError};
-use crate::listener::{Listener, ListenerId};
+use crate::listener::{Admission, Listener, Refused};
 use crate::relay::report::Reporter;
 use crate::relay::{self, Accepted, Expiry, Next, Peer, Readiness, Relay};
 use crate::stats::{CloseReason, CounterBlock};
@@ -93,8 +93,6 @@ impl WarnLimit {
 pub(crate) struct Bound {
     /// Every bound address with the index of its listener, in config order.
     pub(crate) local_addrs: Vec<(usize, SocketAddr)>,
-    /// Every listener, in config order.
-    pub(crate) listeners: Vec<Arc<Listener>>,
     pub(crate) per_worker: Vec<Vec<(TcpListener, Arc<Listener>)>>,
 }
 
@@ -108,17 +106,13 @@ pub(crate) struct Bound {
 /// EADDRINUSE while any other process listens there, whatever options that
 /// process set. The probe stays bound, not listening, until the workers'
 /// sockets listen; SO_REUSEADDR on both lets them coexist.
-pub(crate) fn bind_listeners(config: &Config) -> Result<Bound, StartError> {
+pub(crate) fn bind_listeners(
+    config: &Config,
+    runtimes: &[Arc<Listener>],
+) -> Result<Bound, StartError> {
     let mut per_worker: Vec<Vec<_>> = (0..config.workers).map(|_| Vec::new()).collect();
     let mut local_addrs = Vec::new();
-    let mut listeners = Vec::with_capacity(config.listeners.len());
-    for (index, listener) in config.listeners.iter().enumerate() {
-        let runtime = Arc::new(Listener::new(
-            ListenerId(index as u32),
-            listener.clone(),
-            config.workers,
-        ));
-        listeners.push(Arc::clone(&runtime));
+    for (index, (listener, runtime)) in config.listeners.iter().zip(runtimes).enumerate() {
         let dual_family = listener.listen.iter().any(|a| a.is_ipv4());
         for &asked in &listener.listen {
             let fail = |e| StartError::Listen(asked, e);
@@ -142,14 +136,13 @@ pub(crate) fn bind_listeners(config: &Config) -> Result<Bound, StartError> {
             let addr = addr.map_err(fail)?;
             for sockets in per_worker.iter_mut() {
                 let socket = bind_one(addr, dual_family).map_err(fail)?;
-                sockets.push((socket, Arc::clone(&runtime)));
+                sockets.push((socket, Arc::clone(runtime)));
             }
             local_addrs.push((index, addr));
         }
     }
     Ok(Bound {
         local_addrs,
-        listeners,
         per_worker,
     })
 }
@@ -195,6 +188,9 @@ struct ListenerSlot {
     runtime: Arc<Listener>,
     /// Stopped by the accept budget with connections possibly left.
     backlog: bool,
+    /// At the listener's own max-conns: look again then, or when one of
+    /// its relays closes here.
+    full_until: Option<Instant>,
 }
 
 pub(crate) struct Worker {
@@ -214,6 +210,7 @@ pub(crate) struct Worker {
     accept_paused_until: Option<Instant>,
     accept_warnings: WarnLimit,
     connect_warnings: WarnLimit,
+    refusal_warnings: WarnLimit,
     drain_deadline: Option<Instant>,
     draining: bool,
     /// Most relays in all workers together; past it, clients wait in the
@@ -241,6 +238,7 @@ impl Worker {
                 socket: Some(socket),
                 runtime,
                 backlog: false,
+                full_until: None,
             });
         }
         Ok(Worker {
@@ -259,6 +257,7 @@ impl Worker {
             accept_paused_until: None,
             accept_warnings: WarnLimit::default(),
             connect_warnings: WarnLimit::default(),
+            refusal_warnings: WarnLimit::default(),
             drain_deadline: None,
             draining: false,
             relay_cap,
@@ -316,6 +315,7 @@ impl Worker {
             self.drain_deadline,
         ]
         .into_iter()
+        .chain(self.listeners.iter().map(|l| l.full_until))
         .flatten()
         .min()
         .map(|at| at.saturating_duration_since(now))
@@ -327,21 +327,29 @@ impl Worker {
         if self.accept_paused_until.is_some() {
             return;
         }
+        if self.listeners[index].full_until.is_some() {
+            return;
+        }
         self.listeners[index].backlog = false;
         for _ in 0..ACCEPT_BUDGET {
             if self.shared.relays_live.load(Ordering::Relaxed) >= self.relay_cap {
                 self.reach_relay_cap(now);
                 return;
             }
+            let runtime = Arc::clone(&self.listeners[index].runtime);
+            let Some(reservation) = runtime.reserve() else {
+                self.reach_listener_cap(index, now);
+                return;
+            };
             let accepted = match self.listeners[index].socket.as_ref() {
                 Some(socket) => socket.accept(),
                 None => return,
             };
             match accepted {
-                Ok((client, addr)) => {
-                    let runtime = Arc::clone(&self.listeners[index].runtime);
-                    self.start_relay(client, addr, runtime, now);
-                }
+                Ok((client, addr)) => match runtime.admit(reservation, addr.ip()) {
+                    Ok(admission) => self.start_relay(client, addr, runtime, admission, now),
+                    Err(refused) => self.refuse(client, addr, &runtime, refused, now),
+                },
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if out_of_fds(&e) => {
@@ -397,7 +405,67 @@ impl Worker {
         }
     }
 
+    /// Stops accepting on one listener at its own max-conns until one of
+    /// its relays closes here, or briefly when they live in another worker.
+    fn reach_listener_cap(&mut self, index: usize, now: Instant) {
+        self.listeners[index].full_until = Some(now + CAP_RECHECK);
+        let counters = self.listeners[index].runtime.counters(self.index);
+        CounterBlock::add(&counters.listener_limit_pauses, 1);
+        if self.accept_warnings.allow(now).is_some() {
+            let listener = &self.listeners[index].runtime;
+            tracing::warn!(
+                worker = self.index,
+                listener = listener.label(),
+                max_conns = listener.config.max_conns,
+                "listener at its max-conns: new connections wait in the listen backlog"
+            );
+        }
+    }
+
+    /// Resets a client the listener refused, counts it and logs it
+    /// (rate-limited). No upstream was contacted.
+    fn refuse(
+        &mut self,
+        client: TcpStream,
+        addr: SocketAddr,
+        listener: &Listener,
+        refused: Refused,
+        now: Instant,
+    ) {
+        let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
+        drop(client);
+        let counters = listener.counters(self.index);
+        let (counter, why) = match refused {
+            Refused::Denied => (&counters.refused_denied, "not allowed by allow/deny"),
+            Refused::PerSource => (
+                &counters.refused_max_conns_per_source,
+                "its address is at max-conns-per-source",
+            ),
+        };
+        CounterBlock::add(counter, 1);
+        match self.refusal_warnings.allow(now) {
+            Some(held_back) => tracing::warn!(
+                worker = self.index,
+                listener = listener.label(),
+                client = %addr,
+                similar_warnings_held_back = held_back,
+                "client refused (reset): {why}"
+            ),
+            None => {
+                tracing::debug!(listener = listener.label(), client = %addr, "client refused (reset): {why}")
+            }
+        }
+    }
+
     fn resume_accepting(&mut self, now: Instant) {
+        for i in 0..self.listeners.len() {
+            if self.listeners[i].full_until.is_some_and(|t| t <= now) {
+                self.listeners[i].full_until = None;
+                if self.accept_paused_until.is_none() {
+                    self.accept(i, now);
+                }
+            }
+        }
         if self.accept_paused_until.is_some_and(|t| t <= now) {
             self.accept_paused_until = None;
             for i in 0..self.listeners.len() {
@@ -417,6 +485,7 @@ impl Worker {
         client: TcpStream,
         client_addr: SocketAddr,
         listener: Arc<Listener>,
+        admission: Admission,
         now: Instant,
     ) {
         let counters = listener.counters(self.index);
@@ -424,10 +493,12 @@ impl Worker {
         let id = next_relay_id();
         // Database traffic is small request/response: never delay it.
         let _ = client.set_nodelay(true);
-        let mut round = Round::new(&listener.pool);
+        self.tune(&listener, &client, Side::Client, now);
+        let mut round = Round::new(&listener.pool, client_addr.ip());
         let Some(upstream) = self.connect_next(id, &mut round, &listener, now) else {
             tracing::info!(
                 relay = id,
+                listener = listener.label(),
                 client = %client_addr,
                 reason = %CloseReason::ConnectFailed,
                 "relay closed"
@@ -442,6 +513,7 @@ impl Worker {
             listener,
             client,
             client_addr,
+            admission,
         };
         let relay = Relay::new(accepted, upstream, round, now);
         self.admit(relay, now);
@@ -545,8 +617,8 @@ impl Worker {
         now: Instant,
     ) -> Option<(TcpStream, SocketAddr)> {
         let mut out_of_fds_error = None;
-        let next = round.connect_next(&listener.pool, |server, e, more| {
-            self.connect_failed(listener, relay, server, e, more, now);
+        let next = round.connect_next(&listener.pool, now, |server, e, more| {
+            self.connect_failed(relay, listener, server, e, more, now);
             if out_of_fds(e) {
                 out_of_fds_error =
                     Some(io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(0)));
@@ -555,15 +627,34 @@ impl Worker {
         if let Some(e) = out_of_fds_error {
             self.pause_accepting(now, &e);
         }
+        if let Some((stream, _)) = &next {
+            self.tune(listener, stream, Side::Upstream, now);
+        }
         next
+    }
+
+    /// Keepalive and TCP_USER_TIMEOUT on a relay's socket; a failure is
+    /// logged (rate-limited) and the relay goes on without them.
+    fn tune(&mut self, listener: &Listener, stream: &TcpStream, side: Side, now: Instant) {
+        if let Err(e) = listener.tune(stream) {
+            if let Some(held_back) = self.connect_warnings.allow(now) {
+                tracing::warn!(
+                    worker = self.index,
+                    listener = listener.label(),
+                    error = %e,
+                    similar_warnings_held_back = held_back,
+                    "internal: cannot set keepalive/user-timeout on the {side} socket"
+                );
+            }
+        }
     }
 
     /// Counts a failed connect attempt and warns (rate-limited) naming the
     /// server and the error, and whether another server is tried.
     fn connect_failed(
         &mut self,
-        listener: &Listener,
         relay: u64,
+        listener: &Listener,
         server: SocketAddr,
         e: &io::Error,
         trying_next: bool,
@@ -579,6 +670,7 @@ impl Worker {
             Some(held_back) => tracing::warn!(
                 worker = self.index,
                 relay,
+                listener = listener.label(),
                 upstream = %server,
                 error = %e,
                 similar_warnings_held_back = held_back,
@@ -643,6 +735,7 @@ impl Worker {
         match outcome {
             Connect::Pending => {}
             Connect::Established => {
+                relay.round.succeeded(&relay.listener.pool);
                 relay.upstream.set_nodelay();
                 relay.core.connected(now);
                 tracing::debug!(
@@ -657,6 +750,7 @@ impl Worker {
                 // The server accepted: this is a connection that reset, not
                 // a failed connect, so the client gets a reset too and no
                 // other server is tried.
+                relay.round.succeeded(&relay.listener.pool);
                 relay.core.connected(now);
                 let e = RelayError::new(Side::Upstream, Op::Read, e);
                 self.close(key, CloseReason::UpstreamReset, Some(&e), now);
@@ -667,12 +761,13 @@ impl Worker {
 
     /// Moves on to the next server after a failed or timed-out connect.
     fn next_connect_attempt(&mut self, key: usize, error: io::Error, now: Instant) {
-        let relay = &self.relays[key];
+        let relay = &mut self.relays[key];
         let (id, failed, listener) = (relay.id, relay.upstream_addr, Arc::clone(&relay.listener));
-        let mut round = relay.round;
+        let mut round = std::mem::replace(&mut relay.round, Round::empty());
+        round.failed(&listener.pool, now);
         let more = round.has_next(&listener.pool);
         if let Some(failed) = failed {
-            self.connect_failed(&listener, id, failed, &error, more, now);
+            self.connect_failed(id, &listener, failed, &error, more, now);
         }
         let token = token::relay(RelayRef { key, id }, Peer::Upstream);
         let mut error = Some(error);
@@ -689,7 +784,7 @@ impl Worker {
                 Ok(()) => break Some((stream, server)),
                 Err(e) => {
                     let more = round.has_next(&listener.pool);
-                    self.connect_failed(&listener, id, server, &e, more, now);
+                    self.connect_failed(id, &listener, server, &e, more, now);
                     error = Some(e);
                 }
             }
@@ -814,7 +909,14 @@ impl Worker {
         let counters = relay.listener.counters(self.index);
         counters.closed(reason);
         CounterBlock::sub(&counters.relays_active, 1);
+        let listener = relay.listener.id;
         relay.close(reason, error, now, &mut self.pools);
+        // Its room under the listener's max-conns is free again.
+        for slot in &mut self.listeners {
+            if slot.runtime.id == listener && slot.full_until.is_some() {
+                slot.full_until = Some(now);
+            }
+        }
         self.shared.relays_live.fetch_sub(1, Ordering::Relaxed);
         // Freed fds may let a paused accept succeed now.
         if self.accept_paused_until.is_some() {

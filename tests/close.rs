@@ -351,7 +351,8 @@ fn reused_relay_slots_never_pump_a_connecting_relay() {
         let (_l, _filler, hole) = black_hole();
         let h = proxy(mode, vec![firehose.addr], |c| {
             let mut second = c.listeners[0].clone();
-            second.upstreams = vec![hole, echo.addr];
+            second.name = "failover".into();
+            second.set_upstreams(&[hole, echo.addr]);
             second.timeouts.connect = Some(Duration::from_millis(200));
             c.listeners.push(second);
         });

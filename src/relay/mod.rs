@@ -28,7 +28,7 @@ pub(crate) use direction::{DirState, Direction};
 use crate::config::Timeouts;
 use crate::engine::{Engine, Pools, Slot, Stream, Wire};
 use crate::error::{Op, RelayError};
-use crate::listener::Listener;
+use crate::listener::{Admission, Listener};
 use crate::stats::{CloseReason, CounterBlock};
 use crate::upstream::Round;
 use report::{RelayReport, Reporter};
@@ -78,6 +78,8 @@ pub(crate) struct Relay {
     pub(crate) upstream_addr: Option<SocketAddr>,
     /// This relay's connect attempts over the listener's pool.
     pub(crate) round: Round,
+    /// Its room under the listener's limits, given back when it closes.
+    _admission: Admission,
     pub(crate) core: RelayCore,
     /// The deadline this relay currently has an entry for in the timer heap.
     pub(crate) armed_at: Option<Instant>,
@@ -109,6 +111,7 @@ pub(crate) struct HandedOff {
     pub(crate) client_preread: Vec<u8>,
     pub(crate) upstream_preread: Vec<u8>,
     pub(crate) reporter: Arc<Reporter>,
+    pub(crate) admission: Admission,
 }
 
 /// The accepted client of a new relay.
@@ -117,6 +120,7 @@ pub(crate) struct Accepted {
     pub(crate) listener: Arc<Listener>,
     pub(crate) client: TcpStream,
     pub(crate) client_addr: SocketAddr,
+    pub(crate) admission: Admission,
 }
 
 impl Relay {
@@ -133,6 +137,7 @@ impl Relay {
             listener,
             client,
             client_addr,
+            admission,
         } = accepted;
         let mode = listener.config.mode;
         Relay {
@@ -143,6 +148,7 @@ impl Relay {
             upstream: Stream::Tcp(upstream.0),
             upstream_addr: Some(upstream.1),
             round,
+            _admission: admission,
             core: RelayCore::new(now),
             armed_at: None,
             queued: false,
@@ -179,7 +185,7 @@ impl Relay {
         core.connected(now);
         core.preload(Peer::Client, pair.client_preread.len());
         core.preload(Peer::Upstream, pair.upstream_preread.len());
-        let round = Round::new(&pair.listener.pool);
+        let round = Round::new(&pair.listener.pool, std::net::Ipv4Addr::UNSPECIFIED.into());
         Ok(Relay {
             id: pair.id,
             span: tracing::info_span!("relay", id = pair.id, handoff = true),
@@ -194,6 +200,7 @@ impl Relay {
             c2u_slot,
             u2c_slot,
             reporter: Some(pair.reporter),
+            _admission: pair.admission,
         })
     }
 

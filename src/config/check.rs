@@ -1,0 +1,187 @@
+//! The effective config as TOML, every default filled in: what `spliced
+//! check` prints. It parses back to the same [`Config`] (a unit test holds
+//! it to that), so it can be saved and used as the config itself.
+
+use serde::Serialize;
+
+use super::*;
+
+#[derive(Serialize)]
+struct File {
+    global: Global,
+    listener: Vec<Listener>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct Global {
+    workers: usize,
+    /// Absent: derived from the fd limit at start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_conns: Option<usize>,
+    pipe_size: String,
+    max_pipes: usize,
+    pipe_budget: String,
+    drain_timeout: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct Listener {
+    name: String,
+    listen: Vec<String>,
+    mode: &'static str,
+    idle_timeout: String,
+    fin_timeout: String,
+    connect_timeout: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_conns: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_conns_per_source: Option<usize>,
+    allow: Vec<String>,
+    deny: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    accept_proxy: Option<AcceptProxyOut>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    keepalive: Option<KeepaliveOut>,
+    user_timeout: String,
+    pool: Pool,
+}
+
+#[derive(Serialize)]
+struct AcceptProxyOut {
+    trusted: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct KeepaliveOut {
+    idle: String,
+    interval: String,
+    count: u32,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct Pool {
+    balance: &'static str,
+    retries: usize,
+    on_down: &'static str,
+    resolve_interval: String,
+    send_proxy: &'static str,
+    servers: Vec<Server>,
+    health: Health,
+}
+
+#[derive(Serialize)]
+struct Server {
+    address: String,
+    weight: u32,
+    backup: bool,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct Health {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    check: Option<&'static str>,
+    interval: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rise: Option<u32>,
+    fall: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    password_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    database: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path: Option<String>,
+}
+
+fn nets(list: &[ipnet::IpNet]) -> Vec<String> {
+    list.iter().map(ToString::to_string).collect()
+}
+
+fn listener(l: &ListenerConfig) -> Listener {
+    let h = &l.pool.health;
+    let active = h.check.is_some();
+    Listener {
+        name: l.name.clone(),
+        listen: l.listen.iter().map(ToString::to_string).collect(),
+        mode: l.mode.as_str(),
+        idle_timeout: format_duration(l.timeouts.idle),
+        fin_timeout: format_duration(l.timeouts.fin),
+        connect_timeout: format_duration(l.timeouts.connect),
+        max_conns: l.max_conns,
+        max_conns_per_source: l.max_conns_per_source,
+        allow: nets(&l.access.allow),
+        deny: nets(&l.access.deny),
+        accept_proxy: l.accept_proxy.as_ref().map(|a| AcceptProxyOut {
+            trusted: nets(&a.trusted),
+        }),
+        keepalive: l.keepalive.map(|k| KeepaliveOut {
+            idle: format_duration(Some(k.idle)),
+            interval: format_duration(Some(k.interval)),
+            count: k.count,
+        }),
+        user_timeout: format_duration(l.user_timeout),
+        pool: Pool {
+            balance: l.pool.balance.as_str(),
+            retries: l
+                .pool
+                .retries
+                .unwrap_or(l.pool.servers.len().saturating_sub(1)),
+            on_down: l.pool.on_down.as_str(),
+            resolve_interval: format_duration(l.pool.resolve_interval),
+            send_proxy: l.pool.send_proxy.as_str(),
+            servers: l
+                .pool
+                .servers
+                .iter()
+                .map(|s| Server {
+                    address: s.address.clone(),
+                    weight: s.weight,
+                    backup: s.backup,
+                })
+                .collect(),
+            // Without an active check only `fall` and `interval` (the
+            // first retry of a down server) mean anything.
+            health: Health {
+                check: h.check.map(Check::as_str),
+                interval: format_duration(Some(h.interval)),
+                timeout: active.then(|| format_duration(Some(h.timeout))),
+                rise: active.then_some(h.rise),
+                fall: h.fall,
+                role: active.then(|| h.role.as_str()),
+                user: h.user.clone(),
+                password_file: h.password_file.clone(),
+                database: h.database.clone(),
+                port: h.port,
+                path: h.path.clone(),
+            },
+        },
+    }
+}
+
+/// The effective config as a TOML document.
+pub fn effective_toml(config: &Config) -> String {
+    let file = File {
+        global: Global {
+            workers: config.workers,
+            max_conns: config.max_relays,
+            pipe_size: format_size(config.pipe_size),
+            max_pipes: config.max_pipes_per_worker,
+            pipe_budget: format_size(config.pipe_budget),
+            drain_timeout: format_duration(config.drain_timeout),
+        },
+        listener: config.listeners.iter().map(listener).collect(),
+    };
+    // Serialising plain strings, numbers and tables cannot fail.
+    toml::to_string_pretty(&file).unwrap_or_else(|e| format!("# cannot show the config: {e}\n"))
+}

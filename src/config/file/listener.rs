@@ -1,0 +1,356 @@
+//! The top of the file, `[global]`, `[defaults]` and each `[[listener]]`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::time::Duration;
+
+use toml::de::{DeTable, DeValue};
+
+use super::pool::read_pool;
+use super::values::{join, Cx, Value};
+use super::FlagDefaults;
+use crate::config::*;
+
+/// Keys a listener may set itself or inherit from `[defaults]`.
+#[derive(Clone, Debug, Default)]
+struct Inherited {
+    mode: Option<Mode>,
+    idle: Option<Option<Duration>>,
+    fin: Option<Option<Duration>>,
+    connect: Option<Option<Duration>>,
+    max_conns: Option<usize>,
+    max_conns_per_source: Option<usize>,
+    keepalive: Option<Keepalive>,
+    user_timeout: Option<Option<Duration>>,
+}
+
+const INHERITED: &[&str] = &[
+    "mode",
+    "idle-timeout",
+    "fin-timeout",
+    "connect-timeout",
+    "max-conns",
+    "max-conns-per-source",
+    "keepalive",
+    "user-timeout",
+];
+
+impl Inherited {
+    /// Reads `name` if it is an inheritable key; false if it is not one.
+    fn read(&mut self, cx: &mut Cx, name: &str, v: &Value<'_>, key: &str) -> bool {
+        const MAX: u64 = 1 << 32;
+        match name {
+            "mode" => {
+                self.mode = cx.choice(v, key, |s| s.parse().ok(), &["splice", "copy", "auto"])
+            }
+            "idle-timeout" => self.idle = cx.duration(v, key),
+            "fin-timeout" => self.fin = cx.duration(v, key),
+            "connect-timeout" => self.connect = cx.duration(v, key),
+            "user-timeout" => self.user_timeout = cx.duration(v, key),
+            "max-conns" => self.max_conns = cx.uint(v, key, 1, MAX).map(|n| n as usize),
+            "max-conns-per-source" => {
+                self.max_conns_per_source = cx.uint(v, key, 1, MAX).map(|n| n as usize)
+            }
+            "keepalive" => self.keepalive = read_keepalive(cx, v, key),
+            _ => return false,
+        }
+        true
+    }
+
+    /// `self` over `under`: what a listener sets wins over the defaults.
+    fn over(self, under: &Inherited) -> Inherited {
+        Inherited {
+            mode: self.mode.or(under.mode),
+            idle: self.idle.or(under.idle),
+            fin: self.fin.or(under.fin),
+            connect: self.connect.or(under.connect),
+            max_conns: self.max_conns.or(under.max_conns),
+            max_conns_per_source: self.max_conns_per_source.or(under.max_conns_per_source),
+            keepalive: self.keepalive.or(under.keepalive),
+            user_timeout: self.user_timeout.or(under.user_timeout),
+        }
+    }
+}
+
+fn read_keepalive(cx: &mut Cx, v: &Value<'_>, key: &str) -> Option<Keepalive> {
+    let table = cx.table(v, key)?;
+    let (mut idle, mut interval, mut count) = (None, None, None);
+    let known = ["idle", "interval", "count"];
+    for (k, v) in table.iter() {
+        let path = join(key, k.get_ref());
+        match k.get_ref().as_ref() {
+            "idle" => idle = cx.positive_duration(v, &path),
+            "interval" => interval = cx.positive_duration(v, &path),
+            "count" => count = cx.uint(v, &path, 1, 127).map(|n| n as u32),
+            _ => cx.unknown(k, key, &known),
+        }
+    }
+    let default = Keepalive {
+        idle: Duration::from_secs(60),
+        interval: Duration::from_secs(10),
+        count: 3,
+    };
+    Some(Keepalive {
+        idle: idle.unwrap_or(default.idle),
+        interval: interval.unwrap_or(default.interval),
+        count: count.unwrap_or(default.count),
+    })
+}
+
+pub(super) fn read_root(cx: &mut Cx, root: &DeTable<'_>, flags: &FlagDefaults) -> Option<Config> {
+    let mut config = Config::single(([127, 0, 0, 1], 0).into(), Vec::new(), Mode::Splice);
+    config.listeners.clear();
+    let mut defaults = Inherited::default();
+    let mut listeners = None;
+    for (k, v) in root.iter() {
+        let name = k.get_ref().as_ref();
+        match name {
+            "defaults" => {
+                if let Some(t) = cx.table(v, name) {
+                    for (k, v) in t.iter() {
+                        let key = join("defaults", k.get_ref());
+                        if !defaults.read(cx, k.get_ref(), v, &key) {
+                            cx.unknown(k, "defaults", INHERITED);
+                        }
+                    }
+                }
+            }
+            "global" => read_global(cx, v, &mut config),
+            "listener" => listeners = Some(v),
+            _ => cx.unknown(k, "", &["global", "defaults", "listener"]),
+        }
+    }
+    let flagged = Inherited {
+        mode: flags.mode,
+        idle: flags.idle_timeout,
+        fin: flags.fin_timeout,
+        connect: flags.connect_timeout,
+        ..Inherited::default()
+    };
+    let defaults = flagged.over(&defaults);
+    let Some(listeners) = listeners else {
+        cx.error(
+            &(0..0),
+            "listener",
+            "no [[listener]] table: a config needs at least one",
+        );
+        return None;
+    };
+    let DeValue::Array(items) = listeners.get_ref() else {
+        cx.error(
+            &listeners.span(),
+            "listener",
+            "expected [[listener]] tables",
+        );
+        return None;
+    };
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut addresses: Vec<(SocketAddr, String, usize)> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let Some(table) = cx.table(item, &format!("listener[{i}]")) else {
+            continue;
+        };
+        if let Some(l) = read_listener(cx, table, i, &item.span(), &defaults) {
+            let span_of = |key: &str| table.get(key).map_or(item.span(), |v| v.span());
+            let (name_span, listen_span) = (span_of("name"), span_of("listen"));
+            let line = cx.line(&name_span);
+            if let Some(first) = names.insert(l.name.clone(), line) {
+                cx.error(
+                    &name_span,
+                    &format!("listener[{}].name", l.name),
+                    format!("the name is already used by the listener on line {first}"),
+                );
+            }
+            let line = cx.line(&listen_span);
+            for &addr in &l.listen {
+                if let Some((other, owner, at)) =
+                    addresses.iter().find(|(a, ..)| overlaps(*a, addr))
+                {
+                    cx.error(
+                        &listen_span,
+                        &format!("listener[{}].listen", l.name),
+                        format!("{addr} overlaps {other} of listener '{owner}' (line {at})"),
+                    );
+                }
+                addresses.push((addr, l.name.clone(), line));
+            }
+            config.listeners.push(l);
+        }
+    }
+    Some(config)
+}
+
+/// Two listen addresses that cannot both be bound: equal, or a wildcard
+/// and an address of the same family and port. Port 0 never collides.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+fn read_global(cx: &mut Cx, v: &Value<'_>, config: &mut Config) {
+    let Some(t) = cx.table(v, "global") else {
+        return;
+    };
+    let known = [
+        "workers",
+        "max-conns",
+        "pipe-size",
+        "max-pipes",
+        "pipe-budget",
+        "drain-timeout",
+    ];
+    for (k, v) in t.iter() {
+        let key = join("global", k.get_ref());
+        match k.get_ref().as_ref() {
+            "workers" => {
+                if let Some(n) = cx.uint(v, &key, 1, 1024) {
+                    config.workers = n as usize;
+                }
+            }
+            "max-conns" => config.max_relays = cx.uint(v, &key, 1, 1 << 32).map(|n| n as usize),
+            "pipe-size" => {
+                if let Some(n) = cx.size(v, &key) {
+                    config.pipe_size = n;
+                }
+            }
+            "max-pipes" => {
+                if let Some(n) = cx.uint(v, &key, 0, 1 << 32) {
+                    config.max_pipes_per_worker = n as usize;
+                }
+            }
+            "pipe-budget" => {
+                if let Some(n) = cx.size(v, &key) {
+                    config.pipe_budget = n;
+                }
+            }
+            "drain-timeout" => {
+                if let Some(d) = cx.duration(v, &key) {
+                    config.drain_timeout = d;
+                }
+            }
+            _ => cx.unknown(k, "global", &known),
+        }
+    }
+}
+
+fn read_listener(
+    cx: &mut Cx,
+    t: &DeTable<'_>,
+    index: usize,
+    span: &Range<usize>,
+    defaults: &Inherited,
+) -> Option<ListenerConfig> {
+    let name = t
+        .get("name")
+        .and_then(|v| v.get_ref().as_str())
+        .map(str::to_string);
+    let path = format!(
+        "listener[{}]",
+        name.as_deref().unwrap_or(&index.to_string())
+    );
+    let known: Vec<&str> = ["name", "listen", "allow", "deny", "accept-proxy", "pool"]
+        .into_iter()
+        .chain(INHERITED.iter().copied())
+        .collect();
+    let mut own = Inherited::default();
+    let mut listen = Vec::new();
+    let mut listen_seen = false;
+    let mut access = Access::default();
+    let mut accept_proxy = None;
+    let mut pool = None;
+    for (k, v) in t.iter() {
+        let name_k = k.get_ref().as_ref();
+        let key = join(&path, name_k);
+        if own.read(cx, name_k, v, &key) {
+            continue;
+        }
+        match name_k {
+            "name" => {
+                if let Some(s) = cx.string(v, &key) {
+                    if s.trim().is_empty() || s.chars().any(char::is_control) {
+                        cx.error(
+                            &v.span(),
+                            &key,
+                            "must be a non-empty name without control characters",
+                        );
+                    }
+                }
+            }
+            "listen" => {
+                listen_seen = true;
+                for (i, (text, span)) in cx.strings(v, &key).into_iter().enumerate() {
+                    match resolve_listen(text) {
+                        Ok(addrs) => listen.extend(addrs),
+                        Err(e) => cx.error(&span, &format!("{key}[{i}]"), e),
+                    }
+                }
+                if listen.is_empty() && !cx.errors.iter().any(|d| d.key.starts_with(&key)) {
+                    cx.error(&v.span(), &key, "no address to listen on");
+                }
+            }
+            "allow" => access.allow = cx.cidrs(v, &key),
+            "deny" => access.deny = cx.cidrs(v, &key),
+            "accept-proxy" => {
+                if let Some(at) = cx.table(v, &key) {
+                    let mut trusted = Vec::new();
+                    for (k2, v2) in at.iter() {
+                        match k2.get_ref().as_ref() {
+                            "trusted" => trusted = cx.cidrs(v2, &join(&key, "trusted")),
+                            _ => cx.unknown(k2, &key, &["trusted"]),
+                        }
+                    }
+                    if trusted.is_empty() {
+                        cx.error(
+                            &v.span(),
+                            &key,
+                            "trusted lists no source: PROXY headers would be accepted from nobody",
+                        );
+                    }
+                    cx.unsupported(&v.span(), &key, "reading PROXY headers (accept-proxy)");
+                    accept_proxy = Some(AcceptProxy { trusted });
+                }
+            }
+            "pool" => pool = read_pool(cx, v, &key),
+            _ => cx.unknown(k, &path, &known),
+        }
+    }
+    let Some(name) = name else {
+        cx.error(span, &path, "missing key 'name'");
+        return None;
+    };
+    if !listen_seen {
+        cx.error(span, &path, "missing key 'listen'");
+    }
+    let Some(pool) = pool else {
+        if !t.contains_key("pool") {
+            cx.error(
+                span,
+                &join(&path, "pool"),
+                "missing [listener.pool] with at least one server",
+            );
+        }
+        return None;
+    };
+    let s = own.over(defaults);
+    let base = Timeouts::default();
+    Some(ListenerConfig {
+        name,
+        listen,
+        pool,
+        mode: s.mode.unwrap_or(Mode::Splice),
+        timeouts: Timeouts {
+            idle: s.idle.unwrap_or(base.idle),
+            fin: s.fin.unwrap_or(base.fin),
+            connect: s.connect.unwrap_or(base.connect),
+        },
+        max_conns: s.max_conns,
+        max_conns_per_source: s.max_conns_per_source,
+        access,
+        accept_proxy,
+        keepalive: s.keepalive,
+        user_timeout: s.user_timeout.flatten(),
+    })
+}

@@ -1,0 +1,342 @@
+//! Validated settings: what the CLI flags and the config file turn into.
+//!
+//! A [`Config`] holds several [`ListenerConfig`]s, each with its own pool,
+//! limits, engine and timeouts, and every worker serves all of them. A
+//! relay keeps an `Arc` to its listener's settings, so per-listener changes
+//! never touch the hot path.
+//!
+//! | file | what lives there |
+//! |---|---|
+//! | `mod.rs` | `Config`, `ListenerConfig`, `Timeouts`, `Mode`, validation |
+//! | `pool.rs` | pools, servers, health, access lists, keepalive |
+//! | `parse.rs` | durations, sizes, addresses |
+//! | `file/` | the TOML file: every error with its key and line (`values.rs` typed values, `listener.rs` the top tables and listeners, `pool.rs` pools and health) |
+//! | `check.rs` | the effective config as TOML (`spliced check`) |
+
+mod check;
+mod file;
+mod parse;
+mod pool;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub use check::effective_toml;
+pub use file::{load, parse_str, Diagnostic, FlagDefaults, Loaded};
+pub use parse::*;
+pub use pool::*;
+
+/// How a listener's relays move bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// socket → pipe → socket with splice(2); falls back to copy per direction.
+    Splice,
+    /// read(2)/write(2) through a userspace buffer.
+    Copy,
+    /// Per direction: copy while it carries small messages, splice once it
+    /// streams, and back; the engine changes only with the buffer empty.
+    Auto,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Splice => "splice",
+            Mode::Copy => "copy",
+            Mode::Auto => "auto",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "splice" => Ok(Mode::Splice),
+            "copy" => Ok(Mode::Copy),
+            "auto" => Ok(Mode::Auto),
+            other => Err(format!(
+                "unknown mode '{other}' (expected splice, copy or auto)"
+            )),
+        }
+    }
+}
+
+/// Deadlines of one listener's relays. `None` disables a deadline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Close a relay when no byte moved either way for this long.
+    pub idle: Option<Duration>,
+    /// The inactivity limit once either direction has seen EOF.
+    pub fin: Option<Duration>,
+    /// Bounds each upstream connect attempt.
+    pub connect: Option<Duration>,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            idle: Some(Duration::from_secs(3600)),
+            fin: Some(Duration::from_secs(60)),
+            connect: Some(Duration::from_secs(5)),
+        }
+    }
+}
+
+/// One listener: the addresses it accepts on, who may connect, and the
+/// pool its connections go to.
+#[derive(Clone, Debug)]
+pub struct ListenerConfig {
+    /// Unique within a config; names the listener in log lines.
+    pub name: String,
+    /// Every address is bound by every worker; `:PORT` yields both the IPv4
+    /// and the IPv6 wildcard, and a host name every address it resolves to.
+    pub listen: Vec<SocketAddr>,
+    pub pool: PoolConfig,
+    pub mode: Mode,
+    pub timeouts: Timeouts,
+    /// This listener's relays at most; at the limit it stops accepting and
+    /// clients wait in the listen backlog.
+    pub max_conns: Option<usize>,
+    /// Live relays per client IP at most; past it, new connections are reset.
+    pub max_conns_per_source: Option<usize>,
+    pub access: Access,
+    /// Read a PROXY header from these sources (not supported by the proxy yet).
+    pub accept_proxy: Option<AcceptProxy>,
+    /// Keepalive probes on both sockets; `None` keeps the system's setting.
+    pub keepalive: Option<Keepalive>,
+    /// TCP_USER_TIMEOUT on both sockets.
+    pub user_timeout: Option<Duration>,
+}
+
+impl ListenerConfig {
+    /// The settings of pairs handed to a runtime: no address, no servers.
+    pub fn handoff(mode: Mode, timeouts: Timeouts) -> Self {
+        let mut l = ListenerConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), Vec::new(), mode);
+        l.name = "handoff".into();
+        l.listen.clear();
+        l.timeouts = timeouts;
+        l
+    }
+
+    /// A listener named after its address, with every server an IP address.
+    pub fn new(listen: SocketAddr, upstreams: Vec<SocketAddr>, mode: Mode) -> Self {
+        ListenerConfig {
+            name: listen.to_string(),
+            listen: vec![listen],
+            pool: PoolConfig::new(
+                upstreams
+                    .iter()
+                    .map(|a| ServerConfig::new(a.to_string()))
+                    .collect(),
+            ),
+            mode,
+            timeouts: Timeouts::default(),
+            max_conns: None,
+            max_conns_per_source: None,
+            access: Access::default(),
+            accept_proxy: None,
+            keepalive: None,
+            user_timeout: None,
+        }
+    }
+
+    /// Replaces the pool's servers by these addresses.
+    pub fn set_upstreams(&mut self, upstreams: &[SocketAddr]) {
+        self.pool.servers = upstreams
+            .iter()
+            .map(|a| ServerConfig::new(a.to_string()))
+            .collect();
+    }
+}
+
+/// Default capacity asked of each pooled pipe (F_SETPIPE_SZ). See docs/BENCHMARKS.md
+/// for the measurements behind it.
+pub const DEFAULT_PIPE_SIZE: usize = 1 << 20;
+/// Default size of a copy-engine buffer.
+pub const DEFAULT_COPY_BUFFER: usize = 64 * 1024;
+
+/// Process-wide settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listeners: Vec<ListenerConfig>,
+    /// Worker threads, each with its own event loop and SO_REUSEPORT listener.
+    pub workers: usize,
+    /// Capacity asked of pooled pipes; 0 keeps the kernel default (64 KiB).
+    pub pipe_size: usize,
+    /// Most pipes one worker holds (in use plus pooled); past it, directions copy.
+    pub max_pipes_per_worker: usize,
+    /// Most empty pipes one worker keeps for reuse.
+    pub max_idle_pipes_per_worker: usize,
+    /// Bytes of enlarged pipe capacity the whole process may hold (split
+    /// evenly between workers). Past it, new pipes keep the kernel's default
+    /// size. The default is half of `pipe-user-pages-soft`, the per-user
+    /// allowance past which the kernel itself refuses to enlarge pipes.
+    pub pipe_budget: usize,
+    pub copy_buffer_size: usize,
+    /// Most relays at once, over all workers. `None` derives it from the fd
+    /// limit (two sockets per relay, a reserve kept), so accepted clients
+    /// never fail for want of an upstream socket: past the cap, new
+    /// connections wait in the listen backlog.
+    pub max_relays: Option<usize>,
+    /// How long live relays may finish after the first SIGTERM/SIGINT.
+    pub drain_timeout: Option<Duration>,
+}
+
+impl Config {
+    /// A config with one listener and default settings.
+    pub fn single(listen: SocketAddr, upstreams: Vec<SocketAddr>, mode: Mode) -> Self {
+        Config {
+            listeners: vec![ListenerConfig::new(listen, upstreams, mode)],
+            workers: default_workers(),
+            pipe_size: DEFAULT_PIPE_SIZE,
+            max_pipes_per_worker: 4096,
+            max_idle_pipes_per_worker: 64,
+            pipe_budget: default_pipe_budget(),
+            copy_buffer_size: DEFAULT_COPY_BUFFER,
+            max_relays: None,
+            drain_timeout: Some(Duration::from_secs(30)),
+        }
+    }
+
+    /// Checks what types cannot: non-empty lists, unique names, sane sizes.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.listeners.is_empty() {
+            return Err(ConfigError("no listener configured".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for l in &self.listeners {
+            if !names.insert(l.name.as_str()) {
+                return Err(ConfigError(format!("two listeners are named '{}'", l.name)));
+            }
+            if l.pool.servers.is_empty() {
+                return Err(ConfigError(format!(
+                    "listener '{}' has no upstream server",
+                    l.name
+                )));
+            }
+            for s in &l.pool.servers {
+                s.host_port()
+                    .map_err(|e| ConfigError(format!("listener '{}': server {e}", l.name)))?;
+                if s.weight == 0 || s.weight > MAX_WEIGHT {
+                    return Err(ConfigError(format!(
+                        "listener '{}': server {} has weight {} (1 to {MAX_WEIGHT})",
+                        l.name, s.address, s.weight
+                    )));
+                }
+            }
+            if l.pool.health.fall == 0 || l.pool.health.rise == 0 {
+                return Err(ConfigError(format!(
+                    "listener '{}': health rise and fall must be at least 1",
+                    l.name
+                )));
+            }
+            if l.listen.is_empty() {
+                return Err(ConfigError(format!("listener '{}' has no address", l.name)));
+            }
+            if l.max_conns == Some(0) || l.max_conns_per_source == Some(0) {
+                return Err(ConfigError(format!(
+                    "listener '{}': a connection limit of 0 would refuse everyone",
+                    l.name
+                )));
+            }
+        }
+        self.validate_runtime()
+    }
+
+    /// Checks the settings a runtime needs even with no listener (one
+    /// that only relays handed-off pairs).
+    pub fn validate_runtime(&self) -> Result<(), ConfigError> {
+        if self.workers == 0 {
+            return Err(ConfigError("workers must be at least 1".into()));
+        }
+        if self.copy_buffer_size == 0 {
+            return Err(ConfigError("copy buffer size must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The first setting the proxy cannot carry out yet, worded for a
+    /// one-line error. Such a setting is refused, never ignored.
+    pub fn unsupported(&self) -> Option<ConfigError> {
+        self.listeners.iter().find_map(|l| {
+            let what = if l.accept_proxy.is_some() {
+                "accept-proxy (reading PROXY headers)"
+            } else if l.pool.send_proxy != SendProxy::None {
+                "pool.send-proxy (sending PROXY headers)"
+            } else if l.pool.health.check.is_some() {
+                "pool.health.check (active health checks)"
+            } else if l.pool.on_down == OnDown::Kill {
+                "pool.on-down = \"kill\""
+            } else {
+                return None;
+            };
+            Some(ConfigError(format!(
+                "listener '{}': {what} is not supported yet",
+                l.name
+            )))
+        })
+    }
+}
+
+/// Half of `pipe-user-pages-soft` in bytes; 32 MiB if it cannot be read,
+/// 1 GiB if the limit is off (0).
+pub fn default_pipe_budget() -> usize {
+    const PAGE: usize = 4096;
+    match std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+    {
+        Some(0) => 1 << 30,
+        Some(pages) => pages * PAGE / 2,
+        None => 32 << 20,
+    }
+}
+
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// A configuration problem, worded for a one-line error message. It names
+/// settings as the library knows them (`workers`, a listener's upstream
+/// servers); a front end (the CLI, a config file) maps them to its own
+/// words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_the_problem() {
+        let mut c = Config::single("127.0.0.1:1".parse().unwrap(), vec![], Mode::Splice);
+        assert!(c.validate().unwrap_err().0.contains("no upstream"));
+        c.listeners[0].set_upstreams(&["127.0.0.1:2".parse().unwrap()]);
+        assert!(c.validate().is_ok());
+        let twin = c.listeners[0].clone();
+        c.listeners.push(twin);
+        assert!(c.validate().unwrap_err().0.contains("two listeners"));
+        c.listeners.pop();
+        c.workers = 0;
+        assert!(c.validate().is_err());
+    }
+}

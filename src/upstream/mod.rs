@@ -1,0 +1,155 @@
+//! Upstream pools and the one connector: pick a server, start a
+//! non-blocking connect, and on failure pick the next.
+//!
+//! | file | what lives there |
+//! |---|---|
+//! | `mod.rs` | `Round` (one relay's attempts), the connect outcome |
+//! | `pool.rs` | `Pool`: members, live relays per server, passive health, the pick |
+//! | `balance.rs` | the policies as pure functions: weighted round-robin, least-conn, rendezvous hashing |
+//! | `resolve.rs` | the `Resolve` seam and the background re-resolution thread |
+
+mod balance;
+mod pool;
+pub(crate) mod resolve;
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use mio::net::TcpStream;
+
+pub(crate) use pool::{Lease, Pool};
+pub use resolve::{Resolve, SystemResolver};
+
+/// One relay's round of connect attempts over its listener's pool: at most
+/// the pool's `attempts()`, each to a server not tried yet. The current
+/// attempt's server is leased (it counts among that server's live relays
+/// until the relay closes or moves on).
+#[derive(Debug)]
+pub(crate) struct Round {
+    cursor: usize,
+    client: IpAddr,
+    max_attempts: usize,
+    tried: Vec<SocketAddr>,
+    current: Option<Lease>,
+}
+
+impl Round {
+    pub(crate) fn new(pool: &Pool, client: IpAddr) -> Round {
+        Round {
+            cursor: pool.next_cursor(),
+            client,
+            max_attempts: pool.attempts(),
+            tried: Vec::new(),
+            current: None,
+        }
+    }
+
+    /// A round with nothing to try (what a relay holds while its real
+    /// round is out being advanced).
+    pub(crate) fn empty() -> Round {
+        Round {
+            cursor: 0,
+            client: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            max_attempts: 0,
+            tried: Vec::new(),
+            current: None,
+        }
+    }
+
+    /// Whether another server may be tried after the current one (an
+    /// estimate for the log: the pool may change meanwhile).
+    pub(crate) fn has_next(&self, pool: &Pool) -> bool {
+        self.tried.len() < self.max_attempts
+            && pool
+                .members()
+                .servers
+                .iter()
+                .any(|s| !self.tried.contains(&s.addr))
+    }
+
+    /// Starts a connect to the next server. A connect that fails at once
+    /// (no route, out of fds) counts against the server, is reported to
+    /// `failed` with whether another server follows, and the next is
+    /// tried. `None` once no server is left to try.
+    pub(crate) fn connect_next(
+        &mut self,
+        pool: &Pool,
+        now: Instant,
+        mut failed: impl FnMut(SocketAddr, &io::Error, bool),
+    ) -> Option<(TcpStream, SocketAddr)> {
+        self.current = None;
+        while self.tried.len() < self.max_attempts {
+            let lease = pool.pick(
+                self.cursor + self.tried.len(),
+                self.client,
+                &self.tried,
+                now,
+            )?;
+            let server = lease.0.addr;
+            self.tried.push(server);
+            match TcpStream::connect(server) {
+                Ok(stream) => {
+                    self.current = Some(lease);
+                    return Some((stream, server));
+                }
+                Err(e) => {
+                    pool.failed(&lease.0, now);
+                    failed(server, &e, self.has_next(pool));
+                }
+            }
+        }
+        None
+    }
+
+    /// The current attempt's connect completed.
+    pub(crate) fn succeeded(&self, pool: &Pool) {
+        if let Some(lease) = &self.current {
+            pool.succeeded(&lease.0);
+        }
+    }
+
+    /// The current attempt's connect failed or timed out.
+    pub(crate) fn failed(&self, pool: &Pool, now: Instant) {
+        if let Some(lease) = &self.current {
+            pool.failed(&lease.0, now);
+        }
+    }
+}
+
+/// Where a non-blocking connect stands.
+#[derive(Debug)]
+pub(crate) enum Connect {
+    /// Still in the handshake (a spurious wakeup).
+    Pending,
+    Established,
+    /// The handshake completed, then the server reset the connection before
+    /// the connect event was handled: a connection that failed, not a
+    /// failed connect, so it must not fail over.
+    Lost(io::Error),
+    /// The handshake failed (refused, unreachable, timed out): try the next
+    /// server.
+    Failed(io::Error),
+}
+
+/// Reads a connect's outcome after an event on its socket (mio's recipe:
+/// register for WRITABLE, then `take_error`, then `peer_addr`).
+pub(crate) fn connect_result(stream: &TcpStream) -> Connect {
+    match stream.take_error() {
+        Ok(Some(e)) | Err(e) if established_then_lost(&e) => return Connect::Lost(e),
+        Ok(Some(e)) | Err(e) => return Connect::Failed(e),
+        Ok(None) => {}
+    }
+    match stream.peer_addr() {
+        Ok(_) => Connect::Established,
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Connect::Pending,
+        Err(e) => Connect::Failed(e),
+    }
+}
+
+/// Errors a socket only gets after its handshake completed: a reset (a
+/// reset during the handshake reads as ECONNREFUSED) or a write to a closed
+/// connection.
+fn established_then_lost(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ECONNRESET) | Some(libc::EPIPE))
+}

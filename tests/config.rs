@@ -1,0 +1,265 @@
+//! The config file: every example validates, `spliced check` lists every
+//! problem with its key and line, flags lay over `[defaults]`, and
+//! `spliced run --config` (or SPLICED_CONFIG) serves what the file says or
+//! refuses, on one line, what it cannot do yet.
+
+#[macro_use]
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use spliced::config::{self, Balance, FlagDefaults, Mode};
+
+/// A file under the temp dir, unique to this process and `name`.
+fn temp_file(name: &str, text: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("spliced-{}-{name}.toml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn errors(text: &str) -> Vec<String> {
+    match config::parse_str(text, &FlagDefaults::default()) {
+        Ok(_) => panic!("accepted:\n{text}"),
+        Err(d) => d.iter().map(ToString::to_string).collect(),
+    }
+}
+
+fn assert_has(errors: &[String], needles: &[&str]) {
+    assert!(
+        errors.iter().any(|e| needles.iter().all(|n| e.contains(n))),
+        "no error containing {needles:?} in:\n{}",
+        errors.join("\n")
+    );
+}
+
+const MINIMAL: &str = r#"
+[[listener]]
+name = "one"
+listen = ["127.0.0.1:0"]
+[listener.pool]
+servers = [{ address = "127.0.0.1:9" }]
+"#;
+
+#[test]
+fn every_example_validates_and_prints_a_config_that_parses_back() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let p = path.to_str().unwrap();
+        let (status, stdout, stderr) = run_bin(&["check", "--config", p], Duration::from_secs(20));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{p}: {status:?}\n{stderr}"
+        );
+        assert!(stdout.contains("[[listener]]"), "{p}: {stdout}");
+        // The effective config is itself a valid file, and a fixed point.
+        let again = config::parse_str(&stdout, &FlagDefaults::default())
+            .unwrap_or_else(|e| panic!("{p}: the printed config does not parse: {e:?}"));
+        assert_eq!(config::effective_toml(&again.config), stdout, "{p}");
+        checked += 1;
+    }
+    assert!(
+        checked >= 3,
+        "expected the PostgreSQL, Redis and MySQL examples, found {checked}"
+    );
+}
+
+#[test]
+fn defaults_are_inherited_and_flags_replace_them() {
+    let text = format!("[defaults]\nmode = \"copy\"\nidle-timeout = \"5m\"\n{MINIMAL}");
+    let own = text.replace("name = \"one\"", "name = \"one\"\nidle-timeout = \"7m\"");
+    let c = config::parse_str(&text, &FlagDefaults::default())
+        .unwrap()
+        .config;
+    let l = &c.listeners[0];
+    assert_eq!(l.mode, Mode::Copy);
+    assert_eq!(l.timeouts.idle, Some(Duration::from_secs(300)));
+    assert_eq!(
+        l.timeouts.fin,
+        Some(Duration::from_secs(60)),
+        "built-in default"
+    );
+    assert_eq!(l.pool.balance, Balance::RoundRobin);
+    let flags = FlagDefaults {
+        mode: Some(Mode::Splice),
+        idle_timeout: Some(Some(Duration::from_secs(60))),
+        ..FlagDefaults::default()
+    };
+    let c = config::parse_str(&text, &flags).unwrap().config;
+    assert_eq!(
+        c.listeners[0].mode,
+        Mode::Splice,
+        "a flag replaces [defaults]"
+    );
+    assert_eq!(c.listeners[0].timeouts.idle, Some(Duration::from_secs(60)));
+    let c = config::parse_str(&own, &flags).unwrap().config;
+    assert_eq!(
+        c.listeners[0].timeouts.idle,
+        Some(Duration::from_secs(420)),
+        "the listener's own key wins over a flag"
+    );
+}
+
+#[test]
+fn each_error_names_its_key_and_line() {
+    let e = errors("[defaults]\nidle-timeout = 30\n");
+    assert_has(
+        &e,
+        &["line 2", "defaults.idle-timeout", "bare number", "30s"],
+    );
+    assert_has(&e, &["listener", "at least one"]);
+    let e = errors(&MINIMAL.replace("listen =", "colour = 1\nlisten ="));
+    assert_has(&e, &["line 4", "listener[one].colour", "unknown key"]);
+    let e = errors(&MINIMAL.replace("servers = [{ address = \"127.0.0.1:9\" }]", "servers = []"));
+    assert_has(&e, &["line 6", "pool.servers", "empty"]);
+    let e = errors(&MINIMAL.replace("listen = [", "allow = [\"10.0.0.0/33\"]\nlisten = ["));
+    assert_has(&e, &["line 4", "allow[0]", "10.0.0.0/33", "CIDR"]);
+    let twice = format!("{MINIMAL}{}", MINIMAL.replace("127.0.0.1:0", "127.0.0.1:7"));
+    assert_has(
+        &errors(&twice),
+        &["line 9", "name", "already used", "line 3"],
+    );
+    let overlap = format!(
+        "{}{}",
+        MINIMAL.replace("127.0.0.1:0", "127.0.0.1:7"),
+        MINIMAL.replace("one", "two").replace("127.0.0.1:0", ":7")
+    );
+    assert_has(
+        &errors(&overlap),
+        &["line 10", "listener[two].listen", "overlaps 127.0.0.1:7"],
+    );
+    let e = errors(&MINIMAL.replace(
+        "[listener.pool]",
+        "[listener.pool]\nbalance = \"rr\"\nretries = -1",
+    ));
+    assert_has(&e, &["line 6", "balance", "'rr'", "least-conn"]);
+    assert_has(&e, &["line 7", "retries", "out of range"]);
+    let e = errors(&MINIMAL.replace("9\" }", "9\", weight = 0 }"));
+    assert_has(&e, &["line 6", "servers[0].weight", "out of range"]);
+    let e = errors(&format!(
+        "{MINIMAL}[listener.pool.health]\nrole = \"primary\"\n"
+    ));
+    assert_has(&e, &["line 8", "health.role", "set health.check"]);
+    assert_has(&errors("[[listener]\n"), &["line 1", "(syntax)"]);
+}
+
+#[test]
+fn check_lists_every_error_and_exits_one() {
+    let path = temp_file(
+        "bad",
+        "[defaults]\nfin-timeout = 10\nmode = \"fast\"\n\n[[listener]]\nname = \"x\"\nlisten = [\"127.0.0.1:0\"]\n[listener.pool]\nservers = []\n",
+    );
+    let (status, stdout, stderr) = run_bin(
+        &["check", "--config", path.to_str().unwrap()],
+        Duration::from_secs(20),
+    );
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 3, "{stderr}");
+    assert!(
+        lines[0].contains("line 2: defaults.fin-timeout"),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].contains("line 3: defaults.mode: unknown value 'fast'"),
+        "{stderr}"
+    );
+    assert!(
+        lines[2].contains("line 9: listener[x].pool.servers"),
+        "{stderr}"
+    );
+    assert!(lines.iter().all(|l| l.starts_with("spliced: error: ")));
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn run_refuses_what_it_cannot_do_yet_on_one_line() {
+    for (key, extra) in [
+        (
+            "accept-proxy",
+            "accept-proxy = { trusted = [\"10.0.0.0/8\"] }\nlisten =",
+        ),
+        ("send-proxy", "listen ="),
+        ("health.check", "listen ="),
+    ] {
+        let mut text = MINIMAL.replacen("listen =", extra, 1);
+        if key == "send-proxy" {
+            text = text.replace("[listener.pool]", "[listener.pool]\nsend-proxy = \"v2\"");
+        }
+        if key == "health.check" {
+            text.push_str("[listener.pool.health]\ncheck = \"tcp\"\n");
+        }
+        let path = temp_file(key, &text);
+        let p = path.to_str().unwrap();
+        let (status, _, stderr) = run_bin(&["run", "--config", p], Duration::from_secs(20));
+        assert_eq!(status.and_then(|s| s.code()), Some(2), "{key}: {stderr}");
+        let lines: Vec<&str> = stderr.trim_end().lines().collect();
+        assert_eq!(lines.len(), 1, "{key}: {stderr}");
+        assert!(
+            lines[0].contains(key) && lines[0].contains("not supported"),
+            "{stderr}"
+        );
+        assert!(lines[0].contains("line "), "{stderr}");
+        // check accepts the file and says run will not.
+        let (status, _, stderr) = run_bin(&["check", "--config", p], Duration::from_secs(20));
+        assert!(status.is_some_and(|s| s.success()), "{stderr}");
+        assert!(stderr.contains("note") && stderr.contains(key), "{stderr}");
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+#[test]
+fn run_serves_the_files_listeners_also_through_the_environment() {
+    let echo = echo_server();
+    let text = MINIMAL.replace("127.0.0.1:9", &echo.addr.to_string());
+    let path = temp_file("serve", &text);
+    for via_env in [false, true] {
+        let mut cmd = Command::new(bin());
+        cmd.arg("run");
+        if via_env {
+            cmd.env("SPLICED_CONFIG", &path);
+        } else {
+            cmd.arg("--config").arg(&path);
+        }
+        cmd.args(["--workers", "1", "--idle-timeout", "10s"]);
+        let proxy = Spliced::spawn(cmd);
+        let mut c = connect(proxy.addr);
+        round_trip(&mut c, b"through the config file", Duration::from_secs(5));
+        drop(c);
+        wait_until(
+            Duration::from_secs(5),
+            "the relay's close line names the listener",
+            || {
+                proxy
+                    .logs()
+                    .iter()
+                    .any(|l| l.contains("relay closed") && l.contains("listener=one"))
+            },
+        );
+    }
+    // --listen beside --config is a conflict, said on one line.
+    let (status, _, stderr) = run_bin(
+        &[
+            "run",
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("cannot be combined with --config"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_file(path);
+}
