@@ -14,6 +14,8 @@
 //! | `timer` | coarse deadlines with lazy re-arm |
 //! | `sys` | the OS boundary, the one module allowed raw syscalls: pipe2, splice, fcntl pipe size, rlimits |
 //! | [`stats`] | per-worker counters and close reasons |
+//! | [`health`] | active health probes (pure conversations), their non-blocking driver, rise/fall state |
+//! | [`proxy_protocol`] | PROXY protocol v1/v2: encoder, strict incremental parser, trusted sources |
 //! | [`bench`] | `spliced bench`: the self-contained benchmark |
 #![deny(unsafe_code)]
 
@@ -24,8 +26,10 @@ mod engine;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod health;
 pub mod listener;
 pub mod proxy;
+pub mod proxy_protocol;
 mod relay;
 pub mod stats;
 pub mod sys;

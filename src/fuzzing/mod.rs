@@ -18,6 +18,7 @@ mod decode;
 mod direction;
 mod engine;
 mod pair;
+mod proxy;
 #[cfg(test)]
 mod tests;
 
@@ -31,6 +32,7 @@ pub(crate) use self::{
 };
 pub(crate) use direction::run_direction;
 pub(crate) use pair::run_pair;
+pub use proxy::proxy_header;
 
 use config::{
     check_duration_number, check_duration_text, check_mode_text, check_size_number, check_size_text,
@@ -48,6 +50,11 @@ pub fn direction_script(data: &[u8]) {
 pub fn pair_script(data: &[u8]) {
     let (setup, actions) = decode_pair(data);
     run_pair(&setup, &actions);
+}
+
+/// Fuzz target `proxy_header`: [`proxy_header`] on raw bytes.
+pub fn proxy_bytes(data: &[u8]) {
+    proxy_header(data);
 }
 
 /// Fuzz target `config`: the duration and size parsers against reference

@@ -9,10 +9,11 @@ use crate::relay::Peer;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 3] = [
+const TARGETS: [(&str, Target); 4] = [
     ("direction", direction_script),
     ("relay_pair", pair_script),
     ("config", config_text),
+    ("proxy_header", proxy_header),
 ];
 
 fn seeds(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
