@@ -208,10 +208,11 @@ fn pg_msg(tag: u8, body: &[u8]) -> Vec<u8> {
 
 fn startup(user: &str, database: Option<&str>) -> Vec<u8> {
     let mut body = 196608u32.to_be_bytes().to_vec();
-    let mut params = vec![("user", user), ("application_name", "spliced-health")];
-    if let Some(db) = database {
-        params.push(("database", db));
-    }
+    let params = [
+        ("user", user),
+        ("database", database.unwrap_or("postgres")),
+        ("application_name", "spliced-health"),
+    ];
     for (k, v) in params {
         body.extend_from_slice(k.as_bytes());
         body.push(0);

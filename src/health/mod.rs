@@ -133,7 +133,7 @@ pub struct CheckSpec {
     /// for `AUTH` (optional).
     pub user: Option<String>,
     pub password: Option<String>,
-    /// Postgres: the database (default: the user's name, as libpq does).
+    /// Postgres: the database (default `postgres`).
     pub database: Option<String>,
     /// Http: the request path (default `/`).
     pub http_path: String,

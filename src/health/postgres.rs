@@ -15,6 +15,9 @@ use super::{judge, quote, CheckSpec, Role, Step, Verdict, WantRole, MAX_REPLY};
 
 /// The login role when the check names none.
 pub(super) const DEFAULT_USER: &str = "postgres";
+/// The database when the check names none: the maintenance database every
+/// cluster has (libpq would pick the user's name, which often does not exist).
+pub(super) const DEFAULT_DATABASE: &str = "postgres";
 const QUERY: &str = "SELECT pg_is_in_recovery()";
 /// Terminate: 'X' and a length of 4.
 const TERMINATE: &[u8] = b"X\0\0\0\x04";
@@ -34,7 +37,7 @@ enum State {
 pub(super) struct Postgres {
     state: State,
     user: String,
-    database: Option<String>,
+    database: String,
     password: Option<String>,
     want: WantRole,
     scram: Option<ScramSha256>,
@@ -50,7 +53,10 @@ impl Postgres {
         Postgres {
             state: State::Startup,
             user: spec.user.clone().unwrap_or_else(|| DEFAULT_USER.into()),
-            database: spec.database.clone(),
+            database: spec
+                .database
+                .clone()
+                .unwrap_or_else(|| DEFAULT_DATABASE.into()),
             password: spec.password.clone(),
             want: spec.role,
             scram: None,
@@ -61,13 +67,11 @@ impl Postgres {
     }
 
     pub(super) fn start(&mut self) -> Step {
-        let mut params = vec![
+        let params = [
             ("user", self.user.as_str()),
+            ("database", self.database.as_str()),
             ("application_name", "spliced-health"),
         ];
-        if let Some(db) = &self.database {
-            params.push(("database", db.as_str()));
-        }
         let mut out = BytesMut::new();
         match frontend::startup_message(params, &mut out) {
             Ok(()) => Step::Send(out.to_vec()),
