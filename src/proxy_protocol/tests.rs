@@ -71,7 +71,11 @@ fn v1_unknown_gives_no_addresses() {
 #[test]
 fn v1_longest_header_fits_and_one_more_byte_does_not() {
     let worst = b"PROXY TCP6 ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff 65535 65535\r\n";
-    assert_eq!(complete(worst).header_len, 104, "the specification's worst case");
+    assert_eq!(
+        complete(worst).header_len,
+        104,
+        "the specification's worst case"
+    );
     let mut longest = b"PROXY UNKNOWN ".to_vec();
     longest.resize(V1_MAX - 2, b'x');
     longest.extend_from_slice(b"\r\n");
