@@ -192,7 +192,9 @@ fn postgres() {
         ("scramuser", Some("scrampw")),
     ] {
         let s = with_login(spec(Kind::Postgres, WantRole::Primary), user, pw);
+        let t = Instant::now();
         assert_eq!(probe_blocking(&s, a1, TIMEOUT), PRIMARY, "{user}");
+        eprintln!("postgres: {user} login + role probe took {:?}", t.elapsed());
         let s = with_login(spec(Kind::Postgres, WantRole::Replica), user, pw);
         assert_eq!(
             reason(probe_blocking(&s, a1, TIMEOUT)),
