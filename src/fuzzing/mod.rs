@@ -17,6 +17,7 @@ mod config;
 mod decode;
 mod direction;
 mod engine;
+mod health;
 mod pair;
 mod proxy;
 #[cfg(test)]
@@ -31,6 +32,7 @@ pub(crate) use self::{
     pair::{check_expiry, PairAction, PairSetup},
 };
 pub(crate) use direction::run_direction;
+pub use health::{health_reply, health_verdict};
 pub(crate) use pair::run_pair;
 pub use proxy::proxy_header;
 
@@ -50,11 +52,6 @@ pub fn direction_script(data: &[u8]) {
 pub fn pair_script(data: &[u8]) {
     let (setup, actions) = decode_pair(data);
     run_pair(&setup, &actions);
-}
-
-/// Fuzz target `proxy_header`: [`proxy_header`] on raw bytes.
-pub fn proxy_bytes(data: &[u8]) {
-    proxy_header(data);
 }
 
 /// Fuzz target `config`: the duration and size parsers against reference

@@ -36,9 +36,7 @@ impl Http {
     pub(super) fn on_bytes(&mut self, data: &[u8]) -> Step {
         let room = MAX_STATUS_LINE.saturating_sub(self.inbox.buf.len());
         // Only the status line matters: keep no more than it may need.
-        if let Err(v) = self.inbox.push(&data[..data.len().min(room)], "http") {
-            return Step::Done(v);
-        }
+        self.inbox.push(&data[..data.len().min(room)]);
         let buf = &self.inbox.buf;
         let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
             if buf.len() >= MAX_STATUS_LINE {

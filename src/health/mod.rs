@@ -373,22 +373,31 @@ impl Probe {
     }
 }
 
-/// An input buffer with the [`MAX_REPLY`] cap.
+/// An input buffer that holds at most [`MAX_REPLY`] bytes. It takes only
+/// what fits, so a reply that completes within the cap is judged the same
+/// however the bytes were split.
 #[derive(Default)]
 struct Inbox {
     buf: Vec<u8>,
 }
 
 impl Inbox {
-    /// Appends, or says why the reply is too long.
-    fn push(&mut self, data: &[u8], kind: &str) -> Result<(), Verdict> {
-        if self.buf.len() + data.len() > MAX_REPLY {
-            return Err(Verdict::down(format!(
+    /// Appends what fits; returns how many bytes were taken.
+    fn push(&mut self, data: &[u8]) -> usize {
+        let n = data.len().min(MAX_REPLY - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        n
+    }
+
+    /// The verdict for a reply still incomplete: too long once full.
+    fn incomplete(&self, kind: &str) -> Step {
+        if self.buf.len() >= MAX_REPLY {
+            Step::Done(Verdict::down(format!(
                 "{kind} reply longer than {MAX_REPLY} bytes"
-            )));
+            )))
+        } else {
+            Step::NeedMore
         }
-        self.buf.extend_from_slice(data);
-        Ok(())
     }
 }
 

@@ -14,9 +14,7 @@ pub(super) struct Mysql {
 
 impl Mysql {
     pub(super) fn on_bytes(&mut self, data: &[u8]) -> Step {
-        if let Err(v) = self.inbox.push(data, "mysql") {
-            return Step::Done(v);
-        }
+        self.inbox.push(data);
         let buf = &self.inbox.buf;
         if buf.len() < 4 {
             return Step::NeedMore;

@@ -62,17 +62,15 @@ impl Redis {
     }
 
     pub(super) fn on_bytes(&mut self, data: &[u8]) -> Step {
-        if let Err(v) = self.inbox.push(data, "redis") {
-            return Step::Done(v);
-        }
+        let taken = self.inbox.push(data);
         let (reply, used) = match parse(&self.inbox.buf) {
             Ok(Some(r)) => r,
-            Ok(None) => return Step::NeedMore,
+            Ok(None) => return self.inbox.incomplete("redis"),
             Err(why) => return Step::Done(Verdict::down(format!("redis sent {why}"))),
         };
         let step = answer(&mut self.state, self.want, reply);
         self.inbox.buf.drain(..used);
-        if matches!(step, Step::Send(_)) && !self.inbox.buf.is_empty() {
+        if matches!(step, Step::Send(_)) && (!self.inbox.buf.is_empty() || taken < data.len()) {
             // Replies we did not ask for yet: not a Redis we understand.
             return Step::Done(Verdict::down("redis sent more replies than asked for"));
         }

@@ -386,3 +386,35 @@ fn done_is_sticky() {
 }
 
 mod postgres;
+
+// Properties: arbitrary server bytes, any split.
+
+mod props {
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_replies(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            crate::fuzzing::health_reply(&data);
+        }
+
+        /// Valid openings with arbitrary continuations reach deeper states.
+        #[test]
+        fn replies_after_a_valid_opening(
+            sel in any::<u8>(),
+            tail in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            let opening: &[u8] = match sel % 5 {
+                1 => b"\x07+PONG\r\n",
+                2 => b"\x09R\0\0\0\x08\0\0\0\0",
+                3 => b"\x05\x01\0\0\0\x0a",
+                4 => b"\x11HTTP/1.1 200 OK\r\n",
+                _ => b"",
+            };
+            let mut data = vec![sel];
+            data.extend_from_slice(opening);
+            data.extend_from_slice(&tail);
+            crate::fuzzing::health_reply(&data);
+        }
+    }
+}

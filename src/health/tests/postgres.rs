@@ -251,6 +251,24 @@ fn scram_with_a_foreign_nonce_is_down() {
 }
 
 #[test]
+fn scram_iteration_count_is_capped() {
+    let mut p = pg(WantRole::Primary, Some("probe"), Some("pw"));
+    p.start();
+    let first = sent(p.on_bytes(&auth(10, b"SCRAM-SHA-256\0\0")));
+    let nonce = std::str::from_utf8(&first[5 + 14 + 4..])
+        .unwrap()
+        .strip_prefix("n,,n=,r=")
+        .unwrap()
+        .to_string();
+    let server_first = format!("r={nonce}S,s=c2FsdA==,i=100000");
+    let r = reason(done(p.on_bytes(&auth(11, server_first.as_bytes()))));
+    assert_eq!(
+        r,
+        "postgres SCRAM iteration count 100000 over the probe's limit of 16384"
+    );
+}
+
+#[test]
 fn scram_skipped_by_the_server_is_down() {
     let mut p = pg(WantRole::Primary, Some("probe"), Some("pw"));
     p.start();
