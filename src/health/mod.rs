@@ -222,9 +222,11 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// A down verdict; the reason is made one printable line of at most
+    /// [`MAX_REASON`] characters, whatever server text it quotes.
     pub fn down(reason: impl Into<String>) -> Self {
         Verdict::Down {
-            reason: reason.into(),
+            reason: one_line(&reason.into(), MAX_REASON),
         }
     }
 
@@ -401,15 +403,21 @@ impl Inbox {
     }
 }
 
+/// The longest reason kept, in characters.
+pub const MAX_REASON: usize = 400;
+
 /// Server text in a reason: printable, one line, bounded.
 fn quote(bytes: &[u8]) -> String {
-    let s = String::from_utf8_lossy(bytes);
+    one_line(&String::from_utf8_lossy(bytes), 200)
+}
+
+fn one_line(s: &str, max: usize) -> String {
     let mut out: String = s
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
-        .take(200)
+        .take(max)
         .collect();
-    if s.chars().count() > 200 {
+    if s.chars().nth(max).is_some() {
         out.push('…');
     }
     out.trim().to_string()

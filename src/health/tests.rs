@@ -418,3 +418,12 @@ mod props {
         }
     }
 }
+
+#[test]
+fn reasons_are_one_bounded_line() {
+    let v = Verdict::down(format!("a\nb\r{}", "x".repeat(1000)));
+    let r = reason(v);
+    assert!(r.starts_with("a b x"), "{r}");
+    assert!(!r.chars().any(char::is_control));
+    assert_eq!(r.chars().count(), MAX_REASON + 1, "cut, with an ellipsis");
+}
