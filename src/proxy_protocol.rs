@@ -70,7 +70,8 @@ pub enum ProxyHeaderError {
 impl fmt::Display for ProxyHeaderError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use ProxyHeaderError::*;
-        f.write_str("PROXY header: ")?;
+        // The parser reads what a client sent; the side leads the line.
+        f.write_str("client PROXY header: ")?;
         match self {
             NotProxy => f.write_str("neither a v1 nor a v2 signature"),
             V1TooLong => write!(f, "v1 line without CRLF within {V1_MAX} bytes"),

@@ -351,3 +351,11 @@ proptest! {
         crate::fuzzing::proxy_header(&buf);
     }
 }
+
+#[test]
+fn errors_name_the_side_on_one_line() {
+    assert_eq!(
+        error(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 65536\r\n").to_string(),
+        "client PROXY header: v1 line has a bad destination port"
+    );
+}
