@@ -2,7 +2,7 @@
 CARGO ?= cargo
 SPLICED := target/release/spliced
 
-.PHONY: all build test lint unit bench bench-quick bench-peers deps e2e faults scale soak fuzz fuzz-smoke ci clean
+.PHONY: all build test lint unit bench bench-quick bench-peers deps e2e health-real faults scale soak fuzz fuzz-smoke ci clean
 
 all: build
 
@@ -34,8 +34,13 @@ bench-peers: build
 deps:
 	bash scripts/install-deps.sh
 
-e2e: build
+e2e: build health-real
 	bash scripts/e2e.sh
+
+# Health probes against real Redis, PostgreSQL (trust, md5, SCRAM; primary
+# and a streaming replica) and MariaDB started on 127.0.0.1 (~5 s).
+health-real: deps
+	SPLICED_REAL_SERVERS=1 $(CARGO) test --release --test health_real -- --ignored --nocapture
 
 faults: build
 	bash scripts/faults.sh

@@ -13,6 +13,8 @@
 #                `postgresql` metapackage (server + client + contrib) of the
 #                distribution's default version, which gives all three.
 #   Redis      : redis-server, redis-tools (redis-cli, redis-benchmark).
+#   MariaDB    : mariadb-server (mariadbd, mariadb-install-db), for the
+#                real-server health probe tests (tests/health_real.rs).
 #   Tools      : iproute2 (ss), procps (ps, pgrep), psmisc (fuser),
 #                util-linux (runuser, setpriv), socat, coreutils.
 #
@@ -35,6 +37,7 @@ missing=()
 have_pg || missing+=(postgresql postgresql-client)
 command -v redis-server >/dev/null || missing+=(redis-server)
 { command -v redis-cli >/dev/null && command -v redis-benchmark >/dev/null; } || missing+=(redis-tools)
+{ command -v mariadbd >/dev/null || [[ -x /usr/sbin/mariadbd ]]; } || missing+=(mariadb-server)
 command -v ss >/dev/null || missing+=(iproute2)
 { command -v pgrep >/dev/null && command -v ps >/dev/null; } || missing+=(procps)
 command -v fuser >/dev/null || missing+=(psmisc)
@@ -60,7 +63,7 @@ fi
 lib_apt_install "${missing[@]}" || lib_die "install-deps: could not install ${missing[*]}"
 
 have_pg || lib_die "install-deps: PostgreSQL binaries (initdb, pg_ctl, postgres, psql, pgbench) still missing"
-for c in redis-server redis-cli redis-benchmark ss socat runuser; do
+for c in redis-server redis-cli redis-benchmark ss socat runuser mariadb-install-db; do
     command -v "$c" >/dev/null || lib_die "install-deps: $c still missing after install"
 done
 lib_log "install-deps: done"

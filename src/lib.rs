@@ -17,6 +17,8 @@
 //! | `timer` | coarse deadlines with lazy re-arm |
 //! | `sys` | the OS boundary, the one module allowed raw syscalls: pipe2, splice, fcntl pipe size, rlimits |
 //! | [`stats`] | per-worker counters and close reasons |
+//! | [`health`] | active health probes (pure conversations), their non-blocking driver, rise/fall state |
+//! | [`proxy_protocol`] | PROXY protocol v1/v2: encoder, strict incremental parser, trusted sources |
 //! | `bench` | `spliced bench`: the self-contained benchmark (feature `cli`) |
 //!
 //! The default feature `cli` adds the command line and the benchmark; with
@@ -38,8 +40,10 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod handoff;
+pub mod health;
 pub mod listener;
 pub mod proxy;
+pub mod proxy_protocol;
 mod relay;
 pub mod runtime;
 pub mod stats;

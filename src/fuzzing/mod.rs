@@ -17,7 +17,9 @@ mod config;
 mod decode;
 mod direction;
 mod engine;
+mod health;
 mod pair;
+mod proxy;
 #[cfg(test)]
 mod tests;
 
@@ -30,7 +32,9 @@ pub(crate) use self::{
     pair::{check_expiry, PairAction, PairSetup},
 };
 pub(crate) use direction::run_direction;
+pub use health::{health_reply, health_verdict};
 pub(crate) use pair::run_pair;
+pub use proxy::proxy_header;
 
 use config::{
     check_duration_number, check_duration_text, check_mode_text, check_size_number, check_size_text,

@@ -9,10 +9,12 @@ use crate::relay::Peer;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 3] = [
+const TARGETS: [(&str, Target); 5] = [
     ("direction", direction_script),
     ("relay_pair", pair_script),
     ("config", config_text),
+    ("proxy_header", proxy_header),
+    ("health_reply", health_reply),
 ];
 
 fn seeds(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
@@ -212,4 +214,29 @@ fn config_examples() {
     check_duration_number(90);
     check_duration_number(u64::MAX);
     check_size_number(u64::MAX);
+}
+
+/// The health seeds reach the verdicts their names promise, so the corpus
+/// starts deep in each conversation.
+#[test]
+fn health_seeds_reach_their_verdicts() {
+    for (path, data) in seeds("health_reply") {
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let up = [
+            "tcp",
+            "redis_pong",
+            "redis_split_pong",
+            "redis_primary",
+            "redis_auth",
+            "pg_alive_md5",
+            "pg_trust_primary",
+            "pg_trust_replica",
+            "pg_md5_login",
+            "mysql_handshake",
+            "http_200",
+        ]
+        .contains(&name.as_str());
+        let v = health_verdict(&data);
+        assert_eq!(v.is_up(), up, "{name}: {v}");
+    }
 }

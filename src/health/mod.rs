@@ -1,0 +1,427 @@
+//! Active health checks as pure conversations, and the up/down bookkeeping.
+//!
+//! A [`Probe`] is one check's conversation with one server, with no socket
+//! and no clock: the caller connects, sends what [`Probe::start`] asks for,
+//! feeds every byte read to [`Probe::on_bytes`] and sends whatever that
+//! answers, until a [`Step::Done`] carries the [`Verdict`]. [`ProbeConn`]
+//! is that caller for a mio worker (non-blocking, deadline from `now`), and
+//! [`probe_blocking`] wraps it for the CLI and the tests. [`HealthState`]
+//! turns a stream of verdicts and passive connect outcomes into up/down
+//! transitions (rise/fall, capped exponential retry backoff).
+//!
+//! docs/PROTOCOLS.md says what each kind sends and what counts as up.
+
+mod conn;
+mod http;
+mod mysql;
+mod postgres;
+mod redis;
+mod state;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+pub use conn::{probe_blocking, ProbeConn};
+pub use state::{HealthParams, HealthState, Transition};
+
+/// Replies longer than this end the probe: a health check never needs
+/// more, and a hostile or confused server must not make us buffer forever.
+pub const MAX_REPLY: usize = 64 * 1024;
+
+/// Which conversation a check has with the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// The connect succeeding is enough.
+    Tcp,
+    Redis,
+    Postgres,
+    Mysql,
+    /// `GET path` on a side port (Patroni's REST API).
+    Http,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Tcp => "tcp",
+            Kind::Redis => "redis",
+            Kind::Postgres => "postgres",
+            Kind::Mysql => "mysql",
+            Kind::Http => "http",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Kind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "tcp" => Kind::Tcp,
+            "redis" => Kind::Redis,
+            "postgres" => Kind::Postgres,
+            "mysql" => Kind::Mysql,
+            "http" => Kind::Http,
+            _ => {
+                return Err(format!(
+                    "unknown check kind {s:?} (want tcp, redis, postgres, mysql or http)"
+                ))
+            }
+        })
+    }
+}
+
+/// The role a server reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Primary,
+    Replica,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+        })
+    }
+}
+
+/// The role a check wants; a server in another role is down.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum WantRole {
+    #[default]
+    Any,
+    Primary,
+    Replica,
+}
+
+impl FromStr for WantRole {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "any" => WantRole::Any,
+            "primary" => WantRole::Primary,
+            "replica" => WantRole::Replica,
+            _ => return Err(format!("unknown role {s:?} (want any, primary or replica)")),
+        })
+    }
+}
+
+impl WantRole {
+    fn wanted(self) -> Option<Role> {
+        match self {
+            WantRole::Any => None,
+            WantRole::Primary => Some(Role::Primary),
+            WantRole::Replica => Some(Role::Replica),
+        }
+    }
+}
+
+/// What to check: the parsed form of one `health = { ... }` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckSpec {
+    pub kind: Kind,
+    pub role: WantRole,
+    /// Postgres: the login role (default `postgres`). Redis: the ACL user
+    /// for `AUTH` (optional).
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// Postgres: the database (default `postgres`).
+    pub database: Option<String>,
+    /// Http: the request path (default `/`).
+    pub http_path: String,
+    /// Http: the side port; the server's own port when unset.
+    pub http_port: Option<u16>,
+}
+
+impl CheckSpec {
+    pub fn new(kind: Kind) -> Self {
+        CheckSpec {
+            kind,
+            role: WantRole::Any,
+            user: None,
+            password: None,
+            database: None,
+            http_path: "/".to_string(),
+            http_port: None,
+        }
+    }
+
+    /// Refuses combinations that cannot work, naming the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        let role_kinds = matches!(self.kind, Kind::Redis | Kind::Postgres);
+        if self.role != WantRole::Any && !role_kinds {
+            return Err(format!(
+                "health.role applies to redis and postgres checks only, not {}{}",
+                self.kind,
+                if self.kind == Kind::Http {
+                    " (choose health.path instead, e.g. /primary)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        if self.password.is_some() && !role_kinds {
+            return Err(format!(
+                "health.password applies to redis and postgres checks only, not {}",
+                self.kind
+            ));
+        }
+        if self.kind == Kind::Http {
+            let p = &self.http_path;
+            if !p.starts_with('/') || p.bytes().any(|b| b <= b' ' || b == 0x7f) {
+                return Err(format!(
+                    "health.path {p:?} must start with '/' and hold no spaces or control characters"
+                ));
+            }
+        } else if self.http_port.is_some() {
+            return Err(format!(
+                "health.port applies to http checks only, not {}",
+                self.kind
+            ));
+        }
+        for (key, v) in [("user", &self.user), ("database", &self.database)] {
+            if v.as_deref()
+                .is_some_and(|s| s.is_empty() || s.contains('\0'))
+            {
+                return Err(format!("health.{key} must be non-empty and hold no NUL"));
+            }
+        }
+        if self.password.as_deref().is_some_and(|s| s.contains('\0')) {
+            return Err("health.password must hold no NUL".to_string());
+        }
+        Ok(())
+    }
+
+    /// The address the probe connects to for `server`.
+    pub fn target(&self, server: SocketAddr) -> SocketAddr {
+        match self.http_port {
+            Some(port) if self.kind == Kind::Http => SocketAddr::new(server.ip(), port),
+            _ => server,
+        }
+    }
+}
+
+/// The outcome of one probe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// `role` is what the server reported, when the check asked for it.
+    Up {
+        role: Option<Role>,
+    },
+    Down {
+        reason: String,
+    },
+}
+
+impl Verdict {
+    /// A down verdict; the reason is made one printable line of at most
+    /// [`MAX_REASON`] characters, whatever server text it quotes.
+    pub fn down(reason: impl Into<String>) -> Self {
+        Verdict::Down {
+            reason: one_line(&reason.into(), MAX_REASON),
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        matches!(self, Verdict::Up { .. })
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verdict::Up { role: Some(r) } => write!(f, "up ({r})"),
+            Verdict::Up { role: None } => f.write_str("up"),
+            Verdict::Down { reason } => write!(f, "down: {reason}"),
+        }
+    }
+}
+
+/// Up with the reported role, or down when it is not the wanted one.
+fn judge(want: WantRole, got: Role) -> Verdict {
+    match want.wanted() {
+        Some(w) if w != got => Verdict::down(format!("role is {got}, want {w}")),
+        _ => Verdict::Up { role: Some(got) },
+    }
+}
+
+/// What the caller does next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Send these bytes, then keep reading.
+    Send(Vec<u8>),
+    /// Keep reading.
+    NeedMore,
+    /// The probe is over; close the connection (after [`Probe::goodbye`]).
+    Done(Verdict),
+}
+
+enum Talk {
+    Tcp,
+    Redis(redis::Redis),
+    Postgres(postgres::Postgres),
+    Mysql(mysql::Mysql),
+    Http(http::Http),
+}
+
+/// One check's conversation with one server.
+pub struct Probe {
+    talk: Talk,
+    done: Option<Verdict>,
+}
+
+impl Probe {
+    /// `target` is the address connected to (it names the HTTP `Host`).
+    pub fn new(spec: &CheckSpec, target: SocketAddr) -> Self {
+        let talk = match spec.kind {
+            Kind::Tcp => Talk::Tcp,
+            Kind::Redis => Talk::Redis(redis::Redis::new(spec)),
+            Kind::Postgres => Talk::Postgres(postgres::Postgres::new(spec)),
+            Kind::Mysql => Talk::Mysql(mysql::Mysql::default()),
+            Kind::Http => Talk::Http(http::Http::new(spec, target)),
+        };
+        Probe { talk, done: None }
+    }
+
+    /// Call once the connect succeeded: what to send first (or, for `tcp`,
+    /// the verdict).
+    pub fn start(&mut self) -> Step {
+        let step = match &mut self.talk {
+            Talk::Tcp => Step::Done(Verdict::Up { role: None }),
+            Talk::Redis(t) => t.start(),
+            Talk::Postgres(t) => t.start(),
+            Talk::Mysql(_) => Step::NeedMore,
+            Talk::Http(t) => t.start(),
+        };
+        self.record(step)
+    }
+
+    /// Bytes the server sent (any split).
+    pub fn on_bytes(&mut self, data: &[u8]) -> Step {
+        if let Some(v) = &self.done {
+            return Step::Done(v.clone());
+        }
+        let step = match &mut self.talk {
+            Talk::Tcp => Step::Done(Verdict::Up { role: None }),
+            Talk::Redis(t) => t.on_bytes(data),
+            Talk::Postgres(t) => t.on_bytes(data),
+            Talk::Mysql(t) => t.on_bytes(data),
+            Talk::Http(t) => t.on_bytes(data),
+        };
+        self.record(step)
+    }
+
+    /// The server closed its side before the probe was done.
+    pub fn on_eof(&mut self) -> Verdict {
+        if let Some(v) = &self.done {
+            return v.clone();
+        }
+        let v = Verdict::down(format!(
+            "{} server closed the connection while the probe was {}",
+            self.kind_name(),
+            self.phase()
+        ));
+        self.done = Some(v.clone());
+        v
+    }
+
+    /// What the probe is waiting for, for timeout messages.
+    pub fn phase(&self) -> &'static str {
+        match &self.talk {
+            Talk::Tcp => "connecting",
+            Talk::Redis(t) => t.phase(),
+            Talk::Postgres(t) => t.phase(),
+            Talk::Mysql(_) => "waiting for the handshake",
+            Talk::Http(_) => "waiting for the status line",
+        }
+    }
+
+    /// Bytes to send, best effort, before closing after `Done`: a polite
+    /// end of an established session, so the server logs no error.
+    pub fn goodbye(&self) -> &'static [u8] {
+        match &self.talk {
+            Talk::Postgres(t) => t.goodbye(),
+            _ => b"",
+        }
+    }
+
+    pub fn verdict(&self) -> Option<&Verdict> {
+        self.done.as_ref()
+    }
+
+    fn kind_name(&self) -> &'static str {
+        match &self.talk {
+            Talk::Tcp => "tcp",
+            Talk::Redis(_) => "redis",
+            Talk::Postgres(_) => "postgres",
+            Talk::Mysql(_) => "mysql",
+            Talk::Http(_) => "http",
+        }
+    }
+
+    fn record(&mut self, step: Step) -> Step {
+        if let Step::Done(v) = &step {
+            self.done = Some(v.clone());
+        }
+        step
+    }
+}
+
+/// An input buffer that holds at most [`MAX_REPLY`] bytes. It takes only
+/// what fits, so a reply that completes within the cap is judged the same
+/// however the bytes were split.
+#[derive(Default)]
+struct Inbox {
+    buf: Vec<u8>,
+}
+
+impl Inbox {
+    /// Appends what fits; returns how many bytes were taken.
+    fn push(&mut self, data: &[u8]) -> usize {
+        let n = data.len().min(MAX_REPLY - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        n
+    }
+
+    /// The verdict for a reply still incomplete: too long once full.
+    fn incomplete(&self, kind: &str) -> Step {
+        if self.buf.len() >= MAX_REPLY {
+            Step::Done(Verdict::down(format!(
+                "{kind} reply longer than {MAX_REPLY} bytes"
+            )))
+        } else {
+            Step::NeedMore
+        }
+    }
+}
+
+/// The longest reason kept, in characters.
+pub const MAX_REASON: usize = 400;
+
+/// Server text in a reason: printable, one line, bounded.
+fn quote(bytes: &[u8]) -> String {
+    one_line(&String::from_utf8_lossy(bytes), 200)
+}
+
+fn one_line(s: &str, max: usize) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(max)
+        .collect();
+    if s.chars().nth(max).is_some() {
+        out.push('…');
+    }
+    out.trim().to_string()
+}
+
+#[cfg(test)]
+mod tests;
