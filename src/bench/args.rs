@@ -78,27 +78,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub upstream: Option<SocketAddr>,
 
-    /// The network path: loopback; veth, the upstream in a network namespace of its own
-    /// behind a veth pair with --mtu; veth2, the load generator behind a second veth pair
-    /// too, so both sides of the proxy see MTU-sized segments. The veth paths need root;
-    /// the bench removes their namespaces when it ends, also on Ctrl-C.
-    #[arg(long, value_enum, default_value_t = PathKind::Loopback)]
-    pub path: PathKind,
-
-    /// MTU of the veth pairs [default: 1500].
-    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(576..=65535))]
-    pub mtu: Option<u32>,
-
-    /// Set up the --path, print where the proxy and the upstream go (one line of
-    /// key=value), keep it until stdin closes or a signal, then remove it. For scripts
-    /// that run other proxies on the same path (scripts/bench-peers.sh).
-    #[arg(long)]
-    pub hold: bool,
-
-    /// Use the namespaces of a running `spliced bench --hold` (its netns= name) instead of
-    /// creating new ones; a --target then runs in NAME-px.
-    #[arg(long, value_name = "NAME")]
-    pub netns: Option<String>,
+    #[command(flatten)]
+    pub net: Box<PathArgs>,
 
     /// Pipe size of the splice engine; give several, e.g. 64k,256k,1m, to compare them
     /// side by side as engines named splice-64k, splice-256k and so on [default: 1m].
@@ -138,6 +119,33 @@ pub struct BenchArgs {
     /// Internal: run as the proxy process of an idle measurement.
     #[arg(long, hide = true)]
     pub idle_child: Option<String>,
+}
+
+/// `--path` and what goes with it: where the load, the proxy and the upstream
+/// meet.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PathArgs {
+    /// The network path: loopback; veth, the upstream in a network namespace of its own
+    /// behind a veth pair with --mtu; veth2, the load generator behind a second veth pair
+    /// too, so both sides of the proxy see MTU-sized segments. The veth paths need root;
+    /// the bench removes their namespaces when it ends, also on Ctrl-C.
+    #[arg(long, value_enum, default_value_t = PathKind::Loopback)]
+    pub path: PathKind,
+
+    /// MTU of the veth pairs [default: 1500].
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(576..=65535))]
+    pub mtu: Option<u32>,
+
+    /// Set up the --path, print where the proxy and the upstream go (one line of
+    /// key=value), keep it until stdin closes or a signal, then remove it. For scripts
+    /// that run other proxies on the same path (scripts/bench-peers.sh).
+    #[arg(long)]
+    pub hold: bool,
+
+    /// Use the namespaces of a running `spliced bench --hold` (its netns= name) instead of
+    /// creating new ones; a --target then runs in NAME-px.
+    #[arg(long, value_name = "NAME")]
+    pub netns: Option<String>,
 
     /// Internal: the network namespace the idle proxy process enters first.
     #[arg(long, hide = true)]

@@ -259,7 +259,7 @@ pub fn child_main(spec: &str, args: &BenchArgs) -> ExitCode {
         return ExitCode::from(2);
     };
     // Before the proxy starts, so that its workers start in the namespace too.
-    if let Some(ns) = &args.idle_netns {
+    if let Some(ns) = &args.net.idle_netns {
         if let Err(e) = crate::sys::netns::enter(ns) {
             eprintln!(
                 "spliced: error: idle proxy: cannot enter network namespace {}: {e}",
@@ -273,7 +273,7 @@ pub fn child_main(spec: &str, args: &BenchArgs) -> ExitCode {
         return ExitCode::from(2);
     };
     let workers = args.workers.max(1);
-    let h = match engines::start_proxy(mode, pipe_size, workers, args.idle_listen, upstream) {
+    let h = match engines::start_proxy(mode, pipe_size, workers, args.net.idle_listen, upstream) {
         Ok(h) => h,
         Err(e) => {
             eprintln!("spliced: error: idle proxy: {e}");

@@ -135,7 +135,7 @@ fn run_bench(args: &BenchArgs) -> Result<ExitCode, String> {
         }
     }
     let path = open_path(args)?;
-    if args.hold {
+    if args.net.hold {
         return Ok(path.hold());
     }
     let up_addr = path.upstream_addr(args.upstream)?;
@@ -277,21 +277,21 @@ fn run_bench(args: &BenchArgs) -> Result<ExitCode, String> {
 
 /// The --path of this run: loopback, new namespaces, or a --hold's.
 fn open_path(args: &BenchArgs) -> Result<NetPath, String> {
-    if args.path == PathKind::Loopback {
-        if args.mtu.is_some() || args.netns.is_some() || args.hold {
+    if args.net.path == PathKind::Loopback {
+        if args.net.mtu.is_some() || args.net.netns.is_some() || args.net.hold {
             return Err("--mtu, --netns and --hold need --path veth or veth2".into());
         }
         return Ok(NetPath::loopback());
     }
-    match &args.netns {
-        Some(_) if args.hold => {
+    match &args.net.netns {
+        Some(_) if args.net.hold => {
             Err("--hold makes a path; --netns uses one: give one of them".into())
         }
-        Some(_) if args.mtu.is_some() => {
+        Some(_) if args.net.mtu.is_some() => {
             Err("--mtu: the MTU of a --netns path is set by its --hold".into())
         }
-        Some(name) => NetPath::attach(args.path, name),
-        None => NetPath::create(args.path, args.mtu.unwrap_or(netpath::DEFAULT_MTU)),
+        Some(name) => NetPath::attach(args.net.path, name),
+        None => NetPath::create(args.net.path, args.net.mtu.unwrap_or(netpath::DEFAULT_MTU)),
     }
 }
 
