@@ -307,14 +307,23 @@ impl NetPath {
             let cl = format!("{name}-cl");
             self.add_ns(&cl)?;
             self.leg((&px, DEV_TO_CL, CL_NEAR), (&cl, DEV_TO_PX, CL_FAR))?;
-            // Forwarding between the legs, for `direct`; a sysctl under
-            // /proc/sys/net belongs to the namespace of the thread opening it.
-            self.run_in(Side::Proxy, || {
-                std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-            })?
-            .map_err(|e| format!("cannot turn on forwarding in {px}: {e}"))?;
+            // Forwarding between the legs, for `direct`.
+            self.sysctl(Side::Proxy, "ipv4/ip_forward", "1")?;
         }
-        Ok(())
+        // The side that closes first keeps the port in TIME_WAIT for 60 s;
+        // thousands of idle relays a run would use up the ephemeral ports of
+        // the one (proxy, upstream) address pair. The kernel's default reuses
+        // them on loopback only (tcp_tw_reuse 2); these namespaces do it too.
+        self.sysctl(Side::Proxy, "ipv4/tcp_tw_reuse", "1")?;
+        self.sysctl(Side::Client, "ipv4/tcp_tw_reuse", "1")
+    }
+
+    /// Writes /proc/sys/net/KEY in `side`'s namespace: a sysctl under
+    /// /proc/sys/net belongs to the namespace of the thread that opens it.
+    fn sysctl(&self, side: Side, key: &str, value: &str) -> Result<(), String> {
+        let file = format!("/proc/sys/net/{key}");
+        self.run_in(side, || std::fs::write(&file, value))?
+            .map_err(|e| format!("cannot set {file} in the {side:?} namespace: {e}"))
     }
 
     fn add_ns(&self, ns: &str) -> Result<(), String> {
