@@ -183,9 +183,11 @@ fn veth2_json_names_path_and_mtu() {
         "--mtu",
         "9000",
         "-w",
-        "rr",
+        "rr,idle",
         "--sizes",
         "16k",
+        "--idle-relays",
+        "200",
         "-e",
         "splice,direct",
         "--json",
@@ -206,6 +208,15 @@ fn veth2_json_names_path_and_mtu() {
         .filter_map(|r| r["engine"].as_str())
         .collect();
     assert!(engines.contains(&"direct") && engines.contains(&"splice"));
+    // The idle proxy process entered the proxy's namespace and relayed there.
+    let idle = doc["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["workload"] == "idle" && r["metric"] == "relays")
+        .unwrap_or_else(|| panic!("no idle result: {}", doc["errors"]));
+    assert_eq!(idle["median"], 200.0);
+    assert_eq!(doc["errors"], serde_json::json!([]));
     assert_eq!(namespaces_of(b.pid()), Vec::<String>::new());
 }
 
