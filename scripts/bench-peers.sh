@@ -69,6 +69,7 @@ pkgs=()
 command -v haproxy >/dev/null || pkgs+=(haproxy)
 command -v socat >/dev/null || pkgs+=(socat)
 command -v taskset >/dev/null || pkgs+=(util-linux)
+[[ $BENCH_PATH == loopback ]] || command -v ip >/dev/null || pkgs+=(iproute2)
 if ! command -v nginx >/dev/null; then pkgs+=(nginx-light); fi
 [[ -e /usr/lib/nginx/modules/ngx_stream_module.so ]] || pkgs+=(libnginx-mod-stream)
 if ((${#pkgs[@]})); then

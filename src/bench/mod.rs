@@ -291,6 +291,12 @@ fn open_path(args: &BenchArgs) -> Result<NetPath, String> {
             Err("--mtu: the MTU of a --netns path is set by its --hold".into())
         }
         Some(name) => NetPath::attach(args.net.path, name),
+        // A path made now has no --target inside it, and the load cannot reach
+        // one outside.
+        None if !args.target.is_empty() => Err(format!(
+            "--target with --path {0}: start `spliced bench --path {0} --hold`, run the target in its NAME-px namespace, and give --netns NAME",
+            args.net.path.as_str()
+        )),
         None => NetPath::create(args.net.path, args.net.mtu.unwrap_or(netpath::DEFAULT_MTU)),
     }
 }
