@@ -464,7 +464,8 @@ fn owner_pid(ns: &str) -> Option<u32> {
 }
 
 /// Removes namespaces left by benches that died without cleaning up (SIGKILL):
-/// those whose pid is no longer a running spliced.
+/// those whose pid no longer runs. A pid taken by another process since only
+/// keeps them until that one ends; a live bench's are never touched.
 fn remove_stale() {
     let Ok(dir) = std::fs::read_dir(NETNS_DIR) else {
         return;
@@ -473,8 +474,7 @@ fn remove_stale() {
     for e in dir.flatten() {
         let ns = e.file_name().to_string_lossy().into_owned();
         let Some(pid) = owner_pid(&ns) else { continue };
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() != "spliced" {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             stale.push(ns);
         }
     }
