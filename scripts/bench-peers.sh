@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # Compares spliced with HAProxy (forced splice, splice-auto, no splice), nginx's
-# stream module and socat on loopback, with the same `spliced bench` load, and
-# writes the tables into docs/BENCHMARKS.md between the peers markers.
+# stream module and socat, with the same `spliced bench` load over the same
+# network path, and writes the tables into docs/BENCHMARKS.md between the
+# peers markers of that path.
+#
+# BENCH_PATH picks the path (`spliced bench --path`): loopback (default); veth,
+# the upstream in a network namespace behind a veth pair of MTU BENCH_MTU
+# (default 1500); veth2, the load generator behind a second pair too. For the
+# veth paths `spliced bench --hold` makes the namespaces once, every peer runs
+# in the proxy's namespace (`ip netns exec`), each `spliced bench` run uses
+# them (--netns), and they are removed at the end, also on Ctrl-C.
 #
 # Each peer runs as a single worker pinned to PROXY_CPU, like spliced's worker
 # (--pin-proxy); the load generator runs pinned to LOAD_CPU. Everything runs as
@@ -10,9 +18,17 @@
 #
 #   make bench-peers                      # or: bash scripts/bench-peers.sh
 #   BENCH_USER=root make bench-peers      # measure as root instead
+#   BENCH_PATH=veth make bench-peers      # over a 1500-byte veth path (root)
+#   BENCH_PATH=veth2 BENCH_MTU=9000 make bench-peers
 #   RUNS=3 OUT=/tmp/b.md bash scripts/bench-peers.sh
+#   STAGES=main bash scripts/bench-peers.sh   # some of: idle,main,onecpu,pipes
 #
-# Only loopback addresses are used. Needs root to install packages (apt-get).
+# On a veth path the peers still run as BENCH_USER, but `spliced bench` (the
+# load and the in-process spliced) runs as root: it enters the namespaces,
+# which takes CAP_SYS_ADMIN, and that capability also lifts the pipe limits.
+#
+# Only loopback addresses, or addresses inside the namespaces the bench makes,
+# are used. Needs root to install packages (apt-get).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # One log line per closed relay is spliced's default; the peers log nothing.
@@ -23,11 +39,25 @@ source scripts/lib.sh
 OUT=${OUT:-docs/BENCHMARKS.md}
 RUNS=${RUNS:-5}
 UP_PORT=${UP_PORT:-19000}
+BENCH_PATH=${BENCH_PATH:-loopback}
+BENCH_MTU=${BENCH_MTU:-1500}
+STAGES=${STAGES:-idle,main,onecpu,pipes}
 BASE_PORT=${BASE_PORT:-19100}
 NCPU=$(nproc)
 PROXY_CPU=${PROXY_CPU:-$((NCPU > 1 ? 1 : 0))}
 LOAD_CPU=${LOAD_CPU:-0}
-UPSTREAM=127.0.0.1:$UP_PORT
+case $BENCH_PATH in
+    loopback | veth | veth2) ;;
+    *)
+        echo "BENCH_PATH must be loopback, veth or veth2, not '$BENCH_PATH'" >&2
+        exit 2
+        ;;
+esac
+if [[ $BENCH_PATH != loopback && $(id -u) != 0 ]]; then
+    echo "BENCH_PATH=$BENCH_PATH needs root: the bench creates network namespaces" >&2
+    exit 2
+fi
+stage() { [[ ,$STAGES, == *,$1,* ]]; }
 
 if [[ ! -x $SPLICED_BIN ]]; then
     lib_log "build first: cargo build --release ($SPLICED_BIN is missing)"
@@ -39,6 +69,7 @@ pkgs=()
 command -v haproxy >/dev/null || pkgs+=(haproxy)
 command -v socat >/dev/null || pkgs+=(socat)
 command -v taskset >/dev/null || pkgs+=(util-linux)
+[[ $BENCH_PATH == loopback ]] || command -v ip >/dev/null || pkgs+=(iproute2)
 if ! command -v nginx >/dev/null; then pkgs+=(nginx-light); fi
 [[ -e /usr/lib/nginx/modules/ngx_stream_module.so ]] || pkgs+=(libnginx-mod-stream)
 if ((${#pkgs[@]})); then
@@ -82,6 +113,43 @@ cp "$SPLICED_BIN" "$WORK/spliced"
 BIN=$WORK/spliced
 PIDS=()
 
+# --- the network path --------------------------------------------------------
+# Loopback: everything in this namespace. veth/veth2: the proxies (the peers
+# and the in-process spliced) in the namespace PX_NS, reached on LISTEN_IP.
+LISTEN_IP=127.0.0.1
+UP_IP=127.0.0.1
+NETNS=
+NS_EXEC=()
+PATH_ARGS=()
+PATH_NOTE="loopback"
+if [[ $BENCH_PATH != loopback ]]; then
+    mkfifo "$WORK/hold.in"
+    # The holder removes the namespaces when its stdin closes (this shell
+    # exits, however it ends) or on SIGTERM (the cleanup's tracked pids).
+    "$BIN" bench --path "$BENCH_PATH" --mtu "$BENCH_MTU" --hold <"$WORK/hold.in" \
+        >"$WORK/hold.out" 2>"$WORK/hold.log" &
+    lib_track_pid $!
+    # Held open until this shell exits: the holder's stdin.
+    exec {HOLD_FD}>"$WORK/hold.in"
+    hold_ready() { [[ -s $WORK/hold.out ]]; }
+    if ! lib_wait_until 20 hold_ready; then
+        lib_log "the $BENCH_PATH path was not set up:"
+        cat "$WORK/hold.log" >&2
+        exit 1
+    fi
+    hold_value() { tr ' ' '\n' <"$WORK/hold.out" | sed -n "s/^$1=//p"; }
+    NETNS=$(hold_value netns)
+    LISTEN_IP=$(hold_value listen)
+    UP_IP=$(hold_value upstream)
+    NS_EXEC=(ip netns exec "$(hold_value proxy_netns)")
+    PATH_ARGS=(--path "$BENCH_PATH" --netns "$NETNS")
+    PATH_NOTE="$BENCH_PATH, MTU $(hold_value mtu)"
+    lib_log "path $PATH_NOTE: namespaces $NETNS-*, proxies listen on $LISTEN_IP, upstream $UP_IP"
+fi
+UPSTREAM=$UP_IP:$UP_PORT
+# A port listening in the proxies' namespace.
+port_listening() { [[ -n "$("${NS_EXEC[@]}" ss -Htln "( sport = :$1 )" 2>/dev/null)" ]]; }
+
 # --- peers -----------------------------------------------------------------
 haproxy_cfg() { # name port splice-mode(forced|auto|none)
     local opt=""
@@ -103,7 +171,7 @@ defaults
     timeout server 1h
 $opt
 frontend fe
-    bind 127.0.0.1:$2
+    bind $LISTEN_IP:$2
     default_backend be
 backend be
     server up $UPSTREAM
@@ -111,28 +179,31 @@ EOF
 }
 
 # peer_up PID PORT: the peer runs and listens.
-peer_up() { lib_pid_alive "$1" && lib_port_listening "$2"; }
+peer_up() { lib_pid_alive "$1" && port_listening "$2"; }
 
 start_peer() { # name port command...
     local name=$1 port=$2
     shift 2
-    if lib_port_listening "$port"; then
+    if port_listening "$port"; then
         lib_log "port $port is already in use (a peer left over from an earlier run?); set BASE_PORT"
         exit 1
     fi
-    # exec, so that $! is the peer's own pid (what --target-pid reads).
+    # exec (ip netns exec too), so that $! is the peer's own pid (what
+    # --target-pid reads).
     (
+        # A peer must not keep the holder's stdin open after this shell is gone.
+        [[ -z ${HOLD_FD:-} ]] || exec {HOLD_FD}>&-
         if [[ $(id -un) == "$BENCH_USER" ]]; then
-            exec taskset -c "$PROXY_CPU" "$@"
+            exec "${NS_EXEC[@]}" taskset -c "$PROXY_CPU" "$@"
         fi
-        exec setpriv --reuid="$BENCH_USER" --regid="$(id -g "$BENCH_USER")" --init-groups -- \
+        exec "${NS_EXEC[@]}" setpriv --reuid="$BENCH_USER" --regid="$(id -g "$BENCH_USER")" --init-groups -- \
             taskset -c "$PROXY_CPU" "$@"
     ) >"$WORK/$name.log" 2>&1 &
     local pid=$!
     PIDS+=("$pid")
     lib_track_pid "$pid"
     if lib_wait_until 10 peer_up "$pid" "$port"; then
-        TARGETS+=("--target" "$name=127.0.0.1:$port" "--target-pid" "$pid")
+        TARGETS+=("--target" "$name=$LISTEN_IP:$port" "--target-pid" "$pid")
         NAMES+=("$name")
         return
     fi
@@ -162,7 +233,7 @@ error_log $WORK/nginx-error.log warn;
 events { worker_connections $((NOFILE - 100)); }
 stream {
     server {
-        listen 127.0.0.1:$port;
+        listen $LISTEN_IP:$port;
         proxy_pass $UPSTREAM;
         proxy_timeout 1h;
     }
@@ -171,14 +242,15 @@ EOF
 start_peer nginx "$port" nginx -e "$WORK/nginx-error.log" -p "$WORK" -c "$WORK/nginx.conf"
 port=$((port + 1))
 
-start_peer socat "$port" socat "TCP-LISTEN:$port,bind=127.0.0.1,fork,reuseaddr,backlog=1024,nodelay" "TCP:$UPSTREAM,nodelay"
+start_peer socat "$port" socat "TCP-LISTEN:$port,bind=$LISTEN_IP,fork,reuseaddr,backlog=1024,nodelay" "TCP:$UPSTREAM,nodelay"
 port=$((port + 1))
 
-if lib_port_listening "$UP_PORT"; then
+# On a veth path the upstream has a namespace of its own, where the port is free.
+if [[ $BENCH_PATH == loopback ]] && lib_port_listening "$UP_PORT"; then
     lib_log "the upstream port $UP_PORT is already in use; set UP_PORT"
     exit 1
 fi
-lib_log "peers: ${NAMES[*]} (pinned to CPU $PROXY_CPU), running as $BENCH_USER"
+lib_log "peers: ${NAMES[*]} (pinned to CPU $PROXY_CPU), running as $BENCH_USER, path $PATH_NOTE"
 
 # The peers' --target/--target-pid pairs without socat (fork per connection: 10 000
 # idle relays would be 10 000 processes).
@@ -191,9 +263,12 @@ targets_without_socat() {
 }
 
 bench() { # cpu-for-load args...
-    local cpu=$1 rc=0
+    local cpu=$1 rc=0 run=as_user
     shift
-    as_user taskset -c "$cpu" "$BIN" bench --upstream "$UPSTREAM" --runs "${BENCH_RUNS:-$RUNS}" "$@" || rc=$?
+    # Entering the namespaces takes root (see the top).
+    [[ $BENCH_PATH == loopback ]] || run=
+    $run taskset -c "$cpu" "$BIN" bench "${PATH_ARGS[@]}" --upstream "$UPSTREAM" \
+        --runs "${BENCH_RUNS:-$RUNS}" "$@" || rc=$?
     # A failed case is reported in its table; keep going with the others.
     ((rc == 0)) || lib_log "spliced bench exited $rc (see its errors section)"
 }
@@ -206,40 +281,58 @@ repin() { # cpu
 
 # Idle first, while the peers are fresh: after the other workloads their
 # memory pools are already grown and new relays would not show in their RSS.
-lib_log "1/4 idle: spliced with up to 10000 relays, the peers with $IDLE_RELAYS"
-bench "$LOAD_CPU" -w idle --idle-relays 10000 -e splice,copy --pin-proxy "$PROXY_CPU" >"$WORK/idle.txt"
-mapfile -t IDLE_TARGETS < <(targets_without_socat)
-# One run: a second one would find the peers' pools grown by the first.
-BENCH_RUNS=1 bench "$LOAD_CPU" -w idle --idle-relays "$IDLE_RELAYS" -e splice,copy,target \
-    --pin-proxy "$PROXY_CPU" "${IDLE_TARGETS[@]}" >"$WORK/idle-peers.txt"
+SUFFIX=$([[ $BENCH_PATH == loopback ]] || echo "-$BENCH_PATH")
+PLOT=target/bench-peers$SUFFIX.svg
+if stage idle; then
+    lib_log "idle: spliced with up to 10000 relays, the peers with $IDLE_RELAYS"
+    bench "$LOAD_CPU" -w idle --idle-relays 10000 -e splice,copy --pin-proxy "$PROXY_CPU" >"$WORK/idle.txt"
+    mapfile -t IDLE_TARGETS < <(targets_without_socat)
+    # One run: a second one would find the peers' pools grown by the first.
+    BENCH_RUNS=1 bench "$LOAD_CPU" -w idle --idle-relays "$IDLE_RELAYS" -e splice,copy,target \
+        --pin-proxy "$PROXY_CPU" "${IDLE_TARGETS[@]}" >"$WORK/idle-peers.txt"
+fi
 
-lib_log "2/4 bulk, rr, connect: spliced (splice, copy), direct and every peer"
-bench "$LOAD_CPU" -w bulk,rr,connect -e splice,copy,direct,target --pin-proxy "$PROXY_CPU" \
-    "${TARGETS[@]}" --plot "$WORK/peers.svg" >"$WORK/main.txt"
-mkdir -p target
-cp "$WORK/peers.svg" target/bench-peers.svg 2>/dev/null || true
+if stage main; then
+    lib_log "main: bulk, rr, connect: spliced (splice, copy), direct and every peer"
+    bench "$LOAD_CPU" -w bulk,rr,connect -e splice,copy,direct,target --pin-proxy "$PROXY_CPU" \
+        "${TARGETS[@]}" --plot "$WORK/peers.svg" >"$WORK/main.txt"
+    mkdir -p target
+    cp "$WORK/peers.svg" "$PLOT" 2>/dev/null || true
+fi
 
-lib_log "3/4 rr 64 B with the load and every proxy on CPU $LOAD_CPU"
-repin "$LOAD_CPU"
-bench "$LOAD_CPU" -w rr --sizes 64 -e splice,copy,direct,target --pin-proxy "$LOAD_CPU" \
-    "${TARGETS[@]}" >"$WORK/onecpu.txt"
-repin "$PROXY_CPU"
+if stage onecpu; then
+    lib_log "onecpu: rr 64 B with the load and every proxy on CPU $LOAD_CPU"
+    repin "$LOAD_CPU"
+    bench "$LOAD_CPU" -w rr --sizes 64 -e splice,copy,direct,target --pin-proxy "$LOAD_CPU" \
+        "${TARGETS[@]}" >"$WORK/onecpu.txt"
+    repin "$PROXY_CPU"
+fi
 
-lib_log "4/4 spliced's pipe size: 64k, 256k, 512k, 1m"
-bench "$LOAD_CPU" -w bulk,rr --pipe-size 64k,256k,512k,1m -e splice,copy --pin-proxy "$PROXY_CPU" \
-    >"$WORK/pipes.txt"
+if stage pipes; then
+    lib_log "pipes: spliced's pipe size: 64k, 256k, 512k, 1m"
+    bench "$LOAD_CPU" -w bulk,rr --pipe-size 64k,256k,512k,1m -e splice,copy --pin-proxy "$PROXY_CPU" \
+        >"$WORK/pipes.txt"
+fi
 
 # --- write docs/BENCHMARKS.md ---------------------------------------------------
 section() { # title file
+    [[ -f $2 ]] || return 0
     printf '### %s\n\n```text\n' "$1"
     sed -e 's/[[:space:]]*$//' "$2"
     printf '```\n\n'
 }
+MARK=peers$SUFFIX
+if [[ $BENCH_PATH == loopback ]]; then
+    WHO="as user \`$BENCH_USER\`"
+else
+    WHO="peers as user \`$BENCH_USER\`, \`spliced bench\` as root (it enters the namespaces)"
+fi
 {
-    echo "<!-- peers:begin (written by scripts/bench-peers.sh; do not edit by hand) -->"
+    echo "<!-- $MARK:begin (written by scripts/bench-peers.sh; do not edit by hand) -->"
     echo
+    echo "Path: $PATH_NOTE (\`BENCH_PATH=$BENCH_PATH\`, stages \`$STAGES\`)."
     echo "Measured $(date -u '+%Y-%m-%d %H:%M UTC') on $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//') ($NCPU CPUs), kernel $(uname -r),"
-    echo "as user \`$BENCH_USER\`, with \`$RUNS\` runs per figure. Peers: $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3),"
+    echo "$WHO, with \`$RUNS\` runs per figure. Peers: $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3),"
     echo "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///'), socat $(socat -V 2>/dev/null | grep -m1 'socat version' | cut -d' ' -f3)."
     echo "Proxies (spliced's worker and each peer) pinned to CPU $PROXY_CPU, the load generator to CPU $LOAD_CPU,"
     echo "except in the one-CPU table where everything shares CPU $LOAD_CPU."
@@ -249,18 +342,18 @@ section() { # title file
     section "Idle relays with the peers ($IDLE_RELAYS, what HAProxy's maxconn allows under that fd limit; one run on fresh processes; socat left out: one process per connection)" "$WORK/idle-peers.txt"
     section "rr 64 B, load and proxy on one CPU" "$WORK/onecpu.txt"
     section "spliced's pipe size" "$WORK/pipes.txt"
-    echo "<!-- peers:end -->"
+    echo "<!-- $MARK:end -->"
 } >"$WORK/section.md"
 
-if [[ -f $OUT ]] && grep -q '<!-- peers:begin' "$OUT"; then
-    awk -v f="$WORK/section.md" '
-        /<!-- peers:begin/ { while ((getline l < f) > 0) print l; skip = 1; next }
-        /<!-- peers:end -->/ { skip = 0; next }
+if [[ -f $OUT ]] && grep -q "<!-- $MARK:begin" "$OUT"; then
+    awk -v f="$WORK/section.md" -v b="<!-- $MARK:begin" -v e="<!-- $MARK:end -->" '
+        index($0, b) == 1 { while ((getline l < f) > 0) print l; skip = 1; next }
+        index($0, e) == 1 { skip = 0; next }
         !skip { print }' "$OUT" >"$WORK/out.md"
     cp "$WORK/out.md" "$OUT"
 else
     { [[ -f $OUT ]] && cat "$OUT"; echo; cat "$WORK/section.md"; } >"$WORK/out.md"
     cp "$WORK/out.md" "$OUT"
 fi
-lib_log "wrote $OUT (plot: target/bench-peers.svg)"
-cat "$WORK/main.txt"
+lib_log "wrote $OUT (plot: $PLOT)"
+[[ ! -f $WORK/main.txt ]] || cat "$WORK/main.txt"

@@ -1,9 +1,10 @@
 //! Command-line arguments of `spliced bench` and the settings derived from them.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::netpath::PathKind;
 use crate::config::{parse_duration, parse_size};
 use crate::Mode;
 
@@ -72,9 +73,13 @@ pub struct BenchArgs {
     pub target_pid: Vec<u32>,
 
     /// Where the embedded upstream (sink, source and echo server) listens; a --target
-    /// must forward there.
-    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:0")]
-    pub upstream: SocketAddr,
+    /// must forward there [default: 127.0.0.1:0; with a veth path: 10.201.0.2:0, its
+    /// end of the veth pair].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub upstream: Option<SocketAddr>,
+
+    #[command(flatten)]
+    pub net: Box<PathArgs>,
 
     /// Pipe size of the splice engine; give several, e.g. 64k,256k,1m, to compare them
     /// side by side as engines named splice-64k, splice-256k and so on [default: 1m].
@@ -114,6 +119,41 @@ pub struct BenchArgs {
     /// Internal: run as the proxy process of an idle measurement.
     #[arg(long, hide = true)]
     pub idle_child: Option<String>,
+}
+
+/// `--path` and what goes with it: where the load, the proxy and the upstream
+/// meet.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PathArgs {
+    /// The network path: loopback; veth, the upstream in a network namespace of its own
+    /// behind a veth pair with --mtu; veth2, the load generator behind a second veth pair
+    /// too, so both sides of the proxy see MTU-sized segments. The veth paths need root;
+    /// the bench removes their namespaces when it ends, also on Ctrl-C.
+    #[arg(long, value_enum, default_value_t = PathKind::Loopback)]
+    pub path: PathKind,
+
+    /// MTU of the veth pairs [default: 1500].
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(576..=65535))]
+    pub mtu: Option<u32>,
+
+    /// Set up the --path, print where the proxy and the upstream go (one line of
+    /// key=value), keep it until stdin closes or a signal, then remove it. For scripts
+    /// that run other proxies on the same path (scripts/bench-peers.sh).
+    #[arg(long)]
+    pub hold: bool,
+
+    /// Use the namespaces of a running `spliced bench --hold` (its netns= name) instead of
+    /// creating new ones; a --target then runs in NAME-px.
+    #[arg(long, value_name = "NAME")]
+    pub netns: Option<String>,
+
+    /// Internal: the network namespace the idle proxy process enters first.
+    #[arg(long, hide = true)]
+    pub idle_netns: Option<PathBuf>,
+
+    /// Internal: the address the idle proxy process listens on.
+    #[arg(long, hide = true, default_value = "127.0.0.1")]
+    pub idle_listen: IpAddr,
 }
 
 fn parse_size_arg(s: &str) -> Result<usize, String> {

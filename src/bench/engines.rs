@@ -1,11 +1,12 @@
 //! The engines under test: spliced in-process (splice or copy), another
 //! running proxy (`--target`), or no proxy at all (`direct`).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use super::args::{EngineSpec, Settings};
 use super::measure;
+use super::netpath::{NetPath, Side};
 use crate::{Config, Mode, ProxyHandle, Stats};
 
 /// One engine, ready to take load.
@@ -24,12 +25,19 @@ impl Engine {
         label: String,
         upstream: SocketAddr,
         s: &Settings,
+        path: &NetPath,
     ) -> Result<Engine, String> {
         let (addr, handle) = match spec {
             EngineSpec::Direct => (upstream, None),
             EngineSpec::Target { addr, .. } => (*addr, None),
             EngineSpec::Proxy { mode, pipe_size } => {
-                let h = start_proxy(*mode, *pipe_size, s.workers, upstream)
+                // The workers start where their creator is, so they connect from the
+                // proxy's namespace.
+                let listen = path.listen_ip();
+                let h = path
+                    .run_in(Side::Proxy, || {
+                        start_proxy(*mode, *pipe_size, s.workers, listen, upstream)
+                    })?
                     .map_err(|e| format!("{label}: cannot start spliced: {e}"))?;
                 let addr = h.local_addr();
                 (addr, Some(h))
@@ -91,14 +99,15 @@ impl Engine {
     }
 }
 
-/// Starts spliced in this process with one listener on an ephemeral loopback port.
+/// Starts spliced in this process with one listener on an ephemeral port of `listen`.
 pub fn start_proxy(
     mode: Mode,
     pipe_size: usize,
     workers: usize,
+    listen: IpAddr,
     upstream: SocketAddr,
 ) -> Result<ProxyHandle, crate::StartError> {
-    let listen: SocketAddr = ([127, 0, 0, 1], 0).into();
+    let listen = SocketAddr::new(listen, 0);
     let mut cfg = Config::single(listen, vec![upstream], mode);
     cfg.workers = workers;
     cfg.pipe_size = pipe_size;

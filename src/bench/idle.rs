@@ -15,6 +15,7 @@ use super::args::{BenchArgs, EngineSpec, Settings};
 use super::engines;
 use super::load::exchange_and_keep;
 use super::measure;
+use super::netpath::{NetPath, Side};
 use super::workloads::{Figures, Metric};
 use crate::Mode;
 
@@ -91,6 +92,7 @@ fn spawn_child(
     pipe_size: usize,
     s: &Settings,
     upstream: SocketAddr,
+    path: &NetPath,
 ) -> Result<(Prober, SocketAddr), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
     let mut cmd = Command::new(exe);
@@ -100,7 +102,12 @@ fn spawn_child(
         .arg("--workers")
         .arg(s.workers.to_string())
         .arg("--upstream")
-        .arg(upstream.to_string());
+        .arg(upstream.to_string())
+        .arg("--idle-listen")
+        .arg(path.listen_ip().to_string());
+    if let Some(ns) = path.netns(Side::Proxy) {
+        cmd.arg("--idle-netns").arg(ns);
+    }
     if let Some(cpu) = s.pin_proxy {
         cmd.arg("--pin-proxy").arg(cpu.to_string());
     }
@@ -142,6 +149,7 @@ pub fn run(
     relays: usize,
     s: &Settings,
     upstream: SocketAddr,
+    path: &NetPath,
 ) -> Option<Result<Figures, String>> {
     let (mut prober, addr) = match spec {
         EngineSpec::Direct => return None,
@@ -152,7 +160,7 @@ pub fn run(
             ..
         } => (Prober::Pid(*pid), *addr),
         EngineSpec::Proxy { mode, pipe_size } => {
-            match spawn_child(*mode, *pipe_size, s, upstream) {
+            match spawn_child(*mode, *pipe_size, s, upstream, path) {
                 Ok(x) => x,
                 Err(e) => return Some(Err(e)),
             }
@@ -250,7 +258,22 @@ pub fn child_main(spec: &str, args: &BenchArgs) -> ExitCode {
         eprintln!("spliced: error: bad --idle-child {spec:?}");
         return ExitCode::from(2);
     };
-    let h = match engines::start_proxy(mode, pipe_size, args.workers.max(1), args.upstream) {
+    // Before the proxy starts, so that its workers start in the namespace too.
+    if let Some(ns) = &args.net.idle_netns {
+        if let Err(e) = crate::sys::netns::enter(ns) {
+            eprintln!(
+                "spliced: error: idle proxy: cannot enter network namespace {}: {e}",
+                ns.display()
+            );
+            return ExitCode::from(2);
+        }
+    }
+    let Some(upstream) = args.upstream else {
+        eprintln!("spliced: error: idle proxy: no --upstream");
+        return ExitCode::from(2);
+    };
+    let workers = args.workers.max(1);
+    let h = match engines::start_proxy(mode, pipe_size, workers, args.net.idle_listen, upstream) {
         Ok(h) => h,
         Err(e) => {
             eprintln!("spliced: error: idle proxy: {e}");

@@ -1,8 +1,9 @@
 //! `spliced bench`: the self-contained benchmark.
 //!
-//! It starts an embedded upstream on loopback ([`upstream`]), runs spliced
-//! in-process once per engine (`splice`, `copy`), a `direct` baseline with no
-//! proxy, and any `--target` proxies, and drives the same load through each
+//! It starts an embedded upstream ([`upstream`]) on loopback or behind a veth
+//! pair (`netpath`), runs spliced in-process once per engine (`splice`,
+//! `copy`), a `direct` baseline with no proxy, and any `--target` proxies, and
+//! drives the same load through each
 //! ([`load`], [`workloads`], [`idle`]). Runs interleave the engines (case by
 //! case, run by run) so slow drift of the machine hits them alike; each figure
 //! is the median of the runs. The proxy's CPU is its worker threads' own
@@ -17,6 +18,7 @@
 //! | `workloads` | the cases and one measured run of each |
 //! | `idle` | idle relays measured in a child process |
 //! | `measure` | /proc readers, medians and percentiles |
+//! | `netpath` | `--path`: loopback, or network namespaces joined by veth pairs |
 //! | `report`, `summary`, `plot`, `sysinfo` | what is printed and drawn |
 
 mod args;
@@ -24,6 +26,7 @@ mod engines;
 mod idle;
 pub mod load;
 mod measure;
+mod netpath;
 mod plot;
 mod report;
 mod summary;
@@ -40,6 +43,7 @@ pub use args::{BenchArgs, Workload};
 
 use args::{EngineSpec, Settings};
 use engines::Engine;
+use netpath::{NetPath, PathKind, Side};
 use report::{EngineInfo, Results};
 use workloads::CaseKind;
 
@@ -130,15 +134,19 @@ fn run_bench(args: &BenchArgs) -> Result<ExitCode, String> {
             settings.idle_relays = fit;
         }
     }
-    let up = upstream::Upstream::start(args.upstream).map_err(|e| {
-        format!(
-            "cannot start the embedded upstream on {}: {e}",
-            args.upstream
-        )
-    })?;
+    let path = open_path(args)?;
+    if args.net.hold {
+        return Ok(path.hold());
+    }
+    let up_addr = path.upstream_addr(args.upstream)?;
+    let up = path
+        .run_in(Side::Upstream, || upstream::Upstream::start(up_addr))?
+        .map_err(|e| format!("cannot start the embedded upstream on {up_addr}: {e}"))?;
+    // Every load thread is spawned from this one from now on.
+    path.enter_client()?;
     let mut engines = Vec::new();
     for spec in &specs {
-        let e = Engine::start(spec, spec.label(several), up.addr(), &settings)?;
+        let e = Engine::start(spec, spec.label(several), up.addr(), &settings, &path)?;
         engines.push(e);
     }
     for e in &engines {
@@ -153,6 +161,7 @@ fn run_bench(args: &BenchArgs) -> Result<ExitCode, String> {
     let cases = workloads::cases(&settings);
     let mut results = Results {
         sys: sysinfo::collect(),
+        path: path.info(),
         settings: settings.clone(),
         engines: specs
             .iter()
@@ -200,7 +209,9 @@ fn run_bench(args: &BenchArgs) -> Result<ExitCode, String> {
                     CaseKind::Connect { threads } => {
                         Some(workloads::connect(e, &up, threads, &settings))
                     }
-                    CaseKind::Idle { relays } => idle::run(&e.spec, relays, &settings, up.addr()),
+                    CaseKind::Idle { relays } => {
+                        idle::run(&e.spec, relays, &settings, up.addr(), &path)
+                    }
                 };
                 // One retry, so a hiccup of a busy machine does not fail the whole
                 // bench; it is reported in the notes all the same.
@@ -230,11 +241,13 @@ fn run_bench(args: &BenchArgs) -> Result<ExitCode, String> {
         }
     }
     progress.clear();
+    results.path = path.info();
     add_notes(&mut results, &engines);
     for e in engines {
         e.stop();
     }
     drop(up);
+    drop(path);
     let summary = summary::compare(&results);
     if let Some(path) = &args.plot {
         if let Err(e) = plot::draw(&results, path) {
@@ -260,6 +273,32 @@ fn run_bench(args: &BenchArgs) -> Result<ExitCode, String> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The --path of this run: loopback, new namespaces, or a --hold's.
+fn open_path(args: &BenchArgs) -> Result<NetPath, String> {
+    if args.net.path == PathKind::Loopback {
+        if args.net.mtu.is_some() || args.net.netns.is_some() || args.net.hold {
+            return Err("--mtu, --netns and --hold need --path veth or veth2".into());
+        }
+        return Ok(NetPath::loopback());
+    }
+    match &args.net.netns {
+        Some(_) if args.net.hold => {
+            Err("--hold makes a path; --netns uses one: give one of them".into())
+        }
+        Some(_) if args.net.mtu.is_some() => {
+            Err("--mtu: the MTU of a --netns path is set by its --hold".into())
+        }
+        Some(name) => NetPath::attach(args.net.path, name),
+        // A path made now has no --target inside it, and the load cannot reach
+        // one outside.
+        None if !args.target.is_empty() => Err(format!(
+            "--target with --path {0}: start `spliced bench --path {0} --hold`, run the target in its NAME-px namespace, and give --netns NAME",
+            args.net.path.as_str()
+        )),
+        None => NetPath::create(args.net.path, args.net.mtu.unwrap_or(netpath::DEFAULT_MTU)),
+    }
 }
 
 /// Notes on what the figures cannot show by themselves.
@@ -292,6 +331,13 @@ fn add_notes(r: &mut Results, engines: &[Engine]) {
                 e.label
             ));
         }
+    }
+    if let (Some(n), Some(b)) = (r.path.upstream_frames, r.path.upstream_frame_bytes) {
+        r.notes.push(format!(
+            "{}: the upstream namespace received {n} frames of {b:.0} B on average (MTU {}; ACKs included)",
+            r.path.path.as_str(),
+            r.path.mtu
+        ));
     }
     if r.sys.root {
         r.notes.push(

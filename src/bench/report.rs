@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 
 use super::args::{EngineSpec, Settings};
 use super::measure::Summary;
+use super::netpath::PathInfo;
 use super::summary::Comparison;
 use super::sysinfo::SysInfo;
 use super::workloads::{Case, Figures, Metric};
@@ -47,6 +48,7 @@ impl EngineInfo {
 /// Everything measured, before and after aggregation.
 pub struct Results {
     pub sys: SysInfo,
+    pub path: PathInfo,
     pub settings: Settings,
     pub engines: Vec<EngineInfo>,
     pub cases: Vec<Case>,
@@ -202,6 +204,7 @@ impl Results {
         }
         let doc = serde_json::json!({
             "system": self.sys,
+            "path": self.path,
             "settings": self.settings,
             "engines": self.engines,
             "cases": self.cases,
@@ -231,6 +234,7 @@ impl Results {
                 _ => e.label.clone(),
             })
             .collect();
+        let _ = writeln!(out, "  path      {}", self.path.line());
         let _ = writeln!(out, "  engines   {}", engines.join(", "));
         let pin = s
             .pin_proxy

@@ -7,10 +7,13 @@
 //! - [`set_pipe_size`]/[`pipe_size`]: fcntl(2) `F_SETPIPE_SZ`/`F_GETPIPE_SZ`.
 //! - [`at_urgent_mark`]: ioctl(2) `SIOCATMARK`, where splice stalls.
 //! - process helpers: raise RLIMIT_NOFILE, thread ids, per-thread CPU time.
+//! - [`netns::enter`]: setns(2) into a network namespace (the bench's veth paths).
 //!
 //! Every libc call goes through [`syscall!`], which turns `-1` into
 //! `io::Error::last_os_error()`, so nothing outside sees a raw return code.
 #![allow(unsafe_code)]
+
+pub mod netns;
 
 use std::fs;
 use std::io;
