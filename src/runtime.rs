@@ -262,6 +262,14 @@ impl Runtime {
             .sum()
     }
 
+    /// The kernel thread ids of the workers (for tracing tools).
+    pub(crate) fn worker_tids(&self) -> Vec<i32> {
+        self.workers
+            .iter()
+            .map(|w| w.tid.load(Ordering::Relaxed))
+            .collect()
+    }
+
     /// A cloneable handle that can stop this runtime from another thread.
     pub fn controller(&self) -> Controller {
         Controller {

@@ -232,6 +232,9 @@ impl Worker {
         let (link, commands) = control::channel(Arc::clone(&waker));
         let mut slots = Vec::with_capacity(listeners.len());
         for (i, (mut socket, runtime)) in listeners.into_iter().enumerate() {
+            // Accepted sockets inherit TCP_NODELAY (database traffic is small
+            // request/response: never delay it), one setsockopt fewer each.
+            socket2::SockRef::from(&socket).set_nodelay(true)?;
             poll.registry()
                 .register(&mut socket, token::listener(i), Interest::READABLE)?;
             slots.push(ListenerSlot {
@@ -491,8 +494,6 @@ impl Worker {
         let counters = listener.counters(self.index);
         CounterBlock::add(&counters.relays_accepted, 1);
         let id = next_relay_id();
-        // Database traffic is small request/response: never delay it.
-        let _ = client.set_nodelay(true);
         self.tune(&listener, &client, Side::Client, now);
         let mut round = Round::new(&listener.pool, client_addr.ip());
         let Some(upstream) = self.connect_next(id, &mut round, &listener, now) else {
@@ -712,7 +713,8 @@ impl Worker {
         let readable = event.is_readable() || event.is_read_closed() || event.is_error();
         let writable = event.is_writable() || event.is_write_closed() || event.is_error();
         if connecting && peer == Peer::Upstream {
-            self.on_connect_event(key, now);
+            let hung_up = event.is_read_closed() || event.is_error();
+            self.on_connect_event(key, event.is_writable(), hung_up, now);
             return;
         }
         let readiness = Readiness {
@@ -725,19 +727,21 @@ impl Worker {
         self.run_relay(key, now);
     }
 
-    fn on_connect_event(&mut self, key: usize, now: Instant) {
+    /// `writable` and `hung_up` are what the upstream socket's event said.
+    fn on_connect_event(&mut self, key: usize, writable: bool, hung_up: bool, now: Instant) {
         let relay = &mut self.relays[key];
         // Only a TCP upstream is ever connecting; a handed-off pair is not.
-        let outcome = relay
-            .upstream
-            .as_tcp()
-            .map_or(Connect::Established, upstream::connect_result);
+        let outcome = relay.upstream.as_tcp().map_or(Connect::Established, |s| {
+            upstream::connect_result(s, writable)
+        });
         match outcome {
             Connect::Pending => {}
             Connect::Established => {
                 relay.round.succeeded(&relay.listener.pool);
                 relay.upstream.set_nodelay();
-                relay.core.connected(now);
+                // The edges of the connect went here, not to the relay: a
+                // server that spoke and closed at once left its FIN unannounced.
+                relay.core.connected(now, hung_up);
                 tracing::debug!(
                     relay = relay.id,
                     upstream = relay.upstream_addr.map(tracing::field::display),
@@ -751,7 +755,7 @@ impl Worker {
                 // a failed connect, so the client gets a reset too and no
                 // other server is tried.
                 relay.round.succeeded(&relay.listener.pool);
-                relay.core.connected(now);
+                relay.core.connected(now, hung_up);
                 let e = RelayError::new(Side::Upstream, Op::Read, e);
                 self.close(key, CloseReason::UpstreamReset, Some(&e), now);
             }
@@ -986,5 +990,21 @@ fn reset_reason(side: Side) -> CloseReason {
         Side::Client => CloseReason::ClientReset,
         Side::Upstream => CloseReason::UpstreamReset,
         Side::Internal => CloseReason::Internal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{TcpListener, TcpStream};
+
+    /// The worker sets TCP_NODELAY once on each listening socket instead of
+    /// on every accepted one; that relies on accepted sockets inheriting it.
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        socket2::SockRef::from(&l).set_nodelay(true).unwrap();
+        let _c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (accepted, _) = l.accept().unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 }

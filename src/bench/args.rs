@@ -45,8 +45,10 @@ pub struct BenchArgs {
           default_values_t = [Workload::Bulk, Workload::Rr, Workload::Connect, Workload::Idle])]
     pub workloads: Vec<Workload>,
 
-    /// Engines to compare, comma-separated: splice, copy, direct (no proxy) or target (every
-    /// --target) [default: splice,copy,direct; with --target: direct,target].
+    /// Engines to compare, comma-separated: splice, copy, auto (spliced's three modes),
+    /// handoff (pairs handed to an in-process spliced runtime), tokio (an in-process
+    /// copy_bidirectional baseline), direct (no proxy) or target (every --target)
+    /// [default: splice,copy,direct; with --target: direct,target].
     #[arg(long, short = 'e', value_delimiter = ',', value_name = "ENGINE")]
     pub engines: Vec<String>,
 
@@ -57,6 +59,12 @@ pub struct BenchArgs {
     /// Print the results as JSON on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
+
+    /// Also count the system calls each proxy makes per relayed 64 B message and per
+    /// connection, with strace attached to its threads (a separate, untimed pass; needs
+    /// strace, and ptrace rights over a --target-pid)
+    #[arg(long)]
+    pub syscalls: bool,
 
     /// Also draw throughput and CPU per GiB against rr message size into this SVG file.
     #[arg(long, value_name = "FILE.svg")]
@@ -241,6 +249,11 @@ pub enum EngineSpec {
     Direct,
     /// spliced in-process.
     Proxy { mode: Mode, pipe_size: usize },
+    /// A blocking accept loop in this process handing each pair to a
+    /// spliced runtime (the embedding API).
+    Handoff,
+    /// A tokio runtime in this process running `copy_bidirectional` per pair.
+    Tokio,
     /// Another running proxy.
     Target {
         name: String,
@@ -258,6 +271,8 @@ impl EngineSpec {
                 pipe_size,
             } if several_pipe_sizes => format!("splice-{}", size_label(*pipe_size)),
             EngineSpec::Proxy { mode, .. } => mode.as_str().into(),
+            EngineSpec::Handoff => "handoff".into(),
+            EngineSpec::Tokio => "tokio".into(),
             EngineSpec::Target { name, .. } => name.clone(),
         }
     }
@@ -341,6 +356,12 @@ pub fn engine_specs(a: &BenchArgs) -> Result<Vec<EngineSpec>, String> {
                 mode: Mode::Copy,
                 pipe_size: pipe_sizes[0],
             }],
+            "auto" => vec![EngineSpec::Proxy {
+                mode: Mode::Auto,
+                pipe_size: pipe_sizes[0],
+            }],
+            "handoff" => vec![EngineSpec::Handoff],
+            "tokio" => vec![EngineSpec::Tokio],
             "direct" => vec![EngineSpec::Direct],
             "target" | "targets" => {
                 if targets.is_empty() {
@@ -350,7 +371,7 @@ pub fn engine_specs(a: &BenchArgs) -> Result<Vec<EngineSpec>, String> {
             }
             other => {
                 return Err(format!(
-                    "unknown engine '{other}' (expected splice, copy, direct or target)"
+                    "unknown engine '{other}' (expected splice, copy, auto, handoff, tokio, direct or target)"
                 ))
             }
         };

@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use super::args::{EngineSpec, Settings};
+use super::inproc::{self, Front};
 use super::measure;
 use super::netpath::{NetPath, Side};
 use crate::{Config, Mode, ProxyHandle, Stats};
@@ -16,6 +17,7 @@ pub struct Engine {
     /// Where the load connects.
     pub addr: SocketAddr,
     handle: Option<ProxyHandle>,
+    front: Option<Front>,
 }
 
 impl Engine {
@@ -27,13 +29,27 @@ impl Engine {
         s: &Settings,
         path: &NetPath,
     ) -> Result<Engine, String> {
+        let listen = path.listen_ip();
+        let mut front = None;
         let (addr, handle) = match spec {
             EngineSpec::Direct => (upstream, None),
             EngineSpec::Target { addr, .. } => (*addr, None),
+            EngineSpec::Handoff | EngineSpec::Tokio => {
+                let f = path
+                    .run_in(Side::Proxy, || match spec {
+                        EngineSpec::Handoff => {
+                            Front::handoff(Mode::Splice, s.workers, listen, upstream)
+                        }
+                        _ => Front::tokio(listen, upstream),
+                    })?
+                    .map_err(|e| format!("{label}: cannot start: {e}"))?;
+                let addr = f.addr;
+                front = Some(f);
+                (addr, None)
+            }
             EngineSpec::Proxy { mode, pipe_size } => {
                 // The workers start where their creator is, so they connect from the
                 // proxy's namespace.
-                let listen = path.listen_ip();
                 let h = path
                     .run_in(Side::Proxy, || {
                         start_proxy(*mode, *pipe_size, s.workers, listen, upstream)
@@ -48,6 +64,7 @@ impl Engine {
             label,
             addr,
             handle,
+            front,
         })
     }
 
@@ -67,6 +84,9 @@ impl Engine {
         if let Some(h) = &self.handle {
             return Some(h.worker_cpu_time());
         }
+        if let Some(f) = &self.front {
+            return Some(f.cpu());
+        }
         match self.spec {
             EngineSpec::Target { pid: Some(pid), .. } => measure::process_cpu(pid),
             _ => None,
@@ -78,6 +98,9 @@ impl Engine {
         if let Some(h) = &self.handle {
             return Some(h.stats().pipes_in_use);
         }
+        if let Some(f) = &self.front {
+            return Some(f.stats().map_or(0, |s| s.pipes_in_use));
+        }
         match self.spec {
             EngineSpec::Target { pid: Some(pid), .. } => {
                 measure::fds_and_pipes(Some(pid)).map(|(_, p)| p)
@@ -87,7 +110,44 @@ impl Engine {
     }
 
     pub fn stats(&self) -> Option<Stats> {
-        self.handle.as_ref().map(|h| h.stats())
+        match (&self.handle, &self.front) {
+            (Some(h), _) => Some(h.stats()),
+            (None, Some(f)) => f.stats(),
+            (None, None) => None,
+        }
+    }
+
+    /// Every thread of the proxy, for strace (a target's whole process tree).
+    pub fn tids(&self) -> Vec<i32> {
+        if let Some(h) = &self.handle {
+            return h.runtime().worker_tids();
+        }
+        if let Some(f) = &self.front {
+            return f.tids();
+        }
+        match self.spec {
+            EngineSpec::Target { pid: Some(pid), .. } => measure::process_tree(pid)
+                .into_iter()
+                .flat_map(|p| {
+                    std::fs::read_dir(format!("/proc/{p}/task"))
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .filter_map(|t| t.file_name().to_str()?.parse::<i32>().ok())
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Threads this engine runs in this process (for pinning).
+    pub fn threads(&self, workers: usize) -> usize {
+        match self.spec {
+            EngineSpec::Proxy { .. } => workers,
+            EngineSpec::Handoff => workers + inproc::EXTRA_THREADS,
+            EngineSpec::Tokio => inproc::EXTRA_THREADS,
+            EngineSpec::Direct | EngineSpec::Target { .. } => 0,
+        }
     }
 
     /// Stops an in-process proxy.
@@ -95,6 +155,9 @@ impl Engine {
         if let Some(h) = self.handle.take() {
             h.abort();
             h.join();
+        }
+        if let Some(f) = self.front.take() {
+            f.stop();
         }
     }
 }

@@ -152,7 +152,8 @@ pub fn run(
     path: &NetPath,
 ) -> Option<Result<Figures, String>> {
     let (mut prober, addr) = match spec {
-        EngineSpec::Direct => return None,
+        // No separate process whose memory per relay could be read.
+        EngineSpec::Direct | EngineSpec::Handoff | EngineSpec::Tokio => return None,
         EngineSpec::Target { pid: None, .. } => return None,
         EngineSpec::Target {
             addr,

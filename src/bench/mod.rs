@@ -24,12 +24,14 @@
 mod args;
 mod engines;
 mod idle;
+mod inproc;
 pub mod load;
 mod measure;
 mod netpath;
 mod plot;
 mod report;
 mod summary;
+mod syscalls;
 mod sysinfo;
 pub mod upstream;
 mod workloads;
@@ -153,7 +155,7 @@ fn run_bench(args: &BenchArgs) -> Result<ExitCode, String> {
         engines::check(e)?;
     }
     if let Some(cpu) = settings.pin_proxy {
-        let threads = engines.iter().filter(|e| e.mode().is_some()).count() * settings.workers;
+        let threads = engines.iter().map(|e| e.threads(settings.workers)).sum();
         if threads > 0 {
             engines::pin_workers(cpu, threads)?;
         }
@@ -172,6 +174,7 @@ fn run_bench(args: &BenchArgs) -> Result<ExitCode, String> {
         runs: BTreeMap::new(),
         notes,
         errors: Vec::new(),
+        syscalls: Vec::new(),
     };
     let total: usize = cases
         .iter()
@@ -241,6 +244,21 @@ fn run_bench(args: &BenchArgs) -> Result<ExitCode, String> {
         }
     }
     progress.clear();
+    if args.syscalls {
+        for e in &engines {
+            let tids = e.tids();
+            if tids.is_empty() {
+                continue;
+            }
+            eprintln!("spliced bench: counting the system calls of {}", e.label);
+            match syscalls::count(&tids, e.addr) {
+                Ok(c) => results.syscalls.push((e.label.clone(), c)),
+                Err(err) => results
+                    .errors
+                    .push(format!("syscalls · {}: {err}", e.label)),
+            }
+        }
+    }
     results.path = path.info();
     add_notes(&mut results, &engines);
     for e in engines {

@@ -33,6 +33,8 @@ impl EngineInfo {
                 None,
             ),
             EngineSpec::Target { pid, .. } => ("target", None, None, *pid),
+            EngineSpec::Handoff => ("handoff", None, None, None),
+            EngineSpec::Tokio => ("tokio", None, None, None),
         };
         EngineInfo {
             label: label.to_string(),
@@ -56,6 +58,8 @@ pub struct Results {
     pub runs: BTreeMap<(usize, usize), Vec<Figures>>,
     pub notes: Vec<String>,
     pub errors: Vec<String>,
+    /// `--syscalls`: (engine label, counts).
+    pub syscalls: Vec<(String, super::syscalls::SyscallCounts)>,
 }
 
 /// A ratio row: numerator engine over denominator engine.
@@ -211,6 +215,7 @@ impl Results {
             "results": rows,
             "ratios": self.ratios().iter().filter(|r| r.ratio.is_finite()).collect::<Vec<_>>(),
             "summary": summary,
+            "syscalls": self.syscalls,
             "notes": self.notes,
             "errors": self.errors,
         });
@@ -333,6 +338,35 @@ impl Results {
             out.push_str("\nsummary (medians)\n");
             for c in summary {
                 let _ = writeln!(out, "  {}: {}", c.case, c.text);
+            }
+        }
+        if !self.syscalls.is_empty() {
+            out.push_str(
+                "\nsyscalls (strace -c on the proxy's threads; a message is one 64 B request or reply, \
+                 a connection opens, exchanges 64 B and closes)\n",
+            );
+            for (label, c) in &self.syscalls {
+                let top = |calls: &[(String, f64)]| {
+                    calls
+                        .iter()
+                        .take(6)
+                        .map(|(n, k)| format!("{n} {k:.2}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                let _ = writeln!(
+                    out,
+                    "  {label:<12} {:>5.2} per message ({})",
+                    c.per_message,
+                    top(&c.message_calls)
+                );
+                let _ = writeln!(
+                    out,
+                    "  {:<12} {:>5.1} per connection ({})",
+                    "",
+                    c.per_connection,
+                    top(&c.connection_calls)
+                );
             }
         }
         if !self.notes.is_empty() {

@@ -27,6 +27,7 @@ fn line(case: &str, text: String, ratio: Option<f64>) -> Comparison {
 
 pub fn compare(r: &Results) -> Vec<Comparison> {
     let mut out = Vec::new();
+    compare_embedding(r, &mut out);
     let Some(sp) = r.main_splice() else {
         return out;
     };
@@ -138,4 +139,51 @@ pub fn compare(r: &Results) -> Vec<Comparison> {
         }
     }
     out
+}
+
+/// Handing pairs to a spliced runtime against the in-process tokio
+/// `copy_bidirectional` baseline: CPU per GiB of bulk, and the latency
+/// each adds over direct at 64 B.
+fn compare_embedding(r: &Results, out: &mut Vec<Comparison>) {
+    let (Some(&h), Some(&t)) = (
+        r.engine_index(|e| e.kind == "handoff").first(),
+        r.engine_index(|e| e.kind == "tokio").first(),
+    ) else {
+        return;
+    };
+    let direct = r.engine_index(|e| e.kind == "direct").first().copied();
+    for (ci, case) in r.cases.iter().enumerate() {
+        let name = format!("{} {}", case.workload.as_str(), case.name);
+        match case.kind {
+            CaseKind::Bulk { .. } => {
+                let (Some(a), Some(b)) = (
+                    r.median(ci, h, Metric::CpuPerGib),
+                    r.median(ci, t, Metric::CpuPerGib),
+                ) else {
+                    continue;
+                };
+                out.push(line(
+                    &name,
+                    format!(
+                        "handoff CPU per GiB vs tokio copy_bidirectional: {:.2}× ({a:.3} vs {b:.3} s/GiB)",
+                        a / b
+                    ),
+                    Some(a / b),
+                ));
+            }
+            CaseKind::Rr { size: 64 } => {
+                let Some(d) = direct else { continue };
+                let added =
+                    |e: usize| Some(r.median(ci, e, Metric::P50)? - r.median(ci, d, Metric::P50)?);
+                if let (Some(a), Some(b)) = (added(h), added(t)) {
+                    out.push(line(
+                        &name,
+                        format!("p50 latency added over direct: handoff {a:+.1} µs, tokio copy_bidirectional {b:+.1} µs"),
+                        None,
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
 }

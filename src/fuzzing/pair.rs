@@ -357,7 +357,7 @@ pub(crate) fn run_pair(setup: &PairSetup, actions: &[PairAction]) -> PairOutcome
     let now = Instant::now();
     let mut core = RelayCore::new(now);
     check_expiry(core.activity(), &setup.timeouts, now);
-    core.connected(now);
+    core.connected(now, false);
     let mut run = PairRun {
         core,
         io: PairEngines {

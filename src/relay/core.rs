@@ -228,13 +228,19 @@ impl RelayCore {
     }
 
     /// The upstream connect finished; bytes may flow.
-    pub(crate) fn connected(&mut self, now: Instant) {
+    /// `hung_up`: the upstream's edges while connecting carried RDHUP/HUP
+    /// (they went to the connect, not to the direction).
+    pub(crate) fn connected(&mut self, now: Instant, hung_up: bool) {
         self.activity.connecting_since = None;
         self.activity.last_active = now;
         // Readiness edges that arrived while connecting are not lost: the
         // directions start optimistic and the first call tells the truth.
         self.c2u.destination_writable();
-        self.u2c.source_unsure();
+        if hung_up {
+            self.u2c.source_unsure();
+        } else {
+            self.u2c.source_readable();
+        }
     }
 
     /// The direction from `from` starts with `n` bytes already accepted

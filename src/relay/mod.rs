@@ -182,7 +182,7 @@ impl Relay {
             }
         };
         let mut core = RelayCore::new(now);
-        core.connected(now);
+        core.connected(now, false);
         core.preload(Peer::Client, pair.client_preread.len());
         core.preload(Peer::Upstream, pair.upstream_preread.len());
         let round = Round::new(&pair.listener.pool, std::net::Ipv4Addr::UNSPECIFIED.into());

@@ -134,10 +134,13 @@ pub(crate) enum Connect {
 
 /// Reads a connect's outcome after an event on its socket (mio's recipe:
 /// register for WRITABLE, then `take_error`, then `peer_addr`).
-pub(crate) fn connect_result(stream: &TcpStream) -> Connect {
+pub(crate) fn connect_result(stream: &TcpStream, writable: bool) -> Connect {
     match stream.take_error() {
         Ok(Some(e)) | Err(e) if established_then_lost(&e) => return Connect::Lost(e),
         Ok(Some(e)) | Err(e) => return Connect::Failed(e),
+        // A connecting socket turns writable when the handshake is done;
+        // with no error pending, it is connected (no getpeername needed).
+        Ok(None) if writable => return Connect::Established,
         Ok(None) => {}
     }
     match stream.peer_addr() {
