@@ -120,6 +120,8 @@ pub struct Config {
     pub max_relays: Option<usize>,
     /// How long live relays may finish after the first SIGTERM/SIGINT.
     pub drain_timeout: Option<Duration>,
+    /// The admin endpoint, the stats file, progress lines.
+    pub ops: crate::ops::Ops,
 }
 
 impl Config {
@@ -135,6 +137,7 @@ impl Config {
             copy_buffer_size: DEFAULT_COPY_BUFFER,
             max_relays: None,
             drain_timeout: Some(Duration::from_secs(30)),
+            ops: crate::ops::Ops::default(),
         }
     }
 

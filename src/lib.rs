@@ -16,6 +16,8 @@
 //! | `timer` | coarse deadlines with lazy re-arm |
 //! | `sys` | the OS boundary, the one module allowed raw syscalls: pipe2, splice, fcntl pipe size, rlimits |
 //! | [`stats`] | per-worker counters and close reasons |
+//! | [`shm`] | the stats file the counters live in, and its reader |
+//! | [`ops`] | settings of the admin endpoint, stats file and progress lines |
 //! | `bench` | `spliced bench`: the self-contained benchmark (feature `cli`) |
 //!
 //! The default feature `cli` adds the command line and the benchmark; with
@@ -38,9 +40,11 @@ pub mod error;
 pub mod fuzzing;
 pub mod handoff;
 pub mod listener;
+pub mod ops;
 pub mod proxy;
 mod relay;
 pub mod runtime;
+pub mod shm;
 pub mod stats;
 mod sys;
 mod timer;

@@ -6,6 +6,7 @@
 //! removed while the proxy runs without renumbering the others.
 
 use crate::config::ListenerConfig;
+use crate::shm::Block;
 use crate::stats::{CounterBlock, Stats};
 use crate::upstream::Pool;
 
@@ -25,16 +26,15 @@ pub(crate) struct Listener {
     pub(crate) config: ListenerConfig,
     pub(crate) pool: Pool,
     /// This listener's counters, one block per worker: worker `i` alone
-    /// writes block `i`.
-    counters: Box<[CounterBlock]>,
+    /// writes block `i`. They live in the runtime's stats mapping.
+    counters: Box<[Block]>,
 }
 
 impl Listener {
-    pub(crate) fn new(id: ListenerId, config: ListenerConfig, workers: usize) -> Listener {
+    /// A listener whose counters are `counters`, one block per worker
+    /// (see [`crate::shm::Arena::listener_blocks`]).
+    pub(crate) fn new(id: ListenerId, config: ListenerConfig, counters: Box<[Block]>) -> Listener {
         let pool = Pool::new(config.upstreams.clone());
-        let counters = (0..workers.max(1))
-            .map(|_| CounterBlock::default())
-            .collect();
         Listener {
             id,
             config,
@@ -50,13 +50,22 @@ impl Listener {
 
     /// This listener's counters summed over the workers.
     pub(crate) fn stats(&self) -> Stats {
-        Stats::sum(self.counters.iter())
+        Stats::sum(self.counters.iter().map(|b| &**b))
     }
 
     /// A name for log lines: the first address it listens on, or
     /// `handoff` for the pairs a program hands to the runtime.
     pub(crate) fn label(&self) -> Label<'_> {
         Label(self)
+    }
+}
+
+/// The name a listener's counters go by in the stats file and metrics:
+/// its first address for now (`handoff` for handed-off pairs).
+pub(crate) fn name_of(config: &ListenerConfig) -> String {
+    match config.listen.first() {
+        Some(addr) => addr.to_string(),
+        None => "handoff".to_string(),
     }
 }
 

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use crate::config::{Config, ListenerConfig, Mode};
 use crate::error::StartError;
-use crate::listener::ListenerId;
+use crate::listener::{self, ListenerId};
+use crate::shm::Arena;
 use crate::runtime::{relay_cap, Controller, Runtime};
 use crate::stats::Stats;
 use crate::worker;
@@ -32,11 +33,6 @@ pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
     let nofile = crate::sys::raise_nofile_limit();
     let relay_cap = relay_cap(&config, nofile);
     let config = Arc::new(config);
-    let bound = worker::bind_listeners(&config)?;
-    refuse_loops(&config, &bound.local_addrs)?;
-    log_relay_cap(&config, nofile, relay_cap);
-    check_pipe_size(&config);
-    let local_addrs: Vec<SocketAddr> = bound.local_addrs.iter().map(|(_, a)| *a).collect();
     // Pairs handed to a running proxy relay like the first listener's.
     let first = &config.listeners[0];
     let handoff = ListenerConfig {
@@ -45,8 +41,21 @@ pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
         mode: first.mode,
         timeouts: first.timeouts,
     };
+    let names: Vec<String> = config
+        .listeners
+        .iter()
+        .chain([&handoff])
+        .map(listener::name_of)
+        .collect();
+    let arena = Arena::new(config.workers, &names, config.ops.instance.as_deref());
+    let bound = worker::bind_listeners(&config, &arena)?;
+    refuse_loops(&config, &bound.local_addrs)?;
+    log_relay_cap(&config, nofile, relay_cap);
+    check_pipe_size(&config);
+    let local_addrs: Vec<SocketAddr> = bound.local_addrs.iter().map(|(_, a)| *a).collect();
     let runtime = Runtime::spawn(
         Arc::clone(&config),
+        arena,
         bound.per_worker,
         bound.listeners,
         handoff,

@@ -33,6 +33,7 @@ use crate::error::{Op, RelayError, Side, StartError};
 use crate::listener::{Listener, ListenerId};
 use crate::relay::report::Reporter;
 use crate::relay::{self, Accepted, Expiry, Next, Peer, Relay};
+use crate::shm::{Arena, Block};
 use crate::stats::{CloseReason, CounterBlock};
 use crate::timer::Timers;
 use crate::token::{self, Owner, RelayRef};
@@ -108,7 +109,7 @@ pub(crate) struct Bound {
 /// EADDRINUSE while any other process listens there, whatever options that
 /// process set. The probe stays bound, not listening, until the workers'
 /// sockets listen; SO_REUSEADDR on both lets them coexist.
-pub(crate) fn bind_listeners(config: &Config) -> Result<Bound, StartError> {
+pub(crate) fn bind_listeners(config: &Config, arena: &Arena) -> Result<Bound, StartError> {
     let mut per_worker: Vec<Vec<_>> = (0..config.workers).map(|_| Vec::new()).collect();
     let mut local_addrs = Vec::new();
     let mut listeners = Vec::with_capacity(config.listeners.len());
@@ -116,7 +117,7 @@ pub(crate) fn bind_listeners(config: &Config) -> Result<Bound, StartError> {
         let runtime = Arc::new(Listener::new(
             ListenerId(index as u32),
             listener.clone(),
-            config.workers,
+            arena.listener_blocks(index),
         ));
         listeners.push(Arc::clone(&runtime));
         let dual_family = listener.listen.iter().any(|a| a.is_ipv4());
@@ -210,7 +211,7 @@ pub(crate) struct Worker {
     shared: Arc<Shared>,
     commands: Receiver<Command>,
     link: WorkerLink,
-    counters: Arc<CounterBlock>,
+    counters: Block,
     accept_paused_until: Option<Instant>,
     accept_warnings: WarnLimit,
     connect_warnings: WarnLimit,
@@ -227,7 +228,7 @@ impl Worker {
         config: Arc<Config>,
         listeners: Vec<(TcpListener, Arc<Listener>)>,
         shared: Arc<Shared>,
-        counters: Arc<CounterBlock>,
+        counters: Block,
         relay_cap: usize,
     ) -> io::Result<Worker> {
         let poll = Poll::new()?;
@@ -250,7 +251,7 @@ impl Worker {
             relays: Slab::new(),
             timers: Timers::default(),
             ready: Vec::new(),
-            pools: Pools::new(&config, index, Arc::clone(&counters)),
+            pools: Pools::new(&config, index, counters.clone()),
             config,
             shared,
             commands,
@@ -370,6 +371,7 @@ impl Worker {
     fn pause_accepting(&mut self, now: Instant, e: &io::Error) {
         self.accept_paused_until = Some(now + ACCEPT_PAUSE);
         CounterBlock::add(&self.counters.accept_pauses, 1);
+        CounterBlock::add(&self.counters.accept_pauses_fds, 1);
         if self.accept_warnings.allow(now).is_some() {
             tracing::warn!(
                 worker = self.index,
@@ -387,6 +389,7 @@ impl Worker {
     fn reach_relay_cap(&mut self, now: Instant) {
         self.accept_paused_until = Some(now + CAP_RECHECK);
         CounterBlock::add(&self.counters.accept_pauses, 1);
+        CounterBlock::add(&self.counters.accept_pauses_cap, 1);
         if self.accept_warnings.allow(now).is_some() {
             tracing::warn!(
                 worker = self.index,
@@ -637,6 +640,10 @@ impl Worker {
         match outcome {
             Connect::Pending => {}
             Connect::Established => {
+                if let Some(since) = relay.core.activity().connecting_since {
+                    let took = now.saturating_duration_since(since);
+                    relay.listener.counters(self.index).connected(took);
+                }
                 relay.upstream.set_nodelay();
                 relay.core.connected(now);
                 tracing::debug!(

@@ -57,6 +57,7 @@ impl PairIo for RelayIo<'_> {
                 dst: self.upstream,
                 pools: self.pools,
                 counters: self.counters,
+                to_client: false,
             },
             Peer::Upstream => Wire {
                 slot: self.u2c_slot,
@@ -64,6 +65,7 @@ impl PairIo for RelayIo<'_> {
                 dst: self.client,
                 pools: self.pools,
                 counters: self.counters,
+                to_client: true,
             },
         }
     }

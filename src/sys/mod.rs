@@ -7,10 +7,14 @@
 //! - [`set_pipe_size`]/[`pipe_size`]: fcntl(2) `F_SETPIPE_SZ`/`F_GETPIPE_SZ`.
 //! - [`at_urgent_mark`]: ioctl(2) `SIOCATMARK`, where splice stalls.
 //! - process helpers: raise RLIMIT_NOFILE, thread ids, per-thread CPU time.
+//! - [`shared`]: a mapping as atomic words, and counter blocks placed in it
+//!   (the stats file the workers write directly).
 //!
 //! Every libc call goes through [`syscall!`], which turns `-1` into
 //! `io::Error::last_os_error()`, so nothing outside sees a raw return code.
 #![allow(unsafe_code)]
+
+pub(crate) mod shared;
 
 use std::fs;
 use std::io;
