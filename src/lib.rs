@@ -27,8 +27,12 @@
 //! `unsafe_code` is denied for the whole crate (Cargo.toml `[lints]`); only
 //! `sys` allows it, and every block there carries a `// SAFETY:` comment.
 
+#[cfg(feature = "admin")]
+mod admin;
 #[cfg(feature = "cli")]
 pub mod bench;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod config;
 mod control;
 mod engine;

@@ -23,6 +23,8 @@ enum Command {
     Run(RunArgs),
     /// Measure splice against copy (and a direct baseline) on this machine.
     Bench(spliced::bench::BenchArgs),
+    /// Show a running instance's counters from its stats file (no network).
+    Stats(spliced::cli::stats::StatsArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -67,6 +69,27 @@ struct RunArgs {
     /// After SIGTERM/SIGINT, how long live relays may finish (0: no limit).
     #[arg(long, default_value = "30s", value_name = "DUR", value_parser = duration)]
     drain_timeout: Limit,
+    /// Serve GET /metrics (Prometheus), /healthz and /livez on this address
+    /// [default: off].
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<String>,
+    /// Instance name: the stats file `spliced stats --name` reads.
+    #[arg(long, default_value = "spliced", value_name = "NAME")]
+    name: String,
+    /// Log lines as plain text or as one JSON object per line.
+    #[arg(long, default_value = "text", value_name = "FORMAT")]
+    log_format: LogFormat,
+    /// Log a progress line for each relay alive longer than this, once per
+    /// interval (0 disables).
+    #[arg(long, default_value = "0", value_name = "DUR", value_parser = duration)]
+    log_interval: Limit,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 /// A duration flag's value; `None` when the flag was `0` (disabled).
@@ -107,6 +130,13 @@ impl RunArgs {
         }
         config.max_relays = self.max_conns;
         config.drain_timeout = self.drain_timeout.0;
+        if let Some(admin) = &self.admin {
+            let addrs = config::resolve(admin).map_err(|e| format!("--admin: {e}"))?;
+            config.ops.admin = addrs.first().copied();
+        }
+        spliced::shm::check_instance_name(&self.name).map_err(|e| format!("--name: {e}"))?;
+        config.ops.instance = Some(self.name);
+        config.ops.log_interval = self.log_interval.0;
         config.validate().map_err(|e| e.to_string())?;
         Ok(config)
     }
@@ -124,16 +154,24 @@ fn main() -> ExitCode {
     };
     // The bench runs thousands of relays in-process: one line each would
     // cost the worker CPU it measures.
-    init_logging(match cli.command {
-        Command::Bench(_) => "warn",
-        Command::Run(_) => "info",
-    });
     match cli.command {
-        Command::Run(args) => match args.into_config() {
-            Ok(config) => run(config),
-            Err(e) => fail(&e),
-        },
-        Command::Bench(args) => spliced::bench::run(args),
+        Command::Run(args) => {
+            init_logging("info", args.log_format);
+            match args.into_config() {
+                Ok(config) => run(config),
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Bench(args) => {
+            // The bench runs thousands of relays in-process: one line each
+            // would cost the worker CPU it measures.
+            init_logging("warn", LogFormat::Text);
+            spliced::bench::run(args)
+        }
+        Command::Stats(args) => {
+            init_logging("warn", LogFormat::Text);
+            spliced::cli::stats::run(args)
+        }
     }
 }
 
@@ -175,15 +213,26 @@ fn run(config: Config) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn init_logging(default_level: &str) {
+/// Logs to stderr. JSON lines carry the event's fields at the top level
+/// beside `timestamp`, `level`, `target` and `message`, and no span data,
+/// so the fields documented in docs/OPERATIONS.md are all there is.
+fn init_logging(default_level: &str, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+        .with_ansi(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 /// clap's error as one line: the lines before its usage and "For more
@@ -257,7 +306,7 @@ mod tests {
         let argv = ["spliced", "run", "--listen", "127.0.0.1:1"];
         match Cli::parse_from(argv.iter().chain(args)).command {
             Command::Run(r) => r,
-            Command::Bench(_) => unreachable!(),
+            _ => unreachable!(),
         }
     }
 
@@ -293,6 +342,6 @@ mod tests {
             "{typo}"
         );
         let bare = one_line(&["spliced"]);
-        assert!(bare.contains("run, bench"), "{bare}");
+        assert!(bare.contains("run, bench, stats"), "{bare}");
     }
 }

@@ -24,6 +24,8 @@ use crate::worker;
 pub struct ProxyHandle {
     local_addrs: Vec<SocketAddr>,
     runtime: Runtime,
+    #[cfg(feature = "admin")]
+    admin: Option<crate::admin::Admin>,
 }
 
 /// Binds the listeners, refuses an upstream that loops back into the proxy,
@@ -71,9 +73,34 @@ pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
             "listening on {addr}"
         );
     }
+    #[cfg(feature = "admin")]
+    let admin = match config.ops.admin {
+        Some(addr) => {
+            let admin = crate::admin::Admin::start(
+                addr,
+                Arc::clone(&runtime.arena),
+                Arc::clone(&runtime.stopping),
+            )
+            .map_err(|e| StartError::Io(format!("serve the admin endpoint on {addr}"), e))?;
+            tracing::info!("admin endpoint on http://{}/metrics", admin.addr());
+            Some(admin)
+        }
+        None => None,
+    };
+    #[cfg(not(feature = "admin"))]
+    if config.ops.admin.is_some() {
+        return Err(StartError::Config(crate::config::ConfigError(
+            "admin: this build has no admin endpoint (cargo feature `admin`)".into(),
+        )));
+    }
+    if let Some(path) = runtime.stats_file() {
+        tracing::info!(path = %path.display(), "counters in the stats file (read with `spliced stats`)");
+    }
     Ok(ProxyHandle {
         local_addrs,
         runtime,
+        #[cfg(feature = "admin")]
+        admin,
     })
 }
 
@@ -286,6 +313,12 @@ impl ProxyHandle {
     /// Every bound address, in config order (a listener may have several).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
+    }
+
+    /// Where the admin endpoint listens, if one was asked for.
+    #[cfg(feature = "admin")]
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.addr())
     }
 
     /// The runtime under the listeners; pairs handed to it are relayed

@@ -350,6 +350,7 @@ impl Runtime {
                 let _ = t.join();
             }
         }
+        self.arena.retire();
     }
 }
 

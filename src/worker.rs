@@ -514,6 +514,7 @@ impl Worker {
             })
             .map_err(|e| RelayError::new(Side::Internal, Op::Register, e));
         relay.placed(key);
+        relay.progress_at = self.config.ops.log_interval.and_then(|i| now.checked_add(i));
         CounterBlock::add(&relay.listener.counters(self.index).relays_active, 1);
         entry.insert(relay);
         self.shared.relays_live.fetch_add(1, Ordering::Relaxed);
@@ -777,6 +778,9 @@ impl Worker {
                 continue;
             }
             relay.armed_at = None;
+            if let Some(interval) = self.config.ops.log_interval {
+                relay.log_progress(now, interval);
+            }
             match relay.core.expired(relay.timeouts(), now) {
                 None => self.arm(entry.key),
                 Some(Expiry::Connect) => {

@@ -253,8 +253,11 @@ impl Arena {
     }
 }
 
-impl Drop for Arena {
-    fn drop(&mut self) {
+impl Arena {
+    /// Marks the instance stopped and removes its stats file. Called when
+    /// the workers are gone; the mapping itself lives on while anything
+    /// (a signal thread's controller, say) still holds it.
+    pub(crate) fn retire(&self) {
         self.set_state(State::Stopped);
         if let Some(path) = &self.path {
             // Only our own file: a later instance of the same name may
@@ -264,6 +267,12 @@ impl Drop for Arena {
                 let _ = fs::remove_file(path);
             }
         }
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        self.retire();
     }
 }
 
