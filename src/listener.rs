@@ -28,6 +28,9 @@ pub(crate) struct Listener {
     /// This listener's counters, one block per worker: worker `i` alone
     /// writes block `i`. They live in the runtime's stats mapping.
     counters: Box<[Block]>,
+    /// The first address it got bound to (port 0 resolved): what logs and
+    /// metrics call it, until listeners have names of their own.
+    bound: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 impl Listener {
@@ -40,6 +43,7 @@ impl Listener {
             config,
             pool,
             counters,
+            bound: std::sync::OnceLock::new(),
         }
     }
 
@@ -51,6 +55,11 @@ impl Listener {
     /// This listener's counters summed over the workers.
     pub(crate) fn stats(&self) -> Stats {
         Stats::sum(self.counters.iter().map(|b| &**b))
+    }
+
+    /// Records the address the first of its sockets got.
+    pub(crate) fn set_bound(&self, addr: std::net::SocketAddr) {
+        let _ = self.bound.set(addr);
     }
 
     /// A name for log lines: the first address it listens on, or
@@ -74,7 +83,7 @@ pub(crate) struct Label<'a>(&'a Listener);
 
 impl std::fmt::Display for Label<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0.config.listen.first() {
+        match self.0.bound.get().or(self.0.config.listen.first()) {
             Some(addr) => addr.fmt(f),
             None => f.write_str("handoff"),
         }

@@ -14,8 +14,8 @@ use std::time::Duration;
 use crate::config::{Config, ListenerConfig, Mode};
 use crate::error::StartError;
 use crate::listener::{self, ListenerId};
-use crate::shm::Arena;
 use crate::runtime::{relay_cap, Controller, Runtime};
+use crate::shm::Arena;
 use crate::stats::Stats;
 use crate::worker;
 
@@ -51,6 +51,14 @@ pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
         .collect();
     let arena = Arena::new(config.workers, &names, config.ops.instance.as_deref());
     let bound = worker::bind_listeners(&config, &arena)?;
+    // A listener goes by the address it got (port 0 resolved), until
+    // listeners have names of their own.
+    for (i, listener) in bound.listeners.iter().enumerate() {
+        if let Some((_, addr)) = bound.local_addrs.iter().find(|(l, _)| *l == i) {
+            listener.set_bound(*addr);
+            arena.name_listener(i, &listener.label().to_string());
+        }
+    }
     refuse_loops(&config, &bound.local_addrs)?;
     log_relay_cap(&config, nofile, relay_cap);
     check_pipe_size(&config);

@@ -514,7 +514,11 @@ impl Worker {
             })
             .map_err(|e| RelayError::new(Side::Internal, Op::Register, e));
         relay.placed(key);
-        relay.progress_at = self.config.ops.log_interval.and_then(|i| now.checked_add(i));
+        relay.progress_at = self
+            .config
+            .ops
+            .log_interval
+            .and_then(|i| now.checked_add(i));
         CounterBlock::add(&relay.listener.counters(self.index).relays_active, 1);
         entry.insert(relay);
         self.shared.relays_live.fetch_add(1, Ordering::Relaxed);

@@ -86,11 +86,7 @@ fn families(snap: &Snapshot) -> Vec<Family> {
         "Client connections accepted (or pairs handed over).",
         Counter,
     );
-    let mut active = family(
-        "spliced_connections_active",
-        "Relays alive now.",
-        Gauge,
-    );
+    let mut active = family("spliced_connections_active", "Relays alive now.", Gauge);
     let mut closed = family(
         "spliced_connections_closed",
         "Relays closed, by reason.",
@@ -120,9 +116,10 @@ fn families(snap: &Snapshot) -> Vec<Family> {
             .values
             .push((at.clone(), s.upstream_connect_failures));
         for reason in CloseReason::ALL {
-            closed
-                .values
-                .push((with(at.clone(), "reason", reason.as_str()), s.closed(reason)));
+            closed.values.push((
+                with(at.clone(), "reason", reason.as_str()),
+                s.closed(reason),
+            ));
         }
         for reason in FallbackReason::ALL {
             fallbacks.values.push((
@@ -150,11 +147,7 @@ fn families(snap: &Snapshot) -> Vec<Family> {
         "Pipes held by directions now.",
         Gauge,
     );
-    let mut pipes_idle = family(
-        "spliced_pipes_pooled",
-        "Empty pipes kept for reuse.",
-        Gauge,
-    );
+    let mut pipes_idle = family("spliced_pipes_pooled", "Empty pipes kept for reuse.", Gauge);
     let mut pipes_max = family(
         "spliced_pipes_in_use_max",
         "The most pipes held by directions at once since the start.",
@@ -178,7 +171,11 @@ fn families(snap: &Snapshot) -> Vec<Family> {
     );
     for (i, w) in snap.workers.iter().enumerate() {
         let at: Labels = vec![("worker", i.to_string())];
-        let held: u64 = snap.listeners.iter().map(|l| l.workers[i].relays_active).sum();
+        let held: u64 = snap
+            .listeners
+            .iter()
+            .map(|l| l.workers[i].relays_active)
+            .sum();
         relays.values.push((at.clone(), held));
         pipes_in_use.values.push((at.clone(), w.pipes_in_use));
         pipes_idle.values.push((at.clone(), w.pipes_idle));
@@ -244,12 +241,9 @@ fn encode_connect_histogram(snap: &Snapshot, encoder: &mut DescriptorEncoder) ->
         buckets.push((f64::INFINITY, s.connect_buckets[CONNECT_BUCKETS.len()]));
         let sum = s.upstream_connect_micros as f64 / 1e6;
         let labels = listener(&l.name);
-        metric.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
-            sum,
-            s.upstream_connects,
-            &buckets,
-            None,
-        )?;
+        metric
+            .encode_family(&labels)?
+            .encode_histogram::<NoLabelSet>(sum, s.upstream_connects, &buckets, None)?;
     }
     Ok(())
 }

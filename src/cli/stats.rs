@@ -48,10 +48,10 @@ pub fn run(args: StatsArgs) -> ExitCode {
             shm::stats_path(&args.name)
         }
     };
-    let who = args
-        .file
-        .as_ref()
-        .map_or_else(|| format!("instance '{}'", args.name), |p| p.display().to_string());
+    let who = args.file.as_ref().map_or_else(
+        || format!("instance '{}'", args.name),
+        |p| p.display().to_string(),
+    );
     let file = match StatsFile::open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -181,7 +181,15 @@ pub fn render(
     let _ = writeln!(
         t,
         "\n{:<24} {:>7} {:>10} {:>8} {:>12} {:>12} {:>7} {:>8} {:>9}",
-        "LISTENER", "ACTIVE", "ACCEPTED", "CONN/s", "C>U/s", "U>C/s", "SPLICE", "FALLBK", "CONN-FAIL"
+        "LISTENER",
+        "ACTIVE",
+        "ACCEPTED",
+        "CONN/s",
+        "C>U/s",
+        "U>C/s",
+        "SPLICE",
+        "FALLBK",
+        "CONN-FAIL"
     );
     for (i, l) in snap.listeners.iter().enumerate() {
         let now = l.total();
@@ -219,7 +227,11 @@ pub fn render(
         "WORKER", "RELAYS", "PIPES-USE", "POOLED", "PIPES-MAX", "BUFFERS", "PAUSES", "TIMERS"
     );
     for (i, w) in snap.workers.iter().enumerate() {
-        let relays: u64 = snap.listeners.iter().map(|l| l.workers[i].relays_active).sum();
+        let relays: u64 = snap
+            .listeners
+            .iter()
+            .map(|l| l.workers[i].relays_active)
+            .sum();
         let _ = writeln!(
             t,
             "{:<8} {:>7} {:>10} {:>8} {:>9} {:>9} {:>8} {:>8}",

@@ -210,8 +210,11 @@ impl Endpoints for Wire<'_> {
             match result {
                 Err(e) if splice_refused(&e) && !self.slot.spliced_any => {
                     // Nothing moved yet, so nothing can be lost by switching.
-                    self.slot
-                        .fall_back_to_copy(self.pools, self.counters, FallbackReason::SpliceRefused);
+                    self.slot.fall_back_to_copy(
+                        self.pools,
+                        self.counters,
+                        FallbackReason::SpliceRefused,
+                    );
                 }
                 Ok(Transfer::Moved(_)) if self.slot.engine == Engine::Splice => {
                     self.slot.spliced_any = true;
@@ -229,8 +232,11 @@ impl Endpoints for Wire<'_> {
                     // Only recv(2) steps over the mark (dropping the urgent
                     // byte, as a plain reader does), so this direction copies
                     // from here on.
-                    self.slot
-                        .fall_back_to_copy(self.pools, self.counters, FallbackReason::UrgentData);
+                    self.slot.fall_back_to_copy(
+                        self.pools,
+                        self.counters,
+                        FallbackReason::UrgentData,
+                    );
                 }
                 other => return other,
             }

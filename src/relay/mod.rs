@@ -231,7 +231,9 @@ impl Relay {
             self.core.direction(Peer::Client),
             self.core.direction(Peer::Upstream),
         );
-        let duration_ms = now.saturating_duration_since(self.core.activity().started).as_millis() as u64;
+        let duration_ms = now
+            .saturating_duration_since(self.core.activity().started)
+            .as_millis() as u64;
         tracing::info!(
             relay = self.id,
             client = self.client_addr.map(tracing::field::display),

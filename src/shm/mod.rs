@@ -171,7 +171,10 @@ impl Arena {
             Some((map, path)) => (map, Some(path)),
             // An anonymous mapping of a few KiB only fails when memory is
             // exhausted, which nothing else would survive either.
-            None => (anonymous(len).expect("map anonymous memory for counters"), None),
+            None => (
+                anonymous(len).expect("map anonymous memory for counters"),
+                None,
+            ),
         };
         let arena = Arena {
             map: Arc::new(map),
@@ -189,7 +192,10 @@ impl Arena {
         set(H_VERSION, VERSION);
         set(H_LAYOUT, layout_hash());
         set(H_PID, u64::from(std::process::id()));
-        set(H_START_TICKS, view::start_ticks(std::process::id()).unwrap_or(0));
+        set(
+            H_START_TICKS,
+            view::start_ticks(std::process::id()).unwrap_or(0),
+        );
         let unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -199,16 +205,24 @@ impl Arena {
         set(H_BLOCK_WORDS, BLOCK_WORDS as u64);
         set(H_STATE, State::Running as u64);
         for (i, name) in names.iter().enumerate() {
-            let mut bytes = [0u8; NAME_WORDS * 8];
-            let n = floor_char_boundary(name, bytes.len());
-            bytes[..n].copy_from_slice(&name.as_bytes()[..n]);
-            for (j, chunk) in bytes.chunks_exact(8).enumerate() {
-                let word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
-                set(HEADER_WORDS + i * NAME_WORDS + j, word);
-            }
+            self.name_listener(i, name);
         }
         // Published last: a reader that sees the magic sees the rest.
         w[H_MAGIC].store(MAGIC, Ordering::Release);
+    }
+
+    /// Sets the name listener `index` goes by (cut to 64 bytes). A reader
+    /// may see a name half-changed for a moment, never invalid memory.
+    pub(crate) fn name_listener(&self, index: usize, name: &str) {
+        assert!(index < self.listeners);
+        let w = words(&self.map);
+        let mut bytes = [0u8; NAME_WORDS * 8];
+        let n = floor_char_boundary(name, bytes.len());
+        bytes[..n].copy_from_slice(&name.as_bytes()[..n]);
+        for (j, chunk) in bytes.chunks_exact(8).enumerate() {
+            let word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+            w[HEADER_WORDS + index * NAME_WORDS + j].store(word, Ordering::Relaxed);
+        }
     }
 
     fn blocks_start(&self) -> usize {

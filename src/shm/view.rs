@@ -63,8 +63,15 @@ pub struct Snapshot {
 impl Snapshot {
     /// Everything summed: listeners and workers.
     pub fn total(&self) -> Stats {
-        let workers = self.workers.iter().cloned().fold(Stats::default(), |a, b| a + b);
-        self.listeners.iter().map(|l| l.total()).fold(workers, |a, b| a + b)
+        let workers = self
+            .workers
+            .iter()
+            .cloned()
+            .fold(Stats::default(), |a, b| a + b);
+        self.listeners
+            .iter()
+            .map(|l| l.total())
+            .fold(workers, |a, b| a + b)
     }
 }
 
@@ -84,7 +91,10 @@ pub(super) fn read(w: &[AtomicU64]) -> io::Result<Snapshot> {
         ));
     }
     let (workers, listeners) = (get(H_WORKERS) as usize, get(H_LISTENERS) as usize);
-    if workers == 0 || workers > 4096 || listeners > 4096 || total_words(workers, listeners) > w.len()
+    if workers == 0
+        || workers > 4096
+        || listeners > 4096
+        || total_words(workers, listeners) > w.len()
     {
         return Err(bad("stats file is truncated or its sizes are corrupt"));
     }
