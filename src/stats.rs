@@ -1,8 +1,9 @@
 //! Per-worker counters, summed on demand.
 //!
-//! Each worker owns one [`CounterBlock`] and is its only writer, so the
-//! relaxed atomics never contend; readers (bench, tests, later metrics and
-//! `spliced stats`) sum a [`Stats`] snapshot from all workers.
+//! Each worker owns its [`CounterBlock`]s and is their only writer, so the
+//! relaxed atomics never contend. The blocks live in the runtime's shared
+//! mapping (the stats file, [`crate::shm`]); readers (bench, tests, the
+//! admin endpoint, `spliced stats`) sum a [`Stats`] snapshot from them.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 

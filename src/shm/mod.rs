@@ -350,7 +350,6 @@ fn load_acquire(w: &AtomicU64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::Stats;
 
     #[test]
     fn blocks_handed_out_are_what_a_reader_sees() {
