@@ -1,5 +1,6 @@
 //! The admin endpoint: metrics after known traffic, checked by name, label
 //! and value; readiness while accepting and while draining.
+#![cfg(feature = "admin")]
 
 mod common;
 

@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 
 use tiny_http::{Header, Method, Response, Server};
 
-use crate::shm::{Arena, State};
+use crate::shm::Arena;
 
 /// A running admin endpoint; dropping it stops the thread.
 pub(crate) struct Admin {
@@ -73,7 +73,7 @@ fn serve(server: &Server, arena: Arc<Arena>, stopping: &AtomicBool) {
                 metrics::render(&registry),
             ),
             (Method::Get | Method::Head, "/healthz") => {
-                if stopping.load(Ordering::Relaxed) || arena.state() != State::Running {
+                if stopping.load(Ordering::Relaxed) {
                     (503, "text/plain", "draining\n".to_string())
                 } else {
                     (200, "text/plain", "ok\n".to_string())

@@ -248,14 +248,6 @@ impl Arena {
         words(&self.map)[H_STATE].store(state as u64, Ordering::Relaxed);
     }
 
-    pub(crate) fn state(&self) -> State {
-        match words(&self.map)[H_STATE].load(Ordering::Relaxed) {
-            2 => State::Draining,
-            3 => State::Stopped,
-            _ => State::Running,
-        }
-    }
-
     /// The stats file, when there is one.
     pub(crate) fn path(&self) -> Option<&Path> {
         self.path.as_deref()
