@@ -315,6 +315,51 @@ fn utc(secs: u64) -> String {
 mod tests {
     use super::*;
 
+    fn snapshot(accepted: u64, c2u: u64, u2c: u64) -> Snapshot {
+        let stats = Stats {
+            relays_accepted: accepted,
+            relays_active: 2,
+            bytes_spliced: c2u + u2c,
+            bytes_c2u_spliced: c2u,
+            bytes_u2c_spliced: u2c,
+            ..Stats::default()
+        };
+        Snapshot {
+            pid: 42,
+            started_unix: 0,
+            state: InstanceState::Running,
+            workers: vec![Stats::default()],
+            listeners: vec![crate::shm::ListenerSnapshot {
+                name: "127.0.0.1:6432".into(),
+                workers: vec![stats],
+            }],
+        }
+    }
+
+    #[test]
+    fn watch_rates_are_deltas_over_the_interval() {
+        let before = snapshot(10, 1000, 5000);
+        let now = snapshot(30, 1000 + 2048, 5000 + 4 * 1048576);
+        let t = render(
+            &now,
+            "x",
+            Some((Duration::from_secs(2), &before)),
+            Duration::ZERO,
+            false,
+        );
+        let row = t.lines().find(|l| l.starts_with("127.0.0.1:6432")).unwrap();
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        // ACTIVE ACCEPTED CONN/s C>U/s U>C/s SPLICE
+        assert_eq!(&cols[1..4], ["2", "30", "10.0"], "{row}");
+        assert_eq!(&cols[4..8], ["1.0", "KiB", "2.0", "MiB"], "{row}");
+        assert_eq!(cols[8], "100.0%", "{row}");
+        assert!(t.contains("over the last interval"));
+        let once = render(&now, "x", None, Duration::from_secs(10), false);
+        assert!(once.contains("averaged since start"));
+        let dead = render(&now, "x", None, Duration::ZERO, true);
+        assert!(dead.contains("DEAD") && dead.contains("started 1970-01-01"));
+    }
+
     #[test]
     fn rates_and_times_read_well() {
         assert_eq!(human_rate(300.0), "300 B");
