@@ -7,7 +7,9 @@
 # connection per transaction), a ledger consistency check, large COPY
 # streams both ways with sha256 comparison, idle-timeout behaviour under
 # pg_sleep, redis-benchmark, and a 100k-command `redis-cli --pipe` load
-# checked key by key. Throughput through spliced is reported as a ratio to
+# checked key by key. A real Prometheus scrapes spliced during pgbench and its
+# byte counters must equal the clients' (scripts/e2e-prom.sh). Throughput
+# through spliced is reported as a ratio to
 # the direct connection (informational only: no pass/fail on speed).
 #
 # Ends with `e2e: N passed, M failed` and exits non-zero if M > 0.
@@ -503,6 +505,10 @@ for mode in $MODES; do
         check_here "[$mode] spliced($nm) SIGTERM -> exit 0" stop_spliced "$pid" "$log"
     done
 done
+
+# shellcheck source=scripts/e2e-prom.sh
+source "$HERE/e2e-prom.sh"
+for mode in $MODES; do prom_case "$mode"; done
 
 # Throughput: rounds over direct and each engine, order rotated each round
 # so that no target always runs first; the table shows medians.

@@ -16,7 +16,9 @@
 #   MariaDB    : mariadb-server (mariadbd, mariadb-install-db), for the
 #                real-server health probe tests (tests/health_real.rs).
 #   Tools      : iproute2 (ss), procps (ps, pgrep), psmisc (fuser),
-#                util-linux (runuser, setpriv), socat, coreutils.
+#                util-linux (runuser, setpriv), socat, coreutils, curl, jq.
+#   Prometheus : the server the e2e metrics case starts on loopback. Optional:
+#                if it cannot be installed, that case is skipped (and says so).
 #
 # Package installation never starts system services (lib_apt_install's
 # temporary policy-rc.d denies it) and never creates the default "main"
@@ -45,6 +47,13 @@ command -v fuser >/dev/null || missing+=(psmisc)
 command -v socat >/dev/null || missing+=(socat)
 command -v sha256sum >/dev/null || missing+=(coreutils)
 command -v awk >/dev/null || missing+=(mawk)
+command -v curl >/dev/null || missing+=(curl)
+command -v jq >/dev/null || missing+=(jq)
+
+if ! command -v prometheus >/dev/null; then
+    lib_apt_install prometheus ||
+        lib_log "install-deps: prometheus could not be installed; the e2e metrics case will be skipped"
+fi
 
 if ((${#missing[@]} == 0)); then
     lib_log "install-deps: all dependencies present"

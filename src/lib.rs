@@ -19,6 +19,8 @@
 //! | [`stats`] | per-worker counters and close reasons |
 //! | [`health`] | active health probes (pure conversations), their non-blocking driver, rise/fall state |
 //! | [`proxy_protocol`] | PROXY protocol v1/v2: encoder, strict incremental parser, trusted sources |
+//! | [`shm`] | the stats file the counters live in, and its reader |
+//! | [`ops`] | settings of the admin endpoint, stats file and progress lines |
 //! | `bench` | `spliced bench`: the self-contained benchmark (feature `cli`) |
 //!
 //! The default feature `cli` adds the command line and the benchmark; with
@@ -28,8 +30,12 @@
 //! `unsafe_code` is denied for the whole crate (Cargo.toml `[lints]`); only
 //! `sys` allows it, and every block there carries a `// SAFETY:` comment.
 
+#[cfg(feature = "admin")]
+mod admin;
 #[cfg(feature = "cli")]
 pub mod bench;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod config;
 mod control;
 mod engine;
@@ -42,10 +48,12 @@ pub mod fuzzing;
 pub mod handoff;
 pub mod health;
 pub mod listener;
+pub mod ops;
 pub mod proxy;
 pub mod proxy_protocol;
 mod relay;
 pub mod runtime;
+pub mod shm;
 pub mod stats;
 mod sys;
 mod timer;

@@ -20,6 +20,7 @@ use mio::net::TcpStream;
 use socket2::{SockRef, TcpKeepalive};
 
 use crate::config::ListenerConfig;
+use crate::shm::Block;
 use crate::stats::{CounterBlock, Stats};
 use crate::upstream::Pool;
 
@@ -43,8 +44,13 @@ pub(crate) struct Listener {
     /// Live relays per client IP; kept only with `max_conns_per_source`.
     sources: Mutex<HashMap<IpAddr, usize>>,
     /// This listener's counters, one block per worker: worker `i` alone
-    /// writes block `i`.
-    counters: Box<[CounterBlock]>,
+    /// writes block `i`. They live in the runtime's stats mapping.
+    counters: Box<[Block]>,
+}
+
+/// The name a listener's counters go by in the stats file and metrics.
+pub(crate) fn name_of(config: &ListenerConfig) -> String {
+    config.name.clone()
 }
 
 /// Why a client was turned away after accept.
@@ -57,11 +63,10 @@ pub(crate) enum Refused {
 }
 
 impl Listener {
-    pub(crate) fn new(id: ListenerId, config: ListenerConfig, workers: usize) -> Listener {
+    /// A listener whose counters are `counters`, one block per worker
+    /// (see [`crate::shm::Arena::listener_blocks`]).
+    pub(crate) fn new(id: ListenerId, config: ListenerConfig, counters: Box<[Block]>) -> Listener {
         let pool = Pool::new(&config.name, &config.pool);
-        let counters = (0..workers.max(1))
-            .map(|_| CounterBlock::default())
-            .collect();
         Listener {
             id,
             config,
@@ -79,7 +84,7 @@ impl Listener {
 
     /// This listener's counters summed over the workers.
     pub(crate) fn stats(&self) -> Stats {
-        Stats::sum(self.counters.iter())
+        Stats::sum(self.counters.iter().map(|b| &**b))
     }
 
     /// The listener's name, for log lines.
@@ -198,7 +203,8 @@ mod tests {
     fn listener(tweak: impl FnOnce(&mut ListenerConfig)) -> Arc<Listener> {
         let mut c = ListenerConfig::new("127.0.0.1:0".parse().unwrap(), vec![], Mode::Splice);
         tweak(&mut c);
-        Arc::new(Listener::new(ListenerId(0), c, 1))
+        let arena = crate::shm::Arena::new(1, &[c.name.clone()], None);
+        Arc::new(Listener::new(ListenerId(0), c, arena.listener_blocks(0)))
     }
 
     #[test]

@@ -27,6 +27,8 @@ enum Command {
     Bench(spliced::bench::BenchArgs),
     /// Validate a config file without binding; print it with every default filled in.
     Check(CheckArgs),
+    /// Show a running instance's counters from its stats file (no network).
+    Stats(spliced::cli::stats::StatsArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -83,6 +85,27 @@ struct RunArgs {
     /// After SIGTERM/SIGINT, how long live relays may finish (0: no limit).
     #[arg(long, default_value = "30s", value_name = "DUR", value_parser = duration)]
     drain_timeout: Limit,
+    /// Serve GET /metrics (Prometheus), /healthz and /livez on this address
+    /// [default: off].
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<String>,
+    /// Instance name: the stats file `spliced stats --name` reads.
+    #[arg(long, default_value = "spliced", value_name = "NAME")]
+    name: String,
+    /// Log lines as plain text or as one JSON object per line.
+    #[arg(long, default_value = "text", value_name = "FORMAT")]
+    log_format: LogFormat,
+    /// Log a progress line for each relay alive longer than this, once per
+    /// interval (0 disables).
+    #[arg(long, default_value = "0", value_name = "DUR", value_parser = duration)]
+    log_interval: Limit,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 /// A duration flag's value; `None` when the flag was `0` (disabled).
@@ -130,8 +153,22 @@ impl RunArgs {
         }
         config.max_relays = self.max_conns;
         config.drain_timeout = self.drain_timeout.0;
+        self.apply_ops(&mut config)?;
         config.validate().map_err(|e| e.to_string())?;
         Ok(config)
+    }
+
+    /// The admin endpoint, the instance name and progress lines; `--admin`
+    /// overrides a config file's `admin`.
+    fn apply_ops(&self, config: &mut Config) -> Result<(), String> {
+        if let Some(admin) = &self.admin {
+            let addrs = config::resolve(admin).map_err(|e| format!("--admin: {e}"))?;
+            config.ops.admin = addrs.first().copied();
+        }
+        spliced::shm::check_instance_name(&self.name).map_err(|e| format!("--name: {e}"))?;
+        config.ops.instance = Some(self.name.clone());
+        config.ops.log_interval = self.log_interval.0;
+        Ok(())
     }
 
     /// The config file's listeners, with the flags that were given laid
@@ -172,6 +209,7 @@ impl RunArgs {
         if given("drain_timeout") {
             config.drain_timeout = self.drain_timeout.0;
         }
+        self.apply_ops(&mut config)?;
         config.validate().map_err(|e| e.to_string())?;
         Ok(config)
     }
@@ -230,17 +268,28 @@ fn main() -> ExitCode {
     };
     // The bench runs thousands of relays in-process: one line each would
     // cost the worker CPU it measures.
-    init_logging(match cli.command {
-        Command::Bench(_) | Command::Check(_) => "warn",
-        Command::Run(_) => "info",
-    });
     match cli.command {
-        Command::Run(args) => match args.into_config(|id| given(&matches, id)) {
-            Ok(config) => run(config),
-            Err(e) => fail(&e),
-        },
-        Command::Bench(args) => spliced::bench::run(args),
-        Command::Check(args) => check(args),
+        Command::Run(args) => {
+            init_logging("info", args.log_format);
+            match args.into_config(|id| given(&matches, id)) {
+                Ok(config) => run(config),
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Bench(args) => {
+            // The bench runs thousands of relays in-process: one line each
+            // would cost the worker CPU it measures.
+            init_logging("warn", LogFormat::Text);
+            spliced::bench::run(args)
+        }
+        Command::Check(args) => {
+            init_logging("warn", LogFormat::Text);
+            check(args)
+        }
+        Command::Stats(args) => {
+            init_logging("warn", LogFormat::Text);
+            spliced::cli::stats::run(args)
+        }
     }
 }
 
@@ -289,15 +338,26 @@ fn run(config: Config) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn init_logging(default_level: &str) {
+/// Logs to stderr. JSON lines carry the event's fields at the top level
+/// beside `timestamp`, `level`, `target` and `message`, and no span data,
+/// so the fields documented in docs/OPERATIONS.md are all there is.
+fn init_logging(default_level: &str, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+        .with_ansi(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 /// clap's error as one line: the lines before its usage and "For more
@@ -371,7 +431,7 @@ mod tests {
         let argv = ["spliced", "run", "--listen", "127.0.0.1:1"];
         match Cli::parse_from(argv.iter().chain(args)).command {
             Command::Run(r) => r,
-            Command::Bench(_) | Command::Check(_) => unreachable!(),
+            _ => unreachable!(),
         }
     }
 
@@ -407,6 +467,6 @@ mod tests {
             "{typo}"
         );
         let bare = one_line(&["spliced"]);
-        assert!(bare.contains("run, bench"), "{bare}");
+        assert!(bare.contains("run, bench, check, stats"), "{bare}");
     }
 }

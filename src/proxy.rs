@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use crate::config::{Config, ListenerConfig, Mode};
 use crate::error::StartError;
-use crate::listener::{Listener, ListenerId};
+use crate::listener::{self, Listener, ListenerId};
 use crate::runtime::{relay_cap, Controller, Runtime};
+use crate::shm::Arena;
 use crate::stats::Stats;
 use crate::upstream::resolve::Refresher;
 use crate::upstream::{Resolve, SystemResolver};
@@ -27,6 +28,8 @@ pub struct ProxyHandle {
     runtime: Runtime,
     /// The background resolver, stopped when the handle goes.
     _refresher: Option<Refresher>,
+    #[cfg(feature = "admin")]
+    admin: Option<crate::admin::Admin>,
 }
 
 /// Binds the listeners, refuses an upstream that loops back into the proxy,
@@ -46,6 +49,16 @@ pub fn start_with(config: Config, resolver: Arc<dyn Resolve>) -> Result<ProxyHan
     let nofile = crate::sys::raise_nofile_limit();
     let relay_cap = relay_cap(&config, nofile);
     let config = Arc::new(config);
+    // Pairs handed to a running proxy relay like the first listener's.
+    let first = &config.listeners[0];
+    let handoff = ListenerConfig::handoff(first.mode, first.timeouts);
+    let names: Vec<String> = config
+        .listeners
+        .iter()
+        .chain([&handoff])
+        .map(listener::name_of)
+        .collect();
+    let arena = Arena::new(config.workers, &names, config.ops.instance.as_deref());
     let runtimes: Vec<Arc<Listener>> = config
         .listeners
         .iter()
@@ -54,7 +67,7 @@ pub fn start_with(config: Config, resolver: Arc<dyn Resolve>) -> Result<ProxyHan
             Arc::new(Listener::new(
                 ListenerId(i as u32),
                 l.clone(),
-                config.workers,
+                arena.listener_blocks(i),
             ))
         })
         .collect();
@@ -69,11 +82,9 @@ pub fn start_with(config: Config, resolver: Arc<dyn Resolve>) -> Result<ProxyHan
     log_relay_cap(&config, nofile, relay_cap);
     check_pipe_size(&config);
     let local_addrs: Vec<SocketAddr> = bound.local_addrs.iter().map(|(_, a)| *a).collect();
-    // Pairs handed to a running proxy relay like the first listener's.
-    let first = &config.listeners[0];
-    let handoff = ListenerConfig::handoff(first.mode, first.timeouts);
     let runtime = Runtime::spawn(
         Arc::clone(&config),
+        arena,
         bound.per_worker,
         runtimes,
         handoff,
@@ -96,10 +107,35 @@ pub fn start_with(config: Config, resolver: Arc<dyn Resolve>) -> Result<ProxyHan
             "listening on {addr}"
         );
     }
+    #[cfg(feature = "admin")]
+    let admin = match config.ops.admin {
+        Some(addr) => {
+            let admin = crate::admin::Admin::start(
+                addr,
+                Arc::clone(&runtime.arena),
+                Arc::clone(&runtime.stopping),
+            )
+            .map_err(|e| StartError::Io(format!("serve the admin endpoint on {addr}"), e))?;
+            tracing::info!("admin endpoint on http://{}/metrics", admin.addr());
+            Some(admin)
+        }
+        None => None,
+    };
+    #[cfg(not(feature = "admin"))]
+    if config.ops.admin.is_some() {
+        return Err(StartError::Config(crate::config::ConfigError(
+            "admin: this build has no admin endpoint (cargo feature `admin`)".into(),
+        )));
+    }
+    if let Some(path) = runtime.stats_file() {
+        tracing::info!(path = %path.display(), "counters in the stats file (read with `spliced stats`)");
+    }
     Ok(ProxyHandle {
         local_addrs,
         runtime,
         _refresher: refresher,
+        #[cfg(feature = "admin")]
+        admin,
     })
 }
 
@@ -316,6 +352,12 @@ impl ProxyHandle {
     /// Every bound address, in config order (a listener may have several).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
+    }
+
+    /// Where the admin endpoint listens, if one was asked for.
+    #[cfg(feature = "admin")]
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.addr())
     }
 
     /// The runtime under the listeners; pairs handed to it are relayed

@@ -16,8 +16,9 @@ use mio::net::TcpListener;
 use crate::config::{Config, ListenerConfig, Mode, Timeouts};
 use crate::control::{Command, Shared, WorkerLink};
 use crate::error::StartError;
-use crate::listener::{Listener, ListenerId};
-use crate::stats::{CounterBlock, Stats};
+use crate::listener::{self, Listener, ListenerId};
+use crate::shm::{Arena, Block, Snapshot, State};
+use crate::stats::Stats;
 use crate::worker::Worker;
 
 /// The id of the pseudo-listener whose settings and counters handed-off
@@ -27,7 +28,7 @@ const HANDOFF_LISTENER: ListenerId = ListenerId(u32::MAX);
 struct WorkerHandle {
     thread: Option<JoinHandle<()>>,
     link: WorkerLink,
-    counters: Arc<CounterBlock>,
+    counters: Block,
     tid: Arc<AtomicI32>,
 }
 
@@ -37,6 +38,7 @@ struct WorkerHandle {
 pub struct Controller {
     links: Vec<WorkerLink>,
     stopping: Arc<AtomicBool>,
+    arena: Arc<Arena>,
 }
 
 impl Controller {
@@ -44,12 +46,14 @@ impl Controller {
     /// drain timeout.
     pub fn shutdown(&self) {
         self.stopping.store(true, Ordering::Relaxed);
+        self.arena.set_state(State::Draining);
         self.tell_all(|| Command::Drain);
     }
 
     /// Closes every relay now.
     pub fn abort(&self) {
         self.stopping.store(true, Ordering::Relaxed);
+        self.arena.set_state(State::Draining);
         self.tell_all(|| Command::Abort);
     }
 
@@ -85,6 +89,8 @@ pub struct Runtime {
     next_worker: AtomicUsize,
     pub(crate) stopping: Arc<AtomicBool>,
     pub(crate) copy_buffer_size: usize,
+    /// The mapping every counter block lives in (the stats file).
+    pub(crate) arena: Arc<Arena>,
 }
 
 /// Settings of a runtime started for handoffs; see [`Runtime::builder`].
@@ -148,8 +154,14 @@ impl RuntimeBuilder {
         let relay_cap = relay_cap(&self.config, nofile);
         let handoff = ListenerConfig::handoff(self.mode, self.timeouts);
         let per_worker = (0..self.config.workers).map(|_| Vec::new()).collect();
+        let arena = Arena::new(
+            self.config.workers,
+            &[listener::name_of(&handoff)],
+            self.config.ops.instance.as_deref(),
+        );
         Runtime::spawn(
             Arc::new(self.config),
+            arena,
             per_worker,
             Vec::new(),
             handoff,
@@ -178,29 +190,37 @@ impl Runtime {
     /// sockets of `listeners`.
     pub(crate) fn spawn(
         config: Arc<Config>,
+        arena: Arc<Arena>,
         per_worker: Vec<Vec<(TcpListener, Arc<Listener>)>>,
         listeners: Vec<Arc<Listener>>,
         handoff: ListenerConfig,
         relay_cap: usize,
     ) -> Result<Runtime, StartError> {
         let shared = Arc::new(Shared::default());
+        let listeners_len = listeners.len();
         let mut runtime = Runtime {
             workers: Vec::with_capacity(per_worker.len()),
             listeners,
-            handoff_listener: Arc::new(Listener::new(HANDOFF_LISTENER, handoff, config.workers)),
+            handoff_listener: Arc::new(Listener::new(
+                HANDOFF_LISTENER,
+                handoff,
+                // The handoff pseudo-listener is the arena's last.
+                arena.listener_blocks(listeners_len),
+            )),
             next_worker: AtomicUsize::new(0),
             stopping: Arc::new(AtomicBool::new(false)),
             copy_buffer_size: config.copy_buffer_size,
+            arena: Arc::clone(&arena),
         };
         for (index, sockets) in per_worker.into_iter().enumerate() {
-            let counters = Arc::new(CounterBlock::default());
+            let counters = arena.worker_block(index);
             let tid = Arc::new(AtomicI32::new(0));
             let w = Worker::new(
                 index,
                 Arc::clone(&config),
                 sockets,
                 Arc::clone(&shared),
-                Arc::clone(&counters),
+                counters.clone(),
                 relay_cap,
             )
             .map_err(|e| StartError::Io("create the event loop".into(), e))?;
@@ -239,6 +259,8 @@ impl Runtime {
             .chain([&self.handoff_listener])
             .map(|l| l.stats());
         let workers = Stats::sum(self.workers.iter().map(|w| &*w.counters));
+        // Listener blocks are summed from the listeners, not the arena, so a
+        // listener added at run time would count too.
         listeners.fold(workers, |sum, l| sum + l)
     }
 
@@ -247,6 +269,23 @@ impl Runtime {
     /// here and counted once in [`Runtime::stats`].
     pub fn listener_stats(&self) -> Vec<(ListenerId, Stats)> {
         self.listeners.iter().map(|l| (l.id, l.stats())).collect()
+    }
+
+    /// Every counter block, per worker and per listener, as the stats file
+    /// holds it.
+    pub fn snapshot(&self) -> Snapshot {
+        self.arena.snapshot()
+    }
+
+    /// The stats file this runtime's counters live in, if it has one.
+    pub fn stats_file(&self) -> Option<&std::path::Path> {
+        self.arena.path()
+    }
+
+    /// True once [`shutdown`](Self::shutdown) or [`abort`](Self::abort) was
+    /// asked: the runtime takes no new relays.
+    pub fn is_draining(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
     }
 
     /// The counters of handed-off pairs alone.
@@ -263,6 +302,7 @@ impl Runtime {
     }
 
     /// The kernel thread ids of the workers (for tracing tools).
+    #[cfg_attr(not(feature = "cli"), allow(dead_code))]
     pub(crate) fn worker_tids(&self) -> Vec<i32> {
         self.workers
             .iter()
@@ -275,6 +315,7 @@ impl Runtime {
         Controller {
             links: self.workers.iter().map(|w| w.link.clone()).collect(),
             stopping: Arc::clone(&self.stopping),
+            arena: Arc::clone(&self.arena),
         }
     }
 
@@ -309,6 +350,7 @@ impl Runtime {
                 let _ = t.join();
             }
         }
+        self.arena.retire();
     }
 }
 

@@ -1,8 +1,9 @@
 //! Per-worker counters, summed on demand.
 //!
-//! Each worker owns one [`CounterBlock`] and is its only writer, so the
-//! relaxed atomics never contend; readers (bench, tests, later metrics and
-//! `spliced stats`) sum a [`Stats`] snapshot from all workers.
+//! Each worker owns its [`CounterBlock`]s and is their only writer, so the
+//! relaxed atomics never contend. The blocks live in the runtime's shared
+//! mapping (the stats file, [`crate::shm`]); readers (bench, tests, the
+//! admin endpoint, `spliced stats`) sum a [`Stats`] snapshot from them.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -115,6 +116,11 @@ macro_rules! counter_table {
         pub struct CounterBlock {
             $($(#[doc = $help])+ pub $name: AtomicU64,)+
             closed: [AtomicU64; CloseReason::ALL.len()],
+            fallbacks: [AtomicU64; FallbackReason::ALL.len()],
+            /// Established upstream connects by how long the attempt took,
+            /// one slot per bucket of [`CONNECT_BUCKETS`] plus one past the
+            /// last bound.
+            connect_buckets: [AtomicU64; CONNECT_BUCKETS.len() + 1],
         }
 
         /// A sum over all workers at one moment.
@@ -123,6 +129,12 @@ macro_rules! counter_table {
             $($(#[doc = $help])+ pub $name: u64,)+
             /// Relays closed, by reason (indexed like [`CloseReason::ALL`]).
             pub closed: [u64; CloseReason::ALL.len()],
+            /// Directions that fell back to copy, by reason (indexed like
+            /// [`FallbackReason::ALL`]).
+            pub fallbacks: [u64; FallbackReason::ALL.len()],
+            /// Established upstream connects per latency bucket (see
+            /// [`CONNECT_BUCKETS`]; the last slot counts the slower ones).
+            pub connect_buckets: [u64; CONNECT_BUCKETS.len() + 1],
         }
 
         /// Every counter of [`Stats`], in declaration order.
@@ -140,9 +152,9 @@ macro_rules! counter_table {
                 let mut s = Stats::default();
                 for w in blocks {
                     $(s.$name += w.$name.load(Relaxed);)+
-                    for (sum, c) in s.closed.iter_mut().zip(&w.closed) {
-                        *sum += c.load(Relaxed);
-                    }
+                    add_loaded(&mut s.closed, &w.closed);
+                    add_loaded(&mut s.fallbacks, &w.fallbacks);
+                    add_loaded(&mut s.connect_buckets, &w.connect_buckets);
                 }
                 s
             }
@@ -153,9 +165,9 @@ macro_rules! counter_table {
 
             fn add(mut self, other: Stats) -> Stats {
                 $(self.$name += other.$name;)+
-                for (sum, c) in self.closed.iter_mut().zip(other.closed) {
-                    *sum += c;
-                }
+                add_values(&mut self.closed, &other.closed);
+                add_values(&mut self.fallbacks, &other.fallbacks);
+                add_values(&mut self.connect_buckets, &other.connect_buckets);
                 self
             }
         }
@@ -178,6 +190,14 @@ counter_table! {
     bytes_spliced: Counter per Listener,
     /// Bytes written to a destination from a userspace buffer.
     bytes_copied: Counter per Listener,
+    /// Bytes written to the upstream by splice(2).
+    bytes_c2u_spliced: Counter per Listener,
+    /// Bytes written to the upstream from a userspace buffer.
+    bytes_c2u_copied: Counter per Listener,
+    /// Bytes written to the client by splice(2).
+    bytes_u2c_spliced: Counter per Listener,
+    /// Bytes written to the client from a userspace buffer.
+    bytes_u2c_copied: Counter per Listener,
     /// Directions that fell back from splice to copy (no pipe, splice
     /// refused, urgent data).
     splice_fallbacks: Counter per Listener,
@@ -190,12 +210,22 @@ counter_table! {
     pipes_idle: Gauge per Worker,
     /// Pipes created.
     pipes_created: Counter per Worker,
+    /// The most pipes held by directions at once since the start.
+    pipes_in_use_max: Gauge per Worker,
     /// Copy buffers held by directions now.
     buffers_in_use: Gauge per Worker,
     /// Times accepting paused: out of fds, or at the relay cap.
     accept_pauses: Counter per Worker,
+    /// Times accepting paused because the process ran out of fds.
+    accept_pauses_fds: Counter per Worker,
+    /// Times accepting paused at the relay cap (clients wait in the backlog).
+    accept_pauses_cap: Counter per Worker,
     /// Upstream connect attempts that failed.
     upstream_connect_failures: Counter per Listener,
+    /// Upstream connects established.
+    upstream_connects: Counter per Listener,
+    /// Microseconds the established upstream connects took, summed.
+    upstream_connect_micros: Counter per Listener,
     /// Entries in the workers' deadline heaps (live and not yet swept).
     timer_entries: Gauge per Worker,
     /// Connections reset because the listener's allow/deny list refused
@@ -208,6 +238,55 @@ counter_table! {
     listener_limit_pauses: Counter per Listener,
 }
 
+/// Upper bounds (seconds) of the connect latency histogram's buckets.
+pub const CONNECT_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// Why a direction switched from splice to copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FallbackReason {
+    /// The worker holds `--max-pipes` pipes already.
+    PipeCap,
+    /// pipe2(2) failed (EMFILE, ENFILE, ENOMEM).
+    NoPipe,
+    /// splice(2) refused this pair of sockets (EINVAL, ENOSYS).
+    SpliceRefused,
+    /// Urgent data: splice cannot step over the mark.
+    UrgentData,
+}
+
+impl FallbackReason {
+    pub const ALL: [FallbackReason; 4] = [
+        FallbackReason::PipeCap,
+        FallbackReason::NoPipe,
+        FallbackReason::SpliceRefused,
+        FallbackReason::UrgentData,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FallbackReason::PipeCap => "pipe-cap",
+            FallbackReason::NoPipe => "no-pipe",
+            FallbackReason::SpliceRefused => "splice-refused",
+            FallbackReason::UrgentData => "urgent-data",
+        }
+    }
+}
+
+fn add_loaded<const N: usize>(sum: &mut [u64; N], live: &[AtomicU64; N]) {
+    for (s, c) in sum.iter_mut().zip(live) {
+        *s += c.load(Relaxed);
+    }
+}
+
+fn add_values<const N: usize>(sum: &mut [u64; N], other: &[u64; N]) {
+    for (s, c) in sum.iter_mut().zip(other) {
+        *s += c;
+    }
+}
+
 impl CounterBlock {
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
@@ -217,8 +296,30 @@ impl CounterBlock {
         counter.fetch_sub(n, Relaxed);
     }
 
+    /// Adds one to a gauge and raises its high-water mark `max` to match.
+    pub(crate) fn add_tracking_max(counter: &AtomicU64, max: &AtomicU64) {
+        let now = counter.fetch_add(1, Relaxed) + 1;
+        max.fetch_max(now, Relaxed);
+    }
+
     pub(crate) fn closed(&self, reason: CloseReason) {
         self.closed[reason.index()].fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn fell_back(&self, reason: FallbackReason) {
+        self.fallbacks[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Counts an established upstream connect that took `took`.
+    pub(crate) fn connected(&self, took: std::time::Duration) {
+        let secs = took.as_secs_f64();
+        let bucket = CONNECT_BUCKETS
+            .iter()
+            .position(|&bound| secs <= bound)
+            .unwrap_or(CONNECT_BUCKETS.len());
+        self.connect_buckets[bucket].fetch_add(1, Relaxed);
+        Self::add(&self.upstream_connects, 1);
+        Self::add(&self.upstream_connect_micros, took.as_micros() as u64);
     }
 }
 
@@ -229,6 +330,10 @@ impl Stats {
 
     pub fn closed_total(&self) -> u64 {
         self.closed.iter().sum()
+    }
+
+    pub fn fallbacks(&self, reason: FallbackReason) -> u64 {
+        self.fallbacks[reason as usize]
     }
 }
 

@@ -33,6 +33,7 @@ use crate::error::{Op, RelayError, Side, StartError};
 use crate::listener::{Admission, Listener, Refused};
 use crate::relay::report::Reporter;
 use crate::relay::{self, Accepted, Expiry, Next, Peer, Readiness, Relay};
+use crate::shm::Block;
 use crate::stats::{CloseReason, CounterBlock};
 use crate::timer::Timers;
 use crate::token::{self, Owner, RelayRef};
@@ -206,7 +207,7 @@ pub(crate) struct Worker {
     shared: Arc<Shared>,
     commands: Receiver<Command>,
     link: WorkerLink,
-    counters: Arc<CounterBlock>,
+    counters: Block,
     accept_paused_until: Option<Instant>,
     accept_warnings: WarnLimit,
     connect_warnings: WarnLimit,
@@ -224,7 +225,7 @@ impl Worker {
         config: Arc<Config>,
         listeners: Vec<(TcpListener, Arc<Listener>)>,
         shared: Arc<Shared>,
-        counters: Arc<CounterBlock>,
+        counters: Block,
         relay_cap: usize,
     ) -> io::Result<Worker> {
         let poll = Poll::new()?;
@@ -251,7 +252,7 @@ impl Worker {
             relays: Slab::new(),
             timers: Timers::default(),
             ready: Vec::new(),
-            pools: Pools::new(&config, index, Arc::clone(&counters)),
+            pools: Pools::new(&config, index, counters.clone()),
             config,
             shared,
             commands,
@@ -381,6 +382,7 @@ impl Worker {
     fn pause_accepting(&mut self, now: Instant, e: &io::Error) {
         self.accept_paused_until = Some(now + ACCEPT_PAUSE);
         CounterBlock::add(&self.counters.accept_pauses, 1);
+        CounterBlock::add(&self.counters.accept_pauses_fds, 1);
         if self.accept_warnings.allow(now).is_some() {
             tracing::warn!(
                 worker = self.index,
@@ -398,6 +400,7 @@ impl Worker {
     fn reach_relay_cap(&mut self, now: Instant) {
         self.accept_paused_until = Some(now + CAP_RECHECK);
         CounterBlock::add(&self.counters.accept_pauses, 1);
+        CounterBlock::add(&self.counters.accept_pauses_cap, 1);
         if self.accept_warnings.allow(now).is_some() {
             tracing::warn!(
                 worker = self.index,
@@ -584,6 +587,11 @@ impl Worker {
             })
             .map_err(|e| RelayError::new(Side::Internal, Op::Register, e));
         relay.placed(key);
+        relay.progress_at = self
+            .config
+            .ops
+            .log_interval
+            .and_then(|i| now.checked_add(i));
         CounterBlock::add(&relay.listener.counters(self.index).relays_active, 1);
         entry.insert(relay);
         self.shared.relays_live.fetch_add(1, Ordering::Relaxed);
@@ -738,6 +746,10 @@ impl Worker {
             Connect::Pending => {}
             Connect::Established => {
                 relay.round.succeeded(&relay.listener.pool);
+                if let Some(since) = relay.core.activity().connecting_since {
+                    let took = now.saturating_duration_since(since);
+                    relay.listener.counters(self.index).connected(took);
+                }
                 relay.upstream.set_nodelay();
                 // The edges of the connect went here, not to the relay: a
                 // server that spoke and closed at once left its FIN unannounced.
@@ -875,6 +887,9 @@ impl Worker {
                 continue;
             }
             relay.armed_at = None;
+            if let Some(interval) = self.config.ops.log_interval {
+                relay.log_progress(now, interval);
+            }
             match relay.core.expired(relay.timeouts(), now) {
                 None => self.arm(entry.key),
                 Some(Expiry::Connect) => {

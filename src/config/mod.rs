@@ -189,6 +189,8 @@ pub struct Config {
     pub max_relays: Option<usize>,
     /// How long live relays may finish after the first SIGTERM/SIGINT.
     pub drain_timeout: Option<Duration>,
+    /// The admin endpoint, the stats file, progress lines.
+    pub ops: crate::ops::Ops,
 }
 
 impl Config {
@@ -204,6 +206,7 @@ impl Config {
             copy_buffer_size: DEFAULT_COPY_BUFFER,
             max_relays: None,
             drain_timeout: Some(Duration::from_secs(30)),
+            ops: crate::ops::Ops::default(),
         }
     }
 

@@ -23,7 +23,7 @@ pub(crate) use stream::Stream;
 
 use self::auto::AutoPolicy;
 use crate::config::Mode;
-use crate::stats::CounterBlock;
+use crate::stats::{CounterBlock, FallbackReason};
 use crate::sys;
 
 /// The engine a direction runs now. [`Mode`] is the user's choice; a
@@ -181,14 +181,19 @@ impl Slot {
 
     /// Switches to copy for the rest of the direction's life. Only called
     /// with the buffer empty, so no byte can be reordered or lost.
-    fn fall_back_to_copy(&mut self, pools: &mut Pools, counters: &CounterBlock, why: &str) {
+    fn fall_back_to_copy(
+        &mut self,
+        pools: &mut Pools,
+        counters: &CounterBlock,
+        why: FallbackReason,
+    ) {
         self.engine = Engine::Copy;
         self.fell_back = true;
         self.auto = None;
         if let Some(buffer) = self.buffer.take() {
             pools.give(buffer, true);
         }
-        pools.count_fallback(counters, why);
+        pools.count_fallback(counters, why, why.as_str());
     }
 }
 
@@ -200,6 +205,9 @@ pub(crate) struct Wire<'a> {
     pub(crate) pools: &'a mut Pools,
     /// The counters of the relay's listener, as this worker writes them.
     pub(crate) counters: &'a CounterBlock,
+    /// This direction writes to the client (else to the upstream); bytes
+    /// are counted per direction.
+    pub(crate) to_client: bool,
 }
 
 impl Wire<'_> {
@@ -257,8 +265,11 @@ impl Endpoints for Wire<'_> {
             match result {
                 Err(e) if splice_refused(&e) && !self.slot.spliced_any => {
                     // Nothing moved yet, so nothing can be lost by switching.
-                    self.slot
-                        .fall_back_to_copy(self.pools, self.counters, "splice refused");
+                    self.slot.fall_back_to_copy(
+                        self.pools,
+                        self.counters,
+                        FallbackReason::SpliceRefused,
+                    );
                 }
                 Ok(Transfer::Moved(_)) if self.slot.engine == Engine::Splice => {
                     self.slot.spliced_any = true;
@@ -276,8 +287,11 @@ impl Endpoints for Wire<'_> {
                     // Only recv(2) steps over the mark (dropping the urgent
                     // byte, as a plain reader does), so this direction copies
                     // from here on.
-                    self.slot
-                        .fall_back_to_copy(self.pools, self.counters, "urgent data");
+                    self.slot.fall_back_to_copy(
+                        self.pools,
+                        self.counters,
+                        FallbackReason::UrgentData,
+                    );
                 }
                 other => return other,
             }
@@ -285,16 +299,31 @@ impl Endpoints for Wire<'_> {
     }
 
     fn drain(&mut self, pending: usize) -> io::Result<Transfer> {
-        let (moved, counter) = match self.slot.buffer.as_mut() {
+        let c = self.counters;
+        let (moved, total, way) = match self.slot.buffer.as_mut() {
             Some(Buffer::Pipe(pipe)) => (
                 pipe.drain(self.dst.as_fd(), pending)?,
-                &self.counters.bytes_spliced,
+                &c.bytes_spliced,
+                if self.to_client {
+                    &c.bytes_u2c_spliced
+                } else {
+                    &c.bytes_c2u_spliced
+                },
             ),
-            Some(Buffer::Mapped(heap)) => (heap.drain(self.dst)?, &self.counters.bytes_copied),
+            Some(Buffer::Mapped(heap)) => (
+                heap.drain(self.dst)?,
+                &c.bytes_copied,
+                if self.to_client {
+                    &c.bytes_u2c_copied
+                } else {
+                    &c.bytes_c2u_copied
+                },
+            ),
             None => return Err(io::Error::other("drain with no buffer held")),
         };
         if let Transfer::Moved(n) = moved {
-            CounterBlock::add(counter, n as u64);
+            CounterBlock::add(total, n as u64);
+            CounterBlock::add(way, n as u64);
         }
         Ok(moved)
     }

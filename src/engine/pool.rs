@@ -7,12 +7,12 @@
 //! is counted and logged at most once a second per worker.
 
 use std::io;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Buffer, Engine, MappedBuffer, PooledPipe};
 use crate::config::Config;
-use crate::stats::CounterBlock;
+use crate::shm::Block;
+use crate::stats::{CounterBlock, FallbackReason};
 use crate::sys::{self, Pipe};
 
 /// How often a worker may log fallbacks or pipe-size warnings.
@@ -35,14 +35,14 @@ pub(crate) struct Pools {
     /// The worker these belong to: it selects the listener counter block
     /// a relay's transfers are counted on.
     pub(crate) worker: usize,
-    counters: Arc<CounterBlock>,
+    counters: Block,
     last_log: Option<Instant>,
     unlogged_fallbacks: u64,
     pipe_size_warned: bool,
 }
 
 impl Pools {
-    pub(crate) fn new(config: &Config, worker: usize, counters: Arc<CounterBlock>) -> Pools {
+    pub(crate) fn new(config: &Config, worker: usize, counters: Block) -> Pools {
         Pools {
             idle_pipes: Vec::new(),
             pipes_live: 0,
@@ -72,9 +72,9 @@ impl Pools {
         if *engine == Engine::Splice {
             match self.take_pipe() {
                 Ok(pipe) => return Ok(Buffer::Pipe(pipe)),
-                Err(why) => {
+                Err((reason, why)) => {
                     *engine = Engine::Copy;
-                    self.count_fallback(counters, &why);
+                    self.count_fallback(counters, reason, &why);
                 }
             }
         }
@@ -111,8 +111,14 @@ impl Pools {
 
     /// Counts a direction's fallback to copy on its listener's block
     /// `counters`, and logs it (rate-limited) for the worker.
-    pub(crate) fn count_fallback(&mut self, counters: &CounterBlock, why: &str) {
+    pub(crate) fn count_fallback(
+        &mut self,
+        counters: &CounterBlock,
+        reason: FallbackReason,
+        why: &str,
+    ) {
         CounterBlock::add(&counters.splice_fallbacks, 1);
+        counters.fell_back(reason);
         self.unlogged_fallbacks += 1;
         let now = Instant::now();
         if self
@@ -129,21 +135,25 @@ impl Pools {
         }
     }
 
-    fn take_pipe(&mut self) -> Result<PooledPipe, String> {
+    fn take_pipe(&mut self) -> Result<PooledPipe, (FallbackReason, String)> {
+        let c = &self.counters;
         if let Some(pipe) = self.idle_pipes.pop() {
-            CounterBlock::sub(&self.counters.pipes_idle, 1);
-            CounterBlock::add(&self.counters.pipes_in_use, 1);
+            CounterBlock::sub(&c.pipes_idle, 1);
+            CounterBlock::add_tracking_max(&c.pipes_in_use, &c.pipes_in_use_max);
             return Ok(pipe);
         }
         if self.pipes_live >= self.max_pipes {
-            return Err(format!("pipe cap of {} per worker reached", self.max_pipes));
+            let why = format!("pipe cap of {} per worker reached", self.max_pipes);
+            return Err((FallbackReason::PipeCap, why));
         }
-        let pipe = Pipe::new().map_err(|e| format!("pipe2 failed: {e}"))?;
+        let pipe =
+            Pipe::new().map_err(|e| (FallbackReason::NoPipe, format!("pipe2 failed: {e}")))?;
         let capacity = self.size_pipe(&pipe);
         self.pipes_live += 1;
         self.pipe_bytes += capacity;
-        CounterBlock::add(&self.counters.pipes_created, 1);
-        CounterBlock::add(&self.counters.pipes_in_use, 1);
+        let c = &self.counters;
+        CounterBlock::add(&c.pipes_created, 1);
+        CounterBlock::add_tracking_max(&c.pipes_in_use, &c.pipes_in_use_max);
         Ok(PooledPipe::new(pipe, capacity))
     }
 
@@ -180,7 +190,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::Ordering::Relaxed;
 
-    fn pools(max_pipes: usize, pipe_size: usize, budget: usize) -> (Pools, Arc<CounterBlock>) {
+    fn pools(max_pipes: usize, pipe_size: usize, budget: usize) -> (Pools, Block) {
         let mut config = Config::single(
             "127.0.0.1:1".parse().unwrap(),
             vec![],
@@ -190,8 +200,8 @@ mod tests {
         config.max_pipes_per_worker = max_pipes;
         config.pipe_size = pipe_size;
         config.pipe_budget = budget;
-        let counters = Arc::new(CounterBlock::default());
-        (Pools::new(&config, 0, Arc::clone(&counters)), counters)
+        let counters = crate::shm::detached_block();
+        (Pools::new(&config, 0, counters.clone()), counters)
     }
 
     fn capacity(b: &Buffer) -> usize {

@@ -15,7 +15,7 @@ pub(crate) mod report;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
@@ -57,6 +57,7 @@ impl PairIo for RelayIo<'_> {
                 dst: self.upstream,
                 pools: self.pools,
                 counters: self.counters,
+                to_client: false,
             },
             Peer::Upstream => Wire {
                 slot: self.u2c_slot,
@@ -64,6 +65,7 @@ impl PairIo for RelayIo<'_> {
                 dst: self.client,
                 pools: self.pools,
                 counters: self.counters,
+                to_client: true,
             },
         }
     }
@@ -76,6 +78,11 @@ pub(crate) struct Relay {
     pub(crate) upstream: Stream,
     /// The server connected to; `None` for a handed-off pair.
     pub(crate) upstream_addr: Option<SocketAddr>,
+    /// The client's address as accepted; `None` for a handed-off pair.
+    client_addr: Option<SocketAddr>,
+    /// When the next progress line is due (`--log-interval`); the relay's
+    /// one timer entry covers it, so progress costs no timer of its own.
+    pub(crate) progress_at: Option<Instant>,
     /// This relay's connect attempts over the listener's pool.
     pub(crate) round: Round,
     /// Its room under the listener's limits, given back when it closes.
@@ -147,6 +154,8 @@ impl Relay {
             client: Stream::Tcp(client),
             upstream: Stream::Tcp(upstream.0),
             upstream_addr: Some(upstream.1),
+            client_addr: Some(client_addr),
+            progress_at: None,
             round,
             _admission: admission,
             core: RelayCore::new(now),
@@ -193,6 +202,8 @@ impl Relay {
             client: pair.client,
             upstream: pair.upstream,
             upstream_addr: None,
+            client_addr: None,
+            progress_at: None,
             round,
             core,
             armed_at: None,
@@ -215,8 +226,42 @@ impl Relay {
         &self.listener.config.timeouts
     }
 
+    /// The relay's next deadline: the core's (connect, idle, FIN), or the
+    /// next progress line if that comes first.
     pub(crate) fn deadline(&self) -> Option<Instant> {
-        self.core.deadline(self.timeouts()).map(|(at, _)| at)
+        let core = self.core.deadline(self.timeouts()).map(|(at, _)| at);
+        match (core, self.progress_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Logs a progress line if one is due at `now` and schedules the next,
+    /// `interval` later.
+    pub(crate) fn log_progress(&mut self, now: Instant, interval: Duration) {
+        if self.progress_at.is_none_or(|at| at > now) {
+            return;
+        }
+        self.progress_at = now.checked_add(interval);
+        let (c2u, u2c) = (
+            self.core.direction(Peer::Client),
+            self.core.direction(Peer::Upstream),
+        );
+        let duration_ms = now
+            .saturating_duration_since(self.core.activity().started)
+            .as_millis() as u64;
+        tracing::info!(
+            relay = self.id,
+            client = self.client_addr.map(tracing::field::display),
+            listener = %self.listener.label(),
+            upstream = self.upstream_addr.map(tracing::field::display),
+            bytes_c2u = c2u.bytes_out(),
+            bytes_u2c = u2c.bytes_out(),
+            duration_ms,
+            engine_c2u = %self.engine_label(Peer::Client),
+            engine_u2c = %self.engine_label(Peer::Upstream),
+            "relay progress"
+        );
     }
 
     /// A new connect attempt replaced the upstream socket.
@@ -322,6 +367,8 @@ impl Relay {
             });
         }
         tracing::info!(
+            relay = self.id,
+            client = self.client_addr.map(tracing::field::display),
             listener = %self.listener.label(),
             upstream = self.upstream_addr.map(tracing::field::display),
             bytes_c2u = c2u.bytes_out(),

@@ -8,12 +8,16 @@
 //! - [`at_urgent_mark`]: ioctl(2) `SIOCATMARK`, where splice stalls.
 //! - process helpers: raise RLIMIT_NOFILE, thread ids, per-thread CPU time.
 //! - [`netns::enter`]: setns(2) into a network namespace (the bench's veth paths).
+//! - [`shared`]: a mapping as atomic words, and counter blocks placed in it
+//!   (the stats file the workers write directly).
 //!
 //! Every libc call goes through [`syscall!`], which turns `-1` into
 //! `io::Error::last_os_error()`, so nothing outside sees a raw return code.
 #![allow(unsafe_code)]
 
+#[cfg(feature = "cli")]
 pub mod netns;
+pub(crate) mod shared;
 
 use std::fs;
 use std::io;

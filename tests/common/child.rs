@@ -75,6 +75,14 @@ impl Spliced {
 
     /// Spawns `cmd` and waits for its `listening on ADDR` line.
     pub fn spawn(mut cmd: Command) -> Spliced {
+        // Stats files of test children stay out of /run; a test that reads
+        // one sets its own directory.
+        if !cmd.get_envs().any(|(k, _)| k == "RUNTIME_DIRECTORY") {
+            cmd.env(
+                "RUNTIME_DIRECTORY",
+                std::env::temp_dir().join("spliced-tests-run"),
+            );
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -118,7 +118,15 @@ pub(super) fn read_root(cx: &mut Cx, root: &DeTable<'_>, flags: &FlagDefaults) -
             }
             "global" => read_global(cx, v, &mut config),
             "listener" => listeners = Some(v),
-            _ => cx.unknown(k, "", &["global", "defaults", "listener"]),
+            "admin" => {
+                if let Some(text) = cx.string(v, "admin") {
+                    match crate::config::resolve(text) {
+                        Ok(addrs) => config.ops.admin = addrs.first().copied(),
+                        Err(e) => cx.error(&v.span(), "admin", e),
+                    }
+                }
+            }
+            _ => cx.unknown(k, "", &["admin", "global", "defaults", "listener"]),
         }
     }
     let flagged = Inherited {

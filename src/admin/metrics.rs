@@ -1,0 +1,293 @@
+//! `/metrics`: the stats mapping read at scrape time and encoded by
+//! prometheus-client in the Prometheus text format (0.0.4).
+//!
+//! Nothing is registered ahead: a [`Collector`] reads one [`Snapshot`] per
+//! scrape (plain atomic loads of the blocks the workers write), so a scrape
+//! never takes a lock a worker could wait on.
+
+use std::fmt::Error;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::shm::{Arena, InstanceState, Snapshot};
+use crate::stats::{CloseReason, FallbackReason, Stats, CONNECT_BUCKETS};
+
+type Labels = Vec<(&'static str, String)>;
+
+/// One metric: its name (counters without `_total`, which the encoder
+/// adds), help, type, and its labelled values.
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    kind: MetricType,
+    values: Vec<(Labels, u64)>,
+}
+
+fn family(name: &'static str, help: &'static str, kind: MetricType) -> Family {
+    Family {
+        name,
+        help,
+        kind,
+        values: Vec::new(),
+    }
+}
+
+impl Family {
+    fn encode(&self, encoder: &mut DescriptorEncoder) -> Result<(), Error> {
+        let mut metric = encoder.encode_descriptor(self.name, self.help, None, self.kind)?;
+        for (labels, v) in &self.values {
+            let one = metric.encode_family(labels)?;
+            match self.kind {
+                MetricType::Counter => ConstCounter::new(*v).encode(one)?,
+                _ => ConstGauge::new(i64::try_from(*v).unwrap_or(i64::MAX)).encode(one)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Encodes every metric of a snapshot.
+#[derive(Debug)]
+struct Spliced {
+    arena: Arc<Arena>,
+}
+
+impl Collector for Spliced {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), Error> {
+        let snap = self.arena.snapshot();
+        for f in families(&snap) {
+            f.encode(&mut encoder)?;
+        }
+        encode_connect_histogram(&snap, &mut encoder)
+    }
+}
+
+fn listener(name: &str) -> Labels {
+    vec![("listener", name.to_string())]
+}
+
+fn with(mut labels: Labels, key: &'static str, value: &str) -> Labels {
+    labels.push((key, value.to_string()));
+    labels
+}
+
+/// Every counter and gauge but the histogram, in the order of
+/// docs/OPERATIONS.md.
+fn families(snap: &Snapshot) -> Vec<Family> {
+    use MetricType::{Counter, Gauge};
+    let mut accepted = family(
+        "spliced_connections_accepted",
+        "Client connections accepted (or pairs handed over).",
+        Counter,
+    );
+    let mut active = family("spliced_connections_active", "Relays alive now.", Gauge);
+    let mut closed = family(
+        "spliced_connections_closed",
+        "Relays closed, by reason.",
+        Counter,
+    );
+    let mut bytes = family(
+        "spliced_bytes",
+        "Bytes written to a destination, by direction and by engine (splice: through a pipe; copy: through a userspace buffer).",
+        Counter,
+    );
+    let mut fallbacks = family(
+        "spliced_splice_fallbacks",
+        "Directions that switched from splice to copy, by reason.",
+        Counter,
+    );
+    let mut connect_failures = family(
+        "spliced_upstream_connect_failures",
+        "Upstream connect attempts that failed (each failed server of a failover counts).",
+        Counter,
+    );
+    let mut refused = family(
+        "spliced_connections_refused",
+        "Client connections reset before any upstream connect, by limit: allow-deny (the listener's access lists) or max-conns-per-source.",
+        Counter,
+    );
+    let mut limit_pauses = family(
+        "spliced_listener_limit_pauses",
+        "Times a listener stopped accepting at its own max-conns (clients wait in the backlog).",
+        Counter,
+    );
+    let mut switches = family(
+        "spliced_engine_switches",
+        "Times a direction of an auto-mode listener switched between copy and splice.",
+        Counter,
+    );
+    for l in &snap.listeners {
+        let s = l.total();
+        let at = listener(&l.name);
+        refused
+            .values
+            .push((with(at.clone(), "limit", "allow-deny"), s.refused_denied));
+        refused.values.push((
+            with(at.clone(), "limit", "max-conns-per-source"),
+            s.refused_max_conns_per_source,
+        ));
+        limit_pauses
+            .values
+            .push((at.clone(), s.listener_limit_pauses));
+        switches.values.push((at.clone(), s.engine_switches));
+        accepted.values.push((at.clone(), s.relays_accepted));
+        active.values.push((at.clone(), s.relays_active));
+        connect_failures
+            .values
+            .push((at.clone(), s.upstream_connect_failures));
+        for reason in CloseReason::ALL {
+            closed.values.push((
+                with(at.clone(), "reason", reason.as_str()),
+                s.closed(reason),
+            ));
+        }
+        for reason in FallbackReason::ALL {
+            fallbacks.values.push((
+                with(at.clone(), "reason", reason.as_str()),
+                s.fallbacks(reason),
+            ));
+        }
+        for (direction, engine, v) in [
+            ("client_to_upstream", "splice", s.bytes_c2u_spliced),
+            ("client_to_upstream", "copy", s.bytes_c2u_copied),
+            ("upstream_to_client", "splice", s.bytes_u2c_spliced),
+            ("upstream_to_client", "copy", s.bytes_u2c_copied),
+        ] {
+            let labels = with(with(at.clone(), "direction", direction), "engine", engine);
+            bytes.values.push((labels, v));
+        }
+    }
+    let mut relays = family(
+        "spliced_worker_relays",
+        "Relays a worker holds now, over all its listeners.",
+        Gauge,
+    );
+    let mut pipes_in_use = family(
+        "spliced_pipes_in_use",
+        "Pipes held by directions now.",
+        Gauge,
+    );
+    let mut pipes_idle = family("spliced_pipes_pooled", "Empty pipes kept for reuse.", Gauge);
+    let mut pipes_max = family(
+        "spliced_pipes_in_use_max",
+        "The most pipes held by directions at once since the start.",
+        Gauge,
+    );
+    let mut pipes_created = family("spliced_pipes_created", "Pipes created.", Counter);
+    let mut buffers = family(
+        "spliced_copy_buffers_in_use",
+        "Userspace copy buffers held by directions now.",
+        Gauge,
+    );
+    let mut pauses = family(
+        "spliced_accept_pauses",
+        "Times a worker paused accepting, by reason (fds: out of file descriptors; relay-cap: at --max-conns, clients wait in the backlog).",
+        Counter,
+    );
+    let mut timers = family(
+        "spliced_timer_entries",
+        "Entries in a worker's deadline heap (live and not yet swept).",
+        Gauge,
+    );
+    for (i, w) in snap.workers.iter().enumerate() {
+        let at: Labels = vec![("worker", i.to_string())];
+        let held: u64 = snap
+            .listeners
+            .iter()
+            .map(|l| l.workers[i].relays_active)
+            .sum();
+        relays.values.push((at.clone(), held));
+        pipes_in_use.values.push((at.clone(), w.pipes_in_use));
+        pipes_idle.values.push((at.clone(), w.pipes_idle));
+        pipes_max.values.push((at.clone(), w.pipes_in_use_max));
+        pipes_created.values.push((at.clone(), w.pipes_created));
+        buffers.values.push((at.clone(), w.buffers_in_use));
+        pauses
+            .values
+            .push((with(at.clone(), "reason", "fds"), w.accept_pauses_fds));
+        pauses
+            .values
+            .push((with(at.clone(), "reason", "relay-cap"), w.accept_pauses_cap));
+        timers.values.push((at, w.timer_entries));
+    }
+    let mut draining = family(
+        "spliced_draining",
+        "1 while the instance drains (stopped accepting; /healthz answers 503), else 0.",
+        Gauge,
+    );
+    draining
+        .values
+        .push((Vec::new(), u64::from(snap.state != InstanceState::Running)));
+    let mut started = family(
+        "spliced_start_time_seconds",
+        "When the instance started, in seconds since the Unix epoch.",
+        Gauge,
+    );
+    started.values.push((Vec::new(), snap.started_unix));
+    vec![
+        accepted,
+        active,
+        closed,
+        bytes,
+        fallbacks,
+        connect_failures,
+        refused,
+        limit_pauses,
+        switches,
+        relays,
+        pipes_in_use,
+        pipes_idle,
+        pipes_max,
+        pipes_created,
+        buffers,
+        pauses,
+        timers,
+        draining,
+        started,
+    ]
+}
+
+fn encode_connect_histogram(snap: &Snapshot, encoder: &mut DescriptorEncoder) -> Result<(), Error> {
+    let mut metric = encoder.encode_descriptor(
+        "spliced_upstream_connect_duration_seconds",
+        "Time from starting an upstream connect to its establishment, per attempt that succeeded.",
+        None,
+        MetricType::Histogram,
+    )?;
+    for l in &snap.listeners {
+        let s: Stats = l.total();
+        let mut buckets: Vec<(f64, u64)> = CONNECT_BUCKETS
+            .iter()
+            .zip(&s.connect_buckets)
+            .map(|(&bound, &n)| (bound, n))
+            .collect();
+        buckets.push((f64::INFINITY, s.connect_buckets[CONNECT_BUCKETS.len()]));
+        let sum = s.upstream_connect_micros as f64 / 1e6;
+        let labels = listener(&l.name);
+        metric
+            .encode_family(&labels)?
+            .encode_histogram::<NoLabelSet>(sum, s.upstream_connects, &buckets, None)?;
+    }
+    Ok(())
+}
+
+/// The registry `/metrics` encodes: one collector over the arena.
+pub(crate) fn registry(arena: Arc<Arena>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Spliced { arena }));
+    registry
+}
+
+/// The Prometheus text exposition of everything in `registry`.
+pub(crate) fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, registry);
+    out
+}

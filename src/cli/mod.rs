@@ -1,0 +1,4 @@
+//! Subcommands of the `spliced` binary that live in the library so tests
+//! can drive them (feature `cli`).
+
+pub mod stats;

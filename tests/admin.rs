@@ -1,0 +1,180 @@
+//! The admin endpoint: metrics after known traffic, checked by name, label
+//! and value; readiness while accepting and while draining.
+#![cfg(feature = "admin")]
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use common::*;
+use spliced::Mode;
+
+const T: Duration = Duration::from_secs(10);
+
+/// `GET path` over HTTP/1.0: (status, body).
+fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect to the admin endpoint");
+    s.set_read_timeout(Some(T)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read the answer to EOF");
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+/// Samples of the text format: `name{labels}` → value, plus `# TYPE` lines
+/// as `TYPE name` → kind.
+fn parse(body: &str) -> (HashMap<String, f64>, HashMap<String, String>) {
+    let (mut samples, mut types) = (HashMap::new(), HashMap::new());
+    for line in body.lines() {
+        if let Some(t) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = t.split_once(' ').expect("TYPE name kind");
+            types.insert(name.to_string(), kind.to_string());
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let (key, value) = line.rsplit_once(' ').expect("sample: key value");
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("value in {line:?}"));
+            assert!(
+                samples.insert(key.to_string(), value).is_none(),
+                "{key} twice"
+            );
+        }
+    }
+    (samples, types)
+}
+
+fn known_traffic(mode: Mode) {
+    let upstream = echo_server();
+    let proxy = proxy(mode, vec![upstream.addr], |c| {
+        c.ops.admin = Some("127.0.0.1:0".parse().unwrap());
+        c.listeners[0].name = "echo".into();
+    });
+    let admin = proxy.admin_addr().expect("an admin endpoint");
+    // Metrics name a listener by its name.
+    let listener = "echo";
+    let sizes = [1usize, 4096, 300_000];
+    for (i, &n) in sizes.iter().enumerate() {
+        let mut c = connect(proxy.local_addr());
+        let mut w = c.try_clone().unwrap();
+        // Written beside the reads, so the echo never waits on a full buffer.
+        let writer = std::thread::spawn(move || {
+            w.write_all(&pattern(i as u64, n)).unwrap();
+            w.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let back = read_to_eof(&mut c, T).expect("echo to EOF");
+        writer.join().unwrap();
+        assert_eq!(back, pattern(i as u64, n));
+    }
+    wait_stats(&proxy, T, "every relay closed", |s| s.closed_total() == 3);
+    let (status, body) = get(admin, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    let (m, types) = parse(&body);
+    let at = |name: &str, labels: &str| -> f64 {
+        let key = format!("{name}{{listener=\"{listener}\"{labels}}}");
+        *m.get(&key)
+            .unwrap_or_else(|| panic!("no sample {key} in:\n{body}"))
+    };
+    let total: usize = sizes.iter().sum();
+    let engine = if mode == Mode::Splice {
+        "splice"
+    } else {
+        "copy"
+    };
+    let other = if mode == Mode::Splice {
+        "copy"
+    } else {
+        "splice"
+    };
+    for direction in ["client_to_upstream", "upstream_to_client"] {
+        let labels = |e| format!(",direction=\"{direction}\",engine=\"{e}\"");
+        if mode == Mode::Auto {
+            // Small messages copy, the stream splices: together, every byte.
+            let both = at("spliced_bytes_total", &labels("splice"))
+                + at("spliced_bytes_total", &labels("copy"));
+            assert_eq!(both, total as f64);
+            continue;
+        }
+        assert_eq!(at("spliced_bytes_total", &labels(engine)), total as f64);
+        assert_eq!(at("spliced_bytes_total", &labels(other)), 0.0);
+    }
+    assert_eq!(at("spliced_connections_accepted_total", ""), 3.0);
+    assert_eq!(at("spliced_connections_active", ""), 0.0);
+    assert_eq!(
+        at("spliced_connections_closed_total", ",reason=\"eof\""),
+        3.0
+    );
+    assert_eq!(
+        at("spliced_connections_closed_total", ",reason=\"idle\""),
+        0.0
+    );
+    assert_eq!(
+        at("spliced_upstream_connect_duration_seconds_count", ""),
+        3.0
+    );
+    assert_eq!(
+        at(
+            "spliced_upstream_connect_duration_seconds_bucket",
+            ",le=\"+Inf\""
+        ),
+        3.0
+    );
+    assert!(at("spliced_upstream_connect_duration_seconds_sum", "") > 0.0);
+    assert_eq!(at("spliced_upstream_connect_failures_total", ""), 0.0);
+    assert_eq!(m["spliced_worker_relays{worker=\"0\"}"], 0.0);
+    assert_eq!(m["spliced_draining"], 0.0);
+    if mode == Mode::Splice {
+        assert!(m["spliced_pipes_in_use_max{worker=\"0\"}"] >= 1.0, "{body}");
+        assert!(m["spliced_pipes_created_total{worker=\"0\"}"] >= 1.0);
+    }
+    for (name, kind) in [
+        ("spliced_bytes_total", "counter"),
+        ("spliced_connections_active", "gauge"),
+        ("spliced_upstream_connect_duration_seconds", "histogram"),
+        ("spliced_pipes_in_use_max", "gauge"),
+    ] {
+        assert_eq!(types.get(name).map(String::as_str), Some(kind), "{name}");
+    }
+    // Every family is named by Prometheus conventions.
+    for name in types.keys() {
+        assert!(name.starts_with("spliced_"), "{name}");
+        let counter = types[name] == "counter";
+        assert_eq!(counter, name.ends_with("_total"), "{name}");
+    }
+}
+
+both_engines!(known_traffic);
+
+#[test]
+fn healthz_turns_503_while_draining_and_livez_stays_200() {
+    let upstream = echo_server();
+    let proxy = proxy(Mode::Splice, vec![upstream.addr], |c| {
+        c.ops.admin = Some("127.0.0.1:0".parse().unwrap());
+        c.drain_timeout = Some(Duration::from_secs(30));
+    });
+    let admin = proxy.admin_addr().unwrap();
+    assert_eq!(get(admin, "/healthz"), (200, "ok\n".to_string()));
+    assert_eq!(get(admin, "/livez").0, 200);
+    assert_eq!(get(admin, "/nothing").0, 404);
+    // A live relay keeps the drain going while we look.
+    let mut held = connect(proxy.local_addr());
+    round_trip(&mut held, b"ping", T);
+    proxy.shutdown();
+    assert_eq!(get(admin, "/healthz"), (503, "draining\n".to_string()));
+    assert_eq!(get(admin, "/livez").0, 200);
+    let (_, body) = get(admin, "/metrics");
+    assert!(body.contains("\nspliced_draining 1\n"), "{body}");
+    drop(held);
+    proxy.join();
+}
