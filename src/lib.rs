@@ -8,6 +8,7 @@
 //! |---|---|
 //! | [`config`] | validated settings, the TOML config file, duration/size/address parsing |
 //! | [`proxy`] | [`start`] a proxy, its [`ProxyHandle`] |
+//! | [`reload`] | replace a running proxy's listeners without refusing a client: [`Reloader`] |
 //! | [`runtime`] | the [`Runtime`]: workers and their command channel; a proxy is one with listeners |
 //! | [`handoff`] | hand two connected sockets to a runtime: [`Runtime::handoff`], the [`Handoff`] handle |
 //! | `listener`, `upstream` | a listener's limits and access list; pools, balancing, passive health, re-resolution |
@@ -45,6 +46,7 @@ pub mod listener;
 pub mod proxy;
 pub mod proxy_protocol;
 mod relay;
+pub mod reload;
 pub mod runtime;
 pub mod stats;
 mod sys;
@@ -56,7 +58,8 @@ mod worker;
 pub use config::{Config, ListenerConfig, Mode, Timeouts};
 pub use error::{Side, StartError};
 pub use handoff::{End, Ending, Handoff, HandoffError, Outcome, Socket};
-pub use proxy::{start, start_with, ProxyHandle};
+pub use proxy::{start, start_activated, start_with, ProxyHandle};
+pub use reload::{ReloadReport, Reloader};
 pub use runtime::{Controller, Runtime, RuntimeBuilder};
 pub use stats::{CloseReason, Stats};
 pub use upstream::{Resolve, SystemResolver};

@@ -8,11 +8,14 @@
 //! - [`at_urgent_mark`]: ioctl(2) `SIOCATMARK`, where splice stalls.
 //! - process helpers: raise RLIMIT_NOFILE, thread ids, per-thread CPU time.
 //! - [`netns::enter`]: setns(2) into a network namespace (the bench's veth paths).
+//! - [`activation::take_inherited`]: the listening sockets a service manager
+//!   passed (`LISTEN_FDS`), owned.
 //!
 //! Every libc call goes through [`syscall!`], which turns `-1` into
 //! `io::Error::last_os_error()`, so nothing outside sees a raw return code.
 #![allow(unsafe_code)]
 
+pub mod activation;
 pub mod netns;
 
 use std::fs;
