@@ -8,6 +8,7 @@
 //! |---|---|
 //! | [`config`] | validated settings, the TOML config file, duration/size/address parsing |
 //! | [`proxy`] | [`start`] a proxy, its [`ProxyHandle`] |
+//! | [`service`] | pid file, privilege drop, `sd_notify` |
 //! | [`reload`] | replace a running proxy's listeners without refusing a client: [`Reloader`] |
 //! | [`runtime`] | the [`Runtime`]: workers and their command channel; a proxy is one with listeners |
 //! | [`handoff`] | hand two connected sockets to a runtime: [`Runtime::handoff`], the [`Handoff`] handle |
@@ -48,6 +49,7 @@ pub mod proxy_protocol;
 mod relay;
 pub mod reload;
 pub mod runtime;
+pub mod service;
 pub mod stats;
 mod sys;
 mod timer;
