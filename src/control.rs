@@ -48,6 +48,9 @@ pub(crate) struct WorkerReload {
     /// this deadline if still open (`None`: they may take as long as their
     /// own timeouts allow).
     pub(crate) retire: Vec<(ListenerId, Option<Instant>)>,
+    /// Told once the worker has applied it (dropped unsent if it never
+    /// will), so a reload returns only when new clients meet the new config.
+    pub(crate) applied: Option<Sender<()>>,
 }
 
 impl std::fmt::Debug for Command {

@@ -39,7 +39,12 @@ enum Command {
 #[derive(clap::Args, Debug)]
 struct ReloadArgs {
     /// The instance to reload: the --name it was started with.
-    #[arg(long, env = "SPLICED_NAME", default_value = "spliced", value_name = "NAME")]
+    #[arg(
+        long,
+        env = "SPLICED_NAME",
+        default_value = "spliced",
+        value_name = "NAME"
+    )]
     name: String,
 }
 
@@ -55,7 +60,12 @@ struct RunArgs {
     /// This instance's name: its pid file is spliced-NAME.pid (in
     /// $RUNTIME_DIRECTORY, /run/spliced for root, else $XDG_RUNTIME_DIR/spliced),
     /// which 'spliced reload --name NAME' reads.
-    #[arg(long, env = "SPLICED_NAME", default_value = "spliced", value_name = "NAME")]
+    #[arg(
+        long,
+        env = "SPLICED_NAME",
+        default_value = "spliced",
+        value_name = "NAME"
+    )]
     name: String,
     /// Switch to this user (its uid, primary group, no other groups) once
     /// the listeners are bound; needs root.
@@ -196,7 +206,9 @@ impl RunArgs {
             connect_timeout: given("connect_timeout").then_some(self.connect_timeout.0),
         };
         let lines = |d: &[Diagnostic]| -> Vec<String> {
-            d.iter().map(|d| format!("{}: {d}", path.display())).collect()
+            d.iter()
+                .map(|d| format!("{}: {d}", path.display()))
+                .collect()
         };
         let loaded = config::load(path, &flags).map_err(|d| lines(&d))?;
         if !loaded.unsupported.is_empty() {
@@ -295,9 +307,7 @@ fn main() -> ExitCode {
             match args.clone().into_config(&given) {
                 Ok(config) => {
                     let (name, user) = (args.name.clone(), args.user.clone());
-                    lifecycle::run(config, &name, user.as_deref(), move || {
-                        args.reread(&given)
-                    })
+                    lifecycle::run(config, &name, user.as_deref(), move || args.reread(&given))
                 }
                 Err(e) => fail(&e),
             }

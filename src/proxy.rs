@@ -14,9 +14,9 @@ use std::time::Duration;
 use crate::config::{Config, ListenerConfig, Mode};
 use crate::error::StartError;
 use crate::listener::{Listener, ListenerId};
+use crate::reload::{self, Reloader};
 use crate::runtime::{relay_cap, Controller, Runtime};
 use crate::stats::Stats;
-use crate::reload::{self, Reloader};
 use crate::upstream::{Resolve, SystemResolver};
 use crate::worker::{self, Inherited};
 

@@ -110,13 +110,20 @@ fn plan(old: &[(&ListenerConfig, &[(SocketAddr, SocketAddr)])], new: &[ListenerC
     let sockets: Vec<(SocketAddr, SocketAddr)> =
         old.iter().flat_map(|(_, s)| s.iter().copied()).collect();
     for (i, l) in new.iter().enumerate() {
-        p.fates.push(match old.iter().position(|(o, _)| o.name == l.name) {
-            Some(j) if *old[j].0 == *l => Fate::Same(j),
-            Some(j) => Fate::Changed(j),
-            None => Fate::New,
-        });
+        p.fates
+            .push(match old.iter().position(|(o, _)| o.name == l.name) {
+                Some(j) if *old[j].0 == *l => Fate::Same(j),
+                Some(j) => Fate::Changed(j),
+                None => Fate::New,
+            });
         for &asked in &l.listen {
-            let kept = (0..sockets.len()).find(|&k| !used[k] && sockets[k].0 == asked);
+            // The address asked before, or (for one asked as port 0) the
+            // one it got.
+            let same =
+                |k: usize| sockets[k].0 == asked || (asked.port() != 0 && sockets[k].1 == asked);
+            let kept = (0..sockets.len())
+                .find(|&k| !used[k] && sockets[k].0 == asked)
+                .or_else(|| (0..sockets.len()).find(|&k| !used[k] && same(k)));
             match kept {
                 Some(k) => {
                     used[k] = true;
@@ -314,6 +321,8 @@ impl Reloader {
             .iter()
             .map(|&j| (state.active[j].listener.id, deadline))
             .collect();
+        let (applied, acks) = std::sync::mpsc::channel();
+        let mut told = 0;
         for (w, link) in state.links.iter().enumerate() {
             let command = WorkerReload {
                 retarget: plan
@@ -324,10 +333,15 @@ impl Reloader {
                 close: plan.close.clone(),
                 add: std::mem::take(&mut bound.per_worker[w]),
                 retire: retire.clone(),
+                applied: Some(applied.clone()),
             };
             // A worker that already exited has nothing to change.
-            let _ = link.send(Command::Reload(Box::new(command)));
+            if link.send(Command::Reload(Box::new(command))).is_ok() {
+                told += 1;
+            }
         }
+        drop(applied);
+        wait_applied(&acks, told);
         let mut active: Vec<Active> = listeners
             .iter()
             .map(|l| Active {
@@ -341,12 +355,7 @@ impl Reloader {
         for (i, sockets) in active.iter_mut().enumerate() {
             let fresh = bound.local_addrs.iter().filter(|b| b.0 == i);
             let asked_left = ListenerConfig {
-                listen: plan
-                    .bind
-                    .iter()
-                    .filter(|b| b.0 == i)
-                    .map(|b| b.1)
-                    .collect(),
+                listen: plan.bind.iter().filter(|b| b.0 == i).map(|b| b.1).collect(),
                 ..effective.listeners[i].clone()
             };
             sockets.sockets.extend(pair_asked(&asked_left, fresh));
@@ -360,7 +369,9 @@ impl Reloader {
             }
         }
         for &j in &plan.removed {
-            report.removed.push(state.active[j].listener.config.name.clone());
+            report
+                .removed
+                .push(state.active[j].listener.config.name.clone());
         }
         report.bound = bound
             .local_addrs
@@ -383,6 +394,30 @@ impl Reloader {
         Ok(report)
     }
 }
+
+/// Waits until `told` workers applied the reload (a worker between two
+/// polls answers within one loop iteration). A worker that exits first
+/// drops its sender instead.
+fn wait_applied(acks: &std::sync::mpsc::Receiver<()>, told: usize) {
+    let deadline = Instant::now() + APPLY_WAIT;
+    for _ in 0..told {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match acks.recv_timeout(left) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                tracing::warn!(
+                    "internal: a worker has not applied the reload within {} s; it will when its loop turns",
+                    APPLY_WAIT.as_secs()
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// How long a reload waits for the workers to take it.
+const APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl ReloadReport {
     /// One line per change, in the words of the start-up lines.
@@ -493,6 +528,19 @@ mod tests {
         assert_eq!(p.fates, vec![Fate::New]);
         assert_eq!(p.removed, vec![0]);
         assert_eq!(p.keep.len(), 1);
+        assert!(p.bind.is_empty() && p.close.is_empty());
+    }
+
+    #[test]
+    fn a_port_zero_socket_is_kept_under_the_port_it_got() {
+        let a = listener("a", &["127.0.0.1:0"], "127.0.0.1:5432");
+        let b = listener("a", &["127.0.0.1:40000"], "127.0.0.1:5432");
+        let sockets = [(addr("127.0.0.1:0"), addr("127.0.0.1:40000"))];
+        let p = plan(&[(&a, &sockets)], &[b]);
+        assert_eq!(
+            p.keep,
+            vec![(0, addr("127.0.0.1:40000"), addr("127.0.0.1:40000"))]
+        );
         assert!(p.bind.is_empty() && p.close.is_empty());
     }
 

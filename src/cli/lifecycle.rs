@@ -91,8 +91,8 @@ pub(super) fn run(
 fn reload(reloader: &Reloader, reread: &dyn Fn() -> Result<Config, Vec<String>>) {
     service::notify(Notify::Reloading, "reloading");
     tracing::info!("SIGHUP: re-reading the config");
-    let outcome = reread()
-        .and_then(|config| reloader.reload(config).map_err(|e| vec![e.to_string()]));
+    let outcome =
+        reread().and_then(|config| reloader.reload(config).map_err(|e| vec![e.to_string()]));
     match outcome {
         Ok(report) => {
             tracing::info!(

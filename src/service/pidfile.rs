@@ -107,12 +107,16 @@ pub fn read_pid(name: &str) -> io::Result<i32> {
     let path = path_for(name);
     let text = fs::read_to_string(&path)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-    text.trim().parse::<i32>().ok().filter(|&p| p > 0).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{}: not a pid: {:?}", path.display(), text.trim()),
-        )
-    })
+    text.trim()
+        .parse::<i32>()
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: not a pid: {:?}", path.display(), text.trim()),
+            )
+        })
 }
 
 /// Whether a process with this pid exists (signal 0 delivers nothing).

@@ -22,14 +22,15 @@ pub fn drop_privileges(name: &str, as_root: impl FnOnce(Uid, Gid)) -> Result<(Ui
     };
     as_root(user.uid, user.gid);
     // Groups first: once the uid is not root, they cannot be changed.
-    unistd::setgroups(&[user.gid])
-        .map_err(|e| format!("--user {name}: setgroups failed: {e}"))?;
+    unistd::setgroups(&[user.gid]).map_err(|e| format!("--user {name}: setgroups failed: {e}"))?;
     unistd::setgid(user.gid)
         .map_err(|e| format!("--user {name}: setgid({}) failed: {e}", user.gid))?;
     unistd::setuid(user.uid)
         .map_err(|e| format!("--user {name}: setuid({}) failed: {e}", user.uid))?;
     if !user.uid.is_root() && unistd::setuid(Uid::from_raw(0)).is_ok() {
-        return Err(format!("--user {name}: root could be regained after setuid"));
+        return Err(format!(
+            "--user {name}: root could be regained after setuid"
+        ));
     }
     Ok((user.uid, user.gid))
 }

@@ -18,12 +18,12 @@ impl Worker {
     /// added, so a slot (and its token) freed by one may be reused by the
     /// other; a stale event on a reused token only costs an accept that
     /// finds nothing.
-    pub(super) fn reload(&mut self, reload: WorkerReload, now: Instant) {
+    pub(super) fn reload(&mut self, mut reload: WorkerReload, now: Instant) {
         if self.draining {
             // Stopping already: new sockets are dropped (closed) unused.
             return;
         }
-        for (addr, listener) in reload.retarget {
+        for (addr, listener) in std::mem::take(&mut reload.retarget) {
             for slot in self.listeners.iter_mut().filter(|s| s.addr == Some(addr)) {
                 slot.runtime = Arc::clone(&listener);
                 // A full_until of the old settings no longer holds.
@@ -31,7 +31,7 @@ impl Worker {
                 slot.backlog = true;
             }
         }
-        for addr in reload.close {
+        for addr in std::mem::take(&mut reload.close) {
             for slot in self.listeners.iter_mut().filter(|s| s.addr == Some(addr)) {
                 if let Some(mut socket) = slot.socket.take() {
                     // Deregistered explicitly: an inherited socket has other
@@ -43,7 +43,7 @@ impl Worker {
                 slot.full_until = None;
             }
         }
-        for (mut socket, listener) in reload.add {
+        for (mut socket, listener) in std::mem::take(&mut reload.add) {
             let free = self.listeners.iter().position(|s| s.socket.is_none());
             let index = free.unwrap_or(self.listeners.len());
             let registered = self.poll.registry().register(
@@ -73,12 +73,15 @@ impl Worker {
                 None => self.listeners.push(slot),
             }
         }
-        for (id, deadline) in reload.retire {
+        for (id, deadline) in std::mem::take(&mut reload.retire) {
             if let Some(at) = deadline {
                 self.retiring.push((id, at));
             }
         }
         self.close_retired(now);
+        if let Some(applied) = reload.applied {
+            let _ = applied.send(());
+        }
     }
 
     /// Closes the relays of removed listeners whose drain deadline passed.
