@@ -303,7 +303,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => {
             let given_ids = given_ids(&matches);
-            let given = move |id: &str| given_ids.iter().any(|&g| g == id);
+            let given = move |id: &str| given_ids.contains(&id);
             match args.clone().into_config(&given) {
                 Ok(config) => {
                     let (name, user) = (args.name.clone(), args.user.clone());

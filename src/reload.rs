@@ -211,7 +211,7 @@ fn pair_asked<'a>(
     let mut asked = config.listen.iter().copied();
     let mut out = Vec::new();
     for &(_, b) in bound {
-        while let Some(a) = asked.next() {
+        for a in asked.by_ref() {
             if same_family_and_port(a, b) {
                 out.push((a, b));
                 break;
