@@ -397,17 +397,21 @@ fn sighup_without_a_config_file_keeps_serving() {
     round_trip(&mut before, b"before", Duration::from_secs(5));
 
     proxy.signal(Signal::SIGHUP);
-    wait_until(Duration::from_secs(5), "the refused reload is logged", || {
-        proxy.try_wait().is_none()
-            && proxy.logs().iter().any(|l| {
-                l.contains("ERROR")
-                    && l.contains("started without --config: there is no file to re-read")
-            })
-            && proxy
-                .logs()
-                .iter()
-                .any(|l| l.contains("reload refused; still serving the previous config"))
-    });
+    wait_until(
+        Duration::from_secs(5),
+        "the refused reload is logged",
+        || {
+            proxy.try_wait().is_none()
+                && proxy.logs().iter().any(|l| {
+                    l.contains("ERROR")
+                        && l.contains("started without --config: there is no file to re-read")
+                })
+                && proxy
+                    .logs()
+                    .iter()
+                    .any(|l| l.contains("reload refused; still serving the previous config"))
+        },
+    );
     assert!(proxy.try_wait().is_none(), "SIGHUP ended the process");
     // Both the live relay and a new one still work.
     round_trip(&mut before, b"after", Duration::from_secs(5));
