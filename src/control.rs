@@ -4,17 +4,21 @@
 //! imports the other.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
+use std::time::Instant;
 
+use mio::net::TcpListener;
 use mio::Waker;
 
+use crate::listener::{Listener, ListenerId};
 use crate::relay::report::{RelayReport, Reporter};
 use crate::relay::HandedOff;
 use crate::stats::CloseReason;
 
-/// What a worker can be told. Reload and health updates join here.
+/// What a worker can be told.
 pub(crate) enum Command {
     /// Stop accepting; let live relays finish within the drain timeout.
     Drain,
@@ -24,6 +28,29 @@ pub(crate) enum Command {
     Handoff(Box<Handoff>),
     /// Reset both sides of handed-off relay `id` now.
     AbortRelay { id: u64, reporter: Arc<Reporter> },
+    /// Take a reloaded config's listeners.
+    Reload(Box<WorkerReload>),
+}
+
+/// One worker's part of a reload, applied between two polls so no accept
+/// sees half of it. Sockets are named by their bound address: a worker has
+/// one socket per address.
+#[derive(Default)]
+pub(crate) struct WorkerReload {
+    /// Kept sockets and the listener that accepts on them from now on
+    /// (new settings, or a new owner of the address).
+    pub(crate) retarget: Vec<(SocketAddr, Arc<Listener>)>,
+    /// Sockets to stop accepting on; their queued clients are refused.
+    pub(crate) close: Vec<SocketAddr>,
+    /// Newly bound sockets, this worker's own.
+    pub(crate) add: Vec<(TcpListener, Arc<Listener>)>,
+    /// Listeners gone from the config: their live relays are closed at
+    /// this deadline if still open (`None`: they may take as long as their
+    /// own timeouts allow).
+    pub(crate) retire: Vec<(ListenerId, Option<Instant>)>,
+    /// Told once the worker has applied it (dropped unsent if it never
+    /// will), so a reload returns only when new clients meet the new config.
+    pub(crate) applied: Option<Sender<()>>,
 }
 
 impl std::fmt::Debug for Command {
@@ -33,6 +60,14 @@ impl std::fmt::Debug for Command {
             Command::Abort => f.write_str("Abort"),
             Command::Handoff(_) => f.write_str("Handoff"),
             Command::AbortRelay { id, .. } => write!(f, "AbortRelay({id})"),
+            Command::Reload(r) => write!(
+                f,
+                "Reload(retarget {}, close {}, add {}, retire {})",
+                r.retarget.len(),
+                r.close.len(),
+                r.add.len(),
+                r.retire.len()
+            ),
         }
     }
 }

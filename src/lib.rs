@@ -8,6 +8,8 @@
 //! |---|---|
 //! | [`config`] | validated settings, the TOML config file, duration/size/address parsing |
 //! | [`proxy`] | [`start`] a proxy, its [`ProxyHandle`] |
+//! | [`service`] | pid file, privilege drop, `sd_notify` |
+//! | [`reload`] | replace a running proxy's listeners without refusing a client: [`Reloader`] |
 //! | [`runtime`] | the [`Runtime`]: workers and their command channel; a proxy is one with listeners |
 //! | [`handoff`] | hand two connected sockets to a runtime: [`Runtime::handoff`], the [`Handoff`] handle |
 //! | `listener`, `upstream` | a listener's limits and access list; pools, balancing, passive health, re-resolution |
@@ -52,7 +54,9 @@ pub mod ops;
 pub mod proxy;
 pub mod proxy_protocol;
 mod relay;
+pub mod reload;
 pub mod runtime;
+pub mod service;
 pub mod shm;
 pub mod stats;
 mod sys;
@@ -64,7 +68,8 @@ mod worker;
 pub use config::{Config, ListenerConfig, Mode, Timeouts};
 pub use error::{Side, StartError};
 pub use handoff::{End, Ending, Handoff, HandoffError, Outcome, Socket};
-pub use proxy::{start, start_with, ProxyHandle};
+pub use proxy::{start, start_activated, start_with, ProxyHandle};
+pub use reload::{ReloadReport, Reloader};
 pub use runtime::{Controller, Runtime, RuntimeBuilder};
 pub use stats::{CloseReason, Stats};
 pub use upstream::{Resolve, SystemResolver};

@@ -39,6 +39,13 @@ pub(crate) struct Listener {
     pub(crate) id: ListenerId,
     pub(crate) config: ListenerConfig,
     pub(crate) pool: Pool,
+    /// Limits and counters, shared with the listener's successors after a
+    /// reload, so old and new relays count under one max-conns.
+    state: Arc<State>,
+}
+
+#[derive(Debug)]
+struct State {
     /// Relays (and reservations) of this listener, over all workers.
     live: AtomicUsize,
     /// Live relays per client IP; kept only with `max_conns_per_source`.
@@ -71,20 +78,34 @@ impl Listener {
             id,
             config,
             pool,
-            live: AtomicUsize::new(0),
-            sources: Mutex::new(HashMap::new()),
-            counters,
+            state: Arc::new(State {
+                live: AtomicUsize::new(0),
+                sources: Mutex::new(HashMap::new()),
+                counters,
+            }),
+        }
+    }
+
+    /// The same listener with new settings and a new pool, as a reload
+    /// makes it: it keeps its id, its counters and its count of live
+    /// relays, while relays accepted before keep this one's settings.
+    pub(crate) fn successor(&self, config: ListenerConfig) -> Listener {
+        Listener {
+            id: self.id,
+            pool: Pool::new(&config.name, &config.pool),
+            config,
+            state: Arc::clone(&self.state),
         }
     }
 
     /// The block worker `worker` writes this listener's counters to.
     pub(crate) fn counters(&self, worker: usize) -> &CounterBlock {
-        &self.counters[worker]
+        &self.state.counters[worker]
     }
 
     /// This listener's counters summed over the workers.
     pub(crate) fn stats(&self) -> Stats {
-        Stats::sum(self.counters.iter().map(|b| &**b))
+        Stats::sum(self.state.counters.iter().map(|b| &**b))
     }
 
     /// The listener's name, for log lines.
@@ -95,7 +116,8 @@ impl Listener {
     /// Room for one more relay, or `None` at `max_conns`.
     pub(crate) fn reserve(self: &Arc<Self>) -> Option<Reservation> {
         let max = self.config.max_conns.unwrap_or(usize::MAX);
-        self.live
+        self.state
+            .live
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
@@ -125,7 +147,7 @@ impl Listener {
         let source = match self.config.max_conns_per_source {
             None => None,
             Some(max) => {
-                let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+                let mut sources = self.state.sources.lock().unwrap_or_else(|p| p.into_inner());
                 let n = sources.entry(client).or_insert(0);
                 if *n >= max {
                     return Err(Refused::PerSource);
@@ -164,7 +186,7 @@ pub(crate) struct Reservation(Arc<Listener>);
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.0.live.fetch_sub(1, Ordering::AcqRel);
+        self.0.state.live.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -182,6 +204,7 @@ impl Drop for Admission {
             let mut sources = self
                 .reservation
                 .0
+                .state
                 .sources
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
@@ -230,7 +253,7 @@ mod tests {
         drop(first);
         assert!(l.admit(l.reserve().unwrap(), x).is_ok());
         assert_eq!(
-            l.live.load(Ordering::Relaxed),
+            l.state.live.load(Ordering::Relaxed),
             1,
             "refusals gave their room back"
         );

@@ -8,6 +8,11 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use spliced::config::{self, Config, Diagnostic, FlagDefaults, ListenerConfig, Mode, Timeouts};
 
+/// Signals, the pid file, privileges and systemd: the binary's part of a
+/// running proxy's life (the library's part is `spliced::reload`).
+#[path = "cli/lifecycle.rs"]
+mod lifecycle;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "spliced",
@@ -29,6 +34,20 @@ enum Command {
     Check(CheckArgs),
     /// Show a running instance's counters from its stats file (no network).
     Stats(spliced::cli::stats::StatsArgs),
+    /// Tell a running instance to re-read its config file (SIGHUP to the pid in its pid file).
+    Reload(ReloadArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ReloadArgs {
+    /// The instance to reload: the --name it was started with.
+    #[arg(
+        long,
+        env = "SPLICED_NAME",
+        default_value = "spliced",
+        value_name = "NAME"
+    )]
+    name: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -38,8 +57,22 @@ struct CheckArgs {
     config: PathBuf,
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 struct RunArgs {
+    /// This instance's name: its stats file NAME.stats ('spliced stats --name NAME')
+    /// and pid file spliced-NAME.pid ('spliced reload --name NAME') are in
+    /// $RUNTIME_DIRECTORY, /run/spliced for root, else $XDG_RUNTIME_DIR/spliced.
+    #[arg(
+        long,
+        env = "SPLICED_NAME",
+        default_value = "spliced",
+        value_name = "NAME"
+    )]
+    name: String,
+    /// Switch to this user (its uid, primary group, no other groups) once
+    /// the listeners are bound; needs root.
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
     /// A config file with one or more listeners, each with its own pool and
     /// limits (see docs/CONFIG.md). Flags given beside it replace the file's
     /// [defaults] and [global] settings.
@@ -89,9 +122,6 @@ struct RunArgs {
     /// [default: off].
     #[arg(long, value_name = "ADDR")]
     admin: Option<String>,
-    /// Instance name: the stats file `spliced stats --name` reads.
-    #[arg(long, default_value = "spliced", value_name = "NAME")]
-    name: String,
     /// Log lines as plain text or as one JSON object per line.
     #[arg(long, default_value = "text", value_name = "FORMAT")]
     log_format: LogFormat,
@@ -191,6 +221,43 @@ impl RunArgs {
             return Err(first_of(path, &loaded.unsupported, "such settings"));
         }
         let mut config = loaded.config;
+        self.overlay(&mut config, given);
+        self.apply_ops(&mut config)?;
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
+    /// The config file again, for a reload: every problem, one a line.
+    fn reread(&self, given: impl Fn(&str) -> bool) -> Result<Config, Vec<String>> {
+        let Some(path) = &self.config else {
+            return Err(vec![
+                "started without --config: there is no file to re-read".into(),
+            ]);
+        };
+        let flags = FlagDefaults {
+            mode: given("mode").then_some(self.mode),
+            idle_timeout: given("idle_timeout").then_some(self.idle_timeout.0),
+            fin_timeout: given("fin_timeout").then_some(self.fin_timeout.0),
+            connect_timeout: given("connect_timeout").then_some(self.connect_timeout.0),
+        };
+        let lines = |d: &[Diagnostic]| -> Vec<String> {
+            d.iter()
+                .map(|d| format!("{}: {d}", path.display()))
+                .collect()
+        };
+        let loaded = config::load(path, &flags).map_err(|d| lines(&d))?;
+        if !loaded.unsupported.is_empty() {
+            return Err(lines(&loaded.unsupported));
+        }
+        let mut config = loaded.config;
+        self.overlay(&mut config, given);
+        self.apply_ops(&mut config).map_err(|e| vec![e])?;
+        config.validate().map_err(|e| vec![e.to_string()])?;
+        Ok(config)
+    }
+
+    /// The flags given beside a config file, laid over it.
+    fn overlay(&self, config: &mut Config, given: impl Fn(&str) -> bool) {
         if let Some(n) = self.workers {
             config.workers = n;
         }
@@ -209,9 +276,6 @@ impl RunArgs {
         if given("drain_timeout") {
             config.drain_timeout = self.drain_timeout.0;
         }
-        self.apply_ops(&mut config)?;
-        config.validate().map_err(|e| e.to_string())?;
-        Ok(config)
     }
 }
 
@@ -271,8 +335,13 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => {
             init_logging("info", args.log_format);
-            match args.into_config(|id| given(&matches, id)) {
-                Ok(config) => run(config),
+            let given_ids = given_ids(&matches);
+            let given = move |id: &str| given_ids.contains(&id);
+            match args.clone().into_config(&given) {
+                Ok(config) => {
+                    let (name, user) = (args.name.clone(), args.user.clone());
+                    lifecycle::run(config, &name, user.as_deref(), move || args.reread(&given))
+                }
                 Err(e) => fail(&e),
             }
         }
@@ -290,7 +359,26 @@ fn main() -> ExitCode {
             init_logging("warn", LogFormat::Text);
             spliced::cli::stats::run(args)
         }
+        Command::Reload(args) => {
+            init_logging("warn", LogFormat::Text);
+            lifecycle::signal_reload(&args.name)
+        }
     }
+}
+
+/// The ids of `spliced run`'s flags that were on the command line, kept
+/// for every reload (they override the file each time).
+fn given_ids(matches: &ArgMatches) -> Vec<&'static str> {
+    let ids = [
+        "mode",
+        "idle_timeout",
+        "fin_timeout",
+        "connect_timeout",
+        "pipe_size",
+        "max_pipes",
+        "drain_timeout",
+    ];
+    ids.into_iter().filter(|id| given(matches, id)).collect()
 }
 
 /// Whether `spliced run`'s flag `id` was on the command line (not a default).
@@ -298,44 +386,6 @@ fn given(matches: &ArgMatches, id: &str) -> bool {
     matches
         .subcommand_matches("run")
         .is_some_and(|m| m.value_source(id) == Some(ValueSource::CommandLine))
-}
-
-fn run(config: Config) -> ExitCode {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let handle = match spliced::start(config) {
-        Ok(h) => h,
-        Err(e) => return fail(&e.to_string()),
-    };
-    let controller = handle.controller();
-    let signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]);
-    let mut signals = match signals {
-        Ok(s) => s,
-        Err(e) => return fail(&format!("cannot install signal handlers: {e}")),
-    };
-    std::thread::spawn(move || {
-        let mut seen = 0;
-        for signal in signals.forever() {
-            if signal == SIGHUP {
-                // Its default action would end the process at once, without
-                // a drain.
-                tracing::warn!(
-                    "SIGHUP received; configuration reload is not supported yet, ignoring"
-                );
-                continue;
-            }
-            seen += 1;
-            if seen == 1 {
-                tracing::info!(signal, "stopping: no new connections; draining live relays");
-                controller.shutdown();
-            } else {
-                tracing::warn!(signal, "second signal: exiting now");
-                std::process::exit(1);
-            }
-        }
-    });
-    handle.join();
-    tracing::info!("all relays closed; exiting");
-    ExitCode::SUCCESS
 }
 
 /// Logs to stderr. JSON lines carry the event's fields at the top level

@@ -14,20 +14,21 @@ use std::time::Duration;
 use crate::config::{Config, ListenerConfig, Mode};
 use crate::error::StartError;
 use crate::listener::{self, Listener, ListenerId};
+use crate::reload::{self, Reloader};
 use crate::runtime::{relay_cap, Controller, Runtime};
 use crate::shm::Arena;
 use crate::stats::Stats;
-use crate::upstream::resolve::Refresher;
 use crate::upstream::{Resolve, SystemResolver};
-use crate::worker;
+use crate::worker::{self, Inherited};
 
 /// A running proxy: a [`Runtime`] with bound listeners. Dropping it aborts
 /// every relay and joins the workers.
 pub struct ProxyHandle {
     local_addrs: Vec<SocketAddr>,
     runtime: Runtime,
-    /// The background resolver, stopped when the handle goes.
-    _refresher: Option<Refresher>,
+    /// Holds the listeners in force and the background resolver (stopped
+    /// when the last reloader goes).
+    reloader: Reloader,
     #[cfg(feature = "admin")]
     admin: Option<crate::admin::Admin>,
 }
@@ -42,6 +43,26 @@ pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
 /// [`start`] with server names resolved by `resolver`: once now, then on a
 /// background thread every `resolve-interval`.
 pub fn start_with(config: Config, resolver: Arc<dyn Resolve>) -> Result<ProxyHandle, StartError> {
+    start_inner(config, resolver, Inherited::default())
+}
+
+/// [`start`] with the listening sockets a service manager passed to this
+/// process (systemd socket activation: `LISTEN_PID`, `LISTEN_FDS`). A
+/// listener address that one of them is bound to uses it instead of
+/// binding; every worker accepts on that one socket. Sockets that match no
+/// listener are closed with a warning. Without such sockets this is
+/// [`start`]. The sockets are taken once per process.
+pub fn start_activated(config: Config) -> Result<ProxyHandle, StartError> {
+    let fds = crate::sys::activation::take_inherited()
+        .map_err(|e| StartError::Io("read LISTEN_FDS".into(), e))?;
+    start_inner(config, Arc::new(SystemResolver), Inherited::new(fds))
+}
+
+fn start_inner(
+    config: Config,
+    resolver: Arc<dyn Resolve>,
+    mut inherited: Inherited,
+) -> Result<ProxyHandle, StartError> {
     config.validate().map_err(StartError::Config)?;
     if let Some(what) = config.unsupported() {
         return Err(StartError::Config(what));
@@ -71,13 +92,14 @@ pub fn start_with(config: Config, resolver: Arc<dyn Resolve>) -> Result<ProxyHan
             ))
         })
         .collect();
-    let refresher = crate::upstream::resolve::start(&runtimes, resolver)
+    let refresher = crate::upstream::resolve::start(&runtimes, Arc::clone(&resolver))
         .map_err(|e| StartError::Io("start the resolver thread".into(), e))?;
     let upstreams: Vec<Vec<SocketAddr>> = runtimes
         .iter()
         .map(|l| l.pool.members().servers.iter().map(|s| s.addr).collect())
         .collect();
-    let bound = worker::bind_listeners(&config, &runtimes)?;
+    let bound = worker::bind_listeners(&config, &runtimes, |_, _| true, &mut inherited)?;
+    inherited.close_unclaimed();
     refuse_loops(&config, &upstreams, &bound.local_addrs)?;
     log_relay_cap(&config, nofile, relay_cap);
     check_pipe_size(&config);
@@ -86,10 +108,20 @@ pub fn start_with(config: Config, resolver: Arc<dyn Resolve>) -> Result<ProxyHan
         Arc::clone(&config),
         arena,
         bound.per_worker,
-        runtimes,
+        runtimes.clone(),
         handoff,
         relay_cap,
     )?;
+    let reloader = Reloader::new(reload::State::new(
+        Arc::clone(&config),
+        &runtimes,
+        &bound.local_addrs,
+        runtime.links(),
+        Arc::clone(&runtime.listeners),
+        Arc::clone(&runtime.stopping),
+        resolver,
+        refresher,
+    ));
     for (index, addr) in &bound.local_addrs {
         let listener = &config.listeners[*index];
         let servers: Vec<&str> = listener
@@ -133,7 +165,7 @@ pub fn start_with(config: Config, resolver: Arc<dyn Resolve>) -> Result<ProxyHan
     Ok(ProxyHandle {
         local_addrs,
         runtime,
-        _refresher: refresher,
+        reloader,
         #[cfg(feature = "admin")]
         admin,
     })
@@ -243,7 +275,7 @@ fn human_bytes(n: usize) -> String {
 /// bound address is a wildcard (`0.0.0.0`, `[::]`) of the same port and the
 /// upstream's IP is this host's: loopback, unspecified (which connects to
 /// loopback) or an interface address. A dual-stack `[::]` also takes IPv4.
-fn refuse_loops(
+pub(crate) fn refuse_loops(
     config: &Config,
     upstreams: &[Vec<SocketAddr>],
     bound: &[(usize, SocketAddr)],
@@ -344,12 +376,19 @@ fn bindv6only() -> bool {
 }
 
 impl ProxyHandle {
-    /// The address the first listener is bound to (useful with port 0).
+    /// Reloads the config from any thread (see [`Reloader::reload`]).
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
+    }
+
+    /// The address the first listener was bound to at start (useful with
+    /// port 0); [`Reloader::local_addrs`] has those in force after a reload.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addrs[0]
     }
 
-    /// Every bound address, in config order (a listener may have several).
+    /// Every address bound at start, in config order (a listener may have
+    /// several).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
     }

@@ -7,7 +7,7 @@
 //! relay take the same path inside a worker.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -83,7 +83,7 @@ impl Controller {
 /// ```
 pub struct Runtime {
     workers: Vec<WorkerHandle>,
-    listeners: Vec<Arc<Listener>>,
+    pub(crate) listeners: Arc<Mutex<ListenerSet>>,
     pub(crate) handoff_listener: Arc<Listener>,
     /// Round-robin over workers for handoffs.
     next_worker: AtomicUsize,
@@ -91,6 +91,15 @@ pub struct Runtime {
     pub(crate) copy_buffer_size: usize,
     /// The mapping every counter block lives in (the stats file).
     pub(crate) arena: Arc<Arena>,
+}
+
+/// The listeners whose counters the runtime reports; a reload changes it.
+#[derive(Debug, Default)]
+pub(crate) struct ListenerSet {
+    /// In config order.
+    pub(crate) current: Vec<Arc<Listener>>,
+    /// Removed by a reload; their counters still count in the totals.
+    pub(crate) retired: Vec<Arc<Listener>>,
 }
 
 /// Settings of a runtime started for handoffs; see [`Runtime::builder`].
@@ -200,7 +209,10 @@ impl Runtime {
         let listeners_len = listeners.len();
         let mut runtime = Runtime {
             workers: Vec::with_capacity(per_worker.len()),
-            listeners,
+            listeners: Arc::new(Mutex::new(ListenerSet {
+                current: listeners,
+                retired: Vec::new(),
+            })),
             handoff_listener: Arc::new(Listener::new(
                 HANDOFF_LISTENER,
                 handoff,
@@ -253,9 +265,11 @@ impl Runtime {
 
     /// Counters summed over all workers, listeners and handed-off pairs.
     pub fn stats(&self) -> Stats {
-        let listeners = self
-            .listeners
+        let set = self.listener_set();
+        let listeners = set
+            .current
             .iter()
+            .chain(&set.retired)
             .chain([&self.handoff_listener])
             .map(|l| l.stats());
         let workers = Stats::sum(self.workers.iter().map(|w| &*w.counters));
@@ -264,11 +278,21 @@ impl Runtime {
         listeners.fold(workers, |sum, l| sum + l)
     }
 
-    /// Each listener's counters (its relays, bytes and closes), in config
-    /// order; the worker-scoped counters (pipes, buffers, timers) are zero
+    /// Each listener's counters (its relays, bytes and closes), in the
+    /// order of the config in force; the worker-scoped counters (pipes, buffers, timers) are zero
     /// here and counted once in [`Runtime::stats`].
     pub fn listener_stats(&self) -> Vec<(ListenerId, Stats)> {
-        self.listeners.iter().map(|l| (l.id, l.stats())).collect()
+        let set = self.listener_set();
+        set.current.iter().map(|l| (l.id, l.stats())).collect()
+    }
+
+    fn listener_set(&self) -> std::sync::MutexGuard<'_, ListenerSet> {
+        self.listeners.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every worker's command link, for a reload.
+    pub(crate) fn links(&self) -> Vec<WorkerLink> {
+        self.workers.iter().map(|w| w.link.clone()).collect()
     }
 
     /// Every counter block, per worker and per listener, as the stats file

@@ -24,12 +24,12 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Waker};
 use slab::Slab;
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use socket2::SockRef;
 
 use crate::config::Config;
 use crate::control::{self, Command, Handoff, Shared, WorkerLink};
 use crate::engine::Pools;
-use crate::error::{Op, RelayError, Side, StartError};
+use crate::error::{Op, RelayError, Side};
 use crate::listener::{Admission, Listener, Refused};
 use crate::relay::report::Reporter;
 use crate::relay::{self, Accepted, Expiry, Next, Peer, Readiness, Relay};
@@ -43,7 +43,6 @@ use crate::upstream::{self, Connect, Round};
 const ACCEPT_BUDGET: usize = 128;
 /// How long accepting pauses after EMFILE/ENFILE.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
-const LISTEN_BACKLOG: i32 = 4096;
 /// What a relay's sockets are registered for. PRIORITY (EPOLLPRI) reports
 /// urgent data, at whose mark splice stalls.
 const RELAY_INTEREST: Interest = Interest::READABLE
@@ -58,6 +57,11 @@ const SLAB_KEEP: usize = 1024;
 const TIMER_SLACK: usize = 1024;
 /// At most one warning a second per worker for each kind of trouble.
 const WARN_EVERY: Duration = Duration::from_secs(1);
+
+mod bind;
+mod reload;
+
+pub(crate) use bind::{bind_listeners, Inherited};
 
 /// Relay ids are unique in the process, across workers.
 static NEXT_RELAY_ID: AtomicU64 = AtomicU64::new(1);
@@ -90,102 +94,10 @@ impl WarnLimit {
     }
 }
 
-/// Listeners bound for every worker, before any worker starts.
-pub(crate) struct Bound {
-    /// Every bound address with the index of its listener, in config order.
-    pub(crate) local_addrs: Vec<(usize, SocketAddr)>,
-    pub(crate) per_worker: Vec<Vec<(TcpListener, Arc<Listener>)>>,
-}
-
-/// Binds each listener address once per worker with SO_REUSEPORT, so the
-/// kernel spreads accepts. The first bind resolves port 0, the others reuse
-/// the concrete port.
-///
-/// SO_REUSEPORT alone would let a second spliced (or anything else that set
-/// it) share a port and take half its connections. So each address is first
-/// claimed by a probe socket without SO_REUSEPORT: its bind fails with
-/// EADDRINUSE while any other process listens there, whatever options that
-/// process set. The probe stays bound, not listening, until the workers'
-/// sockets listen; SO_REUSEADDR on both lets them coexist.
-pub(crate) fn bind_listeners(
-    config: &Config,
-    runtimes: &[Arc<Listener>],
-) -> Result<Bound, StartError> {
-    let mut per_worker: Vec<Vec<_>> = (0..config.workers).map(|_| Vec::new()).collect();
-    let mut local_addrs = Vec::new();
-    for (index, (listener, runtime)) in config.listeners.iter().zip(runtimes).enumerate() {
-        let dual_family = listener.listen.iter().any(|a| a.is_ipv4());
-        for &asked in &listener.listen {
-            let fail = |e| StartError::Listen(asked, e);
-            let probe = match claim(asked, dual_family) {
-                Ok(probe) => probe,
-                Err(e)
-                    if asked.is_ipv6()
-                        && asked.ip().is_unspecified()
-                        && no_ipv6(&e)
-                        && dual_family =>
-                {
-                    tracing::warn!(address = %asked, error = %e, "IPv6 is not available here; listening on IPv4 only");
-                    continue;
-                }
-                Err(e) => return Err(fail(e)),
-            };
-            let addr = probe.local_addr().and_then(|a| {
-                a.as_socket()
-                    .ok_or_else(|| io::Error::other("bound address is not an IP address"))
-            });
-            let addr = addr.map_err(fail)?;
-            for sockets in per_worker.iter_mut() {
-                let socket = bind_one(addr, dual_family).map_err(fail)?;
-                sockets.push((socket, Arc::clone(runtime)));
-            }
-            local_addrs.push((index, addr));
-        }
-    }
-    Ok(Bound {
-        local_addrs,
-        per_worker,
-    })
-}
-
-fn new_socket(addr: SocketAddr, v6_only: bool) -> io::Result<Socket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    if addr.is_ipv6() && v6_only {
-        // Beside an IPv4 address of the same listener, `[::]` must not claim
-        // IPv4 too, or the two binds would collide.
-        socket.set_only_v6(true)?;
-    }
-    socket.set_reuse_address(true)?;
-    socket.set_cloexec(true)?;
-    Ok(socket)
-}
-
-/// Binds without SO_REUSEPORT to find out whether the address is free.
-fn claim(addr: SocketAddr, v6_only: bool) -> io::Result<Socket> {
-    let socket = new_socket(addr, v6_only)?;
-    socket.bind(&addr.into())?;
-    Ok(socket)
-}
-
-fn bind_one(addr: SocketAddr, v6_only: bool) -> io::Result<TcpListener> {
-    let socket = new_socket(addr, v6_only)?;
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(LISTEN_BACKLOG)?;
-    Ok(TcpListener::from_std(socket.into()))
-}
-
-/// The host has no IPv6 (disabled, or no such address family).
-fn no_ipv6(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
-    )
-}
-
 struct ListenerSlot {
     socket: Option<TcpListener>,
+    /// The address the socket is bound to, by which a reload names it.
+    addr: Option<SocketAddr>,
     runtime: Arc<Listener>,
     /// Stopped by the accept budget with connections possibly left.
     backlog: bool,
@@ -214,6 +126,8 @@ pub(crate) struct Worker {
     refusal_warnings: WarnLimit,
     drain_deadline: Option<Instant>,
     draining: bool,
+    /// Listeners a reload removed whose relays close at the deadline.
+    retiring: Vec<(crate::listener::ListenerId, Instant)>,
     /// Most relays in all workers together; past it, clients wait in the
     /// backlog (see `proxy::relay_cap`).
     relay_cap: usize,
@@ -239,6 +153,7 @@ impl Worker {
             poll.registry()
                 .register(&mut socket, token::listener(i), Interest::READABLE)?;
             slots.push(ListenerSlot {
+                addr: socket.local_addr().ok(),
                 socket: Some(socket),
                 runtime,
                 backlog: false,
@@ -264,6 +179,7 @@ impl Worker {
             refusal_warnings: WarnLimit::default(),
             drain_deadline: None,
             draining: false,
+            retiring: Vec::new(),
             relay_cap,
         })
     }
@@ -320,6 +236,7 @@ impl Worker {
         ]
         .into_iter()
         .chain(self.listeners.iter().map(|l| l.full_until))
+        .chain(self.retiring.iter().map(|&(_, at)| Some(at)))
         .flatten()
         .min()
         .map(|at| at.saturating_duration_since(now))
@@ -968,8 +885,10 @@ impl Worker {
                 Command::Drain => self.start_draining(now),
                 Command::Handoff(mut handoff) => self.take_handoff(&mut handoff, now),
                 Command::AbortRelay { id, reporter } => self.abort_relay(id, &reporter, now),
+                Command::Reload(reload) => self.reload(*reload, now),
             }
         }
+        self.close_retired(now);
         if self.draining {
             if self.drain_deadline.is_some_and(|t| t <= now) {
                 self.close_all(now);
@@ -984,7 +903,11 @@ impl Worker {
             self.draining = true;
             for slot in &mut self.listeners {
                 // Dropping the socket stops accepting; queued SYNs are refused.
-                slot.socket = None;
+                // Deregistered first: another descriptor of the same socket
+                // (an inherited one) would keep it in the epoll set.
+                if let Some(mut socket) = slot.socket.take() {
+                    let _ = self.poll.registry().deregister(&mut socket);
+                }
                 slot.backlog = false;
             }
             self.drain_deadline = self.config.drain_timeout.and_then(|d| now.checked_add(d));

@@ -389,7 +389,7 @@ fn second_signal_exits_at_once(mode: Mode) {
 }
 
 #[test]
-fn sighup_is_logged_and_ignored() {
+fn sighup_without_a_config_file_keeps_serving() {
     let up = echo_server();
     let addr = up.addr.to_string();
     let mut proxy = Spliced::run(&["--upstream", &addr]);
@@ -397,15 +397,21 @@ fn sighup_is_logged_and_ignored() {
     round_trip(&mut before, b"before", Duration::from_secs(5));
 
     proxy.signal(Signal::SIGHUP);
-    wait_until(Duration::from_secs(5), "SIGHUP is logged", || {
-        proxy.try_wait().is_none()
-            && proxy.logs().iter().any(|l| {
-                l.contains("WARN")
-                    && l.contains(
-                        "SIGHUP received; configuration reload is not supported yet, ignoring",
-                    )
-            })
-    });
+    wait_until(
+        Duration::from_secs(5),
+        "the refused reload is logged",
+        || {
+            proxy.try_wait().is_none()
+                && proxy.logs().iter().any(|l| {
+                    l.contains("ERROR")
+                        && l.contains("started without --config: there is no file to re-read")
+                })
+                && proxy
+                    .logs()
+                    .iter()
+                    .any(|l| l.contains("reload refused; still serving the previous config"))
+        },
+    );
     assert!(proxy.try_wait().is_none(), "SIGHUP ended the process");
     // Both the live relay and a new one still work.
     round_trip(&mut before, b"after", Duration::from_secs(5));

@@ -93,7 +93,7 @@ impl Default for Timeouts {
 
 /// One listener: the addresses it accepts on, who may connect, and the
 /// pool its connections go to.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ListenerConfig {
     /// Unique within a config; names the listener in log lines.
     pub name: String,

@@ -282,8 +282,8 @@ impl Drop for Arena {
     }
 }
 
-/// A block of its own, outside any runtime (for unit tests of the users).
-#[cfg(test)]
+/// A block of its own in anonymous memory, outside the stats file: for a
+/// listener a reload added, and for unit tests.
 pub(crate) fn detached_block() -> Block {
     Arena::new(1, &[], None).worker_block(0)
 }

@@ -10,11 +10,14 @@
 //! - [`netns::enter`]: setns(2) into a network namespace (the bench's veth paths).
 //! - [`shared`]: a mapping as atomic words, and counter blocks placed in it
 //!   (the stats file the workers write directly).
+//! - [`activation::take_inherited`]: the listening sockets a service manager
+//!   passed (`LISTEN_FDS`), owned.
 //!
 //! Every libc call goes through [`syscall!`], which turns `-1` into
 //! `io::Error::last_os_error()`, so nothing outside sees a raw return code.
 #![allow(unsafe_code)]
 
+pub mod activation;
 #[cfg(feature = "cli")]
 pub mod netns;
 pub(crate) mod shared;

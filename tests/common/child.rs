@@ -74,9 +74,17 @@ impl Spliced {
     }
 
     /// Spawns `cmd` and waits for its `listening on ADDR` line.
-    pub fn spawn(mut cmd: Command) -> Spliced {
-        // Stats files of test children stay out of /run; a test that reads
-        // one sets its own directory.
+    pub fn spawn(cmd: Command) -> Spliced {
+        let mut me = Spliced::spawn_unready(cmd);
+        me.wait_listening();
+        me
+    }
+
+    /// Spawns `cmd` without waiting for anything (`addr` stays 0.0.0.0:0):
+    /// for a process that starts listening only later, or never.
+    pub fn spawn_unready(mut cmd: Command) -> Spliced {
+        // Stats and pid files of test children stay out of /run; a test
+        // that reads one sets its own directory.
         if !cmd.get_envs().any(|(k, _)| k == "RUNTIME_DIRECTORY") {
             cmd.env(
                 "RUNTIME_DIRECTORY",
@@ -101,17 +109,22 @@ impl Spliced {
                 }
             })
         };
-        let mut me = Spliced {
+        Spliced {
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
             logs,
             reader: Some(reader),
-        };
+        }
+    }
+
+    /// Waits for the `listening on ADDR` line and keeps ADDR.
+    fn wait_listening(&mut self) {
+        let me = self;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(addr) = me.logs().iter().find_map(|l| parse_listening(l)) {
                 me.addr = addr;
-                return me;
+                return;
             }
             if let Ok(Some(status)) = me.child.try_wait() {
                 // Let the reader collect the last lines.

@@ -1,0 +1,146 @@
+//! `spliced run` from start to exit, and `spliced reload`.
+//!
+//! Start: bind (or adopt systemd's sockets), write the pid file, drop root
+//! if `--user` asks, then tell systemd READY. SIGHUP re-reads the config
+//! file and reloads (RELOADING, then READY whatever the outcome). The
+//! first SIGTERM/SIGINT drains (STOPPING), a second one exits at once.
+
+use std::process::ExitCode;
+
+use spliced::config::Config;
+use spliced::service::{self, Notify, PidFile};
+use spliced::Reloader;
+
+use super::fail;
+
+/// Runs the proxy until it has drained. `reread` gives the config file
+/// anew, or every problem in it, one a line.
+pub(super) fn run(
+    config: Config,
+    name: &str,
+    user: Option<&str>,
+    reread: impl Fn() -> Result<Config, Vec<String>> + Send + 'static,
+) -> ExitCode {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    // Installed before anything starts, so an early SIGHUP cannot end the
+    // process by its default action.
+    let signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]);
+    let mut signals = match signals {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("cannot install signal handlers: {e}")),
+    };
+    let handle = match spliced::start_activated(config) {
+        Ok(h) => h,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let pid_file = match PidFile::create(name) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(error = %e, "no pid file: 'spliced reload --name {name}' cannot find this instance (SIGHUP still reloads)");
+            None
+        }
+    };
+    if let Some(user) = user {
+        // Without the file, the user could not remove it at exit.
+        let stats_file = handle.runtime().stats_file().map(|p| p.to_path_buf());
+        let give_pid_file = |uid, gid| {
+            if let Some(p) = &pid_file {
+                if let Err(e) = p.chown(uid, gid) {
+                    tracing::warn!(path = %p.path().display(), error = %e, "cannot give the pid file to {user}; it stays behind at exit");
+                }
+            }
+            if let Some(path) = &stats_file {
+                if let Err(e) = nix::unistd::chown(path, Some(uid), Some(gid)) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot give the stats file to {user}; it stays behind at exit");
+                }
+            }
+        };
+        match service::drop_privileges(user, give_pid_file) {
+            Ok((uid, gid)) => {
+                tracing::info!(user, %uid, %gid, "dropped root: running as {user}");
+            }
+            Err(e) => {
+                handle.abort();
+                return fail(&e);
+            }
+        }
+    }
+    let controller = handle.controller();
+    let reloader = handle.reloader();
+    service::notify(Notify::Ready, "serving");
+    std::thread::spawn(move || {
+        let mut seen = 0;
+        for signal in signals.forever() {
+            if signal == SIGHUP {
+                reload(&reloader, &reread);
+                continue;
+            }
+            seen += 1;
+            if seen == 1 {
+                service::notify(Notify::Stopping, "draining");
+                tracing::info!(signal, "stopping: no new connections; draining live relays");
+                controller.shutdown();
+            } else {
+                tracing::warn!(signal, "second signal: exiting now");
+                std::process::exit(1);
+            }
+        }
+    });
+    handle.join();
+    drop(pid_file);
+    tracing::info!("all relays closed; exiting");
+    ExitCode::SUCCESS
+}
+
+/// One reload: every problem is logged and the old config keeps serving,
+/// or the new listeners take over. systemd hears RELOADING, then READY.
+fn reload(reloader: &Reloader, reread: &dyn Fn() -> Result<Config, Vec<String>>) {
+    service::notify(Notify::Reloading, "reloading");
+    tracing::info!("SIGHUP: re-reading the config");
+    let outcome =
+        reread().and_then(|config| reloader.reload(config).map_err(|e| vec![e.to_string()]));
+    match outcome {
+        Ok(report) => {
+            tracing::info!(
+                added = report.added.len(),
+                removed = report.removed.len(),
+                changed = report.changed.len(),
+                "config reloaded"
+            );
+            service::notify(Notify::Ready, "serving; last reload succeeded");
+        }
+        Err(problems) => {
+            for p in &problems {
+                tracing::error!("reload: {p}");
+            }
+            tracing::error!(
+                problems = problems.len(),
+                "reload refused; still serving the previous config"
+            );
+            service::notify(Notify::Ready, "serving; last reload failed (see the log)");
+        }
+    }
+}
+
+/// `spliced reload --name NAME`: SIGHUP to the pid in NAME's pid file. The
+/// outcome is in that instance's log.
+pub(super) fn signal_reload(name: &str) -> ExitCode {
+    let pid = match service::read_pid(name) {
+        Ok(pid) => pid,
+        Err(e) => {
+            return fail(&format!(
+                "no running instance named '{name}' found: cannot read its pid file: {e}"
+            ))
+        }
+    };
+    let target = nix::unistd::Pid::from_raw(pid);
+    match nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGHUP) {
+        Ok(()) => {
+            println!("spliced: sent SIGHUP to '{name}' (pid {pid}); its log tells whether the reload succeeded");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!(
+            "cannot signal '{name}' (pid {pid} from its pid file): {e}"
+        )),
+    }
+}

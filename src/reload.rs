@@ -1,0 +1,573 @@
+//! Reloading a running proxy's config without dropping a connection.
+//!
+//! A reload is worked out first and carried out only if every step that
+//! can fail succeeds: the new config is validated, its names resolved,
+//! its new addresses bound and checked for loops while the old listeners
+//! go on serving. Only then is each worker told, in one command, which
+//! sockets to keep (with which listener's settings), close and add.
+//!
+//! Sockets are matched by the address the config asks for, listeners by
+//! name:
+//! - an address in both configs keeps its socket, so no client is refused;
+//! - a listener with the same name keeps its id, counters and live count
+//!   (one max-conns over old and new relays); when its settings changed,
+//!   new connections get the new settings and pool, while relays accepted
+//!   before keep the ones they started with;
+//! - a listener gone from the config stops accepting; its relays finish
+//!   within the drain timeout;
+//! - process-wide settings (workers, pipes, relay cap, drain timeout) stay
+//!   as they were: they need a restart, and the reload says so.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::config::{Config, ListenerConfig};
+use crate::control::{Command, WorkerLink, WorkerReload};
+use crate::error::StartError;
+use crate::listener::{Listener, ListenerId};
+use crate::runtime::ListenerSet;
+use crate::upstream::resolve::Refresher;
+use crate::upstream::Resolve;
+use crate::worker::{self, Inherited};
+
+/// What a successful reload changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Listeners new in this config.
+    pub added: Vec<String>,
+    /// Listeners gone; they drain.
+    pub removed: Vec<String>,
+    /// Listeners whose settings changed (for new connections).
+    pub changed: Vec<String>,
+    /// Newly bound addresses, with their listener's name.
+    pub bound: Vec<(String, SocketAddr)>,
+    /// Addresses no longer listened on.
+    pub closed: Vec<SocketAddr>,
+    /// Process-wide settings that differ but keep their old value until
+    /// a restart.
+    pub need_restart: Vec<&'static str>,
+}
+
+/// Reloads a running proxy from any thread; cloneable. Reloads are
+/// serialised: one runs at a time.
+#[derive(Clone)]
+pub struct Reloader {
+    state: Arc<Mutex<State>>,
+}
+
+/// A listener in force and its sockets: (asked address, bound address).
+struct Active {
+    listener: Arc<Listener>,
+    sockets: Vec<(SocketAddr, SocketAddr)>,
+}
+
+pub(crate) struct State {
+    config: Arc<Config>,
+    active: Vec<Active>,
+    links: Vec<WorkerLink>,
+    set: Arc<Mutex<ListenerSet>>,
+    stopping: Arc<AtomicBool>,
+    resolver: Arc<dyn Resolve>,
+    refresher: Option<Refresher>,
+    next_id: u32,
+}
+
+/// What becomes of each new listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fate {
+    /// The same settings: the running listener goes on as it is.
+    Same(usize),
+    /// Same name, new settings: a successor of old listener `i`.
+    Changed(usize),
+    /// A name the old config did not have.
+    New,
+}
+
+/// A reload worked out from the old listeners and sockets and the new
+/// config, before anything changes. Indices are into the old `Active`
+/// list and the new config's listeners.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Plan {
+    fates: Vec<Fate>,
+    /// (new listener, asked address) to bind.
+    bind: Vec<(usize, SocketAddr)>,
+    /// (new listener, asked, bound): sockets that stay.
+    keep: Vec<(usize, SocketAddr, SocketAddr)>,
+    /// Bound addresses to close.
+    close: Vec<SocketAddr>,
+    /// Old listeners gone.
+    removed: Vec<usize>,
+}
+
+/// Pure: which listeners and sockets stay, change, come and go.
+/// `old` is each old listener's settings and (asked, bound) sockets.
+fn plan(old: &[(&ListenerConfig, &[(SocketAddr, SocketAddr)])], new: &[ListenerConfig]) -> Plan {
+    let mut p = Plan::default();
+    let mut used = vec![false; old.iter().map(|(_, s)| s.len()).sum()];
+    let sockets: Vec<(SocketAddr, SocketAddr)> =
+        old.iter().flat_map(|(_, s)| s.iter().copied()).collect();
+    for (i, l) in new.iter().enumerate() {
+        p.fates
+            .push(match old.iter().position(|(o, _)| o.name == l.name) {
+                Some(j) if *old[j].0 == *l => Fate::Same(j),
+                Some(j) => Fate::Changed(j),
+                None => Fate::New,
+            });
+        for &asked in &l.listen {
+            // The address asked before, or (for one asked as port 0) the
+            // one it got.
+            let same =
+                |k: usize| sockets[k].0 == asked || (asked.port() != 0 && sockets[k].1 == asked);
+            let kept = (0..sockets.len())
+                .find(|&k| !used[k] && sockets[k].0 == asked)
+                .or_else(|| (0..sockets.len()).find(|&k| !used[k] && same(k)));
+            match kept {
+                Some(k) => {
+                    used[k] = true;
+                    p.keep.push((i, asked, sockets[k].1));
+                }
+                None => p.bind.push((i, asked)),
+            }
+        }
+    }
+    p.close = (0..sockets.len())
+        .filter(|&k| !used[k])
+        .map(|k| sockets[k].1)
+        .collect();
+    p.removed = (0..old.len())
+        .filter(|&j| !new.iter().any(|l| l.name == old[j].0.name))
+        .collect();
+    p
+}
+
+/// Process-wide settings that differ between `old` and `new`.
+fn restart_settings(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut check = |differs: bool, name| {
+        if differs {
+            out.push(name);
+        }
+    };
+    check(old.workers != new.workers, "workers");
+    check(old.pipe_size != new.pipe_size, "pipe-size");
+    check(
+        old.max_pipes_per_worker != new.max_pipes_per_worker,
+        "max-pipes",
+    );
+    check(
+        old.max_idle_pipes_per_worker != new.max_idle_pipes_per_worker,
+        "max-idle-pipes",
+    );
+    check(old.pipe_budget != new.pipe_budget, "pipe-budget");
+    check(old.copy_buffer_size != new.copy_buffer_size, "copy-buffer");
+    check(old.max_relays != new.max_relays, "max-conns (global)");
+    check(old.drain_timeout != new.drain_timeout, "drain-timeout");
+    out
+}
+
+impl State {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        config: Arc<Config>,
+        listeners: &[Arc<Listener>],
+        bound: &[(usize, SocketAddr)],
+        links: Vec<WorkerLink>,
+        set: Arc<Mutex<ListenerSet>>,
+        stopping: Arc<AtomicBool>,
+        resolver: Arc<dyn Resolve>,
+        refresher: Option<Refresher>,
+    ) -> State {
+        let active = listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| Active {
+                listener: Arc::clone(l),
+                sockets: pair_asked(&l.config, bound.iter().filter(|b| b.0 == i)),
+            })
+            .collect();
+        State {
+            next_id: listeners.len() as u32,
+            config,
+            active,
+            links,
+            set,
+            stopping,
+            resolver,
+            refresher,
+        }
+    }
+}
+
+/// Pairs a listener's asked addresses with its bound ones, which
+/// `bind_listeners` gives in the same order (an asked `[::]` without IPv6
+/// has no bound address and is left out).
+fn pair_asked<'a>(
+    config: &ListenerConfig,
+    bound: impl Iterator<Item = &'a (usize, SocketAddr)>,
+) -> Vec<(SocketAddr, SocketAddr)> {
+    let mut asked = config.listen.iter().copied();
+    let mut out = Vec::new();
+    for &(_, b) in bound {
+        for a in asked.by_ref() {
+            if same_family_and_port(a, b) {
+                out.push((a, b));
+                break;
+            }
+        }
+    }
+    out
+}
+
+fn same_family_and_port(asked: SocketAddr, bound: SocketAddr) -> bool {
+    asked.is_ipv4() == bound.is_ipv4() && (asked.port() == 0 || asked.port() == bound.port())
+}
+
+impl Reloader {
+    pub(crate) fn new(state: State) -> Reloader {
+        Reloader {
+            state: Arc::new(Mutex::new(state)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every address listened on now, with its listener's name, in config
+    /// order.
+    pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
+        let state = self.lock();
+        state
+            .active
+            .iter()
+            .flat_map(|a| {
+                let name = &a.listener.config.name;
+                a.sockets.iter().map(move |&(_, b)| (name.clone(), b))
+            })
+            .collect()
+    }
+
+    /// Replaces the listeners by those of `config` (see the module doc).
+    /// On error nothing changed: the old listeners go on serving.
+    pub fn reload(&self, config: Config) -> Result<ReloadReport, StartError> {
+        config.validate().map_err(StartError::Config)?;
+        if let Some(what) = config.unsupported() {
+            return Err(StartError::Config(what));
+        }
+        let mut state = self.lock();
+        if state.stopping.load(Ordering::Relaxed) {
+            return Err(StartError::Io(
+                "reload".into(),
+                io::Error::other("the proxy is stopping"),
+            ));
+        }
+        let mut report = ReloadReport {
+            need_restart: restart_settings(&state.config, &config),
+            ..ReloadReport::default()
+        };
+        // Process-wide settings stay; only the listeners are new.
+        let mut effective = (*state.config).clone();
+        effective.listeners = config.listeners;
+        let old: Vec<_> = state
+            .active
+            .iter()
+            .map(|a| (&a.listener.config, a.sockets.as_slice()))
+            .collect();
+        let plan = plan(&old, &effective.listeners);
+        let mut next_id = state.next_id;
+        let listeners: Vec<Arc<Listener>> = effective
+            .listeners
+            .iter()
+            .zip(&plan.fates)
+            .map(|(l, fate)| match *fate {
+                Fate::Same(j) => Arc::clone(&state.active[j].listener),
+                Fate::Changed(j) => Arc::new(state.active[j].listener.successor(l.clone())),
+                Fate::New => {
+                    next_id += 1;
+                    // Listeners added by a reload count in memory of their
+                    // own: the stats file holds the ones it started with.
+                    let blocks = (0..effective.workers.max(1))
+                        .map(|_| crate::shm::detached_block())
+                        .collect();
+                    Arc::new(Listener::new(ListenerId(next_id - 1), l.clone(), blocks))
+                }
+            })
+            .collect();
+        let refresher = crate::upstream::resolve::start(&listeners, Arc::clone(&state.resolver))
+            .map_err(|e| StartError::Io("start the resolver thread".into(), e))?;
+        let mut bound = worker::bind_listeners(
+            &effective,
+            &listeners,
+            |i, a| plan.bind.contains(&(i, a)),
+            &mut Inherited::default(),
+        )?;
+        let mut all_bound: Vec<(usize, SocketAddr)> =
+            plan.keep.iter().map(|&(i, _, b)| (i, b)).collect();
+        all_bound.extend(&bound.local_addrs);
+        let upstreams: Vec<Vec<SocketAddr>> = listeners
+            .iter()
+            .map(|l| l.pool.members().servers.iter().map(|s| s.addr).collect())
+            .collect();
+        crate::proxy::refuse_loops(&effective, &upstreams, &all_bound)?;
+
+        // Nothing can fail from here on.
+        let deadline = effective
+            .drain_timeout
+            .and_then(|d| Instant::now().checked_add(d));
+        let retire: Vec<(ListenerId, Option<Instant>)> = plan
+            .removed
+            .iter()
+            .map(|&j| (state.active[j].listener.id, deadline))
+            .collect();
+        let (applied, acks) = std::sync::mpsc::channel();
+        let mut told = 0;
+        for (w, link) in state.links.iter().enumerate() {
+            let command = WorkerReload {
+                retarget: plan
+                    .keep
+                    .iter()
+                    .map(|&(i, _, b)| (b, Arc::clone(&listeners[i])))
+                    .collect(),
+                close: plan.close.clone(),
+                add: std::mem::take(&mut bound.per_worker[w]),
+                retire: retire.clone(),
+                applied: Some(applied.clone()),
+            };
+            // A worker that already exited has nothing to change.
+            if link.send(Command::Reload(Box::new(command))).is_ok() {
+                told += 1;
+            }
+        }
+        drop(applied);
+        wait_applied(&acks, told);
+        let mut active: Vec<Active> = listeners
+            .iter()
+            .map(|l| Active {
+                listener: Arc::clone(l),
+                sockets: Vec::new(),
+            })
+            .collect();
+        for &(i, asked, b) in &plan.keep {
+            active[i].sockets.push((asked, b));
+        }
+        for (i, sockets) in active.iter_mut().enumerate() {
+            let fresh = bound.local_addrs.iter().filter(|b| b.0 == i);
+            let asked_left = ListenerConfig {
+                listen: plan.bind.iter().filter(|b| b.0 == i).map(|b| b.1).collect(),
+                ..effective.listeners[i].clone()
+            };
+            sockets.sockets.extend(pair_asked(&asked_left, fresh));
+        }
+        for (i, fate) in plan.fates.iter().enumerate() {
+            let name = effective.listeners[i].name.clone();
+            match fate {
+                Fate::New => report.added.push(name),
+                Fate::Changed(_) => report.changed.push(name),
+                Fate::Same(_) => {}
+            }
+        }
+        for &j in &plan.removed {
+            report
+                .removed
+                .push(state.active[j].listener.config.name.clone());
+        }
+        report.bound = bound
+            .local_addrs
+            .iter()
+            .map(|&(i, a)| (effective.listeners[i].name.clone(), a))
+            .collect();
+        report.closed = plan.close.clone();
+        {
+            let mut set = state.set.lock().unwrap_or_else(|p| p.into_inner());
+            for &j in &plan.removed {
+                set.retired.push(Arc::clone(&state.active[j].listener));
+            }
+            set.current = listeners.clone();
+        }
+        state.active = active;
+        state.config = Arc::new(effective);
+        state.refresher = refresher;
+        state.next_id = next_id;
+        report.log();
+        Ok(report)
+    }
+}
+
+/// Waits until `told` workers applied the reload (a worker between two
+/// polls answers within one loop iteration). A worker that exits first
+/// drops its sender instead.
+fn wait_applied(acks: &std::sync::mpsc::Receiver<()>, told: usize) {
+    let deadline = Instant::now() + APPLY_WAIT;
+    for _ in 0..told {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match acks.recv_timeout(left) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                tracing::warn!(
+                    "internal: a worker has not applied the reload within {} s; it will when its loop turns",
+                    APPLY_WAIT.as_secs()
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// How long a reload waits for the workers to take it.
+const APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl ReloadReport {
+    /// One line per change, in the words of the start-up lines.
+    fn log(&self) {
+        for (name, addr) in &self.bound {
+            tracing::info!(listener = %name, "listening on {addr}");
+        }
+        for addr in &self.closed {
+            tracing::info!("stopped listening on {addr}; relays accepted there carry on");
+        }
+        for name in &self.changed {
+            tracing::info!(listener = %name, "new settings apply to new connections; live relays keep theirs");
+        }
+        for name in &self.removed {
+            tracing::info!(listener = %name, "listener removed; its relays drain");
+        }
+        for setting in &self.need_restart {
+            tracing::warn!(setting, "{setting} changed in the config but takes effect only after a restart; keeping the running value");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Mode;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn listener(name: &str, listen: &[&str], upstream: &str) -> ListenerConfig {
+        let mut l = ListenerConfig::new(addr(listen[0]), vec![addr(upstream)], Mode::Splice);
+        l.name = name.into();
+        l.listen = listen.iter().map(|a| addr(a)).collect();
+        l
+    }
+
+    /// The old side of a plan: each listener bound where it asked.
+    fn bound(ls: &[ListenerConfig]) -> Vec<Vec<(SocketAddr, SocketAddr)>> {
+        ls.iter()
+            .map(|l| l.listen.iter().map(|&a| (a, a)).collect())
+            .collect()
+    }
+
+    fn plan_of(old: &[ListenerConfig], new: &[ListenerConfig]) -> Plan {
+        let sockets = bound(old);
+        let old: Vec<_> = old
+            .iter()
+            .zip(&sockets)
+            .map(|(l, s)| (l, s.as_slice()))
+            .collect();
+        plan(&old, new)
+    }
+
+    #[test]
+    fn the_same_config_keeps_everything() {
+        let a = listener("a", &["127.0.0.1:7000", "127.0.0.1:7001"], "127.0.0.1:5432");
+        let p = plan_of(std::slice::from_ref(&a), std::slice::from_ref(&a));
+        assert_eq!(p.fates, vec![Fate::Same(0)]);
+        assert!(p.bind.is_empty() && p.close.is_empty() && p.removed.is_empty());
+        assert_eq!(p.keep.len(), 2);
+    }
+
+    #[test]
+    fn new_settings_keep_the_sockets() {
+        let a = listener("a", &["127.0.0.1:7000"], "127.0.0.1:5432");
+        let mut b = a.clone();
+        b.set_upstreams(&[addr("127.0.0.1:5433")]);
+        b.max_conns = Some(3);
+        let p = plan_of(&[a], &[b]);
+        assert_eq!(p.fates, vec![Fate::Changed(0)]);
+        assert_eq!(
+            p.keep,
+            vec![(0, addr("127.0.0.1:7000"), addr("127.0.0.1:7000"))]
+        );
+        assert!(p.bind.is_empty() && p.close.is_empty());
+    }
+
+    #[test]
+    fn a_moved_address_binds_the_new_and_closes_the_old() {
+        let a = listener("a", &["127.0.0.1:7000", "127.0.0.1:7001"], "127.0.0.1:5432");
+        let b = listener("a", &["127.0.0.1:7001", "127.0.0.1:7002"], "127.0.0.1:5432");
+        let p = plan_of(&[a], &[b]);
+        assert_eq!(p.fates, vec![Fate::Changed(0)]);
+        assert_eq!(p.bind, vec![(0, addr("127.0.0.1:7002"))]);
+        assert_eq!(p.close, vec![addr("127.0.0.1:7000")]);
+    }
+
+    #[test]
+    fn added_and_removed_listeners() {
+        let a = listener("a", &["127.0.0.1:7000"], "127.0.0.1:5432");
+        let b = listener("b", &["127.0.0.1:7001"], "127.0.0.1:5432");
+        let c = listener("c", &["127.0.0.1:7002"], "127.0.0.1:5432");
+        let p = plan_of(&[a.clone(), b], &[c, a]);
+        assert_eq!(p.fates, vec![Fate::New, Fate::Same(0)]);
+        assert_eq!(p.removed, vec![1]);
+        assert_eq!(p.bind, vec![(0, addr("127.0.0.1:7002"))]);
+        assert_eq!(p.close, vec![addr("127.0.0.1:7001")]);
+    }
+
+    #[test]
+    fn an_address_passed_to_another_listener_keeps_its_socket() {
+        // Renaming a listener: the address never stops accepting.
+        let a = listener("old", &["127.0.0.1:7000"], "127.0.0.1:5432");
+        let b = listener("new", &["127.0.0.1:7000"], "127.0.0.1:5432");
+        let p = plan_of(&[a], &[b]);
+        assert_eq!(p.fates, vec![Fate::New]);
+        assert_eq!(p.removed, vec![0]);
+        assert_eq!(p.keep.len(), 1);
+        assert!(p.bind.is_empty() && p.close.is_empty());
+    }
+
+    #[test]
+    fn a_port_zero_socket_is_kept_under_the_port_it_got() {
+        let a = listener("a", &["127.0.0.1:0"], "127.0.0.1:5432");
+        let b = listener("a", &["127.0.0.1:40000"], "127.0.0.1:5432");
+        let sockets = [(addr("127.0.0.1:0"), addr("127.0.0.1:40000"))];
+        let p = plan(&[(&a, &sockets)], &[b]);
+        assert_eq!(
+            p.keep,
+            vec![(0, addr("127.0.0.1:40000"), addr("127.0.0.1:40000"))]
+        );
+        assert!(p.bind.is_empty() && p.close.is_empty());
+    }
+
+    #[test]
+    fn process_settings_need_a_restart() {
+        let old = Config::single(addr("127.0.0.1:1"), vec![], Mode::Splice);
+        let mut new = old.clone();
+        assert!(restart_settings(&old, &new).is_empty());
+        new.workers += 1;
+        new.drain_timeout = None;
+        assert_eq!(
+            restart_settings(&old, &new),
+            vec!["workers", "drain-timeout"]
+        );
+    }
+
+    #[test]
+    fn asked_addresses_pair_with_bound_ones_in_order() {
+        let l = listener("a", &["127.0.0.1:0", "[::1]:0"], "127.0.0.1:5432");
+        let bound = [(0, addr("127.0.0.1:40000")), (0, addr("[::1]:40001"))];
+        assert_eq!(
+            pair_asked(&l, bound.iter()),
+            vec![
+                (addr("127.0.0.1:0"), addr("127.0.0.1:40000")),
+                (addr("[::1]:0"), addr("[::1]:40001"))
+            ]
+        );
+    }
+}
