@@ -38,11 +38,12 @@ pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
 
 /// [`start`] with server names resolved by `resolver`: once now, then on a
 /// background thread every `resolve-interval`.
-pub fn start_with(config: Config, resolver: Arc<dyn Resolve>) -> Result<ProxyHandle, StartError> {
+pub fn start_with(
+    mut config: Config,
+    resolver: Arc<dyn Resolve>,
+) -> Result<ProxyHandle, StartError> {
     config.validate().map_err(StartError::Config)?;
-    if let Some(what) = config.unsupported() {
-        return Err(StartError::Config(what));
-    }
+    config.load_secrets().map_err(StartError::Config)?;
     let nofile = crate::sys::raise_nofile_limit();
     let relay_cap = relay_cap(&config, nofile);
     let config = Arc::new(config);

@@ -32,13 +32,6 @@ pub(super) fn read_pool(cx: &mut Cx, v: &Value<'_>, path: &str) -> Option<PoolCo
             "retries" => pool.retries = cx.uint(v, &key, 0, 1000).map(|n| n as usize),
             "on-down" => {
                 if let Some(o) = cx.choice(v, &key, OnDown::parse, OnDown::CHOICES) {
-                    if o == OnDown::Kill {
-                        cx.unsupported(
-                            &v.span(),
-                            &key,
-                            "resetting a down server's relays (on-down = \"kill\")",
-                        );
-                    }
                     pool.on_down = o;
                 }
             }
@@ -49,9 +42,6 @@ pub(super) fn read_pool(cx: &mut Cx, v: &Value<'_>, path: &str) -> Option<PoolCo
             }
             "send-proxy" => {
                 if let Some(p) = cx.choice(v, &key, SendProxy::parse, SendProxy::CHOICES) {
-                    if p != SendProxy::None {
-                        cx.unsupported(&v.span(), &key, "sending PROXY headers (send-proxy)");
-                    }
                     pool.send_proxy = p;
                 }
             }
@@ -191,9 +181,6 @@ fn read_health(cx: &mut Cx, v: &Value<'_>, path: &str) -> Option<HealthConfig> {
         match name {
             "check" => {
                 h.check = cx.choice(v, &key, Check::parse, Check::CHOICES);
-                if h.check.is_some() {
-                    cx.unsupported(&v.span(), &key, "active health checking (health.check)");
-                }
             }
             "interval" => h.interval = cx.positive_duration(v, &key).unwrap_or(h.interval),
             "timeout" => h.timeout = cx.positive_duration(v, &key).unwrap_or(h.timeout),

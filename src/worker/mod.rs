@@ -735,7 +735,7 @@ impl Worker {
         match outcome {
             Connect::Pending => {}
             Connect::Established => {
-                relay.round.succeeded(&relay.listener.pool);
+                relay.round.succeeded(&relay.listener.pool, now);
                 relay.upstream.set_nodelay();
                 relay.core.connected(now);
                 tracing::debug!(
@@ -750,7 +750,7 @@ impl Worker {
                 // The server accepted: this is a connection that reset, not
                 // a failed connect, so the client gets a reset too and no
                 // other server is tried.
-                relay.round.succeeded(&relay.listener.pool);
+                relay.round.succeeded(&relay.listener.pool, now);
                 relay.core.connected(now);
                 let e = RelayError::new(Side::Upstream, Op::Read, e);
                 self.close(key, CloseReason::UpstreamReset, Some(&e), now);
@@ -764,7 +764,7 @@ impl Worker {
         let relay = &mut self.relays[key];
         let (id, failed, listener) = (relay.id, relay.upstream_addr, Arc::clone(&relay.listener));
         let mut round = std::mem::replace(&mut relay.round, Round::empty());
-        round.failed(&listener.pool, now);
+        round.failed(&listener.pool, &error, now);
         let more = round.has_next(&listener.pool);
         if let Some(failed) = failed {
             self.connect_failed(id, &listener, failed, &error, more, now);
