@@ -166,10 +166,6 @@ impl Pool {
         self.downs.load(Ordering::Acquire)
     }
 
-    /// The listener's name, for log lines.
-    pub(crate) fn label(&self) -> &str {
-        &self.listener
-    }
 
     pub(crate) fn members(&self) -> Arc<Members> {
         Arc::clone(&self.members.read().unwrap_or_else(|p| p.into_inner()))

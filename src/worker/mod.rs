@@ -14,6 +14,9 @@
 //! cleared by WouldBlock, so any code that leaves bytes pending still gets
 //! the destination's next writable edge; nothing needs re-arming.
 
+mod health;
+mod preface;
+
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,11 +29,12 @@ use mio::{Events, Interest, Poll, Waker};
 use slab::Slab;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
-use crate::config::Config;
+use crate::config::{Config, SendProxy};
 use crate::control::{self, Command, Handoff, Shared, WorkerLink};
 use crate::engine::Pools;
 use crate::error::{Op, RelayError, Side, StartError};
-use crate::listener::{Admission, Listener, Refused};
+use crate::listener::{Admission, Listener, Refused, Reservation};
+use crate::proxy_protocol;
 use crate::relay::report::Reporter;
 use crate::relay::{self, Accepted, Expiry, Next, Peer, Readiness, Relay};
 use crate::stats::{CloseReason, CounterBlock};
@@ -216,6 +220,10 @@ pub(crate) struct Worker {
     /// Most relays in all workers together; past it, clients wait in the
     /// backlog (see `proxy::relay_cap`).
     relay_cap: usize,
+    /// Active health probes this worker runs.
+    checks: health::Checks,
+    /// Clients read before their relay starts, and cancel requests.
+    prefaces: preface::Prefaces,
 }
 
 impl Worker {
@@ -261,6 +269,8 @@ impl Worker {
             drain_deadline: None,
             draining: false,
             relay_cap,
+            checks: health::Checks::default(),
+            prefaces: preface::Prefaces::default(),
         })
     }
 
@@ -291,11 +301,16 @@ impl Worker {
                     }
                     Owner::Listener(_) => {}
                     Owner::Relay(relay, side) => self.on_socket_event(relay, side, event, now),
+                    Owner::Probe(key) => self.on_probe_event(key, now),
+                    Owner::Preface(key) => self.on_preface_event(key, now),
                 }
             }
             self.run_ready(now);
             self.resume_accepting(now);
             self.expire(now);
+            self.expire_prefaces(now);
+            self.run_checks(now);
+            self.reset_down_relays(now);
             self.counters
                 .timer_entries
                 .store(self.timers.len() as u64, Ordering::Relaxed);
@@ -313,6 +328,8 @@ impl Worker {
             self.timers.next(),
             self.accept_paused_until,
             self.drain_deadline,
+            self.checks.next(),
+            self.prefaces.next(),
         ]
         .into_iter()
         .chain(self.listeners.iter().map(|l| l.full_until))
@@ -346,10 +363,7 @@ impl Worker {
                 None => return,
             };
             match accepted {
-                Ok((client, addr)) => match runtime.admit(reservation, addr.ip()) {
-                    Ok(admission) => self.start_relay(client, addr, runtime, admission, now),
-                    Err(refused) => self.refuse(client, addr, &runtime, refused, now),
-                },
+                Ok((client, addr)) => self.accepted(client, addr, runtime, reservation, now),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if out_of_fds(&e) => {
@@ -480,12 +494,41 @@ impl Worker {
         }
     }
 
+    /// A new client: its relay starts now, or once the listener read what
+    /// it wants first (a PROXY header, a PostgreSQL first packet).
+    fn accepted(
+        &mut self,
+        client: TcpStream,
+        addr: SocketAddr,
+        listener: Arc<Listener>,
+        reservation: Reservation,
+        now: Instant,
+    ) {
+        if preface::wanted(&listener) {
+            self.begin_preface(client, addr, listener, reservation, now);
+            return;
+        }
+        match listener.admit(reservation, addr.ip()) {
+            Ok(admission) => {
+                self.start_relay(client, addr, None, listener, admission, Vec::new(), now)
+            }
+            Err(refused) => self.refuse(client, addr, &listener, refused, now),
+        }
+    }
+
+    /// Starts a relay's upstream connect. `local` is the address the
+    /// client connected to when a PROXY header named it; `preread` are
+    /// bytes the client sent already. Both, with `send-proxy`'s header in
+    /// front, reach the server before anything else.
+    #[allow(clippy::too_many_arguments)]
     fn start_relay(
         &mut self,
         client: TcpStream,
         client_addr: SocketAddr,
+        local: Option<SocketAddr>,
         listener: Arc<Listener>,
         admission: Admission,
+        preread: Vec<u8>,
         now: Instant,
     ) {
         let counters = listener.counters(self.index);
@@ -515,7 +558,27 @@ impl Worker {
             client_addr,
             admission,
         };
-        let relay = Relay::new(accepted, upstream, round, now);
+        let ahead = match accepted.listener.config.pool.send_proxy {
+            SendProxy::None => preread,
+            version => {
+                let local = local.or_else(|| accepted.client.local_addr().ok());
+                let addrs = local.map(|l| (client_addr, l));
+                let mut header = match version {
+                    SendProxy::V1 => proxy_protocol::encode_v1(addrs),
+                    _ => proxy_protocol::encode_v2(addrs),
+                };
+                header.extend_from_slice(&preread);
+                header
+            }
+        };
+        let mut relay = Relay::new(accepted, upstream, round, now);
+        if let Err(e) = relay.read_ahead(&ahead, &mut self.pools) {
+            let e = RelayError::new(Side::Internal, Op::Read, e);
+            if let Some(key) = self.admit(relay, now) {
+                self.close(key, CloseReason::Internal, Some(&e), now);
+            }
+            return;
+        }
         self.admit(relay, now);
     }
 
