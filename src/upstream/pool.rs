@@ -300,11 +300,12 @@ impl Pool {
         self.transition(server, t, "connect");
     }
 
-    /// A connect to `server` succeeded. With an active check this only
-    /// resets the fall count of an up server (a connect says nothing about
-    /// a role); without one it brings a down server back.
+    /// A connect to `server` succeeded. Without an active check that
+    /// brings a down server back and resets the fall count. With one it
+    /// changes nothing: a demoted primary still accepts connects, and
+    /// they must not undo the probes' failures.
     pub(crate) fn succeeded(&self, server: &Server, now: Instant) {
-        if self.check.is_some() && server.is_down() {
+        if self.check.is_some() {
             return;
         }
         let t = server.with_health(|h| h.connect_ok(now));
