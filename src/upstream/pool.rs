@@ -38,6 +38,8 @@ pub(crate) struct Server {
     /// Mirrors `!health.is_up()` for lock-free reads in `pick` and by
     /// the workers looking for relays to reset.
     down: AtomicBool,
+    /// An active probe judged it already.
+    probed: AtomicBool,
     health: Mutex<HealthState>,
 }
 
@@ -50,6 +52,7 @@ impl Server {
             key: balance::hash_addr(addr),
             live: AtomicUsize::new(0),
             down: AtomicBool::new(false),
+            probed: AtomicBool::new(false),
             health: Mutex::new(HealthState::new(params, Instant::now())),
         }
     }
@@ -312,9 +315,15 @@ impl Pool {
         self.transition(server, t, "connect");
     }
 
-    /// An active probe's verdict on `server`.
+    /// An active probe's verdict on `server`. A server's first verdict
+    /// counts `fall` times: a replica behind `role = "primary"` must not
+    /// take writes for `interval × fall` after start.
     pub(crate) fn observe(&self, server: &Server, verdict: &Verdict, now: Instant) {
-        let t = server.with_health(|h| h.observe(verdict, now));
+        let first = !server.probed.swap(true, Ordering::Relaxed);
+        let repeat = if first { self.params.fall } else { 1 };
+        let t = server.with_health(|h| {
+            (0..repeat).fold(None, |t, _| h.observe(verdict, now).or(t))
+        });
         self.transition(server, t, "check");
     }
 
@@ -460,10 +469,32 @@ mod tests {
     }
 
     #[test]
+    fn a_first_bad_verdict_takes_a_server_down_at_once() {
+        let mut config = PoolConfig::new(Vec::new());
+        config.health.fall = 3;
+        config.health.check = Some(config::Check::Postgres);
+        let p = Pool::new("test", &config);
+        p.set_members(vec![Member {
+            addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+            weight: 1,
+            backup: false,
+        }]);
+        let s = Arc::clone(&p.members().servers[0]);
+        let now = Instant::now();
+        p.observe(&s, &Verdict::down("role is replica, want primary"), now);
+        assert!(s.is_down(), "no fall count for the first verdict");
+        p.observe(&s, &Verdict::Up { role: None }, now);
+        p.observe(&s, &Verdict::Up { role: None }, now);
+        p.observe(&s, &Verdict::down("again"), now);
+        assert!(!s.is_down(), "later verdicts count once");
+    }
+
+    #[test]
     fn with_an_active_check_only_rise_good_probes_bring_a_server_back() {
         let p = checked_pool(2);
         let now = Instant::now();
         let first = Arc::clone(&p.members().servers[0]);
+        p.observe(&first, &Verdict::Up { role: None }, now);
         p.failed(&first, "refused", now);
         assert!(first.is_down(), "a passive failure counts towards fall");
         p.succeeded(&first, now);
