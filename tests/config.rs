@@ -220,7 +220,10 @@ fn run_refuses_an_unreadable_password_file_on_one_line() {
     assert_eq!(status.and_then(|s| s.code()), Some(2), "{stderr}");
     let lines: Vec<&str> = stderr.trim_end().lines().collect();
     assert_eq!(lines.len(), 1, "{stderr}");
-    assert!(lines[0].contains("password-file /nonexistent/pw"), "{stderr}");
+    assert!(
+        lines[0].contains("password-file /nonexistent/pw"),
+        "{stderr}"
+    );
     let _ = std::fs::remove_file(path);
 }
 

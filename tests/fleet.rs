@@ -48,20 +48,24 @@ fn tag_via(proxy: SocketAddr) -> (TcpStream, u8) {
 /// The server every new connection reaches, once it is always `want`.
 fn wait_for_tag(proxy: SocketAddr, want: u8, within: Duration) -> Duration {
     let start = Instant::now();
-    wait_until(within, &format!("new connections reach server {want}"), || {
-        (0..4).all(|_| {
-            std::net::TcpStream::connect(proxy)
-                .ok()
-                .and_then(|mut s| {
-                    s.set_read_timeout(Some(T)).ok()?;
-                    s.write_all(b"tag?").ok()?;
-                    let mut r = [0u8; 5];
-                    s.read_exact(&mut r).ok()?;
-                    Some(r[0] == want)
-                })
-                .unwrap_or(false)
-        })
-    });
+    wait_until(
+        within,
+        &format!("new connections reach server {want}"),
+        || {
+            (0..4).all(|_| {
+                std::net::TcpStream::connect(proxy)
+                    .ok()
+                    .and_then(|mut s| {
+                        s.set_read_timeout(Some(T)).ok()?;
+                        s.write_all(b"tag?").ok()?;
+                        let mut r = [0u8; 5];
+                        s.read_exact(&mut r).ok()?;
+                        Some(r[0] == want)
+                    })
+                    .unwrap_or(false)
+            })
+        },
+    );
     start.elapsed()
 }
 
@@ -87,7 +91,11 @@ fn fake_redis(tag: u8, master: bool) -> FakeRedis {
             let reply = if text.contains("PING") {
                 b"+PONG\r\n".to_vec()
             } else if text.contains("replication") {
-                let r = if flag.load(Ordering::SeqCst) { "master" } else { "slave" };
+                let r = if flag.load(Ordering::SeqCst) {
+                    "master"
+                } else {
+                    "slave"
+                };
                 let body = format!("# Replication\r\nrole:{r}\r\nconnected_slaves:0\r\n");
                 format!("${}\r\n{body}\r\n", body.len()).into_bytes()
             } else {
@@ -180,7 +188,11 @@ fn http_check_downs_a_server_whose_agent_answers_503() {
         s.set_read_timeout(Some(T)).unwrap();
         s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
         let reply = read_to_eof(&mut s, T).unwrap();
-        assert!(reply.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&reply));
+        assert!(
+            reply.starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&reply)
+        );
     }
 }
 
@@ -261,7 +273,10 @@ fn a_v1_header_in_becomes_a_v2_header_out_with_the_same_addresses() {
     let (header, rest) = rx.recv_timeout(T).unwrap();
     assert_eq!(header.version, 2);
     assert_eq!(header.source, Some("192.0.2.7:5555".parse().unwrap()));
-    assert_eq!(header.destination, Some("198.51.100.1:6432".parse().unwrap()));
+    assert_eq!(
+        header.destination,
+        Some("198.51.100.1:6432".parse().unwrap())
+    );
     assert_eq!(rest, b"hello");
 }
 
@@ -339,13 +354,15 @@ fn limits_apply_to_the_address_in_the_header() {
         c.listeners[0].access.deny = vec!["192.0.2.0/24".parse().unwrap()];
     });
     let mut c = TcpStream::connect(h.local_addr()).unwrap();
-    c.write_all(b"PROXY TCP4 192.0.2.9 127.0.0.1 1 2\r\n").unwrap();
+    c.write_all(b"PROXY TCP4 192.0.2.9 127.0.0.1 1 2\r\n")
+        .unwrap();
     assert_eq!(expect_closed(&mut c, T).0, Ending::Reset);
     wait_until(T, "denied by the header's address", || {
         h.stats().refused_denied == 1
     });
     let mut ok = TcpStream::connect(h.local_addr()).unwrap();
-    ok.write_all(b"PROXY TCP4 198.51.100.9 127.0.0.1 1 2\r\n").unwrap();
+    ok.write_all(b"PROXY TCP4 198.51.100.9 127.0.0.1 1 2\r\n")
+        .unwrap();
     round_trip(&mut ok, b"allowed", T);
 }
 
@@ -395,7 +412,11 @@ fn a_cancel_request_reaches_every_server_of_the_pool() {
     assert_eq!(rx_a.recv_timeout(T).unwrap(), packet);
     assert_eq!(rx_b.recv_timeout(T).unwrap(), packet);
     let (ending, _) = expect_closed(&mut c, T);
-    assert_eq!(ending, Ending::Eof, "the client is closed, as PostgreSQL does");
+    assert_eq!(
+        ending,
+        Ending::Eof,
+        "the client is closed, as PostgreSQL does"
+    );
     assert_eq!(h.stats().pg_cancel_requests, 1);
 }
 
@@ -419,8 +440,12 @@ fn other_first_packets_reach_one_server_intact() {
         .or_else(|_| rx_b.recv_timeout(T))
         .unwrap();
     assert_eq!(got, msg);
-    assert!(rx_a.try_recv().is_err() && rx_b.try_recv().is_err(), "one server only");
+    assert!(
+        rx_a.try_recv().is_err() && rx_b.try_recv().is_err(),
+        "one server only"
+    );
     assert_eq!(h.stats().pg_cancel_requests, 0);
-    let _ = c.read(&mut reply).map_err(|e| assert_ne!(e.kind(), ErrorKind::WouldBlock));
+    let _ = c
+        .read(&mut reply)
+        .map_err(|e| assert_ne!(e.kind(), ErrorKind::WouldBlock));
 }
-

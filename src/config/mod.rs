@@ -244,6 +244,14 @@ impl Config {
                     l.name
                 )));
             }
+            let h = &l.pool.health;
+            if matches!(h.check, Some(Check::Tcp | Check::Mysql)) && h.role != Role::Any {
+                return Err(ConfigError(format!(
+                    "listener '{}': a {} check cannot tell roles: use redis, postgres or http",
+                    l.name,
+                    h.check.map_or("", Check::as_str)
+                )));
+            }
             if l.listen.is_empty() {
                 return Err(ConfigError(format!("listener '{}' has no address", l.name)));
             }

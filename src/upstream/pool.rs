@@ -169,7 +169,6 @@ impl Pool {
         self.downs.load(Ordering::Acquire)
     }
 
-
     pub(crate) fn members(&self) -> Arc<Members> {
         Arc::clone(&self.members.read().unwrap_or_else(|p| p.into_inner()))
     }
@@ -242,7 +241,11 @@ impl Pool {
         let primary_up = m.servers.iter().any(|s| !s.backup && !s.is_down());
         // With an active check, only probes bring a server back.
         let trials = self.check.is_none();
-        for s in m.servers.iter().filter(|s| trials && s.is_down() && untried(s)) {
+        for s in m
+            .servers
+            .iter()
+            .filter(|s| trials && s.is_down() && untried(s))
+        {
             if (!s.backup || !primary_up) && s.with_health(|h| h.take_trial(now)) {
                 return Some(Lease::new(Arc::clone(s)));
             }
@@ -321,9 +324,8 @@ impl Pool {
     pub(crate) fn observe(&self, server: &Server, verdict: &Verdict, now: Instant) {
         let first = !server.probed.swap(true, Ordering::Relaxed);
         let repeat = if first { self.params.fall } else { 1 };
-        let t = server.with_health(|h| {
-            (0..repeat).fold(None, |t, _| h.observe(verdict, now).or(t))
-        });
+        let t =
+            server.with_health(|h| (0..repeat).fold(None, |t, _| h.observe(verdict, now).or(t)));
         self.transition(server, t, "check");
     }
 

@@ -222,9 +222,11 @@ impl Worker {
             return;
         }
         entry.insert(Entry::Client(pending));
-        self.prefaces.next = Some(self.prefaces.next.map_or(now + PREFACE_TIMEOUT, |n| {
-            n.min(now + PREFACE_TIMEOUT)
-        }));
+        self.prefaces.next = Some(
+            self.prefaces
+                .next
+                .map_or(now + PREFACE_TIMEOUT, |n| n.min(now + PREFACE_TIMEOUT)),
+        );
         // The client may have sent already: read now rather than wait for
         // the registration's first event.
         self.on_preface_event(key, now);
@@ -247,7 +249,9 @@ impl Worker {
                 let full = p.buf.len() >= PREFACE_MAX;
                 match decision {
                     Decision::More if !eof && !full => {}
-                    Decision::More if p.listener.config.accept_proxy.is_some() && !p.header_done => {
+                    Decision::More
+                        if p.listener.config.accept_proxy.is_some() && !p.header_done =>
+                    {
                         let why = if eof {
                             "closed before its PROXY header was complete"
                         } else {
@@ -310,7 +314,12 @@ impl Worker {
                 }
             }
         }
-        self.prefaces.next = self.prefaces.entries.iter().map(|(_, e)| e.deadline()).min();
+        self.prefaces.next = self
+            .prefaces
+            .entries
+            .iter()
+            .map(|(_, e)| e.deadline())
+            .min();
     }
 
     fn take_pending(&mut self, key: usize) -> Box<Pending> {

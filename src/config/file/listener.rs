@@ -260,9 +260,9 @@ fn read_listener(
         "protocol",
         "pool",
     ]
-        .into_iter()
-        .chain(INHERITED.iter().copied())
-        .collect();
+    .into_iter()
+    .chain(INHERITED.iter().copied())
+    .collect();
     let mut own = Inherited::default();
     let mut listen = Vec::new();
     let mut listen_seen = false;

@@ -222,15 +222,15 @@ fn read_health(cx: &mut Cx, v: &Value<'_>, path: &str) -> Option<HealthConfig> {
                 "an http check takes the role from its path (e.g. path = \"/primary\")",
             );
         }
-        Some(Check::Tcp) if h.role != Role::Any => {
+        Some(c @ (Check::Tcp | Check::Mysql)) if h.role != Role::Any => {
             let span = t.get("role").map_or(v.span(), |r| r.span());
             cx.error(
                 &span,
                 &join(path, "role"),
-                "a tcp check cannot tell roles: use redis, postgres, mysql or http",
+                format!("a {c} check cannot tell roles: use redis, postgres or http"),
             );
         }
-        Some(Check::Postgres | Check::Mysql) if h.role != Role::Any && h.user.is_none() => {
+        Some(Check::Postgres) if h.role != Role::Any && h.user.is_none() => {
             cx.error(
                 &v.span(),
                 &join(path, "user"),
