@@ -211,7 +211,7 @@ fn on_down_kill_resets_clients_of_a_demoted_primary() {
     let moved = wait_for_tag(h.local_addr(), b'b', bound);
     assert!(moved < bound, "{moved:?}");
     wait_until(T, "the kill is counted", || {
-        h.stats().closed(spliced::CloseReason::ServerDown) == 1
+        h.stats().closed(spliced::CloseReason::ServerDown) >= 1
     });
 }
 
