@@ -2,7 +2,8 @@
 //! servers: active checks in the workers (tcp, redis with a role, http),
 //! `on-down` drain and kill when a primary is demoted, PROXY headers in
 //! (v1, v2, malformed, untrusted) and out, and PostgreSQL cancel requests
-//! sent to every server of a pool.
+//! sent to every server of a pool. Every check kind runs in the proxy
+//! here against a scripted server; real servers are in scripts/failover.sh.
 
 mod common;
 
@@ -448,4 +449,71 @@ fn other_first_packets_reach_one_server_intact() {
     let _ = c
         .read(&mut reply)
         .map_err(|e| assert_ne!(e.kind(), ErrorKind::WouldBlock));
+}
+
+/// A server that greets every connection with `greeting` (a server-first
+/// protocol), then keeps it open until the peer closes.
+fn greeter(greeting: &'static [u8]) -> Server {
+    serve(move |mut s: TcpStream| {
+        if s.write_all(greeting).is_ok() {
+            sink(s);
+        }
+    })
+}
+
+/// The first `n` bytes a new connection through the proxy receives.
+fn greeting_via(proxy: SocketAddr, n: usize) -> Vec<u8> {
+    let mut s = TcpStream::connect(proxy).unwrap();
+    read_exact_within(&mut s, n, T).unwrap()
+}
+
+#[test]
+fn mysql_check_downs_a_server_that_greets_with_an_error_packet() {
+    let good = greeter(b"\x0a\x00\x00\x00\x0a5.7.0\x00\x01\x00\x00\x00");
+    let bad = greeter(b"\x14\x00\x00\x00\xff\x69\x04Host is blocked....");
+    let h = checked(vec![bad.addr, good.addr], |c| {
+        c.listeners[0].pool.health.check = Some(Check::Mysql);
+    });
+    wait_until(T, "the error-greeting server is down", || {
+        h.stats().health_probe_failures >= 1
+    });
+    for _ in 0..4 {
+        assert_eq!(
+            greeting_via(h.local_addr(), 5)[4],
+            0x0a,
+            "a handshake, not an error"
+        );
+    }
+}
+
+#[test]
+fn postgres_check_downs_a_server_that_answers_startup_with_an_error() {
+    // Without a role the first authentication request means alive.
+    let good = serve(|mut s: TcpStream| {
+        let mut len = [0u8; 4];
+        if s.read_exact(&mut len).is_err() {
+            return;
+        }
+        let mut rest = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+        if s.read_exact(&mut rest).is_ok() {
+            let _ = s.write_all(b"R\x00\x00\x00\x08\x00\x00\x00\x00");
+            sink(s);
+        }
+    });
+    let bad = serve(|mut s: TcpStream| {
+        let mut buf = [0u8; 512];
+        let _ = s.read(&mut buf);
+        let _ = s.write_all(b"E\x00\x00\x00\x1dSFATAL\x00C57P03\x00Mstarting\x00\x00");
+    });
+    let h = checked(vec![bad.addr, good.addr], |c| {
+        c.listeners[0].pool.health.check = Some(Check::Postgres);
+    });
+    wait_until(T, "the erroring server is down", || {
+        h.stats().health_probe_failures >= 1
+    });
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(h.local_addr()).unwrap();
+        s.write_all(b"\x00\x00\x00\x08\x00\x03\x00\x00").unwrap();
+        assert_eq!(read_exact_within(&mut s, 1, T).unwrap(), b"R");
+    }
 }
