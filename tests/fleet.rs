@@ -1,9 +1,8 @@
 //! The fleet features in a running proxy, over loopback against scripted
-//! servers: active checks in the workers (tcp, redis with a role, http),
+//! servers: active checks in the workers (every kind; redis with a role),
 //! `on-down` drain and kill when a primary is demoted, PROXY headers in
 //! (v1, v2, malformed, untrusted) and out, and PostgreSQL cancel requests
-//! sent to every server of a pool. Every check kind runs in the proxy
-//! here against a scripted server; real servers are in scripts/failover.sh.
+//! sent to every server of a pool. Real servers are in scripts/failover.sh.
 
 mod common;
 

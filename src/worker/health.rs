@@ -87,6 +87,9 @@ impl Worker {
         }
         let workers = self.config.workers.max(1);
         let mut seen = Vec::new();
+        // Servers may join a pool later (names resolved again): look at
+        // the members at least once an interval.
+        let mut rescan: Option<Instant> = None;
         let mut listeners: Vec<Arc<Listener>> = Vec::new();
         for slot in &self.listeners {
             if !listeners.iter().any(|l| l.id == slot.runtime.id) {
@@ -97,6 +100,8 @@ impl Worker {
             let Some(check) = listener.pool.check() else {
                 continue;
             };
+            let at = now + check.interval;
+            rescan = Some(rescan.map_or(at, |r| r.min(at)));
             let members = listener.pool.members();
             for (i, server) in members.servers.iter().enumerate() {
                 if (i + listener.id.0 as usize) % workers != self.index {
@@ -139,6 +144,7 @@ impl Worker {
             .filter(|d| !d.running)
             .map(|d| d.at)
             .chain(self.checks.probes.iter().map(|(_, r)| r.conn.deadline()))
+            .chain(rescan)
             .min();
     }
 

@@ -29,12 +29,11 @@ use mio::{Events, Interest, Poll, Waker};
 use slab::Slab;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
-use crate::config::{Config, SendProxy};
+use crate::config::Config;
 use crate::control::{self, Command, Handoff, Shared, WorkerLink};
 use crate::engine::Pools;
 use crate::error::{Op, RelayError, Side, StartError};
-use crate::listener::{Admission, Listener, Refused, Reservation};
-use crate::proxy_protocol;
+use crate::listener::{Admission, Listener, Refused};
 use crate::relay::report::Reporter;
 use crate::relay::{self, Accepted, Expiry, Next, Peer, Readiness, Relay};
 use crate::stats::{CloseReason, CounterBlock};
@@ -494,28 +493,6 @@ impl Worker {
         }
     }
 
-    /// A new client: its relay starts now, or once the listener read what
-    /// it wants first (a PROXY header, a PostgreSQL first packet).
-    fn accepted(
-        &mut self,
-        client: TcpStream,
-        addr: SocketAddr,
-        listener: Arc<Listener>,
-        reservation: Reservation,
-        now: Instant,
-    ) {
-        if preface::wanted(&listener) {
-            self.begin_preface(client, addr, listener, reservation, now);
-            return;
-        }
-        match listener.admit(reservation, addr.ip()) {
-            Ok(admission) => {
-                self.start_relay(client, addr, None, listener, admission, Vec::new(), now)
-            }
-            Err(refused) => self.refuse(client, addr, &listener, refused, now),
-        }
-    }
-
     /// Starts a relay's upstream connect. `local` is the address the
     /// client connected to when a PROXY header named it; `preread` are
     /// bytes the client sent already. Both, with `send-proxy`'s header in
@@ -558,19 +535,7 @@ impl Worker {
             client_addr,
             admission,
         };
-        let ahead = match accepted.listener.config.pool.send_proxy {
-            SendProxy::None => preread,
-            version => {
-                let local = local.or_else(|| accepted.client.local_addr().ok());
-                let addrs = local.map(|l| (client_addr, l));
-                let mut header = match version {
-                    SendProxy::V1 => proxy_protocol::encode_v1(addrs),
-                    _ => proxy_protocol::encode_v2(addrs),
-                };
-                header.extend_from_slice(&preread);
-                header
-            }
-        };
+        let ahead = preface::ahead(&accepted, local, preread);
         let mut relay = Relay::new(accepted, upstream, round, now);
         if let Err(e) = relay.read_ahead(&ahead, &mut self.pools) {
             let e = RelayError::new(Side::Internal, Op::Read, e);

@@ -25,9 +25,10 @@ use slab::Slab;
 use socket2::SockRef;
 
 use super::Worker;
-use crate::config::Protocol;
+use crate::config::{Protocol, SendProxy};
 use crate::listener::{Admission, Listener, Reservation};
 use crate::proxy_protocol::{self, Parse};
+use crate::relay::Accepted;
 use crate::stats::CounterBlock;
 use crate::token;
 use crate::upstream::{self, Connect};
@@ -173,7 +174,46 @@ impl Pending {
     }
 }
 
+/// What goes to the server before the client's own bytes: the
+/// `send-proxy` header, then what the client sent before the connect.
+pub(super) fn ahead(accepted: &Accepted, local: Option<SocketAddr>, preread: Vec<u8>) -> Vec<u8> {
+    let version = accepted.listener.config.pool.send_proxy;
+    if version == SendProxy::None {
+        return preread;
+    }
+    let local = local.or_else(|| accepted.client.local_addr().ok());
+    let addrs = local.map(|l| (accepted.client_addr, l));
+    let mut header = match version {
+        SendProxy::V1 => proxy_protocol::encode_v1(addrs),
+        _ => proxy_protocol::encode_v2(addrs),
+    };
+    header.extend_from_slice(&preread);
+    header
+}
+
 impl Worker {
+    /// A new client: its relay starts now, or once the listener read what
+    /// it wants first (a PROXY header, a PostgreSQL first packet).
+    pub(super) fn accepted(
+        &mut self,
+        client: TcpStream,
+        addr: SocketAddr,
+        listener: Arc<Listener>,
+        reservation: Reservation,
+        now: Instant,
+    ) {
+        if wanted(&listener) {
+            self.begin_preface(client, addr, listener, reservation, now);
+            return;
+        }
+        match listener.admit(reservation, addr.ip()) {
+            Ok(admission) => {
+                self.start_relay(client, addr, None, listener, admission, Vec::new(), now)
+            }
+            Err(refused) => self.refuse(client, addr, &listener, refused, now),
+        }
+    }
+
     /// An accepted client of a listener that reads first: refused at once
     /// if it may not send a PROXY header, else read with a deadline.
     pub(super) fn begin_preface(
