@@ -34,8 +34,12 @@ bench-peers: build
 deps:
 	bash scripts/install-deps.sh
 
+# scripts/failover.sh: real failovers through active checks (PostgreSQL
+# primary/replica with promotion, Redis REPLICAOF, MariaDB) and cancel
+# routing (~20 s).
 e2e: build health-real
 	bash scripts/e2e.sh
+	bash scripts/failover.sh
 
 # Health probes against real Redis, PostgreSQL (trust, md5, SCRAM; primary
 # and a streaming replica) and MariaDB started on 127.0.0.1 (~5 s).

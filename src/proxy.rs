@@ -59,14 +59,12 @@ pub fn start_activated(config: Config) -> Result<ProxyHandle, StartError> {
 }
 
 fn start_inner(
-    config: Config,
+    mut config: Config,
     resolver: Arc<dyn Resolve>,
     mut inherited: Inherited,
 ) -> Result<ProxyHandle, StartError> {
     config.validate().map_err(StartError::Config)?;
-    if let Some(what) = config.unsupported() {
-        return Err(StartError::Config(what));
-    }
+    config.load_secrets().map_err(StartError::Config)?;
     let nofile = crate::sys::raise_nofile_limit();
     let relay_cap = relay_cap(&config, nofile);
     let config = Arc::new(config);

@@ -252,11 +252,9 @@ impl Reloader {
 
     /// Replaces the listeners by those of `config` (see the module doc).
     /// On error nothing changed: the old listeners go on serving.
-    pub fn reload(&self, config: Config) -> Result<ReloadReport, StartError> {
+    pub fn reload(&self, mut config: Config) -> Result<ReloadReport, StartError> {
         config.validate().map_err(StartError::Config)?;
-        if let Some(what) = config.unsupported() {
-            return Err(StartError::Config(what));
-        }
+        config.load_secrets().map_err(StartError::Config)?;
         let mut state = self.lock();
         if state.stopping.load(Ordering::Relaxed) {
             return Err(StartError::Io(

@@ -31,10 +31,13 @@ pub enum CloseReason {
     /// The program that handed the pair over aborted it; both sides were
     /// reset.
     Aborted,
+    /// Its server went down (or lost its role) under `on-down = "kill"`;
+    /// both sides were reset.
+    ServerDown,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 9] = [
+    pub const ALL: [CloseReason; 10] = [
         CloseReason::Eof,
         CloseReason::Idle,
         CloseReason::FinTimeout,
@@ -44,6 +47,7 @@ impl CloseReason {
         CloseReason::Shutdown,
         CloseReason::Internal,
         CloseReason::Aborted,
+        CloseReason::ServerDown,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -57,6 +61,7 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::Internal => "internal-error",
             CloseReason::Aborted => "aborted",
+            CloseReason::ServerDown => "server-down",
         }
     }
 
@@ -236,6 +241,15 @@ counter_table! {
     refused_max_conns_per_source: Counter per Listener,
     /// Times a listener stopped accepting at its own max-conns.
     listener_limit_pauses: Counter per Listener,
+    /// Connections reset under accept-proxy: an untrusted source, a
+    /// malformed header, or none within the deadline.
+    refused_proxy_header: Counter per Listener,
+    /// PostgreSQL CancelRequests sent on to every server of the pool.
+    pg_cancel_requests: Counter per Listener,
+    /// Active health probes run.
+    health_probes: Counter per Listener,
+    /// Active health probes that judged their server down.
+    health_probe_failures: Counter per Listener,
 }
 
 /// Upper bounds (seconds) of the connect latency histogram's buckets.

@@ -11,7 +11,7 @@
 //! Layout of the 64 bits: bit 63 clear for relays, with the side in bit 0,
 //! the key in bits 1..32 and the id's low 31 bits in bits 32..63. With bit
 //! 63 set, bits 61..63 name the kind (waker, listener, and room for more,
-//! such as health-check sockets) and the low bits an index.
+//! health probes, pre-relay connections) and the low bits an index.
 
 use mio::Token;
 
@@ -22,6 +22,8 @@ const KIND_SHIFT: u32 = 61;
 const KIND_MASK: usize = 0b11;
 const KIND_WAKER: usize = 0;
 const KIND_LISTENER: usize = 1;
+const KIND_PROBE: usize = 2;
+const KIND_PREFACE: usize = 3;
 const KEY_BITS: u32 = 31;
 const KEY_MASK: usize = (1 << KEY_BITS) - 1;
 const ID_SHIFT: u32 = 32;
@@ -49,6 +51,11 @@ pub(crate) enum Owner {
     Waker,
     /// The worker's listener socket with this index.
     Listener(usize),
+    /// An active health probe's socket (its key in the worker's probes).
+    Probe(usize),
+    /// A connection before its relay starts: a client whose first bytes
+    /// are read, or a cancel request on its way to a server.
+    Preface(usize),
     Relay(RelayRef, Peer),
 }
 
@@ -58,6 +65,14 @@ pub(crate) fn waker() -> Token {
 
 pub(crate) fn listener(index: usize) -> Token {
     Token(OTHER | (KIND_LISTENER << KIND_SHIFT) | (index & KEY_MASK))
+}
+
+pub(crate) fn probe(key: usize) -> Token {
+    Token(OTHER | (KIND_PROBE << KIND_SHIFT) | (key & KEY_MASK))
+}
+
+pub(crate) fn preface(key: usize) -> Token {
+    Token(OTHER | (KIND_PREFACE << KIND_SHIFT) | (key & KEY_MASK))
 }
 
 /// The token of one of a relay's sockets. Keys past 2^31 cannot occur: the
@@ -83,6 +98,8 @@ pub(crate) fn decode(token: Token) -> Owner {
     }
     match (t >> KIND_SHIFT) & KIND_MASK {
         KIND_LISTENER => Owner::Listener(t & KEY_MASK),
+        KIND_PROBE => Owner::Probe(t & KEY_MASK),
+        KIND_PREFACE => Owner::Preface(t & KEY_MASK),
         _ => Owner::Waker,
     }
 }
@@ -128,5 +145,9 @@ mod tests {
             assert_eq!(decode(listener(i)), Owner::Listener(i));
         }
         assert_ne!(waker(), listener(0));
+        for i in [0, 9] {
+            assert_eq!(decode(probe(i)), Owner::Probe(i));
+            assert_eq!(decode(preface(i)), Owner::Preface(i));
+        }
     }
 }

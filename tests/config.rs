@@ -1,7 +1,7 @@
 //! The config file: every example validates, `spliced check` lists every
 //! problem with its key and line, flags lay over `[defaults]`, and
-//! `spliced run --config` (or SPLICED_CONFIG) serves what the file says or
-//! refuses, on one line, what it cannot do yet.
+//! `spliced run --config` (or SPLICED_CONFIG) serves what the file says,
+//! active checks and PROXY headers included, or refuses on one line.
 
 #[macro_use]
 mod common;
@@ -181,39 +181,50 @@ fn check_lists_every_error_and_exits_one() {
 }
 
 #[test]
-fn run_refuses_what_it_cannot_do_yet_on_one_line() {
-    for (key, extra) in [
-        (
-            "accept-proxy",
-            "accept-proxy = { trusted = [\"10.0.0.0/8\"] }\nlisten =",
-        ),
-        ("send-proxy", "listen ="),
-        ("health.check", "listen ="),
-    ] {
-        let mut text = MINIMAL.replacen("listen =", extra, 1);
-        if key == "send-proxy" {
-            text = text.replace("[listener.pool]", "[listener.pool]\nsend-proxy = \"v2\"");
-        }
-        if key == "health.check" {
-            text.push_str("[listener.pool.health]\ncheck = \"tcp\"\n");
-        }
-        let path = temp_file(key, &text);
-        let p = path.to_str().unwrap();
-        let (status, _, stderr) = run_bin(&["run", "--config", p], Duration::from_secs(20));
-        assert_eq!(status.and_then(|s| s.code()), Some(2), "{key}: {stderr}");
-        let lines: Vec<&str> = stderr.trim_end().lines().collect();
-        assert_eq!(lines.len(), 1, "{key}: {stderr}");
-        assert!(
-            lines[0].contains(key) && lines[0].contains("not supported"),
-            "{stderr}"
-        );
-        assert!(lines[0].contains("line "), "{stderr}");
-        // check accepts the file and says run will not.
-        let (status, _, stderr) = run_bin(&["check", "--config", p], Duration::from_secs(20));
-        assert!(status.is_some_and(|s| s.success()), "{stderr}");
-        assert!(stderr.contains("note") && stderr.contains(key), "{stderr}");
-        let _ = std::fs::remove_file(path);
-    }
+fn run_carries_out_checks_proxy_headers_and_on_down_kill() {
+    let echo = echo_server();
+    let text = MINIMAL
+        .replace("127.0.0.1:9", &echo.addr.to_string())
+        .replacen(
+            "listen =",
+            "accept-proxy = { trusted = [\"127.0.0.0/8\"] }\nprotocol = \"postgres\"\nlisten =",
+            1,
+        )
+        .replace(
+            "[listener.pool]",
+            "[listener.pool]\nsend-proxy = \"v1\"\non-down = \"kill\"",
+        )
+        + "[listener.pool.health]\ncheck = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n";
+    let path = temp_file("fleet", &text);
+    let mut cmd = Command::new(bin());
+    cmd.args(["run", "--workers", "1", "--config"]).arg(&path);
+    let proxy = Spliced::spawn(cmd);
+    let mut c = connect(proxy.addr);
+    use std::io::Write;
+    c.write_all(b"PROXY TCP4 192.0.2.1 192.0.2.2 1000 5432\r\n\0\0\0\x08\x04\xd2\x16\x2f")
+        .unwrap();
+    // The echo server sends back the v1 header spliced wrote, then the packet.
+    let want = b"PROXY TCP4 192.0.2.1 192.0.2.2 1000 5432\r\n\0\0\0\x08\x04\xd2\x16\x2f";
+    let got = read_exact_within(&mut c, want.len(), Duration::from_secs(5)).unwrap();
+    assert_eq!(got, want);
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn run_refuses_an_unreadable_password_file_on_one_line() {
+    let text = MINIMAL.to_string()
+        + "[listener.pool.health]\ncheck = \"postgres\"\nrole = \"primary\"\nuser = \"u\"\npassword-file = \"/nonexistent/pw\"\n";
+    let path = temp_file("pwfile", &text);
+    let p = path.to_str().unwrap();
+    let (status, _, stderr) = run_bin(&["run", "--config", p], Duration::from_secs(20));
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{stderr}");
+    let lines: Vec<&str> = stderr.trim_end().lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains("password-file /nonexistent/pw"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_file(path);
 }
 
 #[test]

@@ -42,6 +42,7 @@ struct Listener {
     deny: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     accept_proxy: Option<AcceptProxyOut>,
+    protocol: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     keepalive: Option<KeepaliveOut>,
     user_timeout: String,
@@ -125,6 +126,7 @@ fn listener(l: &ListenerConfig) -> Listener {
         accept_proxy: l.accept_proxy.as_ref().map(|a| AcceptProxyOut {
             trusted: nets(&a.trusted),
         }),
+        protocol: l.protocol.as_str(),
         keepalive: l.keepalive.map(|k| KeepaliveOut {
             idle: format_duration(Some(k.idle)),
             interval: format_duration(Some(k.interval)),

@@ -109,8 +109,12 @@ pub struct ListenerConfig {
     /// Live relays per client IP at most; past it, new connections are reset.
     pub max_conns_per_source: Option<usize>,
     pub access: Access,
-    /// Read a PROXY header from these sources (not supported by the proxy yet).
+    /// Every client must come from these sources and start with a PROXY
+    /// header, whose source address then stands for the client's.
     pub accept_proxy: Option<AcceptProxy>,
+    /// What the first client packet is read for before the upstream
+    /// connect (PostgreSQL cancel requests); `None` reads nothing.
+    pub protocol: Protocol,
     /// Keepalive probes on both sockets; `None` keeps the system's setting.
     pub keepalive: Option<Keepalive>,
     /// TCP_USER_TIMEOUT on both sockets.
@@ -144,6 +148,7 @@ impl ListenerConfig {
             max_conns_per_source: None,
             access: Access::default(),
             accept_proxy: None,
+            protocol: Protocol::None,
             keepalive: None,
             user_timeout: None,
         }
@@ -242,6 +247,14 @@ impl Config {
                     l.name
                 )));
             }
+            let h = &l.pool.health;
+            if matches!(h.check, Some(Check::Tcp | Check::Mysql)) && h.role != Role::Any {
+                return Err(ConfigError(format!(
+                    "listener '{}': a {} check cannot tell roles: use redis, postgres or http",
+                    l.name,
+                    h.check.map_or("", Check::as_str)
+                )));
+            }
             if l.listen.is_empty() {
                 return Err(ConfigError(format!("listener '{}' has no address", l.name)));
             }
@@ -269,26 +282,25 @@ impl Config {
 }
 
 impl Config {
-    /// The first setting the proxy cannot carry out yet, worded for a
-    /// one-line error. Such a setting is refused, never ignored.
-    pub fn unsupported(&self) -> Option<ConfigError> {
-        self.listeners.iter().find_map(|l| {
-            let what = if l.accept_proxy.is_some() {
-                "accept-proxy (reading PROXY headers)"
-            } else if l.pool.send_proxy != SendProxy::None {
-                "pool.send-proxy (sending PROXY headers)"
-            } else if l.pool.health.check.is_some() {
-                "pool.health.check (active health checks)"
-            } else if l.pool.on_down == OnDown::Kill {
-                "pool.on-down = \"kill\""
-            } else {
-                return None;
+    /// Reads every `password-file` of an active check, so a missing or
+    /// unreadable file stops the start, not the first probe. The password
+    /// is the file's first line.
+    pub fn load_secrets(&mut self) -> Result<(), ConfigError> {
+        for l in &mut self.listeners {
+            let h = &mut l.pool.health;
+            let Some(path) = h.password_file.as_deref() else {
+                continue;
             };
-            Some(ConfigError(format!(
-                "listener '{}': {what} is not supported yet",
-                l.name
-            )))
-        })
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError(format!(
+                    "listener '{}': pool.health.password-file {path}: cannot read it: {e}",
+                    l.name
+                ))
+            })?;
+            let line = text.lines().next().unwrap_or("").to_string();
+            h.password = Some(Secret(line));
+        }
+        Ok(())
     }
 }
 

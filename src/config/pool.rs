@@ -94,6 +94,16 @@ choice! {
     }
 }
 
+choice! {
+    /// What a listener reads from a client before connecting upstream.
+    Protocol {
+        /// Nothing: the upstream connect starts at accept.
+        None = "none",
+        /// The first packet, to send a CancelRequest to every server.
+        Postgres = "postgres",
+    }
+}
+
 /// One `servers` entry: a name or IP with a port, resolved at start and
 /// every `resolve-interval`. A name may stand for several addresses; each
 /// becomes a server of the pool with this entry's weight and role.
@@ -174,6 +184,8 @@ pub struct HealthConfig {
     /// Postgres/MySQL login for role checks.
     pub user: Option<String>,
     pub password_file: Option<String>,
+    /// What `password_file` holds, read by [`Config::load_secrets`](super::Config::load_secrets) at start.
+    pub password: Option<Secret>,
     pub database: Option<String>,
     /// The HTTP agent's port (the Patroni pattern); the server's own port if unset.
     pub port: Option<u16>,
@@ -191,10 +203,21 @@ impl Default for HealthConfig {
             role: Role::Any,
             user: None,
             password_file: None,
+            password: None,
             database: None,
             port: None,
             path: None,
         }
+    }
+}
+
+/// A password: compared and cloned like a string, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
     }
 }
 

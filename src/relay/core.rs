@@ -174,6 +174,7 @@ pub(crate) fn resets(reason: CloseReason, c2u: &Direction, u2c: &Direction) -> R
             | CloseReason::UpstreamReset
             | CloseReason::Internal
             | CloseReason::Aborted
+            | CloseReason::ServerDown
     );
     Resets {
         client: both || u2c.undelivered(),

@@ -215,6 +215,20 @@ impl Relay {
         })
     }
 
+    /// Bytes that go to the upstream before anything read from the client
+    /// (a PROXY header, what the client sent before the connect). They
+    /// wait in a copy buffer of the client→upstream direction.
+    pub(crate) fn read_ahead(&mut self, bytes: &[u8], pools: &mut Pools) -> std::io::Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let counters = self.listener.counters(pools.worker);
+        let slot = Slot::preloaded(self.listener.config.mode, bytes, pools, counters)?;
+        self.c2u_slot = slot;
+        self.core.preload(Peer::Client, bytes.len());
+        Ok(())
+    }
+
     /// The worker keeps this relay at slab `key`.
     pub(crate) fn placed(&self, key: usize) {
         if let Some(reporter) = &self.reporter {

@@ -14,11 +14,12 @@ pub(crate) mod resolve;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Instant;
 
 use mio::net::TcpStream;
 
-pub(crate) use pool::{Lease, Pool};
+pub(crate) use pool::{Lease, Pool, Server};
 pub use resolve::{Resolve, SystemResolver};
 
 /// One relay's round of connect attempts over its listener's pool: at most
@@ -94,7 +95,7 @@ impl Round {
                     return Some((stream, server));
                 }
                 Err(e) => {
-                    pool.failed(&lease.0, now);
+                    pool.failed(&lease.0, &e.to_string(), now);
                     failed(server, &e, self.has_next(pool));
                 }
             }
@@ -103,17 +104,22 @@ impl Round {
     }
 
     /// The current attempt's connect completed.
-    pub(crate) fn succeeded(&self, pool: &Pool) {
+    pub(crate) fn succeeded(&self, pool: &Pool, now: Instant) {
         if let Some(lease) = &self.current {
-            pool.succeeded(&lease.0);
+            pool.succeeded(&lease.0, now);
         }
     }
 
     /// The current attempt's connect failed or timed out.
-    pub(crate) fn failed(&self, pool: &Pool, now: Instant) {
+    pub(crate) fn failed(&self, pool: &Pool, error: &io::Error, now: Instant) {
         if let Some(lease) = &self.current {
-            pool.failed(&lease.0, now);
+            pool.failed(&lease.0, &error.to_string(), now);
         }
+    }
+
+    /// The server of the current attempt (the relay's, once connected).
+    pub(crate) fn server(&self) -> Option<&Arc<Server>> {
+        self.current.as_ref().map(|l| &l.0)
     }
 }
 

@@ -5,85 +5,27 @@
 //! Every worker picks from the same pool, so what they share is atomic or
 //! behind a short lock: the member list is an `Arc` snapshot behind a
 //! `RwLock` (written only by the resolver thread), each server's health a
-//! small `Mutex` taken once per connect outcome.
+//! small `Mutex` taken once per connect outcome or probe verdict.
+//!
+//! A server has one [`HealthState`], fed by both passive outcomes (every
+//! relay's connect) and, with `health.check`, active probe verdicts. With
+//! an active check a down server comes back only through `rise` good
+//! probes: a demoted primary still accepts connects, so a connect proves
+//! nothing about its role. Each transition to down bumps the pool's
+//! `downs` generation, which workers compare once per loop iteration to
+//! find relays to reset (`on-down = "kill"`).
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use super::balance::{self, Candidate};
-use crate::config::{Balance, PoolConfig};
+use crate::config::{self, Balance, OnDown, PoolConfig};
+use crate::health::{CheckSpec, HealthParams, HealthState, Kind, Transition, Verdict, WantRole};
 
 /// The longest wait before a down server is tried again.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-
-/// Passive health of one server, a pure state machine: `fall` consecutive
-/// failed connects mark it down; a down server is offered one trial
-/// connect after a backoff that doubles with each failed trial.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct PassiveHealth {
-    fails: u32,
-    down: bool,
-    backoff: Duration,
-    retry_at: Option<Instant>,
-}
-
-/// A change of a server's state, for the log.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Transition {
-    Down { retry_in: Duration },
-    Up,
-}
-
-impl PassiveHealth {
-    pub(crate) fn new() -> PassiveHealth {
-        PassiveHealth {
-            fails: 0,
-            down: false,
-            backoff: Duration::ZERO,
-            retry_at: None,
-        }
-    }
-
-    pub(crate) fn is_down(&self) -> bool {
-        self.down
-    }
-
-    pub(crate) fn failed(&mut self, now: Instant, fall: u32, base: Duration) -> Option<Transition> {
-        self.fails = self.fails.saturating_add(1);
-        if self.down {
-            self.backoff = (self.backoff * 2).min(BACKOFF_MAX.max(base));
-            self.retry_at = Some(now + self.backoff);
-            return None;
-        }
-        if self.fails < fall {
-            return None;
-        }
-        self.down = true;
-        self.backoff = base;
-        self.retry_at = Some(now + base);
-        Some(Transition::Down { retry_in: base })
-    }
-
-    pub(crate) fn succeeded(&mut self) -> Option<Transition> {
-        let was_down = self.down;
-        *self = PassiveHealth::new();
-        was_down.then_some(Transition::Up)
-    }
-
-    /// Takes the down server's trial if it is due: the next one is not
-    /// due before another backoff, so one client at a time tries it.
-    pub(crate) fn claim_trial(&mut self, now: Instant) -> bool {
-        match self.retry_at {
-            Some(at) if self.down && at <= now => {
-                self.retry_at = Some(now + self.backoff);
-                true
-            }
-            _ => false,
-        }
-    }
-}
 
 /// One address of a pool.
 #[derive(Debug)]
@@ -93,13 +35,16 @@ pub(crate) struct Server {
     pub(crate) backup: bool,
     key: u64,
     live: AtomicUsize,
-    /// Mirrors `health.is_down()` for lock-free reads in `pick`.
+    /// Mirrors `!health.is_up()` for lock-free reads in `pick` and by
+    /// the workers looking for relays to reset.
     down: AtomicBool,
-    health: Mutex<PassiveHealth>,
+    /// An active probe judged it already.
+    probed: AtomicBool,
+    health: Mutex<HealthState>,
 }
 
 impl Server {
-    fn new(addr: SocketAddr, weight: u32, backup: bool) -> Server {
+    fn new(addr: SocketAddr, weight: u32, backup: bool, params: HealthParams) -> Server {
         Server {
             addr,
             weight,
@@ -107,18 +52,19 @@ impl Server {
             key: balance::hash_addr(addr),
             live: AtomicUsize::new(0),
             down: AtomicBool::new(false),
-            health: Mutex::new(PassiveHealth::new()),
+            probed: AtomicBool::new(false),
+            health: Mutex::new(HealthState::new(params, Instant::now())),
         }
     }
 
-    fn is_down(&self) -> bool {
+    pub(crate) fn is_down(&self) -> bool {
         self.down.load(Ordering::Relaxed)
     }
 
-    fn with_health<T>(&self, f: impl FnOnce(&mut PassiveHealth) -> T) -> T {
+    fn with_health<T>(&self, f: impl FnOnce(&mut HealthState) -> T) -> T {
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
         let out = f(&mut h);
-        self.down.store(h.is_down(), Ordering::Relaxed);
+        self.down.store(!h.is_up(), Ordering::Relaxed);
         out
     }
 
@@ -168,25 +114,59 @@ pub(crate) struct Pool {
     listener: String,
     balance: Balance,
     retries: Option<usize>,
-    fall: u32,
-    /// The first wait before a down server is tried again.
-    backoff: Duration,
+    params: HealthParams,
+    /// The active check, if any.
+    check: Option<ActiveCheck>,
+    pub(crate) on_down: OnDown,
+    /// Transitions to down so far: workers compare it with the value they
+    /// last saw to know when to look for relays of a down server.
+    downs: AtomicU64,
     members: RwLock<Arc<Members>>,
     /// Round-robin position, shared by all workers.
     cursor: AtomicUsize,
 }
 
+/// A pool's active check: what to ask, how often, within what time.
+#[derive(Debug)]
+pub(crate) struct ActiveCheck {
+    pub(crate) spec: CheckSpec,
+    pub(crate) interval: Duration,
+    pub(crate) timeout: Duration,
+}
+
 impl Pool {
     pub(crate) fn new(listener: &str, config: &PoolConfig) -> Pool {
+        let h = &config.health;
         Pool {
             listener: listener.to_string(),
             balance: config.balance,
             retries: config.retries,
-            fall: config.health.fall,
-            backoff: config.health.interval,
+            params: HealthParams {
+                rise: h.rise,
+                fall: h.fall,
+                backoff_base: h.interval,
+                backoff_max: BACKOFF_MAX.max(h.interval),
+            },
+            check: check_spec(h).map(|spec| ActiveCheck {
+                spec,
+                interval: h.interval,
+                timeout: h.timeout,
+            }),
+            on_down: config.on_down,
+            downs: AtomicU64::new(0),
             members: RwLock::new(Arc::default()),
             cursor: AtomicUsize::new(0),
         }
+    }
+
+    /// The active check, if the pool has one.
+    pub(crate) fn check(&self) -> Option<&ActiveCheck> {
+        self.check.as_ref()
+    }
+
+    /// How many times a server of this pool went down so far.
+    pub(crate) fn downs(&self) -> u64 {
+        self.downs.load(Ordering::Acquire)
     }
 
     pub(crate) fn members(&self) -> Arc<Members> {
@@ -210,7 +190,7 @@ impl Pool {
             .iter()
             .map(|m| match old.servers.iter().find(|s| same(s, m)) {
                 Some(s) => Arc::clone(s),
-                None => Arc::new(Server::new(m.addr, m.weight, m.backup)),
+                None => Arc::new(Server::new(m.addr, m.weight, m.backup, self.params)),
             })
             .collect();
         let added = wanted
@@ -259,8 +239,14 @@ impl Pool {
         let m = self.members();
         let untried = |s: &Arc<Server>| !tried.contains(&s.addr);
         let primary_up = m.servers.iter().any(|s| !s.backup && !s.is_down());
-        for s in m.servers.iter().filter(|s| s.is_down() && untried(s)) {
-            if (!s.backup || !primary_up) && s.with_health(|h| h.claim_trial(now)) {
+        // With an active check, only probes bring a server back.
+        let trials = self.check.is_none();
+        for s in m
+            .servers
+            .iter()
+            .filter(|s| trials && s.is_down() && untried(s))
+        {
+            if (!s.backup || !primary_up) && s.with_health(|h| h.take_trial(now)) {
                 return Some(Lease::new(Arc::clone(s)));
             }
         }
@@ -315,85 +301,93 @@ impl Pool {
     }
 
     /// A connect to `server` failed (refused, timed out, unreachable).
-    pub(crate) fn failed(&self, server: &Server, now: Instant) {
-        let t = server.with_health(|h| h.failed(now, self.fall, self.backoff));
-        if let Some(Transition::Down { retry_in }) = t {
-            tracing::warn!(
-                listener = %self.listener,
-                upstream = %server.addr,
-                fall = self.fall,
-                "server marked down after {} failed connects; next try in {} ms",
-                self.fall,
-                retry_in.as_millis()
-            );
-        }
+    pub(crate) fn failed(&self, server: &Server, reason: &str, now: Instant) {
+        let t = server.with_health(|h| h.connect_failed(reason, now));
+        self.transition(server, t, "connect");
     }
 
-    /// A connect to `server` succeeded.
-    pub(crate) fn succeeded(&self, server: &Server) {
-        if let Some(Transition::Up) = server.with_health(PassiveHealth::succeeded) {
-            tracing::info!(listener = %self.listener, upstream = %server.addr, "server is up again");
+    /// A connect to `server` succeeded. Without an active check that
+    /// brings a down server back and resets the fall count. With one it
+    /// changes nothing: a demoted primary still accepts connects, and
+    /// they must not undo the probes' failures.
+    pub(crate) fn succeeded(&self, server: &Server, now: Instant) {
+        if self.check.is_some() {
+            return;
+        }
+        let t = server.with_health(|h| h.connect_ok(now));
+        self.transition(server, t, "connect");
+    }
+
+    /// An active probe's verdict on `server`. A server's first verdict
+    /// counts `fall` times: a replica behind `role = "primary"` must not
+    /// take writes for `interval × fall` after start.
+    pub(crate) fn observe(&self, server: &Server, verdict: &Verdict, now: Instant) {
+        let first = !server.probed.swap(true, Ordering::Relaxed);
+        let repeat = if first { self.params.fall } else { 1 };
+        let t =
+            server.with_health(|h| (0..repeat).fold(None, |t, _| h.observe(verdict, now).or(t)));
+        self.transition(server, t, "check");
+    }
+
+    /// Logs a change of state, and counts a down one for the workers.
+    fn transition(&self, server: &Server, t: Option<Transition>, by: &str) {
+        match t {
+            None => {}
+            Some(Transition::Down { reason }) => {
+                self.downs.fetch_add(1, Ordering::AcqRel);
+                let relays = match self.on_down {
+                    OnDown::Drain => "its relays drain",
+                    OnDown::Kill => "its relays are reset",
+                };
+                tracing::warn!(
+                    listener = %self.listener,
+                    upstream = %server.addr,
+                    fall = self.params.fall,
+                    live = server.live(),
+                    "server marked down after {} failed {by}s ({relays}): {reason}",
+                    self.params.fall,
+                );
+            }
+            Some(Transition::Up { role }) => {
+                let role = role.map(|r| format!(" as {r}")).unwrap_or_default();
+                tracing::warn!(
+                    listener = %self.listener,
+                    upstream = %server.addr,
+                    "server is up again{role} (after a good {by})"
+                );
+            }
         }
     }
+}
+
+/// The probe a pool's `health` table asks for, if any.
+fn check_spec(h: &config::HealthConfig) -> Option<CheckSpec> {
+    let kind = match h.check? {
+        config::Check::Tcp => Kind::Tcp,
+        config::Check::Redis => Kind::Redis,
+        config::Check::Postgres => Kind::Postgres,
+        config::Check::Mysql => Kind::Mysql,
+        config::Check::Http => Kind::Http,
+    };
+    let mut spec = CheckSpec::new(kind);
+    spec.role = match h.role {
+        config::Role::Any => WantRole::Any,
+        config::Role::Primary => WantRole::Primary,
+        config::Role::Replica => WantRole::Replica,
+    };
+    spec.user = h.user.clone();
+    spec.password = h.password.as_ref().map(|p| p.0.clone());
+    spec.database = h.database.clone();
+    if let Some(path) = &h.path {
+        spec.http_path = path.clone();
+    }
+    spec.http_port = h.port;
+    Some(spec)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const BASE: Duration = Duration::from_secs(1);
-
-    // Tests for the Up state
-
-    #[test]
-    fn up_goes_down_after_fall_consecutive_failures() {
-        let now = Instant::now();
-        let mut h = PassiveHealth::new();
-        assert_eq!(h.failed(now, 3, BASE), None);
-        assert_eq!(h.failed(now, 3, BASE), None);
-        assert_eq!(h.succeeded(), None, "a success resets the count");
-        assert_eq!(h.failed(now, 3, BASE), None);
-        assert_eq!(h.failed(now, 3, BASE), None);
-        assert_eq!(
-            h.failed(now, 3, BASE),
-            Some(Transition::Down { retry_in: BASE })
-        );
-        assert!(h.is_down());
-    }
-
-    #[test]
-    fn an_up_server_offers_no_trial() {
-        let mut h = PassiveHealth::new();
-        assert!(!h.claim_trial(Instant::now()));
-    }
-
-    // Tests for the Down state
-
-    #[test]
-    fn down_offers_one_trial_per_backoff_and_doubles_it_on_failure() {
-        let t0 = Instant::now();
-        let mut h = PassiveHealth::new();
-        h.failed(t0, 1, BASE);
-        assert!(!h.claim_trial(t0), "not before the backoff");
-        assert!(h.claim_trial(t0 + BASE));
-        assert!(!h.claim_trial(t0 + BASE), "one trial at a time");
-        assert_eq!(h.failed(t0 + BASE, 1, BASE), None);
-        assert!(!h.claim_trial(t0 + BASE * 2), "backoff doubled to 2 s");
-        assert!(h.claim_trial(t0 + BASE * 3));
-        for _ in 0..10 {
-            h.failed(t0, 1, BASE);
-        }
-        assert_eq!(h.backoff, BACKOFF_MAX, "capped");
-    }
-
-    #[test]
-    fn down_comes_up_on_a_successful_trial() {
-        let t0 = Instant::now();
-        let mut h = PassiveHealth::new();
-        h.failed(t0, 1, BASE);
-        assert_eq!(h.succeeded(), Some(Transition::Up));
-        assert_eq!(h, PassiveHealth::new());
-    }
 
     // The pick
 
@@ -431,13 +425,87 @@ mod tests {
         assert_eq!(port(p.pick(0, CLIENT, &one, now)), 2);
         // The primary is down: the backup takes every relay...
         let primary = Arc::clone(&p.members().servers[0]);
-        p.failed(&primary, now);
+        p.failed(&primary, "refused", now);
         assert_eq!(port(p.pick(0, CLIENT, &[], now)), 2);
         // ...until the primary's trial is due, which it gets, and passes.
         let trial = p.pick(0, CLIENT, &[], now + Duration::from_secs(3));
         assert_eq!(port(trial), 1);
-        p.succeeded(&primary);
+        p.succeeded(&primary, now);
         assert_eq!(port(p.pick(0, CLIENT, &[], now)), 1);
+    }
+
+    // Passive and active health share one state per server
+
+    fn checked_pool(rise: u32) -> Pool {
+        let mut config = PoolConfig::new(Vec::new());
+        config.health.fall = 1;
+        config.health.rise = rise;
+        config.health.check = Some(config::Check::Redis);
+        let p = Pool::new("test", &config);
+        p.set_members(
+            [1, 2]
+                .iter()
+                .map(|&port| Member {
+                    addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                    weight: 1,
+                    backup: false,
+                })
+                .collect(),
+        );
+        p
+    }
+
+    #[test]
+    fn a_down_verdict_counts_a_down_and_takes_the_server_out_of_the_pick() {
+        let p = checked_pool(2);
+        let now = Instant::now();
+        let first = Arc::clone(&p.members().servers[0]);
+        assert_eq!(p.downs(), 0);
+        p.observe(&first, &Verdict::down("role is replica, want primary"), now);
+        assert_eq!(p.downs(), 1);
+        assert!(first.is_down());
+        for later in [0, 5, 60] {
+            let at = now + Duration::from_secs(later);
+            assert_eq!(port(p.pick(0, CLIENT, &[], at)), 2, "no trial at +{later}s");
+        }
+    }
+
+    #[test]
+    fn a_first_bad_verdict_takes_a_server_down_at_once() {
+        let mut config = PoolConfig::new(Vec::new());
+        config.health.fall = 3;
+        config.health.check = Some(config::Check::Postgres);
+        let p = Pool::new("test", &config);
+        p.set_members(vec![Member {
+            addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+            weight: 1,
+            backup: false,
+        }]);
+        let s = Arc::clone(&p.members().servers[0]);
+        let now = Instant::now();
+        p.observe(&s, &Verdict::down("role is replica, want primary"), now);
+        assert!(s.is_down(), "no fall count for the first verdict");
+        p.observe(&s, &Verdict::Up { role: None }, now);
+        p.observe(&s, &Verdict::Up { role: None }, now);
+        p.observe(&s, &Verdict::down("again"), now);
+        assert!(!s.is_down(), "later verdicts count once");
+    }
+
+    #[test]
+    fn with_an_active_check_only_rise_good_probes_bring_a_server_back() {
+        let p = checked_pool(2);
+        let now = Instant::now();
+        let first = Arc::clone(&p.members().servers[0]);
+        p.observe(&first, &Verdict::Up { role: None }, now);
+        p.failed(&first, "refused", now);
+        assert!(first.is_down(), "a passive failure counts towards fall");
+        p.succeeded(&first, now);
+        assert!(first.is_down(), "a connect proves no role");
+        p.observe(&first, &Verdict::Up { role: None }, now);
+        assert!(first.is_down(), "one of rise = 2");
+        p.observe(&first, &Verdict::Up { role: None }, now);
+        assert!(!first.is_down());
+        assert_eq!(p.downs(), 1, "coming up is no down");
     }
 
     #[test]

@@ -259,15 +259,24 @@ fn read_listener(
         "listener[{}]",
         name.as_deref().unwrap_or(&index.to_string())
     );
-    let known: Vec<&str> = ["name", "listen", "allow", "deny", "accept-proxy", "pool"]
-        .into_iter()
-        .chain(INHERITED.iter().copied())
-        .collect();
+    let known: Vec<&str> = [
+        "name",
+        "listen",
+        "allow",
+        "deny",
+        "accept-proxy",
+        "protocol",
+        "pool",
+    ]
+    .into_iter()
+    .chain(INHERITED.iter().copied())
+    .collect();
     let mut own = Inherited::default();
     let mut listen = Vec::new();
     let mut listen_seen = false;
     let mut access = Access::default();
     let mut accept_proxy = None;
+    let mut protocol = Protocol::None;
     let mut pool = None;
     for (k, v) in t.iter() {
         let name_k = k.get_ref().as_ref();
@@ -317,8 +326,12 @@ fn read_listener(
                             "trusted lists no source: PROXY headers would be accepted from nobody",
                         );
                     }
-                    cx.unsupported(&v.span(), &key, "reading PROXY headers (accept-proxy)");
                     accept_proxy = Some(AcceptProxy { trusted });
+                }
+            }
+            "protocol" => {
+                if let Some(p) = cx.choice(v, &key, Protocol::parse, Protocol::CHOICES) {
+                    protocol = p;
                 }
             }
             "pool" => pool = read_pool(cx, v, &key),
@@ -358,6 +371,7 @@ fn read_listener(
         max_conns_per_source: s.max_conns_per_source,
         access,
         accept_proxy,
+        protocol,
         keepalive: s.keepalive,
         user_timeout: s.user_timeout.flatten(),
     })

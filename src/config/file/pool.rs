@@ -32,13 +32,6 @@ pub(super) fn read_pool(cx: &mut Cx, v: &Value<'_>, path: &str) -> Option<PoolCo
             "retries" => pool.retries = cx.uint(v, &key, 0, 1000).map(|n| n as usize),
             "on-down" => {
                 if let Some(o) = cx.choice(v, &key, OnDown::parse, OnDown::CHOICES) {
-                    if o == OnDown::Kill {
-                        cx.unsupported(
-                            &v.span(),
-                            &key,
-                            "resetting a down server's relays (on-down = \"kill\")",
-                        );
-                    }
                     pool.on_down = o;
                 }
             }
@@ -49,9 +42,6 @@ pub(super) fn read_pool(cx: &mut Cx, v: &Value<'_>, path: &str) -> Option<PoolCo
             }
             "send-proxy" => {
                 if let Some(p) = cx.choice(v, &key, SendProxy::parse, SendProxy::CHOICES) {
-                    if p != SendProxy::None {
-                        cx.unsupported(&v.span(), &key, "sending PROXY headers (send-proxy)");
-                    }
                     pool.send_proxy = p;
                 }
             }
@@ -191,9 +181,6 @@ fn read_health(cx: &mut Cx, v: &Value<'_>, path: &str) -> Option<HealthConfig> {
         match name {
             "check" => {
                 h.check = cx.choice(v, &key, Check::parse, Check::CHOICES);
-                if h.check.is_some() {
-                    cx.unsupported(&v.span(), &key, "active health checking (health.check)");
-                }
             }
             "interval" => h.interval = cx.positive_duration(v, &key).unwrap_or(h.interval),
             "timeout" => h.timeout = cx.positive_duration(v, &key).unwrap_or(h.timeout),
@@ -235,15 +222,15 @@ fn read_health(cx: &mut Cx, v: &Value<'_>, path: &str) -> Option<HealthConfig> {
                 "an http check takes the role from its path (e.g. path = \"/primary\")",
             );
         }
-        Some(Check::Tcp) if h.role != Role::Any => {
+        Some(c @ (Check::Tcp | Check::Mysql)) if h.role != Role::Any => {
             let span = t.get("role").map_or(v.span(), |r| r.span());
             cx.error(
                 &span,
                 &join(path, "role"),
-                "a tcp check cannot tell roles: use redis, postgres, mysql or http",
+                format!("a {c} check cannot tell roles: use redis, postgres or http"),
             );
         }
-        Some(Check::Postgres | Check::Mysql) if h.role != Role::Any && h.user.is_none() => {
+        Some(Check::Postgres) if h.role != Role::Any && h.user.is_none() => {
             cx.error(
                 &v.span(),
                 &join(path, "user"),

@@ -42,14 +42,6 @@ impl Cx {
         });
     }
 
-    pub(super) fn unsupported(&mut self, span: &Range<usize>, key: &str, what: &str) {
-        self.unsupported.push(Diagnostic {
-            line: self.line(span),
-            key: key.into(),
-            message: format!("{what} is not supported by `spliced run` yet"),
-        });
-    }
-
     pub(super) fn unknown(
         &mut self,
         key: &Spanned<std::borrow::Cow<str>>,

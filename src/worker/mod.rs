@@ -14,6 +14,9 @@
 //! cleared by WouldBlock, so any code that leaves bytes pending still gets
 //! the destination's next writable edge; nothing needs re-arming.
 
+mod health;
+mod preface;
+
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -131,6 +134,10 @@ pub(crate) struct Worker {
     /// Most relays in all workers together; past it, clients wait in the
     /// backlog (see `proxy::relay_cap`).
     relay_cap: usize,
+    /// Active health probes this worker runs.
+    checks: health::Checks,
+    /// Clients read before their relay starts, and cancel requests.
+    prefaces: preface::Prefaces,
 }
 
 impl Worker {
@@ -181,6 +188,8 @@ impl Worker {
             draining: false,
             retiring: Vec::new(),
             relay_cap,
+            checks: health::Checks::default(),
+            prefaces: preface::Prefaces::default(),
         })
     }
 
@@ -211,11 +220,16 @@ impl Worker {
                     }
                     Owner::Listener(_) => {}
                     Owner::Relay(relay, side) => self.on_socket_event(relay, side, event, now),
+                    Owner::Probe(key) => self.on_probe_event(key, now),
+                    Owner::Preface(key) => self.on_preface_event(key, now),
                 }
             }
             self.run_ready(now);
             self.resume_accepting(now);
             self.expire(now);
+            self.expire_prefaces(now);
+            self.run_checks(now);
+            self.reset_down_relays(now);
             self.counters
                 .timer_entries
                 .store(self.timers.len() as u64, Ordering::Relaxed);
@@ -233,6 +247,8 @@ impl Worker {
             self.timers.next(),
             self.accept_paused_until,
             self.drain_deadline,
+            self.checks.next(),
+            self.prefaces.next(),
         ]
         .into_iter()
         .chain(self.listeners.iter().map(|l| l.full_until))
@@ -267,10 +283,7 @@ impl Worker {
                 None => return,
             };
             match accepted {
-                Ok((client, addr)) => match runtime.admit(reservation, addr.ip()) {
-                    Ok(admission) => self.start_relay(client, addr, runtime, admission, now),
-                    Err(refused) => self.refuse(client, addr, &runtime, refused, now),
-                },
+                Ok((client, addr)) => self.accepted(client, addr, runtime, reservation, now),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if out_of_fds(&e) => {
@@ -403,12 +416,19 @@ impl Worker {
         }
     }
 
+    /// Starts a relay's upstream connect. `local` is the address the
+    /// client connected to when a PROXY header named it; `preread` are
+    /// bytes the client sent already. Both, with `send-proxy`'s header in
+    /// front, reach the server before anything else.
+    #[allow(clippy::too_many_arguments)]
     fn start_relay(
         &mut self,
         client: TcpStream,
         client_addr: SocketAddr,
+        local: Option<SocketAddr>,
         listener: Arc<Listener>,
         admission: Admission,
+        preread: Vec<u8>,
         now: Instant,
     ) {
         let counters = listener.counters(self.index);
@@ -436,7 +456,15 @@ impl Worker {
             client_addr,
             admission,
         };
-        let relay = Relay::new(accepted, upstream, round, now);
+        let ahead = preface::ahead(&accepted, local, preread);
+        let mut relay = Relay::new(accepted, upstream, round, now);
+        if let Err(e) = relay.read_ahead(&ahead, &mut self.pools) {
+            let e = RelayError::new(Side::Internal, Op::Read, e);
+            if let Some(key) = self.admit(relay, now) {
+                self.close(key, CloseReason::Internal, Some(&e), now);
+            }
+            return;
+        }
         self.admit(relay, now);
     }
 
@@ -662,7 +690,7 @@ impl Worker {
         match outcome {
             Connect::Pending => {}
             Connect::Established => {
-                relay.round.succeeded(&relay.listener.pool);
+                relay.round.succeeded(&relay.listener.pool, now);
                 if let Some(since) = relay.core.activity().connecting_since {
                     let took = now.saturating_duration_since(since);
                     relay.listener.counters(self.index).connected(took);
@@ -683,7 +711,7 @@ impl Worker {
                 // The server accepted: this is a connection that reset, not
                 // a failed connect, so the client gets a reset too and no
                 // other server is tried.
-                relay.round.succeeded(&relay.listener.pool);
+                relay.round.succeeded(&relay.listener.pool, now);
                 relay.core.connected(now, hung_up);
                 let e = RelayError::new(Side::Upstream, Op::Read, e);
                 self.close(key, CloseReason::UpstreamReset, Some(&e), now);
@@ -697,7 +725,7 @@ impl Worker {
         let relay = &mut self.relays[key];
         let (id, failed, listener) = (relay.id, relay.upstream_addr, Arc::clone(&relay.listener));
         let mut round = std::mem::replace(&mut relay.round, Round::empty());
-        round.failed(&listener.pool, now);
+        round.failed(&listener.pool, &error, now);
         let more = round.has_next(&listener.pool);
         if let Some(failed) = failed {
             self.connect_failed(id, &listener, failed, &error, more, now);

@@ -1,0 +1,538 @@
+//! What a worker reads from a client before it connects upstream, for the
+//! listeners that ask for it: the PROXY header (`accept-proxy`) and the
+//! first PostgreSQL packet (`protocol = "postgres"`), to recognise a
+//! CancelRequest. Every other listener starts its upstream connect at
+//! accept, as before; the relay itself never changes.
+//!
+//! A pending client is registered under a preface token and read with a
+//! deadline. Whatever it sent past the header reaches the server first,
+//! as read-ahead bytes of the client→upstream direction (after the PROXY
+//! header spliced sends itself, with `send-proxy`).
+//!
+//! A CancelRequest (16 bytes: length 16, code 80877102) cannot be routed
+//! by its key without knowing every session's, so it is sent to every
+//! server of the pool: each connect is a preface entry too, written once
+//! connected and closed. PostgreSQL ignores a key it does not know.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::Interest;
+use slab::Slab;
+use socket2::SockRef;
+
+use super::Worker;
+use crate::config::{Protocol, SendProxy};
+use crate::listener::{Admission, Listener, Reservation};
+use crate::proxy_protocol::{self, Parse};
+use crate::relay::Accepted;
+use crate::stats::CounterBlock;
+use crate::token;
+use crate::upstream::{self, Connect};
+
+/// How long a client may take to send its PROXY header (or, on a
+/// postgres listener, its first packet).
+pub(crate) const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most bytes read from a client before its relay starts.
+const PREFACE_MAX: usize = 4096;
+/// PostgreSQL's CancelRequest: its length and its request code.
+const CANCEL_LEN: usize = 16;
+const CANCEL_CODE: u32 = 80_877_102;
+
+/// Room under the listener's limits: reserved before the header names
+/// the client, admitted once it did.
+enum Hold {
+    Reserved(Reservation),
+    Admitted(Admission),
+    Taken,
+}
+
+struct Pending {
+    client: TcpStream,
+    /// The client's address: the socket's, or the header's source.
+    client_addr: SocketAddr,
+    /// The address the client connected to: the header's destination,
+    /// when it named one.
+    local: Option<SocketAddr>,
+    listener: Arc<Listener>,
+    hold: Hold,
+    buf: Vec<u8>,
+    header_done: bool,
+    deadline: Instant,
+}
+
+/// A CancelRequest on its way to one server.
+struct CancelSend {
+    stream: TcpStream,
+    server: SocketAddr,
+    packet: [u8; CANCEL_LEN],
+    deadline: Instant,
+}
+
+enum Entry {
+    Client(Box<Pending>),
+    Cancel(CancelSend),
+}
+
+impl Entry {
+    fn deadline(&self) -> Instant {
+        match self {
+            Entry::Client(p) => p.deadline,
+            Entry::Cancel(c) => c.deadline,
+        }
+    }
+}
+
+/// A worker's connections that have no relay yet.
+#[derive(Default)]
+pub(super) struct Prefaces {
+    entries: Slab<Entry>,
+    next: Option<Instant>,
+}
+
+impl Prefaces {
+    pub(super) fn next(&self) -> Option<Instant> {
+        self.next
+    }
+}
+
+/// What the bytes read so far decide.
+#[derive(Debug, PartialEq, Eq)]
+enum Decision {
+    /// Read more.
+    More,
+    /// Start the relay with these bytes ahead.
+    Relay,
+    /// A CancelRequest: fan it out and close the client.
+    Cancel([u8; CANCEL_LEN]),
+    /// Reset the client: a bad PROXY header.
+    Refuse(String),
+}
+
+/// Whether a listener reads anything before its upstream connect.
+pub(super) fn wanted(listener: &Listener) -> bool {
+    listener.config.accept_proxy.is_some() || listener.config.protocol != Protocol::None
+}
+
+/// Whether `peer` may send a PROXY header to `listener`.
+fn trusted(listener: &Listener, peer: IpAddr) -> bool {
+    let peer = peer.to_canonical();
+    listener
+        .config
+        .accept_proxy
+        .as_ref()
+        .is_some_and(|a| a.trusted.iter().any(|n| n.contains(&peer)))
+}
+
+/// The first PostgreSQL packet so far (after any PROXY header): a
+/// CancelRequest, something else, or too short to tell.
+fn postgres_first(buf: &[u8]) -> Decision {
+    if buf.len() < 8 {
+        return Decision::More;
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    let code = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    if len != CANCEL_LEN || code != CANCEL_CODE {
+        return Decision::Relay;
+    }
+    if buf.len() < CANCEL_LEN {
+        return Decision::More;
+    }
+    if buf.len() > CANCEL_LEN {
+        // A cancel connection carries nothing after its request.
+        return Decision::Relay;
+    }
+    let mut packet = [0u8; CANCEL_LEN];
+    packet.copy_from_slice(&buf[..CANCEL_LEN]);
+    Decision::Cancel(packet)
+}
+
+impl Pending {
+    /// What the bytes read so far decide; parses the PROXY header once.
+    fn decide(&mut self) -> Decision {
+        if self.listener.config.accept_proxy.is_some() && !self.header_done {
+            match proxy_protocol::parse(&self.buf) {
+                Ok(Parse::Incomplete) => return Decision::More,
+                Err(e) => return Decision::Refuse(e.to_string()),
+                Ok(Parse::Complete(h)) => {
+                    self.header_done = true;
+                    self.buf.drain(..h.header_len);
+                    if let Some(source) = h.source {
+                        self.client_addr = source;
+                    }
+                    self.local = h.destination;
+                }
+            }
+        }
+        match self.listener.config.protocol {
+            Protocol::None => Decision::Relay,
+            Protocol::Postgres => postgres_first(&self.buf),
+        }
+    }
+}
+
+/// What goes to the server before the client's own bytes: the
+/// `send-proxy` header, then what the client sent before the connect.
+pub(super) fn ahead(accepted: &Accepted, local: Option<SocketAddr>, preread: Vec<u8>) -> Vec<u8> {
+    let version = accepted.listener.config.pool.send_proxy;
+    if version == SendProxy::None {
+        return preread;
+    }
+    let local = local.or_else(|| accepted.client.local_addr().ok());
+    let addrs = local.map(|l| (accepted.client_addr, l));
+    let mut header = match version {
+        SendProxy::V1 => proxy_protocol::encode_v1(addrs),
+        _ => proxy_protocol::encode_v2(addrs),
+    };
+    header.extend_from_slice(&preread);
+    header
+}
+
+impl Worker {
+    /// A new client: its relay starts now, or once the listener read what
+    /// it wants first (a PROXY header, a PostgreSQL first packet).
+    pub(super) fn accepted(
+        &mut self,
+        client: TcpStream,
+        addr: SocketAddr,
+        listener: Arc<Listener>,
+        reservation: Reservation,
+        now: Instant,
+    ) {
+        if wanted(&listener) {
+            self.begin_preface(client, addr, listener, reservation, now);
+            return;
+        }
+        match listener.admit(reservation, addr.ip()) {
+            Ok(admission) => {
+                self.start_relay(client, addr, None, listener, admission, Vec::new(), now)
+            }
+            Err(refused) => self.refuse(client, addr, &listener, refused, now),
+        }
+    }
+
+    /// An accepted client of a listener that reads first: refused at once
+    /// if it may not send a PROXY header, else read with a deadline.
+    pub(super) fn begin_preface(
+        &mut self,
+        client: TcpStream,
+        peer: SocketAddr,
+        listener: Arc<Listener>,
+        reservation: Reservation,
+        now: Instant,
+    ) {
+        let hold = if listener.config.accept_proxy.is_some() {
+            if !trusted(&listener, peer.ip()) {
+                let why = "not a trusted source of PROXY headers".to_string();
+                self.refuse_preface(client, peer, &listener, &why, now);
+                return;
+            }
+            Hold::Reserved(reservation)
+        } else {
+            match listener.admit(reservation, peer.ip()) {
+                Ok(admission) => Hold::Admitted(admission),
+                Err(refused) => {
+                    self.refuse(client, peer, &listener, refused, now);
+                    return;
+                }
+            }
+        };
+        let pending = Pending {
+            client,
+            client_addr: peer,
+            local: None,
+            listener,
+            hold,
+            buf: Vec::new(),
+            header_done: false,
+            deadline: now + PREFACE_TIMEOUT,
+        };
+        let entry = self.prefaces.entries.vacant_entry();
+        let key = entry.key();
+        let mut pending = Box::new(pending);
+        if let Err(e) = self.poll.registry().register(
+            &mut pending.client,
+            token::preface(key),
+            Interest::READABLE,
+        ) {
+            tracing::warn!(worker = self.index, client = %peer, error = %e, "internal: cannot register a client socket; closing it");
+            return;
+        }
+        entry.insert(Entry::Client(pending));
+        self.prefaces.next = Some(
+            self.prefaces
+                .next
+                .map_or(now + PREFACE_TIMEOUT, |n| n.min(now + PREFACE_TIMEOUT)),
+        );
+        // The client may have sent already: read now rather than wait for
+        // the registration's first event.
+        self.on_preface_event(key, now);
+    }
+
+    /// An event on a pending client or on a cancel request's connect.
+    pub(super) fn on_preface_event(&mut self, key: usize, now: Instant) {
+        match self.prefaces.entries.get_mut(key) {
+            Some(Entry::Client(p)) => {
+                let eof = match read_some(&mut p.client, &mut p.buf) {
+                    Ok(eof) => eof,
+                    Err(e) => {
+                        // The client reset or failed: nothing to relay.
+                        tracing::debug!(client = %p.client_addr, error = %e, "client failed before its relay started");
+                        self.prefaces.entries.remove(key);
+                        return;
+                    }
+                };
+                let decision = p.decide();
+                let full = p.buf.len() >= PREFACE_MAX;
+                match decision {
+                    Decision::More if !eof && !full => {}
+                    Decision::More
+                        if p.listener.config.accept_proxy.is_some() && !p.header_done =>
+                    {
+                        let why = if eof {
+                            "closed before its PROXY header was complete"
+                        } else {
+                            "sent more than a PROXY header may hold"
+                        };
+                        self.refuse_pending(key, why, now);
+                    }
+                    // A short first packet at EOF: the server says what it
+                    // makes of it.
+                    Decision::More | Decision::Relay => self.start_pending(key, now),
+                    Decision::Cancel(packet) => self.fan_out_cancel(key, packet, now),
+                    Decision::Refuse(why) => self.refuse_pending(key, &why, now),
+                }
+            }
+            Some(Entry::Cancel(c)) => {
+                // Readiness is not known here: confirm with getpeername.
+                let outcome = upstream::connect_result(&c.stream, false);
+                match outcome {
+                    Connect::Pending => {}
+                    Connect::Established => {
+                        // Sixteen bytes into an empty send buffer.
+                        if let Err(e) = c.stream.write_all(&c.packet) {
+                            tracing::debug!(upstream = %c.server, error = %e, "cancel request not sent");
+                        }
+                        self.prefaces.entries.remove(key);
+                    }
+                    Connect::Lost(e) | Connect::Failed(e) => {
+                        tracing::debug!(upstream = %c.server, error = %e, "cancel request not sent: connect failed");
+                        self.prefaces.entries.remove(key);
+                    }
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Ends pending clients and cancel connects past their deadline.
+    pub(super) fn expire_prefaces(&mut self, now: Instant) {
+        if self.prefaces.next.is_none_or(|t| t > now) {
+            return;
+        }
+        let due: Vec<usize> = self
+            .prefaces
+            .entries
+            .iter()
+            .filter(|(_, e)| e.deadline() <= now)
+            .map(|(k, _)| k)
+            .collect();
+        for key in due {
+            match &self.prefaces.entries[key] {
+                Entry::Client(p) if p.listener.config.accept_proxy.is_some() && !p.header_done => {
+                    let why = format!("no PROXY header within {} s", PREFACE_TIMEOUT.as_secs());
+                    self.refuse_pending(key, &why, now);
+                }
+                // A postgres client that sent no full first packet yet:
+                // relay what it sent and let the server judge.
+                Entry::Client(_) => self.start_pending(key, now),
+                Entry::Cancel(c) => {
+                    tracing::debug!(upstream = %c.server, "cancel request not sent: connect timed out");
+                    self.prefaces.entries.remove(key);
+                }
+            }
+        }
+        self.prefaces.next = self
+            .prefaces
+            .entries
+            .iter()
+            .map(|(_, e)| e.deadline())
+            .min();
+    }
+
+    fn take_pending(&mut self, key: usize) -> Box<Pending> {
+        let Entry::Client(mut p) = self.prefaces.entries.remove(key) else {
+            unreachable!("the caller matched a client entry")
+        };
+        let _ = self.poll.registry().deregister(&mut p.client);
+        p
+    }
+
+    /// The preface is complete: admit the client by the address it now
+    /// has, and start its relay with what it sent so far.
+    fn start_pending(&mut self, key: usize, now: Instant) {
+        let mut p = self.take_pending(key);
+        let admission = match std::mem::replace(&mut p.hold, Hold::Taken) {
+            Hold::Admitted(a) => a,
+            Hold::Reserved(r) => match p.listener.admit(r, p.client_addr.ip()) {
+                Ok(a) => a,
+                Err(refused) => {
+                    self.refuse(p.client, p.client_addr, &p.listener, refused, now);
+                    return;
+                }
+            },
+            Hold::Taken => return,
+        };
+        let Pending {
+            client,
+            client_addr,
+            local,
+            listener,
+            buf,
+            ..
+        } = *p;
+        self.start_relay(client, client_addr, local, listener, admission, buf, now);
+    }
+
+    fn refuse_pending(&mut self, key: usize, why: &str, now: Instant) {
+        let p = self.take_pending(key);
+        let Pending {
+            client,
+            client_addr,
+            listener,
+            ..
+        } = *p;
+        self.refuse_preface(client, client_addr, &listener, why, now);
+    }
+
+    /// Resets a client whose PROXY header was refused, counts and logs it.
+    fn refuse_preface(
+        &mut self,
+        client: TcpStream,
+        addr: SocketAddr,
+        listener: &Listener,
+        why: &str,
+        now: Instant,
+    ) {
+        let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
+        drop(client);
+        CounterBlock::add(&listener.counters(self.index).refused_proxy_header, 1);
+        match self.refusal_warnings.allow(now) {
+            Some(held_back) => tracing::warn!(
+                worker = self.index,
+                listener = listener.label(),
+                client = %addr,
+                similar_warnings_held_back = held_back,
+                "client refused (reset): {why}"
+            ),
+            None => {
+                tracing::debug!(listener = listener.label(), client = %addr, "client refused (reset): {why}")
+            }
+        }
+    }
+
+    /// Sends a CancelRequest to every server of the client's pool and
+    /// closes the client, as PostgreSQL itself does after one.
+    fn fan_out_cancel(&mut self, key: usize, packet: [u8; CANCEL_LEN], now: Instant) {
+        let p = self.take_pending(key);
+        let listener = Arc::clone(&p.listener);
+        CounterBlock::add(&listener.counters(self.index).pg_cancel_requests, 1);
+        let deadline = now + listener.config.timeouts.connect.unwrap_or(PREFACE_TIMEOUT);
+        let members = listener.pool.members();
+        let mut sent = 0;
+        for server in &members.servers {
+            let mut stream = match TcpStream::connect(server.addr) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(upstream = %server.addr, error = %e, "cancel request not sent: connect failed");
+                    continue;
+                }
+            };
+            let entry = self.prefaces.entries.vacant_entry();
+            if self
+                .poll
+                .registry()
+                .register(&mut stream, token::preface(entry.key()), Interest::WRITABLE)
+                .is_err()
+            {
+                continue;
+            }
+            entry.insert(Entry::Cancel(CancelSend {
+                stream,
+                server: server.addr,
+                packet,
+                deadline,
+            }));
+            sent += 1;
+        }
+        self.prefaces.next = Some(self.prefaces.next.map_or(deadline, |n| n.min(deadline)));
+        tracing::info!(
+            worker = self.index,
+            listener = listener.label(),
+            client = %p.client_addr,
+            servers = sent,
+            "postgres cancel request sent to every server of the pool"
+        );
+    }
+}
+
+/// Reads what the socket has, up to [`PREFACE_MAX`] in all. `Ok(true)` at
+/// EOF.
+fn read_some(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<bool> {
+    let mut chunk = [0u8; 1024];
+    while buf.len() < PREFACE_MAX {
+        let room = (PREFACE_MAX - buf.len()).min(chunk.len());
+        match stream.read(&mut chunk[..room]) {
+            Ok(0) => return Ok(true),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cancel(pid: u32, key: u32) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&16u32.to_be_bytes());
+        b.extend_from_slice(&CANCEL_CODE.to_be_bytes());
+        b.extend_from_slice(&pid.to_be_bytes());
+        b.extend_from_slice(&key.to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn a_cancel_request_is_recognised_only_whole_and_alone() {
+        let c = cancel(4242, 77);
+        for n in 0..16 {
+            assert_eq!(postgres_first(&c[..n]), Decision::More, "{n} bytes");
+        }
+        let mut packet = [0u8; 16];
+        packet.copy_from_slice(&c);
+        assert_eq!(postgres_first(&c), Decision::Cancel(packet));
+        let mut more = c.clone();
+        more.push(0);
+        assert_eq!(postgres_first(&more), Decision::Relay);
+    }
+
+    #[test]
+    fn other_first_packets_relay_as_soon_as_their_header_is_read() {
+        // StartupMessage (protocol 3.0), SSLRequest, GSSENCRequest.
+        for code in [196_608u32, 80_877_103, 80_877_104] {
+            let mut b = 8u32.to_be_bytes().to_vec();
+            b.extend_from_slice(&code.to_be_bytes());
+            assert_eq!(postgres_first(&b), Decision::Relay);
+        }
+        let mut wrong_len = 17u32.to_be_bytes().to_vec();
+        wrong_len.extend_from_slice(&CANCEL_CODE.to_be_bytes());
+        assert_eq!(postgres_first(&wrong_len), Decision::Relay);
+    }
+}

@@ -1,0 +1,518 @@
+//! The fleet features in a running proxy, over loopback against scripted
+//! servers: active checks in the workers (every kind; redis with a role),
+//! `on-down` drain and kill when a primary is demoted, PROXY headers in
+//! (v1, v2, malformed, untrusted) and out, and PostgreSQL cancel requests
+//! sent to every server of a pool. Real servers are in scripts/failover.sh.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use spliced::config::{AcceptProxy, Check, OnDown, Protocol, Role, SendProxy};
+use spliced::proxy_protocol::{self, Parse};
+use spliced::{Config, Mode, ProxyHandle};
+
+const T: Duration = Duration::from_secs(5);
+/// The check period of these tests; a change must show within
+/// `INTERVAL × fall` plus a second.
+const INTERVAL: Duration = Duration::from_millis(100);
+
+fn checked(upstreams: Vec<SocketAddr>, tweak: impl FnOnce(&mut Config)) -> ProxyHandle {
+    proxy(Mode::Splice, upstreams, |c| {
+        let h = &mut c.listeners[0].pool.health;
+        h.interval = INTERVAL;
+        h.timeout = INTERVAL;
+        h.fall = 2;
+        h.rise = 1;
+        c.listeners[0].pool.retries = Some(0);
+        tweak(c)
+    })
+}
+
+/// Connects through the proxy and asks the server for its tag.
+fn tag_via(proxy: SocketAddr) -> (TcpStream, u8) {
+    let mut s = TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(b"tag?").unwrap();
+    let mut reply = [0u8; 5];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply[1..], b"tag?", "the server echoes after its tag");
+    (s, reply[0])
+}
+
+/// The server every new connection reaches, once it is always `want`.
+fn wait_for_tag(proxy: SocketAddr, want: u8, within: Duration) -> Duration {
+    let start = Instant::now();
+    wait_until(
+        within,
+        &format!("new connections reach server {want}"),
+        || {
+            (0..4).all(|_| {
+                std::net::TcpStream::connect(proxy)
+                    .ok()
+                    .and_then(|mut s| {
+                        s.set_read_timeout(Some(T)).ok()?;
+                        s.write_all(b"tag?").ok()?;
+                        let mut r = [0u8; 5];
+                        s.read_exact(&mut r).ok()?;
+                        Some(r[0] == want)
+                    })
+                    .unwrap_or(false)
+            })
+        },
+    );
+    start.elapsed()
+}
+
+/// A fake Redis: answers `PING` and `INFO replication` with the role the
+/// test sets, and to anything else its tag byte, then an echo.
+struct FakeRedis {
+    server: Server,
+    master: Arc<AtomicBool>,
+}
+
+fn fake_redis(tag: u8, master: bool) -> FakeRedis {
+    let role = Arc::new(AtomicBool::new(master));
+    let flag = Arc::clone(&role);
+    let server = serve(move |mut s: TcpStream| {
+        let mut buf = [0u8; 4096];
+        let mut tagged = false;
+        loop {
+            let n = match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let text = String::from_utf8_lossy(&buf[..n]);
+            let reply = if text.contains("PING") {
+                b"+PONG\r\n".to_vec()
+            } else if text.contains("replication") {
+                let r = if flag.load(Ordering::SeqCst) {
+                    "master"
+                } else {
+                    "slave"
+                };
+                let body = format!("# Replication\r\nrole:{r}\r\nconnected_slaves:0\r\n");
+                format!("${}\r\n{body}\r\n", body.len()).into_bytes()
+            } else {
+                let mut out = Vec::new();
+                if !tagged {
+                    out.push(tag);
+                    tagged = true;
+                }
+                out.extend_from_slice(&buf[..n]);
+                out
+            };
+            if s.write_all(&reply).is_err() {
+                return;
+            }
+        }
+    });
+    FakeRedis {
+        server,
+        master: role,
+    }
+}
+
+fn redis_pair(on_down: OnDown) -> (FakeRedis, FakeRedis, ProxyHandle) {
+    let a = fake_redis(b'a', true);
+    let b = fake_redis(b'b', false);
+    let h = checked(vec![a.server.addr, b.server.addr], |c| {
+        let pool = &mut c.listeners[0].pool;
+        pool.health.check = Some(Check::Redis);
+        pool.health.role = Role::Primary;
+        pool.on_down = on_down;
+    });
+    // The replica is found out by the first probes.
+    wait_for_tag(h.local_addr(), b'a', T);
+    (a, b, h)
+}
+
+/// Demotes a and promotes b as a failover would.
+fn switch(a: &FakeRedis, b: &FakeRedis) {
+    a.master.store(false, Ordering::SeqCst);
+    b.master.store(true, Ordering::SeqCst);
+}
+
+// Active checks
+
+#[test]
+fn tcp_check_takes_a_server_that_refuses_out_of_the_pool() {
+    let live = serve(|mut s: TcpStream| {
+        let mut b = [0u8; 4];
+        if s.read_exact(&mut b).is_ok() {
+            let _ = s.write_all(b"Ltag?");
+        }
+    });
+    let h = checked(vec![refused_addr(), live.addr], |c| {
+        c.listeners[0].pool.health.check = Some(Check::Tcp);
+    });
+    wait_for_tag(h.local_addr(), b'L', T);
+    let s = h.stats();
+    assert!(s.health_probes >= 2, "{s:?}");
+    assert!(s.health_probe_failures >= 1, "{s:?}");
+}
+
+#[test]
+fn http_check_downs_a_server_whose_agent_answers_503() {
+    let agent = |status: &'static str| {
+        serve(move |mut s: TcpStream| {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(
+                format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            );
+        })
+    };
+    // Each server is its own agent (`port` unset): the probe GETs the
+    // server's own port.
+    let (ok, bad) = (agent("200 OK"), agent("503 Service Unavailable"));
+    let h = checked(vec![bad.addr, ok.addr], |c| {
+        let hc = &mut c.listeners[0].pool.health;
+        hc.check = Some(Check::Http);
+        hc.path = Some("/primary".into());
+    });
+    let p = h.local_addr();
+    wait_until(T, "the 503 server is down", || {
+        h.stats().health_probe_failures >= 2
+    });
+    // Every new connection now reaches the 200 server, which answers a
+    // request with its status line.
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(p).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let reply = read_to_eof(&mut s, T).unwrap();
+        assert!(
+            reply.starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&reply)
+        );
+    }
+}
+
+// on-down
+
+#[test]
+fn on_down_kill_resets_clients_of_a_demoted_primary() {
+    let (a, b, h) = redis_pair(OnDown::Kill);
+    let (mut old, tag) = tag_via(h.local_addr());
+    assert_eq!(tag, b'a');
+    switch(&a, &b);
+    let (ending, took) = expect_closed(&mut old, T);
+    assert_eq!(ending, Ending::Reset, "the old client is reset");
+    let bound = INTERVAL * 2 + Duration::from_secs(1);
+    assert!(took < bound, "reset after {took:?}, want < {bound:?}");
+    let moved = wait_for_tag(h.local_addr(), b'b', bound);
+    assert!(moved < bound, "{moved:?}");
+    wait_until(T, "the kill is counted", || {
+        h.stats().closed(spliced::CloseReason::ServerDown) >= 1
+    });
+}
+
+#[test]
+fn on_down_drain_lets_clients_of_a_demoted_primary_finish() {
+    let (a, b, h) = redis_pair(OnDown::Drain);
+    let (mut old, _) = tag_via(h.local_addr());
+    switch(&a, &b);
+    wait_for_tag(h.local_addr(), b'b', INTERVAL * 2 + Duration::from_secs(1));
+    // The old relay still carries bytes both ways.
+    round_trip(&mut old, b"still here", T);
+    assert_eq!(h.stats().closed(spliced::CloseReason::ServerDown), 0);
+}
+
+// PROXY protocol
+
+/// An upstream that parses the PROXY header it is sent, reports it with
+/// the payload that followed, and closes.
+fn header_reader() -> (Server, mpsc::Receiver<(proxy_protocol::Parsed, Vec<u8>)>) {
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let server = serve(move |mut s: TcpStream| {
+        s.set_read_timeout(Some(T)).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+            if let Ok(Parse::Complete(h)) = proxy_protocol::parse(&got) {
+                if got.len() >= h.header_len + 5 {
+                    let rest = got[h.header_len..].to_vec();
+                    let _ = tx.lock().unwrap().send((h, rest));
+                    return;
+                }
+            }
+        }
+    });
+    (server, rx)
+}
+
+fn proxied(upstream: SocketAddr, trusted: &str, send: SendProxy) -> ProxyHandle {
+    proxy(Mode::Splice, vec![upstream], |c| {
+        c.listeners[0].accept_proxy = Some(AcceptProxy {
+            trusted: vec![trusted.parse().unwrap()],
+        });
+        c.listeners[0].pool.send_proxy = send;
+    })
+}
+
+#[test]
+fn a_v1_header_in_becomes_a_v2_header_out_with_the_same_addresses() {
+    let (up, rx) = header_reader();
+    let h = proxied(up.addr, "127.0.0.0/8", SendProxy::V2);
+    let mut c = TcpStream::connect(h.local_addr()).unwrap();
+    c.write_all(b"PROXY TCP4 192.0.2.7 198.51.100.1 5555 6432\r\nhello")
+        .unwrap();
+    let (header, rest) = rx.recv_timeout(T).unwrap();
+    assert_eq!(header.version, 2);
+    assert_eq!(header.source, Some("192.0.2.7:5555".parse().unwrap()));
+    assert_eq!(
+        header.destination,
+        Some("198.51.100.1:6432".parse().unwrap())
+    );
+    assert_eq!(rest, b"hello");
+}
+
+#[test]
+fn a_v2_header_in_becomes_a_v1_header_out() {
+    let (up, rx) = header_reader();
+    let h = proxied(up.addr, "127.0.0.1/32", SendProxy::V1);
+    let src: SocketAddr = "[2001:db8::7]:4000".parse().unwrap();
+    let dst: SocketAddr = "[2001:db8::1]:5432".parse().unwrap();
+    let mut c = TcpStream::connect(h.local_addr()).unwrap();
+    let mut msg = proxy_protocol::encode_v2(Some((src, dst)));
+    msg.extend_from_slice(b"world");
+    c.write_all(&msg).unwrap();
+    let (header, rest) = rx.recv_timeout(T).unwrap();
+    assert_eq!(header.version, 1);
+    assert_eq!((header.source, header.destination), (Some(src), Some(dst)));
+    assert_eq!(rest, b"world");
+}
+
+#[test]
+fn send_proxy_alone_names_the_real_client() {
+    let (up, rx) = header_reader();
+    let h = proxy(Mode::Copy, vec![up.addr], |c| {
+        c.listeners[0].pool.send_proxy = SendProxy::V2;
+    });
+    let mut c = TcpStream::connect(h.local_addr()).unwrap();
+    c.write_all(b"12345").unwrap();
+    let (header, rest) = rx.recv_timeout(T).unwrap();
+    assert_eq!(header.source, Some(c.local_addr().unwrap()));
+    assert_eq!(header.destination, Some(h.local_addr()));
+    assert_eq!(rest, b"12345");
+}
+
+fn expect_refused(h: &ProxyHandle, up: &Server, send: &[u8]) {
+    let before = h.stats().refused_proxy_header;
+    let mut c = TcpStream::connect(h.local_addr()).unwrap();
+    if !send.is_empty() {
+        c.write_all(send).unwrap();
+    }
+    let (ending, _) = expect_closed(&mut c, T);
+    assert_eq!(ending, Ending::Reset);
+    wait_until(T, "the refusal is counted", || {
+        h.stats().refused_proxy_header == before + 1
+    });
+    assert_eq!(up.accepted(), 0, "no server was contacted");
+}
+
+#[test]
+fn malformed_headers_reset_the_client_and_are_counted() {
+    let up = echo_server();
+    let h = proxied(up.addr, "127.0.0.0/8", SendProxy::None);
+    expect_refused(&h, &up, b"GET / HTTP/1.1\r\n\r\n");
+    expect_refused(&h, &up, b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n");
+    expect_refused(&h, &up, &[b'P'; 200]);
+    let mut bad_v2 = proxy_protocol::V2_SIGNATURE.to_vec();
+    bad_v2.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);
+    expect_refused(&h, &up, &bad_v2);
+}
+
+#[test]
+fn an_untrusted_source_is_reset_at_accept() {
+    let up = echo_server();
+    let h = proxied(up.addr, "10.0.0.0/8", SendProxy::None);
+    // Reset at accept, before it could send anything.
+    expect_refused(&h, &up, b"");
+}
+
+#[test]
+fn limits_apply_to_the_address_in_the_header() {
+    let up = echo_server();
+    let h = proxy(Mode::Splice, vec![up.addr], |c| {
+        c.listeners[0].accept_proxy = Some(AcceptProxy {
+            trusted: vec!["127.0.0.0/8".parse().unwrap()],
+        });
+        c.listeners[0].access.deny = vec!["192.0.2.0/24".parse().unwrap()];
+    });
+    let mut c = TcpStream::connect(h.local_addr()).unwrap();
+    c.write_all(b"PROXY TCP4 192.0.2.9 127.0.0.1 1 2\r\n")
+        .unwrap();
+    assert_eq!(expect_closed(&mut c, T).0, Ending::Reset);
+    wait_until(T, "denied by the header's address", || {
+        h.stats().refused_denied == 1
+    });
+    let mut ok = TcpStream::connect(h.local_addr()).unwrap();
+    ok.write_all(b"PROXY TCP4 198.51.100.9 127.0.0.1 1 2\r\n")
+        .unwrap();
+    round_trip(&mut ok, b"allowed", T);
+}
+
+// PostgreSQL cancel requests
+
+/// A server that reports the first 16 bytes of every connection.
+fn first_bytes() -> (Server, mpsc::Receiver<Vec<u8>>) {
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let server = serve(move |mut s: TcpStream| {
+        s.set_read_timeout(Some(T)).unwrap();
+        let mut got = vec![0u8; 16];
+        if s.read_exact(&mut got).is_ok() {
+            let _ = tx.lock().unwrap().send(got);
+        }
+        let _ = s.write_all(b"N");
+    });
+    (server, rx)
+}
+
+fn cancel_packet(pid: u32, key: u32) -> Vec<u8> {
+    let mut b = 16u32.to_be_bytes().to_vec();
+    b.extend_from_slice(&80_877_102u32.to_be_bytes());
+    b.extend_from_slice(&pid.to_be_bytes());
+    b.extend_from_slice(&key.to_be_bytes());
+    b
+}
+
+fn postgres_listener(servers: Vec<SocketAddr>) -> ProxyHandle {
+    proxy(Mode::Splice, servers, |c| {
+        c.listeners[0].protocol = Protocol::Postgres;
+    })
+}
+
+#[test]
+fn a_cancel_request_reaches_every_server_of_the_pool() {
+    let (a, rx_a) = first_bytes();
+    let (b, rx_b) = first_bytes();
+    let h = postgres_listener(vec![a.addr, b.addr]);
+    let packet = cancel_packet(4242, 0xdead_beef);
+    // Split in two writes: the request is recognised whatever the split.
+    let mut c = TcpStream::connect(h.local_addr()).unwrap();
+    c.write_all(&packet[..5]).unwrap();
+    c.flush().unwrap();
+    std::thread::yield_now();
+    c.write_all(&packet[5..]).unwrap();
+    assert_eq!(rx_a.recv_timeout(T).unwrap(), packet);
+    assert_eq!(rx_b.recv_timeout(T).unwrap(), packet);
+    let (ending, _) = expect_closed(&mut c, T);
+    assert_eq!(
+        ending,
+        Ending::Eof,
+        "the client is closed, as PostgreSQL does"
+    );
+    assert_eq!(h.stats().pg_cancel_requests, 1);
+}
+
+#[test]
+fn other_first_packets_reach_one_server_intact() {
+    let (a, rx_a) = first_bytes();
+    let (b, rx_b) = first_bytes();
+    let h = postgres_listener(vec![a.addr, b.addr]);
+    // An SSLRequest followed by the start of a StartupMessage.
+    let mut msg = 8u32.to_be_bytes().to_vec();
+    msg.extend_from_slice(&80_877_103u32.to_be_bytes());
+    msg.extend_from_slice(b"\x00\x00\x00\x08\x00\x03\x00\x00");
+    let mut c = TcpStream::connect(h.local_addr()).unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    c.write_all(&msg).unwrap();
+    let mut reply = [0u8; 1];
+    c.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"N");
+    let got = rx_a
+        .recv_timeout(Duration::from_millis(200))
+        .or_else(|_| rx_b.recv_timeout(T))
+        .unwrap();
+    assert_eq!(got, msg);
+    assert!(
+        rx_a.try_recv().is_err() && rx_b.try_recv().is_err(),
+        "one server only"
+    );
+    assert_eq!(h.stats().pg_cancel_requests, 0);
+    let _ = c
+        .read(&mut reply)
+        .map_err(|e| assert_ne!(e.kind(), ErrorKind::WouldBlock));
+}
+
+/// A server that greets every connection with `greeting` (a server-first
+/// protocol), then keeps it open until the peer closes.
+fn greeter(greeting: &'static [u8]) -> Server {
+    serve(move |mut s: TcpStream| {
+        if s.write_all(greeting).is_ok() {
+            sink(s);
+        }
+    })
+}
+
+/// The first `n` bytes a new connection through the proxy receives.
+fn greeting_via(proxy: SocketAddr, n: usize) -> Vec<u8> {
+    let mut s = TcpStream::connect(proxy).unwrap();
+    read_exact_within(&mut s, n, T).unwrap()
+}
+
+#[test]
+fn mysql_check_downs_a_server_that_greets_with_an_error_packet() {
+    let good = greeter(b"\x0a\x00\x00\x00\x0a5.7.0\x00\x01\x00\x00\x00");
+    let bad = greeter(b"\x14\x00\x00\x00\xff\x69\x04Host is blocked....");
+    let h = checked(vec![bad.addr, good.addr], |c| {
+        c.listeners[0].pool.health.check = Some(Check::Mysql);
+    });
+    wait_until(T, "the error-greeting server is down", || {
+        h.stats().health_probe_failures >= 1
+    });
+    for _ in 0..4 {
+        assert_eq!(
+            greeting_via(h.local_addr(), 5)[4],
+            0x0a,
+            "a handshake, not an error"
+        );
+    }
+}
+
+#[test]
+fn postgres_check_downs_a_server_that_answers_startup_with_an_error() {
+    // Without a role the first authentication request means alive.
+    let good = serve(|mut s: TcpStream| {
+        let mut len = [0u8; 4];
+        if s.read_exact(&mut len).is_err() {
+            return;
+        }
+        let mut rest = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+        if s.read_exact(&mut rest).is_ok() {
+            let _ = s.write_all(b"R\x00\x00\x00\x08\x00\x00\x00\x00");
+            sink(s);
+        }
+    });
+    let bad = serve(|mut s: TcpStream| {
+        let mut buf = [0u8; 512];
+        let _ = s.read(&mut buf);
+        let _ = s.write_all(b"E\x00\x00\x00\x1dSFATAL\x00C57P03\x00Mstarting\x00\x00");
+    });
+    let h = checked(vec![bad.addr, good.addr], |c| {
+        c.listeners[0].pool.health.check = Some(Check::Postgres);
+    });
+    wait_until(T, "the erroring server is down", || {
+        h.stats().health_probe_failures >= 1
+    });
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(h.local_addr()).unwrap();
+        s.write_all(b"\x00\x00\x00\x08\x00\x03\x00\x00").unwrap();
+        assert_eq!(read_exact_within(&mut s, 1, T).unwrap(), b"R");
+    }
+}
