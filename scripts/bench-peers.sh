@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Compares spliced with HAProxy (forced splice, splice-auto, no splice), nginx's
 # stream module and socat, with the same `spliced bench` load over the same
-# network path, and writes the tables into docs/BENCHMARKS.md between the
-# peers markers of that path.
+# network path, and writes the tables into docs/benchmarks/peers-PATH.md
+# between the peers markers of that path.
 #
 # BENCH_PATH picks the path (`spliced bench --path`): loopback (default); veth,
 # the upstream in a network namespace behind a veth pair of MTU BENCH_MTU
@@ -36,10 +36,10 @@ export RUST_LOG=${RUST_LOG:-warn}
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 
-OUT=${OUT:-docs/BENCHMARKS.md}
 RUNS=${RUNS:-5}
 UP_PORT=${UP_PORT:-19000}
 BENCH_PATH=${BENCH_PATH:-loopback}
+OUT=${OUT:-docs/benchmarks/peers-$BENCH_PATH.md}
 BENCH_MTU=${BENCH_MTU:-1500}
 STAGES=${STAGES:-idle,main,onecpu,pipes}
 BASE_PORT=${BASE_PORT:-19100}
@@ -314,7 +314,7 @@ if stage pipes; then
         >"$WORK/pipes.txt"
 fi
 
-# --- write docs/BENCHMARKS.md ---------------------------------------------------
+# --- write docs/benchmarks/peers-PATH.md ----------------------------------------
 section() { # title file
     [[ -f $2 ]] || return 0
     printf '### %s\n\n```text\n' "$1"

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{bin, serial, strip_ansi, wait_until};
 
@@ -86,20 +86,13 @@ impl Bench {
     /// Waits for the exit (killing the bench after `timeout`, which fails the
     /// test) and for its output to be read to EOF; returns the status and stdout.
     fn finish(&mut self, timeout: Duration) -> (ExitStatus, String) {
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                break st;
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "spliced bench did not finish in {timeout:?}:\n{}",
-                    self.stderr()
-                );
-            }
-            thread::sleep(Duration::from_millis(10));
+        let Some(status) = common::exit_within(&mut self.child, timeout) else {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            panic!(
+                "spliced bench did not finish in {timeout:?}:\n{}",
+                self.stderr()
+            );
         };
         if let Some(t) = self.stderr_reader.take() {
             t.join().unwrap();

@@ -3,7 +3,7 @@
 //! replica) and MariaDB. Each server is started by hand on 127.0.0.1 under a
 //! temp dir and stopped by PID.
 //!
-//! They are `#[ignore]`d in a plain `cargo test` (they need the packages and
+//! They are ignored (with a reason) in a plain `cargo test` (they need the packages and
 //! take a few seconds); `make health-real` installs the packages and runs
 //! them with `--ignored` and SPLICED_REAL_SERVERS=1, under which a missing
 //! binary fails the test. Run by hand without that variable, a test whose

@@ -142,7 +142,7 @@ impl Spliced {
                     me.logs().join("\n")
                 );
             }
-            thread::sleep(Duration::from_millis(5));
+            super::wait::poll_pause();
         }
     }
 
@@ -206,19 +206,11 @@ impl Spliced {
     /// Waits for the process to exit; `None` if it is still running after
     /// `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.try_wait() {
-                if let Some(r) = self.reader.take() {
-                    let _ = r.join();
-                }
-                return Some(st);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(5));
+        let st = super::wait::exit_within(&mut self.child, timeout)?;
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
         }
+        Some(st)
     }
 }
 
@@ -259,18 +251,11 @@ pub fn run_bin(args: &[&str], timeout: Duration) -> (Option<ExitStatus>, String,
         let _ = err.read_to_string(&mut s);
         s
     });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break Some(st);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        thread::sleep(Duration::from_millis(5));
-    };
+    let status = super::wait::exit_within(&mut child, timeout);
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     let stdout = out_t.join().unwrap();
     let stderr = strip_ansi(&err_t.join().unwrap());
     (status, stdout, stderr)

@@ -16,6 +16,28 @@ pub fn measure_window(d: Duration) {
     thread::sleep(d);
 }
 
+/// The pause between two looks of a loop that polls against a deadline.
+pub fn poll_pause() {
+    thread::sleep(Duration::from_millis(5));
+}
+
+/// Waits up to `timeout` for `child` to exit; `None` if it still runs.
+pub fn exit_within(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        poll_pause();
+    }
+}
+
 /// Polls `cond` every few milliseconds until it holds; panics naming `what`
 /// if it does not within `timeout`.
 pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {

@@ -190,17 +190,8 @@ impl Proc {
             return;
         }
         let _ = kill(pid, self.stop_signal);
-        let mut gone = false;
         for _ in 0..2 {
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while std::time::Instant::now() < deadline {
-                if matches!(self.child.try_wait(), Ok(Some(_))) {
-                    gone = true;
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if gone {
+            if crate::common::exit_within(&mut self.child, Duration::from_secs(10)).is_some() {
                 return;
             }
             let _ = kill(pid, Signal::SIGKILL);
