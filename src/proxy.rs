@@ -140,9 +140,11 @@ fn start_inner(
     #[cfg(feature = "admin")]
     let admin = match config.ops.admin {
         Some(addr) => {
+            let listeners = Arc::clone(&runtime.listeners);
             let admin = crate::admin::Admin::start(
                 addr,
                 Arc::clone(&runtime.arena),
+                Arc::new(move || Runtime::server_samples(&listeners)),
                 Arc::clone(&runtime.stopping),
             )
             .map_err(|e| StartError::Io(format!("serve the admin endpoint on {addr}"), e))?;

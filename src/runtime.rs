@@ -325,6 +325,26 @@ impl Runtime {
             .sum()
     }
 
+    /// Every server of every current listener, for the metrics.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
+    pub(crate) fn server_samples(
+        listeners: &Mutex<ListenerSet>,
+    ) -> Vec<(String, crate::upstream::ServerSample)> {
+        let set = listeners.lock().unwrap_or_else(|p| p.into_inner());
+        set.current
+            .iter()
+            .flat_map(|l| {
+                let name = l.config.name.clone();
+                l.pool
+                    .members()
+                    .servers
+                    .iter()
+                    .map(move |s| (name.clone(), s.sample()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// The kernel thread ids of the workers (for tracing tools).
     #[cfg_attr(not(feature = "cli"), allow(dead_code))]
     pub(crate) fn worker_tids(&self) -> Vec<i32> {

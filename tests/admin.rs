@@ -178,3 +178,53 @@ fn healthz_turns_503_while_draining_and_livez_stays_200() {
     drop(held);
     proxy.join();
 }
+
+/// Per server: a tcp check takes the server that refuses out of the pool
+/// (`spliced_server_up` 0), the live one stays up and counts the relay it
+/// holds; no check tells roles, so both are `unknown`.
+#[test]
+fn servers_show_their_health_and_relays() {
+    let live = echo_server();
+    let refused = refused_addr();
+    let proxy = proxy(Mode::Splice, vec![refused, live.addr], |c| {
+        c.ops.admin = Some("127.0.0.1:0".parse().unwrap());
+        c.listeners[0].name = "pool".into();
+        let h = &mut c.listeners[0].pool.health;
+        h.check = Some(spliced::config::Check::Tcp);
+        h.interval = Duration::from_millis(100);
+        h.timeout = Duration::from_millis(100);
+        h.fall = 2;
+        h.rise = 1;
+    });
+    let admin = proxy.admin_addr().expect("an admin endpoint");
+    let sample = |server: SocketAddr, name: &str, extra: &str| -> Option<f64> {
+        let (_, body) = get(admin, "/metrics");
+        let (m, _) = parse(&body);
+        m.get(&format!(
+            "{name}{{listener=\"pool\",server=\"{server}\"{extra}}}"
+        ))
+        .copied()
+    };
+    wait_until(T, "the refusing server is marked down", || {
+        sample(refused, "spliced_server_up", "") == Some(0.0)
+    });
+    assert_eq!(sample(live.addr, "spliced_server_up", ""), Some(1.0));
+    // With one server down, every new relay goes to the live one.
+    let mut held = connect(proxy.local_addr());
+    round_trip(&mut held, b"held", T);
+    assert_eq!(
+        sample(live.addr, "spliced_server_connections_active", ""),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(refused, "spliced_server_connections_active", ""),
+        Some(0.0)
+    );
+    for server in [live.addr, refused] {
+        assert_eq!(
+            sample(server, "spliced_server_role", ",role=\"unknown\""),
+            Some(1.0)
+        );
+        assert_eq!(sample(server, "spliced_server_backup", ""), Some(0.0));
+    }
+}

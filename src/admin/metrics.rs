@@ -53,9 +53,15 @@ impl Family {
 }
 
 /// Encodes every metric of a snapshot.
-#[derive(Debug)]
 struct Spliced {
     arena: Arc<Arena>,
+    servers: super::ServerSamples,
+}
+
+impl std::fmt::Debug for Spliced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spliced").finish_non_exhaustive()
+    }
 }
 
 impl Collector for Spliced {
@@ -64,8 +70,50 @@ impl Collector for Spliced {
         for f in families(&snap) {
             f.encode(&mut encoder)?;
         }
+        for f in server_families(&(self.servers)()) {
+            f.encode(&mut encoder)?;
+        }
         encode_connect_histogram(&snap, &mut encoder)
     }
+}
+
+/// Per server of each listener's pool: up or down (health and passive
+/// failures), the role the last check saw, and the relays it holds.
+fn server_families(servers: &[(String, crate::upstream::ServerSample)]) -> Vec<Family> {
+    use MetricType::Gauge;
+    let mut up = family(
+        "spliced_server_up",
+        "1 while a pool server takes new connections (its checks pass and its connects work), else 0.",
+        Gauge,
+    );
+    let mut role = family(
+        "spliced_server_role",
+        "1 for the role the server's last check saw (primary, replica or unknown).",
+        Gauge,
+    );
+    let mut active = family(
+        "spliced_server_connections_active",
+        "Relays connected to the server now.",
+        Gauge,
+    );
+    let mut backup = family(
+        "spliced_server_backup",
+        "1 for a backup server (used only while no other server is up).",
+        Gauge,
+    );
+    for (name, s) in servers {
+        let at = with(listener(name), "server", &s.addr.to_string());
+        up.values.push((at.clone(), u64::from(s.up)));
+        let r = match s.role {
+            Some(crate::health::Role::Primary) => "primary",
+            Some(crate::health::Role::Replica) => "replica",
+            None => "unknown",
+        };
+        role.values.push((with(at.clone(), "role", r), 1));
+        active.values.push((at.clone(), s.live as u64));
+        backup.values.push((at, u64::from(s.backup)));
+    }
+    vec![up, role, active, backup]
 }
 
 fn listener(name: &str) -> Labels {
@@ -278,9 +326,9 @@ fn encode_connect_histogram(snap: &Snapshot, encoder: &mut DescriptorEncoder) ->
 }
 
 /// The registry `/metrics` encodes: one collector over the arena.
-pub(crate) fn registry(arena: Arc<Arena>) -> Registry {
+pub(crate) fn registry(arena: Arc<Arena>, servers: super::ServerSamples) -> Registry {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(Spliced { arena }));
+    registry.register_collector(Box::new(Spliced { arena, servers }));
     registry
 }
 

@@ -17,6 +17,10 @@ use tiny_http::{Header, Method, Response, Server};
 
 use crate::shm::Arena;
 
+/// Reads every server's state at scrape time, lock-free per server.
+pub(crate) type ServerSamples =
+    Arc<dyn Fn() -> Vec<(String, crate::upstream::ServerSample)> + Send + Sync>;
+
 /// A running admin endpoint; dropping it stops the thread.
 pub(crate) struct Admin {
     addr: SocketAddr,
@@ -29,6 +33,7 @@ impl Admin {
     pub(crate) fn start(
         addr: SocketAddr,
         arena: Arc<Arena>,
+        servers: ServerSamples,
         stopping: Arc<AtomicBool>,
     ) -> std::io::Result<Admin> {
         let server = Server::http(addr).map_err(std::io::Error::other)?;
@@ -40,7 +45,7 @@ impl Admin {
         let serving = Arc::clone(&server);
         let thread = std::thread::Builder::new()
             .name("spliced-admin".into())
-            .spawn(move || serve(&serving, arena, &stopping))?;
+            .spawn(move || serve(&serving, arena, servers, &stopping))?;
         Ok(Admin {
             addr,
             server,
@@ -63,8 +68,8 @@ impl Drop for Admin {
     }
 }
 
-fn serve(server: &Server, arena: Arc<Arena>, stopping: &AtomicBool) {
-    let registry = metrics::registry(Arc::clone(&arena));
+fn serve(server: &Server, arena: Arc<Arena>, servers: ServerSamples, stopping: &AtomicBool) {
+    let registry = metrics::registry(Arc::clone(&arena), servers);
     for request in server.incoming_requests() {
         let (status, content_type, body) = match (request.method(), path(request.url())) {
             (Method::Get | Method::Head, "/metrics") => (

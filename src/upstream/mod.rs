@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
-pub(crate) use pool::{Lease, Pool, Server};
+pub(crate) use pool::{Lease, Pool, Server, ServerSample};
 pub use resolve::{Resolve, SystemResolver};
 
 /// One relay's round of connect attempts over its listener's pool: at most

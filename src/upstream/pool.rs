@@ -40,7 +40,21 @@ pub(crate) struct Server {
     down: AtomicBool,
     /// An active probe judged it already.
     probed: AtomicBool,
+    /// Mirrors the role the last check saw (0 unknown, 1 primary, 2
+    /// replica), for lock-free reads by the metrics.
+    role: std::sync::atomic::AtomicU8,
     health: Mutex<HealthState>,
+}
+
+/// One server as the metrics show it, read without a lock.
+#[cfg_attr(not(feature = "admin"), allow(dead_code))]
+#[derive(Clone, Debug)]
+pub(crate) struct ServerSample {
+    pub(crate) addr: SocketAddr,
+    pub(crate) up: bool,
+    pub(crate) role: Option<crate::health::Role>,
+    pub(crate) live: usize,
+    pub(crate) backup: bool,
 }
 
 impl Server {
@@ -53,6 +67,7 @@ impl Server {
             live: AtomicUsize::new(0),
             down: AtomicBool::new(false),
             probed: AtomicBool::new(false),
+            role: std::sync::atomic::AtomicU8::new(0),
             health: Mutex::new(HealthState::new(params, Instant::now())),
         }
     }
@@ -65,11 +80,32 @@ impl Server {
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
         let out = f(&mut h);
         self.down.store(!h.is_up(), Ordering::Relaxed);
+        let role = match h.role() {
+            None => 0,
+            Some(crate::health::Role::Primary) => 1,
+            Some(crate::health::Role::Replica) => 2,
+        };
+        self.role.store(role, Ordering::Relaxed);
         out
     }
 
     pub(crate) fn live(&self) -> usize {
         self.live.load(Ordering::Relaxed)
+    }
+
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
+    pub(crate) fn sample(&self) -> ServerSample {
+        ServerSample {
+            addr: self.addr,
+            up: !self.is_down(),
+            role: match self.role.load(Ordering::Relaxed) {
+                1 => Some(crate::health::Role::Primary),
+                2 => Some(crate::health::Role::Replica),
+                _ => None,
+            },
+            live: self.live(),
+            backup: self.backup,
+        }
     }
 }
 
