@@ -1,0 +1,145 @@
+//! Deadlines, closing relays, commands, and draining.
+
+use super::*;
+
+impl Worker {
+    // Deadlines
+
+    /// Gives the relay a heap entry for its deadline unless one at or before
+    /// it exists; later deadlines are found lazily when the entry fires.
+    pub(super) fn arm(&mut self, key: usize) {
+        let relay = &mut self.relays[key];
+        if let Some(at) = relay.deadline() {
+            if relay.armed_at.is_none_or(|armed| at < armed) {
+                relay.armed_at = Some(at);
+                self.timers.schedule(at, key, relay.id);
+            }
+        }
+    }
+
+    pub(super) fn expire(&mut self, now: Instant) {
+        while let Some(entry) = self.timers.pop_due(now) {
+            let Some(relay) = self.relays.get_mut(entry.key) else {
+                continue;
+            };
+            if relay.id != entry.id || relay.armed_at != Some(entry.at) {
+                continue;
+            }
+            relay.armed_at = None;
+            if let Some(interval) = self.config.ops.log_interval {
+                relay.log_progress(now, interval);
+            }
+            match relay.core.expired(relay.timeouts(), now) {
+                None => self.arm(entry.key),
+                Some(Expiry::Connect) => {
+                    let e = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+                    self.next_connect_attempt(entry.key, e, now);
+                }
+                Some(Expiry::Idle) => self.close(entry.key, CloseReason::Idle, None, now),
+                Some(Expiry::FinTimeout) => {
+                    self.close(entry.key, CloseReason::FinTimeout, None, now)
+                }
+            }
+        }
+    }
+
+    /// Entries of closed relays (and ones superseded by an earlier deadline)
+    /// wait in the heap until their time, which with a long idle timeout
+    /// would let the heap grow with the connection rate. Once they clearly
+    /// outnumber the live ones, one sweep drops them all: amortised O(1)
+    /// per close.
+    pub(super) fn sweep_timers(&mut self) {
+        if self.timers.len() <= 2 * self.relays.len() + TIMER_SLACK {
+            return;
+        }
+        let relays = &self.relays;
+        self.timers.retain(|e| {
+            relays
+                .get(e.key)
+                .is_some_and(|r| r.id == e.id && r.armed_at == Some(e.at))
+        });
+    }
+
+    // Closing and shutdown
+
+    pub(super) fn close(
+        &mut self,
+        key: usize,
+        reason: CloseReason,
+        error: Option<&RelayError>,
+        now: Instant,
+    ) {
+        let relay = self.relays.remove(key);
+        let counters = relay.listener.counters(self.index);
+        counters.closed(reason);
+        CounterBlock::sub(&counters.relays_active, 1);
+        let listener = relay.listener.id;
+        relay.close(reason, error, now, &mut self.pools);
+        // Its room under the listener's max-conns is free again.
+        for slot in &mut self.listeners {
+            if slot.runtime.id == listener && slot.full_until.is_some() {
+                slot.full_until = Some(now);
+            }
+        }
+        self.shared.relays_live.fetch_sub(1, Ordering::Relaxed);
+        // Freed fds may let a paused accept succeed now.
+        if self.accept_paused_until.is_some() {
+            self.accept_paused_until = Some(now);
+        }
+        self.sweep_timers();
+        if self.relays.is_empty() && self.relays.capacity() > SLAB_KEEP {
+            // Give back the slab a burst grew; stale timer and ready-list
+            // entries are recognised by relay id.
+            self.relays.shrink_to_fit();
+        }
+    }
+
+    pub(super) fn close_all(&mut self, now: Instant) {
+        let keys: Vec<usize> = self.relays.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.close(key, CloseReason::Shutdown, None, now);
+        }
+    }
+
+    /// Carries out queued commands and moves a drain along; returns true
+    /// when the worker should exit.
+    pub(super) fn check_control(&mut self, now: Instant) -> bool {
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Abort => {
+                    self.close_all(now);
+                    return true;
+                }
+                Command::Drain => self.start_draining(now),
+                Command::Handoff(mut handoff) => self.take_handoff(&mut handoff, now),
+                Command::AbortRelay { id, reporter } => self.abort_relay(id, &reporter, now),
+                Command::Reload(reload) => self.reload(*reload, now),
+            }
+        }
+        self.close_retired(now);
+        if self.draining {
+            if self.drain_deadline.is_some_and(|t| t <= now) {
+                self.close_all(now);
+            }
+            return self.relays.is_empty();
+        }
+        false
+    }
+
+    pub(super) fn start_draining(&mut self, now: Instant) {
+        if !self.draining {
+            self.draining = true;
+            for slot in &mut self.listeners {
+                // Dropping the socket stops accepting; queued SYNs are refused.
+                // Deregistered first: another descriptor of the same socket
+                // (an inherited one) would keep it in the epoll set.
+                if let Some(mut socket) = slot.socket.take() {
+                    let _ = self.poll.registry().deregister(&mut socket);
+                }
+                slot.backlog = false;
+            }
+            self.drain_deadline = self.config.drain_timeout.and_then(|d| now.checked_add(d));
+            tracing::info!(worker = self.index, relays = self.relays.len(), "draining");
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! The connector's side in the worker: starting connects over a round,
+//! their outcome, failing over to the next server, and socket options.
+
+use super::*;
+
+impl Worker {
+    /// The connector: starts a connect to the next server of `round`,
+    /// logging each server that fails at once. `None` once every server was
+    /// tried.
+    pub(super) fn connect_next(
+        &mut self,
+        relay: u64,
+        round: &mut Round,
+        listener: &Listener,
+        now: Instant,
+    ) -> Option<(TcpStream, SocketAddr)> {
+        let mut out_of_fds_error = None;
+        let next = round.connect_next(&listener.pool, now, |server, e, more| {
+            self.connect_failed(relay, listener, server, e, more, now);
+            if out_of_fds(e) {
+                out_of_fds_error =
+                    Some(io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(0)));
+            }
+        });
+        if let Some(e) = out_of_fds_error {
+            self.pause_accepting(now, &e);
+        }
+        if let Some((stream, _)) = &next {
+            self.tune(listener, stream, Side::Upstream, now);
+        }
+        next
+    }
+
+    /// Keepalive and TCP_USER_TIMEOUT on a relay's socket; a failure is
+    /// logged (rate-limited) and the relay goes on without them.
+    pub(super) fn tune(
+        &mut self,
+        listener: &Listener,
+        stream: &TcpStream,
+        side: Side,
+        now: Instant,
+    ) {
+        if let Err(e) = listener.tune(stream) {
+            if let Some(held_back) = self.connect_warnings.allow(now) {
+                tracing::warn!(
+                    worker = self.index,
+                    listener = listener.label(),
+                    error = %e,
+                    similar_warnings_held_back = held_back,
+                    "internal: cannot set keepalive/user-timeout on the {side} socket"
+                );
+            }
+        }
+    }
+
+    /// Counts a failed connect attempt and warns (rate-limited) naming the
+    /// server and the error, and whether another server is tried.
+    pub(super) fn connect_failed(
+        &mut self,
+        relay: u64,
+        listener: &Listener,
+        server: SocketAddr,
+        e: &io::Error,
+        trying_next: bool,
+        now: Instant,
+    ) {
+        CounterBlock::add(&listener.counters(self.index).upstream_connect_failures, 1);
+        let next = if trying_next {
+            "trying the next server"
+        } else {
+            "no server left to try"
+        };
+        match self.connect_warnings.allow(now) {
+            Some(held_back) => tracing::warn!(
+                worker = self.index,
+                relay,
+                listener = listener.label(),
+                upstream = %server,
+                error = %e,
+                similar_warnings_held_back = held_back,
+                "upstream connect failed; {next}"
+            ),
+            None => {
+                tracing::debug!(relay, upstream = %server, error = %e, "upstream connect failed; {next}")
+            }
+        }
+    }
+
+    /// `writable` and `hung_up` are what the upstream socket's event said.
+    pub(super) fn on_connect_event(
+        &mut self,
+        key: usize,
+        writable: bool,
+        hung_up: bool,
+        now: Instant,
+    ) {
+        let relay = &mut self.relays[key];
+        // Only a TCP upstream is ever connecting; a handed-off pair is not.
+        let outcome = relay.upstream.as_tcp().map_or(Connect::Established, |s| {
+            upstream::connect_result(s, writable)
+        });
+        match outcome {
+            Connect::Pending => {}
+            Connect::Established => {
+                relay.round.succeeded(&relay.listener.pool, now);
+                if let Some(since) = relay.core.activity().connecting_since {
+                    let took = now.saturating_duration_since(since);
+                    relay.listener.counters(self.index).connected(took);
+                }
+                relay.upstream.set_nodelay();
+                // The edges of the connect went here, not to the relay: a
+                // server that spoke and closed at once left its FIN unannounced.
+                relay.core.connected(now, hung_up);
+                tracing::debug!(
+                    relay = relay.id,
+                    upstream = relay.upstream_addr.map(tracing::field::display),
+                    "upstream connected"
+                );
+                self.arm(key);
+                self.run_relay(key, now);
+            }
+            Connect::Lost(e) => {
+                // The server accepted: this is a connection that reset, not
+                // a failed connect, so the client gets a reset too and no
+                // other server is tried.
+                relay.round.succeeded(&relay.listener.pool, now);
+                relay.core.connected(now, hung_up);
+                let e = RelayError::new(Side::Upstream, Op::Read, e);
+                self.close(key, CloseReason::UpstreamReset, Some(&e), now);
+            }
+            Connect::Failed(e) => self.next_connect_attempt(key, e, now),
+        }
+    }
+
+    /// Moves on to the next server after a failed or timed-out connect.
+    pub(super) fn next_connect_attempt(&mut self, key: usize, error: io::Error, now: Instant) {
+        let relay = &mut self.relays[key];
+        let (id, failed, listener) = (relay.id, relay.upstream_addr, Arc::clone(&relay.listener));
+        let mut round = std::mem::replace(&mut relay.round, Round::empty());
+        round.failed(&listener.pool, &error, now);
+        let more = round.has_next(&listener.pool);
+        if let Some(failed) = failed {
+            self.connect_failed(id, &listener, failed, &error, more, now);
+        }
+        let token = token::relay(RelayRef { key, id }, Peer::Upstream);
+        let mut error = Some(error);
+        let next = loop {
+            let Some((mut stream, server)) = self.connect_next(id, &mut round, &listener, now)
+            else {
+                break None;
+            };
+            match self
+                .poll
+                .registry()
+                .register(&mut stream, token, RELAY_INTEREST)
+            {
+                Ok(()) => break Some((stream, server)),
+                Err(e) => {
+                    let more = round.has_next(&listener.pool);
+                    self.connect_failed(id, &listener, server, &e, more, now);
+                    error = Some(e);
+                }
+            }
+        };
+        let relay = &mut self.relays[key];
+        relay.round = round;
+        match next {
+            Some((stream, server)) => {
+                // The old socket closes on drop, which also removes it from epoll.
+                relay.retry_upstream(stream, server, now);
+                self.arm(key);
+            }
+            None => {
+                let e = error.unwrap_or_else(|| io::Error::other("no server left"));
+                let e = RelayError::new(Side::Upstream, Op::Connect, e);
+                self.close(key, CloseReason::ConnectFailed, Some(&e), now);
+            }
+        }
+    }
+}
