@@ -42,6 +42,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 pub use args::{BenchArgs, Workload};
+pub(crate) use sysinfo::format_utc;
 
 use args::{EngineSpec, Settings};
 use engines::Engine;

@@ -103,7 +103,8 @@ pub fn utc_now() -> String {
     format_utc(secs)
 }
 
-fn format_utc(secs: u64) -> String {
+/// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS UTC`.
+pub(crate) fn format_utc(secs: u64) -> String {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     // Howard Hinnant's days-to-civil.
@@ -131,5 +132,6 @@ mod tests {
         assert_eq!(super::format_utc(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(super::format_utc(951_782_400), "2000-02-29 00:00:00 UTC");
         assert_eq!(super::format_utc(1_795_219_200), "2026-11-21 00:00:00 UTC");
+        assert_eq!(super::format_utc(1_772_000_000), "2026-02-25 06:13:20 UTC");
     }
 }

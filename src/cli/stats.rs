@@ -136,7 +136,7 @@ fn dead_message(file: &StatsFile, who: &str, snap: &Snapshot) -> String {
         "spliced: {who} is not running: {} belongs to a dead process (pid {}, started {}); the values shown are its last",
         file.path().display(),
         snap.pid,
-        utc(snap.started_unix)
+        crate::bench::format_utc(snap.started_unix)
     )
 }
 
@@ -168,7 +168,7 @@ pub fn render(
         "spliced {who}  pid {}  {state}  {}  rates {}",
         snap.pid,
         if dead {
-            format!("started {}", utc(snap.started_unix))
+            format!("started {}", crate::bench::format_utc(snap.started_unix))
         } else {
             format!("up {}", human_duration(uptime))
         },
@@ -290,27 +290,6 @@ fn human_duration(d: Duration) -> String {
     }
 }
 
-/// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS UTC`.
-fn utc(secs: u64) -> String {
-    let (days, rest) = (secs / 86400, secs % 86400);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        rest / 3600,
-        (rest % 3600) / 60,
-        rest % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,7 +346,5 @@ mod tests {
         assert_eq!(human_rate(3.0 * 1024.0 * 1024.0), "3.0 MiB");
         assert_eq!(human_duration(Duration::from_secs(59)), "59s");
         assert_eq!(human_duration(Duration::from_secs(3725)), "1h02m");
-        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(utc(1_772_000_000), "2026-02-25 06:13:20 UTC");
     }
 }

@@ -1,6 +1,8 @@
 //! Accepting: the accept budget, pauses when fds run out or at a relay
 //! cap, refusals by the access lists and per-source limits.
 
+use std::sync::atomic::AtomicU64;
+
 use super::*;
 
 impl Worker {
@@ -114,8 +116,6 @@ impl Worker {
         refused: Refused,
         now: Instant,
     ) {
-        let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
-        drop(client);
         let counters = listener.counters(self.index);
         let (counter, why) = match refused {
             Refused::Denied => (&counters.refused_denied, "not allowed by allow/deny"),
@@ -124,6 +124,22 @@ impl Worker {
                 "its address is at max-conns-per-source",
             ),
         };
+        self.reset_refused(client, addr, listener, counter, why, now);
+    }
+
+    /// Every refusal before a relay exists: reset the client, count it on
+    /// `counter`, and log `why` (rate-limited, the rest at debug).
+    pub(super) fn reset_refused(
+        &mut self,
+        client: TcpStream,
+        addr: SocketAddr,
+        listener: &Listener,
+        counter: &AtomicU64,
+        why: &str,
+        now: Instant,
+    ) {
+        let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
+        drop(client);
         CounterBlock::add(counter, 1);
         match self.refusal_warnings.allow(now) {
             Some(held_back) => tracing::warn!(

@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 use mio::Interest;
 use slab::Slab;
-use socket2::SockRef;
 
 use super::Worker;
 use crate::config::{Protocol, SendProxy};
@@ -417,21 +416,8 @@ impl Worker {
         why: &str,
         now: Instant,
     ) {
-        let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
-        drop(client);
-        CounterBlock::add(&listener.counters(self.index).refused_proxy_header, 1);
-        match self.refusal_warnings.allow(now) {
-            Some(held_back) => tracing::warn!(
-                worker = self.index,
-                listener = listener.label(),
-                client = %addr,
-                similar_warnings_held_back = held_back,
-                "client refused (reset): {why}"
-            ),
-            None => {
-                tracing::debug!(listener = listener.label(), client = %addr, "client refused (reset): {why}")
-            }
-        }
+        let counter = &listener.counters(self.index).refused_proxy_header;
+        self.reset_refused(client, addr, listener, counter, why, now);
     }
 
     /// Sends a CancelRequest to every server of the client's pool and
