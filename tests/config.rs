@@ -148,6 +148,40 @@ fn each_error_names_its_key_and_line() {
     ));
     assert_has(&e, &["line 8", "health.role", "set health.check"]);
     assert_has(&errors("[[listener]\n"), &["line 1", "(syntax)"]);
+    let e = errors(&MINIMAL.replace(
+        "listen =",
+        "accept-proxy = { trusted = [\"10.0.0.0/8\"], timeout = 5 }\nfirst-packet-timeout = \"2s\"\nlisten =",
+    ));
+    assert_has(&e, &["line 4", "accept-proxy.timeout", "bare number"]);
+    assert_has(
+        &e,
+        &["line 5", "first-packet-timeout", "protocol = \"postgres\""],
+    );
+}
+
+#[test]
+fn pre_connect_deadlines_are_read_and_printed_back() {
+    let text = MINIMAL.replace(
+        "listen =",
+        "accept-proxy = { trusted = [\"10.0.0.0/8\"], timeout = \"750ms\" }\nprotocol = \"postgres\"\nfirst-packet-timeout = \"2s\"\nlisten =",
+    );
+    let loaded = config::parse_str(&text, &FlagDefaults::default()).unwrap();
+    let l = &loaded.config.listeners[0];
+    assert_eq!(
+        l.accept_proxy.as_ref().unwrap().timeout,
+        Duration::from_millis(750)
+    );
+    assert_eq!(l.first_packet_timeout, Duration::from_secs(2));
+    let printed = config::effective_toml(&loaded.config);
+    assert!(
+        printed.contains("first-packet-timeout = \"2s\""),
+        "{printed}"
+    );
+    let again = config::parse_str(&printed, &FlagDefaults::default()).unwrap();
+    assert_eq!(config::effective_toml(&again.config), printed);
+    let plain = config::parse_str(MINIMAL, &FlagDefaults::default()).unwrap();
+    let printed = config::effective_toml(&plain.config);
+    assert!(!printed.contains("first-packet-timeout"), "{printed}");
 }
 
 #[test]

@@ -256,9 +256,7 @@ fn header_reader() -> (Server, mpsc::Receiver<(proxy_protocol::Parsed, Vec<u8>)>
 
 fn proxied(upstream: SocketAddr, trusted: &str, send: SendProxy) -> ProxyHandle {
     proxy(Mode::Splice, vec![upstream], |c| {
-        c.listeners[0].accept_proxy = Some(AcceptProxy {
-            trusted: vec![trusted.parse().unwrap()],
-        });
+        c.listeners[0].accept_proxy = Some(AcceptProxy::new(vec![trusted.parse().unwrap()]));
         c.listeners[0].pool.send_proxy = send;
     })
 }
@@ -348,9 +346,7 @@ fn an_untrusted_source_is_reset_at_accept() {
 fn limits_apply_to_the_address_in_the_header() {
     let up = echo_server();
     let h = proxy(Mode::Splice, vec![up.addr], |c| {
-        c.listeners[0].accept_proxy = Some(AcceptProxy {
-            trusted: vec!["127.0.0.0/8".parse().unwrap()],
-        });
+        c.listeners[0].accept_proxy = Some(AcceptProxy::new(vec!["127.0.0.0/8".parse().unwrap()]));
         c.listeners[0].access.deny = vec!["192.0.2.0/24".parse().unwrap()];
     });
     let mut c = TcpStream::connect(h.local_addr()).unwrap();
@@ -364,6 +360,29 @@ fn limits_apply_to_the_address_in_the_header() {
     ok.write_all(b"PROXY TCP4 198.51.100.9 127.0.0.1 1 2\r\n")
         .unwrap();
     round_trip(&mut ok, b"allowed", T);
+}
+
+#[test]
+fn a_header_not_whole_within_its_timeout_is_reset() {
+    let up = echo_server();
+    let timeout = Duration::from_millis(300);
+    let h = proxy(Mode::Splice, vec![up.addr], |c| {
+        let mut accept = AcceptProxy::new(vec!["127.0.0.0/8".parse().unwrap()]);
+        accept.timeout = timeout;
+        c.listeners[0].accept_proxy = Some(accept);
+    });
+    let mut c = TcpStream::connect(h.local_addr()).unwrap();
+    c.write_all(b"PROXY TCP4 192.0.2.9").unwrap();
+    let (ending, after) = expect_closed(&mut c, T);
+    assert_eq!(ending, Ending::Reset);
+    assert!(
+        after >= timeout && after < AcceptProxy::DEFAULT_TIMEOUT,
+        "reset after {after:?}, the timeout is {timeout:?}"
+    );
+    wait_until(T, "the late header is counted", || {
+        h.stats().refused_proxy_header == 1
+    });
+    assert_eq!(up.accepted(), 0, "no server was contacted");
 }
 
 // PostgreSQL cancel requests
@@ -448,6 +467,30 @@ fn other_first_packets_reach_one_server_intact() {
     let _ = c
         .read(&mut reply)
         .map_err(|e| assert_ne!(e.kind(), ErrorKind::WouldBlock));
+}
+
+#[test]
+fn a_short_first_packet_is_relayed_when_its_timeout_ends() {
+    let up = echo_server();
+    let timeout = Duration::from_millis(300);
+    let h = proxy(Mode::Splice, vec![up.addr], |c| {
+        c.listeners[0].protocol = Protocol::Postgres;
+        c.listeners[0].first_packet_timeout = timeout;
+    });
+    let mut c = TcpStream::connect(h.local_addr()).unwrap();
+    let start = Instant::now();
+    // Half a packet header: too short to tell a CancelRequest.
+    c.write_all(&[0, 0, 0]).unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    let mut back = [0u8; 3];
+    c.read_exact(&mut back).unwrap();
+    let after = start.elapsed();
+    assert_eq!(back, [0, 0, 0]);
+    assert!(
+        after >= timeout && after < spliced::config::DEFAULT_FIRST_PACKET_TIMEOUT,
+        "relayed after {after:?}, the timeout is {timeout:?}"
+    );
+    round_trip(&mut c, b"rest of the session", T);
 }
 
 /// A server that greets every connection with `greeting` (a server-first

@@ -44,6 +44,8 @@ struct Listener {
     accept_proxy: Option<AcceptProxyOut>,
     protocol: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
+    first_packet_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     keepalive: Option<KeepaliveOut>,
     user_timeout: String,
     pool: Pool,
@@ -52,6 +54,7 @@ struct Listener {
 #[derive(Serialize)]
 struct AcceptProxyOut {
     trusted: Vec<String>,
+    timeout: String,
 }
 
 #[derive(Serialize)]
@@ -125,8 +128,11 @@ fn listener(l: &ListenerConfig) -> Listener {
         deny: nets(&l.access.deny),
         accept_proxy: l.accept_proxy.as_ref().map(|a| AcceptProxyOut {
             trusted: nets(&a.trusted),
+            timeout: format_duration(Some(a.timeout)),
         }),
         protocol: l.protocol.as_str(),
+        first_packet_timeout: (l.protocol != Protocol::None)
+            .then(|| format_duration(Some(l.first_packet_timeout))),
         keepalive: l.keepalive.map(|k| KeepaliveOut {
             idle: format_duration(Some(k.idle)),
             interval: format_duration(Some(k.interval)),

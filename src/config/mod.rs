@@ -115,6 +115,9 @@ pub struct ListenerConfig {
     /// What the first client packet is read for before the upstream
     /// connect (PostgreSQL cancel requests); `None` reads nothing.
     pub protocol: Protocol,
+    /// How long a `protocol` listener waits for the client's first packet
+    /// before it connects upstream with what it has.
+    pub first_packet_timeout: Duration,
     /// Keepalive probes on both sockets; `None` keeps the system's setting.
     pub keepalive: Option<Keepalive>,
     /// TCP_USER_TIMEOUT on both sockets.
@@ -149,6 +152,7 @@ impl ListenerConfig {
             access: Access::default(),
             accept_proxy: None,
             protocol: Protocol::None,
+            first_packet_timeout: DEFAULT_FIRST_PACKET_TIMEOUT,
             keepalive: None,
             user_timeout: None,
         }
@@ -163,6 +167,8 @@ impl ListenerConfig {
     }
 }
 
+/// How long a `protocol` listener waits for a first packet by default.
+pub const DEFAULT_FIRST_PACKET_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default capacity asked of each pooled pipe (F_SETPIPE_SZ). See docs/BENCHMARKS.md
 /// for the measurements behind it.
 pub const DEFAULT_PIPE_SIZE: usize = 1 << 20;

@@ -265,6 +265,22 @@ pub struct Keepalive {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AcceptProxy {
     pub trusted: Vec<IpNet>,
+    /// How long a client may take to send its whole header before it is
+    /// reset.
+    pub timeout: Duration,
+}
+
+impl AcceptProxy {
+    /// The header deadline unless a config says otherwise.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// Headers from these sources, with the default deadline.
+    pub fn new(trusted: Vec<IpNet>) -> Self {
+        AcceptProxy {
+            trusted,
+            timeout: Self::DEFAULT_TIMEOUT,
+        }
+    }
 }
 
 /// Which client addresses may connect: `deny` first, then `allow` (an

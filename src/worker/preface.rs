@@ -17,14 +17,14 @@
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mio::net::TcpStream;
 use mio::Interest;
 use slab::Slab;
 
 use super::Worker;
-use crate::config::{Protocol, SendProxy};
+use crate::config::{format_duration, Protocol, SendProxy};
 use crate::listener::{Admission, Listener, Reservation};
 use crate::proxy_protocol::{self, Parse};
 use crate::relay::Accepted;
@@ -32,9 +32,6 @@ use crate::stats::CounterBlock;
 use crate::token;
 use crate::upstream::{self, Connect};
 
-/// How long a client may take to send its PROXY header (or, on a
-/// postgres listener, its first packet).
-pub(crate) const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most bytes read from a client before its relay starts.
 const PREFACE_MAX: usize = 4096;
 /// PostgreSQL's CancelRequest: its length and its request code.
@@ -96,6 +93,10 @@ impl Prefaces {
     pub(super) fn next(&self) -> Option<Instant> {
         self.next
     }
+
+    fn wake_by(&mut self, deadline: Instant) {
+        self.next = Some(self.next.map_or(deadline, |n| n.min(deadline)));
+    }
 }
 
 /// What the bytes read so far decide.
@@ -114,6 +115,16 @@ enum Decision {
 /// Whether a listener reads anything before its upstream connect.
 pub(super) fn wanted(listener: &Listener) -> bool {
     listener.config.accept_proxy.is_some() || listener.config.protocol != Protocol::None
+}
+
+/// When a client still reading its preface gives up: at the PROXY
+/// header's deadline until the header is whole, then at the first
+/// packet's.
+fn preface_deadline(listener: &Listener, header_done: bool, now: Instant) -> Instant {
+    match &listener.config.accept_proxy {
+        Some(a) if !header_done => now + a.timeout,
+        _ => now + listener.config.first_packet_timeout,
+    }
 }
 
 /// Whether `peer` may send a PROXY header to `listener`.
@@ -151,13 +162,15 @@ fn postgres_first(buf: &[u8]) -> Decision {
 
 impl Pending {
     /// What the bytes read so far decide; parses the PROXY header once.
-    fn decide(&mut self) -> Decision {
+    /// The first packet's deadline starts when the header is whole.
+    fn decide(&mut self, now: Instant) -> Decision {
         if self.listener.config.accept_proxy.is_some() && !self.header_done {
             match proxy_protocol::parse(&self.buf) {
                 Ok(Parse::Incomplete) => return Decision::More,
                 Err(e) => return Decision::Refuse(e.to_string()),
                 Ok(Parse::Complete(h)) => {
                     self.header_done = true;
+                    self.deadline = preface_deadline(&self.listener, true, now);
                     self.buf.drain(..h.header_len);
                     if let Some(source) = h.source {
                         self.client_addr = source;
@@ -239,6 +252,7 @@ impl Worker {
                 }
             }
         };
+        let deadline = preface_deadline(&listener, false, now);
         let pending = Pending {
             client,
             client_addr: peer,
@@ -247,7 +261,7 @@ impl Worker {
             hold,
             buf: Vec::new(),
             header_done: false,
-            deadline: now + PREFACE_TIMEOUT,
+            deadline,
         };
         let entry = self.prefaces.entries.vacant_entry();
         let key = entry.key();
@@ -261,11 +275,7 @@ impl Worker {
             return;
         }
         entry.insert(Entry::Client(pending));
-        self.prefaces.next = Some(
-            self.prefaces
-                .next
-                .map_or(now + PREFACE_TIMEOUT, |n| n.min(now + PREFACE_TIMEOUT)),
-        );
+        self.prefaces.wake_by(deadline);
         // The client may have sent already: read now rather than wait for
         // the registration's first event.
         self.on_preface_event(key, now);
@@ -284,10 +294,13 @@ impl Worker {
                         return;
                     }
                 };
-                let decision = p.decide();
+                let decision = p.decide(now);
                 let full = p.buf.len() >= PREFACE_MAX;
                 match decision {
-                    Decision::More if !eof && !full => {}
+                    Decision::More if !eof && !full => {
+                        let deadline = p.deadline;
+                        self.prefaces.wake_by(deadline);
+                    }
                     Decision::More
                         if p.listener.config.accept_proxy.is_some() && !p.header_done =>
                     {
@@ -342,7 +355,8 @@ impl Worker {
         for key in due {
             match &self.prefaces.entries[key] {
                 Entry::Client(p) if p.listener.config.accept_proxy.is_some() && !p.header_done => {
-                    let why = format!("no PROXY header within {} s", PREFACE_TIMEOUT.as_secs());
+                    let within = p.listener.config.accept_proxy.as_ref().map(|a| a.timeout);
+                    let why = format!("no PROXY header within {}", format_duration(within));
                     self.refuse_pending(key, &why, now);
                 }
                 // A postgres client that sent no full first packet yet:
@@ -426,7 +440,12 @@ impl Worker {
         let p = self.take_pending(key);
         let listener = Arc::clone(&p.listener);
         CounterBlock::add(&listener.counters(self.index).pg_cancel_requests, 1);
-        let deadline = now + listener.config.timeouts.connect.unwrap_or(PREFACE_TIMEOUT);
+        let deadline = now
+            + listener
+                .config
+                .timeouts
+                .connect
+                .unwrap_or(listener.config.first_packet_timeout);
         let members = listener.pool.members();
         let mut sent = 0;
         for server in &members.servers {
@@ -454,7 +473,7 @@ impl Worker {
             }));
             sent += 1;
         }
-        self.prefaces.next = Some(self.prefaces.next.map_or(deadline, |n| n.min(deadline)));
+        self.prefaces.wake_by(deadline);
         tracing::info!(
             worker = self.index,
             listener = listener.label(),

@@ -266,6 +266,7 @@ fn read_listener(
         "deny",
         "accept-proxy",
         "protocol",
+        "first-packet-timeout",
         "pool",
     ]
     .into_iter()
@@ -277,6 +278,7 @@ fn read_listener(
     let mut access = Access::default();
     let mut accept_proxy = None;
     let mut protocol = Protocol::None;
+    let mut first_packet_timeout = None;
     let mut pool = None;
     for (k, v) in t.iter() {
         let name_k = k.get_ref().as_ref();
@@ -313,10 +315,16 @@ fn read_listener(
             "accept-proxy" => {
                 if let Some(at) = cx.table(v, &key) {
                     let mut trusted = Vec::new();
+                    let mut timeout = AcceptProxy::DEFAULT_TIMEOUT;
                     for (k2, v2) in at.iter() {
                         match k2.get_ref().as_ref() {
                             "trusted" => trusted = cx.cidrs(v2, &join(&key, "trusted")),
-                            _ => cx.unknown(k2, &key, &["trusted"]),
+                            "timeout" => {
+                                if let Some(d) = cx.positive_duration(v2, &join(&key, "timeout")) {
+                                    timeout = d;
+                                }
+                            }
+                            _ => cx.unknown(k2, &key, &["trusted", "timeout"]),
                         }
                     }
                     if trusted.is_empty() {
@@ -326,7 +334,7 @@ fn read_listener(
                             "trusted lists no source: PROXY headers would be accepted from nobody",
                         );
                     }
-                    accept_proxy = Some(AcceptProxy { trusted });
+                    accept_proxy = Some(AcceptProxy { trusted, timeout });
                 }
             }
             "protocol" => {
@@ -334,9 +342,19 @@ fn read_listener(
                     protocol = p;
                 }
             }
+            "first-packet-timeout" => {
+                first_packet_timeout = cx.positive_duration(v, &key).map(|d| (d, v.span()));
+            }
             "pool" => pool = read_pool(cx, v, &key),
             _ => cx.unknown(k, &path, &known),
         }
+    }
+    if let (Some((_, at)), Protocol::None) = (&first_packet_timeout, protocol) {
+        cx.error(
+            at,
+            &join(&path, "first-packet-timeout"),
+            "applies only with protocol = \"postgres\" (nothing else reads a first packet)",
+        );
     }
     let Some(name) = name else {
         cx.error(span, &path, "missing key 'name'");
@@ -372,6 +390,8 @@ fn read_listener(
         access,
         accept_proxy,
         protocol,
+        first_packet_timeout: first_packet_timeout
+            .map_or(crate::config::DEFAULT_FIRST_PACKET_TIMEOUT, |(d, _)| d),
         keepalive: s.keepalive,
         user_timeout: s.user_timeout.flatten(),
     })
