@@ -4,10 +4,11 @@
 # stopped by pid at exit.
 #
 #   postgres  a primary and a streaming replica (pg_basebackup -R) behind a
-#             listener with `role = "primary"`, `on-down = "kill"`: stop the
-#             primary, promote the replica; new connections through spliced
-#             reach the new primary within interval x fall + 1 s, and pgbench
-#             through spliced runs again. Cancel routing: `SELECT
+#             listener with `role = "primary"`, `on-down = "kill"`: the
+#             primary hangs (SIGSTOP) and spliced resets its clients; then
+#             it is stopped and the replica promoted; new connections through
+#             spliced reach the new primary within interval x fall + 1 s, and
+#             pgbench through spliced runs again. Cancel routing: `SELECT
 #             pg_sleep(30)` through a two-server round-robin pool, cancelled
 #             by psql (SIGINT), ends within 5 s of the SIGINT, every time.
 #   redis     a master and a replica switched with REPLICAOF: the old
@@ -91,6 +92,17 @@ pg_run() {  # DIR PORT
     pg_ctl_as -D "$1" -l "$1.log" -w -t 60 start -o \
         "-p $2 -c listen_addresses=127.0.0.1 -c unix_socket_directories=$W/pg -c fsync=off -c wal_level=replica -c max_wal_senders=5 -c hot_standby=on" >/dev/null
 }
+# pg_freeze DIR STOP|CONT: signals the cluster's postmaster and every
+# process it started.
+pg_freeze() {
+    local pm
+    pm="$(head -1 "$1/postmaster.pid" 2>/dev/null)" || return 0
+    [[ -n "$pm" ]] || return 0
+    pkill "-$2" -P "$pm" 2>/dev/null
+    kill "-$2" "$pm" 2>/dev/null
+    return 0
+}
+sleeping_on() { [[ "$(PSQL "$1" -c "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'")" == 1 ]]; }
 in_recovery() { PSQL "$1" -c 'SELECT pg_is_in_recovery()'; }
 primary_port_via() {  # the port of the server a new connection through PORT reaches, if it is a primary
     [[ "$(PSQL "$1" -c "SELECT pg_is_in_recovery()::text || ' ' || current_setting('port')")" == "false $2" ]]
@@ -170,19 +182,28 @@ servers = [\"127.0.0.1:$p1\", \"127.0.0.1:$p2\"]
     # pgbench through spliced, then the failover.
     "$PGBIN/pgbench" -i -q -s 1 -h 127.0.0.1 -p "$via" -U postgres postgres >"$W/pgbench-init.log" 2>&1 \
         || { lib_fail "postgres: pgbench -i through spliced" "$(tail -3 "$W/pgbench-init.log")"; return; }
+    # The primary hangs (every process of it stopped, as on a frozen
+    # host): it closes nothing itself, so only spliced's on-down = kill can
+    # end its clients' sessions. Then it is stopped and the replica
+    # promoted.
     "$PGBIN/psql" -X -h 127.0.0.1 -p "$via" -U postgres -d postgres -c 'SELECT pg_sleep(60)' >"$W/old-client.out" 2>&1 &
     local old=$!
-    sleep 0.5
+    wait_ms 5000 sleeping_on "$p1" >/dev/null || lib_fail "postgres: the old client's query runs" "$(cat "$W/old-client.out")"
+    pg_freeze "$W/pg/a" STOP
+    lib_on_exit "pg_freeze $W/pg/a CONT"
+    if t 10 tail --pid="$old" -f /dev/null && ! wait "$old" \
+        && grep -qiE 'reset|closed the connection unexpectedly' "$W/old-client.out" \
+        && lib_wait_log "$SPLICED_LOG" "reason=server-down.*127.0.0.1:$p1|127.0.0.1:$p1.*reason=server-down" 3; then
+        lib_pass "postgres: the hung primary's client was reset (on-down = kill)" "$(tr '\n' ' ' <"$W/old-client.out" | cut -c1-120)"
+    else
+        lib_fail "postgres: the hung primary's client was reset (on-down = kill)" "$(tr '\n' ' ' <"$W/old-client.out" | cut -c1-120)"
+    fi
+    pg_freeze "$W/pg/a" CONT
     pg_stop_dir "$W/pg/a"
     pg_ctl_as -D "$W/pg/b" -w -t 30 promote >/dev/null || { lib_fail "postgres: promote the replica"; return; }
     took="$(wait_ms "$BOUND_MS" primary_port_via "$via" "$p2")" && ok=1 || ok=0
     if ((ok)); then lib_pass "postgres: new connections reach the promoted replica" "${took} ms after promotion (bound ${BOUND_MS} ms)"
     else lib_fail "postgres: new connections reach the promoted replica" "not within ${BOUND_MS} ms"; fi
-    if t 10 tail --pid="$old" -f /dev/null && ! wait "$old"; then
-        lib_pass "postgres: the old primary's client lost its session" "$(tr '\n' ' ' <"$W/old-client.out" | cut -c1-120)"
-    else
-        lib_fail "postgres: the old primary's client lost its session"
-    fi
     if "$PGBIN/pgbench" -T 3 -c 2 -h 127.0.0.1 -p "$via" -U postgres postgres >"$W/pgbench-after.log" 2>&1 \
         && grep -q '^tps' "$W/pgbench-after.log"; then
         lib_pass "postgres: pgbench through spliced resumes on the new primary" "$(grep -m1 '^tps' "$W/pgbench-after.log")"
