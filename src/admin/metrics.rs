@@ -266,7 +266,7 @@ fn families(snap: &Snapshot) -> Vec<Family> {
     );
     let mut refused = family(
         "spliced_connections_refused",
-        "Client connections reset before any upstream connect, by limit: allow-deny (the listener's access lists) or max-conns-per-source.",
+        "Client connections reset before any upstream connect, by limit: allow-deny (the listener's access lists), max-conns-per-source, or proxy-header (accept-proxy: untrusted source, bad or missing header).",
         Counter,
     );
     let mut limit_pauses = family(
@@ -288,6 +288,10 @@ fn families(snap: &Snapshot) -> Vec<Family> {
         refused.values.push((
             with(at.clone(), "limit", "max-conns-per-source"),
             s.refused_max_conns_per_source,
+        ));
+        refused.values.push((
+            with(at.clone(), "limit", "proxy-header"),
+            s.refused_proxy_header,
         ));
         limit_pauses
             .values

@@ -295,6 +295,19 @@ mod tests {
     }
 
     #[test]
+    fn a_file_of_another_format_or_layout_is_named_so() {
+        let arena = Arena::new(1, &["a".to_string()], None, 0);
+        let w = words(&arena.map);
+        w[H_VERSION].store(1, Ordering::Relaxed);
+        let e = read(w).err().expect("format 1 refused").to_string();
+        assert!(e.contains("stats file format 1 is not the format 2"), "{e}");
+        w[H_VERSION].store(VERSION, Ordering::Relaxed);
+        w[H_LAYOUT].store(7, Ordering::Relaxed);
+        let e = read(w).err().expect("another layout refused").to_string();
+        assert!(e.contains("another counter layout"), "{e}");
+    }
+
+    #[test]
     fn a_file_of_something_else_is_refused() {
         let dir = std::env::temp_dir().join(format!("spliced-view-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
