@@ -299,11 +299,11 @@ mod tests {
         let arena = Arena::new(1, &["a".to_string()], None, 0);
         let w = words(&arena.map);
         w[H_VERSION].store(1, Ordering::Relaxed);
-        let e = read(w).err().expect("format 1 refused").to_string();
+        let e = read(w).expect_err("format 1 refused").to_string();
         assert!(e.contains("stats file format 1 is not the format 2"), "{e}");
         w[H_VERSION].store(VERSION, Ordering::Relaxed);
         w[H_LAYOUT].store(7, Ordering::Relaxed);
-        let e = read(w).err().expect("another layout refused").to_string();
+        let e = read(w).expect_err("another layout refused").to_string();
         assert!(e.contains("another counter layout"), "{e}");
     }
 
