@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::shm::{self, InstanceState, Liveness, Snapshot, StatsFile};
+use crate::shm::{self, InstanceState, Liveness, ServerSnapshot, Snapshot, StatsFile};
 use crate::stats::{CloseReason, Stats};
 
 /// Arguments of `spliced stats`.
@@ -291,9 +291,12 @@ fn render_servers(
     let secs = rates.map_or(uptime, |(d, _)| d).as_secs_f64().max(1e-3);
     let order = |name: &str| snap.listeners.iter().position(|l| l.name == name);
     let mut servers: Vec<_> = snap.servers.iter().collect();
-    servers.sort_by(|a, b| {
-        (order(&a.listener), &a.listener, &a.addr).cmp(&(order(&b.listener), &b.listener, &b.addr))
-    });
+    // Addresses in numeric order (`:9` before `:10`).
+    let key = |s: &ServerSnapshot| {
+        let addr = s.addr.parse::<std::net::SocketAddr>().ok();
+        (order(&s.listener), s.listener.clone(), addr, s.addr.clone())
+    };
+    servers.sort_by_key(|s| key(s));
     for s in servers {
         let now = s.total();
         // The same slot and generation: otherwise it started from zero.
