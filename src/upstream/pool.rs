@@ -71,6 +71,10 @@ impl Server {
         params: HealthParams,
         counters: Arc<ServerCounters>,
     ) -> Server {
+        // The file shows the state of the newest entry for the address: a
+        // new one (a reload's new pool) starts up, with no role seen yet.
+        counters.head().down.store(0, Ordering::Relaxed);
+        counters.head().role.store(0, Ordering::Relaxed);
         Server {
             counters,
             addr,
