@@ -111,6 +111,13 @@ impl ServerCounters {
     pub(crate) fn head(&self) -> &ServerHead {
         &self.head
     }
+
+    /// Shows the server's health (role: 0 unknown, 1 primary, 2 replica)
+    /// to readers of the file.
+    pub(crate) fn show_state(&self, up: bool, role: u8) {
+        self.head.down.store(u64::from(!up), Ordering::Relaxed);
+        self.head.role.store(u64::from(role), Ordering::Relaxed);
+    }
 }
 
 impl Drop for ServerCounters {
@@ -236,5 +243,84 @@ mod tests {
         let extra = reg.counters(addr(60000), false);
         extra.block(0).connects.fetch_add(1, Ordering::Relaxed);
         assert_eq!(arena.snapshot().servers.len(), held.len());
+    }
+}
+
+/// Servers that come and go with a pool's membership (a reload's new pool,
+/// a re-resolution): what the file shows.
+#[cfg(test)]
+mod membership {
+    use super::*;
+    use crate::config::PoolConfig;
+    use crate::upstream::{Member, Pool};
+    use std::time::Instant;
+
+    fn members(ports: &[u16]) -> Vec<Member> {
+        ports
+            .iter()
+            .map(|&p| Member {
+                addr: SocketAddr::from(([127, 0, 0, 1], p)),
+                weight: 1,
+                backup: false,
+            })
+            .collect()
+    }
+
+    fn shown(arena: &Arena) -> Vec<(String, u64)> {
+        let mut out: Vec<_> = arena
+            .snapshot()
+            .servers
+            .iter()
+            .map(|s| (s.addr.clone(), s.total().connect_attempts))
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn a_removed_server_stays_while_a_relay_holds_it_and_a_kept_one_keeps_counting() {
+        let arena = Arena::new(1, &["db".to_string()], None, 0);
+        let registry = arena.listener_counters(0).servers;
+        let config = PoolConfig::new(Vec::new());
+        let old = Pool::new("db", &config, Arc::clone(&registry));
+        old.set_members(members(&[1, 2]));
+        let client = "192.0.2.1".parse().unwrap();
+        let lease = old.pick(0, client, &[], Instant::now()).expect("a server");
+        lease
+            .0
+            .block(0)
+            .connect_attempts
+            .fetch_add(5, Ordering::Relaxed);
+        let held = lease.0.addr.port();
+        let other = if held == 1 { 2 } else { 1 };
+        for s in old.members().servers.iter() {
+            s.block(0).connect_attempts.fetch_add(1, Ordering::Relaxed);
+        }
+        // A reload: the listener's new pool keeps only the other address.
+        let new = Pool::new("db", &config, Arc::clone(&registry));
+        new.set_members(members(&[other]));
+        drop(old);
+        let name = |p: u16| format!("127.0.0.1:{p}");
+        assert_eq!(shown(&arena), {
+            let mut v = vec![(name(held), 6), (name(other), 1)];
+            v.sort();
+            v
+        });
+        assert_eq!(
+            arena
+                .snapshot()
+                .servers
+                .iter()
+                .map(|s| s.active)
+                .sum::<u64>(),
+            1
+        );
+        // Its last relay gone, the removed server leaves the file.
+        drop(lease);
+        assert_eq!(shown(&arena), vec![(name(other), 1)]);
+        // A re-resolution that brings it back starts it from zero.
+        new.set_members(members(&[1, 2]));
+        assert!(shown(&arena).contains(&(name(held), 0)));
+        assert!(shown(&arena).contains(&(name(other), 1)));
     }
 }

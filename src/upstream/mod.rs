@@ -20,6 +20,8 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
+#[cfg(test)]
+pub(crate) use pool::Member;
 pub(crate) use pool::{Lease, Pool, Server, ServerSample};
 pub use resolve::{Resolve, SystemResolver};
 

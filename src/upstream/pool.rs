@@ -71,10 +71,8 @@ impl Server {
         params: HealthParams,
         counters: Arc<ServerCounters>,
     ) -> Server {
-        // The file shows the state of the newest entry for the address: a
-        // new one (a reload's new pool) starts up, with no role seen yet.
-        counters.head().down.store(0, Ordering::Relaxed);
-        counters.head().role.store(0, Ordering::Relaxed);
+        // A new entry (a reload's new pool) starts up, no role seen yet.
+        counters.show_state(true, 0);
         Server {
             counters,
             addr,
@@ -103,9 +101,7 @@ impl Server {
             Some(crate::health::Role::Replica) => 2,
         };
         self.role.store(role, Ordering::Relaxed);
-        let head = self.counters.head();
-        head.down.store(u64::from(!h.is_up()), Ordering::Relaxed);
-        head.role.store(u64::from(role), Ordering::Relaxed);
+        self.counters.show_state(h.is_up(), role);
         out
     }
 
