@@ -234,6 +234,33 @@ mod tests {
     }
 
     #[test]
+    fn listeners_a_reload_adds_take_the_spare_slots_then_count_in_memory() {
+        let arena = Arena::new(1, &["a".to_string(), "handoff".to_string()], None, 0);
+        arena.mark_handoff(1);
+        let spare = super::super::MIN_SPARE_LISTENERS;
+        let added: Vec<_> = (0..=spare)
+            .map(|i| arena.add_listener(&format!("l{i}")))
+            .collect();
+        added[0].blocks[0]
+            .relays_accepted
+            .fetch_add(2, Ordering::Relaxed);
+        added[spare].blocks[0]
+            .relays_accepted
+            .fetch_add(9, Ordering::Relaxed);
+        let snap = arena.snapshot();
+        let names: Vec<&str> = snap.listeners.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names.len(), 2 + spare, "one more than the room: in memory");
+        assert_eq!((names[0], names[1]), ("a", "l0"));
+        assert_eq!(names.last(), Some(&"handoff"), "handoff is read last");
+        assert_eq!(snap.listeners[1].total().relays_accepted, 2);
+        assert_eq!(
+            snap.total().relays_accepted,
+            2,
+            "the one past the room is not in the file"
+        );
+    }
+
+    #[test]
     fn a_full_file_counts_in_memory() {
         let arena = Arena::new(1, &["a".to_string()], None, 0);
         let reg = arena.listener_counters(0).servers;
