@@ -20,7 +20,7 @@ use mio::net::TcpStream;
 use socket2::{SockRef, TcpKeepalive};
 
 use crate::config::ListenerConfig;
-use crate::shm::Block;
+use crate::shm::{Block, ListenerCounters, ServerRegistry};
 use crate::stats::{CounterBlock, Stats};
 use crate::upstream::Pool;
 
@@ -53,6 +53,9 @@ struct State {
     /// This listener's counters, one block per worker: worker `i` alone
     /// writes block `i`. They live in the runtime's stats mapping.
     counters: Box<[Block]>,
+    /// Where its servers count, so a server kept across a reload keeps
+    /// its counters.
+    servers: Arc<ServerRegistry>,
 }
 
 /// The name a listener's counters go by in the stats file and metrics.
@@ -70,10 +73,14 @@ pub(crate) enum Refused {
 }
 
 impl Listener {
-    /// A listener whose counters are `counters`, one block per worker
-    /// (see [`crate::shm::Arena::listener_blocks`]).
-    pub(crate) fn new(id: ListenerId, config: ListenerConfig, counters: Box<[Block]>) -> Listener {
-        let pool = Pool::new(&config.name, &config.pool);
+    /// A listener whose counters are `counters`: one block per worker and
+    /// its servers' (see [`crate::shm::Arena::listener_counters`]).
+    pub(crate) fn new(
+        id: ListenerId,
+        config: ListenerConfig,
+        counters: ListenerCounters,
+    ) -> Listener {
+        let pool = Pool::new(&config.name, &config.pool, Arc::clone(&counters.servers));
         Listener {
             id,
             config,
@@ -81,7 +88,8 @@ impl Listener {
             state: Arc::new(State {
                 live: AtomicUsize::new(0),
                 sources: Mutex::new(HashMap::new()),
-                counters,
+                counters: counters.blocks,
+                servers: counters.servers,
             }),
         }
     }
@@ -92,7 +100,7 @@ impl Listener {
     pub(crate) fn successor(&self, config: ListenerConfig) -> Listener {
         Listener {
             id: self.id,
-            pool: Pool::new(&config.name, &config.pool),
+            pool: Pool::new(&config.name, &config.pool, Arc::clone(&self.state.servers)),
             config,
             state: Arc::clone(&self.state),
         }
@@ -226,8 +234,8 @@ mod tests {
     fn listener(tweak: impl FnOnce(&mut ListenerConfig)) -> Arc<Listener> {
         let mut c = ListenerConfig::new("127.0.0.1:0".parse().unwrap(), vec![], Mode::Splice);
         tweak(&mut c);
-        let arena = crate::shm::Arena::new(1, &[c.name.clone()], None);
-        Arc::new(Listener::new(ListenerId(0), c, arena.listener_blocks(0)))
+        let arena = crate::shm::Arena::new(1, &[c.name.clone()], None, 0);
+        Arc::new(Listener::new(ListenerId(0), c, arena.listener_counters(0)))
     }
 
     #[test]

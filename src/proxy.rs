@@ -77,7 +77,13 @@ fn start_inner(
         .chain([&handoff])
         .map(listener::name_of)
         .collect();
-    let arena = Arena::new(config.workers, &names, config.ops.instance.as_deref());
+    let server_entries = config.listeners.iter().map(|l| l.pool.servers.len()).sum();
+    let arena = Arena::new(
+        config.workers,
+        &names,
+        config.ops.instance.as_deref(),
+        server_entries,
+    );
     let runtimes: Vec<Arc<Listener>> = config
         .listeners
         .iter()
@@ -86,7 +92,7 @@ fn start_inner(
             Arc::new(Listener::new(
                 ListenerId(i as u32),
                 l.clone(),
-                arena.listener_blocks(i),
+                arena.listener_counters(i),
             ))
         })
         .collect();
@@ -112,6 +118,7 @@ fn start_inner(
     )?;
     let reloader = Reloader::new(reload::State::new(
         Arc::clone(&config),
+        Arc::clone(&runtime.arena),
         &runtimes,
         &bound.local_addrs,
         runtime.links(),

@@ -66,6 +66,8 @@ struct Active {
 
 pub(crate) struct State {
     config: Arc<Config>,
+    /// The stats mapping, where listeners a reload adds count.
+    arena: Arc<crate::shm::Arena>,
     active: Vec<Active>,
     links: Vec<WorkerLink>,
     set: Arc<Mutex<ListenerSet>>,
@@ -172,6 +174,7 @@ impl State {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         config: Arc<Config>,
+        arena: Arc<crate::shm::Arena>,
         listeners: &[Arc<Listener>],
         bound: &[(usize, SocketAddr)],
         links: Vec<WorkerLink>,
@@ -191,6 +194,7 @@ impl State {
         State {
             next_id: listeners.len() as u32,
             config,
+            arena,
             active,
             links,
             set,
@@ -285,12 +289,9 @@ impl Reloader {
                 Fate::Changed(j) => Arc::new(state.active[j].listener.successor(l.clone())),
                 Fate::New => {
                     next_id += 1;
-                    // Listeners added by a reload count in memory of their
-                    // own: the stats file holds the ones it started with.
-                    let blocks = (0..effective.workers.max(1))
-                        .map(|_| crate::shm::detached_block())
-                        .collect();
-                    Arc::new(Listener::new(ListenerId(next_id - 1), l.clone(), blocks))
+                    // The file has room kept for listeners a reload adds.
+                    let counters = state.arena.add_listener(&l.name);
+                    Arc::new(Listener::new(ListenerId(next_id - 1), l.clone(), counters))
                 }
             })
             .collect();

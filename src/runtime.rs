@@ -167,6 +167,7 @@ impl RuntimeBuilder {
             self.config.workers,
             &[listener::name_of(&handoff)],
             self.config.ops.instance.as_deref(),
+            0,
         );
         Runtime::spawn(
             Arc::new(self.config),
@@ -207,6 +208,7 @@ impl Runtime {
     ) -> Result<Runtime, StartError> {
         let shared = Arc::new(Shared::default());
         let listeners_len = listeners.len();
+        arena.mark_handoff(listeners_len);
         let mut runtime = Runtime {
             workers: Vec::with_capacity(per_worker.len()),
             listeners: Arc::new(Mutex::new(ListenerSet {
@@ -216,8 +218,8 @@ impl Runtime {
             handoff_listener: Arc::new(Listener::new(
                 HANDOFF_LISTENER,
                 handoff,
-                // The handoff pseudo-listener is the arena's last.
-                arena.listener_blocks(listeners_len),
+                // The handoff pseudo-listener is the arena's last name.
+                arena.listener_counters(listeners_len),
             )),
             next_worker: AtomicUsize::new(0),
             stopping: Arc::new(AtomicBool::new(false)),

@@ -257,6 +257,119 @@ pub const CONNECT_BUCKETS: [f64; 14] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
+/// One server's counters as one worker writes them: a relay remembers the
+/// block of the server it connected to and adds its bytes there beside its
+/// listener's, so the data path pays one more relaxed add per transfer and
+/// no lock. Summed over workers into [`ServerStats`].
+#[derive(Debug, Default)]
+#[repr(C)]
+pub struct ServerBlock {
+    /// Connect attempts started to the server.
+    pub connect_attempts: AtomicU64,
+    /// Connect attempts that failed (refused, unreachable, timed out).
+    pub connect_failures: AtomicU64,
+    /// Connects established.
+    pub connects: AtomicU64,
+    /// Microseconds the established connects took, summed.
+    pub connect_micros: AtomicU64,
+    /// Established connects per latency bucket, as [`CONNECT_BUCKETS`].
+    pub connect_buckets: [AtomicU64; CONNECT_BUCKETS.len() + 1],
+    pub bytes_c2u_spliced: AtomicU64,
+    pub bytes_c2u_copied: AtomicU64,
+    pub bytes_u2c_spliced: AtomicU64,
+    pub bytes_u2c_copied: AtomicU64,
+    /// Relays connected to the server that closed.
+    pub relays_closed: AtomicU64,
+}
+
+/// The names of [`ServerBlock`]'s counters, in layout order: part of the
+/// stats file's fingerprint.
+pub(crate) const SERVER_COUNTERS: &[&str] = &[
+    "connect_attempts",
+    "connect_failures",
+    "connects",
+    "connect_micros",
+    "connect_buckets",
+    "bytes_c2u_spliced",
+    "bytes_c2u_copied",
+    "bytes_u2c_spliced",
+    "bytes_u2c_copied",
+    "relays_closed",
+];
+
+/// A server's counters summed over workers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ServerStats {
+    pub connect_attempts: u64,
+    pub connect_failures: u64,
+    pub connects: u64,
+    pub connect_micros: u64,
+    pub connect_buckets: [u64; CONNECT_BUCKETS.len() + 1],
+    pub bytes_c2u_spliced: u64,
+    pub bytes_c2u_copied: u64,
+    pub bytes_u2c_spliced: u64,
+    pub bytes_u2c_copied: u64,
+    pub relays_closed: u64,
+}
+
+impl ServerBlock {
+    /// Counts an established connect that took `took`.
+    pub(crate) fn connected(&self, took: std::time::Duration) {
+        self.connect_buckets[bucket_of(took)].fetch_add(1, Relaxed);
+        self.connects.fetch_add(1, Relaxed);
+        self.connect_micros
+            .fetch_add(took.as_micros() as u64, Relaxed);
+    }
+
+    /// Counts `n` bytes written to the client (`to_client`) or the server.
+    pub(crate) fn moved(&self, to_client: bool, spliced: bool, n: u64) {
+        let counter = match (to_client, spliced) {
+            (false, true) => &self.bytes_c2u_spliced,
+            (false, false) => &self.bytes_c2u_copied,
+            (true, true) => &self.bytes_u2c_spliced,
+            (true, false) => &self.bytes_u2c_copied,
+        };
+        counter.fetch_add(n, Relaxed);
+    }
+}
+
+impl ServerStats {
+    pub(crate) fn sum<'a>(blocks: impl IntoIterator<Item = &'a ServerBlock>) -> ServerStats {
+        let mut s = ServerStats::default();
+        for b in blocks {
+            s.connect_attempts += b.connect_attempts.load(Relaxed);
+            s.connect_failures += b.connect_failures.load(Relaxed);
+            s.connects += b.connects.load(Relaxed);
+            s.connect_micros += b.connect_micros.load(Relaxed);
+            add_loaded(&mut s.connect_buckets, &b.connect_buckets);
+            s.bytes_c2u_spliced += b.bytes_c2u_spliced.load(Relaxed);
+            s.bytes_c2u_copied += b.bytes_c2u_copied.load(Relaxed);
+            s.bytes_u2c_spliced += b.bytes_u2c_spliced.load(Relaxed);
+            s.bytes_u2c_copied += b.bytes_u2c_copied.load(Relaxed);
+            s.relays_closed += b.relays_closed.load(Relaxed);
+        }
+        s
+    }
+
+    /// Bytes client→server, both engines.
+    pub fn bytes_c2u(&self) -> u64 {
+        self.bytes_c2u_spliced + self.bytes_c2u_copied
+    }
+
+    /// Bytes server→client, both engines.
+    pub fn bytes_u2c(&self) -> u64 {
+        self.bytes_u2c_spliced + self.bytes_u2c_copied
+    }
+}
+
+fn bucket_of(took: std::time::Duration) -> usize {
+    let secs = took.as_secs_f64();
+    CONNECT_BUCKETS
+        .iter()
+        .position(|&bound| secs <= bound)
+        .unwrap_or(CONNECT_BUCKETS.len())
+}
+
 /// Why a direction switched from splice to copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -326,12 +439,7 @@ impl CounterBlock {
 
     /// Counts an established upstream connect that took `took`.
     pub(crate) fn connected(&self, took: std::time::Duration) {
-        let secs = took.as_secs_f64();
-        let bucket = CONNECT_BUCKETS
-            .iter()
-            .position(|&bound| secs <= bound)
-            .unwrap_or(CONNECT_BUCKETS.len());
-        self.connect_buckets[bucket].fetch_add(1, Relaxed);
+        self.connect_buckets[bucket_of(took)].fetch_add(1, Relaxed);
         Self::add(&self.upstream_connects, 1);
         Self::add(&self.upstream_connect_micros, took.as_micros() as u64);
     }

@@ -7,6 +7,8 @@ mod common;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -228,3 +230,135 @@ fn servers_show_their_health_and_relays() {
         assert_eq!(sample(server, "spliced_server_backup", ""), Some(0.0));
     }
 }
+
+/// An echo server that counts the bytes it echoed.
+fn counting_echo() -> (Server, Arc<AtomicU64>) {
+    let echoed = Arc::new(AtomicU64::new(0));
+    let count = Arc::clone(&echoed);
+    let server = serve(move |mut s| {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                    count.fetch_add(n as u64, Ordering::SeqCst);
+                }
+            }
+        }
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    });
+    (server, echoed)
+}
+
+/// Per server, after known traffic through a pool of two live servers and
+/// a dead one: bytes each way match what each server echoed, split by
+/// engine; the dead one has failures and no connect; every connect is in
+/// the latency histogram and every relay's close is counted.
+fn per_server_counters(mode: Mode) {
+    let (a, a_bytes) = counting_echo();
+    let (b, b_bytes) = counting_echo();
+    let dead = refused_addr();
+    let proxy = proxy(mode, vec![a.addr, b.addr, dead], |c| {
+        c.ops.admin = Some("127.0.0.1:0".parse().unwrap());
+        c.listeners[0].name = "two".into();
+    });
+    let admin = proxy.admin_addr().expect("an admin endpoint");
+    let sizes = [10usize, 5000, 70_000, 300_000, 1, 123_456];
+    for (i, &n) in sizes.iter().enumerate() {
+        let mut c = connect(proxy.local_addr());
+        let mut w = c.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            w.write_all(&pattern(i as u64, n)).unwrap();
+            w.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let back = read_to_eof(&mut c, T).expect("echo to EOF");
+        writer.join().unwrap();
+        assert_eq!(back.len(), n);
+    }
+    wait_stats(&proxy, T, "every relay closed", |s| {
+        s.closed_total() == sizes.len() as u64
+    });
+    let total: u64 = sizes.iter().map(|&n| n as u64).sum();
+    let (a_bytes, b_bytes) = (
+        a_bytes.load(Ordering::SeqCst),
+        b_bytes.load(Ordering::SeqCst),
+    );
+    assert_eq!(a_bytes + b_bytes, total);
+    let (_, body) = get(admin, "/metrics");
+    let (m, types) = parse(&body);
+    let at = |server: SocketAddr, name: &str, labels: &str| -> f64 {
+        let key = format!("{name}{{listener=\"two\",server=\"{server}\"{labels}}}");
+        *m.get(&key)
+            .unwrap_or_else(|| panic!("no sample {key} in:\n{body}"))
+    };
+    let bytes = |server, direction: &str, engine: &str| {
+        let labels = format!(",direction=\"{direction}\",engine=\"{engine}\"");
+        at(server, "spliced_server_bytes_total", &labels)
+    };
+    let mut connects = 0.0;
+    for (server, echoed) in [(a.addr, a_bytes), (b.addr, b_bytes)] {
+        for direction in ["client_to_upstream", "upstream_to_client"] {
+            let (spliced, copied) = (
+                bytes(server, direction, "splice"),
+                bytes(server, direction, "copy"),
+            );
+            assert_eq!(spliced + copied, echoed as f64, "{server} {direction}");
+            match mode {
+                Mode::Splice => assert_eq!(copied, 0.0, "{server} {direction}"),
+                Mode::Copy => assert_eq!(spliced, 0.0, "{server} {direction}"),
+                Mode::Auto => {}
+            }
+        }
+        let count = at(server, "spliced_server_connect_duration_seconds_count", "");
+        let inf = ",le=\"+Inf\"";
+        assert_eq!(
+            at(
+                server,
+                "spliced_server_connect_duration_seconds_bucket",
+                inf
+            ),
+            count
+        );
+        assert_eq!(at(server, "spliced_server_connect_failures_total", ""), 0.0);
+        assert_eq!(
+            at(server, "spliced_server_connect_attempts_total", ""),
+            count
+        );
+        assert_eq!(
+            at(server, "spliced_server_connections_closed_total", ""),
+            count
+        );
+        connects += count;
+    }
+    assert_eq!(connects, sizes.len() as f64, "one connect per relay");
+    let failures = at(dead, "spliced_server_connect_failures_total", "");
+    assert!(failures >= 1.0, "the dead server was tried: {body}");
+    assert_eq!(
+        at(dead, "spliced_server_connect_attempts_total", ""),
+        failures
+    );
+    assert_eq!(
+        at(dead, "spliced_server_connect_duration_seconds_count", ""),
+        0.0
+    );
+    assert_eq!(
+        at(
+            dead,
+            "spliced_server_bytes_total",
+            ",direction=\"client_to_upstream\",engine=\"splice\""
+        ),
+        0.0
+    );
+    for (name, kind) in [
+        ("spliced_server_bytes_total", "counter"),
+        ("spliced_server_connect_attempts_total", "counter"),
+        ("spliced_server_connect_duration_seconds", "histogram"),
+    ] {
+        assert_eq!(types.get(name).map(String::as_str), Some(kind), "{name}");
+    }
+}
+
+both_engines!(per_server_counters);

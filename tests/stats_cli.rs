@@ -78,6 +78,69 @@ fn a_live_instance_shows_its_relays() {
     drop(held);
 }
 
+/// Per server of the pool: two live ones share the relays, the refusing
+/// one shows failures and no connect; state, relays held and bytes/s.
+fn servers_have_rows(mode: spliced::Mode) {
+    let dir = runtime_dir(&format!("servers-{mode}"));
+    let (a, b) = (echo_server(), echo_server());
+    let dead = refused_addr();
+    let mut cmd = Command::new(bin());
+    cmd.args(["run", "--listen", "127.0.0.1:0", "--workers", "2"])
+        .args(["--mode", &mode.to_string(), "--name", "pool"])
+        .env("RUNTIME_DIRECTORY", &dir);
+    for server in [a.addr, b.addr, dead] {
+        cmd.args(["--upstream", &server.to_string()]);
+    }
+    let proxy = Spliced::spawn(cmd);
+    for i in 0..4 {
+        let mut c = connect(proxy.addr);
+        round_trip(&mut c, &pattern(i, 10_000), T);
+    }
+    let mut held = connect(proxy.addr);
+    round_trip(&mut held, b"still here", T);
+    let column = |cols: &[String], i: usize| cols[i].parse::<u64>().unwrap();
+    let mut last = String::new();
+    wait_until(T, "spliced stats shows 5 connects, 1 relay held", || {
+        let out = stats(&dir, "pool");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        last = String::from_utf8(out.stdout).unwrap();
+        let sum = |i| -> u64 {
+            [a.addr, b.addr]
+                .iter()
+                .map(|s| column(&row(&last, &format!("{s} ")), i))
+                .sum()
+        };
+        // Every relay but the held one closed.
+        sum(5) == 5 && sum(4) == 1
+    });
+    assert!(
+        last.contains("SERVER") && last.contains("CONNECTS"),
+        "{last}"
+    );
+    for server in [a.addr, b.addr] {
+        // SERVER LISTENER STATE ROLE ACTIVE CONNECTS FAILS C>U/s U>C/s
+        let cols = row(&last, &format!("{server} "));
+        assert_eq!(&cols[1..4], ["127.0.0.1:0", "up", "-"], "{last}");
+        assert_eq!(column(&cols, 6), 0, "no failure: {last}");
+        if column(&cols, 5) > 0 {
+            assert_ne!(cols[7..9], ["0", "B"], "bytes/s of a used server: {last}");
+        }
+    }
+    let cols = row(&last, &format!("{dead} "));
+    assert_eq!(column(&cols, 5), 0, "{last}");
+    assert!(
+        column(&cols, 6) >= 1,
+        "the refusing server's failures: {last}"
+    );
+    drop(held);
+}
+
+both_engines!(servers_have_rows);
+
 #[test]
 fn a_dead_instance_is_named_dead() {
     let dir = runtime_dir("dead");

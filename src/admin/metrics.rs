@@ -5,6 +5,7 @@
 //! scrape (plain atomic loads of the blocks the workers write), so a scrape
 //! never takes a lock a worker could wait on.
 
+use std::collections::BTreeMap;
 use std::fmt::Error;
 use std::sync::Arc;
 
@@ -16,7 +17,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::shm::{Arena, InstanceState, Snapshot};
-use crate::stats::{CloseReason, FallbackReason, Stats, CONNECT_BUCKETS};
+use crate::stats::{CloseReason, FallbackReason, ServerStats, Stats, CONNECT_BUCKETS};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -73,8 +74,116 @@ impl Collector for Spliced {
         for f in server_families(&(self.servers)()) {
             f.encode(&mut encoder)?;
         }
-        encode_connect_histogram(&snap, &mut encoder)
+        let servers = server_totals(&snap);
+        for f in server_counter_families(&servers) {
+            f.encode(&mut encoder)?;
+        }
+        encode_connect_histogram(&snap, &mut encoder)?;
+        encode_server_connect_histogram(&servers, &mut encoder)
     }
+}
+
+/// Each server's counters by (listener, address). Two slots with the same
+/// labels (a listener removed and added again by reloads, both with relays
+/// left) are summed, so no series is written twice.
+fn server_totals(snap: &Snapshot) -> BTreeMap<(String, String), ServerStats> {
+    let mut out: BTreeMap<(String, String), ServerStats> = BTreeMap::new();
+    for s in &snap.servers {
+        let sum = out.entry((s.listener.clone(), s.addr.clone())).or_default();
+        let t = s.total();
+        sum.connect_attempts += t.connect_attempts;
+        sum.connect_failures += t.connect_failures;
+        sum.connects += t.connects;
+        sum.connect_micros += t.connect_micros;
+        for (a, b) in sum.connect_buckets.iter_mut().zip(&t.connect_buckets) {
+            *a += b;
+        }
+        sum.bytes_c2u_spliced += t.bytes_c2u_spliced;
+        sum.bytes_c2u_copied += t.bytes_c2u_copied;
+        sum.bytes_u2c_spliced += t.bytes_u2c_spliced;
+        sum.bytes_u2c_copied += t.bytes_u2c_copied;
+        sum.relays_closed += t.relays_closed;
+    }
+    out
+}
+
+/// Per server: connect attempts and failures, bytes each way by engine,
+/// relays closed (from the server slots of the stats mapping).
+fn server_counter_families(servers: &BTreeMap<(String, String), ServerStats>) -> Vec<Family> {
+    use MetricType::Counter;
+    let mut attempts = family(
+        "spliced_server_connect_attempts",
+        "Upstream connects started to the server (each server of a failover counts once).",
+        Counter,
+    );
+    let mut failures = family(
+        "spliced_server_connect_failures",
+        "Upstream connects to the server that failed (refused, unreachable, timed out).",
+        Counter,
+    );
+    let mut bytes = family(
+        "spliced_server_bytes",
+        "Bytes relayed through the server's relays, by direction and by engine (splice: through a pipe; copy: through a userspace buffer).",
+        Counter,
+    );
+    let mut closed = family(
+        "spliced_server_connections_closed",
+        "Relays connected to the server that closed.",
+        Counter,
+    );
+    for ((name, addr), s) in servers {
+        let at = with(listener(name), "server", addr);
+        attempts.values.push((at.clone(), s.connect_attempts));
+        failures.values.push((at.clone(), s.connect_failures));
+        closed.values.push((at.clone(), s.relays_closed));
+        for (direction, engine, v) in [
+            ("client_to_upstream", "splice", s.bytes_c2u_spliced),
+            ("client_to_upstream", "copy", s.bytes_c2u_copied),
+            ("upstream_to_client", "splice", s.bytes_u2c_spliced),
+            ("upstream_to_client", "copy", s.bytes_u2c_copied),
+        ] {
+            let labels = with(with(at.clone(), "direction", direction), "engine", engine);
+            bytes.values.push((labels, v));
+        }
+    }
+    vec![attempts, failures, bytes, closed]
+}
+
+fn encode_server_connect_histogram(
+    servers: &BTreeMap<(String, String), ServerStats>,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), Error> {
+    let mut metric = encoder.encode_descriptor(
+        "spliced_server_connect_duration_seconds",
+        "Time from starting a connect to the server to its establishment, per attempt that succeeded.",
+        None,
+        MetricType::Histogram,
+    )?;
+    for ((name, addr), s) in servers {
+        let sum = s.connect_micros as f64 / 1e6;
+        let labels = with(listener(name), "server", addr);
+        metric
+            .encode_family(&labels)?
+            .encode_histogram::<NoLabelSet>(
+                sum,
+                s.connects,
+                &histogram_buckets(&s.connect_buckets),
+                None,
+            )?;
+    }
+    Ok(())
+}
+
+/// Per-bucket counts (not cumulative; the encoder adds them up) with their
+/// upper bounds, the last one +Inf.
+fn histogram_buckets(counts: &[u64; CONNECT_BUCKETS.len() + 1]) -> Vec<(f64, u64)> {
+    let mut buckets: Vec<(f64, u64)> = CONNECT_BUCKETS
+        .iter()
+        .zip(counts)
+        .map(|(&bound, &n)| (bound, n))
+        .collect();
+    buckets.push((f64::INFINITY, counts[CONNECT_BUCKETS.len()]));
+    buckets
 }
 
 /// Per server of each listener's pool: up or down (health and passive
@@ -157,7 +266,7 @@ fn families(snap: &Snapshot) -> Vec<Family> {
     );
     let mut refused = family(
         "spliced_connections_refused",
-        "Client connections reset before any upstream connect, by limit: allow-deny (the listener's access lists) or max-conns-per-source.",
+        "Client connections reset before any upstream connect, by limit: allow-deny (the listener's access lists), max-conns-per-source, or proxy-header (accept-proxy: untrusted source, bad or missing header).",
         Counter,
     );
     let mut limit_pauses = family(
@@ -179,6 +288,10 @@ fn families(snap: &Snapshot) -> Vec<Family> {
         refused.values.push((
             with(at.clone(), "limit", "max-conns-per-source"),
             s.refused_max_conns_per_source,
+        ));
+        refused.values.push((
+            with(at.clone(), "limit", "proxy-header"),
+            s.refused_proxy_header,
         ));
         limit_pauses
             .values
@@ -310,12 +423,7 @@ fn encode_connect_histogram(snap: &Snapshot, encoder: &mut DescriptorEncoder) ->
     )?;
     for l in &snap.listeners {
         let s: Stats = l.total();
-        let mut buckets: Vec<(f64, u64)> = CONNECT_BUCKETS
-            .iter()
-            .zip(&s.connect_buckets)
-            .map(|(&bound, &n)| (bound, n))
-            .collect();
-        buckets.push((f64::INFINITY, s.connect_buckets[CONNECT_BUCKETS.len()]));
+        let buckets = histogram_buckets(&s.connect_buckets);
         let sum = s.upstream_connect_micros as f64 / 1e6;
         let labels = listener(&l.name);
         metric

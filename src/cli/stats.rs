@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::shm::{self, InstanceState, Liveness, Snapshot, StatsFile};
+use crate::shm::{self, InstanceState, Liveness, ServerSnapshot, Snapshot, StatsFile};
 use crate::stats::{CloseReason, Stats};
 
 /// Arguments of `spliced stats`.
@@ -191,9 +191,16 @@ pub fn render(
         "FALLBK",
         "CONN-FAIL"
     );
-    for (i, l) in snap.listeners.iter().enumerate() {
+    for l in &snap.listeners {
         let now = l.total();
-        let before = rates.map(|(_, b)| b.listeners.get(i).map(|l| l.total()).unwrap_or_default());
+        // By name: a reload may add listeners between two snapshots.
+        let before = rates.map(|(_, b)| {
+            b.listeners
+                .iter()
+                .find(|o| o.name == l.name)
+                .map(|l| l.total())
+                .unwrap_or_default()
+        });
         let secs = rates.map_or(uptime, |(d, _)| d).as_secs_f64().max(1e-3);
         let delta = |f: fn(&Stats) -> u64| {
             let b = before.as_ref().map_or(0, f);
@@ -221,6 +228,7 @@ pub fn render(
             now.upstream_connect_failures,
         );
     }
+    render_servers(&mut t, snap, rates, uptime);
     let _ = writeln!(
         t,
         "\n{:<8} {:>7} {:>10} {:>8} {:>9} {:>9} {:>8} {:>8}",
@@ -262,6 +270,64 @@ pub fn render(
         }
     );
     t
+}
+
+/// One row per server of each listener's pool, listener by listener: its
+/// health, role, relays, connects, failures and bytes/s each way.
+fn render_servers(
+    t: &mut String,
+    snap: &Snapshot,
+    rates: Option<(Duration, &Snapshot)>,
+    uptime: Duration,
+) {
+    if snap.servers.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        t,
+        "\n{:<28} {:<16} {:<5} {:<8} {:>7} {:>9} {:>7} {:>12} {:>12}",
+        "SERVER", "LISTENER", "STATE", "ROLE", "ACTIVE", "CONNECTS", "FAILS", "C>U/s", "U>C/s"
+    );
+    let secs = rates.map_or(uptime, |(d, _)| d).as_secs_f64().max(1e-3);
+    let order = |name: &str| snap.listeners.iter().position(|l| l.name == name);
+    let mut servers: Vec<_> = snap.servers.iter().collect();
+    // Addresses in numeric order (`:9` before `:10`).
+    let key = |s: &ServerSnapshot| {
+        let addr = s.addr.parse::<std::net::SocketAddr>().ok();
+        (order(&s.listener), s.listener.clone(), addr, s.addr.clone())
+    };
+    servers.sort_by_key(|s| key(s));
+    for s in servers {
+        let now = s.total();
+        // The same slot and generation: otherwise it started from zero.
+        let before = rates
+            .and_then(|(_, b)| {
+                b.servers.iter().find(|o| {
+                    o.listener == s.listener && o.addr == s.addr && o.generation == s.generation
+                })
+            })
+            .map(|o| o.total())
+            .unwrap_or_default();
+        let per_sec = |now: u64, before: u64| now.saturating_sub(before) as f64 / secs;
+        let addr = if s.backup {
+            format!("{} (backup)", s.addr)
+        } else {
+            s.addr.clone()
+        };
+        let _ = writeln!(
+            t,
+            "{:<28} {:<16} {:<5} {:<8} {:>7} {:>9} {:>7} {:>12} {:>12}",
+            addr,
+            s.listener,
+            if s.up { "up" } else { "down" },
+            if s.role == "unknown" { "-" } else { s.role },
+            s.active,
+            now.connects,
+            now.connect_failures,
+            human_rate(per_sec(now.bytes_c2u(), before.bytes_c2u())),
+            human_rate(per_sec(now.bytes_u2c(), before.bytes_u2c())),
+        );
+    }
 }
 
 /// `1.5 MiB`, `12 KiB`, `300 B`, per second.
@@ -312,6 +378,22 @@ mod tests {
                 name: "127.0.0.1:6432".into(),
                 workers: vec![stats],
             }],
+            servers: vec![crate::shm::ServerSnapshot {
+                listener: "127.0.0.1:6432".into(),
+                addr: "10.0.0.5:5432".into(),
+                generation: 1,
+                up: true,
+                role: "primary",
+                backup: false,
+                active: 2,
+                workers: vec![crate::stats::ServerStats {
+                    connects: accepted,
+                    connect_failures: 1,
+                    bytes_c2u_spliced: c2u,
+                    bytes_u2c_copied: u2c,
+                    ..Default::default()
+                }],
+            }],
         }
     }
 
@@ -335,6 +417,25 @@ mod tests {
         assert!(t.contains("over the last interval"));
         let once = render(&now, "x", None, Duration::from_secs(10), false);
         assert!(once.contains("averaged since start"));
+        let server = t.lines().find(|l| l.starts_with("10.0.0.5:5432")).unwrap();
+        let cols: Vec<&str> = server.split_whitespace().collect();
+        // LISTENER STATE ROLE ACTIVE CONNECTS FAILS C>U/s U>C/s
+        assert_eq!(
+            &cols[1..],
+            [
+                "127.0.0.1:6432",
+                "up",
+                "primary",
+                "2",
+                "30",
+                "1",
+                "1.0",
+                "KiB",
+                "2.0",
+                "MiB"
+            ],
+            "{server}"
+        );
         let dead = render(&now, "x", None, Duration::ZERO, true);
         assert!(dead.contains("DEAD") && dead.contains("started 1970-01-01"));
     }

@@ -23,7 +23,7 @@ pub(crate) use stream::Stream;
 
 use self::auto::AutoPolicy;
 use crate::config::Mode;
-use crate::stats::{CounterBlock, FallbackReason};
+use crate::stats::{CounterBlock, FallbackReason, ServerBlock};
 use crate::sys;
 
 /// The engine a direction runs now. [`Mode`] is the user's choice; a
@@ -208,6 +208,9 @@ pub(crate) struct Wire<'a> {
     /// This direction writes to the client (else to the upstream); bytes
     /// are counted per direction.
     pub(crate) to_client: bool,
+    /// The counters of the server the relay is connected to, as this
+    /// worker writes them (none for a handed-off pair).
+    pub(crate) server: Option<&'a ServerBlock>,
 }
 
 impl Wire<'_> {
@@ -324,6 +327,10 @@ impl Endpoints for Wire<'_> {
         if let Transfer::Moved(n) = moved {
             CounterBlock::add(total, n as u64);
             CounterBlock::add(way, n as u64);
+            if let Some(server) = self.server {
+                let spliced = matches!(self.slot.buffer, Some(Buffer::Pipe(_)));
+                server.moved(self.to_client, spliced, n as u64);
+            }
         }
         Ok(moved)
     }

@@ -29,7 +29,8 @@ use crate::config::Timeouts;
 use crate::engine::{Engine, Pools, Slot, Stream, Wire};
 use crate::error::{Op, RelayError};
 use crate::listener::{Admission, Listener};
-use crate::stats::{CloseReason, CounterBlock};
+use crate::stats::{CloseReason, CounterBlock, ServerBlock};
+use crate::sys::shared::Placed;
 use crate::upstream::Round;
 use report::{RelayReport, Reporter};
 
@@ -41,6 +42,7 @@ struct RelayIo<'r> {
     u2c_slot: &'r mut Slot,
     pools: &'r mut Pools,
     counters: &'r CounterBlock,
+    server: Option<&'r ServerBlock>,
 }
 
 impl PairIo for RelayIo<'_> {
@@ -58,6 +60,7 @@ impl PairIo for RelayIo<'_> {
                 pools: self.pools,
                 counters: self.counters,
                 to_client: false,
+                server: self.server,
             },
             Peer::Upstream => Wire {
                 slot: self.u2c_slot,
@@ -66,6 +69,7 @@ impl PairIo for RelayIo<'_> {
                 pools: self.pools,
                 counters: self.counters,
                 to_client: true,
+                server: self.server,
             },
         }
     }
@@ -85,6 +89,9 @@ pub(crate) struct Relay {
     pub(crate) progress_at: Option<Instant>,
     /// This relay's connect attempts over the listener's pool.
     pub(crate) round: Round,
+    /// The counters of the server it connected to, as this worker writes
+    /// them; set once connected (its lease in `round` keeps the slot).
+    pub(crate) server: Option<Placed<ServerBlock>>,
     /// Its room under the listener's limits, given back when it closes.
     _admission: Admission,
     pub(crate) core: RelayCore,
@@ -157,6 +164,7 @@ impl Relay {
             client_addr: Some(client_addr),
             progress_at: None,
             round,
+            server: None,
             _admission: admission,
             core: RelayCore::new(now),
             armed_at: None,
@@ -205,6 +213,7 @@ impl Relay {
             client_addr: None,
             progress_at: None,
             round,
+            server: None,
             core,
             armed_at: None,
             queued: false,
@@ -330,6 +339,7 @@ impl Relay {
             c2u_slot: &mut self.c2u_slot,
             u2c_slot: &mut self.u2c_slot,
             counters: self.listener.counters(pools.worker),
+            server: self.server.as_deref(),
             pools,
         };
         let pumped = self.core.pump(&mut io, now)?;

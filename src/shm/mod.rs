@@ -6,12 +6,23 @@
 //!
 //! ```text
 //! header   HEADER_WORDS words: magic, version, layout, pid, start, sizes, state
-//! names    NAME_WORDS per listener: its name, UTF-8, NUL-padded
+//! names    NAME_WORDS per listener slot: its name, UTF-8, NUL-padded
 //! workers  one CounterBlock per worker (worker-scoped counters)
-//! listener one CounterBlock per listener and worker, listener-major
+//! listener one CounterBlock per listener slot and worker, listener-major
+//! servers  per server slot: a ServerHead, then one ServerBlock per worker
 //! ```
 //!
-//! The last listener is the pseudo-listener of handed-off pairs. Nothing on
+//! The file has room for more listeners and servers than the config starts
+//! with, so a reload or a DNS change never moves or resizes it: a listener
+//! a reload adds takes the next free listener slot (slots of listeners are
+//! never given back: a removed listener's counters keep counting in the
+//! totals), and a server takes a free server slot for as long as anything
+//! (its pool, a relay connected to it) holds it. The header says how many
+//! slots of each kind were ever used, so a reader looks no further. When
+//! the room runs out, the newcomer counts in anonymous memory, with a
+//! warning, and is missing from `spliced stats` and `/metrics`.
+//!
+//! The handoff pseudo-listener's slot is named in the header. Nothing on
 //! the data path changes: a worker's counter store lands in the mapping
 //! instead of on the heap. Without an instance name the same layout lives
 //! in an anonymous mapping, so the library and tests take the same path.
@@ -19,19 +30,22 @@
 //! A new file is built beside the old one and renamed over it, so a reader
 //! still mapping a dead instance's file never sees it change size.
 
+mod servers;
 mod view;
 
-pub use view::{InstanceState, ListenerSnapshot, Liveness, Snapshot, StatsFile};
+pub(crate) use servers::{ListenerCounters, ServerCounters, ServerHead, ServerRegistry};
+pub use view::{InstanceState, ListenerSnapshot, Liveness, ServerSnapshot, Snapshot, StatsFile};
 
+use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use memmap2::{MmapOptions, MmapRaw};
 
-use crate::stats::{CounterBlock, COUNTERS};
+use crate::stats::{CounterBlock, ServerBlock, COUNTERS, SERVER_COUNTERS};
 use crate::sys::shared::{words, Placed};
 
 /// A counter block as the workers hold it: a place in the mapping.
@@ -39,11 +53,18 @@ pub(crate) type Block = Placed<CounterBlock>;
 
 /// "SPLICEDS" as a little-endian word.
 const MAGIC: u64 = u64::from_le_bytes(*b"SPLICEDS");
-const VERSION: u64 = 1;
+/// Format 2 added listener and server slots beyond the configured ones.
+const VERSION: u64 = 2;
 const HEADER_WORDS: usize = 16;
 /// Words of a listener's name: 64 bytes.
 const NAME_WORDS: usize = 8;
 const BLOCK_WORDS: usize = std::mem::size_of::<CounterBlock>() / 8;
+const SERVER_HEAD_WORDS: usize = std::mem::size_of::<ServerHead>() / 8;
+const SERVER_BLOCK_WORDS: usize = std::mem::size_of::<ServerBlock>() / 8;
+/// Server slots at least; more when the config starts with many servers.
+const MIN_SERVER_SLOTS: usize = 1024;
+/// Listener slots beyond the configured ones, at least.
+const MIN_SPARE_LISTENERS: usize = 64;
 
 // Header word positions.
 const H_MAGIC: usize = 0;
@@ -56,6 +77,15 @@ const H_WORKERS: usize = 6;
 const H_LISTENERS: usize = 7;
 const H_BLOCK_WORDS: usize = 8;
 const H_STATE: usize = 9;
+/// Listener slots used so far (never more than `H_LISTENERS`, the room).
+const H_LISTENERS_USED: usize = 10;
+/// Room for server slots, and words per slot (head and every worker's block).
+const H_SERVERS: usize = 11;
+const H_SERVER_WORDS: usize = 12;
+/// Server slots used so far: no live slot lies beyond.
+const H_SERVERS_USED: usize = 13;
+/// The handoff pseudo-listener's slot, plus one (0: none).
+const H_HANDOFF: usize = 14;
 
 /// A fingerprint of the counter table and block size: a reader built from
 /// another table refuses the file instead of showing wrong numbers.
@@ -72,11 +102,59 @@ fn layout_hash() -> u64 {
         eat(&[0]);
     }
     eat(&(BLOCK_WORDS as u64).to_le_bytes());
+    for name in SERVER_COUNTERS {
+        eat(name.as_bytes());
+        eat(&[0]);
+    }
+    eat(&(SERVER_HEAD_WORDS as u64).to_le_bytes());
+    eat(&(SERVER_BLOCK_WORDS as u64).to_le_bytes());
     h
 }
 
-fn total_words(workers: usize, listeners: usize) -> usize {
-    HEADER_WORDS + listeners * NAME_WORDS + (workers + listeners * workers) * BLOCK_WORDS
+/// Where things are in a file of a given shape.
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    workers: usize,
+    /// Listener slots.
+    listeners: usize,
+    /// Server slots.
+    servers: usize,
+}
+
+impl Shape {
+    fn server_words(&self) -> usize {
+        SERVER_HEAD_WORDS + self.workers * SERVER_BLOCK_WORDS
+    }
+
+    fn name_at(&self, listener: usize) -> usize {
+        HEADER_WORDS + listener * NAME_WORDS
+    }
+
+    fn blocks_start(&self) -> usize {
+        HEADER_WORDS + self.listeners * NAME_WORDS
+    }
+
+    fn worker_block_at(&self, worker: usize) -> usize {
+        self.blocks_start() + worker * BLOCK_WORDS
+    }
+
+    fn listener_block_at(&self, listener: usize, worker: usize) -> usize {
+        self.blocks_start() + (self.workers + listener * self.workers + worker) * BLOCK_WORDS
+    }
+
+    fn server_at(&self, slot: usize) -> usize {
+        let start =
+            self.blocks_start() + (self.workers + self.listeners * self.workers) * BLOCK_WORDS;
+        start + slot * self.server_words()
+    }
+
+    fn server_block_at(&self, slot: usize, worker: usize) -> usize {
+        self.server_at(slot) + SERVER_HEAD_WORDS + worker * SERVER_BLOCK_WORDS
+    }
+
+    fn total_words(&self) -> usize {
+        self.server_at(self.servers)
+    }
 }
 
 /// Where instance `name`'s stats file lives: under `$RUNTIME_DIRECTORY`
@@ -127,17 +205,27 @@ pub(crate) enum State {
 /// The mapping every counter block of one runtime lives in.
 pub(crate) struct Arena {
     map: Arc<MmapRaw>,
-    workers: usize,
-    listeners: usize,
+    shape: Shape,
     /// The file to remove when the runtime ends (none when anonymous).
     path: Option<PathBuf>,
+    slots: Mutex<Slots>,
+}
+
+/// Which slots are taken.
+#[derive(Debug, Default)]
+struct Slots {
+    listeners_used: usize,
+    servers_used: usize,
+    /// Server slots below `servers_used` given back, lowest first.
+    free_servers: BTreeSet<usize>,
+    /// A "no room" warning was logged already.
+    warned: bool,
 }
 
 impl std::fmt::Debug for Arena {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Arena")
-            .field("workers", &self.workers)
-            .field("listeners", &self.listeners)
+            .field("shape", &self.shape)
             .field("path", &self.path)
             .finish()
     }
@@ -145,13 +233,24 @@ impl std::fmt::Debug for Arena {
 
 impl Arena {
     /// An arena for `workers` workers and the listeners named `names` (the
-    /// handoff pseudo-listener included). With an instance name it is that
+    /// handoff pseudo-listener included), with room for more listeners and
+    /// for at least `servers` servers. With an instance name it is that
     /// instance's stats file; when the file cannot be made (or another live
     /// process owns it) the reason is logged and the counters live in an
     /// anonymous mapping: the proxy runs, `spliced stats` cannot see it.
-    pub(crate) fn new(workers: usize, names: &[String], instance: Option<&str>) -> Arc<Arena> {
-        let workers = workers.max(1);
-        let len = total_words(workers, names.len()) * 8;
+    pub(crate) fn new(
+        workers: usize,
+        names: &[String],
+        instance: Option<&str>,
+        servers: usize,
+    ) -> Arc<Arena> {
+        let shape = Shape {
+            workers: workers.max(1),
+            listeners: names.len() + names.len().max(MIN_SPARE_LISTENERS),
+            servers: (4 * servers).max(MIN_SERVER_SLOTS),
+        };
+        // The file is sparse: slots never used cost no memory.
+        let len = shape.total_words() * 8;
         let filed = instance.and_then(|name| {
             let path = stats_path(name);
             match create_file(&path, len) {
@@ -178,9 +277,12 @@ impl Arena {
         };
         let arena = Arena {
             map: Arc::new(map),
-            workers,
-            listeners: names.len(),
+            shape,
             path,
+            slots: Mutex::new(Slots {
+                listeners_used: names.len(),
+                ..Slots::default()
+            }),
         };
         arena.init(names);
         Arc::new(arena)
@@ -200,10 +302,13 @@ impl Arena {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         set(H_START_UNIX, unix);
-        set(H_WORKERS, self.workers as u64);
-        set(H_LISTENERS, self.listeners as u64);
+        set(H_WORKERS, self.shape.workers as u64);
+        set(H_LISTENERS, self.shape.listeners as u64);
         set(H_BLOCK_WORDS, BLOCK_WORDS as u64);
         set(H_STATE, State::Running as u64);
+        set(H_LISTENERS_USED, names.len() as u64);
+        set(H_SERVERS, self.shape.servers as u64);
+        set(H_SERVER_WORDS, self.shape.server_words() as u64);
         for (i, name) in names.iter().enumerate() {
             self.name_listener(i, name);
         }
@@ -214,34 +319,116 @@ impl Arena {
     /// Sets the name listener `index` goes by (cut to 64 bytes). A reader
     /// may see a name half-changed for a moment, never invalid memory.
     pub(crate) fn name_listener(&self, index: usize, name: &str) {
-        assert!(index < self.listeners);
-        let w = words(&self.map);
-        let mut bytes = [0u8; NAME_WORDS * 8];
-        let n = floor_char_boundary(name, bytes.len());
-        bytes[..n].copy_from_slice(&name.as_bytes()[..n]);
-        for (j, chunk) in bytes.chunks_exact(8).enumerate() {
-            let word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
-            w[HEADER_WORDS + index * NAME_WORDS + j].store(word, Ordering::Relaxed);
-        }
-    }
-
-    fn blocks_start(&self) -> usize {
-        HEADER_WORDS + self.listeners * NAME_WORDS
+        assert!(index < self.shape.listeners);
+        write_name(&words(&self.map)[self.shape.name_at(index)..], name);
     }
 
     /// Worker `worker`'s block of worker-scoped counters.
     pub(crate) fn worker_block(&self, worker: usize) -> Block {
-        assert!(worker < self.workers);
-        Placed::new(&self.map, self.blocks_start() + worker * BLOCK_WORDS)
+        assert!(worker < self.shape.workers);
+        Placed::new(&self.map, self.shape.worker_block_at(worker))
     }
 
-    /// Listener `listener`'s blocks, one per worker.
-    pub(crate) fn listener_blocks(&self, listener: usize) -> Box<[Block]> {
-        assert!(listener < self.listeners);
-        let first = self.blocks_start() + (self.workers + listener * self.workers) * BLOCK_WORDS;
-        (0..self.workers)
-            .map(|w| Placed::new(&self.map, first + w * BLOCK_WORDS))
-            .collect()
+    /// The counters of listener slot `listener` (one of the names the
+    /// arena was made with): one block per worker, and its servers' slots.
+    pub(crate) fn listener_counters(self: &Arc<Self>, listener: usize) -> ListenerCounters {
+        assert!(listener < self.slots().listeners_used);
+        let blocks = (0..self.shape.workers)
+            .map(|w| Placed::new(&self.map, self.shape.listener_block_at(listener, w)))
+            .collect();
+        ListenerCounters {
+            blocks,
+            servers: Arc::new(ServerRegistry::new(
+                Some((Arc::clone(self), listener)),
+                self.shape.workers,
+            )),
+        }
+    }
+
+    /// Counters for a listener a reload adds, in the next free listener
+    /// slot; in anonymous memory (with a warning) when none is left.
+    pub(crate) fn add_listener(self: &Arc<Self>, name: &str) -> ListenerCounters {
+        let slot = {
+            let mut slots = self.slots();
+            let free = slots.listeners_used < self.shape.listeners;
+            if free {
+                self.name_listener(slots.listeners_used, name);
+                slots.listeners_used += 1;
+                words(&self.map)[H_LISTENERS_USED]
+                    .store(slots.listeners_used as u64, Ordering::Release);
+                Some(slots.listeners_used - 1)
+            } else {
+                self.no_room(&mut slots, "listener", name);
+                None
+            }
+        };
+        match slot {
+            Some(i) => self.listener_counters(i),
+            None => ListenerCounters::detached(self.shape.workers),
+        }
+    }
+
+    /// Marks listener slot `listener` as the handoff pseudo-listener.
+    pub(crate) fn mark_handoff(&self, listener: usize) {
+        words(&self.map)[H_HANDOFF].store(listener as u64 + 1, Ordering::Relaxed);
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn no_room(&self, slots: &mut Slots, what: &str, name: &str) {
+        if !std::mem::replace(&mut slots.warned, true) {
+            tracing::warn!(
+                listeners = self.shape.listeners,
+                servers = self.shape.servers,
+                "the stats file has no room left for {what} {name} (nor any other until a restart): it counts in memory only, missing from `spliced stats` and /metrics"
+            );
+        }
+    }
+
+    /// Takes a free server slot for `addr` of listener slot `listener` and
+    /// returns where it starts; `None` when none is left. Its words are
+    /// zeroed before it is published, so a reused slot starts from zero.
+    fn take_server(&self, listener: usize, addr: &str, backup: bool) -> Option<usize> {
+        let mut slots = self.slots();
+        let slot = match slots.free_servers.pop_first() {
+            Some(slot) => slot,
+            None if slots.servers_used < self.shape.servers => {
+                slots.servers_used += 1;
+                words(&self.map)[H_SERVERS_USED]
+                    .store(slots.servers_used as u64, Ordering::Release);
+                slots.servers_used - 1
+            }
+            None => {
+                self.no_room(&mut slots, "server", addr);
+                return None;
+            }
+        };
+        let w = words(&self.map);
+        let at = self.shape.server_at(slot);
+        // All but the generation (word 1), which `publish` moves on.
+        for (i, word) in w[at..at + self.shape.server_words()].iter().enumerate() {
+            if i != 1 {
+                word.store(0, Ordering::Relaxed);
+            }
+        }
+        servers::publish(&w[at..], listener, addr, backup);
+        Some(slot)
+    }
+
+    /// Gives a server slot back once nothing holds its server.
+    fn free_server(&self, slot: usize) {
+        servers::retire(&words(&self.map)[self.shape.server_at(slot)..]);
+        self.slots().free_servers.insert(slot);
+    }
+
+    fn server_head(&self, slot: usize) -> Placed<ServerHead> {
+        Placed::new(&self.map, self.shape.server_at(slot))
+    }
+
+    fn server_block(&self, slot: usize, worker: usize) -> Placed<ServerBlock> {
+        Placed::new(&self.map, self.shape.server_block_at(slot, worker))
     }
 
     pub(crate) fn set_state(&self, state: State) {
@@ -282,14 +469,45 @@ impl Drop for Arena {
     }
 }
 
-/// A block of its own in anonymous memory, outside the stats file: for a
-/// listener a reload added, and for unit tests.
+/// A block of its own in anonymous memory, outside the stats file: for
+/// unit tests.
 pub(crate) fn detached_block() -> Block {
-    Arena::new(1, &[], None).worker_block(0)
+    Placed::new(&anonymous_words(BLOCK_WORDS), 0)
 }
 
 fn anonymous(len: usize) -> io::Result<MmapRaw> {
     Ok(MmapOptions::new().len(len).map_anon()?.into())
+}
+
+/// `n` words of their own in anonymous memory (counters kept outside the
+/// file when it has no room).
+fn anonymous_words(n: usize) -> Arc<MmapRaw> {
+    // A few KiB only fail to map when memory is exhausted, which nothing
+    // else would survive either.
+    Arc::new(anonymous(n.max(1) * 8).expect("map anonymous memory for counters"))
+}
+
+/// Stores `name` (cut to 64 bytes on a char boundary) in the first
+/// NAME_WORDS of `w`, NUL-padded. A reader may see it half-changed for a
+/// moment, never invalid memory.
+fn write_name(w: &[AtomicU64], name: &str) {
+    let mut bytes = [0u8; NAME_WORDS * 8];
+    let n = floor_char_boundary(name, bytes.len());
+    bytes[..n].copy_from_slice(&name.as_bytes()[..n]);
+    for (j, chunk) in bytes.chunks_exact(8).enumerate() {
+        let word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+        w[j].store(word, Ordering::Relaxed);
+    }
+}
+
+/// The name stored by [`write_name`].
+fn read_name(w: &[AtomicU64]) -> String {
+    let mut bytes = Vec::with_capacity(NAME_WORDS * 8);
+    for word in &w[..NAME_WORDS] {
+        bytes.extend_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+    }
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
 /// Builds the file under a temporary name and renames it into place,
@@ -346,9 +564,9 @@ mod tests {
     #[test]
     fn blocks_handed_out_are_what_a_reader_sees() {
         let names = vec!["127.0.0.1:6432".to_string(), "handoff".to_string()];
-        let arena = Arena::new(2, &names, None);
-        let l0 = arena.listener_blocks(0);
-        let l1 = arena.listener_blocks(1);
+        let arena = Arena::new(2, &names, None, 0);
+        let l0 = arena.listener_counters(0).blocks;
+        let l1 = arena.listener_counters(1).blocks;
         CounterBlock::add(&l0[1].bytes_spliced, 10);
         CounterBlock::add(&l1[0].relays_accepted, 3);
         CounterBlock::add(&arena.worker_block(1).pipes_in_use, 2);
@@ -366,7 +584,7 @@ mod tests {
     #[test]
     fn a_long_name_is_cut_on_a_char_boundary() {
         let name = "é".repeat(40);
-        let arena = Arena::new(1, &[name], None);
+        let arena = Arena::new(1, &[name], None, 0);
         let got = &arena.snapshot().listeners[0].name;
         assert_eq!(got.len(), 64);
         assert!(got.chars().all(|c| c == 'é'));

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use memmap2::{MmapOptions, MmapRaw};
 
 use super::*;
-use crate::stats::Stats;
+use crate::stats::{ServerStats, Stats};
 use crate::sys::shared::view;
 
 /// What the instance said it was doing when last seen.
@@ -47,6 +47,48 @@ impl ListenerSnapshot {
     }
 }
 
+/// One server of a listener's pool: its state and counters, per worker.
+#[derive(Clone, Debug)]
+pub struct ServerSnapshot {
+    /// The listener whose pool it is in.
+    pub listener: String,
+    /// Its address.
+    pub addr: String,
+    /// Changes when its slot is given to another server (or the same
+    /// address again): counters start from zero then.
+    pub generation: u64,
+    pub up: bool,
+    /// The role the last check saw: `primary`, `replica` or `unknown`.
+    pub role: &'static str,
+    pub backup: bool,
+    /// Relays holding it now (connecting or connected).
+    pub active: u64,
+    /// Index `i` is worker `i`'s block.
+    pub workers: Vec<ServerStats>,
+}
+
+impl ServerSnapshot {
+    /// The server's counters summed over the workers.
+    pub fn total(&self) -> ServerStats {
+        let mut sum = ServerStats::default();
+        for w in &self.workers {
+            sum.connect_attempts += w.connect_attempts;
+            sum.connect_failures += w.connect_failures;
+            sum.connects += w.connects;
+            sum.connect_micros += w.connect_micros;
+            for (s, b) in sum.connect_buckets.iter_mut().zip(&w.connect_buckets) {
+                *s += b;
+            }
+            sum.bytes_c2u_spliced += w.bytes_c2u_spliced;
+            sum.bytes_c2u_copied += w.bytes_c2u_copied;
+            sum.bytes_u2c_spliced += w.bytes_u2c_spliced;
+            sum.bytes_u2c_copied += w.bytes_u2c_copied;
+            sum.relays_closed += w.relays_closed;
+        }
+        sum
+    }
+}
+
 /// Every counter of an instance at one moment.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
@@ -56,8 +98,13 @@ pub struct Snapshot {
     pub state: InstanceState,
     /// Worker-scoped counters (pipes, buffers, timers), one per worker.
     pub workers: Vec<Stats>,
-    /// Listener-scoped counters; the last entry is `handoff`.
+    /// Listener-scoped counters, in the order the listeners came (those a
+    /// reload added after the ones the instance started with); the last
+    /// entry is `handoff`.
     pub listeners: Vec<ListenerSnapshot>,
+    /// Every server of every listener's pool (and those still held by
+    /// relays after leaving it), in slot order.
+    pub servers: Vec<ServerSnapshot>,
 }
 
 impl Snapshot {
@@ -77,47 +124,93 @@ impl Snapshot {
 
 /// Sums the blocks in `w`, a whole arena's words.
 pub(super) fn read(w: &[AtomicU64]) -> io::Result<Snapshot> {
-    let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidData, why.to_string());
+    let bad = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
     if w.len() < HEADER_WORDS || load_acquire(&w[H_MAGIC]) != MAGIC {
-        return Err(bad("not a spliced stats file (or not written yet)"));
+        return Err(bad("not a spliced stats file (or not written yet)".into()));
     }
     let get = |i: usize| w[i].load(Ordering::Relaxed);
-    if get(H_VERSION) != VERSION
-        || get(H_LAYOUT) != layout_hash()
+    if get(H_VERSION) != VERSION {
+        return Err(bad(format!(
+            "stats file format {} is not the format {VERSION} this spliced reads; use the `spliced stats` of the version that runs (`{} --version`)",
+            get(H_VERSION),
+            std::env::args().next().unwrap_or_else(|| "spliced".into()),
+        )));
+    }
+    if get(H_LAYOUT) != layout_hash()
         || get(H_BLOCK_WORDS) != BLOCK_WORDS as u64
+        || get(H_SERVER_WORDS)
+            != (SERVER_HEAD_WORDS + get(H_WORKERS) as usize * SERVER_BLOCK_WORDS) as u64
     {
         return Err(bad(
-            "written by a spliced with another counter layout; use the same version's `spliced stats`",
+            "written by a spliced with another counter layout (same format, other counters); use the same version's `spliced stats`".into(),
         ));
     }
-    let (workers, listeners) = (get(H_WORKERS) as usize, get(H_LISTENERS) as usize);
-    if workers == 0
-        || workers > 4096
-        || listeners > 4096
-        || total_words(workers, listeners) > w.len()
-    {
-        return Err(bad("stats file is truncated or its sizes are corrupt"));
-    }
-    let start = HEADER_WORDS + listeners * NAME_WORDS;
-    let block = |i: usize| {
-        let at = start + i * BLOCK_WORDS;
-        Stats::sum([view::<CounterBlock>(&w[at..at + BLOCK_WORDS])])
+    let shape = Shape {
+        workers: get(H_WORKERS) as usize,
+        listeners: get(H_LISTENERS) as usize,
+        servers: get(H_SERVERS) as usize,
     };
-    let listeners = (0..listeners)
-        .map(|l| {
-            let mut bytes = Vec::with_capacity(NAME_WORDS * 8);
-            for j in 0..NAME_WORDS {
-                bytes.extend_from_slice(&get(HEADER_WORDS + l * NAME_WORDS + j).to_le_bytes());
-            }
-            let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-            ListenerSnapshot {
-                name: String::from_utf8_lossy(&bytes[..end]).into_owned(),
-                workers: (0..workers)
-                    .map(|k| block(workers + l * workers + k))
-                    .collect(),
-            }
+    let (listeners_used, servers_used) = (
+        w[H_LISTENERS_USED].load(Ordering::Acquire) as usize,
+        w[H_SERVERS_USED].load(Ordering::Acquire) as usize,
+    );
+    if shape.workers == 0
+        || shape.workers > 4096
+        || shape.listeners > 1 << 16
+        || shape.servers > 1 << 20
+        || listeners_used > shape.listeners
+        || servers_used > shape.servers
+        || shape.total_words() > w.len()
+    {
+        return Err(bad(
+            "stats file is truncated or its sizes are corrupt".into()
+        ));
+    }
+    let block = |at: usize| Stats::sum([view::<CounterBlock>(&w[at..at + BLOCK_WORDS])]);
+    let mut listeners: Vec<ListenerSnapshot> = (0..listeners_used)
+        .map(|l| ListenerSnapshot {
+            name: read_name(&w[shape.name_at(l)..]),
+            workers: (0..shape.workers)
+                .map(|k| block(shape.listener_block_at(l, k)))
+                .collect(),
         })
         .collect();
+    let names: Vec<String> = listeners.iter().map(|l| l.name.clone()).collect();
+    let mut servers = Vec::new();
+    for slot in 0..servers_used {
+        let at = shape.server_at(slot);
+        let head: &ServerHead = view(&w[at..]);
+        if head.status.load(Ordering::Acquire) != 1 {
+            continue;
+        }
+        let listener = head.listener.load(Ordering::Relaxed) as usize;
+        servers.push(ServerSnapshot {
+            listener: names.get(listener).cloned().unwrap_or_default(),
+            addr: servers::name(&w[at..]),
+            generation: head.generation.load(Ordering::Relaxed),
+            up: head.down.load(Ordering::Relaxed) == 0,
+            role: match head.role.load(Ordering::Relaxed) {
+                1 => "primary",
+                2 => "replica",
+                _ => "unknown",
+            },
+            backup: head.backup.load(Ordering::Relaxed) == 1,
+            active: head.live.load(Ordering::Relaxed),
+            workers: (0..shape.workers)
+                .map(|k| {
+                    let b = shape.server_block_at(slot, k);
+                    ServerStats::sum([view::<ServerBlock>(&w[b..b + SERVER_BLOCK_WORDS])])
+                })
+                .collect(),
+        });
+    }
+    // The handoff pseudo-listener goes last, after listeners a reload added.
+    if let Some(h) = (get(H_HANDOFF) as usize).checked_sub(1) {
+        if h < listeners.len() {
+            let handoff = listeners.remove(h);
+            listeners.push(handoff);
+        }
+    }
     Ok(Snapshot {
         pid: get(H_PID) as u32,
         started_unix: get(H_START_UNIX),
@@ -126,8 +219,11 @@ pub(super) fn read(w: &[AtomicU64]) -> io::Result<Snapshot> {
             3 => InstanceState::Stopped,
             _ => InstanceState::Running,
         },
-        workers: (0..workers).map(block).collect(),
+        workers: (0..shape.workers)
+            .map(|k| block(shape.worker_block_at(k)))
+            .collect(),
         listeners,
+        servers,
     })
 }
 
@@ -196,6 +292,19 @@ mod tests {
         let a = start_ticks(me).expect("own stat");
         assert_eq!(start_ticks(me), Some(a));
         assert_eq!(start_ticks(u32::MAX), None);
+    }
+
+    #[test]
+    fn a_file_of_another_format_or_layout_is_named_so() {
+        let arena = Arena::new(1, &["a".to_string()], None, 0);
+        let w = words(&arena.map);
+        w[H_VERSION].store(1, Ordering::Relaxed);
+        let e = read(w).expect_err("format 1 refused").to_string();
+        assert!(e.contains("stats file format 1 is not the format 2"), "{e}");
+        w[H_VERSION].store(VERSION, Ordering::Relaxed);
+        w[H_LAYOUT].store(7, Ordering::Relaxed);
+        let e = read(w).expect_err("another layout refused").to_string();
+        assert!(e.contains("another counter layout"), "{e}");
     }
 
     #[test]

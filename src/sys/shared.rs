@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 use memmap2::MmapRaw;
 
-use crate::stats::CounterBlock;
+use crate::shm::ServerHead;
+use crate::stats::{CounterBlock, ServerBlock};
 
 const WORD: usize = std::mem::size_of::<AtomicU64>();
 
@@ -31,6 +32,16 @@ pub(crate) unsafe trait Words: Sync {}
 // arrays of them (see `counter_table!` in stats.rs).
 unsafe impl Words for CounterBlock {}
 
+// SAFETY: `ServerBlock` is `repr(C)` and holds only `AtomicU64` fields and
+// an array of them (see stats.rs).
+unsafe impl Words for ServerBlock {}
+
+// SAFETY: `ServerHead` is `repr(C)` and holds only `AtomicU64` fields and
+// an array of them (see shm/servers.rs).
+unsafe impl Words for ServerHead {}
+
+const _: () = assert!(std::mem::size_of::<ServerBlock>() % WORD == 0);
+const _: () = assert!(std::mem::size_of::<ServerHead>() % WORD == 0);
 const _: () = assert!(std::mem::size_of::<CounterBlock>() % WORD == 0);
 const _: () = assert!(std::mem::align_of::<CounterBlock>() == WORD);
 

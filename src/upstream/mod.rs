@@ -14,11 +14,14 @@ pub(crate) mod resolve;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
 use mio::net::TcpStream;
 
+#[cfg(test)]
+pub(crate) use pool::Member;
 pub(crate) use pool::{Lease, Pool, Server, ServerSample};
 pub use resolve::{Resolve, SystemResolver};
 
@@ -69,13 +72,15 @@ impl Round {
                 .any(|s| !self.tried.contains(&s.addr))
     }
 
-    /// Starts a connect to the next server. A connect that fails at once
+    /// Starts a connect to the next server, counted as an attempt in
+    /// worker `worker`'s block of that server. A connect that fails at once
     /// (no route, out of fds) counts against the server, is reported to
     /// `failed` with whether another server follows, and the next is
     /// tried. `None` once no server is left to try.
     pub(crate) fn connect_next(
         &mut self,
         pool: &Pool,
+        worker: usize,
         now: Instant,
         mut failed: impl FnMut(SocketAddr, &io::Error, bool),
     ) -> Option<(TcpStream, SocketAddr)> {
@@ -89,12 +94,15 @@ impl Round {
             )?;
             let server = lease.0.addr;
             self.tried.push(server);
+            let counters = lease.0.block(worker);
+            counters.connect_attempts.fetch_add(1, Relaxed);
             match TcpStream::connect(server) {
                 Ok(stream) => {
                     self.current = Some(lease);
                     return Some((stream, server));
                 }
                 Err(e) => {
+                    counters.connect_failures.fetch_add(1, Relaxed);
                     pool.failed(&lease.0, &e.to_string(), now);
                     failed(server, &e, self.has_next(pool));
                 }
@@ -110,9 +118,11 @@ impl Round {
         }
     }
 
-    /// The current attempt's connect failed or timed out.
-    pub(crate) fn failed(&self, pool: &Pool, error: &io::Error, now: Instant) {
+    /// The current attempt's connect failed or timed out (counted in
+    /// worker `worker`'s block of the server).
+    pub(crate) fn failed(&self, pool: &Pool, worker: usize, error: &io::Error, now: Instant) {
         if let Some(lease) = &self.current {
+            lease.0.block(worker).connect_failures.fetch_add(1, Relaxed);
             pool.failed(&lease.0, &error.to_string(), now);
         }
     }

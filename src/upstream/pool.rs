@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 use super::balance::{self, Candidate};
 use crate::config::{self, Balance, OnDown, PoolConfig};
 use crate::health::{CheckSpec, HealthParams, HealthState, Kind, Transition, Verdict, WantRole};
+use crate::shm::{ServerCounters, ServerRegistry};
+use crate::stats::ServerBlock;
 
 /// The longest wait before a down server is tried again.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -44,6 +46,10 @@ pub(crate) struct Server {
     /// replica), for lock-free reads by the metrics.
     role: std::sync::atomic::AtomicU8,
     health: Mutex<HealthState>,
+    /// Its counters and state words in the stats file, shared with the
+    /// entries for the same address in the listener's other pools (before
+    /// and after a reload).
+    counters: Arc<ServerCounters>,
 }
 
 /// One server as the metrics show it, read without a lock.
@@ -58,8 +64,17 @@ pub(crate) struct ServerSample {
 }
 
 impl Server {
-    fn new(addr: SocketAddr, weight: u32, backup: bool, params: HealthParams) -> Server {
+    fn new(
+        addr: SocketAddr,
+        weight: u32,
+        backup: bool,
+        params: HealthParams,
+        counters: Arc<ServerCounters>,
+    ) -> Server {
+        // A new entry (a reload's new pool) starts up, no role seen yet.
+        counters.show_state(true, 0);
         Server {
+            counters,
             addr,
             weight,
             backup,
@@ -86,7 +101,13 @@ impl Server {
             Some(crate::health::Role::Replica) => 2,
         };
         self.role.store(role, Ordering::Relaxed);
+        self.counters.show_state(h.is_up(), role);
         out
+    }
+
+    /// The counter block worker `worker` writes for this server.
+    pub(crate) fn block(&self, worker: usize) -> &crate::sys::shared::Placed<ServerBlock> {
+        self.counters.block(worker)
     }
 
     pub(crate) fn live(&self) -> usize {
@@ -117,6 +138,7 @@ pub(crate) struct Lease(pub(crate) Arc<Server>);
 impl Lease {
     fn new(server: Arc<Server>) -> Lease {
         server.live.fetch_add(1, Ordering::Relaxed);
+        server.counters.head().live.fetch_add(1, Ordering::Relaxed);
         Lease(server)
     }
 }
@@ -124,6 +146,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.0.live.fetch_sub(1, Ordering::Relaxed);
+        self.0.counters.head().live.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -160,6 +183,8 @@ pub(crate) struct Pool {
     members: RwLock<Arc<Members>>,
     /// Round-robin position, shared by all workers.
     cursor: AtomicUsize,
+    /// Where the listener's servers count.
+    registry: Arc<ServerRegistry>,
 }
 
 /// A pool's active check: what to ask, how often, within what time.
@@ -171,7 +196,7 @@ pub(crate) struct ActiveCheck {
 }
 
 impl Pool {
-    pub(crate) fn new(listener: &str, config: &PoolConfig) -> Pool {
+    pub(crate) fn new(listener: &str, config: &PoolConfig, registry: Arc<ServerRegistry>) -> Pool {
         let h = &config.health;
         Pool {
             listener: listener.to_string(),
@@ -192,6 +217,7 @@ impl Pool {
             downs: AtomicU64::new(0),
             members: RwLock::new(Arc::default()),
             cursor: AtomicUsize::new(0),
+            registry,
         }
     }
 
@@ -226,7 +252,13 @@ impl Pool {
             .iter()
             .map(|m| match old.servers.iter().find(|s| same(s, m)) {
                 Some(s) => Arc::clone(s),
-                None => Arc::new(Server::new(m.addr, m.weight, m.backup, self.params)),
+                None => Arc::new(Server::new(
+                    m.addr,
+                    m.weight,
+                    m.backup,
+                    self.params,
+                    self.registry.counters(m.addr, m.backup),
+                )),
             })
             .collect();
         let added = wanted
@@ -431,7 +463,7 @@ mod tests {
         let mut config = PoolConfig::new(Vec::new());
         config.balance = balance;
         config.health.fall = 1;
-        let p = Pool::new("test", &config);
+        let p = Pool::new("test", &config, Arc::new(ServerRegistry::new(None, 1)));
         p.set_members(
             members
                 .iter()
@@ -477,7 +509,7 @@ mod tests {
         config.health.fall = 1;
         config.health.rise = rise;
         config.health.check = Some(config::Check::Redis);
-        let p = Pool::new("test", &config);
+        let p = Pool::new("test", &config, Arc::new(ServerRegistry::new(None, 1)));
         p.set_members(
             [1, 2]
                 .iter()
@@ -511,7 +543,7 @@ mod tests {
         let mut config = PoolConfig::new(Vec::new());
         config.health.fall = 3;
         config.health.check = Some(config::Check::Postgres);
-        let p = Pool::new("test", &config);
+        let p = Pool::new("test", &config, Arc::new(ServerRegistry::new(None, 1)));
         p.set_members(vec![Member {
             addr: SocketAddr::from(([127, 0, 0, 1], 1)),
             weight: 1,

@@ -73,6 +73,9 @@ impl Worker {
         let counters = relay.listener.counters(self.index);
         counters.closed(reason);
         CounterBlock::sub(&counters.relays_active, 1);
+        if let Some(server) = &relay.server {
+            CounterBlock::add(&server.relays_closed, 1);
+        }
         let listener = relay.listener.id;
         relay.close(reason, error, now, &mut self.pools);
         // Its room under the listener's max-conns is free again.

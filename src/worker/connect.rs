@@ -15,7 +15,7 @@ impl Worker {
         now: Instant,
     ) -> Option<(TcpStream, SocketAddr)> {
         let mut out_of_fds_error = None;
-        let next = round.connect_next(&listener.pool, now, |server, e, more| {
+        let next = round.connect_next(&listener.pool, self.index, now, |server, e, more| {
             self.connect_failed(relay, listener, server, e, more, now);
             if out_of_fds(e) {
                 out_of_fds_error =
@@ -103,9 +103,13 @@ impl Worker {
             Connect::Pending => {}
             Connect::Established => {
                 relay.round.succeeded(&relay.listener.pool, now);
+                relay.server = relay.round.server().map(|s| s.block(self.index).clone());
                 if let Some(since) = relay.core.activity().connecting_since {
                     let took = now.saturating_duration_since(since);
                     relay.listener.counters(self.index).connected(took);
+                    if let Some(server) = &relay.server {
+                        server.connected(took);
+                    }
                 }
                 relay.upstream.set_nodelay();
                 // The edges of the connect went here, not to the relay: a
@@ -124,6 +128,7 @@ impl Worker {
                 // a failed connect, so the client gets a reset too and no
                 // other server is tried.
                 relay.round.succeeded(&relay.listener.pool, now);
+                relay.server = relay.round.server().map(|s| s.block(self.index).clone());
                 relay.core.connected(now, hung_up);
                 let e = RelayError::new(Side::Upstream, Op::Read, e);
                 self.close(key, CloseReason::UpstreamReset, Some(&e), now);
@@ -137,7 +142,7 @@ impl Worker {
         let relay = &mut self.relays[key];
         let (id, failed, listener) = (relay.id, relay.upstream_addr, Arc::clone(&relay.listener));
         let mut round = std::mem::replace(&mut relay.round, Round::empty());
-        round.failed(&listener.pool, &error, now);
+        round.failed(&listener.pool, self.index, &error, now);
         let more = round.has_next(&listener.pool);
         if let Some(failed) = failed {
             self.connect_failed(id, &listener, failed, &error, more, now);
