@@ -154,7 +154,7 @@ if stage apps; then
     lib_log "pgbench -i -s $PGBENCH_SCALE"
     load "$PGBIN/pgbench" -i -q -s "$PGBENCH_SCALE" -h 127.0.0.1 -p "$PG_PORT" -U postgres postgres \
         >"$WORK/pgbench-init.log" 2>&1 || lib_die "pgbench -i failed: $(tail -5 "$WORK/pgbench-init.log")"
-    SERVERS+="PostgreSQL $("$PGBIN/postgres" --version | awk '{ print $NF }') (scale $PGBENCH_SCALE, fsync off), "
+    SERVERS+="PostgreSQL $("$PGBIN/postgres" --version | awk '{ print $3 }') (scale $PGBENCH_SCALE, fsync off), "
 fi
 
 # --- proxies: each listens on three ports, one per server ------------------

@@ -229,7 +229,11 @@ TARGETS=()
 NAMES=()
 port=$BASE_PORT
 for mode in forced auto none; do
-    name=haproxy-$([[ $mode == forced ]] && echo splice || { [[ $mode == auto ]] && echo splice-auto || echo nosplice; })
+    case $mode in
+        forced) name=haproxy-splice ;;
+        auto) name=haproxy-splice-auto ;;
+        *) name=haproxy-nosplice ;;
+    esac
     haproxy_cfg "$name" "$port" "$mode"
     start_peer "$name" "$port" haproxy -db -f "$WORK/$name.cfg"
     port=$((port + 1))
