@@ -21,7 +21,11 @@
 #   BENCH_PATH=veth make bench-peers      # over a 1500-byte veth path (root)
 #   BENCH_PATH=veth2 BENCH_MTU=9000 make bench-peers
 #   RUNS=3 OUT=/tmp/b.md bash scripts/bench-peers.sh
-#   STAGES=main bash scripts/bench-peers.sh   # some of: idle,main,onecpu,pipes
+#   STAGES=main bash scripts/bench-peers.sh   # some of: idle,main,onecpu,pipes,iperf3,apps
+#
+# The stages iperf3 and apps (scripts/bench-apps.sh, loopback only) run last,
+# after these peers are stopped: iperf3, redis-benchmark and pgbench through
+# spliced (splice, copy, auto) and a second set of peers started for them.
 #
 # On a veth path the peers still run as BENCH_USER, but `spliced bench` (the
 # load and the in-process spliced) runs as root: it enters the namespaces,
@@ -41,7 +45,7 @@ UP_PORT=${UP_PORT:-19000}
 BENCH_PATH=${BENCH_PATH:-loopback}
 OUT=${OUT:-docs/benchmarks/peers-$BENCH_PATH.md}
 BENCH_MTU=${BENCH_MTU:-1500}
-STAGES=${STAGES:-idle,main,onecpu,pipes}
+STAGES=${STAGES:-idle,main,onecpu,pipes,iperf3,apps}
 BASE_PORT=${BASE_PORT:-19100}
 NCPU=$(nproc)
 PROXY_CPU=${PROXY_CPU:-$((NCPU > 1 ? 1 : 0))}
@@ -62,6 +66,15 @@ stage() { [[ ,$STAGES, == *,$1,* ]]; }
 if [[ ! -x $SPLICED_BIN ]]; then
     lib_log "build first: cargo build --release ($SPLICED_BIN is missing)"
     exit 1
+fi
+# The application stages start servers and peers of their own.
+apps() {
+    RUNS=$RUNS STAGES=$STAGES OUT=$OUT BENCH_PATH=$BENCH_PATH PROXY_CPU=$PROXY_CPU LOAD_CPU=$LOAD_CPU \
+        BENCH_USER=${BENCH_USER:-} bash scripts/bench-apps.sh
+}
+if ! stage idle && ! stage main && ! stage onecpu && ! stage pipes; then
+    apps
+    exit
 fi
 
 # --- packages --------------------------------------------------------------
@@ -216,7 +229,11 @@ TARGETS=()
 NAMES=()
 port=$BASE_PORT
 for mode in forced auto none; do
-    name=haproxy-$([[ $mode == forced ]] && echo splice || { [[ $mode == auto ]] && echo splice-auto || echo nosplice; })
+    case $mode in
+        forced) name=haproxy-splice ;;
+        auto) name=haproxy-splice-auto ;;
+        *) name=haproxy-nosplice ;;
+    esac
     haproxy_cfg "$name" "$port" "$mode"
     start_peer "$name" "$port" haproxy -db -f "$WORK/$name.cfg"
     port=$((port + 1))
@@ -357,3 +374,9 @@ else
 fi
 lib_log "wrote $OUT (plot: $PLOT)"
 [[ ! -f $WORK/main.txt ]] || cat "$WORK/main.txt"
+
+if stage iperf3 || stage apps; then
+    # Stopped first: their pooled pipes count against BENCH_USER's pipe pages.
+    for p in "${PIDS[@]}"; do lib_stop_pid "$p" 10 || true; done
+    apps
+fi
