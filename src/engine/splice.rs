@@ -29,30 +29,32 @@ impl PooledPipe {
         self.capacity / page_size()
     }
 
-    /// Socket → pipe, at most the room left under `capacity` with `pending`
-    /// bytes in it. A pipe at or past its capacity answers `WouldBlock`
-    /// without a syscall.
+    /// Socket → pipe, asking for a full pipe's worth, but only while the
+    /// pipe holds less than its capacity (`pending` bytes): a pipe at or
+    /// past it answers `WouldBlock` without a syscall, so it never holds
+    /// more than twice its capacity.
     ///
-    /// The pipe is bounded in bytes, not just in slots: on loopback one
-    /// slot can hold a whole 64 KiB skb, so a 1 MiB pipe (256 slots) asked
-    /// for 1 MiB on every call swallowed up to 8 MiB, more than the
-    /// destination's send buffer could take. The bytes then sat in the pipe,
-    /// out of TCP's flow control on both sides, while the proxy idled on
-    /// the destination's EPOLLOUT (docs/BENCHMARKS.md, "Pipe size and
-    /// mid-size writes"). One splice may still overshoot by part of an skb.
+    /// A pipe is bounded by slots, not bytes: on loopback one slot can hold
+    /// a whole 64 KiB skb, so a 1 MiB pipe (256 slots) asked for 1 MiB on
+    /// every call swallowed up to 8 MiB, more than the destination's send
+    /// buffer could take, and the relay idled on the destination's EPOLLOUT
+    /// with megabytes out of TCP's flow control (docs/BENCHMARKS.md, "Pipe
+    /// size and mid-size writes"). Asking for the whole capacity rather
+    /// than the room left keeps each read large: a read of a few bytes
+    /// would take a slot and part of an skb, which frees no receive window.
     ///
     /// A short splice proves the source's queue empty (`MovedAll`) only
     /// when the pipe cannot have run out of slots: every slot holds at least
     /// one byte, so with fewer bytes in the pipe than slots some were free.
     pub(crate) fn fill(&mut self, src: BorrowedFd<'_>, pending: usize) -> io::Result<Transfer> {
-        let room = self.capacity.saturating_sub(pending);
-        if room == 0 {
+        if pending >= self.capacity {
             return Ok(Transfer::WouldBlock);
         }
         let write_end = self.pipe.write_end();
-        let moved = transfer(|| sys::splice(src, write_end, room), Transfer::Eof)?;
+        let asked = self.capacity;
+        let moved = transfer(|| sys::splice(src, write_end, asked), Transfer::Eof)?;
         Ok(match moved {
-            Transfer::Moved(n) if n < room && pending + n < self.slots() => Transfer::MovedAll(n),
+            Transfer::Moved(n) if n < asked && pending + n < self.slots() => Transfer::MovedAll(n),
             other => other,
         })
     }
@@ -160,18 +162,18 @@ mod tests {
     }
 
     #[test]
-    fn a_fill_asks_only_for_the_room_left() {
+    fn a_fill_below_capacity_asks_for_a_whole_pipe() {
         let (mut w, r) = pair();
         let mut p = pipe(64 * 1024);
         let cap = p.capacity();
         w.write_all(&vec![1u8; 8192]).unwrap();
         let mut moved = 0;
-        while moved < 1000 {
-            match fill_some(&mut p, &r, cap - 1000 + moved) {
+        while moved < 8192 {
+            match fill_some(&mut p, &r, cap - 1000) {
                 Transfer::Moved(n) | Transfer::MovedAll(n) => moved += n,
                 t => panic!("{t:?}"),
             }
         }
-        assert_eq!(moved, 1000, "at most the room under the capacity");
+        assert_eq!(moved, 8192, "not just the 1000 bytes of room");
     }
 }
