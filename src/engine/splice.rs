@@ -36,7 +36,7 @@ impl PooledPipe {
     ///
     /// A pipe is bounded by slots, not bytes: on loopback one slot can hold
     /// a whole 64 KiB skb, so a 1 MiB pipe (256 slots) asked for 1 MiB on
-    /// every call swallowed up to 8 MiB, more than the destination's send
+    /// every call took in more than 6 MiB, more than the destination's send
     /// buffer could take, and the relay idled on the destination's EPOLLOUT
     /// with megabytes out of TCP's flow control (docs/BENCHMARKS.md, "Pipe
     /// size and mid-size writes"). Asking for the whole capacity rather
