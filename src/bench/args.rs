@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::netpath::PathKind;
+use super::upstream::{DEFAULT_WRITE, MAX_WRITE};
 use crate::config::{parse_duration, parse_size};
 use crate::Mode;
 
@@ -116,6 +117,12 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', value_parser = parse_size_arg, value_name = "SIZE")]
     pub sizes: Vec<usize>,
 
+    /// Size of each write of the bulk senders (the load's and the upstream's),
+    /// comma-separated, at most 4m; each size gets its bulk cases, upstream to client
+    /// included [default: 256k, without that case].
+    #[arg(long, value_delimiter = ',', value_parser = parse_write_size_arg, value_name = "SIZE")]
+    pub write_sizes: Vec<usize>,
+
     /// Idle relays to open [default: 10000; with --quick: 1000].
     #[arg(long, value_name = "N")]
     pub idle_relays: Option<usize>,
@@ -168,6 +175,14 @@ fn parse_size_arg(s: &str) -> Result<usize, String> {
     parse_size(s)
 }
 
+fn parse_write_size_arg(s: &str) -> Result<usize, String> {
+    let n = parse_size(s)?;
+    if n == 0 || n > MAX_WRITE {
+        return Err(format!("a write size must be 1 to {MAX_WRITE} bytes"));
+    }
+    Ok(n)
+}
+
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s)?.ok_or_else(|| "the duration must be positive".to_string())
 }
@@ -188,6 +203,11 @@ pub struct Settings {
     pub conns: usize,
     pub connect_threads: usize,
     pub sizes: Vec<usize>,
+    /// Write sizes of the bulk cases.
+    pub write_sizes: Vec<usize>,
+    /// `--write-sizes` was given: the bulk cases name their write size and
+    /// include upstream to client.
+    pub write_sizes_given: bool,
     pub idle_relays: usize,
     pub workers: usize,
     pub pin_proxy: Option<usize>,
@@ -235,6 +255,12 @@ impl Settings {
             conns: a.conns.unwrap_or(8).max(1),
             connect_threads: 2,
             sizes,
+            write_sizes: if a.write_sizes.is_empty() {
+                vec![DEFAULT_WRITE]
+            } else {
+                a.write_sizes.clone()
+            },
+            write_sizes_given: !a.write_sizes.is_empty(),
             idle_relays: a.idle_relays.unwrap_or(if quick { 1000 } else { 10_000 }),
             workers: a.workers.max(1),
             pin_proxy: a.pin_proxy,
@@ -412,6 +438,38 @@ mod tests {
         assert_eq!(s.sizes, vec![64, 1024, 16384, 262144]);
         assert_eq!(s.workloads.len(), 4);
         assert!(Settings::from_args(&parse(&["--quick"])).duration < s.duration);
+    }
+
+    #[test]
+    fn write_sizes_name_their_bulk_cases() {
+        let s = Settings::from_args(&parse(&["-w", "bulk"]));
+        assert_eq!(s.write_sizes, vec![DEFAULT_WRITE]);
+        let names: Vec<String> = super::super::workloads::cases(&s)
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(
+            names[0], "1 conn, one way",
+            "unchanged without --write-sizes"
+        );
+        assert_eq!(names.len(), 3);
+
+        let s = Settings::from_args(&parse(&["-w", "bulk", "--write-sizes", "16k,4m"]));
+        assert_eq!(s.write_sizes, vec![16 << 10, 4 << 20]);
+        let names: Vec<String> = super::super::workloads::cases(&s)
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(names.len(), 8);
+        assert_eq!(names[1], "1 conn, upstream to client, 16 KiB writes");
+        assert_eq!(names[7], "1 conn, both ways, 4 MiB writes");
+    }
+
+    #[test]
+    fn a_write_size_past_the_upstream_buffer_is_refused() {
+        let parsed = Cli::try_parse_from(["bench", "--write-sizes", "8m"]);
+        assert!(parsed.is_err());
+        assert!(parse_write_size_arg("0").is_err());
     }
 
     #[test]

@@ -17,10 +17,27 @@ const CHUNK: usize = 256 * 1024;
 
 /// Connects and sends the hello for `op`.
 pub fn open(addr: SocketAddr, op: Op) -> io::Result<TcpStream> {
+    open_with(addr, op, 0)
+}
+
+/// Connects and sends the hello for `op` with its parameter.
+fn open_with(addr: SocketAddr, op: Op, param: u32) -> io::Result<TcpStream> {
     let mut s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
     s.set_nodelay(true)?;
-    s.write_all(&hello(op))?;
+    s.write_all(&hello_with(op, param))?;
     Ok(s)
+}
+
+/// Which way a bulk load streams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Way {
+    /// Client to upstream.
+    Up,
+    /// Upstream to client.
+    Down,
+    /// Both at once.
+    Both,
 }
 
 /// Streaming connections: each writes (and for duplex also reads) until stopped.
@@ -34,8 +51,10 @@ pub struct Bulk {
 }
 
 impl Bulk {
-    /// Opens `conns` connections to `addr` and starts streaming at once.
-    pub fn start(addr: SocketAddr, conns: usize, duplex: bool) -> io::Result<Bulk> {
+    /// Opens `conns` connections to `addr` and starts streaming at once,
+    /// every sender (the load's and the upstream's) in writes of `write`
+    /// bytes.
+    pub fn start(addr: SocketAddr, conns: usize, way: Way, write: usize) -> io::Result<Bulk> {
         let stop = Arc::new(AtomicBool::new(false));
         let received = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicU64::new(0));
@@ -46,19 +65,26 @@ impl Bulk {
             threads: Vec::new(),
             errors,
         };
-        let op = if duplex { Op::Duplex } else { Op::Sink };
+        let op = match way {
+            Way::Up => Op::Sink,
+            Way::Down => Op::Source,
+            Way::Both => Op::Duplex,
+        };
+        let param = u32::try_from(write).unwrap_or(u32::MAX);
         for _ in 0..conns {
-            let s = open(addr, op)?;
+            let s = open_with(addr, op, param)?;
             bulk.socks.push(s.try_clone()?);
-            if duplex {
+            if way != Way::Up {
                 let r = s.try_clone()?;
                 let (stop, rx) = (Arc::clone(&bulk.stop), Arc::clone(&bulk.received));
                 bulk.threads
                     .push(spawn("bench-rx", move || drain(r, &stop, &rx))?);
             }
-            let (stop, errors) = (Arc::clone(&bulk.stop), Arc::clone(&bulk.errors));
-            bulk.threads
-                .push(spawn("bench-tx", move || stream(s, &stop, &errors))?);
+            if way != Way::Down {
+                let (stop, errors) = (Arc::clone(&bulk.stop), Arc::clone(&bulk.errors));
+                bulk.threads
+                    .push(spawn("bench-tx", move || stream(s, &stop, &errors, write))?);
+            }
         }
         Ok(bulk)
     }
@@ -81,8 +107,8 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<JoinHandle
     std::thread::Builder::new().name(name.into()).spawn(f)
 }
 
-fn stream(mut s: TcpStream, stop: &AtomicBool, errors: &AtomicU64) {
-    let buf = vec![0xa5u8; CHUNK];
+fn stream(mut s: TcpStream, stop: &AtomicBool, errors: &AtomicU64, write: usize) {
+    let buf = vec![0xa5u8; write.max(1)];
     while !stop.load(Relaxed) {
         if s.write(&buf).is_err() {
             if !stop.load(Relaxed) {

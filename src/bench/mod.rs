@@ -206,8 +206,8 @@ fn run_bench(args: &BenchArgs) -> Result<ExitCode, String> {
                     continue;
                 }
                 let once = || match case.kind {
-                    CaseKind::Bulk { conns, duplex } => {
-                        Some(workloads::bulk(e, &up, conns, duplex, &settings))
+                    CaseKind::Bulk { conns, way, write } => {
+                        Some(workloads::bulk(e, &up, (conns, way, write), &settings))
                     }
                     CaseKind::Rr { size } => Some(workloads::rr(e, &up, size, &settings)),
                     CaseKind::Connect { threads } => {

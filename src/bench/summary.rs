@@ -3,6 +3,7 @@
 //! latency a proxy adds, and what an idle relay holds. They state what was
 //! measured; they judge nothing.
 
+use super::load::Way;
 use super::report::Results;
 use super::workloads::{CaseKind, Metric};
 
@@ -53,7 +54,8 @@ pub fn compare(r: &Results) -> Vec<Comparison> {
         match case.kind {
             CaseKind::Bulk {
                 conns,
-                duplex: false,
+                way: Way::Up | Way::Down,
+                ..
             } => {
                 let cpu = r.median(ci, sp, Metric::CpuPerGib);
                 if let (Some(s), Some(c)) =

@@ -42,7 +42,8 @@ pub fn hello(op: Op) -> [u8; 8] {
     hello_with(op, 0)
 }
 
-/// A hello with a parameter (the byte count of [`Op::Reply`]).
+/// A hello with a parameter: the byte count of [`Op::Reply`], the size of
+/// each write of [`Op::Source`] and [`Op::Duplex`] (0: [`DEFAULT_WRITE`]).
 pub fn hello_with(op: Op, param: u32) -> [u8; 8] {
     let p = param.to_le_bytes();
     [MAGIC[0], MAGIC[1], op as u8, 0, p[0], p[1], p[2], p[3]]
@@ -89,6 +90,10 @@ pub struct Upstream {
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const CHUNK: usize = 256 * 1024;
+/// The source's writes unless the hello names a size.
+pub const DEFAULT_WRITE: usize = 256 * 1024;
+/// The largest write a hello may ask of the source.
+pub const MAX_WRITE: usize = 4 << 20;
 
 struct Conn {
     stream: TcpStream,
@@ -162,7 +167,7 @@ fn run_loop(mut poll: Poll, listener: TcpListener, c: &UpstreamCounters, stop: &
     let mut conns: slab::Slab<Conn> = slab::Slab::new();
     let mut scratch = vec![0u8; CHUNK];
     let mut trunc = vec![MaybeUninit::<u8>::uninit(); CHUNK];
-    let source = vec![0x5au8; CHUNK];
+    let source = vec![0x5au8; MAX_WRITE];
     while !stop.load(Relaxed) {
         if let Err(e) = poll.poll(&mut events, None) {
             if e.kind() == io::ErrorKind::Interrupted {
@@ -275,18 +280,16 @@ fn drive(
     };
     match op {
         Op::Sink => sink(conn, c, trunc),
-        Op::Source => {
-            // Reading tells us when the peer closed.
+        // Reading tells a source when the peer closed.
+        Op::Source | Op::Duplex => {
             if !sink(conn, c, trunc)? {
                 return Ok(false);
             }
-            pump(conn, c, source)
-        }
-        Op::Duplex => {
-            if !sink(conn, c, trunc)? {
-                return Ok(false);
-            }
-            pump(conn, c, source)
+            let write = match conn.left as usize {
+                0 => DEFAULT_WRITE,
+                n => n.min(MAX_WRITE),
+            };
+            pump(conn, c, &source[..write])
         }
         Op::Echo | Op::Reply => echo(conn, c, scratch),
     }

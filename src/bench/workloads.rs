@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use super::args::{size_human, Settings, Workload};
 use super::engines::Engine;
-use super::load::{Bulk, Churn, PingPong};
+use super::load::{Bulk, Churn, PingPong, Way};
 use super::measure::percentile;
 use super::upstream::Upstream;
 
@@ -89,10 +89,21 @@ impl Metric {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum CaseKind {
-    Bulk { conns: usize, duplex: bool },
-    Rr { size: usize },
-    Connect { threads: usize },
-    Idle { relays: usize },
+    /// `write`: the size of each write of every sender.
+    Bulk {
+        conns: usize,
+        way: Way,
+        write: usize,
+    },
+    Rr {
+        size: usize,
+    },
+    Connect {
+        threads: usize,
+    },
+    Idle {
+        relays: usize,
+    },
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -132,17 +143,33 @@ pub fn cases(s: &Settings) -> Vec<Case> {
     for w in &s.workloads {
         match w {
             Workload::Bulk => {
-                let mut shapes = vec![(1, false), (s.conns, false), (1, true)];
-                if s.conns == 1 {
-                    shapes.remove(1);
-                }
-                for (conns, duplex) in shapes {
-                    let way = if duplex { "both ways" } else { "one way" };
-                    out.push(Case {
-                        workload: *w,
-                        name: format!("{conns} conn{}, {way}", if conns == 1 { "" } else { "s" }),
-                        kind: CaseKind::Bulk { conns, duplex },
-                    });
+                for &write in &s.write_sizes {
+                    let mut shapes = vec![(1, Way::Up), (s.conns, Way::Up), (1, Way::Both)];
+                    if s.conns == 1 {
+                        shapes.remove(1);
+                    }
+                    // Chosen write sizes compare directions too (iperf3 and -R).
+                    let writes = if s.write_sizes_given {
+                        shapes.insert(1, (1, Way::Down));
+                        format!(", {} writes", size_human(write))
+                    } else {
+                        String::new()
+                    };
+                    for (conns, way) in shapes {
+                        let way_name = match way {
+                            Way::Up => "one way",
+                            Way::Down => "upstream to client",
+                            Way::Both => "both ways",
+                        };
+                        out.push(Case {
+                            workload: *w,
+                            name: format!(
+                                "{conns} conn{}, {way_name}{writes}",
+                                if conns == 1 { "" } else { "s" }
+                            ),
+                            kind: CaseKind::Bulk { conns, way, write },
+                        });
+                    }
                 }
             }
             Workload::Rr => {
@@ -212,12 +239,12 @@ fn push_spliced_pct(f: &mut Figures, e: &Engine, before: (u64, u64)) {
 pub fn bulk(
     e: &Engine,
     up: &Upstream,
-    conns: usize,
-    duplex: bool,
+    (conns, way, write): (usize, Way, usize),
     s: &Settings,
 ) -> Result<Figures, String> {
     settle(up)?;
-    let load = Bulk::start(e.addr, conns, duplex).map_err(|err| format!("bulk connect: {err}"))?;
+    let load =
+        Bulk::start(e.addr, conns, way, write).map_err(|err| format!("bulk connect: {err}"))?;
     std::thread::sleep(s.warmup);
     let bytes = || up.counters().sunk.load(Relaxed) + load.received.load(Relaxed);
     let (b0, cpu0, m0, t0) = (bytes(), e.cpu(), moved(e), Instant::now());

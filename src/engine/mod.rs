@@ -214,12 +214,14 @@ pub(crate) struct Wire<'a> {
 }
 
 impl Wire<'_> {
-    /// Whether splice found nothing because the source sits at an urgent
-    /// mark, with normal bytes possibly behind it. Checked on every EOF (once
-    /// per direction) and, after EPOLLPRI, on every empty splice.
-    fn stalled_at_urgent_mark(&self, result: &io::Result<Transfer>) -> bool {
-        let eof = matches!(result, Ok(Transfer::Eof));
-        (eof || self.slot.urgent) && sys::at_urgent_mark(self.src.as_fd()).unwrap_or(false)
+    /// Whether splice found nothing (EAGAIN, or 0 once the FIN arrived)
+    /// because the source sits at an urgent mark, with normal bytes possibly
+    /// behind it. Asked only after EPOLLPRI: a socket with urgent data
+    /// unread reports EPOLLPRI with every event (the worker passes it on,
+    /// from a connecting upstream too), so a direction never told of it
+    /// has no mark to stall at, and a plain EOF costs no `ioctl`.
+    fn stalled_at_urgent_mark(&self) -> bool {
+        self.slot.urgent && sys::at_urgent_mark(self.src.as_fd()).unwrap_or(false)
     }
 }
 
@@ -247,7 +249,7 @@ impl Endpoints for Wire<'_> {
                 }
             }
             let (result, room) = match self.slot.buffer.as_mut() {
-                Some(Buffer::Pipe(pipe)) => (pipe.fill(self.src.as_fd()), None),
+                Some(Buffer::Pipe(pipe)) => (pipe.fill(self.src.as_fd(), pending), None),
                 Some(Buffer::Mapped(heap)) => {
                     let room = heap.room();
                     (heap.fill(self.src), Some(room))
@@ -274,13 +276,14 @@ impl Endpoints for Wire<'_> {
                         FallbackReason::SpliceRefused,
                     );
                 }
-                Ok(Transfer::Moved(_)) if self.slot.engine == Engine::Splice => {
+                Ok(Transfer::Moved(_) | Transfer::MovedAll(_))
+                    if self.slot.engine == Engine::Splice =>
+                {
                     self.slot.spliced_any = true;
                     return result;
                 }
                 Ok(Transfer::WouldBlock | Transfer::Eof)
-                    if self.slot.engine == Engine::Splice
-                        && self.stalled_at_urgent_mark(&result) =>
+                    if self.slot.engine == Engine::Splice && self.stalled_at_urgent_mark() =>
                 {
                     if pending > 0 {
                         // Deliver what the pipe holds first; the direction

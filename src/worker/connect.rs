@@ -86,19 +86,25 @@ impl Worker {
         }
     }
 
-    /// `writable` and `hung_up` are what the upstream socket's event said.
+    /// `writable`, `hung_up` (RDHUP/HUP) and `urgent` (EPOLLPRI) are what
+    /// the upstream socket's event said.
     pub(super) fn on_connect_event(
         &mut self,
         key: usize,
         writable: bool,
-        hung_up: bool,
+        (hung_up, urgent): (bool, bool),
         now: Instant,
     ) {
         let relay = &mut self.relays[key];
-        // Only a TCP upstream is ever connecting; a handed-off pair is not.
-        let outcome = relay.upstream.as_tcp().map_or(Connect::Established, |s| {
-            upstream::connect_result(s, writable)
-        });
+        let outcome = match relay.upstream.as_tcp() {
+            // Only a TCP upstream is ever connecting; a handed-off pair is not.
+            None => Connect::Established,
+            // A handshake that failed (or a connection already reset) shows
+            // EPOLLERR and EPOLLHUP beside its EPOLLOUT (tcp_poll), so
+            // writable with neither is connected: no SO_ERROR to read.
+            Some(_) if writable && !hung_up => Connect::Established,
+            Some(s) => upstream::connect_result(s, writable),
+        };
         match outcome {
             Connect::Pending => {}
             Connect::Established => {
@@ -112,6 +118,19 @@ impl Worker {
                     }
                 }
                 relay.upstream.set_nodelay();
+                if urgent {
+                    // Urgent data from a server that spoke at once: its
+                    // direction must look for the mark splice stops at.
+                    relay.ready(
+                        Peer::Upstream,
+                        Readiness {
+                            readable: false,
+                            writable: false,
+                            hung_up: false,
+                            urgent: true,
+                        },
+                    );
+                }
                 // The edges of the connect went here, not to the relay: a
                 // server that spoke and closed at once left its FIN unannounced.
                 relay.core.connected(now, hung_up);

@@ -436,7 +436,8 @@ impl Worker {
         let writable = event.is_writable() || event.is_write_closed() || event.is_error();
         if connecting && peer == Peer::Upstream {
             let hung_up = event.is_read_closed() || event.is_error();
-            self.on_connect_event(key, event.is_writable(), hung_up, now);
+            let urgent = event.is_priority();
+            self.on_connect_event(key, event.is_writable(), (hung_up, urgent), now);
             return;
         }
         let readiness = Readiness {
