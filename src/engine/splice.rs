@@ -38,8 +38,8 @@ impl PooledPipe {
     /// a whole 64 KiB skb, so a 1 MiB pipe (256 slots) asked for 1 MiB on
     /// every call took in more than 6 MiB, more than the destination's send
     /// buffer could take, and the relay idled on the destination's EPOLLOUT
-    /// with megabytes out of TCP's flow control (docs/BENCHMARKS.md, "Pipe
-    /// size and mid-size writes"). Asking for the whole capacity rather
+    /// with megabytes out of TCP's flow control
+    /// (docs/benchmarks/pipe-size.md). Asking for the whole capacity rather
     /// than the room left keeps each read large: a read of a few bytes
     /// would take a slot and part of an skb, which frees no receive window.
     ///
