@@ -68,15 +68,7 @@ fn known_traffic(mode: Mode) {
     let listener = "echo";
     let sizes = [1usize, 4096, 300_000];
     for (i, &n) in sizes.iter().enumerate() {
-        let mut c = connect(proxy.local_addr());
-        let mut w = c.try_clone().unwrap();
-        // Written beside the reads, so the echo never waits on a full buffer.
-        let writer = std::thread::spawn(move || {
-            w.write_all(&pattern(i as u64, n)).unwrap();
-            w.shutdown(std::net::Shutdown::Write).unwrap();
-        });
-        let back = read_to_eof(&mut c, T).expect("echo to EOF");
-        writer.join().unwrap();
+        let back = echo_once(proxy.local_addr(), i as u64, n, T);
         assert_eq!(back, pattern(i as u64, n));
     }
     wait_stats(&proxy, T, "every relay closed", |s| s.closed_total() == 3);
@@ -268,14 +260,7 @@ fn per_server_counters(mode: Mode) {
     let admin = proxy.admin_addr().expect("an admin endpoint");
     let sizes = [10usize, 5000, 70_000, 300_000, 1, 123_456];
     for (i, &n) in sizes.iter().enumerate() {
-        let mut c = connect(proxy.local_addr());
-        let mut w = c.try_clone().unwrap();
-        let writer = std::thread::spawn(move || {
-            w.write_all(&pattern(i as u64, n)).unwrap();
-            w.shutdown(std::net::Shutdown::Write).unwrap();
-        });
-        let back = read_to_eof(&mut c, T).expect("echo to EOF");
-        writer.join().unwrap();
+        let back = echo_once(proxy.local_addr(), i as u64, n, T);
         assert_eq!(back.len(), n);
     }
     wait_stats(&proxy, T, "every relay closed", |s| {

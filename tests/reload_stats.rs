@@ -112,14 +112,7 @@ fn added_listener_counts_everywhere(mode: Mode) {
     let added = logged_addr(&s, &["listening on", "added"], parse_listening);
     let sizes = [1usize, 70_000, 1_000_000];
     for (i, &n) in sizes.iter().enumerate() {
-        let mut c = connect(added);
-        let mut w = c.try_clone().unwrap();
-        let writer = std::thread::spawn(move || {
-            w.write_all(&pattern(i as u64, n)).unwrap();
-            w.shutdown(std::net::Shutdown::Write).unwrap();
-        });
-        let back = read_to_eof(&mut c, T).expect("echo to EOF");
-        writer.join().unwrap();
+        let back = echo_once(added, i as u64, n, T);
         assert_eq!(back, pattern(i as u64, n));
     }
     let total: u64 = sizes.iter().map(|&n| n as u64).sum();

@@ -160,6 +160,21 @@ pub fn round_trip(stream: &mut TcpStream, msg: &[u8], timeout: Duration) {
     assert_eq!(back, msg, "echoed bytes differ");
 }
 
+/// One connection through an echo: writes `pattern(seed, len)` beside the
+/// reads (so the echo never waits on a full buffer), half-closes, and
+/// returns what came back before EOF.
+pub fn echo_once(addr: SocketAddr, seed: u64, len: usize, timeout: Duration) -> Vec<u8> {
+    let mut c = connect(addr);
+    let mut w = c.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&super::data::pattern(seed, len)).unwrap();
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let back = read_to_eof(&mut c, timeout).expect("echo to EOF");
+    writer.join().unwrap();
+    back
+}
+
 /// Reads whatever arrives until the peer closes; returns the bytes read and
 /// how the connection ended. Panics on another error or on timeout.
 pub fn read_until_closed(stream: &mut TcpStream, timeout: Duration) -> (Vec<u8>, Ending) {
