@@ -22,7 +22,7 @@
 # runs take the proxies in turn (a drift of the machine hits all alike).
 #
 # Medians of RUNS runs (default 5) with their spread go into OUT (default
-# docs/benchmarks/peers-loopback.md) between the apps markers. Called by
+# docs/benchmarks/apps-loopback.md) between the apps markers. Called by
 # scripts/bench-peers.sh; runs on its own too:
 #
 #   STAGES=iperf3,apps RUNS=3 bash scripts/bench-apps.sh
@@ -37,7 +37,7 @@ source scripts/lib.sh
 RUNS=${RUNS:-5}
 STAGES=${STAGES:-iperf3,apps}
 BENCH_PATH=${BENCH_PATH:-loopback}
-OUT=${OUT:-docs/benchmarks/peers-loopback.md}
+OUT=${OUT:-docs/benchmarks/apps-loopback.md}
 APPS_PORT=${APPS_PORT:-19300}
 IPERF_SECS=${IPERF_SECS:-5}
 REDIS_REQUESTS=${REDIS_REQUESTS:-100000}
@@ -418,14 +418,6 @@ MARK=apps
     echo "<!-- $MARK:end -->"
 } >"$WORK/section.md"
 
-if [[ -f $OUT ]] && grep -q "<!-- $MARK:begin" "$OUT"; then
-    awk -v f="$WORK/section.md" -v b="<!-- $MARK:begin" -v e="<!-- $MARK:end -->" '
-        index($0, b) == 1 { while ((getline l < f) > 0) print l; skip = 1; next }
-        index($0, e) == 1 { skip = 0; next }
-        !skip { print }' "$OUT" >"$WORK/out.md"
-else
-    { [[ ! -f $OUT ]] || cat "$OUT"; echo; cat "$WORK/section.md"; } >"$WORK/out.md"
-fi
-cp "$WORK/out.md" "$OUT"
+lib_replace_section "$OUT" "$MARK" "$WORK/section.md"
 lib_log "wrote $OUT"
 sed -n '/^|/p' "$WORK/section.md"

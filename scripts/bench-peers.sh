@@ -21,7 +21,7 @@
 #   BENCH_PATH=veth make bench-peers      # over a 1500-byte veth path (root)
 #   BENCH_PATH=veth2 BENCH_MTU=9000 make bench-peers
 #   RUNS=3 OUT=/tmp/b.md bash scripts/bench-peers.sh
-#   STAGES=main bash scripts/bench-peers.sh   # some of: idle,main,onecpu,pipes,iperf3,apps
+#   STAGES=main bash scripts/bench-peers.sh   # some of: idle,main,onecpu,pipes,syscalls,iperf3,apps
 #
 # The stages iperf3 and apps (scripts/bench-apps.sh, loopback only) run last,
 # after these peers are stopped: iperf3, redis-benchmark and pgbench through
@@ -44,8 +44,10 @@ RUNS=${RUNS:-5}
 UP_PORT=${UP_PORT:-19000}
 BENCH_PATH=${BENCH_PATH:-loopback}
 OUT=${OUT:-docs/benchmarks/peers-$BENCH_PATH.md}
+# The iperf3 and apps stages write beside it.
+APPS_OUT=${APPS_OUT:-$(dirname "$OUT")/apps-$BENCH_PATH.md}
 BENCH_MTU=${BENCH_MTU:-1500}
-STAGES=${STAGES:-idle,main,onecpu,pipes,iperf3,apps}
+STAGES=${STAGES:-idle,main,onecpu,pipes,syscalls,iperf3,apps}
 BASE_PORT=${BASE_PORT:-19100}
 NCPU=$(nproc)
 PROXY_CPU=${PROXY_CPU:-$((NCPU > 1 ? 1 : 0))}
@@ -69,10 +71,10 @@ if [[ ! -x $SPLICED_BIN ]]; then
 fi
 # The application stages start servers and peers of their own.
 apps() {
-    RUNS=$RUNS STAGES=$STAGES OUT=$OUT BENCH_PATH=$BENCH_PATH PROXY_CPU=$PROXY_CPU LOAD_CPU=$LOAD_CPU \
+    RUNS=$RUNS STAGES=$STAGES OUT=$APPS_OUT BENCH_PATH=$BENCH_PATH PROXY_CPU=$PROXY_CPU LOAD_CPU=$LOAD_CPU \
         BENCH_USER=${BENCH_USER:-} bash scripts/bench-apps.sh
 }
-if ! stage idle && ! stage main && ! stage onecpu && ! stage pipes; then
+if ! stage idle && ! stage main && ! stage onecpu && ! stage pipes && ! stage syscalls; then
     apps
     exit
 fi
@@ -81,6 +83,7 @@ fi
 pkgs=()
 command -v haproxy >/dev/null || pkgs+=(haproxy)
 command -v socat >/dev/null || pkgs+=(socat)
+! stage syscalls || command -v strace >/dev/null || pkgs+=(strace)
 command -v taskset >/dev/null || pkgs+=(util-linux)
 [[ $BENCH_PATH == loopback ]] || command -v ip >/dev/null || pkgs+=(iproute2)
 if ! command -v nginx >/dev/null; then pkgs+=(nginx-light); fi
@@ -331,6 +334,16 @@ if stage pipes; then
         >"$WORK/pipes.txt"
 fi
 
+if stage syscalls; then
+    # strace attaches to every proxy's threads (same user: no extra rights),
+    # in an untimed pass after short timed runs. socat is left out: it forks
+    # a process per connection, which a strace of its pid does not see.
+    lib_log "syscalls: per relayed 64 B message and per connection, spliced and every peer but socat"
+    mapfile -t SYSCALL_TARGETS < <(targets_without_socat)
+    BENCH_RUNS=1 bench "$LOAD_CPU" -w rr,connect --sizes 64 --quick --syscalls -e splice,copy,auto,target \
+        --pin-proxy "$PROXY_CPU" "${SYSCALL_TARGETS[@]}" >"$WORK/syscalls.txt"
+fi
+
 # --- write docs/benchmarks/peers-PATH.md ----------------------------------------
 section() { # title file
     [[ -f $2 ]] || return 0
@@ -359,19 +372,11 @@ fi
     section "Idle relays with the peers ($IDLE_RELAYS, what HAProxy's maxconn allows under that fd limit; one run on fresh processes; socat left out: one process per connection)" "$WORK/idle-peers.txt"
     section "rr 64 B, load and proxy on one CPU" "$WORK/onecpu.txt"
     section "spliced's pipe size" "$WORK/pipes.txt"
+    section "Syscalls per relayed message and per connection (strace -c on each proxy but socat; one short run)" "$WORK/syscalls.txt"
     echo "<!-- $MARK:end -->"
 } >"$WORK/section.md"
 
-if [[ -f $OUT ]] && grep -q "<!-- $MARK:begin" "$OUT"; then
-    awk -v f="$WORK/section.md" -v b="<!-- $MARK:begin" -v e="<!-- $MARK:end -->" '
-        index($0, b) == 1 { while ((getline l < f) > 0) print l; skip = 1; next }
-        index($0, e) == 1 { skip = 0; next }
-        !skip { print }' "$OUT" >"$WORK/out.md"
-    cp "$WORK/out.md" "$OUT"
-else
-    { [[ -f $OUT ]] && cat "$OUT"; echo; cat "$WORK/section.md"; } >"$WORK/out.md"
-    cp "$WORK/out.md" "$OUT"
-fi
+lib_replace_section "$OUT" "$MARK" "$WORK/section.md"
 lib_log "wrote $OUT (plot: $PLOT)"
 [[ ! -f $WORK/main.txt ]] || cat "$WORK/main.txt"
 

@@ -564,3 +564,21 @@ loadgen_upstream() {
     UP_ADDR="${UP_ADDR#listening on }"
     [[ -n "$UP_ADDR" ]]
 }
+
+# lib_replace_section FILE MARK SECTION: puts SECTION (a file that starts
+# with `<!-- MARK:begin` and ends with `<!-- MARK:end -->`) in place of
+# FILE's section with the same markers, or appends it.
+lib_replace_section() {
+    local out="$1" mark="$2" section="$3" tmp
+    tmp="$(mktemp)"
+    if [[ -f $out ]] && grep -q "<!-- $mark:begin" "$out"; then
+        awk -v f="$section" -v b="<!-- $mark:begin" -v e="<!-- $mark:end -->" '
+            index($0, b) == 1 { while ((getline l < f) > 0) print l; skip = 1; next }
+            index($0, e) == 1 { skip = 0; next }
+            !skip { print }' "$out" >"$tmp"
+    else
+        { [[ ! -f $out ]] || cat "$out"; echo; cat "$section"; } >"$tmp"
+    fi
+    cat "$tmp" >"$out"
+    rm -f "$tmp"
+}
