@@ -22,8 +22,8 @@ const T: Duration = Duration::from_secs(5);
 /// `INTERVAL × fall` plus a second.
 const INTERVAL: Duration = Duration::from_millis(100);
 
-fn checked(upstreams: Vec<SocketAddr>, tweak: impl FnOnce(&mut Config)) -> ProxyHandle {
-    proxy(Mode::Splice, upstreams, |c| {
+fn checked(mode: Mode, upstreams: Vec<SocketAddr>, tweak: impl FnOnce(&mut Config)) -> ProxyHandle {
+    proxy(mode, upstreams, |c| {
         let h = &mut c.listeners[0].pool.health;
         h.interval = INTERVAL;
         h.timeout = INTERVAL;
@@ -118,10 +118,10 @@ fn fake_redis(tag: u8, master: bool) -> FakeRedis {
     }
 }
 
-fn redis_pair(on_down: OnDown) -> (FakeRedis, FakeRedis, ProxyHandle) {
+fn redis_pair(mode: Mode, on_down: OnDown) -> (FakeRedis, FakeRedis, ProxyHandle) {
     let a = fake_redis(b'a', true);
     let b = fake_redis(b'b', false);
-    let h = checked(vec![a.server.addr, b.server.addr], |c| {
+    let h = checked(mode, vec![a.server.addr, b.server.addr], |c| {
         let pool = &mut c.listeners[0].pool;
         pool.health.check = Some(Check::Redis);
         pool.health.role = Role::Primary;
@@ -148,7 +148,7 @@ fn tcp_check_takes_a_server_that_refuses_out_of_the_pool() {
             let _ = s.write_all(b"Ltag?");
         }
     });
-    let h = checked(vec![refused_addr(), live.addr], |c| {
+    let h = checked(Mode::Splice, vec![refused_addr(), live.addr], |c| {
         c.listeners[0].pool.health.check = Some(Check::Tcp);
     });
     wait_for_tag(h.local_addr(), b'L', T);
@@ -172,7 +172,7 @@ fn http_check_downs_a_server_whose_agent_answers_503() {
     // Each server is its own agent (`port` unset): the probe GETs the
     // server's own port.
     let (ok, bad) = (agent("200 OK"), agent("503 Service Unavailable"));
-    let h = checked(vec![bad.addr, ok.addr], |c| {
+    let h = checked(Mode::Splice, vec![bad.addr, ok.addr], |c| {
         let hc = &mut c.listeners[0].pool.health;
         hc.check = Some(Check::Http);
         hc.path = Some("/primary".into());
@@ -198,9 +198,8 @@ fn http_check_downs_a_server_whose_agent_answers_503() {
 
 // on-down
 
-#[test]
-fn on_down_kill_resets_clients_of_a_demoted_primary() {
-    let (a, b, h) = redis_pair(OnDown::Kill);
+fn on_down_kill_resets_clients_of_a_demoted_primary(mode: Mode) {
+    let (a, b, h) = redis_pair(mode, OnDown::Kill);
     let (mut old, tag) = tag_via(h.local_addr());
     assert_eq!(tag, b'a');
     switch(&a, &b);
@@ -215,9 +214,8 @@ fn on_down_kill_resets_clients_of_a_demoted_primary() {
     });
 }
 
-#[test]
-fn on_down_drain_lets_clients_of_a_demoted_primary_finish() {
-    let (a, b, h) = redis_pair(OnDown::Drain);
+fn on_down_drain_lets_clients_of_a_demoted_primary_finish(mode: Mode) {
+    let (a, b, h) = redis_pair(mode, OnDown::Drain);
     let (mut old, _) = tag_via(h.local_addr());
     switch(&a, &b);
     wait_for_tag(h.local_addr(), b'b', INTERVAL * 2 + Duration::from_secs(1));
@@ -254,17 +252,16 @@ fn header_reader() -> (Server, mpsc::Receiver<(proxy_protocol::Parsed, Vec<u8>)>
     (server, rx)
 }
 
-fn proxied(upstream: SocketAddr, trusted: &str, send: SendProxy) -> ProxyHandle {
-    proxy(Mode::Splice, vec![upstream], |c| {
+fn proxied(mode: Mode, upstream: SocketAddr, trusted: &str, send: SendProxy) -> ProxyHandle {
+    proxy(mode, vec![upstream], |c| {
         c.listeners[0].accept_proxy = Some(AcceptProxy::new(vec![trusted.parse().unwrap()]));
         c.listeners[0].pool.send_proxy = send;
     })
 }
 
-#[test]
-fn a_v1_header_in_becomes_a_v2_header_out_with_the_same_addresses() {
+fn a_v1_header_in_becomes_a_v2_header_out_with_the_same_addresses(mode: Mode) {
     let (up, rx) = header_reader();
-    let h = proxied(up.addr, "127.0.0.0/8", SendProxy::V2);
+    let h = proxied(mode, up.addr, "127.0.0.0/8", SendProxy::V2);
     let mut c = TcpStream::connect(h.local_addr()).unwrap();
     c.write_all(b"PROXY TCP4 192.0.2.7 198.51.100.1 5555 6432\r\nhello")
         .unwrap();
@@ -278,10 +275,9 @@ fn a_v1_header_in_becomes_a_v2_header_out_with_the_same_addresses() {
     assert_eq!(rest, b"hello");
 }
 
-#[test]
-fn a_v2_header_in_becomes_a_v1_header_out() {
+fn a_v2_header_in_becomes_a_v1_header_out(mode: Mode) {
     let (up, rx) = header_reader();
-    let h = proxied(up.addr, "127.0.0.1/32", SendProxy::V1);
+    let h = proxied(mode, up.addr, "127.0.0.1/32", SendProxy::V1);
     let src: SocketAddr = "[2001:db8::7]:4000".parse().unwrap();
     let dst: SocketAddr = "[2001:db8::1]:5432".parse().unwrap();
     let mut c = TcpStream::connect(h.local_addr()).unwrap();
@@ -294,10 +290,9 @@ fn a_v2_header_in_becomes_a_v1_header_out() {
     assert_eq!(rest, b"world");
 }
 
-#[test]
-fn send_proxy_alone_names_the_real_client() {
+fn send_proxy_alone_names_the_real_client(mode: Mode) {
     let (up, rx) = header_reader();
-    let h = proxy(Mode::Copy, vec![up.addr], |c| {
+    let h = proxy(mode, vec![up.addr], |c| {
         c.listeners[0].pool.send_proxy = SendProxy::V2;
     });
     let mut c = TcpStream::connect(h.local_addr()).unwrap();
@@ -325,7 +320,7 @@ fn expect_refused(h: &ProxyHandle, up: &Server, send: &[u8]) {
 #[test]
 fn malformed_headers_reset_the_client_and_are_counted() {
     let up = echo_server();
-    let h = proxied(up.addr, "127.0.0.0/8", SendProxy::None);
+    let h = proxied(Mode::Splice, up.addr, "127.0.0.0/8", SendProxy::None);
     expect_refused(&h, &up, b"GET / HTTP/1.1\r\n\r\n");
     expect_refused(&h, &up, b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n");
     expect_refused(&h, &up, &[b'P'; 200]);
@@ -337,15 +332,14 @@ fn malformed_headers_reset_the_client_and_are_counted() {
 #[test]
 fn an_untrusted_source_is_reset_at_accept() {
     let up = echo_server();
-    let h = proxied(up.addr, "10.0.0.0/8", SendProxy::None);
+    let h = proxied(Mode::Splice, up.addr, "10.0.0.0/8", SendProxy::None);
     // Reset at accept, before it could send anything.
     expect_refused(&h, &up, b"");
 }
 
-#[test]
-fn limits_apply_to_the_address_in_the_header() {
+fn limits_apply_to_the_address_in_the_header(mode: Mode) {
     let up = echo_server();
-    let h = proxy(Mode::Splice, vec![up.addr], |c| {
+    let h = proxy(mode, vec![up.addr], |c| {
         c.listeners[0].accept_proxy = Some(AcceptProxy::new(vec!["127.0.0.0/8".parse().unwrap()]));
         c.listeners[0].access.deny = vec!["192.0.2.0/24".parse().unwrap()];
     });
@@ -410,8 +404,8 @@ fn cancel_packet(pid: u32, key: u32) -> Vec<u8> {
     b
 }
 
-fn postgres_listener(servers: Vec<SocketAddr>) -> ProxyHandle {
-    proxy(Mode::Splice, servers, |c| {
+fn postgres_listener(mode: Mode, servers: Vec<SocketAddr>) -> ProxyHandle {
+    proxy(mode, servers, |c| {
         c.listeners[0].protocol = Protocol::Postgres;
     })
 }
@@ -420,7 +414,7 @@ fn postgres_listener(servers: Vec<SocketAddr>) -> ProxyHandle {
 fn a_cancel_request_reaches_every_server_of_the_pool() {
     let (a, rx_a) = first_bytes();
     let (b, rx_b) = first_bytes();
-    let h = postgres_listener(vec![a.addr, b.addr]);
+    let h = postgres_listener(Mode::Splice, vec![a.addr, b.addr]);
     let packet = cancel_packet(4242, 0xdead_beef);
     // Split in two writes: the request is recognised whatever the split.
     let mut c = TcpStream::connect(h.local_addr()).unwrap();
@@ -439,11 +433,10 @@ fn a_cancel_request_reaches_every_server_of_the_pool() {
     assert_eq!(h.stats().pg_cancel_requests, 1);
 }
 
-#[test]
-fn other_first_packets_reach_one_server_intact() {
+fn other_first_packets_reach_one_server_intact(mode: Mode) {
     let (a, rx_a) = first_bytes();
     let (b, rx_b) = first_bytes();
-    let h = postgres_listener(vec![a.addr, b.addr]);
+    let h = postgres_listener(mode, vec![a.addr, b.addr]);
     // An SSLRequest followed by the start of a StartupMessage.
     let mut msg = 8u32.to_be_bytes().to_vec();
     msg.extend_from_slice(&80_877_103u32.to_be_bytes());
@@ -469,11 +462,10 @@ fn other_first_packets_reach_one_server_intact() {
         .map_err(|e| assert_ne!(e.kind(), ErrorKind::WouldBlock));
 }
 
-#[test]
-fn a_short_first_packet_is_relayed_when_its_timeout_ends() {
+fn a_short_first_packet_is_relayed_when_its_timeout_ends(mode: Mode) {
     let up = echo_server();
     let timeout = Duration::from_millis(300);
-    let h = proxy(Mode::Splice, vec![up.addr], |c| {
+    let h = proxy(mode, vec![up.addr], |c| {
         c.listeners[0].protocol = Protocol::Postgres;
         c.listeners[0].first_packet_timeout = timeout;
     });
@@ -513,7 +505,7 @@ fn greeting_via(proxy: SocketAddr, n: usize) -> Vec<u8> {
 fn mysql_check_downs_a_server_that_greets_with_an_error_packet() {
     let good = greeter(b"\x0a\x00\x00\x00\x0a5.7.0\x00\x01\x00\x00\x00");
     let bad = greeter(b"\x14\x00\x00\x00\xff\x69\x04Host is blocked....");
-    let h = checked(vec![bad.addr, good.addr], |c| {
+    let h = checked(Mode::Splice, vec![bad.addr, good.addr], |c| {
         c.listeners[0].pool.health.check = Some(Check::Mysql);
     });
     wait_until(T, "the error-greeting server is down", || {
@@ -547,7 +539,7 @@ fn postgres_check_downs_a_server_that_answers_startup_with_an_error() {
         let _ = s.read(&mut buf);
         let _ = s.write_all(b"E\x00\x00\x00\x1dSFATAL\x00C57P03\x00Mstarting\x00\x00");
     });
-    let h = checked(vec![bad.addr, good.addr], |c| {
+    let h = checked(Mode::Splice, vec![bad.addr, good.addr], |c| {
         c.listeners[0].pool.health.check = Some(Check::Postgres);
     });
     wait_until(T, "the erroring server is down", || {
@@ -559,3 +551,15 @@ fn postgres_check_downs_a_server_that_answers_startup_with_an_error() {
         assert_eq!(read_exact_within(&mut s, 1, T).unwrap(), b"R");
     }
 }
+
+// Every case that relays bytes, under every engine.
+both_engines!(
+    on_down_kill_resets_clients_of_a_demoted_primary,
+    on_down_drain_lets_clients_of_a_demoted_primary_finish,
+    a_v1_header_in_becomes_a_v2_header_out_with_the_same_addresses,
+    a_v2_header_in_becomes_a_v1_header_out,
+    send_proxy_alone_names_the_real_client,
+    limits_apply_to_the_address_in_the_header,
+    other_first_packets_reach_one_server_intact,
+    a_short_first_packet_is_relayed_when_its_timeout_ends,
+);
