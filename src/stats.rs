@@ -362,6 +362,25 @@ impl ServerStats {
     }
 }
 
+/// Adds another sum of the same server (another worker's, or another
+/// listener's view of the address) field by field.
+impl std::ops::AddAssign<&ServerStats> for ServerStats {
+    fn add_assign(&mut self, other: &ServerStats) {
+        self.connect_attempts += other.connect_attempts;
+        self.connect_failures += other.connect_failures;
+        self.connects += other.connects;
+        self.connect_micros += other.connect_micros;
+        for (a, b) in self.connect_buckets.iter_mut().zip(&other.connect_buckets) {
+            *a += b;
+        }
+        self.bytes_c2u_spliced += other.bytes_c2u_spliced;
+        self.bytes_c2u_copied += other.bytes_c2u_copied;
+        self.bytes_u2c_spliced += other.bytes_u2c_spliced;
+        self.bytes_u2c_copied += other.bytes_u2c_copied;
+        self.relays_closed += other.relays_closed;
+    }
+}
+
 fn bucket_of(took: std::time::Duration) -> usize {
     let secs = took.as_secs_f64();
     CONNECT_BUCKETS

@@ -89,20 +89,7 @@ impl Collector for Spliced {
 fn server_totals(snap: &Snapshot) -> BTreeMap<(String, String), ServerStats> {
     let mut out: BTreeMap<(String, String), ServerStats> = BTreeMap::new();
     for s in &snap.servers {
-        let sum = out.entry((s.listener.clone(), s.addr.clone())).or_default();
-        let t = s.total();
-        sum.connect_attempts += t.connect_attempts;
-        sum.connect_failures += t.connect_failures;
-        sum.connects += t.connects;
-        sum.connect_micros += t.connect_micros;
-        for (a, b) in sum.connect_buckets.iter_mut().zip(&t.connect_buckets) {
-            *a += b;
-        }
-        sum.bytes_c2u_spliced += t.bytes_c2u_spliced;
-        sum.bytes_c2u_copied += t.bytes_c2u_copied;
-        sum.bytes_u2c_spliced += t.bytes_u2c_spliced;
-        sum.bytes_u2c_copied += t.bytes_u2c_copied;
-        sum.relays_closed += t.relays_closed;
+        *out.entry((s.listener.clone(), s.addr.clone())).or_default() += &s.total();
     }
     out
 }

@@ -72,18 +72,7 @@ impl ServerSnapshot {
     pub fn total(&self) -> ServerStats {
         let mut sum = ServerStats::default();
         for w in &self.workers {
-            sum.connect_attempts += w.connect_attempts;
-            sum.connect_failures += w.connect_failures;
-            sum.connects += w.connects;
-            sum.connect_micros += w.connect_micros;
-            for (s, b) in sum.connect_buckets.iter_mut().zip(&w.connect_buckets) {
-                *s += b;
-            }
-            sum.bytes_c2u_spliced += w.bytes_c2u_spliced;
-            sum.bytes_c2u_copied += w.bytes_c2u_copied;
-            sum.bytes_u2c_spliced += w.bytes_u2c_spliced;
-            sum.bytes_u2c_copied += w.bytes_u2c_copied;
-            sum.relays_closed += w.relays_closed;
+            sum += w;
         }
         sum
     }
