@@ -116,6 +116,8 @@ impl Drop for Handoff {
 pub(crate) struct Shared {
     /// Relays alive in all workers, checked against the relay cap.
     pub(crate) relays_live: AtomicUsize,
+    /// Every upstream server and its health.
+    pub(crate) fleet: Arc<crate::upstream::Fleet>,
 }
 
 /// The sending end of one worker's command channel.

@@ -22,7 +22,7 @@ use socket2::{SockRef, TcpKeepalive};
 use crate::config::ListenerConfig;
 use crate::shm::{Block, ListenerCounters, ServerRegistry};
 use crate::stats::{CounterBlock, Stats};
-use crate::upstream::Pool;
+use crate::upstream::{Fleet, Pool};
 
 /// A listener's identity within one running proxy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -38,7 +38,7 @@ impl std::fmt::Display for ListenerId {
 pub(crate) struct Listener {
     pub(crate) id: ListenerId,
     pub(crate) config: ListenerConfig,
-    pub(crate) pool: Pool,
+    pub(crate) pool: Arc<Pool>,
     /// Limits and counters, shared with the listener's successors after a
     /// reload, so old and new relays count under one max-conns.
     state: Arc<State>,
@@ -79,8 +79,14 @@ impl Listener {
         id: ListenerId,
         config: ListenerConfig,
         counters: ListenerCounters,
+        fleet: &Arc<Fleet>,
     ) -> Listener {
-        let pool = Pool::new(&config.name, &config.pool, Arc::clone(&counters.servers));
+        let pool = Pool::new(
+            &config.name,
+            &config.pool,
+            Arc::clone(&counters.servers),
+            fleet,
+        );
         Listener {
             id,
             config,
@@ -100,7 +106,12 @@ impl Listener {
     pub(crate) fn successor(&self, config: ListenerConfig) -> Listener {
         Listener {
             id: self.id,
-            pool: Pool::new(&config.name, &config.pool, Arc::clone(&self.state.servers)),
+            pool: Pool::new(
+                &config.name,
+                &config.pool,
+                Arc::clone(&self.state.servers),
+                self.pool.fleet(),
+            ),
             config,
             state: Arc::clone(&self.state),
         }
@@ -235,7 +246,12 @@ mod tests {
         let mut c = ListenerConfig::new("127.0.0.1:0".parse().unwrap(), vec![], Mode::Splice);
         tweak(&mut c);
         let arena = crate::shm::Arena::new(1, &[c.name.clone()], None, 0);
-        Arc::new(Listener::new(ListenerId(0), c, arena.listener_counters(0)))
+        Arc::new(Listener::new(
+            ListenerId(0),
+            c,
+            arena.listener_counters(0),
+            &Fleet::new(),
+        ))
     }
 
     #[test]

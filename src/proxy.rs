@@ -18,6 +18,7 @@ use crate::reload::{self, Reloader};
 use crate::runtime::{relay_cap, Controller, Runtime};
 use crate::shm::Arena;
 use crate::stats::Stats;
+use crate::upstream::Fleet;
 use crate::upstream::{Resolve, SystemResolver};
 use crate::worker::{self, Inherited};
 
@@ -84,6 +85,7 @@ fn start_inner(
         config.ops.instance.as_deref(),
         server_entries,
     );
+    let fleet = Fleet::new();
     let runtimes: Vec<Arc<Listener>> = config
         .listeners
         .iter()
@@ -93,6 +95,7 @@ fn start_inner(
                 ListenerId(i as u32),
                 l.clone(),
                 arena.listener_counters(i),
+                &fleet,
             ))
         })
         .collect();
@@ -115,6 +118,7 @@ fn start_inner(
         runtimes.clone(),
         handoff,
         relay_cap,
+        Arc::clone(&fleet),
     )?;
     let reloader = Reloader::new(reload::State::new(
         Arc::clone(&config),
@@ -126,6 +130,7 @@ fn start_inner(
         Arc::clone(&runtime.stopping),
         resolver,
         refresher,
+        fleet,
     ));
     for (index, addr) in &bound.local_addrs {
         let listener = &config.listeners[*index];

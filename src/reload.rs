@@ -30,7 +30,7 @@ use crate::error::StartError;
 use crate::listener::{Listener, ListenerId};
 use crate::runtime::ListenerSet;
 use crate::upstream::resolve::Refresher;
-use crate::upstream::Resolve;
+use crate::upstream::{Fleet, Resolve};
 use crate::worker::{self, Inherited};
 
 /// What a successful reload changed.
@@ -75,6 +75,8 @@ pub(crate) struct State {
     resolver: Arc<dyn Resolve>,
     refresher: Option<Refresher>,
     next_id: u32,
+    /// Every server's health, kept across reloads.
+    fleet: Arc<Fleet>,
 }
 
 /// What becomes of each new listener.
@@ -182,6 +184,7 @@ impl State {
         stopping: Arc<AtomicBool>,
         resolver: Arc<dyn Resolve>,
         refresher: Option<Refresher>,
+        fleet: Arc<Fleet>,
     ) -> State {
         let active = listeners
             .iter()
@@ -201,6 +204,7 @@ impl State {
             stopping,
             resolver,
             refresher,
+            fleet,
         }
     }
 }
@@ -291,7 +295,12 @@ impl Reloader {
                     next_id += 1;
                     // The file has room kept for listeners a reload adds.
                     let counters = state.arena.add_listener(&l.name);
-                    Arc::new(Listener::new(ListenerId(next_id - 1), l.clone(), counters))
+                    Arc::new(Listener::new(
+                        ListenerId(next_id - 1),
+                        l.clone(),
+                        counters,
+                        &state.fleet,
+                    ))
                 }
             })
             .collect();

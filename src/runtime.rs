@@ -19,6 +19,7 @@ use crate::error::StartError;
 use crate::listener::{self, Listener, ListenerId};
 use crate::shm::{Arena, Block, Snapshot, State};
 use crate::stats::Stats;
+use crate::upstream::Fleet;
 use crate::worker::Worker;
 
 /// The id of the pseudo-listener whose settings and counters handed-off
@@ -176,6 +177,7 @@ impl RuntimeBuilder {
             Vec::new(),
             handoff,
             relay_cap,
+            Fleet::new(),
         )
     }
 }
@@ -205,8 +207,12 @@ impl Runtime {
         listeners: Vec<Arc<Listener>>,
         handoff: ListenerConfig,
         relay_cap: usize,
+        fleet: Arc<Fleet>,
     ) -> Result<Runtime, StartError> {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            relays_live: AtomicUsize::new(0),
+            fleet: Arc::clone(&fleet),
+        });
         let listeners_len = listeners.len();
         arena.mark_handoff(listeners_len);
         let mut runtime = Runtime {
@@ -220,6 +226,7 @@ impl Runtime {
                 handoff,
                 // The handoff pseudo-listener is the arena's last name.
                 arena.listener_counters(listeners_len),
+                &fleet,
             )),
             next_worker: AtomicUsize::new(0),
             stopping: Arc::new(AtomicBool::new(false)),
@@ -338,10 +345,9 @@ impl Runtime {
             .flat_map(|l| {
                 let name = l.config.name.clone();
                 l.pool
-                    .members()
-                    .servers
-                    .iter()
-                    .map(move |s| (name.clone(), s.sample()))
+                    .samples()
+                    .into_iter()
+                    .map(move |s| (name.clone(), s))
                     .collect::<Vec<_>>()
             })
             .collect()

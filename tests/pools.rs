@@ -110,9 +110,9 @@ fn pool_proxy_with(
 
 fn server(addr: SocketAddr, weight: u32, backup: bool) -> ServerConfig {
     ServerConfig {
-        address: addr.to_string(),
         weight,
         backup,
+        ..ServerConfig::new(addr.to_string())
     }
 }
 

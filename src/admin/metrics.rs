@@ -173,18 +173,29 @@ fn histogram_buckets(counts: &[u64; CONNECT_BUCKETS.len() + 1]) -> Vec<(f64, u64
     buckets
 }
 
-/// Per server of each listener's pool: up or down (health and passive
-/// failures), the role the last check saw, and the relays it holds.
+/// Per server of each listener's pool: whether it takes new relays, its
+/// state as the pool judges it, the role its last answer reported (also
+/// while down), when its last check ended, and the relays it holds.
 fn server_families(servers: &[(String, crate::upstream::ServerSample)]) -> Vec<Family> {
     use MetricType::Gauge;
     let mut up = family(
         "spliced_server_up",
-        "1 while a pool server takes new connections (its checks pass and its connects work), else 0.",
+        "1 while a pool server takes new connections (it answers, in the pool's role), else 0.",
+        Gauge,
+    );
+    let mut state = family(
+        "spliced_server_state",
+        "1 for the server's state as its pool judges it (up, down, wrong-role, check-error, unknown, standby), 0 for the others.",
         Gauge,
     );
     let mut role = family(
         "spliced_server_role",
-        "1 for the role the server's last check saw (primary, replica or unknown).",
+        "1 for the role the server's last answer reported (primary, replica or unknown), also while it is down.",
+        Gauge,
+    );
+    let mut checked = family(
+        "spliced_server_last_check_timestamp_seconds",
+        "When the server's last active check ended (Unix time); absent before the first.",
         Gauge,
     );
     let mut active = family(
@@ -200,6 +211,18 @@ fn server_families(servers: &[(String, crate::upstream::ServerSample)]) -> Vec<F
     for (name, s) in servers {
         let at = with(listener(name), "server", &s.addr.to_string());
         up.values.push((at.clone(), u64::from(s.up)));
+        for st in crate::upstream::eligible::State::ALL {
+            state.values.push((
+                with(at.clone(), "state", st.name()),
+                u64::from(st == s.state),
+            ));
+        }
+        if let Some(t) = s.last_check {
+            let secs = t
+                .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            checked.values.push((at.clone(), secs));
+        }
         let r = match s.role {
             Some(crate::health::Role::Primary) => "primary",
             Some(crate::health::Role::Replica) => "replica",
@@ -209,7 +232,7 @@ fn server_families(servers: &[(String, crate::upstream::ServerSample)]) -> Vec<F
         active.values.push((at.clone(), s.live as u64));
         backup.values.push((at, u64::from(s.backup)));
     }
-    vec![up, role, active, backup]
+    vec![up, state, role, checked, active, backup]
 }
 
 fn listener(name: &str) -> Labels {

@@ -285,9 +285,22 @@ fn render_servers(
     }
     let _ = writeln!(
         t,
-        "\n{:<28} {:<16} {:<5} {:<8} {:>7} {:>9} {:>7} {:>12} {:>12}",
-        "SERVER", "LISTENER", "STATE", "ROLE", "ACTIVE", "CONNECTS", "FAILS", "C>U/s", "U>C/s"
+        "\n{:<28} {:<16} {:<11} {:<8} {:<22} {:>6} {:>7} {:>9} {:>7} {:>12} {:>12}",
+        "SERVER",
+        "LISTENER",
+        "STATE",
+        "ROLE",
+        "REASON",
+        "CHECK",
+        "ACTIVE",
+        "CONNECTS",
+        "FAILS",
+        "C>U/s",
+        "U>C/s"
     );
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let secs = rates.map_or(uptime, |(d, _)| d).as_secs_f64().max(1e-3);
     let order = |name: &str| snap.listeners.iter().position(|l| l.name == name);
     let mut servers: Vec<_> = snap.servers.iter().collect();
@@ -316,17 +329,32 @@ fn render_servers(
         };
         let _ = writeln!(
             t,
-            "{:<28} {:<16} {:<5} {:<8} {:>7} {:>9} {:>7} {:>12} {:>12}",
+            "{:<28} {:<16} {:<11} {:<8} {:<22} {:>6} {:>7} {:>9} {:>7} {:>12} {:>12}",
             addr,
             s.listener,
-            if s.up { "up" } else { "down" },
+            s.state,
             if s.role == "unknown" { "-" } else { s.role },
+            if s.reason.is_empty() { "-" } else { s.reason },
+            check_age(s.checked_unix_ms, now_ms),
             s.active,
             now.connects,
             now.connect_failures,
             human_rate(per_sec(now.bytes_c2u(), before.bytes_c2u())),
             human_rate(per_sec(now.bytes_u2c(), before.bytes_u2c())),
         );
+    }
+}
+
+/// How long ago the last check ended: `0.4s`, `12s`, `-` for never.
+fn check_age(checked_unix_ms: u64, now_ms: u64) -> String {
+    if checked_unix_ms == 0 {
+        return "-".to_string();
+    }
+    let ms = now_ms.saturating_sub(checked_unix_ms);
+    if ms < 10_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else {
+        format!("{}s", ms / 1000)
     }
 }
 
@@ -383,6 +411,9 @@ mod tests {
                 addr: "10.0.0.5:5432".into(),
                 generation: 1,
                 up: true,
+                state: "up",
+                reason: "",
+                checked_unix_ms: 0,
                 role: "primary",
                 backup: false,
                 active: 2,
@@ -419,13 +450,15 @@ mod tests {
         assert!(once.contains("averaged since start"));
         let server = t.lines().find(|l| l.starts_with("10.0.0.5:5432")).unwrap();
         let cols: Vec<&str> = server.split_whitespace().collect();
-        // LISTENER STATE ROLE ACTIVE CONNECTS FAILS C>U/s U>C/s
+        // LISTENER STATE ROLE REASON CHECK ACTIVE CONNECTS FAILS C>U/s U>C/s
         assert_eq!(
             &cols[1..],
             [
                 "127.0.0.1:6432",
                 "up",
                 "primary",
+                "-",
+                "-",
                 "2",
                 "30",
                 "1",

@@ -91,6 +91,8 @@ choice! {
         Any = "any",
         Primary = "primary",
         Replica = "replica",
+        /// Replicas while any is eligible, else the primary.
+        PreferReplica = "prefer-replica",
     }
 }
 
@@ -115,6 +117,10 @@ pub struct ServerConfig {
     pub weight: u32,
     /// Used only while no other server is up.
     pub backup: bool,
+    /// The port its active check connects to (an agent beside the
+    /// server, such as Patroni's REST API); the pool's `health.port` or
+    /// the server's own port when unset.
+    pub check_port: Option<u16>,
 }
 
 /// The largest server weight.
@@ -126,6 +132,7 @@ impl ServerConfig {
             address: address.into(),
             weight: 1,
             backup: false,
+            check_port: None,
         }
     }
 

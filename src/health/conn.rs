@@ -58,6 +58,11 @@ impl ProbeConn {
         &mut self.stream
     }
 
+    /// A PostgreSQL primary's timeline, once the probe's answer gave it.
+    pub fn timeline(&self) -> Option<u32> {
+        self.probe.timeline()
+    }
+
     pub fn target(&self) -> SocketAddr {
         self.target
     }

@@ -1,9 +1,22 @@
-//! HTTP: `GET path`; a 2xx status line means up (Patroni answers
-//! `/primary` and `/replica` with 200 or 503).
+//! HTTP: `GET path`; a 2xx status line means up. A role path (Patroni's
+//! `/primary`, `/master`, `/leader`, `/replica`, `/read-only`) reports a
+//! role: a 2xx says the server is in it, a 503 that it is not (an answer,
+//! applied at once, not a failure counted towards `fall`). 401 and 403
+//! mean the check's own credentials are wrong: a check error.
 
 use std::net::SocketAddr;
 
-use super::{quote, CheckSpec, Inbox, Step, Verdict};
+use super::{quote, CheckSpec, Inbox, Role, Step, Verdict};
+
+/// The role a path asks about, if it is a role path.
+pub fn path_role(path: &str) -> Option<Role> {
+    let path = path.split('?').next().unwrap_or(path).trim_end_matches('/');
+    match path {
+        "/primary" | "/master" | "/leader" | "/read-write" => Some(Role::Primary),
+        "/replica" | "/read-only" | "/standby" => Some(Role::Replica),
+        _ => None,
+    }
+}
 
 /// A status line longer than this is not one.
 const MAX_STATUS_LINE: usize = 1024;
@@ -64,8 +77,18 @@ impl Http {
                 quote(line)
             ));
         }
+        let role = path_role(&self.path);
         if code[0] == b'2' {
-            Verdict::Up { role: None }
+            Verdict::Up { role }
+        } else if let (Some(role), b"503") = (role, code) {
+            Verdict::NotRole { role }
+        } else if code == b"401" || code == b"403" {
+            Verdict::check_error(format!(
+                "http GET {} answered {} {}: the check's credentials are refused",
+                self.path,
+                quote(code),
+                quote(reason)
+            ))
         } else {
             Verdict::down(format!(
                 "http GET {} answered {} {}",

@@ -23,7 +23,8 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 
 pub use conn::{probe_blocking, ProbeConn};
-pub use state::{HealthParams, HealthState, Transition};
+pub use http::path_role;
+pub use state::{HealthParams, HealthState, Reported, Transition};
 
 /// Replies longer than this end the probe: a health check never needs
 /// more, and a hostile or confused server must not make us buffer forever.
@@ -139,6 +140,9 @@ pub struct CheckSpec {
     pub http_path: String,
     /// Http: the side port; the server's own port when unset.
     pub http_port: Option<u16>,
+    /// Ask the server's role even when `role` is `Any`, and report it
+    /// without judging it (the pools that share the server judge).
+    pub ask_role: bool,
 }
 
 impl CheckSpec {
@@ -151,7 +155,13 @@ impl CheckSpec {
             database: None,
             http_path: "/".to_string(),
             http_port: None,
+            ask_role: false,
         }
+    }
+
+    /// Whether the probe asks the server's role.
+    pub(crate) fn asks_role(&self) -> bool {
+        self.ask_role || self.role != WantRole::Any
     }
 
     /// Refuses combinations that cannot work, naming the setting.
@@ -202,9 +212,11 @@ impl CheckSpec {
 
     /// The address the probe connects to for `server`.
     pub fn target(&self, server: SocketAddr) -> SocketAddr {
+        // `http_port` is the pool's `port` (http only) or a server's own
+        // `check-port` (any check, as HAProxy's `check port`).
         match self.http_port {
-            Some(port) if self.kind == Kind::Http => SocketAddr::new(server.ip(), port),
-            _ => server,
+            Some(port) => SocketAddr::new(server.ip(), port),
+            None => server,
         }
     }
 }
@@ -212,13 +224,18 @@ impl CheckSpec {
 /// The outcome of one probe.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// `role` is what the server reported, when the check asked for it.
-    Up {
-        role: Option<Role>,
-    },
-    Down {
-        reason: String,
-    },
+    /// The server answered; `role` is what it reported, when the check
+    /// asked for it.
+    Up { role: Option<Role> },
+    /// The server answered that it is not in `role` (an HTTP agent's 503
+    /// on a role path such as Patroni's `/primary`).
+    NotRole { role: Role },
+    /// No answer: refused, reset, timed out, or a reply that is no answer.
+    Down { reason: String },
+    /// The check itself is broken (its login was refused, its database
+    /// does not exist, the agent wants credentials): says nothing about
+    /// the server, whose last confirmed state stands.
+    CheckError { reason: String },
 }
 
 impl Verdict {
@@ -230,8 +247,20 @@ impl Verdict {
         }
     }
 
+    /// A check error; the reason is bounded as for [`Verdict::down`].
+    pub fn check_error(reason: impl Into<String>) -> Self {
+        Verdict::CheckError {
+            reason: one_line(&reason.into(), MAX_REASON),
+        }
+    }
+
     pub fn is_up(&self) -> bool {
         matches!(self, Verdict::Up { .. })
+    }
+
+    /// The server answered (whatever role it reported).
+    pub fn answered(&self) -> bool {
+        matches!(self, Verdict::Up { .. } | Verdict::NotRole { .. })
     }
 }
 
@@ -240,7 +269,9 @@ impl fmt::Display for Verdict {
         match self {
             Verdict::Up { role: Some(r) } => write!(f, "up ({r})"),
             Verdict::Up { role: None } => f.write_str("up"),
+            Verdict::NotRole { role } => write!(f, "answered: not {role}"),
             Verdict::Down { reason } => write!(f, "down: {reason}"),
+            Verdict::CheckError { reason } => write!(f, "check error: {reason}"),
         }
     }
 }
@@ -355,6 +386,14 @@ impl Probe {
 
     pub fn verdict(&self) -> Option<&Verdict> {
         self.done.as_ref()
+    }
+
+    /// A PostgreSQL primary's timeline, when its answer gave one.
+    pub fn timeline(&self) -> Option<u32> {
+        match &self.talk {
+            Talk::Postgres(t) => t.timeline(),
+            _ => None,
+        }
     }
 
     fn kind_name(&self) -> &'static str {

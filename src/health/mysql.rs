@@ -55,8 +55,11 @@ fn error_verdict(payload: &[u8]) -> Verdict {
     if msg.first() == Some(&b'#') && msg.len() >= 6 {
         msg = &msg[6..];
     }
-    Verdict::down(format!(
-        "mysql refused the connection: error {code}: {}",
-        quote(msg)
-    ))
+    let text = format!("mysql refused the connection: error {code}: {}", quote(msg));
+    // 1045 access denied, 1130 host not allowed: the check's own setup.
+    if matches!(code, 1045 | 1130) {
+        Verdict::check_error(text)
+    } else {
+        Verdict::down(text)
+    }
 }

@@ -1,6 +1,13 @@
 //! Postgres: a startup message; without a role, the first authentication
 //! request (or ReadyForQuery) means alive. With a role: log in (trust,
-//! cleartext, md5, SCRAM-SHA-256) and ask `SELECT pg_is_in_recovery()`.
+//! cleartext, md5, SCRAM-SHA-256) and ask `pg_is_in_recovery()` and, on a
+//! primary, its timeline (taken from the current WAL file's name, which
+//! moves at promotion; `pg_control_checkpoint()` lags it until the first
+//! checkpoint after promotion).
+//!
+//! A refused login (28P01, 28000), a database that does not exist (3D000)
+//! or a password the server asks for and the check lacks are check errors:
+//! they say nothing about the server.
 //!
 //! The message codec, md5 hashing and SCRAM are postgres-protocol's.
 
@@ -18,7 +25,11 @@ pub(super) const DEFAULT_USER: &str = "postgres";
 /// The database when the check names none: the maintenance database every
 /// cluster has (libpq would pick the user's name, which often does not exist).
 pub(super) const DEFAULT_DATABASE: &str = "postgres";
-const QUERY: &str = "SELECT pg_is_in_recovery()";
+pub(super) const QUERY: &str =
+    "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN NULL \
+     ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END";
+/// SQLSTATEs that mean the check's own login is wrong, not the server.
+const CHECK_ERRORS: [&str; 4] = ["28P01", "28000", "3D000", "42501"];
 /// PBKDF2 rounds we accept: each costs the probe's thread (a worker's
 /// event loop) about 0.2 µs; PostgreSQL's default is 4096 (≈1 ms), the
 /// crate's ceiling of 100 000 would stall the loop for ≈50 ms per probe.
@@ -47,6 +58,9 @@ pub(super) struct Postgres {
     scram: Option<ScramSha256>,
     /// `pg_is_in_recovery()`'s answer, once its row arrived.
     recovery: Option<bool>,
+    /// A primary's timeline, from the same row.
+    timeline: Option<u32>,
+    ask_role: bool,
     /// A session was established: end it with Terminate.
     logged_in: bool,
     buf: BytesMut,
@@ -65,6 +79,8 @@ impl Postgres {
             want: spec.role,
             scram: None,
             recovery: None,
+            timeline: None,
+            ask_role: spec.ask_role,
             logged_in: false,
             buf: BytesMut::new(),
         }
@@ -92,6 +108,10 @@ impl Postgres {
             State::Ready => "waiting for ReadyForQuery",
             State::Query => "waiting for pg_is_in_recovery()",
         }
+    }
+
+    pub(super) fn timeline(&self) -> Option<u32> {
+        self.timeline
     }
 
     pub(super) fn goodbye(&self) -> &'static [u8] {
@@ -148,7 +168,7 @@ impl Postgres {
 
     /// Bytes to send for one message, or the verdict.
     fn answer(&mut self, msg: Message) -> Result<Option<Vec<u8>>, Verdict> {
-        let liveness = self.want == WantRole::Any;
+        let liveness = self.want == WantRole::Any && !self.ask_role;
         let mut out = BytesMut::new();
         match msg {
             Message::ErrorResponse(body) => return Err(error_verdict(&body, self.phase())),
@@ -252,6 +272,9 @@ impl Postgres {
                 let mut ranges = body.ranges();
                 let first = ranges.next().map_err(codec)?.flatten();
                 let value = first.map(|r| &body.buffer()[r]);
+                let second = ranges.next().map_err(codec)?.flatten();
+                self.timeline =
+                    second.and_then(|r| std::str::from_utf8(&body.buffer()[r]).ok()?.parse().ok());
                 self.recovery = Some(match value {
                     Some(b"t") => true,
                     Some(b"f") => false,
@@ -282,7 +305,7 @@ impl Postgres {
 
     fn password(&self, method: &str) -> Result<&str, Verdict> {
         self.password.as_deref().ok_or_else(|| {
-            Verdict::down(format!(
+            Verdict::check_error(format!(
                 "postgres asks for a password ({method}) for user {:?}; set health.password",
                 self.user
             ))
@@ -323,5 +346,10 @@ fn error_verdict(body: &ErrorResponseBody, phase: &str) -> Verdict {
             _ => {}
         }
     }
-    Verdict::down(format!("postgres error {code} while {phase}: {message}"))
+    let text = format!("postgres error {code} while {phase}: {message}");
+    if CHECK_ERRORS.contains(&code.as_str()) {
+        Verdict::check_error(text)
+    } else {
+        Verdict::down(text)
+    }
 }

@@ -14,6 +14,7 @@ pub(super) struct Redis {
     state: State,
     auth: Option<Vec<u8>>,
     want: WantRole,
+    ask_role: bool,
     inbox: Inbox,
 }
 
@@ -39,6 +40,7 @@ impl Redis {
             state: State::Ping,
             auth,
             want: spec.role,
+            ask_role: spec.asks_role(),
             inbox: Inbox::default(),
         }
     }
@@ -68,7 +70,7 @@ impl Redis {
             Ok(None) => return self.inbox.incomplete("redis"),
             Err(why) => return Step::Done(Verdict::down(format!("redis sent {why}"))),
         };
-        let step = answer(&mut self.state, self.want, reply);
+        let step = answer(&mut self.state, self.want, self.ask_role, reply);
         self.inbox.buf.drain(..used);
         if matches!(step, Step::Send(_)) && (!self.inbox.buf.is_empty() || taken < data.len()) {
             // Replies we did not ask for yet: not a Redis we understand.
@@ -78,20 +80,24 @@ impl Redis {
     }
 }
 
-fn answer(state: &mut State, want: WantRole, reply: Reply<'_>) -> Step {
+fn answer(state: &mut State, want: WantRole, ask_role: bool, reply: Reply<'_>) -> Step {
     match (*state, reply) {
-        (_, Reply::Error(e)) if e.starts_with(b"NOAUTH") => Step::Done(Verdict::down(
-            "redis requires a password (NOAUTH); set health.password",
+        (_, Reply::Error(e)) if e.starts_with(b"NOAUTH") => Step::Done(Verdict::check_error(
+            "redis requires a password (NOAUTH); set health.password-file",
+        )),
+        (_, Reply::Error(e)) if e.starts_with(b"NOPERM") => Step::Done(Verdict::check_error(
+            format!("redis refused the check: {}", quote(e)),
         )),
         (State::Auth, Reply::Simple(b"OK")) => {
             *state = State::Ping;
             Step::Send(command(&[b"PING"]))
         }
-        (State::Auth, Reply::Error(e)) => {
-            Step::Done(Verdict::down(format!("redis refused AUTH: {}", quote(e))))
-        }
+        (State::Auth, Reply::Error(e)) => Step::Done(Verdict::check_error(format!(
+            "redis refused AUTH: {}",
+            quote(e)
+        ))),
         (State::Ping, Reply::Simple(b"PONG")) => {
-            if want == WantRole::Any {
+            if !ask_role {
                 Step::Done(Verdict::Up { role: None })
             } else {
                 *state = State::Info;

@@ -1,14 +1,20 @@
-//! One server's health: rise/fall over active verdicts and passive connect
-//! outcomes, and when a down server may be tried again.
+//! One server's health: what its answers said (its role, at once), and
+//! whether it answers at all (rise/fall over probes that got no answer and
+//! passive connect failures), and when a down server may be tried again.
 //!
-//! Pure: every input carries `now`. A server starts up (a fresh proxy
-//! should not refuse everything until the first checks rose). `fall`
-//! consecutive failures, active or passive, take it down; `rise`
-//! consecutive good verdicts bring it back. Without active checks a down
-//! server comes back through trial connects: [`HealthState::take_trial`]
-//! allows one per backoff step (`backoff_base`, doubling, capped at
-//! `backoff_max`), and a trial that connects brings the server up at once,
-//! since a real client was just served.
+//! Pure: every input carries `now`. A server starts reachable (a fresh
+//! proxy should not refuse everything until the first checks rose), but
+//! with no confirmed role: a pool that wants a role takes it only once an
+//! answer confirmed it. An answer applies at once: a server that says "I
+//! am a replica" is one from that probe on. `fall` consecutive failures to
+//! answer, active or passive, take it down; `rise` consecutive answers
+//! bring it back. A check error (the check's own login refused) changes
+//! neither: the last confirmed state and role stand, flagged. Without
+//! active checks a down server comes back through trial connects:
+//! [`HealthState::take_trial`] allows one per backoff step
+//! (`backoff_base`, doubling, capped at `backoff_max`), and a trial that
+//! connects brings the server up at once, since a real client was just
+//! served.
 
 use std::time::{Duration, Instant};
 
@@ -35,11 +41,50 @@ impl Default for HealthParams {
     }
 }
 
+/// What the last answer said of the server's role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reported {
+    /// It is in this role.
+    Is(Role),
+    /// It is not in this role (an HTTP agent's 503 on a role path).
+    Not(Role),
+}
+
+impl Reported {
+    /// Whether the answer confirms `role`.
+    pub fn confirms(self, role: Role) -> bool {
+        self == Reported::Is(role)
+    }
+
+    /// The role, when the answer named one.
+    pub fn role(self) -> Option<Role> {
+        match self {
+            Reported::Is(r) => Some(r),
+            Reported::Not(_) => None,
+        }
+    }
+}
+
 /// A change of state, to log and count.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Transition {
-    Up { role: Option<Role> },
-    Down { reason: String },
+    Up {
+        role: Option<Role>,
+    },
+    Down {
+        reason: String,
+    },
+    /// An answer reported another role than the last one.
+    Role {
+        from: Option<Reported>,
+        to: Reported,
+    },
+    /// The check itself failed (or failed differently than before).
+    CheckError {
+        reason: String,
+    },
+    /// The check works again.
+    CheckOk,
 }
 
 #[derive(Clone, Debug)]
@@ -50,9 +95,20 @@ pub struct HealthState {
     rises: u32,
     /// Consecutive failures while up.
     falls: u32,
-    role: Option<Role>,
+    /// What the last answer that reported a role said.
+    reported: Option<Reported>,
+    /// A primary's timeline, from its last answer.
+    timeline: Option<u32>,
+    /// The server answered a probe at least once.
+    answered: bool,
+    /// An active probe judged it at least once.
+    probed: bool,
+    /// The check's own failure, while it lasts.
+    check_error: Option<String>,
     last_reason: Option<String>,
     since: Instant,
+    /// When the last probe ended, whatever it said.
+    last_check: Option<Instant>,
     /// While down: failed trials so far, and when the next may start.
     backoff_steps: u32,
     retry_at: Option<Instant>,
@@ -61,29 +117,68 @@ pub struct HealthState {
 impl HealthState {
     pub fn new(params: HealthParams, now: Instant) -> Self {
         HealthState {
-            params: HealthParams {
-                rise: params.rise.max(1),
-                fall: params.fall.max(1),
-                ..params
-            },
+            params: Self::sane(params),
             up: true,
             rises: 0,
             falls: 0,
-            role: None,
+            reported: None,
+            timeline: None,
+            answered: false,
+            probed: false,
+            check_error: None,
             last_reason: None,
             since: now,
+            last_check: None,
             backoff_steps: 0,
             retry_at: None,
         }
+    }
+
+    fn sane(params: HealthParams) -> HealthParams {
+        HealthParams {
+            rise: params.rise.max(1),
+            fall: params.fall.max(1),
+            ..params
+        }
+    }
+
+    /// New rise/fall and backoff settings (a reload); counts so far stay.
+    pub fn set_params(&mut self, params: HealthParams) {
+        self.params = Self::sane(params);
     }
 
     pub fn is_up(&self) -> bool {
         self.up
     }
 
-    /// The role of the last good verdict that reported one.
+    /// The role of the last answer that named one.
     pub fn role(&self) -> Option<Role> {
-        self.role
+        self.reported.and_then(Reported::role)
+    }
+
+    /// What the last answer said of the role.
+    pub fn reported(&self) -> Option<Reported> {
+        self.reported
+    }
+
+    /// A primary's timeline from its last answer.
+    pub fn timeline(&self) -> Option<u32> {
+        self.timeline
+    }
+
+    /// The server answered a probe at least once.
+    pub fn answered(&self) -> bool {
+        self.answered
+    }
+
+    /// The check's own failure, while it lasts.
+    pub fn check_error(&self) -> Option<&str> {
+        self.check_error.as_deref()
+    }
+
+    /// When the last probe ended.
+    pub fn last_check(&self) -> Option<Instant> {
+        self.last_check
     }
 
     /// Why the last failure failed (kept after recovery, for status pages).
@@ -96,16 +191,59 @@ impl HealthState {
         self.since
     }
 
-    /// An active probe's verdict.
-    pub fn observe(&mut self, verdict: &Verdict, now: Instant) -> Option<Transition> {
+    /// An active probe's verdict, with the timeline its answer gave. The
+    /// first verdict of all counts `fall` times: a server found dead at
+    /// start is down at once.
+    pub fn observe(&mut self, verdict: &Verdict, now: Instant) -> Vec<Transition> {
+        self.last_check = Some(now);
+        let first = !std::mem::replace(&mut self.probed, true);
+        let mut out = Vec::new();
+        if verdict.answered() || matches!(verdict, Verdict::Down { .. }) {
+            if self.check_error.take().is_some() {
+                out.push(Transition::CheckOk);
+            }
+        }
         match verdict {
             Verdict::Up { role } => {
-                if role.is_some() {
-                    self.role = *role;
+                self.answered = true;
+                if let Some(r) = role {
+                    self.report(Reported::Is(*r), &mut out);
                 }
-                self.good(now, false)
+                out.extend(self.good(now, false));
             }
-            Verdict::Down { reason } => self.bad(reason, now),
+            Verdict::NotRole { role } => {
+                self.answered = true;
+                self.report(Reported::Not(*role), &mut out);
+                out.extend(self.good(now, false));
+            }
+            Verdict::Down { reason } => {
+                let repeat = if first { self.params.fall } else { 1 };
+                for _ in 0..repeat {
+                    out.extend(self.bad(reason, now));
+                }
+            }
+            Verdict::CheckError { reason } => {
+                self.last_reason = Some(reason.clone());
+                if self.check_error.as_deref() != Some(reason) {
+                    self.check_error = Some(reason.clone());
+                    out.push(Transition::CheckError {
+                        reason: reason.clone(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// The timeline a primary's answer gave (none for other answers).
+    pub fn set_timeline(&mut self, timeline: Option<u32>) {
+        self.timeline = timeline;
+    }
+
+    fn report(&mut self, to: Reported, out: &mut Vec<Transition>) {
+        let from = self.reported.replace(to);
+        if from != Some(to) {
+            out.push(Transition::Role { from, to });
         }
     }
 
@@ -164,7 +302,7 @@ impl HealthState {
             self.since = now;
             self.backoff_steps = 0;
             self.retry_at = None;
-            return Some(Transition::Up { role: self.role });
+            return Some(Transition::Up { role: self.role() });
         }
         None
     }
@@ -211,11 +349,79 @@ mod tests {
 
     const UP: Verdict = Verdict::Up { role: None };
 
+    /// The up/down transition a verdict caused, if any.
+    fn obs(h: &mut HealthState, v: &Verdict, now: Instant) -> Option<Transition> {
+        h.observe(v, now)
+            .into_iter()
+            .find(|t| matches!(t, Transition::Up { .. } | Transition::Down { .. }))
+    }
+
+    /// A state whose first probe answered (the first verdict of all is
+    /// special: see `first_failure_counts_fall_times`).
+    fn probed(params: HealthParams, now: Instant) -> HealthState {
+        let mut h = HealthState::new(params, now);
+        h.observe(&UP, now);
+        h
+    }
+
+    #[test]
+    fn first_failure_counts_fall_times() {
+        let t0 = Instant::now();
+        let mut h = HealthState::new(params(2, 3), t0);
+        assert!(matches!(
+            obs(&mut h, &down("refused"), t0),
+            Some(Transition::Down { .. })
+        ));
+    }
+
+    #[test]
+    fn a_role_answer_applies_at_once_and_a_check_error_keeps_it() {
+        let t0 = Instant::now();
+        let mut h = probed(params(2, 3), t0);
+        let replica = Verdict::Up {
+            role: Some(Role::Replica),
+        };
+        assert_eq!(
+            h.observe(&replica, t0),
+            vec![Transition::Role {
+                from: None,
+                to: Reported::Is(Role::Replica)
+            }]
+        );
+        assert!(h.answered());
+        let broken = Verdict::check_error("28P01");
+        assert_eq!(
+            h.observe(&broken, t0),
+            vec![Transition::CheckError {
+                reason: "28P01".into()
+            }]
+        );
+        assert_eq!(h.observe(&broken, t0), vec![], "reported once");
+        assert!(h.is_up());
+        assert_eq!(h.reported(), Some(Reported::Is(Role::Replica)));
+        assert_eq!(h.check_error(), Some("28P01"));
+        assert_eq!(h.observe(&replica, t0), vec![Transition::CheckOk]);
+        assert_eq!(
+            h.observe(
+                &Verdict::NotRole {
+                    role: Role::Primary
+                },
+                t0
+            ),
+            vec![Transition::Role {
+                from: Some(Reported::Is(Role::Replica)),
+                to: Reported::Not(Role::Primary)
+            }]
+        );
+        // Failures to answer still wait for `fall`.
+        assert_eq!(obs(&mut h, &down("timeout"), t0), None);
+    }
+
     /// A state that went down at `t0` after `fall` failures.
     fn downed(rise: u32, fall: u32, t0: Instant) -> HealthState {
-        let mut h = HealthState::new(params(rise, fall), t0);
+        let mut h = probed(params(rise, fall), t0);
         for _ in 0..fall {
-            h.observe(&down("refused"), t0);
+            obs(&mut h, &down("refused"), t0);
         }
         assert!(!h.is_up());
         h
@@ -226,7 +432,7 @@ mod tests {
     #[test]
     fn up_starts_up_without_a_reason() {
         let t0 = Instant::now();
-        let h = HealthState::new(params(2, 3), t0);
+        let h = probed(params(2, 3), t0);
         assert!(h.is_up());
         assert_eq!(h.last_reason(), None);
         assert_eq!(h.retry_at(), None);
@@ -236,12 +442,12 @@ mod tests {
     #[test]
     fn up_goes_down_after_fall_consecutive_failures() {
         let t0 = Instant::now();
-        let mut h = HealthState::new(params(2, 3), t0);
-        assert_eq!(h.observe(&down("a"), t0), None);
-        assert_eq!(h.observe(&down("b"), t0), None);
+        let mut h = probed(params(2, 3), t0);
+        assert_eq!(obs(&mut h, &down("a"), t0), None);
+        assert_eq!(obs(&mut h, &down("b"), t0), None);
         let t1 = t0 + Duration::from_secs(1);
         assert_eq!(
-            h.observe(&down("c"), t1),
+            obs(&mut h, &down("c"), t1),
             Some(Transition::Down { reason: "c".into() })
         );
         assert!(!h.is_up());
@@ -252,25 +458,25 @@ mod tests {
     #[test]
     fn up_a_good_verdict_resets_the_fall_count() {
         let t0 = Instant::now();
-        let mut h = HealthState::new(params(2, 2), t0);
-        h.observe(&down("a"), t0);
-        assert_eq!(h.observe(&UP, t0), None);
-        assert_eq!(h.observe(&down("b"), t0), None, "the count started again");
+        let mut h = probed(params(2, 2), t0);
+        obs(&mut h, &down("a"), t0);
+        assert_eq!(obs(&mut h, &UP, t0), None);
+        assert_eq!(obs(&mut h, &down("b"), t0), None, "the count started again");
         assert!(h.is_up());
     }
 
     #[test]
     fn up_passive_failures_count_like_active_ones() {
         let t0 = Instant::now();
-        let mut h = HealthState::new(params(2, 2), t0);
+        let mut h = probed(params(2, 2), t0);
         assert_eq!(h.connect_failed("connection refused", t0), None);
-        assert!(h.observe(&down("timeout"), t0).is_some());
+        assert!(obs(&mut h, &down("timeout"), t0).is_some());
     }
 
     #[test]
     fn up_a_connect_success_resets_the_fall_count() {
         let t0 = Instant::now();
-        let mut h = HealthState::new(params(2, 2), t0);
+        let mut h = probed(params(2, 2), t0);
         h.connect_failed("refused", t0);
         assert_eq!(h.connect_ok(t0), None);
         assert_eq!(h.connect_failed("refused", t0), None);
@@ -279,14 +485,14 @@ mod tests {
     #[test]
     fn up_a_zero_fall_is_taken_as_one() {
         let t0 = Instant::now();
-        let mut h = HealthState::new(params(0, 0), t0);
+        let mut h = probed(params(0, 0), t0);
         assert!(h.connect_failed("refused", t0).is_some());
     }
 
     #[test]
     fn up_always_allows_a_trial() {
         let t0 = Instant::now();
-        let mut h = HealthState::new(params(2, 2), t0);
+        let mut h = probed(params(2, 2), t0);
         assert!(h.take_trial(t0));
         assert!(h.take_trial(t0));
     }
@@ -294,15 +500,16 @@ mod tests {
     #[test]
     fn up_remembers_the_reported_role() {
         let t0 = Instant::now();
-        let mut h = HealthState::new(params(1, 1), t0);
-        h.observe(
+        let mut h = probed(params(1, 1), t0);
+        obs(
+            &mut h,
             &Verdict::Up {
                 role: Some(Role::Replica),
             },
             t0,
         );
         assert_eq!(h.role(), Some(Role::Replica));
-        h.observe(&UP, t0);
+        obs(&mut h, &UP, t0);
         assert_eq!(h.role(), Some(Role::Replica), "no role reported: kept");
     }
 
@@ -313,12 +520,12 @@ mod tests {
         let t0 = Instant::now();
         let mut h = downed(2, 1, t0);
         let t1 = t0 + Duration::from_secs(5);
-        assert_eq!(h.observe(&UP, t1), None);
+        assert_eq!(obs(&mut h, &UP, t1), None);
         let up = Verdict::Up {
             role: Some(Role::Primary),
         };
         assert_eq!(
-            h.observe(&up, t1),
+            obs(&mut h, &up, t1),
             Some(Transition::Up {
                 role: Some(Role::Primary)
             })
@@ -333,9 +540,9 @@ mod tests {
     fn down_a_failure_resets_the_rise_count() {
         let t0 = Instant::now();
         let mut h = downed(2, 1, t0);
-        h.observe(&UP, t0);
-        h.observe(&down("again"), t0);
-        assert_eq!(h.observe(&UP, t0), None);
+        obs(&mut h, &UP, t0);
+        obs(&mut h, &down("again"), t0);
+        assert_eq!(obs(&mut h, &UP, t0), None);
         assert!(!h.is_up());
         assert_eq!(h.last_reason(), Some("again"));
     }
@@ -344,7 +551,7 @@ mod tests {
     fn down_failures_report_no_new_transition() {
         let t0 = Instant::now();
         let mut h = downed(2, 1, t0);
-        assert_eq!(h.observe(&down("x"), t0), None);
+        assert_eq!(obs(&mut h, &down("x"), t0), None);
         assert_eq!(h.connect_failed("y", t0), None);
     }
 
@@ -409,8 +616,8 @@ mod tests {
         for _ in 0..5 {
             h.connect_failed("refused", t0);
         }
-        h.observe(&UP, t0);
-        h.observe(&down("again"), t0);
+        obs(&mut h, &UP, t0);
+        obs(&mut h, &down("again"), t0);
         assert_eq!(h.retry_at(), Some(t0 + Duration::from_millis(100)));
     }
 }

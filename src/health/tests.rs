@@ -37,6 +37,14 @@ fn reason(v: Verdict) -> String {
     }
 }
 
+/// The reason of a check error (the check itself is wrong).
+fn check_error(v: Verdict) -> String {
+    match v {
+        Verdict::CheckError { reason } => reason,
+        other => panic!("expected CheckError, got {other:?}"),
+    }
+}
+
 /// Feeds `reply` one byte at a time: every split must work.
 fn trickle(p: &mut Probe, reply: &[u8]) -> Step {
     let mut last = Step::NeedMore;
@@ -124,10 +132,10 @@ fn redis_pong_is_up() {
 }
 
 #[test]
-fn redis_noauth_is_down_with_a_hint() {
+fn redis_noauth_is_a_check_error_with_a_hint() {
     let mut p = Probe::new(&spec(Kind::Redis), addr());
     p.start();
-    let r = reason(done(p.on_bytes(b"-NOAUTH Authentication required.\r\n")));
+    let r = check_error(done(p.on_bytes(b"-NOAUTH Authentication required.\r\n")));
     assert!(r.contains("NOAUTH") && r.contains("health.password"), "{r}");
 }
 
@@ -156,12 +164,12 @@ fn redis_auth_then_ping() {
 }
 
 #[test]
-fn redis_wrong_password_is_down() {
+fn redis_wrong_password_is_a_check_error() {
     let mut s = spec(Kind::Redis);
     s.password = Some("x".into());
     let mut p = Probe::new(&s, addr());
     assert_eq!(sent(p.start()), b"*2\r\n$4\r\nAUTH\r\n$1\r\nx\r\n");
-    let r = reason(done(
+    let r = check_error(done(
         p.on_bytes(b"-WRONGPASS invalid username-password pair\r\n"),
     ));
     assert!(r.contains("refused AUTH") && r.contains("WRONGPASS"), "{r}");
@@ -335,20 +343,63 @@ fn http_sends_a_get_with_host() {
 #[test]
 fn http_2xx_is_up() {
     for line in ["HTTP/1.1 200 OK\r\n", "HTTP/1.0 204 No Content\r\n"] {
-        let mut p = http("/replica");
+        let mut p = http("/health");
         p.start();
         assert_eq!(trickle(&mut p, line.as_bytes()), Step::Done(UP), "{line}");
+        let mut p = http("/replica");
+        p.start();
+        assert_eq!(
+            trickle(&mut p, line.as_bytes()),
+            Step::Done(REPLICA),
+            "{line}"
+        );
+        let mut p = http("/leader");
+        p.start();
+        assert_eq!(
+            trickle(&mut p, line.as_bytes()),
+            Step::Done(PRIMARY),
+            "{line}"
+        );
     }
 }
 
 #[test]
 fn http_other_status_is_down_with_it() {
-    let mut p = http("/primary");
+    let mut p = http("/health");
     p.start();
     let r = reason(done(p.on_bytes(
         b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n\r\n{}",
     )));
-    assert_eq!(r, "http GET /primary answered 503 Service Unavailable");
+    assert_eq!(r, "http GET /health answered 503 Service Unavailable");
+}
+
+#[test]
+fn http_503_on_a_role_path_is_a_role_answer() {
+    for (path, role) in [("/primary", Role::Primary), ("/read-only", Role::Replica)] {
+        let mut p = http(path);
+        p.start();
+        let v = done(p.on_bytes(b"HTTP/1.1 503 Service Unavailable\r\n\r\n"));
+        assert_eq!(v, Verdict::NotRole { role }, "{path}");
+    }
+    // Anything else from a role path is no answer.
+    let mut p = http("/primary");
+    p.start();
+    reason(done(
+        p.on_bytes(b"HTTP/1.1 500 Internal Server Error\r\n\r\n"),
+    ));
+}
+
+#[test]
+fn http_401_and_403_are_check_errors() {
+    for line in [
+        "HTTP/1.1 401 Unauthorized\r\n",
+        "HTTP/1.1 403 Forbidden\r\n",
+    ] {
+        let mut p = http("/primary");
+        p.start();
+        let r = check_error(done(p.on_bytes(line.as_bytes())));
+        assert!(r.contains("credentials"), "{r}");
+    }
 }
 
 #[test]

@@ -31,9 +31,10 @@
 //! still mapping a dead instance's file never sees it change size.
 
 mod servers;
+pub use servers::{REASONS, STATES};
 mod view;
 
-pub(crate) use servers::{ListenerCounters, ServerCounters, ServerHead, ServerRegistry};
+pub(crate) use servers::{ListenerCounters, ServerCounters, ServerHead, ServerRegistry, EXCLUDED};
 pub use view::{InstanceState, ListenerSnapshot, Liveness, ServerSnapshot, Snapshot, StatsFile};
 
 use std::collections::BTreeSet;

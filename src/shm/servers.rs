@@ -19,6 +19,31 @@ use super::{anonymous_words, read_name, write_name, Arena, Block, NAME_WORDS};
 use crate::stats::ServerBlock;
 use crate::sys::shared::Placed;
 
+/// The state names of [`ServerHead::down`]'s low byte, by code.
+pub const STATES: [&str; 6] = [
+    "up",
+    "down",
+    "wrong-role",
+    "check-error",
+    "unknown",
+    "standby",
+];
+
+/// The reasons of [`ServerHead::down`]'s second byte, by code.
+pub const REASONS: [&str; 8] = [
+    "",
+    "no answer",
+    "role",
+    "stale timeline",
+    "several primaries",
+    "role not confirmed yet",
+    "check fails",
+    "replicas serve",
+];
+
+/// Bit 16 of [`ServerHead::down`]: it takes no new relays.
+pub(crate) const EXCLUDED: u64 = 1 << 16;
+
 /// A server slot's description, before its per-worker blocks.
 #[derive(Debug, Default)]
 #[repr(C)]
@@ -31,13 +56,18 @@ pub(crate) struct ServerHead {
     pub(crate) listener: AtomicU64,
     /// Relays holding it now (connecting or connected).
     pub(crate) live: AtomicU64,
-    /// 1 while marked down.
+    /// How its pool judges it: the state code in bits 0–7 (0 up, 1 down,
+    /// 2 wrong role, 3 check error, 4 unknown, 5 standby), the reason in
+    /// bits 8–15 ([`REASONS`]), and bit 16 set while it takes no new
+    /// relays. 0 is up and eligible; any other value was "down" to readers
+    /// of the first format.
     pub(crate) down: AtomicU64,
-    /// The role the last check saw: 0 unknown, 1 primary, 2 replica.
+    /// The role the last answer reported: 0 unknown, 1 primary, 2 replica.
     pub(crate) role: AtomicU64,
     /// 1 for a backup server.
     pub(crate) backup: AtomicU64,
-    reserved: AtomicU64,
+    /// When its last probe ended, in Unix milliseconds (0: never).
+    pub(crate) checked: AtomicU64,
     /// Its address as text, NUL-padded.
     pub(crate) name: [AtomicU64; NAME_WORDS],
 }
@@ -112,11 +142,12 @@ impl ServerCounters {
         &self.head
     }
 
-    /// Shows the server's health (role: 0 unknown, 1 primary, 2 replica)
-    /// to readers of the file.
-    pub(crate) fn show_state(&self, up: bool, role: u8) {
-        self.head.down.store(u64::from(!up), Ordering::Relaxed);
-        self.head.role.store(u64::from(role), Ordering::Relaxed);
+    /// Shows the server's standing (see [`ServerHead::down`]), reported
+    /// role and last check to readers of the file.
+    pub(crate) fn show(&self, standing: u64, role: u64, checked_unix_ms: u64) {
+        self.head.down.store(standing, Ordering::Relaxed);
+        self.head.role.store(role, Ordering::Relaxed);
+        self.head.checked.store(checked_unix_ms, Ordering::Relaxed);
     }
 }
 
@@ -289,6 +320,7 @@ mod membership {
                 addr: SocketAddr::from(([127, 0, 0, 1], p)),
                 weight: 1,
                 backup: false,
+                check_port: None,
             })
             .collect()
     }
@@ -308,23 +340,24 @@ mod membership {
     fn a_removed_server_stays_while_a_relay_holds_it_and_a_kept_one_keeps_counting() {
         let arena = Arena::new(1, &["db".to_string()], None, 0);
         let registry = arena.listener_counters(0).servers;
+        let fleet = crate::upstream::Fleet::new();
         let config = PoolConfig::new(Vec::new());
-        let old = Pool::new("db", &config, Arc::clone(&registry));
+        let old = Pool::new("db", &config, Arc::clone(&registry), &fleet);
         old.set_members(members(&[1, 2]));
         let client = "192.0.2.1".parse().unwrap();
         let lease = old.pick(0, client, &[], Instant::now()).expect("a server");
         lease
-            .0
+            .server
             .block(0)
             .connect_attempts
             .fetch_add(5, Ordering::Relaxed);
-        let held = lease.0.addr.port();
+        let held = lease.server.addr.port();
         let other = if held == 1 { 2 } else { 1 };
         for s in old.members().servers.iter() {
             s.block(0).connect_attempts.fetch_add(1, Ordering::Relaxed);
         }
         // A reload: the listener's new pool keeps only the other address.
-        let new = Pool::new("db", &config, Arc::clone(&registry));
+        let new = Pool::new("db", &config, Arc::clone(&registry), &fleet);
         new.set_members(members(&[other]));
         drop(old);
         let name = |p: u16| format!("127.0.0.1:{p}");

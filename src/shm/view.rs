@@ -57,8 +57,15 @@ pub struct ServerSnapshot {
     /// Changes when its slot is given to another server (or the same
     /// address again): counters start from zero then.
     pub generation: u64,
+    /// It takes new relays.
     pub up: bool,
-    /// The role the last check saw: `primary`, `replica` or `unknown`.
+    /// `up`, `down`, `wrong-role`, `check-error`, `unknown` or `standby`.
+    pub state: &'static str,
+    /// Why it is in that state (empty when up).
+    pub reason: &'static str,
+    /// When its last probe ended, in Unix milliseconds (0: never).
+    pub checked_unix_ms: u64,
+    /// The role the last answer reported: `primary`, `replica` or `unknown`.
     pub role: &'static str,
     pub backup: bool,
     /// Relays holding it now (connecting or connected).
@@ -173,11 +180,21 @@ pub(super) fn read(w: &[AtomicU64]) -> io::Result<Snapshot> {
             continue;
         }
         let listener = head.listener.load(Ordering::Relaxed) as usize;
+        let standing = head.down.load(Ordering::Relaxed);
         servers.push(ServerSnapshot {
             listener: names.get(listener).cloned().unwrap_or_default(),
             addr: servers::name(&w[at..]),
             generation: head.generation.load(Ordering::Relaxed),
-            up: head.down.load(Ordering::Relaxed) == 0,
+            up: standing & servers::EXCLUDED == 0,
+            state: servers::STATES
+                .get((standing & 0xff) as usize)
+                .copied()
+                .unwrap_or("down"),
+            reason: servers::REASONS
+                .get(((standing >> 8) & 0xff) as usize)
+                .copied()
+                .unwrap_or(""),
+            checked_unix_ms: head.checked.load(Ordering::Relaxed),
             role: match head.role.load(Ordering::Relaxed) {
                 1 => "primary",
                 2 => "replica",

@@ -4,11 +4,15 @@
 //! | file | what lives there |
 //! |---|---|
 //! | `mod.rs` | `Round` (one relay's attempts), the connect outcome |
-//! | `pool.rs` | `Pool`: members, live relays per server, passive health, the pick |
+//! | `pool.rs` | `Pool`: members, live relays per server, their standings, the pick |
+//! | `fleet.rs` | `Fleet`: every server of the process with its one health state, shared by pools |
+//! | `eligible.rs` | which servers a pool may use for its role, as a pure function |
 //! | `balance.rs` | the policies as pure functions: weighted round-robin, least-conn, rendezvous hashing |
 //! | `resolve.rs` | the `Resolve` seam and the background re-resolution thread |
 
 mod balance;
+pub(crate) mod eligible;
+pub(crate) mod fleet;
 mod pool;
 pub(crate) mod resolve;
 
@@ -20,6 +24,7 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
+pub(crate) use fleet::Fleet;
 #[cfg(test)]
 pub(crate) use pool::Member;
 pub(crate) use pool::{Lease, Pool, Server, ServerSample};
@@ -92,9 +97,9 @@ impl Round {
                 &self.tried,
                 now,
             )?;
-            let server = lease.0.addr;
+            let server = lease.server.addr;
             self.tried.push(server);
-            let counters = lease.0.block(worker);
+            let counters = lease.server.block(worker);
             counters.connect_attempts.fetch_add(1, Relaxed);
             match TcpStream::connect(server) {
                 Ok(stream) => {
@@ -103,7 +108,7 @@ impl Round {
                 }
                 Err(e) => {
                     counters.connect_failures.fetch_add(1, Relaxed);
-                    pool.failed(&lease.0, &e.to_string(), now);
+                    pool.failed(&lease.server, &e.to_string(), now);
                     failed(server, &e, self.has_next(pool));
                 }
             }
@@ -114,7 +119,7 @@ impl Round {
     /// The current attempt's connect completed.
     pub(crate) fn succeeded(&self, pool: &Pool, now: Instant) {
         if let Some(lease) = &self.current {
-            pool.succeeded(&lease.0, now);
+            pool.succeeded(&lease.server, now);
         }
     }
 
@@ -122,14 +127,23 @@ impl Round {
     /// worker `worker`'s block of the server).
     pub(crate) fn failed(&self, pool: &Pool, worker: usize, error: &io::Error, now: Instant) {
         if let Some(lease) = &self.current {
-            lease.0.block(worker).connect_failures.fetch_add(1, Relaxed);
-            pool.failed(&lease.0, &error.to_string(), now);
+            lease
+                .server
+                .block(worker)
+                .connect_failures
+                .fetch_add(1, Relaxed);
+            pool.failed(&lease.server, &error.to_string(), now);
         }
     }
 
     /// The server of the current attempt (the relay's, once connected).
+    pub(crate) fn lease(&self) -> Option<&Lease> {
+        self.current.as_ref()
+    }
+
+    /// The server of the current attempt (the relay's, once connected).
     pub(crate) fn server(&self) -> Option<&Arc<Server>> {
-        self.current.as_ref().map(|l| &l.0)
+        self.current.as_ref().map(|l| &l.server)
     }
 }
 

@@ -1,28 +1,30 @@
 //! A listener's servers: membership (swapped whole when names resolve to
-//! new addresses), each server's live relays and passive health, and the
-//! pick that the connector asks for.
+//! new addresses), each server's live relays, which of them are eligible,
+//! and the pick that the connector asks for.
 //!
 //! Every worker picks from the same pool, so what they share is atomic or
 //! behind a short lock: the member list is an `Arc` snapshot behind a
-//! `RwLock` (written only by the resolver thread), each server's health a
-//! small `Mutex` taken once per connect outcome or probe verdict.
+//! `RwLock`, rewritten by the resolver thread (new members) and by
+//! [`Pool::refresh`] (new standings, after any health change).
 //!
-//! A server has one [`HealthState`], fed by both passive outcomes (every
-//! relay's connect) and, with `health.check`, active probe verdicts. With
-//! an active check a down server comes back only through `rise` good
-//! probes: a demoted primary still accepts connects, so a connect proves
-//! nothing about its role. Each transition to down bumps the pool's
-//! `downs` generation, which workers compare once per loop iteration to
-//! find relays to reset (`on-down = "kill"`).
+//! A server's health is not the pool's: it is the [`Upstream`] of the
+//! process-wide [`Fleet`], shared with every other pool (of this or any
+//! listener, before or after a reload) that names the same address probed
+//! the same way. The pool only judges it for its wanted role
+//! ([`super::eligible`]). Its counters are the listener's, shared by the
+//! listener's pools before and after a reload, so least-conn and the
+//! gauges count relays accepted before a reload too.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::balance::{self, Candidate};
+use super::eligible::{self, Standing, State, Want, Why};
+use super::fleet::{Fleet, Probing, Upstream};
 use crate::config::{self, Balance, OnDown, PoolConfig};
-use crate::health::{CheckSpec, HealthParams, HealthState, Kind, Transition, Verdict, WantRole};
+use crate::health::{CheckSpec, HealthParams, Kind, Reported, Role, WantRole};
 use crate::shm::{ServerCounters, ServerRegistry};
 use crate::stats::ServerBlock;
 
@@ -35,17 +37,10 @@ pub(crate) struct Server {
     pub(crate) addr: SocketAddr,
     pub(crate) weight: u32,
     pub(crate) backup: bool,
+    check_port: Option<u16>,
     key: u64,
-    live: AtomicUsize,
-    /// Mirrors `!health.is_up()` for lock-free reads in `pick` and by
-    /// the workers looking for relays to reset.
-    down: AtomicBool,
-    /// An active probe judged it already.
-    probed: AtomicBool,
-    /// Mirrors the role the last check saw (0 unknown, 1 primary, 2
-    /// replica), for lock-free reads by the metrics.
-    role: std::sync::atomic::AtomicU8,
-    health: Mutex<HealthState>,
+    /// Its health, shared process-wide.
+    pub(crate) upstream: Arc<Upstream>,
     /// Its counters and state words in the stats file, shared with the
     /// entries for the same address in the listener's other pools (before
     /// and after a reload).
@@ -57,52 +52,20 @@ pub(crate) struct Server {
 #[derive(Clone, Debug)]
 pub(crate) struct ServerSample {
     pub(crate) addr: SocketAddr,
+    /// It takes new relays.
     pub(crate) up: bool,
-    pub(crate) role: Option<crate::health::Role>,
+    pub(crate) state: State,
+    /// The role its last answer reported (also while down).
+    pub(crate) role: Option<Role>,
     pub(crate) live: usize,
     pub(crate) backup: bool,
+    /// When its last probe ended, as a Unix time.
+    pub(crate) last_check: Option<SystemTime>,
 }
 
 impl Server {
-    fn new(
-        addr: SocketAddr,
-        weight: u32,
-        backup: bool,
-        params: HealthParams,
-        counters: Arc<ServerCounters>,
-    ) -> Server {
-        // A new entry (a reload's new pool) starts up, no role seen yet.
-        counters.show_state(true, 0);
-        Server {
-            counters,
-            addr,
-            weight,
-            backup,
-            key: balance::hash_addr(addr),
-            live: AtomicUsize::new(0),
-            down: AtomicBool::new(false),
-            probed: AtomicBool::new(false),
-            role: std::sync::atomic::AtomicU8::new(0),
-            health: Mutex::new(HealthState::new(params, Instant::now())),
-        }
-    }
-
     pub(crate) fn is_down(&self) -> bool {
-        self.down.load(Ordering::Relaxed)
-    }
-
-    fn with_health<T>(&self, f: impl FnOnce(&mut HealthState) -> T) -> T {
-        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        let out = f(&mut h);
-        self.down.store(!h.is_up(), Ordering::Relaxed);
-        let role = match h.role() {
-            None => 0,
-            Some(crate::health::Role::Primary) => 1,
-            Some(crate::health::Role::Replica) => 2,
-        };
-        self.role.store(role, Ordering::Relaxed);
-        self.counters.show_state(h.is_up(), role);
-        out
+        self.upstream.is_down()
     }
 
     /// The counter block worker `worker` writes for this server.
@@ -110,43 +73,44 @@ impl Server {
         self.counters.block(worker)
     }
 
+    /// Relays holding it now, over all of its listener's pools.
     pub(crate) fn live(&self) -> usize {
-        self.live.load(Ordering::Relaxed)
-    }
-
-    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
-    pub(crate) fn sample(&self) -> ServerSample {
-        ServerSample {
-            addr: self.addr,
-            up: !self.is_down(),
-            role: match self.role.load(Ordering::Relaxed) {
-                1 => Some(crate::health::Role::Primary),
-                2 => Some(crate::health::Role::Replica),
-                _ => None,
-            },
-            live: self.live(),
-            backup: self.backup,
-        }
+        self.counters.head().live.load(Ordering::Relaxed) as usize
     }
 }
 
 /// A relay's hold on a server: counts it among the server's live relays
-/// (what least-conn compares) until dropped.
+/// (what least-conn compares) until dropped, and remembers the role the
+/// server had when it was picked.
 #[derive(Debug)]
-pub(crate) struct Lease(pub(crate) Arc<Server>);
+pub(crate) struct Lease {
+    pub(crate) server: Arc<Server>,
+    role: Option<Reported>,
+}
 
 impl Lease {
     fn new(server: Arc<Server>) -> Lease {
-        server.live.fetch_add(1, Ordering::Relaxed);
         server.counters.head().live.fetch_add(1, Ordering::Relaxed);
-        Lease(server)
+        let role = server.upstream.reported();
+        Lease { server, role }
+    }
+
+    /// Whether `on-down = "kill"` ends a relay on this lease: its server
+    /// stopped answering, or (in a pool that wants a role) its role answer
+    /// changed since the pick. A check error changes neither.
+    pub(crate) fn doomed(&self, pool: &Pool) -> bool {
+        self.server.is_down()
+            || (pool.want != Want::Any && self.server.upstream.reported() != self.role)
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.0.live.fetch_sub(1, Ordering::Relaxed);
-        self.0.counters.head().live.fetch_sub(1, Ordering::Relaxed);
+        self.server
+            .counters
+            .head()
+            .live
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -156,14 +120,17 @@ pub(crate) struct Member {
     pub(crate) addr: SocketAddr,
     pub(crate) weight: u32,
     pub(crate) backup: bool,
+    pub(crate) check_port: Option<u16>,
 }
 
-/// The servers at one moment.
+/// The servers at one moment, and how the pool judges each.
 #[derive(Debug, Default)]
 pub(crate) struct Members {
     pub(crate) servers: Vec<Arc<Server>>,
     /// Weighted round-robin order over `servers` (indices).
     schedule: Vec<usize>,
+    /// Per server, in the same order.
+    standings: Vec<Standing>,
 }
 
 /// The servers of one listener.
@@ -175,30 +142,47 @@ pub(crate) struct Pool {
     retries: Option<usize>,
     params: HealthParams,
     /// The active check, if any.
-    check: Option<ActiveCheck>,
+    check: Option<Probing>,
+    want: Want,
     pub(crate) on_down: OnDown,
-    /// Transitions to down so far: workers compare it with the value they
-    /// last saw to know when to look for relays of a down server.
-    downs: AtomicU64,
     members: RwLock<Arc<Members>>,
+    /// Serialises the writers of `members`.
+    writing: Mutex<()>,
     /// Round-robin position, shared by all workers.
     cursor: AtomicUsize,
     /// Where the listener's servers count.
     registry: Arc<ServerRegistry>,
-}
-
-/// A pool's active check: what to ask, how often, within what time.
-#[derive(Debug)]
-pub(crate) struct ActiveCheck {
-    pub(crate) spec: CheckSpec,
-    pub(crate) interval: Duration,
-    pub(crate) timeout: Duration,
+    fleet: Arc<Fleet>,
 }
 
 impl Pool {
-    pub(crate) fn new(listener: &str, config: &PoolConfig, registry: Arc<ServerRegistry>) -> Pool {
+    pub(crate) fn new(
+        listener: &str,
+        config: &PoolConfig,
+        registry: Arc<ServerRegistry>,
+        fleet: &Arc<Fleet>,
+    ) -> Arc<Pool> {
         let h = &config.health;
-        Pool {
+        let check = check_spec(h).map(|spec| Probing {
+            spec,
+            interval: h.interval,
+            timeout: h.timeout,
+        });
+        let want = match (h.role, &check) {
+            (_, None) => Want::Any,
+            (config::Role::Primary, _) => Want::Primary,
+            (config::Role::Replica, _) => Want::Replica,
+            (config::Role::PreferReplica, _) => Want::PreferReplica,
+            (config::Role::Any, Some(c)) if c.spec.kind == Kind::Http => {
+                match crate::health::path_role(&c.spec.http_path) {
+                    Some(Role::Primary) => Want::Primary,
+                    Some(Role::Replica) => Want::Replica,
+                    None => Want::Any,
+                }
+            }
+            (config::Role::Any, _) => Want::Any,
+        };
+        let pool = Arc::new(Pool {
             listener: listener.to_string(),
             balance: config.balance,
             retries: config.retries,
@@ -208,31 +192,40 @@ impl Pool {
                 backoff_base: h.interval,
                 backoff_max: BACKOFF_MAX.max(h.interval),
             },
-            check: check_spec(h).map(|spec| ActiveCheck {
-                spec,
-                interval: h.interval,
-                timeout: h.timeout,
-            }),
+            check,
+            want,
             on_down: config.on_down,
-            downs: AtomicU64::new(0),
             members: RwLock::new(Arc::default()),
+            writing: Mutex::new(()),
             cursor: AtomicUsize::new(0),
             registry,
-        }
+            fleet: Arc::clone(fleet),
+        });
+        fleet.add_pool(&pool);
+        pool
     }
 
-    /// The active check, if the pool has one.
-    pub(crate) fn check(&self) -> Option<&ActiveCheck> {
-        self.check.as_ref()
-    }
-
-    /// How many times a server of this pool went down so far.
-    pub(crate) fn downs(&self) -> u64 {
-        self.downs.load(Ordering::Acquire)
+    /// The fleet its servers belong to.
+    pub(crate) fn fleet(&self) -> &Arc<Fleet> {
+        &self.fleet
     }
 
     pub(crate) fn members(&self) -> Arc<Members> {
         Arc::clone(&self.members.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn write(&self, members: Members) {
+        *self.members.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(members);
+    }
+
+    /// How a member is probed: the pool's check, at its own check port.
+    fn probing(&self, m: &Member) -> Option<Probing> {
+        let mut p = self.check.clone()?;
+        if let Some(port) = m.check_port {
+            p.spec.http_port = Some(port);
+        }
+        p.spec.ask_role = self.want != Want::Any;
+        Some(p)
     }
 
     /// Makes `wanted` the pool. A server that stays keeps its live count
@@ -244,21 +237,29 @@ impl Pool {
     ) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
         wanted.sort();
         wanted.dedup_by_key(|m| m.addr);
+        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.members();
         let same = |s: &Server, m: &Member| {
-            s.addr == m.addr && s.weight == m.weight && s.backup == m.backup
+            s.addr == m.addr
+                && s.weight == m.weight
+                && s.backup == m.backup
+                && s.check_port == m.check_port
         };
         let servers: Vec<Arc<Server>> = wanted
             .iter()
             .map(|m| match old.servers.iter().find(|s| same(s, m)) {
                 Some(s) => Arc::clone(s),
-                None => Arc::new(Server::new(
-                    m.addr,
-                    m.weight,
-                    m.backup,
-                    self.params,
-                    self.registry.counters(m.addr, m.backup),
-                )),
+                None => Arc::new(Server {
+                    addr: m.addr,
+                    weight: m.weight,
+                    backup: m.backup,
+                    check_port: m.check_port,
+                    key: balance::hash_addr(m.addr),
+                    upstream: self
+                        .fleet
+                        .upstream(m.addr, self.probing(m).as_ref(), self.params),
+                    counters: self.registry.counters(m.addr, m.backup),
+                }),
             })
             .collect();
         let added = wanted
@@ -273,12 +274,87 @@ impl Pool {
             .map(|s| s.addr)
             .collect();
         let weights: Vec<u32> = servers.iter().map(|s| s.weight).collect();
-        let members = Members {
+        let standings = self.judge(&servers);
+        self.publish(&servers, &standings);
+        self.write(Members {
             schedule: balance::wrr_schedule(&weights),
             servers,
-        };
-        *self.members.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(members);
+            standings,
+        });
         (added, removed)
+    }
+
+    fn judge(&self, servers: &[Arc<Server>]) -> Vec<Standing> {
+        let facts: Vec<_> = servers.iter().map(|s| s.upstream.facts()).collect();
+        eligible::standings(self.want, &facts)
+    }
+
+    /// Judges every server again from its current health, logs the
+    /// servers that a conflict of primaries excludes, and shows the
+    /// standings in the stats file.
+    pub(crate) fn refresh(&self) {
+        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.members();
+        let standings = self.judge(&old.servers);
+        let conflict = |st: &Standing| matches!(st.why, Why::SplitBrain | Why::StaleTimeline);
+        let before: Vec<bool> = old.standings.iter().map(conflict).collect();
+        let now: Vec<bool> = standings.iter().map(conflict).collect();
+        if before != now && now.iter().any(|c| *c) {
+            let names: Vec<String> = old
+                .servers
+                .iter()
+                .zip(&standings)
+                .filter(|(_, st)| conflict(st))
+                .map(|(s, st)| format!("{} ({})", s.addr, st.why.text()))
+                .collect();
+            tracing::warn!(
+                listener = %self.listener,
+                "more than one server claims primary: no new relays go to {}",
+                names.join(", ")
+            );
+        }
+        self.publish(&old.servers, &standings);
+        self.write(Members {
+            servers: old.servers.clone(),
+            schedule: old.schedule.clone(),
+            standings,
+        });
+    }
+
+    /// Shows each server's standing, role and last check to readers of
+    /// the stats file.
+    fn publish(&self, servers: &[Arc<Server>], standings: &[Standing]) {
+        for (s, st) in servers.iter().zip(standings) {
+            let facts = s.upstream.facts();
+            let excluded = if st.eligible { 0 } else { crate::shm::EXCLUDED };
+            s.counters.show(
+                st.state.code() | (st.why.code() << 8) | excluded,
+                role_code(facts.reported),
+                facts.last_check.map_or(0, unix_millis),
+            );
+        }
+    }
+
+    /// The servers as the metrics show them.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
+    pub(crate) fn samples(&self) -> Vec<ServerSample> {
+        let m = self.members();
+        m.servers
+            .iter()
+            .zip(&m.standings)
+            .map(|(s, st)| {
+                let facts = s.upstream.facts();
+                ServerSample {
+                    addr: s.addr,
+                    up: st.eligible,
+                    state: st.state,
+                    role: facts.reported.and_then(Reported::role),
+                    live: s.live(),
+                    backup: s.backup,
+                    last_check: facts.last_check.map(system_time),
+                }
+            })
+            .collect()
     }
 
     /// How many connect attempts a relay gets: one, plus `retries`
@@ -292,11 +368,12 @@ impl Pool {
         self.cursor.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The server for a relay's next attempt, leased to it: a down server
-    /// whose trial is due first (that is how it comes back), then the
-    /// policy's choice among up servers not yet tried, primaries before
-    /// backups. Backups are chosen only while no primary is up, or once
-    /// every up primary failed this relay already.
+    /// The server for a relay's next attempt, leased to it: without an
+    /// active check, a down server whose trial is due first (that is how
+    /// it comes back), then the policy's choice among eligible servers not
+    /// yet tried, primaries before backups. Backups are chosen only while
+    /// no primary is eligible, or once every eligible primary failed this
+    /// relay already.
     pub(crate) fn pick(
         &self,
         cursor: usize,
@@ -305,28 +382,23 @@ impl Pool {
         now: Instant,
     ) -> Option<Lease> {
         let m = self.members();
-        let untried = |s: &Arc<Server>| !tried.contains(&s.addr);
-        let primary_up = m.servers.iter().any(|s| !s.backup && !s.is_down());
-        // With an active check, only probes bring a server back.
-        let trials = self.check.is_none();
-        for s in m
-            .servers
-            .iter()
-            .filter(|s| trials && s.is_down() && untried(s))
-        {
-            if (!s.backup || !primary_up) && s.with_health(|h| h.take_trial(now)) {
-                return Some(Lease::new(Arc::clone(s)));
+        let untried = |i: usize| !tried.contains(&m.servers[i].addr);
+        let ok = |i: usize| m.standings.get(i).is_some_and(|st| st.eligible);
+        let n = m.servers.len();
+        let primary_ok = (0..n).any(|i| !m.servers[i].backup && ok(i));
+        if self.check.is_none() {
+            for i in (0..n).filter(|&i| m.servers[i].is_down() && untried(i)) {
+                let s = &m.servers[i];
+                if (!s.backup || !primary_ok) && self.fleet.take_trial(&s.upstream, now) {
+                    return Some(Lease::new(Arc::clone(s)));
+                }
             }
         }
         for backup in [false, true] {
-            if backup
-                && m.servers
-                    .iter()
-                    .any(|s| !s.backup && !s.is_down() && untried(s))
-            {
+            if backup && (0..n).any(|i| !m.servers[i].backup && ok(i) && untried(i)) {
                 break;
             }
-            let eligible = |s: &Arc<Server>| s.backup == backup && !s.is_down() && untried(s);
+            let eligible = |i: usize| m.servers[i].backup == backup && ok(i) && untried(i);
             if let Some(s) = self.choose(&m, cursor, client, &eligible) {
                 return Some(Lease::new(s));
             }
@@ -339,93 +411,63 @@ impl Pool {
         m: &Members,
         cursor: usize,
         client: IpAddr,
-        eligible: &dyn Fn(&Arc<Server>) -> bool,
+        eligible: &dyn Fn(usize) -> bool,
     ) -> Option<Arc<Server>> {
         match self.balance {
             Balance::RoundRobin => {
                 let len = m.schedule.len();
                 (0..len)
-                    .map(|k| &m.servers[m.schedule[(cursor + k) % len]])
-                    .find(|s| eligible(s))
-                    .cloned()
+                    .map(|k| m.schedule[(cursor + k) % len])
+                    .find(|&i| eligible(i))
+                    .map(|i| Arc::clone(&m.servers[i]))
             }
             Balance::LeastConn | Balance::SourceHash => {
-                let set: Vec<&Arc<Server>> = m.servers.iter().filter(|s| eligible(s)).collect();
+                let set: Vec<usize> = (0..m.servers.len()).filter(|&i| eligible(i)).collect();
                 let cands: Vec<Candidate> = set
                     .iter()
-                    .map(|s| Candidate {
-                        weight: s.weight,
-                        live: s.live(),
-                        key: s.key,
+                    .map(|&i| Candidate {
+                        weight: m.servers[i].weight,
+                        live: m.servers[i].live(),
+                        key: m.servers[i].key,
                     })
                     .collect();
                 let at = match self.balance {
                     Balance::LeastConn => balance::least_conn(&cands, cursor),
                     _ => balance::rendezvous(&cands, balance::hash_ip(client)),
                 };
-                at.map(|i| Arc::clone(set[i]))
+                at.map(|k| Arc::clone(&m.servers[set[k]]))
             }
         }
     }
 
     /// A connect to `server` failed (refused, timed out, unreachable).
     pub(crate) fn failed(&self, server: &Server, reason: &str, now: Instant) {
-        let t = server.with_health(|h| h.connect_failed(reason, now));
-        self.transition(server, t, "connect");
+        self.fleet.connect_failed(&server.upstream, reason, now);
     }
 
-    /// A connect to `server` succeeded. Without an active check that
-    /// brings a down server back and resets the fall count. With one it
-    /// changes nothing: a demoted primary still accepts connects, and
-    /// they must not undo the probes' failures.
+    /// A connect to `server` succeeded (see [`Fleet::connect_ok`]).
     pub(crate) fn succeeded(&self, server: &Server, now: Instant) {
-        if self.check.is_some() {
-            return;
-        }
-        let t = server.with_health(|h| h.connect_ok(now));
-        self.transition(server, t, "connect");
+        self.fleet.connect_ok(&server.upstream, now);
     }
+}
 
-    /// An active probe's verdict on `server`. A server's first verdict
-    /// counts `fall` times: a replica behind `role = "primary"` must not
-    /// take writes for `interval × fall` after start.
-    pub(crate) fn observe(&self, server: &Server, verdict: &Verdict, now: Instant) {
-        let first = !server.probed.swap(true, Ordering::Relaxed);
-        let repeat = if first { self.params.fall } else { 1 };
-        let t =
-            server.with_health(|h| (0..repeat).fold(None, |t, _| h.observe(verdict, now).or(t)));
-        self.transition(server, t, "check");
+/// A reported role in the stats file: 0 unknown, 1 primary, 2 replica.
+fn role_code(r: Option<Reported>) -> u64 {
+    match r.and_then(Reported::role) {
+        None => 0,
+        Some(Role::Primary) => 1,
+        Some(Role::Replica) => 2,
     }
+}
 
-    /// Logs a change of state, and counts a down one for the workers.
-    fn transition(&self, server: &Server, t: Option<Transition>, by: &str) {
-        match t {
-            None => {}
-            Some(Transition::Down { reason }) => {
-                self.downs.fetch_add(1, Ordering::AcqRel);
-                let relays = match self.on_down {
-                    OnDown::Drain => "its relays drain",
-                    OnDown::Kill => "its relays are reset",
-                };
-                tracing::warn!(
-                    listener = %self.listener,
-                    upstream = %server.addr,
-                    fall = self.params.fall,
-                    live = server.live(),
-                    "server marked down after {} failed {by}s ({relays}): {reason}",
-                    self.params.fall,
-                );
-            }
-            Some(Transition::Up { role }) => {
-                let role = role.map(|r| format!(" as {r}")).unwrap_or_default();
-                tracing::warn!(
-                    listener = %self.listener,
-                    upstream = %server.addr,
-                    "server is up again{role} (after a good {by})"
-                );
-            }
-        }
-    }
+fn system_time(at: Instant) -> SystemTime {
+    SystemTime::now() - Instant::now().saturating_duration_since(at)
+}
+
+fn unix_millis(at: Instant) -> u64 {
+    system_time(at)
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The probe a pool's `health` table asks for, if any.
@@ -438,11 +480,8 @@ fn check_spec(h: &config::HealthConfig) -> Option<CheckSpec> {
         config::Check::Http => Kind::Http,
     };
     let mut spec = CheckSpec::new(kind);
-    spec.role = match h.role {
-        config::Role::Any => WantRole::Any,
-        config::Role::Primary => WantRole::Primary,
-        config::Role::Replica => WantRole::Replica,
-    };
+    // The pools judge the role; the probe only reports it.
+    spec.role = WantRole::Any;
     spec.user = h.user.clone();
     spec.password = h.password.as_ref().map(|p| p.0.clone());
     spec.database = h.database.clone();
@@ -456,31 +495,47 @@ fn check_spec(h: &config::HealthConfig) -> Option<CheckSpec> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::health::Verdict;
+
+    fn member(port: u16, weight: u32, backup: bool) -> Member {
+        Member {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            weight,
+            backup,
+            check_port: None,
+        }
+    }
+
+    fn pool_in(
+        fleet: &Arc<Fleet>,
+        registry: &Arc<ServerRegistry>,
+        config: &PoolConfig,
+        members: &[Member],
+    ) -> Arc<Pool> {
+        let p = Pool::new("test", config, Arc::clone(registry), fleet);
+        p.set_members(members.to_vec());
+        p
+    }
 
     // The pick
 
-    fn pool(balance: Balance, members: &[(u16, u32, bool)]) -> Pool {
+    fn pool(balance: Balance, members: &[(u16, u32, bool)]) -> Arc<Pool> {
         let mut config = PoolConfig::new(Vec::new());
         config.balance = balance;
         config.health.fall = 1;
-        let p = Pool::new("test", &config, Arc::new(ServerRegistry::new(None, 1)));
-        p.set_members(
-            members
-                .iter()
-                .map(|&(port, weight, backup)| Member {
-                    addr: SocketAddr::from(([127, 0, 0, 1], port)),
-                    weight,
-                    backup,
-                })
-                .collect(),
-        );
-        p
+        let members: Vec<Member> = members.iter().map(|&(p, w, b)| member(p, w, b)).collect();
+        pool_in(
+            &Fleet::new(),
+            &Arc::new(ServerRegistry::new(None, 1)),
+            &config,
+            &members,
+        )
     }
 
     const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
 
     fn port(l: Option<Lease>) -> u16 {
-        l.expect("a server").0.addr.port()
+        l.expect("a server").server.addr.port()
     }
 
     #[test]
@@ -502,97 +557,242 @@ mod tests {
         assert_eq!(port(p.pick(0, CLIENT, &[], now)), 1);
     }
 
-    // Passive and active health share one state per server
+    // Active checks, roles and the fleet
 
-    fn checked_pool(rise: u32) -> Pool {
+    fn checked(check: config::Check, role: config::Role, fall: u32, rise: u32) -> PoolConfig {
         let mut config = PoolConfig::new(Vec::new());
-        config.health.fall = 1;
+        config.health.fall = fall;
         config.health.rise = rise;
-        config.health.check = Some(config::Check::Redis);
-        let p = Pool::new("test", &config, Arc::new(ServerRegistry::new(None, 1)));
-        p.set_members(
-            [1, 2]
-                .iter()
-                .map(|&port| Member {
-                    addr: SocketAddr::from(([127, 0, 0, 1], port)),
-                    weight: 1,
-                    backup: false,
-                })
-                .collect(),
-        );
-        p
+        config.health.check = Some(check);
+        config.health.role = role;
+        config
     }
 
+    fn observe(p: &Pool, i: usize, v: Verdict, now: Instant) {
+        let s = Arc::clone(&p.members().servers[i]);
+        p.fleet().observe(&s.upstream, &v, None, now);
+    }
+
+    const PRIMARY: Verdict = Verdict::Up {
+        role: Some(Role::Primary),
+    };
+    const REPLICA: Verdict = Verdict::Up {
+        role: Some(Role::Replica),
+    };
+
     #[test]
-    fn a_down_verdict_counts_a_down_and_takes_the_server_out_of_the_pick() {
-        let p = checked_pool(2);
+    fn a_role_pool_takes_no_server_before_an_answer_confirms_it() {
+        let config = checked(config::Check::Redis, config::Role::Primary, 3, 2);
+        let p = pool_in(
+            &Fleet::new(),
+            &Arc::new(ServerRegistry::new(None, 1)),
+            &config,
+            &[member(1, 1, false), member(2, 1, false)],
+        );
         let now = Instant::now();
-        let first = Arc::clone(&p.members().servers[0]);
-        assert_eq!(p.downs(), 0);
-        p.observe(&first, &Verdict::down("role is replica, want primary"), now);
-        assert_eq!(p.downs(), 1);
-        assert!(first.is_down());
-        for later in [0, 5, 60] {
-            let at = now + Duration::from_secs(later);
-            assert_eq!(port(p.pick(0, CLIENT, &[], at)), 2, "no trial at +{later}s");
+        assert!(p.pick(0, CLIENT, &[], now).is_none(), "fail closed");
+        observe(&p, 0, REPLICA, now);
+        observe(&p, 1, PRIMARY, now);
+        for c in 0..4 {
+            assert_eq!(port(p.pick(c, CLIENT, &[], now)), 2);
         }
     }
 
     #[test]
-    fn a_first_bad_verdict_takes_a_server_down_at_once() {
-        let mut config = PoolConfig::new(Vec::new());
-        config.health.fall = 3;
-        config.health.check = Some(config::Check::Postgres);
-        let p = Pool::new("test", &config, Arc::new(ServerRegistry::new(None, 1)));
-        p.set_members(vec![Member {
-            addr: SocketAddr::from(([127, 0, 0, 1], 1)),
-            weight: 1,
-            backup: false,
-        }]);
-        let s = Arc::clone(&p.members().servers[0]);
+    fn a_role_answer_takes_a_server_out_at_that_probe() {
+        let config = checked(config::Check::Redis, config::Role::Primary, 3, 2);
+        let fleet = Fleet::new();
+        let p = pool_in(
+            &fleet,
+            &Arc::new(ServerRegistry::new(None, 1)),
+            &config,
+            &[member(1, 1, false)],
+        );
         let now = Instant::now();
-        p.observe(&s, &Verdict::down("role is replica, want primary"), now);
-        assert!(s.is_down(), "no fall count for the first verdict");
-        p.observe(&s, &Verdict::Up { role: None }, now);
-        p.observe(&s, &Verdict::Up { role: None }, now);
-        p.observe(&s, &Verdict::down("again"), now);
-        assert!(!s.is_down(), "later verdicts count once");
+        observe(&p, 0, PRIMARY, now);
+        let lease = p.pick(0, CLIENT, &[], now).expect("the primary");
+        assert!(!lease.doomed(&p));
+        let before = fleet.changes();
+        observe(&p, 0, REPLICA, now);
+        assert!(p.pick(0, CLIENT, &[], now).is_none(), "no fall count");
+        assert!(fleet.changes() > before, "workers look for relays to reset");
+        assert!(lease.doomed(&p), "its role answer changed");
+    }
+
+    #[test]
+    fn a_check_error_keeps_the_last_confirmed_state() {
+        let config = checked(config::Check::Postgres, config::Role::Primary, 1, 1);
+        let p = pool_in(
+            &Fleet::new(),
+            &Arc::new(ServerRegistry::new(None, 1)),
+            &config,
+            &[member(1, 1, false)],
+        );
+        let now = Instant::now();
+        observe(&p, 0, PRIMARY, now);
+        let lease = p.pick(0, CLIENT, &[], now).expect("the primary");
+        for _ in 0..5 {
+            observe(&p, 0, Verdict::check_error("postgres error 28P01"), now);
+        }
+        assert!(!lease.doomed(&p), "on-down never fires for a check error");
+        assert!(p.pick(0, CLIENT, &[], now).is_some(), "still eligible");
+        assert_eq!(p.samples()[0].state, State::CheckError);
+    }
+
+    #[test]
+    fn two_primaries_take_nothing_until_one_remains() {
+        let config = checked(config::Check::Redis, config::Role::Primary, 1, 1);
+        let p = pool_in(
+            &Fleet::new(),
+            &Arc::new(ServerRegistry::new(None, 1)),
+            &config,
+            &[member(1, 1, false), member(2, 1, false)],
+        );
+        let now = Instant::now();
+        observe(&p, 0, PRIMARY, now);
+        observe(&p, 1, PRIMARY, now);
+        assert!(p.pick(0, CLIENT, &[], now).is_none());
+        observe(&p, 0, REPLICA, now);
+        assert_eq!(port(p.pick(0, CLIENT, &[], now)), 2);
+    }
+
+    #[test]
+    fn a_first_failure_takes_a_server_down_at_once() {
+        let config = checked(config::Check::Tcp, config::Role::Any, 3, 1);
+        let p = pool_in(
+            &Fleet::new(),
+            &Arc::new(ServerRegistry::new(None, 1)),
+            &config,
+            &[member(1, 1, false)],
+        );
+        let now = Instant::now();
+        observe(&p, 0, Verdict::down("refused"), now);
+        assert!(
+            p.members().servers[0].is_down(),
+            "no fall count for the first verdict"
+        );
+        observe(&p, 0, Verdict::Up { role: None }, now);
+        observe(&p, 0, Verdict::down("again"), now);
+        assert!(
+            !p.members().servers[0].is_down(),
+            "later failures count towards fall"
+        );
     }
 
     #[test]
     fn with_an_active_check_only_rise_good_probes_bring_a_server_back() {
-        let p = checked_pool(2);
+        let config = checked(config::Check::Redis, config::Role::Any, 1, 2);
+        let p = pool_in(
+            &Fleet::new(),
+            &Arc::new(ServerRegistry::new(None, 1)),
+            &config,
+            &[member(1, 1, false), member(2, 1, false)],
+        );
         let now = Instant::now();
         let first = Arc::clone(&p.members().servers[0]);
-        p.observe(&first, &Verdict::Up { role: None }, now);
+        observe(&p, 0, Verdict::Up { role: None }, now);
         p.failed(&first, "refused", now);
         assert!(first.is_down(), "a passive failure counts towards fall");
         p.succeeded(&first, now);
         assert!(first.is_down(), "a connect proves no role");
-        p.observe(&first, &Verdict::Up { role: None }, now);
+        observe(&p, 0, Verdict::Up { role: None }, now);
         assert!(first.is_down(), "one of rise = 2");
-        p.observe(&first, &Verdict::Up { role: None }, now);
+        observe(&p, 0, Verdict::Up { role: None }, now);
         assert!(!first.is_down());
-        assert_eq!(p.downs(), 1, "coming up is no down");
+    }
+
+    // Reloads: a new pool over the same servers
+
+    #[test]
+    fn a_new_pool_keeps_the_health_and_the_live_relays() {
+        let fleet = Fleet::new();
+        let registry = Arc::new(ServerRegistry::new(None, 1));
+        let mut config = checked(config::Check::Postgres, config::Role::Primary, 2, 2);
+        config.balance = Balance::LeastConn;
+        let old = pool_in(
+            &fleet,
+            &registry,
+            &config,
+            &[member(1, 1, false), member(2, 1, false)],
+        );
+        let now = Instant::now();
+        observe(&old, 0, PRIMARY, now);
+        observe(&old, 1, REPLICA, now);
+        let leases: Vec<Lease> = (0..3)
+            .map(|c| old.pick(c, CLIENT, &[], now).unwrap())
+            .collect();
+        // A reload: new settings, the same servers.
+        config.health.timeout = Duration::from_millis(500);
+        config.health.password = Some(config::Secret("rotated".into()));
+        let new = pool_in(
+            &fleet,
+            &registry,
+            &config,
+            &[member(1, 1, false), member(2, 1, false)],
+        );
+        assert_eq!(
+            port(new.pick(0, CLIENT, &[], now)),
+            1,
+            "health was kept: no reset to up"
+        );
+        assert_eq!(
+            new.members().servers[0].live(),
+            3,
+            "relays from before count"
+        );
+        // The old pool's relays follow the server's live state.
+        observe(&new, 0, REPLICA, now);
+        assert!(leases.iter().all(|l| l.doomed(&old)));
+        assert!(new.pick(0, CLIENT, &[], now).is_none());
+    }
+
+    #[test]
+    fn pools_of_other_roles_share_one_probe_per_server() {
+        let fleet = Fleet::new();
+        let registry = Arc::new(ServerRegistry::new(None, 1));
+        let rw = pool_in(
+            &fleet,
+            &registry,
+            &checked(config::Check::Redis, config::Role::Primary, 1, 1),
+            &[member(1, 1, false)],
+        );
+        let ro = pool_in(
+            &fleet,
+            &registry,
+            &checked(config::Check::Redis, config::Role::Replica, 1, 1),
+            &[member(1, 1, false)],
+        );
+        assert_eq!(fleet.checked().len(), 1);
+        let now = Instant::now();
+        observe(&rw, 0, REPLICA, now);
+        assert!(rw.pick(0, CLIENT, &[], now).is_none());
+        assert_eq!(port(ro.pick(0, CLIENT, &[], now)), 1);
+    }
+
+    #[test]
+    fn prefer_replica_falls_back_to_the_primary() {
+        let config = checked(config::Check::Postgres, config::Role::PreferReplica, 1, 1);
+        let p = pool_in(
+            &Fleet::new(),
+            &Arc::new(ServerRegistry::new(None, 1)),
+            &config,
+            &[member(1, 1, false), member(2, 1, false)],
+        );
+        let now = Instant::now();
+        observe(&p, 0, PRIMARY, now);
+        observe(&p, 1, REPLICA, now);
+        assert_eq!(port(p.pick(0, CLIENT, &[], now)), 2);
+        observe(&p, 1, Verdict::down("gone"), now);
+        assert_eq!(port(p.pick(0, CLIENT, &[], now)), 1);
     }
 
     #[test]
     fn membership_changes_keep_state_of_servers_that_stay() {
         let p = pool(Balance::LeastConn, &[(1, 1, false), (2, 1, false)]);
         let lease = p.pick(0, CLIENT, &[], Instant::now()).unwrap();
-        let held = lease.0.addr;
-        let (added, removed) = p.set_members(vec![
-            Member {
-                addr: held,
-                weight: 1,
-                backup: false,
-            },
-            Member {
-                addr: SocketAddr::from(([127, 0, 0, 1], 3)),
-                weight: 1,
-                backup: false,
-            },
-        ]);
+        let held = lease.server.addr;
+        let (added, removed) =
+            p.set_members(vec![member(held.port(), 1, false), member(3, 1, false)]);
         assert_eq!(added.len(), 1);
         assert_eq!(removed.len(), 1);
         let m = p.members();

@@ -91,6 +91,7 @@ impl Tracked {
                     addr,
                     weight: entry.weight,
                     backup: entry.backup,
+                    check_port: entry.check_port,
                 });
             }
         }

@@ -1,20 +1,19 @@
 //! Active health checks and `on-down` inside a worker's loop.
 //!
-//! Each server of a pool with `health.check` is probed by one worker
-//! ((server index + listener id) modulo workers), so checks spread over
-//! the workers and no thread is spent on them. A probe is a
-//! [`ProbeConn`] registered under a probe token; its verdict goes into
-//! the server's one health state in the shared pool, which every worker's
-//! pick reads. The next probe of a server is due `interval` after the
-//! previous one started, whatever it answered, so a server that stops
-//! answering is down within `interval × fall` (plus one timeout).
+//! Each server of the fleet that has an active check is probed by one
+//! worker (its id modulo workers), however many pools and listeners name
+//! it, so checks spread over the workers and no thread is spent on them.
+//! A probe is a [`ProbeConn`] registered under a probe token; its verdict
+//! goes into the server's one health state in the fleet, which every
+//! pool judges for its role. The next probe of a server is due `interval`
+//! after the previous one started, whatever it answered, so a server that
+//! stops answering is down within `interval × fall` (plus one timeout).
 //!
-//! Relays of a server that went down are found by comparing the pool's
-//! `downs` generation with the last one seen: one atomic load per pool per
-//! loop iteration, and a scan of this worker's relays only when it moved.
+//! Relays to reset (`on-down = "kill"`) are found by comparing the fleet's
+//! `changes` generation with the last one seen: one atomic load per loop
+//! iteration, and a scan of this worker's relays only when it moved.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,17 +23,14 @@ use slab::Slab;
 use super::Worker;
 use crate::config::OnDown;
 use crate::health::{ProbeConn, Verdict};
-use crate::listener::{Listener, ListenerId};
 use crate::stats::{CloseReason, CounterBlock};
 use crate::token;
-use crate::upstream::Server;
+use crate::upstream::fleet::Upstream;
 
 /// One running probe.
 struct Running {
     conn: ProbeConn,
-    server: Arc<Server>,
-    listener: Arc<Listener>,
-    slot: (ListenerId, SocketAddr),
+    server: Arc<Upstream>,
 }
 
 /// A server this worker checks: when its next probe is due, and whether
@@ -48,13 +44,14 @@ struct Due {
 #[derive(Default)]
 pub(super) struct Checks {
     probes: Slab<Running>,
-    due: HashMap<(ListenerId, SocketAddr), Due>,
+    /// By the server's fleet id.
+    due: HashMap<u64, Due>,
     /// The earliest probe start or probe deadline; `None` before the
     /// first round.
     next: Option<Instant>,
     started: bool,
-    /// The `downs` generation of each pool last acted on.
-    downs_seen: HashMap<ListenerId, u64>,
+    /// The fleet's `changes` generation last acted on.
+    changes_seen: u64,
 }
 
 impl Checks {
@@ -66,6 +63,12 @@ impl Checks {
             // The first round runs on the first iteration.
             Some(Instant::now())
         }
+    }
+
+    /// Look at the fleet again on the next iteration (a reload may have
+    /// added servers, which get no relay until their first probe).
+    pub(super) fn rescan(&mut self) {
+        self.next = Some(Instant::now());
     }
 }
 
@@ -85,57 +88,38 @@ impl Worker {
         for (key, v) in expired {
             self.probe_done(key, v, now);
         }
-        let workers = self.config.workers.max(1);
+        let workers = self.config.workers.max(1) as u64;
         let mut seen = Vec::new();
-        // Servers may join a pool later (names resolved again): look at
-        // the members at least once an interval.
+        // Servers may join the fleet later (reloads, names resolved
+        // again): look at it at least once an interval.
         let mut rescan: Option<Instant> = None;
-        let mut listeners: Vec<Arc<Listener>> = Vec::new();
-        for slot in &self.listeners {
-            if !listeners.iter().any(|l| l.id == slot.runtime.id) {
-                listeners.push(Arc::clone(&slot.runtime));
+        for server in self.shared.fleet.checked() {
+            if server.id % workers != self.index as u64 {
+                continue;
             }
-        }
-        for listener in listeners {
-            let Some(check) = listener.pool.check() else {
+            let Some(probing) = server.probing() else {
                 continue;
             };
-            let at = now + check.interval;
+            let at = now + probing.interval;
             rescan = Some(rescan.map_or(at, |r| r.min(at)));
-            let members = listener.pool.members();
-            for (i, server) in members.servers.iter().enumerate() {
-                if (i + listener.id.0 as usize) % workers != self.index {
-                    continue;
+            seen.push(server.id);
+            let due = self.checks.due.entry(server.id).or_insert(Due {
+                at: now,
+                running: false,
+            });
+            if due.running || due.at > now {
+                continue;
+            }
+            due.at = now + probing.interval;
+            match ProbeConn::connect(&probing.spec, server.addr, now, probing.timeout) {
+                Ok(conn) => {
+                    due.running = true;
+                    self.start_probe(Running { conn, server }, now);
                 }
-                let slot = (listener.id, server.addr);
-                seen.push(slot);
-                let due = self.checks.due.entry(slot).or_insert(Due {
-                    at: now,
-                    running: false,
-                });
-                if due.running || due.at > now {
-                    continue;
-                }
-                due.at = now + check.interval;
-                match ProbeConn::connect(&check.spec, server.addr, now, check.timeout) {
-                    Ok(conn) => {
-                        due.running = true;
-                        let running = Running {
-                            conn,
-                            server: Arc::clone(server),
-                            listener: Arc::clone(&listener),
-                            slot,
-                        };
-                        self.start_probe(running, now);
-                    }
-                    Err(v) => {
-                        CounterBlock::add(&listener.counters(self.index).health_probes, 1);
-                        self.judge(&listener, server, &v, now);
-                    }
-                }
+                Err(v) => self.judge(&server, &v, None, now),
             }
         }
-        // Servers that left a pool take their schedule with them.
+        // Servers that left the fleet take their schedule with them.
         self.checks.due.retain(|k, _| seen.contains(k));
         self.checks.next = self
             .checks
@@ -176,66 +160,56 @@ impl Worker {
     fn probe_done(&mut self, key: usize, verdict: Verdict, now: Instant) {
         let mut r = self.checks.probes.remove(key);
         let _ = self.poll.registry().deregister(r.conn.stream());
-        if let Some(due) = self.checks.due.get_mut(&r.slot) {
+        if let Some(due) = self.checks.due.get_mut(&r.server.id) {
             due.running = false;
             self.checks.next = Some(self.checks.next.map_or(due.at, |n| n.min(due.at)));
         }
-        self.judge(&r.listener, &r.server, &verdict, now);
+        let timeline = r.conn.timeline();
+        self.judge(&r.server, &verdict, timeline, now);
     }
 
-    fn judge(&mut self, listener: &Listener, server: &Server, verdict: &Verdict, now: Instant) {
-        let counters = listener.counters(self.index);
-        CounterBlock::add(&counters.health_probes, 1);
-        if !verdict.is_up() {
-            CounterBlock::add(&counters.health_probe_failures, 1);
+    fn judge(&mut self, server: &Upstream, verdict: &Verdict, timeline: Option<u32>, now: Instant) {
+        CounterBlock::add(&self.counters.health_probes, 1);
+        if !verdict.answered() {
+            CounterBlock::add(&self.counters.health_probe_failures, 1);
         }
         tracing::debug!(
             worker = self.index,
-            listener = listener.label(),
             upstream = %server.addr,
             "health probe: {verdict}"
         );
-        listener.pool.observe(server, verdict, now);
+        self.shared.fleet.observe(server, verdict, timeline, now);
     }
 
-    /// Resets the relays of servers that went down, for pools with
-    /// `on-down = "kill"`, once per change of their `downs` generation.
+    /// Resets the relays that `on-down = "kill"` ends: those of servers
+    /// that went down or whose role answer changed since their pick, once
+    /// per change of the fleet's `changes` generation.
     pub(super) fn reset_down_relays(&mut self, now: Instant) {
-        let mut moved = false;
-        for slot in &self.listeners {
-            let pool = &slot.runtime.pool;
-            if pool.on_down != OnDown::Kill {
-                continue;
-            }
-            let downs = pool.downs();
-            let seen = self.checks.downs_seen.entry(slot.runtime.id).or_insert(0);
-            if *seen != downs {
-                *seen = downs;
-                moved = true;
-            }
-        }
-        if !moved {
+        let changes = self.shared.fleet.changes();
+        if changes == self.checks.changes_seen {
             return;
         }
-        let doomed: Vec<(usize, SocketAddr)> = self
+        self.checks.changes_seen = changes;
+        let doomed: Vec<usize> = self
             .relays
             .iter()
             .filter(|(_, r)| r.listener.pool.on_down == OnDown::Kill)
-            .filter_map(|(key, r)| {
-                let server = r.round.server().filter(|s| s.is_down())?;
-                Some((key, server.addr))
-            })
+            .filter(|(_, r)| r.round.lease().is_some_and(|l| l.doomed(&r.listener.pool)))
+            .map(|(key, _)| key)
             .collect();
-        for &(key, server) in &doomed {
+        for &key in &doomed {
             let relay = &self.relays[key];
-            tracing::debug!(relay = relay.id, upstream = %server, "resetting a relay of a down server");
+            tracing::debug!(
+                relay = relay.id,
+                "resetting a relay of a server that went down or changed role"
+            );
             self.close(key, CloseReason::ServerDown, None, now);
         }
         if !doomed.is_empty() {
             tracing::warn!(
                 worker = self.index,
                 relays = doomed.len(),
-                "reset the relays of servers that went down (on-down = \"kill\")"
+                "reset the relays of servers that went down or changed role (on-down = \"kill\")"
             );
         }
     }

@@ -79,6 +79,7 @@ impl Worker {
             }
         }
         self.close_retired(now);
+        self.checks.rescan();
         if let Some(applied) = reload.applied {
             let _ = applied.send(());
         }

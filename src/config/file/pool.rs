@@ -112,7 +112,10 @@ fn read_servers(cx: &mut Cx, v: &Value<'_>, path: &str, out: &mut Vec<ServerConf
                                 server.backup = b;
                             }
                         }
-                        _ => cx.unknown(k, &at, &["address", "weight", "backup"]),
+                        "check-port" => {
+                            server.check_port = cx.uint(v, &key, 1, 65535).map(|n| n as u16);
+                        }
+                        _ => cx.unknown(k, &at, &["address", "weight", "backup", "check-port"]),
                     }
                 }
                 Some(())

@@ -76,7 +76,9 @@ fn pg(role: WantRole, user: Option<&str>, password: Option<&str>) -> Probe {
 }
 
 fn query_sent() -> Vec<u8> {
-    message(b'Q', b"SELECT pg_is_in_recovery()\0")
+    let mut q = super::super::postgres::QUERY.as_bytes().to_vec();
+    q.push(0);
+    message(b'Q', &q)
 }
 
 // Liveness (no role)
@@ -127,12 +129,12 @@ fn liveness_starting_up_is_down() {
 }
 
 #[test]
-fn liveness_missing_database_after_trust_is_down() {
+fn liveness_missing_database_after_trust_is_a_check_error() {
     let mut p = pg(WantRole::Any, None, None);
     p.start();
     let mut reply = auth(0, b"");
     reply.extend(error("3D000", "database \"app\" does not exist"));
-    let r = reason(done(p.on_bytes(&reply)));
+    let r = check_error(done(p.on_bytes(&reply)));
     assert!(r.contains("3D000") && r.contains("does not exist"), "{r}");
 }
 
@@ -185,10 +187,10 @@ fn cleartext_login_sends_the_password() {
 }
 
 #[test]
-fn a_password_request_without_a_password_is_down() {
+fn a_password_request_without_a_password_is_a_check_error() {
     let mut p = pg(WantRole::Primary, Some("probe"), None);
     p.start();
-    let r = reason(done(p.on_bytes(&auth(5, b"salt"))));
+    let r = check_error(done(p.on_bytes(&auth(5, b"salt"))));
     assert!(
         r.contains("password (md5)") && r.contains("health.password"),
         "{r}"
@@ -196,11 +198,11 @@ fn a_password_request_without_a_password_is_down() {
 }
 
 #[test]
-fn a_wrong_password_is_down_with_the_servers_words() {
+fn a_wrong_password_is_a_check_error_with_the_servers_words() {
     let mut p = pg(WantRole::Primary, Some("probe"), Some("bad"));
     p.start();
     p.on_bytes(&auth(5, b"salt"));
-    let r = reason(done(p.on_bytes(&error(
+    let r = check_error(done(p.on_bytes(&error(
         "28P01",
         "password authentication failed for user \"probe\"",
     ))));

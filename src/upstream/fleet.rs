@@ -1,0 +1,304 @@
+//! Every server the process knows, with one health state each, shared by
+//! every pool that names it, before and after a reload.
+//!
+//! A server is one address probed one way: pools (of any listener, old or
+//! new) that name the same address with the same check (kind, probe
+//! target, HTTP path, login user and database) share one [`Upstream`]:
+//! one probe per interval, one rise/fall count, one reported role. The
+//! password, interval, timeout, rise and fall are the latest config's, so
+//! rotating a monitor password or tuning a timeout keeps the health that
+//! was learnt. A pool new to a server therefore sees its live state at
+//! once, and relays accepted before a reload stay attached to the same
+//! state as those accepted after it.
+//!
+//! Every change that can exclude a server (down, a new role answer, a check
+//! error) moves the fleet's `changes` generation and makes every pool
+//! re-evaluate which of its servers are eligible (`Pool::refresh`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use super::pool::Pool;
+use crate::health::{CheckSpec, HealthParams, HealthState, Kind, Reported, Transition, Verdict};
+
+/// What makes two pools' servers one: the address and how it is probed.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ServerKey {
+    addr: SocketAddr,
+    check: Option<CheckKey>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct CheckKey {
+    kind: Kind,
+    target: SocketAddr,
+    path: String,
+    user: Option<String>,
+    database: Option<String>,
+}
+
+impl ServerKey {
+    fn new(addr: SocketAddr, spec: Option<&CheckSpec>) -> ServerKey {
+        ServerKey {
+            addr,
+            check: spec.map(|s| CheckKey {
+                kind: s.kind,
+                target: s.target(addr),
+                path: s.http_path.clone(),
+                user: s.user.clone(),
+                database: s.database.clone(),
+            }),
+        }
+    }
+}
+
+/// How a server is probed now: the latest config's settings.
+#[derive(Clone, Debug)]
+pub(crate) struct Probing {
+    pub(crate) spec: CheckSpec,
+    pub(crate) interval: Duration,
+    pub(crate) timeout: Duration,
+}
+
+/// One server: its address, how it is probed, and its health.
+#[derive(Debug)]
+pub(crate) struct Upstream {
+    /// Unique in the process: spreads probes over the workers.
+    pub(crate) id: u64,
+    pub(crate) addr: SocketAddr,
+    probing: Mutex<Option<Probing>>,
+    health: Mutex<HealthState>,
+    /// Mirrors `!health.is_up()` for lock-free reads.
+    down: AtomicBool,
+}
+
+/// A server's health at one moment, as the pools judge it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Facts {
+    pub(crate) up: bool,
+    pub(crate) reported: Option<Reported>,
+    pub(crate) answered: bool,
+    pub(crate) check_error: bool,
+    pub(crate) timeline: Option<u32>,
+    pub(crate) last_check: Option<Instant>,
+}
+
+impl Upstream {
+    pub(crate) fn is_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
+    }
+
+    fn with_health<T>(&self, f: impl FnOnce(&mut HealthState) -> T) -> T {
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let out = f(&mut h);
+        self.down.store(!h.is_up(), Ordering::Relaxed);
+        out
+    }
+
+    pub(crate) fn facts(&self) -> Facts {
+        self.with_health(|h| Facts {
+            up: h.is_up(),
+            reported: h.reported(),
+            answered: h.answered(),
+            check_error: h.check_error().is_some(),
+            timeline: h.timeline(),
+            last_check: h.last_check(),
+        })
+    }
+
+    /// How it is probed, if it is.
+    pub(crate) fn probing(&self) -> Option<Probing> {
+        self.probing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The role the last answer reported.
+    pub(crate) fn reported(&self) -> Option<Reported> {
+        self.with_health(|h| h.reported())
+    }
+}
+
+/// The process's servers and pools.
+#[derive(Debug, Default)]
+pub(crate) struct Fleet {
+    servers: Mutex<HashMap<ServerKey, Weak<Upstream>>>,
+    pools: Mutex<Vec<Weak<Pool>>>,
+    /// Moves at every change that can exclude a server: workers compare it
+    /// once per loop iteration to find relays to reset (`on-down`).
+    changes: AtomicU64,
+    next_id: AtomicU64,
+}
+
+impl Fleet {
+    pub(crate) fn new() -> Arc<Fleet> {
+        Arc::new(Fleet::default())
+    }
+
+    /// The server at `addr` probed by `check` (none: passive health only),
+    /// with the latest settings; made on first use.
+    pub(crate) fn upstream(
+        &self,
+        addr: SocketAddr,
+        check: Option<&Probing>,
+        params: HealthParams,
+    ) -> Arc<Upstream> {
+        let key = ServerKey::new(addr, check.map(|c| &c.spec));
+        let mut servers = self.servers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(u) = servers.get(&key).and_then(Weak::upgrade) {
+            u.with_health(|h| h.set_params(params));
+            let mut probing = u.probing.lock().unwrap_or_else(|p| p.into_inner());
+            if let (Some(old), Some(new)) = (probing.as_mut(), check) {
+                // A pool that wants a role keeps it asked for.
+                let ask_role = old.spec.ask_role || new.spec.ask_role;
+                *old = new.clone();
+                old.spec.ask_role = ask_role;
+            }
+            return Arc::clone(&u);
+        }
+        servers.retain(|_, u| u.strong_count() > 0);
+        let u = Arc::new(Upstream {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            addr,
+            probing: Mutex::new(check.cloned()),
+            health: Mutex::new(HealthState::new(params, Instant::now())),
+            down: AtomicBool::new(false),
+        });
+        servers.insert(key, Arc::downgrade(&u));
+        u
+    }
+
+    /// Every live server that has an active check.
+    pub(crate) fn checked(&self) -> Vec<Arc<Upstream>> {
+        let servers = self.servers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<Arc<Upstream>> = servers
+            .values()
+            .filter_map(Weak::upgrade)
+            .filter(|u| u.probing.lock().is_ok_and(|p| p.is_some()))
+            .collect();
+        out.sort_by_key(|u| u.id);
+        out
+    }
+
+    pub(crate) fn add_pool(&self, pool: &Arc<Pool>) {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools.retain(|p| p.strong_count() > 0);
+        pools.push(Arc::downgrade(pool));
+    }
+
+    fn pools(&self) -> Vec<Arc<Pool>> {
+        let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// The `changes` generation.
+    pub(crate) fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
+    }
+
+    /// An active probe's verdict on `server`, with the timeline its answer
+    /// gave.
+    pub(crate) fn observe(
+        &self,
+        server: &Upstream,
+        verdict: &Verdict,
+        timeline: Option<u32>,
+        now: Instant,
+    ) {
+        let changes = server.with_health(|h| {
+            let t = h.observe(verdict, now);
+            if verdict.answered() {
+                h.set_timeline(timeline);
+            }
+            t
+        });
+        if let Verdict::CheckError { reason } = verdict {
+            // Once per probe, so once per interval: rate-limited by the
+            // schedule itself.
+            tracing::warn!(
+                upstream = %server.addr,
+                "health check error (the server keeps its last confirmed state): {reason}"
+            );
+        }
+        self.apply(server, &changes, "check");
+        // The age of the last check is shown whatever it said.
+        if changes.is_empty() {
+            self.publish();
+        }
+    }
+
+    /// A client connect to `server` failed.
+    pub(crate) fn connect_failed(&self, server: &Upstream, reason: &str, now: Instant) {
+        let t = server.with_health(|h| h.connect_failed(reason, now));
+        self.apply(server, t.as_slice(), "connect");
+    }
+
+    /// A client connect to `server` succeeded: brings a down server of
+    /// passive health back (an actively checked one comes back through its
+    /// probes only: a connect proves no role).
+    pub(crate) fn connect_ok(&self, server: &Upstream, now: Instant) {
+        if server.probing().is_some() {
+            return;
+        }
+        let t = server.with_health(|h| h.connect_ok(now));
+        self.apply(server, t.as_slice(), "connect");
+    }
+
+    /// May a connect go to the down, passively checked `server` now?
+    pub(crate) fn take_trial(&self, server: &Upstream, now: Instant) -> bool {
+        server.with_health(|h| h.take_trial(now))
+    }
+
+    fn apply(&self, server: &Upstream, changes: &[Transition], by: &str) {
+        if changes.is_empty() {
+            return;
+        }
+        for t in changes {
+            log_transition(server, t, by);
+        }
+        self.changes.fetch_add(1, Ordering::AcqRel);
+        self.publish();
+    }
+
+    /// Every pool re-evaluates its servers (and shows them in the stats
+    /// file).
+    pub(crate) fn publish(&self) {
+        for pool in self.pools() {
+            pool.refresh();
+        }
+    }
+}
+
+fn log_transition(server: &Upstream, t: &Transition, by: &str) {
+    match t {
+        Transition::Down { reason } => tracing::warn!(
+            upstream = %server.addr,
+            "server marked down after failed {by}s: {reason}"
+        ),
+        Transition::Up { role } => {
+            let role = role.map(|r| format!(" as {r}")).unwrap_or_default();
+            tracing::warn!(upstream = %server.addr, "server is up again{role} (after a good {by})");
+        }
+        Transition::Role { from, to } => {
+            let show = |r: &Reported| match r {
+                Reported::Is(r) => r.to_string(),
+                Reported::Not(r) => format!("not {r}"),
+            };
+            let from = from.as_ref().map_or("unknown".to_string(), show);
+            tracing::warn!(
+                upstream = %server.addr,
+                "server reports role {} (was {from})",
+                show(to)
+            );
+        }
+        // Logged per probe by `observe`.
+        Transition::CheckError { .. } => {}
+        Transition::CheckOk => {
+            tracing::warn!(upstream = %server.addr, "health check works again")
+        }
+    }
+}
