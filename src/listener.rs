@@ -56,6 +56,9 @@ struct State {
     /// Where its servers count, so a server kept across a reload keeps
     /// its counters.
     servers: Arc<ServerRegistry>,
+    /// Its slot in the stats file, given back once no listener of this
+    /// identity and no relay of one is left.
+    _slot: Option<Arc<crate::shm::ListenerSlot>>,
 }
 
 /// The name a listener's counters go by in the stats file and metrics.
@@ -96,6 +99,7 @@ impl Listener {
                 sources: Mutex::new(HashMap::new()),
                 counters: counters.blocks,
                 servers: counters.servers,
+                _slot: counters.slot,
             }),
         }
     }
@@ -104,8 +108,16 @@ impl Listener {
     /// makes it: it keeps its id, its counters and its count of live
     /// relays, while relays accepted before keep this one's settings.
     pub(crate) fn successor(&self, config: ListenerConfig) -> Listener {
+        self.heir(self.id, config)
+    }
+
+    /// A listener of the same name added again while this removed one
+    /// still drains: one identity (counters, stats-file row, live count),
+    /// but its own id, so the old relays' drain deadline is not the new
+    /// ones'.
+    pub(crate) fn heir(&self, id: ListenerId, config: ListenerConfig) -> Listener {
         Listener {
-            id: self.id,
+            id,
             pool: Pool::new(
                 &config.name,
                 &config.pool,

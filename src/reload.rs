@@ -21,7 +21,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use crate::config::{Config, ListenerConfig};
@@ -284,6 +284,10 @@ impl Reloader {
             .collect();
         let plan = plan(&old, &effective.listeners);
         let mut next_id = state.next_id;
+        let draining: Vec<Arc<Listener>> = {
+            let set = state.set.lock().unwrap_or_else(|p| p.into_inner());
+            set.retired.iter().filter_map(Weak::upgrade).collect()
+        };
         let listeners: Vec<Arc<Listener>> = effective
             .listeners
             .iter()
@@ -293,14 +297,16 @@ impl Reloader {
                 Fate::Changed(j) => Arc::new(state.active[j].listener.successor(l.clone())),
                 Fate::New => {
                     next_id += 1;
-                    // The file has room kept for listeners a reload adds.
-                    let counters = state.arena.add_listener(&l.name);
-                    Arc::new(Listener::new(
-                        ListenerId(next_id - 1),
-                        l.clone(),
-                        counters,
-                        &state.fleet,
-                    ))
+                    let id = ListenerId(next_id - 1);
+                    match draining.iter().find(|d| d.config.name == l.name) {
+                        Some(d) => Arc::new(d.heir(id, l.clone())),
+                        None => {
+                            // The file has room kept for listeners a
+                            // reload adds (and takes back those it freed).
+                            let counters = state.arena.add_listener(&l.name);
+                            Arc::new(Listener::new(id, l.clone(), counters, &state.fleet))
+                        }
+                    }
                 }
             })
             .collect();
@@ -391,8 +397,13 @@ impl Reloader {
         {
             let mut set = state.set.lock().unwrap_or_else(|p| p.into_inner());
             for &j in &plan.removed {
-                set.retired.push(Arc::clone(&state.active[j].listener));
+                set.retired.push(Arc::downgrade(&state.active[j].listener));
             }
+            // Gone with their last relay, or back under the same name.
+            set.retired.retain(|l| {
+                l.upgrade()
+                    .is_some_and(|l| !listeners.iter().any(|n| n.config.name == l.config.name))
+            });
             set.current = listeners.clone();
         }
         state.active = active;

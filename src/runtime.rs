@@ -99,8 +99,10 @@ pub struct Runtime {
 pub(crate) struct ListenerSet {
     /// In config order.
     pub(crate) current: Vec<Arc<Listener>>,
-    /// Removed by a reload; their counters still count in the totals.
-    pub(crate) retired: Vec<Arc<Listener>>,
+    /// Removed by a reload, while relays of theirs live: their counters
+    /// count in the totals until the last one closes, when their rows
+    /// leave the stats file too.
+    pub(crate) retired: Vec<std::sync::Weak<Listener>>,
 }
 
 /// Settings of a runtime started for handoffs; see [`Runtime::builder`].
@@ -275,10 +277,11 @@ impl Runtime {
     /// Counters summed over all workers, listeners and handed-off pairs.
     pub fn stats(&self) -> Stats {
         let set = self.listener_set();
+        let retired: Vec<Arc<Listener>> = set.retired.iter().filter_map(|l| l.upgrade()).collect();
         let listeners = set
             .current
             .iter()
-            .chain(&set.retired)
+            .chain(&retired)
             .chain([&self.handoff_listener])
             .map(|l| l.stats());
         let workers = Stats::sum(self.workers.iter().map(|w| &*w.counters));

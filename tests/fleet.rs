@@ -158,7 +158,7 @@ fn tcp_check_takes_a_server_that_refuses_out_of_the_pool() {
 }
 
 #[test]
-fn http_check_downs_a_server_whose_agent_answers_503() {
+fn http_check_excludes_a_server_whose_agent_answers_503_on_a_role_path() {
     let agent = |status: &'static str| {
         serve(move |mut s: TcpStream| {
             let mut buf = [0u8; 1024];
@@ -178,9 +178,10 @@ fn http_check_downs_a_server_whose_agent_answers_503() {
         hc.path = Some("/primary".into());
     });
     let p = h.local_addr();
-    wait_until(T, "the 503 server is down", || {
-        h.stats().health_probe_failures >= 2
-    });
+    // A 503 on a role path is an answer ("not primary"), not a failure:
+    // it excludes the server at its first probe.
+    wait_until(T, "both servers probed", || h.stats().health_probes >= 2);
+    assert_eq!(h.stats().health_probe_failures, 0);
     // Every new connection now reaches the 200 server, which answers a
     // request with its status line.
     for _ in 0..4 {

@@ -203,6 +203,28 @@ pub(crate) enum State {
     Stopped = 3,
 }
 
+/// A listener slot held by a listener's counters; given back on drop.
+pub(crate) struct ListenerSlot {
+    arena: Arc<Arena>,
+    index: usize,
+    name: String,
+}
+
+impl std::fmt::Debug for ListenerSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerSlot")
+            .field("index", &self.index)
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl Drop for ListenerSlot {
+    fn drop(&mut self) {
+        self.arena.free_listener(self.index, &self.name);
+    }
+}
+
 /// The mapping every counter block of one runtime lives in.
 pub(crate) struct Arena {
     map: Arc<MmapRaw>,
@@ -219,6 +241,8 @@ struct Slots {
     servers_used: usize,
     /// Server slots below `servers_used` given back, lowest first.
     free_servers: BTreeSet<usize>,
+    /// Listener slots given back, with the name they had.
+    free_listeners: Vec<(usize, String)>,
     /// A "no room" warning was logged already.
     warned: bool,
 }
@@ -332,27 +356,43 @@ impl Arena {
 
     /// The counters of listener slot `listener` (one of the names the
     /// arena was made with): one block per worker, and its servers' slots.
+    /// The slot is given back when the last holder of its counters goes.
     pub(crate) fn listener_counters(self: &Arc<Self>, listener: usize) -> ListenerCounters {
         assert!(listener < self.slots().listeners_used);
         let blocks = (0..self.shape.workers)
             .map(|w| Placed::new(&self.map, self.shape.listener_block_at(listener, w)))
             .collect();
+        let name = read_name(&words(&self.map)[self.shape.name_at(listener)..]);
         ListenerCounters {
             blocks,
             servers: Arc::new(ServerRegistry::new(
                 Some((Arc::clone(self), listener)),
                 self.shape.workers,
             )),
+            slot: Some(Arc::new(ListenerSlot {
+                arena: Arc::clone(self),
+                index: listener,
+                name,
+            })),
         }
     }
 
-    /// Counters for a listener a reload adds, in the next free listener
-    /// slot; in anonymous memory (with a warning) when none is left.
+    /// Counters for a listener a reload adds: the slot a listener of the
+    /// same name gave back (its counters go on: one identity per name),
+    /// else any slot given back (zeroed), else the next never used; in
+    /// anonymous memory (with a warning) when none is left.
     pub(crate) fn add_listener(self: &Arc<Self>, name: &str) -> ListenerCounters {
         let slot = {
             let mut slots = self.slots();
-            let free = slots.listeners_used < self.shape.listeners;
-            if free {
+            let same = slots.free_listeners.iter().position(|(_, n)| n == name);
+            if let Some(at) = same.or((!slots.free_listeners.is_empty()).then_some(0)) {
+                let (index, old) = slots.free_listeners.remove(at);
+                if old != name {
+                    self.zero_listener(index);
+                }
+                self.name_listener(index, name);
+                Some(index)
+            } else if slots.listeners_used < self.shape.listeners {
                 self.name_listener(slots.listeners_used, name);
                 slots.listeners_used += 1;
                 words(&self.map)[H_LISTENERS_USED]
@@ -366,6 +406,23 @@ impl Arena {
         match slot {
             Some(i) => self.listener_counters(i),
             None => ListenerCounters::detached(self.shape.workers),
+        }
+    }
+
+    /// Gives a listener slot back: readers no longer list it (its name is
+    /// cleared); a later listener of the same name takes it again.
+    fn free_listener(&self, index: usize, name: &str) {
+        write_name(&words(&self.map)[self.shape.name_at(index)..], "");
+        self.slots().free_listeners.push((index, name.to_string()));
+    }
+
+    fn zero_listener(&self, index: usize) {
+        let w = words(&self.map);
+        for worker in 0..self.shape.workers {
+            let at = self.shape.listener_block_at(index, worker);
+            for word in &w[at..at + BLOCK_WORDS] {
+                word.store(0, Ordering::Relaxed);
+            }
         }
     }
 

@@ -163,6 +163,8 @@ impl Drop for ServerCounters {
 pub(crate) struct ListenerCounters {
     pub(crate) blocks: Box<[Block]>,
     pub(crate) servers: Arc<ServerRegistry>,
+    /// Its slot in the stats file, given back when the last holder goes.
+    pub(crate) slot: Option<Arc<super::ListenerSlot>>,
 }
 
 impl ListenerCounters {
@@ -171,6 +173,7 @@ impl ListenerCounters {
         ListenerCounters {
             blocks: (0..workers).map(|_| super::detached_block()).collect(),
             servers: Arc::new(ServerRegistry::new(None, workers)),
+            slot: None,
         }
     }
 }

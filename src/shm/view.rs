@@ -210,13 +210,27 @@ pub(super) fn read(w: &[AtomicU64]) -> io::Result<Snapshot> {
                 .collect(),
         });
     }
-    // The handoff pseudo-listener goes last, after listeners a reload added.
-    if let Some(h) = (get(H_HANDOFF) as usize).checked_sub(1) {
-        if h < listeners.len() {
-            let handoff = listeners.remove(h);
-            listeners.push(handoff);
+    // The handoff pseudo-listener goes last, after listeners a reload
+    // added; slots given back have no name: nothing to show.
+    let handoff = (get(H_HANDOFF) as usize).checked_sub(1);
+    let mut handed = None;
+    let mut index = 0;
+    listeners.retain_mut(|l| {
+        let at = index;
+        index += 1;
+        if Some(at) == handoff {
+            handed = Some(std::mem::replace(
+                l,
+                ListenerSnapshot {
+                    name: String::new(),
+                    workers: Vec::new(),
+                },
+            ));
+            return false;
         }
-    }
+        !l.name.is_empty()
+    });
+    listeners.extend(handed);
     Ok(Snapshot {
         pid: get(H_PID) as u32,
         started_unix: get(H_START_UNIX),
