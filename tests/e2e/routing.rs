@@ -208,13 +208,27 @@ pub fn longest_outage(attempts: &[Attempt]) -> Duration {
     worst
 }
 
-/// `cond` holds `n` times in a row (for [`crate::common::wait_until`]):
-/// a routing that has settled, not one lucky answer.
-pub fn in_a_row(n: usize, mut cond: impl FnMut() -> bool) -> impl FnMut() -> bool {
-    let mut run = 0;
-    move || {
-        run = if cond() { run + 1 } else { 0 };
-        run >= n
+/// Polls `attempt` until it returns `Ok` `n` times in a row (a routing
+/// that has settled, not one lucky answer); panics naming `what` and the
+/// last answer after `timeout`.
+pub fn settle_on(
+    timeout: Duration,
+    n: usize,
+    what: &str,
+    mut attempt: impl FnMut() -> Result<(), String>,
+) {
+    let deadline = Instant::now() + timeout;
+    let (mut run, mut last) = (0, String::new());
+    while run < n {
+        match attempt() {
+            Ok(()) => run += 1,
+            Err(e) => (run, last) = (0, e),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting until {what}; last answer: {last}"
+        );
+        crate::common::poll_pause();
     }
 }
 

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{
-    failover_bound, in_a_row, longest_outage, ms, pg_login, probe_lag, tally, Attempt, ClientLoop,
+    failover_bound, settle_on, longest_outage, ms, pg_login, probe_lag, tally, Attempt, ClientLoop,
     ListenerToml, Seen, CLIENT_TIMEOUT, INTERVAL,
 };
 use crate::common::{exit_within, measure_window, wait_until};
@@ -31,11 +31,10 @@ fn who(pg: &Pg, recovery: bool) -> String {
 /// Waits until six fresh connections in a row through `addr` are answered
 /// by `want` ("t|PORT"/"f|PORT").
 fn settle(addr: SocketAddr, want: &str, what: &str) {
-    wait_until(
-        Duration::from_secs(15),
-        what,
-        in_a_row(6, || ask(addr, WHO).ok().as_deref() == Some(want)),
-    );
+    settle_on(Duration::from_secs(15), 6, what, || match ask(addr, WHO) {
+        Ok(v) if v == want => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
 }
 
 fn served_values(attempts: &[Attempt]) -> Vec<&str> {

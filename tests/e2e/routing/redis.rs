@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{
-    failover_bound, in_a_row, ms, probe_lag, tally, ClientLoop, ListenerToml, Seen, CLIENT_TIMEOUT,
+    failover_bound, settle_on, ms, probe_lag, tally, ClientLoop, ListenerToml, Seen, CLIENT_TIMEOUT,
 };
 use crate::common::{measure_window, wait_until};
 use crate::fixture::{free_port, loopback, redis_bin, Proxy, Redis, RespConn, TempDir};
@@ -33,11 +33,13 @@ fn open_relay(addr: SocketAddr, name: &str) -> (RespConn, u16) {
 }
 
 fn settle(addr: SocketAddr, want: u16, what: &str) {
-    wait_until(
-        Duration::from_secs(10),
-        what,
-        in_a_row(6, || port_via(addr) == Some(want)),
-    );
+    settle_on(Duration::from_secs(10), 6, what, || {
+        let got = RespConn::connect(addr, CLIENT_TIMEOUT).and_then(|mut c| c.server_port());
+        match got {
+            Ok(p) if p == want => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
 }
 
 fn listener(port: u16, servers: &[u16], role: &str, pool_extra: &str) -> String {
