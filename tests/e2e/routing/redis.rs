@@ -122,7 +122,7 @@ fn redis_promote_then_demote_holds_both_claimants() {
     let seen_both = promoted + probe_lag();
     let acked_by_a: Vec<_> = writes
         .iter()
-        .filter(|w| w.end > seen_both && w.seen.served() == Some(pa.as_str()))
+        .filter(|w| w.start > seen_both && w.seen.served() == Some(pa.as_str()))
         .map(|w| ms(promoted, w.end))
         .collect();
     assert!(
@@ -137,6 +137,17 @@ fn redis_promote_then_demote_holds_both_claimants() {
     assert!(
         served_in_window.is_empty(),
         "relays were served while A and B both claimed master: {served_in_window:?}"
+    );
+    // A wrong role takes A out at the probe that sees it (no waiting for
+    // `fall`): no SET reaches the demoted A later than one probe lag.
+    let read_only: Vec<_> = writes
+        .iter()
+        .filter(|w| w.start > demoted + probe_lag() && matches!(w.seen, Seen::ReadOnly(_)))
+        .map(|w| ms(demoted, w.start))
+        .collect();
+    assert!(
+        read_only.is_empty(),
+        "SETs reached the demoted A (READONLY) later than one probe after the demotion (ms after it): {read_only:?}"
     );
     let first_on_b = first_on_b.expect("no SET reached B after the switch");
     assert!(
