@@ -232,6 +232,11 @@ pub fn settle_on(
     }
 }
 
+/// The first few items, for a failure message.
+pub fn first<T>(items: &[T]) -> &[T] {
+    &items[..items.len().min(8)]
+}
+
 /// Milliseconds from `t0` to `t` (negative if before), for printing.
 pub fn ms(t0: Instant, t: Instant) -> i64 {
     if t >= t0 {
