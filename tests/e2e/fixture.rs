@@ -59,3 +59,85 @@ pub fn write_secret(dir: &TempDir, name: &str, secret: &str) -> PathBuf {
     std::fs::write(&p, format!("{secret}\n")).unwrap();
     p
 }
+
+/// The fixture itself: every server starts, answers as it should, changes
+/// role on request and stops; spliced starts, reloads and serves /metrics.
+/// Independent of the routing rules.
+#[test]
+#[ignore = "starts real servers: make e2e"]
+fn fixture_starts_and_stops_every_server() {
+    use std::time::Duration;
+    let test = "fixture_starts_and_stops_every_server";
+    let (Some(pg), Some(redis)) = (pg_bin(test), redis_bin(test)) else {
+        return;
+    };
+    let dir = TempDir::new("e2e-fixture");
+
+    let (mut primary, replica) = primary_and_replica(&pg, &dir, "mon-pw");
+    assert_eq!(primary.psql("SELECT pg_is_in_recovery()"), "f");
+    assert_eq!(replica.psql("SELECT pg_is_in_recovery()"), "t");
+    let t = Duration::from_secs(5);
+    let mut monitor = PgConn::connect(replica.addr(), MONITOR_USER, Some("mon-pw"), t)
+        .expect("the monitor logs in by SCRAM");
+    assert_eq!(
+        monitor.query_line("SELECT current_user").unwrap(),
+        "monitor"
+    );
+    let wrong = PgConn::connect(primary.addr(), MONITOR_USER, Some("nope"), t);
+    assert_eq!(
+        wrong
+            .err()
+            .and_then(|e| e.code().map(String::from))
+            .as_deref(),
+        Some("28P01")
+    );
+    replica.promote();
+    replica.psql("CHECKPOINT");
+    assert_eq!(replica.psql("SELECT pg_is_in_recovery()"), "f");
+    assert_eq!((primary.timeline(), replica.timeline()), (Some(1), Some(2)));
+    primary.stop_immediate();
+    assert!(std::net::TcpStream::connect(primary.addr()).is_err());
+    primary.start();
+    assert_eq!(primary.psql("SELECT 1"), "1");
+
+    let master = Redis::master(&redis, &dir, "redis-m", Some("pw"));
+    let copy = Redis::replica_of(&redis, &dir, "redis-r", &master);
+    assert_eq!(
+        (master.role(), copy.role()),
+        ("master".into(), "slave".into())
+    );
+    let mut named = master.connect().unwrap();
+    named.cmd(&["CLIENT", "SETNAME", "probe-1"]).unwrap();
+    assert_eq!(named.server_port().unwrap(), master.port);
+    assert_eq!(master.clients_named("probe-"), 1);
+    copy.promote();
+    assert_eq!(copy.role(), "master");
+
+    if let Some(db) = Mariadb::start(test, &dir, "mariadb") {
+        assert!(std::net::TcpStream::connect(db.addr()).is_ok());
+    }
+
+    let port = free_port();
+    let config = |timeout: &str| {
+        format!(
+            "[defaults]\nconnect-timeout = \"{timeout}\"\n\
+             [[listener]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\n\
+             [listener.pool]\nservers = [\"127.0.0.1:{}\"]\n\
+             [listener.pool.health]\ncheck = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"100ms\"\n",
+            master.port
+        )
+    };
+    let proxy = Proxy::start(&dir, "fixture", &config("5s"));
+    proxy.reload(&config("4s"));
+    let mut via = RespConn::connect(loopback(port), t).unwrap();
+    via.cmd(&["AUTH", "pw"]).unwrap();
+    assert_eq!(via.server_port().unwrap(), master.port);
+    let server = master.addr().to_string();
+    assert_eq!(
+        proxy.metric(
+            "spliced_server_up",
+            &[("listener", "r"), ("server", &server)]
+        ),
+        Some(1.0)
+    );
+}
