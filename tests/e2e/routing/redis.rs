@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::{
     failover_bound, first, ms, probe_lag, settle_on, tally, ClientLoop, ListenerToml, Seen,
-    CLIENT_TIMEOUT,
+    CLIENT_TIMEOUT, INTERVAL,
 };
 use crate::common::{measure_window, wait_until};
 use crate::fixture::{free_port, loopback, redis_bin, Proxy, Redis, RespConn, TempDir};
@@ -225,6 +225,79 @@ fn redis_relays_accepted_before_a_reload_are_killed_on_demotion() {
         open.is_empty(),
         "relays {open:?} to the demoted A (accepted before a reload) were still open {:?} after the demotion",
         failover_bound()
+    );
+    // A is out for its role, and its last answer's role shows while it is.
+    let server = a.addr().to_string();
+    let sample = |name: &str, label: (&'static str, &'static str)| {
+        proxy.metric(name, &[("listener", "redis"), ("server", &server), label])
+    };
+    wait_until(
+        Duration::from_secs(2),
+        "A shows state wrong-role and role replica",
+        || {
+            sample("spliced_server_state", ("state", "wrong-role")) == Some(1.0)
+                && sample("spliced_server_role", ("role", "replica")) == Some(1.0)
+        },
+    );
+}
+
+#[test]
+#[ignore = "starts real servers: make e2e"]
+fn redis_new_server_waits_for_its_role() {
+    let Some(bin) = redis_bin("redis_new_server_waits_for_its_role") else {
+        return;
+    };
+    let dir = TempDir::new("e2e-redis-new-server");
+    let a = Redis::master(&bin, &dir, "redis-a", None);
+    let b = Redis::replica_of(&bin, &dir, "redis-b", &a);
+    let port = free_port();
+    let kill = "on-down = \"kill\"";
+    let proxy = Proxy::start(
+        &dir,
+        "redis-new-server",
+        &listener(port, &[a.port], "primary", kill),
+    );
+    let addr = loopback(port);
+    settle(addr, a.port, "the listener reaches master A");
+    let reads = ClientLoop::spawn(Duration::from_millis(2), move || {
+        Seen::of(
+            RespConn::connect(addr, CLIENT_TIMEOUT)
+                .and_then(|mut c| c.server_port())
+                .map(|p| p.to_string()),
+        )
+    });
+    // The replica joins the primary pool: no relay may reach it, not even
+    // before its first probe.
+    let reloaded = Instant::now();
+    proxy.reload(&listener(port, &[a.port, b.port], "primary", kill));
+    measure_window(INTERVAL * 5);
+    let reads = reads.finish();
+    let (pa, pb) = (a.port.to_string(), b.port.to_string());
+    let on_b: Vec<_> = reads
+        .iter()
+        .filter(|r| r.seen.served() == Some(pb.as_str()))
+        .map(|r| ms(reloaded, r.start))
+        .collect();
+    eprintln!(
+        "redis new server: {}; {} reached the replica B added by the reload",
+        tally(&reads),
+        on_b.len()
+    );
+    assert!(
+        on_b.is_empty(),
+        "{} relays reached the replica B added to a primary pool (ms after the reload): {:?}",
+        on_b.len(),
+        first(&on_b)
+    );
+    let failed: Vec<_> = reads
+        .iter()
+        .filter(|r| r.seen.served() != Some(pa.as_str()))
+        .map(|r| (ms(reloaded, r.start), r.seen.clone()))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "clients of A failed across the reload: {:?}",
+        first(&failed)
     );
 }
 
