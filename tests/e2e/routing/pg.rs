@@ -116,7 +116,7 @@ fn pg_reloads_keep_writes_on_primary_and_reads_on_replica() {
             "-n",
             "-S",
             "-T",
-            "10",
+            "6",
             "-c",
             "2",
             "-j",
@@ -128,6 +128,7 @@ fn pg_reloads_keep_writes_on_primary_and_reads_on_replica() {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // About as long as the 50 reloads take.
     let bench = bench.spawn().expect("start pgbench");
     let writes = ClientLoop::spawn(Duration::from_millis(5), move || {
         Seen::of(ask(
