@@ -19,7 +19,9 @@
 //! - [`Mariadb::start`].
 //! - [`Proxy::start`]: `spliced run --config FILE --admin ... --workers 2`;
 //!   [`Proxy::reload`] rewrites the file and SIGHUPs, returning once the
-//!   reload is logged; [`Proxy::metric`] reads one sample of /metrics;
+//!   reload is logged ([`Proxy::reload_by_name`]: by `spliced reload
+//!   --name`); [`Proxy::metric`] reads one sample of /metrics;
+//!   [`Proxy::cli`] runs `spliced stats` and friends beside it;
 //!   [`Proxy::check`] runs `spliced check`.
 //! - [`PgConn`] and [`RespConn`]: clients that tell which server answered
 //!   (`current_setting('port')`, `INFO server`'s `tcp_port`) and how a
@@ -129,6 +131,7 @@ fn fixture_starts_and_stops_every_server() {
     };
     let proxy = Proxy::start(&dir, "fixture", &config("5s"));
     proxy.reload(&config("4s"));
+    proxy.reload_by_name(&config("3s"));
     let mut via = RespConn::connect(loopback(port), t).unwrap();
     via.cmd(&["AUTH", "pw"]).unwrap();
     assert_eq!(via.server_port().unwrap(), master.port);
@@ -139,5 +142,10 @@ fn fixture_starts_and_stops_every_server() {
             &[("listener", "r"), ("server", &server)]
         ),
         Some(1.0)
+    );
+    let (st, stats, err) = proxy.cli(&["stats"]);
+    assert!(
+        st.success() && !stats.is_empty(),
+        "spliced stats: {st}\n{err}"
     );
 }
