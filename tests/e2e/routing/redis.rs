@@ -99,13 +99,20 @@ fn redis_promote_then_demote_holds_both_claimants() {
     let writes = writes.finish();
 
     let (pa, pb) = (a.port.to_string(), b.port.to_string());
-    let first_unserved = writes
+    // The window with no client served: from the first attempt after the
+    // promotion that was not served to the next one that was.
+    let after: Vec<_> = writes.iter().filter(|w| w.start > promoted).collect();
+    let gap_from = after.iter().position(|w| w.seen.served().is_none());
+    let gap = gap_from.map(|i| {
+        let until = after[i..].iter().find(|w| w.seen.served().is_some());
+        (
+            ms(promoted, after[i].start),
+            until.map(|w| ms(promoted, w.end)),
+        )
+    });
+    let first_on_b = after
         .iter()
-        .find(|w| w.start > promoted && w.seen.served().is_none())
-        .map(|w| ms(promoted, w.start));
-    let first_on_b = writes
-        .iter()
-        .find(|w| w.start > promoted && w.seen.served() == Some(pb.as_str()))
+        .find(|w| w.seen.served() == Some(pb.as_str()))
         .map(|w| ms(promoted, w.end));
     let last_on_a = writes
         .iter()
@@ -113,9 +120,9 @@ fn redis_promote_then_demote_holds_both_claimants() {
         .find(|w| w.seen.served() == Some(pa.as_str()))
         .map(|w| ms(promoted, w.end));
     eprintln!(
-        "redis two masters: {}; B promoted at 0 ms, A demoted at {} ms; first unserved client \
-         at {first_unserved:?} ms, last SET acknowledged by A at {last_on_a:?} ms, first SET on \
-         B at {first_on_b:?} ms",
+        "redis two masters: {}; B promoted at 0 ms, A demoted at {} ms; no client served from/until \
+         {gap:?} ms; last SET acknowledged by A at {last_on_a:?} ms, first SET on B at \
+         {first_on_b:?} ms",
         tally(&writes),
         ms(promoted, demoted)
     );
