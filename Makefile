@@ -36,10 +36,13 @@ deps:
 
 # scripts/failover.sh: real failovers through active checks (PostgreSQL
 # primary/replica with promotion, Redis REPLICAOF, MariaDB) and cancel
-# routing (~20 s).
+# routing (~20 s). tests/e2e.rs: role routing judged by the server that
+# answers each client (reloads under load, split brain, two Redis masters,
+# monitor password rotation, prefer-replica), one scenario at a time.
 e2e: build health-real
 	bash scripts/e2e.sh
 	bash scripts/failover.sh
+	SPLICED_REAL_SERVERS=1 $(CARGO) test --release --test e2e -- --ignored --test-threads=1 --nocapture
 
 # Health probes against real Redis, PostgreSQL (trust, md5, SCRAM; primary
 # and a streaming replica) and MariaDB started on 127.0.0.1 (~5 s).

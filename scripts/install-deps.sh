@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # scripts/install-deps.sh: install the Debian packages that the database
-# end-to-end tests (scripts/e2e.sh) and the shell helpers (scripts/lib.sh)
-# drive. Idempotent: installs only what is missing, runs `apt-get update` at
+# end-to-end tests (scripts/e2e.sh, scripts/failover.sh, and the Rust
+# fixture of tests/e2e.rs and tests/health_real.rs) and the shell helpers
+# (scripts/lib.sh) drive. Idempotent: installs only what is missing, runs `apt-get update` at
 # most once and only when needed. Needs root only if something is missing.
 #
-#   PostgreSQL : server (initdb, pg_ctl, postgres), psql and pgbench.
+#   PostgreSQL : server (initdb, pg_ctl, postgres, pg_basebackup), psql and
+#                pgbench.
 #                On Debian bookworm pgbench ships in the *server* package
 #                postgresql-15 (/usr/lib/postgresql/15/bin/pgbench; the
 #                /usr/bin/pgbench wrapper is postgresql-client-common's);
@@ -30,7 +32,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 have_pg() {
     local d
     for d in /usr/lib/postgresql/*/bin; do
-        [[ -x "$d/initdb" && -x "$d/pg_ctl" && -x "$d/postgres" && -x "$d/psql" && -x "$d/pgbench" ]] && return 0
+        [[ -x "$d/initdb" && -x "$d/pg_ctl" && -x "$d/postgres" && -x "$d/pg_basebackup" && -x "$d/psql" && -x "$d/pgbench" ]] && return 0
     done
     return 1
 }
@@ -71,7 +73,7 @@ if [[ "$(id -u)" == 0 ]]; then
 fi
 lib_apt_install "${missing[@]}" || lib_die "install-deps: could not install ${missing[*]}"
 
-have_pg || lib_die "install-deps: PostgreSQL binaries (initdb, pg_ctl, postgres, psql, pgbench) still missing"
+have_pg || lib_die "install-deps: PostgreSQL binaries (initdb, pg_ctl, postgres, pg_basebackup, psql, pgbench) still missing"
 for c in redis-server redis-cli redis-benchmark ss socat runuser mariadb-install-db; do
     command -v "$c" >/dev/null || lib_die "install-deps: $c still missing after install"
 done

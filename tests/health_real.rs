@@ -136,6 +136,13 @@ fn pg_primary(bin: &std::path::Path, dir: &TempDir, port: u16) -> Proc {
     )
     .unwrap();
     let p = pg_start(bin, dir, "primary", port);
+    // It listens before it accepts logins ("starting up", 57P03).
+    let live = spec(Kind::Postgres, WantRole::Any);
+    common::wait_until(
+        Duration::from_secs(30),
+        "the primary accepts logins",
+        || probe_blocking(&live, loopback(port), TIMEOUT).is_up(),
+    );
     let mut c = std::process::Command::new(bin.join("psql"));
     c.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
         .args(["-v", "ON_ERROR_STOP=1", "-q", "-c"])

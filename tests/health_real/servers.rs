@@ -1,5 +1,6 @@
 //! Throwaway database servers on 127.0.0.1, each in its own temp dir, run
 //! as an unprivileged user when the tests run as root, stopped by PID.
+//! Shared by tests/health_real.rs and the fixture of tests/e2e.rs.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -113,7 +114,7 @@ impl TempDir {
     pub fn new(tag: &str) -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
         let p = std::env::temp_dir().join(format!(
-            "spliced-health-{tag}-{}-{}",
+            "spliced-real-{tag}-{}-{}",
             std::process::id(),
             N.fetch_add(1, Ordering::SeqCst)
         ));

@@ -1,0 +1,151 @@
+//! The real-server fixture of the end-to-end tests: PostgreSQL (a primary
+//! and streaming replicas), Redis (masters and replicas), MariaDB, and the
+//! spliced child on a TOML config file, all on 127.0.0.1 under one temp dir
+//! ([`TempDir`], removed on drop), each server run as an unprivileged user
+//! when the tests run as root and stopped by PID when dropped.
+//!
+//! What it offers:
+//! - [`TempDir::new`], [`free_port`], [`loopback`]: the place and the ports.
+//! - [`pg_bin`], [`Pg::primary`], [`Pg::replica_of`] (or
+//!   [`primary_and_replica`]): PostgreSQL with `wal_level = replica`,
+//!   `hot_standby = on`, a [`MONITOR_USER`] role logging in by SCRAM with
+//!   its password, every other login trusted ([`CLIENT_USER`] is the one
+//!   clients use); [`Pg::promote`], [`Pg::stop_immediate`], [`Pg::start`]
+//!   (again), [`Pg::psql`] (output of psql -At), [`Pg::timeline`].
+//! - [`redis_bin`], [`Redis::master`], [`Redis::replica_of`],
+//!   [`Redis::on_port`] + [`Redis::start`] (a server named in a config
+//!   before it runs), [`Redis::promote`] (REPLICAOF NO ONE),
+//!   [`Redis::replicaof`], [`Redis::stop`], [`Redis::clients_named`].
+//! - [`Mariadb::start`].
+//! - [`Proxy::start`]: `spliced run --config FILE --admin ... --workers 2`;
+//!   [`Proxy::reload`] rewrites the file and SIGHUPs, returning once the
+//!   reload is logged ([`Proxy::reload_by_name`]: by `spliced reload
+//!   --name`); [`Proxy::metric`] reads one sample of /metrics;
+//!   [`Proxy::cli`] runs `spliced stats` and friends beside it;
+//!   [`Proxy::check`] runs `spliced check`.
+//! - [`PgConn`] and [`RespConn`]: clients that tell which server answered
+//!   (`current_setting('port')`, `INFO server`'s `tcp_port`) and how a
+//!   failure looked ([`WireError::is_refused`], [`WireError::is_read_only`]).
+//! - [`write_secret`]: a password file.
+//!
+//! A test whose binaries are missing gets `None` from [`pg_bin`] /
+//! [`redis_bin`] / [`Mariadb::start`] (after printing SKIPPED and why)
+//! and returns; under SPLICED_REAL_SERVERS=1 that is a failure instead.
+// Each test file uses a different part of the fixture.
+#![allow(dead_code, unused_imports)]
+
+#[path = "fixture/mariadb.rs"]
+mod mariadb;
+#[path = "fixture/pg.rs"]
+mod pg;
+#[path = "fixture/proxy.rs"]
+mod proxy;
+#[path = "fixture/redis.rs"]
+mod redis;
+#[path = "fixture/wire.rs"]
+mod wire;
+
+use std::path::PathBuf;
+
+pub use self::mariadb::Mariadb;
+pub use self::pg::{pg_bin, primary_and_replica, psql_command, Pg, CLIENT_USER, MONITOR_USER};
+pub use self::proxy::{sample, Proxy};
+pub use self::redis::{redis_bin, Redis};
+pub use self::wire::{info_field, PgConn, Resp, RespConn, Rows, WireError};
+pub use crate::servers::{free_port, loopback, TempDir};
+
+/// Writes `secret` and a newline to `DIR/name` (replacing it) and returns
+/// the path: a `password-file` for a health check.
+pub fn write_secret(dir: &TempDir, name: &str, secret: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, format!("{secret}\n")).unwrap();
+    p
+}
+
+/// The fixture itself: every server starts, answers as it should, changes
+/// role on request and stops; spliced starts, reloads and serves /metrics.
+/// Independent of the routing rules.
+#[test]
+#[ignore = "starts real servers: make e2e"]
+fn fixture_starts_and_stops_every_server() {
+    use std::time::Duration;
+    let test = "fixture_starts_and_stops_every_server";
+    let (Some(pg), Some(redis)) = (pg_bin(test), redis_bin(test)) else {
+        return;
+    };
+    let dir = TempDir::new("e2e-fixture");
+
+    let (mut primary, replica) = primary_and_replica(&pg, &dir, "mon-pw");
+    assert_eq!(primary.psql("SELECT pg_is_in_recovery()"), "f");
+    assert_eq!(replica.psql("SELECT pg_is_in_recovery()"), "t");
+    let t = Duration::from_secs(5);
+    let mut monitor = PgConn::connect(replica.addr(), MONITOR_USER, Some("mon-pw"), t)
+        .expect("the monitor logs in by SCRAM");
+    assert_eq!(
+        monitor.query_line("SELECT current_user").unwrap(),
+        "monitor"
+    );
+    let wrong = PgConn::connect(primary.addr(), MONITOR_USER, Some("nope"), t);
+    assert_eq!(
+        wrong
+            .err()
+            .and_then(|e| e.code().map(String::from))
+            .as_deref(),
+        Some("28P01")
+    );
+    replica.promote();
+    replica.psql("CHECKPOINT");
+    assert_eq!(replica.psql("SELECT pg_is_in_recovery()"), "f");
+    assert_eq!((primary.timeline(), replica.timeline()), (Some(1), Some(2)));
+    primary.stop_immediate();
+    assert!(std::net::TcpStream::connect(primary.addr()).is_err());
+    primary.start();
+    assert_eq!(primary.psql("SELECT 1"), "1");
+
+    let master = Redis::master(&redis, &dir, "redis-m", Some("pw"));
+    let copy = Redis::replica_of(&redis, &dir, "redis-r", &master);
+    assert_eq!(
+        (master.role(), copy.role()),
+        ("master".into(), "slave".into())
+    );
+    let mut named = master.connect().unwrap();
+    named.cmd(&["CLIENT", "SETNAME", "probe-1"]).unwrap();
+    assert_eq!(named.server_port().unwrap(), master.port);
+    assert_eq!(master.clients_named("probe-"), 1);
+    copy.promote();
+    assert_eq!(copy.role(), "master");
+
+    if let Some(db) = Mariadb::start(test, &dir, "mariadb") {
+        assert!(std::net::TcpStream::connect(db.addr()).is_ok());
+    }
+
+    let port = free_port();
+    let config = |timeout: &str| {
+        format!(
+            "[defaults]\nconnect-timeout = \"{timeout}\"\n\
+             [[listener]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\n\
+             [listener.pool]\nservers = [\"127.0.0.1:{}\"]\n\
+             [listener.pool.health]\ncheck = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"100ms\"\n",
+            master.port
+        )
+    };
+    let proxy = Proxy::start(&dir, "fixture", &config("5s"));
+    proxy.reload(&config("4s"));
+    proxy.reload_by_name(&config("3s"));
+    let mut via = RespConn::connect(loopback(port), t).unwrap();
+    via.cmd(&["AUTH", "pw"]).unwrap();
+    assert_eq!(via.server_port().unwrap(), master.port);
+    let server = master.addr().to_string();
+    assert_eq!(
+        proxy.metric(
+            "spliced_server_up",
+            &[("listener", "r"), ("server", &server)]
+        ),
+        Some(1.0)
+    );
+    let (st, stats, err) = proxy.cli(&["stats"]);
+    assert!(
+        st.success() && !stats.is_empty(),
+        "spliced stats: {st}\n{err}"
+    );
+}
