@@ -165,7 +165,11 @@ fn redis_auth_and_noauth() {
         &spec(Kind::Redis, WantRole::Any),
         vec![(b(PING), b("-NOAUTH Authentication required.\r\n"))],
     );
-    assert!(down_reason(v).contains("NOAUTH"));
+    // The check lacks credentials: a check error, not a dead server.
+    assert!(
+        matches!(&v, Verdict::CheckError { reason } if reason.contains("NOAUTH")),
+        "{v:?}"
+    );
 }
 
 #[test]
@@ -272,7 +276,9 @@ fn postgres_md5_login_and_recovery_answer_then_terminate() {
     let salt = [9, 8, 7, 6];
     let mut hash = postgres_protocol::authentication::md5_hash(b"probe", b"pw", salt).into_bytes();
     hash.push(0);
-    let query = pg_msg(b'Q', b"SELECT pg_is_in_recovery()\0");
+    let mut query = spliced::health::POSTGRES_ROLE_QUERY.as_bytes().to_vec();
+    query.push(0);
+    let query = pg_msg(b'Q', &query);
     let (v, rest) = run(
         &s,
         vec![
@@ -376,22 +382,30 @@ fn http_server(status: &'static str) -> (Server, mpsc::Receiver<String>) {
 }
 
 #[test]
-fn http_side_port_2xx_is_up_and_503_down() {
+fn http_side_port_200_on_a_role_path_is_that_role_and_503_is_not() {
     let (patroni, rx) = http_server("200 OK");
     let mut s = spec(Kind::Http, WantRole::Any);
     s.http_path = "/primary".into();
     s.http_port = Some(patroni.addr.port());
     // The server address names the database port; the probe goes to the side port.
     let db: SocketAddr = SocketAddr::new(patroni.addr.ip(), 5432);
-    assert_eq!(probe_blocking(&s, db, TIMEOUT), Verdict::Up { role: None });
+    assert_eq!(
+        probe_blocking(&s, db, TIMEOUT),
+        Verdict::Up {
+            role: Some(Role::Primary)
+        }
+    );
     let req = rx.recv_timeout(TIMEOUT).unwrap();
     assert!(req.starts_with("GET /primary HTTP/1.1\r\n"), "{req}");
 
     let (patroni, _rx) = http_server("503 Service Unavailable");
     s.http_port = Some(patroni.addr.port());
+    // An answer ("not primary"), not a failure.
     assert_eq!(
-        down_reason(probe_blocking(&s, db, TIMEOUT)),
-        "http GET /primary answered 503 Service Unavailable"
+        probe_blocking(&s, db, TIMEOUT),
+        Verdict::NotRole {
+            role: Role::Primary
+        }
     );
 }
 

@@ -115,25 +115,26 @@ fn servers_have_rows(mode: spliced::Mode) {
                 .sum()
         };
         // Every relay but the held one closed.
-        sum(5) == 5 && sum(4) == 1
+        sum(7) == 5 && sum(6) == 1
     });
     assert!(
         last.contains("SERVER") && last.contains("CONNECTS"),
         "{last}"
     );
     for server in [a.addr, b.addr] {
-        // SERVER LISTENER STATE ROLE ACTIVE CONNECTS FAILS C>U/s U>C/s
+        // SERVER LISTENER STATE ROLE REASON CHECK ACTIVE CONNECTS FAILS
+        // C>U/s U>C/s
         let cols = row(&last, &format!("{server} "));
-        assert_eq!(&cols[1..4], ["127.0.0.1:0", "up", "-"], "{last}");
-        assert_eq!(column(&cols, 6), 0, "no failure: {last}");
-        if column(&cols, 5) > 0 {
-            assert_ne!(cols[7..9], ["0", "B"], "bytes/s of a used server: {last}");
+        assert_eq!(&cols[1..6], ["127.0.0.1:0", "up", "-", "-", "-"], "{last}");
+        assert_eq!(column(&cols, 8), 0, "no failure: {last}");
+        if column(&cols, 7) > 0 {
+            assert_ne!(cols[9..11], ["0", "B"], "bytes/s of a used server: {last}");
         }
     }
     let cols = row(&last, &format!("{dead} "));
-    assert_eq!(column(&cols, 5), 0, "{last}");
+    assert_eq!(column(&cols, 7), 0, "{last}");
     assert!(
-        column(&cols, 6) >= 1,
+        column(&cols, 8) >= 1,
         "the refusing server's failures: {last}"
     );
     drop(held);

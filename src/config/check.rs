@@ -77,10 +77,13 @@ struct Pool {
 }
 
 #[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
 struct Server {
     address: String,
     weight: u32,
     backup: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    check_port: Option<u16>,
 }
 
 #[derive(Serialize)]
@@ -156,6 +159,7 @@ fn listener(l: &ListenerConfig) -> Listener {
                     address: s.address.clone(),
                     weight: s.weight,
                     backup: s.backup,
+                    check_port: s.check_port,
                 })
                 .collect(),
             // Without an active check only `fall` and `interval` (the

@@ -254,6 +254,12 @@ impl Config {
                 )));
             }
             let h = &l.pool.health;
+            if h.check == Some(Check::Http) && h.role != Role::Any {
+                return Err(ConfigError(format!(
+                    "listener '{}': an http check takes the role from its path (e.g. path = \"/primary\")",
+                    l.name
+                )));
+            }
             if matches!(h.check, Some(Check::Tcp | Check::Mysql)) && h.role != Role::Any {
                 return Err(ConfigError(format!(
                     "listener '{}': a {} check cannot tell roles: use redis, postgres or http",

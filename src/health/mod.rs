@@ -24,6 +24,7 @@ use std::str::FromStr;
 
 pub use conn::{probe_blocking, ProbeConn};
 pub use http::path_role;
+pub use postgres::QUERY as POSTGRES_ROLE_QUERY;
 pub use state::{HealthParams, HealthState, Reported, Transition};
 
 /// Replies longer than this end the probe: a health check never needs

@@ -25,8 +25,7 @@ pub(super) const DEFAULT_USER: &str = "postgres";
 /// The database when the check names none: the maintenance database every
 /// cluster has (libpq would pick the user's name, which often does not exist).
 pub(super) const DEFAULT_DATABASE: &str = "postgres";
-pub(super) const QUERY: &str =
-    "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN NULL \
+pub const QUERY: &str = "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN NULL \
      ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END";
 /// SQLSTATEs that mean the check's own login is wrong, not the server.
 const CHECK_ERRORS: [&str; 4] = ["28P01", "28000", "3D000", "42501"];
