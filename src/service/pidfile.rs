@@ -23,7 +23,11 @@ pub enum PidFileError {
     /// The directory could be written by another user.
     UnsafeDir(UnsafeDir),
     /// A live spliced of this user already runs under the name.
-    Running { name: String, pid: i32, path: PathBuf },
+    Running {
+        name: String,
+        pid: i32,
+        path: PathBuf,
+    },
     /// The pid file names a process that is not a spliced of this user.
     NotOurs {
         name: String,
@@ -202,10 +206,9 @@ pub fn read_pid(name: &str) -> Result<i32, PidFileError> {
         path: path.clone(),
         source: match e {
             ReadError::Missing => io::ErrorKind::NotFound.into(),
-            ReadError::Garbled(text) => io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("not a pid: {text:?}"),
-            ),
+            ReadError::Garbled(text) => {
+                io::Error::new(io::ErrorKind::InvalidData, format!("not a pid: {text:?}"))
+            }
             ReadError::Io(e) => e,
         },
     })?;
@@ -246,7 +249,10 @@ fn our_spliced(pid: i32) -> Result<(), String> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err("is not running".into()),
         Err(e) => return Err(format!("cannot be inspected ({e})")),
     };
-    if status.lines().any(|l| l.starts_with("State:") && l.contains("zombie")) {
+    if status
+        .lines()
+        .any(|l| l.starts_with("State:") && l.contains("zombie"))
+    {
         return Err("is not running (a zombie)".into());
     }
     let me = nix::unistd::geteuid();

@@ -89,7 +89,7 @@ pub fn check(dir: &Path) -> Result<(), UnsafeDir> {
     let owner = Uid::from_raw(meta.uid());
     if owner != me && !(me.is_root() && made_by_root(dir)) {
         return Err(refuse(format!(
-            "it is owned by {}, not by this user ({}); remove it, or set XDG_RUNTIME_DIR or RUNTIME_DIRECTORY to a directory of this user's",
+            "it is owned by {}, not by {}, the user running spliced; remove it, or set XDG_RUNTIME_DIR or RUNTIME_DIRECTORY to a directory of this user's",
             who(owner),
             who(me)
         )));
@@ -115,7 +115,7 @@ fn made_by_root(dir: &Path) -> bool {
 /// `uid N (name)`.
 fn who(uid: Uid) -> String {
     match User::from_uid(uid) {
-        Ok(Some(user)) => format!("uid {uid} ({})", user.name),
+        Ok(Some(user)) => format!("{} (uid {uid})", user.name),
         _ => format!("uid {uid}"),
     }
 }
