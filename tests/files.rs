@@ -3,7 +3,7 @@
 //! under a live name, and the stats file's mode and group.
 //!
 //! The non-root cases run the binary as `nobody` (uid/gid set on the
-//! command, a clean environment without XDG_RUNTIME_DIR) while the test,
+//! command, without XDG_RUNTIME_DIR or RUNTIME_DIRECTORY) while the test,
 //! as root, plants directories and files as another user. Without root
 //! they are skipped, saying so.
 
