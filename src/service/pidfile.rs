@@ -122,7 +122,7 @@ impl PidFile {
                     "replacing a stale pid file: pid {pid} {why}"
                 ),
             },
-            Err(ReadError::Missing) => {}
+            Err(ReadError::Missing(_)) => {}
             Err(ReadError::Garbled(text)) => tracing::warn!(
                 path = %path.display(),
                 "replacing a pid file that holds no pid: {text:?}"
@@ -193,19 +193,15 @@ impl Drop for PidFile {
 pub fn read_pid(name: &str) -> Result<i32, PidFileError> {
     let dir = pid_dir();
     let path = path_in(&dir, name);
-    if !dir.exists() {
-        return Err(PidFileError::Io {
-            op: "read",
-            path,
-            source: io::ErrorKind::NotFound.into(),
-        });
+    // A missing directory is a missing file: said as such below.
+    if dir.exists() {
+        rundir::check(&dir).map_err(PidFileError::UnsafeDir)?;
     }
-    rundir::check(&dir).map_err(PidFileError::UnsafeDir)?;
     let pid = read_in(&path).map_err(|e| PidFileError::Io {
         op: "read",
         path: path.clone(),
         source: match e {
-            ReadError::Missing => io::ErrorKind::NotFound.into(),
+            ReadError::Missing(e) => e,
             ReadError::Garbled(text) => {
                 io::Error::new(io::ErrorKind::InvalidData, format!("not a pid: {text:?}"))
             }
@@ -222,14 +218,14 @@ pub fn read_pid(name: &str) -> Result<i32, PidFileError> {
 }
 
 enum ReadError {
-    Missing,
+    Missing(io::Error),
     Garbled(String),
     Io(io::Error),
 }
 
 fn read_in(path: &Path) -> Result<i32, ReadError> {
     let text = fs::read_to_string(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => ReadError::Missing,
+        io::ErrorKind::NotFound => ReadError::Missing(e),
         _ => ReadError::Io(e),
     })?;
     text.trim()

@@ -252,8 +252,15 @@ pub fn run_bin(args: &[&str], timeout: Duration) -> (Option<ExitStatus>, String,
     run_cmd(cmd, timeout)
 }
 
-/// Runs `cmd` to completion like [`run_bin`].
+/// Runs `cmd` to completion like [`run_bin`]; without a RUNTIME_DIRECTORY
+/// of its own, in a fresh one (as [`Spliced::spawn`]).
 pub fn run_cmd(mut cmd: Command, timeout: Duration) -> (Option<ExitStatus>, String, String) {
+    let mut own_dir = None;
+    if !cmd.get_envs().any(|(k, _)| k == "RUNTIME_DIRECTORY") {
+        let dir = own_run_dir();
+        cmd.env("RUNTIME_DIRECTORY", &dir);
+        own_dir = Some(dir);
+    }
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -282,5 +289,8 @@ pub fn run_cmd(mut cmd: Command, timeout: Duration) -> (Option<ExitStatus>, Stri
     }
     let stdout = out_t.join().unwrap();
     let stderr = strip_ansi(&err_t.join().unwrap());
+    if let Some(dir) = own_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     (status, stdout, stderr)
 }
