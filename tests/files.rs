@@ -462,3 +462,41 @@ fn a_stats_group_that_cannot_be_used_is_refused() {
     assert!(err.contains("to group 'root'"), "{err}");
     assert!(!own.join("nonmember.stats").exists(), "no stats file left");
 }
+
+/// Root trusts a directory it handed to another user (`--user`, systemd's
+/// `User=`) inside one only root can write, and starts again in it; the
+/// same user's directory directly in /tmp, which anyone can write, is
+/// refused.
+#[test]
+fn root_accepts_another_users_directory_only_inside_its_own() {
+    if !is_root() {
+        println!("skipped: the root case needs the test to run as root");
+        return;
+    }
+    let user = nobody();
+    let up = echo_server();
+    let parent = temp_dir("handed");
+    let handed = parent.join("run");
+    std::fs::create_dir(&handed).unwrap();
+    chown(&handed, &user);
+    chmod(&handed, 0o755);
+    let s = Spliced::spawn(run_named(&handed, "handed", up.addr));
+    let pid = std::fs::read_to_string(handed.join("spliced-handed.pid")).unwrap();
+    assert_eq!(pid.trim(), s.pid().to_string());
+    drop(s);
+
+    // /tmp itself, whatever TMPDIR says: a directory anyone can write.
+    let in_tmp = PathBuf::from(format!("/tmp/spliced-files-in-tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&in_tmp);
+    std::fs::create_dir(&in_tmp).unwrap();
+    chmod(&in_tmp, 0o755);
+    chown(&in_tmp, &user);
+    let (status, err) = refused(run_named(&in_tmp, "handed", up.addr));
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("refusing the pid directory {}", in_tmp.display())),
+        "{err}"
+    );
+    assert!(err.contains("owned by nobody"), "{err}");
+    let _ = std::fs::remove_dir_all(&in_tmp);
+}
