@@ -257,7 +257,7 @@ mod tests {
     fn listener(tweak: impl FnOnce(&mut ListenerConfig)) -> Arc<Listener> {
         let mut c = ListenerConfig::new("127.0.0.1:0".parse().unwrap(), vec![], Mode::Splice);
         tweak(&mut c);
-        let arena = crate::shm::Arena::new(1, &[c.name.clone()], None, 0);
+        let arena = crate::shm::Arena::new(1, &[c.name.clone()], 0);
         Arc::new(Listener::new(
             ListenerId(0),
             c,

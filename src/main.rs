@@ -61,7 +61,8 @@ struct CheckArgs {
 struct RunArgs {
     /// This instance's name: its stats file NAME.stats ('spliced stats --name NAME')
     /// and pid file spliced-NAME.pid ('spliced reload --name NAME') are in
-    /// $RUNTIME_DIRECTORY, /run/spliced for root, else $XDG_RUNTIME_DIR/spliced.
+    /// $RUNTIME_DIRECTORY, /run/spliced for root, else $XDG_RUNTIME_DIR/spliced
+    /// (the pid file: else /tmp/spliced-UID). A NAME a live instance holds is refused.
     #[arg(
         long,
         env = "SPLICED_NAME",
@@ -122,6 +123,10 @@ struct RunArgs {
     /// [default: off].
     #[arg(long, value_name = "ADDR")]
     admin: Option<String>,
+    /// Let this group read the stats file (mode 0640 instead of 0600), e.g.
+    /// for a monitoring agent; replaces the file's [global] stats-group.
+    #[arg(long, value_name = "GROUP")]
+    stats_group: Option<String>,
     /// Log lines as plain text or as one JSON object per line.
     #[arg(long, default_value = "text", value_name = "FORMAT")]
     log_format: LogFormat,
@@ -188,12 +193,17 @@ impl RunArgs {
         Ok(config)
     }
 
-    /// The admin endpoint, the instance name and progress lines; `--admin`
-    /// overrides a config file's `admin`.
+    /// The admin endpoint, the stats group, the instance name and progress
+    /// lines; `--admin` and `--stats-group` override the config file.
     fn apply_ops(&self, config: &mut Config) -> Result<(), String> {
         if let Some(admin) = &self.admin {
             let addrs = config::resolve(admin).map_err(|e| format!("--admin: {e}"))?;
             config.ops.admin = addrs.first().copied();
+        }
+        if let Some(group) = &self.stats_group {
+            let group = spliced::ops::StatsGroup::lookup(group)
+                .map_err(|e| format!("--stats-group: {e}"))?;
+            config.ops.stats_group = Some(group);
         }
         spliced::shm::check_instance_name(&self.name).map_err(|e| format!("--name: {e}"))?;
         config.ops.instance = Some(self.name.clone());

@@ -13,7 +13,31 @@ pub struct Ops {
     /// Keep the counters in the stats file of this instance name (see
     /// [`crate::shm::stats_path`]); `None` keeps them in anonymous memory.
     pub instance: Option<String>,
+    /// The group that may read the stats file (mode 0640); `None` leaves
+    /// it to its owner alone (mode 0600).
+    pub stats_group: Option<StatsGroup>,
     /// Log a progress line for every relay alive longer than this, once per
     /// interval.
     pub log_interval: Option<Duration>,
+}
+
+/// A group, by the name it was given and the id it had when looked up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatsGroup {
+    pub name: String,
+    pub gid: u32,
+}
+
+impl StatsGroup {
+    /// Looks `name` up in the group database.
+    pub fn lookup(name: &str) -> Result<StatsGroup, String> {
+        match nix::unistd::Group::from_name(name) {
+            Ok(Some(group)) => Ok(StatsGroup {
+                name: name.to_string(),
+                gid: group.gid.as_raw(),
+            }),
+            Ok(None) => Err(format!("no group named '{name}' on this system")),
+            Err(e) => Err(format!("cannot look group '{name}' up: {e}")),
+        }
+    }
 }

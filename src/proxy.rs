@@ -79,12 +79,7 @@ fn start_inner(
         .map(listener::name_of)
         .collect();
     let server_entries = config.listeners.iter().map(|l| l.pool.servers.len()).sum();
-    let arena = Arena::new(
-        config.workers,
-        &names,
-        config.ops.instance.as_deref(),
-        server_entries,
-    );
+    let arena = Arena::create(config.workers, &names, &config.ops, server_entries)?;
     let fleet = Fleet::new();
     let runtimes: Vec<Arc<Listener>> = config
         .listeners

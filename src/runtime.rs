@@ -166,12 +166,12 @@ impl RuntimeBuilder {
         let relay_cap = relay_cap(&self.config, nofile);
         let handoff = ListenerConfig::handoff(self.mode, self.timeouts);
         let per_worker = (0..self.config.workers).map(|_| Vec::new()).collect();
-        let arena = Arena::new(
+        let arena = Arena::create(
             self.config.workers,
             &[listener::name_of(&handoff)],
-            self.config.ops.instance.as_deref(),
+            &self.config.ops,
             0,
-        );
+        )?;
         Runtime::spawn(
             Arc::new(self.config),
             arena,

@@ -8,7 +8,7 @@
 use std::process::ExitCode;
 
 use spliced::config::Config;
-use spliced::service::{self, Notify, PidFile};
+use spliced::service::{self, Notify, PidFile, PidFileError};
 use spliced::Reloader;
 
 use super::fail;
@@ -29,19 +29,24 @@ pub(super) fn run(
         Ok(s) => s,
         Err(e) => return fail(&format!("cannot install signal handlers: {e}")),
     };
+    // Before binding: a second instance under a live name must not serve.
+    let pid_file = match PidFile::create(name) {
+        Ok(p) => Some(p),
+        Err(e @ PidFileError::Io { .. }) => {
+            tracing::warn!(error = %e, "no pid file: 'spliced reload --name {name}' cannot find this instance (SIGHUP still reloads)");
+            None
+        }
+        Err(e) => return fail(&e.to_string()),
+    };
+    let stats_gid = config.ops.stats_group.as_ref().map(|g| g.gid);
     let handle = match spliced::start_activated(config) {
         Ok(h) => h,
         Err(e) => return fail(&e.to_string()),
     };
-    let pid_file = match PidFile::create(name) {
-        Ok(p) => Some(p),
-        Err(e) => {
-            tracing::warn!(error = %e, "no pid file: 'spliced reload --name {name}' cannot find this instance (SIGHUP still reloads)");
-            None
-        }
-    };
     if let Some(user) = user {
-        // Without the file, the user could not remove it at exit.
+        // Without the file, the user could not remove it at exit. The
+        // stats file keeps its stats-group; a link is changed itself,
+        // never what it points to.
         let stats_file = handle.runtime().stats_file().map(|p| p.to_path_buf());
         let give_pid_file = |uid, gid| {
             if let Some(p) = &pid_file {
@@ -50,7 +55,8 @@ pub(super) fn run(
                 }
             }
             if let Some(path) = &stats_file {
-                if let Err(e) = nix::unistd::chown(path, Some(uid), Some(gid)) {
+                let gid = stats_gid.unwrap_or(gid.as_raw());
+                if let Err(e) = std::os::unix::fs::lchown(path, Some(uid.as_raw()), Some(gid)) {
                     tracing::warn!(path = %path.display(), error = %e, "cannot give the stats file to {user}; it stays behind at exit");
                 }
             }
@@ -122,16 +128,16 @@ fn reload(reloader: &Reloader, reread: &dyn Fn() -> Result<Config, Vec<String>>)
     }
 }
 
-/// `spliced reload --name NAME`: SIGHUP to the pid in NAME's pid file. The
-/// outcome is in that instance's log.
+/// `spliced reload --name NAME`: SIGHUP to the pid in NAME's pid file,
+/// once that pid is seen to be a spliced of this user. The outcome is in
+/// that instance's log.
 pub(super) fn signal_reload(name: &str) -> ExitCode {
     let pid = match service::read_pid(name) {
         Ok(pid) => pid,
-        Err(e) => {
-            return fail(&format!(
-                "no running instance named '{name}' found: cannot read its pid file: {e}"
-            ))
+        Err(e @ PidFileError::Io { .. }) => {
+            return fail(&format!("no running instance named '{name}' found: {e}"))
         }
+        Err(e) => return fail(&e.to_string()),
     };
     let target = nix::unistd::Pid::from_raw(pid);
     match nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGHUP) {

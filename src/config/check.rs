@@ -23,6 +23,9 @@ struct Global {
     max_pipes: usize,
     pipe_budget: String,
     drain_timeout: String,
+    /// Absent: the stats file is its owner's alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stats_group: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -191,6 +194,7 @@ pub fn effective_toml(config: &Config) -> String {
             max_pipes: config.max_pipes_per_worker,
             pipe_budget: format_size(config.pipe_budget),
             drain_timeout: format_duration(config.drain_timeout),
+            stats_group: config.ops.stats_group.as_ref().map(|g| g.name.clone()),
         },
         listener: config.listeners.iter().map(listener).collect(),
     };

@@ -4,9 +4,11 @@
 
 mod pidfile;
 mod privileges;
+mod rundir;
 
-pub use pidfile::{pid_dir, read_pid, PidFile};
+pub use pidfile::{read_pid, PidFile, PidFileError};
 pub use privileges::drop_privileges;
+pub use rundir::{pid_dir, UnsafeDir};
 
 /// A state change for the service manager; a no-op without
 /// `NOTIFY_SOCKET`. Failures are logged, never fatal: the proxy serves

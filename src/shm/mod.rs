@@ -30,15 +30,18 @@
 //! A new file is built beside the old one and renamed over it, so a reader
 //! still mapping a dead instance's file never sees it change size.
 
+mod file;
 mod servers;
 pub use servers::{REASONS, STATES};
 mod view;
 
+use file::CreateError;
+pub use file::{check_instance_name, stats_path};
 pub(crate) use servers::{ListenerCounters, ServerCounters, ServerHead, ServerRegistry, EXCLUDED};
 pub use view::{InstanceState, ListenerSnapshot, Liveness, ServerSnapshot, Snapshot, StatsFile};
 
 use std::collections::BTreeSet;
-use std::fs::{self, File};
+use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +49,8 @@ use std::sync::{Arc, Mutex};
 
 use memmap2::{MmapOptions, MmapRaw};
 
+use crate::error::StartError;
+use crate::ops::Ops;
 use crate::stats::{CounterBlock, ServerBlock, COUNTERS, SERVER_COUNTERS};
 use crate::sys::shared::{words, Placed};
 
@@ -158,43 +163,6 @@ impl Shape {
     }
 }
 
-/// Where instance `name`'s stats file lives: under `$RUNTIME_DIRECTORY`
-/// (set by systemd's `RuntimeDirectory=`), else `$XDG_RUNTIME_DIR/spliced`,
-/// else `/run/spliced`.
-pub fn stats_path(name: &str) -> PathBuf {
-    let dir = std::env::var_os("RUNTIME_DIRECTORY")
-        .and_then(|v| {
-            // systemd joins several directories with ':'; the first is ours.
-            let first = v.to_string_lossy().split(':').next()?.to_string();
-            (!first.is_empty()).then(|| PathBuf::from(first))
-        })
-        .or_else(|| {
-            std::env::var_os("XDG_RUNTIME_DIR")
-                .filter(|v| !v.is_empty())
-                .map(|d| PathBuf::from(d).join("spliced"))
-        })
-        .unwrap_or_else(|| PathBuf::from("/run/spliced"));
-    dir.join(format!("{name}.stats"))
-}
-
-/// Checks an instance name: 1 to 64 of `A-Z a-z 0-9 . _ -`, not starting
-/// with a dot (it names a file).
-pub fn check_instance_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "instance name '{name}' must be 1 to 64 letters, digits, '.', '_' or '-', not starting with '.'"
-        ))
-    }
-}
-
 /// What a running instance is doing, as the stats file and `/healthz` show it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum State {
@@ -259,16 +227,17 @@ impl std::fmt::Debug for Arena {
 impl Arena {
     /// An arena for `workers` workers and the listeners named `names` (the
     /// handoff pseudo-listener included), with room for more listeners and
-    /// for at least `servers` servers. With an instance name it is that
-    /// instance's stats file; when the file cannot be made (or another live
-    /// process owns it) the reason is logged and the counters live in an
-    /// anonymous mapping: the proxy runs, `spliced stats` cannot see it.
-    pub(crate) fn new(
+    /// for at least `servers` servers. With an instance name (`ops`) it is
+    /// that instance's stats file; when the file cannot be made (or another
+    /// live process owns it) the reason is logged and the counters live in
+    /// an anonymous mapping: the proxy runs, `spliced stats` cannot see it.
+    /// The one error is a file that cannot be given to `ops.stats_group`.
+    pub(crate) fn create(
         workers: usize,
         names: &[String],
-        instance: Option<&str>,
+        ops: &Ops,
         servers: usize,
-    ) -> Arc<Arena> {
+    ) -> Result<Arc<Arena>, StartError> {
         let shape = Shape {
             workers: workers.max(1),
             listeners: names.len() + names.len().max(MIN_SPARE_LISTENERS),
@@ -276,21 +245,29 @@ impl Arena {
         };
         // The file is sparse: slots never used cost no memory.
         let len = shape.total_words() * 8;
-        let filed = instance.and_then(|name| {
+        let mut filed = None;
+        if let Some(name) = ops.instance.as_deref() {
             let path = stats_path(name);
-            match create_file(&path, len) {
-                Ok(map) => Some((map, path)),
-                Err(e) => {
-                    tracing::warn!(
-                        instance = name,
-                        path = %path.display(),
-                        error = %e,
-                        "no stats file: `spliced stats` cannot see this instance (the admin endpoint still works)"
-                    );
-                    None
+            match file::create_file(&path, len, ops.stats_group.as_ref()) {
+                Ok(map) => filed = Some((map, path)),
+                Err(CreateError::Group(group, e)) => {
+                    return Err(StartError::Io(
+                        format!(
+                            "give the stats file {} to group '{}' (stats-group; this user must be a member of it)",
+                            path.display(),
+                            group.name
+                        ),
+                        e,
+                    ))
                 }
+                Err(CreateError::File(e)) => tracing::warn!(
+                    instance = name,
+                    path = %path.display(),
+                    error = %e,
+                    "no stats file: `spliced stats` cannot see this instance (the admin endpoint still works)"
+                ),
             }
-        });
+        }
         let (map, path) = match filed {
             Some((map, path)) => (map, Some(path)),
             // An anonymous mapping of a few KiB only fails when memory is
@@ -310,7 +287,16 @@ impl Arena {
             }),
         };
         arena.init(names);
-        Arc::new(arena)
+        Ok(Arc::new(arena))
+    }
+
+    /// An arena in anonymous memory (no instance name, no file).
+    #[cfg(test)]
+    pub(crate) fn new(workers: usize, names: &[String], servers: usize) -> Arc<Arena> {
+        match Arena::create(workers, names, &Ops::default(), servers) {
+            Ok(arena) => arena,
+            Err(e) => unreachable!("an anonymous arena has no file to fail: {e}"),
+        }
     }
 
     fn init(&self, names: &[String]) {
@@ -568,40 +554,6 @@ fn read_name(w: &[AtomicU64]) -> String {
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
-/// Builds the file under a temporary name and renames it into place,
-/// refusing when a live process owns the current one.
-fn create_file(path: &Path, len: usize) -> io::Result<MmapRaw> {
-    if let Ok(existing) = StatsFile::open(path) {
-        if existing.liveness() == Liveness::Running && existing.pid() != std::process::id() {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!(
-                    "instance name in use by running pid {}; give this one another name",
-                    existing.pid()
-                ),
-            ));
-        }
-    }
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension(format!("stats.{}.tmp", std::process::id()));
-    let file = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)?;
-    let made = file
-        .set_len(len as u64)
-        .and_then(|()| MmapOptions::new().map_raw(&file))
-        .and_then(|map| fs::rename(&tmp, path).map(|()| map));
-    if made.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    made
-}
-
 /// The longest prefix of `s` of at most `max` bytes that ends on a char.
 fn floor_char_boundary(s: &str, max: usize) -> usize {
     (0..=max.min(s.len()))
@@ -622,7 +574,7 @@ mod tests {
     #[test]
     fn blocks_handed_out_are_what_a_reader_sees() {
         let names = vec!["127.0.0.1:6432".to_string(), "handoff".to_string()];
-        let arena = Arena::new(2, &names, None, 0);
+        let arena = Arena::new(2, &names, 0);
         let l0 = arena.listener_counters(0).blocks;
         let l1 = arena.listener_counters(1).blocks;
         CounterBlock::add(&l0[1].bytes_spliced, 10);
@@ -642,7 +594,7 @@ mod tests {
     #[test]
     fn a_long_name_is_cut_on_a_char_boundary() {
         let name = "é".repeat(40);
-        let arena = Arena::new(1, &[name], None, 0);
+        let arena = Arena::new(1, &[name], 0);
         let got = &arena.snapshot().listeners[0].name;
         assert_eq!(got.len(), 64);
         assert!(got.chars().all(|c| c == 'é'));

@@ -240,7 +240,7 @@ mod tests {
 
     #[test]
     fn a_held_server_keeps_its_slot_and_a_freed_one_starts_from_zero() {
-        let arena = Arena::new(2, &["a".to_string()], None, 0);
+        let arena = Arena::new(2, &["a".to_string()], 0);
         let reg = arena.listener_counters(0).servers;
         let one = reg.counters(addr(1), false);
         one.block(1)
@@ -269,7 +269,7 @@ mod tests {
 
     #[test]
     fn listeners_a_reload_adds_take_the_spare_slots_then_count_in_memory() {
-        let arena = Arena::new(1, &["a".to_string(), "handoff".to_string()], None, 0);
+        let arena = Arena::new(1, &["a".to_string(), "handoff".to_string()], 0);
         arena.mark_handoff(1);
         let spare = super::super::MIN_SPARE_LISTENERS;
         let added: Vec<_> = (0..=spare)
@@ -296,7 +296,7 @@ mod tests {
 
     #[test]
     fn a_full_file_counts_in_memory() {
-        let arena = Arena::new(1, &["a".to_string()], None, 0);
+        let arena = Arena::new(1, &["a".to_string()], 0);
         let reg = arena.listener_counters(0).servers;
         let held: Vec<_> = (0..super::super::MIN_SERVER_SLOTS as u16)
             .map(|p| reg.counters(addr(p + 1), false))
@@ -341,7 +341,7 @@ mod membership {
 
     #[test]
     fn a_removed_server_stays_while_a_relay_holds_it_and_a_kept_one_keeps_counting() {
-        let arena = Arena::new(1, &["db".to_string()], None, 0);
+        let arena = Arena::new(1, &["db".to_string()], 0);
         let registry = arena.listener_counters(0).servers;
         let fleet = crate::upstream::Fleet::new();
         let config = PoolConfig::new(Vec::new());

@@ -316,7 +316,7 @@ mod tests {
 
     #[test]
     fn a_file_of_another_format_or_layout_is_named_so() {
-        let arena = Arena::new(1, &["a".to_string()], None, 0);
+        let arena = Arena::new(1, &["a".to_string()], 0);
         let w = words(&arena.map);
         w[H_VERSION].store(1, Ordering::Relaxed);
         let e = read(w).expect_err("format 1 refused").to_string();

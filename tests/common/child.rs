@@ -2,7 +2,9 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -52,6 +54,17 @@ pub struct Spliced {
     pub addr: SocketAddr,
     logs: Arc<Mutex<Vec<String>>>,
     reader: Option<JoinHandle<()>>,
+    /// The RUNTIME_DIRECTORY made for it, removed on drop.
+    own_dir: Option<PathBuf>,
+}
+
+/// A fresh directory for one child's stats and pid files.
+fn own_run_dir() -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir()
+        .join("spliced-tests-run")
+        .join(format!("{}-{n}", std::process::id()))
 }
 
 impl Spliced {
@@ -83,13 +96,14 @@ impl Spliced {
     /// Spawns `cmd` without waiting for anything (`addr` stays 0.0.0.0:0):
     /// for a process that starts listening only later, or never.
     pub fn spawn_unready(mut cmd: Command) -> Spliced {
-        // Stats and pid files of test children stay out of /run; a test
-        // that reads one sets its own directory.
+        // Stats and pid files of test children stay out of /run, each in a
+        // directory of its own (children of one name would refuse each
+        // other); a test that reads one sets its own directory.
+        let mut own_dir = None;
         if !cmd.get_envs().any(|(k, _)| k == "RUNTIME_DIRECTORY") {
-            cmd.env(
-                "RUNTIME_DIRECTORY",
-                std::env::temp_dir().join("spliced-tests-run"),
-            );
+            let dir = own_run_dir();
+            cmd.env("RUNTIME_DIRECTORY", &dir);
+            own_dir = Some(dir);
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -114,6 +128,7 @@ impl Spliced {
             addr: "0.0.0.0:0".parse().unwrap(),
             logs,
             reader: Some(reader),
+            own_dir,
         }
     }
 
@@ -223,14 +238,30 @@ impl Drop for Spliced {
         if let Some(r) = self.reader.take() {
             let _ = r.join();
         }
+        if let Some(dir) = &self.own_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
 /// Runs the binary to completion with `args` (killing it after `timeout`);
 /// returns (exit status, stdout, stderr). `None` status means it was killed.
 pub fn run_bin(args: &[&str], timeout: Duration) -> (Option<ExitStatus>, String, String) {
-    let mut child = Command::new(bin())
-        .args(args)
+    let mut cmd = Command::new(bin());
+    cmd.args(args);
+    run_cmd(cmd, timeout)
+}
+
+/// Runs `cmd` to completion like [`run_bin`]; without a RUNTIME_DIRECTORY
+/// of its own, in a fresh one (as [`Spliced::spawn`]).
+pub fn run_cmd(mut cmd: Command, timeout: Duration) -> (Option<ExitStatus>, String, String) {
+    let mut own_dir = None;
+    if !cmd.get_envs().any(|(k, _)| k == "RUNTIME_DIRECTORY") {
+        let dir = own_run_dir();
+        cmd.env("RUNTIME_DIRECTORY", &dir);
+        own_dir = Some(dir);
+    }
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -258,5 +289,8 @@ pub fn run_bin(args: &[&str], timeout: Duration) -> (Option<ExitStatus>, String,
     }
     let stdout = out_t.join().unwrap();
     let stderr = strip_ansi(&err_t.join().unwrap());
+    if let Some(dir) = own_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     (status, stdout, stderr)
 }

@@ -209,6 +209,7 @@ fn read_global(cx: &mut Cx, v: &Value<'_>, config: &mut Config) {
         "max-pipes",
         "pipe-budget",
         "drain-timeout",
+        "stats-group",
     ];
     for (k, v) in t.iter() {
         let key = join("global", k.get_ref());
@@ -237,6 +238,14 @@ fn read_global(cx: &mut Cx, v: &Value<'_>, config: &mut Config) {
             "drain-timeout" => {
                 if let Some(d) = cx.duration(v, &key) {
                     config.drain_timeout = d;
+                }
+            }
+            "stats-group" => {
+                if let Some(name) = cx.string(v, &key) {
+                    match crate::ops::StatsGroup::lookup(name) {
+                        Ok(group) => config.ops.stats_group = Some(group),
+                        Err(e) => cx.error(&v.span(), &key, e),
+                    }
                 }
             }
             _ => cx.unknown(k, "global", &known),
