@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 
 #[cfg(any(test, fuzzing))]
-pub(crate) use self::core::{Activity, PUMP_BUDGET};
+pub(crate) use self::core::{Activity, Resets, PUMP_BUDGET};
 pub(crate) use self::core::{Expiry, Next, PairIo, Peer, RelayCore};
 #[cfg(any(test, fuzzing))]
 pub(crate) use direction::{DirState, Direction};
