@@ -20,6 +20,7 @@ both_engines!(
     either_order_relays_both_ways,
     half_close_both_ways,
     abort_resets_both_peers_mid_transfer,
+    abort_spares_a_peer_that_has_every_byte_and_the_fin,
     a_failing_side_ends_the_pair_and_is_named,
     read_ahead_bytes_go_first,
     read_ahead_of_every_size_up_to_the_limit_arrives_whole,
@@ -154,6 +155,30 @@ fn abort_resets_both_peers_mid_transfer(mode: Mode) {
         "the server must see a reset: {written:?}"
     );
     drop(server);
+}
+
+/// `b`'s peer answered and sent FIN, and `a`'s peer read it all; `a`'s
+/// peer never sent FIN. The abort resets `b`'s peer, whose own peer did not
+/// finish, and leaves `a`'s peer its clean EOF.
+fn abort_spares_a_peer_that_has_every_byte_and_the_fin(mode: Mode) {
+    let rt = runtime(mode);
+    let ((mut client, a), (mut server, b)) = two_pairs();
+    let pair = rt.handoff(a, b).unwrap();
+    client.write_all(b"request").unwrap();
+    assert_eq!(read_exact_within(&mut server, 7, WAIT).unwrap(), b"request");
+    server.write_all(&pattern(4, 200_000)).unwrap();
+    server.shutdown(Shutdown::Write).unwrap();
+    let (got, ending) = read_until_closed(&mut client, WAIT);
+    assert_eq!(ending, Ending::Eof);
+    assert!(got == pattern(4, 200_000));
+    pair.abort();
+    assert_eq!(pair.wait().ending, PairEnding::Aborted);
+    let (_, ending) = read_until_closed(&mut server, WAIT);
+    assert_eq!(ending, Ending::Reset, "the server's peer never finished");
+    // `a` was closed before `b`, whose reset has arrived: a reset of the
+    // client would have too. After an EOF it shows as a pending error.
+    let pending = client.take_error().unwrap();
+    assert!(pending.is_none(), "the client was reset: {pending:?}");
 }
 
 fn a_failing_side_ends_the_pair_and_is_named(mode: Mode) {
