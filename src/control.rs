@@ -73,7 +73,7 @@ impl std::fmt::Debug for Command {
 }
 
 /// A pair on its way to a worker. Should the worker exit before taking it,
-/// dropping it closes the sockets and tells whoever waits that the runtime
+/// dropping it resets both sockets and tells whoever waits that the runtime
 /// stopped, so no waiter hangs.
 pub(crate) struct Handoff {
     pair: Option<HandedOff>,
@@ -98,6 +98,10 @@ impl Handoff {
 impl Drop for Handoff {
     fn drop(&mut self) {
         if let Some(pair) = self.pair.take() {
+            // A pair no worker took is cut before a byte moved: no peer's
+            // FIN reached the other, so both are reset, never sent a FIN.
+            pair.client.reset_on_close();
+            pair.upstream.reset_on_close();
             pair.reporter.finish(RelayReport {
                 bytes_c2u: 0,
                 bytes_u2c: 0,

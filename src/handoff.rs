@@ -162,10 +162,12 @@ pub enum Ending {
     FinTimeout,
     /// This side reset the connection or failed; the other was reset.
     Reset(End),
-    /// [`Handoff::abort`] reset both sides.
+    /// [`Handoff::abort`] ended the pair; each side whose peer had not
+    /// finished was reset.
     Aborted,
     /// The runtime shut down (its drain timeout ran out, or it stopped
-    /// before the pair was taken).
+    /// before the pair was taken); each side whose peer had not finished
+    /// was reset.
     Shutdown,
     /// The runtime itself failed (no buffer could be had); both sides were
     /// reset.
@@ -368,6 +370,8 @@ impl Handoff {
     }
 
     /// Ends both directions at once with a reset to both sockets' peers.
+    /// Only a peer that already has the other's FIN, after every byte,
+    /// keeps its clean EOF (a reset would tell it the stream was cut).
     /// Does nothing if the pair has ended already.
     ///
     /// ```

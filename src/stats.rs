@@ -8,6 +8,12 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Why a relay ended; one of these is logged per relay at close.
+///
+/// The reason decides who is reset (`SO_LINGER 0`) instead of closed with a
+/// FIN: a failure (`ClientReset`, `UpstreamReset`, `Internal`) resets both
+/// sides; a cut by spliced (`Shutdown`, `ServerDown`, `Aborted`) resets each
+/// side whose peer has not sent a FIN that reached it after every byte; the
+/// rest reset only a side that lacks bytes or a FIN its peer sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CloseReason {
@@ -23,16 +29,17 @@ pub enum CloseReason {
     UpstreamReset,
     /// No upstream could be connected within the connect timeout.
     ConnectFailed,
-    /// The drain timeout ran out during shutdown.
+    /// The drain timeout ran out during shutdown (or the runtime was
+    /// aborted); each side whose peer had not finished was reset.
     Shutdown,
     /// The proxy itself failed (no buffer, the event loop); both sides
     /// were reset.
     Internal,
-    /// The program that handed the pair over aborted it; both sides were
-    /// reset.
+    /// The program that handed the pair over aborted it; each side whose
+    /// peer had not finished was reset (both, mid-stream).
     Aborted,
     /// Its server went down (or lost its role) under `on-down = "kill"`;
-    /// both sides were reset.
+    /// each side whose peer had not finished was reset (both, mid-stream).
     ServerDown,
 }
 

@@ -1,8 +1,10 @@
 //! How relays end, both engines: a cut stream is never a clean end. Urgent
-//! data, deadlines and drains with bytes in flight, the FIN timeout counted
-//! from the FIN, upstreams that reset right after accepting, clients that
-//! reset while the upstream connect is in flight, and relay slots reused
-//! within one event batch.
+//! data, deadlines and drains with bytes in flight, a drain deadline that
+//! cuts a peer still sending (a reset, even with nothing in flight) and
+//! spares a side whose peer finished, the FIN timeout counted from the FIN,
+//! upstreams that reset right after accepting, clients that reset while the
+//! upstream connect is in flight, and relay slots reused within one event
+//! batch.
 
 #[macro_use]
 mod common;
@@ -22,6 +24,10 @@ both_engines!(
     idle_timeout_with_bytes_in_flight_resets_the_reader,
     fin_timeout_with_bytes_in_flight_resets_the_reader,
     drain_deadline_with_bytes_in_flight_resets_the_reader,
+    drain_deadline_with_a_still_sending_upstream_resets_both_sides,
+    drain_deadline_with_a_still_sending_client_resets_the_upstream,
+    drain_deadline_spares_a_side_whose_peer_finished,
+    idle_timeout_with_nothing_in_flight_closes_both_sides_with_fins,
     fin_timeout_counts_from_the_client_fin,
     fin_timeout_counts_from_the_upstream_fin,
     upstream_reset_right_after_accept_is_a_reset,
@@ -144,6 +150,153 @@ fn drain_deadline_with_bytes_in_flight_resets_the_reader(mode: Mode) {
     });
     assert_eq!(h.stats().closed(CloseReason::Shutdown), 1);
     assert_cut_is_a_reset(&mut client);
+}
+
+/// Writes 4 KiB every 20 ms until a write fails; returns how it failed.
+fn send_until_cut(mut w: TcpStream) -> std::io::ErrorKind {
+    let chunk = pattern(11, 4096);
+    loop {
+        if let Err(e) = w.write_all(&chunk) {
+            return e.kind();
+        }
+        pace(Duration::from_millis(20));
+    }
+}
+
+/// A write failed because the proxy reset the connection (ECONNRESET, or
+/// EPIPE once an earlier call took the reset).
+fn assert_write_cut_by_reset(kind: std::io::ErrorKind, who: &str) {
+    assert!(
+        matches!(
+            kind,
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+        "the {who}'s writes ended with {kind:?}, not a reset"
+    );
+}
+
+/// A proxy with a 300 ms drain timeout; `tweak` adjusts the rest.
+fn draining_proxy(mode: Mode, up: &Server) -> spliced::ProxyHandle {
+    proxy(mode, vec![up.addr], |c| {
+        c.drain_timeout = Some(Duration::from_millis(300));
+        c.listeners[0].timeouts.idle = Some(Duration::from_secs(30));
+        c.listeners[0].timeouts.fin = Some(Duration::from_secs(30));
+    })
+}
+
+/// Shuts the proxy down and waits for the drain deadline to cut the relay.
+fn cut_by_the_drain_deadline(h: &spliced::ProxyHandle) {
+    h.shutdown();
+    wait_until(Duration::from_secs(10), "the drain to end", || {
+        h.is_finished()
+    });
+    assert_eq!(h.stats().closed(CloseReason::Shutdown), 1);
+}
+
+/// The upstream never finishes; the client reads everything, so at the
+/// deadline little or nothing is in flight. Neither peer sent FIN: both
+/// must see a reset, never the EOF of an upstream that did not close.
+fn drain_deadline_with_a_still_sending_upstream_resets_both_sides(mode: Mode) {
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let up = serve(move |s: TcpStream| {
+        let kind = send_until_cut(s);
+        tx.lock().unwrap().send(kind).unwrap();
+    });
+    let h = draining_proxy(mode, &up);
+    let mut client = connect(h.local_addr());
+    read_exact_within(&mut client, 16 * 1024, Duration::from_secs(10)).unwrap();
+    cut_by_the_drain_deadline(&h);
+    let (_, ending) = read_until_closed(&mut client, Duration::from_secs(10));
+    assert_eq!(ending, Ending::Reset, "the client read a clean EOF");
+    let kind = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_write_cut_by_reset(kind, "upstream");
+}
+
+/// The same the other way: the client never finishes sending.
+fn drain_deadline_with_a_still_sending_client_resets_the_upstream(mode: Mode) {
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let up = serve(move |mut s: TcpStream| {
+        let (got, ending) = read_until_closed(&mut s, Duration::from_secs(20));
+        tx.lock().unwrap().send((got.len(), ending)).unwrap();
+    });
+    let h = draining_proxy(mode, &up);
+    let client = connect(h.local_addr());
+    let writer = {
+        let w = client.try_clone().unwrap();
+        thread::spawn(move || send_until_cut(w))
+    };
+    wait_stats(&h, Duration::from_secs(10), "bytes flowing", |s| {
+        s.bytes_spliced + s.bytes_copied >= 16 * 1024
+    });
+    cut_by_the_drain_deadline(&h);
+    let (got, ending) = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(got >= 16 * 1024, "only {got} bytes reached the upstream");
+    assert_eq!(ending, Ending::Reset, "the upstream read a clean EOF");
+    assert_write_cut_by_reset(writer.join().unwrap(), "client");
+}
+
+/// The upstream answered and sent FIN, and the client read every byte and
+/// the EOF; the client never sent FIN. At the deadline the client keeps its
+/// clean EOF (its peer really closed), while the upstream, whose peer did
+/// not, is reset.
+fn drain_deadline_spares_a_side_whose_peer_finished(mode: Mode) {
+    let reply = pattern(12, 300_000);
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let answer = reply.clone();
+    let up = serve(move |mut s: TcpStream| {
+        let request = read_exact_within(&mut s, 7, Duration::from_secs(10)).unwrap();
+        assert_eq!(request, b"request");
+        s.write_all(&answer).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let (_, ending) = read_until_closed(&mut s, Duration::from_secs(20));
+        tx.lock().unwrap().send(ending).unwrap();
+    });
+    let h = draining_proxy(mode, &up);
+    let mut client = connect(h.local_addr());
+    client.write_all(b"request").unwrap();
+    let got = read_to_eof(&mut client, Duration::from_secs(10)).unwrap();
+    assert!(got == reply, "the reply differs ({} bytes)", got.len());
+    cut_by_the_drain_deadline(&h);
+    let ending = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert_eq!(ending, Ending::Reset, "the upstream read a clean EOF");
+    // The client's socket was closed before the upstream's, whose reset has
+    // arrived: so would one sent to the client. A client that already read
+    // EOF still reads EOF after a reset (Linux notes it as a pending EPIPE
+    // in CLOSE_WAIT), so the pending error is what tells them apart.
+    let (ending, _) = expect_closed(&mut client, Duration::from_secs(5));
+    assert_eq!(ending, Ending::Eof);
+    let pending = client.take_error().unwrap();
+    assert!(
+        pending.is_none(),
+        "a client with every byte and the FIN was reset: {pending:?}"
+    );
+}
+
+/// An inactivity close keeps the old rule: with nothing in flight both
+/// sides get a FIN (the idle timeout with bytes in flight is above).
+fn idle_timeout_with_nothing_in_flight_closes_both_sides_with_fins(mode: Mode) {
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let up = serve(move |mut s: TcpStream| {
+        let request = read_exact_within(&mut s, 4, Duration::from_secs(10)).unwrap();
+        s.write_all(&request).unwrap();
+        let (_, ending) = read_until_closed(&mut s, Duration::from_secs(20));
+        tx.lock().unwrap().send(ending).unwrap();
+    });
+    let h = proxy(mode, vec![up.addr], |c| {
+        c.listeners[0].timeouts.idle = Some(Duration::from_millis(300))
+    });
+    let mut client = connect(h.local_addr());
+    round_trip(&mut client, b"ping", Duration::from_secs(5));
+    let (ending, _) = expect_closed(&mut client, Duration::from_secs(10));
+    assert_eq!(ending, Ending::Eof, "an idle client was reset");
+    let ending = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(ending, Ending::Eof, "an idle upstream was reset");
+    let s = assert_quiescent(&h, mode);
+    assert_eq!(s.closed(CloseReason::Idle), 1, "{s:#?}");
 }
 
 const QUIET: Duration = Duration::from_millis(1000);

@@ -20,8 +20,11 @@ both_engines!(
     either_order_relays_both_ways,
     half_close_both_ways,
     abort_resets_both_peers_mid_transfer,
+    abort_spares_a_peer_that_has_every_byte_and_the_fin,
     a_failing_side_ends_the_pair_and_is_named,
     read_ahead_bytes_go_first,
+    read_ahead_of_every_size_up_to_the_limit_arrives_whole,
+    read_ahead_one_byte_over_the_limit_is_refused_and_given_back,
     unix_to_tcp,
     a_hundred_pairs_from_several_threads,
     handoff_while_shutting_down_gives_the_sockets_back,
@@ -154,6 +157,30 @@ fn abort_resets_both_peers_mid_transfer(mode: Mode) {
     drop(server);
 }
 
+/// `b`'s peer answered and sent FIN, and `a`'s peer read it all; `a`'s
+/// peer never sent FIN. The abort resets `b`'s peer, whose own peer did not
+/// finish, and leaves `a`'s peer its clean EOF.
+fn abort_spares_a_peer_that_has_every_byte_and_the_fin(mode: Mode) {
+    let rt = runtime(mode);
+    let ((mut client, a), (mut server, b)) = two_pairs();
+    let pair = rt.handoff(a, b).unwrap();
+    client.write_all(b"request").unwrap();
+    assert_eq!(read_exact_within(&mut server, 7, WAIT).unwrap(), b"request");
+    server.write_all(&pattern(4, 200_000)).unwrap();
+    server.shutdown(Shutdown::Write).unwrap();
+    let (got, ending) = read_until_closed(&mut client, WAIT);
+    assert_eq!(ending, Ending::Eof);
+    assert!(got == pattern(4, 200_000));
+    pair.abort();
+    assert_eq!(pair.wait().ending, PairEnding::Aborted);
+    let (_, ending) = read_until_closed(&mut server, WAIT);
+    assert_eq!(ending, Ending::Reset, "the server's peer never finished");
+    // `a` was closed before `b`, whose reset has arrived: a reset of the
+    // client would have too. After an EOF it shows as a pending error.
+    let pending = client.take_error().unwrap();
+    assert!(pending.is_none(), "the client was reset: {pending:?}");
+}
+
 fn a_failing_side_ends_the_pair_and_is_named(mode: Mode) {
     let rt = runtime(mode);
     let ((mut client, a), (mut server, b)) = two_pairs();
@@ -200,6 +227,121 @@ fn read_ahead_bytes_go_first(mode: Mode) {
     assert_eq!((out.a_to_b, out.b_to_a), (300_019, 300_019));
     let s = rt.stats();
     assert_eq!((s.buffers_in_use, s.pipes_in_use), (0, 0));
+}
+
+/// The copy buffer size: the most read-ahead bytes one side may hand over.
+const READ_AHEAD_MAX: usize = 64 * 1024;
+
+/// Read-ahead sizes from one byte to the limit: each power of two and its
+/// neighbours, the limit itself, and sizes past a default pipe's worth of
+/// pages.
+fn read_ahead_sizes() -> Vec<usize> {
+    let mut sizes = vec![1, 2, 3, 24_000, READ_AHEAD_MAX - 1, READ_AHEAD_MAX];
+    for k in 2..=16 {
+        let p = 1usize << k;
+        sizes.extend([p - 1, p, p + 1]);
+    }
+    sizes.retain(|&n| (1..=READ_AHEAD_MAX).contains(&n));
+    sizes.sort_unstable();
+    sizes.dedup();
+    sizes
+}
+
+/// One pair whose program read `ahead_a` bytes from `a`'s peer and
+/// `ahead_b` from `b`'s: each side must get the other's read-ahead bytes,
+/// then what followed them, then a clean EOF, and the pair completes.
+fn read_ahead_round(rt: &Runtime, ahead_a: usize, ahead_b: usize, seed: u64) {
+    let ((client, a), (server, b)) = two_pairs();
+    let (head_a, tail_a) = (pattern(seed, ahead_a), pattern(seed + 1, 3000));
+    let (head_b, tail_b) = (pattern(seed + 2, ahead_b), pattern(seed + 3, 5000));
+    let pair = rt
+        .handoff_with_read(a, head_a.clone(), b, head_b.clone())
+        .unwrap_or_else(|e| panic!("{ahead_a}/{ahead_b} read-ahead bytes refused: {e}"));
+    let (mut client_r, mut server_r) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+    // Written beside the reads; a write fails only if the pair was cut,
+    // which the outcome below names.
+    let send = |mut w: TcpStream, tail: Vec<u8>| {
+        thread::spawn(move || {
+            w.write_all(&tail)?;
+            w.shutdown(Shutdown::Write)
+        })
+    };
+    let (up, down) = (send(client, tail_a), send(server, tail_b));
+    let (to_server, end_s) = read_until_closed(&mut server_r, WAIT);
+    let (to_client, end_c) = read_until_closed(&mut client_r, WAIT);
+    let out = pair.wait();
+    let what = format!("{ahead_a} bytes read from a, {ahead_b} from b: {out:?}");
+    assert_eq!(out.ending, PairEnding::Completed, "{what}");
+    up.join().unwrap().unwrap();
+    down.join().unwrap().unwrap();
+    assert_eq!((end_s, end_c), (Ending::Eof, Ending::Eof), "{what}");
+    let want_server = [head_a, pattern(seed + 1, 3000)].concat();
+    let want_client = [head_b, pattern(seed + 3, 5000)].concat();
+    assert_eq!(to_server.len(), want_server.len(), "{what}");
+    assert!(to_server == want_server, "bytes to b differ; {what}");
+    assert_eq!(to_client.len(), want_client.len(), "{what}");
+    assert!(to_client == want_client, "bytes to a differ; {what}");
+    assert_eq!(
+        (out.a_to_b, out.b_to_a),
+        (want_server.len() as u64, want_client.len() as u64),
+        "{what}"
+    );
+}
+
+/// Read-ahead bytes of every size the API accepts arrive whole and first,
+/// from either side and from both at once.
+fn read_ahead_of_every_size_up_to_the_limit_arrives_whole(mode: Mode) {
+    let rt = runtime(mode);
+    for (i, n) in read_ahead_sizes().into_iter().enumerate() {
+        let seed = 100 + 16 * i as u64;
+        read_ahead_round(&rt, n, 0, seed);
+        read_ahead_round(&rt, 0, n, seed + 4);
+        read_ahead_round(&rt, n, n, seed + 8);
+        read_ahead_round(&rt, n, READ_AHEAD_MAX + 1 - n, seed + 12);
+    }
+    let s = rt.stats();
+    assert_eq!((s.buffers_in_use, s.pipes_in_use), (0, 0));
+    let s = rt.handoff_stats();
+    assert_eq!(s.closed_total(), s.relays_accepted);
+    assert_eq!(s.closed(spliced::CloseReason::Eof), s.relays_accepted);
+}
+
+/// One byte past the limit, from either side, is refused with both sockets
+/// and both read-ahead buffers given back whole.
+fn read_ahead_one_byte_over_the_limit_is_refused_and_given_back(mode: Mode) {
+    let rt = runtime(mode);
+    for over_on_a in [true, false] {
+        let ((mut client, a), (mut server, b)) = two_pairs();
+        let (ahead_a, ahead_b) = if over_on_a {
+            (pattern(1, READ_AHEAD_MAX + 1), pattern(2, 10))
+        } else {
+            (pattern(1, 10), pattern(2, READ_AHEAD_MAX + 1))
+        };
+        let err = rt
+            .handoff_with_read(a, ahead_a.clone(), b, ahead_b.clone())
+            .unwrap_err();
+        match err.refusal {
+            Refusal::ReadAheadTooLarge { len, max } => {
+                assert_eq!((len, max), (READ_AHEAD_MAX + 1, READ_AHEAD_MAX))
+            }
+            ref other => panic!("refused for another reason: {other:?}"),
+        }
+        assert!(err.to_string().contains("65537"), "{err}");
+        assert!(err.read_from_a == ahead_a && err.read_from_b == ahead_b);
+        let (spliced::Socket::Tcp(mut a), spliced::Socket::Tcp(mut b)) = (err.a, err.b) else {
+            panic!("TCP sockets come back as TCP");
+        };
+        a.set_nonblocking(false).unwrap();
+        b.set_nonblocking(false).unwrap();
+        a.write_all(b"a is still mine").unwrap();
+        assert_eq!(
+            read_exact_within(&mut client, 15, WAIT).unwrap(),
+            b"a is still mine"
+        );
+        b.write_all(b"b too").unwrap();
+        assert_eq!(read_exact_within(&mut server, 5, WAIT).unwrap(), b"b too");
+    }
+    assert_eq!(rt.handoff_stats().relays_accepted, 0);
 }
 
 fn unix_to_tcp(mode: Mode) {

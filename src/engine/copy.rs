@@ -8,7 +8,10 @@ use memmap2::MmapMut;
 use super::{transfer, Stream, Transfer};
 
 /// A fixed-size buffer, an anonymous mapping, with the unsent bytes at
-/// `start..end`.
+/// `start..end`. An empty buffer has `start == end == 0`: every write that
+/// empties it rewinds it, so a buffer given back to the pool offers its
+/// whole size to whoever takes it next (read-ahead bytes of up to the
+/// buffer size are preloaded into a pooled buffer).
 ///
 /// Each buffer is its own anonymous mapping rather than a malloc block:
 /// glibc keeps freed 64 KiB blocks in its arenas, so after a burst of slow
@@ -45,6 +48,7 @@ impl MappedBuffer {
 
     /// Starts the buffer with `bytes`, which must fit.
     pub(crate) fn preload(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.rewind_if_empty();
         if bytes.len() > self.bytes.len() - self.end {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -60,12 +64,17 @@ impl MappedBuffer {
         Ok(())
     }
 
-    /// Socket → buffer. A full buffer answers `WouldBlock` without a syscall.
-    pub(crate) fn fill(&mut self, mut src: &Stream) -> io::Result<Transfer> {
+    /// An empty buffer starts over at offset 0.
+    fn rewind_if_empty(&mut self) {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
         }
+    }
+
+    /// Socket → buffer. A full buffer answers `WouldBlock` without a syscall.
+    pub(crate) fn fill(&mut self, mut src: &Stream) -> io::Result<Transfer> {
+        self.rewind_if_empty();
         if self.end == self.bytes.len() {
             return Ok(Transfer::WouldBlock);
         }
@@ -95,7 +104,73 @@ impl MappedBuffer {
         let moved = transfer(|| dst.write(unsent), Transfer::Eof)?;
         if let Transfer::Moved(n) = moved {
             self.start += n;
+            self.rewind_if_empty();
         }
         Ok(moved)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    const SIZE: usize = 64 * 1024;
+
+    /// A connected pair: the buffer's side, non-blocking, and its peer.
+    fn pair() -> (Stream, UnixStream) {
+        let (ours, peer) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        (Stream::Unix(mio::net::UnixStream::from_std(ours)), peer)
+    }
+
+    /// Writes every buffered byte to `dst`, whose peer reads them.
+    fn drain_all(buf: &mut MappedBuffer, dst: &Stream, peer: &mut UnixStream, n: usize) {
+        let mut out = 0;
+        while out < n {
+            match buf.drain(dst).unwrap() {
+                Transfer::Moved(k) => out += k,
+                t => panic!("{t:?} with {} bytes left", n - out),
+            }
+        }
+        let mut got = vec![0u8; n];
+        peer.read_exact(&mut got).unwrap();
+    }
+
+    #[test]
+    fn a_preload_may_take_the_whole_buffer() {
+        let mut buf = MappedBuffer::new(SIZE).unwrap();
+        buf.preload(&[7u8; SIZE]).unwrap();
+        assert_eq!(buf.room(), 0);
+        assert!(buf.preload(&[1]).is_err(), "one byte past the size");
+    }
+
+    /// A buffer given back to the pool after its last byte was written
+    /// must offer its whole size again: read-ahead bytes are preloaded
+    /// into pooled buffers without a fill in between.
+    #[test]
+    fn a_drained_buffer_takes_a_full_preload_again() {
+        let (dst, mut peer) = pair();
+        let mut buf = MappedBuffer::new(SIZE).unwrap();
+        for first in [1, 24_000, SIZE / 2, SIZE] {
+            buf.preload(&vec![1u8; first]).unwrap();
+            drain_all(&mut buf, &dst, &mut peer, first);
+            assert!(buf.is_empty());
+            assert_eq!(buf.room(), SIZE, "after draining {first} bytes");
+            buf.preload(&vec![2u8; SIZE])
+                .unwrap_or_else(|e| panic!("after draining {first} bytes: {e}"));
+            drain_all(&mut buf, &dst, &mut peer, SIZE);
+        }
+    }
+
+    #[test]
+    fn a_drained_buffer_fills_from_its_start() {
+        let (src, mut peer) = pair();
+        let mut buf = MappedBuffer::new(SIZE).unwrap();
+        buf.preload(&[3u8; 1000]).unwrap();
+        drain_all(&mut buf, &src, &mut peer, 1000);
+        peer.write_all(&[4u8; 10]).unwrap();
+        assert_eq!(buf.fill(&src).unwrap(), Transfer::MovedAll(10));
+        assert_eq!(buf.room(), SIZE - 10);
     }
 }

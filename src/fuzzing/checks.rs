@@ -1,7 +1,8 @@
 //! Checks shared by both drivers.
 
 use crate::error::{Op, RelayError, Side};
-use crate::relay::{DirState, Direction};
+use crate::relay::{DirState, Direction, Resets};
+use crate::stats::CloseReason;
 
 use super::engine::{Call, Discard, Engine};
 
@@ -120,4 +121,46 @@ pub(super) fn close_direction(d: &Direction, io: &mut Engine) -> Discard {
         );
     }
     done
+}
+
+/// The close decision, checked against the engines' books rather than the
+/// directions' states. `toward_client` is the upstream→client engine,
+/// `toward_upstream` the client→upstream one. A side reads a clean EOF
+/// only if its direction's source really sent FIN and it was forwarded
+/// after every byte; beyond that, a failure resets both sides, a cut by
+/// spliced every side whose peer has not finished, and a lapse (both FINs
+/// forwarded, an inactivity deadline) only a side lacking bytes or a FIN.
+pub(crate) fn check_resets(
+    reason: CloseReason,
+    resets: Resets,
+    toward_client: &Engine,
+    toward_upstream: &Engine,
+) {
+    for (reset, io, side) in [
+        (resets.client, toward_client, "client"),
+        (resets.upstream, toward_upstream, "upstream"),
+    ] {
+        let all_delivered = io.drained == io.filled;
+        let fin_through = io.source_eof && io.shutdowns == 1 && all_delivered;
+        let lacking = !all_delivered || (io.source_eof && !fin_through);
+        let expected = match reason {
+            CloseReason::ClientReset | CloseReason::UpstreamReset | CloseReason::Internal => true,
+            CloseReason::Shutdown | CloseReason::ServerDown | CloseReason::Aborted => !fin_through,
+            CloseReason::Eof
+            | CloseReason::Idle
+            | CloseReason::FinTimeout
+            | CloseReason::ConnectFailed => lacking,
+        };
+        if lacking {
+            assert!(
+                reset,
+                "{reason}: the {side} lacks bytes or a FIN but is not reset"
+            );
+        }
+        assert_eq!(
+            reset, expected,
+            "{reason}: the {side} (delivered {} of {}, source EOF {}, FINs {}) reset: {reset}",
+            io.drained, io.filled, io.source_eof, io.shutdowns
+        );
+    }
 }

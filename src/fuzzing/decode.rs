@@ -8,7 +8,7 @@ use crate::relay::PUMP_BUDGET;
 
 use super::direction::{Action, DirSetup};
 use super::engine::{Step, FAIL_KINDS};
-use super::pair::{PairAction, PairSetup};
+use super::pair::{PairAction, PairSetup, CUT_REASONS};
 
 /// Reads fuzz bytes; past the end every byte is 0.
 struct Bytes<'a> {
@@ -115,6 +115,10 @@ pub(super) fn decode_pair(data: &[u8]) -> (PairSetup, Vec<PairAction>) {
             0 | 1 => actions.push(PairAction::Fill(side(b), r.step())),
             2 | 3 => actions.push(PairAction::Drain(side(b), r.step())),
             4 => actions.push(PairAction::Ready(side(b), b & 16 != 0, b & 32 != 0)),
+            // The highest three pump bytes cut the relay instead.
+            6 if b >> 3 >= 29 => {
+                actions.push(PairAction::Cut(CUT_REASONS[usize::from(b >> 3) - 29]))
+            }
             5 | 6 => actions.push(PairAction::Pump),
             _ => actions.push(PairAction::Tick(u64::from(b >> 3) * 4)),
         }

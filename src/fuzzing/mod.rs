@@ -29,7 +29,7 @@ pub(crate) use self::{
     checks::check_books,
     direction::{Action, DirSetup},
     engine::{Discard, Engine, Step, FAIL_KINDS},
-    pair::{check_expiry, PairAction, PairSetup},
+    pair::{check_expiry, PairAction, PairSetup, CUT_REASONS},
 };
 pub(crate) use direction::run_direction;
 pub use health::{health_reply, health_verdict};

@@ -6,9 +6,12 @@ use std::time::{Duration, Instant};
 
 use crate::config::Timeouts;
 use crate::error::{Op, Side};
-use crate::relay::{Activity, DirState, Expiry, Next, PairIo, Peer, RelayCore, PUMP_BUDGET};
+use crate::relay::{
+    Activity, DirState, Expiry, Next, PairIo, Peer, RelayCore, Resets, PUMP_BUDGET,
+};
+use crate::stats::CloseReason;
 
-use super::checks::{check_books, check_error, check_waiting, close_direction};
+use super::checks::{check_books, check_error, check_resets, check_waiting, close_direction};
 use super::engine::{Discard, Engine, Step};
 
 /// The two directions' engines, as `pump_pair` wants them.
@@ -59,7 +62,17 @@ pub(crate) enum PairAction {
     /// The clock moves on this many milliseconds; an expired deadline
     /// closes the relay.
     Tick(u64),
+    /// spliced cuts the relay for this reason (the drain deadline, a
+    /// server down under `on-down = "kill"`, an abort).
+    Cut(CloseReason),
 }
+
+/// The close reasons with which spliced cuts a relay that had not ended.
+pub(crate) const CUT_REASONS: [CloseReason; 3] = [
+    CloseReason::Shutdown,
+    CloseReason::ServerDown,
+    CloseReason::Aborted,
+];
 
 /// How a pair run ended (read by the properties).
 #[derive(Debug)]
@@ -72,6 +85,8 @@ pub(crate) struct PairOutcome {
     pub(crate) drained: [u64; 2],
     pub(crate) discards: [Option<Discard>; 2],
     pub(crate) pumps: usize,
+    /// Why the relay closed and whom the core reset, if it closed.
+    pub(crate) closed: Option<(CloseReason, Resets)>,
 }
 
 struct PairRun {
@@ -83,11 +98,12 @@ struct PairRun {
     expired: Option<Expiry>,
     finished: bool,
     pumps: usize,
+    closed: Option<(CloseReason, Resets)>,
 }
 
 impl PairRun {
     fn over(&self) -> bool {
-        self.error.is_some() || self.expired.is_some() || self.finished
+        self.closed.is_some()
     }
 
     /// Both directions forwarded FIN: the worker closes the relay, which
@@ -96,7 +112,7 @@ impl PairRun {
         for e in [&self.io.c2u, &self.io.u2c] {
             assert_eq!(e.drained, e.filled, "bytes lost");
         }
-        self.close();
+        self.close(CloseReason::Eof);
         for e in [&self.io.c2u, &self.io.u2c] {
             assert_eq!(
                 e.discarded,
@@ -107,10 +123,14 @@ impl PairRun {
         self.finished = true;
     }
 
-    /// Closes both directions (what `Relay::close` does with the buffers).
-    fn close(&mut self) {
+    /// Closes both directions for `reason` (what `Relay::close` does:
+    /// whom to reset, then the buffers), checking whom the core resets.
+    fn close(&mut self, reason: CloseReason) {
+        let resets = self.core.resets(reason);
+        check_resets(reason, resets, &self.io.u2c, &self.io.c2u);
         close_direction(self.core.direction(Peer::Client), &mut self.io.c2u);
         close_direction(self.core.direction(Peer::Upstream), &mut self.io.u2c);
+        self.closed = Some((reason, resets));
     }
 
     /// Readiness of `peer`'s socket, routed by the core; the engines learn
@@ -166,8 +186,12 @@ impl PairRun {
                     other => panic!("pump_pair failed with {e} but the engines say {other:?}"),
                 }
                 // The caller closes (and resets) both sides: the relay is over.
-                self.close();
                 self.error = Some((e.side, e.op));
+                self.close(match e.side {
+                    Side::Client => CloseReason::ClientReset,
+                    Side::Upstream => CloseReason::UpstreamReset,
+                    Side::Internal => CloseReason::Internal,
+                });
                 return None;
             }
         };
@@ -264,8 +288,12 @@ impl PairRun {
         self.now += Duration::from_millis(ms);
         check_expiry(self.activity(), &self.timeouts, self.now);
         if let Some(e) = self.core.expired(&self.timeouts, self.now) {
-            self.close();
             self.expired = Some(e);
+            self.close(match e {
+                Expiry::Idle => CloseReason::Idle,
+                Expiry::FinTimeout => CloseReason::FinTimeout,
+                Expiry::Connect => unreachable!("the pair driver starts connected"),
+            });
         }
     }
 
@@ -370,6 +398,7 @@ pub(crate) fn run_pair(setup: &PairSetup, actions: &[PairAction]) -> PairOutcome
         expired: None,
         finished: false,
         pumps: 0,
+        closed: None,
     };
     for action in actions {
         if run.over() {
@@ -385,6 +414,7 @@ pub(crate) fn run_pair(setup: &PairSetup, actions: &[PairAction]) -> PairOutcome
                 }
             }
             PairAction::Tick(ms) => run.tick(ms),
+            PairAction::Cut(reason) => run.close(reason),
         }
     }
     if !run.over() && setup.settle {
@@ -398,5 +428,6 @@ pub(crate) fn run_pair(setup: &PairSetup, actions: &[PairAction]) -> PairOutcome
         drained: [run.io.c2u.drained, run.io.u2c.drained],
         discards: [run.io.c2u.discarded, run.io.u2c.discarded],
         pumps: run.pumps,
+        closed: run.closed,
     }
 }

@@ -1,10 +1,11 @@
 //! The pure relay core: both directions, their timing, readiness routing
-//! and the close decision. No sockets: the worker drives it with real ones
+//! and the close decision (made in `relay::close`). No sockets: the worker drives it with real ones
 //! through [`PairIo`], the property tests and fuzz targets with a scripted
 //! engine, so both exercise the same code.
 
 use std::time::{Duration, Instant};
 
+use super::close::{resets, Resets};
 use super::direction::{DirState, Direction};
 use crate::config::Timeouts;
 use crate::engine::Endpoints;
@@ -151,35 +152,6 @@ pub(crate) fn pump_pair(
         state_changed: a.state_changed || b.state_changed,
         next,
     })
-}
-
-/// Which sockets a closing relay resets (SO_LINGER 0) instead of closing
-/// with a FIN.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Resets {
-    pub(crate) client: bool,
-    pub(crate) upstream: bool,
-}
-
-/// The close decision. A reset on either side resets both, so the peer of
-/// the side that did not fail learns it was no clean close. Whatever the
-/// reason, a destination that has not received every byte its direction
-/// accepted, or has not had a FIN forwarded that its source sent, is reset:
-/// a cut stream never ends with a clean FIN. A relay with nothing in flight
-/// closes normally (an idle timeout, a drain deadline).
-pub(crate) fn resets(reason: CloseReason, c2u: &Direction, u2c: &Direction) -> Resets {
-    let both = matches!(
-        reason,
-        CloseReason::ClientReset
-            | CloseReason::UpstreamReset
-            | CloseReason::Internal
-            | CloseReason::Aborted
-            | CloseReason::ServerDown
-    );
-    Resets {
-        client: both || u2c.undelivered(),
-        upstream: both || c2u.undelivered(),
-    }
 }
 
 /// Both directions of one relay and its timing facts.
@@ -422,125 +394,5 @@ mod tests {
             Some((t0 + ms(50), Expiry::FinTimeout))
         );
         assert_eq!(a.deadline(&timeouts(0, 0, 30)), None);
-    }
-
-    // Tests for the close decision
-
-    use crate::relay::direction::tests::{Scripted, Step};
-
-    /// A direction that accepted `accepted` bytes, delivered `delivered`, and
-    /// saw EOF if `eof`.
-    fn direction_with(accepted: usize, delivered: usize, eof: bool) -> Direction {
-        let mut d = Direction::new(Side::Client, Side::Upstream);
-        let mut fills = vec![Step::Moved(accepted)];
-        if eof {
-            fills.push(Step::Eof);
-        }
-        let mut io = Scripted {
-            fills: fills.into(),
-            drains: [Step::Moved(delivered), Step::WouldBlock].into(),
-            ..Scripted::default()
-        };
-        let mut budget = PUMP_BUDGET;
-        d.pump(&mut io, &mut budget).unwrap();
-        d
-    }
-
-    fn done() -> Direction {
-        let d = direction_with(5, 5, true);
-        assert_eq!(d.state(), DirState::Shut);
-        d
-    }
-
-    #[test]
-    fn a_relay_with_nothing_in_flight_closes_with_fins() {
-        let quiet = direction_with(5, 5, false);
-        for reason in [
-            CloseReason::Idle,
-            CloseReason::FinTimeout,
-            CloseReason::Shutdown,
-        ] {
-            let r = resets(reason, &quiet, &direction_with(0, 0, false));
-            assert_eq!(
-                r,
-                Resets {
-                    client: false,
-                    upstream: false
-                },
-                "{reason}"
-            );
-        }
-        assert_eq!(
-            resets(CloseReason::Eof, &done(), &done()),
-            Resets {
-                client: false,
-                upstream: false
-            }
-        );
-    }
-
-    #[test]
-    fn bytes_in_flight_reset_only_their_destination() {
-        let stuck = direction_with(100, 40, false);
-        assert!(stuck.undelivered());
-        for reason in [
-            CloseReason::Idle,
-            CloseReason::FinTimeout,
-            CloseReason::Shutdown,
-        ] {
-            let towards_client = resets(reason, &done(), &stuck);
-            assert_eq!(
-                towards_client,
-                Resets {
-                    client: true,
-                    upstream: false
-                },
-                "{reason}"
-            );
-            let towards_upstream = resets(reason, &stuck, &done());
-            assert_eq!(
-                towards_upstream,
-                Resets {
-                    client: false,
-                    upstream: true
-                },
-                "{reason}"
-            );
-        }
-    }
-
-    #[test]
-    fn an_unforwarded_fin_resets_its_destination() {
-        let fin_pending = direction_with(10, 0, true);
-        assert_eq!(fin_pending.state(), DirState::SourceEof);
-        let r = resets(
-            CloseReason::FinTimeout,
-            &fin_pending,
-            &direction_with(0, 0, false),
-        );
-        assert_eq!(
-            r,
-            Resets {
-                client: false,
-                upstream: true
-            }
-        );
-    }
-
-    #[test]
-    fn a_reset_on_either_side_resets_both() {
-        for reason in [
-            CloseReason::ClientReset,
-            CloseReason::UpstreamReset,
-            CloseReason::Internal,
-        ] {
-            assert_eq!(
-                resets(reason, &done(), &done()),
-                Resets {
-                    client: true,
-                    upstream: true
-                }
-            );
-        }
     }
 }

@@ -7,6 +7,7 @@
 //! Every transfer costs one timestamp store (`last_active`); the worker's
 //! timer re-arms lazily when a deadline fires early.
 
+pub(crate) mod close;
 pub(crate) mod core;
 pub(crate) mod direction;
 #[cfg(test)]
@@ -19,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
+#[cfg(any(test, fuzzing))]
+pub(crate) use self::close::Resets;
 #[cfg(any(test, fuzzing))]
 pub(crate) use self::core::{Activity, PUMP_BUDGET};
 pub(crate) use self::core::{Expiry, Next, PairIo, Peer, RelayCore};

@@ -20,7 +20,7 @@ use crate::config::{parse_duration, Timeouts};
 use crate::error::Side;
 use crate::fuzzing::{
     check_books, check_expiry, run_direction, run_pair, Action, DirSetup, Discard, Engine,
-    PairAction, PairSetup, Step, FAIL_KINDS,
+    PairAction, PairSetup, Step, CUT_REASONS, FAIL_KINDS,
 };
 use crate::relay::Peer;
 
@@ -262,6 +262,29 @@ proptest! {
                 prop_assert_eq!(out.drained, out.filled);
                 prop_assert!(out.discards.iter().all(|d| *d == Some(Discard::Nothing)));
             }
+        }
+    }
+
+    /// spliced cutting a relay (drain deadline, `on-down = "kill"`, abort)
+    /// at any point: the driver checks at the close that every side whose
+    /// peer's FIN has not reached it after every byte is reset, and no
+    /// other. A relay still running has such a side, so someone is reset.
+    #[test]
+    fn a_cut_resets_every_side_whose_peer_has_not_finished(
+        t in timeouts(),
+        cap in capacity(),
+        reason in prop::sample::select(CUT_REASONS.to_vec()),
+        actions in prop::collection::vec(pair_action(any_step(), any_step()), 0..150),
+    ) {
+        let mut actions = actions;
+        actions.push(PairAction::Cut(reason));
+        let setup = PairSetup { timeouts: t, capacity: cap, shutdown_fails: None, settle: false };
+        let out = run_pair(&setup, &actions);
+        let (why, resets) = out.closed.expect("a cut script always ends closed");
+        if why == reason {
+            prop_assert!(!out.finished);
+            prop_assert!(resets.client || resets.upstream, "a cut relay reset no one");
+            prop_assert!(out.discards.iter().all(Option::is_some));
         }
     }
 
