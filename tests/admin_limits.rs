@@ -271,13 +271,20 @@ fn huge_request_heads_are_cut_and_memory_stays_flat() {
 #[test]
 fn idle_connections_past_the_bound_leave_probes_and_relays_working() {
     const IDLE: usize = 500;
-    const RELAYS: usize = 60;
     let _serial = serial();
     let upstream = echo_server();
-    // 256 fds: the relay cap keeps 68 for the endpoint, leaving room for 76
-    // relays (see docs/OPERATIONS.md); 500 admin connections alone would
-    // take every fd if they were not bounded.
+    // 256 fds: an eighth (32) and 4 for the one worker are kept for loops,
+    // listeners and pipes, and 68 for the admin endpoint, which leaves 76
+    // relays at two sockets each. 500 admin connections alone would take
+    // every fd if they were not bounded.
     let (proxy, admin) = start(Some(256), upstream.addr);
+    let relay_cap = (256 - 32 - 4 - (MAX_CONNECTIONS + 4)) / 2;
+    let logged = format!("at most {relay_cap} relays at once");
+    assert!(
+        proxy.logs().iter().any(|l| l.contains(&logged)),
+        "no {logged:?} in:\n{}",
+        proxy.logs().join("\n")
+    );
     let idle = {
         thread::spawn(move || {
             (0..IDLE)
@@ -305,7 +312,8 @@ fn idle_connections_past_the_bound_leave_probes_and_relays_working() {
     });
     // While they are held: more probes, and relays through the proxy.
     let (more, slowest_held) = probe_throughout(admin, Duration::from_millis(500), || true, || {});
-    let mut relays: Vec<TcpStream> = (0..RELAYS).map(|_| connect(proxy.addr)).collect();
+    // Every relay the cap allows, held at once.
+    let mut relays: Vec<TcpStream> = (0..relay_cap).map(|_| connect(proxy.addr)).collect();
     for round in 0..2u8 {
         for (i, r) in relays.iter_mut().enumerate() {
             round_trip(r, format!("relay {i} round {round}").as_bytes(), T);
@@ -314,10 +322,11 @@ fn idle_connections_past_the_bound_leave_probes_and_relays_working() {
     let (after, slowest_relays) =
         probe_throughout(admin, Duration::from_millis(200), || true, || {});
     eprintln!(
-        "idle: {} of {IDLE} still open; {} probes, slowest {:?}; {RELAYS} relays held",
+        "idle: {} of {IDLE} still open; {} probes, slowest {:?}; {relay_cap} relays held; {} fds of 256 in use",
         open.iter().filter(|&&o| o).count(),
         probes + more + after,
-        slowest.max(slowest_held).max(slowest_relays)
+        slowest.max(slowest_held).max(slowest_relays),
+        proxy.fd_count()
     );
     let logs = proxy.logs().join("\n");
     assert!(
