@@ -44,7 +44,7 @@ impl Admin {
         servers: ServerSamples,
         draining: Arc<AtomicBool>,
     ) -> std::io::Result<Admin> {
-        let mut listener = TcpListener::bind(addr)?;
+        let mut listener = bind(addr)?;
         let addr = listener.local_addr()?;
         let poll = Poll::new()?;
         poll.registry()
@@ -84,6 +84,21 @@ impl Drop for Admin {
             let _ = t.join();
         }
     }
+}
+
+/// Connections the kernel completes and queues while the loop is busy. A
+/// burst past it has its SYNs dropped (clients retry after a second);
+/// queued connections hold no fd of ours.
+const LISTEN_BACKLOG: i32 = 1024;
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(TcpListener::from_std(socket.into()))
 }
 
 /// The answer to one request.
