@@ -4,6 +4,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+/// Most connections the admin endpoint holds at once. Past it, a new
+/// connection takes the place of the one that has been quiet longest.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+
 /// What a running instance exposes about itself. All off by default in the
 /// library; `spliced run` names its instance `spliced` unless told.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -39,5 +43,35 @@ impl StatsGroup {
             Ok(None) => Err(format!("no group named '{name}' on this system")),
             Err(e) => Err(format!("cannot look group '{name}' up: {e}")),
         }
+    }
+}
+
+impl Ops {
+    /// The file descriptors the admin endpoint may hold at most, kept out of
+    /// the relay budget: its connections, its listener, its event loop and
+    /// waker, and the one connection being accepted while every slot is
+    /// taken. None without an admin endpoint.
+    pub fn admin_fds(&self) -> u64 {
+        match self.admin {
+            Some(_) => ADMIN_MAX_CONNECTIONS as u64 + 4,
+            None => 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Config, Mode};
+
+    #[test]
+    fn the_admin_endpoint_fds_come_out_of_the_relay_cap() {
+        let mut c = Config::single("127.0.0.1:0".parse().unwrap(), vec![], Mode::Splice);
+        c.workers = 1;
+        let without = crate::runtime::relay_cap(&c, 20_000);
+        c.ops.admin = Some("127.0.0.1:0".parse().unwrap());
+        let with = crate::runtime::relay_cap(&c, 20_000);
+        // Two fds per relay.
+        assert_eq!(2 * (without - with) as u64, c.ops.admin_fds());
+        assert_eq!(c.ops.admin_fds(), 68);
     }
 }

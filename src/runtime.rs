@@ -423,7 +423,10 @@ pub(crate) fn relay_cap(config: &Config, nofile: u64) -> usize {
 
 /// The relays the fd limit has room for (see [`relay_cap`]).
 fn relays_by_fds(config: &Config, nofile: u64) -> usize {
-    let reserve = (nofile / 8).clamp(16, 256) + 4 * config.workers as u64;
+    let reserve = (nofile / 8).clamp(16, 256) + 4 * config.workers as u64
+        // The admin endpoint's own fds, bounded, so its clients can never
+        // take a relay's.
+        + config.ops.admin_fds();
     (nofile.saturating_sub(reserve) / 2) as usize
 }
 

@@ -2,19 +2,26 @@
 //! /healthz` (readiness: 200 while accepting, 503 while draining) and `GET
 //! /livez` (200 while the process answers).
 //!
-//! It runs on its own thread with a blocking HTTP server (tiny_http) and
-//! reads only the counter mapping and the drain flag, both atomics: a slow
-//! or stuck scraper costs that thread, never a worker.
+//! It runs on its own thread, one non-blocking event loop for every client
+//! (see [`server`]), and reads only the counter mapping and the drain flag,
+//! both atomics: a slow or stuck scraper costs that thread a slot, never a
+//! worker, and never another scraper's answer. Its fds are bounded and kept
+//! out of the relay budget ([`crate::ops::Ops::admin_fds`]).
 
+mod conn;
+mod http;
 mod metrics;
+mod server;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use tiny_http::{Header, Method, Response, Server};
+use mio::net::TcpListener;
+use mio::{Interest, Poll, Waker};
 
+use self::http::{Head, Response};
 use crate::shm::Arena;
 
 /// Reads every server's state at scrape time, lock-free per server.
@@ -24,7 +31,8 @@ pub(crate) type ServerSamples =
 /// A running admin endpoint; dropping it stops the thread.
 pub(crate) struct Admin {
     addr: SocketAddr,
-    server: Arc<Server>,
+    stop: Arc<AtomicBool>,
+    waker: Waker,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -34,21 +42,27 @@ impl Admin {
         addr: SocketAddr,
         arena: Arc<Arena>,
         servers: ServerSamples,
-        stopping: Arc<AtomicBool>,
+        draining: Arc<AtomicBool>,
     ) -> std::io::Result<Admin> {
-        let server = Server::http(addr).map_err(std::io::Error::other)?;
-        let addr = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| std::io::Error::other("the admin endpoint is not an IP socket"))?;
-        let server = Arc::new(server);
-        let serving = Arc::clone(&server);
+        let mut listener = bind(addr)?;
+        let addr = listener.local_addr()?;
+        let poll = Poll::new()?;
+        poll.registry()
+            .register(&mut listener, server::LISTENER, Interest::READABLE)?;
+        let waker = Waker::new(poll.registry(), server::WAKER)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("spliced-admin".into())
-            .spawn(move || serve(&serving, arena, servers, &stopping))?;
+            .spawn(move || {
+                let registry = metrics::registry(arena, servers);
+                let answer = |head: &Head<'_>| answer(head, &registry, &draining);
+                server::Server::new(poll, listener, answer, stopping).run();
+            })?;
         Ok(Admin {
             addr,
-            server,
+            stop,
+            waker,
             thread: Some(thread),
         })
     }
@@ -61,48 +75,50 @@ impl Admin {
 
 impl Drop for Admin {
     fn drop(&mut self) {
-        self.server.unblock();
+        self.stop.store(true, Ordering::Release);
+        if let Err(e) = self.waker.wake() {
+            tracing::warn!(error = %e, "admin: wake the admin thread to stop it");
+            return;
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-fn serve(server: &Server, arena: Arc<Arena>, servers: ServerSamples, stopping: &AtomicBool) {
-    let registry = metrics::registry(Arc::clone(&arena), servers);
-    for request in server.incoming_requests() {
-        let (status, content_type, body) = match (request.method(), path(request.url())) {
-            (Method::Get | Method::Head, "/metrics") => (
-                200,
-                "text/plain; version=0.0.4; charset=utf-8",
-                metrics::render(&registry),
-            ),
-            (Method::Get | Method::Head, "/healthz") => {
-                if stopping.load(Ordering::Relaxed) {
-                    (503, "text/plain", "draining\n".to_string())
-                } else {
-                    (200, "text/plain", "ok\n".to_string())
-                }
-            }
-            (Method::Get | Method::Head, "/livez") => (200, "text/plain", "ok\n".to_string()),
-            (Method::Get | Method::Head, _) => (
-                404,
-                "text/plain",
-                "not found: try /metrics, /healthz or /livez\n".to_string(),
-            ),
-            _ => (405, "text/plain", "only GET and HEAD\n".to_string()),
-        };
-        let header = Header::from_bytes("Content-Type", content_type).expect("a valid header");
-        let response = Response::from_string(body)
-            .with_status_code(status)
-            .with_header(header);
-        if let Err(e) = request.respond(response) {
-            tracing::debug!(error = %e, "admin: client went away before the answer");
-        }
-    }
+/// Connections the kernel completes and queues while the loop is busy. A
+/// burst past it has its SYNs dropped (clients retry after a second);
+/// queued connections hold no fd of ours.
+const LISTEN_BACKLOG: i32 = 1024;
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(TcpListener::from_std(socket.into()))
 }
 
-/// The path of a request target, without its query.
-fn path(url: &str) -> &str {
-    url.split(['?', '#']).next().unwrap_or(url)
+/// The answer to one request.
+fn answer(
+    head: &Head<'_>,
+    registry: &prometheus_client::registry::Registry,
+    draining: &AtomicBool,
+) -> Response {
+    let ok = |body: &str| Response::text(200, body.to_string());
+    if head.method != "GET" && head.method != "HEAD" {
+        return Response::text(405, "only GET and HEAD\n".into());
+    }
+    match head.path {
+        "/metrics" => Response {
+            status: 200,
+            content_type: "text/plain; version=0.0.4; charset=utf-8",
+            body: metrics::render(registry),
+        },
+        "/healthz" if draining.load(Ordering::Relaxed) => Response::text(503, "draining\n".into()),
+        "/healthz" | "/livez" => ok("ok\n"),
+        _ => Response::text(404, "not found: try /metrics, /healthz or /livez\n".into()),
+    }
 }
