@@ -308,3 +308,41 @@ fn run_serves_the_files_listeners_also_through_the_environment() {
     );
     let _ = std::fs::remove_file(path);
 }
+
+#[test]
+fn values_the_kernel_refuses_are_errors_naming_key_line_and_limit() {
+    let with = |lines: &str| MINIMAL.replace("listen =", &format!("{lines}\nlisten ="));
+    let e = errors(&with("keepalive = { idle = \"40000s\" }"));
+    assert_has(
+        &e,
+        &["line 4", "listener[one].keepalive.idle", "40000s", "32767s"],
+    );
+    let e = errors(&with("keepalive = { interval = \"10h\" }"));
+    assert_has(&e, &["line 4", "keepalive.interval", "32767s"]);
+    let e = errors(&with("keepalive = { idle = \"500ms\" }"));
+    assert_has(&e, &["line 4", "keepalive.idle", "1s to 32767s"]);
+    let e = errors(&with("keepalive = { count = 128 }"));
+    assert_has(&e, &["line 4", "keepalive.count", "128", "127"]);
+    // 2^31 ms, one more than TCP_USER_TIMEOUT's int holds.
+    let e = errors(&with("user-timeout = \"2147483648ms\""));
+    assert_has(
+        &e,
+        &["line 4", "listener[one].user-timeout", "2147483647ms"],
+    );
+    let e = errors(&format!("[defaults]\nuser-timeout = \"30d\"\n{MINIMAL}"));
+    assert_has(&e, &["line 2", "defaults.user-timeout", "2147483647ms"]);
+    // The limits themselves are accepted.
+    let ok = with("keepalive = { idle = \"32767s\", interval = \"32767s\", count = 127 }\nuser-timeout = \"2147483647ms\"");
+    let c = config::parse_str(&ok, &FlagDefaults::default())
+        .unwrap()
+        .config;
+    assert_eq!(c.listeners[0].keepalive.unwrap().count, 127);
+    assert_eq!(
+        c.listeners[0].user_timeout,
+        Some(Duration::from_millis(2_147_483_647))
+    );
+    // The library refuses them too, for configs built in code.
+    let mut c = c;
+    c.listeners[0].user_timeout = Some(Duration::from_millis(1 << 31));
+    assert!(c.validate().unwrap_err().0.contains("user-timeout"));
+}

@@ -264,6 +264,20 @@ impl Config {
             if l.listen.is_empty() {
                 return Err(ConfigError(format!("listener '{}' has no address", l.name)));
             }
+            if let Some((setting, problem)) =
+                l.keepalive.iter().flat_map(Keepalive::problems).next()
+            {
+                return Err(ConfigError(format!(
+                    "listener '{}': keepalive.{setting}: {problem}",
+                    l.name
+                )));
+            }
+            if let Some(problem) = l.user_timeout.and_then(user_timeout_problem) {
+                return Err(ConfigError(format!(
+                    "listener '{}': user-timeout: {problem}",
+                    l.name
+                )));
+            }
             if l.max_conns == Some(0) || l.max_conns_per_source == Some(0) {
                 return Err(ConfigError(format!(
                     "listener '{}': a connection limit of 0 would refuse everyone",

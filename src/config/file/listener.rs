@@ -47,7 +47,15 @@ impl Inherited {
             "idle-timeout" => self.idle = cx.duration(v, key),
             "fin-timeout" => self.fin = cx.duration(v, key),
             "connect-timeout" => self.connect = cx.duration(v, key),
-            "user-timeout" => self.user_timeout = cx.duration(v, key),
+            "user-timeout" => {
+                self.user_timeout = cx.duration(v, key);
+                if let Some(Some(d)) = self.user_timeout {
+                    if let Some(problem) = user_timeout_problem(d) {
+                        cx.error(&v.span(), key, problem);
+                        self.user_timeout = None;
+                    }
+                }
+            }
             "max-conns" => self.max_conns = cx.uint(v, key, 1, MAX).map(|n| n as usize),
             "max-conns-per-source" => {
                 self.max_conns_per_source = cx.uint(v, key, 1, MAX).map(|n| n as usize)
@@ -79,10 +87,26 @@ fn read_keepalive(cx: &mut Cx, v: &Value<'_>, key: &str) -> Option<Keepalive> {
     let known = ["idle", "interval", "count"];
     for (k, v) in table.iter() {
         let path = join(key, k.get_ref());
+        // What the kernel refuses is refused here, with its line: else
+        // every relay would run without keepalive.
+        let mut secs = |option| {
+            let d = cx.positive_duration(v, &path)?;
+            match keepalive_secs_problem(d, option) {
+                Some(problem) => {
+                    cx.error(&v.span(), &path, problem);
+                    None
+                }
+                None => Some(d),
+            }
+        };
         match k.get_ref().as_ref() {
-            "idle" => idle = cx.positive_duration(v, &path),
-            "interval" => interval = cx.positive_duration(v, &path),
-            "count" => count = cx.uint(v, &path, 1, 127).map(|n| n as u32),
+            "idle" => idle = secs("TCP_KEEPIDLE"),
+            "interval" => interval = secs("TCP_KEEPINTVL"),
+            "count" => {
+                count = cx
+                    .uint(v, &path, 1, MAX_KEEPALIVE_COUNT.into())
+                    .map(|n| n as u32)
+            }
             _ => cx.unknown(k, key, &known),
         }
     }
