@@ -346,3 +346,75 @@ fn values_the_kernel_refuses_are_errors_naming_key_line_and_limit() {
     c.listeners[0].user_timeout = Some(Duration::from_millis(1 << 31));
     assert!(c.validate().unwrap_err().0.contains("user-timeout"));
 }
+
+#[test]
+fn ipv4_mapped_and_dual_stack_listen_addresses_overlap_their_ipv4_twins() {
+    let two = |a: &str, b: &str| {
+        format!(
+            "{}{}",
+            MINIMAL.replace("\"127.0.0.1:0\"", a),
+            MINIMAL.replace("one", "two").replace("\"127.0.0.1:0\"", b)
+        )
+    };
+    // Across two listeners: the mapped address is the IPv4 one.
+    let e = errors(&two("\"127.0.0.1:7\"", "\"[::ffff:127.0.0.1]:7\""));
+    assert_has(
+        &e,
+        &[
+            "line 10",
+            "listener[two].listen",
+            "[::ffff:127.0.0.1]:7 overlaps 127.0.0.1:7 of listener 'one' (line 4)",
+        ],
+    );
+    let e = errors(&two("\"0.0.0.0:7\"", "\"[::ffff:127.0.0.1]:7\""));
+    assert_has(&e, &["listener[two].listen", "overlaps 0.0.0.0:7"]);
+    // Within one listener.
+    let e = errors(&MINIMAL.replace(
+        "\"127.0.0.1:0\"",
+        "\"127.0.0.1:7\", \"[::ffff:127.0.0.1]:7\"",
+    ));
+    assert_has(
+        &e,
+        &[
+            "line 4",
+            "listener[one].listen",
+            "[::ffff:127.0.0.1]:7 overlaps 127.0.0.1:7 of listener 'one'",
+        ],
+    );
+    // Beside IPv4 addresses a listener binds IPv6-only, which cannot take a
+    // mapped address at all.
+    let e = errors(&MINIMAL.replace(
+        "\"127.0.0.1:0\"",
+        "\"127.0.0.1:7\", \"[::ffff:127.0.0.2]:7\"",
+    ));
+    assert_has(&e, &["listener[one].listen", "IPv6-only", "127.0.0.2:7"]);
+    // Other ports and other addresses are fine.
+    for (a, b) in [
+        ("\"127.0.0.1:7\"", "\"[::ffff:127.0.0.1]:8\""),
+        ("\"127.0.0.1:7\"", "\"[::ffff:127.0.0.2]:7\""),
+        ("\"127.0.0.1:7\"", "\"[::1]:7\""),
+        ("\":7\"", "\"[::1]:8\""),
+    ] {
+        let text = two(a, b);
+        assert!(
+            config::parse_str(&text, &FlagDefaults::default()).is_ok(),
+            "{text}"
+        );
+    }
+    // A `[::]` alone in its listener is dual-stack unless bindv6only is 1.
+    let text = two("\"127.0.0.1:7\"", "\"[::]:7\"");
+    let v6only =
+        std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|s| s.trim() == "1");
+    match config::parse_str(&text, &FlagDefaults::default()) {
+        Err(d) if !v6only => assert_has(
+            &d.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            &[
+                "listener[two].listen",
+                "[::]:7 overlaps 127.0.0.1:7",
+                "IPv4 too",
+            ],
+        ),
+        Ok(_) if v6only => {}
+        other => panic!("bindv6only={v6only}: {other:?}"),
+    }
+}

@@ -10,11 +10,13 @@
 //! | `mod.rs` | `Config`, `ListenerConfig`, `Timeouts`, `Mode`, validation |
 //! | `pool.rs` | pools, servers, health, access lists, keepalive |
 //! | `parse.rs` | durations, sizes, addresses |
+//! | `listen.rs` | which listen addresses can be bound side by side |
 //! | `file/` | the TOML file: every error with its key and line (`values.rs` typed values, `listener.rs` the top tables and listeners, `pool.rs` pools and health) |
 //! | `check.rs` | the effective config as TOML (`spliced check`) |
 
 mod check;
 mod file;
+pub mod listen;
 mod parse;
 mod pool;
 
