@@ -418,3 +418,30 @@ fn ipv4_mapped_and_dual_stack_listen_addresses_overlap_their_ipv4_twins() {
         other => panic!("bindv6only={v6only}: {other:?}"),
     }
 }
+
+#[test]
+fn check_prints_admin_and_it_parses_back() {
+    for (written, printed) in [
+        ("127.0.0.1:9100", "127.0.0.1:9100"),
+        ("[::1]:9100", "[::1]:9100"),
+    ] {
+        let text = format!("admin = \"{written}\"\n{MINIMAL}");
+        let path = temp_file("admin", &text);
+        let (status, stdout, stderr) = run_bin(
+            &["check", "--config", path.to_str().unwrap()],
+            Duration::from_secs(20),
+        );
+        let _ = std::fs::remove_file(path);
+        assert!(status.is_some_and(|s| s.success()), "{stderr}");
+        assert!(
+            stdout.starts_with(&format!("admin = \"{printed}\"\n")),
+            "{stdout}"
+        );
+        let again = config::parse_str(&stdout, &FlagDefaults::default()).unwrap();
+        assert_eq!(again.config.ops.admin, Some(printed.parse().unwrap()));
+        assert_eq!(config::effective_toml(&again.config), stdout);
+    }
+    // No admin key, none printed.
+    let plain = config::parse_str(MINIMAL, &FlagDefaults::default()).unwrap();
+    assert!(!config::effective_toml(&plain.config).contains("admin"));
+}
