@@ -298,7 +298,8 @@ fn first_of(path: &Path, diagnostics: &[Diagnostic], what: &str) -> String {
 
 /// `spliced check`: the effective config on stdout and exit 0, or every
 /// problem on stderr (one a line) and exit 1. Beyond the file it tests what
-/// `run` needs of the host: every password file readable (as `--user` too),
+/// `run` needs of the host: every password file readable (as `--user` too,
+/// and the config file itself as that user, since reloads re-read it),
 /// and warns of one with group or other access and of a server name that
 /// does not resolve now. Settings `spliced run` cannot carry out yet are
 /// notes: the file is valid, but `run` refuses it.
@@ -320,7 +321,19 @@ fn check(args: CheckArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let found = loaded.config.preflight(run_as.as_ref());
+    let mut found = loaded.config.preflight(run_as.as_ref());
+    // A reload re-reads the config file, as the user by then.
+    if let Some(u) = run_as
+        .as_ref()
+        .filter(|u| u.uid != nix::unistd::geteuid().as_raw())
+    {
+        if let Err(e) = u.can_read(path) {
+            found.errors.insert(
+                0,
+                format!("cannot read the config file {}: {e}", u.describe()),
+            );
+        }
+    }
     for w in &found.warnings {
         eprintln!("spliced: warning: {}: {w}", path.display());
     }

@@ -99,12 +99,34 @@ fn check_fails_for_a_password_file_the_run_as_user_cannot_read() {
     }
     // Readable by others, nobody reads it (with a warning about the mode).
     let open = secret_file("open", 0o644);
-    let (code, _, stderr) = check(
-        "pw-open",
-        &with_password_file(&open, ""),
-        &["--user", "nobody"],
-    );
+    let open_text = with_password_file(&open, "");
+    let (code, _, stderr) = check("pw-open", &open_text, &["--user", "nobody"]);
     assert_eq!(code, Some(0), "{stderr}");
+    // The config file itself: a reload re-reads it as nobody.
+    let config = secret_file("config", 0o600);
+    std::fs::write(&config, &open_text).unwrap();
+    let (status, stdout, stderr) = run_bin(
+        &[
+            "check",
+            "--user",
+            "nobody",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("spliced: error: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("cannot read the config file as user nobody"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(config.parent().unwrap());
     let (code, _, stderr) = check("pw-nouser", &text, &["--user", "no-such-user-here"]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("no such user"), "{stderr}");

@@ -20,6 +20,22 @@ pub struct RunAs {
     pub gid: u32,
 }
 
+impl RunAs {
+    /// Whether this user can open and read `path` (see `sys::access`); the
+    /// caller must be root.
+    pub fn can_read(&self, path: &Path) -> std::io::Result<()> {
+        crate::sys::access::readable_as(path, self.uid, self.gid)
+    }
+
+    /// How an error says who could not read a file.
+    pub fn describe(&self) -> String {
+        format!(
+            "as user {} (uid {}, gid {}), as reloads under 'spliced run --user {}' must",
+            self.name, self.uid, self.gid, self.name
+        )
+    }
+}
+
 /// What [`Config::preflight`] found: errors `run` would stop on, and
 /// warnings about what it would run with. One line each.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -99,14 +115,11 @@ fn check_password_file(
     // child process with exactly those ids (see sys::access), so ACLs,
     // directory permissions and the like count as they will.
     if let Some(u) = run_as.filter(|u| u.uid != nix::unistd::geteuid().as_raw()) {
-        if let Err(e) = crate::sys::access::readable_as(Path::new(path), u.uid, u.gid) {
+        if let Err(e) = u.can_read(Path::new(path)) {
             out.errors.push(password_file_line(
                 &l.name,
                 path,
-                &format!(
-                    "cannot read it as user {} (uid {}, gid {}), as reloads under 'spliced run --user {}' must: {e}",
-                    u.name, u.uid, u.gid, u.name
-                ),
+                &format!("cannot read it {}: {e}", u.describe()),
             ));
         }
     }
