@@ -30,7 +30,7 @@ enum Command {
     Run(RunArgs),
     /// Measure splice against copy (and a direct baseline) on this machine.
     Bench(spliced::bench::BenchArgs),
-    /// Validate a config file without binding; print it with every default filled in.
+    /// Validate a config file and read its password files, without binding; print it with every default filled in.
     Check(CheckArgs),
     /// Show a running instance's counters from its stats file (no network).
     Stats(spliced::cli::stats::StatsArgs),
@@ -55,8 +55,9 @@ struct CheckArgs {
     /// The config file to check (see docs/CONFIG.md).
     #[arg(long, env = "SPLICED_CONFIG", value_name = "FILE")]
     config: PathBuf,
-    /// Test the password files as this user too, as 'spliced run --user
-    /// USER' reads them at a reload; needs root (as --user does in run).
+    /// Also read the config file and every password file as this user, as
+    /// 'spliced run --user USER' does at a reload; needs root (as --user
+    /// does in run).
     #[arg(long, value_name = "USER")]
     user: Option<String>,
 }
