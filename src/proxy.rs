@@ -295,10 +295,11 @@ pub(crate) fn refuse_loops(
                 .iter()
                 .any(|&a| canonical(a) == ip)
     };
+    let v6only = crate::config::listen::bindv6only();
     let dual_stack: Vec<bool> = config
         .listeners
         .iter()
-        .map(|l| !l.listen.iter().any(SocketAddr::is_ipv4) && !bindv6only())
+        .map(|l| crate::config::listen::dual_stack(&l.listen, v6only))
         .collect();
     // edges[i]: (upstream, listener it reaches) for each upstream of listener i.
     let mut edges: Vec<Vec<(SocketAddr, usize)>> = vec![Vec::new(); config.listeners.len()];
@@ -374,12 +375,6 @@ fn interface_ips() -> Vec<IpAddr> {
             }
         })
         .collect()
-}
-
-/// `net.ipv6.bindv6only`: whether a `[::]` listener without IPV6_V6ONLY
-/// set explicitly takes IPv6 only.
-fn bindv6only() -> bool {
-    std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|s| s.trim() == "1")
 }
 
 impl ProxyHandle {

@@ -15,8 +15,9 @@
 //!   before keep the ones they started with;
 //! - a listener gone from the config stops accepting; its relays finish
 //!   within the drain timeout;
-//! - process-wide settings (workers, pipes, relay cap, drain timeout) stay
-//!   as they were: they need a restart, and the reload says so.
+//! - process-wide settings (workers, pipes, relay cap, drain timeout, the
+//!   admin address) stay as they were: they need a restart, and the reload
+//!   says so.
 
 use std::io;
 use std::net::SocketAddr;
@@ -169,6 +170,8 @@ fn restart_settings(old: &Config, new: &Config) -> Vec<&'static str> {
     check(old.copy_buffer_size != new.copy_buffer_size, "copy-buffer");
     check(old.max_relays != new.max_relays, "max-conns (global)");
     check(old.drain_timeout != new.drain_timeout, "drain-timeout");
+    // The endpoint's thread and socket are set up once, at start.
+    check(old.ops.admin != new.ops.admin, "admin");
     out
 }
 
@@ -571,9 +574,10 @@ mod tests {
         assert!(restart_settings(&old, &new).is_empty());
         new.workers += 1;
         new.drain_timeout = None;
+        new.ops.admin = Some(addr("127.0.0.1:9187"));
         assert_eq!(
             restart_settings(&old, &new),
-            vec!["workers", "drain-timeout"]
+            vec!["workers", "drain-timeout", "admin"]
         );
     }
 

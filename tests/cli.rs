@@ -644,3 +644,45 @@ fn bench_output_reports_measurements_only() {
         );
     }
 }
+
+#[test]
+fn check_as_another_user_needs_root() {
+    let config =
+        std::env::temp_dir().join(format!("spliced-cli-check-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        "[[listener]]\nname = \"one\"\nlisten = \"127.0.0.1:0\"\n[listener.pool]\nservers = [\"127.0.0.1:9\"]\n",
+    )
+    .unwrap();
+    let root = nix::unistd::geteuid().is_root();
+    let mut cmd = if root {
+        // As root the test drops to nobody to see the refusal.
+        let Some(setpriv) = ["/usr/bin/setpriv", "/bin/setpriv"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+        else {
+            println!("skipped: as root this needs setpriv to run check as another user");
+            return;
+        };
+        let mut c = Command::new(setpriv);
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(bin());
+        c
+    } else {
+        Command::new(bin())
+    };
+    let out = cmd
+        .args(["check", "--user", "root", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&config);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("spliced: error: --user root: testing files as root needs root"),
+        "{stderr}"
+    );
+}

@@ -53,7 +53,26 @@ fn every_example_validates_and_prints_a_config_that_parses_back() {
             continue;
         }
         let p = path.to_str().unwrap();
-        let (status, stdout, stderr) = run_bin(&["check", "--config", p], Duration::from_secs(20));
+        // `check` reads every password file: the examples' stand on this
+        // host as a private temp file.
+        let secret = secret_file("example", 0o600);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let local = text
+            .lines()
+            .map(|l| match l.split_once("password-file = ") {
+                Some((indent, _)) => format!("{indent}password-file = \"{}\"", secret.display()),
+                None => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let name = path.file_stem().unwrap().to_str().unwrap();
+        let local_path = temp_file(&format!("example-{name}"), &local);
+        let (status, stdout, stderr) = run_bin(
+            &["check", "--config", local_path.to_str().unwrap()],
+            Duration::from_secs(20),
+        );
+        let _ = std::fs::remove_file(local_path);
+        let _ = std::fs::remove_dir_all(secret.parent().unwrap());
         assert!(
             status.is_some_and(|s| s.success()),
             "{p}: {status:?}\n{stderr}"
@@ -307,4 +326,114 @@ fn run_serves_the_files_listeners_also_through_the_environment() {
         "{stderr}"
     );
     let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn values_the_kernel_refuses_are_errors_naming_key_line_and_limit() {
+    let with = |lines: &str| MINIMAL.replace("listen =", &format!("{lines}\nlisten ="));
+    let e = errors(&with("keepalive = { idle = \"40000s\" }"));
+    assert_has(
+        &e,
+        &["line 4", "listener[one].keepalive.idle", "40000s", "32767s"],
+    );
+    let e = errors(&with("keepalive = { interval = \"10h\" }"));
+    assert_has(&e, &["line 4", "keepalive.interval", "32767s"]);
+    let e = errors(&with("keepalive = { idle = \"500ms\" }"));
+    assert_has(&e, &["line 4", "keepalive.idle", "1s to 32767s"]);
+    let e = errors(&with("keepalive = { count = 128 }"));
+    assert_has(&e, &["line 4", "keepalive.count", "128", "127"]);
+    // 2^31 ms, one more than TCP_USER_TIMEOUT's int holds.
+    let e = errors(&with("user-timeout = \"2147483648ms\""));
+    assert_has(
+        &e,
+        &["line 4", "listener[one].user-timeout", "2147483647ms"],
+    );
+    let e = errors(&format!("[defaults]\nuser-timeout = \"30d\"\n{MINIMAL}"));
+    assert_has(&e, &["line 2", "defaults.user-timeout", "2147483647ms"]);
+    // The limits themselves are accepted.
+    let ok = with("keepalive = { idle = \"32767s\", interval = \"32767s\", count = 127 }\nuser-timeout = \"2147483647ms\"");
+    let c = config::parse_str(&ok, &FlagDefaults::default())
+        .unwrap()
+        .config;
+    assert_eq!(c.listeners[0].keepalive.unwrap().count, 127);
+    assert_eq!(
+        c.listeners[0].user_timeout,
+        Some(Duration::from_millis(2_147_483_647))
+    );
+    // The library refuses them too, for configs built in code.
+    let mut c = c;
+    c.listeners[0].user_timeout = Some(Duration::from_millis(1 << 31));
+    assert!(c.validate().unwrap_err().0.contains("user-timeout"));
+}
+
+#[test]
+fn ipv4_mapped_and_dual_stack_listen_addresses_overlap_their_ipv4_twins() {
+    let two = |a: &str, b: &str| {
+        format!(
+            "{}{}",
+            MINIMAL.replace("\"127.0.0.1:0\"", a),
+            MINIMAL.replace("one", "two").replace("\"127.0.0.1:0\"", b)
+        )
+    };
+    // Across two listeners: the mapped address is the IPv4 one.
+    let e = errors(&two("\"127.0.0.1:7\"", "\"[::ffff:127.0.0.1]:7\""));
+    assert_has(
+        &e,
+        &[
+            "line 10",
+            "listener[two].listen",
+            "[::ffff:127.0.0.1]:7 overlaps 127.0.0.1:7 of listener 'one' (line 4)",
+        ],
+    );
+    let e = errors(&two("\"0.0.0.0:7\"", "\"[::ffff:127.0.0.1]:7\""));
+    assert_has(&e, &["listener[two].listen", "overlaps 0.0.0.0:7"]);
+    // Within one listener.
+    let e = errors(&MINIMAL.replace(
+        "\"127.0.0.1:0\"",
+        "\"127.0.0.1:7\", \"[::ffff:127.0.0.1]:7\"",
+    ));
+    assert_has(
+        &e,
+        &[
+            "line 4",
+            "listener[one].listen",
+            "[::ffff:127.0.0.1]:7 overlaps 127.0.0.1:7 of listener 'one'",
+        ],
+    );
+    // Beside IPv4 addresses a listener binds IPv6-only, which cannot take a
+    // mapped address at all.
+    let e = errors(&MINIMAL.replace(
+        "\"127.0.0.1:0\"",
+        "\"127.0.0.1:7\", \"[::ffff:127.0.0.2]:7\"",
+    ));
+    assert_has(&e, &["listener[one].listen", "IPv6-only", "127.0.0.2:7"]);
+    // Other ports and other addresses are fine.
+    for (a, b) in [
+        ("\"127.0.0.1:7\"", "\"[::ffff:127.0.0.1]:8\""),
+        ("\"127.0.0.1:7\"", "\"[::ffff:127.0.0.2]:7\""),
+        ("\"127.0.0.1:7\"", "\"[::1]:7\""),
+        ("\":7\"", "\"[::1]:8\""),
+    ] {
+        let text = two(a, b);
+        assert!(
+            config::parse_str(&text, &FlagDefaults::default()).is_ok(),
+            "{text}"
+        );
+    }
+    // A `[::]` alone in its listener is dual-stack unless bindv6only is 1.
+    let text = two("\"127.0.0.1:7\"", "\"[::]:7\"");
+    let v6only =
+        std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|s| s.trim() == "1");
+    match config::parse_str(&text, &FlagDefaults::default()) {
+        Err(d) if !v6only => assert_has(
+            &d.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            &[
+                "listener[two].listen",
+                "[::]:7 overlaps 127.0.0.1:7",
+                "IPv4 too",
+            ],
+        ),
+        Ok(_) if v6only => {}
+        other => panic!("bindv6only={v6only}: {other:?}"),
+    }
 }

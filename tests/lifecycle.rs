@@ -294,3 +294,40 @@ fn wait_connect(addr: SocketAddr) -> std::net::TcpStream {
     s.set_read_timeout(Some(T)).unwrap();
     s
 }
+
+#[test]
+fn a_reload_that_changes_admin_warns_that_it_needs_a_restart() {
+    let dir = temp_dir("admin-reload");
+    let up = echo_server();
+    let admin = TcpListener::bind("127.0.0.1:0").unwrap();
+    let first = admin.local_addr().unwrap();
+    drop(admin);
+    let config = dir.join("spliced.toml");
+    let text = |admin: &str, listen: &str| {
+        format!("admin = \"{admin}\"\n{}", config_text(listen, up.addr, ""))
+    };
+    std::fs::write(&config, text(&first.to_string(), "127.0.0.1:0")).unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.args(["run", "--name", "adminreload", "--config"])
+        .arg(&config)
+        .env("RUNTIME_DIRECTORY", dir.join("run"));
+    let mut s = Spliced::spawn(cmd);
+    wait_log(&s, &format!("admin endpoint on http://{first}/metrics"));
+    let listen = s.addr.to_string();
+    std::fs::write(&config, text("127.0.0.1:1", &listen)).unwrap();
+    s.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_log(&s, "config reloaded");
+    let warning = s
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("admin changed in the config but takes effect only after a restart"));
+    assert!(
+        warning.as_ref().is_some_and(|l| l.contains("WARN")),
+        "{}",
+        s.logs().join("\n")
+    );
+    // The running endpoint stays where it was.
+    std::net::TcpStream::connect(first).expect("the admin endpoint still answers at its address");
+    s.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(s.wait_exit(T).expect("exits").success());
+}

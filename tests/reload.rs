@@ -223,3 +223,22 @@ fn no_client_is_refused_while_reloading() {
     let served = clients.join().expect("no client failed");
     assert!(served >= 20, "{served} connections");
 }
+
+#[test]
+fn a_changed_admin_address_needs_a_restart_and_says_so() {
+    let up = echo_server();
+    let h = spliced::start(config(vec![listener("db", up.addr)])).unwrap();
+    let reloader = h.reloader();
+    let mut next = config(vec![listener("db", up.addr)]);
+    next.ops.admin = Some("127.0.0.1:0".parse().unwrap());
+    let r = reloader.reload(next.clone()).unwrap();
+    assert_eq!(r.need_restart, vec!["admin"]);
+    // The running value stays, so the next reload says it again.
+    let r = reloader.reload(next).unwrap();
+    assert_eq!(r.need_restart, vec!["admin"]);
+    let r = reloader
+        .reload(config(vec![listener("db", up.addr)]))
+        .unwrap();
+    assert!(r.need_restart.is_empty(), "{:?}", r.need_restart);
+    round_trip(&mut connect(h.local_addr()), b"still serving", T);
+}

@@ -8,6 +8,9 @@ use super::*;
 
 #[derive(Serialize)]
 struct File {
+    /// Top-level keys come before the tables.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    admin: Option<String>,
     global: Global,
     listener: Vec<Listener>,
 }
@@ -187,6 +190,7 @@ fn listener(l: &ListenerConfig) -> Listener {
 /// The effective config as a TOML document.
 pub fn effective_toml(config: &Config) -> String {
     let file = File {
+        admin: config.ops.admin.map(|a| a.to_string()),
         global: Global {
             workers: config.workers,
             max_conns: config.max_relays,

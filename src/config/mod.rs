@@ -10,13 +10,17 @@
 //! | `mod.rs` | `Config`, `ListenerConfig`, `Timeouts`, `Mode`, validation |
 //! | `pool.rs` | pools, servers, health, access lists, keepalive |
 //! | `parse.rs` | durations, sizes, addresses |
+//! | `listen.rs` | which listen addresses can be bound side by side |
 //! | `file/` | the TOML file: every error with its key and line (`values.rs` typed values, `listener.rs` the top tables and listeners, `pool.rs` pools and health) |
 //! | `check.rs` | the effective config as TOML (`spliced check`) |
+//! | `preflight.rs` | password files and server names, as `run` will meet them |
 
 mod check;
 mod file;
+pub mod listen;
 mod parse;
 mod pool;
+mod preflight;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -26,6 +30,7 @@ pub use check::effective_toml;
 pub use file::{load, parse_str, Diagnostic, FlagDefaults, Loaded};
 pub use parse::*;
 pub use pool::*;
+pub use preflight::{Preflight, RunAs};
 
 /// How a listener's relays move bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -270,6 +275,20 @@ impl Config {
             if l.listen.is_empty() {
                 return Err(ConfigError(format!("listener '{}' has no address", l.name)));
             }
+            if let Some((setting, problem)) =
+                l.keepalive.iter().flat_map(Keepalive::problems).next()
+            {
+                return Err(ConfigError(format!(
+                    "listener '{}': keepalive.{setting}: {problem}",
+                    l.name
+                )));
+            }
+            if let Some(problem) = l.user_timeout.and_then(user_timeout_problem) {
+                return Err(ConfigError(format!(
+                    "listener '{}': user-timeout: {problem}",
+                    l.name
+                )));
+            }
             if l.max_conns == Some(0) || l.max_conns_per_source == Some(0) {
                 return Err(ConfigError(format!(
                     "listener '{}': a connection limit of 0 would refuse everyone",
@@ -288,29 +307,6 @@ impl Config {
         }
         if self.copy_buffer_size == 0 {
             return Err(ConfigError("copy buffer size must be positive".into()));
-        }
-        Ok(())
-    }
-}
-
-impl Config {
-    /// Reads every `password-file` of an active check, so a missing or
-    /// unreadable file stops the start, not the first probe. The password
-    /// is the file's first line.
-    pub fn load_secrets(&mut self) -> Result<(), ConfigError> {
-        for l in &mut self.listeners {
-            let h = &mut l.pool.health;
-            let Some(path) = h.password_file.as_deref() else {
-                continue;
-            };
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                ConfigError(format!(
-                    "listener '{}': pool.health.password-file {path}: cannot read it: {e}",
-                    l.name
-                ))
-            })?;
-            let line = text.lines().next().unwrap_or("").to_string();
-            h.password = Some(Secret(line));
         }
         Ok(())
     }

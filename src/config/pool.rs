@@ -268,6 +268,67 @@ pub struct Keepalive {
     pub count: u32,
 }
 
+/// The most TCP_KEEPIDLE and TCP_KEEPINTVL take, in seconds (the kernel's
+/// MAX_TCP_KEEPIDLE and MAX_TCP_KEEPINTVL); they count whole seconds from 1.
+pub const MAX_KEEPALIVE_SECS: u64 = 32767;
+/// The most TCP_KEEPCNT takes (the kernel's MAX_TCP_KEEPCNT).
+pub const MAX_KEEPALIVE_COUNT: u32 = 127;
+/// The most TCP_USER_TIMEOUT takes: it is an `int` of milliseconds.
+pub const MAX_USER_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
+
+impl Keepalive {
+    /// What the kernel would refuse (every relay would then run without
+    /// keepalive): `(setting, problem)`, worded for an error line.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        for (name, d, option) in [
+            ("idle", self.idle, "TCP_KEEPIDLE"),
+            ("interval", self.interval, "TCP_KEEPINTVL"),
+        ] {
+            if let Some(p) = keepalive_secs_problem(d, option) {
+                out.push((name, p));
+            }
+        }
+        if self.count == 0 || self.count > MAX_KEEPALIVE_COUNT {
+            out.push((
+                "count",
+                format!(
+                    "{} is out of range (1 to {MAX_KEEPALIVE_COUNT}, the most TCP_KEEPCNT takes)",
+                    self.count
+                ),
+            ));
+        }
+        out
+    }
+}
+
+/// A keepalive time the kernel refuses: under a second (it counts whole
+/// seconds, and 0 is invalid) or over [`MAX_KEEPALIVE_SECS`].
+pub fn keepalive_secs_problem(d: Duration, option: &str) -> Option<String> {
+    if d < Duration::from_secs(1) || d > Duration::from_secs(MAX_KEEPALIVE_SECS) {
+        Some(format!(
+            "{} is out of range (1s to {MAX_KEEPALIVE_SECS}s, what {option} takes)",
+            super::format_duration(Some(d))
+        ))
+    } else {
+        None
+    }
+}
+
+/// A TCP_USER_TIMEOUT the kernel refuses (over [`MAX_USER_TIMEOUT`]) or
+/// that would round down to 0 ms, which means "the system's default".
+pub fn user_timeout_problem(d: Duration) -> Option<String> {
+    if d < Duration::from_millis(1) || d > MAX_USER_TIMEOUT {
+        Some(format!(
+            "{} is out of range (1ms to {}ms, about 24.8 days: what TCP_USER_TIMEOUT takes)",
+            super::format_duration(Some(d)),
+            MAX_USER_TIMEOUT.as_millis()
+        ))
+    } else {
+        None
+    }
+}
+
 /// Sources whose connections start with a PROXY v1/v2 header.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AcceptProxy {

@@ -12,6 +12,8 @@
 //!   (the stats file the workers write directly).
 //! - [`activation::take_inherited`]: the listening sockets a service manager
 //!   passed (`LISTEN_FDS`), owned.
+//! - [`access::readable_as`]: whether another user can read a file, asked of
+//!   the kernel in a forked child with that user's ids.
 //!
 //! Every libc call goes through [`syscall!`], which turns `-1` into
 //! `io::Error::last_os_error()`, so nothing outside sees a raw return code.
@@ -39,6 +41,8 @@ macro_rules! syscall {
         }
     }};
 }
+
+pub mod access;
 
 /// A kernel pipe used as a splice buffer. Both ends are non-blocking and
 /// close-on-exec; dropping it closes both fds.

@@ -9,13 +9,14 @@
 
 mod child;
 mod data;
+mod files;
 mod io;
 mod peers;
 mod wait;
 
 // Every test binary uses a different subset (as with `dead_code` above).
 #[allow(unused_imports)]
-pub use self::{child::*, data::*, io::*, peers::*, wait::*};
+pub use self::{child::*, data::*, files::*, io::*, peers::*, wait::*};
 
 use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};

@@ -10,6 +10,7 @@ use toml::de::{DeTable, DeValue};
 use super::pool::read_pool;
 use super::values::{join, Cx, Value};
 use super::FlagDefaults;
+use crate::config::listen;
 use crate::config::*;
 
 /// Keys a listener may set itself or inherit from `[defaults]`.
@@ -47,7 +48,15 @@ impl Inherited {
             "idle-timeout" => self.idle = cx.duration(v, key),
             "fin-timeout" => self.fin = cx.duration(v, key),
             "connect-timeout" => self.connect = cx.duration(v, key),
-            "user-timeout" => self.user_timeout = cx.duration(v, key),
+            "user-timeout" => {
+                self.user_timeout = cx.duration(v, key);
+                if let Some(Some(d)) = self.user_timeout {
+                    if let Some(problem) = user_timeout_problem(d) {
+                        cx.error(&v.span(), key, problem);
+                        self.user_timeout = None;
+                    }
+                }
+            }
             "max-conns" => self.max_conns = cx.uint(v, key, 1, MAX).map(|n| n as usize),
             "max-conns-per-source" => {
                 self.max_conns_per_source = cx.uint(v, key, 1, MAX).map(|n| n as usize)
@@ -79,10 +88,26 @@ fn read_keepalive(cx: &mut Cx, v: &Value<'_>, key: &str) -> Option<Keepalive> {
     let known = ["idle", "interval", "count"];
     for (k, v) in table.iter() {
         let path = join(key, k.get_ref());
+        // What the kernel refuses is refused here, with its line: else
+        // every relay would run without keepalive.
+        let mut secs = |option| {
+            let d = cx.positive_duration(v, &path)?;
+            match keepalive_secs_problem(d, option) {
+                Some(problem) => {
+                    cx.error(&v.span(), &path, problem);
+                    None
+                }
+                None => Some(d),
+            }
+        };
         match k.get_ref().as_ref() {
-            "idle" => idle = cx.positive_duration(v, &path),
-            "interval" => interval = cx.positive_duration(v, &path),
-            "count" => count = cx.uint(v, &path, 1, 127).map(|n| n as u32),
+            "idle" => idle = secs("TCP_KEEPIDLE"),
+            "interval" => interval = secs("TCP_KEEPINTVL"),
+            "count" => {
+                count = cx
+                    .uint(v, &path, 1, MAX_KEEPALIVE_COUNT.into())
+                    .map(|n| n as u32)
+            }
             _ => cx.unknown(k, key, &known),
         }
     }
@@ -154,7 +179,9 @@ pub(super) fn read_root(cx: &mut Cx, root: &DeTable<'_>, flags: &FlagDefaults) -
         return None;
     };
     let mut names: HashMap<String, usize> = HashMap::new();
-    let mut addresses: Vec<(SocketAddr, String, usize)> = Vec::new();
+    // (as written, as bound, listener, line) of every address so far.
+    let mut addresses: Vec<(SocketAddr, SocketAddr, String, usize)> = Vec::new();
+    let v6only = listen::bindv6only();
     for (i, item) in items.iter().enumerate() {
         let Some(table) = cx.table(item, &format!("listener[{i}]")) else {
             continue;
@@ -171,17 +198,47 @@ pub(super) fn read_root(cx: &mut Cx, root: &DeTable<'_>, flags: &FlagDefaults) -
                 );
             }
             let line = cx.line(&listen_span);
+            let key = format!("listener[{}].listen", l.name);
+            let dual = listen::dual_stack(&l.listen, v6only);
             for &addr in &l.listen {
-                if let Some((other, owner, at)) =
-                    addresses.iter().find(|(a, ..)| overlaps(*a, addr))
-                {
+                // A mapped address an IPv6-only socket cannot bind is
+                // reported as an overlap if it is one, since that is what
+                // the user must change.
+                let bindable = listen::claims(addr, dual);
+                let claims = bindable.clone().or_else(|| listen::claims(addr, true));
+                let claims = claims.unwrap_or_default();
+                let clash = addresses.iter().find_map(|(other, taken, owner, at)| {
+                    let c = claims.iter().find(|&&c| listen::overlaps(*taken, c))?;
+                    Some((other, *taken, *c, owner, at))
+                });
+                if let Some((other, taken, claimed, owner, at)) = clash {
+                    let wide = |written: &SocketAddr, bound: SocketAddr| {
+                        written.is_ipv6() && written.ip().is_unspecified() && bound.is_ipv4()
+                    };
+                    let why = if wide(&addr, claimed) || wide(other, taken) {
+                        ": a [::] takes IPv4 too where its listener has no IPv4 address (and net.ipv6.bindv6only is 0)"
+                    } else {
+                        ""
+                    };
                     cx.error(
                         &listen_span,
-                        &format!("listener[{}].listen", l.name),
-                        format!("{addr} overlaps {other} of listener '{owner}' (line {at})"),
+                        &key,
+                        format!("{addr} overlaps {other} of listener '{owner}' (line {at}){why}"),
+                    );
+                } else if bindable.is_none() {
+                    cx.error(
+                        &listen_span,
+                        &key,
+                        format!(
+                            "{addr} is IPv4-mapped, which an IPv6-only socket cannot bind ({}): write it as {}",
+                            if v6only { "net.ipv6.bindv6only is 1" } else { "this listener also has IPv4 addresses" },
+                            SocketAddr::from((canonical_v4(addr), addr.port()))
+                        ),
                     );
                 }
-                addresses.push((addr, l.name.clone(), line));
+                for c in claims {
+                    addresses.push((addr, c, l.name.clone(), line));
+                }
             }
             config.listeners.push(l);
         }
@@ -189,13 +246,13 @@ pub(super) fn read_root(cx: &mut Cx, root: &DeTable<'_>, flags: &FlagDefaults) -
     Some(config)
 }
 
-/// Two listen addresses that cannot both be bound: equal, or a wildcard
-/// and an address of the same family and port. Port 0 never collides.
-fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() != 0
-        && a.port() == b.port()
-        && a.is_ipv4() == b.is_ipv4()
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+/// The IPv4 address an IPv4-mapped one stands for (else unspecified).
+fn canonical_v4(addr: SocketAddr) -> std::net::Ipv4Addr {
+    match addr {
+        SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped(),
+        SocketAddr::V4(v4) => Some(*v4.ip()),
+    }
+    .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED)
 }
 
 fn read_global(cx: &mut Cx, v: &Value<'_>, config: &mut Config) {
