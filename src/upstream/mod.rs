@@ -20,6 +20,8 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
+use crate::error::is_local_error;
+
 #[cfg(test)]
 pub(crate) use pool::Member;
 pub(crate) use pool::{Lease, Pool, Server, ServerSample};
@@ -74,41 +76,51 @@ impl Round {
 
     /// Starts a connect to the next server, counted as an attempt in
     /// worker `worker`'s block of that server. A connect that fails at once
-    /// (no route, out of fds) counts against the server, is reported to
+    /// (no route, refused) counts against the server, is reported to
     /// `failed` with whether another server follows, and the next is
-    /// tried. `None` once no server is left to try.
+    /// tried. `Ok(None)` once no server is left to try.
+    ///
+    /// A connect that fails for the proxy's own shortage (out of fds,
+    /// socket buffers or memory: [`is_local_error`]) ends the round with
+    /// `Err`: it is neither an attempt nor a failure of the server, and
+    /// every other server would fail the same way.
     pub(crate) fn connect_next(
         &mut self,
         pool: &Pool,
         worker: usize,
         now: Instant,
         mut failed: impl FnMut(SocketAddr, &io::Error, bool),
-    ) -> Option<(TcpStream, SocketAddr)> {
+    ) -> io::Result<Option<(TcpStream, SocketAddr)>> {
         self.current = None;
         while self.tried.len() < self.max_attempts {
-            let lease = pool.pick(
+            let Some(lease) = pool.pick(
                 self.cursor + self.tried.len(),
                 self.client,
                 &self.tried,
                 now,
-            )?;
+            ) else {
+                return Ok(None);
+            };
             let server = lease.0.addr;
-            self.tried.push(server);
             let counters = lease.0.block(worker);
-            counters.connect_attempts.fetch_add(1, Relaxed);
             match TcpStream::connect(server) {
                 Ok(stream) => {
+                    self.tried.push(server);
+                    counters.connect_attempts.fetch_add(1, Relaxed);
                     self.current = Some(lease);
-                    return Some((stream, server));
+                    return Ok(Some((stream, server)));
                 }
+                Err(e) if is_local_error(&e) => return Err(e),
                 Err(e) => {
+                    self.tried.push(server);
+                    counters.connect_attempts.fetch_add(1, Relaxed);
                     counters.connect_failures.fetch_add(1, Relaxed);
                     pool.failed(&lease.0, &e.to_string(), now);
                     failed(server, &e, self.has_next(pool));
                 }
             }
         }
-        None
+        Ok(None)
     }
 
     /// The current attempt's connect completed.
@@ -119,8 +131,12 @@ impl Round {
     }
 
     /// The current attempt's connect failed or timed out (counted in
-    /// worker `worker`'s block of the server).
+    /// worker `worker`'s block of the server). A local error
+    /// ([`is_local_error`]) is the proxy's own: the server is not blamed.
     pub(crate) fn failed(&self, pool: &Pool, worker: usize, error: &io::Error, now: Instant) {
+        if is_local_error(error) {
+            return;
+        }
         if let Some(lease) = &self.current {
             lease.0.block(worker).connect_failures.fetch_add(1, Relaxed);
             pool.failed(&lease.0, &error.to_string(), now);
