@@ -118,7 +118,10 @@ mod tests {
     #[test]
     fn only_the_proxys_own_shortages_are_local_errors() {
         for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
-            assert!(is_local_error(&io::Error::from_raw_os_error(errno)), "{errno}");
+            assert!(
+                is_local_error(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
         }
         for errno in [
             libc::ECONNREFUSED,
@@ -128,7 +131,10 @@ mod tests {
             libc::ECONNRESET,
             libc::EADDRNOTAVAIL,
         ] {
-            assert!(!is_local_error(&io::Error::from_raw_os_error(errno)), "{errno}");
+            assert!(
+                !is_local_error(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
         }
         assert!(!is_local_error(&io::Error::new(
             io::ErrorKind::TimedOut,

@@ -177,7 +177,12 @@ impl Worker {
             relays: Slab::new(),
             timers: Timers::default(),
             ready: Vec::new(),
-            pools: Pools::new(&config, index, counters.clone()),
+            pools: Pools::new(
+                &config,
+                index,
+                counters.clone(),
+                Arc::clone(&shared.pipe_fds),
+            ),
             config,
             shared,
             commands,
