@@ -403,7 +403,120 @@ fn fd_budget_holds_for_an_unprivileged_proxy(mode: Mode) {
     budget_scenario(mode, Some("nobody"));
 }
 
+/// A proxy out of fds for reasons of its own (clients it holds while it
+/// waits for their first packet, which the relay cap does not count) fails
+/// the upstream connect of the next client: that client is closed with
+/// `local-error`, the failure is counted as the proxy's own, and the healthy
+/// server is neither blamed nor marked down.
+fn a_local_shortage_closes_the_client_and_blames_no_server(mode: Mode) {
+    const LIMIT: usize = 64;
+    let _serial = serial();
+    let up = echo_server();
+    let dir =
+        std::env::temp_dir().join(format!("spliced-local-error-{mode}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("spliced.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[global]\nworkers = 1\n\n[[listener]]\nname = \"db\"\nlisten = \"127.0.0.1:0\"\n\
+             mode = \"{mode}\"\nprotocol = \"postgres\"\nfirst-packet-timeout = \"60s\"\n\n\
+             [listener.pool]\nservers = [\"{}\"]\n",
+            up.addr
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(format!("ulimit -n {LIMIT} && exec \"$0\" \"$@\""))
+        .arg(bin())
+        .args(["run", "--name", "local", "--config"])
+        .arg(&config)
+        .env("RUNTIME_DIRECTORY", &dir);
+    let proxy = Spliced::spawn(cmd);
+
+    // Clients that send nothing hold the proxy's fds until one is left.
+    // Only fd numbers below the limit count: one the proxy inherited above
+    // it takes no room.
+    let held = || {
+        std::fs::read_dir(format!("/proc/{}/fd", proxy.pid()))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<usize>().ok())
+            .filter(|&fd| fd < LIMIT)
+            .count()
+    };
+    let mut silent = Vec::new();
+    while held() < LIMIT - 1 {
+        let before = held();
+        silent.push(connect(proxy.addr));
+        wait_until(T, "the silent client is accepted", || held() == before + 1);
+    }
+    // The next client is accepted on the last fd; its upstream socket
+    // cannot be had.
+    let mut c = connect(proxy.addr);
+    // An SSLRequest: a first packet that is no CancelRequest.
+    c.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).unwrap();
+    let (back, _) = read_until_closed(&mut c, T);
+    assert!(back.is_empty(), "no server answered: {back:?}");
+
+    let stats = || {
+        let out = std::process::Command::new(bin())
+            .args(["stats", "--name", "local"])
+            .env("RUNTIME_DIRECTORY", &dir)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run spliced stats");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut table = String::new();
+    wait_until(T, "the close is counted", || {
+        table = stats();
+        table.contains("local-error=1")
+    });
+    let log = proxy.logs().join("\n");
+    assert!(!table.contains("connect-failed"), "{table}");
+    // db: ACTIVE ACCEPTED CONN/s C>U/s U>C/s SPLICE FALLBK CONN-FAIL LOCAL-ERR
+    let row: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with("db "))
+        .unwrap_or_else(|| panic!("no row for db:\n{table}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        row[row.len() - 2..],
+        ["0", "1"],
+        "CONN-FAIL, LOCAL-ERR:\n{table}"
+    );
+    // SERVER LISTENER STATE ROLE ACTIVE CONNECTS FAILS ...
+    let server: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with(&up.addr.to_string()))
+        .unwrap_or_else(|| panic!("no row for the server:\n{table}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(server[2], "up", "the server was blamed:\n{table}\n{log}");
+    assert_eq!(server[6], "0", "a connect failure was counted:\n{table}");
+    assert!(
+        log.contains("for the proxy's own want of resources"),
+        "no warning naming the proxy's own shortage:\n{log}"
+    );
+    assert!(!log.contains("marked down"), "{log}");
+    assert_eq!(up.accepted(), 0);
+
+    // With fds free again the same server serves.
+    drop(silent);
+    wait_until(T, "the silent clients' fds are free", || held() < LIMIT / 2);
+    let mut ok = connect(proxy.addr);
+    ok.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).unwrap();
+    let back = read_exact_within(&mut ok, 8, T).expect("echo through the same server");
+    assert_eq!(back, [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]);
+    drop(proxy);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 both_engines!(
     fd_budget_keeps_every_accepted_clients_upstream,
     fd_budget_holds_for_an_unprivileged_proxy,
+    a_local_shortage_closes_the_client_and_blames_no_server,
 );

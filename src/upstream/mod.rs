@@ -188,3 +188,47 @@ pub(crate) fn connect_result(stream: &TcpStream, writable: bool) -> Connect {
 fn established_then_lost(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ECONNRESET) | Some(libc::EPIPE))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PoolConfig;
+    use crate::shm::ServerRegistry;
+
+    /// A pool of one live loopback server that one failed connect marks
+    /// down (`fall = 1`), and a round whose connect to it started.
+    fn connecting() -> (Pool, Round, std::net::TcpListener) {
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut config = PoolConfig::new(Vec::new());
+        config.health.fall = 1;
+        let pool = Pool::new("test", &config, Arc::new(ServerRegistry::new(None, 1)));
+        pool.set_members(vec![Member {
+            addr: server.local_addr().unwrap(),
+            weight: 1,
+            backup: false,
+        }]);
+        let mut round = Round::new(&pool, IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        let started = round.connect_next(&pool, 0, Instant::now(), |_, e, _| {
+            panic!("the connect failed at once: {e}")
+        });
+        assert!(matches!(started, Ok(Some(_))), "{started:?}");
+        (pool, round, server)
+    }
+
+    #[test]
+    fn the_proxys_own_shortage_never_counts_against_a_server() {
+        let (pool, round, _server) = connecting();
+        let server = Arc::clone(round.server().unwrap());
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            let e = io::Error::from_raw_os_error(errno);
+            round.failed(&pool, 0, &e, Instant::now());
+            assert!(!server.is_down(), "marked down for {e}");
+        }
+        assert_eq!(server.block(0).connect_failures.load(Relaxed), 0);
+        // A failure of the server's own does count (fall = 1: down at once).
+        let refused = io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        round.failed(&pool, 0, &refused, Instant::now());
+        assert!(server.is_down(), "a refused connect must count");
+        assert_eq!(server.block(0).connect_failures.load(Relaxed), 1);
+    }
+}
