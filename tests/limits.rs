@@ -1,7 +1,9 @@
 //! A listener's limits and access list over loopback: at max-conns clients
 //! wait in the backlog, past max-conns-per-source and outside allow/deny
 //! they are reset before any upstream connect, and every refusal is
-//! counted.
+//! counted. The process's fd budget under a low RLIMIT_NOFILE: pipes never
+//! take an accepted client's upstream socket, and the proxy's own shortage
+//! is never blamed on a server.
 
 #[macro_use]
 mod common;
@@ -207,15 +209,20 @@ fn sum(m: &std::collections::HashMap<String, f64>, name: &str, labels: &str) -> 
         .sum()
 }
 
+/// How long the budget tests wait for the proxy's counters: eighty relays
+/// backing up megabytes each take a while on a busy machine.
+const SLOW: Duration = Duration::from_secs(30);
+
 /// Polls `/metrics` until `cond` holds; panics naming `what` with the last
-/// relay, pipe and close samples and the proxy's log if it does not in `T`.
+/// relay, pipe and close samples and the proxy's log if it does not within
+/// `SLOW`.
 fn wait_metrics(
     proxy: &Spliced,
     admin: SocketAddr,
     what: &str,
     mut cond: impl FnMut(&std::collections::HashMap<String, f64>) -> bool,
 ) -> std::collections::HashMap<String, f64> {
-    let deadline = std::time::Instant::now() + T;
+    let deadline = std::time::Instant::now() + SLOW;
     loop {
         let m = metrics(admin);
         if let Ok(m) = &m {
@@ -242,7 +249,7 @@ fn wait_metrics(
                 Err(e) => format!("GET /metrics failed: {e}"),
             };
             panic!(
-                "timed out after {T:?} waiting until {what}; metrics:\n{shown}\nproxy log:\n{}",
+                "timed out after {SLOW:?} waiting until {what}; metrics:\n{shown}\nproxy log:\n{}",
                 proxy.logs().join("\n")
             );
         }
@@ -341,7 +348,7 @@ fn budget_scenario(mode: Mode, user: Option<&str>) {
             w.write_all(&pattern(seed, 256 * 1024)).unwrap();
             w.shutdown(std::net::Shutdown::Write).unwrap();
         });
-        let back = digest_to_eof(&mut c, T)
+        let back = digest_to_eof(&mut c, SLOW)
             .unwrap_or_else(|e| panic!("late client {i}: {e}\n{}", proxy.logs().join("\n")));
         writer.join().unwrap();
         assert_eq!(back, expected_digest(seed, 256 * 1024), "late client {i}");
@@ -436,7 +443,8 @@ fn a_local_shortage_closes_the_client_and_blames_no_server(mode: Mode) {
         .env("RUNTIME_DIRECTORY", &dir);
     let proxy = Spliced::spawn(cmd);
 
-    // Clients that send nothing hold the proxy's fds until one is left.
+    // Clients that send nothing hold the proxy's fds until one is left (a
+    // client waiting for its first packet is not counted in the relay cap).
     // Only fd numbers below the limit count: one the proxy inherited above
     // it takes no room.
     let held = || {
