@@ -135,7 +135,7 @@ pub(crate) struct Worker {
     /// Listeners a reload removed whose relays close at the deadline.
     retiring: Vec<(crate::listener::ListenerId, Instant)>,
     /// Most relays in all workers together; past it, clients wait in the
-    /// backlog (see `proxy::relay_cap`).
+    /// backlog (see `runtime::fd_budget`).
     relay_cap: usize,
     /// Active health probes this worker runs.
     checks: health::Checks,
