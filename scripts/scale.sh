@@ -3,9 +3,10 @@
 #
 # spliced runs as an UNPRIVILEGED user (root would bypass
 # pipe-user-pages-soft), the load generator and the upstream run as separate
-# processes. The number of relays is sized to spliced's hard fd limit: each
-# relay holds 2 sockets, pipes come and go, so N = (hard - slack) / 2, capped
-# at 50 000. For each mode:
+# processes. The number of relays is sized to spliced's hard fd limit: N is
+# spliced's own relay cap (what is left after its reserve x 2/5: two sockets
+# per relay plus a pipe per four relays, see runtime::fd_budget), capped at
+# 50 000. For each mode:
 #   traffic: N relays opened, all established, then all transfer at once;
 #            every byte checked.
 #   idle:    N relays opened and held idle while spliced is measured.
@@ -26,7 +27,6 @@ MODES=${SCALE_MODES:-splice copy}
 BYTES=${SCALE_BYTES:-131072}
 BP_BYTES=${SCALE_BP_BYTES:-262144}
 WORKERS=2
-SLACK_FDS=2000
 # RSS may exceed the pre-phase value by the idle copy-buffer pools (2 workers x
 # 256 x 64 KiB = 32 MiB, by design) plus 16 MiB of allocator slack.
 RSS_SLACK_KB=${SCALE_RSS_SLACK_KB:-$((32768 + 16384))}
@@ -64,7 +64,12 @@ runuser -u "$SPLICED_AS" -- test -x "$SPLICED_BIN" || {
 
 HARD=$(runuser -u "$SPLICED_AS" -- sh -c 'ulimit -Hn')
 MY_HARD=$(ulimit -Hn)
-N=$(((HARD - SLACK_FDS) / 2))
+# spliced's reserve: an eighth of the limit (16 to 256 fds) + 4 per worker.
+RESERVE=$((HARD / 8))
+[ "$RESERVE" -lt 16 ] && RESERVE=16
+[ "$RESERVE" -gt 256 ] && RESERVE=256
+RESERVE=$((RESERVE + 4 * WORKERS))
+N=$(((HARD - RESERVE) * 2 / 5))
 [ "$N" -gt 50000 ] && N=50000
 # The load generator holds N sockets too (its own process, its own limit).
 [ "$N" -gt $((MY_HARD - 200)) ] && N=$((MY_HARD - 200))
@@ -72,7 +77,7 @@ N=$(((HARD - SLACK_FDS) / 2))
 # Spread ephemeral ports: one upstream address per 10 000 relays, and one
 # client source address per phase.
 NUP=$((N / 10000 + 1))
-lib_log "user $SPLICED_AS, spliced hard fd limit $HARD -> $N relays (2 sockets each, $SLACK_FDS fds slack for pipes/listeners); loadgen limit $MY_HARD"
+lib_log "user $SPLICED_AS, spliced hard fd limit $HARD -> $N relays (its relay cap: 2 sockets each, $RESERVE fds reserved, the rest for pipes); loadgen limit $MY_HARD"
 lib_log "pipe-user-pages-soft=$(cat /proc/sys/fs/pipe-user-pages-soft) pipe-max-size=$(cat /proc/sys/fs/pipe-max-size) work dir $LIB_TMP"
 
 POOL_SLACK=$((2 * 64 * WORKERS))

@@ -13,6 +13,7 @@ use std::time::Instant;
 use mio::net::TcpListener;
 use mio::Waker;
 
+use crate::engine::PipeFds;
 use crate::listener::{Listener, ListenerId};
 use crate::relay::report::{RelayReport, Reporter};
 use crate::relay::HandedOff;
@@ -116,12 +117,26 @@ impl Drop for Handoff {
 }
 
 /// State every worker reads and writes, shared with the proxy handle.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Shared {
     /// Relays alive in all workers, checked against the relay cap.
     pub(crate) relays_live: AtomicUsize,
     /// Every upstream server and its health.
     pub(crate) fleet: Arc<crate::upstream::Fleet>,
+    /// The pipe fds all workers' pools hold, within the pipes' share of
+    /// the fd limit.
+    pub(crate) pipe_fds: Arc<PipeFds>,
+}
+
+impl Shared {
+    /// Nothing live yet; pipes may hold at most `pipe_fds` fds.
+    pub(crate) fn new(pipe_fds: usize, fleet: Arc<crate::upstream::Fleet>) -> Shared {
+        Shared {
+            relays_live: AtomicUsize::new(0),
+            fleet,
+            pipe_fds: Arc::new(PipeFds::new(pipe_fds)),
+        }
+    }
 }
 
 /// The sending end of one worker's command channel.

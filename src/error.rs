@@ -72,6 +72,16 @@ impl std::error::Error for RelayError {
     }
 }
 
+/// Whether `e` is the proxy's own shortage (out of fds, socket buffers or
+/// memory), not anything a peer did: every server would fail the same way
+/// now, so none is blamed for it.
+pub(crate) fn is_local_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
 /// Why the proxy could not start. Each variant prints as one line.
 #[derive(Debug)]
 pub enum StartError {
@@ -100,3 +110,35 @@ impl fmt::Display for StartError {
 }
 
 impl std::error::Error for StartError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_proxys_own_shortages_are_local_errors() {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert!(
+                is_local_error(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+        for errno in [
+            libc::ECONNREFUSED,
+            libc::EHOSTUNREACH,
+            libc::ENETUNREACH,
+            libc::ETIMEDOUT,
+            libc::ECONNRESET,
+            libc::EADDRNOTAVAIL,
+        ] {
+            assert!(
+                !is_local_error(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+        assert!(!is_local_error(&io::Error::new(
+            io::ErrorKind::TimedOut,
+            "connect timed out"
+        )));
+    }
+}

@@ -225,9 +225,10 @@ impl Outcome {
             CloseReason::UpstreamReset => Ending::Reset(End::B),
             CloseReason::Aborted => Ending::Aborted,
             CloseReason::Shutdown => Ending::Shutdown,
-            CloseReason::Internal | CloseReason::ConnectFailed | CloseReason::ServerDown => {
-                Ending::Internal
-            }
+            CloseReason::Internal
+            | CloseReason::ConnectFailed
+            | CloseReason::LocalError
+            | CloseReason::ServerDown => Ending::Internal,
         };
         Outcome {
             a_to_b: r.bytes_c2u,

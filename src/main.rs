@@ -118,7 +118,8 @@ struct RunArgs {
     #[arg(long, value_name = "BYTES", value_parser = config::parse_size)]
     pipe_budget: Option<usize>,
     /// Most relays at once; past it, new clients wait in the listen backlog
-    /// [default: what the fd limit allows at two sockets per relay].
+    /// [default: what the fd limit allows at two sockets per relay plus a
+    /// pipe per four relays].
     #[arg(long, value_name = "N")]
     max_conns: Option<usize>,
     /// After SIGTERM/SIGINT, how long live relays may finish (0: no limit).

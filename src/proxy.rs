@@ -15,7 +15,7 @@ use crate::config::{Config, ListenerConfig, Mode};
 use crate::error::StartError;
 use crate::listener::{self, Listener, ListenerId};
 use crate::reload::{self, Reloader};
-use crate::runtime::{relay_cap, Controller, Runtime};
+use crate::runtime::{fd_budget, Controller, FdBudget, Runtime};
 use crate::shm::Arena;
 use crate::stats::Stats;
 use crate::upstream::Fleet;
@@ -67,7 +67,7 @@ fn start_inner(
     config.validate().map_err(StartError::Config)?;
     config.load_secrets().map_err(StartError::Config)?;
     let nofile = crate::sys::raise_nofile_limit();
-    let relay_cap = relay_cap(&config, nofile);
+    let fds = fd_budget(&config, nofile);
     let config = Arc::new(config);
     // Pairs handed to a running proxy relay like the first listener's.
     let first = &config.listeners[0];
@@ -103,7 +103,7 @@ fn start_inner(
     let bound = worker::bind_listeners(&config, &runtimes, |_, _| true, &mut inherited)?;
     inherited.close_unclaimed();
     refuse_loops(&config, &upstreams, &bound.local_addrs)?;
-    log_relay_cap(&config, nofile, relay_cap);
+    log_relay_cap(&config, nofile, fds);
     check_pipe_size(&config);
     let local_addrs: Vec<SocketAddr> = bound.local_addrs.iter().map(|(_, a)| *a).collect();
     let runtime = Runtime::spawn(
@@ -112,7 +112,7 @@ fn start_inner(
         bound.per_worker,
         runtimes.clone(),
         handoff,
-        relay_cap,
+        fds,
         Arc::clone(&fleet),
     )?;
     let reloader = Reloader::new(reload::State::new(
@@ -178,26 +178,34 @@ fn start_inner(
     })
 }
 
-/// Logs the relay cap in force, and warns when it is not what was asked.
-fn log_relay_cap(config: &Config, nofile: u64, cap: usize) {
+/// Logs the relay cap and the pipes' share of the fd limit in force, and
+/// warns when the cap is not what was asked.
+fn log_relay_cap(config: &Config, nofile: u64, fds: FdBudget) {
+    let (cap, pipe_fds) = (fds.relays, fds.pipe_fds);
     match config.max_relays {
         None => tracing::info!(
             max_conns = cap,
+            pipe_fds,
             fd_limit = nofile,
-            "at most {cap} relays at once: what the fd limit of {nofile} allows at two sockets per relay"
+            "at most {cap} relays at once: what the fd limit of {nofile} allows at two sockets per relay and a pipe per four relays; pipes may hold {pipe_fds} fds"
         ),
         Some(asked) if asked > cap => tracing::warn!(
             asked,
             max_conns = cap,
+            pipe_fds,
             fd_limit = nofile,
-            "max_conns lowered from {asked} to {cap}: the fd limit of {nofile} allows no more at two sockets per relay"
+            "max_conns lowered from {asked} to {cap}: the fd limit of {nofile} allows no more at two sockets per relay and a pipe per four relays"
         ),
         Some(asked) if asked < cap => tracing::warn!(
             asked,
             max_conns = cap,
             "max_conns raised from {asked} to {cap}: a proxy must allow at least one relay"
         ),
-        Some(_) => tracing::info!(max_conns = cap, "at most {cap} relays at once"),
+        Some(_) => tracing::info!(
+            max_conns = cap,
+            pipe_fds,
+            "at most {cap} relays at once; pipes may hold {pipe_fds} fds"
+        ),
     }
 }
 

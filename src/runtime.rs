@@ -163,7 +163,7 @@ impl RuntimeBuilder {
     pub fn start(self) -> Result<Runtime, StartError> {
         self.config.validate_runtime().map_err(StartError::Config)?;
         let nofile = crate::sys::raise_nofile_limit();
-        let relay_cap = relay_cap(&self.config, nofile);
+        let fds = fd_budget(&self.config, nofile);
         let handoff = ListenerConfig::handoff(self.mode, self.timeouts);
         let per_worker = (0..self.config.workers).map(|_| Vec::new()).collect();
         let arena = Arena::create(
@@ -178,7 +178,7 @@ impl RuntimeBuilder {
             per_worker,
             Vec::new(),
             handoff,
-            relay_cap,
+            fds,
             Fleet::new(),
         )
     }
@@ -208,13 +208,10 @@ impl Runtime {
         per_worker: Vec<Vec<(TcpListener, Arc<Listener>)>>,
         listeners: Vec<Arc<Listener>>,
         handoff: ListenerConfig,
-        relay_cap: usize,
+        fds: FdBudget,
         fleet: Arc<Fleet>,
     ) -> Result<Runtime, StartError> {
-        let shared = Arc::new(Shared {
-            relays_live: AtomicUsize::new(0),
-            fleet: Arc::clone(&fleet),
-        });
+        let shared = Arc::new(Shared::new(fds.pipe_fds, Arc::clone(&fleet)));
         let listeners_len = listeners.len();
         arena.mark_handoff(listeners_len);
         let mut runtime = Runtime {
@@ -244,7 +241,7 @@ impl Runtime {
                 sockets,
                 Arc::clone(&shared),
                 counters.clone(),
-                relay_cap,
+                fds.relays,
             )
             .map_err(|e| StartError::Io("create the event loop".into(), e))?;
             let link = w.link();
@@ -409,25 +406,45 @@ impl Runtime {
     }
 }
 
-/// The relay cap for the whole process: `max_relays` if set, else what the
-/// fd limit allows at two sockets per relay, after a reserve (an eighth of
-/// the limit, 16 to 256 fds, plus a few per worker) for the event loops,
-/// listeners and pipes. Pipes past the reserve fall back to copy. The cap is
-/// shared, not split per worker, because SO_REUSEPORT does not spread
-/// connections evenly: a per-worker share would strand clients on a full
-/// worker while another has room.
-pub(crate) fn relay_cap(config: &Config, nofile: u64) -> usize {
-    let by_fds = relays_by_fds(config, nofile);
-    config.max_relays.map_or(by_fds, |m| m.min(by_fds)).max(1)
+/// How the fd limit is shared out: the relay cap, and the pipe fds all
+/// workers together may hold. `2 × relays + pipe_fds` never exceeds the
+/// limit less its reserve, so pipes can never take the socket of a client
+/// the cap let in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FdBudget {
+    /// Most relays at once, over all workers.
+    pub(crate) relays: usize,
+    /// Most pipe fds (two per pipe, live or pooled) over all workers.
+    pub(crate) pipe_fds: usize,
 }
 
-/// The relays the fd limit has room for (see [`relay_cap`]).
-fn relays_by_fds(config: &Config, nofile: u64) -> usize {
+/// The fd budget of the whole process, from RLIMIT_NOFILE `nofile`:
+///
+/// - a reserve (an eighth of the limit, 16 to 256 fds, plus 4 per worker)
+///   for the event loops, listeners, health probes, the admin server and
+///   the stats file;
+/// - the relay cap: `max_relays` if set and lower, else what is left at
+///   two sockets per relay plus a pipe per four relays (HAProxy's default
+///   `maxpipes` of a quarter of `maxconn`), i.e. `left × 2 / 5`. Every
+///   relay under the cap has its two sockets guaranteed;
+/// - the pipes' share: whatever the relays' sockets leave, `left − 2 ×
+///   relays` (so a lower `max_relays` leaves pipes more). Past it a new
+///   pipe is not made and the direction copies (a fallback, counted).
+///
+/// The cap is shared, not split per worker, because SO_REUSEPORT does not
+/// spread connections evenly: a per-worker share would strand clients on a
+/// full worker while another has room. The pipe share is one count for the
+/// same reason.
+pub(crate) fn fd_budget(config: &Config, nofile: u64) -> FdBudget {
     let reserve = (nofile / 8).clamp(16, 256) + 4 * config.workers as u64
         // The admin endpoint's own fds, bounded, so its clients can never
         // take a relay's.
         + config.ops.admin_fds();
-    (nofile.saturating_sub(reserve) / 2) as usize
+    let left = nofile.saturating_sub(reserve);
+    let by_fds = (left * 2 / 5) as usize;
+    let relays = config.max_relays.map_or(by_fds, |m| m.min(by_fds)).max(1);
+    let pipe_fds = left.saturating_sub(2 * relays as u64) as usize & !1;
+    FdBudget { relays, pipe_fds }
 }
 
 impl Drop for Runtime {
@@ -443,16 +460,55 @@ impl Drop for Runtime {
 mod tests {
     use super::*;
 
-    #[test]
-    fn relay_cap_leaves_room_for_the_loop_and_pipes() {
+    fn config(workers: usize, max_relays: Option<usize>) -> Config {
         let mut c = Config::single("127.0.0.1:0".parse().unwrap(), vec![], Mode::Splice);
-        c.workers = 1;
-        assert_eq!(relay_cap(&c, 64), 22);
-        assert_eq!(relay_cap(&c, 20_000), 9_870);
-        c.workers = 2;
-        assert_eq!(relay_cap(&c, 20_000), 9_868);
-        c.max_relays = Some(100);
-        assert_eq!(relay_cap(&c, 20_000), 100);
-        assert_eq!(relay_cap(&c, 0), 1, "never zero");
+        c.workers = workers;
+        c.max_relays = max_relays;
+        c
+    }
+
+    #[test]
+    fn the_budget_leaves_room_for_the_loop_and_pipes() {
+        let b = |workers, max, nofile| fd_budget(&config(workers, max), nofile);
+        // 256 - 32 - 8 = 216 left: 86 relays (172 fds), 44 pipe fds.
+        assert_eq!(
+            b(2, None, 256),
+            FdBudget {
+                relays: 86,
+                pipe_fds: 44
+            }
+        );
+        assert_eq!(b(1, None, 20_000).relays, 7_896);
+        assert_eq!(b(2, None, 20_000).relays, 7_894);
+        // A lower cap leaves the pipes the rest.
+        assert_eq!(
+            b(2, Some(100), 20_000),
+            FdBudget {
+                relays: 100,
+                pipe_fds: 19_536
+            }
+        );
+        assert_eq!(b(1, None, 0).relays, 1, "never zero");
+    }
+
+    #[test]
+    fn sockets_and_pipes_together_never_exceed_the_limit() {
+        for workers in [1, 2, 8, 64] {
+            for max in [None, Some(1), Some(50), Some(1_000_000)] {
+                for nofile in (0..5_000).chain([65_536, 1 << 20]) {
+                    let b = fd_budget(&config(workers, max), nofile);
+                    let reserve = (nofile / 8).clamp(16, 256) + 4 * workers as u64;
+                    let left = nofile.saturating_sub(reserve);
+                    assert!(b.relays >= 1);
+                    assert_eq!(b.pipe_fds % 2, 0, "whole pipes");
+                    if left >= 2 {
+                        assert!(
+                            2 * b.relays as u64 + b.pipe_fds as u64 <= left,
+                            "{workers} workers, max {max:?}, nofile {nofile}: {b:?}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

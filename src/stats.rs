@@ -29,6 +29,9 @@ pub enum CloseReason {
     UpstreamReset,
     /// No upstream could be connected within the connect timeout.
     ConnectFailed,
+    /// The upstream connect failed for the proxy's own want of fds, socket
+    /// buffers or memory; no server was blamed.
+    LocalError,
     /// The drain timeout ran out during shutdown (or the runtime was
     /// aborted); each side whose peer had not finished was reset.
     Shutdown,
@@ -44,13 +47,14 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 10] = [
+    pub const ALL: [CloseReason; 11] = [
         CloseReason::Eof,
         CloseReason::Idle,
         CloseReason::FinTimeout,
         CloseReason::ClientReset,
         CloseReason::UpstreamReset,
         CloseReason::ConnectFailed,
+        CloseReason::LocalError,
         CloseReason::Shutdown,
         CloseReason::Internal,
         CloseReason::Aborted,
@@ -65,6 +69,7 @@ impl CloseReason {
             CloseReason::ClientReset => "client-reset",
             CloseReason::UpstreamReset => "upstream-reset",
             CloseReason::ConnectFailed => "connect-failed",
+            CloseReason::LocalError => "local-error",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Internal => "internal-error",
             CloseReason::Aborted => "aborted",
@@ -236,6 +241,10 @@ counter_table! {
     upstream_connect_failures: Counter per Listener,
     /// Upstream connects established.
     upstream_connects: Counter per Listener,
+    /// Upstream connects that failed for the proxy's own want of fds,
+    /// socket buffers or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM): counted
+    /// against no server.
+    local_errors: Counter per Listener,
     /// Microseconds the established upstream connects took, summed.
     upstream_connect_micros: Counter per Listener,
     /// Entries in the workers' deadline heaps (live and not yet swept).
@@ -400,7 +409,8 @@ fn bucket_of(took: std::time::Duration) -> usize {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FallbackReason {
-    /// The worker holds `--max-pipes` pipes already.
+    /// The worker holds `--max-pipes` pipes already, or the pipes of all
+    /// workers hold every fd the fd limit leaves them.
     PipeCap,
     /// pipe2(2) failed (EMFILE, ENFILE, ENOMEM).
     NoPipe,

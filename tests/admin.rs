@@ -126,6 +126,7 @@ fn known_traffic(mode: Mode) {
     );
     assert!(at("spliced_upstream_connect_duration_seconds_sum", "") > 0.0);
     assert_eq!(at("spliced_upstream_connect_failures_total", ""), 0.0);
+    assert_eq!(at("spliced_local_errors_total", ",op=\"connect\""), 0.0);
     assert_eq!(m["spliced_worker_relays{worker=\"0\"}"], 0.0);
     assert_eq!(m["spliced_draining"], 0.0);
     if mode == Mode::Splice {

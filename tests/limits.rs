@@ -1,7 +1,9 @@
 //! A listener's limits and access list over loopback: at max-conns clients
 //! wait in the backlog, past max-conns-per-source and outside allow/deny
 //! they are reset before any upstream connect, and every refusal is
-//! counted.
+//! counted. The process's fd budget under a low RLIMIT_NOFILE: pipes never
+//! take an accepted client's upstream socket, and the proxy's own shortage
+//! is never blamed on a server.
 
 #[macro_use]
 mod common;
@@ -137,3 +139,392 @@ fn allow_and_deny_are_checked_before_any_upstream_connect() {
     );
     assert_eq!(s.upstream_connect_failures, 0);
 }
+
+// ---------------------------------------------------------------------------
+// The fd budget: sockets of accepted clients come first, pipes share what
+// is left, and the proxy's own shortage is never a server's failure.
+
+/// The fd limit of the proxy in the budget tests.
+const NOFILE: u32 = 256;
+/// Clients opened after the streaming relays, up to the relay cap.
+const LATE: usize = 6;
+/// Bytes each streaming client sends (and gets back): more than the
+/// proxy's socket toward a client that does not read can buffer (its send
+/// buffer grows to at most `tcp_wmem`'s 4 MiB), so the rest backs up into
+/// the proxy's pipe or copy buffer.
+const STREAM: usize = 6 << 20;
+
+/// `spliced run` under `ulimit -n NOFILE` with two workers and an admin
+/// endpoint, as `user` if given (root drops to it after binding).
+fn proxy_with_nofile(
+    mode: Mode,
+    upstream: SocketAddr,
+    user: Option<&str>,
+) -> (Spliced, SocketAddr) {
+    let admin = refused_addr();
+    let (upstream, admin_arg) = (upstream.to_string(), admin.to_string());
+    let mut args = vec![
+        "--upstream",
+        &upstream,
+        "--mode",
+        mode.as_str(),
+        "--workers",
+        "2",
+        "--admin",
+        &admin_arg,
+    ];
+    if let Some(user) = user {
+        args.extend(["--user", user]);
+    }
+    (Spliced::run_with_nofile(NOFILE, &args), admin)
+}
+
+/// `GET /metrics` from the admin endpoint: `name{labels}` → value.
+fn metrics(admin: SocketAddr) -> std::io::Result<std::collections::HashMap<String, f64>> {
+    let mut s = TcpStream::connect(admin)?;
+    s.set_read_timeout(Some(T))?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok(body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (key, value) = l.rsplit_once(' ').expect("sample: key value");
+            (key.to_string(), value.parse().expect("a number"))
+        })
+        .collect())
+}
+
+/// The sum of every sample of `name` whose labels contain `labels`.
+fn sum(m: &std::collections::HashMap<String, f64>, name: &str, labels: &str) -> f64 {
+    m.iter()
+        .filter(|(k, _)| {
+            k.split_once('{')
+                .is_some_and(|(n, rest)| n == name && rest.contains(labels))
+                || k.as_str() == name
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// How long the budget tests wait for the proxy's counters: eighty relays
+/// backing up megabytes each take a while on a busy machine.
+const SLOW: Duration = Duration::from_secs(30);
+
+/// Polls `/metrics` until `cond` holds; panics naming `what` with the last
+/// relay, pipe and close samples and the proxy's log if it does not within
+/// `SLOW`.
+fn wait_metrics(
+    proxy: &Spliced,
+    admin: SocketAddr,
+    what: &str,
+    mut cond: impl FnMut(&std::collections::HashMap<String, f64>) -> bool,
+) -> std::collections::HashMap<String, f64> {
+    let deadline = std::time::Instant::now() + SLOW;
+    loop {
+        let m = metrics(admin);
+        if let Ok(m) = &m {
+            if cond(m) {
+                return m.clone();
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            let shown = match m {
+                Ok(m) => {
+                    let mut shown: Vec<String> = m
+                        .iter()
+                        .filter(|(k, v)| {
+                            **v != 0.0
+                                && ["active", "pipes", "closed", "fallbacks", "pauses", "errors"]
+                                    .iter()
+                                    .any(|w| k.contains(w))
+                        })
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect();
+                    shown.sort();
+                    shown.join("\n")
+                }
+                Err(e) => format!("GET /metrics failed: {e}"),
+            };
+            panic!(
+                "timed out after {SLOW:?} waiting until {what}; metrics:\n{shown}\nproxy log:\n{}",
+                proxy.logs().join("\n")
+            );
+        }
+        poll_pause();
+    }
+}
+
+/// The value of `key=N` in a log line.
+fn field(line: &str, key: &str) -> Option<usize> {
+    let at = line.find(&format!("{key}="))? + key.len() + 1;
+    let digits: String = line[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// A client whose receive buffer is small, so what the upstream sends back
+/// piles up in the proxy (in a pipe, when it splices).
+fn slow_reader(proxy: SocketAddr) -> TcpStream {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    s.connect_timeout(&proxy.into(), T).unwrap();
+    let c: TcpStream = s.into();
+    c.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+    c
+}
+
+/// Streaming relays fill the relay cap but a few, their directions backed
+/// up (holding pipes when they splice); then clients up to the cap. Every
+/// accepted client must get its upstream and its bytes back exactly, no
+/// client may close as connect-failed or local-error, no pipe2 may run out
+/// of fds, and the healthy upstream must stay up.
+fn budget_scenario(mode: Mode, user: Option<&str>) {
+    let _serial = serial();
+    let up = echo_server();
+    let (proxy, admin) = proxy_with_nofile(mode, up.addr, user);
+    if let Some(user) = user {
+        let uid = nix::unistd::User::from_name(user)
+            .unwrap()
+            .unwrap_or_else(|| panic!("no user {user}"))
+            .uid;
+        wait_until(T, "the proxy dropped root", || {
+            let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid())).unwrap();
+            status
+                .lines()
+                .find(|l| l.starts_with("Uid:"))
+                .is_some_and(|l| l.split_whitespace().skip(1).all(|v| v == uid.to_string()))
+        });
+    }
+    let logs = proxy.logs();
+    let cap_line = logs
+        .iter()
+        .find(|l| l.contains("relays at once"))
+        .unwrap_or_else(|| panic!("no relay cap line:\n{}", logs.join("\n")));
+    let cap = field(cap_line, "max_conns").expect("max_conns=N");
+    let pipe_fds = field(cap_line, "pipe_fds").expect("pipe_fds=N");
+    assert!(
+        2 * cap + pipe_fds <= NOFILE as usize,
+        "sockets and pipes may pass the limit: {cap_line}"
+    );
+    let streaming = cap - LATE;
+
+    // Streaming relays: each client writes STREAM bytes and reads nothing
+    // yet, so both directions back up inside the proxy.
+    let mut clients = Vec::new();
+    let mut writers = Vec::new();
+    for i in 0..streaming {
+        let c = slow_reader(proxy.addr);
+        let mut w = c.try_clone().unwrap();
+        writers.push(std::thread::spawn(move || {
+            let sent = send_stream(&mut w, i as u64, STREAM, 64 * 1024, None);
+            let _ = w.shutdown(std::net::Shutdown::Write);
+            sent
+        }));
+        clients.push(c);
+    }
+    wait_metrics(&proxy, admin, "every streaming relay is live", |m| {
+        sum(m, "spliced_connections_active", "") == streaming as f64
+    });
+    if mode == Mode::Splice {
+        // The pipes' share is used up: more directions want one than fit.
+        wait_metrics(&proxy, admin, "the pipes hold their whole fd share", |m| {
+            let pipes = sum(m, "spliced_pipes_in_use", "") + sum(m, "spliced_pipes_pooled", "");
+            2.0 * pipes == pipe_fds as f64
+                && sum(m, "spliced_splice_fallbacks_total", "reason=\"pipe-cap\"") > 0.0
+        });
+    }
+
+    // Clients up to the cap: all held at once, each echoed byte-exact.
+    let late: Vec<TcpStream> = (0..LATE).map(|_| connect(proxy.addr)).collect();
+    for (i, mut c) in late.into_iter().enumerate() {
+        let seed = 1000 + i as u64;
+        let mut w = c.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            w.write_all(&pattern(seed, 256 * 1024)).unwrap();
+            w.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let back = digest_to_eof(&mut c, SLOW)
+            .unwrap_or_else(|e| panic!("late client {i}: {e}\n{}", proxy.logs().join("\n")));
+        writer.join().unwrap();
+        assert_eq!(back, expected_digest(seed, 256 * 1024), "late client {i}");
+    }
+
+    // The streaming relays deliver every byte once read.
+    for (i, (mut c, writer)) in clients.into_iter().zip(writers).enumerate() {
+        let back = digest_to_eof(&mut c, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("streaming client {i}: {e}"));
+        let sent = writer.join().unwrap().expect("streaming client's writes");
+        assert_eq!(back, sent, "streaming client {i}");
+    }
+
+    let total = (streaming + LATE) as f64;
+    let m = wait_metrics(&proxy, admin, "every relay closed", |m| {
+        sum(m, "spliced_connections_closed_total", "") == total
+    });
+    let log = proxy.logs().join("\n");
+    let closed = |reason: &str| {
+        sum(
+            &m,
+            "spliced_connections_closed_total",
+            &format!("reason=\"{reason}\""),
+        )
+    };
+    assert_eq!(closed("eof"), total, "{log}");
+    assert_eq!(closed("connect-failed"), 0.0, "{log}");
+    assert_eq!(closed("local-error"), 0.0, "{log}");
+    assert_eq!(sum(&m, "spliced_local_errors_total", ""), 0.0, "{log}");
+    assert_eq!(sum(&m, "spliced_upstream_connect_failures_total", ""), 0.0);
+    assert_eq!(
+        sum(&m, "spliced_splice_fallbacks_total", "reason=\"no-pipe\""),
+        0.0,
+        "pipe2 ran out of fds: the pipes passed their share\n{log}"
+    );
+    assert_eq!(
+        sum(&m, "spliced_accept_pauses_total", "reason=\"fds\""),
+        0.0,
+        "accept ran out of fds\n{log}"
+    );
+    assert_eq!(
+        sum(&m, "spliced_server_up", ""),
+        1.0,
+        "the healthy upstream was marked down\n{log}"
+    );
+    assert_eq!(up.accepted(), streaming + LATE);
+    assert!(!log.contains("Too many open files"), "{log}");
+}
+
+fn fd_budget_keeps_every_accepted_clients_upstream(mode: Mode) {
+    budget_scenario(mode, None);
+}
+
+fn fd_budget_holds_for_an_unprivileged_proxy(mode: Mode) {
+    if !nix::unistd::geteuid().is_root() {
+        // Already unprivileged: the scenario above is this one.
+        return budget_scenario(mode, None);
+    }
+    budget_scenario(mode, Some("nobody"));
+}
+
+/// A proxy out of fds for reasons of its own (clients it holds while it
+/// waits for their first packet, which the relay cap does not count) fails
+/// the upstream connect of the next client: that client is closed with
+/// `local-error`, the failure is counted as the proxy's own, and the healthy
+/// server is neither blamed nor marked down.
+fn a_local_shortage_closes_the_client_and_blames_no_server(mode: Mode) {
+    const LIMIT: usize = 64;
+    let _serial = serial();
+    let up = echo_server();
+    let dir =
+        std::env::temp_dir().join(format!("spliced-local-error-{mode}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("spliced.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[global]\nworkers = 1\n\n[[listener]]\nname = \"db\"\nlisten = \"127.0.0.1:0\"\n\
+             mode = \"{mode}\"\nprotocol = \"postgres\"\nfirst-packet-timeout = \"60s\"\n\n\
+             [listener.pool]\nservers = [\"{}\"]\n",
+            up.addr
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(format!("ulimit -n {LIMIT} && exec \"$0\" \"$@\""))
+        .arg(bin())
+        .args(["run", "--name", "local", "--config"])
+        .arg(&config)
+        .env("RUNTIME_DIRECTORY", &dir);
+    let proxy = Spliced::spawn(cmd);
+
+    // Clients that send nothing hold the proxy's fds until one is left (a
+    // client waiting for its first packet is not counted in the relay cap).
+    // Only fd numbers below the limit count: one the proxy inherited above
+    // it takes no room.
+    let held = || {
+        std::fs::read_dir(format!("/proc/{}/fd", proxy.pid()))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<usize>().ok())
+            .filter(|&fd| fd < LIMIT)
+            .count()
+    };
+    let mut silent = Vec::new();
+    while held() < LIMIT - 1 {
+        let before = held();
+        silent.push(connect(proxy.addr));
+        wait_until(T, "the silent client is accepted", || held() == before + 1);
+    }
+    // The next client is accepted on the last fd; its upstream socket
+    // cannot be had.
+    let mut c = connect(proxy.addr);
+    // An SSLRequest: a first packet that is no CancelRequest.
+    c.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).unwrap();
+    let (back, _) = read_until_closed(&mut c, T);
+    assert!(back.is_empty(), "no server answered: {back:?}");
+
+    let stats = || {
+        let out = std::process::Command::new(bin())
+            .args(["stats", "--name", "local"])
+            .env("RUNTIME_DIRECTORY", &dir)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run spliced stats");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut table = String::new();
+    wait_until(T, "the close is counted", || {
+        table = stats();
+        table.contains("local-error=1")
+    });
+    let log = proxy.logs().join("\n");
+    assert!(!table.contains("connect-failed"), "{table}");
+    // db: ACTIVE ACCEPTED CONN/s C>U/s U>C/s SPLICE FALLBK CONN-FAIL LOCAL-ERR
+    let row: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with("db "))
+        .unwrap_or_else(|| panic!("no row for db:\n{table}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        row[row.len() - 2..],
+        ["0", "1"],
+        "CONN-FAIL, LOCAL-ERR:\n{table}"
+    );
+    // SERVER LISTENER STATE ROLE ACTIVE CONNECTS FAILS ...
+    let server: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with(&up.addr.to_string()))
+        .unwrap_or_else(|| panic!("no row for the server:\n{table}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(server[2], "up", "the server was blamed:\n{table}\n{log}");
+    assert_eq!(server[6], "0", "a connect failure was counted:\n{table}");
+    assert!(
+        log.contains("for the proxy's own want of resources"),
+        "no warning naming the proxy's own shortage:\n{log}"
+    );
+    assert!(!log.contains("marked down"), "{log}");
+    assert_eq!(up.accepted(), 0);
+
+    // With fds free again the same server serves.
+    drop(silent);
+    wait_until(T, "the silent clients' fds are free", || held() < LIMIT / 2);
+    let mut ok = connect(proxy.addr);
+    ok.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).unwrap();
+    let back = read_exact_within(&mut ok, 8, T).expect("echo through the same server");
+    assert_eq!(back, [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]);
+    drop(proxy);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+both_engines!(
+    fd_budget_keeps_every_accepted_clients_upstream,
+    fd_budget_holds_for_an_unprivileged_proxy,
+    a_local_shortage_closes_the_client_and_blames_no_server,
+);

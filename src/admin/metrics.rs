@@ -274,6 +274,11 @@ fn families(snap: &Snapshot) -> Vec<Family> {
         "Upstream connect attempts that failed (each failed server of a failover counts).",
         Counter,
     );
+    let mut local_errors = family(
+        "spliced_local_errors",
+        "Operations that failed for the proxy's own want of fds, socket buffers or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM), by operation; counted against no server. op=connect: an upstream connect, whose client was closed (reason local-error).",
+        Counter,
+    );
     let mut refused = family(
         "spliced_connections_refused",
         "Client connections reset before any upstream connect, by limit: allow-deny (the listener's access lists), max-conns-per-source, or proxy-header (accept-proxy: untrusted source, bad or missing header).",
@@ -312,6 +317,9 @@ fn families(snap: &Snapshot) -> Vec<Family> {
         connect_failures
             .values
             .push((at.clone(), s.upstream_connect_failures));
+        local_errors
+            .values
+            .push((with(at.clone(), "op", "connect"), s.local_errors));
         for reason in CloseReason::ALL {
             closed.values.push((
                 with(at.clone(), "reason", reason.as_str()),
@@ -408,6 +416,7 @@ fn families(snap: &Snapshot) -> Vec<Family> {
         bytes,
         fallbacks,
         connect_failures,
+        local_errors,
         refused,
         limit_pauses,
         switches,

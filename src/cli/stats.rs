@@ -180,7 +180,7 @@ pub fn render(
     );
     let _ = writeln!(
         t,
-        "\n{:<24} {:>7} {:>10} {:>8} {:>12} {:>12} {:>7} {:>8} {:>9}",
+        "\n{:<24} {:>7} {:>10} {:>8} {:>12} {:>12} {:>7} {:>8} {:>9} {:>9}",
         "LISTENER",
         "ACTIVE",
         "ACCEPTED",
@@ -189,7 +189,8 @@ pub fn render(
         "U>C/s",
         "SPLICE",
         "FALLBK",
-        "CONN-FAIL"
+        "CONN-FAIL",
+        "LOCAL-ERR"
     );
     for l in &snap.listeners {
         let now = l.total();
@@ -216,7 +217,7 @@ pub fn render(
         };
         let _ = writeln!(
             t,
-            "{:<24} {:>7} {:>10} {:>8.1} {:>12} {:>12} {:>7} {:>8} {:>9}",
+            "{:<24} {:>7} {:>10} {:>8.1} {:>12} {:>12} {:>7} {:>8} {:>9} {:>9}",
             l.name,
             now.relays_active,
             now.relays_accepted,
@@ -226,6 +227,7 @@ pub fn render(
             share,
             now.splice_fallbacks,
             now.upstream_connect_failures,
+            now.local_errors,
         );
     }
     render_servers(&mut t, snap, rates, uptime);

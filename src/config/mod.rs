@@ -199,7 +199,8 @@ pub struct Config {
     pub pipe_budget: usize,
     pub copy_buffer_size: usize,
     /// Most relays at once, over all workers. `None` derives it from the fd
-    /// limit (two sockets per relay, a reserve kept), so accepted clients
+    /// limit (a reserve kept, two sockets per relay plus a pipe per four
+    /// relays; pipes get what the sockets leave), so accepted clients
     /// never fail for want of an upstream socket: past the cap, new
     /// connections wait in the listen backlog.
     pub max_relays: Option<usize>,

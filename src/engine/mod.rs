@@ -17,7 +17,7 @@ use std::io;
 use std::os::fd::AsFd;
 
 pub(crate) use copy::MappedBuffer;
-pub(crate) use pool::Pools;
+pub(crate) use pool::{PipeFds, Pools};
 pub(crate) use splice::PooledPipe;
 pub(crate) use stream::Stream;
 

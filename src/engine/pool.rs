@@ -3,10 +3,15 @@
 //! A direction takes a buffer only when its source is readable and gives it
 //! back as soon as it is empty, so an idle relay holds none. Pipes cost two
 //! fds and are charged against the user's `pipe-user-pages-soft`, hence the
-//! cap: past it (or on EMFILE/ENFILE) a direction falls back to copy, which
-//! is counted and logged at most once a second per worker.
+//! caps: a worker's `--max-pipes`, and the pipes' share of the fd limit
+//! ([`PipeFds`], one count for all workers, so pipes never take the socket
+//! of a relay under the relay cap). Past either (or on EMFILE/ENFILE) a
+//! direction falls back to copy, which is counted and logged at most once a
+//! second per worker.
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Buffer, Engine, MappedBuffer, PooledPipe};
@@ -20,11 +25,57 @@ const LOG_EVERY: Duration = Duration::from_secs(1);
 /// Most empty copy buffers a worker keeps.
 const MAX_IDLE_BUFFERS: usize = 256;
 
+/// The pipe fds all workers hold (live pipes, in use or pooled), within
+/// the share of the fd limit the relays' sockets leave them (see
+/// `runtime::fd_budget`).
+#[derive(Debug)]
+pub(crate) struct PipeFds {
+    limit: usize,
+    held: AtomicUsize,
+}
+
+impl PipeFds {
+    pub(crate) fn new(limit: usize) -> PipeFds {
+        PipeFds {
+            limit,
+            held: AtomicUsize::new(0),
+        }
+    }
+
+    /// Claims the two fds of one pipe; false when they would pass the
+    /// limit.
+    fn claim(&self) -> bool {
+        self.held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                (held + 2 <= self.limit).then_some(held + 2)
+            })
+            .is_ok()
+    }
+
+    /// Gives back the two fds of a pipe that closed.
+    fn release(&self) {
+        self.held.fetch_sub(2, Ordering::Relaxed);
+    }
+
+    /// Whether no other pipe fits now.
+    fn full(&self) -> bool {
+        self.held.load(Ordering::Relaxed) + 2 > self.limit
+    }
+
+    /// Pipe fds held now, over all workers.
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+}
+
 pub(crate) struct Pools {
     idle_pipes: Vec<PooledPipe>,
     /// Pipes alive, in use or idle.
     pipes_live: usize,
     max_pipes: usize,
+    /// The fds of every worker's pipes, within their share of the limit.
+    pipe_fds: Arc<PipeFds>,
     max_idle_pipes: usize,
     pipe_size: usize,
     /// Enlarged-pipe bytes this worker may hold, and holds now.
@@ -42,11 +93,17 @@ pub(crate) struct Pools {
 }
 
 impl Pools {
-    pub(crate) fn new(config: &Config, worker: usize, counters: Block) -> Pools {
+    pub(crate) fn new(
+        config: &Config,
+        worker: usize,
+        counters: Block,
+        pipe_fds: Arc<PipeFds>,
+    ) -> Pools {
         Pools {
             idle_pipes: Vec::new(),
             pipes_live: 0,
             max_pipes: config.max_pipes_per_worker,
+            pipe_fds,
             max_idle_pipes: config.max_idle_pipes_per_worker,
             pipe_size: config.pipe_size,
             pipe_budget: config.pipe_budget / config.workers.max(1),
@@ -87,17 +144,21 @@ impl Pools {
     }
 
     /// Takes a buffer back. `empty` must be false when bytes may remain in
-    /// it; such a pipe is closed, never pooled.
+    /// it; such a pipe is closed, never pooled. Neither is a pipe pooled
+    /// while the pipes' fd share is used up: closed, its fds serve another
+    /// worker's directions.
     pub(crate) fn give(&mut self, buffer: Buffer, empty: bool) {
         match buffer {
             Buffer::Pipe(pipe) => {
                 CounterBlock::sub(&self.counters.pipes_in_use, 1);
-                if empty && self.idle_pipes.len() < self.max_idle_pipes {
+                if empty && self.idle_pipes.len() < self.max_idle_pipes && !self.pipe_fds.full() {
                     self.idle_pipes.push(pipe);
                     CounterBlock::add(&self.counters.pipes_idle, 1);
                 } else {
                     self.pipes_live -= 1;
                     self.pipe_bytes -= pipe.capacity();
+                    drop(pipe);
+                    self.pipe_fds.release();
                 }
             }
             Buffer::Mapped(heap) => {
@@ -146,8 +207,17 @@ impl Pools {
             let why = format!("pipe cap of {} per worker reached", self.max_pipes);
             return Err((FallbackReason::PipeCap, why));
         }
-        let pipe =
-            Pipe::new().map_err(|e| (FallbackReason::NoPipe, format!("pipe2 failed: {e}")))?;
+        if !self.pipe_fds.claim() {
+            let why = format!(
+                "the pipes' share of the fd limit ({} fds) is in use",
+                self.pipe_fds.limit
+            );
+            return Err((FallbackReason::PipeCap, why));
+        }
+        let pipe = Pipe::new().map_err(|e| {
+            self.pipe_fds.release();
+            (FallbackReason::NoPipe, format!("pipe2 failed: {e}"))
+        })?;
         let capacity = self.size_pipe(&pipe);
         self.pipes_live += 1;
         self.pipe_bytes += capacity;
@@ -180,8 +250,11 @@ impl Pools {
 
 impl Drop for Pools {
     fn drop(&mut self) {
-        let idle = self.idle_pipes.len() as u64;
-        CounterBlock::sub(&self.counters.pipes_idle, idle);
+        let idle = self.idle_pipes.len();
+        CounterBlock::sub(&self.counters.pipes_idle, idle as u64);
+        for _ in self.idle_pipes.drain(..) {
+            self.pipe_fds.release();
+        }
     }
 }
 
@@ -191,6 +264,20 @@ mod tests {
     use std::sync::atomic::Ordering::Relaxed;
 
     fn pools(max_pipes: usize, pipe_size: usize, budget: usize) -> (Pools, Block) {
+        sharing(
+            max_pipes,
+            pipe_size,
+            budget,
+            Arc::new(PipeFds::new(usize::MAX)),
+        )
+    }
+
+    fn sharing(
+        max_pipes: usize,
+        pipe_size: usize,
+        budget: usize,
+        pipe_fds: Arc<PipeFds>,
+    ) -> (Pools, Block) {
         let mut config = Config::single(
             "127.0.0.1:1".parse().unwrap(),
             vec![],
@@ -201,7 +288,7 @@ mod tests {
         config.pipe_size = pipe_size;
         config.pipe_budget = budget;
         let counters = crate::shm::detached_block();
-        (Pools::new(&config, 0, counters.clone()), counters)
+        (Pools::new(&config, 0, counters.clone(), pipe_fds), counters)
     }
 
     fn capacity(b: &Buffer) -> usize {
@@ -273,5 +360,58 @@ mod tests {
             p.give(b, false);
         }
         assert_eq!(p.pipe_bytes, 0);
+    }
+
+    #[test]
+    fn pipes_of_all_workers_stay_within_their_fd_share() {
+        // Room for three pipes, shared by two workers.
+        let fds = Arc::new(PipeFds::new(6));
+        let (mut a, ca) = sharing(8, 0, 0, Arc::clone(&fds));
+        let (mut b, cb) = sharing(8, 0, 0, Arc::clone(&fds));
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut mode = Engine::Splice;
+            held.push(a.take(&mut mode, &ca).unwrap());
+            assert_eq!(mode, Engine::Splice);
+        }
+        let mut mode = Engine::Splice;
+        let third = b.take(&mut mode, &cb).unwrap();
+        assert!(matches!(third, Buffer::Pipe(_)));
+        assert_eq!(fds.held(), 6);
+        // The share is used up: the next direction copies, counted.
+        let mut over = Engine::Splice;
+        let copied = b.take(&mut over, &cb).unwrap();
+        assert!(matches!(copied, Buffer::Mapped(_)));
+        assert_eq!(over, Engine::Copy);
+        assert_eq!(
+            crate::stats::Stats::sum([&*cb]).fallbacks(FallbackReason::PipeCap),
+            1
+        );
+        b.give(copied, true);
+        // With the share used up an empty pipe is closed, not pooled, so
+        // another worker can have its fds.
+        b.give(third, true);
+        assert_eq!(cb.pipes_idle.load(Relaxed), 0);
+        assert_eq!(fds.held(), 4);
+        let mut mode = Engine::Splice;
+        held.push(a.take(&mut mode, &ca).unwrap());
+        assert_eq!(
+            mode,
+            Engine::Splice,
+            "the freed fds went to the other worker"
+        );
+        // Pooled pipes hold fds too, until their pool is dropped.
+        let last = held.pop().unwrap();
+        a.give(last, true);
+        assert_eq!(ca.pipes_idle.load(Relaxed), 0, "full again: closed");
+        let one = held.pop().unwrap();
+        a.give(one, true);
+        assert_eq!(ca.pipes_idle.load(Relaxed), 1, "room again: pooled");
+        assert_eq!(fds.held(), 4);
+        for h in held {
+            a.give(h, false);
+        }
+        drop(a);
+        assert_eq!(fds.held(), 0);
     }
 }

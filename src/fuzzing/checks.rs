@@ -149,7 +149,8 @@ pub(crate) fn check_resets(
             CloseReason::Eof
             | CloseReason::Idle
             | CloseReason::FinTimeout
-            | CloseReason::ConnectFailed => lacking,
+            | CloseReason::ConnectFailed
+            | CloseReason::LocalError => lacking,
         };
         if lacking {
             assert!(

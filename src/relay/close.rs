@@ -45,7 +45,8 @@ impl CloseClass {
             CloseReason::Eof
             | CloseReason::Idle
             | CloseReason::FinTimeout
-            | CloseReason::ConnectFailed => CloseClass::Lapse,
+            | CloseReason::ConnectFailed
+            | CloseReason::LocalError => CloseClass::Lapse,
         }
     }
 }

@@ -24,7 +24,9 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
+use crate::error::is_local_error;
 pub(crate) use fleet::Fleet;
+
 #[cfg(test)]
 pub(crate) use pool::Member;
 pub(crate) use pool::{Lease, Pool, Server, ServerSample};
@@ -79,41 +81,51 @@ impl Round {
 
     /// Starts a connect to the next server, counted as an attempt in
     /// worker `worker`'s block of that server. A connect that fails at once
-    /// (no route, out of fds) counts against the server, is reported to
+    /// (no route, refused) counts against the server, is reported to
     /// `failed` with whether another server follows, and the next is
-    /// tried. `None` once no server is left to try.
+    /// tried. `Ok(None)` once no server is left to try.
+    ///
+    /// A connect that fails for the proxy's own shortage (out of fds,
+    /// socket buffers or memory: [`is_local_error`]) ends the round with
+    /// `Err`: it is neither an attempt nor a failure of the server, and
+    /// every other server would fail the same way.
     pub(crate) fn connect_next(
         &mut self,
         pool: &Pool,
         worker: usize,
         now: Instant,
         mut failed: impl FnMut(SocketAddr, &io::Error, bool),
-    ) -> Option<(TcpStream, SocketAddr)> {
+    ) -> io::Result<Option<(TcpStream, SocketAddr)>> {
         self.current = None;
         while self.tried.len() < self.max_attempts {
-            let lease = pool.pick(
+            let Some(lease) = pool.pick(
                 self.cursor + self.tried.len(),
                 self.client,
                 &self.tried,
                 now,
-            )?;
+            ) else {
+                return Ok(None);
+            };
             let server = lease.server.addr;
-            self.tried.push(server);
             let counters = lease.server.block(worker);
-            counters.connect_attempts.fetch_add(1, Relaxed);
             match TcpStream::connect(server) {
                 Ok(stream) => {
+                    self.tried.push(server);
+                    counters.connect_attempts.fetch_add(1, Relaxed);
                     self.current = Some(lease);
-                    return Some((stream, server));
+                    return Ok(Some((stream, server)));
                 }
+                Err(e) if is_local_error(&e) => return Err(e),
                 Err(e) => {
+                    self.tried.push(server);
+                    counters.connect_attempts.fetch_add(1, Relaxed);
                     counters.connect_failures.fetch_add(1, Relaxed);
                     pool.failed(&lease.server, &e.to_string(), now);
                     failed(server, &e, self.has_next(pool));
                 }
             }
         }
-        None
+        Ok(None)
     }
 
     /// The current attempt's connect completed.
@@ -124,8 +136,12 @@ impl Round {
     }
 
     /// The current attempt's connect failed or timed out (counted in
-    /// worker `worker`'s block of the server).
+    /// worker `worker`'s block of the server). A local error
+    /// ([`is_local_error`]) is the proxy's own: the server is not blamed.
     pub(crate) fn failed(&self, pool: &Pool, worker: usize, error: &io::Error, now: Instant) {
+        if is_local_error(error) {
+            return;
+        }
         if let Some(lease) = &self.current {
             lease
                 .server
@@ -185,4 +201,54 @@ pub(crate) fn connect_result(stream: &TcpStream, writable: bool) -> Connect {
 /// connection.
 fn established_then_lost(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ECONNRESET) | Some(libc::EPIPE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PoolConfig;
+    use crate::shm::ServerRegistry;
+
+    /// A pool of one live loopback server that one failed connect marks
+    /// down (`fall = 1`), and a round whose connect to it started.
+    fn connecting() -> (Arc<Pool>, Round, std::net::TcpListener) {
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut config = PoolConfig::new(Vec::new());
+        config.health.fall = 1;
+        let pool = Pool::new(
+            "test",
+            &config,
+            Arc::new(ServerRegistry::new(None, 1)),
+            &Fleet::new(),
+        );
+        pool.set_members(vec![Member {
+            addr: server.local_addr().unwrap(),
+            weight: 1,
+            backup: false,
+            check_port: None,
+        }]);
+        let mut round = Round::new(&pool, IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        let started = round.connect_next(&pool, 0, Instant::now(), |_, e, _| {
+            panic!("the connect failed at once: {e}")
+        });
+        assert!(matches!(started, Ok(Some(_))), "{started:?}");
+        (pool, round, server)
+    }
+
+    #[test]
+    fn the_proxys_own_shortage_never_counts_against_a_server() {
+        let (pool, round, _server) = connecting();
+        let server = Arc::clone(round.server().unwrap());
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            let e = io::Error::from_raw_os_error(errno);
+            round.failed(&pool, 0, &e, Instant::now());
+            assert!(!server.is_down(), "marked down for {e}");
+        }
+        assert_eq!(server.block(0).connect_failures.load(Relaxed), 0);
+        // A failure of the server's own does count (fall = 1: down at once).
+        let refused = io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        round.failed(&pool, 0, &refused, Instant::now());
+        assert!(server.is_down(), "a refused connect must count");
+        assert_eq!(server.block(0).connect_failures.load(Relaxed), 1);
+    }
 }

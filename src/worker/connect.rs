@@ -5,30 +5,54 @@ use super::*;
 
 impl Worker {
     /// The connector: starts a connect to the next server of `round`,
-    /// logging each server that fails at once. `None` once every server was
-    /// tried.
+    /// logging each server that fails at once. `Ok(None)` once every server
+    /// was tried; `Err` when the proxy itself is short of fds, socket
+    /// buffers or memory (counted and logged here as the proxy's own, no
+    /// server blamed).
     pub(super) fn connect_next(
         &mut self,
         relay: u64,
         round: &mut Round,
         listener: &Listener,
         now: Instant,
-    ) -> Option<(TcpStream, SocketAddr)> {
-        let mut out_of_fds_error = None;
+    ) -> io::Result<Option<(TcpStream, SocketAddr)>> {
         let next = round.connect_next(&listener.pool, self.index, now, |server, e, more| {
             self.connect_failed(relay, listener, server, e, more, now);
-            if out_of_fds(e) {
-                out_of_fds_error =
-                    Some(io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(0)));
-            }
         });
-        if let Some(e) = out_of_fds_error {
-            self.pause_accepting(now, &e);
-        }
-        if let Some((stream, _)) = &next {
-            self.tune(listener, stream, Side::Upstream, now);
+        match &next {
+            Ok(Some((stream, _))) => self.tune(listener, stream, Side::Upstream, now),
+            Ok(None) => {}
+            Err(e) => self.local_error(relay, listener, e, now),
         }
         next
+    }
+
+    /// Counts an upstream connect that failed for the proxy's own shortage
+    /// (out of fds, socket buffers or memory) and warns, rate-limited: no
+    /// server is at fault, so none is blamed or tried next. Accepting
+    /// pauses, as when accept itself runs out.
+    pub(super) fn local_error(
+        &mut self,
+        relay: u64,
+        listener: &Listener,
+        e: &io::Error,
+        now: Instant,
+    ) {
+        CounterBlock::add(&listener.counters(self.index).local_errors, 1);
+        match self.connect_warnings.allow(now) {
+            Some(held_back) => tracing::warn!(
+                worker = self.index,
+                relay,
+                listener = listener.label(),
+                error = %e,
+                similar_warnings_held_back = held_back,
+                "upstream connect failed for the proxy's own want of resources, not the server's; the client is closed"
+            ),
+            None => {
+                tracing::debug!(relay, error = %e, "upstream connect failed for the proxy's own want of resources")
+            }
+        }
+        self.pause_accepting(now, e);
     }
 
     /// Keepalive and TCP_USER_TIMEOUT on a relay's socket; a failure is
@@ -156,10 +180,18 @@ impl Worker {
         }
     }
 
-    /// Moves on to the next server after a failed or timed-out connect.
+    /// Moves on to the next server after a failed or timed-out connect. A
+    /// local error (the proxy's own shortage) tries no other server: the
+    /// client is closed with `local-error`.
     pub(super) fn next_connect_attempt(&mut self, key: usize, error: io::Error, now: Instant) {
         let relay = &mut self.relays[key];
         let (id, failed, listener) = (relay.id, relay.upstream_addr, Arc::clone(&relay.listener));
+        if is_local_error(&error) {
+            self.local_error(id, &listener, &error, now);
+            let e = RelayError::new(Side::Upstream, Op::Connect, error);
+            self.close(key, CloseReason::LocalError, Some(&e), now);
+            return;
+        }
         let mut round = std::mem::replace(&mut relay.round, Round::empty());
         round.failed(&listener.pool, self.index, &error, now);
         let more = round.has_next(&listener.pool);
@@ -167,37 +199,41 @@ impl Worker {
             self.connect_failed(id, &listener, failed, &error, more, now);
         }
         let token = token::relay(RelayRef { key, id }, Peer::Upstream);
-        let mut error = Some(error);
+        let mut error = error;
         let next = loop {
-            let Some((mut stream, server)) = self.connect_next(id, &mut round, &listener, now)
-            else {
-                break None;
+            let (mut stream, server) = match self.connect_next(id, &mut round, &listener, now) {
+                Ok(Some(next)) => next,
+                Ok(None) => break Ok(None),
+                Err(local) => break Err(local),
             };
             match self
                 .poll
                 .registry()
                 .register(&mut stream, token, RELAY_INTEREST)
             {
-                Ok(()) => break Some((stream, server)),
+                Ok(()) => break Ok(Some((stream, server))),
                 Err(e) => {
                     let more = round.has_next(&listener.pool);
                     self.connect_failed(id, &listener, server, &e, more, now);
-                    error = Some(e);
+                    error = e;
                 }
             }
         };
         let relay = &mut self.relays[key];
         relay.round = round;
         match next {
-            Some((stream, server)) => {
+            Ok(Some((stream, server))) => {
                 // The old socket closes on drop, which also removes it from epoll.
                 relay.retry_upstream(stream, server, now);
                 self.arm(key);
             }
-            None => {
-                let e = error.unwrap_or_else(|| io::Error::other("no server left"));
-                let e = RelayError::new(Side::Upstream, Op::Connect, e);
+            Ok(None) => {
+                let e = RelayError::new(Side::Upstream, Op::Connect, error);
                 self.close(key, CloseReason::ConnectFailed, Some(&e), now);
+            }
+            Err(local) => {
+                let e = RelayError::new(Side::Upstream, Op::Connect, local);
+                self.close(key, CloseReason::LocalError, Some(&e), now);
             }
         }
     }

@@ -32,7 +32,7 @@ use socket2::SockRef;
 use crate::config::Config;
 use crate::control::{self, Command, Handoff, Shared, WorkerLink};
 use crate::engine::Pools;
-use crate::error::{Op, RelayError, Side};
+use crate::error::{is_local_error, Op, RelayError, Side};
 use crate::listener::{Admission, Listener, Refused};
 use crate::relay::report::Reporter;
 use crate::relay::{self, Accepted, Expiry, Next, Peer, Readiness, Relay};
@@ -135,7 +135,7 @@ pub(crate) struct Worker {
     /// Listeners a reload removed whose relays close at the deadline.
     retiring: Vec<(crate::listener::ListenerId, Instant)>,
     /// Most relays in all workers together; past it, clients wait in the
-    /// backlog (see `proxy::relay_cap`).
+    /// backlog (see `runtime::fd_budget`).
     relay_cap: usize,
     /// Active health probes this worker runs.
     checks: health::Checks,
@@ -177,7 +177,12 @@ impl Worker {
             relays: Slab::new(),
             timers: Timers::default(),
             ready: Vec::new(),
-            pools: Pools::new(&config, index, counters.clone()),
+            pools: Pools::new(
+                &config,
+                index,
+                counters.clone(),
+                Arc::clone(&shared.pipe_fds),
+            ),
             config,
             shared,
             commands,
@@ -281,18 +286,23 @@ impl Worker {
         let id = next_relay_id();
         self.tune(&listener, &client, Side::Client, now);
         let mut round = Round::new(&listener.pool, client_addr.ip());
-        let Some(upstream) = self.connect_next(id, &mut round, &listener, now) else {
-            tracing::info!(
-                relay = id,
-                listener = listener.label(),
-                client = %client_addr,
-                reason = %CloseReason::ConnectFailed,
-                "relay closed"
-            );
-            listener
-                .counters(self.index)
-                .closed(CloseReason::ConnectFailed);
-            return;
+        let upstream = match self.connect_next(id, &mut round, &listener, now) {
+            Ok(Some(upstream)) => upstream,
+            failed => {
+                let reason = match failed {
+                    Err(_) => CloseReason::LocalError,
+                    Ok(_) => CloseReason::ConnectFailed,
+                };
+                tracing::info!(
+                    relay = id,
+                    listener = listener.label(),
+                    client = %client_addr,
+                    reason = %reason,
+                    "relay closed"
+                );
+                listener.counters(self.index).closed(reason);
+                return;
+            }
         };
         let accepted = Accepted {
             id,
@@ -495,10 +505,7 @@ impl Worker {
 }
 
 fn out_of_fds(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
-    )
+    crate::error::is_local_error(e)
 }
 
 fn reset_reason(side: Side) -> CloseReason {
