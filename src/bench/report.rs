@@ -240,6 +240,9 @@ impl Results {
             })
             .collect();
         let _ = writeln!(out, "  path      {}", self.path.line());
+        if let Some(f) = &self.path.floor {
+            let _ = writeln!(out, "  floor     {}", f.line(self.path.path.as_str()));
+        }
         let _ = writeln!(out, "  engines   {}", engines.join(", "));
         let pin = s
             .pin_proxy
