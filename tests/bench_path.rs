@@ -234,8 +234,8 @@ fn veth_names_path_and_mtu_and_removes_its_namespaces() {
             "no path line in:\n{out}"
         );
         assert!(
-            out.contains("  floor     direct over veth ") && out.contains("(floor 25%)"),
-            "no floor line in:\n{out}"
+            out.contains("  check     direct over veth ") && out.contains("(at least 25% needed)"),
+            "no path check line in:\n{out}"
         );
         assert!(out.contains("bulk — 8 conns, one way") && out.contains("rr — 256 KiB"));
         assert!(out.contains("splice/copy"), "{out}");
@@ -278,7 +278,7 @@ fn veth2_json_names_path_and_mtu() {
         return;
     }
     let doc: serde_json::Value = serde_json::from_str(&out).expect("JSON on stdout");
-    let floor = &doc["path"]["floor"];
+    let floor = &doc["path"]["check"];
     assert_eq!(floor["pairs"], 2, "{floor}");
     assert!(floor["path_gbps"].as_f64().unwrap() > 0.0);
     assert_eq!(doc["path"]["path"], "veth2", "{}", doc["path"]);
@@ -383,7 +383,9 @@ fn floor_refuses_a_shaped_path() {
         "exit {status}:\n{out}\n{stderr}"
     );
     assert!(
-        stderr.contains("(floor 25%)") && stderr.contains("tc qdisc") && stderr.contains("loaded"),
+        stderr.contains("(at least 25% needed)")
+            && stderr.contains("tc qdisc")
+            && stderr.contains("loaded"),
         "{stderr}"
     );
     release(child, &name);
@@ -413,7 +415,7 @@ fn nooffload_is_the_named_worst_case() {
         out.contains("  path      veth-nooffload, MTU 1500 "),
         "{out}"
     );
-    assert!(!out.contains("  floor "), "{out}");
+    assert!(!out.contains("  check "), "{out}");
     assert!(out.contains("a worst case, not a deployment's"), "{out}");
     assert_eq!(namespaces_of(b.pid()), Vec::<String>::new());
 }

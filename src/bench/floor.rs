@@ -58,7 +58,7 @@ impl Floor {
     /// What the header says about the floor.
     pub fn line(&self, path: &str) -> String {
         format!(
-            "direct over {path} {:.2} GB/s = {:.0}% of direct over loopback {:.2} GB/s (floor {}%)",
+            "direct over {path} {:.2} GB/s = {:.0}% of direct over loopback {:.2} GB/s (at least {}% needed)",
             self.path_gbps,
             self.share() * 100.0,
             self.loopback_gbps,
@@ -146,7 +146,7 @@ mod tests {
         let err = at(0.056, 5.0, 1).check("veth").unwrap_err();
         assert!(
             err.contains(
-                "direct over veth 0.06 GB/s = 1% of direct over loopback 5.00 GB/s (floor 25%)"
+                "direct over veth 0.06 GB/s = 1% of direct over loopback 5.00 GB/s (at least 25% needed)"
             ),
             "{err}"
         );
@@ -155,7 +155,7 @@ mod tests {
         // Two pairs: an eighth.
         assert!(at(0.63, 5.0, 2).check("veth2").is_ok());
         let err = at(0.62, 5.0, 2).check("veth2").unwrap_err();
-        assert!(err.contains("(floor 12.5%)"), "{err}");
+        assert!(err.contains("(at least 12.5% needed)"), "{err}");
         assert!(at(f64::NAN, 5.0, 1).check("veth").is_err());
         assert!(at(1.0, 0.0, 1).check("veth").is_err());
     }

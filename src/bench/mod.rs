@@ -20,6 +20,7 @@
 //! | `measure` | /proc readers, medians and percentiles |
 //! | `netpath` | `--path`: loopback, or network namespaces joined by veth pairs |
 //! | `floor` | a veth path's sanity floor: `direct` over it against loopback |
+//! | `noise` | when a ratio or difference is a figure and when it is noise |
 //! | `report`, `summary`, `plot`, `sysinfo` | what is printed and drawn |
 
 mod args;
@@ -30,6 +31,7 @@ mod inproc;
 pub mod load;
 mod measure;
 mod netpath;
+mod noise;
 mod plot;
 mod report;
 mod summary;
@@ -177,7 +179,7 @@ fn run_bench(args: &BenchArgs) -> Result<ExitCode, String> {
     let mut results = Results {
         sys: sysinfo::collect(),
         path: PathInfo {
-            floor,
+            check: floor,
             ..path.info()
         },
         settings: settings.clone(),
@@ -276,7 +278,7 @@ fn run_bench(args: &BenchArgs) -> Result<ExitCode, String> {
         }
     }
     results.path = PathInfo {
-        floor,
+        check: floor,
         ..path.info()
     };
     add_notes(&mut results, &engines);

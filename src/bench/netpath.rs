@@ -33,7 +33,8 @@
 //!
 //! `veth-nooffload` is the explicitly named worst case: `gso_max_segs 1` and
 //! no GRO, so every 1448-byte segment crosses both stacks as its own skb,
-//! which no machine with a NIC does; the sanity floor does not apply to it.
+//! which no machine with a NIC does; the path check (`floor`) does not apply
+//! to it.
 //!
 //! Every address lives inside these namespaces (10.201.0.0/30 towards the
 //! upstream, 10.201.1.0/30 towards the clients), so nothing in the host's own
@@ -124,7 +125,7 @@ pub struct PathInfo {
     /// than the frames where GRO merged them.
     pub upstream_ip_packets: Option<u64>,
     /// `direct` over the path against `direct` over loopback (veth paths).
-    pub floor: Option<super::floor::Floor>,
+    pub check: Option<super::floor::Floor>,
 }
 
 impl PathInfo {
@@ -330,7 +331,7 @@ impl NetPath {
             upstream_frames: frames.map(|f| f.0),
             upstream_frame_bytes: frames.filter(|f| f.0 > 0).map(|(p, b)| b as f64 / p as f64),
             upstream_ip_packets: ip_packets,
-            floor: None,
+            check: None,
         }
     }
 
