@@ -4,7 +4,7 @@
 # Run:   docker run --rm -p 6432:6432 -v $PWD/spliced.toml:/etc/spliced/spliced.toml:ro spliced
 # See deploy/README.md.
 
-FROM rust:1.85-bookworm AS build
+FROM rust:1.88-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
