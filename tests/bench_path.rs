@@ -481,10 +481,34 @@ fn refused_without_privileges() {
 #[test]
 fn loopback_names_its_path() {
     let _serial = serial();
-    let mut b = Bench::spawn(&["--quick", "-w", "rr", "--sizes", "64", "-e", "splice"]);
+    let mut b = Bench::spawn(&[
+        "--quick",
+        "-w",
+        "rr",
+        "--sizes",
+        "64",
+        "-e",
+        "splice,direct",
+    ]);
     let (status, out) = b.finish(Duration::from_secs(60));
     assert!(status.success(), "exit {status}:\n{out}\n{}", b.stderr());
     assert!(out.contains("  path      loopback, MTU "), "{out}");
+    // --quick says what it is, and prints no negative added latency.
+    assert!(
+        out.starts_with("spliced bench --quick: SMOKE TEST, not results\n"),
+        "{out}"
+    );
+    let added = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("splice vs direct"))
+        .unwrap_or_else(|| panic!("no 'splice vs direct' row:\n{out}"));
+    assert!(
+        !added
+            .split_whitespace()
+            .any(|w| w.starts_with('-') && w.len() > 1),
+        "a negative figure in {added:?}"
+    );
+    assert!(!out.contains("adds over direct: -"), "{out}");
     let mut b = Bench::spawn(&["--quick", "--mtu", "1500"]);
     let (status, _) = b.finish(Duration::from_secs(60));
     assert_eq!(status.code(), Some(2));
