@@ -19,6 +19,7 @@
 //! | `idle` | idle relays measured in a child process |
 //! | `measure` | /proc readers, medians and percentiles |
 //! | `netpath` | `--path`: loopback, or network namespaces joined by veth pairs |
+//! | `netcmd` | the `ip`, `tc` and `ethtool` commands a path is built with |
 //! | `floor` | a veth path's sanity floor: `direct` over it against loopback |
 //! | `noise` | when a ratio or difference is a figure and when it is noise |
 //! | `report`, `summary`, `plot`, `sysinfo` | what is printed and drawn |
@@ -30,6 +31,7 @@ mod idle;
 mod inproc;
 pub mod load;
 mod measure;
+mod netcmd;
 mod netpath;
 mod noise;
 mod plot;
