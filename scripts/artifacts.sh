@@ -21,6 +21,9 @@
 #
 #   bash scripts/artifacts.sh            # SPLICED=path/to/spliced to pick the binary
 set -euo pipefail
+# `[[ ... ]] && ok ... || bad ...`: ok never fails, so bad runs only when
+# the test does.
+# shellcheck disable=SC2015
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -113,6 +116,7 @@ mkdir -p "$WORK/image-run"
 # RUNTIME_DIRECTORY (/run/spliced there, a temp dir here).
 cp "$ROOT/$CONFIG" "$WORK/image.toml"
 IMAGE_ENVS=()
+# shellcheck disable=SC2153 # ENVS comes from image.env
 for kv in "${ENVS[@]}"; do
     case $kv in
         SPLICED_CONFIG=*) IMAGE_ENVS+=("SPLICED_CONFIG=$WORK/image.toml") ;;
