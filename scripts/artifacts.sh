@@ -20,10 +20,11 @@
 # pod's would before its database exists).
 #
 #   bash scripts/artifacts.sh            # SPLICED=path/to/spliced to pick the binary
-set -euo pipefail
-# `[[ ... ]] && ok ... || bad ...`: ok never fails, so bad runs only when
-# the test does.
+#
+# `[[ ... ]] && ok ... || bad ...` below: ok never fails, so bad runs only
+# when the test does.
 # shellcheck disable=SC2015
+set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
