@@ -1,10 +1,10 @@
 # syntax=docker/dockerfile:1
 # spliced in a container: built in a Rust image, run in a slim Debian one
 # as a non-root user. Build: docker build -t spliced .
-# Run:   docker run --rm -p 6432:6432 -v $PWD/spliced.toml:/etc/spliced/spliced.toml:ro spliced
+# Run:   docker run --rm -p 6432:6432 -p 9090:9090 -v $PWD/spliced.toml:/etc/spliced/spliced.toml:ro spliced
 # See deploy/README.md.
 
-FROM rust:1.85-bookworm AS build
+FROM rust:1.88-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
@@ -26,7 +26,10 @@ ENV SPLICED_CONFIG=/etc/spliced/spliced.toml \
     SPLICED_ADMIN_PORT=9090 \
     RUST_LOG=info
 USER 10001:10001
-# The admin endpoint's /healthz answers 200 while the proxy serves.
+# The admin endpoint's /healthz answers 200 while the proxy serves (503
+# while it drains). The default config (examples/mysql.toml) enables the
+# admin endpoint on 0.0.0.0:9090; a config of your own must too.
+# scripts/artifacts.sh runs this command against that config.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
   CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/${SPLICED_ADMIN_PORT} && printf 'GET /healthz HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n' >&3 && head -n1 <&3 | grep -q ' 200 '"]
 # SIGTERM drains (live relays finish within drain-timeout); give

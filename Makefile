@@ -1,8 +1,8 @@
 # spliced: the test command is `make test`. Every target installs what it needs.
 CARGO ?= cargo
-SPLICED := target/release/spliced
+SPLICED := $(or $(CARGO_TARGET_DIR),target)/release/spliced
 
-.PHONY: all build test lint unit bench bench-quick bench-peers deps e2e health-real faults scale soak fuzz fuzz-smoke ci clean
+.PHONY: all build test lint unit bench bench-quick bench-peers deps e2e health-real faults scale soak fuzz fuzz-smoke artifacts ci clean
 
 all: build
 
@@ -64,13 +64,19 @@ fuzz:
 fuzz-smoke:
 	bash scripts/fuzz.sh 10
 
+# The image's default config and HEALTHCHECK, the ConfigMap's config and the
+# Deployment's probes, run against spliced in a network namespace, and the
+# manifests against the Kubernetes schemas (no container runtime needed).
+artifacts: build
+	SPLICED=$(SPLICED) bash scripts/artifacts.sh
+
 # What .ci/run calls after `make test`. The fuzz corpus already runs as a
 # regression test inside `make test` (fuzzing::tests::seed_corpus_passes);
 # `make fuzz-smoke` adds a 10 s cargo-fuzz run per target (≈8 min cold).
 # scale runs first: it opens 9 000 relays at once and measures fd and RSS
 # baselines, so it starts before the other suites leave sockets behind
 # (TIME_WAIT, TCP memory).
-ci: scale e2e faults
+ci: scale e2e faults artifacts
 	SOAK_SECS=120 bash scripts/soak.sh
 
 clean:

@@ -7,10 +7,14 @@
 #   iperf3   iperf3 -c through the proxy, client to server and -R, for
 #            IPERF_SECS (default 5) with 128 KiB writes: Gbit/s and the proxy's
 #            CPU seconds per GB
-#   apps     redis-benchmark -c 50 -t set,get -n REDIS_REQUESTS (default
-#            100000 each): requests/s and proxy CPU µs per request; pgbench -S
-#            -c 8 -T PGBENCH_SECS (default 5): tps and proxy CPU µs per
-#            transaction
+#   apps     redis-benchmark -t set,get -n REDIS_REQUESTS (default 100000
+#            each) at -c 50 and at -c 500: requests/s, proxy CPU µs per
+#            request, and p50/p99 latency per request of SET and GET (from
+#            its --csv); pgbench -S -T PGBENCH_SECS (default 5) at -c 8 -j 1
+#            and at -c 100 -j 2: tps, proxy CPU µs per transaction, and
+#            p50/p99 latency per transaction (nearest rank over every
+#            transaction of its -l log). PostgreSQL runs with
+#            max_connections=120 for the 100 clients.
 #
 # Proxy CPU is utime+stime (+ reaped children) of the proxy's pid and its
 # children (nginx's worker) from /proc/PID/stat, read before and after each
@@ -144,7 +148,8 @@ if stage apps; then
     as_user "$PGBIN/initdb" -D "$WORK/pg" -U postgres -A trust --no-sync -E UTF8 >"$WORK/initdb.log" 2>&1 ||
         lib_die "initdb failed: $(tail -5 "$WORK/initdb.log")"
     spawn postgres "$LOAD_CPU" "$PGBIN/postgres" -D "$WORK/pg" -k "$WORK" -p "$PG_PORT" \
-        -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off
+        -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
+        -c max_connections=120
     PG_PID=$SPAWNED
     # Fast shutdown (SIGINT) by pid, before the work dir goes.
     lib_on_exit "lib_stop_pid $PG_PID 20 INT || true"
@@ -268,39 +273,77 @@ run_iperf3() { # engine run
     done
 }
 
-run_redis() { # engine run
-    local eng=$1 run=$2 port=$REDIS_PORT c0 c1 out cpu t
+# p50 and p99 (nearest rank) of the numbers on stdin, one a line: "P50 P99".
+percentiles() {
+    sort -n | awk '{ a[NR] = $1 } END {
+        if (NR == 0) exit 1
+        i = int(0.5 * NR); if (i < 0.5 * NR) i++; if (i < 1) i = 1
+        j = int(0.99 * NR); if (j < 0.99 * NR) j++; if (j < 1) j = 1
+        print a[i], a[j]
+    }'
+}
+
+# redis-benchmark --csv: "test","rps","avg_latency_ms","min_latency_ms",
+# "p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms".
+# Prints "RPS P50_US P99_US" of TEST.
+redis_csv() { # file test
+    awk -F'","' -v t="\"$2" '
+        NR == 1 { for (i = 1; i <= NF; i++) { h = $i; gsub(/"/, "", h); col[h] = i } }
+        $1 == t { r = $col["rps"]; p = $col["p50_latency_ms"]; q = $col["p99_latency_ms"]
+                  gsub(/"/, "", r); gsub(/"/, "", p); gsub(/"/, "", q)
+                  printf "%s %.1f %.1f\n", r, p * 1000, q * 1000 }' "$1"
+}
+
+run_redis() { # engine run clients
+    local eng=$1 run=$2 clients=$3 port=$REDIS_PORT c0 c1 out cpu t key rps p50 p99
     [[ -z $BASE ]] || port=$((BASE + 1))
-    out=$WORK/redis-$eng-$run.csv
+    key=redis
+    [[ $clients == 50 ]] || key=redis$clients
+    out=$WORK/$key-$eng-$run.csv
     c0=$(ticks)
-    if ! load timeout 300 redis-benchmark -h 127.0.0.1 -p "$port" -c 50 -n "$REDIS_REQUESTS" -t set,get --csv \
+    if ! load timeout 300 redis-benchmark -h 127.0.0.1 -p "$port" -c "$clients" -n "$REDIS_REQUESTS" -t set,get --csv \
         >"$out" 2>&1; then
-        lib_log "redis-benchmark through $eng failed (run $run): $(tail -1 "$out")"
+        lib_log "redis-benchmark -c $clients through $eng failed (run $run): $(tail -1 "$out")"
         return 0
     fi
     c1=$(ticks)
     for t in SET GET; do
-        record "redis-$t-rps" "$eng" "$(awk -F'","' -v t="\"$t" '$1 == t { print $2 }' "$out")"
+        read -r rps p50 p99 <<<"$(redis_csv "$out" "$t")" || true
+        [[ -n $rps ]] || { lib_log "redis-benchmark -c $clients through $eng: no $t line in $out"; continue; }
+        record "$key-$t-rps" "$eng" "$rps"
+        record "$key-$t-p50" "$eng" "$p50"
+        record "$key-$t-p99" "$eng" "$p99"
     done
     cpu=$(cpu_s "$c0" "$c1")
-    [[ -z $cpu ]] || record redis-cpu "$eng" "$(awk -v c="$cpu" -v n="$REDIS_REQUESTS" 'BEGIN { printf "%.4f", c * 1e6 / (2 * n) }')"
+    [[ -z $cpu ]] || record "$key-cpu" "$eng" "$(awk -v c="$cpu" -v n="$REDIS_REQUESTS" 'BEGIN { printf "%.4f", c * 1e6 / (2 * n) }')"
 }
 
-run_pgbench() { # engine run
-    local eng=$1 run=$2 port=$PG_PORT c0 c1 out cpu n
+run_pgbench() { # engine run clients jobs
+    local eng=$1 run=$2 clients=$3 jobs=$4 port=$PG_PORT c0 c1 out cpu n key logs p50 p99
     [[ -z $BASE ]] || port=$((BASE + 2))
-    out=$WORK/pgbench-$eng-$run.txt
+    key=pgbench
+    [[ $clients == 8 ]] || key=pgbench$clients
+    out=$WORK/$key-$eng-$run.txt
+    logs=$WORK/$key-$eng-$run.log
     c0=$(ticks)
-    if ! load timeout $((PGBENCH_SECS + 60)) "$PGBIN/pgbench" -h 127.0.0.1 -p "$port" -U postgres -n -S -c 8 -j 1 \
-        -T "$PGBENCH_SECS" postgres >"$out" 2>&1; then
-        lib_log "pgbench through $eng failed (run $run): $(tail -1 "$out")"
+    # -l: one line per transaction, its latency in µs in the third field.
+    if ! load timeout $((PGBENCH_SECS + 60)) "$PGBIN/pgbench" -h 127.0.0.1 -p "$port" -U postgres -n -S \
+        -c "$clients" -j "$jobs" -T "$PGBENCH_SECS" -l --log-prefix="$logs" postgres >"$out" 2>&1; then
+        lib_log "pgbench -c $clients through $eng failed (run $run): $(tail -1 "$out")"
         return 0
     fi
     c1=$(ticks)
     n=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
-    record pgbench-tps "$eng" "$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$out")"
+    record "$key-tps" "$eng" "$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$out")"
+    if read -r p50 p99 < <(cat "$logs".* 2>/dev/null | awk '{ print $3 }' | percentiles); then
+        record "$key-p50" "$eng" "$p50"
+        record "$key-p99" "$eng" "$p99"
+    else
+        lib_log "pgbench -c $clients through $eng: no transaction log ($logs.*)"
+    fi
+    rm -f "$logs".*
     cpu=$(cpu_s "$c0" "$c1")
-    [[ -z $cpu || -z $n ]] || record pgbench-cpu "$eng" "$(awk -v c="$cpu" -v n="$n" 'BEGIN { printf "%.4f", c * 1e6 / n }')"
+    [[ -z $cpu || -z $n ]] || record "$key-cpu" "$eng" "$(awk -v c="$cpu" -v n="$n" 'BEGIN { printf "%.4f", c * 1e6 / n }')"
 }
 
 IFS=, read -r -a ENG <<<"$ENGINES"
@@ -316,8 +359,10 @@ for ((run = 1; run <= RUNS; run++)); do
         start_proxy "$eng" "$i" || continue
         if stage iperf3; then run_iperf3 "$eng" "$run"; fi
         if stage apps; then
-            run_redis "$eng" "$run"
-            run_pgbench "$eng" "$run"
+            run_redis "$eng" "$run" 50
+            run_redis "$eng" "$run" 500
+            run_pgbench "$eng" "$run" 8 1
+            run_pgbench "$eng" "$run" 100 2
         fi
         [[ -z $PROXY_PID ]] || lib_stop_pid "$PROXY_PID" 10 || lib_log "$eng did not stop on SIGTERM"
     done
@@ -333,8 +378,25 @@ iperf3-down-cpu|iperf3 -R server → client, proxy CPU s/GB|lo|hs-lo
 redis-SET-rps|redis-benchmark -c 50 SET, requests/s|hi|-
 redis-GET-rps|redis-benchmark -c 50 GET, requests/s|hi|-
 redis-cpu|redis-benchmark SET+GET, proxy CPU µs/request|lo|best-085
+redis-SET-p50|redis-benchmark -c 50 SET, p50 µs|lo|-
+redis-SET-p99|redis-benchmark -c 50 SET, p99 µs|lo|-
+redis-GET-p50|redis-benchmark -c 50 GET, p50 µs|lo|-
+redis-GET-p99|redis-benchmark -c 50 GET, p99 µs|lo|-
+redis500-SET-rps|redis-benchmark -c 500 SET, requests/s|hi|-
+redis500-GET-rps|redis-benchmark -c 500 GET, requests/s|hi|-
+redis500-cpu|redis-benchmark -c 500 SET+GET, proxy CPU µs/request|lo|-
+redis500-SET-p50|redis-benchmark -c 500 SET, p50 µs|lo|-
+redis500-SET-p99|redis-benchmark -c 500 SET, p99 µs|lo|-
+redis500-GET-p50|redis-benchmark -c 500 GET, p50 µs|lo|-
+redis500-GET-p99|redis-benchmark -c 500 GET, p99 µs|lo|-
 pgbench-tps|pgbench -S -c 8, tps|hi|-
-pgbench-cpu|pgbench -S -c 8, proxy CPU µs/transaction|lo|best-085"
+pgbench-cpu|pgbench -S -c 8, proxy CPU µs/transaction|lo|best-085
+pgbench-p50|pgbench -S -c 8, p50 µs/transaction|lo|-
+pgbench-p99|pgbench -S -c 8, p99 µs/transaction|lo|-
+pgbench100-tps|pgbench -S -c 100 -j 2, tps|hi|-
+pgbench100-cpu|pgbench -S -c 100 -j 2, proxy CPU µs/transaction|lo|-
+pgbench100-p50|pgbench -S -c 100 -j 2, p50 µs/transaction|lo|-
+pgbench100-p99|pgbench -S -c 100 -j 2, p99 µs/transaction|lo|-"
 table() {
     awk -F'\t' -v rows="$ROWS" -v engines="$ENGINES" '
     function fmt(x) {
@@ -408,8 +470,10 @@ MARK=apps
     echo "as user \`$BENCH_USER\`, stages \`$STAGES\`, medians of \`$RUNS\` runs (± the largest distance of a run from the median)."
     echo "Servers: ${SERVERS%, }, on 127.0.0.1, pinned to CPU $LOAD_CPU with the clients;"
     echo "every proxy one worker pinned to CPU $PROXY_CPU, started fresh for each run. Peers: $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3),"
-    echo "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///'). iperf3 ${IPERF_SECS} s with 128 KiB writes; redis-benchmark -c 50 -n $REDIS_REQUESTS -t set,get;"
-    echo "pgbench -S -c 8 -j 1 -T $PGBENCH_SECS. Proxy CPU: utime+stime of the proxy's processes from /proc (10 ms ticks)."
+    echo "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///'). iperf3 ${IPERF_SECS} s with 128 KiB writes; redis-benchmark -c 50 and -c 500 -n $REDIS_REQUESTS -t set,get"
+    echo "(p50/p99 from its --csv); pgbench -S -T $PGBENCH_SECS at -c 8 -j 1 and -c 100 -j 2 (max_connections=120; p50/p99 nearest rank over every"
+    echo "transaction of its -l log). Latencies are per request or transaction, as the client sees them, medians over the runs."
+    echo "Proxy CPU: utime+stime of the proxy's processes from /proc (10 ms ticks)."
     echo "Throughput rows are capped by CPU $LOAD_CPU (clients and servers); the CPU rows separate the proxies."
     echo "Ratios are of medians; \"within spread\" means the runs' spreads reach across the target."
     echo

@@ -6,7 +6,9 @@
 #
 # BENCH_PATH picks the path (`spliced bench --path`): loopback (default); veth,
 # the upstream in a network namespace behind a veth pair of MTU BENCH_MTU
-# (default 1500); veth2, the load generator behind a second pair too. For the
+# (default 1500) with a NIC's offloads (GSO out, GRO in); veth2, the load
+# generator behind a second pair too; veth-nooffload, the veth layout with one
+# segment per skb and no GRO (a worst case). For the
 # veth paths `spliced bench --hold` makes the namespaces once, every peer runs
 # in the proxy's namespace (`ip netns exec`), each `spliced bench` run uses
 # them (--netns), and they are removed at the end, also on Ctrl-C.
@@ -53,9 +55,9 @@ NCPU=$(nproc)
 PROXY_CPU=${PROXY_CPU:-$((NCPU > 1 ? 1 : 0))}
 LOAD_CPU=${LOAD_CPU:-0}
 case $BENCH_PATH in
-    loopback | veth | veth2) ;;
+    loopback | veth | veth2 | veth-nooffload) ;;
     *)
-        echo "BENCH_PATH must be loopback, veth or veth2, not '$BENCH_PATH'" >&2
+        echo "BENCH_PATH must be loopback, veth, veth2 or veth-nooffload, not '$BENCH_PATH'" >&2
         exit 2
         ;;
 esac
@@ -85,7 +87,8 @@ command -v haproxy >/dev/null || pkgs+=(haproxy)
 command -v socat >/dev/null || pkgs+=(socat)
 ! stage syscalls || command -v strace >/dev/null || pkgs+=(strace)
 command -v taskset >/dev/null || pkgs+=(util-linux)
-[[ $BENCH_PATH == loopback ]] || command -v ip >/dev/null || pkgs+=(iproute2)
+[[ $BENCH_PATH == loopback ]] || { command -v ip >/dev/null && command -v tc >/dev/null; } || pkgs+=(iproute2)
+[[ $BENCH_PATH == loopback ]] || command -v ethtool >/dev/null || pkgs+=(ethtool)
 if ! command -v nginx >/dev/null; then pkgs+=(nginx-light); fi
 [[ -e /usr/lib/nginx/modules/ngx_stream_module.so ]] || pkgs+=(libnginx-mod-stream)
 if ((${#pkgs[@]})); then

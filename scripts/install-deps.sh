@@ -17,7 +17,7 @@
 #   Redis      : redis-server, redis-tools (redis-cli, redis-benchmark).
 #   MariaDB    : mariadb-server (mariadbd, mariadb-install-db), for the
 #                real-server health probe tests (tests/health_real.rs).
-#   Tools      : iproute2 (ss), procps (ps, pgrep), psmisc (fuser),
+#   Tools      : iproute2 (ss, ip, tc), ethtool (the bench's veth paths), procps (ps, pgrep), psmisc (fuser),
 #                util-linux (runuser, setpriv), socat, coreutils, curl, jq.
 #   Prometheus : the server the e2e metrics case starts on loopback. Optional:
 #                if it cannot be installed, that case is skipped (and says so).
@@ -42,7 +42,8 @@ have_pg || missing+=(postgresql postgresql-client)
 command -v redis-server >/dev/null || missing+=(redis-server)
 { command -v redis-cli >/dev/null && command -v redis-benchmark >/dev/null; } || missing+=(redis-tools)
 { command -v mariadbd >/dev/null || [[ -x /usr/sbin/mariadbd ]]; } || missing+=(mariadb-server)
-command -v ss >/dev/null || missing+=(iproute2)
+{ command -v ss >/dev/null && command -v tc >/dev/null; } || missing+=(iproute2)
+command -v ethtool >/dev/null || missing+=(ethtool)
 { command -v pgrep >/dev/null && command -v ps >/dev/null; } || missing+=(procps)
 command -v fuser >/dev/null || missing+=(psmisc)
 { command -v runuser >/dev/null && command -v setpriv >/dev/null; } || missing+=(util-linux)

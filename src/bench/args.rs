@@ -141,9 +141,12 @@ pub struct BenchArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct PathArgs {
     /// The network path: loopback; veth, the upstream in a network namespace of its own
-    /// behind a veth pair with --mtu; veth2, the load generator behind a second veth pair
-    /// too, so both sides of the proxy see MTU-sized segments. The veth paths need root;
-    /// the bench removes their namespaces when it ends, also on Ctrl-C.
+    /// behind a veth pair with --mtu and a NIC's offloads (GSO on sending, GRO on
+    /// receiving); veth2, the load generator behind a second such pair too;
+    /// veth-nooffload, the veth layout with one segment per skb and no GRO, a worst case
+    /// no NIC shows. The veth paths need root, ip and ethtool; veth and veth2 refuse to
+    /// report unless direct over them reaches a quarter of direct over loopback. The
+    /// bench removes their namespaces when it ends, also on Ctrl-C.
     #[arg(long, value_enum, default_value_t = PathKind::Loopback)]
     pub path: PathKind,
 

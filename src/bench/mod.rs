@@ -19,15 +19,21 @@
 //! | `idle` | idle relays measured in a child process |
 //! | `measure` | /proc readers, medians and percentiles |
 //! | `netpath` | `--path`: loopback, or network namespaces joined by veth pairs |
+//! | `netcmd` | the `ip`, `tc` and `ethtool` commands a path is built with |
+//! | `floor` | a veth path's sanity floor: `direct` over it against loopback |
+//! | `noise` | when a ratio or difference is a figure and when it is noise |
 //! | `report`, `summary`, `plot`, `sysinfo` | what is printed and drawn |
 
 mod args;
 mod engines;
+mod floor;
 mod idle;
 mod inproc;
 pub mod load;
 mod measure;
+mod netcmd;
 mod netpath;
+mod noise;
 mod plot;
 mod report;
 mod summary;
@@ -46,7 +52,7 @@ pub(crate) use sysinfo::format_utc;
 
 use args::{EngineSpec, Settings};
 use engines::Engine;
-use netpath::{NetPath, PathKind, Side};
+use netpath::{NetPath, PathInfo, PathKind, Side};
 use report::{EngineInfo, Results};
 use workloads::CaseKind;
 
@@ -161,10 +167,23 @@ fn run_bench(args: &BenchArgs) -> Result<ExitCode, String> {
             engines::pin_workers(cpu, threads)?;
         }
     }
+    // The sanity floor, before the long part: a path that cannot carry
+    // `direct` at a plausible rate would only measure its own setup.
+    let floor = if path.kind().models_nic() {
+        eprintln!("spliced bench: checking the path: direct over it against direct over loopback");
+        let f = floor::measure(&path, &up, &settings)?;
+        f.check(path.kind().as_str())?;
+        Some(f)
+    } else {
+        None
+    };
     let cases = workloads::cases(&settings);
     let mut results = Results {
         sys: sysinfo::collect(),
-        path: path.info(),
+        path: PathInfo {
+            check: floor,
+            ..path.info()
+        },
         settings: settings.clone(),
         engines: specs
             .iter()
@@ -260,7 +279,10 @@ fn run_bench(args: &BenchArgs) -> Result<ExitCode, String> {
             }
         }
     }
-    results.path = path.info();
+    results.path = PathInfo {
+        check: floor,
+        ..path.info()
+    };
     add_notes(&mut results, &engines);
     for e in engines {
         e.stop();
@@ -352,11 +374,24 @@ fn add_notes(r: &mut Results, engines: &[Engine]) {
         }
     }
     if let (Some(n), Some(b)) = (r.path.upstream_frames, r.path.upstream_frame_bytes) {
+        let merged = match r.path.upstream_ip_packets {
+            Some(p) if p > 0 && r.path.path.models_nic() => format!(
+                "; GRO handed its stack {p} IP packets, {:.1} frames each",
+                n as f64 / p as f64
+            ),
+            _ => String::new(),
+        };
         r.notes.push(format!(
-            "{}: the upstream namespace received {n} frames of {b:.0} B on average (MTU {}; ACKs included)",
+            "{}: the upstream namespace received {n} frames of {b:.0} B on average (MTU {}; ACKs included){merged}",
             r.path.path.as_str(),
             r.path.mtu
         ));
+    }
+    if r.path.path == PathKind::VethNooffload {
+        r.notes.push(
+            "veth-nooffload: no GSO and no GRO, so every segment crosses both stacks as its own skb; no NIC works like that, so these figures are a worst case, not a deployment's"
+                .into(),
+        );
     }
     if r.sys.root {
         r.notes.push(

@@ -1,15 +1,40 @@
 //! The network path the load crosses: loopback, or veth pairs between
 //! network namespaces the bench creates for itself.
 //!
-//! Loopback flatters both engines: its 64 KiB MTU and GSO hand the proxy a
-//! few huge skbs, and each sender's thread runs its receiver's TCP input.
-//! The veth paths give every frame one MSS (MTU 1500 by default, and
-//! `gso_max_segs 1`, so neither GSO nor TSO-sized skbs cross the pair):
+//! Loopback flatters both engines: its 64 KiB MTU hands the proxy a few huge
+//! skbs end to end, and each sender's thread runs its receiver's TCP input.
+//! The veth paths model a NIC, as far as a veth pair can:
 //!
 //! ```text
 //! veth:   [NAME-px: load ─lo─ proxy] ─veth─ [NAME-up: upstream]
 //! veth2:  [NAME-cl: load] ─veth─ [NAME-px: proxy] ─veth─ [NAME-up: upstream]
+//! veth-nooffload: the veth layout, with every offload off
 //! ```
+//!
+//! What is modelled on `veth` and `veth2` (each end of each pair):
+//! - the wire: MTU 1500 (`--mtu`); no frame larger crosses the pair, which
+//!   the frame counters of the upstream side confirm in the notes;
+//! - the sending side: TCP builds 64 KiB GSO skbs, as it does for a NIC with
+//!   TSO, and they are cut into MSS-sized frames as they leave (the pair's
+//!   TSO is off, so the kernel's software GSO does the cut; a NIC would do it
+//!   in hardware, so the sender pays a little more CPU than behind a NIC);
+//! - the transmit queue: a pfifo_fast qdisc, as a NIC has, where a bare
+//!   veth has none and drops what its peer's ring cannot take;
+//! - the receiving side: GRO merges the frames back into large skbs before
+//!   TCP sees them, as a NIC driver's NAPI poll does (`ethtool -K gro on`: on
+//!   Linux 5.13 and later that alone gives a veth its NAPI and GRO; before,
+//!   veth did GRO only with an XDP program attached).
+//!
+//! What is not modelled: the NIC's own latency and interrupts, its rings,
+//! its hardware checksum and segmentation (done in software here, on the same
+//! CPUs as everything else), RSS across queues, and a wire with a bandwidth
+//! or a delay of its own: a veth frame reaches its peer namespace in the
+//! sender's softirq, at memory speed.
+//!
+//! `veth-nooffload` is the explicitly named worst case: `gso_max_segs 1` and
+//! no GRO, so every 1448-byte segment crosses both stacks as its own skb,
+//! which no machine with a NIC does; the path check (`floor`) does not apply
+//! to it.
 //!
 //! Every address lives inside these namespaces (10.201.0.0/30 towards the
 //! upstream, 10.201.1.0/30 towards the clients), so nothing in the host's own
@@ -28,8 +53,10 @@
 use std::io::{BufRead, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::Mutex;
+
+use super::netcmd::{ip, ip_in_receives, link_json, nic_offloads, tc};
 
 /// Where the load, the proxy and the upstream meet.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -42,6 +69,9 @@ pub enum PathKind {
     Veth,
     /// The upstream and the load each behind their own veth pair.
     Veth2,
+    /// The `veth` layout without offloads: one segment per skb (the worst case).
+    #[serde(rename = "veth-nooffload")]
+    VethNooffload,
 }
 
 impl PathKind {
@@ -50,7 +80,13 @@ impl PathKind {
             PathKind::Loopback => "loopback",
             PathKind::Veth => "veth",
             PathKind::Veth2 => "veth2",
+            PathKind::VethNooffload => "veth-nooffload",
         }
+    }
+
+    /// A veth path whose pairs have a NIC's offloads (GSO out, GRO in).
+    pub fn models_nic(self) -> bool {
+        matches!(self, PathKind::Veth | PathKind::Veth2)
     }
 }
 
@@ -87,6 +123,11 @@ pub struct PathInfo {
     /// (veth paths): a check that the MTU held.
     pub upstream_frames: Option<u64>,
     pub upstream_frame_bytes: Option<f64>,
+    /// IP packets the upstream namespace's stack received (veth paths): fewer
+    /// than the frames where GRO merged them.
+    pub upstream_ip_packets: Option<u64>,
+    /// `direct` over the path against `direct` over loopback (veth paths).
+    pub check: Option<super::floor::Floor>,
 }
 
 impl PathInfo {
@@ -98,11 +139,15 @@ impl PathInfo {
                 self.mtu
             ),
             PathKind::Veth => format!(
-                "veth, MTU {} (upstream behind a veth pair, one segment per frame; load to proxy on loopback)",
+                "veth, MTU {} (upstream behind a veth pair with GSO out and GRO in, as a NIC; load to proxy on loopback)",
                 self.mtu
             ),
             PathKind::Veth2 => format!(
-                "veth2, MTU {} (load and upstream each behind a veth pair, one segment per frame)",
+                "veth2, MTU {} (load and upstream each behind a veth pair with GSO out and GRO in, as a NIC)",
+                self.mtu
+            ),
+            PathKind::VethNooffload => format!(
+                "veth-nooffload, MTU {} (upstream behind a veth pair, no GSO, no GRO: one segment per skb, the worst case)",
                 self.mtu
             ),
         }
@@ -168,10 +213,13 @@ impl NetPath {
                 kind.as_str()
             ));
         }
-        let found = if exists("cl") {
-            PathKind::Veth2
-        } else {
-            PathKind::Veth
+        let nooffload = link_json(&format!("{name}-px"), DEV_TO_UP)
+            .and_then(|v| v["gso_max_segs"].as_u64())
+            == Some(1);
+        let found = match (exists("cl"), nooffload) {
+            (true, _) => PathKind::Veth2,
+            (false, true) => PathKind::VethNooffload,
+            (false, false) => PathKind::Veth,
         };
         if found != kind {
             return Err(format!(
@@ -189,6 +237,19 @@ impl NetPath {
             name: Some(name.to_string()),
             owned: false,
         })
+    }
+
+    pub fn kind(&self) -> PathKind {
+        self.kind
+    }
+
+    /// Veth pairs between the load and the upstream.
+    pub fn pairs(&self) -> u32 {
+        match self.kind {
+            PathKind::Loopback => 0,
+            PathKind::Veth | PathKind::VethNooffload => 1,
+            PathKind::Veth2 => 2,
+        }
     }
 
     /// The namespace file of a side, or None where it stays in this process's
@@ -261,12 +322,18 @@ impl NetPath {
             let rx = &v["stats64"]["rx"];
             Some((rx["packets"].as_u64()?, rx["bytes"].as_u64()?))
         });
+        let ip_packets = self
+            .name
+            .as_ref()
+            .and_then(|_| self.run_in(Side::Upstream, ip_in_receives).ok().flatten());
         PathInfo {
             path: self.kind,
             mtu: self.mtu,
             netns: self.name.clone(),
             upstream_frames: frames.map(|f| f.0),
             upstream_frame_bytes: frames.filter(|f| f.0 > 0).map(|(p, b)| b as f64 / p as f64),
+            upstream_ip_packets: ip_packets,
+            check: None,
         }
     }
 
@@ -340,20 +407,40 @@ impl NetPath {
             far.0,
         ])?;
         for (ns, dev, addr) in [near, far] {
-            // One MSS per skb: no GSO super-packet crosses the pair.
-            ip(&[
-                "-n",
-                ns,
-                "link",
-                "set",
-                "dev",
-                dev,
-                "mtu",
-                &mtu,
-                "gso_max_segs",
-                "1",
-                "up",
-            ])?;
+            if self.kind.models_nic() {
+                ip(&["-n", ns, "link", "set", "dev", dev, "mtu", &mtu])?;
+                nic_offloads(ns, dev)?;
+                // A NIC's transmit queue: a veth has none (noqueue), so a
+                // burst that fills the peer's 256-frame ring is dropped and
+                // retransmitted; behind a qdisc the ring pushes back.
+                tc(&[
+                    "-n",
+                    ns,
+                    "qdisc",
+                    "replace",
+                    "dev",
+                    dev,
+                    "root",
+                    "pfifo_fast",
+                ])?;
+                ip(&["-n", ns, "link", "set", "dev", dev, "up"])?;
+            } else {
+                // One MSS per skb: no GSO super-packet crosses the pair, and
+                // veth does no GRO without NAPI.
+                ip(&[
+                    "-n",
+                    ns,
+                    "link",
+                    "set",
+                    "dev",
+                    dev,
+                    "mtu",
+                    &mtu,
+                    "gso_max_segs",
+                    "1",
+                    "up",
+                ])?;
+            }
             ip(&["-n", ns, "addr", "add", &format!("{addr}/30"), "dev", dev])?;
         }
         ip(&[
@@ -386,40 +473,6 @@ fn ns_file(name: &str, side: &str) -> PathBuf {
 fn enter(ns: &std::path::Path) -> Result<(), String> {
     crate::sys::netns::enter(ns)
         .map_err(|e| format!("cannot enter network namespace {}: {e}", ns.display()))
-}
-
-/// Runs `ip ARGS`; its stderr becomes the error.
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                "the veth paths need the `ip` command (iproute2), which is not installed".into()
-            }
-            _ => format!("cannot run ip: {e}"),
-        })?;
-    if out.status.success() {
-        return Ok(());
-    }
-    Err(format!(
-        "`ip {}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    ))
-}
-
-/// `ip -s -j -n NS link show dev DEV`, the one interface's object.
-fn link_json(ns: &str, dev: &str) -> Option<serde_json::Value> {
-    let out = Command::new("ip")
-        .args(["-s", "-j", "-n", ns, "link", "show", "dev", dev])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    v.get(0).cloned()
 }
 
 /// Removes the namespaces of one path (the veth pairs inside go with them).
@@ -526,6 +579,12 @@ mod tests {
         assert_eq!(owner_pid("spliced-bench-1234-xx"), None);
         assert_eq!(owner_pid("spliced-bench-x-up"), None);
         assert_eq!(owner_pid("other-1234-up"), None);
+    }
+
+    #[test]
+    fn which_paths_model_a_nic() {
+        assert!(PathKind::Veth.models_nic() && PathKind::Veth2.models_nic());
+        assert!(!PathKind::VethNooffload.models_nic() && !PathKind::Loopback.models_nic());
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use super::args::{EngineSpec, Settings};
 use super::measure::Summary;
 use super::netpath::PathInfo;
+use super::noise::{self, Compared};
 use super::summary::Comparison;
 use super::sysinfo::SysInfo;
 use super::workloads::{Case, Figures, Metric};
@@ -73,6 +74,15 @@ pub struct Ratio {
     pub ratio: f64,
     /// numerator − denominator of the medians (what a proxy adds, for latencies).
     pub difference: f64,
+    /// The spreads of the ratio and of the difference (those of both medians,
+    /// added; docs/BENCHMARKS.md).
+    pub ratio_spread: f64,
+    pub difference_spread: f64,
+    /// The ratio is as large as its spread or smaller: printed "within noise".
+    pub ratio_within_noise: bool,
+    /// The difference is not larger than its spread (a negative one never
+    /// is): printed "within noise" where it is an added latency.
+    pub difference_within_noise: bool,
 }
 
 #[derive(serde::Serialize)]
@@ -154,14 +164,32 @@ impl Results {
                     if m.no_ratio() {
                         continue;
                     }
-                    if let (Some(x), Some(y)) = (self.median(ci, a, m), self.median(ci, b, m)) {
+                    if let (Some(x), Some(y)) = (self.summary(ci, a, m), self.summary(ci, b, m)) {
+                        let (ratio, ratio_spread) = if y.median != 0.0 {
+                            noise::ratio(&x, &y)
+                        } else {
+                            (f64::NAN, f64::NAN)
+                        };
+                        let (difference, difference_spread) = noise::difference(&x, &y);
                         out.push(Ratio {
                             case: format!("{} {}", case.workload.as_str(), case.name),
                             metric: m,
                             numerator: self.engines[a].label.clone(),
                             denominator: self.engines[b].label.clone(),
-                            ratio: if y != 0.0 { x / y } else { f64::NAN },
-                            difference: x - y,
+                            ratio,
+                            difference,
+                            ratio_spread,
+                            difference_spread,
+                            ratio_within_noise: noise::is_noise(
+                                Compared::Ratio,
+                                ratio,
+                                ratio_spread,
+                            ),
+                            difference_within_noise: noise::is_noise(
+                                Compared::Added,
+                                difference,
+                                difference_spread,
+                            ),
                         });
                     }
                 }
@@ -213,6 +241,7 @@ impl Results {
             "engines": self.engines,
             "cases": self.cases,
             "results": rows,
+            "smoke_test": self.settings.quick,
             "ratios": self.ratios().iter().filter(|r| r.ratio.is_finite()).collect::<Vec<_>>(),
             "summary": summary,
             "syscalls": self.syscalls,
@@ -224,7 +253,17 @@ impl Results {
 
     pub fn table(&self, summary: &[Comparison]) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "spliced bench");
+        if self.settings.quick {
+            let _ = writeln!(out, "spliced bench --quick: SMOKE TEST, not results");
+            let _ = writeln!(
+                out,
+                "  (few runs of {} ms show that every part works; the figures are noise-bound. \
+                 Measure without --quick for figures to compare.)",
+                self.settings.duration.as_millis()
+            );
+        } else {
+            let _ = writeln!(out, "spliced bench");
+        }
         for l in self.sys.lines() {
             let _ = writeln!(out, "  {l}");
         }
@@ -240,6 +279,9 @@ impl Results {
             })
             .collect();
         let _ = writeln!(out, "  path      {}", self.path.line());
+        if let Some(f) = &self.path.check {
+            let _ = writeln!(out, "  check     {}", f.line(self.path.path.as_str()));
+        }
         let _ = writeln!(out, "  engines   {}", engines.join(", "));
         let pin = s
             .pin_proxy
@@ -325,9 +367,10 @@ impl Results {
                     });
                     let cell = match r {
                         None => String::new(),
-                        Some(r) if vs_direct && m.is_latency() => format!("{:+.1}", r.difference),
-                        Some(r) if r.ratio.is_finite() => format!("{:.2}×", r.ratio),
-                        Some(_) => "—".into(),
+                        Some(r) if vs_direct && m.is_latency() => {
+                            noise::text(Compared::Added, r.difference, r.difference_spread)
+                        }
+                        Some(r) => noise::text(Compared::Ratio, r.ratio, r.ratio_spread),
                     };
                     let _ = write!(out, "{cell:>col_w$}");
                 }
@@ -385,7 +428,8 @@ impl Results {
             "\nGB/s: payload bytes delivered per second (both directions summed for 'both ways' and rr). \
              CPU s/GiB: the proxy's own CPU seconds per GiB it moved. \
              'a/b' rows: ratios of the medians. 'vs direct' rows: ratios too, and for latencies \
-             the µs the proxy adds.\n",
+             the µs the proxy adds. 'within noise': the ratio or difference is no larger than \
+             its spread (the spreads of both medians added); a negative added latency always is.\n",
         );
         out
     }

@@ -4,6 +4,7 @@
 //! measured; they judge nothing.
 
 use super::load::Way;
+use super::noise::{self, Compared};
 use super::report::Results;
 use super::workloads::{CaseKind, Metric};
 
@@ -16,6 +17,37 @@ pub struct Comparison {
     pub text: String,
     /// The ratio of the medians, where the comparison is one.
     pub ratio: Option<f64>,
+}
+
+/// `a / b` of one metric's medians in one case, with its spread.
+fn ratio_of(r: &Results, ci: usize, (a, b): (usize, usize), m: Metric) -> Option<(f64, f64)> {
+    let (x, y) = (r.summary(ci, a, m)?, r.summary(ci, b, m)?);
+    (y.median != 0.0).then(|| noise::ratio(&x, &y))
+}
+
+/// The p50 latency engine `e` adds over `direct` in one case, with its spread.
+fn added_of(r: &Results, ci: usize, e: usize, direct: usize) -> Option<(f64, f64)> {
+    Some(noise::difference(
+        &r.summary(ci, e, Metric::P50)?,
+        &r.summary(ci, direct, Metric::P50)?,
+    ))
+}
+
+/// `0.44×`, or "within noise" and no ratio.
+fn ratio_text((q, spread): (f64, f64)) -> (String, Option<f64>) {
+    let noisy = noise::is_noise(Compared::Ratio, q, spread);
+    (
+        noise::text(Compared::Ratio, q, spread),
+        (!noisy).then_some(q),
+    )
+}
+
+/// `+22.3 µs`, or "within noise".
+fn added_text((d, spread): (f64, f64)) -> String {
+    match noise::text(Compared::Added, d, spread) {
+        t if noise::is_noise(Compared::Added, d, spread) => t,
+        t => format!("{t} µs"),
+    }
 }
 
 fn line(case: &str, text: String, ratio: Option<f64>) -> Comparison {
@@ -61,29 +93,32 @@ pub fn compare(r: &Results) -> Vec<Comparison> {
                 if let (Some(s), Some(c)) =
                     (cpu, copy.and_then(|c| r.median(ci, c, Metric::CpuPerGib)))
                 {
-                    out.push(line(
-                        &name,
-                        format!(
-                            "{spl} CPU per GiB vs copy: {:.2}× ({s:.3} vs {c:.3} s/GiB)",
-                            s / c
-                        ),
-                        Some(s / c),
-                    ));
+                    if let Some(q) = copy.and_then(|c| ratio_of(r, ci, (sp, c), Metric::CpuPerGib))
+                    {
+                        let (t, ratio) = ratio_text(q);
+                        out.push(line(
+                            &name,
+                            format!("{spl} CPU per GiB vs copy: {t} ({s:.3} vs {c:.3} s/GiB)"),
+                            ratio,
+                        ));
+                    }
                 }
                 let frugal = targets
                     .iter()
                     .filter_map(|&t| Some((r.median(ci, t, Metric::CpuPerGib)?, t)))
                     .min_by(|a, b| a.0.total_cmp(&b.0));
                 if let (Some(s), Some((h, t))) = (cpu, frugal) {
-                    out.push(line(
-                        &name,
-                        format!(
-                            "{spl} CPU per GiB vs {}: {:.2}× ({s:.3} vs {h:.3} s/GiB)",
-                            target_name(t, "most frugal"),
-                            s / h
-                        ),
-                        Some(s / h),
-                    ));
+                    if let Some(q) = ratio_of(r, ci, (sp, t), Metric::CpuPerGib) {
+                        let (text, ratio) = ratio_text(q);
+                        out.push(line(
+                            &name,
+                            format!(
+                                "{spl} CPU per GiB vs {}: {text} ({s:.3} vs {h:.3} s/GiB)",
+                                target_name(t, "most frugal"),
+                            ),
+                            ratio,
+                        ));
+                    }
                 }
                 let fastest = targets
                     .iter()
@@ -91,32 +126,36 @@ pub fn compare(r: &Results) -> Vec<Comparison> {
                     .max_by(|a, b| a.0.total_cmp(&b.0));
                 if let (1, Some(s), Some((h, t))) = (conns, r.median(ci, sp, Metric::Gbps), fastest)
                 {
-                    out.push(line(
-                        &name,
-                        format!(
-                            "{spl} throughput vs {}: {:.2}× ({s:.2} vs {h:.2} GB/s)",
-                            target_name(t, "fastest"),
-                            s / h
-                        ),
-                        Some(s / h),
-                    ));
+                    if let Some(q) = ratio_of(r, ci, (sp, t), Metric::Gbps) {
+                        let (text, ratio) = ratio_text(q);
+                        out.push(line(
+                            &name,
+                            format!(
+                                "{spl} throughput vs {}: {text} ({s:.2} vs {h:.2} GB/s)",
+                                target_name(t, "fastest"),
+                            ),
+                            ratio,
+                        ));
+                    }
                 }
             }
             CaseKind::Rr { size: 64 } => {
                 let Some(d) = direct else { continue };
-                let added =
-                    |e: usize| Some(r.median(ci, e, Metric::P50)? - r.median(ci, d, Metric::P50)?);
-                let Some(s) = added(sp) else { continue };
+                let Some(s) = added_of(r, ci, sp, d) else {
+                    continue;
+                };
                 let lowest = targets
                     .iter()
-                    .filter_map(|&t| Some((added(t)?, t)))
-                    .min_by(|a, b| a.0.total_cmp(&b.0));
+                    .filter_map(|&t| Some((added_of(r, ci, t, d)?, t)))
+                    .min_by(|a, b| a.0 .0.total_cmp(&b.0 .0));
                 let text = match lowest {
                     Some((h, t)) => format!(
-                        "p50 latency added over direct: {spl} {s:+.1} µs, {} {h:+.1} µs",
-                        target_name(t, "quickest")
+                        "p50 latency added over direct: {spl} {}, {} {}",
+                        added_text(s),
+                        target_name(t, "quickest"),
+                        added_text(h)
                     ),
-                    None => format!("p50 latency {spl} adds over direct: {s:+.1} µs"),
+                    None => format!("p50 latency {spl} adds over direct: {}", added_text(s)),
                 };
                 out.push(line(&name, text, None));
             }
@@ -158,29 +197,32 @@ fn compare_embedding(r: &Results, out: &mut Vec<Comparison>) {
         let name = format!("{} {}", case.workload.as_str(), case.name);
         match case.kind {
             CaseKind::Bulk { .. } => {
-                let (Some(a), Some(b)) = (
+                let (Some(a), Some(b), Some(q)) = (
                     r.median(ci, h, Metric::CpuPerGib),
                     r.median(ci, t, Metric::CpuPerGib),
+                    ratio_of(r, ci, (h, t), Metric::CpuPerGib),
                 ) else {
                     continue;
                 };
+                let (text, ratio) = ratio_text(q);
                 out.push(line(
                     &name,
                     format!(
-                        "handoff CPU per GiB vs tokio copy_bidirectional: {:.2}× ({a:.3} vs {b:.3} s/GiB)",
-                        a / b
+                        "handoff CPU per GiB vs tokio copy_bidirectional: {text} ({a:.3} vs {b:.3} s/GiB)"
                     ),
-                    Some(a / b),
+                    ratio,
                 ));
             }
             CaseKind::Rr { size: 64 } => {
                 let Some(d) = direct else { continue };
-                let added =
-                    |e: usize| Some(r.median(ci, e, Metric::P50)? - r.median(ci, d, Metric::P50)?);
-                if let (Some(a), Some(b)) = (added(h), added(t)) {
+                if let (Some(a), Some(b)) = (added_of(r, ci, h, d), added_of(r, ci, t, d)) {
                     out.push(line(
                         &name,
-                        format!("p50 latency added over direct: handoff {a:+.1} µs, tokio copy_bidirectional {b:+.1} µs"),
+                        format!(
+                            "p50 latency added over direct: handoff {}, tokio copy_bidirectional {}",
+                            added_text(a),
+                            added_text(b)
+                        ),
                         None,
                     ));
                 }
