@@ -56,9 +56,6 @@ struct State {
     /// Where its servers count, so a server kept across a reload keeps
     /// its counters.
     servers: Arc<ServerRegistry>,
-    /// Its slot in the stats file, given back once no listener of this
-    /// identity and no relay of one is left.
-    _slot: Option<Arc<crate::shm::ListenerSlot>>,
 }
 
 /// The name a listener's counters go by in the stats file and metrics.
@@ -99,7 +96,6 @@ impl Listener {
                 sources: Mutex::new(HashMap::new()),
                 counters: counters.blocks,
                 servers: counters.servers,
-                _slot: counters.slot,
             }),
         }
     }

@@ -198,10 +198,10 @@ impl HealthState {
         self.last_check = Some(now);
         let first = !std::mem::replace(&mut self.probed, true);
         let mut out = Vec::new();
-        if verdict.answered() || matches!(verdict, Verdict::Down { .. }) {
-            if self.check_error.take().is_some() {
-                out.push(Transition::CheckOk);
-            }
+        if (verdict.answered() || matches!(verdict, Verdict::Down { .. }))
+            && self.check_error.take().is_some()
+        {
+            out.push(Transition::CheckOk);
         }
         match verdict {
             Verdict::Up { role } => {

@@ -351,15 +351,14 @@ impl Arena {
         let name = read_name(&words(&self.map)[self.shape.name_at(listener)..]);
         ListenerCounters {
             blocks,
-            servers: Arc::new(ServerRegistry::new(
-                Some((Arc::clone(self), listener)),
-                self.shape.workers,
-            )),
-            slot: Some(Arc::new(ListenerSlot {
-                arena: Arc::clone(self),
-                index: listener,
-                name,
-            })),
+            servers: Arc::new(
+                ServerRegistry::new(Some((Arc::clone(self), listener)), self.shape.workers)
+                    .holding(ListenerSlot {
+                        arena: Arc::clone(self),
+                        index: listener,
+                        name,
+                    }),
+            ),
         }
     }
 
@@ -575,10 +574,11 @@ mod tests {
     fn blocks_handed_out_are_what_a_reader_sees() {
         let names = vec!["127.0.0.1:6432".to_string(), "handoff".to_string()];
         let arena = Arena::new(2, &names, 0);
-        let l0 = arena.listener_counters(0).blocks;
-        let l1 = arena.listener_counters(1).blocks;
-        CounterBlock::add(&l0[1].bytes_spliced, 10);
-        CounterBlock::add(&l1[0].relays_accepted, 3);
+        // Held, as a listener holds them: dropped, they give the slot back.
+        let l0 = arena.listener_counters(0);
+        let l1 = arena.listener_counters(1);
+        CounterBlock::add(&l0.blocks[1].bytes_spliced, 10);
+        CounterBlock::add(&l1.blocks[0].relays_accepted, 3);
         CounterBlock::add(&arena.worker_block(1).pipes_in_use, 2);
         let snap = arena.snapshot();
         assert_eq!(snap.listeners.len(), 2);

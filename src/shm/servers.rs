@@ -162,9 +162,9 @@ impl Drop for ServerCounters {
 /// A listener's counters: one block per worker, and its servers'.
 pub(crate) struct ListenerCounters {
     pub(crate) blocks: Box<[Block]>,
+    /// Its servers, and its slot in the stats file, which is given back
+    /// when the last holder of the registry goes.
     pub(crate) servers: Arc<ServerRegistry>,
-    /// Its slot in the stats file, given back when the last holder goes.
-    pub(crate) slot: Option<Arc<super::ListenerSlot>>,
 }
 
 impl ListenerCounters {
@@ -173,7 +173,6 @@ impl ListenerCounters {
         ListenerCounters {
             blocks: (0..workers).map(|_| super::detached_block()).collect(),
             servers: Arc::new(ServerRegistry::new(None, workers)),
-            slot: None,
         }
     }
 }
@@ -185,6 +184,8 @@ pub(crate) struct ServerRegistry {
     arena: Option<(Arc<Arena>, usize)>,
     workers: usize,
     known: Mutex<HashMap<SocketAddr, Weak<ServerCounters>>>,
+    /// The listener's slot, given back with the registry.
+    _slot: Option<super::ListenerSlot>,
 }
 
 impl std::fmt::Debug for ServerRegistry {
@@ -201,6 +202,15 @@ impl ServerRegistry {
             arena,
             workers: workers.max(1),
             known: Mutex::new(HashMap::new()),
+            _slot: None,
+        }
+    }
+
+    /// The same, giving `slot` back when dropped.
+    pub(crate) fn holding(self, slot: super::ListenerSlot) -> ServerRegistry {
+        ServerRegistry {
+            _slot: Some(slot),
+            ..self
         }
     }
 
