@@ -243,6 +243,28 @@ impl Figures {
     }
 }
 
+/// The distinct ways writes failed, with their counts (server error
+/// texts cut at their first 60 characters).
+fn failures(attempts: &[Attempt]) -> String {
+    let mut kinds: Vec<(String, usize)> = Vec::new();
+    for a in attempts {
+        let kind = match &a.seen {
+            Seen::Served(_) => continue,
+            Seen::Held => "held".to_string(),
+            Seen::ReadOnly(e) | Seen::Refused(e) | Seen::Error(e) => e.chars().take(60).collect(),
+        };
+        match kinds.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, n)) => *n += 1,
+            None => kinds.push((kind, 1)),
+        }
+    }
+    if kinds.is_empty() {
+        return "none".into();
+    }
+    let shown: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} × {k}")).collect();
+    shown.join("; ")
+}
+
 /// Every `seq` written under `via` that the node on `addr` has.
 fn rows_on(addr: SocketAddr, via: &str) -> HashSet<u64> {
     let mut c = PgConn::connect(addr, CLIENT_USER, None, Duration::from_secs(5))
@@ -432,8 +454,9 @@ fn scenario(test: &str, event: Event) {
         figures.push(Figures::judge(via, attempts, old, new, event_at, &rows));
     }
     let promoted_after = promoted_at - event_at;
-    for f in &figures {
+    for (f, (via, attempts)) in figures.iter().zip(&finished) {
         f.print(event, promoted_after);
+        eprintln!("{test}: {via}'s failed writes: {}", failures(attempts));
     }
     let s = &figures[0];
     let (_, spliced_attempts) = &finished[0];
