@@ -399,7 +399,8 @@ fn scenario(test: &str, event: Event) {
     let done = Instant::now() + RECOVERY_BOUND;
     let mut finished: Vec<(&'static str, Vec<Attempt>)> = Vec::new();
     for (via, l) in loops {
-        // Polling the other loop's rows through the new leader.
+        // Until the new leader holds 10 of this loop's writes from the
+        // last 2 s (the loop keeps running meanwhile).
         while Instant::now() < done {
             let n = cluster
                 .node(&next)
