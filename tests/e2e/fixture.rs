@@ -17,7 +17,9 @@
 //!   before it runs), [`Redis::promote`] (REPLICAOF NO ONE),
 //!   [`Redis::replicaof`], [`Redis::stop`], [`Redis::clients_named`].
 //! - [`Mariadb::start`].
-//! - [`patroni_bin`], [`Patroni::start`]: three PostgreSQL nodes under Patroni (Raft DCS) with [`Patroni::wait_ready`], [`Patroni::switchover`], [`Patroni::crash`]; [`Haproxy::for_patroni_primary`].
+//! - [`patroni_bin`], [`Patroni::start`]: PostgreSQL nodes under Patroni
+//!   (Raft DCS); [`Patroni::wait_ready`], [`Patroni::switchover`],
+//!   [`Patroni::crash`]; [`Haproxy::for_patroni_primary`] beside them.
 //! - [`Proxy::start`]: `spliced run --config FILE --admin ... --workers 2`;
 //!   [`Proxy::reload`] rewrites the file and SIGHUPs, returning once the
 //!   reload is logged ([`Proxy::reload_by_name`]: by `spliced reload
