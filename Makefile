@@ -38,7 +38,9 @@ deps:
 # primary/replica with promotion, Redis REPLICAOF, MariaDB) and cancel
 # routing (~20 s). tests/e2e.rs: role routing judged by the server that
 # answers each client (reloads under load, split brain, two Redis masters,
-# monitor password rotation, prefer-replica), one scenario at a time.
+# monitor password rotation, prefer-replica) and a three-node Patroni
+# cluster through a switchover and a leader crash, spliced beside HAProxy
+# (~80 s), one scenario at a time.
 e2e: build health-real
 	bash scripts/e2e.sh
 	bash scripts/failover.sh

@@ -21,6 +21,14 @@
 #                util-linux (runuser, setpriv), socat, coreutils, curl, jq.
 #   Prometheus : the server the e2e metrics case starts on loopback. Optional:
 #                if it cannot be installed, that case is skipped (and says so).
+#   HAProxy    : haproxy, run beside spliced in the Patroni scenarios.
+#   Patroni    : `pip install "patroni[raft,psycopg3]"` (Raft DCS built in, no
+#                etcd; psycopg 3 with its binary wheel) into a virtualenv of
+#                the system Python at /opt/spliced-patroni (python3-venv), so
+#                the unprivileged user the tests run servers as can run it.
+#                If it cannot be installed, the Patroni scenarios of
+#                tests/e2e.rs print SKIPPED (and fail under
+#                SPLICED_REAL_SERVERS=1, as `make e2e` runs them).
 #
 # Package installation never starts system services (lib_apt_install's
 # temporary policy-rc.d denies it) and never creates the default "main"
@@ -52,6 +60,26 @@ command -v sha256sum >/dev/null || missing+=(coreutils)
 command -v awk >/dev/null || missing+=(mawk)
 command -v curl >/dev/null || missing+=(curl)
 command -v jq >/dev/null || missing+=(jq)
+{ command -v haproxy >/dev/null || [[ -x /usr/sbin/haproxy ]]; } || missing+=(haproxy)
+/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3 python3-venv)
+
+PATRONI_VENV=/opt/spliced-patroni
+# Patroni in its own virtualenv of the system Python (world-readable, unlike
+# a per-user Python): the tests run it as an unprivileged user.
+install_patroni() {
+    if "$PATRONI_VENV/bin/patroni" --version >/dev/null 2>&1 &&
+        "$PATRONI_VENV/bin/python3" -c 'import pysyncobj, psycopg' 2>/dev/null; then
+        return 0
+    fi
+    lib_log "install-deps: installing Patroni into $PATRONI_VENV"
+    if /usr/bin/python3 -m venv "$PATRONI_VENV" &&
+        "$PATRONI_VENV/bin/pip" install --quiet "patroni[raft,psycopg3]"; then
+        chmod -R a+rX "$PATRONI_VENV"
+        lib_log "install-deps: $("$PATRONI_VENV/bin/patroni" --version)"
+    else
+        lib_log "install-deps: Patroni could not be installed; the Patroni e2e scenarios will be skipped"
+    fi
+}
 
 if ! command -v prometheus >/dev/null; then
     lib_apt_install prometheus ||
@@ -59,6 +87,7 @@ if ! command -v prometheus >/dev/null; then
 fi
 
 if ((${#missing[@]} == 0)); then
+    install_patroni
     lib_log "install-deps: all dependencies present"
     exit 0
 fi
@@ -78,4 +107,6 @@ have_pg || lib_die "install-deps: PostgreSQL binaries (initdb, pg_ctl, postgres,
 for c in redis-server redis-cli redis-benchmark ss socat runuser mariadb-install-db; do
     command -v "$c" >/dev/null || lib_die "install-deps: $c still missing after install"
 done
+{ command -v haproxy >/dev/null || [[ -x /usr/sbin/haproxy ]]; } || lib_die "install-deps: haproxy still missing after install"
+install_patroni
 lib_log "install-deps: done"

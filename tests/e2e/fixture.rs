@@ -17,6 +17,9 @@
 //!   before it runs), [`Redis::promote`] (REPLICAOF NO ONE),
 //!   [`Redis::replicaof`], [`Redis::stop`], [`Redis::clients_named`].
 //! - [`Mariadb::start`].
+//! - [`patroni_bin`], [`Patroni::start`]: PostgreSQL nodes under Patroni
+//!   (Raft DCS); [`Patroni::wait_ready`], [`Patroni::switchover`],
+//!   [`Patroni::crash`]; [`Haproxy::for_patroni_primary`] beside them.
 //! - [`Proxy::start`]: `spliced run --config FILE --admin ... --workers 2`;
 //!   [`Proxy::reload`] rewrites the file and SIGHUPs, returning once the
 //!   reload is logged ([`Proxy::reload_by_name`]: by `spliced reload
@@ -36,6 +39,8 @@
 
 #[path = "fixture/mariadb.rs"]
 mod mariadb;
+#[path = "fixture/patroni.rs"]
+mod patroni;
 #[path = "fixture/pg.rs"]
 mod pg;
 #[path = "fixture/proxy.rs"]
@@ -48,6 +53,9 @@ mod wire;
 use std::path::PathBuf;
 
 pub use self::mariadb::Mariadb;
+pub use self::patroni::{
+    haproxy_bin, patroni_bin, rest_status, Haproxy, Patroni, PatroniBin, PatroniNode, PATRONI_VENV,
+};
 pub use self::pg::{pg_bin, primary_and_replica, psql_command, Pg, CLIENT_USER, MONITOR_USER};
 pub use self::proxy::{sample, Proxy};
 pub use self::redis::{redis_bin, Redis};
