@@ -13,14 +13,14 @@ use std::time::Duration;
 
 use crate::config::{Config, ListenerConfig, Mode};
 use crate::error::StartError;
-use crate::listener::{self, Listener, ListenerId};
+use crate::listener::{self, ListenerId};
 use crate::reload::{self, Reloader};
 use crate::runtime::{fd_budget, Controller, FdBudget, Runtime};
 use crate::shm::Arena;
 use crate::stats::Stats;
 use crate::upstream::Fleet;
 use crate::upstream::{Resolve, SystemResolver};
-use crate::worker::{self, Inherited};
+use crate::worker::Inherited;
 
 /// A running proxy: a [`Runtime`] with bound listeners. Dropping it aborts
 /// every relay and joins the workers.
@@ -68,82 +68,48 @@ fn start_inner(
     config.load_secrets().map_err(StartError::Config)?;
     let nofile = crate::sys::raise_nofile_limit();
     let fds = fd_budget(&config, nofile);
-    let config = Arc::new(config);
     // Pairs handed to a running proxy relay like the first listener's.
     let first = &config.listeners[0];
     let handoff = ListenerConfig::handoff(first.mode, first.timeouts);
-    let names: Vec<String> = config
-        .listeners
-        .iter()
-        .chain([&handoff])
+    // The handoff pseudo-listener's slot first; the listeners' are kept
+    // for them under their names, and taken as the start puts them in
+    // force, in config order.
+    let names: Vec<String> = [&handoff]
+        .into_iter()
+        .chain(&config.listeners)
         .map(listener::name_of)
         .collect();
     let server_entries = config.listeners.iter().map(|l| l.pool.servers.len()).sum();
     let arena = Arena::create(config.workers, &names, &config.ops, server_entries)?;
+    arena.keep_for_later(1);
     let fleet = Fleet::new();
-    let runtimes: Vec<Arc<Listener>> = config
-        .listeners
-        .iter()
-        .enumerate()
-        .map(|(i, l)| {
-            Arc::new(Listener::new(
-                ListenerId(i as u32),
-                l.clone(),
-                arena.listener_counters(i),
-                &fleet,
-            ))
-        })
-        .collect();
-    let refresher = crate::upstream::resolve::start(&runtimes, Arc::clone(&resolver))
-        .map_err(|e| StartError::Io("start the resolver thread".into(), e))?;
-    let upstreams: Vec<Vec<SocketAddr>> = runtimes
-        .iter()
-        .map(|l| l.pool.members().servers.iter().map(|s| s.addr).collect())
-        .collect();
-    let bound = worker::bind_listeners(&config, &runtimes, |_, _| true, &mut inherited)?;
-    inherited.close_unclaimed();
-    refuse_loops(&config, &upstreams, &bound.local_addrs)?;
-    log_relay_cap(&config, nofile, fds);
-    check_pipe_size(&config);
-    let local_addrs: Vec<SocketAddr> = bound.local_addrs.iter().map(|(_, a)| *a).collect();
+    let settings = Arc::new(config.clone());
+    let per_worker = (0..settings.workers).map(|_| Vec::new()).collect();
     let runtime = Runtime::spawn(
-        Arc::clone(&config),
+        Arc::clone(&settings),
         arena,
-        bound.per_worker,
-        runtimes.clone(),
+        per_worker,
+        Vec::new(),
         handoff,
         fds,
         Arc::clone(&fleet),
     )?;
     let reloader = Reloader::new(reload::State::new(
-        Arc::clone(&config),
+        Arc::clone(&settings),
         Arc::clone(&runtime.arena),
-        &runtimes,
-        &bound.local_addrs,
         runtime.links(),
         Arc::clone(&runtime.listeners),
         Arc::clone(&runtime.stopping),
         resolver,
-        refresher,
         fleet,
     ));
-    for (index, addr) in &bound.local_addrs {
-        let listener = &config.listeners[*index];
-        let servers: Vec<&str> = listener
-            .pool
-            .servers
-            .iter()
-            .map(|s| s.address.as_str())
-            .collect();
-        tracing::info!(
-            listener = %listener.name,
-            upstreams = ?servers,
-            mode = %listener.mode,
-            workers = config.workers,
-            pipe_size = config.pipe_size,
-            "listening on {addr}"
-        );
-    }
+    // A start is a reload from nothing.
+    let report = reloader.apply(config, &mut inherited)?;
+    inherited.close_unclaimed();
+    log_relay_cap(&settings, nofile, fds);
+    check_pipe_size(&settings);
+    let local_addrs: Vec<SocketAddr> = report.bound.iter().map(|&(_, a)| a).collect();
+    let config = settings;
     #[cfg(feature = "admin")]
     let admin = match config.ops.admin {
         Some(addr) => {

@@ -176,37 +176,29 @@ fn restart_settings(old: &Config, new: &Config) -> Vec<&'static str> {
 }
 
 impl State {
-    #[allow(clippy::too_many_arguments)]
+    /// Nothing in force yet: `config`'s process-wide settings, no
+    /// listener. [`Reloader::apply`] puts the listeners in force.
     pub(crate) fn new(
         config: Arc<Config>,
         arena: Arc<crate::shm::Arena>,
-        listeners: &[Arc<Listener>],
-        bound: &[(usize, SocketAddr)],
         links: Vec<WorkerLink>,
         set: Arc<Mutex<ListenerSet>>,
         stopping: Arc<AtomicBool>,
         resolver: Arc<dyn Resolve>,
-        refresher: Option<Refresher>,
         fleet: Arc<Fleet>,
     ) -> State {
-        let active = listeners
-            .iter()
-            .enumerate()
-            .map(|(i, l)| Active {
-                listener: Arc::clone(l),
-                sockets: pair_asked(&l.config, bound.iter().filter(|b| b.0 == i)),
-            })
-            .collect();
+        let mut config = (*config).clone();
+        config.listeners.clear();
         State {
-            next_id: listeners.len() as u32,
-            config,
+            next_id: 0,
+            config: Arc::new(config),
             arena,
-            active,
+            active: Vec::new(),
             links,
             set,
             stopping,
             resolver,
-            refresher,
+            refresher: None,
             fleet,
         }
     }
@@ -266,6 +258,18 @@ impl Reloader {
     pub fn reload(&self, mut config: Config) -> Result<ReloadReport, StartError> {
         config.validate().map_err(StartError::Config)?;
         config.load_secrets().map_err(StartError::Config)?;
+        self.apply(config, &mut Inherited::default())
+    }
+
+    /// Puts a validated `config`'s listeners in force: the one path from
+    /// config to running state. A start is this from nothing (no listener
+    /// yet, with the sockets a service manager passed in `inherited`); a
+    /// reload is this from the listeners in force.
+    pub(crate) fn apply(
+        &self,
+        config: Config,
+        inherited: &mut Inherited,
+    ) -> Result<ReloadReport, StartError> {
         let mut state = self.lock();
         if state.stopping.load(Ordering::Relaxed) {
             return Err(StartError::Io(
@@ -319,7 +323,7 @@ impl Reloader {
             &effective,
             &listeners,
             |i, a| plan.bind.contains(&(i, a)),
-            &mut Inherited::default(),
+            inherited,
         )?;
         let mut all_bound: Vec<(usize, SocketAddr)> =
             plan.keep.iter().map(|&(i, _, b)| (i, b)).collect();
@@ -396,6 +400,18 @@ impl Reloader {
             .iter()
             .map(|&(i, a)| (effective.listeners[i].name.clone(), a))
             .collect();
+        for &(i, addr) in &bound.local_addrs {
+            let l = &effective.listeners[i];
+            let servers: Vec<&str> = l.pool.servers.iter().map(|s| s.address.as_str()).collect();
+            tracing::info!(
+                listener = %l.name,
+                upstreams = ?servers,
+                mode = %l.mode,
+                workers = effective.workers,
+                pipe_size = effective.pipe_size,
+                "listening on {addr}"
+            );
+        }
         report.closed = plan.close.clone();
         {
             let mut set = state.set.lock().unwrap_or_else(|p| p.into_inner());
@@ -445,9 +461,6 @@ const APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 impl ReloadReport {
     /// One line per change, in the words of the start-up lines.
     fn log(&self) {
-        for (name, addr) in &self.bound {
-            tracing::info!(listener = %name, "listening on {addr}");
-        }
         for addr in &self.closed {
             tracing::info!("stopped listening on {addr}; relays accepted there carry on");
         }

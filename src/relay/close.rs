@@ -100,11 +100,12 @@ mod tests {
         d
     }
 
-    const LAPSES: [CloseReason; 4] = [
+    const LAPSES: [CloseReason; 5] = [
         CloseReason::Eof,
         CloseReason::Idle,
         CloseReason::FinTimeout,
         CloseReason::ConnectFailed,
+        CloseReason::LocalError,
     ];
     const CUTS: [CloseReason; 3] = [
         CloseReason::Shutdown,

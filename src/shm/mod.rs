@@ -411,6 +411,17 @@ impl Arena {
         }
     }
 
+    /// Gives the named slots from `first` on back, under their names, so
+    /// that listeners of those names take them (in that order) when they
+    /// are put in force: the start does that as a reload from nothing.
+    pub(crate) fn keep_for_later(&self, first: usize) {
+        let used = self.slots().listeners_used;
+        for index in first..used {
+            let name = read_name(&words(&self.map)[self.shape.name_at(index)..]);
+            self.free_listener(index, &name);
+        }
+    }
+
     /// Marks listener slot `listener` as the handoff pseudo-listener.
     pub(crate) fn mark_handoff(&self, listener: usize) {
         words(&self.map)[H_HANDOFF].store(listener as u64 + 1, Ordering::Relaxed);
