@@ -27,8 +27,9 @@ fn config_text(mode: Mode, listeners: &[(&str, SocketAddr)]) -> String {
     text
 }
 
-/// The body of `GET /metrics`, as `name{labels}` → value.
-fn metrics(admin: SocketAddr) -> HashMap<String, f64> {
+/// The samples of `GET /metrics` as (`name{labels}`, value), in order,
+/// duplicates kept.
+fn samples(admin: SocketAddr) -> Vec<(String, f64)> {
     let mut s = TcpStream::connect(admin).expect("connect to the admin endpoint");
     s.set_read_timeout(Some(T)).unwrap();
     write!(s, "GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
@@ -42,6 +43,11 @@ fn metrics(admin: SocketAddr) -> HashMap<String, f64> {
             (key.to_string(), value.parse().expect("a number"))
         })
         .collect()
+}
+
+/// The body of `GET /metrics`, as `name{labels}` → value.
+fn metrics(admin: SocketAddr) -> HashMap<String, f64> {
+    samples(admin).into_iter().collect()
 }
 
 /// The first address logged on a line that holds every one of `words`.
@@ -186,20 +192,6 @@ fn added_listener_counts_everywhere(mode: Mode) {
 
 both_engines!(added_listener_counts_everywhere);
 
-/// `name{labels}` of every sample line, duplicates kept.
-fn series(admin: SocketAddr) -> Vec<String> {
-    let mut s = TcpStream::connect(admin).expect("connect to the admin endpoint");
-    s.set_read_timeout(Some(T)).unwrap();
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("read the answer to EOF");
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| l.rsplit_once(' ').expect("sample: key value").0.to_string())
-        .collect()
-}
-
 /// A listener added, removed, added again and refused (its companion's
 /// port is taken), a hundred reloads in a row, with a relay of its first
 /// life held open throughout: one row in the stats file and one series per
@@ -266,9 +258,9 @@ fn a_listener_removed_and_added_again_keeps_one_identity() {
         let snap = file.snapshot().unwrap();
         let rows = snap.listeners.iter().filter(|l| l.name == "ghost").count();
         assert!(rows <= 1, "step {i}: {rows} rows named ghost");
-        let all = series(admin);
+        let all = samples(admin);
         let mut seen = std::collections::HashSet::new();
-        for key in &all {
+        for (key, _) in &all {
             assert!(seen.insert(key), "step {i}: two series {key}");
         }
     }

@@ -225,9 +225,12 @@ impl Fleet {
             );
         }
         self.apply(server, &changes, "check");
-        // The age of the last check is shown whatever it said.
+        // The age of the last check is shown whatever it said (only the
+        // pools that name this server need to show it again).
         if changes.is_empty() {
-            self.publish();
+            for pool in self.pools().iter().filter(|p| p.names(server)) {
+                pool.refresh();
+            }
         }
     }
 

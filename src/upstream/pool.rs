@@ -335,6 +335,14 @@ impl Pool {
         }
     }
 
+    /// Whether `upstream` is one of its servers.
+    pub(crate) fn names(&self, upstream: &Upstream) -> bool {
+        self.members()
+            .servers
+            .iter()
+            .any(|s| std::ptr::eq(Arc::as_ptr(&s.upstream), upstream))
+    }
+
     /// The servers as the metrics show them.
     #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     pub(crate) fn samples(&self) -> Vec<ServerSample> {
