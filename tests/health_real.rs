@@ -40,6 +40,15 @@ fn reason(v: Verdict) -> String {
     }
 }
 
+/// The reason of a check error: the check's own login or setup was
+/// refused, which says nothing about the server.
+fn check_error(v: Verdict) -> String {
+    match v {
+        Verdict::CheckError { reason } => reason,
+        other => panic!("expected a check error, got {other:?}"),
+    }
+}
+
 const UP: Verdict = Verdict::Up { role: None };
 const PRIMARY: Verdict = Verdict::Up {
     role: Some(Role::Primary),
@@ -89,7 +98,7 @@ fn redis() {
         probe_blocking(&spec(Kind::Tcp, WantRole::Any), a1, TIMEOUT),
         UP
     );
-    let r = reason(probe_blocking(
+    let r = check_error(probe_blocking(
         &spec(Kind::Redis, WantRole::Any),
         a1,
         TIMEOUT,
@@ -97,7 +106,7 @@ fn redis() {
     assert!(r.contains("NOAUTH"), "{r}");
     let mut wrong = auth(WantRole::Any);
     wrong.password = Some("nope".into());
-    let r = reason(probe_blocking(&wrong, a1, TIMEOUT));
+    let r = check_error(probe_blocking(&wrong, a1, TIMEOUT));
     assert!(r.contains("refused AUTH") && r.contains("WRONGPASS"), "{r}");
     assert_eq!(probe_blocking(&auth(WantRole::Any), a1, TIMEOUT), UP);
     assert_eq!(
@@ -216,12 +225,12 @@ fn postgres() {
         ("md5user", None, "password (md5)"),
     ] {
         let s = with_login(spec(Kind::Postgres, WantRole::Primary), user, pw);
-        let r = reason(probe_blocking(&s, a1, TIMEOUT));
+        let r = check_error(probe_blocking(&s, a1, TIMEOUT));
         assert!(r.contains(words), "{user}: {r}");
     }
     let mut nodb = with_login(spec(Kind::Postgres, WantRole::Primary), "trustuser", None);
     nodb.database = Some("nosuchdb".into());
-    assert!(reason(probe_blocking(&nodb, a1, TIMEOUT)).contains("3D000"));
+    assert!(check_error(probe_blocking(&nodb, a1, TIMEOUT)).contains("3D000"));
 
     // A streaming replica answers t.
     let mut c = command(&bin.join("pg_basebackup"));
