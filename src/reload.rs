@@ -334,7 +334,19 @@ impl Reloader {
             .collect();
         crate::proxy::refuse_loops(&effective, &upstreams, &all_bound)?;
 
-        // Nothing can fail from here on.
+        // Nothing can fail from here on. Pools that new ones replace stop
+        // showing their servers' state (their relays still follow it).
+        for (i, fate) in plan.fates.iter().enumerate() {
+            if let Fate::Changed(j) = *fate {
+                state.active[j].listener.pool.supersede();
+            }
+            if *fate == Fate::New {
+                let name = &effective.listeners[i].name;
+                for d in draining.iter().filter(|d| &d.config.name == name) {
+                    d.pool.supersede();
+                }
+            }
+        }
         let deadline = effective
             .drain_timeout
             .and_then(|d| Instant::now().checked_add(d));

@@ -148,6 +148,9 @@ pub(crate) struct Pool {
     members: RwLock<Arc<Members>>,
     /// Serialises the writers of `members`.
     writing: Mutex<()>,
+    /// A reload gave its listener a new pool: this one only serves the
+    /// relays it has, and no longer shows its servers' state.
+    superseded: std::sync::atomic::AtomicBool,
     /// Round-robin position, shared by all workers.
     cursor: AtomicUsize,
     /// Where the listener's servers count.
@@ -197,6 +200,7 @@ impl Pool {
             on_down: config.on_down,
             members: RwLock::new(Arc::default()),
             writing: Mutex::new(()),
+            superseded: std::sync::atomic::AtomicBool::new(false),
             cursor: AtomicUsize::new(0),
             registry,
             fleet: Arc::clone(fleet),
@@ -293,6 +297,9 @@ impl Pool {
     /// servers that a conflict of primaries excludes, and shows the
     /// standings in the stats file.
     pub(crate) fn refresh(&self) {
+        if self.superseded.load(Ordering::Acquire) {
+            return;
+        }
         let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.members();
         let standings = self.judge(&old.servers);
@@ -333,6 +340,11 @@ impl Pool {
                 facts.last_check.map_or(0, unix_millis),
             );
         }
+    }
+
+    /// A reload put a new pool in its place (see `superseded`).
+    pub(crate) fn supersede(&self) {
+        self.superseded.store(true, Ordering::Release);
     }
 
     /// Whether `upstream` is one of its servers.
