@@ -469,6 +469,14 @@ spliced_start() {
     SPLICED_ADDR=""
     SPLICED_PORT=""
     if [[ -n "${SPLICED_ENV:-}" ]]; then read -r -a extra_env <<<"$SPLICED_ENV"; fi
+    # Each instance its own runtime directory (pid and stats files): a
+    # second instance under a live name is refused, and these may overlap.
+    if [[ " ${extra_env[*]} " != *" RUNTIME_DIRECTORY="* ]]; then
+        local rundir="$LIB_TMP/run-$name"
+        mkdir -p -m 700 "$rundir"
+        if [[ -n "${SPLICED_AS:-}" ]]; then chown "$SPLICED_AS" "$rundir"; fi
+        extra_env+=("RUNTIME_DIRECTORY=$rundir")
+    fi
     if lib_standin; then
         spliced__start_standin "$@" || return 1
     elif [[ ! -x "$SPLICED_BIN" ]]; then
