@@ -174,6 +174,52 @@ fn healthz_turns_503_while_draining_and_livez_stays_200() {
     proxy.join();
 }
 
+/// `/healthz/LISTENER`: 200 while the listener has a server that takes
+/// relays, 503 once none does (and while draining), 404 for a name that is
+/// no listener's.
+#[test]
+fn per_listener_readiness_follows_its_servers() {
+    let refused = refused_addr();
+    let down = proxy(Mode::Splice, vec![refused], |c| {
+        c.ops.admin = Some("127.0.0.1:0".parse().unwrap());
+        c.listeners[0].name = "db".into();
+        let h = &mut c.listeners[0].pool.health;
+        h.check = Some(spliced::config::Check::Tcp);
+        h.interval = Duration::from_millis(100);
+        h.timeout = Duration::from_millis(100);
+        h.fall = 1;
+    });
+    let admin = down.admin_addr().unwrap();
+    wait_until(T, "the refusing server is out", || {
+        get(admin, "/healthz/db").0 == 503
+    });
+    assert_eq!(
+        get(admin, "/healthz/db"),
+        (503, "0 of 1 servers take new relays\n".to_string())
+    );
+    assert_eq!(get(admin, "/healthz/nope").0, 404);
+    assert_eq!(get(admin, "/healthz").0, 200, "the process is ready");
+    drop(down);
+
+    let live = echo_server();
+    let proxy = proxy(Mode::Splice, vec![live.addr], |c| {
+        c.ops.admin = Some("127.0.0.1:0".parse().unwrap());
+        c.listeners[0].name = "db".into();
+        c.drain_timeout = Some(Duration::from_secs(30));
+    });
+    let admin = proxy.admin_addr().unwrap();
+    assert_eq!(
+        get(admin, "/healthz/db"),
+        (200, "1 of 1 servers take new relays\n".to_string())
+    );
+    let mut held = connect(proxy.local_addr());
+    round_trip(&mut held, b"ping", T);
+    proxy.shutdown();
+    assert_eq!(get(admin, "/healthz/db"), (503, "draining\n".to_string()));
+    drop(held);
+    proxy.join();
+}
+
 /// Per server: a tcp check takes the server that refuses out of the pool
 /// (`spliced_server_up` 0), the live one stays up and counts the relay it
 /// holds; no check tells roles, so both are `unknown`.

@@ -1,6 +1,8 @@
 //! The admin endpoint: `GET /metrics` (Prometheus text format), `GET
-//! /healthz` (readiness: 200 while accepting, 503 while draining) and `GET
-//! /livez` (200 while the process answers).
+//! /healthz` (readiness: 200 while accepting, 503 while draining), `GET
+//! /healthz/LISTENER` (200 while that listener has a server that takes new
+//! relays, 503 otherwise or while draining) and `GET /livez` (200 while the
+//! process answers).
 //!
 //! It runs on its own thread, one non-blocking event loop for every client
 //! (see [`server`]), and reads only the counter mapping and the drain flag,
@@ -55,8 +57,9 @@ impl Admin {
         let thread = std::thread::Builder::new()
             .name("spliced-admin".into())
             .spawn(move || {
+                let samples = Arc::clone(&servers);
                 let registry = metrics::registry(arena, servers);
-                let answer = |head: &Head<'_>| answer(head, &registry, &draining);
+                let answer = |head: &Head<'_>| answer(head, &registry, &samples, &draining);
                 server::Server::new(poll, listener, answer, stopping).run();
             })?;
         Ok(Admin {
@@ -105,6 +108,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 fn answer(
     head: &Head<'_>,
     registry: &prometheus_client::registry::Registry,
+    servers: &ServerSamples,
     draining: &AtomicBool,
 ) -> Response {
     let ok = |body: &str| Response::text(200, body.to_string());
@@ -119,6 +123,28 @@ fn answer(
         },
         "/healthz" if draining.load(Ordering::Relaxed) => Response::text(503, "draining\n".into()),
         "/healthz" | "/livez" => ok("ok\n"),
-        _ => Response::text(404, "not found: try /metrics, /healthz or /livez\n".into()),
+        path => match path.strip_prefix("/healthz/") {
+            Some(name) => listener_ready(name, servers, draining),
+            None => Response::text(
+                404,
+                "not found: try /metrics, /healthz, /healthz/LISTENER or /livez\n".into(),
+            ),
+        },
     }
+}
+
+/// Readiness of one listener, for an outer balancer that follows one role:
+/// 200 while one of its servers takes new relays.
+fn listener_ready(name: &str, servers: &ServerSamples, draining: &AtomicBool) -> Response {
+    let all = servers();
+    let mine: Vec<_> = all.iter().filter(|(l, _)| l == name).collect();
+    if mine.is_empty() {
+        return Response::text(404, format!("no listener named {name:?}\n"));
+    }
+    if draining.load(Ordering::Relaxed) {
+        return Response::text(503, "draining\n".into());
+    }
+    let up = mine.iter().filter(|(_, s)| s.up).count();
+    let body = format!("{up} of {} servers take new relays\n", mine.len());
+    Response::text(if up > 0 { 200 } else { 503 }, body)
 }
