@@ -262,10 +262,12 @@ counter_table! {
     refused_proxy_header: Counter per Listener,
     /// PostgreSQL CancelRequests sent on to every server of the pool.
     pg_cancel_requests: Counter per Listener,
-    /// Active health probes run.
-    health_probes: Counter per Listener,
-    /// Active health probes that judged their server down.
-    health_probe_failures: Counter per Listener,
+    /// Active health probes run (a worker runs those of its share of the
+    /// servers, whatever pools name them).
+    health_probes: Counter per Worker,
+    /// Active health probes that got no answer (refused, reset, timed out,
+    /// a reply that is no answer).
+    health_probe_failures: Counter per Worker,
 }
 
 /// Upper bounds (seconds) of the connect latency histogram's buckets.

@@ -199,6 +199,20 @@ fn per_listener_readiness_follows_its_servers() {
     );
     assert_eq!(get(admin, "/healthz/nope").0, 404);
     assert_eq!(get(admin, "/healthz").0, 200, "the process is ready");
+    // The probes count per worker, the failed ones too; cancels per listener.
+    let (m, _) = parse(&get(admin, "/metrics").1);
+    let sum = |name: &str| -> f64 {
+        m.iter()
+            .filter(|(k, _)| k.starts_with(&format!("{name}{{worker=")))
+            .map(|(_, v)| v)
+            .sum()
+    };
+    assert!(sum("spliced_health_probes_total") >= 1.0, "{m:?}");
+    assert!(sum("spliced_health_probe_failures_total") >= 1.0, "{m:?}");
+    assert_eq!(
+        m.get("spliced_pg_cancel_requests_total{listener=\"db\"}"),
+        Some(&0.0)
+    );
     drop(down);
 
     let live = echo_server();

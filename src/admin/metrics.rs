@@ -289,6 +289,11 @@ fn families(snap: &Snapshot) -> Vec<Family> {
         "Times a listener stopped accepting at its own max-conns (clients wait in the backlog).",
         Counter,
     );
+    let mut cancels = family(
+        "spliced_pg_cancel_requests",
+        "PostgreSQL CancelRequests sent on to every server of the pool (protocol = \"postgres\").",
+        Counter,
+    );
     let mut switches = family(
         "spliced_engine_switches",
         "Times a direction of an auto-mode listener switched between copy and splice.",
@@ -312,6 +317,7 @@ fn families(snap: &Snapshot) -> Vec<Family> {
             .values
             .push((at.clone(), s.listener_limit_pauses));
         switches.values.push((at.clone(), s.engine_switches));
+        cancels.values.push((at.clone(), s.pg_cancel_requests));
         accepted.values.push((at.clone(), s.relays_accepted));
         active.values.push((at.clone(), s.relays_active));
         connect_failures
@@ -369,6 +375,16 @@ fn families(snap: &Snapshot) -> Vec<Family> {
         "Times a worker paused accepting, by reason (fds: out of file descriptors; relay-cap: at --max-conns, clients wait in the backlog).",
         Counter,
     );
+    let mut probes = family(
+        "spliced_health_probes",
+        "Active health probes a worker ran (each server is probed by one worker).",
+        Counter,
+    );
+    let mut probe_failures = family(
+        "spliced_health_probe_failures",
+        "Of those, the probes that got no answer (refused, reset, timed out, a reply that is no answer); role answers and check errors are answers.",
+        Counter,
+    );
     let mut timers = family(
         "spliced_timer_entries",
         "Entries in a worker's deadline heap (live and not yet swept).",
@@ -393,6 +409,10 @@ fn families(snap: &Snapshot) -> Vec<Family> {
         pauses
             .values
             .push((with(at.clone(), "reason", "relay-cap"), w.accept_pauses_cap));
+        probes.values.push((at.clone(), w.health_probes));
+        probe_failures
+            .values
+            .push((at.clone(), w.health_probe_failures));
         timers.values.push((at, w.timer_entries));
     }
     let mut draining = family(
@@ -420,6 +440,7 @@ fn families(snap: &Snapshot) -> Vec<Family> {
         refused,
         limit_pauses,
         switches,
+        cancels,
         relays,
         pipes_in_use,
         pipes_idle,
@@ -427,6 +448,8 @@ fn families(snap: &Snapshot) -> Vec<Family> {
         pipes_created,
         buffers,
         pauses,
+        probes,
+        probe_failures,
         timers,
         draining,
         started,
