@@ -227,6 +227,7 @@ impl Outcome {
             CloseReason::Shutdown => Ending::Shutdown,
             CloseReason::Internal
             | CloseReason::ConnectFailed
+            | CloseReason::NoServer
             | CloseReason::LocalError
             | CloseReason::ServerDown => Ending::Internal,
         };

@@ -29,6 +29,9 @@ pub enum CloseReason {
     UpstreamReset,
     /// No upstream could be connected within the connect timeout.
     ConnectFailed,
+    /// No server of the pool took new relays (none answers, none in the
+    /// pool's role, or several claim primary): none was tried.
+    NoServer,
     /// The upstream connect failed for the proxy's own want of fds, socket
     /// buffers or memory; no server was blamed.
     LocalError,
@@ -47,13 +50,14 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 11] = [
+    pub const ALL: [CloseReason; 12] = [
         CloseReason::Eof,
         CloseReason::Idle,
         CloseReason::FinTimeout,
         CloseReason::ClientReset,
         CloseReason::UpstreamReset,
         CloseReason::ConnectFailed,
+        CloseReason::NoServer,
         CloseReason::LocalError,
         CloseReason::Shutdown,
         CloseReason::Internal,
@@ -69,6 +73,7 @@ impl CloseReason {
             CloseReason::ClientReset => "client-reset",
             CloseReason::UpstreamReset => "upstream-reset",
             CloseReason::ConnectFailed => "connect-failed",
+            CloseReason::NoServer => "no-server",
             CloseReason::LocalError => "local-error",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Internal => "internal-error",

@@ -140,6 +140,31 @@ fn switch(a: &FakeRedis, b: &FakeRedis) {
 
 // Active checks
 
+/// A primary pool whose every server answers as a replica takes no relay:
+/// each client is closed as `no-server`, and no server is tried (no
+/// connect is counted against either).
+#[test]
+fn a_pool_with_no_server_in_its_role_closes_clients_as_no_server() {
+    let a = fake_redis(b'a', false);
+    let b = fake_redis(b'b', false);
+    let h = checked(Mode::Splice, vec![a.server.addr, b.server.addr], |c| {
+        let pool = &mut c.listeners[0].pool;
+        pool.health.check = Some(Check::Redis);
+        pool.health.role = Role::Primary;
+    });
+    wait_until(T, "both replicas probed", || h.stats().health_probes >= 2);
+    for _ in 0..5 {
+        // A relay sent to a replica would stay open: this would time out.
+        let mut c = TcpStream::connect(h.local_addr()).unwrap();
+        expect_closed(&mut c, T);
+    }
+    let s = wait_stats(&h, T, "five no-server closes", |s| {
+        s.closed(spliced::CloseReason::NoServer) == 5
+    });
+    assert_eq!(s.closed(spliced::CloseReason::ConnectFailed), 0);
+    assert_eq!(s.upstream_connect_failures, 0);
+}
+
 #[test]
 fn tcp_check_takes_a_server_that_refuses_out_of_the_pool() {
     let live = serve(|mut s: TcpStream| {

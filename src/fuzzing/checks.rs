@@ -150,6 +150,7 @@ pub(crate) fn check_resets(
             | CloseReason::Idle
             | CloseReason::FinTimeout
             | CloseReason::ConnectFailed
+            | CloseReason::NoServer
             | CloseReason::LocalError => lacking,
         };
         if lacking {

@@ -46,6 +46,7 @@ impl CloseClass {
             | CloseReason::Idle
             | CloseReason::FinTimeout
             | CloseReason::ConnectFailed
+            | CloseReason::NoServer
             | CloseReason::LocalError => CloseClass::Lapse,
         }
     }
@@ -100,11 +101,12 @@ mod tests {
         d
     }
 
-    const LAPSES: [CloseReason; 5] = [
+    const LAPSES: [CloseReason; 6] = [
         CloseReason::Eof,
         CloseReason::Idle,
         CloseReason::FinTimeout,
         CloseReason::ConnectFailed,
+        CloseReason::NoServer,
         CloseReason::LocalError,
     ];
     const CUTS: [CloseReason; 3] = [

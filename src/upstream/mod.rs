@@ -68,6 +68,11 @@ impl Round {
         }
     }
 
+    /// Whether no server was tried at all (the pool had none to offer).
+    pub(crate) fn tried_none(&self) -> bool {
+        self.tried.is_empty()
+    }
+
     /// Whether another server may be tried after the current one (an
     /// estimate for the log: the pool may change meanwhile).
     pub(crate) fn has_next(&self, pool: &Pool) -> bool {

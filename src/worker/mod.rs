@@ -130,6 +130,8 @@ pub(crate) struct Worker {
     accept_warnings: WarnLimit,
     connect_warnings: WarnLimit,
     refusal_warnings: WarnLimit,
+    /// Per listener: clients closed because no server took relays.
+    no_server_warnings: std::collections::HashMap<crate::listener::ListenerId, WarnLimit>,
     drain_deadline: Option<Instant>,
     draining: bool,
     /// Listeners a reload removed whose relays close at the deadline.
@@ -191,6 +193,7 @@ impl Worker {
             accept_paused_until: None,
             accept_warnings: WarnLimit::default(),
             connect_warnings: WarnLimit::default(),
+            no_server_warnings: std::collections::HashMap::new(),
             refusal_warnings: WarnLimit::default(),
             drain_deadline: None,
             draining: false,
@@ -291,8 +294,26 @@ impl Worker {
             failed => {
                 let reason = match failed {
                     Err(_) => CloseReason::LocalError,
+                    Ok(_) if round.tried_none() => CloseReason::NoServer,
                     Ok(_) => CloseReason::ConnectFailed,
                 };
+                listener.counters(self.index).closed(reason);
+                if reason == CloseReason::NoServer {
+                    // One line per listener and second, however many
+                    // clients a failover turns away.
+                    let limit = self.no_server_warnings.entry(listener.id).or_default();
+                    if let Some(held_back) = limit.allow(now) {
+                        tracing::warn!(
+                            worker = self.index,
+                            listener = listener.label(),
+                            client = %client_addr,
+                            reason = %reason,
+                            similar_closes_held_back = held_back,
+                            "relay closed: no server of the pool takes new relays (none answers in its role, or several claim primary)"
+                        );
+                    }
+                    return;
+                }
                 tracing::info!(
                     relay = id,
                     listener = listener.label(),
@@ -300,7 +321,6 @@ impl Worker {
                     reason = %reason,
                     "relay closed"
                 );
-                listener.counters(self.index).closed(reason);
                 return;
             }
         };
