@@ -15,7 +15,7 @@ mod servers;
 
 use std::time::{Duration, Instant};
 
-use servers::{command, find_bin, free_port, loopback, pg_bin_dirs, run, Proc, TempDir};
+use servers::{command, find_bin, free_port, loopback, pg_bin_dirs, run, Mariadb, Proc, TempDir};
 use spliced::health::{probe_blocking, CheckSpec, Kind, Role, Verdict, WantRole};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -287,30 +287,11 @@ fn postgres() {
 #[test]
 #[ignore = "starts real servers: make health-real"]
 fn mariadb() {
-    let Some(server) = find_bin("mariadb", &["mariadbd", "mysqld"], &[]) else {
-        return;
-    };
-    let Some(install) = find_bin("mariadb", &["mariadb-install-db", "mysql_install_db"], &[])
-    else {
-        return;
-    };
     let dir = TempDir::new("mariadb");
-    let data = dir.join("data");
-    let mut c = command(&install);
-    c.arg("--no-defaults")
-        .arg(format!("--datadir={}", data.display()))
-        .args(["--auth-root-authentication-method=normal", "--skip-test-db"]);
-    run(c, "mariadb-install-db");
-    let port = free_port();
-    let mut c = command(&server);
-    c.arg("--no-defaults")
-        .arg(format!("--datadir={}", data.display()))
-        .arg(format!("--socket={}", dir.join("sock").display()))
-        .arg(format!("--pid-file={}", dir.join("pid").display()))
-        .args(["--bind-address=127.0.0.1", &format!("--port={port}")])
-        .args(["--skip-name-resolve", "--max-connect-errors=3"]);
-    let _db = Proc::start("mariadb", c, dir.join("mariadb.log"), loopback(port));
-    let addr = loopback(port);
+    let Some(db) = Mariadb::start("mariadb", &dir, "data", &["--max-connect-errors=3"]) else {
+        return;
+    };
+    let addr = db.addr();
     // The probe hangs up after the greeting: that must not count toward
     // max_connect_errors, or the host would be blocked after 3 probes.
     for i in 0..10 {

@@ -37,8 +37,6 @@
 // Each test file uses a different part of the fixture.
 #![allow(dead_code, unused_imports)]
 
-#[path = "fixture/mariadb.rs"]
-mod mariadb;
 #[path = "fixture/patroni.rs"]
 mod patroni;
 #[path = "fixture/pg.rs"]
@@ -52,7 +50,6 @@ mod wire;
 
 use std::path::PathBuf;
 
-pub use self::mariadb::Mariadb;
 pub use self::patroni::{
     haproxy_bin, patroni_bin, rest_status, Haproxy, Patroni, PatroniBin, PatroniNode, PATRONI_VENV,
 };
@@ -60,6 +57,7 @@ pub use self::pg::{pg_bin, primary_and_replica, psql_command, Pg, CLIENT_USER, M
 pub use self::proxy::{sample, Proxy};
 pub use self::redis::{redis_bin, Redis};
 pub use self::wire::{info_field, PgConn, Resp, RespConn, Rows, WireError};
+pub use crate::servers::Mariadb;
 pub use crate::servers::{free_port, loopback, TempDir};
 
 /// Writes `secret` and a newline to `DIR/name` (replacing it) and returns
@@ -123,7 +121,7 @@ fn fixture_starts_and_stops_every_server() {
     copy.promote();
     assert_eq!(copy.role(), "master");
 
-    if let Some(db) = Mariadb::start(test, &dir, "mariadb") {
+    if let Some(db) = Mariadb::start(test, &dir, "mariadb", &[]) {
         assert!(std::net::TcpStream::connect(db.addr()).is_ok());
     }
 

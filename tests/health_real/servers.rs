@@ -206,3 +206,48 @@ impl Drop for Proc {
         self.stop();
     }
 }
+
+/// One mariadbd on 127.0.0.1 with its own data dir, socket and pid file,
+/// run as the service user, stopped by PID when dropped.
+pub struct Mariadb {
+    pub port: u16,
+    _proc: Proc,
+}
+
+impl Mariadb {
+    /// mariadb-install-db, then mariadbd on a free port with `extra`
+    /// server options; `None` (after printing SKIPPED, or a panic under
+    /// SPLICED_REAL_SERVERS=1) when MariaDB is not installed.
+    pub fn start(test: &str, dir: &TempDir, name: &str, extra: &[&str]) -> Option<Mariadb> {
+        let server = find_bin(test, &["mariadbd", "mysqld"], &[])?;
+        let install = find_bin(test, &["mariadb-install-db", "mysql_install_db"], &[])?;
+        let data = dir.join(name);
+        let mut c = command(&install);
+        c.arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .args(["--auth-root-authentication-method=normal", "--skip-test-db"]);
+        run(c, "mariadb-install-db");
+        let port = free_port();
+        let mut c = command(&server);
+        c.arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!(
+                "--socket={}",
+                dir.join(&format!("{name}.sock")).display()
+            ))
+            .arg(format!(
+                "--pid-file={}",
+                dir.join(&format!("{name}.pid")).display()
+            ))
+            .args(["--bind-address=127.0.0.1", &format!("--port={port}")])
+            .arg("--skip-name-resolve")
+            .args(extra);
+        let log = dir.join(&format!("{name}.log"));
+        let proc = Proc::start(name, c, log, loopback(port));
+        Some(Mariadb { port, _proc: proc })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        loopback(self.port)
+    }
+}

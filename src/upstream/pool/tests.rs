@@ -23,6 +23,16 @@ fn pool_in(
     p
 }
 
+/// A pool of its own: a fleet and counters no other pool shares.
+fn lone(config: &PoolConfig, members: &[Member]) -> Arc<Pool> {
+    pool_in(
+        &Fleet::new(),
+        &Arc::new(ServerRegistry::new(None, 1)),
+        config,
+        members,
+    )
+}
+
 // The pick
 
 fn pool(balance: Balance, members: &[(u16, u32, bool)]) -> Arc<Pool> {
@@ -30,12 +40,7 @@ fn pool(balance: Balance, members: &[(u16, u32, bool)]) -> Arc<Pool> {
     config.balance = balance;
     config.health.fall = 1;
     let members: Vec<Member> = members.iter().map(|&(p, w, b)| member(p, w, b)).collect();
-    pool_in(
-        &Fleet::new(),
-        &Arc::new(ServerRegistry::new(None, 1)),
-        &config,
-        &members,
-    )
+    lone(&config, &members)
 }
 
 const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
@@ -89,12 +94,7 @@ const REPLICA: Verdict = Verdict::Up {
 #[test]
 fn a_role_pool_takes_no_server_before_an_answer_confirms_it() {
     let config = checked(config::Check::Redis, config::Role::Primary, 3, 2);
-    let p = pool_in(
-        &Fleet::new(),
-        &Arc::new(ServerRegistry::new(None, 1)),
-        &config,
-        &[member(1, 1, false), member(2, 1, false)],
-    );
+    let p = lone(&config, &[member(1, 1, false), member(2, 1, false)]);
     let now = Instant::now();
     assert!(p.pick(0, CLIENT, &[], now).is_none(), "fail closed");
     observe(&p, 0, REPLICA, now);
@@ -128,12 +128,7 @@ fn a_role_answer_takes_a_server_out_at_that_probe() {
 #[test]
 fn a_check_error_keeps_the_last_confirmed_state() {
     let config = checked(config::Check::Postgres, config::Role::Primary, 1, 1);
-    let p = pool_in(
-        &Fleet::new(),
-        &Arc::new(ServerRegistry::new(None, 1)),
-        &config,
-        &[member(1, 1, false)],
-    );
+    let p = lone(&config, &[member(1, 1, false)]);
     let now = Instant::now();
     observe(&p, 0, PRIMARY, now);
     let lease = p.pick(0, CLIENT, &[], now).expect("the primary");
@@ -148,12 +143,7 @@ fn a_check_error_keeps_the_last_confirmed_state() {
 #[test]
 fn two_primaries_take_nothing_until_one_remains() {
     let config = checked(config::Check::Redis, config::Role::Primary, 1, 1);
-    let p = pool_in(
-        &Fleet::new(),
-        &Arc::new(ServerRegistry::new(None, 1)),
-        &config,
-        &[member(1, 1, false), member(2, 1, false)],
-    );
+    let p = lone(&config, &[member(1, 1, false), member(2, 1, false)]);
     let now = Instant::now();
     observe(&p, 0, PRIMARY, now);
     observe(&p, 1, PRIMARY, now);
@@ -165,12 +155,7 @@ fn two_primaries_take_nothing_until_one_remains() {
 #[test]
 fn a_first_failure_takes_a_server_down_at_once() {
     let config = checked(config::Check::Tcp, config::Role::Any, 3, 1);
-    let p = pool_in(
-        &Fleet::new(),
-        &Arc::new(ServerRegistry::new(None, 1)),
-        &config,
-        &[member(1, 1, false)],
-    );
+    let p = lone(&config, &[member(1, 1, false)]);
     let now = Instant::now();
     observe(&p, 0, Verdict::down("refused"), now);
     assert!(
@@ -188,12 +173,7 @@ fn a_first_failure_takes_a_server_down_at_once() {
 #[test]
 fn with_an_active_check_only_rise_good_probes_bring_a_server_back() {
     let config = checked(config::Check::Redis, config::Role::Any, 1, 2);
-    let p = pool_in(
-        &Fleet::new(),
-        &Arc::new(ServerRegistry::new(None, 1)),
-        &config,
-        &[member(1, 1, false), member(2, 1, false)],
-    );
+    let p = lone(&config, &[member(1, 1, false), member(2, 1, false)]);
     let now = Instant::now();
     let first = Arc::clone(&p.members().servers[0]);
     observe(&p, 0, Verdict::Up { role: None }, now);
@@ -278,12 +258,7 @@ fn pools_of_other_roles_share_one_probe_per_server() {
 #[test]
 fn prefer_replica_falls_back_to_the_primary() {
     let config = checked(config::Check::Postgres, config::Role::PreferReplica, 1, 1);
-    let p = pool_in(
-        &Fleet::new(),
-        &Arc::new(ServerRegistry::new(None, 1)),
-        &config,
-        &[member(1, 1, false), member(2, 1, false)],
-    );
+    let p = lone(&config, &[member(1, 1, false), member(2, 1, false)]);
     let now = Instant::now();
     observe(&p, 0, PRIMARY, now);
     observe(&p, 1, REPLICA, now);
