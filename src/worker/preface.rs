@@ -26,6 +26,7 @@ use slab::Slab;
 use super::Worker;
 use crate::config::{format_duration, Protocol, SendProxy};
 use crate::listener::{Admission, Listener, Reservation};
+use crate::pgwire;
 use crate::proxy_protocol::{self, Parse};
 use crate::relay::Accepted;
 use crate::stats::CounterBlock;
@@ -35,8 +36,8 @@ use crate::upstream::{self, Connect};
 /// The most bytes read from a client before its relay starts.
 const PREFACE_MAX: usize = 4096;
 /// PostgreSQL's CancelRequest: its length and its request code.
-const CANCEL_LEN: usize = 16;
-const CANCEL_CODE: u32 = 80_877_102;
+const CANCEL_LEN: usize = pgwire::CANCEL_REQUEST_LEN;
+const CANCEL_CODE: u32 = pgwire::CANCEL_REQUEST_CODE;
 
 /// Room under the listener's limits: reserved before the header names
 /// the client, admitted once it did.
