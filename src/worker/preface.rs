@@ -223,7 +223,7 @@ impl Worker {
             Ok(admission) => {
                 self.start_relay(client, addr, None, listener, admission, Vec::new(), now)
             }
-            Err(refused) => self.refuse(client, addr, &listener, refused, now),
+            Err(refused) => self.refuse(client, addr, &listener, refused, Vec::new(), now),
         }
     }
 
@@ -248,7 +248,7 @@ impl Worker {
             match listener.admit(reservation, peer.ip()) {
                 Ok(admission) => Hold::Admitted(admission),
                 Err(refused) => {
-                    self.refuse(client, peer, &listener, refused, now);
+                    self.refuse(client, peer, &listener, refused, Vec::new(), now);
                     return;
                 }
             }
@@ -394,7 +394,14 @@ impl Worker {
             Hold::Reserved(r) => match p.listener.admit(r, p.client_addr.ip()) {
                 Ok(a) => a,
                 Err(refused) => {
-                    self.refuse(p.client, p.client_addr, &p.listener, refused, now);
+                    let Pending {
+                        client,
+                        client_addr,
+                        listener,
+                        buf,
+                        ..
+                    } = *p;
+                    self.refuse(client, client_addr, &listener, refused, buf, now);
                     return;
                 }
             },
