@@ -61,16 +61,20 @@ fn pg_listener(
 }
 
 /// A postgres listener whose pool wants a primary and has none: its one
-/// server never answers the check, and a role pool uses only a server
-/// whose answer confirmed the role. No client is sent anywhere.
-fn no_primary(mode: Mode, tweak: impl FnOnce(&mut Config)) -> ProxyHandle {
-    pg_listener(mode, vec![refused_addr()], |c| {
+/// server accepts (in the kernel's backlog) and never answers the check,
+/// and a role pool uses only a server whose answer confirmed the role. No
+/// client is sent anywhere. Keep the returned listener while the proxy
+/// runs.
+fn no_primary(mode: Mode, tweak: impl FnOnce(&mut Config)) -> (ProxyHandle, std::net::TcpListener) {
+    let silent = bind_listener();
+    let h = pg_listener(mode, vec![silent.local_addr().unwrap()], |c| {
         let h = &mut c.listeners[0].pool.health;
         h.check = Some(Check::Postgres);
         h.role = Role::Primary;
         h.user = Some("probe".into());
         tweak(c)
-    })
+    });
+    (h, silent)
 }
 
 fn no_primary_error() -> Vec<u8> {
@@ -89,7 +93,7 @@ fn answer(c: &mut TcpStream) -> (Vec<u8>, Ending) {
 }
 
 fn an_ssl_request_hears_n_then_the_error_then_eof(mode: Mode) {
-    let h = no_primary(mode, |_| {});
+    let (h, _silent) = no_primary(mode, |_| {});
     let mut c = connect_to(&h);
     c.write_all(&ssl_request()).unwrap();
     let mut n = [0u8; 1];
@@ -106,7 +110,7 @@ fn an_ssl_request_hears_n_then_the_error_then_eof(mode: Mode) {
 }
 
 fn a_startup_message_alone_hears_the_error(mode: Mode) {
-    let h = no_primary(mode, |_| {});
+    let (h, _silent) = no_primary(mode, |_| {});
     let mut c = connect_to(&h);
     // In two pieces: the answer waits for the whole packet.
     let s = startup();
@@ -121,7 +125,7 @@ fn a_startup_message_alone_hears_the_error(mode: Mode) {
 
 fn a_client_that_sends_nothing_is_closed_without_a_word(mode: Mode) {
     let timeout = Duration::from_millis(300);
-    let h = no_primary(mode, |c| c.listeners[0].first_packet_timeout = timeout);
+    let (h, _silent) = no_primary(mode, |c| c.listeners[0].first_packet_timeout = timeout);
     let mut c = connect_to(&h);
     let start = Instant::now();
     let (bytes, ending) = answer(&mut c);
@@ -224,7 +228,7 @@ fn a_client_no_server_accepts_hears_none_is_reachable(mode: Mode) {
 }
 
 fn a_cancel_request_to_a_refusing_listener_is_closed_without_a_word(mode: Mode) {
-    let h = no_primary(mode, |_| {});
+    let (h, _silent) = no_primary(mode, |_| {});
     let mut c = connect_to(&h);
     let mut cancel = [16u32.to_be_bytes(), 80_877_102u32.to_be_bytes()].concat();
     cancel.extend_from_slice(&[0, 0, 0, 42, 0, 0, 0, 7]);
@@ -235,7 +239,7 @@ fn a_cancel_request_to_a_refusing_listener_is_closed_without_a_word(mode: Mode) 
 }
 
 fn a_client_that_keeps_its_side_open_is_closed_after_the_linger(mode: Mode) {
-    let h = no_primary(mode, |_| {});
+    let (h, _silent) = no_primary(mode, |_| {});
     let mut c = connect_to(&h);
     c.write_all(&startup()).unwrap();
     let got = read_exact_within(&mut c, no_primary_error().len(), T).unwrap();
@@ -286,7 +290,7 @@ fn psql_prints_why_it_was_refused() {
         return;
     };
     assert!(out.status.success());
-    let h = no_primary(Mode::Splice, |_| {});
+    let (h, _silent) = no_primary(Mode::Splice, |_| {});
     let conninfo = format!(
         "host=127.0.0.1 port={} sslmode=prefer user=app dbname=app connect_timeout=5",
         h.local_addr().port()
@@ -296,6 +300,7 @@ fn psql_prints_why_it_was_refused() {
         .env("PGPASSWORD", "unused");
     let (status, stdout, stderr) = run_cmd(cmd, Duration::from_secs(20));
     let status = status.expect("psql exits");
+    eprintln!("psql printed: {stderr}");
     assert!(!status.success(), "psql must fail: {stdout}");
     assert!(
         stderr.contains("FATAL:  spliced: no primary for listener pg-rw"),
