@@ -106,6 +106,11 @@ pub(crate) struct Relay {
     u2c_slot: Slot,
     /// Someone waits for this relay's end (a handed-off pair).
     reporter: Option<Arc<Reporter>>,
+    /// What the client sent before the connect, kept until an upstream
+    /// connects for a `protocol = "postgres"` listener, so a client no
+    /// server takes can still be answered as a server would (empty, not
+    /// allocated, otherwise).
+    first_bytes: Box<[u8]>,
 }
 
 /// What one epoll event said about a socket.
@@ -173,6 +178,7 @@ impl Relay {
             c2u_slot: Slot::new(mode),
             u2c_slot: Slot::new(mode),
             reporter: None,
+            first_bytes: Box::default(),
         }
     }
 
@@ -221,6 +227,7 @@ impl Relay {
             u2c_slot,
             reporter: Some(pair.reporter),
             _admission: pair.admission,
+            first_bytes: Box::default(),
         })
     }
 
@@ -236,6 +243,17 @@ impl Relay {
         self.c2u_slot = slot;
         self.core.preload(Peer::Client, bytes.len());
         Ok(())
+    }
+
+    /// Keeps what the client sent before the connect (see `first_bytes`).
+    pub(crate) fn keep_first_bytes(&mut self, bytes: Vec<u8>) {
+        self.first_bytes = bytes.into_boxed_slice();
+    }
+
+    /// An upstream connected: the client's first bytes are the server's
+    /// to answer now.
+    pub(crate) fn forget_first_bytes(&mut self) {
+        self.first_bytes = Box::default();
     }
 
     /// The worker keeps this relay at slab `key`.
@@ -363,6 +381,39 @@ impl Relay {
         now: Instant,
         pools: &mut Pools,
     ) {
+        self.finish(reason, error, now, pools);
+    }
+
+    /// Closes the relay as [`Relay::close`] does, but hands back its TCP
+    /// client (still registered with the worker's poll), with the client's
+    /// address and what it sent before the connect, so the client can be
+    /// told why. `None` for a handed-off pair.
+    pub(crate) fn close_keeping_client(
+        mut self,
+        reason: CloseReason,
+        error: Option<&RelayError>,
+        now: Instant,
+        pools: &mut Pools,
+    ) -> Option<(TcpStream, SocketAddr, Vec<u8>)> {
+        let reset = self.finish(reason, error, now, pools);
+        if reset.client {
+            // The client is owed a reset, not a word.
+            return None;
+        }
+        match (self.client.into_tcp(), self.client_addr) {
+            (Some(client), Some(addr)) => Some((client, addr, self.first_bytes.into_vec())),
+            _ => None,
+        }
+    }
+
+    /// Everything of a close but dropping the sockets; returns who is reset.
+    fn finish(
+        &mut self,
+        reason: CloseReason,
+        error: Option<&RelayError>,
+        now: Instant,
+        pools: &mut Pools,
+    ) -> close::Resets {
         let reset = self.core.resets(reason);
         if reset.client {
             self.client.reset_on_close();
@@ -404,6 +455,7 @@ impl Relay {
             error = error.map(tracing::field::display),
             "relay closed"
         );
+        reset
     }
 
     /// The engine a direction ended with (`splice`, `copy`, or `copy` after a
