@@ -192,10 +192,7 @@ pub fn start() -> (Writer, Flush) {
     if thread.is_none() {
         inner.lock().direct = true;
     }
-    (
-        Writer(Arc::clone(&inner)),
-        Flush { inner, thread },
-    )
+    (Writer(Arc::clone(&inner)), Flush { inner, thread })
 }
 
 /// Writes every pending line now: for a path that leaves with
