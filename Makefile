@@ -34,16 +34,16 @@ bench-peers: build
 deps:
 	bash scripts/install-deps.sh
 
-# scripts/failover.sh: real failovers through active checks (PostgreSQL
-# primary/replica with promotion, Redis REPLICAOF, MariaDB) and cancel
-# routing (~20 s). tests/e2e.rs: role routing judged by the server that
-# answers each client (reloads under load, split brain, two Redis masters,
-# monitor password rotation, prefer-replica) and a three-node Patroni
-# cluster through a switchover and a leader crash, spliced beside HAProxy
-# (~80 s), one scenario at a time.
+# tests/e2e.rs, one scenario at a time, against real servers on 127.0.0.1:
+# PostgreSQL and Redis clients through spliced on every engine (pgbench,
+# COPY by sha256, idle timeout, redis-benchmark, --pipe) and the
+# throughput beside direct; a real Prometheus scraping spliced; failovers
+# through active checks (PostgreSQL promotion, Redis REPLICAOF, MariaDB)
+# and cancel routing; role routing judged by the server that answers each
+# client (reloads under load, split brain, two Redis masters, monitor
+# password rotation, prefer-replica); a three-node Patroni cluster through
+# a switchover and a leader crash, spliced beside HAProxy.
 e2e: build health-real
-	bash scripts/e2e.sh
-	bash scripts/failover.sh
 	SPLICED_REAL_SERVERS=1 $(CARGO) test --release --test e2e -- --ignored --test-threads=1 --nocapture
 
 # Health probes against real Redis, PostgreSQL (trust, md5, SCRAM; primary

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # scripts/install-deps.sh: install the Debian packages that the database
-# end-to-end tests (scripts/e2e.sh, scripts/failover.sh, and the Rust
-# fixture of tests/e2e.rs and tests/health_real.rs) and the shell helpers
+# end-to-end tests (the Rust fixture of tests/e2e.rs and
+# tests/health_real.rs) and the shell helpers
 # (scripts/lib.sh) drive. Idempotent: installs only what is missing, runs `apt-get update` at
 # most once and only when needed. Needs root only if something is missing.
 #
@@ -19,8 +19,10 @@
 #                real-server health probe tests (tests/health_real.rs).
 #   Tools      : iproute2 (ss, ip, tc), ethtool (the bench's veth paths), procps (ps, pgrep), psmisc (fuser),
 #                util-linux (runuser, setpriv), socat, coreutils, curl, jq.
-#   Prometheus : the server the e2e metrics case starts on loopback. Optional:
-#                if it cannot be installed, that case is skipped (and says so).
+#   Prometheus : the server the e2e metrics scenario (tests/e2e/prometheus.rs)
+#                starts on loopback. If it cannot be installed, that scenario
+#                prints SKIPPED (and fails under SPLICED_REAL_SERVERS=1, as
+#                `make e2e` runs it).
 #   HAProxy    : haproxy, run beside spliced in the Patroni scenarios.
 #   Patroni    : `pip install "patroni[raft,psycopg3]"` (Raft DCS built in, no
 #                etcd; psycopg 3 with its binary wheel) into a virtualenv of

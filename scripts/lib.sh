@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # shellcheck disable=SC2034 # LIB_STOP_STATUS, UP_PID, ... are for the callers
-# scripts/lib.sh: the one helper library of spliced's shell scripts (e2e.sh,
-# faults.sh, scale.sh, soak.sh, install-deps.sh, bench-peers.sh). Source it
+# scripts/lib.sh: the one helper library of spliced's shell scripts
+# (faults.sh, scale.sh, soak.sh, install-deps.sh, bench-peers.sh). Source it
 # from bash:
 #
 #     source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"

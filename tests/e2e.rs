@@ -11,10 +11,16 @@
 //! test whose binary is missing prints SKIPPED and why, and passes.
 
 mod common;
+#[path = "e2e/failover.rs"]
+mod failover;
 #[path = "e2e/fixture.rs"]
 mod fixture;
 #[path = "e2e/patroni.rs"]
 mod patroni;
+#[path = "e2e/prometheus.rs"]
+mod prometheus;
+#[path = "e2e/relay.rs"]
+mod relay;
 #[path = "e2e/routing.rs"]
 mod routing;
 #[path = "health_real/servers.rs"]

@@ -2,7 +2,7 @@
 //! servers: active checks in the workers (every kind; redis with a role),
 //! `on-down` drain and kill when a primary is demoted, PROXY headers in
 //! (v1, v2, malformed, untrusted) and out, and PostgreSQL cancel requests
-//! sent to every server of a pool. Real servers are in scripts/failover.sh.
+//! sent to every server of a pool. Real servers are in tests/e2e/failover.rs.
 
 mod common;
 

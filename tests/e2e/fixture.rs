@@ -30,6 +30,13 @@
 //!   (`current_setting('port')`, `INFO server`'s `tcp_port`) and how a
 //!   failure looked ([`WireError::is_refused`], [`WireError::is_read_only`]).
 //! - [`write_secret`]: a password file.
+//! - [`run_limited`]: a client program (psql, pgbench, redis-cli...) run
+//!   to completion under a time limit ([`Ran`]); [`pgbench`] and
+//!   [`redis_benchmark`] also assert a clean run and parse its summary;
+//!   [`Proxy::metric_sum`] sums a family over listeners,
+//!   [`Proxy::terminate`] stops spliced by SIGTERM and returns its status;
+//!   [`Pg::signal_all`] hangs (SIGSTOP) or resumes a whole server.
+//! - [`every_engine!`]: one ignored test per engine (splice, copy, auto).
 //!
 //! A test whose binaries are missing gets `None` from [`pg_bin`] /
 //! [`redis_bin`] / [`Mariadb::start`] (after printing SKIPPED and why)
@@ -37,6 +44,8 @@
 // Each test file uses a different part of the fixture.
 #![allow(dead_code, unused_imports)]
 
+#[path = "fixture/clients.rs"]
+mod clients;
 #[path = "fixture/patroni.rs"]
 mod patroni;
 #[path = "fixture/pg.rs"]
@@ -50,15 +59,47 @@ mod wire;
 
 use std::path::PathBuf;
 
+pub use self::clients::{
+    knob, pgbench, pgbench_command, psql_args, redis_benchmark, redis_cli, run_limited, Pgbench,
+    Ran,
+};
 pub use self::patroni::{
     haproxy_bin, patroni_bin, rest_status, Haproxy, Patroni, PatroniBin, PatroniNode, PATRONI_VENV,
 };
 pub use self::pg::{pg_bin, primary_and_replica, psql_command, Pg, CLIENT_USER, MONITOR_USER};
-pub use self::proxy::{sample, Proxy};
+pub use self::proxy::{sample, sample_sum, Proxy};
 pub use self::redis::{redis_bin, Redis};
 pub use self::wire::{info_field, PgConn, Resp, RespConn, Rows, WireError};
 pub use crate::servers::Mariadb;
 pub use crate::servers::{free_port, loopback, TempDir};
+
+/// Runs a real-server case once per engine: `every_engine!(case)` makes
+/// ignored tests `case::splice`, `case::copy` and `case::auto` calling
+/// `case("splice")` and so on (the `mode` a listener is given).
+#[macro_export]
+macro_rules! every_engine {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                #[ignore = "starts real servers: make e2e"]
+                fn splice() {
+                    super::$name("splice")
+                }
+                #[test]
+                #[ignore = "starts real servers: make e2e"]
+                fn copy() {
+                    super::$name("copy")
+                }
+                #[test]
+                #[ignore = "starts real servers: make e2e"]
+                fn auto() {
+                    super::$name("auto")
+                }
+            }
+        )*
+    };
+}
 
 /// Writes `secret` and a newline to `DIR/name` (replacing it) and returns
 /// the path: a `password-file` for a health check.
