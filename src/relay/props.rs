@@ -191,12 +191,11 @@ proptest! {
     }
 
     /// `Pumped::exhausted` is documented as "the budget ran out while work was
-    /// still possible". FINDING (fails): when the last unit of budget goes to
-    /// a drain that says WouldBlock, the fill that `has_work()` still wants is
-    /// skipped and `exhausted` is false. Minimized: fills [Moved(1)], drains
-    /// [WouldBlock], `pump(budget = 2)` returns exhausted = false with budget
-    /// 0 and `has_work() == true`. Benign for liveness (the fill runs after
-    /// the owed writable edge), but `pump_pair` says Wait instead of Again.
+    /// still possible": it must be true exactly when no budget is left and
+    /// the direction still has work. (This once failed when the last unit of
+    /// budget went to a drain that said WouldBlock: fills [Moved(1)], drains
+    /// [WouldBlock], budget 2 gave exhausted = false with work left, and
+    /// `pump_pair` said Wait instead of Again.)
     #[test]
     fn exhausted_means_budget_out_with_work_left(
         fills in prop::collection::vec(clean_fill(), 0..20),
