@@ -143,6 +143,9 @@ macro_rules! counter_table {
             /// one slot per bucket of [`CONNECT_BUCKETS`] plus one past the
             /// last bound.
             connect_buckets: [AtomicU64; CONNECT_BUCKETS.len() + 1],
+            /// Held clients by how long they waited, one slot per bucket
+            /// of [`WAIT_BUCKETS`] plus one past the last bound.
+            wait_buckets: [AtomicU64; WAIT_BUCKETS.len() + 1],
         }
 
         /// A sum over all workers at one moment.
@@ -157,6 +160,9 @@ macro_rules! counter_table {
             /// Established upstream connects per latency bucket (see
             /// [`CONNECT_BUCKETS`]; the last slot counts the slower ones).
             pub connect_buckets: [u64; CONNECT_BUCKETS.len() + 1],
+            /// Held clients per wait bucket (see [`WAIT_BUCKETS`]; the last
+            /// slot counts the longer waits).
+            pub wait_buckets: [u64; WAIT_BUCKETS.len() + 1],
         }
 
         /// Every counter of [`Stats`], in declaration order.
@@ -177,6 +183,7 @@ macro_rules! counter_table {
                     add_loaded(&mut s.closed, &w.closed);
                     add_loaded(&mut s.fallbacks, &w.fallbacks);
                     add_loaded(&mut s.connect_buckets, &w.connect_buckets);
+                    add_loaded(&mut s.wait_buckets, &w.wait_buckets);
                 }
                 s
             }
@@ -190,6 +197,7 @@ macro_rules! counter_table {
                 add_values(&mut self.closed, &other.closed);
                 add_values(&mut self.fallbacks, &other.fallbacks);
                 add_values(&mut self.connect_buckets, &other.connect_buckets);
+                add_values(&mut self.wait_buckets, &other.wait_buckets);
                 self
             }
         }
@@ -273,11 +281,31 @@ counter_table! {
     /// Active health probes that got no answer (refused, reset, timed out,
     /// a reply that is no answer).
     health_probe_failures: Counter per Worker,
+    /// Clients held now: no server of the pool took relays (or every
+    /// connect attempt failed) and their queue-timeout has not passed.
+    clients_held: Gauge per Listener,
+    /// Clients held since the start (each counted once, however often it
+    /// was held again after a failed connect).
+    clients_held_total: Counter per Listener,
+    /// Held clients refused because their queue-timeout passed with no
+    /// server (closed as no-server).
+    held_timeouts: Counter per Listener,
+    /// New clients refused because the listener held max-queued clients
+    /// already (closed as no-server).
+    refused_max_queued: Counter per Listener,
+    /// Microseconds held clients waited, summed over every end of a hold
+    /// (connected, timed out, gave up, refused at a drain).
+    held_wait_micros: Counter per Listener,
 }
 
 /// Upper bounds (seconds) of the connect latency histogram's buckets.
 pub const CONNECT_BUCKETS: [f64; 14] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// Upper bounds (seconds) of the held clients' wait histogram's buckets.
+pub const WAIT_BUCKETS: [f64; 15] = [
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
 /// One server's counters as one worker writes them: a relay remembers the
@@ -486,6 +514,16 @@ impl CounterBlock {
         Self::add(&self.upstream_connects, 1);
         Self::add(&self.upstream_connect_micros, took.as_micros() as u64);
     }
+
+    /// Counts the end of a client's hold after `waited`.
+    pub(crate) fn held_for(&self, waited: std::time::Duration) {
+        let bucket = WAIT_BUCKETS
+            .iter()
+            .position(|&bound| waited.as_secs_f64() <= bound)
+            .unwrap_or(WAIT_BUCKETS.len());
+        self.wait_buckets[bucket].fetch_add(1, Relaxed);
+        Self::add(&self.held_wait_micros, waited.as_micros() as u64);
+    }
 }
 
 impl Stats {
@@ -499,6 +537,11 @@ impl Stats {
 
     pub fn fallbacks(&self, reason: FallbackReason) -> u64 {
         self.fallbacks[reason as usize]
+    }
+
+    /// Holds that ended (the wait histogram's count).
+    pub fn held_waits(&self) -> u64 {
+        self.wait_buckets.iter().sum()
     }
 }
 

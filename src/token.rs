@@ -10,8 +10,9 @@
 //!
 //! Layout of the 64 bits: bit 63 clear for relays, with the side in bit 0,
 //! the key in bits 1..32 and the id's low 31 bits in bits 32..63. With bit
-//! 63 set, bits 61..63 name the kind (waker, listener, and room for more,
-//! health probes, pre-relay connections) and the low bits an index.
+//! 63 set, bits 61..63 name the kind (waker, listener, health probes,
+//! pre-relay connections) and the low bits an index. Held clients share the
+//! waker's kind, told apart by bit 32.
 
 use mio::Token;
 
@@ -24,6 +25,8 @@ const KIND_WAKER: usize = 0;
 const KIND_LISTENER: usize = 1;
 const KIND_PROBE: usize = 2;
 const KIND_PREFACE: usize = 3;
+/// Within the waker's kind: a held client, its key in the low bits.
+const HELD: usize = 1 << 32;
 const KEY_BITS: u32 = 31;
 const KEY_MASK: usize = (1 << KEY_BITS) - 1;
 const ID_SHIFT: u32 = 32;
@@ -56,6 +59,9 @@ pub(crate) enum Owner {
     /// A connection before its relay starts: a client whose first bytes
     /// are read, or a cancel request on its way to a server.
     Preface(usize),
+    /// A client held until a server of its pool takes relays (its key in
+    /// the worker's held clients).
+    Held(usize),
     Relay(RelayRef, Peer),
 }
 
@@ -73,6 +79,10 @@ pub(crate) fn probe(key: usize) -> Token {
 
 pub(crate) fn preface(key: usize) -> Token {
     Token(OTHER | (KIND_PREFACE << KIND_SHIFT) | (key & KEY_MASK))
+}
+
+pub(crate) fn held(key: usize) -> Token {
+    Token(OTHER | (KIND_WAKER << KIND_SHIFT) | HELD | (key & KEY_MASK))
 }
 
 /// The token of one of a relay's sockets. Keys past 2^31 cannot occur: the
@@ -100,6 +110,7 @@ pub(crate) fn decode(token: Token) -> Owner {
         KIND_LISTENER => Owner::Listener(t & KEY_MASK),
         KIND_PROBE => Owner::Probe(t & KEY_MASK),
         KIND_PREFACE => Owner::Preface(t & KEY_MASK),
+        _ if t & HELD != 0 => Owner::Held(t & KEY_MASK),
         _ => Owner::Waker,
     }
 }
@@ -148,6 +159,9 @@ mod tests {
         for i in [0, 9] {
             assert_eq!(decode(probe(i)), Owner::Probe(i));
             assert_eq!(decode(preface(i)), Owner::Preface(i));
+        }
+        for i in [0, 5, KEY_MASK] {
+            assert_eq!(decode(held(i)), Owner::Held(i));
         }
     }
 }

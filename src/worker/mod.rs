@@ -15,6 +15,7 @@
 //! the destination's next writable edge; nothing needs re-arming.
 
 mod health;
+mod park;
 mod preface;
 
 use std::io;
@@ -35,11 +36,12 @@ use crate::engine::Pools;
 use crate::error::{is_local_error, Op, RelayError, Side};
 use crate::listener::{Admission, Listener, Refused};
 use crate::relay::report::Reporter;
-use crate::relay::{self, Accepted, Expiry, Next, Peer, Readiness, Relay};
+use crate::relay::{self, Accepted, Expiry, Next, Peer, Readiness, Relay, Unstarted};
 use crate::shm::Block;
 use crate::stats::{CloseReason, CounterBlock};
 use crate::timer::Timers;
 use crate::token::{self, Owner, RelayRef};
+use crate::upstream::fleet::Doorbell;
 use crate::upstream::{self, Connect, Round};
 
 /// Connections accepted per listener per wakeup before serving others.
@@ -132,6 +134,8 @@ pub(crate) struct Worker {
     refusal_warnings: WarnLimit,
     /// Per listener: clients closed because no server took relays.
     no_server_warnings: std::collections::HashMap<crate::listener::ListenerId, WarnLimit>,
+    /// Per listener: clients held because no server took relays.
+    held_warnings: std::collections::HashMap<crate::listener::ListenerId, WarnLimit>,
     drain_deadline: Option<Instant>,
     draining: bool,
     /// Listeners a reload removed whose relays close at the deadline.
@@ -143,6 +147,10 @@ pub(crate) struct Worker {
     checks: health::Checks,
     /// Clients read before their relay starts, and cancel requests.
     prefaces: preface::Prefaces,
+    /// Clients held until a server of their pool takes them.
+    parking: park::Parking,
+    /// Rung by the fleet when a pool gains a server while clients are held.
+    doorbell: Arc<Doorbell>,
 }
 
 impl Worker {
@@ -157,6 +165,8 @@ impl Worker {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), token::waker())?);
         let (link, commands) = control::channel(Arc::clone(&waker));
+        let doorbell = Doorbell::new(waker);
+        shared.fleet.add_doorbell(&doorbell);
         let mut slots = Vec::with_capacity(listeners.len());
         for (i, (mut socket, runtime)) in listeners.into_iter().enumerate() {
             // Accepted sockets inherit TCP_NODELAY (database traffic is small
@@ -194,6 +204,7 @@ impl Worker {
             accept_warnings: WarnLimit::default(),
             connect_warnings: WarnLimit::default(),
             no_server_warnings: std::collections::HashMap::new(),
+            held_warnings: std::collections::HashMap::new(),
             refusal_warnings: WarnLimit::default(),
             drain_deadline: None,
             draining: false,
@@ -201,6 +212,8 @@ impl Worker {
             relay_cap,
             checks: health::Checks::default(),
             prefaces: preface::Prefaces::default(),
+            parking: park::Parking::default(),
+            doorbell,
         })
     }
 
@@ -233,6 +246,7 @@ impl Worker {
                     Owner::Relay(relay, side) => self.on_socket_event(relay, side, event, now),
                     Owner::Probe(key) => self.on_probe_event(key, now),
                     Owner::Preface(key) => self.on_preface_event(key, now),
+                    Owner::Held(key) => self.on_held_event(key, now),
                 }
             }
             self.run_ready(now);
@@ -241,6 +255,8 @@ impl Worker {
             self.expire_prefaces(now);
             self.run_checks(now);
             self.reset_down_relays(now);
+            self.resume_held(now);
+            self.expire_held(now);
             self.counters
                 .timer_entries
                 .store(self.timers.len() as u64, Ordering::Relaxed);
@@ -260,6 +276,7 @@ impl Worker {
             self.drain_deadline,
             self.checks.next(),
             self.prefaces.next(),
+            self.parking.next(),
         ]
         .into_iter()
         .chain(self.listeners.iter().map(|l| l.full_until))
@@ -272,7 +289,9 @@ impl Worker {
     /// Starts a relay's upstream connect. `local` is the address the
     /// client connected to when a PROXY header named it; `preread` are
     /// bytes the client sent already. Both, with `send-proxy`'s header in
-    /// front, reach the server before anything else.
+    /// front, reach the server before anything else. `since`: when the
+    /// client was accepted. A client no server takes now is held for one
+    /// (`queue-timeout`), else closed.
     #[allow(clippy::too_many_arguments)]
     fn start_relay(
         &mut self,
@@ -282,16 +301,37 @@ impl Worker {
         listener: Arc<Listener>,
         admission: Admission,
         preread: Vec<u8>,
+        since: Instant,
         now: Instant,
     ) {
         let counters = listener.counters(self.index);
         CounterBlock::add(&counters.relays_accepted, 1);
         let id = next_relay_id();
         self.tune(&listener, &client, Side::Client, now);
+        let (ahead, ahead_header) = preface::ahead(&listener, &client, client_addr, local, preread);
+        let unstarted = Unstarted {
+            accepted: Accepted {
+                id,
+                listener: Arc::clone(&listener),
+                client,
+                client_addr,
+                admission,
+            },
+            ahead,
+            ahead_header,
+            since,
+        };
         let mut round = Round::new(&listener.pool, client_addr.ip());
         let upstream = match self.connect_next(id, &mut round, &listener, now) {
             Ok(Some(upstream)) => upstream,
             failed => {
+                if failed.is_ok() {
+                    if let Some(deadline) = self.hold_deadline(&listener, since, now) {
+                        let after_failure = !round.tried_none();
+                        self.hold(unstarted, deadline, false, after_failure, now);
+                        return;
+                    }
+                }
                 let reason = match failed {
                     Err(_) => CloseReason::LocalError,
                     Ok(_) if round.tried_none() => CloseReason::NoServer,
@@ -324,15 +364,27 @@ impl Worker {
                 return;
             }
         };
-        let accepted = Accepted {
-            id,
-            listener,
-            client,
-            client_addr,
-            admission,
-        };
-        let ahead = preface::ahead(&accepted, local, preread);
+        self.launch(unstarted, upstream, round, now);
+    }
+
+    /// Makes the relay of a client whose upstream connect (attempt one
+    /// of `round`) just started, with the bytes meant for the server first.
+    fn launch(
+        &mut self,
+        client: Unstarted,
+        upstream: (TcpStream, SocketAddr),
+        round: Round,
+        now: Instant,
+    ) {
+        let Unstarted {
+            accepted,
+            ahead,
+            ahead_header,
+            since,
+        } = client;
         let mut relay = Relay::new(accepted, upstream, round, now);
+        relay.core.accepted_at(since);
+        relay.ahead_header = ahead_header;
         if let Err(e) = relay.read_ahead(&ahead, &mut self.pools) {
             let e = RelayError::new(Side::Internal, Op::Read, e);
             if let Some(key) = self.admit(relay, now) {
