@@ -246,7 +246,7 @@ impl Worker {
                     Owner::Relay(relay, side) => self.on_socket_event(relay, side, event, now),
                     Owner::Probe(key) => self.on_probe_event(key, now),
                     Owner::Preface(key) => self.on_preface_event(key, now),
-                    Owner::Held(key) => self.on_held_event(key, now),
+                    Owner::Held(key) => self.on_held_event(key, event, now),
                 }
             }
             self.run_ready(now);

@@ -9,9 +9,10 @@
 //! against `max-conns` and `max-conns-per-source`) and its place under the
 //! relay cap, and it takes a place under the listener's `max-queued`.
 //!
-//! Its socket is registered for readability only. An event is peeked at
-//! (MSG_PEEK, nothing consumed): end of stream with nothing queued, or an
-//! error, means the client gave up, and it is dropped at once.
+//! Its socket is registered for readability only (which on Linux brings
+//! RDHUP). A reset (a socket error, HUP) or a FIN (RDHUP, or an end of
+//! stream that MSG_PEEK finds with nothing queued; nothing is consumed)
+//! means the client gave up, and it is dropped at once, whatever it sent.
 //!
 //! Held clients connect, oldest first, whenever the fleet's `gains`
 //! generation moved (a pool gained an eligible server: a health transition,
@@ -255,25 +256,36 @@ impl Worker {
         }
     }
 
-    /// An event on a held client's socket: drops it if it gave up.
-    pub(super) fn on_held_event(&mut self, key: usize, now: Instant) {
+    /// An event on a held client's socket: drops it if it gave up. A
+    /// reset shows as a socket error; a FIN as RDHUP (whatever bytes wait
+    /// before it: a client that stopped sending is not waited for), or as
+    /// an end of stream that a peek finds with nothing queued.
+    pub(super) fn on_held_event(&mut self, key: usize, event: &mio::event::Event, now: Instant) {
         let Some(held) = self.parking.held.get(key) else {
             return;
         };
-        let mut byte = [MaybeUninit::<u8>::uninit(); 1];
-        let reason = match SockRef::from(&held.client.accepted.client).peek(&mut byte) {
-            // Its bytes wait for the server.
-            Ok(n) if n > 0 => return,
-            Ok(_) => CloseReason::Eof,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) =>
-            {
-                return
+        let socket = SockRef::from(&held.client.accepted.client);
+        let reset = event.is_error() && !matches!(socket.take_error(), Ok(None));
+        let reason = if reset || event.is_write_closed() {
+            CloseReason::ClientReset
+        } else if event.is_read_closed() {
+            CloseReason::Eof
+        } else {
+            let mut byte = [MaybeUninit::<u8>::uninit(); 1];
+            match socket.peek(&mut byte) {
+                // Its bytes wait for the server.
+                Ok(n) if n > 0 => return,
+                Ok(_) => CloseReason::Eof,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    return
+                }
+                Err(_) => CloseReason::ClientReset,
             }
-            Err(_) => CloseReason::ClientReset,
         };
         let held = self.unhold(key, now);
         let listener = Arc::clone(&held.client.accepted.listener);
