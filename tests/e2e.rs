@@ -13,6 +13,8 @@
 mod common;
 #[path = "e2e/fixture.rs"]
 mod fixture;
+#[path = "e2e/parking.rs"]
+mod parking;
 #[path = "e2e/patroni.rs"]
 mod patroni;
 #[path = "e2e/routing.rs"]
