@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,16 @@ enum Outcome {
     ConnectFailed(String),
     /// It logged in, then its INSERT failed (its server died under it).
     SessionFailed(String),
+}
+
+impl Outcome {
+    /// Why it failed, if it did.
+    fn error(&self) -> Option<&str> {
+        match self {
+            Outcome::Inserted(..) => None,
+            Outcome::ConnectFailed(e) | Outcome::SessionFailed(e) => Some(e),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -174,8 +184,13 @@ impl Run {
             .iter()
             .filter(|c| matches!(c.outcome, Outcome::Inserted(..)))
             .count();
+        let first_error = self
+            .after_stop()
+            .find_map(|c| c.outcome.error())
+            .map(|e| format!(" (the first: {e})"))
+            .unwrap_or_default();
         format!(
-            "{what}: {} clients, {served} INSERTs served; after the stop: {} failed connects, {} failed sessions; \
+            "{what}: {} clients, {served} INSERTs served; after the stop: {} failed connects, {} failed sessions{first_error}; \
              {} in-flight sessions of the dead primary failed; longest wait of a served client {:?}; promotion {:?} after the stop",
             self.clients.len(),
             self.failed_connects().len(),
@@ -328,23 +343,18 @@ fn pg_held_clients_are_refused_at_their_queue_timeout_without_a_promotion() {
             .map_err(|e| e.to_string())
     });
     primary.stop_immediate();
-    let ends: Arc<Mutex<Vec<(Duration, Result<(), String>)>>> = Arc::default();
     let threads: Vec<_> = (0..5)
         .map(|_| {
-            let ends = Arc::clone(&ends);
             thread::spawn(move || {
                 let start = Instant::now();
                 let r = PgConn::connect(addr, CLIENT_USER, None, Duration::from_secs(20))
                     .map(|_| ())
                     .map_err(|e: WireError| e.to_string());
-                ends.lock().unwrap().push((start.elapsed(), r));
+                (start.elapsed(), r)
             })
         })
         .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
-    let ends = ends.lock().unwrap().clone();
+    let ends: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
     eprintln!("no promotion, queue-timeout 3s: {ends:?}");
     for (took, r) in &ends {
         assert!(r.is_err(), "a client was served with no primary: {ends:?}");
