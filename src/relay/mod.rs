@@ -107,7 +107,6 @@ pub(crate) struct Relay {
     pub(crate) ahead_header: u16,
     c2u_slot: Slot,
     u2c_slot: Slot,
-    span: tracing::Span,
     /// Someone waits for this relay's end (a handed-off pair).
     reporter: Option<Arc<Reporter>>,
 }
@@ -175,7 +174,6 @@ impl Relay {
         let mode = listener.config.mode;
         Relay {
             id,
-            span: tracing::info_span!("relay", id, client = %client_addr),
             listener,
             client: Stream::Tcp(client),
             upstream: Stream::Tcp(upstream.0),
@@ -225,7 +223,6 @@ impl Relay {
         let round = Round::new(&pair.listener.pool, std::net::Ipv4Addr::UNSPECIFIED.into());
         Ok(Relay {
             id: pair.id,
-            span: tracing::info_span!("relay", id = pair.id, handoff = true),
             listener: pair.listener,
             client: pair.client,
             upstream: pair.upstream,
@@ -393,7 +390,7 @@ impl Relay {
         let pumped = self.core.pump(&mut io, now)?;
         if pumped.pair.state_changed {
             tracing::trace!(
-                parent: &self.span,
+                relay = self.id,
                 c2u = ?self.core.direction(Peer::Client).state(),
                 u2c = ?self.core.direction(Peer::Upstream).state(),
                 "half-close"
@@ -424,7 +421,6 @@ impl Relay {
         );
         self.c2u_slot.discard(pools, c2u.pending());
         self.u2c_slot.discard(pools, u2c.pending());
-        let _enter = self.span.enter();
         let duration = now.saturating_duration_since(self.core.activity().started);
         let duration_ms = duration.as_millis() as u64;
         if let Some(reporter) = &self.reporter {
