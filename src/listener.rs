@@ -50,6 +50,8 @@ struct State {
     live: AtomicUsize,
     /// Live relays per client IP; kept only with `max_conns_per_source`.
     sources: Mutex<HashMap<IpAddr, usize>>,
+    /// Clients held for a server, over all workers (`max_queued`).
+    queued: AtomicUsize,
     /// This listener's counters, one block per worker: worker `i` alone
     /// writes block `i`. They live in the runtime's stats mapping.
     counters: Box<[Block]>,
@@ -94,6 +96,7 @@ impl Listener {
             state: Arc::new(State {
                 live: AtomicUsize::new(0),
                 sources: Mutex::new(HashMap::new()),
+                queued: AtomicUsize::new(0),
                 counters: counters.blocks,
                 servers: counters.servers,
             }),
@@ -189,6 +192,18 @@ impl Listener {
         })
     }
 
+    /// Room for one more held client, or `None` at `max_queued`.
+    pub(crate) fn queue(&self) -> Option<QueuePlace> {
+        let max = self.config.max_queued.unwrap_or(usize::MAX);
+        self.state
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(QueuePlace(Arc::clone(&self.state)))
+    }
+
     /// Keepalive and TCP_USER_TIMEOUT, as configured, on one of a relay's
     /// sockets.
     pub(crate) fn tune(&self, stream: &TcpStream) -> io::Result<()> {
@@ -204,6 +219,17 @@ impl Listener {
             socket.set_tcp_user_timeout(Some(t))?;
         }
         Ok(())
+    }
+}
+
+/// One held client's place under the listener's `max_queued`, given
+/// back on drop.
+#[derive(Debug)]
+pub(crate) struct QueuePlace(Arc<State>);
+
+impl Drop for QueuePlace {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -220,6 +220,29 @@ counter_table! {
         /// a reply that is no answer).
         health_probe_failures: Counter per Worker => ["spliced_health_probe_failures"
             "Of those, the probes that got no answer (refused, reset, timed out, a reply that is no answer); role answers and check errors are answers."],
+        /// Clients held now: no server of the pool took relays (or every
+        /// connect attempt failed) and their queue-timeout has not passed.
+        clients_held: Gauge per Listener => ["spliced_clients_held"
+            "Clients held now, waiting for a server of the pool to take relays (queue-timeout): no upstream connect, their bytes in the socket.",
+            column "HELD"],
+        /// Times a client was held (one held again after failed connects
+        /// counts again).
+        clients_held_total: Counter per Listener => ["spliced_holds"
+            "Times a client was held because no server of its pool took it (a client held again after its connects failed counts again)."],
+        /// Held clients refused because their queue-timeout passed with no
+        /// server (closed as no-server).
+        held_timeouts: Counter per Listener => ["spliced_held_timeouts"
+            "Held clients refused because their queue-timeout passed with no server (closed as no-server)."],
+        /// New clients refused because no server took them and the
+        /// listener held max-queued clients already (closed as no-server).
+        refused_max_queued: Counter per Listener => ["spliced_connections_refused"
+            {limit = "max-queued"}],
+        /// Holds that ended (connected, timed out, gave up, refused at a
+        /// drain or a reload).
+        held_waits: Counter per Listener => [],
+        /// Microseconds held clients waited, summed over the holds that
+        /// ended.
+        held_wait_micros: Counter per Listener => [],
     }
     by_reason {
         /// Relays closed, by reason (indexed like [`CloseReason::ALL`]).
@@ -237,12 +260,23 @@ counter_table! {
             count upstream_connects, micros upstream_connect_micros
             => "spliced_upstream_connect_duration_seconds"
             "Time from starting an upstream connect to its establishment, per attempt that succeeded.",
+        /// Held clients per wait bucket (see [`WAIT_BUCKETS`]; the last
+        /// slot counts the longer waits).
+        wait_buckets[WAIT_BUCKETS]: per Listener,
+            count held_waits, micros held_wait_micros
+            => "spliced_held_wait_duration_seconds"
+            "How long held clients waited, from accept to the end of the hold (connected, timed out, gave up, refused at a drain or a reload).",
     }
 }
 
 /// Upper bounds (seconds) of the connect latency histogram's buckets.
 pub const CONNECT_BUCKETS: [f64; 14] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// Upper bounds (seconds) of the held clients' wait histogram's buckets.
+pub const WAIT_BUCKETS: [f64; 15] = [
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
 counter_table! {
@@ -422,6 +456,17 @@ impl CounterBlock {
         self.connect_buckets[bucket_of(took)].fetch_add(1, Relaxed);
         Self::add(&self.upstream_connects, 1);
         Self::add(&self.upstream_connect_micros, took.as_micros() as u64);
+    }
+
+    /// Counts the end of a client's hold after `waited`.
+    pub(crate) fn held_for(&self, waited: std::time::Duration) {
+        let bucket = WAIT_BUCKETS
+            .iter()
+            .position(|&bound| waited.as_secs_f64() <= bound)
+            .unwrap_or(WAIT_BUCKETS.len());
+        self.wait_buckets[bucket].fetch_add(1, Relaxed);
+        Self::add(&self.held_waits, 1);
+        Self::add(&self.held_wait_micros, waited.as_micros() as u64);
     }
 }
 

@@ -11,8 +11,8 @@
 //! Layout of the 64 bits: bit 63 clear for relays, with the side in bit 0,
 //! the key in bits 1..32 and the id's low 31 bits in bits 32..63. With bit
 //! 63 set, bits 60..63 name the kind (waker, listener, health probes,
-//! pre-relay connections, refused clients being told why, and room for
-//! three more) and the low bits an index.
+//! pre-relay connections, refused clients being told why, held clients,
+//! and room for two more) and the low bits an index.
 
 use mio::Token;
 
@@ -26,6 +26,7 @@ const KIND_LISTENER: usize = 1;
 const KIND_PROBE: usize = 2;
 const KIND_PREFACE: usize = 3;
 const KIND_FAREWELL: usize = 4;
+const KIND_HELD: usize = 5;
 const KEY_BITS: u32 = 31;
 const KEY_MASK: usize = (1 << KEY_BITS) - 1;
 const ID_SHIFT: u32 = 32;
@@ -60,6 +61,9 @@ pub(crate) enum Owner {
     Preface(usize),
     /// A refused client being told why (its key in the worker's farewells).
     Farewell(usize),
+    /// A client held until a server of its pool takes relays (its key in
+    /// the worker's held clients).
+    Held(usize),
     Relay(RelayRef, Peer),
 }
 
@@ -81,6 +85,10 @@ pub(crate) fn preface(key: usize) -> Token {
 
 pub(crate) fn farewell(key: usize) -> Token {
     Token(OTHER | (KIND_FAREWELL << KIND_SHIFT) | (key & KEY_MASK))
+}
+
+pub(crate) fn held(key: usize) -> Token {
+    Token(OTHER | (KIND_HELD << KIND_SHIFT) | (key & KEY_MASK))
 }
 
 /// The token of one of a relay's sockets. Keys past 2^31 cannot occur: the
@@ -109,6 +117,7 @@ pub(crate) fn decode(token: Token) -> Owner {
         KIND_PROBE => Owner::Probe(t & KEY_MASK),
         KIND_PREFACE => Owner::Preface(t & KEY_MASK),
         KIND_FAREWELL => Owner::Farewell(t & KEY_MASK),
+        KIND_HELD => Owner::Held(t & KEY_MASK),
         _ => Owner::Waker,
     }
 }
@@ -158,6 +167,9 @@ mod tests {
             assert_eq!(decode(probe(i)), Owner::Probe(i));
             assert_eq!(decode(preface(i)), Owner::Preface(i));
             assert_eq!(decode(farewell(i)), Owner::Farewell(i));
+        }
+        for i in [0, 5, KEY_MASK] {
+            assert_eq!(decode(held(i)), Owner::Held(i));
         }
     }
 }

@@ -437,3 +437,40 @@ fn ipv4_mapped_and_dual_stack_listen_addresses_overlap_their_ipv4_twins() {
         other => panic!("bindv6only={v6only}: {other:?}"),
     }
 }
+
+#[test]
+fn queue_timeout_and_max_queued_are_read_checked_and_printed_back() {
+    let text = MINIMAL
+        .replace(
+            "[listener.pool]",
+            "[listener.pool]\nqueue-timeout = \"15s\"",
+        )
+        .replace("listen =", "max-queued = 500\nlisten =");
+    let loaded = config::parse_str(&text, &FlagDefaults::default()).unwrap();
+    let l = &loaded.config.listeners[0];
+    assert_eq!(l.pool.queue_timeout, Some(Duration::from_secs(15)));
+    assert_eq!(l.max_queued, Some(500));
+    let printed = config::effective_toml(&loaded.config);
+    assert!(printed.contains("queue-timeout = \"15s\""), "{printed}");
+    assert!(printed.contains("max-queued = 500"), "{printed}");
+    let again = config::parse_str(&printed, &FlagDefaults::default()).unwrap();
+    assert_eq!(config::effective_toml(&again.config), printed);
+
+    // The default: refuse at once, no bound of its own.
+    let plain = config::parse_str(MINIMAL, &FlagDefaults::default()).unwrap();
+    assert_eq!(plain.config.listeners[0].pool.queue_timeout, None);
+    assert_eq!(plain.config.listeners[0].max_queued, None);
+    let zero = MINIMAL.replace("[listener.pool]", "[listener.pool]\nqueue-timeout = \"0\"");
+    let zero = config::parse_str(&zero, &FlagDefaults::default()).unwrap();
+    assert_eq!(zero.config.listeners[0].pool.queue_timeout, None);
+
+    // max-queued is inherited from [defaults] like max-conns.
+    let inherited = format!("[defaults]\nmax-queued = 7\n{MINIMAL}");
+    let inherited = config::parse_str(&inherited, &FlagDefaults::default()).unwrap();
+    assert_eq!(inherited.config.listeners[0].max_queued, Some(7));
+
+    let e = errors(&MINIMAL.replace("[listener.pool]", "[listener.pool]\nqueue-timeout = 15"));
+    assert_has(&e, &["line 6", "pool.queue-timeout", "bare number"]);
+    let e = errors(&MINIMAL.replace("listen =", "max-queued = 0\nlisten ="));
+    assert_has(&e, &["line 4", "listener[one].max-queued", "out of range"]);
+}

@@ -15,6 +15,8 @@ mod common;
 mod failover;
 #[path = "e2e/fixture.rs"]
 mod fixture;
+#[path = "e2e/parking.rs"]
+mod parking;
 #[path = "e2e/patroni.rs"]
 mod patroni;
 #[path = "e2e/prometheus.rs"]

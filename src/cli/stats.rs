@@ -180,7 +180,7 @@ pub fn render(
     );
     let _ = writeln!(
         t,
-        "\n{:<24} {:>7} {:>10} {:>8} {:>12} {:>12} {:>7} {:>8} {:>9} {:>9}",
+        "\n{:<24} {:>7} {:>10} {:>8} {:>12} {:>12} {:>7} {:>8} {:>9} {:>9} {:>6}",
         "LISTENER",
         "ACTIVE",
         "ACCEPTED",
@@ -190,7 +190,8 @@ pub fn render(
         "SPLICE",
         "FALLBK",
         "CONN-FAIL",
-        "LOCAL-ERR"
+        "LOCAL-ERR",
+        "HELD"
     );
     for l in &snap.listeners {
         let now = l.total();
@@ -217,7 +218,7 @@ pub fn render(
         };
         let _ = writeln!(
             t,
-            "{:<24} {:>7} {:>10} {:>8.1} {:>12} {:>12} {:>7} {:>8} {:>9} {:>9}",
+            "{:<24} {:>7} {:>10} {:>8.1} {:>12} {:>12} {:>7} {:>8} {:>9} {:>9} {:>6}",
             l.name,
             now.relays_active,
             now.relays_accepted,
@@ -228,6 +229,7 @@ pub fn render(
             now.splice_fallbacks,
             now.upstream_connect_failures,
             now.local_errors,
+            now.clients_held,
         );
     }
     render_servers(&mut t, snap, rates, uptime);

@@ -44,6 +44,8 @@ struct Listener {
     max_conns: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_conns_per_source: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_queued: Option<usize>,
     allow: Vec<String>,
     deny: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -78,6 +80,7 @@ struct Pool {
     on_down: &'static str,
     resolve_interval: String,
     send_proxy: &'static str,
+    queue_timeout: String,
     servers: Vec<Server>,
     health: Health,
 }
@@ -133,6 +136,7 @@ fn listener(l: &ListenerConfig) -> Listener {
         connect_timeout: format_duration(l.timeouts.connect),
         max_conns: l.max_conns,
         max_conns_per_source: l.max_conns_per_source,
+        max_queued: l.max_queued,
         allow: nets(&l.access.allow),
         deny: nets(&l.access.deny),
         accept_proxy: l.accept_proxy.as_ref().map(|a| AcceptProxyOut {
@@ -157,6 +161,7 @@ fn listener(l: &ListenerConfig) -> Listener {
             on_down: l.pool.on_down.as_str(),
             resolve_interval: format_duration(l.pool.resolve_interval),
             send_proxy: l.pool.send_proxy.as_str(),
+            queue_timeout: format_duration(l.pool.queue_timeout),
             servers: l
                 .pool
                 .servers

@@ -113,6 +113,10 @@ pub struct ListenerConfig {
     pub max_conns: Option<usize>,
     /// Live relays per client IP at most; past it, new connections are reset.
     pub max_conns_per_source: Option<usize>,
+    /// Clients held at once (over all workers) while no server takes
+    /// relays (`queue-timeout`); past it, new ones are refused. `None`:
+    /// no bound but `max_conns` and the relay cap.
+    pub max_queued: Option<usize>,
     pub access: Access,
     /// Every client must come from these sources and start with a PROXY
     /// header, whose source address then stands for the client's.
@@ -154,6 +158,7 @@ impl ListenerConfig {
             timeouts: Timeouts::default(),
             max_conns: None,
             max_conns_per_source: None,
+            max_queued: None,
             access: Access::default(),
             accept_proxy: None,
             protocol: Protocol::None,

@@ -242,6 +242,10 @@ pub struct PoolConfig {
     pub send_proxy: SendProxy,
     pub servers: Vec<ServerConfig>,
     pub health: HealthConfig,
+    /// How long a new client is held while no server of the pool takes
+    /// relays (or every connect attempt failed), waiting for one to; `None`
+    /// refuses it at once.
+    pub queue_timeout: Option<Duration>,
 }
 
 impl PoolConfig {
@@ -254,6 +258,7 @@ impl PoolConfig {
             send_proxy: SendProxy::None,
             servers,
             health: HealthConfig::default(),
+            queue_timeout: None,
         }
     }
 }

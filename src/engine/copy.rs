@@ -46,6 +46,11 @@ impl MappedBuffer {
         }
     }
 
+    /// The bytes not sent yet.
+    pub(crate) fn unsent(&self) -> &[u8] {
+        &self.bytes[self.start..self.end]
+    }
+
     /// Starts the buffer with `bytes`, which must fit.
     pub(crate) fn preload(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.rewind_if_empty();

@@ -161,6 +161,20 @@ impl Slot {
         Ok(slot)
     }
 
+    /// Takes back the bytes a [`preloaded`](Self::preloaded) slot still
+    /// holds (none were sent: its relay never connected) and gives its
+    /// buffer back.
+    pub(crate) fn take_preloaded(&mut self, pools: &mut Pools) -> Vec<u8> {
+        let bytes = match &self.buffer {
+            Some(Buffer::Mapped(mapped)) => mapped.unsent().to_vec(),
+            _ => Vec::new(),
+        };
+        if let Some(buffer) = self.buffer.take() {
+            pools.give(buffer, true);
+        }
+        bytes
+    }
+
     /// The source has urgent (out-of-band) data on the way.
     pub(crate) fn urgent_data(&mut self) {
         self.urgent = true;

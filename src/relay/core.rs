@@ -195,6 +195,12 @@ impl RelayCore {
         self.activity.connecting_since.is_some()
     }
 
+    /// The client was accepted at `at`, before the relay was made (it was
+    /// held, or read first): its age counts from then.
+    pub(crate) fn accepted_at(&mut self, at: Instant) {
+        self.activity.started = self.activity.started.min(at);
+    }
+
     /// A new connect attempt started (after a failed one).
     pub(crate) fn connecting(&mut self, now: Instant) {
         self.activity.connecting_since = Some(now);

@@ -102,6 +102,9 @@ pub(crate) struct Relay {
     pub(crate) armed_at: Option<Instant>,
     /// On the worker's ready list (ran out of budget with work left).
     pub(crate) queued: bool,
+    /// How many of the bytes read ahead are the `send-proxy` header (the
+    /// rest are the client's own).
+    pub(crate) ahead_header: u16,
     c2u_slot: Slot,
     u2c_slot: Slot,
     /// Someone waits for this relay's end (a handed-off pair).
@@ -133,6 +136,19 @@ pub(crate) struct HandedOff {
     pub(crate) upstream_preread: Vec<u8>,
     pub(crate) reporter: Arc<Reporter>,
     pub(crate) admission: Admission,
+}
+
+/// What a relay whose every connect failed was made of, taken back so its
+/// client can wait for a server again.
+pub(crate) struct Unstarted {
+    pub(crate) accepted: Accepted,
+    /// The bytes meant for the server before the client's own: the
+    /// `send-proxy` header (`ahead_header` bytes), then what the client
+    /// sent before the relay started.
+    pub(crate) ahead: Vec<u8>,
+    pub(crate) ahead_header: u16,
+    /// When the client was accepted.
+    pub(crate) since: Instant,
 }
 
 /// The accepted client of a new relay.
@@ -175,6 +191,7 @@ impl Relay {
             core: RelayCore::new(now),
             armed_at: None,
             queued: false,
+            ahead_header: 0,
             c2u_slot: Slot::new(mode),
             u2c_slot: Slot::new(mode),
             reporter: None,
@@ -223,6 +240,7 @@ impl Relay {
             core,
             armed_at: None,
             queued: false,
+            ahead_header: 0,
             c2u_slot,
             u2c_slot,
             reporter: Some(pair.reporter),
@@ -254,6 +272,33 @@ impl Relay {
     /// to answer now.
     pub(crate) fn forget_first_bytes(&mut self) {
         self.first_bytes = Box::default();
+    }
+
+    /// Takes an accepted relay that never connected apart: its client, its
+    /// admission and the bytes read ahead (all still buffered: nothing
+    /// moves before the connect). The upstream socket closes. `None` for
+    /// a relay that is not such (a handed-off pair).
+    pub(crate) fn into_unstarted(mut self, pools: &mut Pools) -> Option<Unstarted> {
+        let (Stream::Tcp(client), Some(client_addr)) = (self.client, self.client_addr) else {
+            return None;
+        };
+        if !self.core.is_connecting() {
+            return None;
+        }
+        let ahead = self.c2u_slot.take_preloaded(pools);
+        self.u2c_slot.discard(pools, 0);
+        Some(Unstarted {
+            accepted: Accepted {
+                id: self.id,
+                listener: self.listener,
+                client,
+                client_addr,
+                admission: self._admission,
+            },
+            ahead,
+            ahead_header: self.ahead_header,
+            since: self.core.activity().started,
+        })
     }
 
     /// The worker keeps this relay at slab `key`.

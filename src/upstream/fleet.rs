@@ -14,10 +14,15 @@
 //! Every change that can exclude a server (down, a new role answer, a check
 //! error) moves the fleet's `changes` generation and makes every pool
 //! re-evaluate which of its servers are eligible (`Pool::refresh`).
+//!
+//! A pool that gains an eligible server (a health transition, new members
+//! from a reload or a DNS change) moves the `gains` generation instead and
+//! rings the [`Doorbell`] of every worker that holds clients, so a worker
+//! blocked in epoll connects them at once rather than at its next timeout.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -131,7 +136,41 @@ pub(crate) struct Fleet {
     /// Moves at every change that can exclude a server: workers compare it
     /// once per loop iteration to find relays to reset (`on-down`).
     changes: AtomicU64,
+    /// Moves whenever a pool gains an eligible server: workers that hold
+    /// clients compare it once per loop iteration.
+    gains: AtomicU64,
+    doorbells: Mutex<Vec<Weak<Doorbell>>>,
     next_id: AtomicU64,
+}
+
+/// How the fleet wakes one worker: its mio waker, rung only while the
+/// worker holds clients.
+#[derive(Debug)]
+pub(crate) struct Doorbell {
+    waker: Arc<mio::Waker>,
+    /// Clients the worker holds now.
+    held: AtomicUsize,
+}
+
+impl Doorbell {
+    pub(crate) fn new(waker: Arc<mio::Waker>) -> Arc<Doorbell> {
+        Arc::new(Doorbell {
+            waker,
+            held: AtomicUsize::new(0),
+        })
+    }
+
+    /// The worker holds one client more. Sequentially consistent with the
+    /// fleet's `gains`: either the worker's next look at `gains` sees a
+    /// gain, or the gain sees this client and rings.
+    pub(crate) fn hold(&self) {
+        self.held.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The worker holds one client fewer.
+    pub(crate) fn release(&self) {
+        self.held.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Fleet {
@@ -198,6 +237,31 @@ impl Fleet {
     /// The `changes` generation.
     pub(crate) fn changes(&self) -> u64 {
         self.changes.load(Ordering::Acquire)
+    }
+
+    /// The `gains` generation.
+    pub(crate) fn gains(&self) -> u64 {
+        self.gains.load(Ordering::SeqCst)
+    }
+
+    /// Rings `doorbell` at every gain while its worker holds clients.
+    pub(crate) fn add_doorbell(&self, doorbell: &Arc<Doorbell>) {
+        let mut bells = self.doorbells.lock().unwrap_or_else(|p| p.into_inner());
+        bells.retain(|b| b.strong_count() > 0);
+        bells.push(Arc::downgrade(doorbell));
+    }
+
+    /// A pool gained an eligible server: moves `gains` and wakes every
+    /// worker that holds clients.
+    pub(crate) fn gained(&self) {
+        self.gains.fetch_add(1, Ordering::SeqCst);
+        let bells = self.doorbells.lock().unwrap_or_else(|p| p.into_inner());
+        for bell in bells.iter().filter_map(Weak::upgrade) {
+            if bell.held.load(Ordering::SeqCst) > 0 {
+                // Fails only once the worker's poll is gone (it exited).
+                let _ = bell.waker.wake();
+            }
+        }
     }
 
     /// An active probe's verdict on `server`, with the timeline its answer

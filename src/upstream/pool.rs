@@ -133,6 +133,17 @@ pub(crate) struct Members {
     standings: Vec<Standing>,
 }
 
+impl Members {
+    /// The addresses of the servers that take new relays.
+    fn eligible(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.servers
+            .iter()
+            .zip(&self.standings)
+            .filter(|(_, st)| st.eligible)
+            .map(|(s, _)| s.addr)
+    }
+}
+
 /// The servers of one listener.
 #[derive(Debug)]
 pub(crate) struct Pool {
@@ -223,8 +234,26 @@ impl Pool {
         Arc::clone(&self.members.read().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// Makes `members` the pool's; tells the fleet when it has an
+    /// eligible server it had not (clients held for one connect now).
     fn write(&self, members: Members) {
-        *self.members.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(members);
+        let gained = {
+            let mut current = self.members.write().unwrap_or_else(|p| p.into_inner());
+            let gained = members
+                .eligible()
+                .any(|a| !current.eligible().any(|b| b == a));
+            *current = Arc::new(members);
+            gained
+        };
+        if gained {
+            self.fleet.gained();
+        }
+    }
+
+    /// Whether its servers are actively checked (else a down server comes
+    /// back only through a trial connect).
+    pub(crate) fn is_checked(&self) -> bool {
+        self.check.is_some()
     }
 
     /// How a member is probed: the pool's check, at its own check port.

@@ -91,17 +91,8 @@ impl Worker {
             }
             None => relay.close(reason, error, now, &mut self.pools),
         }
-        // Its room under the listener's max-conns is free again.
-        for slot in &mut self.listeners {
-            if slot.runtime.id == listener && slot.full_until.is_some() {
-                slot.full_until = Some(now);
-            }
-        }
         self.shared.relays_live.fetch_sub(1, Ordering::Relaxed);
-        // Freed fds may let a paused accept succeed now.
-        if self.accept_paused_until.is_some() {
-            self.accept_paused_until = Some(now);
-        }
+        self.room_freed(listener, now);
         self.sweep_timers();
         if self.relays.is_empty() && self.relays.capacity() > SLAB_KEEP {
             // Give back the slab a burst grew; stale timer and ready-list
@@ -110,7 +101,31 @@ impl Worker {
         }
     }
 
+    /// A client of `listener` left (a relay closed, a held client went):
+    /// its room under the listener's max-conns is free again, and freed
+    /// fds may let a paused accept succeed now.
+    pub(super) fn room_freed(&mut self, listener: crate::listener::ListenerId, now: Instant) {
+        for slot in &mut self.listeners {
+            if slot.runtime.id == listener && slot.full_until.is_some() {
+                slot.full_until = Some(now);
+            }
+        }
+        if self.accept_paused_until.is_some() {
+            self.accept_paused_until = Some(now);
+        }
+    }
+
+    /// Takes a relay out of the slab without closing it (its client is
+    /// held again): it no longer counts as a live relay.
+    pub(super) fn take_relay(&mut self, key: usize) -> Relay {
+        let relay = self.relays.remove(key);
+        CounterBlock::sub(&relay.listener.counters(self.index).relays_active, 1);
+        self.shared.relays_live.fetch_sub(1, Ordering::Relaxed);
+        relay
+    }
+
     pub(super) fn close_all(&mut self, now: Instant) {
+        self.refuse_all_held(now);
         let keys: Vec<usize> = self.relays.iter().map(|(k, _)| k).collect();
         for key in keys {
             self.close(key, CloseReason::Shutdown, None, now);
@@ -139,7 +154,7 @@ impl Worker {
                 self.close_all(now);
             }
             // Refused clients still being told why have short deadlines.
-            return self.relays.is_empty() && self.farewells.is_empty();
+            return self.relays.is_empty() && self.farewells.is_empty() && self.parking.len() == 0;
         }
         false
     }
@@ -157,6 +172,9 @@ impl Worker {
                 slot.backlog = false;
             }
             self.drain_deadline = self.config.drain_timeout.and_then(|d| now.checked_add(d));
+            // No server will come for them in time that matters: a held
+            // client learns at once.
+            self.refuse_all_held(now);
             tracing::info!(worker = self.index, relays = self.relays.len(), "draining");
         }
     }

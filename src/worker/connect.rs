@@ -229,6 +229,22 @@ impl Worker {
                 self.arm(key);
             }
             Ok(None) => {
+                let since = relay.core.activity().started;
+                if let Some(deadline) = self.hold_deadline(&listener, since, now) {
+                    // Every server failed while the pool still took
+                    // relays (a failover its checks have not seen yet):
+                    // the client waits for what remains of its time.
+                    let relay = self.take_relay(key);
+                    match relay.into_unstarted(&mut self.pools) {
+                        Some(client) => self.hold(client, deadline, true, true, now),
+                        // Only a handed-off pair has no accepted client,
+                        // and it never connects.
+                        None => listener
+                            .counters(self.index)
+                            .closed(CloseReason::ConnectFailed),
+                    }
+                    return;
+                }
                 let e = RelayError::new(Side::Upstream, Op::Connect, error);
                 self.close(key, CloseReason::ConnectFailed, Some(&e), now);
             }

@@ -61,12 +61,10 @@ pub(crate) enum TurnAway {
     /// The proxy itself is short of file descriptors, socket buffers or
     /// memory.
     LocalShortage,
-    /// Too many clients are held already (`max-queued`). Not constructed
-    /// yet: no client is held while no server fits.
-    #[allow(dead_code)]
+    /// Too many clients are held already (`max-queued`).
     QueueFull,
-    /// The proxy is shutting down. Not constructed yet, as `QueueFull`.
-    #[allow(dead_code)]
+    /// The proxy is shutting down, or a reload removed the listener of a
+    /// held client.
     Draining,
 }
 
@@ -96,8 +94,9 @@ impl TurnAway {
     /// server).
     pub(crate) fn resets(self) -> bool {
         match self {
-            TurnAway::Denied | TurnAway::PerSource | TurnAway::QueueFull => true,
+            TurnAway::Denied | TurnAway::PerSource => true,
             TurnAway::NoServer { .. }
+            | TurnAway::QueueFull
             | TurnAway::ConnectFailed
             | TurnAway::LocalShortage
             | TurnAway::Draining => false,

@@ -16,6 +16,7 @@
 
 mod farewell;
 mod health;
+mod park;
 mod preface;
 
 use std::io;
@@ -36,11 +37,12 @@ use crate::engine::Pools;
 use crate::error::{is_local_error, Op, RelayError, Side};
 use crate::listener::{Admission, Listener, Refused};
 use crate::relay::report::Reporter;
-use crate::relay::{self, Accepted, Expiry, Next, Peer, Readiness, Relay};
+use crate::relay::{self, Accepted, Expiry, Next, Peer, Readiness, Relay, Unstarted};
 use crate::shm::Block;
 use crate::stats::{CloseReason, CounterBlock};
 use crate::timer::Timers;
 use crate::token::{self, Owner, RelayRef};
+use crate::upstream::fleet::Doorbell;
 use crate::upstream::{self, Connect, Round};
 
 /// Connections accepted per listener per wakeup before serving others.
@@ -133,6 +135,8 @@ pub(crate) struct Worker {
     refusal_warnings: WarnLimit,
     /// Per listener: clients closed because no server took relays.
     no_server_warnings: std::collections::HashMap<crate::listener::ListenerId, WarnLimit>,
+    /// Per listener: clients held because no server took relays.
+    held_warnings: std::collections::HashMap<crate::listener::ListenerId, WarnLimit>,
     drain_deadline: Option<Instant>,
     draining: bool,
     /// Listeners a reload removed whose relays close at the deadline.
@@ -146,6 +150,10 @@ pub(crate) struct Worker {
     prefaces: preface::Prefaces,
     /// Refused PostgreSQL clients being told why.
     farewells: farewell::Farewells,
+    /// Clients held until a server of their pool takes them.
+    parking: park::Parking,
+    /// Rung by the fleet when a pool gains a server while clients are held.
+    doorbell: Arc<Doorbell>,
 }
 
 impl Worker {
@@ -160,6 +168,8 @@ impl Worker {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), token::waker())?);
         let (link, commands) = control::channel(Arc::clone(&waker));
+        let doorbell = Doorbell::new(waker);
+        shared.fleet.add_doorbell(&doorbell);
         let mut slots = Vec::with_capacity(listeners.len());
         for (i, (mut socket, runtime)) in listeners.into_iter().enumerate() {
             // Accepted sockets inherit TCP_NODELAY (database traffic is small
@@ -197,6 +207,7 @@ impl Worker {
             accept_warnings: WarnLimit::default(),
             connect_warnings: WarnLimit::default(),
             no_server_warnings: std::collections::HashMap::new(),
+            held_warnings: std::collections::HashMap::new(),
             refusal_warnings: WarnLimit::default(),
             drain_deadline: None,
             draining: false,
@@ -205,6 +216,8 @@ impl Worker {
             checks: health::Checks::default(),
             prefaces: preface::Prefaces::default(),
             farewells: farewell::Farewells::default(),
+            parking: park::Parking::default(),
+            doorbell,
         })
     }
 
@@ -238,6 +251,7 @@ impl Worker {
                     Owner::Probe(key) => self.on_probe_event(key, now),
                     Owner::Preface(key) => self.on_preface_event(key, now),
                     Owner::Farewell(key) => self.on_farewell_event(key, now),
+                    Owner::Held(key) => self.on_held_event(key, event, now),
                 }
             }
             self.run_ready(now);
@@ -247,6 +261,8 @@ impl Worker {
             self.expire_farewells(now);
             self.run_checks(now);
             self.reset_down_relays(now);
+            self.resume_held(now);
+            self.expire_held(now);
             self.counters
                 .timer_entries
                 .store(self.timers.len() as u64, Ordering::Relaxed);
@@ -267,6 +283,7 @@ impl Worker {
             self.checks.next(),
             self.prefaces.next(),
             self.farewells.next(),
+            self.parking.next(),
         ]
         .into_iter()
         .chain(self.listeners.iter().map(|l| l.full_until))
@@ -279,7 +296,9 @@ impl Worker {
     /// Starts a relay's upstream connect. `local` is the address the
     /// client connected to when a PROXY header named it; `preread` are
     /// bytes the client sent already. Both, with `send-proxy`'s header in
-    /// front, reach the server before anything else.
+    /// front, reach the server before anything else. `since`: when the
+    /// client was accepted. A client no server takes now is held for one
+    /// (`queue-timeout`), else closed.
     #[allow(clippy::too_many_arguments)]
     fn start_relay(
         &mut self,
@@ -289,16 +308,37 @@ impl Worker {
         listener: Arc<Listener>,
         admission: Admission,
         preread: Vec<u8>,
+        since: Instant,
         now: Instant,
     ) {
         let counters = listener.counters(self.index);
         CounterBlock::add(&counters.relays_accepted, 1);
         let id = next_relay_id();
         self.tune(&listener, &client, Side::Client, now);
+        let (ahead, ahead_header) = preface::ahead(&listener, &client, client_addr, local, preread);
+        let unstarted = Unstarted {
+            accepted: Accepted {
+                id,
+                listener: Arc::clone(&listener),
+                client,
+                client_addr,
+                admission,
+            },
+            ahead,
+            ahead_header,
+            since,
+        };
         let mut round = Round::new(&listener.pool, client_addr.ip());
         let upstream = match self.connect_next(id, &mut round, &listener, now) {
             Ok(Some(upstream)) => upstream,
             failed => {
+                if failed.is_ok() {
+                    if let Some(deadline) = self.hold_deadline(&listener, since, now) {
+                        let after_failure = !round.tried_none();
+                        self.hold(unstarted, deadline, false, after_failure, now);
+                        return;
+                    }
+                }
                 let reason = match failed {
                     Err(_) => CloseReason::LocalError,
                     Ok(_) if round.tried_none() => CloseReason::NoServer,
@@ -329,24 +369,48 @@ impl Worker {
                     );
                 }
                 if let Some(why) = farewell::TurnAway::of_close(reason) {
-                    self.turn_away(client, client_addr, &listener, preread, why, now);
+                    let Unstarted {
+                        accepted,
+                        ahead,
+                        ahead_header,
+                        ..
+                    } = unstarted;
+                    let preread = ahead
+                        .get(usize::from(ahead_header)..)
+                        .unwrap_or_default()
+                        .to_vec();
+                    self.turn_away(accepted.client, client_addr, &listener, preread, why, now);
                 }
                 return;
             }
         };
+        self.launch(unstarted, upstream, round, now);
+    }
+
+    /// Makes the relay of a client whose upstream connect (attempt one
+    /// of `round`) just started, with the bytes meant for the server first.
+    fn launch(
+        &mut self,
+        client: Unstarted,
+        upstream: (TcpStream, SocketAddr),
+        round: Round,
+        now: Instant,
+    ) {
+        let Unstarted {
+            accepted,
+            ahead,
+            ahead_header,
+            since,
+        } = client;
         // A PostgreSQL client whose connects all fail is still answered:
         // keep what it sent until a server takes it.
-        let first_bytes = (listener.config.protocol == Protocol::Postgres && !preread.is_empty())
-            .then(|| preread.clone());
-        let accepted = Accepted {
-            id,
-            listener,
-            client,
-            client_addr,
-            admission,
-        };
-        let ahead = preface::ahead(&accepted, local, preread);
+        let first_bytes = ahead.get(usize::from(ahead_header)..).unwrap_or_default();
+        let first_bytes = (accepted.listener.config.protocol == Protocol::Postgres
+            && !first_bytes.is_empty())
+        .then(|| first_bytes.to_vec());
         let mut relay = Relay::new(accepted, upstream, round, now);
+        relay.core.accepted_at(since);
+        relay.ahead_header = ahead_header;
         if let Some(bytes) = first_bytes {
             relay.keep_first_bytes(bytes);
         }

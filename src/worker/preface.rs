@@ -28,7 +28,6 @@ use crate::config::{format_duration, Protocol, SendProxy};
 use crate::listener::{Admission, Listener, Reservation};
 use crate::pgwire;
 use crate::proxy_protocol::{self, Parse};
-use crate::relay::Accepted;
 use crate::stats::CounterBlock;
 use crate::token;
 use crate::upstream::{self, Connect};
@@ -59,6 +58,8 @@ struct Pending {
     buf: Vec<u8>,
     header_done: bool,
     deadline: Instant,
+    /// When the client was accepted (its queue-timeout counts from then).
+    accepted_at: Instant,
 }
 
 /// A CancelRequest on its way to one server.
@@ -188,20 +189,29 @@ impl Pending {
 }
 
 /// What goes to the server before the client's own bytes: the
-/// `send-proxy` header, then what the client sent before the connect.
-pub(super) fn ahead(accepted: &Accepted, local: Option<SocketAddr>, preread: Vec<u8>) -> Vec<u8> {
-    let version = accepted.listener.config.pool.send_proxy;
+/// `send-proxy` header, then what the client sent before the connect; and
+/// the header's length.
+pub(super) fn ahead(
+    listener: &Listener,
+    client: &TcpStream,
+    client_addr: SocketAddr,
+    local: Option<SocketAddr>,
+    preread: Vec<u8>,
+) -> (Vec<u8>, u16) {
+    let version = listener.config.pool.send_proxy;
     if version == SendProxy::None {
-        return preread;
+        return (preread, 0);
     }
-    let local = local.or_else(|| accepted.client.local_addr().ok());
-    let addrs = local.map(|l| (accepted.client_addr, l));
+    let local = local.or_else(|| client.local_addr().ok());
+    let addrs = local.map(|l| (client_addr, l));
     let mut header = match version {
         SendProxy::V1 => proxy_protocol::encode_v1(addrs),
         _ => proxy_protocol::encode_v2(addrs),
     };
+    // A header is at most a few hundred bytes (v2 with its address block).
+    let header_len = u16::try_from(header.len()).unwrap_or(u16::MAX);
     header.extend_from_slice(&preread);
-    header
+    (header, header_len)
 }
 
 impl Worker {
@@ -220,9 +230,16 @@ impl Worker {
             return;
         }
         match listener.admit(reservation, addr.ip()) {
-            Ok(admission) => {
-                self.start_relay(client, addr, None, listener, admission, Vec::new(), now)
-            }
+            Ok(admission) => self.start_relay(
+                client,
+                addr,
+                None,
+                listener,
+                admission,
+                Vec::new(),
+                now,
+                now,
+            ),
             Err(refused) => self.refuse(client, addr, &listener, refused, Vec::new(), now),
         }
     }
@@ -263,6 +280,7 @@ impl Worker {
             buf: Vec::new(),
             header_done: false,
             deadline,
+            accepted_at: now,
         };
         let entry = self.prefaces.entries.vacant_entry();
         let key = entry.key();
@@ -413,9 +431,19 @@ impl Worker {
             local,
             listener,
             buf,
+            accepted_at,
             ..
         } = *p;
-        self.start_relay(client, client_addr, local, listener, admission, buf, now);
+        self.start_relay(
+            client,
+            client_addr,
+            local,
+            listener,
+            admission,
+            buf,
+            accepted_at,
+            now,
+        );
     }
 
     fn refuse_pending(&mut self, key: usize, why: &str, now: Instant) {

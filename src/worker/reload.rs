@@ -73,11 +73,13 @@ impl Worker {
                 None => self.listeners.push(slot),
             }
         }
+        let removed: Vec<_> = reload.retire.iter().map(|&(id, _)| id).collect();
         for (id, deadline) in std::mem::take(&mut reload.retire) {
             if let Some(at) = deadline {
                 self.retiring.push((id, at));
             }
         }
+        self.rehome_held(&removed, now);
         self.close_retired(now);
         self.checks.rescan();
         if let Some(applied) = reload.applied {

@@ -22,6 +22,7 @@ struct Inherited {
     connect: Option<Option<Duration>>,
     max_conns: Option<usize>,
     max_conns_per_source: Option<usize>,
+    max_queued: Option<usize>,
     keepalive: Option<Keepalive>,
     user_timeout: Option<Option<Duration>>,
 }
@@ -33,6 +34,7 @@ const INHERITED: &[&str] = &[
     "connect-timeout",
     "max-conns",
     "max-conns-per-source",
+    "max-queued",
     "keepalive",
     "user-timeout",
 ];
@@ -61,6 +63,7 @@ impl Inherited {
             "max-conns-per-source" => {
                 self.max_conns_per_source = cx.uint(v, key, 1, MAX).map(|n| n as usize)
             }
+            "max-queued" => self.max_queued = cx.uint(v, key, 1, MAX).map(|n| n as usize),
             "keepalive" => self.keepalive = read_keepalive(cx, v, key),
             _ => return false,
         }
@@ -76,6 +79,7 @@ impl Inherited {
             connect: self.connect.or(under.connect),
             max_conns: self.max_conns.or(under.max_conns),
             max_conns_per_source: self.max_conns_per_source.or(under.max_conns_per_source),
+            max_queued: self.max_queued.or(under.max_queued),
             keepalive: self.keepalive.or(under.keepalive),
             user_timeout: self.user_timeout.or(under.user_timeout),
         }
@@ -453,6 +457,7 @@ fn read_listener(
         },
         max_conns: s.max_conns,
         max_conns_per_source: s.max_conns_per_source,
+        max_queued: s.max_queued,
         access,
         accept_proxy,
         protocol,

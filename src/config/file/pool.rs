@@ -19,6 +19,7 @@ pub(super) fn read_pool(cx: &mut Cx, v: &Value<'_>, path: &str) -> Option<PoolCo
         "send-proxy",
         "servers",
         "health",
+        "queue-timeout",
     ];
     let mut servers_seen = false;
     for (k, v) in t.iter() {
@@ -59,6 +60,11 @@ pub(super) fn read_pool(cx: &mut Cx, v: &Value<'_>, path: &str) -> Option<PoolCo
             "health" => {
                 if let Some(h) = read_health(cx, v, &key) {
                     pool.health = h;
+                }
+            }
+            "queue-timeout" => {
+                if let Some(d) = cx.duration(v, &key) {
+                    pool.queue_timeout = d;
                 }
             }
             _ => cx.unknown(k, path, &known),
