@@ -59,6 +59,8 @@ pub mod runtime;
 pub mod service;
 pub mod shm;
 pub mod stats;
+#[cfg(feature = "cli")]
+pub mod upgrade;
 mod sys;
 mod timer;
 mod token;
@@ -68,7 +70,7 @@ mod worker;
 pub use config::{Config, ListenerConfig, Mode, Timeouts};
 pub use error::{Side, StartError};
 pub use handoff::{End, Ending, Handoff, HandoffError, Outcome, Socket};
-pub use proxy::{start, start_activated, start_with, ProxyHandle};
+pub use proxy::{start, start_activated, start_with, start_with_sockets, ProxyHandle};
 pub use reload::{ReloadReport, Reloader};
 pub use runtime::{Controller, Runtime, RuntimeBuilder};
 pub use stats::{CloseReason, Stats};

@@ -33,6 +33,11 @@ impl MappedBuffer {
         })
     }
 
+    /// The bytes not written yet.
+    pub(crate) fn unsent(&self) -> &[u8] {
+        &self.bytes[self.start..self.end]
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.start == self.end
     }

@@ -66,6 +66,7 @@ mod bind;
 mod close;
 mod connect;
 mod reload;
+mod upgrade;
 
 pub(crate) use bind::{bind_listeners, Inherited};
 
@@ -143,6 +144,8 @@ pub(crate) struct Worker {
     checks: health::Checks,
     /// Clients read before their relay starts, and cancel requests.
     prefaces: preface::Prefaces,
+    /// A binary upgrade is handing this worker's relays over: no accepts.
+    frozen: bool,
 }
 
 impl Worker {
@@ -201,6 +204,7 @@ impl Worker {
             relay_cap,
             checks: health::Checks::default(),
             prefaces: preface::Prefaces::default(),
+            frozen: false,
         })
     }
 
