@@ -15,8 +15,8 @@ use mio::Waker;
 
 use crate::engine::PipeFds;
 use crate::listener::{Listener, ListenerId};
-use crate::relay::report::{RelayReport, Reporter};
 use crate::relay::frozen::Parcel;
+use crate::relay::report::{RelayReport, Reporter};
 use crate::relay::{HandedOff, Relay};
 use crate::stats::CloseReason;
 

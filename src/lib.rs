@@ -59,11 +59,11 @@ pub mod runtime;
 pub mod service;
 pub mod shm;
 pub mod stats;
-#[cfg(feature = "cli")]
-pub mod upgrade;
 mod sys;
 mod timer;
 mod token;
+#[cfg(feature = "cli")]
+pub mod upgrade;
 mod upstream;
 mod worker;
 

@@ -131,7 +131,8 @@ pub(super) fn run(
             controller.shutdown();
         }
     };
-    if let Err(e) = spliced::upgrade::control::serve(name, upgrader.clone(), after_upgrade.clone()) {
+    if let Err(e) = spliced::upgrade::control::serve(name, upgrader.clone(), after_upgrade.clone())
+    {
         tracing::warn!(error = %e, "no upgrade socket: 'spliced upgrade --name {name}' cannot reach this instance (SIGUSR2 still upgrades)");
     }
     if pid_file.is_some() {
@@ -197,9 +198,10 @@ pub(super) fn request_upgrade(name: &str, binary: Option<&std::path::Path>) -> E
         Ok(o) if o.ok => {
             let ms = |us: u64| us as f64 / 1e3;
             println!(
-                "spliced: '{name}' upgraded: new pid {}, {} relays handed over ({} left to finish in the old process), total {:.1} ms; relay pause p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                "spliced: '{name}' upgraded: new pid {}, {} relays handed over with {} bytes in flight ({} left to finish in the old process), total {:.1} ms; relay pause p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
                 o.pid.unwrap_or(0),
                 o.relays,
+                o.bytes_in_flight,
                 o.left_behind,
                 ms(o.total_us),
                 ms(o.pause_p50_us),

@@ -151,7 +151,10 @@ impl Relay {
         now: Instant,
         now_ns: u64,
     ) -> io::Result<(RelayState, Vec<RawFd>, Vec<OwnedFd>)> {
-        let mut fds = vec![self.client.as_fd().as_raw_fd(), self.upstream.as_fd().as_raw_fd()];
+        let mut fds = vec![
+            self.client.as_fd().as_raw_fd(),
+            self.upstream.as_fd().as_raw_fd(),
+        ];
         let mut made = Vec::new();
         let mut direction = |from: Peer| -> io::Result<DirectionState> {
             let (state, pending, bytes_in, bytes_out) = self.core.direction(from).parts();
@@ -275,7 +278,13 @@ impl Relay {
                 "copy" => Engine::Copy,
                 other => return Err(bad(format!("unknown engine {other:?}"))),
             };
-            Ok(Slot::resumed(engine, d.fell_back, d.spliced_any, d.auto, buffer))
+            Ok(Slot::resumed(
+                engine,
+                d.fell_back,
+                d.spliced_any,
+                d.auto,
+                buffer,
+            ))
         };
         let direction = |d: &DirectionState, from, to| -> io::Result<Direction> {
             let parts = (parse_state(&d.state)?, d.pending, d.bytes_in, d.bytes_out);

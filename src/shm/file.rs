@@ -84,9 +84,7 @@ pub(crate) fn create_file(
     if let Ok(existing) = StatsFile::open(path) {
         if from != 0 && existing.pid() == from {
             defer = true;
-        } else if existing.liveness() == Liveness::Running
-            && existing.pid() != std::process::id()
-        {
+        } else if existing.liveness() == Liveness::Running && existing.pid() != std::process::id() {
             return Err(CreateError::File(io::Error::new(
                 io::ErrorKind::AddrInUse,
                 format!(

@@ -78,7 +78,10 @@ pub fn send_with_fds(socket: BorrowedFd<'_>, bytes: &[u8], fds: &[RawFd]) -> io:
     if fds.len() > SCM_MAX_FD {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("{} descriptors in one message (at most {SCM_MAX_FD})", fds.len()),
+            format!(
+                "{} descriptors in one message (at most {SCM_MAX_FD})",
+                fds.len()
+            ),
         ));
     }
     let iov = [IoSlice::new(bytes)];
@@ -199,6 +202,7 @@ pub fn monotonic_ns() -> u64 {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
+    use std::os::fd::AsFd;
 
     #[test]
     fn descriptors_and_pipe_contents_cross_a_socket_pair() {

@@ -32,6 +32,7 @@ pub struct Outcome {
     pub pid: Option<u32>,
     pub relays: usize,
     pub left_behind: usize,
+    pub bytes_in_flight: u64,
     pub total_us: u64,
     pub pause_p50_us: u64,
     pub pause_p99_us: u64,
@@ -47,6 +48,7 @@ impl Outcome {
                 pid: Some(r.pid),
                 relays: r.relays,
                 left_behind: r.left_behind,
+                bytes_in_flight: r.bytes_in_flight,
                 total_us: r.total.as_micros() as u64,
                 pause_p50_us: r.pause_p50.as_micros() as u64,
                 pause_p99_us: r.pause_p99.as_micros() as u64,
@@ -67,6 +69,7 @@ pub fn log(result: &Result<UpgradeReport, super::UpgradeError>) {
             new_pid = r.pid,
             relays = r.relays,
             left_behind = r.left_behind,
+            bytes_in_flight = r.bytes_in_flight,
             total_ms = r.total.as_secs_f64() * 1e3,
             pause_p50_ms = r.pause_p50.as_secs_f64() * 1e3,
             pause_p99_ms = r.pause_p99.as_secs_f64() * 1e3,
@@ -148,9 +151,9 @@ pub fn request(name: &str, binary: Option<&Path>) -> Result<Outcome, String> {
         )
     })?;
     let binary = match binary {
-        Some(b) => Some(
-            std::fs::canonicalize(b).map_err(|e| format!("--binary {}: {e}", b.display()))?,
-        ),
+        Some(b) => {
+            Some(std::fs::canonicalize(b).map_err(|e| format!("--binary {}: {e}", b.display()))?)
+        }
         None => None,
     };
     let mut text = serde_json::to_string(&Request { binary }).map_err(|e| e.to_string())?;
@@ -164,7 +167,9 @@ pub fn request(name: &str, binary: Option<&Path>) -> Result<Outcome, String> {
         .read_line(&mut line)
         .map_err(|e| format!("no answer from '{name}': {e}"))?;
     if line.is_empty() {
-        return Err(format!("'{name}' closed the upgrade socket without an answer"));
+        return Err(format!(
+            "'{name}' closed the upgrade socket without an answer"
+        ));
     }
     serde_json::from_str(&line).map_err(|e| format!("a garbled answer from '{name}': {e}"))
 }

@@ -37,6 +37,9 @@ pub struct UpgradeReport {
     pub relays: usize,
     /// Relays left to finish here (still connecting when the wait ended).
     pub left_behind: usize,
+    /// Bytes in flight handed over in the relays' buffers (pipes and copy
+    /// buffers).
+    pub bytes_in_flight: u64,
     /// From the request to the new process's confirmation.
     pub total: Duration,
     pub pause_p50: Duration,
@@ -101,9 +104,11 @@ impl Upgrader {
                 .map_err(|e| UpgradeError::Binary(PathBuf::from("/proc/self/exe"), e))?,
         };
         check_binary(&binary).map_err(|e| UpgradeError::Binary(binary.clone(), e))?;
-        let failed = |step| move |e: std::io::Error| UpgradeError::Failed {
-            step,
-            why: e.to_string(),
+        let failed = |step| {
+            move |e: std::io::Error| UpgradeError::Failed {
+                step,
+                why: e.to_string(),
+            }
         };
         let (ours, theirs) = fdpass::seqpacket_pair().map_err(failed("make the socket pair"))?;
         fdpass::inherit_on_exec(theirs.as_fd()).map_err(failed("make the socket pair"))?;
@@ -123,6 +128,7 @@ impl Upgrader {
             held: (0..self.links.len()).map(|_| Vec::new()).collect(),
             kept: (0..self.links.len()).map(|_| Vec::new()).collect(),
             sent: 0,
+            in_flight: 0,
             committed: false,
         };
         let outcome = run.hand_over(started);
@@ -158,6 +164,7 @@ struct Run<'a> {
     /// Relays that could not be exported: they stay in their worker.
     kept: Vec<Vec<Relay>>,
     sent: usize,
+    in_flight: u64,
     committed: bool,
 }
 
@@ -206,6 +213,7 @@ impl Run<'_> {
             pid,
             relays: self.sent,
             left_behind,
+            bytes_in_flight: self.in_flight,
             total: started.elapsed(),
             pause_p50: Duration::from_nanos(p50),
             pause_p99: Duration::from_nanos(p99),
@@ -272,37 +280,50 @@ impl Run<'_> {
             waiting += part.waiting;
             frozen.push(part);
         }
+        // Every frozen relay is kept whole before anything is sent, so a
+        // failure at any point leaves none of them out of `held`.
+        let mut round = Vec::new();
+        for part in frozen {
+            for (relay, frozen_ns) in part.relays {
+                let at = self.held[part.worker].len();
+                self.held[part.worker].push(relay);
+                round.push((part.worker, at, frozen_ns));
+            }
+        }
         let now = Instant::now();
         let now_ns = fdpass::monotonic_ns();
         let mut batch = Vec::new();
         let mut fds: Vec<RawFd> = Vec::new();
         let mut memfds = Vec::new();
-        let mut in_batch = 0;
-        for part in frozen {
-            for (relay, frozen_ns) in part.relays {
-                match relay.export(frozen_ns, now, now_ns) {
-                    Ok((state, mut relay_fds, mut made)) => {
-                        batch.push(state);
-                        fds.append(&mut relay_fds);
-                        memfds.append(&mut made);
-                        self.held[part.worker].push(relay);
-                        in_batch += 1;
-                    }
-                    Err(e) => {
-                        tracing::error!(relay = relay.id, error = %e, "upgrade: cannot hand a relay over; it stays here");
-                        waiting += 1;
-                        self.kept[part.worker].push(relay);
-                        continue;
-                    }
+        let mut unsendable = Vec::new();
+        for (worker, at, frozen_ns) in round {
+            let relay = &self.held[worker][at];
+            match relay.export(frozen_ns, now, now_ns) {
+                Ok((state, mut relay_fds, mut made)) => {
+                    self.in_flight += (state.c2u.pending + state.u2c.pending) as u64;
+                    batch.push(state);
+                    fds.append(&mut relay_fds);
+                    memfds.append(&mut made);
                 }
-                if fds.len() >= BATCH_FDS || in_batch >= BATCH_RELAYS {
-                    self.send_batch(&mut batch, &mut fds, &mut memfds)?;
-                    in_batch = 0;
+                Err(e) => {
+                    tracing::error!(relay = relay.id, error = %e, "upgrade: cannot hand a relay over; it stays here");
+                    waiting += 1;
+                    unsendable.push((worker, at));
+                    continue;
                 }
+            }
+            if fds.len() >= BATCH_FDS || batch.len() >= BATCH_RELAYS {
+                self.send_batch(&mut batch, &mut fds, &mut memfds)?;
             }
         }
         if !batch.is_empty() {
             self.send_batch(&mut batch, &mut fds, &mut memfds)?;
+        }
+        // Highest index first, so the others stay where they are.
+        unsendable.sort_unstable_by(|a, b| b.cmp(a));
+        for (worker, at) in unsendable {
+            let relay = self.held[worker].swap_remove(at);
+            self.kept[worker].push(relay);
         }
         Ok(waiting)
     }
@@ -350,9 +371,15 @@ impl Run<'_> {
 
     /// A failure at `step`, with the child's exit status if it is gone.
     fn died(&mut self, step: &'static str, why: String) -> UpgradeError {
-        let why = match self.child.try_wait() {
-            Ok(Some(status)) => format!("the new process exited ({status})"),
-            _ => why,
+        // A closed socket usually means the child is exiting: give it a
+        // moment to be reaped, so the reason names its exit status.
+        let until = Instant::now() + Duration::from_millis(500);
+        let why = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break format!("the new process exited ({status})"),
+                Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(5)),
+                _ => break why,
+            }
         };
         UpgradeError::Failed { step, why }
     }

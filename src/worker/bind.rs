@@ -53,7 +53,15 @@ impl Inherited {
 
     /// Every inherited socket bound to exactly `addr` (a service manager
     /// passes one; a binary upgrade passes each of the old workers').
-    fn take(&mut self, addr: SocketAddr) -> Vec<std::net::TcpListener> {
+    /// An address of port 0 takes the sockets of the first address of the
+    /// same IP: the port the replaced process was given.
+    fn take(&mut self, mut addr: SocketAddr) -> Vec<std::net::TcpListener> {
+        if addr.port() == 0 {
+            match self.sockets.iter().find(|(_, a)| a.ip() == addr.ip()) {
+                Some((_, a)) => addr = *a,
+                None => return Vec::new(),
+            }
+        }
         let (taken, kept) = std::mem::take(&mut self.sockets)
             .into_iter()
             .partition(|(_, a)| *a == addr);
@@ -113,8 +121,9 @@ pub(crate) fn bind_listeners(
                         sockets.push((TcpListener::from_std(shared), Arc::clone(runtime)));
                     }
                 }
-                tracing::info!(listener = %listener.name, address = %asked, sockets = passed.len(), "using the listening sockets passed to this process");
-                local_addrs.push((index, asked));
+                tracing::info!(listener = %listener.name, address = %asked, sockets = passed.len(), "using the socket passed by the service manager (or, in a binary upgrade, by the process replaced)");
+                let bound = passed[0].local_addr().map_err(fail)?;
+                local_addrs.push((index, bound));
                 continue;
             }
             let probe = match claim(asked, dual_family) {

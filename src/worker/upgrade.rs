@@ -118,8 +118,13 @@ impl Worker {
         for parcel in parcels {
             let frozen_ns = parcel.state.frozen_ns;
             let id = parcel.state.id;
+            // Ids stay unique in this process: new relays count on from the last.
+            super::NEXT_RELAY_ID.fetch_max(id + 1, Ordering::Relaxed);
             let Some(listener) = self.listener_named(&parcel.state.listener) else {
-                tracing::error!(relay = id, "upgrade: no listener to resume a relay under; its sockets are closed");
+                tracing::error!(
+                    relay = id,
+                    "upgrade: no listener to resume a relay under; its sockets are closed"
+                );
                 continue;
             };
             let now_ns = fdpass::monotonic_ns();
@@ -131,9 +136,7 @@ impl Worker {
                     pauses.push(fdpass::monotonic_ns().saturating_sub(frozen_ns));
                 }
                 Err(e) => {
-                    listener
-                        .counters(self.index)
-                        .closed(CloseReason::Internal);
+                    listener.counters(self.index).closed(CloseReason::Internal);
                     tracing::error!(relay = id, error = %e, "upgrade: cannot resume a relay handed over; its sockets are closed");
                 }
             }
