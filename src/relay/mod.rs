@@ -10,6 +10,7 @@
 pub(crate) mod close;
 pub(crate) mod core;
 pub(crate) mod direction;
+pub(crate) mod frozen;
 #[cfg(test)]
 mod props;
 pub(crate) mod report;
