@@ -20,17 +20,18 @@ use crate::stats::ServerBlock;
 use crate::sys::shared::Placed;
 
 /// The state names of [`ServerHead::down`]'s low byte, by code.
-pub const STATES: [&str; 6] = [
+pub const STATES: [&str; 7] = [
     "up",
     "down",
     "wrong-role",
     "check-error",
     "unknown",
     "standby",
+    "lagging",
 ];
 
 /// The reasons of [`ServerHead::down`]'s second byte, by code.
-pub const REASONS: [&str; 8] = [
+pub const REASONS: [&str; 9] = [
     "",
     "no answer",
     "role",
@@ -39,6 +40,7 @@ pub const REASONS: [&str; 8] = [
     "role not confirmed yet",
     "check fails",
     "replicas serve",
+    "replication lag",
 ];
 
 /// Bit 16 of [`ServerHead::down`]: it takes no new relays.
@@ -57,7 +59,7 @@ pub(crate) struct ServerHead {
     /// Relays holding it now (connecting or connected).
     pub(crate) live: AtomicU64,
     /// How its pool judges it: the state code in bits 0–7 (0 up, 1 down,
-    /// 2 wrong role, 3 check error, 4 unknown, 5 standby), the reason in
+    /// 2 wrong role, 3 check error, 4 unknown, 5 standby, 6 lagging), the reason in
     /// bits 8–15 ([`REASONS`]), and bit 16 set while it takes no new
     /// relays. 0 is up and eligible; any other value was "down" to readers
     /// of the first format.
