@@ -128,10 +128,7 @@ fn defaults_are_inherited_and_flags_replace_them() {
 
 #[test]
 fn max_lag_is_a_size_for_replica_pools_of_postgres_and_redis_checks() {
-    for (check, role) in [
-        ("postgres", "replica"),
-        ("redis", "prefer-replica"),
-    ] {
+    for (check, role) in [("postgres", "replica"), ("redis", "prefer-replica")] {
         let text = format!(
             "{MINIMAL}[listener.pool.health]\ncheck = \"{check}\"\nrole = \"{role}\"\nuser = \"m\"\nmax-lag = \"16m\"\n"
         );

@@ -174,7 +174,17 @@ mod tests {
         assert_eq!(parse_lsn("0/0"), Some(0));
         assert_eq!(parse_lsn("FFFFFFFF/FFFFFFFF"), Some(u64::MAX));
         assert_eq!(parse_lsn("0/1501260"), Some(0x150_1260));
-        for bad in ["", "16", "/1", "1/", "1/2/3", "G/0", "1 /0", "100000000/0", "+1/0"] {
+        for bad in [
+            "",
+            "16",
+            "/1",
+            "1/",
+            "1/2/3",
+            "G/0",
+            "1 /0",
+            "100000000/0",
+            "+1/0",
+        ] {
             assert_eq!(parse_lsn(bad), None, "{bad:?}");
         }
     }
@@ -258,7 +268,10 @@ mod tests {
         assert_eq!(s.ring.len(), SAMPLES);
         assert_eq!(s.latest().unwrap().1.applied, 9);
         assert_eq!(
-            s.closest(7, t0, Duration::from_secs(100)).unwrap().1.applied,
+            s.closest(7, t0, Duration::from_secs(100))
+                .unwrap()
+                .1
+                .applied,
             10 - SAMPLES as u64
         );
     }

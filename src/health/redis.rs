@@ -160,7 +160,8 @@ fn position_of(info: &[u8]) -> Option<Position> {
             .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(b":"))
     };
-    let number = |name: &[u8]| -> Option<u64> { std::str::from_utf8(field(name)?).ok()?.parse().ok() };
+    let number =
+        |name: &[u8]| -> Option<u64> { std::str::from_utf8(field(name)?).ok()?.parse().ok() };
     let replid = field(b"master_replid").filter(|id| !id.is_empty())?;
     let (applied, received) = match field(b"role")? {
         b"master" => (number(b"master_repl_offset")?, None),

@@ -242,8 +242,14 @@ fn redis_info_carries_the_replication_offsets() {
     );
     // Before Redis 7: no read offset; the replica's own offset stands in.
     let old = "role:slave\r\nmaster_replid:abc\r\nmaster_repl_offset:10\r\n";
-    assert_eq!(redis_position(old).map(|p| (p.applied, p.received)), Some((10, None)));
-    assert_eq!(redis_position("role:master\r\nmaster_repl_offset:1\r\n"), None);
+    assert_eq!(
+        redis_position(old).map(|p| (p.applied, p.received)),
+        Some((10, None))
+    );
+    assert_eq!(
+        redis_position("role:master\r\nmaster_repl_offset:1\r\n"),
+        None
+    );
 }
 
 #[test]

@@ -305,19 +305,22 @@ impl Fleet {
             .iter()
             .zip(&roles)
             .filter(|(_, r)| *r == &Some((true, Role::Primary)))
-            .map(|(u, _)| (u.replication().samples.clone(), u.interval().unwrap_or_default()))
+            .map(|(u, _)| {
+                (
+                    u.replication().samples.clone(),
+                    u.interval().unwrap_or_default(),
+                )
+            })
             .collect();
         let mut moved = false;
         for (u, r) in servers.iter().zip(&roles) {
             let own = u.interval().unwrap_or_default();
             let mut rep = u.replication();
             let lag = match (r, rep.samples.latest()) {
-                (Some((_, Role::Replica)), Some(latest)) => {
-                    lag::replica_lag(
-                        latest,
-                        primaries.iter().map(|(s, iv)| (s, 2 * own.max(*iv))),
-                    )
-                }
+                (Some((_, Role::Replica)), Some(latest)) => lag::replica_lag(
+                    latest,
+                    primaries.iter().map(|(s, iv)| (s, 2 * own.max(*iv))),
+                ),
                 _ => None,
             };
             if rep.lag != lag {

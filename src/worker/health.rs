@@ -186,7 +186,9 @@ impl Worker {
             upstream = %server.addr,
             "health probe: {verdict}"
         );
-        self.shared.fleet.observe(server, verdict, timeline, position, now);
+        self.shared
+            .fleet
+            .observe(server, verdict, timeline, position, now);
     }
 
     /// Resets the relays that `on-down = "kill"` ends: those of servers

@@ -187,13 +187,7 @@ fn row_answer(columns: &[Option<&str>]) -> Vec<u8> {
 #[test]
 fn the_answer_carries_timeline_cluster_and_wal_positions() {
     use crate::health::lag::Position;
-    let primary = row_answer(&[
-        Some("f"),
-        Some("3"),
-        Some("-4"),
-        Some("16/B374D848"),
-        None,
-    ]);
+    let primary = row_answer(&[Some("f"), Some("3"), Some("-4"), Some("16/B374D848"), None]);
     // A role is asked for (ask_role): the answer reports it.
     let mut asking = with_role(Kind::Postgres, WantRole::Any);
     asking.ask_role = true;

@@ -375,7 +375,11 @@ fn a_primary_sample_out_of_its_window_gives_way_to_what_the_replica_received() {
     observe_at(&p, 0, PRIMARY, 1_000_000, t0);
     observe_at(&p, 1, REPLICA, 10_000, t0);
     assert_eq!(p.samples()[1].state, State::Lagging);
-    assert_eq!(port(p.pick(0, CLIENT, &[], t0)), 1, "prefer-replica falls back");
+    assert_eq!(
+        port(p.pick(0, CLIENT, &[], t0)),
+        1,
+        "prefer-replica falls back"
+    );
     // Twice the interval (2 s) later, the primary's old position no
     // longer counts: the replica applied all it received.
     let later = t0 + Duration::from_secs(5);
