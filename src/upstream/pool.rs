@@ -24,6 +24,7 @@ use super::balance::{self, Candidate};
 use super::eligible::{self, Rules, Standing, State, Want, Why};
 use super::fleet::{Fleet, Probing, Upstream};
 use crate::config::{self, Balance, OnDown, PoolConfig};
+use crate::health::lag::{Lag, Measured};
 use crate::health::{CheckSpec, HealthParams, Kind, Reported, Role, WantRole};
 use crate::shm::{ServerCounters, ServerRegistry};
 use crate::stats::ServerBlock;
@@ -347,9 +348,19 @@ impl Pool {
             .zip(old.standings.iter().zip(&standings))
             .filter(|(_, (was, is))| lagging(was) != lagging(is))
             .map(|(s, (_, is))| {
-                let lag = s.upstream.lag().map_or(0, |l| l.bytes);
                 let into = if lagging(is) { "leaves" } else { "rejoins" };
-                format!("{} {into} (lag {lag} bytes)", s.addr)
+                let lag = match s.upstream.lag() {
+                    Some(Lag {
+                        bytes,
+                        measured: Measured::Primary,
+                    }) => format!("{bytes} bytes behind the primary"),
+                    Some(Lag {
+                        bytes,
+                        measured: Measured::Received,
+                    }) => format!("{bytes} bytes received but not applied, no primary seen"),
+                    None => "lag unknown".to_string(),
+                };
+                format!("{} {into} ({lag})", s.addr)
             })
             .collect();
         self.publish(&old.servers, &standings);

@@ -1,7 +1,8 @@
-//! Replication lag (`max-lag`): a replica that falls behind its primary
-//! takes no new relays while its live relays keep running, and takes them
-//! again once it caught up. The primary is named by another listener's
-//! pool only: its position counts for every pool of the process.
+//! Replication lag (`max-lag`), PostgreSQL and Redis: a replica that falls
+//! behind its primary takes no new relays while its live relays keep
+//! running, and takes them again once it caught up. The primary is named
+//! by another listener's pool only: its position counts for every pool of
+//! the process.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -11,13 +12,14 @@ use super::{
 };
 use crate::common::wait_until;
 use crate::fixture::{
-    free_port, loopback, pg_bin, write_secret, Pg, PgConn, Proxy, TempDir, CLIENT_USER,
+    free_port, loopback, pg_bin, redis_bin, write_secret, Pg, PgConn, Proxy, Redis, RespConn,
+    TempDir, CLIENT_USER,
 };
 
 /// "t|PORT": in recovery, and which server answered.
 const WHO: &str = "SELECT pg_is_in_recovery(), inet_server_port()";
 
-fn ask(addr: SocketAddr) -> Seen {
+fn ask_pg(addr: SocketAddr) -> Seen {
     Seen::of(
         PgConn::connect(addr, CLIENT_USER, None, CLIENT_TIMEOUT)
             .and_then(|mut c| c.query_line(WHO)),
@@ -28,10 +30,10 @@ fn on(pg: &Pg) -> String {
     format!("t|{}", pg.port)
 }
 
-/// A served read through `addr` every 50 ms until `until` holds for the
-/// attempts so far (or `timeout` passes).
+/// A read (`ask`) every 50 ms until `until` holds for the attempts so far
+/// (a panic once `timeout` passed).
 fn reads_until(
-    addr: SocketAddr,
+    ask: &dyn Fn() -> Seen,
     timeout: Duration,
     what: &str,
     mut until: impl FnMut(&[Attempt]) -> bool,
@@ -39,7 +41,7 @@ fn reads_until(
     let mut out = Vec::new();
     wait_until(timeout, what, || {
         let start = Instant::now();
-        let seen = ask(addr);
+        let seen = ask();
         out.push(Attempt {
             start,
             end: Instant::now(),
@@ -56,6 +58,82 @@ fn served_by(attempts: &[Attempt], who: &str) -> usize {
         .iter()
         .filter(|a| a.seen.served() == Some(who))
         .count()
+}
+
+/// What both scenarios check once a replica fell behind at `written`
+/// (`behind` and `current` are what a read through the listener answers
+/// on each replica): from two probe lags on, no new relay reaches it and
+/// the other replica serves; the log says it left, measured against the
+/// primary (named by another listener only).
+fn no_relay_while_lagging(
+    ask: &dyn Fn() -> Seen,
+    written: Instant,
+    behind: &str,
+    current: &str,
+    proxy: &Proxy,
+    what: &str,
+) {
+    let attempts = reads_until(
+        ask,
+        Duration::from_secs(20),
+        "the read pool left the lagging replica out for 3 s",
+        |a| {
+            a.last()
+                .is_some_and(|l| l.start > written + Duration::from_secs(3))
+        },
+    );
+    let to_behind: Vec<i64> = attempts
+        .iter()
+        .filter(|a| a.start > written + 2 * probe_lag())
+        .filter(|a| a.seen.served() == Some(behind))
+        .map(|a| ms(written, a.start))
+        .collect();
+    eprintln!(
+        "{what}: while lagging, {}; relays to the lagging replica at {to_behind:?} ms",
+        tally(&attempts)
+    );
+    assert!(
+        to_behind.is_empty(),
+        "{what}: relays reached the lagging replica at {to_behind:?} ms after the writes"
+    );
+    assert!(
+        served_by(&attempts, current) >= 10,
+        "{what}: the other replica serves: {}",
+        tally(&attempts)
+    );
+    let left: Vec<String> = proxy
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("replication lag") && l.contains("leaves"))
+        .collect();
+    eprintln!("{what}: {left:?}");
+    assert!(
+        left.iter().any(|l| l.contains("behind the primary")),
+        "{what}: the lag is measured against the primary: {left:?}"
+    );
+}
+
+/// Once the replica caught up: reads reach it again, and both serve.
+fn back_after_catching_up(ask: &dyn Fn() -> Seen, behind: &str, current: &str, what: &str) {
+    let resumed = Instant::now();
+    let attempts = reads_until(
+        ask,
+        Duration::from_secs(20),
+        "the read pool reaches the caught-up replica again",
+        |a| served_by(a, behind) > 0,
+    );
+    eprintln!(
+        "{what}: back {} ms after it caught up; {}",
+        ms(resumed, attempts.last().unwrap().end),
+        tally(&attempts)
+    );
+    settle_on(Duration::from_secs(15), 1, "both replicas serve", || {
+        let a = reads_until(ask, Duration::from_secs(10), "ten reads", |a| a.len() >= 10);
+        match (served_by(&a, behind), served_by(&a, current)) {
+            (b, c) if b > 0 && c > 0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
 }
 
 #[test]
@@ -97,16 +175,18 @@ fn pg_a_lagging_replica_leaves_the_read_pool_and_returns() {
     );
     let proxy = Proxy::start(&dir, "pg-lag", &config);
     let ro_addr = loopback(ro);
+    let ask = move || ask_pg(ro_addr);
+    let (on_behind, on_current) = (on(&behind), on(&current));
     reads_until(
-        ro_addr,
+        &ask,
         Duration::from_secs(15),
         "pg-ro reaches both replicas",
-        |a| served_by(a, &on(&behind)) > 0 && served_by(a, &on(&current)) > 0,
+        |a| served_by(a, &on_behind) > 0 && served_by(a, &on_current) > 0,
     );
     // A session on the replica that is about to fall behind.
     let mut session = loop {
         let mut c = PgConn::connect(ro_addr, CLIENT_USER, None, CLIENT_TIMEOUT).unwrap();
-        if c.query_line(WHO).unwrap() == on(&behind) {
+        if c.query_line(WHO).unwrap() == on_behind {
             break c;
         }
     };
@@ -134,75 +214,129 @@ fn pg_a_lagging_replica_leaves_the_read_pool_and_returns() {
     eprintln!("pg lag: the paused replica is {behind_by} bytes behind");
     assert!(behind_by.parse::<f64>().unwrap() > 2.0 * 1024.0 * 1024.0);
 
-    // Spliced sees it within a probe of each server; from then on no new
-    // relay reaches the paused replica.
-    let mut attempts = reads_until(
-        ro_addr,
-        Duration::from_secs(20),
-        "pg-ro left the paused replica out long enough",
-        |a| {
-            a.last()
-                .is_some_and(|l| l.start > written + Duration::from_secs(3))
-        },
-    );
-    let late: Vec<&Attempt> = attempts
-        .iter()
-        .filter(|a| a.start > written + 2 * probe_lag())
-        .collect();
-    let to_behind: Vec<i64> = late
-        .iter()
-        .filter(|a| a.seen.served() == Some(on(&behind).as_str()))
-        .map(|a| ms(written, a.start))
-        .collect();
-    eprintln!(
-        "pg lag: while lagging, {}; relays to the paused replica at {to_behind:?} ms",
-        tally(&attempts)
-    );
-    assert!(
-        to_behind.is_empty(),
-        "relays reached the lagging replica at {to_behind:?} ms after the writes"
-    );
-    assert!(
-        served_by(&attempts, &on(&current)) >= 10,
-        "the other replica serves: {}",
-        tally(&attempts)
-    );
+    no_relay_while_lagging(&ask, written, &on_behind, &on_current, &proxy, "pg lag");
     assert_eq!(
         session.query_line(WHO).unwrap(),
-        on(&behind),
+        on_behind,
         "a live relay to the lagging replica keeps running"
     );
+    show_lag_metrics(&proxy, "pg lag", behind.addr());
+
+    behind.psql("SELECT pg_wal_replay_resume()");
+    back_after_catching_up(&ask, &on_behind, &on_current, "pg lag");
+    assert_eq!(session.query_line(WHO).unwrap(), on_behind);
+}
+
+/// Prints the lag lines of /metrics (and the state of the lagging server).
+fn show_lag_metrics(proxy: &Proxy, what: &str, lagging: SocketAddr) {
     let metrics = proxy.metrics();
+    let server = format!("server=\"{lagging}\"");
     eprintln!(
-        "pg lag: /metrics while lagging:\n{}",
+        "{what}: /metrics while lagging:\n{}",
         metrics
             .lines()
-            .filter(|l| l.contains("lag") || l.contains("spliced_server_state"))
+            .filter(
+                |l| l.contains(&server) && (l.contains("lag") || l.contains("state=\"lagging\""))
+            )
             .collect::<Vec<_>>()
             .join("\n")
     );
+}
 
-    behind.psql("SELECT pg_wal_replay_resume()");
-    let resumed = Instant::now();
-    attempts = reads_until(
-        ro_addr,
-        Duration::from_secs(20),
-        "pg-ro reaches the caught-up replica again",
-        |a| served_by(a, &on(&behind)) > 0,
-    );
-    eprintln!(
-        "pg lag: back {} ms after the replay resumed; {}",
-        ms(resumed, attempts.last().unwrap().end),
-        tally(&attempts)
-    );
-    settle_on(Duration::from_secs(15), 1, "both replicas serve", || {
-        let a = reads_until(ro_addr, Duration::from_secs(10), "ten reads", |a| {
-            a.len() >= 10
-        });
-        match (served_by(&a, &on(&behind)), served_by(&a, &on(&current))) {
-            (b, c) if b > 0 && c > 0 => Ok(()),
-            other => Err(format!("{other:?}")),
+#[test]
+#[ignore = "starts real servers: make e2e"]
+fn redis_a_lagging_replica_leaves_the_read_pool_and_returns() {
+    let Some(bin) = redis_bin("redis_a_lagging_replica_leaves_the_read_pool_and_returns") else {
+        return;
+    };
+    let dir = TempDir::new("e2e-redis-lag");
+    let master = Redis::master(&bin, &dir, "redis-m", None);
+    let behind = Redis::replica_of(&bin, &dir, "redis-behind", &master);
+    let current = Redis::replica_of(&bin, &dir, "redis-current", &master);
+    let (rw, ro) = (free_port(), free_port());
+    let config = format!(
+        "{}\n{}",
+        ListenerToml {
+            name: "redis-rw",
+            port: rw,
+            servers: &[master.port],
+            check: "redis",
+            role: "primary",
+            pool_extra: "",
+            health_extra: "timeout = \"150ms\"",
         }
-    });
-    assert_eq!(session.query_line(WHO).unwrap(), on(&behind));
+        .render(),
+        ListenerToml {
+            name: "redis-ro",
+            port: ro,
+            servers: &[behind.port, current.port],
+            check: "redis",
+            role: "replica",
+            pool_extra: "",
+            health_extra: "timeout = \"150ms\"\nmax-lag = \"1m\"",
+        }
+        .render()
+    );
+    let proxy = Proxy::start(&dir, "redis-lag", &config);
+    let ro_addr = loopback(ro);
+    let ask = move || {
+        Seen::of(
+            RespConn::connect(ro_addr, CLIENT_TIMEOUT)
+                .and_then(|mut c| c.server_port())
+                .map(|p| p.to_string()),
+        )
+    };
+    let (on_behind, on_current) = (behind.port.to_string(), current.port.to_string());
+    reads_until(
+        &ask,
+        Duration::from_secs(15),
+        "redis-ro reaches both replicas",
+        |a| served_by(a, &on_behind) > 0 && served_by(a, &on_current) > 0,
+    );
+    let mut session = loop {
+        let mut c = RespConn::connect(ro_addr, CLIENT_TIMEOUT).unwrap();
+        if c.server_port().unwrap() == behind.port {
+            break c;
+        }
+    };
+
+    // A replica's CLIENT PAUSE WRITE holds back what its master sends: it
+    // keeps reading the stream (slave_read_repl_offset) but applies none
+    // of it (slave_repl_offset), and still answers PING and INFO.
+    behind.cmd(&["CLIENT", "PAUSE", "120000", "WRITE"]);
+    master.cmd(&[
+        "EVAL",
+        "for i = 1, 3000 do redis.call('SET', 'k' .. i, string.rep('x', 1000)) end",
+        "0",
+    ]);
+    let offset = |r: &Redis, key: &str| -> u64 {
+        r.info_field("replication", key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let target = offset(&master, "master_repl_offset");
+    wait_until(
+        Duration::from_secs(20),
+        "the other replica applied it",
+        || offset(&current, "slave_repl_offset") >= target,
+    );
+    let written = Instant::now();
+    let applied = offset(&behind, "slave_repl_offset");
+    eprintln!(
+        "redis lag: the paused replica applied {applied} of {target} (read {})",
+        offset(&behind, "slave_read_repl_offset")
+    );
+    assert!(target - applied > 2 * 1024 * 1024);
+
+    no_relay_while_lagging(&ask, written, &on_behind, &on_current, &proxy, "redis lag");
+    assert_eq!(
+        session.server_port().unwrap(),
+        behind.port,
+        "a live relay to the lagging replica keeps running"
+    );
+    show_lag_metrics(&proxy, "redis lag", behind.addr());
+
+    behind.cmd(&["CLIENT", "UNPAUSE"]);
+    back_after_catching_up(&ask, &on_behind, &on_current, "redis lag");
+    assert_eq!(session.server_port().unwrap(), behind.port);
 }
