@@ -143,7 +143,8 @@ impl Upstream {
 
     /// How often it is probed (none: passive health only).
     fn interval(&self) -> Option<Duration> {
-        self.probing().map(|p| p.interval)
+        let probing = self.probing.lock().unwrap_or_else(|p| p.into_inner());
+        probing.as_ref().map(|p| p.interval)
     }
 
     /// How it is probed, if it is.
@@ -265,7 +266,8 @@ impl Fleet {
                 r.samples.push(now, p);
             }
         }
-        let lags_moved = self.measure_lags();
+        // Only a new position or a change of state moves a lag.
+        let lags_moved = (position.is_some() || !changes.is_empty()) && self.measure_lags();
         if let Verdict::CheckError { reason } = verdict {
             // Once per probe, so once per interval: rate-limited by the
             // schedule itself.
