@@ -287,13 +287,14 @@ fn render_servers(
     }
     let _ = writeln!(
         t,
-        "\n{:<28} {:<16} {:<11} {:<8} {:<22} {:>6} {:>7} {:>9} {:>7} {:>12} {:>12}",
+        "\n{:<28} {:<16} {:<11} {:<8} {:<22} {:>6} {:>10} {:>7} {:>9} {:>7} {:>12} {:>12}",
         "SERVER",
         "LISTENER",
         "STATE",
         "ROLE",
         "REASON",
         "CHECK",
+        "LAG",
         "ACTIVE",
         "CONNECTS",
         "FAILS",
@@ -331,13 +332,14 @@ fn render_servers(
         };
         let _ = writeln!(
             t,
-            "{:<28} {:<16} {:<11} {:<8} {:<22} {:>6} {:>7} {:>9} {:>7} {:>12} {:>12}",
+            "{:<28} {:<16} {:<11} {:<8} {:<22} {:>6} {:>10} {:>7} {:>9} {:>7} {:>12} {:>12}",
             addr,
             s.listener,
             s.state,
             if s.role == "unknown" { "-" } else { s.role },
             if s.reason.is_empty() { "-" } else { s.reason },
             check_age(s.checked_unix_ms, now_ms),
+            s.lag.map_or("-".to_string(), human_bytes),
             s.active,
             now.connects,
             now.connect_failures,
@@ -374,6 +376,11 @@ fn human_rate(bytes_per_sec: f64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[unit])
     }
+}
+
+/// A byte count: `512 B`, `6.7 MiB`.
+fn human_bytes(bytes: u64) -> String {
+    human_rate(bytes as f64)
 }
 
 fn human_duration(d: Duration) -> String {
@@ -419,6 +426,7 @@ mod tests {
                 role: "primary",
                 backup: false,
                 active: 2,
+                lag: None,
                 workers: vec![crate::stats::ServerStats {
                     connects: accepted,
                     connect_failures: 1,
@@ -452,7 +460,7 @@ mod tests {
         assert!(once.contains("averaged since start"));
         let server = t.lines().find(|l| l.starts_with("10.0.0.5:5432")).unwrap();
         let cols: Vec<&str> = server.split_whitespace().collect();
-        // LISTENER STATE ROLE REASON CHECK ACTIVE CONNECTS FAILS C>U/s U>C/s
+        // LISTENER STATE ROLE REASON CHECK LAG ACTIVE CONNECTS FAILS C>U/s U>C/s
         assert_eq!(
             &cols[1..],
             [
@@ -461,12 +469,33 @@ mod tests {
                 "primary",
                 "-",
                 "-",
+                "-",
                 "2",
                 "30",
                 "1",
                 "1.0",
                 "KiB",
                 "2.0",
+                "MiB"
+            ],
+            "{server}"
+        );
+        let mut lagging = now.clone();
+        let s = &mut lagging.servers[0];
+        (s.state, s.reason, s.role, s.lag) =
+            ("lagging", "replication lag", "replica", Some(7 << 20));
+        let t = render(&lagging, "x", None, Duration::from_secs(10), false);
+        let server = t.lines().find(|l| l.starts_with("10.0.0.5:5432")).unwrap();
+        let cols: Vec<&str> = server.split_whitespace().collect();
+        assert_eq!(
+            &cols[2..9],
+            [
+                "lagging",
+                "replica",
+                "replication",
+                "lag",
+                "-",
+                "7.0",
                 "MiB"
             ],
             "{server}"

@@ -62,6 +62,8 @@ pub(crate) struct ServerSample {
     pub(crate) backup: bool,
     /// When its last probe ended, as a Unix time.
     pub(crate) last_check: Option<SystemTime>,
+    /// A replica's measured replication lag, in bytes.
+    pub(crate) lag: Option<u64>,
 }
 
 impl Server {
@@ -392,6 +394,7 @@ impl Pool {
                 st.state.code() | (st.why.code() << 8) | excluded,
                 role_code(facts.reported),
                 facts.last_check.map_or(0, unix_millis),
+                facts.lag,
             );
         }
     }
@@ -426,6 +429,7 @@ impl Pool {
                     live: s.live(),
                     backup: s.backup,
                     last_check: facts.last_check.map(system_time),
+                    lag: facts.lag,
                 }
             })
             .collect()

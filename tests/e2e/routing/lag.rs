@@ -220,26 +220,39 @@ fn pg_a_lagging_replica_leaves_the_read_pool_and_returns() {
         on_behind,
         "a live relay to the lagging replica keeps running"
     );
-    show_lag_metrics(&proxy, "pg lag", behind.addr());
+    lag_is_shown(&proxy, "pg lag", "pg-ro", behind.addr());
 
     behind.psql("SELECT pg_wal_replay_resume()");
     back_after_catching_up(&ask, &on_behind, &on_current, "pg lag");
     assert_eq!(session.query_line(WHO).unwrap(), on_behind);
 }
 
-/// Prints the lag lines of /metrics (and the state of the lagging server).
-fn show_lag_metrics(proxy: &Proxy, what: &str, lagging: SocketAddr) {
-    let metrics = proxy.metrics();
-    let server = format!("server=\"{lagging}\"");
-    eprintln!(
-        "{what}: /metrics while lagging:\n{}",
-        metrics
-            .lines()
-            .filter(
-                |l| l.contains(&server) && (l.contains("lag") || l.contains("state=\"lagging\""))
-            )
-            .collect::<Vec<_>>()
-            .join("\n")
+/// /metrics and `spliced stats` show the replica of `listener` at
+/// `lagging` as such, with its lag (over 1 MiB).
+fn lag_is_shown(proxy: &Proxy, what: &str, listener: &str, lagging: SocketAddr) {
+    let server = lagging.to_string();
+    let at = [("listener", listener), ("server", server.as_str())];
+    let lag = proxy.metric("spliced_server_replication_lag_bytes", &at);
+    let state = proxy.metric(
+        "spliced_server_state",
+        &[at[0], at[1], ("state", "lagging")],
+    );
+    eprintln!("{what}: /metrics lag {lag:?}, lagging {state:?}");
+    assert!(
+        lag.is_some_and(|b| b > 1024.0 * 1024.0),
+        "{what}: lag {lag:?}"
+    );
+    assert_eq!(state, Some(1.0), "{what}: state lagging");
+    let (status, stats, err) = proxy.cli(&["stats"]);
+    assert!(status.success(), "{what}: spliced stats failed: {err}");
+    let row = stats
+        .lines()
+        .find(|l| l.starts_with(&server) && l.contains(listener))
+        .unwrap_or_else(|| panic!("{what}: no row for {server} in\n{stats}"));
+    eprintln!("{what}: spliced stats: {row}");
+    assert!(
+        row.contains("lagging") && row.contains("replication lag") && row.contains("MiB"),
+        "{what}: {row}"
     );
 }
 
@@ -334,7 +347,7 @@ fn redis_a_lagging_replica_leaves_the_read_pool_and_returns() {
         behind.port,
         "a live relay to the lagging replica keeps running"
     );
-    show_lag_metrics(&proxy, "redis lag", behind.addr());
+    lag_is_shown(&proxy, "redis lag", "redis-ro", behind.addr());
 
     behind.cmd(&["CLIENT", "UNPAUSE"]);
     back_after_catching_up(&ask, &on_behind, &on_current, "redis lag");
