@@ -23,7 +23,7 @@
 #   BENCH_PATH=veth make bench-peers      # over a 1500-byte veth path (root)
 #   BENCH_PATH=veth2 BENCH_MTU=9000 make bench-peers
 #   RUNS=3 OUT=/tmp/b.md bash scripts/bench-peers.sh
-#   STAGES=main bash scripts/bench-peers.sh   # some of: idle,main,onecpu,pipes,syscalls,iperf3,apps
+#   STAGES=main bash scripts/bench-peers.sh   # some of: idle,main,onecpu,pipes,syscalls,logline,iperf3,apps
 #
 # The stages iperf3 and apps (scripts/bench-apps.sh, loopback only) run last,
 # after these peers are stopped: iperf3, redis-benchmark and pgbench through
@@ -49,7 +49,7 @@ OUT=${OUT:-docs/benchmarks/peers-$BENCH_PATH.md}
 # The iperf3 and apps stages write beside it.
 APPS_OUT=${APPS_OUT:-$(dirname "$OUT")/apps-$BENCH_PATH.md}
 BENCH_MTU=${BENCH_MTU:-1500}
-STAGES=${STAGES:-idle,main,onecpu,pipes,syscalls,iperf3,apps}
+STAGES=${STAGES:-idle,main,onecpu,pipes,syscalls,logline,iperf3,apps}
 BASE_PORT=${BASE_PORT:-19100}
 NCPU=$(nproc)
 PROXY_CPU=${PROXY_CPU:-$((NCPU > 1 ? 1 : 0))}
@@ -76,7 +76,7 @@ apps() {
     RUNS=$RUNS STAGES=$STAGES OUT=$APPS_OUT BENCH_PATH=$BENCH_PATH PROXY_CPU=$PROXY_CPU LOAD_CPU=$LOAD_CPU \
         BENCH_USER=${BENCH_USER:-} bash scripts/bench-apps.sh
 }
-if ! stage idle && ! stage main && ! stage onecpu && ! stage pipes && ! stage syscalls; then
+if ! stage idle && ! stage main && ! stage onecpu && ! stage pipes && ! stage syscalls && ! stage logline; then
     apps
     exit
 fi
@@ -347,6 +347,24 @@ if stage syscalls; then
         --pin-proxy "$PROXY_CPU" "${SYSCALL_TARGETS[@]}" >"$WORK/syscalls.txt"
 fi
 
+if stage logline; then
+    # The one line per closed relay, on (spliced run's default level, info)
+    # and off (warn), written to a file as a journal or log collector would
+    # take it; the proxy's CPU includes its log writer thread.
+    lib_log "logline: connections through spliced with the close line on and off"
+    for level in info warn; do
+        RUST_LOG=$level bench "$LOAD_CPU" -w connect -e splice,copy --pin-proxy "$PROXY_CPU" \
+            >"$WORK/logline-$level.txt" 2>"$WORK/logline-$level.log"
+    done
+    {
+        echo "close line on (RUST_LOG=info, $(wc -l <"$WORK/logline-info.log") lines logged):"
+        cat "$WORK/logline-info.txt"
+        echo
+        echo "close line off (RUST_LOG=warn):"
+        cat "$WORK/logline-warn.txt"
+    } >"$WORK/logline.txt"
+fi
+
 # --- write docs/benchmarks/peers-PATH.md ----------------------------------------
 section() { # title file
     [[ -f $2 ]] || return 0
@@ -376,6 +394,7 @@ fi
     section "rr 64 B, load and proxy on one CPU" "$WORK/onecpu.txt"
     section "spliced's pipe size" "$WORK/pipes.txt"
     section "Syscalls per relayed message and per connection (strace -c on each proxy but socat; one short run)" "$WORK/syscalls.txt"
+    section "Connections with the close line on and off (spliced's CPU includes its log writer thread)" "$WORK/logline.txt"
     echo "<!-- $MARK:end -->"
 } >"$WORK/section.md"
 

@@ -21,6 +21,7 @@
 //! | [`stats`] | per-worker counters and close reasons |
 //! | [`health`] | active health probes (pure conversations), their non-blocking driver, rise/fall state |
 //! | [`proxy_protocol`] | PROXY protocol v1/v2: encoder, strict incremental parser, trusted sources |
+//! | `pgwire` | the PostgreSQL messages spliced speaks itself: first packets, the ErrorResponse of a refusal |
 //! | [`shm`] | the stats file the counters live in, and its reader |
 //! | [`ops`] | settings of the admin endpoint, stats file and progress lines |
 //! | `bench` | `spliced bench`: the self-contained benchmark (feature `cli`) |
@@ -51,6 +52,7 @@ pub mod handoff;
 pub mod health;
 pub mod listener;
 pub mod ops;
+mod pgwire;
 pub mod proxy;
 pub mod proxy_protocol;
 mod relay;

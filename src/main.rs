@@ -404,7 +404,7 @@ fn main() -> ExitCode {
     // cost the worker CPU it measures.
     match cli.command {
         Command::Run(args) => {
-            init_logging("info", args.log_format);
+            let _log = init_logging("info", args.log_format);
             let given_ids = given_ids(&matches);
             let given = move |id: &str| given_ids.contains(&id);
             match args.clone().into_config(&given) {
@@ -418,19 +418,19 @@ fn main() -> ExitCode {
         Command::Bench(args) => {
             // The bench runs thousands of relays in-process: one line each
             // would cost the worker CPU it measures.
-            init_logging("warn", LogFormat::Text);
+            let _log = init_logging("warn", LogFormat::Text);
             spliced::bench::run(args)
         }
         Command::Check(args) => {
-            init_logging("warn", LogFormat::Text);
+            let _log = init_logging("warn", LogFormat::Text);
             check(args)
         }
         Command::Stats(args) => {
-            init_logging("warn", LogFormat::Text);
+            let _log = init_logging("warn", LogFormat::Text);
             spliced::cli::stats::run(args)
         }
         Command::Reload(args) => {
-            init_logging("warn", LogFormat::Text);
+            let _log = init_logging("warn", LogFormat::Text);
             lifecycle::signal_reload(&args.name)
         }
     }
@@ -458,16 +458,19 @@ fn given(matches: &ArgMatches, id: &str) -> bool {
         .is_some_and(|m| m.value_source(id) == Some(ValueSource::CommandLine))
 }
 
-/// Logs to stderr. JSON lines carry the event's fields at the top level
-/// beside `timestamp`, `level`, `target` and `message`, and no span data,
-/// so the fields documented in docs/OPERATIONS.md are all there is.
-fn init_logging(default_level: &str, format: LogFormat) {
+/// Logs to stderr, through a writer thread (`spliced::cli::log`) so that
+/// no worker makes a system call per line; the returned guard writes what
+/// is left when dropped. JSON lines carry the event's fields at the top
+/// level beside `timestamp`, `level`, `target` and `message`, and no span
+/// data, so the fields documented in docs/OPERATIONS.md are all there is.
+fn init_logging(default_level: &str, format: LogFormat) -> spliced::cli::log::Flush {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let (writer, flush) = spliced::cli::log::start();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(false);
     match format {
         LogFormat::Text => builder.init(),
@@ -478,6 +481,7 @@ fn init_logging(default_level: &str, format: LogFormat) {
             .with_span_list(false)
             .init(),
     }
+    flush
 }
 
 /// clap's error as one line: the lines before its usage and "For more

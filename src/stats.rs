@@ -65,7 +65,18 @@ impl CloseReason {
         CloseReason::ServerDown,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    /// Each reason's name, in the order of [`CloseReason::ALL`].
+    pub const NAMES: [&'static str; 12] = {
+        let mut names = [""; 12];
+        let mut i = 0;
+        while i < names.len() {
+            names[i] = Self::ALL[i].as_str();
+            i += 1;
+        }
+        names
+    };
+
+    pub const fn as_str(self) -> &'static str {
         match self {
             CloseReason::Eof => "eof",
             CloseReason::Idle => "idle",
@@ -93,186 +104,140 @@ impl std::fmt::Display for CloseReason {
     }
 }
 
-/// Whether a value only grows or goes up and down.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    Counter,
-    Gauge,
-}
+#[macro_use]
+mod table;
+pub use table::{
+    ByReasonInfo, CounterInfo, HistogramInfo, HistogramValues, Kind, Metric, Scope, Shown, Table,
+    Values,
+};
 
-/// What a counter is kept for: each listener (relays, bytes, closes) or
-/// each worker (pipes, buffers, timers, which relays of every listener
-/// share).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Scope {
-    Listener,
-    Worker,
-}
-
-/// One row of the counter table: what a value is called and means.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CounterInfo {
-    pub name: &'static str,
-    pub kind: Kind,
-    pub scope: Scope,
-    pub help: &'static str,
-}
-
-/// Declares every counter once. From the one table come the live counter
-/// block (a fixed `repr(C)` layout of plain atomics, so blocks can later
-/// live in a shared-memory file), the summed [`Stats`] snapshot, and
-/// [`COUNTERS`], the names, kinds, scopes and help texts an exposition is
-/// made from.
-///
-/// Every worker has one block for its worker-scoped counters, and every
-/// listener one block per worker for its listener-scoped ones; a block's
-/// counters of the other scope stay zero, so any sum of blocks is right.
-macro_rules! counter_table {
-    ($($(#[doc = $help:literal])+ $name:ident: $kind:ident per $scope:ident,)+) => {
-        /// Live counters written by one worker, the block's only writer, so
-        /// the relaxed atomics never contend.
-        #[derive(Debug, Default)]
-        #[repr(C)]
-        pub struct CounterBlock {
-            $($(#[doc = $help])+ pub $name: AtomicU64,)+
-            closed: [AtomicU64; CloseReason::ALL.len()],
-            fallbacks: [AtomicU64; FallbackReason::ALL.len()],
-            /// Established upstream connects by how long the attempt took,
-            /// one slot per bucket of [`CONNECT_BUCKETS`] plus one past the
-            /// last bound.
-            connect_buckets: [AtomicU64; CONNECT_BUCKETS.len() + 1],
-        }
-
-        /// A sum over all workers at one moment.
-        #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-        pub struct Stats {
-            $($(#[doc = $help])+ pub $name: u64,)+
-            /// Relays closed, by reason (indexed like [`CloseReason::ALL`]).
-            pub closed: [u64; CloseReason::ALL.len()],
-            /// Directions that fell back to copy, by reason (indexed like
-            /// [`FallbackReason::ALL`]).
-            pub fallbacks: [u64; FallbackReason::ALL.len()],
-            /// Established upstream connects per latency bucket (see
-            /// [`CONNECT_BUCKETS`]; the last slot counts the slower ones).
-            pub connect_buckets: [u64; CONNECT_BUCKETS.len() + 1],
-        }
-
-        /// Every counter of [`Stats`], in declaration order.
-        pub const COUNTERS: &[CounterInfo] = &[
-            $(CounterInfo {
-                name: stringify!($name),
-                kind: Kind::$kind,
-                scope: Scope::$scope,
-                help: concat!($($help),+),
-            },)+
-        ];
-
-        impl Stats {
-            pub(crate) fn sum<'a>(blocks: impl IntoIterator<Item = &'a CounterBlock>) -> Stats {
-                let mut s = Stats::default();
-                for w in blocks {
-                    $(s.$name += w.$name.load(Relaxed);)+
-                    add_loaded(&mut s.closed, &w.closed);
-                    add_loaded(&mut s.fallbacks, &w.fallbacks);
-                    add_loaded(&mut s.connect_buckets, &w.connect_buckets);
-                }
-                s
-            }
-        }
-
-        impl std::ops::Add for Stats {
-            type Output = Stats;
-
-            fn add(mut self, other: Stats) -> Stats {
-                $(self.$name += other.$name;)+
-                add_values(&mut self.closed, &other.closed);
-                add_values(&mut self.fallbacks, &other.fallbacks);
-                add_values(&mut self.connect_buckets, &other.connect_buckets);
-                self
-            }
-        }
-
-        impl Stats {
-            /// Each counter's value, in the order of [`COUNTERS`].
-            pub fn values(&self) -> Vec<u64> {
-                vec![$(self.$name),+]
-            }
-        }
-    };
-}
-
+// Every worker has one block for its worker-scoped counters, and every
+// listener one block per worker for its listener-scoped ones; a block's
+// counters of the other scope stay zero, so any sum of blocks is right.
 counter_table! {
-    /// Connections accepted.
-    relays_accepted: Counter per Listener,
-    /// Relays alive now.
-    relays_active: Gauge per Listener,
-    /// Bytes written to a destination by splice(2).
-    bytes_spliced: Counter per Listener,
-    /// Bytes written to a destination from a userspace buffer.
-    bytes_copied: Counter per Listener,
-    /// Bytes written to the upstream by splice(2).
-    bytes_c2u_spliced: Counter per Listener,
-    /// Bytes written to the upstream from a userspace buffer.
-    bytes_c2u_copied: Counter per Listener,
-    /// Bytes written to the client by splice(2).
-    bytes_u2c_spliced: Counter per Listener,
-    /// Bytes written to the client from a userspace buffer.
-    bytes_u2c_copied: Counter per Listener,
-    /// Directions that fell back from splice to copy (no pipe, splice
-    /// refused, urgent data).
-    splice_fallbacks: Counter per Listener,
-    /// Times an auto-mode direction switched engines (always with its
-    /// buffer empty).
-    engine_switches: Counter per Listener,
-    /// Pipes held by directions now.
-    pipes_in_use: Gauge per Worker,
-    /// Empty pipes kept for reuse.
-    pipes_idle: Gauge per Worker,
-    /// Pipes created.
-    pipes_created: Counter per Worker,
-    /// The most pipes held by directions at once since the start.
-    pipes_in_use_max: Gauge per Worker,
-    /// Copy buffers held by directions now.
-    buffers_in_use: Gauge per Worker,
-    /// Times accepting paused: out of fds, or at the relay cap.
-    accept_pauses: Counter per Worker,
-    /// Times accepting paused because the process ran out of fds.
-    accept_pauses_fds: Counter per Worker,
-    /// Times accepting paused at the relay cap (clients wait in the backlog).
-    accept_pauses_cap: Counter per Worker,
-    /// Upstream connect attempts that failed.
-    upstream_connect_failures: Counter per Listener,
-    /// Upstream connects established.
-    upstream_connects: Counter per Listener,
-    /// Upstream connects that failed for the proxy's own want of fds,
-    /// socket buffers or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM): counted
-    /// against no server.
-    local_errors: Counter per Listener,
-    /// Microseconds the established upstream connects took, summed.
-    upstream_connect_micros: Counter per Listener,
-    /// Entries in the workers' deadline heaps (live and not yet swept).
-    timer_entries: Gauge per Worker,
-    /// Connections reset because the listener's allow/deny list refused
-    /// the client.
-    refused_denied: Counter per Listener,
-    /// Connections reset because their client IP was at the listener's
-    /// max-conns-per-source.
-    refused_max_conns_per_source: Counter per Listener,
-    /// Times a listener stopped accepting at its own max-conns.
-    listener_limit_pauses: Counter per Listener,
-    /// Connections reset under accept-proxy: an untrusted source, a
-    /// malformed header, or none within the deadline.
-    refused_proxy_header: Counter per Listener,
-    /// PostgreSQL CancelRequests sent on to every server of the pool.
-    pg_cancel_requests: Counter per Listener,
-    /// Active health probes run (a worker runs those of its share of the
-    /// servers, whatever pools name them).
-    health_probes: Counter per Worker,
-    /// Active health probes that got no answer (refused, reset, timed out,
-    /// a reply that is no answer).
-    health_probe_failures: Counter per Worker,
+    /// Live counters written by one worker, the block's only writer, so
+    /// the relaxed atomics never contend.
+    block CounterBlock;
+    /// A sum over all workers at one moment.
+    sum Stats;
+    /// Every listener and worker counter: names, kinds, scopes, help, and
+    /// where each is shown.
+    table COUNTERS;
+    counters {
+        /// Connections accepted.
+        relays_accepted: Counter per Listener => ["spliced_connections_accepted"
+            "Client connections accepted (or pairs handed over).", column "ACCEPTED"],
+        /// Relays alive now.
+        relays_active: Gauge per Listener => ["spliced_connections_active"
+            "Relays alive now.", column "ACTIVE"],
+        /// Bytes written to a destination by splice(2).
+        bytes_spliced: Counter per Listener => [column "SPLICE"],
+        /// Bytes written to a destination from a userspace buffer.
+        bytes_copied: Counter per Listener => [column "SPLICE"],
+        /// Bytes written to the upstream by splice(2).
+        bytes_c2u_spliced: Counter per Listener => ["spliced_bytes"
+            {direction = "client_to_upstream", engine = "splice"}
+            "Bytes written to a destination, by direction and by engine (splice: through a pipe; copy: through a userspace buffer).",
+            column "C>U/s"],
+        /// Bytes written to the upstream from a userspace buffer.
+        bytes_c2u_copied: Counter per Listener => ["spliced_bytes"
+            {direction = "client_to_upstream", engine = "copy"}, column "C>U/s"],
+        /// Bytes written to the client by splice(2).
+        bytes_u2c_spliced: Counter per Listener => ["spliced_bytes"
+            {direction = "upstream_to_client", engine = "splice"}, column "U>C/s"],
+        /// Bytes written to the client from a userspace buffer.
+        bytes_u2c_copied: Counter per Listener => ["spliced_bytes"
+            {direction = "upstream_to_client", engine = "copy"}, column "U>C/s"],
+        /// Directions that fell back from splice to copy (no pipe, splice
+        /// refused, urgent data).
+        splice_fallbacks: Counter per Listener => [column "FALLBK"],
+        /// Times an auto-mode direction switched engines (always with its
+        /// buffer empty).
+        engine_switches: Counter per Listener => ["spliced_engine_switches"
+            "Times a direction of an auto-mode listener switched between copy and splice."],
+        /// Pipes held by directions now.
+        pipes_in_use: Gauge per Worker => ["spliced_pipes_in_use"
+            "Pipes held by directions now.", column "PIPES-USE"],
+        /// Empty pipes kept for reuse.
+        pipes_idle: Gauge per Worker => ["spliced_pipes_pooled"
+            "Empty pipes kept for reuse.", column "POOLED"],
+        /// Pipes created.
+        pipes_created: Counter per Worker => ["spliced_pipes_created" "Pipes created."],
+        /// The most pipes held by directions at once since the start.
+        pipes_in_use_max: Gauge per Worker => ["spliced_pipes_in_use_max"
+            "The most pipes held by directions at once since the start.", column "PIPES-MAX"],
+        /// Copy buffers held by directions now.
+        buffers_in_use: Gauge per Worker => ["spliced_copy_buffers_in_use"
+            "Userspace copy buffers held by directions now.", column "BUFFERS"],
+        /// Times accepting paused: out of fds, or at the relay cap.
+        accept_pauses: Counter per Worker => [column "PAUSES"],
+        /// Times accepting paused because the process ran out of fds.
+        accept_pauses_fds: Counter per Worker => ["spliced_accept_pauses" {reason = "fds"}
+            "Times a worker paused accepting, by reason (fds: out of file descriptors; relay-cap: at --max-conns, clients wait in the backlog)."],
+        /// Times accepting paused at the relay cap (clients wait in the backlog).
+        accept_pauses_cap: Counter per Worker => ["spliced_accept_pauses" {reason = "relay-cap"}],
+        /// Upstream connect attempts that failed.
+        upstream_connect_failures: Counter per Listener => ["spliced_upstream_connect_failures"
+            "Upstream connect attempts that failed (each failed server of a failover counts).",
+            column "CONN-FAIL"],
+        /// Upstream connects established.
+        upstream_connects: Counter per Listener => [],
+        /// Upstream connects that failed for the proxy's own want of fds,
+        /// socket buffers or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM): counted
+        /// against no server.
+        local_errors: Counter per Listener => ["spliced_local_errors" {op = "connect"}
+            "Operations that failed for the proxy's own want of fds, socket buffers or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM), by operation; counted against no server. op=connect: an upstream connect, whose client was closed (reason local-error).",
+            column "LOCAL-ERR"],
+        /// Microseconds the established upstream connects took, summed.
+        upstream_connect_micros: Counter per Listener => [],
+        /// Entries in the workers' deadline heaps (live and not yet swept).
+        timer_entries: Gauge per Worker => ["spliced_timer_entries"
+            "Entries in a worker's deadline heap (live and not yet swept).", column "TIMERS"],
+        /// Connections reset because the listener's allow/deny list refused
+        /// the client.
+        refused_denied: Counter per Listener => ["spliced_connections_refused"
+            {limit = "allow-deny"}
+            "Client connections reset before any upstream connect, by limit: allow-deny (the listener's access lists), max-conns-per-source, or proxy-header (accept-proxy: untrusted source, bad or missing header)."],
+        /// Connections reset because their client IP was at the listener's
+        /// max-conns-per-source.
+        refused_max_conns_per_source: Counter per Listener => ["spliced_connections_refused"
+            {limit = "max-conns-per-source"}],
+        /// Times a listener stopped accepting at its own max-conns.
+        listener_limit_pauses: Counter per Listener => ["spliced_listener_limit_pauses"
+            "Times a listener stopped accepting at its own max-conns (clients wait in the backlog)."],
+        /// Connections reset under accept-proxy: an untrusted source, a
+        /// malformed header, or none within the deadline.
+        refused_proxy_header: Counter per Listener => ["spliced_connections_refused"
+            {limit = "proxy-header"}],
+        /// PostgreSQL CancelRequests sent on to every server of the pool.
+        pg_cancel_requests: Counter per Listener => ["spliced_pg_cancel_requests"
+            "PostgreSQL CancelRequests sent on to every server of the pool (protocol = \"postgres\")."],
+        /// Active health probes run (a worker runs those of its share of the
+        /// servers, whatever pools name them).
+        health_probes: Counter per Worker => ["spliced_health_probes"
+            "Active health probes a worker ran (each server is probed by one worker)."],
+        /// Active health probes that got no answer (refused, reset, timed out,
+        /// a reply that is no answer).
+        health_probe_failures: Counter per Worker => ["spliced_health_probe_failures"
+            "Of those, the probes that got no answer (refused, reset, timed out, a reply that is no answer); role answers and check errors are answers."],
+    }
+    by_reason {
+        /// Relays closed, by reason (indexed like [`CloseReason::ALL`]).
+        closed[CloseReason]: per Listener
+            => "spliced_connections_closed" {reason} "Relays closed, by reason.",
+        /// Directions that fell back to copy, by reason (indexed like
+        /// [`FallbackReason::ALL`]).
+        fallbacks[FallbackReason]: per Listener
+            => "spliced_splice_fallbacks" {reason} "Directions that switched from splice to copy, by reason.",
+    }
+    histograms {
+        /// Established upstream connects per latency bucket (see
+        /// [`CONNECT_BUCKETS`]; the last slot counts the slower ones).
+        connect_buckets[CONNECT_BUCKETS]: per Listener,
+            count upstream_connects, micros upstream_connect_micros
+            => "spliced_upstream_connect_duration_seconds"
+            "Time from starting an upstream connect to its establishment, per attempt that succeeded.",
+    }
 }
 
 /// Upper bounds (seconds) of the connect latency histogram's buckets.
@@ -280,59 +245,56 @@ pub const CONNECT_BUCKETS: [f64; 14] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
-/// One server's counters as one worker writes them: a relay remembers the
-/// block of the server it connected to and adds its bytes there beside its
-/// listener's, so the data path pays one more relaxed add per transfer and
-/// no lock. Summed over workers into [`ServerStats`].
-#[derive(Debug, Default)]
-#[repr(C)]
-pub struct ServerBlock {
-    /// Connect attempts started to the server.
-    pub connect_attempts: AtomicU64,
-    /// Connect attempts that failed (refused, unreachable, timed out).
-    pub connect_failures: AtomicU64,
-    /// Connects established.
-    pub connects: AtomicU64,
-    /// Microseconds the established connects took, summed.
-    pub connect_micros: AtomicU64,
-    /// Established connects per latency bucket, as [`CONNECT_BUCKETS`].
-    pub connect_buckets: [AtomicU64; CONNECT_BUCKETS.len() + 1],
-    pub bytes_c2u_spliced: AtomicU64,
-    pub bytes_c2u_copied: AtomicU64,
-    pub bytes_u2c_spliced: AtomicU64,
-    pub bytes_u2c_copied: AtomicU64,
-    /// Relays connected to the server that closed.
-    pub relays_closed: AtomicU64,
-}
-
-/// The names of [`ServerBlock`]'s counters, in layout order: part of the
-/// stats file's fingerprint.
-pub(crate) const SERVER_COUNTERS: &[&str] = &[
-    "connect_attempts",
-    "connect_failures",
-    "connects",
-    "connect_micros",
-    "connect_buckets",
-    "bytes_c2u_spliced",
-    "bytes_c2u_copied",
-    "bytes_u2c_spliced",
-    "bytes_u2c_copied",
-    "relays_closed",
-];
-
-/// A server's counters summed over workers.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct ServerStats {
-    pub connect_attempts: u64,
-    pub connect_failures: u64,
-    pub connects: u64,
-    pub connect_micros: u64,
-    pub connect_buckets: [u64; CONNECT_BUCKETS.len() + 1],
-    pub bytes_c2u_spliced: u64,
-    pub bytes_c2u_copied: u64,
-    pub bytes_u2c_spliced: u64,
-    pub bytes_u2c_copied: u64,
-    pub relays_closed: u64,
+counter_table! {
+    /// One server's counters as one worker writes them: a relay remembers
+    /// the block of the server it connected to and adds its bytes there
+    /// beside its listener's, so the data path pays one more relaxed add per
+    /// transfer and no lock. Summed over workers into [`ServerStats`].
+    block ServerBlock;
+    /// A server's counters summed over workers.
+    sum ServerStats;
+    /// Every per-server counter: names, kinds, help, and where each is
+    /// shown (labelled by listener and server).
+    table SERVER_COUNTERS;
+    counters {
+        /// Connect attempts started to the server.
+        connect_attempts: Counter per Server => ["spliced_server_connect_attempts"
+            "Upstream connects started to the server (each server of a failover counts once)."],
+        /// Connect attempts that failed (refused, unreachable, timed out).
+        connect_failures: Counter per Server => ["spliced_server_connect_failures"
+            "Upstream connects to the server that failed (refused, unreachable, timed out).",
+            column "FAILS"],
+        /// Connects established.
+        connects: Counter per Server => [column "CONNECTS"],
+        /// Microseconds the established connects took, summed.
+        connect_micros: Counter per Server => [],
+        /// Bytes written to the server by splice(2).
+        bytes_c2u_spliced: Counter per Server => ["spliced_server_bytes"
+            {direction = "client_to_upstream", engine = "splice"}
+            "Bytes relayed through the server's relays, by direction and by engine (splice: through a pipe; copy: through a userspace buffer).",
+            column "C>U/s"],
+        /// Bytes written to the server from a userspace buffer.
+        bytes_c2u_copied: Counter per Server => ["spliced_server_bytes"
+            {direction = "client_to_upstream", engine = "copy"}, column "C>U/s"],
+        /// Bytes the server sent, written to the client by splice(2).
+        bytes_u2c_spliced: Counter per Server => ["spliced_server_bytes"
+            {direction = "upstream_to_client", engine = "splice"}, column "U>C/s"],
+        /// Bytes the server sent, written to the client from a userspace
+        /// buffer.
+        bytes_u2c_copied: Counter per Server => ["spliced_server_bytes"
+            {direction = "upstream_to_client", engine = "copy"}, column "U>C/s"],
+        /// Relays connected to the server that closed.
+        relays_closed: Counter per Server => ["spliced_server_connections_closed"
+            "Relays connected to the server that closed."],
+    }
+    by_reason {}
+    histograms {
+        /// Established connects per latency bucket, as [`CONNECT_BUCKETS`].
+        connect_buckets[CONNECT_BUCKETS]: per Server,
+            count connects, micros connect_micros
+            => "spliced_server_connect_duration_seconds"
+            "Time from starting a connect to the server to its establishment, per attempt that succeeded.",
+    }
 }
 
 impl ServerBlock {
@@ -357,23 +319,6 @@ impl ServerBlock {
 }
 
 impl ServerStats {
-    pub(crate) fn sum<'a>(blocks: impl IntoIterator<Item = &'a ServerBlock>) -> ServerStats {
-        let mut s = ServerStats::default();
-        for b in blocks {
-            s.connect_attempts += b.connect_attempts.load(Relaxed);
-            s.connect_failures += b.connect_failures.load(Relaxed);
-            s.connects += b.connects.load(Relaxed);
-            s.connect_micros += b.connect_micros.load(Relaxed);
-            add_loaded(&mut s.connect_buckets, &b.connect_buckets);
-            s.bytes_c2u_spliced += b.bytes_c2u_spliced.load(Relaxed);
-            s.bytes_c2u_copied += b.bytes_c2u_copied.load(Relaxed);
-            s.bytes_u2c_spliced += b.bytes_u2c_spliced.load(Relaxed);
-            s.bytes_u2c_copied += b.bytes_u2c_copied.load(Relaxed);
-            s.relays_closed += b.relays_closed.load(Relaxed);
-        }
-        s
-    }
-
     /// Bytes client→server, both engines.
     pub fn bytes_c2u(&self) -> u64 {
         self.bytes_c2u_spliced + self.bytes_c2u_copied
@@ -382,25 +327,6 @@ impl ServerStats {
     /// Bytes server→client, both engines.
     pub fn bytes_u2c(&self) -> u64 {
         self.bytes_u2c_spliced + self.bytes_u2c_copied
-    }
-}
-
-/// Adds another sum of the same server (another worker's, or another
-/// listener's view of the address) field by field.
-impl std::ops::AddAssign<&ServerStats> for ServerStats {
-    fn add_assign(&mut self, other: &ServerStats) {
-        self.connect_attempts += other.connect_attempts;
-        self.connect_failures += other.connect_failures;
-        self.connects += other.connects;
-        self.connect_micros += other.connect_micros;
-        for (a, b) in self.connect_buckets.iter_mut().zip(&other.connect_buckets) {
-            *a += b;
-        }
-        self.bytes_c2u_spliced += other.bytes_c2u_spliced;
-        self.bytes_c2u_copied += other.bytes_c2u_copied;
-        self.bytes_u2c_spliced += other.bytes_u2c_spliced;
-        self.bytes_u2c_copied += other.bytes_u2c_copied;
-        self.relays_closed += other.relays_closed;
     }
 }
 
@@ -435,7 +361,18 @@ impl FallbackReason {
         FallbackReason::UrgentData,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    /// Each reason's name, in the order of [`FallbackReason::ALL`].
+    pub const NAMES: [&'static str; 4] = {
+        let mut names = [""; 4];
+        let mut i = 0;
+        while i < names.len() {
+            names[i] = Self::ALL[i].as_str();
+            i += 1;
+        }
+        names
+    };
+
+    pub const fn as_str(self) -> &'static str {
         match self {
             FallbackReason::PipeCap => "pipe-cap",
             FallbackReason::NoPipe => "no-pipe",
@@ -507,15 +444,80 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_table_names_every_counter_once_with_help() {
-        let mut names: Vec<&str> = COUNTERS.iter().map(|c| c.name).collect();
-        assert_eq!(names.len(), Stats::default().values().len());
-        names.sort();
-        names.dedup();
-        assert_eq!(names.len(), COUNTERS.len(), "a counter is declared twice");
-        assert!(COUNTERS.iter().all(|c| !c.help.trim().is_empty()));
-        // Closes are counted per listener, beside the table.
-        assert!(COUNTERS.iter().any(|c| c.scope == Scope::Worker));
+    fn each_table_names_every_value_once_with_help() {
+        for (table, words) in [
+            (COUNTERS, Stats::default().words_mut().len()),
+            (SERVER_COUNTERS, ServerStats::default().words_mut().len()),
+        ] {
+            let mut names: Vec<&str> = table.names().collect();
+            names.sort();
+            names.dedup();
+            assert_eq!(
+                names.len(),
+                table.names().count(),
+                "a name is declared twice"
+            );
+            assert!(table.counters.iter().all(|c| !c.help.trim().is_empty()));
+            let arrays: usize = table
+                .by_reason
+                .iter()
+                .map(|r| r.reasons.len())
+                .sum::<usize>()
+                + table
+                    .histograms
+                    .iter()
+                    .map(|h| h.bounds.len() + 1)
+                    .sum::<usize>();
+            assert_eq!(table.counters.len() + arrays, words);
+        }
+        assert!(COUNTERS.counters.iter().any(|c| c.scope == Scope::Worker));
+    }
+
+    /// The members of one `/metrics` family agree on kind, scope and label
+    /// names, differ in label values, and one of them gives the help.
+    #[test]
+    fn families_are_consistent() {
+        for table in [COUNTERS, SERVER_COUNTERS] {
+            let members = |family: &str| -> Vec<(&CounterInfo, Metric)> {
+                table
+                    .counters
+                    .iter()
+                    .filter_map(|c| c.shown.metric.map(|m| (c, m)))
+                    .filter(|(_, m)| m.family == family)
+                    .collect()
+            };
+            for c in table.counters {
+                let Some(m) = c.shown.metric else { continue };
+                assert!(m.family.starts_with("spliced_"), "{}", m.family);
+                let all = members(m.family);
+                let (first, first_m) = all[0];
+                let keys = |m: &Metric| m.labels.iter().map(|l| l.0).collect::<Vec<_>>();
+                assert_eq!((c.kind, c.scope), (first.kind, first.scope), "{}", c.name);
+                assert_eq!(keys(&m), keys(&first_m), "{}", c.name);
+                let same = all.iter().filter(|(_, o)| o.labels == m.labels).count();
+                assert_eq!(same, 1, "{}: two members with the same labels", c.name);
+                let helps = all.iter().filter(|(_, o)| o.help.is_some()).count();
+                assert_eq!(helps, 1, "{}: give its help once", m.family);
+            }
+            // A counter no family shows is a histogram's count or sum.
+            for c in table.counters {
+                if c.shown.metric.is_none() && c.shown.column.is_none() {
+                    assert!(
+                        table
+                            .histograms
+                            .iter()
+                            .any(|h| h.count == c.name || h.sum_micros == c.name),
+                        "{} is shown nowhere",
+                        c.name
+                    );
+                }
+            }
+            for h in table.histograms {
+                assert!(
+                    table.position(h.count).is_some() && table.position(h.sum_micros).is_some()
+                );
+            }
+        }
     }
 
     #[test]
@@ -526,13 +528,34 @@ mod tests {
         CounterBlock::add(&b.relays_active, 2);
         CounterBlock::sub(&b.relays_active, 1);
         b.closed(CloseReason::Idle);
+        b.connected(std::time::Duration::from_millis(3));
         let s = Stats::sum([&a, &b]);
         assert_eq!(s.bytes_spliced, 12);
         assert_eq!(s.relays_active, 1);
         assert_eq!(s.closed(CloseReason::Idle), 1);
         assert_eq!(s.closed_total(), 1);
-        let at = |name| COUNTERS.iter().position(|c| c.name == name).unwrap();
+        let at = |name| COUNTERS.position(name).unwrap();
         assert_eq!(s.values()[at("bytes_spliced")], 12);
-        assert_eq!(COUNTERS[at("relays_active")].kind, Kind::Gauge);
+        assert_eq!(COUNTERS.counters[at("relays_active")].kind, Kind::Gauge);
+        assert_eq!(s.by_reason()[0][CloseReason::Idle as usize], 1);
+        let h = s.histograms()[0];
+        assert_eq!((h.count, h.sum_micros), (1, 3000));
+        assert_eq!(h.buckets.iter().sum::<u64>(), 1);
+        let doubled = s.clone() + s.clone();
+        assert_eq!(doubled.bytes_spliced, 24);
+        assert_eq!(doubled.connect_buckets.iter().sum::<u64>(), 2);
+    }
+
+    #[test]
+    fn server_sums_add_workers() {
+        let (a, b) = (ServerBlock::default(), ServerBlock::default());
+        a.moved(true, false, 4);
+        b.moved(true, false, 6);
+        b.connected(std::time::Duration::from_secs(9));
+        let mut s = ServerStats::sum([&a, &b]);
+        assert_eq!((s.bytes_u2c(), s.connects), (10, 1));
+        assert_eq!(s.connect_buckets[CONNECT_BUCKETS.len()], 1);
+        s += &s.clone();
+        assert_eq!((s.bytes_u2c_copied, s.connect_micros), (20, 18_000_000));
     }
 }

@@ -10,20 +10,22 @@
 //!
 //! Layout of the 64 bits: bit 63 clear for relays, with the side in bit 0,
 //! the key in bits 1..32 and the id's low 31 bits in bits 32..63. With bit
-//! 63 set, bits 61..63 name the kind (waker, listener, and room for more,
-//! health probes, pre-relay connections) and the low bits an index.
+//! 63 set, bits 60..63 name the kind (waker, listener, health probes,
+//! pre-relay connections, refused clients being told why, and room for
+//! three more) and the low bits an index.
 
 use mio::Token;
 
 use crate::relay::Peer;
 
 const OTHER: usize = 1 << 63;
-const KIND_SHIFT: u32 = 61;
-const KIND_MASK: usize = 0b11;
+const KIND_SHIFT: u32 = 60;
+const KIND_MASK: usize = 0b111;
 const KIND_WAKER: usize = 0;
 const KIND_LISTENER: usize = 1;
 const KIND_PROBE: usize = 2;
 const KIND_PREFACE: usize = 3;
+const KIND_FAREWELL: usize = 4;
 const KEY_BITS: u32 = 31;
 const KEY_MASK: usize = (1 << KEY_BITS) - 1;
 const ID_SHIFT: u32 = 32;
@@ -56,6 +58,8 @@ pub(crate) enum Owner {
     /// A connection before its relay starts: a client whose first bytes
     /// are read, or a cancel request on its way to a server.
     Preface(usize),
+    /// A refused client being told why (its key in the worker's farewells).
+    Farewell(usize),
     Relay(RelayRef, Peer),
 }
 
@@ -73,6 +77,10 @@ pub(crate) fn probe(key: usize) -> Token {
 
 pub(crate) fn preface(key: usize) -> Token {
     Token(OTHER | (KIND_PREFACE << KIND_SHIFT) | (key & KEY_MASK))
+}
+
+pub(crate) fn farewell(key: usize) -> Token {
+    Token(OTHER | (KIND_FAREWELL << KIND_SHIFT) | (key & KEY_MASK))
 }
 
 /// The token of one of a relay's sockets. Keys past 2^31 cannot occur: the
@@ -100,6 +108,7 @@ pub(crate) fn decode(token: Token) -> Owner {
         KIND_LISTENER => Owner::Listener(t & KEY_MASK),
         KIND_PROBE => Owner::Probe(t & KEY_MASK),
         KIND_PREFACE => Owner::Preface(t & KEY_MASK),
+        KIND_FAREWELL => Owner::Farewell(t & KEY_MASK),
         _ => Owner::Waker,
     }
 }
@@ -148,6 +157,7 @@ mod tests {
         for i in [0, 9] {
             assert_eq!(decode(probe(i)), Owner::Probe(i));
             assert_eq!(decode(preface(i)), Owner::Preface(i));
+            assert_eq!(decode(farewell(i)), Owner::Farewell(i));
         }
     }
 }

@@ -472,10 +472,24 @@ fn a_local_shortage_closes_the_client_and_blames_no_server(mode: Mode) {
     // The next client is accepted on the last fd; its upstream socket
     // cannot be had.
     let mut c = connect(proxy.addr);
-    // An SSLRequest: a first packet that is no CancelRequest.
+    // An SSLRequest: a first packet that is no CancelRequest. No server
+    // answers it: spliced does, as a PostgreSQL server without TLS, and
+    // after the startup packet tells the client why it is turned away.
     c.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).unwrap();
-    let (back, _) = read_until_closed(&mut c, T);
-    assert!(back.is_empty(), "no server answered: {back:?}");
+    let n = read_exact_within(&mut c, 1, T).expect("the answer to the SSLRequest");
+    assert_eq!(n, b"N");
+    let startup = b"\0\0\0\x12\0\x03\0\0user\0app\0\0";
+    assert_eq!(startup.len(), 0x12);
+    c.write_all(startup).unwrap();
+    let (back, ending) = read_until_closed(&mut c, T);
+    let message = b"spliced: out of file descriptors or memory for listener db";
+    let mut error = b"E\0\0\0\0SFATAL\0VFATAL\0C53000\0M".to_vec();
+    error.extend_from_slice(message);
+    error.extend_from_slice(b"\0\0");
+    let len = (error.len() - 1) as u32;
+    error[1..5].copy_from_slice(&len.to_be_bytes());
+    assert_eq!(back, error, "{}", String::from_utf8_lossy(&back));
+    assert_eq!(ending, Ending::Eof);
 
     let stats = || {
         let out = std::process::Command::new(bin())
@@ -490,6 +504,14 @@ fn a_local_shortage_closes_the_client_and_blames_no_server(mode: Mode) {
     wait_until(T, "the close is counted", || {
         table = stats();
         table.contains("local-error=1")
+    });
+    // The warning follows the counter: log lines reach stderr through a
+    // writer thread, within milliseconds.
+    wait_until(T, "the warning naming the proxy's own shortage", || {
+        proxy
+            .logs()
+            .iter()
+            .any(|l| l.contains("for the proxy's own want of resources"))
     });
     let log = proxy.logs().join("\n");
     assert!(!table.contains("connect-failed"), "{table}");

@@ -3,7 +3,10 @@
 //!
 //! Nothing is registered ahead: a [`Collector`] reads one [`Snapshot`] per
 //! scrape (plain atomic loads of the blocks the workers write), so a scrape
-//! never takes a lock a worker could wait on.
+//! never takes a lock a worker could wait on. The counter families come
+//! from the counter tables ([`COUNTERS`], [`SERVER_COUNTERS`]); written here
+//! are only the values no block holds: the pools' view of each server, the
+//! relays per worker, and the instance's state.
 
 use std::collections::BTreeMap;
 use std::fmt::Error;
@@ -17,7 +20,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::shm::{Arena, InstanceState, Snapshot};
-use crate::stats::{CloseReason, FallbackReason, ServerStats, Stats, CONNECT_BUCKETS};
+use crate::stats::{Kind, Scope, ServerStats, Table, Values, COUNTERS, SERVER_COUNTERS};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -67,20 +70,138 @@ impl std::fmt::Debug for Spliced {
 
 impl Collector for Spliced {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), Error> {
-        let snap = self.arena.snapshot();
-        for f in families(&snap) {
-            f.encode(&mut encoder)?;
-        }
-        for f in server_families(&(self.servers)()) {
-            f.encode(&mut encoder)?;
-        }
-        let servers = server_totals(&snap);
-        for f in server_counter_families(&servers) {
-            f.encode(&mut encoder)?;
-        }
-        encode_connect_histogram(&snap, &mut encoder)?;
-        encode_server_connect_histogram(&servers, &mut encoder)
+        encode(&self.arena.snapshot(), &(self.servers)(), &mut encoder)
     }
+}
+
+/// Every family of a snapshot and the pools' view of their servers.
+fn encode(
+    snap: &Snapshot,
+    samples: &[(String, crate::upstream::ServerSample)],
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), Error> {
+    let listeners: Vec<(Labels, crate::stats::Stats)> = snap
+        .listeners
+        .iter()
+        .map(|l| (listener(&l.name), l.total()))
+        .collect();
+    let workers: Vec<(Labels, crate::stats::Stats)> = snap
+        .workers
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (vec![("worker", i.to_string())], w.clone()))
+        .collect();
+    let servers: Vec<(Labels, ServerStats)> = server_totals(snap)
+        .into_iter()
+        .map(|((name, addr), s)| (with(listener(&name), "server", &addr), s))
+        .collect();
+    let tables = [
+        (&COUNTERS, Scope::Listener, &listeners),
+        (&COUNTERS, Scope::Worker, &workers),
+    ];
+    for (table, scope, rows) in tables {
+        for f in table_families(table, scope, rows) {
+            f.encode(encoder)?;
+        }
+    }
+    for f in instance_families(snap) {
+        f.encode(encoder)?;
+    }
+    for f in server_families(samples) {
+        f.encode(encoder)?;
+    }
+    for f in table_families(&SERVER_COUNTERS, Scope::Server, &servers) {
+        f.encode(encoder)?;
+    }
+    encode_histograms(&COUNTERS, Scope::Listener, &listeners, encoder)?;
+    encode_histograms(&SERVER_COUNTERS, Scope::Server, &servers, encoder)
+}
+
+/// The families a counter table declares for one scope, over `rows` (the
+/// labels of a listener, worker or server, and its summed values): its
+/// counters, grouped into families by name in table order, then its
+/// per-reason arrays. Histograms are encoded apart.
+fn table_families<S: Values>(table: &Table, scope: Scope, rows: &[(Labels, S)]) -> Vec<Family> {
+    let mut out: Vec<Family> = Vec::new();
+    let mut members = Vec::new();
+    for (i, c) in table.counters.iter().enumerate() {
+        let Some(m) = c.shown.metric.filter(|_| c.scope == scope) else {
+            continue;
+        };
+        let at = match out.iter().position(|f| f.name == m.family) {
+            Some(at) => at,
+            None => {
+                let kind = match c.kind {
+                    Kind::Counter => MetricType::Counter,
+                    Kind::Gauge => MetricType::Gauge,
+                };
+                out.push(family(m.family, "", kind));
+                out.len() - 1
+            }
+        };
+        if let Some(help) = m.help {
+            out[at].help = help;
+        }
+        members.push((at, i, m.labels));
+    }
+    let reasons: Vec<_> = table
+        .by_reason
+        .iter()
+        .filter(|r| r.scope == scope)
+        .collect();
+    let first_reason = out.len();
+    for r in &reasons {
+        out.push(family(r.family, r.help, MetricType::Counter));
+    }
+    for (labels, s) in rows {
+        let values = s.values();
+        for &(at, i, extra) in &members {
+            let mut l = labels.clone();
+            l.extend(extra.iter().map(|&(k, v)| (k, v.to_string())));
+            out[at].values.push((l, values[i]));
+        }
+        let arrays = s.by_reason();
+        let in_scope = table
+            .by_reason
+            .iter()
+            .zip(arrays)
+            .filter(|(r, _)| r.scope == scope);
+        for (n, (r, counts)) in in_scope.enumerate() {
+            for (reason, &v) in r.reasons.iter().zip(counts) {
+                let l = with(labels.clone(), r.label, reason);
+                out[first_reason + n].values.push((l, v));
+            }
+        }
+    }
+    out
+}
+
+/// The histograms a counter table declares for one scope, over `rows`.
+fn encode_histograms<S: Values>(
+    table: &Table,
+    scope: Scope,
+    rows: &[(Labels, S)],
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), Error> {
+    for (n, h) in table.histograms.iter().enumerate() {
+        if h.scope != scope {
+            continue;
+        }
+        let mut metric =
+            encoder.encode_descriptor(h.family, h.help, None, MetricType::Histogram)?;
+        for (labels, s) in rows {
+            let values = s.histograms()[n];
+            // Per-bucket counts (not cumulative; the encoder adds them up)
+            // with their upper bounds, the last one +Inf.
+            let bounds = h.bounds.iter().copied().chain([f64::INFINITY]);
+            let buckets: Vec<(f64, u64)> = bounds.zip(values.buckets.iter().copied()).collect();
+            let sum = values.sum_micros as f64 / 1e6;
+            metric
+                .encode_family(labels)?
+                .encode_histogram::<NoLabelSet>(sum, values.count, &buckets, None)?;
+        }
+    }
+    Ok(())
 }
 
 /// Each server's counters by (listener, address). Two slots with the same
@@ -92,85 +213,6 @@ fn server_totals(snap: &Snapshot) -> BTreeMap<(String, String), ServerStats> {
         *out.entry((s.listener.clone(), s.addr.clone())).or_default() += &s.total();
     }
     out
-}
-
-/// Per server: connect attempts and failures, bytes each way by engine,
-/// relays closed (from the server slots of the stats mapping).
-fn server_counter_families(servers: &BTreeMap<(String, String), ServerStats>) -> Vec<Family> {
-    use MetricType::Counter;
-    let mut attempts = family(
-        "spliced_server_connect_attempts",
-        "Upstream connects started to the server (each server of a failover counts once).",
-        Counter,
-    );
-    let mut failures = family(
-        "spliced_server_connect_failures",
-        "Upstream connects to the server that failed (refused, unreachable, timed out).",
-        Counter,
-    );
-    let mut bytes = family(
-        "spliced_server_bytes",
-        "Bytes relayed through the server's relays, by direction and by engine (splice: through a pipe; copy: through a userspace buffer).",
-        Counter,
-    );
-    let mut closed = family(
-        "spliced_server_connections_closed",
-        "Relays connected to the server that closed.",
-        Counter,
-    );
-    for ((name, addr), s) in servers {
-        let at = with(listener(name), "server", addr);
-        attempts.values.push((at.clone(), s.connect_attempts));
-        failures.values.push((at.clone(), s.connect_failures));
-        closed.values.push((at.clone(), s.relays_closed));
-        for (direction, engine, v) in [
-            ("client_to_upstream", "splice", s.bytes_c2u_spliced),
-            ("client_to_upstream", "copy", s.bytes_c2u_copied),
-            ("upstream_to_client", "splice", s.bytes_u2c_spliced),
-            ("upstream_to_client", "copy", s.bytes_u2c_copied),
-        ] {
-            let labels = with(with(at.clone(), "direction", direction), "engine", engine);
-            bytes.values.push((labels, v));
-        }
-    }
-    vec![attempts, failures, bytes, closed]
-}
-
-fn encode_server_connect_histogram(
-    servers: &BTreeMap<(String, String), ServerStats>,
-    encoder: &mut DescriptorEncoder,
-) -> Result<(), Error> {
-    let mut metric = encoder.encode_descriptor(
-        "spliced_server_connect_duration_seconds",
-        "Time from starting a connect to the server to its establishment, per attempt that succeeded.",
-        None,
-        MetricType::Histogram,
-    )?;
-    for ((name, addr), s) in servers {
-        let sum = s.connect_micros as f64 / 1e6;
-        let labels = with(listener(name), "server", addr);
-        metric
-            .encode_family(&labels)?
-            .encode_histogram::<NoLabelSet>(
-                sum,
-                s.connects,
-                &histogram_buckets(&s.connect_buckets),
-                None,
-            )?;
-    }
-    Ok(())
-}
-
-/// Per-bucket counts (not cumulative; the encoder adds them up) with their
-/// upper bounds, the last one +Inf.
-fn histogram_buckets(counts: &[u64; CONNECT_BUCKETS.len() + 1]) -> Vec<(f64, u64)> {
-    let mut buckets: Vec<(f64, u64)> = CONNECT_BUCKETS
-        .iter()
-        .zip(counts)
-        .map(|(&bound, &n)| (bound, n))
-        .collect();
-    buckets.push((f64::INFINITY, counts[CONNECT_BUCKETS.len()]));
-    buckets
 }
 
 /// Per server of each listener's pool: whether it takes new relays, its
@@ -253,181 +295,26 @@ fn with(mut labels: Labels, key: &'static str, value: &str) -> Labels {
     labels
 }
 
-/// Every counter and gauge but the histogram, in the order of
-/// docs/OPERATIONS.md.
-fn families(snap: &Snapshot) -> Vec<Family> {
-    use MetricType::{Counter, Gauge};
-    let mut accepted = family(
-        "spliced_connections_accepted",
-        "Client connections accepted (or pairs handed over).",
-        Counter,
-    );
-    let mut active = family("spliced_connections_active", "Relays alive now.", Gauge);
-    let mut closed = family(
-        "spliced_connections_closed",
-        "Relays closed, by reason.",
-        Counter,
-    );
-    let mut bytes = family(
-        "spliced_bytes",
-        "Bytes written to a destination, by direction and by engine (splice: through a pipe; copy: through a userspace buffer).",
-        Counter,
-    );
-    let mut fallbacks = family(
-        "spliced_splice_fallbacks",
-        "Directions that switched from splice to copy, by reason.",
-        Counter,
-    );
-    let mut connect_failures = family(
-        "spliced_upstream_connect_failures",
-        "Upstream connect attempts that failed (each failed server of a failover counts).",
-        Counter,
-    );
-    let mut local_errors = family(
-        "spliced_local_errors",
-        "Operations that failed for the proxy's own want of fds, socket buffers or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM), by operation; counted against no server. op=connect: an upstream connect, whose client was closed (reason local-error).",
-        Counter,
-    );
-    let mut refused = family(
-        "spliced_connections_refused",
-        "Client connections reset before any upstream connect, by limit: allow-deny (the listener's access lists), max-conns-per-source, or proxy-header (accept-proxy: untrusted source, bad or missing header).",
-        Counter,
-    );
-    let mut limit_pauses = family(
-        "spliced_listener_limit_pauses",
-        "Times a listener stopped accepting at its own max-conns (clients wait in the backlog).",
-        Counter,
-    );
-    let mut cancels = family(
-        "spliced_pg_cancel_requests",
-        "PostgreSQL CancelRequests sent on to every server of the pool (protocol = \"postgres\").",
-        Counter,
-    );
-    let mut switches = family(
-        "spliced_engine_switches",
-        "Times a direction of an auto-mode listener switched between copy and splice.",
-        Counter,
-    );
-    for l in &snap.listeners {
-        let s = l.total();
-        let at = listener(&l.name);
-        refused
-            .values
-            .push((with(at.clone(), "limit", "allow-deny"), s.refused_denied));
-        refused.values.push((
-            with(at.clone(), "limit", "max-conns-per-source"),
-            s.refused_max_conns_per_source,
-        ));
-        refused.values.push((
-            with(at.clone(), "limit", "proxy-header"),
-            s.refused_proxy_header,
-        ));
-        limit_pauses
-            .values
-            .push((at.clone(), s.listener_limit_pauses));
-        switches.values.push((at.clone(), s.engine_switches));
-        cancels.values.push((at.clone(), s.pg_cancel_requests));
-        accepted.values.push((at.clone(), s.relays_accepted));
-        active.values.push((at.clone(), s.relays_active));
-        connect_failures
-            .values
-            .push((at.clone(), s.upstream_connect_failures));
-        local_errors
-            .values
-            .push((with(at.clone(), "op", "connect"), s.local_errors));
-        for reason in CloseReason::ALL {
-            closed.values.push((
-                with(at.clone(), "reason", reason.as_str()),
-                s.closed(reason),
-            ));
-        }
-        for reason in FallbackReason::ALL {
-            fallbacks.values.push((
-                with(at.clone(), "reason", reason.as_str()),
-                s.fallbacks(reason),
-            ));
-        }
-        for (direction, engine, v) in [
-            ("client_to_upstream", "splice", s.bytes_c2u_spliced),
-            ("client_to_upstream", "copy", s.bytes_c2u_copied),
-            ("upstream_to_client", "splice", s.bytes_u2c_spliced),
-            ("upstream_to_client", "copy", s.bytes_u2c_copied),
-        ] {
-            let labels = with(with(at.clone(), "direction", direction), "engine", engine);
-            bytes.values.push((labels, v));
-        }
-    }
+/// The instance's families no counter block holds: the relays each worker
+/// holds (a sum over listeners), whether it drains, and when it started.
+fn instance_families(snap: &Snapshot) -> Vec<Family> {
     let mut relays = family(
         "spliced_worker_relays",
         "Relays a worker holds now, over all its listeners.",
-        Gauge,
+        MetricType::Gauge,
     );
-    let mut pipes_in_use = family(
-        "spliced_pipes_in_use",
-        "Pipes held by directions now.",
-        Gauge,
-    );
-    let mut pipes_idle = family("spliced_pipes_pooled", "Empty pipes kept for reuse.", Gauge);
-    let mut pipes_max = family(
-        "spliced_pipes_in_use_max",
-        "The most pipes held by directions at once since the start.",
-        Gauge,
-    );
-    let mut pipes_created = family("spliced_pipes_created", "Pipes created.", Counter);
-    let mut buffers = family(
-        "spliced_copy_buffers_in_use",
-        "Userspace copy buffers held by directions now.",
-        Gauge,
-    );
-    let mut pauses = family(
-        "spliced_accept_pauses",
-        "Times a worker paused accepting, by reason (fds: out of file descriptors; relay-cap: at --max-conns, clients wait in the backlog).",
-        Counter,
-    );
-    let mut probes = family(
-        "spliced_health_probes",
-        "Active health probes a worker ran (each server is probed by one worker).",
-        Counter,
-    );
-    let mut probe_failures = family(
-        "spliced_health_probe_failures",
-        "Of those, the probes that got no answer (refused, reset, timed out, a reply that is no answer); role answers and check errors are answers.",
-        Counter,
-    );
-    let mut timers = family(
-        "spliced_timer_entries",
-        "Entries in a worker's deadline heap (live and not yet swept).",
-        Gauge,
-    );
-    for (i, w) in snap.workers.iter().enumerate() {
-        let at: Labels = vec![("worker", i.to_string())];
+    for i in 0..snap.workers.len() {
         let held: u64 = snap
             .listeners
             .iter()
             .map(|l| l.workers[i].relays_active)
             .sum();
-        relays.values.push((at.clone(), held));
-        pipes_in_use.values.push((at.clone(), w.pipes_in_use));
-        pipes_idle.values.push((at.clone(), w.pipes_idle));
-        pipes_max.values.push((at.clone(), w.pipes_in_use_max));
-        pipes_created.values.push((at.clone(), w.pipes_created));
-        buffers.values.push((at.clone(), w.buffers_in_use));
-        pauses
-            .values
-            .push((with(at.clone(), "reason", "fds"), w.accept_pauses_fds));
-        pauses
-            .values
-            .push((with(at.clone(), "reason", "relay-cap"), w.accept_pauses_cap));
-        probes.values.push((at.clone(), w.health_probes));
-        probe_failures
-            .values
-            .push((at.clone(), w.health_probe_failures));
-        timers.values.push((at, w.timer_entries));
+        relays.values.push((vec![("worker", i.to_string())], held));
     }
     let mut draining = family(
         "spliced_draining",
         "1 while the instance drains (stopped accepting; /healthz answers 503), else 0.",
-        Gauge,
+        MetricType::Gauge,
     );
     draining
         .values
@@ -435,53 +322,10 @@ fn families(snap: &Snapshot) -> Vec<Family> {
     let mut started = family(
         "spliced_start_time_seconds",
         "When the instance started, in seconds since the Unix epoch.",
-        Gauge,
+        MetricType::Gauge,
     );
     started.values.push((Vec::new(), snap.started_unix));
-    vec![
-        accepted,
-        active,
-        closed,
-        bytes,
-        fallbacks,
-        connect_failures,
-        local_errors,
-        refused,
-        limit_pauses,
-        switches,
-        cancels,
-        relays,
-        pipes_in_use,
-        pipes_idle,
-        pipes_max,
-        pipes_created,
-        buffers,
-        pauses,
-        probes,
-        probe_failures,
-        timers,
-        draining,
-        started,
-    ]
-}
-
-fn encode_connect_histogram(snap: &Snapshot, encoder: &mut DescriptorEncoder) -> Result<(), Error> {
-    let mut metric = encoder.encode_descriptor(
-        "spliced_upstream_connect_duration_seconds",
-        "Time from starting an upstream connect to its establishment, per attempt that succeeded.",
-        None,
-        MetricType::Histogram,
-    )?;
-    for l in &snap.listeners {
-        let s: Stats = l.total();
-        let buckets = histogram_buckets(&s.connect_buckets);
-        let sum = s.upstream_connect_micros as f64 / 1e6;
-        let labels = listener(&l.name);
-        metric
-            .encode_family(&labels)?
-            .encode_histogram::<NoLabelSet>(sum, s.upstream_connects, &buckets, None)?;
-    }
-    Ok(())
+    vec![relays, draining, started]
 }
 
 /// The registry `/metrics` encodes: one collector over the arena.
@@ -498,3 +342,6 @@ pub(crate) fn render(registry: &Registry) -> String {
     let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, registry);
     out
 }
+
+#[cfg(all(test, feature = "cli"))]
+mod tests;

@@ -82,10 +82,10 @@ impl Engine {
     /// The proxy's CPU time so far, where it can be read.
     pub fn cpu(&self) -> Option<Duration> {
         if let Some(h) = &self.handle {
-            return Some(h.worker_cpu_time());
+            return Some(h.worker_cpu_time() + measure::log_writer_cpu());
         }
         if let Some(f) = &self.front {
-            return Some(f.cpu());
+            return Some(f.cpu() + measure::log_writer_cpu());
         }
         match self.spec {
             EngineSpec::Target { pid: Some(pid), .. } => measure::process_cpu(pid),

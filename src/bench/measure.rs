@@ -65,6 +65,15 @@ fn clock_ticks() -> u64 {
         .map_or(100, |v| v.max(1) as u64)
 }
 
+/// CPU time of this process's log writer thread (`cli::log`): lines the
+/// in-process proxy logs are written there, so it is the proxy's CPU too.
+pub fn log_writer_cpu() -> Duration {
+    own_threads(crate::cli::log::THREAD_NAME)
+        .into_iter()
+        .map(|tid| task_cpu(&format!("/proc/self/task/{tid}")))
+        .sum()
+}
+
 /// Fields after the `(comm)` of /proc/PID/stat, so index 0 is field 3 (state).
 fn stat_fields(path: &str) -> Option<Vec<u64>> {
     let s = std::fs::read_to_string(path).ok()?;

@@ -88,6 +88,7 @@ pub(super) fn run(
                 controller.shutdown();
             } else {
                 tracing::warn!(signal, "second signal: exiting now");
+                spliced::cli::log::flush();
                 std::process::exit(1);
             }
         }

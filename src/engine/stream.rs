@@ -28,6 +28,14 @@ impl Stream {
         }
     }
 
+    /// The TCP socket itself, if this is one.
+    pub(crate) fn into_tcp(self) -> Option<TcpStream> {
+        match self {
+            Stream::Tcp(s) => Some(s),
+            Stream::Unix(_) => None,
+        }
+    }
+
     pub(crate) fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.shutdown(how),

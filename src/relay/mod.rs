@@ -104,9 +104,13 @@ pub(crate) struct Relay {
     pub(crate) queued: bool,
     c2u_slot: Slot,
     u2c_slot: Slot,
-    span: tracing::Span,
     /// Someone waits for this relay's end (a handed-off pair).
     reporter: Option<Arc<Reporter>>,
+    /// What the client sent before the connect, kept until an upstream
+    /// connects for a `protocol = "postgres"` listener, so a client no
+    /// server takes can still be answered as a server would (empty, not
+    /// allocated, otherwise).
+    first_bytes: Box<[u8]>,
 }
 
 /// What one epoll event said about a socket.
@@ -159,7 +163,6 @@ impl Relay {
         let mode = listener.config.mode;
         Relay {
             id,
-            span: tracing::info_span!("relay", id, client = %client_addr),
             listener,
             client: Stream::Tcp(client),
             upstream: Stream::Tcp(upstream.0),
@@ -175,6 +178,7 @@ impl Relay {
             c2u_slot: Slot::new(mode),
             u2c_slot: Slot::new(mode),
             reporter: None,
+            first_bytes: Box::default(),
         }
     }
 
@@ -208,7 +212,6 @@ impl Relay {
         let round = Round::new(&pair.listener.pool, std::net::Ipv4Addr::UNSPECIFIED.into());
         Ok(Relay {
             id: pair.id,
-            span: tracing::info_span!("relay", id = pair.id, handoff = true),
             listener: pair.listener,
             client: pair.client,
             upstream: pair.upstream,
@@ -224,6 +227,7 @@ impl Relay {
             u2c_slot,
             reporter: Some(pair.reporter),
             _admission: pair.admission,
+            first_bytes: Box::default(),
         })
     }
 
@@ -239,6 +243,17 @@ impl Relay {
         self.c2u_slot = slot;
         self.core.preload(Peer::Client, bytes.len());
         Ok(())
+    }
+
+    /// Keeps what the client sent before the connect (see `first_bytes`).
+    pub(crate) fn keep_first_bytes(&mut self, bytes: Vec<u8>) {
+        self.first_bytes = bytes.into_boxed_slice();
+    }
+
+    /// An upstream connected: the client's first bytes are the server's
+    /// to answer now.
+    pub(crate) fn forget_first_bytes(&mut self) {
+        self.first_bytes = Box::default();
     }
 
     /// The worker keeps this relay at slab `key`.
@@ -348,7 +363,7 @@ impl Relay {
         let pumped = self.core.pump(&mut io, now)?;
         if pumped.pair.state_changed {
             tracing::trace!(
-                parent: &self.span,
+                relay = self.id,
                 c2u = ?self.core.direction(Peer::Client).state(),
                 u2c = ?self.core.direction(Peer::Upstream).state(),
                 "half-close"
@@ -366,6 +381,39 @@ impl Relay {
         now: Instant,
         pools: &mut Pools,
     ) {
+        self.finish(reason, error, now, pools);
+    }
+
+    /// Closes the relay as [`Relay::close`] does, but hands back its TCP
+    /// client (still registered with the worker's poll), with the client's
+    /// address and what it sent before the connect, so the client can be
+    /// told why. `None` for a handed-off pair.
+    pub(crate) fn close_keeping_client(
+        mut self,
+        reason: CloseReason,
+        error: Option<&RelayError>,
+        now: Instant,
+        pools: &mut Pools,
+    ) -> Option<(TcpStream, SocketAddr, Vec<u8>)> {
+        let reset = self.finish(reason, error, now, pools);
+        if reset.client {
+            // The client is owed a reset, not a word.
+            return None;
+        }
+        match (self.client.into_tcp(), self.client_addr) {
+            (Some(client), Some(addr)) => Some((client, addr, self.first_bytes.into_vec())),
+            _ => None,
+        }
+    }
+
+    /// Everything of a close but dropping the sockets; returns who is reset.
+    fn finish(
+        &mut self,
+        reason: CloseReason,
+        error: Option<&RelayError>,
+        now: Instant,
+        pools: &mut Pools,
+    ) -> close::Resets {
         let reset = self.core.resets(reason);
         if reset.client {
             self.client.reset_on_close();
@@ -379,7 +427,6 @@ impl Relay {
         );
         self.c2u_slot.discard(pools, c2u.pending());
         self.u2c_slot.discard(pools, u2c.pending());
-        let _enter = self.span.enter();
         let duration = now.saturating_duration_since(self.core.activity().started);
         let duration_ms = duration.as_millis() as u64;
         if let Some(reporter) = &self.reporter {
@@ -408,6 +455,7 @@ impl Relay {
             error = error.map(tracing::field::display),
             "relay closed"
         );
+        reset
     }
 
     /// The engine a direction ended with (`splice`, `copy`, or `copy` after a

@@ -59,8 +59,11 @@ pub(crate) type Block = Placed<CounterBlock>;
 
 /// "SPLICEDS" as a little-endian word.
 const MAGIC: u64 = u64::from_le_bytes(*b"SPLICEDS");
-/// Format 2 added listener and server slots beyond the configured ones.
-const VERSION: u64 = 2;
+/// Format 2 added listener and server slots beyond the configured ones;
+/// format 3 moved a server block's connect buckets after its counters (the
+/// blocks are laid out by the counter tables: counters, per-reason arrays,
+/// histogram buckets).
+const VERSION: u64 = 3;
 const HEADER_WORDS: usize = 16;
 /// Words of a listener's name: 64 bytes.
 const NAME_WORDS: usize = 8;
@@ -103,12 +106,12 @@ fn layout_hash() -> u64 {
             h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
         }
     };
-    for c in COUNTERS {
-        eat(c.name.as_bytes());
+    for name in COUNTERS.names() {
+        eat(name.as_bytes());
         eat(&[0]);
     }
     eat(&(BLOCK_WORDS as u64).to_le_bytes());
-    for name in SERVER_COUNTERS {
+    for name in SERVER_COUNTERS.names() {
         eat(name.as_bytes());
         eat(&[0]);
     }

@@ -322,9 +322,9 @@ mod tests {
     fn a_file_of_another_format_or_layout_is_named_so() {
         let arena = Arena::new(1, &["a".to_string()], 0);
         let w = words(&arena.map);
-        w[H_VERSION].store(1, Ordering::Relaxed);
-        let e = read(w).expect_err("format 1 refused").to_string();
-        assert!(e.contains("stats file format 1 is not the format 2"), "{e}");
+        w[H_VERSION].store(2, Ordering::Relaxed);
+        let e = read(w).expect_err("format 2 refused").to_string();
+        assert!(e.contains("stats file format 2 is not the format 3"), "{e}");
         w[H_VERSION].store(VERSION, Ordering::Relaxed);
         w[H_LAYOUT].store(7, Ordering::Relaxed);
         let e = read(w).expect_err("another layout refused").to_string();

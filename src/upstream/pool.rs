@@ -224,6 +224,11 @@ impl Pool {
     }
 
     /// The fleet its servers belong to.
+    /// The role a server must have to take relays from this pool.
+    pub(crate) fn want(&self) -> Want {
+        self.want
+    }
+
     pub(crate) fn fleet(&self) -> &Arc<Fleet> {
         &self.fleet
     }

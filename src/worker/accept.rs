@@ -106,14 +106,16 @@ impl Worker {
         }
     }
 
-    /// Resets a client the listener refused, counts it and logs it
-    /// (rate-limited). No upstream was contacted.
+    /// Turns away a client the listener refused (see
+    /// [`Worker::turn_away`]), counts it and logs it (rate-limited). No
+    /// upstream was contacted. `preread` is what was read from it already.
     pub(super) fn refuse(
         &mut self,
         client: TcpStream,
         addr: SocketAddr,
         listener: &Listener,
         refused: Refused,
+        preread: Vec<u8>,
         now: Instant,
     ) {
         let counters = listener.counters(self.index);
@@ -124,11 +126,19 @@ impl Worker {
                 "its address is at max-conns-per-source",
             ),
         };
-        self.reset_refused(client, addr, listener, counter, why, now);
+        CounterBlock::add(counter, 1);
+        let cause = farewell::TurnAway::from(refused);
+        let how = if self.turn_away(client, addr, listener, preread, cause, now) {
+            "told why"
+        } else {
+            "reset"
+        };
+        self.warn_refused(addr, listener, how, why, now);
     }
 
-    /// Every refusal before a relay exists: reset the client, count it on
-    /// `counter`, and log `why` (rate-limited, the rest at debug).
+    /// Every refusal before a relay exists that is a reset whatever the
+    /// listener speaks: reset the client, count it on `counter`, and log
+    /// `why` (rate-limited, the rest at debug).
     pub(super) fn reset_refused(
         &mut self,
         client: TcpStream,
@@ -141,16 +151,29 @@ impl Worker {
         let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
         drop(client);
         CounterBlock::add(counter, 1);
+        self.warn_refused(addr, listener, "reset", why, now);
+    }
+
+    /// Logs a refused client: at warn at most once a second per worker,
+    /// the rest at debug.
+    fn warn_refused(
+        &mut self,
+        addr: SocketAddr,
+        listener: &Listener,
+        how: &str,
+        why: &str,
+        now: Instant,
+    ) {
         match self.refusal_warnings.allow(now) {
             Some(held_back) => tracing::warn!(
                 worker = self.index,
                 listener = listener.label(),
                 client = %addr,
                 similar_warnings_held_back = held_back,
-                "client refused (reset): {why}"
+                "client refused ({how}): {why}"
             ),
             None => {
-                tracing::debug!(listener = listener.label(), client = %addr, "client refused (reset): {why}")
+                tracing::debug!(listener = listener.label(), client = %addr, "client refused ({how}): {why}")
             }
         }
     }

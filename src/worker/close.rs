@@ -77,7 +77,20 @@ impl Worker {
             CounterBlock::add(&server.relays_closed, 1);
         }
         let listener = relay.listener.id;
-        relay.close(reason, error, now, &mut self.pools);
+        let told =
+            relay.core.is_connecting() && relay.listener.config.protocol == Protocol::Postgres;
+        match farewell::TurnAway::of_close(reason).filter(|_| told) {
+            // A PostgreSQL client no server took hears why.
+            Some(why) => {
+                let runtime = Arc::clone(&relay.listener);
+                let kept = relay.close_keeping_client(reason, error, now, &mut self.pools);
+                if let Some((mut client, client_addr, first_bytes)) = kept {
+                    let _ = self.poll.registry().deregister(&mut client);
+                    self.turn_away(client, client_addr, &runtime, first_bytes, why, now);
+                }
+            }
+            None => relay.close(reason, error, now, &mut self.pools),
+        }
         // Its room under the listener's max-conns is free again.
         for slot in &mut self.listeners {
             if slot.runtime.id == listener && slot.full_until.is_some() {
@@ -102,6 +115,7 @@ impl Worker {
         for key in keys {
             self.close(key, CloseReason::Shutdown, None, now);
         }
+        self.farewells.clear();
     }
 
     /// Carries out queued commands and moves a drain along; returns true
@@ -124,7 +138,8 @@ impl Worker {
             if self.drain_deadline.is_some_and(|t| t <= now) {
                 self.close_all(now);
             }
-            return self.relays.is_empty();
+            // Refused clients still being told why have short deadlines.
+            return self.relays.is_empty() && self.farewells.is_empty();
         }
         false
     }

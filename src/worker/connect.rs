@@ -132,6 +132,7 @@ impl Worker {
         match outcome {
             Connect::Pending => {}
             Connect::Established => {
+                relay.forget_first_bytes();
                 relay.round.succeeded(&relay.listener.pool, now);
                 relay.server = relay.round.server().map(|s| s.block(self.index).clone());
                 if let Some(since) = relay.core.activity().connecting_since {

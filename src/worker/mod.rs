@@ -14,6 +14,7 @@
 //! cleared by WouldBlock, so any code that leaves bytes pending still gets
 //! the destination's next writable edge; nothing needs re-arming.
 
+mod farewell;
 mod health;
 mod preface;
 
@@ -29,7 +30,7 @@ use mio::{Events, Interest, Poll, Waker};
 use slab::Slab;
 use socket2::SockRef;
 
-use crate::config::Config;
+use crate::config::{Config, Protocol};
 use crate::control::{self, Command, Handoff, Shared, WorkerLink};
 use crate::engine::Pools;
 use crate::error::{is_local_error, Op, RelayError, Side};
@@ -143,6 +144,8 @@ pub(crate) struct Worker {
     checks: health::Checks,
     /// Clients read before their relay starts, and cancel requests.
     prefaces: preface::Prefaces,
+    /// Refused PostgreSQL clients being told why.
+    farewells: farewell::Farewells,
 }
 
 impl Worker {
@@ -201,6 +204,7 @@ impl Worker {
             relay_cap,
             checks: health::Checks::default(),
             prefaces: preface::Prefaces::default(),
+            farewells: farewell::Farewells::default(),
         })
     }
 
@@ -233,12 +237,14 @@ impl Worker {
                     Owner::Relay(relay, side) => self.on_socket_event(relay, side, event, now),
                     Owner::Probe(key) => self.on_probe_event(key, now),
                     Owner::Preface(key) => self.on_preface_event(key, now),
+                    Owner::Farewell(key) => self.on_farewell_event(key, now),
                 }
             }
             self.run_ready(now);
             self.resume_accepting(now);
             self.expire(now);
             self.expire_prefaces(now);
+            self.expire_farewells(now);
             self.run_checks(now);
             self.reset_down_relays(now);
             self.counters
@@ -260,6 +266,7 @@ impl Worker {
             self.drain_deadline,
             self.checks.next(),
             self.prefaces.next(),
+            self.farewells.next(),
         ]
         .into_iter()
         .chain(self.listeners.iter().map(|l| l.full_until))
@@ -312,18 +319,25 @@ impl Worker {
                             "relay closed: no server of the pool takes new relays (none answers in its role, or several claim primary)"
                         );
                     }
-                    return;
+                } else {
+                    tracing::info!(
+                        relay = id,
+                        listener = listener.label(),
+                        client = %client_addr,
+                        reason = %reason,
+                        "relay closed"
+                    );
                 }
-                tracing::info!(
-                    relay = id,
-                    listener = listener.label(),
-                    client = %client_addr,
-                    reason = %reason,
-                    "relay closed"
-                );
+                if let Some(why) = farewell::TurnAway::of_close(reason) {
+                    self.turn_away(client, client_addr, &listener, preread, why, now);
+                }
                 return;
             }
         };
+        // A PostgreSQL client whose connects all fail is still answered:
+        // keep what it sent until a server takes it.
+        let first_bytes = (listener.config.protocol == Protocol::Postgres && !preread.is_empty())
+            .then(|| preread.clone());
         let accepted = Accepted {
             id,
             listener,
@@ -333,6 +347,9 @@ impl Worker {
         };
         let ahead = preface::ahead(&accepted, local, preread);
         let mut relay = Relay::new(accepted, upstream, round, now);
+        if let Some(bytes) = first_bytes {
+            relay.keep_first_bytes(bytes);
+        }
         if let Err(e) = relay.read_ahead(&ahead, &mut self.pools) {
             let e = RelayError::new(Side::Internal, Op::Read, e);
             if let Some(key) = self.admit(relay, now) {

@@ -26,6 +26,7 @@ use slab::Slab;
 use super::Worker;
 use crate::config::{format_duration, Protocol, SendProxy};
 use crate::listener::{Admission, Listener, Reservation};
+use crate::pgwire;
 use crate::proxy_protocol::{self, Parse};
 use crate::relay::Accepted;
 use crate::stats::CounterBlock;
@@ -35,8 +36,8 @@ use crate::upstream::{self, Connect};
 /// The most bytes read from a client before its relay starts.
 const PREFACE_MAX: usize = 4096;
 /// PostgreSQL's CancelRequest: its length and its request code.
-const CANCEL_LEN: usize = 16;
-const CANCEL_CODE: u32 = 80_877_102;
+const CANCEL_LEN: usize = pgwire::CANCEL_REQUEST_LEN;
+const CANCEL_CODE: u32 = pgwire::CANCEL_REQUEST_CODE;
 
 /// Room under the listener's limits: reserved before the header names
 /// the client, admitted once it did.
@@ -222,7 +223,7 @@ impl Worker {
             Ok(admission) => {
                 self.start_relay(client, addr, None, listener, admission, Vec::new(), now)
             }
-            Err(refused) => self.refuse(client, addr, &listener, refused, now),
+            Err(refused) => self.refuse(client, addr, &listener, refused, Vec::new(), now),
         }
     }
 
@@ -247,7 +248,7 @@ impl Worker {
             match listener.admit(reservation, peer.ip()) {
                 Ok(admission) => Hold::Admitted(admission),
                 Err(refused) => {
-                    self.refuse(client, peer, &listener, refused, now);
+                    self.refuse(client, peer, &listener, refused, Vec::new(), now);
                     return;
                 }
             }
@@ -393,7 +394,14 @@ impl Worker {
             Hold::Reserved(r) => match p.listener.admit(r, p.client_addr.ip()) {
                 Ok(a) => a,
                 Err(refused) => {
-                    self.refuse(p.client, p.client_addr, &p.listener, refused, now);
+                    let Pending {
+                        client,
+                        client_addr,
+                        listener,
+                        buf,
+                        ..
+                    } = *p;
+                    self.refuse(client, client_addr, &listener, refused, buf, now);
                     return;
                 }
             },
