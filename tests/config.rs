@@ -127,6 +127,52 @@ fn defaults_are_inherited_and_flags_replace_them() {
 }
 
 #[test]
+fn max_lag_is_a_size_for_replica_pools_of_postgres_and_redis_checks() {
+    for (check, role) in [("postgres", "replica"), ("redis", "prefer-replica")] {
+        let text = format!(
+            "{MINIMAL}[listener.pool.health]\ncheck = \"{check}\"\nrole = \"{role}\"\nuser = \"m\"\nmax-lag = \"16m\"\n"
+        );
+        let c = config::parse_str(&text, &FlagDefaults::default())
+            .unwrap()
+            .config;
+        assert_eq!(c.listeners[0].pool.health.max_lag, Some(16 << 20));
+    }
+    for (check, role, line) in [
+        ("postgres", "primary", 13),
+        ("redis", "any", 13),
+        ("tcp", "any", 13),
+        ("http", "any", 13),
+    ] {
+        let text = format!(
+            "{MINIMAL}[listener.pool.health]\ncheck = \"{check}\"\nrole = \"{role}\"\nuser = \"m\"\n\n\nmax-lag = \"16m\"\n"
+        );
+        let e = errors(&text);
+        assert_has(
+            &e,
+            &[
+                &format!("line {line}"),
+                "health.max-lag",
+                "role = \"replica\" or \"prefer-replica\"",
+            ],
+        );
+    }
+    let e = errors(&format!(
+        "{MINIMAL}[listener.pool.health]\ncheck = \"postgres\"\nrole = \"replica\"\nuser = \"m\"\nmax-lag = \"lots\"\n"
+    ));
+    assert_has(&e, &["line 11", "health.max-lag", "not a size"]);
+    let e = errors(&format!(
+        "{MINIMAL}[listener.pool.health]\ncheck = \"redis\"\nrole = \"replica\"\nmax-lag = 0\n"
+    ));
+    assert_has(&e, &["line 10", "health.max-lag", "positive"]);
+    // Built in code, the same rule holds.
+    let mut c = config::parse_str(MINIMAL, &FlagDefaults::default())
+        .unwrap()
+        .config;
+    c.listeners[0].pool.health.max_lag = Some(1);
+    assert!(c.validate().unwrap_err().to_string().contains("max-lag"));
+}
+
+#[test]
 fn each_error_names_its_key_and_line() {
     let e = errors("[defaults]\nidle-timeout = 30\n");
     assert_has(

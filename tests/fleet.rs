@@ -8,7 +8,7 @@ mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -69,16 +69,20 @@ fn wait_for_tag(proxy: SocketAddr, want: u8, within: Duration) -> Duration {
     start.elapsed()
 }
 
-/// A fake Redis: answers `PING` and `INFO replication` with the role the
-/// test sets, and to anything else its tag byte, then an echo.
+/// A fake Redis: answers `PING` and `INFO replication` with the role and
+/// replication offset the test sets, and to anything else its tag byte,
+/// then an echo.
 struct FakeRedis {
     server: Server,
     master: Arc<AtomicBool>,
+    offset: Arc<AtomicU64>,
 }
 
 fn fake_redis(tag: u8, master: bool) -> FakeRedis {
     let role = Arc::new(AtomicBool::new(master));
     let flag = Arc::clone(&role);
+    let offset = Arc::new(AtomicU64::new(0));
+    let at = Arc::clone(&offset);
     let server = serve(move |mut s: TcpStream| {
         let mut buf = [0u8; 4096];
         let mut tagged = false;
@@ -96,7 +100,11 @@ fn fake_redis(tag: u8, master: bool) -> FakeRedis {
                 } else {
                     "slave"
                 };
-                let body = format!("# Replication\r\nrole:{r}\r\nconnected_slaves:0\r\n");
+                let at = at.load(Ordering::SeqCst);
+                let body = format!(
+                    "# Replication\r\nrole:{r}\r\nconnected_slaves:0\r\n\
+                     master_replid:f00d\r\nslave_repl_offset:{at}\r\nmaster_repl_offset:{at}\r\n"
+                );
                 format!("${}\r\n{body}\r\n", body.len()).into_bytes()
             } else {
                 let mut out = Vec::new();
@@ -115,6 +123,7 @@ fn fake_redis(tag: u8, master: bool) -> FakeRedis {
     FakeRedis {
         server,
         master: role,
+        offset,
     }
 }
 
@@ -163,6 +172,76 @@ fn a_pool_with_no_server_in_its_role_closes_clients_as_no_server() {
     });
     assert_eq!(s.closed(spliced::CloseReason::ConnectFailed), 0);
     assert_eq!(s.upstream_connect_failures, 0);
+}
+
+/// A replica pool with `max-lag`: the replica whose offset stays behind the
+/// master's (the master is probed as a member of the same pool, where its
+/// role keeps it out) takes no new relays; once its offset is back within
+/// 3/4 of the limit it takes them again. Its relay from before runs on.
+#[test]
+fn a_replica_behind_the_master_takes_no_new_relays_until_it_caught_up() {
+    for mode in [Mode::Splice, Mode::Copy, Mode::Auto] {
+        let master = fake_redis(b'm', true);
+        let (one, two) = (fake_redis(b'1', false), fake_redis(b'2', false));
+        let servers = vec![master.server.addr, one.server.addr, two.server.addr];
+        let h = checked(mode, servers, |c| {
+            let pool = &mut c.listeners[0].pool;
+            pool.health.check = Some(Check::Redis);
+            pool.health.role = Role::Replica;
+            pool.health.max_lag = Some(1000);
+        });
+        let proxy = h.local_addr();
+        // Both replicas serve: reach replica 1 and keep that relay.
+        let mut kept = wait_for(|| try_tag(proxy).filter(|(_, tag)| *tag == b'1')).0;
+        master.offset.store(5000, Ordering::SeqCst);
+        two.offset.store(5000, Ordering::SeqCst);
+        wait_for_tag(proxy, b'2', T);
+        for _ in 0..8 {
+            assert_eq!(
+                tag_via(proxy).1,
+                b'2',
+                "{mode:?}: the lagging replica took a relay"
+            );
+        }
+        kept.write_all(b"ping").unwrap();
+        let mut echo = [0u8; 4];
+        kept.read_exact(&mut echo).unwrap();
+        assert_eq!(&echo, b"ping", "{mode:?}: its live relay runs on");
+        // 4100 of 5000: 900 behind, under the limit but over 3/4 of it.
+        one.offset.store(4100, Ordering::SeqCst);
+        let settled = Instant::now() + INTERVAL * 4;
+        while Instant::now() < settled {
+            assert_eq!(
+                tag_via(proxy).1,
+                b'2',
+                "{mode:?}: back before 3/4 of the limit"
+            );
+        }
+        one.offset.store(4300, Ordering::SeqCst);
+        wait_for(|| try_tag(proxy).filter(|(_, tag)| *tag == b'1'));
+    }
+}
+
+/// [`tag_via`], or `None` when the proxy closed the client (no server).
+fn try_tag(proxy: SocketAddr) -> Option<(TcpStream, u8)> {
+    let mut s = TcpStream::connect(proxy).ok()?;
+    s.set_read_timeout(Some(T)).ok()?;
+    s.write_all(b"tag?").ok()?;
+    let mut reply = [0u8; 5];
+    s.read_exact(&mut reply).ok()?;
+    Some((s, reply[0]))
+}
+
+/// Calls `f` until it gives a value, for up to `T`.
+fn wait_for<V>(mut f: impl FnMut() -> Option<V>) -> V {
+    let deadline = Instant::now() + T;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 #[test]

@@ -217,7 +217,8 @@ fn server_totals(snap: &Snapshot) -> BTreeMap<(String, String), ServerStats> {
 
 /// Per server of each listener's pool: whether it takes new relays, its
 /// state as the pool judges it, the role its last answer reported (also
-/// while down), when its last check ended, and the relays it holds.
+/// while down), when its last check ended, the relays it holds, and a
+/// replica's replication lag.
 fn server_families(servers: &[(String, crate::upstream::ServerSample)]) -> Vec<Family> {
     use MetricType::Gauge;
     let mut up = family(
@@ -227,7 +228,7 @@ fn server_families(servers: &[(String, crate::upstream::ServerSample)]) -> Vec<F
     );
     let mut state = family(
         "spliced_server_state",
-        "1 for the server's state as its pool judges it (up, down, wrong-role, check-error, unknown, standby), 0 for the others.",
+        "1 for the server's state as its pool judges it (up, down, wrong-role, check-error, unknown, standby, lagging), 0 for the others.",
         Gauge,
     );
     let mut role = family(
@@ -248,6 +249,11 @@ fn server_families(servers: &[(String, crate::upstream::ServerSample)]) -> Vec<F
     let mut backup = family(
         "spliced_server_backup",
         "1 for a backup server (used only while no other server is up).",
+        Gauge,
+    );
+    let mut lag = family(
+        "spliced_server_replication_lag_bytes",
+        "A replica's replication lag behind its primary in bytes (WAL or replication stream), as the health checks measured it; absent while not measured.",
         Gauge,
     );
     for (name, s) in servers {
@@ -272,9 +278,12 @@ fn server_families(servers: &[(String, crate::upstream::ServerSample)]) -> Vec<F
         };
         role.values.push((with(at.clone(), "role", r), 1));
         active.values.push((at.clone(), s.live as u64));
+        if let Some(bytes) = s.lag {
+            lag.values.push((at.clone(), bytes));
+        }
         backup.values.push((at, u64::from(s.backup)));
     }
-    vec![up, state, role, checked, active, backup]
+    vec![up, state, role, checked, active, backup, lag]
 }
 
 fn listener(name: &str) -> Labels {

@@ -289,7 +289,7 @@ fn render_servers(
     }
     let _ = writeln!(
         t,
-        "\n{:<28} {:<16} {:<11} {:<8} {:<22} {:>6} {:>7} {:>9} {:>7} {:>12} {:>12}",
+        "\n{:<28} {:<16} {:<11} {:<8} {:<22} {:>6} {:>7} {:>9} {:>7} {:>12} {:>12} {:>10}",
         "SERVER",
         "LISTENER",
         "STATE",
@@ -300,7 +300,8 @@ fn render_servers(
         "CONNECTS",
         "FAILS",
         "C>U/s",
-        "U>C/s"
+        "U>C/s",
+        "LAG"
     );
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -333,7 +334,7 @@ fn render_servers(
         };
         let _ = writeln!(
             t,
-            "{:<28} {:<16} {:<11} {:<8} {:<22} {:>6} {:>7} {:>9} {:>7} {:>12} {:>12}",
+            "{:<28} {:<16} {:<11} {:<8} {:<22} {:>6} {:>7} {:>9} {:>7} {:>12} {:>12} {:>10}",
             addr,
             s.listener,
             s.state,
@@ -345,6 +346,7 @@ fn render_servers(
             now.connect_failures,
             human_rate(per_sec(now.bytes_c2u(), before.bytes_c2u())),
             human_rate(per_sec(now.bytes_u2c(), before.bytes_u2c())),
+            s.lag.map_or("-".to_string(), human_bytes),
         );
     }
 }
@@ -376,6 +378,11 @@ fn human_rate(bytes_per_sec: f64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[unit])
     }
+}
+
+/// A byte count: `512 B`, `6.7 MiB`.
+fn human_bytes(bytes: u64) -> String {
+    human_rate(bytes as f64)
 }
 
 fn human_duration(d: Duration) -> String {
@@ -421,6 +428,7 @@ mod tests {
                 role: "primary",
                 backup: false,
                 active: 2,
+                lag: None,
                 workers: vec![crate::stats::ServerStats {
                     connects: accepted,
                     connect_failures: 1,
@@ -454,7 +462,7 @@ mod tests {
         assert!(once.contains("averaged since start"));
         let server = t.lines().find(|l| l.starts_with("10.0.0.5:5432")).unwrap();
         let cols: Vec<&str> = server.split_whitespace().collect();
-        // LISTENER STATE ROLE REASON CHECK ACTIVE CONNECTS FAILS C>U/s U>C/s
+        // LISTENER STATE ROLE REASON CHECK ACTIVE CONNECTS FAILS C>U/s U>C/s LAG
         assert_eq!(
             &cols[1..],
             [
@@ -469,10 +477,24 @@ mod tests {
                 "1.0",
                 "KiB",
                 "2.0",
-                "MiB"
+                "MiB",
+                "-"
             ],
             "{server}"
         );
+        let mut lagging = now.clone();
+        let s = &mut lagging.servers[0];
+        (s.state, s.reason, s.role, s.lag) =
+            ("lagging", "replication lag", "replica", Some(7 << 20));
+        let t = render(&lagging, "x", None, Duration::from_secs(10), false);
+        let server = t.lines().find(|l| l.starts_with("10.0.0.5:5432")).unwrap();
+        let cols: Vec<&str> = server.split_whitespace().collect();
+        assert_eq!(
+            &cols[2..6],
+            ["lagging", "replica", "replication", "lag"],
+            "{server}"
+        );
+        assert_eq!(&cols[cols.len() - 2..], ["7.0", "MiB"], "{server}");
         let dead = render(&now, "x", None, Duration::ZERO, true);
         assert!(dead.contains("DEAD") && dead.contains("started 1970-01-01"));
     }

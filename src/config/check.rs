@@ -118,6 +118,8 @@ struct Health {
     port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_lag: Option<String>,
 }
 
 fn nets(list: &[ipnet::IpNet]) -> Vec<String> {
@@ -187,6 +189,7 @@ fn listener(l: &ListenerConfig) -> Listener {
                 database: h.database.clone(),
                 port: h.port,
                 path: h.path.clone(),
+                max_lag: h.max_lag.map(|n| format_size(n as usize)),
             },
         },
     }

@@ -278,6 +278,21 @@ impl Config {
                     h.check.map_or("", Check::as_str)
                 )));
             }
+            if h.max_lag.is_some()
+                && !(matches!(h.check, Some(Check::Postgres | Check::Redis))
+                    && matches!(h.role, Role::Replica | Role::PreferReplica))
+            {
+                return Err(ConfigError(format!(
+                    "listener '{}': health max-lag applies to postgres and redis checks with role replica or prefer-replica",
+                    l.name
+                )));
+            }
+            if h.max_lag == Some(0) {
+                return Err(ConfigError(format!(
+                    "listener '{}': health max-lag must be positive",
+                    l.name
+                )));
+            }
             if l.listen.is_empty() {
                 return Err(ConfigError(format!("listener '{}' has no address", l.name)));
             }

@@ -197,6 +197,10 @@ pub struct HealthConfig {
     /// The HTTP agent's port (the Patroni pattern); the server's own port if unset.
     pub port: Option<u16>,
     pub path: Option<String>,
+    /// The most replication lag, in bytes, a replica may have and still
+    /// take new relays (`max-lag`; replica and prefer-replica pools of
+    /// postgres and redis checks).
+    pub max_lag: Option<u64>,
 }
 
 impl Default for HealthConfig {
@@ -214,6 +218,7 @@ impl Default for HealthConfig {
             database: None,
             port: None,
             path: None,
+            max_lag: None,
         }
     }
 }

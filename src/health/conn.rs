@@ -63,6 +63,12 @@ impl ProbeConn {
         self.probe.timeline()
     }
 
+    /// Where the server is in its replication stream, once its role
+    /// answer said.
+    pub fn position(&self) -> Option<super::lag::Position> {
+        self.probe.position()
+    }
+
     pub fn target(&self) -> SocketAddr {
         self.target
     }

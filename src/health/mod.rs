@@ -13,6 +13,7 @@
 
 mod conn;
 mod http;
+pub mod lag;
 mod mysql;
 mod postgres;
 mod redis;
@@ -393,6 +394,16 @@ impl Probe {
     pub fn timeline(&self) -> Option<u32> {
         match &self.talk {
             Talk::Postgres(t) => t.timeline(),
+            _ => None,
+        }
+    }
+
+    /// Where the server is in its replication stream, when its role
+    /// answer said (PostgreSQL, Redis).
+    pub fn position(&self) -> Option<lag::Position> {
+        match &self.talk {
+            Talk::Postgres(t) => t.position(),
+            Talk::Redis(t) => t.position(),
             _ => None,
         }
     }

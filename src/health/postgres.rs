@@ -3,7 +3,8 @@
 //! cleartext, md5, SCRAM-SHA-256) and ask `pg_is_in_recovery()` and, on a
 //! primary, its timeline (taken from the current WAL file's name, which
 //! moves at promotion; `pg_control_checkpoint()` lags it until the first
-//! checkpoint after promotion).
+//! checkpoint after promotion), and the same row's replication position
+//! (see [`super::lag`]).
 //!
 //! A refused login (28P01, 28000), a database that does not exist (3D000)
 //! or a password the server asks for and the check lacks are check errors:
@@ -18,6 +19,7 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM
 use postgres_protocol::message::backend::{ErrorResponseBody, Message};
 use postgres_protocol::message::frontend;
 
+use super::lag::{parse_lsn, Position};
 use super::{judge, quote, CheckSpec, Role, Step, Verdict, WantRole, MAX_REPLY};
 
 /// The login role when the check names none.
@@ -25,8 +27,14 @@ pub(super) const DEFAULT_USER: &str = "postgres";
 /// The database when the check names none: the maintenance database every
 /// cluster has (libpq would pick the user's name, which often does not exist).
 pub(super) const DEFAULT_DATABASE: &str = "postgres";
+/// The role, a primary's timeline, the cluster's identifier, and where the
+/// server is in the WAL: a primary's write position, or a standby's replay
+/// and receive positions.
 pub const QUERY: &str = "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN NULL \
-     ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END";
+     ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END, \
+     (pg_control_system()).system_identifier, \
+     CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, \
+     pg_last_wal_receive_lsn()";
 /// SQLSTATEs that mean the check's own login is wrong, not the server.
 const CHECK_ERRORS: [&str; 4] = ["28P01", "28000", "3D000", "42501"];
 /// PBKDF2 rounds we accept: each costs the probe's thread (a worker's
@@ -59,6 +67,8 @@ pub(super) struct Postgres {
     recovery: Option<bool>,
     /// A primary's timeline, from the same row.
     timeline: Option<u32>,
+    /// Where the server is in the WAL, from the same row.
+    position: Option<Position>,
     ask_role: bool,
     /// A session was established: end it with Terminate.
     logged_in: bool,
@@ -79,6 +89,7 @@ impl Postgres {
             scram: None,
             recovery: None,
             timeline: None,
+            position: None,
             ask_role: spec.ask_role,
             logged_in: false,
             buf: BytesMut::new(),
@@ -111,6 +122,10 @@ impl Postgres {
 
     pub(super) fn timeline(&self) -> Option<u32> {
         self.timeline
+    }
+
+    pub(super) fn position(&self) -> Option<Position> {
+        self.position
     }
 
     pub(super) fn goodbye(&self) -> &'static [u8] {
@@ -271,9 +286,23 @@ impl Postgres {
                 let mut ranges = body.ranges();
                 let first = ranges.next().map_err(codec)?.flatten();
                 let value = first.map(|r| &body.buffer()[r]);
-                let second = ranges.next().map_err(codec)?.flatten();
-                self.timeline =
-                    second.and_then(|r| std::str::from_utf8(&body.buffer()[r]).ok()?.parse().ok());
+                let mut text = || -> Result<Option<&str>, Verdict> {
+                    let range = ranges.next().map_err(codec)?.flatten();
+                    Ok(range.and_then(|r| std::str::from_utf8(&body.buffer()[r]).ok()))
+                };
+                self.timeline = text()?.and_then(|t| t.parse().ok());
+                // The identifier is an int8 holding an unsigned 64-bit value.
+                let stream = text()?.and_then(|t| t.parse::<i64>().ok());
+                let applied = text()?.and_then(parse_lsn);
+                let received = text()?.and_then(parse_lsn);
+                self.position = match (stream, applied) {
+                    (Some(stream), Some(applied)) => Some(Position {
+                        stream: stream as u64,
+                        applied,
+                        received,
+                    }),
+                    _ => None,
+                };
                 self.recovery = Some(match value {
                     Some(b"t") => true,
                     Some(b"f") => false,

@@ -1,6 +1,11 @@
 //! Redis: optional `AUTH`, `PING` → `+PONG`, and with a role,
-//! `INFO replication` → `role:master` / `role:slave`.
+//! `INFO replication` → `role:master` / `role:slave`, and the replication
+//! position in the same reply (see [`super::lag`]): a master's
+//! `master_repl_offset`; a replica's `slave_repl_offset` (or its own
+//! `master_repl_offset`) and Redis 7's `slave_read_repl_offset`, on the
+//! stream named by `master_replid`.
 
+use super::lag::{stream_of, Position};
 use super::{judge, quote, CheckSpec, Inbox, Step, Verdict, WantRole};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,6 +20,8 @@ pub(super) struct Redis {
     auth: Option<Vec<u8>>,
     want: WantRole,
     ask_role: bool,
+    /// Where the server is in its replication stream, from INFO.
+    position: Option<Position>,
     inbox: Inbox,
 }
 
@@ -41,6 +48,7 @@ impl Redis {
             auth,
             want: spec.role,
             ask_role: spec.asks_role(),
+            position: None,
             inbox: Inbox::default(),
         }
     }
@@ -63,6 +71,10 @@ impl Redis {
         }
     }
 
+    pub(super) fn position(&self) -> Option<Position> {
+        self.position
+    }
+
     pub(super) fn on_bytes(&mut self, data: &[u8]) -> Step {
         let taken = self.inbox.push(data);
         let (reply, used) = match parse(&self.inbox.buf) {
@@ -70,6 +82,9 @@ impl Redis {
             Ok(None) => return self.inbox.incomplete("redis"),
             Err(why) => return Step::Done(Verdict::down(format!("redis sent {why}"))),
         };
+        if let (State::Info, Reply::Bulk(info)) = (self.state, &reply) {
+            self.position = position_of(info);
+        }
         let step = answer(&mut self.state, self.want, self.ask_role, reply);
         self.inbox.buf.drain(..used);
         if matches!(step, Step::Send(_)) && (!self.inbox.buf.is_empty() || taken < data.len()) {
@@ -136,6 +151,31 @@ fn role_of(info: &[u8], want: WantRole) -> Verdict {
         Some(other) => Verdict::down(format!("redis reports role {:?}", quote(other))),
         None => Verdict::down("redis INFO replication has no role line"),
     }
+}
+
+/// The replication position in an `INFO replication` reply.
+fn position_of(info: &[u8]) -> Option<Position> {
+    let field = |name: &[u8]| {
+        info.split(|&b| b == b'\n')
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(b":"))
+    };
+    let number =
+        |name: &[u8]| -> Option<u64> { std::str::from_utf8(field(name)?).ok()?.parse().ok() };
+    let replid = field(b"master_replid").filter(|id| !id.is_empty())?;
+    let (applied, received) = match field(b"role")? {
+        b"master" => (number(b"master_repl_offset")?, None),
+        b"slave" => (
+            number(b"slave_repl_offset").or_else(|| number(b"master_repl_offset"))?,
+            number(b"slave_read_repl_offset"),
+        ),
+        _ => return None,
+    };
+    Some(Position {
+        stream: stream_of(replid),
+        applied,
+        received,
+    })
 }
 
 fn describe(reply: &Reply<'_>) -> String {

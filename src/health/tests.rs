@@ -206,6 +206,52 @@ fn redis_role_slave_is_replica() {
     );
 }
 
+fn redis_position(info: &str) -> Option<lag::Position> {
+    let mut s = with_role(Kind::Redis, WantRole::Replica);
+    s.ask_role = true;
+    let mut p2 = Probe::new(&s, addr());
+    p2.start();
+    sent(p2.on_bytes(b"+PONG\r\n"));
+    let reply = format!("${}\r\n{info}\r\n", info.len());
+    done(trickle(&mut p2, reply.as_bytes()));
+    p2.position()
+}
+
+#[test]
+fn redis_info_carries_the_replication_offsets() {
+    let master = "# Replication\r\nrole:master\r\nconnected_slaves:1\r\n\
+                  master_replid:abc\r\nmaster_replid2:0000\r\nmaster_repl_offset:9000\r\n";
+    assert_eq!(
+        redis_position(master),
+        Some(lag::Position {
+            stream: lag::stream_of(b"abc"),
+            applied: 9000,
+            received: None
+        })
+    );
+    let replica = "# Replication\r\nrole:slave\r\nmaster_link_status:up\r\n\
+                   slave_read_repl_offset:8800\r\nslave_repl_offset:8700\r\n\
+                   master_replid:abc\r\nmaster_repl_offset:8700\r\n";
+    assert_eq!(
+        redis_position(replica),
+        Some(lag::Position {
+            stream: lag::stream_of(b"abc"),
+            applied: 8700,
+            received: Some(8800)
+        })
+    );
+    // Before Redis 7: no read offset; the replica's own offset stands in.
+    let old = "role:slave\r\nmaster_replid:abc\r\nmaster_repl_offset:10\r\n";
+    assert_eq!(
+        redis_position(old).map(|p| (p.applied, p.received)),
+        Some((10, None))
+    );
+    assert_eq!(
+        redis_position("role:master\r\nmaster_repl_offset:1\r\n"),
+        None
+    );
+}
+
 #[test]
 fn redis_info_without_a_role_is_down() {
     let r = reason(redis_info(WantRole::Primary, "# Replication\r\n"));

@@ -20,17 +20,18 @@ use crate::stats::ServerBlock;
 use crate::sys::shared::Placed;
 
 /// The state names of [`ServerHead::down`]'s low byte, by code.
-pub const STATES: [&str; 6] = [
+pub const STATES: [&str; 7] = [
     "up",
     "down",
     "wrong-role",
     "check-error",
     "unknown",
     "standby",
+    "lagging",
 ];
 
 /// The reasons of [`ServerHead::down`]'s second byte, by code.
-pub const REASONS: [&str; 8] = [
+pub const REASONS: [&str; 9] = [
     "",
     "no answer",
     "role",
@@ -39,6 +40,7 @@ pub const REASONS: [&str; 8] = [
     "role not confirmed yet",
     "check fails",
     "replicas serve",
+    "replication lag",
 ];
 
 /// Bit 16 of [`ServerHead::down`]: it takes no new relays.
@@ -57,7 +59,7 @@ pub(crate) struct ServerHead {
     /// Relays holding it now (connecting or connected).
     pub(crate) live: AtomicU64,
     /// How its pool judges it: the state code in bits 0–7 (0 up, 1 down,
-    /// 2 wrong role, 3 check error, 4 unknown, 5 standby), the reason in
+    /// 2 wrong role, 3 check error, 4 unknown, 5 standby, 6 lagging), the reason in
     /// bits 8–15 ([`REASONS`]), and bit 16 set while it takes no new
     /// relays. 0 is up and eligible; any other value was "down" to readers
     /// of the first format.
@@ -68,19 +70,35 @@ pub(crate) struct ServerHead {
     pub(crate) backup: AtomicU64,
     /// When its last probe ended, in Unix milliseconds (0: never).
     pub(crate) checked: AtomicU64,
+    /// A replica's measured replication lag in bytes, plus one (0: not
+    /// measured).
+    pub(crate) lag: AtomicU64,
     /// Its address as text, NUL-padded.
     pub(crate) name: [AtomicU64; NAME_WORDS],
 }
 
-// The name follows eight words of state (`publish` and `name` rely on it),
+/// The words of state before the name.
+const STATE_WORDS: usize = 9;
+
+// The name follows the words of state (`publish` and `name` rely on it),
 // and the generation is word 1 (`Arena::take_server` keeps it).
 const _: () = assert!(std::mem::offset_of!(ServerHead, generation) == 8);
-const _: () = assert!(std::mem::offset_of!(ServerHead, name) / 8 == 8);
+const _: () = assert!(std::mem::offset_of!(ServerHead, name) / 8 == STATE_WORDS);
+
+/// A lag as [`ServerHead::lag`] holds it.
+pub(crate) fn lag_word(lag: Option<u64>) -> u64 {
+    lag.map_or(0, |l| l.saturating_add(1))
+}
+
+/// [`ServerHead::lag`] read back.
+pub(crate) fn lag_of(word: u64) -> Option<u64> {
+    word.checked_sub(1)
+}
 
 /// Fills a zeroed slot's head and publishes it (status last).
 pub(super) fn publish(w: &[AtomicU64], listener: usize, addr: &str, backup: bool) {
     let head: &ServerHead = crate::sys::shared::view(w);
-    write_name(&w[8..], addr);
+    write_name(&w[STATE_WORDS..], addr);
     head.listener.store(listener as u64, Ordering::Relaxed);
     head.backup.store(u64::from(backup), Ordering::Relaxed);
     head.generation.fetch_add(1, Ordering::Relaxed);
@@ -95,7 +113,7 @@ pub(super) fn retire(w: &[AtomicU64]) {
 
 /// The name in a slot's head.
 pub(super) fn name(w: &[AtomicU64]) -> String {
-    read_name(&w[8..])
+    read_name(&w[STATE_WORDS..])
 }
 
 /// One server's counters: its head (state for `spliced stats`) and one
@@ -143,8 +161,9 @@ impl ServerCounters {
     }
 
     /// Shows the server's standing (see [`ServerHead::down`]), reported
-    /// role and last check to readers of the file.
-    pub(crate) fn show(&self, standing: u64, role: u64, checked_unix_ms: u64) {
+    /// role, last check and replication lag to readers of the file.
+    pub(crate) fn show(&self, standing: u64, role: u64, checked_unix_ms: u64, lag: Option<u64>) {
+        self.head.lag.store(lag_word(lag), Ordering::Relaxed);
         self.head.down.store(standing, Ordering::Relaxed);
         self.head.role.store(role, Ordering::Relaxed);
         self.head.checked.store(checked_unix_ms, Ordering::Relaxed);

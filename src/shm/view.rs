@@ -59,7 +59,8 @@ pub struct ServerSnapshot {
     pub generation: u64,
     /// It takes new relays.
     pub up: bool,
-    /// `up`, `down`, `wrong-role`, `check-error`, `unknown` or `standby`.
+    /// `up`, `down`, `wrong-role`, `check-error`, `unknown`, `standby` or
+    /// `lagging`.
     pub state: &'static str,
     /// Why it is in that state (empty when up).
     pub reason: &'static str,
@@ -70,6 +71,8 @@ pub struct ServerSnapshot {
     pub backup: bool,
     /// Relays holding it now (connecting or connected).
     pub active: u64,
+    /// A replica's measured replication lag, in bytes.
+    pub lag: Option<u64>,
     /// Index `i` is worker `i`'s block.
     pub workers: Vec<ServerStats>,
 }
@@ -202,6 +205,7 @@ pub(super) fn read(w: &[AtomicU64]) -> io::Result<Snapshot> {
             },
             backup: head.backup.load(Ordering::Relaxed) == 1,
             active: head.live.load(Ordering::Relaxed),
+            lag: servers::lag_of(head.lag.load(Ordering::Relaxed)),
             workers: (0..shape.workers)
                 .map(|k| {
                     let b = shape.server_block_at(slot, k);

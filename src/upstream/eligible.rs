@@ -15,7 +15,15 @@
 //! - `prefer-replica`: the confirmed replicas while any is eligible, else
 //!   the primary (under the same one-primary rule);
 //! - a check error on a server with a confirmed state keeps that state
-//!   (and its eligibility), shown as `CheckError`.
+//!   (and its eligibility), shown as `CheckError`;
+//! - with `max-lag` (replica and prefer-replica pools), a confirmed replica
+//!   whose measured lag passes the limit is `Lagging` and takes no new
+//!   relays; it stays so until its lag is back at 3/4 of the limit (the
+//!   pool passes what it decided last time), so a lag hovering around the
+//!   limit does not flap. A primary is never lagging, and a replica whose
+//!   lag was never measured is judged by its role alone. Under
+//!   prefer-replica, lagging replicas count as absent: with all of them
+//!   lagging, the primary serves.
 
 use crate::health::{Reported, Role};
 
@@ -40,16 +48,19 @@ pub(crate) enum State {
     Unknown,
     /// A primary kept back while `prefer-replica` has replicas.
     Standby,
+    /// A replica further behind its primary than `max-lag`.
+    Lagging,
 }
 
 impl State {
-    pub(crate) const ALL: [State; 6] = [
+    pub(crate) const ALL: [State; 7] = [
         State::Up,
         State::Down,
         State::WrongRole,
         State::CheckError,
         State::Unknown,
         State::Standby,
+        State::Lagging,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -60,6 +71,7 @@ impl State {
             State::CheckError => "check-error",
             State::Unknown => "unknown",
             State::Standby => "standby",
+            State::Lagging => "lagging",
         }
     }
 
@@ -73,6 +85,7 @@ impl State {
             State::CheckError => 3,
             State::Unknown => 4,
             State::Standby => 5,
+            State::Lagging => 6,
         }
     }
 }
@@ -88,10 +101,11 @@ pub(crate) enum Why {
     Unconfirmed,
     CheckFailed,
     ReplicasServe,
+    ReplicationLag,
 }
 
 impl Why {
-    pub(crate) const ALL: [Why; 8] = [
+    pub(crate) const ALL: [Why; 9] = [
         Why::None,
         Why::NoAnswer,
         Why::Role,
@@ -100,6 +114,7 @@ impl Why {
         Why::Unconfirmed,
         Why::CheckFailed,
         Why::ReplicasServe,
+        Why::ReplicationLag,
     ];
 
     pub(crate) fn text(self) -> &'static str {
@@ -112,6 +127,7 @@ impl Why {
             Why::Unconfirmed => "role not confirmed yet",
             Why::CheckFailed => "check fails",
             Why::ReplicasServe => "replicas serve",
+            Why::ReplicationLag => "replication lag",
         }
     }
 
@@ -154,8 +170,45 @@ impl Standing {
     }
 }
 
-/// The standing of each server (`facts` in member order) for `want`.
-pub(crate) fn standings(want: Want, facts: &[Facts]) -> Vec<Standing> {
+/// What a pool asks of its servers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Rules {
+    pub(crate) want: Want,
+    /// The most replication lag a replica may have, in bytes (replica and
+    /// prefer-replica pools only).
+    pub(crate) max_lag: Option<u64>,
+}
+
+impl Rules {
+    /// Whether a replica lagging `lag` bytes is over the limit, given
+    /// whether it was last time: it leaves past the limit and comes back
+    /// at 3/4 of it.
+    pub(crate) fn lagging(&self, lag: Option<u64>, was_lagging: bool) -> bool {
+        let (Some(max), Some(lag)) = (self.max_lag, lag) else {
+            return false;
+        };
+        if !matches!(self.want, Want::Replica | Want::PreferReplica) {
+            return false;
+        }
+        if was_lagging {
+            lag > back_at(max)
+        } else {
+            lag > max
+        }
+    }
+}
+
+/// The lag at which a lagging replica takes relays again: 3/4 of the
+/// limit.
+pub(crate) fn back_at(max_lag: u64) -> u64 {
+    max_lag - max_lag / 4
+}
+
+/// The standing of each server (`facts` in member order) for `rules`;
+/// `was_lagging` (same order; missing entries are `false`) says which ones
+/// the pool judged `Lagging` last time.
+pub(crate) fn standings(rules: Rules, facts: &[Facts], was_lagging: &[bool]) -> Vec<Standing> {
+    let want = rules.want;
     let confirms = |f: &Facts, role: Role| f.up && f.reported.is_some_and(|r| r.confirms(role));
     let mut out: Vec<Standing> = facts
         .iter()
@@ -210,6 +263,12 @@ pub(crate) fn standings(want: Want, facts: &[Facts]) -> Vec<Standing> {
             }
         }
     }
+    for (i, f) in facts.iter().enumerate() {
+        let was = was_lagging.get(i).copied().unwrap_or(false);
+        if out[i].eligible && confirms(f, Role::Replica) && rules.lagging(f.lag, was) {
+            out[i] = Standing::excluded(State::Lagging, Why::ReplicationLag);
+        }
+    }
     if want == Want::PreferReplica {
         let replicas =
             (0..facts.len()).any(|i| out[i].eligible && confirms(&facts[i], Role::Replica));
@@ -236,6 +295,7 @@ mod tests {
             check_error: false,
             timeline,
             last_check: None,
+            lag: None,
         }
     }
 
@@ -246,7 +306,20 @@ mod tests {
         check_error: false,
         timeline: None,
         last_check: None,
+        lag: None,
     };
+
+    /// `standings` for a pool without `max-lag`.
+    fn standings(want: Want, facts: &[Facts]) -> Vec<Standing> {
+        super::standings(
+            Rules {
+                want,
+                max_lag: None,
+            },
+            facts,
+            &[],
+        )
+    }
 
     fn eligible(want: Want, facts: &[Facts]) -> Vec<bool> {
         standings(want, facts).iter().map(|s| s.eligible).collect()
@@ -338,6 +411,158 @@ mod tests {
         let r_down = Facts { up: false, ..r };
         assert_eq!(eligible(Want::PreferReplica, &[p, r_down]), [true, false]);
         assert_eq!(eligible(Want::PreferReplica, &[p, p]), [false, false]);
+    }
+
+    // Tests for replication lag (`max-lag`)
+
+    const MB: u64 = 1 << 20;
+
+    fn lagging_by(lag: u64) -> Facts {
+        Facts {
+            lag: Some(lag),
+            ..answered(Role::Replica, None)
+        }
+    }
+
+    fn with_limit(want: Want, max: u64) -> Rules {
+        Rules {
+            want,
+            max_lag: Some(max),
+        }
+    }
+
+    #[test]
+    fn a_replica_past_max_lag_is_lagging_and_the_others_serve() {
+        let rules = with_limit(Want::Replica, 16 * MB);
+        let s = super::standings(rules, &[lagging_by(17 * MB), lagging_by(MB)], &[]);
+        assert_eq!(
+            s[0],
+            Standing::excluded(State::Lagging, Why::ReplicationLag)
+        );
+        assert!(s[1].eligible);
+        // At the limit exactly: still serving.
+        assert!(super::standings(rules, &[lagging_by(16 * MB)], &[])[0].eligible);
+        // Unmeasured: judged by its role alone.
+        assert!(super::standings(rules, &[answered(Role::Replica, None)], &[])[0].eligible);
+    }
+
+    #[test]
+    fn a_lagging_replica_comes_back_at_three_quarters_of_the_limit() {
+        let rules = with_limit(Want::Replica, 16 * MB);
+        let judge = |lag: u64, was: bool| super::standings(rules, &[lagging_by(lag)], &[was])[0];
+        assert_eq!(judge(15 * MB, true).state, State::Lagging);
+        assert_eq!(judge(12 * MB + 1, true).state, State::Lagging);
+        assert!(judge(12 * MB, true).eligible);
+        assert!(judge(15 * MB, false).eligible);
+        assert_eq!(back_at(4), 3);
+        assert_eq!(back_at(1), 1);
+    }
+
+    #[test]
+    fn prefer_replica_with_every_replica_lagging_takes_the_primary() {
+        let rules = with_limit(Want::PreferReplica, MB);
+        let p = answered(Role::Primary, None);
+        let s = super::standings(rules, &[p, lagging_by(2 * MB)], &[]);
+        assert!(s[0].eligible, "{s:?}");
+        assert_eq!(s[1].state, State::Lagging);
+        let s = super::standings(rules, &[p, lagging_by(2 * MB), lagging_by(0)], &[]);
+        assert_eq!(s[0].state, State::Standby);
+        assert!(s[2].eligible);
+    }
+
+    #[test]
+    fn max_lag_means_nothing_to_primary_and_any_pools() {
+        for want in [Want::Primary, Want::Any] {
+            let f = Facts {
+                lag: Some(u64::MAX),
+                ..answered(Role::Primary, None)
+            };
+            let s = super::standings(with_limit(want, 1), &[f], &[true]);
+            assert!(s[0].eligible);
+        }
+    }
+
+    fn any_facts() -> impl proptest::strategy::Strategy<Value = Facts> {
+        use proptest::prelude::*;
+        (
+            any::<bool>(),
+            prop_oneof![
+                Just(None),
+                Just(Some(Reported::Is(Role::Primary))),
+                Just(Some(Reported::Is(Role::Replica))),
+                Just(Some(Reported::Not(Role::Primary))),
+            ],
+            any::<bool>(),
+            proptest::option::of(0u32..3),
+            proptest::option::of(0u64..64),
+        )
+            .prop_map(|(up, reported, check_error, timeline, lag)| Facts {
+                up,
+                reported,
+                answered: reported.is_some(),
+                check_error,
+                timeline,
+                last_check: None,
+                lag,
+            })
+    }
+
+    fn any_want() -> impl proptest::strategy::Strategy<Value = Want> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(Want::Any),
+            Just(Want::Primary),
+            Just(Want::Replica),
+            Just(Want::PreferReplica),
+        ]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn lag_rules_hold_for_any_fleet(
+            want in any_want(),
+            max in proptest::option::of(1u64..48),
+            facts in proptest::collection::vec(any_facts(), 0..6),
+            was in proptest::collection::vec(proptest::prelude::any::<bool>(), 0..6),
+        ) {
+            let rules = Rules { want, max_lag: max };
+            let out = super::standings(rules, &facts, &was);
+            let plain = super::standings(Rules { want, max_lag: None }, &facts, &[]);
+            for (i, (s, f)) in out.iter().zip(&facts).enumerate() {
+                let was_i = was.get(i).copied().unwrap_or(false);
+                // Never eligible while lagging.
+                if s.state == State::Lagging {
+                    proptest::prop_assert!(!s.eligible);
+                    proptest::prop_assert_eq!(s.why, Why::ReplicationLag);
+                    // Only a confirmed replica, over the limit (or, having
+                    // been over it, still above 3/4 of it).
+                    proptest::prop_assert_eq!(f.reported, Some(Reported::Is(Role::Replica)));
+                    let (lag, max) = (f.lag.unwrap(), max.unwrap());
+                    let bar = if was_i { back_at(max) } else { max };
+                    proptest::prop_assert!(lag > bar, "lag {} bar {}", lag, bar);
+                }
+                // A primary is never lagging.
+                if f.reported == Some(Reported::Is(Role::Primary)) {
+                    proptest::prop_assert_ne!(s.state, State::Lagging);
+                }
+                // Hysteresis: under the limit but above 3/4, the last
+                // decision stands.
+                if s.eligible && plain[i].eligible && f.reported == Some(Reported::Is(Role::Replica)) {
+                    if let (Some(lag), Some(max)) = (f.lag, max) {
+                        if matches!(want, Want::Replica | Want::PreferReplica) {
+                            let bar = if was_i { back_at(max) } else { max };
+                            proptest::prop_assert!(lag <= bar, "lag {} bar {}", lag, bar);
+                        }
+                    }
+                }
+                // Lag only ever takes servers out, never brings one in
+                // (the primary a prefer-replica pool falls back to aside).
+                if s.eligible && !plain[i].eligible {
+                    proptest::prop_assert_eq!(want, Want::PreferReplica);
+                    proptest::prop_assert_eq!(plain[i].state, State::Standby);
+                }
+            }
+        }
     }
 
     #[test]

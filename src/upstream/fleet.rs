@@ -13,12 +13,20 @@
 //!
 //! Every change that can exclude a server (down, a new role answer, a check
 //! error) moves the fleet's `changes` generation and makes every pool
-//! re-evaluate which of its servers are eligible (`Pool::refresh`).
+//! re-evaluate which of its servers are eligible (`Pool::refresh`); a pool
+//! whose replica starts or stops lagging moves it too.
 //!
 //! A pool that gains an eligible server (a health transition, new members
-//! from a reload or a DNS change) moves the `gains` generation instead and
-//! rings the [`Doorbell`] of every worker that holds clients, so a worker
-//! blocked in epoll connects them at once rather than at its next timeout.
+//! from a reload or a DNS change, a replica that stops lagging) moves the
+//! `gains` generation instead and rings the [`Doorbell`] of every worker
+//! that holds clients, so a worker blocked in epoll connects them at once
+//! rather than at its next timeout.
+//!
+//! Replication lag is measured here, across pools: each role answer's
+//! position is kept with the time of its probe, and every replica's lag is
+//! measured again after each probe against the servers whose last answer
+//! confirmed them primary, whichever pool names them (see
+//! [`crate::health::lag`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,7 +35,10 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use super::pool::Pool;
-use crate::health::{CheckSpec, HealthParams, HealthState, Kind, Reported, Transition, Verdict};
+use crate::health::lag::{self, Lag, Position, Samples};
+use crate::health::{
+    CheckSpec, HealthParams, HealthState, Kind, Reported, Role, Transition, Verdict,
+};
 
 /// What makes two pools' servers one: the address and how it is probed.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -78,6 +89,15 @@ pub(crate) struct Upstream {
     health: Mutex<HealthState>,
     /// Mirrors `!health.is_up()` for lock-free reads.
     down: AtomicBool,
+    replication: Mutex<Replication>,
+}
+
+/// A server's recent replication positions, and its lag while it is a
+/// replica.
+#[derive(Debug, Default)]
+struct Replication {
+    samples: Samples,
+    lag: Option<Lag>,
 }
 
 /// A server's health at one moment, as the pools judge it.
@@ -89,6 +109,8 @@ pub(crate) struct Facts {
     pub(crate) check_error: bool,
     pub(crate) timeline: Option<u32>,
     pub(crate) last_check: Option<Instant>,
+    /// A replica's replication lag in bytes, when measured.
+    pub(crate) lag: Option<u64>,
 }
 
 impl Upstream {
@@ -104,6 +126,7 @@ impl Upstream {
     }
 
     pub(crate) fn facts(&self) -> Facts {
+        let lag = self.replication().lag.map(|l| l.bytes);
         self.with_health(|h| Facts {
             up: h.is_up(),
             reported: h.reported(),
@@ -111,7 +134,23 @@ impl Upstream {
             check_error: h.check_error().is_some(),
             timeline: h.timeline(),
             last_check: h.last_check(),
+            lag,
         })
+    }
+
+    fn replication(&self) -> std::sync::MutexGuard<'_, Replication> {
+        self.replication.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A replica's measured lag, and how it was measured.
+    pub(crate) fn lag(&self) -> Option<Lag> {
+        self.replication().lag
+    }
+
+    /// How often it is probed (none: passive health only).
+    fn interval(&self) -> Option<Duration> {
+        let probing = self.probing.lock().unwrap_or_else(|p| p.into_inner());
+        probing.as_ref().map(|p| p.interval)
     }
 
     /// How it is probed, if it is.
@@ -206,6 +245,7 @@ impl Fleet {
             probing: Mutex::new(check.cloned()),
             health: Mutex::new(HealthState::new(params, Instant::now())),
             down: AtomicBool::new(false),
+            replication: Mutex::default(),
         });
         servers.insert(key, Arc::downgrade(&u));
         u
@@ -264,13 +304,14 @@ impl Fleet {
         }
     }
 
-    /// An active probe's verdict on `server`, with the timeline its answer
-    /// gave.
+    /// An active probe's verdict on `server`, with the timeline and the
+    /// replication position its answer gave.
     pub(crate) fn observe(
         &self,
         server: &Upstream,
         verdict: &Verdict,
         timeline: Option<u32>,
+        position: Option<Position>,
         now: Instant,
     ) {
         let changes = server.with_health(|h| {
@@ -280,6 +321,18 @@ impl Fleet {
             }
             t
         });
+        {
+            let mut r = server.replication();
+            // Positions of another role are not this one's.
+            if changes.iter().any(|t| matches!(t, Transition::Role { .. })) {
+                r.samples.clear();
+            }
+            if let (Verdict::Up { role: Some(_) }, Some(p)) = (verdict, position) {
+                r.samples.push(now, p);
+            }
+        }
+        // Only a new position or a change of state moves a lag.
+        let lags_moved = (position.is_some() || !changes.is_empty()) && self.measure_lags();
         if let Verdict::CheckError { reason } = verdict {
             // Once per probe, so once per interval: rate-limited by the
             // schedule itself.
@@ -292,10 +345,63 @@ impl Fleet {
         // The age of the last check is shown whatever it said (only the
         // pools that name this server need to show it again).
         if changes.is_empty() {
-            for pool in self.pools().iter().filter(|p| p.names(server)) {
-                pool.refresh();
+            if lags_moved {
+                self.publish();
+            } else {
+                for pool in self.pools().iter().filter(|p| p.names(server)) {
+                    pool.refresh();
+                }
             }
         }
+    }
+
+    /// Measures every replica's lag again; returns whether one moved.
+    fn measure_lags(&self) -> bool {
+        let servers = self.checked();
+        let role = |u: &Upstream| {
+            let f = u.with_health(|h| (h.is_up(), h.reported()));
+            match f {
+                (up, Some(Reported::Is(r))) => Some((up, r)),
+                _ => None,
+            }
+        };
+        let roles: Vec<Option<(bool, Role)>> = servers.iter().map(|u| role(u)).collect();
+        // A primary's samples count within twice the longer of its own
+        // interval and the replica's: one probe of each fits.
+        let primaries: Vec<(Samples, Duration)> = servers
+            .iter()
+            .zip(&roles)
+            .filter(|(_, r)| *r == &Some((true, Role::Primary)))
+            .map(|(u, _)| {
+                (
+                    u.replication().samples.clone(),
+                    u.interval().unwrap_or_default(),
+                )
+            })
+            .collect();
+        let mut moved = false;
+        for (u, r) in servers.iter().zip(&roles) {
+            let own = u.interval().unwrap_or_default();
+            let mut rep = u.replication();
+            let lag = match (r, rep.samples.latest()) {
+                (Some((_, Role::Replica)), Some(latest)) => lag::replica_lag(
+                    latest,
+                    primaries.iter().map(|(s, iv)| (s, 2 * own.max(*iv))),
+                ),
+                _ => None,
+            };
+            if rep.lag != lag {
+                moved |= rep.lag.map(|l| l.bytes) != lag.map(|l| l.bytes);
+                rep.lag = lag;
+            }
+        }
+        moved
+    }
+
+    /// Moves the `changes` generation: a pool excluded or readmitted a
+    /// server for a reason of its own (replication lag).
+    pub(crate) fn bump(&self) {
+        self.changes.fetch_add(1, Ordering::AcqRel);
     }
 
     /// A client connect to `server` failed.

@@ -21,9 +21,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::balance::{self, Candidate};
-use super::eligible::{self, Standing, State, Want, Why};
+use super::eligible::{self, Rules, Standing, State, Want, Why};
 use super::fleet::{Fleet, Probing, Upstream};
 use crate::config::{self, Balance, OnDown, PoolConfig};
+use crate::health::lag::{Lag, Measured};
 use crate::health::{CheckSpec, HealthParams, Kind, Reported, Role, WantRole};
 use crate::shm::{ServerCounters, ServerRegistry};
 use crate::stats::ServerBlock;
@@ -61,6 +62,8 @@ pub(crate) struct ServerSample {
     pub(crate) backup: bool,
     /// When its last probe ended, as a Unix time.
     pub(crate) last_check: Option<SystemTime>,
+    /// A replica's measured replication lag, in bytes.
+    pub(crate) lag: Option<u64>,
 }
 
 impl Server {
@@ -142,6 +145,12 @@ impl Members {
             .filter(|(_, st)| st.eligible)
             .map(|(s, _)| s.addr)
     }
+
+    /// The state `server` was judged in, if it is a member.
+    fn state_of(&self, server: &Arc<Server>) -> Option<State> {
+        let i = self.servers.iter().position(|s| Arc::ptr_eq(s, server))?;
+        self.standings.get(i).map(|st| st.state)
+    }
 }
 
 /// The servers of one listener.
@@ -155,6 +164,8 @@ pub(crate) struct Pool {
     /// The active check, if any.
     check: Option<Probing>,
     want: Want,
+    /// `max-lag`, in bytes.
+    max_lag: Option<u64>,
     pub(crate) on_down: OnDown,
     members: RwLock<Arc<Members>>,
     /// Serialises the writers of `members`.
@@ -208,6 +219,7 @@ impl Pool {
             },
             check,
             want,
+            max_lag: h.max_lag,
             on_down: config.on_down,
             members: RwLock::new(Arc::default()),
             writing: Mutex::new(()),
@@ -312,7 +324,7 @@ impl Pool {
             .map(|s| s.addr)
             .collect();
         let weights: Vec<u32> = servers.iter().map(|s| s.weight).collect();
-        let standings = self.judge(&servers);
+        let standings = self.judge(&servers, &old);
         self.publish(&servers, &standings);
         self.write(Members {
             schedule: balance::wrr_schedule(&weights),
@@ -322,9 +334,18 @@ impl Pool {
         (added, removed)
     }
 
-    fn judge(&self, servers: &[Arc<Server>]) -> Vec<Standing> {
+    /// The standings of `servers`, `old` being the members judged last.
+    fn judge(&self, servers: &[Arc<Server>], old: &Members) -> Vec<Standing> {
         let facts: Vec<_> = servers.iter().map(|s| s.upstream.facts()).collect();
-        eligible::standings(self.want, &facts)
+        let was_lagging: Vec<bool> = servers
+            .iter()
+            .map(|s| old.state_of(s) == Some(State::Lagging))
+            .collect();
+        let rules = Rules {
+            want: self.want,
+            max_lag: self.max_lag,
+        };
+        eligible::standings(rules, &facts, &was_lagging)
     }
 
     /// Judges every server again from its current health, logs the
@@ -336,7 +357,7 @@ impl Pool {
         }
         let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.members();
-        let standings = self.judge(&old.servers);
+        let standings = self.judge(&old.servers, &old);
         let conflict = |st: &Standing| matches!(st.why, Why::SplitBrain | Why::StaleTimeline);
         let before: Vec<bool> = old.standings.iter().map(conflict).collect();
         let now: Vec<bool> = standings.iter().map(conflict).collect();
@@ -354,12 +375,45 @@ impl Pool {
                 names.join(", ")
             );
         }
+        let lagging = |st: &Standing| st.state == State::Lagging;
+        let moved: Vec<String> = old
+            .servers
+            .iter()
+            .zip(old.standings.iter().zip(&standings))
+            .filter(|(_, (was, is))| lagging(was) != lagging(is))
+            .map(|(s, (_, is))| {
+                let into = if lagging(is) { "leaves" } else { "rejoins" };
+                let lag = match s.upstream.lag() {
+                    Some(Lag {
+                        bytes,
+                        measured: Measured::Primary,
+                    }) => format!("{bytes} bytes behind the primary"),
+                    Some(Lag {
+                        bytes,
+                        measured: Measured::Received,
+                    }) => format!("{bytes} bytes received but not applied, no primary seen"),
+                    None => "lag unknown".to_string(),
+                };
+                format!("{} {into} ({lag})", s.addr)
+            })
+            .collect();
         self.publish(&old.servers, &standings);
         self.write(Members {
             servers: old.servers.clone(),
             schedule: old.schedule.clone(),
             standings,
         });
+        if !moved.is_empty() {
+            tracing::warn!(
+                listener = %self.listener,
+                max_lag = self.max_lag.unwrap_or(0),
+                "replication lag: {}",
+                moved.join(", ")
+            );
+            // Written first, then announced: whoever wakes on the
+            // generation sees the new standings.
+            self.fleet.bump();
+        }
     }
 
     /// Shows each server's standing, role and last check to readers of
@@ -372,6 +426,7 @@ impl Pool {
                 st.state.code() | (st.why.code() << 8) | excluded,
                 role_code(facts.reported),
                 facts.last_check.map_or(0, unix_millis),
+                facts.lag,
             );
         }
     }
@@ -406,6 +461,7 @@ impl Pool {
                     live: s.live(),
                     backup: s.backup,
                     last_check: facts.last_check.map(system_time),
+                    lag: facts.lag,
                 }
             })
             .collect()

@@ -22,6 +22,7 @@ use slab::Slab;
 
 use super::Worker;
 use crate::config::OnDown;
+use crate::health::lag::Position;
 use crate::health::{ProbeConn, Verdict};
 use crate::stats::{CloseReason, CounterBlock};
 use crate::token;
@@ -116,7 +117,7 @@ impl Worker {
                     due.running = true;
                     self.start_probe(Running { conn, server }, now);
                 }
-                Err(v) => self.judge(&server, &v, None, now),
+                Err(v) => self.judge(&server, &v, None, None, now),
             }
         }
         // Servers that left the fleet take their schedule with them.
@@ -164,11 +165,18 @@ impl Worker {
             due.running = false;
             self.checks.next = Some(self.checks.next.map_or(due.at, |n| n.min(due.at)));
         }
-        let timeline = r.conn.timeline();
-        self.judge(&r.server, &verdict, timeline, now);
+        let (timeline, position) = (r.conn.timeline(), r.conn.position());
+        self.judge(&r.server, &verdict, timeline, position, now);
     }
 
-    fn judge(&mut self, server: &Upstream, verdict: &Verdict, timeline: Option<u32>, now: Instant) {
+    fn judge(
+        &mut self,
+        server: &Upstream,
+        verdict: &Verdict,
+        timeline: Option<u32>,
+        position: Option<Position>,
+        now: Instant,
+    ) {
         CounterBlock::add(&self.counters.health_probes, 1);
         if !verdict.answered() {
             CounterBlock::add(&self.counters.health_probe_failures, 1);
@@ -178,7 +186,9 @@ impl Worker {
             upstream = %server.addr,
             "health probe: {verdict}"
         );
-        self.shared.fleet.observe(server, verdict, timeline, now);
+        self.shared
+            .fleet
+            .observe(server, verdict, timeline, position, now);
     }
 
     /// Resets the relays that `on-down = "kill"` ends: those of servers

@@ -7,6 +7,8 @@
 //! is seen within one interval plus one probe timeout, and a failover
 //! completes within `interval × fall + 1 s`.
 
+#[path = "routing/lag.rs"]
+mod lag;
 #[path = "routing/pg.rs"]
 mod pg;
 #[path = "routing/redis.rs"]

@@ -38,6 +38,7 @@ fn snapshot() -> Snapshot {
             role: "primary",
             backup: false,
             active: 0,
+            lag: None,
             workers: vec![ServerStats::default()],
         }],
     }
@@ -156,4 +157,46 @@ fn the_exposition_keeps_its_names_and_labels() {
     helps.sort();
     helps.dedup();
     assert_eq!(helps.len(), n, "a family is written twice");
+}
+
+/// A replica's measured lag is a gauge of its own, and `lagging` one of
+/// the states; a server whose lag is not measured has no lag sample.
+#[test]
+fn a_replicas_lag_and_the_lagging_state_are_shown() {
+    use crate::upstream::eligible::State;
+    use crate::upstream::ServerSample;
+    let sample = |port: u16, lag: Option<u64>, state: State| ServerSample {
+        addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        up: state == State::Up,
+        state,
+        role: Some(crate::health::Role::Replica),
+        live: 0,
+        backup: false,
+        last_check: None,
+        lag,
+    };
+    let servers = vec![
+        ("ro".to_string(), sample(1, Some(7 << 20), State::Lagging)),
+        ("ro".to_string(), sample(2, None, State::Up)),
+    ];
+    let families = server_families(&servers);
+    let lag = families
+        .iter()
+        .find(|f| f.name == "spliced_server_replication_lag_bytes")
+        .expect("the lag family");
+    assert_eq!(lag.values.len(), 1, "{:?}", lag.values);
+    assert_eq!(lag.values[0].1, 7 << 20);
+    assert!(lag.values[0]
+        .0
+        .contains(&("server", "127.0.0.1:1".to_string())));
+    let state = families
+        .iter()
+        .find(|f| f.name == "spliced_server_state")
+        .unwrap();
+    let lagging: Vec<_> = state
+        .values
+        .iter()
+        .filter(|(labels, v)| *v == 1 && labels.contains(&("state", "lagging".to_string())))
+        .collect();
+    assert_eq!(lagging.len(), 1, "{:?}", state.values);
 }

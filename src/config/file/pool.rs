@@ -177,6 +177,7 @@ fn read_health(cx: &mut Cx, v: &Value<'_>, path: &str) -> Option<HealthConfig> {
         "database",
         "port",
         "path",
+        "max-lag",
     ];
     // Keys that only mean something to an active check.
     let mut active_only: Vec<(String, Range<usize>)> = Vec::new();
@@ -204,6 +205,12 @@ fn read_health(cx: &mut Cx, v: &Value<'_>, path: &str) -> Option<HealthConfig> {
             "password-file" => h.password_file = cx.string(v, &key).map(str::to_string),
             "database" => h.database = cx.string(v, &key).map(str::to_string),
             "port" => h.port = cx.uint(v, &key, 1, 65535).map(|n| n as u16),
+            "max-lag" => {
+                h.max_lag = cx.size(v, &key).map(|n| n as u64);
+                if h.max_lag == Some(0) {
+                    cx.error(&v.span(), &key, "must be positive");
+                }
+            }
             "path" => {
                 h.path = cx.string(v, &key).map(str::to_string);
                 if h.path.as_deref().is_some_and(|p| !p.starts_with('/')) {
@@ -247,6 +254,17 @@ fn read_health(cx: &mut Cx, v: &Value<'_>, path: &str) -> Option<HealthConfig> {
             );
         }
         _ => {}
+    }
+    if let Some(lag) = t.get("max-lag") {
+        let lag_check = matches!(h.check, Some(Check::Postgres | Check::Redis));
+        let lag_role = matches!(h.role, Role::Replica | Role::PreferReplica);
+        if h.check.is_some() && !(lag_check && lag_role) {
+            cx.error(
+                &lag.span(),
+                &join(path, "max-lag"),
+                "applies to check = \"postgres\" or \"redis\" with role = \"replica\" or \"prefer-replica\"",
+            );
+        }
     }
     if h.check != Some(Check::Http) {
         for k in ["port", "path"] {

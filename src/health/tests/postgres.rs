@@ -166,6 +166,73 @@ fn trust_login_then_replica_or_mismatch() {
     }
 }
 
+/// A full answer row: NULL for a `None` column.
+fn row_answer(columns: &[Option<&str>]) -> Vec<u8> {
+    let mut row = (columns.len() as u16).to_be_bytes().to_vec();
+    for c in columns {
+        match c {
+            Some(v) => {
+                row.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                row.extend_from_slice(v.as_bytes());
+            }
+            None => row.extend_from_slice(&(-1i32).to_be_bytes()),
+        }
+    }
+    let mut out = message(b'D', &row);
+    out.extend(message(b'C', b"SELECT 1\0"));
+    out.extend(ready());
+    out
+}
+
+#[test]
+fn the_answer_carries_timeline_cluster_and_wal_positions() {
+    use crate::health::lag::Position;
+    let primary = row_answer(&[Some("f"), Some("3"), Some("-4"), Some("16/B374D848"), None]);
+    // A role is asked for (ask_role): the answer reports it.
+    let mut asking = with_role(Kind::Postgres, WantRole::Any);
+    asking.ask_role = true;
+    asking.user = Some("probe".into());
+    let mut q = Probe::new(&asking, addr());
+    q.start();
+    sent(q.on_bytes(&welcome()));
+    assert_eq!(done(trickle(&mut q, &primary)), PRIMARY);
+    assert_eq!(q.timeline(), Some(3));
+    assert_eq!(
+        q.position(),
+        Some(Position {
+            stream: u64::MAX - 3,
+            applied: 0x16_B374_D848,
+            received: None
+        })
+    );
+    let mut r = pg(WantRole::Replica, Some("probe"), None);
+    r.start();
+    sent(r.on_bytes(&welcome()));
+    let standby = row_answer(&[
+        Some("t"),
+        None,
+        Some("7716326248818513265"),
+        Some("0/3000000"),
+        Some("0/3000100"),
+    ]);
+    assert_eq!(done(r.on_bytes(&standby)), REPLICA);
+    assert_eq!(r.timeline(), None);
+    assert_eq!(
+        r.position(),
+        Some(Position {
+            stream: 7716326248818513265,
+            applied: 0x300_0000,
+            received: Some(0x300_0100)
+        })
+    );
+    // Only the role: still judged, no position.
+    let mut old = pg(WantRole::Replica, Some("probe"), None);
+    old.start();
+    sent(old.on_bytes(&welcome()));
+    assert_eq!(done(old.on_bytes(&recovery_answer(b"t"))), REPLICA);
+    assert_eq!(old.position(), None);
+}
+
 #[test]
 fn md5_login_sends_the_salted_hash() {
     let mut p = pg(WantRole::Primary, Some("probe"), Some("pw"));

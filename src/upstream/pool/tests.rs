@@ -81,7 +81,7 @@ fn checked(check: config::Check, role: config::Role, fall: u32, rise: u32) -> Po
 
 fn observe(p: &Pool, i: usize, v: Verdict, now: Instant) {
     let s = Arc::clone(&p.members().servers[i]);
-    p.fleet().observe(&s.upstream, &v, None, now);
+    p.fleet().observe(&s.upstream, &v, None, None, now);
 }
 
 const PRIMARY: Verdict = Verdict::Up {
@@ -281,4 +281,115 @@ fn membership_changes_keep_state_of_servers_that_stay() {
     drop(lease);
     assert_eq!(kept.live(), 0);
     assert_eq!(p.attempts(), 2);
+}
+
+// Replication lag (`max-lag`)
+
+fn position(applied: u64, received: Option<u64>) -> crate::health::lag::Position {
+    crate::health::lag::Position {
+        stream: 42,
+        applied,
+        received,
+    }
+}
+
+fn observe_at(p: &Pool, i: usize, v: Verdict, applied: u64, now: Instant) {
+    let s = Arc::clone(&p.members().servers[i]);
+    let pos = position(applied, Some(applied));
+    p.fleet().observe(&s.upstream, &v, None, Some(pos), now);
+}
+
+#[test]
+fn a_replica_behind_a_primary_of_another_pool_leaves_and_rejoins_with_hysteresis() {
+    let fleet = Fleet::new();
+    let registry = Arc::new(ServerRegistry::new(None, 1));
+    let writes = pool_in(
+        &fleet,
+        &registry,
+        &checked(config::Check::Postgres, config::Role::Primary, 3, 2),
+        &[member(1, 1, false)],
+    );
+    let mut config = checked(config::Check::Postgres, config::Role::Replica, 3, 2);
+    config.health.max_lag = Some(1000);
+    let reads = pool_in(
+        &fleet,
+        &Arc::new(ServerRegistry::new(None, 1)),
+        &config,
+        &[member(2, 1, false), member(3, 1, false)],
+    );
+    let t0 = Instant::now();
+    observe_at(&reads, 0, REPLICA, 10_000, t0);
+    observe_at(&reads, 1, REPLICA, 10_000, t0);
+    let lease = reads.pick(0, CLIENT, &[], t0).expect("a replica");
+    let on_two = if lease.server.addr.port() == 2 {
+        lease
+    } else {
+        drop(lease);
+        reads.pick(1, CLIENT, &[], t0).expect("the other replica")
+    };
+    assert_eq!(on_two.server.addr.port(), 2);
+    // The primary (another pool's) is 5000 bytes ahead of both.
+    let before = fleet.changes();
+    observe_at(&writes, 0, PRIMARY, 15_000, t0);
+    assert!(reads.pick(0, CLIENT, &[], t0).is_none(), "both lag");
+    assert!(fleet.changes() > before, "leaving moves the generation");
+    assert_eq!(reads.samples()[0].state, State::Lagging);
+    assert!(!on_two.doomed(&reads), "its live relays keep running");
+    // Replica 3 catches up: it serves, replica 2 does not.
+    let t1 = t0 + Duration::from_millis(500);
+    observe_at(&reads, 1, REPLICA, 15_000, t1);
+    for c in 0..4 {
+        assert_eq!(port(reads.pick(c, CLIENT, &[], t1)), 3);
+    }
+    // Replica 2 under the limit but above 3/4 of it: still out.
+    observe_at(&reads, 0, REPLICA, 14_100, t1);
+    assert_eq!(reads.samples()[0].state, State::Lagging);
+    let before = fleet.changes();
+    observe_at(&reads, 0, REPLICA, 14_250, t1);
+    assert_eq!(reads.samples()[0].state, State::Up);
+    assert!(fleet.changes() > before, "rejoining moves the generation");
+    // Now it takes relays until past the limit itself.
+    observe_at(&reads, 0, REPLICA, 14_100, t1);
+    assert_eq!(reads.samples()[0].state, State::Up);
+    let before = fleet.changes();
+    observe_at(&reads, 0, REPLICA, 13_999, t1);
+    assert_eq!(reads.samples()[0].state, State::Lagging);
+    assert!(fleet.changes() > before);
+    // The primary pool never sees its primary lagging.
+    assert_eq!(writes.samples()[0].state, State::Up);
+}
+
+#[test]
+fn a_primary_sample_out_of_its_window_gives_way_to_what_the_replica_received() {
+    let fleet = Fleet::new();
+    let registry = Arc::new(ServerRegistry::new(None, 1));
+    let mut config = checked(config::Check::Postgres, config::Role::PreferReplica, 3, 2);
+    config.health.max_lag = Some(1000);
+    let p = pool_in(
+        &fleet,
+        &registry,
+        &config,
+        &[member(1, 1, false), member(2, 1, false)],
+    );
+    let t0 = Instant::now();
+    observe_at(&p, 0, PRIMARY, 1_000_000, t0);
+    observe_at(&p, 1, REPLICA, 10_000, t0);
+    assert_eq!(p.samples()[1].state, State::Lagging);
+    assert_eq!(
+        port(p.pick(0, CLIENT, &[], t0)),
+        1,
+        "prefer-replica falls back"
+    );
+    // Twice the interval (2 s) later, the primary's old position no
+    // longer counts: the replica applied all it received.
+    let later = t0 + Duration::from_secs(5);
+    observe_at(&p, 1, REPLICA, 10_000, later);
+    let lag = p.members().servers[1].upstream.lag().unwrap();
+    assert_eq!(lag.bytes, 0);
+    assert_eq!(lag.measured, crate::health::lag::Measured::Received);
+    assert_eq!(port(p.pick(0, CLIENT, &[], later)), 2);
+    // A primary whose last answer is no longer primary counts for nothing.
+    observe_at(&p, 0, REPLICA, 1_000_000, later);
+    observe_at(&p, 1, REPLICA, 10_000, later);
+    assert_eq!(p.members().servers[1].upstream.lag().unwrap().bytes, 0);
 }
