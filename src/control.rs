@@ -15,9 +15,8 @@ use mio::Waker;
 
 use crate::engine::PipeFds;
 use crate::listener::{Listener, ListenerId};
-use crate::relay::frozen::Parcel;
 use crate::relay::report::{RelayReport, Reporter};
-use crate::relay::{HandedOff, Relay};
+use crate::relay::HandedOff;
 use crate::stats::CloseReason;
 
 /// What a worker can be told.
@@ -32,29 +31,6 @@ pub(crate) enum Command {
     AbortRelay { id: u64, reporter: Arc<Reporter> },
     /// Take a reloaded config's listeners.
     Reload(Box<WorkerReload>),
-    /// A binary upgrade: a duplicate of each listening socket, with the
-    /// address it is bound to.
-    Listening(Sender<Vec<(SocketAddr, std::net::TcpListener)>>),
-    /// A binary upgrade: stop accepting, and give up every relay that can
-    /// be handed over now (see [`Frozen`]).
-    Freeze(Sender<Frozen>),
-    /// Take these relays back (the upgrade failed, or could not hand
-    /// them); with `accept`, accept again.
-    Thaw { relays: Vec<Relay>, accept: bool },
-    /// Relays handed over by the process this one replaces: register and
-    /// resume them, and say how long each was paused (nanoseconds).
-    Resume(Vec<Parcel>, Sender<Vec<u64>>),
-}
-
-/// What one worker gave up at a [`Command::Freeze`].
-pub(crate) struct Frozen {
-    pub(crate) worker: usize,
-    /// The relays, deregistered and out of the worker, each with the
-    /// CLOCK_MONOTONIC time it stopped being pumped.
-    pub(crate) relays: Vec<(Relay, u64)>,
-    /// Relays and clients that cannot be handed over yet (still reading a
-    /// first packet, or still connecting): a later freeze may take them.
-    pub(crate) waiting: usize,
 }
 
 /// One worker's part of a reload, applied between two polls so no accept
@@ -85,12 +61,6 @@ impl std::fmt::Debug for Command {
             Command::Abort => f.write_str("Abort"),
             Command::Handoff(_) => f.write_str("Handoff"),
             Command::AbortRelay { id, .. } => write!(f, "AbortRelay({id})"),
-            Command::Listening(_) => f.write_str("Listening"),
-            Command::Freeze(_) => f.write_str("Freeze"),
-            Command::Thaw { relays, accept } => {
-                write!(f, "Thaw({}, accept {accept})", relays.len())
-            }
-            Command::Resume(r, _) => write!(f, "Resume({})", r.len()),
             Command::Reload(r) => write!(
                 f,
                 "Reload(retarget {}, close {}, add {}, retire {})",

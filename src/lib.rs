@@ -64,15 +64,13 @@ pub mod stats;
 mod sys;
 mod timer;
 mod token;
-#[cfg(feature = "cli")]
-pub mod upgrade;
 mod upstream;
 mod worker;
 
 pub use config::{Config, ListenerConfig, Mode, Timeouts};
 pub use error::{Side, StartError};
 pub use handoff::{End, Ending, Handoff, HandoffError, Outcome, Socket};
-pub use proxy::{start, start_activated, start_with, start_with_sockets, ProxyHandle};
+pub use proxy::{start, start_activated, start_with, ProxyHandle};
 pub use reload::{ReloadReport, Reloader};
 pub use runtime::{Controller, Runtime, RuntimeBuilder};
 pub use stats::{CloseReason, Stats};

@@ -251,19 +251,6 @@ pub(crate) struct Admission {
     source: Option<IpAddr>,
 }
 
-impl Admission {
-    /// Room for a relay carried over from another process by a binary
-    /// upgrade: counted under `max_conns` even past it (the client is
-    /// served already), with no per-source count.
-    pub(crate) fn carried_over(listener: &Arc<Listener>) -> Admission {
-        listener.state.live.fetch_add(1, Ordering::AcqRel);
-        Admission {
-            reservation: Reservation(Arc::clone(listener)),
-            source: None,
-        }
-    }
-}
-
 impl Drop for Admission {
     fn drop(&mut self) {
         if let Some(ip) = self.source {

@@ -36,23 +36,6 @@ enum Command {
     Stats(spliced::cli::stats::StatsArgs),
     /// Tell a running instance to re-read its config file (SIGHUP to the pid in its pid file).
     Reload(ReloadArgs),
-    /// Replace a running instance by a new binary without ending a relay: listeners and live relays are handed over.
-    Upgrade(UpgradeArgs),
-}
-
-#[derive(clap::Args, Debug)]
-struct UpgradeArgs {
-    /// The instance to upgrade: the --name it was started with.
-    #[arg(
-        long,
-        env = "SPLICED_NAME",
-        default_value = "spliced",
-        value_name = "NAME"
-    )]
-    name: String,
-    /// The binary to start [default: the path the instance was started from, read from disk anew].
-    #[arg(long, value_name = "PATH")]
-    binary: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -449,10 +432,6 @@ fn main() -> ExitCode {
         Command::Reload(args) => {
             let _log = init_logging("warn", LogFormat::Text);
             lifecycle::signal_reload(&args.name)
-        }
-        Command::Upgrade(args) => {
-            init_logging("warn", LogFormat::Text);
-            lifecycle::request_upgrade(&args.name, args.binary.as_deref())
         }
     }
 }

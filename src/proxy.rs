@@ -59,16 +59,6 @@ pub fn start_activated(config: Config) -> Result<ProxyHandle, StartError> {
     start_inner(config, Arc::new(SystemResolver), Inherited::new(fds))
 }
 
-/// [`start`] with listening sockets this process was handed (by the
-/// instance a binary upgrade replaces, see [`crate::upgrade`]), used as
-/// [`start_activated`] uses a service manager's.
-pub fn start_with_sockets(
-    config: Config,
-    sockets: Vec<std::os::fd::OwnedFd>,
-) -> Result<ProxyHandle, StartError> {
-    start_inner(config, Arc::new(SystemResolver), Inherited::new(sockets))
-}
-
 fn start_inner(
     mut config: Config,
     resolver: Arc<dyn Resolve>,
@@ -365,12 +355,6 @@ impl ProxyHandle {
     /// Reloads the config from any thread (see [`Reloader::reload`]).
     pub fn reloader(&self) -> Reloader {
         self.reloader.clone()
-    }
-
-    /// Starts binary upgrades of this proxy (see [`crate::upgrade`]).
-    #[cfg(feature = "cli")]
-    pub fn upgrader(&self) -> crate::upgrade::Upgrader {
-        crate::upgrade::Upgrader::new(self.runtime.links())
     }
 
     /// The address the first listener was bound to at start (useful with

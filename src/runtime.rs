@@ -315,12 +315,6 @@ impl Runtime {
         self.arena.path()
     }
 
-    /// Puts the stats file in place under the instance's name, replacing
-    /// the one of the process a binary upgrade took over from.
-    pub fn publish_stats_file(&self) -> std::io::Result<()> {
-        self.arena.publish()
-    }
-
     /// True once [`shutdown`](Self::shutdown) or [`abort`](Self::abort) was
     /// asked: the runtime takes no new relays.
     pub fn is_draining(&self) -> bool {

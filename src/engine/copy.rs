@@ -33,11 +33,6 @@ impl MappedBuffer {
         })
     }
 
-    /// The bytes not written yet.
-    pub(crate) fn unsent(&self) -> &[u8] {
-        &self.bytes[self.start..self.end]
-    }
-
     pub(crate) fn is_empty(&self) -> bool {
         self.start == self.end
     }
@@ -49,6 +44,11 @@ impl MappedBuffer {
         } else {
             self.bytes.len() - self.end
         }
+    }
+
+    /// The bytes not sent yet.
+    pub(crate) fn unsent(&self) -> &[u8] {
+        &self.bytes[self.start..self.end]
     }
 
     /// Starts the buffer with `bytes`, which must fit.

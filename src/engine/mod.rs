@@ -175,40 +175,6 @@ impl Slot {
         bytes
     }
 
-    /// What a binary upgrade carries of this slot: its engine, whether it
-    /// fell back, whether splice ever moved a byte, whether `auto` still
-    /// steers it, and the buffer it holds.
-    pub(crate) fn parts(&self) -> (Engine, bool, bool, bool, Option<&Buffer>) {
-        (
-            self.engine,
-            self.fell_back,
-            self.spliced_any,
-            self.auto.is_some(),
-            self.buffer.as_ref(),
-        )
-    }
-
-    /// A slot carried over from another process, holding `buffer`. An
-    /// `auto` slot starts its policy afresh (it only decides engines at
-    /// the next empty buffer).
-    pub(crate) fn resumed(
-        engine: Engine,
-        fell_back: bool,
-        spliced_any: bool,
-        auto: bool,
-        buffer: Option<Buffer>,
-    ) -> Slot {
-        Slot {
-            engine,
-            buffer,
-            spliced_any,
-            // A mark it waited at is announced again by EPOLLPRI.
-            urgent: false,
-            fell_back,
-            auto: auto.then(AutoPolicy::new),
-        }
-    }
-
     /// The source has urgent (out-of-band) data on the way.
     pub(crate) fn urgent_data(&mut self) {
         self.urgent = true;

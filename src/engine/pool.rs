@@ -52,12 +52,6 @@ impl PipeFds {
             .is_ok()
     }
 
-    /// Counts the two fds of a pipe that exists whatever the limit (one
-    /// carried over from another process).
-    fn force_claim(&self) {
-        self.held.fetch_add(2, Ordering::Relaxed);
-    }
-
     /// Gives back the two fds of a pipe that closed.
     fn release(&self) {
         self.held.fetch_sub(2, Ordering::Relaxed);
@@ -174,37 +168,6 @@ impl Pools {
                 }
             }
         }
-    }
-
-    /// Takes in a pipe holding bytes, carried over from another process,
-    /// as one of this worker's pipes in use. It is counted past the caps
-    /// if need be: its bytes have nowhere else to go.
-    pub(crate) fn adopt_pipe(&mut self, pipe: Pipe, capacity: usize) -> Buffer {
-        if !self.pipe_fds.claim() {
-            self.pipe_fds.force_claim();
-        }
-        self.pipes_live += 1;
-        self.pipe_bytes += capacity;
-        let c = &self.counters;
-        CounterBlock::add_tracking_max(&c.pipes_in_use, &c.pipes_in_use_max);
-        Buffer::Pipe(PooledPipe::new(pipe, capacity))
-    }
-
-    /// A copy buffer holding `bytes` (carried over from another process):
-    /// a pooled one when they fit, else one of their size.
-    pub(crate) fn adopt_bytes(&mut self, bytes: &[u8]) -> io::Result<Buffer> {
-        let mut heap = match self.idle_buffers.pop() {
-            Some(heap) if bytes.len() <= self.buffer_size => heap,
-            other => {
-                if let Some(heap) = other {
-                    self.idle_buffers.push(heap);
-                }
-                MappedBuffer::new(self.buffer_size.max(bytes.len()))?
-            }
-        };
-        heap.preload(bytes)?;
-        CounterBlock::add(&self.counters.buffers_in_use, 1);
-        Ok(Buffer::Mapped(heap))
     }
 
     /// Counts a direction's fallback to copy on its listener's block

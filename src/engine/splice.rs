@@ -19,11 +19,6 @@ impl PooledPipe {
         PooledPipe { pipe, capacity }
     }
 
-    /// The pipe itself (a binary upgrade passes its two ends on).
-    pub(crate) fn pipe(&self) -> &Pipe {
-        &self.pipe
-    }
-
     pub(crate) fn capacity(&self) -> usize {
         self.capacity
     }

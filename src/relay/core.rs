@@ -180,12 +180,6 @@ impl RelayCore {
         }
     }
 
-    /// A relay carried over from another process: both directions as
-    /// they were there, and its timing facts rebased on this clock.
-    pub(crate) fn resumed(c2u: Direction, u2c: Direction, activity: Activity) -> RelayCore {
-        RelayCore { c2u, u2c, activity }
-    }
-
     pub(crate) fn direction(&self, from: Peer) -> &Direction {
         match from {
             Peer::Client => &self.c2u,

@@ -203,33 +203,6 @@ impl Direction {
         }
     }
 
-    /// What a binary upgrade carries of this direction: its state, the
-    /// bytes its buffer holds, and its counts in and out.
-    pub(crate) fn parts(&self) -> (DirState, usize, u64, u64) {
-        (self.state, self.pending, self.bytes_in, self.bytes_out)
-    }
-
-    /// A direction carried over from another process. Readiness seen there
-    /// is lost, so it starts unsure: reads go on to EAGAIN, and the
-    /// destination is tried (registration raises fresh edges too).
-    pub(crate) fn resumed(
-        from: Side,
-        to: Side,
-        (state, pending, bytes_in, bytes_out): (DirState, usize, u64, u64),
-    ) -> Direction {
-        Direction {
-            from,
-            to,
-            state,
-            pending,
-            src_readable: true,
-            src_unsure: true,
-            dst_writable: true,
-            bytes_in,
-            bytes_out,
-        }
-    }
-
     fn src_error(&self, e: io::Error) -> RelayError {
         RelayError::new(self.from, Op::Read, e)
     }

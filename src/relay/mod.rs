@@ -10,7 +10,6 @@
 pub(crate) mod close;
 pub(crate) mod core;
 pub(crate) mod direction;
-pub(crate) mod frozen;
 #[cfg(test)]
 mod props;
 pub(crate) mod report;

@@ -32,22 +32,6 @@ pub fn notify(state: Notify, status: &str) {
     }
 }
 
-/// Tells the service manager that this process is now the service's main
-/// process (a binary upgrade's new process), and that it is ready. Needs
-/// `NotifyAccess=all` in the unit: the message comes from a process that
-/// is not the main one yet.
-pub fn notify_main_pid(status: &str) {
-    use sd_notify::NotifyState;
-    let states = [
-        NotifyState::MainPid(std::process::id()),
-        NotifyState::Ready,
-        NotifyState::Status(status),
-    ];
-    if let Err(e) = sd_notify::notify(&states) {
-        tracing::warn!(error = %e, "internal: cannot notify the service manager (NOTIFY_SOCKET)");
-    }
-}
-
 /// Where the process is, as `sd_notify(3)` names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Notify {

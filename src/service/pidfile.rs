@@ -99,13 +99,6 @@ impl PidFile {
     /// spliced of this user holds the name; a pid file naming a dead
     /// process, or one that is not such a spliced, is replaced (logged).
     pub fn create(name: &str) -> Result<PidFile, PidFileError> {
-        PidFile::create_replacing(name, None)
-    }
-
-    /// [`create`](Self::create), but a file naming `previous` (the process
-    /// a binary upgrade replaces, alive until it has handed everything
-    /// over) is replaced, not refused.
-    pub fn create_replacing(name: &str, previous: Option<i32>) -> Result<PidFile, PidFileError> {
         if name.is_empty() || name.contains('/') {
             return Err(PidFileError::BadName(name.to_string()));
         }
@@ -114,7 +107,7 @@ impl PidFile {
         let path = path_in(&dir, name);
         let me = std::process::id() as i32;
         match read_in(&path) {
-            Ok(pid) if pid == me || Some(pid) == previous => {}
+            Ok(pid) if pid == me => {}
             Ok(pid) => match our_spliced(pid) {
                 Ok(()) => {
                     return Err(PidFileError::Running {

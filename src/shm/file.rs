@@ -58,33 +58,16 @@ pub(crate) enum CreateError {
     Group(StatsGroup, io::Error),
 }
 
-/// The process a binary upgrade replaces (0: none): its live stats file is
-/// not a reason to refuse, and ours replaces it only at the commit.
-static TAKING_OVER_FROM: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-
-/// This process is taking over from `pid` (a binary upgrade): its stats
-/// file is built beside that process's and renamed into place by
-/// `Arena::publish` once the upgrade commits.
-pub fn take_over_from(pid: u32) {
-    TAKING_OVER_FROM.store(pid, std::sync::atomic::Ordering::Relaxed);
-}
-
 /// Builds the file under a temporary name and renames it into place,
 /// refusing when a live process owns the current one. The file is 0600,
-/// or 0640 and given to `group`. When this process takes over from the
-/// owner (see [`take_over_from`]), the file stays under its temporary
-/// name, returned beside the mapping, for `Arena::publish`.
+/// or 0640 and given to `group`.
 pub(crate) fn create_file(
     path: &Path,
     len: usize,
     group: Option<&StatsGroup>,
-) -> Result<(MmapRaw, Option<PathBuf>), CreateError> {
-    let from = TAKING_OVER_FROM.load(std::sync::atomic::Ordering::Relaxed);
-    let mut defer = false;
+) -> Result<MmapRaw, CreateError> {
     if let Ok(existing) = StatsFile::open(path) {
-        if from != 0 && existing.pid() == from {
-            defer = true;
-        } else if existing.liveness() == Liveness::Running && existing.pid() != std::process::id() {
+        if existing.liveness() == Liveness::Running && existing.pid() != std::process::id() {
             return Err(CreateError::File(io::Error::new(
                 io::ErrorKind::AddrInUse,
                 format!(
@@ -112,11 +95,8 @@ pub(crate) fn create_file(
         let map = MmapOptions::new()
             .map_raw(&file)
             .map_err(CreateError::File)?;
-        if defer {
-            return Ok((map, Some(tmp.clone())));
-        }
         fs::rename(&tmp, path).map_err(CreateError::File)?;
-        Ok((map, None))
+        Ok(map)
     });
     if made.is_err() {
         let _ = fs::remove_file(&tmp);

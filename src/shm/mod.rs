@@ -36,7 +36,7 @@ pub use servers::{REASONS, STATES};
 mod view;
 
 use file::CreateError;
-pub use file::{check_instance_name, stats_path, take_over_from};
+pub use file::{check_instance_name, stats_path};
 pub(crate) use servers::{ListenerCounters, ServerCounters, ServerHead, ServerRegistry, EXCLUDED};
 pub use view::{InstanceState, ListenerSnapshot, Liveness, ServerSnapshot, Snapshot, StatsFile};
 
@@ -202,9 +202,6 @@ pub(crate) struct Arena {
     shape: Shape,
     /// The file to remove when the runtime ends (none when anonymous).
     path: Option<PathBuf>,
-    /// Where the file waits until a binary upgrade commits (see
-    /// `file::take_over_from`).
-    unpublished: Mutex<Option<PathBuf>>,
     slots: Mutex<Slots>,
 }
 
@@ -255,7 +252,7 @@ impl Arena {
         if let Some(name) = ops.instance.as_deref() {
             let path = stats_path(name);
             match file::create_file(&path, len, ops.stats_group.as_ref()) {
-                Ok((map, tmp)) => filed = Some((map, path, tmp)),
+                Ok(map) => filed = Some((map, path)),
                 Err(CreateError::Group(group, e)) => {
                     return Err(StartError::Io(
                         format!(
@@ -274,13 +271,12 @@ impl Arena {
                 ),
             }
         }
-        let (map, path, unpublished) = match filed {
-            Some((map, path, tmp)) => (map, Some(path), tmp),
+        let (map, path) = match filed {
+            Some((map, path)) => (map, Some(path)),
             // An anonymous mapping of a few KiB only fails when memory is
             // exhausted, which nothing else would survive either.
             None => (
                 anonymous(len).expect("map anonymous memory for counters"),
-                None,
                 None,
             ),
         };
@@ -288,7 +284,6 @@ impl Arena {
             map: Arc::new(map),
             shape,
             path,
-            unpublished: Mutex::new(unpublished),
             slots: Mutex::new(Slots {
                 listeners_used: names.len(),
                 ..Slots::default()
@@ -512,30 +507,8 @@ impl Arena {
     /// Marks the instance stopped and removes its stats file. Called when
     /// the workers are gone; the mapping itself lives on while anything
     /// (a signal thread's controller, say) still holds it.
-    /// Renames a file built beside a replaced process's into place (a
-    /// binary upgrade committed); nothing to do otherwise.
-    pub(crate) fn publish(&self) -> io::Result<()> {
-        let tmp = self
-            .unpublished
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        match (tmp, &self.path) {
-            (Some(tmp), Some(path)) => fs::rename(tmp, path),
-            _ => Ok(()),
-        }
-    }
-
     pub(crate) fn retire(&self) {
         self.set_state(State::Stopped);
-        let unpublished = self
-            .unpublished
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(tmp) = unpublished {
-            let _ = fs::remove_file(tmp);
-        }
         if let Some(path) = &self.path {
             // Only our own file: a later instance of the same name may
             // have replaced it already.

@@ -10,8 +10,6 @@
 //! - [`netns::enter`]: setns(2) into a network namespace (the bench's veth paths).
 //! - [`shared`]: a mapping as atomic words, and counter blocks placed in it
 //!   (the stats file the workers write directly).
-//! - [`fdpass`]: descriptors passed over a Unix socket pair (`SCM_RIGHTS`),
-//!   memory files, and the monotonic clock in nanoseconds (a binary upgrade).
 //! - [`activation::take_inherited`]: the listening sockets a service manager
 //!   passed (`LISTEN_FDS`), owned.
 //! - [`access::readable_as`]: whether another user can read a file, asked of
@@ -22,7 +20,6 @@
 #![allow(unsafe_code)]
 
 pub mod activation;
-pub mod fdpass;
 #[cfg(feature = "cli")]
 pub mod netns;
 pub(crate) mod shared;
@@ -66,11 +63,6 @@ impl Pipe {
         // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         Ok(Pipe { read, write })
-    }
-
-    /// A pipe from its two ends (received from another process).
-    pub fn from_ends(read: OwnedFd, write: OwnedFd) -> Pipe {
-        Pipe { read, write }
     }
 
     pub fn read_end(&self) -> BorrowedFd<'_> {

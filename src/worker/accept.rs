@@ -9,11 +9,6 @@ impl Worker {
     // Accepting
 
     pub(super) fn accept(&mut self, index: usize, now: Instant) {
-        if self.frozen {
-            // Clients wait in the backlog for the process taking over.
-            self.listeners[index].backlog = false;
-            return;
-        }
         if self.accept_paused_until.is_some() {
             return;
         }

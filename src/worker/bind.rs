@@ -51,22 +51,10 @@ impl Inherited {
         Inherited { sockets }
     }
 
-    /// Every inherited socket bound to exactly `addr` (a service manager
-    /// passes one; a binary upgrade passes each of the old workers').
-    /// An address of port 0 takes the sockets of the first address of the
-    /// same IP: the port the replaced process was given.
-    fn take(&mut self, mut addr: SocketAddr) -> Vec<std::net::TcpListener> {
-        if addr.port() == 0 {
-            match self.sockets.iter().find(|(_, a)| a.ip() == addr.ip()) {
-                Some((_, a)) => addr = *a,
-                None => return Vec::new(),
-            }
-        }
-        let (taken, kept) = std::mem::take(&mut self.sockets)
-            .into_iter()
-            .partition(|(_, a)| *a == addr);
-        self.sockets = kept;
-        taken.into_iter().map(|(s, _)| s).collect()
+    /// The inherited socket bound to exactly `addr`, if any.
+    fn take(&mut self, addr: SocketAddr) -> Option<std::net::TcpListener> {
+        let at = self.sockets.iter().position(|(_, a)| *a == addr)?;
+        Some(self.sockets.swap_remove(at).0)
     }
 
     /// Closes the sockets no listener claimed, naming each.
@@ -102,28 +90,14 @@ pub(crate) fn bind_listeners(
         let dual_family = listener.listen.iter().any(|a| a.is_ipv4());
         for &asked in listener.listen.iter().filter(|&&a| want(index, a)) {
             let fail = |e| StartError::Listen(asked, e);
-            let passed = inherited.take(asked);
-            if !passed.is_empty() {
-                // Every socket is served by some worker, and every worker
-                // serves some socket: worker i takes sockets i, i + W, ...
-                // and, with fewer sockets than workers, socket i mod k.
-                let workers = per_worker.len();
-                for (i, sockets) in per_worker.iter_mut().enumerate() {
-                    let mine = (0..passed.len()).filter(|j| j % workers == i);
-                    let mine: Vec<usize> = if passed.len() < workers {
-                        vec![i % passed.len()]
-                    } else {
-                        mine.collect()
-                    };
-                    for j in mine {
-                        let shared = passed[j].try_clone().map_err(fail)?;
-                        shared.set_nonblocking(true).map_err(fail)?;
-                        sockets.push((TcpListener::from_std(shared), Arc::clone(runtime)));
-                    }
+            if let Some(socket) = inherited.take(asked) {
+                for sockets in per_worker.iter_mut() {
+                    let shared = socket.try_clone().map_err(fail)?;
+                    shared.set_nonblocking(true).map_err(fail)?;
+                    sockets.push((TcpListener::from_std(shared), Arc::clone(runtime)));
                 }
-                tracing::info!(listener = %listener.name, address = %asked, sockets = passed.len(), "using the socket passed by the service manager (or, in a binary upgrade, by the process replaced)");
-                let bound = passed[0].local_addr().map_err(fail)?;
-                local_addrs.push((index, bound));
+                tracing::info!(listener = %listener.name, address = %asked, "using the socket passed by the service manager");
+                local_addrs.push((index, asked));
                 continue;
             }
             let probe = match claim(asked, dual_family) {

@@ -146,10 +146,6 @@ impl Worker {
                 Command::Handoff(mut handoff) => self.take_handoff(&mut handoff, now),
                 Command::AbortRelay { id, reporter } => self.abort_relay(id, &reporter, now),
                 Command::Reload(reload) => self.reload(*reload, now),
-                Command::Listening(reply) => self.listening(reply),
-                Command::Freeze(reply) => self.freeze(reply, now),
-                Command::Thaw { relays, accept } => self.thaw(relays, accept, now),
-                Command::Resume(parcels, reply) => self.resume(parcels, reply, now),
             }
         }
         self.close_retired(now);

@@ -69,7 +69,6 @@ mod bind;
 mod close;
 mod connect;
 mod reload;
-mod upgrade;
 
 pub(crate) use bind::{bind_listeners, Inherited};
 
@@ -155,8 +154,6 @@ pub(crate) struct Worker {
     parking: park::Parking,
     /// Rung by the fleet when a pool gains a server while clients are held.
     doorbell: Arc<Doorbell>,
-    /// A binary upgrade is handing this worker's relays over: no accepts.
-    frozen: bool,
 }
 
 impl Worker {
@@ -221,7 +218,6 @@ impl Worker {
             farewells: farewell::Farewells::default(),
             parking: park::Parking::default(),
             doorbell,
-            frozen: false,
         })
     }
 

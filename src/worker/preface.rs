@@ -92,11 +92,6 @@ pub(super) struct Prefaces {
 }
 
 impl Prefaces {
-    /// Clients whose first bytes are still being read.
-    pub(super) fn len(&self) -> usize {
-        self.entries.len()
-    }
-
     pub(super) fn next(&self) -> Option<Instant> {
         self.next
     }
