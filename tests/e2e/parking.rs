@@ -333,7 +333,12 @@ fn pg_held_clients_are_refused_at_their_queue_timeout_without_a_promotion() {
     let _proxy = Proxy::start(
         &dir,
         "parking-timeout",
-        &rw_listener(rw, (&primary, &replica), &pass, "3s"),
+        // A PostgreSQL listener: a refused client is told why.
+        &rw_listener(rw, (&primary, &replica), &pass, "3s").replacen(
+            "listen = ",
+            "protocol = \"postgres\"\nlisten = ",
+            1,
+        ),
     );
     let addr = loopback(rw);
     settle_on(Duration::from_secs(15), 3, "pg-rw serves", || {
@@ -357,10 +362,35 @@ fn pg_held_clients_are_refused_at_their_queue_timeout_without_a_promotion() {
     let ends: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
     eprintln!("no promotion, queue-timeout 3s: {ends:?}");
     for (took, r) in &ends {
-        assert!(r.is_err(), "a client was served with no primary: {ends:?}");
+        let e = r.as_ref().expect_err("a client was served with no primary");
+        assert!(
+            e.contains("57P03: spliced: no primary for listener pg-rw after 3"),
+            "not told why: {ends:?}"
+        );
         assert!(
             *took >= Duration::from_millis(2900) && *took < Duration::from_secs(8),
             "refused after {took:?}, not at its queue-timeout: {ends:?}"
         );
     }
+    // psql, held the same way, is told why at the timeout and prints it.
+    let start = Instant::now();
+    let out = std::process::Command::new(bin.join("psql"))
+        .arg(format!(
+            "host=127.0.0.1 port={rw} user={CLIENT_USER} dbname=postgres sslmode=prefer connect_timeout=20"
+        ))
+        .args(["-c", "SELECT 1"])
+        .output()
+        .expect("run psql");
+    let took = start.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("psql after {took:?}: {}", stderr.trim());
+    assert!(!out.status.success(), "psql was served with no primary");
+    assert!(
+        stderr.contains("FATAL:  spliced: no primary for listener pg-rw after 3"),
+        "psql did not print why it was refused: {stderr}"
+    );
+    assert!(
+        took >= Duration::from_millis(2900) && took < Duration::from_secs(8),
+        "psql refused after {took:?}, not at its queue-timeout"
+    );
 }
