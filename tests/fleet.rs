@@ -240,7 +240,7 @@ fn wait_for<V>(mut f: impl FnMut() -> Option<V>) -> V {
             return v;
         }
         assert!(Instant::now() < deadline, "timed out");
-        std::thread::sleep(Duration::from_millis(5));
+        poll_pause();
     }
 }
 

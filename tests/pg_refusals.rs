@@ -116,7 +116,7 @@ fn a_startup_message_alone_hears_the_error(mode: Mode) {
     let s = startup();
     c.write_all(&s[..5]).unwrap();
     c.flush().unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    pace(Duration::from_millis(50));
     c.write_all(&s[5..]).unwrap();
     let (bytes, ending) = answer(&mut c);
     assert_eq!(bytes, no_primary_error());

@@ -47,7 +47,8 @@ fn reads_until(
             end: Instant::now(),
             seen,
         });
-        std::thread::sleep(Duration::from_millis(50));
+        // Paces the probes through the proxy; the deadline is wait_until's.
+        crate::common::pace(Duration::from_millis(50));
         until(&out)
     });
     out
