@@ -94,7 +94,9 @@ pub(crate) fn bind_listeners(
                 for sockets in per_worker.iter_mut() {
                     let shared = socket.try_clone().map_err(fail)?;
                     shared.set_nonblocking(true).map_err(fail)?;
-                    sockets.push((TcpListener::from_std(shared), Arc::clone(runtime)));
+                    let shared = TcpListener::from_std(shared);
+                    accepted_without_delay(&shared).map_err(fail)?;
+                    sockets.push((shared, Arc::clone(runtime)));
                 }
                 tracing::info!(listener = %listener.name, address = %asked, "using the socket passed by the service manager");
                 local_addrs.push((index, asked));
@@ -120,6 +122,7 @@ pub(crate) fn bind_listeners(
             let addr = addr.map_err(fail)?;
             for sockets in per_worker.iter_mut() {
                 let socket = bind_one(addr, dual_family).map_err(fail)?;
+                accepted_without_delay(&socket).map_err(fail)?;
                 sockets.push((socket, Arc::clone(runtime)));
             }
             local_addrs.push((index, addr));
@@ -129,6 +132,17 @@ pub(crate) fn bind_listeners(
         local_addrs,
         per_worker,
     })
+}
+
+/// Sets TCP_NODELAY on a listening socket, which every socket it accepts
+/// inherits: database traffic is small request/response, never to be held
+/// back for an ACK (with Nagle a reply's last segment waits for the
+/// client's delayed ACK, about 40 ms). One setsockopt per listening socket
+/// instead of one per client. Every listening socket a worker gets, at
+/// start or at a reload, bound here or passed by a service manager, comes
+/// through [`bind_listeners`] and so through this.
+fn accepted_without_delay(socket: &TcpListener) -> io::Result<()> {
+    socket2::SockRef::from(socket).set_nodelay(true)
 }
 
 fn new_socket(addr: SocketAddr, v6_only: bool) -> io::Result<Socket> {
@@ -165,4 +179,78 @@ fn no_ipv6(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::Mode;
+    use crate::listener::ListenerId;
+    use crate::upstream::Fleet;
+
+    /// Every listening socket a worker gets has TCP_NODELAY, so every client
+    /// socket it accepts does: bound here, and passed by a service manager.
+    #[test]
+    fn every_listening_socket_hands_nodelay_to_what_it_accepts() {
+        let passed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let passed_addr = passed.local_addr().unwrap();
+        let mut config = Config::single("127.0.0.1:0".parse().unwrap(), vec![], Mode::Splice);
+        config.workers = 2;
+        let mut second = config.listeners[0].clone();
+        second.name = "passed".into();
+        second.listen = vec![passed_addr];
+        config.listeners.push(second);
+        let names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
+        let arena = crate::shm::Arena::new(1, &names, 0);
+        let fleet = Fleet::new();
+        let runtimes: Vec<Arc<Listener>> = config
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                Arc::new(Listener::new(
+                    ListenerId(i as u32),
+                    l.clone(),
+                    arena.listener_counters(i),
+                    &fleet,
+                ))
+            })
+            .collect();
+        let mut inherited = Inherited::new(vec![OwnedFd::from(passed)]);
+        let bound = bind_listeners(&config, &runtimes, |_, _| true, &mut inherited).unwrap();
+        assert_eq!(bound.local_addrs.len(), 2);
+        for sockets in &bound.per_worker {
+            assert_eq!(sockets.len(), 2);
+            for (socket, _) in sockets {
+                assert!(socket2::SockRef::from(socket).nodelay().unwrap());
+                let addr = socket.local_addr().unwrap();
+                let _client = TcpStream::connect(addr).unwrap();
+                let accepted = accept_within(socket, Duration::from_secs(5));
+                assert!(
+                    accepted.nodelay().unwrap(),
+                    "accepted on {addr} without TCP_NODELAY"
+                );
+            }
+        }
+    }
+
+    /// Accepts on a non-blocking listener, polling until the deadline.
+    fn accept_within(socket: &TcpListener, limit: Duration) -> mio::net::TcpStream {
+        let until = std::time::Instant::now() + limit;
+        loop {
+            match socket.accept() {
+                Ok((s, _)) => return s,
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        && std::time::Instant::now() < until =>
+                {
+                    std::thread::yield_now()
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+    }
 }

@@ -172,9 +172,7 @@ impl Worker {
         shared.fleet.add_doorbell(&doorbell);
         let mut slots = Vec::with_capacity(listeners.len());
         for (i, (mut socket, runtime)) in listeners.into_iter().enumerate() {
-            // Accepted sockets inherit TCP_NODELAY (database traffic is small
-            // request/response: never delay it), one setsockopt fewer each.
-            socket2::SockRef::from(&socket).set_nodelay(true)?;
+            // TCP_NODELAY was set where the socket was bound (bind.rs).
             poll.registry()
                 .register(&mut socket, token::listener(i), Interest::READABLE)?;
             slots.push(ListenerSlot {
