@@ -24,6 +24,7 @@
 //! | `pgwire` | the PostgreSQL messages spliced speaks itself: first packets, the ErrorResponse of a refusal |
 //! | [`shm`] | the stats file the counters live in, and its reader |
 //! | [`ops`] | settings of the admin endpoint, stats file and progress lines |
+//! | [`os`] | the safe OS helpers programs beside a runtime use: thread ids, per-thread CPU time, network namespaces |
 //! | `bench` | `spliced bench`: the self-contained benchmark (feature `cli`) |
 //!
 //! The default feature `cli` adds the command line and the benchmark; with
@@ -52,6 +53,7 @@ pub mod handoff;
 pub mod health;
 pub mod listener;
 pub mod ops;
+pub mod os;
 mod pgwire;
 pub mod proxy;
 pub mod proxy_protocol;

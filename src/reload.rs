@@ -19,6 +19,8 @@
 //!   admin address) stay as they were: they need a restart, and the reload
 //!   says so.
 
+mod loops;
+
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,7 +32,7 @@ use crate::control::{Command, WorkerLink, WorkerReload};
 use crate::error::StartError;
 use crate::listener::{Listener, ListenerId};
 use crate::runtime::ListenerSet;
-use crate::upstream::resolve::Refresher;
+use crate::upstream::resolve::{self, Refresher};
 use crate::upstream::{Fleet, Resolve};
 use crate::worker::{self, Inherited};
 
@@ -228,6 +230,13 @@ fn same_family_and_port(asked: SocketAddr, bound: SocketAddr) -> bool {
     asked.is_ipv4() == bound.is_ipv4() && (asked.port() == 0 || asked.port() == bound.port())
 }
 
+/// Validates a config as given and reads the secret files it names: the
+/// first step of a start and of a reload alike.
+pub(crate) fn prepare(config: &mut Config) -> Result<(), StartError> {
+    config.validate().map_err(StartError::Config)?;
+    config.load_secrets().map_err(StartError::Config)
+}
+
 impl Reloader {
     pub(crate) fn new(state: State) -> Reloader {
         Reloader {
@@ -256,8 +265,7 @@ impl Reloader {
     /// Replaces the listeners by those of `config` (see the module doc).
     /// On error nothing changed: the old listeners go on serving.
     pub fn reload(&self, mut config: Config) -> Result<ReloadReport, StartError> {
-        config.validate().map_err(StartError::Config)?;
-        config.load_secrets().map_err(StartError::Config)?;
+        prepare(&mut config)?;
         self.apply(config, &mut Inherited::default())
     }
 
@@ -317,7 +325,12 @@ impl Reloader {
                 }
             })
             .collect();
-        let refresher = crate::upstream::resolve::start(&listeners, Arc::clone(&state.resolver))
+        let targets = listeners.iter().map(|l| resolve::Target {
+            listener: l.config.name.clone(),
+            config: l.config.pool.clone(),
+            pool: Arc::clone(&l.pool),
+        });
+        let refresher = resolve::start(targets, Arc::clone(&state.resolver))
             .map_err(|e| StartError::Io("start the resolver thread".into(), e))?;
         let mut bound = worker::bind_listeners(
             &effective,
@@ -332,7 +345,7 @@ impl Reloader {
             .iter()
             .map(|l| l.pool.members().servers.iter().map(|s| s.addr).collect())
             .collect();
-        crate::proxy::refuse_loops(&effective, &upstreams, &all_bound)?;
+        loops::refuse_loops(&effective, &upstreams, &all_bound)?;
 
         // Nothing can fail from here on. Pools that new ones replace stop
         // showing their servers' state (their relays still follow it).

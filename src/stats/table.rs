@@ -185,13 +185,13 @@ macro_rules! counter_table {
                 count $count:ident, micros $micros:ident => $h_family:literal $h_help:literal,)*
         }
     ) => {
-        $(#[doc = $block_doc])+
-        #[derive(Debug, Default)]
-        #[repr(C)]
-        pub struct $block {
-            $($(#[doc = $help])+ pub $name: AtomicU64,)+
-            $($(#[doc = $r_doc])+ pub(crate) $r_name: [AtomicU64; $reason::ALL.len()],)*
-            $($(#[doc = $h_doc])+ pub(crate) $h_name: [AtomicU64; $bounds.len() + 1],)*
+        $crate::sys::shared::word_block! {
+            $(#[doc = $block_doc])+
+            pub struct $block {
+                $($(#[doc = $help])+ pub $name: AtomicU64,)+
+                $($(#[doc = $r_doc])+ pub(crate) $r_name: [AtomicU64; $reason::ALL.len()],)*
+                $($(#[doc = $h_doc])+ pub(crate) $h_name: [AtomicU64; $bounds.len() + 1],)*
+            }
         }
 
         $(#[doc = $sum_doc])+
