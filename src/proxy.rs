@@ -52,7 +52,8 @@ pub fn start_with(config: Config, resolver: Arc<dyn Resolve>) -> Result<ProxyHan
 /// listener address that one of them is bound to uses it instead of
 /// binding; every worker accepts on that one socket. Sockets that match no
 /// listener are closed with a warning. Without such sockets this is
-/// [`start`]. The sockets are taken once per process.
+/// [`start`]. The sockets are taken once per process. (Feature `service`.)
+#[cfg(feature = "service")]
 pub fn start_activated(config: Config) -> Result<ProxyHandle, StartError> {
     let fds = crate::sys::activation::take_inherited()
         .map_err(|e| StartError::Io("read LISTEN_FDS".into(), e))?;

@@ -234,6 +234,18 @@ fn same_family_and_port(asked: SocketAddr, bound: SocketAddr) -> bool {
 /// first step of a start and of a reload alike.
 pub(crate) fn prepare(config: &mut Config) -> Result<(), StartError> {
     config.validate().map_err(StartError::Config)?;
+    #[cfg(not(feature = "postgres-checks"))]
+    if let Some(l) = config
+        .listeners
+        .iter()
+        .find(|l| l.pool.health.check == Some(crate::config::Check::Postgres))
+    {
+        return Err(StartError::Config(crate::config::ConfigError(format!(
+            "listener '{}': {}",
+            l.name,
+            crate::health::postgres_unbuilt()
+        ))));
+    }
     config.load_secrets().map_err(StartError::Config)
 }
 

@@ -14,8 +14,12 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 /// sides; a cut by spliced (`Shutdown`, `ServerDown`, `Aborted`) resets each
 /// side whose peer has not sent a FIN that reached it after every byte; the
 /// rest reset only a side that lacks bytes or a FIN its peer sent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "kebab-case")
+)]
 pub enum CloseReason {
     /// Both directions forwarded their FIN.
     Eof,
@@ -373,8 +377,12 @@ fn bucket_of(took: std::time::Duration) -> usize {
 }
 
 /// Why a direction switched from splice to copy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "kebab-case")
+)]
 pub enum FallbackReason {
     /// The worker holds `--max-pipes` pipes already, or the pipes of all
     /// workers hold every fd the fd limit leaves them.

@@ -29,7 +29,7 @@ pub struct StatsArgs {
 }
 
 fn interval(text: &str) -> Result<Duration, String> {
-    match crate::config::parse_duration(text)? {
+    match crate::config::parse_duration(text).map_err(|e| e.to_string())? {
         Some(d) if d >= Duration::from_millis(100) => Ok(d),
         _ => Err("the interval must be at least 100ms".into()),
     }

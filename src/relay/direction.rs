@@ -15,7 +15,7 @@
 
 use std::io;
 
-use crate::engine::{Endpoints, Transfer};
+use crate::engine::{Endpoints, FillError, Transfer};
 use crate::error::{Op, RelayError, Side};
 
 /// Where a direction is in its life, named after what it may still do.
@@ -157,7 +157,7 @@ impl Direction {
             }
             if self.state == DirState::Open && self.src_readable && *budget > 0 {
                 *budget -= 1;
-                match io.fill(self.pending).map_err(|e| self.src_error(e))? {
+                match io.fill(self.pending).map_err(|e| self.fill_error(e))? {
                     Transfer::Moved(n) => {
                         self.pending += n;
                         self.bytes_in += n as u64;
@@ -203,8 +203,13 @@ impl Direction {
         }
     }
 
-    fn src_error(&self, e: io::Error) -> RelayError {
-        RelayError::new(self.from, Op::Read, e)
+    /// A source's read failure is its side's; a buffer that could not be
+    /// had is the proxy's own.
+    fn fill_error(&self, e: FillError) -> RelayError {
+        match e {
+            FillError::Source(e) => RelayError::new(self.from, Op::Read, e),
+            FillError::NoBuffer(e) => RelayError::new(Side::Internal, Op::Buffer, e),
+        }
     }
 
     fn dst_error(&self, op: Op, e: io::Error) -> RelayError {
@@ -225,6 +230,8 @@ pub(crate) mod tests {
         WouldBlock,
         Eof,
         Fail(io::ErrorKind),
+        /// A fill that finds no buffer to take (out of memory).
+        NoBuffer,
     }
 
     /// An engine that answers from scripts and records what it was asked.
@@ -247,18 +254,23 @@ pub(crate) mod tests {
             Step::WouldBlock => Ok(Transfer::WouldBlock),
             Step::Eof => Ok(Transfer::Eof),
             Step::Fail(kind) => Err(kind.into()),
+            Step::NoBuffer => unreachable!("only a fill takes a buffer"),
         }
     }
 
     impl Endpoints for Scripted {
-        fn fill(&mut self, pending: usize) -> io::Result<Transfer> {
+        fn fill(&mut self, pending: usize) -> Result<Transfer, FillError> {
             assert_eq!(pending, self.buffered, "pending count drifted");
+            let step = self.fills.pop_front();
+            if let Some(Step::NoBuffer) = step {
+                return Err(FillError::NoBuffer(io::ErrorKind::OutOfMemory.into()));
+            }
             self.holding = true;
-            let t = answer(self.fills.pop_front());
+            let t = answer(step);
             if let Ok(Transfer::Moved(n) | Transfer::MovedAll(n)) = t {
                 self.buffered += n;
             }
-            t
+            Ok(t?)
         }
         fn drain(&mut self, pending: usize) -> io::Result<Transfer> {
             assert!(self.holding, "drain without a buffer");
@@ -386,6 +398,15 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_buffer_that_cannot_be_had_blames_neither_peer() {
+        let mut d = dir();
+        let mut io = script(&[Step::NoBuffer], &[]);
+        let e = pump(&mut d, &mut io).unwrap_err();
+        assert_eq!((e.side, e.op), (Side::Internal, Op::Buffer));
+        assert_eq!(e.source.kind(), io::ErrorKind::OutOfMemory);
+    }
+
+    #[test]
     fn open_write_error_names_the_destination() {
         let mut d = dir();
         let mut io = script(&[Step::Moved(1)], &[Step::Fail(io::ErrorKind::BrokenPipe)]);
@@ -458,7 +479,7 @@ pub(crate) mod tests {
     fn source_eof_shutdown_error_names_the_destination() {
         struct FailingShutdown(Scripted);
         impl Endpoints for FailingShutdown {
-            fn fill(&mut self, pending: usize) -> io::Result<Transfer> {
+            fn fill(&mut self, pending: usize) -> Result<Transfer, FillError> {
                 self.0.fill(pending)
             }
             fn drain(&mut self, p: usize) -> io::Result<Transfer> {

@@ -456,7 +456,7 @@ impl Worker {
                     engine_c2u: "none",
                     engine_u2c: "none",
                     reason: CloseReason::Internal,
-                    error: Some((Side::Internal, format!("{} failed: {}", e.op, e.source))),
+                    error: Some(Arc::new(e)),
                 };
                 pair.client.reset_on_close();
                 pair.upstream.reset_on_close();
