@@ -68,6 +68,41 @@ fn start_inner(
     reload::prepare(&mut config)?;
     let nofile = crate::sys::raise_nofile_limit();
     let fds = fd_budget(&config, nofile);
+    let settings = Arc::new(config.clone());
+    let (runtime, reloader) = spawn_empty(&settings, fds, resolver)?;
+    // A start is a reload from nothing.
+    let report = reloader.apply(config, &mut inherited)?;
+    inherited.close_unclaimed();
+    log_relay_cap(&settings, nofile, fds);
+    check_pipe_size(&settings);
+    let local_addrs: Vec<SocketAddr> = report.bound.iter().map(|&(_, a)| a).collect();
+    #[cfg(feature = "admin")]
+    let admin = start_admin(&settings, &runtime)?;
+    #[cfg(not(feature = "admin"))]
+    if settings.ops.admin.is_some() {
+        return Err(StartError::Config(crate::config::ConfigError(
+            "admin: this build has no admin endpoint (cargo feature `admin`)".into(),
+        )));
+    }
+    if let Some(path) = runtime.stats_file() {
+        tracing::info!(path = %path.display(), "counters in the stats file (read with `spliced stats`)");
+    }
+    Ok(ProxyHandle {
+        local_addrs,
+        runtime,
+        reloader,
+        #[cfg(feature = "admin")]
+        admin,
+    })
+}
+
+/// The stats file and a runtime whose workers serve no listener yet, with
+/// the reloader that will put the config's listeners in force.
+fn spawn_empty(
+    config: &Arc<Config>,
+    fds: FdBudget,
+    resolver: Arc<dyn Resolve>,
+) -> Result<(Runtime, Reloader), StartError> {
     // Pairs handed to a running proxy relay like the first listener's.
     let first = &config.listeners[0];
     let handoff = ListenerConfig::handoff(first.mode, first.timeouts);
@@ -83,10 +118,9 @@ fn start_inner(
     let arena = Arena::create(config.workers, &names, &config.ops, server_entries)?;
     arena.keep_for_later(1);
     let fleet = Fleet::new();
-    let settings = Arc::new(config.clone());
-    let per_worker = (0..settings.workers).map(|_| Vec::new()).collect();
+    let per_worker = (0..config.workers).map(|_| Vec::new()).collect();
     let runtime = Runtime::spawn(
-        Arc::clone(&settings),
+        Arc::clone(config),
         arena,
         per_worker,
         Vec::new(),
@@ -95,7 +129,7 @@ fn start_inner(
         Arc::clone(&fleet),
     )?;
     let reloader = Reloader::new(reload::State::new(
-        Arc::clone(&settings),
+        Arc::clone(config),
         Arc::clone(&runtime.arena),
         runtime.links(),
         Arc::clone(&runtime.listeners),
@@ -103,45 +137,28 @@ fn start_inner(
         resolver,
         fleet,
     ));
-    // A start is a reload from nothing.
-    let report = reloader.apply(config, &mut inherited)?;
-    inherited.close_unclaimed();
-    log_relay_cap(&settings, nofile, fds);
-    check_pipe_size(&settings);
-    let local_addrs: Vec<SocketAddr> = report.bound.iter().map(|&(_, a)| a).collect();
-    let config = settings;
-    #[cfg(feature = "admin")]
-    let admin = match config.ops.admin {
-        Some(addr) => {
-            let listeners = Arc::clone(&runtime.listeners);
-            let admin = crate::admin::Admin::start(
-                addr,
-                Arc::clone(&runtime.arena),
-                Arc::new(move || Runtime::server_samples(&listeners)),
-                Arc::clone(&runtime.stopping),
-            )
-            .map_err(|e| StartError::Io(format!("serve the admin endpoint on {addr}"), e))?;
-            tracing::info!("admin endpoint on http://{}/metrics", admin.addr());
-            Some(admin)
-        }
-        None => None,
+    Ok((runtime, reloader))
+}
+
+/// The admin endpoint on its own thread, if the config asks for one.
+#[cfg(feature = "admin")]
+fn start_admin(
+    config: &Config,
+    runtime: &Runtime,
+) -> Result<Option<crate::admin::Admin>, StartError> {
+    let Some(addr) = config.ops.admin else {
+        return Ok(None);
     };
-    #[cfg(not(feature = "admin"))]
-    if config.ops.admin.is_some() {
-        return Err(StartError::Config(crate::config::ConfigError(
-            "admin: this build has no admin endpoint (cargo feature `admin`)".into(),
-        )));
-    }
-    if let Some(path) = runtime.stats_file() {
-        tracing::info!(path = %path.display(), "counters in the stats file (read with `spliced stats`)");
-    }
-    Ok(ProxyHandle {
-        local_addrs,
-        runtime,
-        reloader,
-        #[cfg(feature = "admin")]
-        admin,
-    })
+    let listeners = Arc::clone(&runtime.listeners);
+    let admin = crate::admin::Admin::start(
+        addr,
+        Arc::clone(&runtime.arena),
+        Arc::new(move || Runtime::server_samples(&listeners)),
+        Arc::clone(&runtime.stopping),
+    )
+    .map_err(|e| StartError::Io(format!("serve the admin endpoint on {addr}"), e))?;
+    tracing::info!("admin endpoint on http://{}/metrics", admin.addr());
+    Ok(Some(admin))
 }
 
 /// Logs the relay cap and the pipes' share of the fd limit in force, and

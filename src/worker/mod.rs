@@ -70,7 +70,7 @@ mod close;
 mod connect;
 mod reload;
 
-pub(crate) use bind::{bind_listeners, Inherited};
+pub(crate) use bind::{bind_listeners, Bound, Inherited};
 
 /// Relay ids are unique in the process, across workers.
 static NEXT_RELAY_ID: AtomicU64 = AtomicU64::new(1);
