@@ -7,6 +7,21 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+/// Each name of an enum with `ALL` and a `const fn as_str`, in the order
+/// of `ALL`: a loop in a const block, since a const fn cannot be handed
+/// `as_str`.
+macro_rules! names_in_order {
+    ($n:literal) => {{
+        let mut names = [""; $n];
+        let mut i = 0;
+        while i < names.len() {
+            names[i] = Self::ALL[i].as_str();
+            i += 1;
+        }
+        names
+    }};
+}
+
 /// Why a relay ended; one of these is logged per relay at close.
 ///
 /// The reason decides who is reset (`SO_LINGER 0`) instead of closed with a
@@ -70,15 +85,7 @@ impl CloseReason {
     ];
 
     /// Each reason's name, in the order of [`CloseReason::ALL`].
-    pub const NAMES: [&'static str; 12] = {
-        let mut names = [""; 12];
-        let mut i = 0;
-        while i < names.len() {
-            names[i] = Self::ALL[i].as_str();
-            i += 1;
-        }
-        names
-    };
+    pub const NAMES: [&'static str; 12] = names_in_order!(12);
 
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -404,15 +411,7 @@ impl FallbackReason {
     ];
 
     /// Each reason's name, in the order of [`FallbackReason::ALL`].
-    pub const NAMES: [&'static str; 4] = {
-        let mut names = [""; 4];
-        let mut i = 0;
-        while i < names.len() {
-            names[i] = Self::ALL[i].as_str();
-            i += 1;
-        }
-        names
-    };
+    pub const NAMES: [&'static str; 4] = names_in_order!(4);
 
     pub const fn as_str(self) -> &'static str {
         match self {
