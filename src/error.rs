@@ -32,6 +32,8 @@ pub enum Op {
     Shutdown,
     Connect,
     Register,
+    /// Taking a pipe or copy buffer for a direction.
+    Buffer,
 }
 
 impl fmt::Display for Op {
@@ -42,6 +44,7 @@ impl fmt::Display for Op {
             Op::Shutdown => "shutdown",
             Op::Connect => "connect",
             Op::Register => "register",
+            Op::Buffer => "buffer",
         })
     }
 }
@@ -57,6 +60,17 @@ pub struct RelayError {
 impl RelayError {
     pub fn new(side: Side, op: Op, source: io::Error) -> Self {
         RelayError { side, op, source }
+    }
+
+    /// A copy for a report that outlives the relay (`io::Error` is not
+    /// `Clone`): the same side and operation, and an error with the same
+    /// OS code, or else the same kind and text.
+    pub(crate) fn duplicate(&self) -> RelayError {
+        let source = match self.source.raw_os_error() {
+            Some(code) => io::Error::from_raw_os_error(code),
+            None => io::Error::new(self.source.kind(), self.source.to_string()),
+        };
+        RelayError::new(self.side, self.op, source)
     }
 }
 
@@ -109,7 +123,15 @@ impl fmt::Display for StartError {
     }
 }
 
-impl std::error::Error for StartError {}
+impl std::error::Error for StartError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StartError::Config(e) => Some(e),
+            StartError::Listen(_, e) | StartError::Io(_, e) => Some(e),
+            StartError::Loop(_) => None,
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -44,7 +44,7 @@ use std::time::Duration;
 
 use crate::control::{Command, Handoff as Queued, WorkerLink};
 use crate::engine::Stream;
-use crate::error::Side;
+use crate::error::{Op, RelayError, Side};
 use crate::relay::report::{RelayReport, Reporter};
 use crate::relay::HandedOff;
 use crate::runtime::Runtime;
@@ -118,7 +118,7 @@ impl Socket {
 /// drop(server); // b's peer resets
 /// let outcome = pair.wait();
 /// assert_eq!(outcome.ending, Ending::Reset(End::B));
-/// assert_eq!(outcome.error.unwrap().0, End::B);
+/// assert_eq!(outcome.error.unwrap().end, End::B);
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum End {
@@ -205,9 +205,11 @@ pub struct Outcome {
     pub engine_a_to_b: &'static str,
     pub engine_b_to_a: &'static str,
     pub ending: Ending,
-    /// The failure that ended the pair, if one did: which side, and the
-    /// operation and error (`read failed: Connection reset by peer`).
-    pub error: Option<(End, String)>,
+    /// The failure that ended the pair, if one of its ends failed: which
+    /// end, the operation and the error (`read failed: Connection reset by
+    /// peer`). A failure of the runtime itself ends the pair as
+    /// [`Ending::Internal`] with no error here.
+    pub error: Option<PairError>,
 }
 
 impl Outcome {
@@ -238,12 +240,60 @@ impl Outcome {
             engine_a_to_b: r.engine_c2u,
             engine_b_to_a: r.engine_u2c,
             ending,
-            error: r
-                .error
-                .and_then(|(side, text)| end(side).map(|e| (e, text))),
+            error: r.error.and_then(|e| {
+                end(e.side).map(|end| PairError {
+                    end,
+                    op: e.op,
+                    error: e,
+                })
+            }),
         }
     }
 }
+
+/// The failure of one end that ended a pair.
+#[derive(Clone, Debug)]
+pub struct PairError {
+    /// The end whose socket failed.
+    pub end: End,
+    /// What was done with it: read, write, shutdown.
+    pub op: Op,
+    error: Arc<RelayError>,
+}
+
+impl PairError {
+    /// The OS error.
+    pub fn io_error(&self) -> &io::Error {
+        &self.error.source
+    }
+}
+
+impl fmt::Display for PairError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} failed: {}", self.op, self.error.source)
+    }
+}
+
+impl std::error::Error for PairError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error.source)
+    }
+}
+
+/// Equal when the end, the operation and the error's kind, code and text
+/// are.
+impl PartialEq for PairError {
+    fn eq(&self, other: &PairError) -> bool {
+        let (a, b) = (self.io_error(), other.io_error());
+        self.end == other.end
+            && self.op == other.op
+            && a.kind() == b.kind()
+            && a.raw_os_error() == b.raw_os_error()
+            && a.to_string() == b.to_string()
+    }
+}
+
+impl Eq for PairError {}
 
 /// Why a runtime did not take a pair.
 ///

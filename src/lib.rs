@@ -25,11 +25,16 @@
 //! | [`route`] | routing by a client's first bytes: the TLS ClientHello's server name and ALPN ([`route::hello`]) |
 //! | [`shm`] | the stats file the counters live in, and its reader |
 //! | [`ops`] | settings of the admin endpoint, stats file and progress lines |
+//! | [`os`] | the safe OS helpers programs beside a runtime use: thread ids, per-thread CPU time, network namespaces |
 //! | `bench` | `spliced bench`: the self-contained benchmark (feature `cli`) |
 //!
-//! The default feature `cli` adds the command line and the benchmark; with
-//! `default-features = false` the crate is the relay, its config and its
-//! runtime, without clap, plotters or serde_json.
+//! The default feature `cli` adds the command line and the benchmark, and
+//! with them the features it needs: `admin` (the HTTP endpoint),
+//! `config-file` (the TOML file, through toml and serde), `postgres-checks`
+//! (postgres health probes, through postgres-protocol), `service` (the
+//! pid file, `--user`, sd_notify and socket activation, through sd-notify)
+//! and `serde` (`Serialize` for snapshots). With `default-features = false`
+//! the crate is the relay, its config built in code and its runtime.
 //!
 //! `unsafe_code` is denied for the whole crate (Cargo.toml `[lints]`); only
 //! `sys` allows it, and every block there carries a `// SAFETY:` comment.
@@ -53,6 +58,7 @@ pub mod handoff;
 pub mod health;
 pub mod listener;
 pub mod ops;
+pub mod os;
 mod pgwire;
 pub mod proxy;
 pub mod proxy_protocol;
@@ -60,6 +66,7 @@ mod relay;
 pub mod reload;
 pub mod route;
 pub mod runtime;
+#[cfg(feature = "service")]
 pub mod service;
 pub mod shm;
 pub mod stats;
@@ -71,8 +78,10 @@ mod worker;
 
 pub use config::{Config, ListenerConfig, Mode, Timeouts};
 pub use error::{Side, StartError};
-pub use handoff::{End, Ending, Handoff, HandoffError, Outcome, Socket};
-pub use proxy::{start, start_activated, start_with, ProxyHandle};
+pub use handoff::{End, Ending, Handoff, HandoffError, Outcome, PairError, Socket};
+#[cfg(feature = "service")]
+pub use proxy::start_activated;
+pub use proxy::{start, start_with, ProxyHandle};
 pub use reload::{ReloadReport, Reloader};
 pub use runtime::{Controller, Runtime, RuntimeBuilder};
 pub use stats::{CloseReason, Stats};

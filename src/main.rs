@@ -154,7 +154,9 @@ enum LogFormat {
 struct Limit(Option<Duration>);
 
 fn duration(text: &str) -> Result<Limit, String> {
-    config::parse_duration(text).map(Limit)
+    config::parse_duration(text)
+        .map(Limit)
+        .map_err(|e| e.to_string())
 }
 
 impl RunArgs {

@@ -32,16 +32,48 @@ pub struct StatsGroup {
     pub gid: u32,
 }
 
+/// Why a `stats-group` could not be had.
+#[derive(Debug)]
+pub enum GroupError {
+    /// The group database has no such group.
+    Unknown(String),
+    /// The group database could not be read.
+    Lookup { name: String, source: nix::Error },
+}
+
+impl std::fmt::Display for GroupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GroupError::Unknown(name) => write!(f, "no group named '{name}' on this system"),
+            GroupError::Lookup { name, source } => {
+                write!(f, "cannot look group '{name}' up: {source}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for GroupError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            GroupError::Lookup { source, .. } => Some(source),
+            GroupError::Unknown(_) => None,
+        }
+    }
+}
+
 impl StatsGroup {
     /// Looks `name` up in the group database.
-    pub fn lookup(name: &str) -> Result<StatsGroup, String> {
+    pub fn lookup(name: &str) -> Result<StatsGroup, GroupError> {
         match nix::unistd::Group::from_name(name) {
             Ok(Some(group)) => Ok(StatsGroup {
                 name: name.to_string(),
                 gid: group.gid.as_raw(),
             }),
-            Ok(None) => Err(format!("no group named '{name}' on this system")),
-            Err(e) => Err(format!("cannot look group '{name}' up: {e}")),
+            Ok(None) => Err(GroupError::Unknown(name.into())),
+            Err(source) => Err(GroupError::Lookup {
+                name: name.into(),
+                source,
+            }),
         }
     }
 }

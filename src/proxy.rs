@@ -7,7 +7,7 @@
 //! The relay cap and pipe size in force are logged then too. `spliced run` is
 //! this plus signal handling.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,7 +52,8 @@ pub fn start_with(config: Config, resolver: Arc<dyn Resolve>) -> Result<ProxyHan
 /// listener address that one of them is bound to uses it instead of
 /// binding; every worker accepts on that one socket. Sockets that match no
 /// listener are closed with a warning. Without such sockets this is
-/// [`start`]. The sockets are taken once per process.
+/// [`start`]. The sockets are taken once per process. (Feature `service`.)
+#[cfg(feature = "service")]
 pub fn start_activated(config: Config) -> Result<ProxyHandle, StartError> {
     let fds = crate::sys::activation::take_inherited()
         .map_err(|e| StartError::Io("read LISTEN_FDS".into(), e))?;
@@ -64,10 +65,44 @@ fn start_inner(
     resolver: Arc<dyn Resolve>,
     mut inherited: Inherited,
 ) -> Result<ProxyHandle, StartError> {
-    config.validate().map_err(StartError::Config)?;
-    config.load_secrets().map_err(StartError::Config)?;
+    reload::prepare(&mut config)?;
     let nofile = crate::sys::raise_nofile_limit();
     let fds = fd_budget(&config, nofile);
+    let settings = Arc::new(config.clone());
+    let (runtime, reloader) = spawn_empty(&settings, fds, resolver)?;
+    // A start is a reload from nothing.
+    let report = reloader.apply(config, &mut inherited)?;
+    inherited.close_unclaimed();
+    log_relay_cap(&settings, nofile, fds);
+    check_pipe_size(&settings);
+    let local_addrs: Vec<SocketAddr> = report.bound.iter().map(|&(_, a)| a).collect();
+    #[cfg(feature = "admin")]
+    let admin = start_admin(&settings, &runtime)?;
+    #[cfg(not(feature = "admin"))]
+    if settings.ops.admin.is_some() {
+        return Err(StartError::Config(crate::config::ConfigError(
+            "admin: this build has no admin endpoint (cargo feature `admin`)".into(),
+        )));
+    }
+    if let Some(path) = runtime.stats_file() {
+        tracing::info!(path = %path.display(), "counters in the stats file (read with `spliced stats`)");
+    }
+    Ok(ProxyHandle {
+        local_addrs,
+        runtime,
+        reloader,
+        #[cfg(feature = "admin")]
+        admin,
+    })
+}
+
+/// The stats file and a runtime whose workers serve no listener yet, with
+/// the reloader that will put the config's listeners in force.
+fn spawn_empty(
+    config: &Arc<Config>,
+    fds: FdBudget,
+    resolver: Arc<dyn Resolve>,
+) -> Result<(Runtime, Reloader), StartError> {
     // Pairs handed to a running proxy relay like the first listener's.
     let first = &config.listeners[0];
     let handoff = ListenerConfig::handoff(first.mode, first.timeouts);
@@ -83,10 +118,9 @@ fn start_inner(
     let arena = Arena::create(config.workers, &names, &config.ops, server_entries)?;
     arena.keep_for_later(1);
     let fleet = Fleet::new();
-    let settings = Arc::new(config.clone());
-    let per_worker = (0..settings.workers).map(|_| Vec::new()).collect();
+    let per_worker = (0..config.workers).map(|_| Vec::new()).collect();
     let runtime = Runtime::spawn(
-        Arc::clone(&settings),
+        Arc::clone(config),
         arena,
         per_worker,
         Vec::new(),
@@ -95,7 +129,7 @@ fn start_inner(
         Arc::clone(&fleet),
     )?;
     let reloader = Reloader::new(reload::State::new(
-        Arc::clone(&settings),
+        Arc::clone(config),
         Arc::clone(&runtime.arena),
         runtime.links(),
         Arc::clone(&runtime.listeners),
@@ -103,45 +137,28 @@ fn start_inner(
         resolver,
         fleet,
     ));
-    // A start is a reload from nothing.
-    let report = reloader.apply(config, &mut inherited)?;
-    inherited.close_unclaimed();
-    log_relay_cap(&settings, nofile, fds);
-    check_pipe_size(&settings);
-    let local_addrs: Vec<SocketAddr> = report.bound.iter().map(|&(_, a)| a).collect();
-    let config = settings;
-    #[cfg(feature = "admin")]
-    let admin = match config.ops.admin {
-        Some(addr) => {
-            let listeners = Arc::clone(&runtime.listeners);
-            let admin = crate::admin::Admin::start(
-                addr,
-                Arc::clone(&runtime.arena),
-                Arc::new(move || Runtime::server_samples(&listeners)),
-                Arc::clone(&runtime.stopping),
-            )
-            .map_err(|e| StartError::Io(format!("serve the admin endpoint on {addr}"), e))?;
-            tracing::info!("admin endpoint on http://{}/metrics", admin.addr());
-            Some(admin)
-        }
-        None => None,
+    Ok((runtime, reloader))
+}
+
+/// The admin endpoint on its own thread, if the config asks for one.
+#[cfg(feature = "admin")]
+fn start_admin(
+    config: &Config,
+    runtime: &Runtime,
+) -> Result<Option<crate::admin::Admin>, StartError> {
+    let Some(addr) = config.ops.admin else {
+        return Ok(None);
     };
-    #[cfg(not(feature = "admin"))]
-    if config.ops.admin.is_some() {
-        return Err(StartError::Config(crate::config::ConfigError(
-            "admin: this build has no admin endpoint (cargo feature `admin`)".into(),
-        )));
-    }
-    if let Some(path) = runtime.stats_file() {
-        tracing::info!(path = %path.display(), "counters in the stats file (read with `spliced stats`)");
-    }
-    Ok(ProxyHandle {
-        local_addrs,
-        runtime,
-        reloader,
-        #[cfg(feature = "admin")]
-        admin,
-    })
+    let listeners = Arc::clone(&runtime.listeners);
+    let admin = crate::admin::Admin::start(
+        addr,
+        Arc::clone(&runtime.arena),
+        Arc::new(move || Runtime::server_samples(&listeners)),
+        Arc::clone(&runtime.stopping),
+    )
+    .map_err(|e| StartError::Io(format!("serve the admin endpoint on {addr}"), e))?;
+    tracing::info!("admin endpoint on http://{}/metrics", admin.addr());
+    Ok(Some(admin))
 }
 
 /// Logs the relay cap and the pipes' share of the fd limit in force, and
@@ -248,109 +265,6 @@ fn human_bytes(n: usize) -> String {
     }
 }
 
-/// Refuses an upstream that leads back into this proxy: one of its own
-/// listen addresses, directly or through the proxy's other listeners. Every
-/// relay to it would open another relay until the relay cap is used up.
-///
-/// An upstream reaches a bound address when both are equal, or when the
-/// bound address is a wildcard (`0.0.0.0`, `[::]`) of the same port and the
-/// upstream's IP is this host's: loopback, unspecified (which connects to
-/// loopback) or an interface address. A dual-stack `[::]` also takes IPv4.
-pub(crate) fn refuse_loops(
-    config: &Config,
-    upstreams: &[Vec<SocketAddr>],
-    bound: &[(usize, SocketAddr)],
-) -> Result<(), StartError> {
-    let mut host_ips: Option<Vec<IpAddr>> = None;
-    let mut is_host_ip = |ip: IpAddr| {
-        ip.is_loopback()
-            || host_ips
-                .get_or_insert_with(interface_ips)
-                .iter()
-                .any(|&a| canonical(a) == ip)
-    };
-    let v6only = crate::config::listen::bindv6only();
-    let dual_stack: Vec<bool> = config
-        .listeners
-        .iter()
-        .map(|l| crate::config::listen::dual_stack(&l.listen, v6only))
-        .collect();
-    // edges[i]: (upstream, listener it reaches) for each upstream of listener i.
-    let mut edges: Vec<Vec<(SocketAddr, usize)>> = vec![Vec::new(); config.listeners.len()];
-    for (i, ups) in upstreams.iter().enumerate() {
-        for &up in ups {
-            let ip = match canonical(up.ip()) {
-                IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-                IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-                ip => ip,
-            };
-            for &(j, addr) in bound {
-                if addr.port() != up.port() || edges[i].iter().any(|&(u, k)| u == up && k == j) {
-                    continue;
-                }
-                let reached = match canonical(addr.ip()) {
-                    IpAddr::V4(b) if b.is_unspecified() => ip.is_ipv4() && is_host_ip(ip),
-                    IpAddr::V6(b) if b.is_unspecified() => {
-                        (ip.is_ipv6() || dual_stack[j]) && is_host_ip(ip)
-                    }
-                    b => b == ip,
-                };
-                if reached {
-                    edges[i].push((up, j));
-                }
-            }
-        }
-    }
-    for (i, out) in edges.iter().enumerate() {
-        for &(up, j) in out {
-            if reaches(&edges, j, i) {
-                return Err(StartError::Loop(up));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Whether listener `to` is `from` or can be reached from it along `edges`.
-fn reaches(edges: &[Vec<(SocketAddr, usize)>], from: usize, to: usize) -> bool {
-    let mut seen = vec![false; edges.len()];
-    let mut stack = vec![from];
-    while let Some(at) = stack.pop() {
-        if at == to {
-            return true;
-        }
-        if !std::mem::replace(&mut seen[at], true) {
-            stack.extend(edges[at].iter().map(|&(_, next)| next));
-        }
-    }
-    false
-}
-
-/// An IPv4-mapped IPv6 address as the IPv4 address it stands for.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
-/// The addresses of this host's network interfaces (none if they cannot be read).
-fn interface_ips() -> Vec<IpAddr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    addrs
-        .filter_map(|a| {
-            let a = a.address?;
-            if let Some(v4) = a.as_sockaddr_in() {
-                Some(IpAddr::V4(v4.ip()))
-            } else {
-                a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-            }
-        })
-        .collect()
-}
-
 impl ProxyHandle {
     /// Reloads the config from any thread (see [`Reloader::reload`]).
     pub fn reloader(&self) -> Reloader {
@@ -421,93 +335,5 @@ impl ProxyHandle {
     /// [`abort`](Self::abort)).
     pub fn join(self) {
         self.runtime.join();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::Mode;
-
-    fn addr(s: &str) -> SocketAddr {
-        s.parse().unwrap()
-    }
-
-    /// Listeners `(listen, upstreams)`, bound at their listen addresses.
-    fn loops(listeners: &[(&[&str], &[&str])]) -> Result<(), SocketAddr> {
-        let mut c = Config::single(addr("127.0.0.1:1"), vec![], Mode::Splice);
-        c.listeners = listeners
-            .iter()
-            .map(|(listen, ups)| {
-                let mut l = crate::config::ListenerConfig::new(
-                    addr(listen[0]),
-                    ups.iter().map(|u| addr(u)).collect(),
-                    Mode::Splice,
-                );
-                l.listen = listen.iter().map(|a| addr(a)).collect();
-                l
-            })
-            .collect();
-        let bound: Vec<(usize, SocketAddr)> = c
-            .listeners
-            .iter()
-            .enumerate()
-            .flat_map(|(i, l)| l.listen.iter().map(move |&a| (i, a)))
-            .collect();
-        let ups: Vec<Vec<SocketAddr>> = listeners
-            .iter()
-            .map(|(_, ups)| ups.iter().map(|u| addr(u)).collect())
-            .collect();
-        match refuse_loops(&c, &ups, &bound) {
-            Ok(()) => Ok(()),
-            Err(StartError::Loop(up)) => Err(up),
-            Err(e) => panic!("{e}"),
-        }
-    }
-
-    #[test]
-    fn an_upstream_back_into_the_proxy_is_a_loop() {
-        let own = addr("127.0.0.1:6432");
-        assert_eq!(
-            loops(&[(&["127.0.0.1:6432"], &["127.0.0.1:6432"])]),
-            Err(own)
-        );
-        // Among other upstreams too.
-        assert_eq!(
-            loops(&[(&["127.0.0.1:6432"], &["127.0.0.1:5432", "127.0.0.1:6432"])]),
-            Err(own)
-        );
-        // A wildcard takes loopback, unspecified and mapped addresses of its port.
-        for up in ["127.0.0.9:6432", "0.0.0.0:6432", "[::ffff:127.0.0.1]:6432"] {
-            assert_eq!(loops(&[(&["0.0.0.0:6432"], &[up])]), Err(addr(up)), "{up}");
-        }
-        assert_eq!(
-            loops(&[(&["[::]:6432"], &["[::1]:6432"])]),
-            Err(addr("[::1]:6432"))
-        );
-        // Through another listener.
-        assert_eq!(
-            loops(&[
-                (&["127.0.0.1:7000"], &["127.0.0.1:7001"]),
-                (&["127.0.0.1:7001"], &["127.0.0.1:7000"]),
-            ]),
-            Err(addr("127.0.0.1:7001"))
-        );
-    }
-
-    #[test]
-    fn other_servers_are_no_loop() {
-        // Another port, another loopback address, a host that is not this one.
-        assert!(loops(&[(&["127.0.0.1:6432"], &["127.0.0.1:5432"])]).is_ok());
-        assert!(loops(&[(&["127.0.0.1:6432"], &["127.0.0.2:6432"])]).is_ok());
-        assert!(loops(&[(&["0.0.0.0:6432"], &["198.51.100.7:6432"])]).is_ok());
-        // An IPv6-only wildcard beside an IPv4 address does not take IPv4.
-        assert!(loops(&[(&["127.0.0.1:6432", "[::]:6432"], &["127.0.0.2:6432"])]).is_ok());
-        // A chain that ends outside the proxy.
-        assert!(loops(&[
-            (&["127.0.0.1:7000"], &["127.0.0.1:7001"]),
-            (&["127.0.0.1:7001"], &["127.0.0.1:5432"]),
-        ])
-        .is_ok());
     }
 }

@@ -346,6 +346,23 @@ pub fn encode_v2(addrs: Option<(SocketAddr, SocketAddr)>) -> Vec<u8> {
     out
 }
 
+/// An entry of `accept-proxy.trusted` that is neither a network nor an
+/// address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustedError(pub String);
+
+impl std::fmt::Display for TrustedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "accept-proxy.trusted: {:?} is not a network (a.b.c.d/n, x::/n) or an address",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for TrustedError {}
+
 /// The peers allowed to send a PROXY header
 /// (`accept-proxy = { trusted = [...] }`). Empty trusts no one.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -360,16 +377,14 @@ impl Trusted {
 
     /// Parses CIDR networks or bare addresses (a host route), naming the
     /// setting in the error.
-    pub fn parse<S: AsRef<str>>(list: &[S]) -> Result<Self, String> {
+    pub fn parse<S: AsRef<str>>(list: &[S]) -> Result<Self, TrustedError> {
         let nets = list
             .iter()
             .map(|s| {
                 let s = s.as_ref().trim();
                 s.parse::<IpNet>()
                     .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-                    .map_err(|_| {
-                        format!("accept-proxy.trusted: {s:?} is not a network (a.b.c.d/n, x::/n) or an address")
-                    })
+                    .map_err(|_| TrustedError(s.to_string()))
             })
             .collect::<Result<_, _>>()?;
         Ok(Trusted { nets })

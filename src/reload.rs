@@ -19,6 +19,8 @@
 //!   admin address) stay as they were: they need a restart, and the reload
 //!   says so.
 
+mod loops;
+
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,7 +32,7 @@ use crate::control::{Command, WorkerLink, WorkerReload};
 use crate::error::StartError;
 use crate::listener::{Listener, ListenerId};
 use crate::runtime::ListenerSet;
-use crate::upstream::resolve::Refresher;
+use crate::upstream::resolve::{self, Refresher};
 use crate::upstream::{Fleet, Resolve};
 use crate::worker::{self, Inherited};
 
@@ -228,6 +230,25 @@ fn same_family_and_port(asked: SocketAddr, bound: SocketAddr) -> bool {
     asked.is_ipv4() == bound.is_ipv4() && (asked.port() == 0 || asked.port() == bound.port())
 }
 
+/// Validates a config as given and reads the secret files it names: the
+/// first step of a start and of a reload alike.
+pub(crate) fn prepare(config: &mut Config) -> Result<(), StartError> {
+    config.validate().map_err(StartError::Config)?;
+    #[cfg(not(feature = "postgres-checks"))]
+    if let Some(l) = config
+        .listeners
+        .iter()
+        .find(|l| l.pool.health.check == Some(crate::config::Check::Postgres))
+    {
+        return Err(StartError::Config(crate::config::ConfigError(format!(
+            "listener '{}': {}",
+            l.name,
+            crate::health::postgres_unbuilt()
+        ))));
+    }
+    config.load_secrets().map_err(StartError::Config)
+}
+
 impl Reloader {
     pub(crate) fn new(state: State) -> Reloader {
         Reloader {
@@ -256,8 +277,7 @@ impl Reloader {
     /// Replaces the listeners by those of `config` (see the module doc).
     /// On error nothing changed: the old listeners go on serving.
     pub fn reload(&self, mut config: Config) -> Result<ReloadReport, StartError> {
-        config.validate().map_err(StartError::Config)?;
-        config.load_secrets().map_err(StartError::Config)?;
+        prepare(&mut config)?;
         self.apply(config, &mut Inherited::default())
     }
 
@@ -265,6 +285,10 @@ impl Reloader {
     /// config to running state. A start is this from nothing (no listener
     /// yet, with the sockets a service manager passed in `inherited`); a
     /// reload is this from the listeners in force.
+    ///
+    /// Every step that can fail comes before the first that changes
+    /// anything: plan, make the listeners, resolve, bind, refuse loops;
+    /// then tell the workers and record what is in force.
     pub(crate) fn apply(
         &self,
         config: Config,
@@ -277,10 +301,7 @@ impl Reloader {
                 io::Error::other("the proxy is stopping"),
             ));
         }
-        let mut report = ReloadReport {
-            need_restart: restart_settings(&state.config, &config),
-            ..ReloadReport::default()
-        };
+        let need_restart = restart_settings(&state.config, &config);
         // Process-wide settings stay; only the listeners are new.
         let mut effective = (*state.config).clone();
         effective.listeners = config.listeners;
@@ -290,38 +311,84 @@ impl Reloader {
             .map(|a| (&a.listener.config, a.sockets.as_slice()))
             .collect();
         let plan = plan(&old, &effective.listeners);
-        let mut next_id = state.next_id;
         let draining: Vec<Arc<Listener>> = {
             let set = state.set.lock().unwrap_or_else(|p| p.into_inner());
             set.retired.iter().filter_map(Weak::upgrade).collect()
         };
-        let listeners: Vec<Arc<Listener>> = effective
+        let mut next_id = state.next_id;
+        let listeners = state.listeners_for(&effective, &plan, &draining, &mut next_id);
+        let (refresher, mut bound) =
+            state.resolve_and_bind(&effective, &plan, &listeners, inherited)?;
+
+        // Nothing can fail from here on.
+        state.supersede(&plan, &effective, &draining);
+        state.tell_workers(&plan, &effective, &listeners, &mut bound);
+        let report = ReloadReport::of(&plan, &effective, &state.active, &bound, need_restart);
+        log_listening(&effective, &bound);
+        state.put_in_force(&plan, &effective, listeners, &bound);
+        state.config = Arc::new(effective);
+        state.refresher = refresher;
+        state.next_id = next_id;
+        report.log();
+        Ok(report)
+    }
+}
+
+impl State {
+    /// The listener each new config entry gets: the running one as it is,
+    /// its successor with new settings, an heir of a draining one of the
+    /// same name, or a new one with counters of its own.
+    fn listeners_for(
+        &self,
+        effective: &Config,
+        plan: &Plan,
+        draining: &[Arc<Listener>],
+        next_id: &mut u32,
+    ) -> Vec<Arc<Listener>> {
+        effective
             .listeners
             .iter()
             .zip(&plan.fates)
             .map(|(l, fate)| match *fate {
-                Fate::Same(j) => Arc::clone(&state.active[j].listener),
-                Fate::Changed(j) => Arc::new(state.active[j].listener.successor(l.clone())),
+                Fate::Same(j) => Arc::clone(&self.active[j].listener),
+                Fate::Changed(j) => Arc::new(self.active[j].listener.successor(l.clone())),
                 Fate::New => {
-                    next_id += 1;
-                    let id = ListenerId(next_id - 1);
+                    *next_id += 1;
+                    let id = ListenerId(*next_id - 1);
                     match draining.iter().find(|d| d.config.name == l.name) {
                         Some(d) => Arc::new(d.heir(id, l.clone())),
                         None => {
                             // The file has room kept for listeners a
                             // reload adds (and takes back those it freed).
-                            let counters = state.arena.add_listener(&l.name);
-                            Arc::new(Listener::new(id, l.clone(), counters, &state.fleet))
+                            let counters = self.arena.add_listener(&l.name);
+                            Arc::new(Listener::new(id, l.clone(), counters, &self.fleet))
                         }
                     }
                 }
             })
-            .collect();
-        let refresher = crate::upstream::resolve::start(&listeners, Arc::clone(&state.resolver))
+            .collect()
+    }
+
+    /// The steps that can fail: resolve the pools' servers (starting the
+    /// background resolver), bind the new addresses, and refuse an
+    /// upstream that leads back into the proxy.
+    fn resolve_and_bind(
+        &self,
+        effective: &Config,
+        plan: &Plan,
+        listeners: &[Arc<Listener>],
+        inherited: &mut Inherited,
+    ) -> Result<(Option<Refresher>, worker::Bound), StartError> {
+        let targets = listeners.iter().map(|l| resolve::Target {
+            listener: l.config.name.clone(),
+            config: l.config.pool.clone(),
+            pool: Arc::clone(&l.pool),
+        });
+        let refresher = resolve::start(targets, Arc::clone(&self.resolver))
             .map_err(|e| StartError::Io("start the resolver thread".into(), e))?;
-        let mut bound = worker::bind_listeners(
-            &effective,
-            &listeners,
+        let bound = worker::bind_listeners(
+            effective,
+            listeners,
             |i, a| plan.bind.contains(&(i, a)),
             inherited,
         )?;
@@ -332,13 +399,16 @@ impl Reloader {
             .iter()
             .map(|l| l.pool.members().servers.iter().map(|s| s.addr).collect())
             .collect();
-        crate::proxy::refuse_loops(&effective, &upstreams, &all_bound)?;
+        loops::refuse_loops(effective, &upstreams, &all_bound)?;
+        Ok((refresher, bound))
+    }
 
-        // Nothing can fail from here on. Pools that new ones replace stop
-        // showing their servers' state (their relays still follow it).
+    /// Pools that new ones replace stop showing their servers' state
+    /// (their relays still follow it).
+    fn supersede(&self, plan: &Plan, effective: &Config, draining: &[Arc<Listener>]) {
         for (i, fate) in plan.fates.iter().enumerate() {
             if let Fate::Changed(j) = *fate {
-                state.active[j].listener.pool.supersede();
+                self.active[j].listener.pool.supersede();
             }
             if *fate == Fate::New {
                 let name = &effective.listeners[i].name;
@@ -347,17 +417,29 @@ impl Reloader {
                 }
             }
         }
+    }
+
+    /// Tells every worker, in one command each, which sockets to keep
+    /// (with which listener), close and add, and which listeners retire;
+    /// waits until they applied it.
+    fn tell_workers(
+        &self,
+        plan: &Plan,
+        effective: &Config,
+        listeners: &[Arc<Listener>],
+        bound: &mut worker::Bound,
+    ) {
         let deadline = effective
             .drain_timeout
             .and_then(|d| Instant::now().checked_add(d));
         let retire: Vec<(ListenerId, Option<Instant>)> = plan
             .removed
             .iter()
-            .map(|&j| (state.active[j].listener.id, deadline))
+            .map(|&j| (self.active[j].listener.id, deadline))
             .collect();
         let (applied, acks) = std::sync::mpsc::channel();
         let mut told = 0;
-        for (w, link) in state.links.iter().enumerate() {
+        for (w, link) in self.links.iter().enumerate() {
             let command = WorkerReload {
                 retarget: plan
                     .keep
@@ -376,6 +458,17 @@ impl Reloader {
         }
         drop(applied);
         wait_applied(&acks, told);
+    }
+
+    /// Records the listeners in force with their (asked, bound) sockets,
+    /// retires the removed ones and publishes the set.
+    fn put_in_force(
+        &mut self,
+        plan: &Plan,
+        effective: &Config,
+        listeners: Vec<Arc<Listener>>,
+        bound: &worker::Bound,
+    ) {
         let mut active: Vec<Active> = listeners
             .iter()
             .map(|l| Active {
@@ -394,55 +487,35 @@ impl Reloader {
             };
             sockets.sockets.extend(pair_asked(&asked_left, fresh));
         }
-        for (i, fate) in plan.fates.iter().enumerate() {
-            let name = effective.listeners[i].name.clone();
-            match fate {
-                Fate::New => report.added.push(name),
-                Fate::Changed(_) => report.changed.push(name),
-                Fate::Same(_) => {}
-            }
-        }
-        for &j in &plan.removed {
-            report
-                .removed
-                .push(state.active[j].listener.config.name.clone());
-        }
-        report.bound = bound
-            .local_addrs
-            .iter()
-            .map(|&(i, a)| (effective.listeners[i].name.clone(), a))
-            .collect();
-        for &(i, addr) in &bound.local_addrs {
-            let l = &effective.listeners[i];
-            let servers: Vec<&str> = l.pool.servers.iter().map(|s| s.address.as_str()).collect();
-            tracing::info!(
-                listener = %l.name,
-                upstreams = ?servers,
-                mode = %l.mode,
-                workers = effective.workers,
-                pipe_size = effective.pipe_size,
-                "listening on {addr}"
-            );
-        }
-        report.closed = plan.close.clone();
         {
-            let mut set = state.set.lock().unwrap_or_else(|p| p.into_inner());
+            let mut set = self.set.lock().unwrap_or_else(|p| p.into_inner());
             for &j in &plan.removed {
-                set.retired.push(Arc::downgrade(&state.active[j].listener));
+                set.retired.push(Arc::downgrade(&self.active[j].listener));
             }
             // Gone with their last relay, or back under the same name.
             set.retired.retain(|l| {
                 l.upgrade()
                     .is_some_and(|l| !listeners.iter().any(|n| n.config.name == l.config.name))
             });
-            set.current = listeners.clone();
+            set.current = listeners;
         }
-        state.active = active;
-        state.config = Arc::new(effective);
-        state.refresher = refresher;
-        state.next_id = next_id;
-        report.log();
-        Ok(report)
+        self.active = active;
+    }
+}
+
+/// One line per newly bound address, as the start has always said it.
+fn log_listening(effective: &Config, bound: &worker::Bound) {
+    for &(i, addr) in &bound.local_addrs {
+        let l = &effective.listeners[i];
+        let servers: Vec<&str> = l.pool.servers.iter().map(|s| s.address.as_str()).collect();
+        tracing::info!(
+            listener = %l.name,
+            upstreams = ?servers,
+            mode = %l.mode,
+            workers = effective.workers,
+            pipe_size = effective.pipe_size,
+            "listening on {addr}"
+        );
     }
 }
 
@@ -471,6 +544,39 @@ fn wait_applied(acks: &std::sync::mpsc::Receiver<()>, told: usize) {
 const APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl ReloadReport {
+    /// What a reload changed, from its plan and the listeners that were in
+    /// force before it (`old`).
+    fn of(
+        plan: &Plan,
+        effective: &Config,
+        old: &[Active],
+        bound: &worker::Bound,
+        need_restart: Vec<&'static str>,
+    ) -> ReloadReport {
+        let mut report = ReloadReport {
+            need_restart,
+            ..ReloadReport::default()
+        };
+        for (i, fate) in plan.fates.iter().enumerate() {
+            let name = effective.listeners[i].name.clone();
+            match fate {
+                Fate::New => report.added.push(name),
+                Fate::Changed(_) => report.changed.push(name),
+                Fate::Same(_) => {}
+            }
+        }
+        for &j in &plan.removed {
+            report.removed.push(old[j].listener.config.name.clone());
+        }
+        report.bound = bound
+            .local_addrs
+            .iter()
+            .map(|&(i, a)| (effective.listeners[i].name.clone(), a))
+            .collect();
+        report.closed = plan.close.clone();
+        report
+    }
+
     /// One line per change, in the words of the start-up lines.
     fn log(&self) {
         for addr in &self.closed {

@@ -7,6 +7,21 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+/// Each name of an enum with `ALL` and a `const fn as_str`, in the order
+/// of `ALL`: a loop in a const block, since a const fn cannot be handed
+/// `as_str`.
+macro_rules! names_in_order {
+    ($n:literal) => {{
+        let mut names = [""; $n];
+        let mut i = 0;
+        while i < names.len() {
+            names[i] = Self::ALL[i].as_str();
+            i += 1;
+        }
+        names
+    }};
+}
+
 /// Why a relay ended; one of these is logged per relay at close.
 ///
 /// The reason decides who is reset (`SO_LINGER 0`) instead of closed with a
@@ -14,8 +29,12 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 /// sides; a cut by spliced (`Shutdown`, `ServerDown`, `Aborted`) resets each
 /// side whose peer has not sent a FIN that reached it after every byte; the
 /// rest reset only a side that lacks bytes or a FIN its peer sent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "kebab-case")
+)]
 pub enum CloseReason {
     /// Both directions forwarded their FIN.
     Eof,
@@ -66,15 +85,7 @@ impl CloseReason {
     ];
 
     /// Each reason's name, in the order of [`CloseReason::ALL`].
-    pub const NAMES: [&'static str; 12] = {
-        let mut names = [""; 12];
-        let mut i = 0;
-        while i < names.len() {
-            names[i] = Self::ALL[i].as_str();
-            i += 1;
-        }
-        names
-    };
+    pub const NAMES: [&'static str; 12] = names_in_order!(12);
 
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -373,8 +384,12 @@ fn bucket_of(took: std::time::Duration) -> usize {
 }
 
 /// Why a direction switched from splice to copy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "kebab-case")
+)]
 pub enum FallbackReason {
     /// The worker holds `--max-pipes` pipes already, or the pipes of all
     /// workers hold every fd the fd limit leaves them.
@@ -396,15 +411,7 @@ impl FallbackReason {
     ];
 
     /// Each reason's name, in the order of [`FallbackReason::ALL`].
-    pub const NAMES: [&'static str; 4] = {
-        let mut names = [""; 4];
-        let mut i = 0;
-        while i < names.len() {
-            names[i] = Self::ALL[i].as_str();
-            i += 1;
-        }
-        names
-    };
+    pub const NAMES: [&'static str; 4] = names_in_order!(4);
 
     pub const fn as_str(self) -> &'static str {
         match self {

@@ -35,6 +35,30 @@ fn nobody_tmp_dir() -> PathBuf {
     PathBuf::from(format!("/tmp/spliced-{}", nobody().uid))
 }
 
+/// What a test that runs spliced as `nobody` in its pid directory holds:
+/// [`serial`] for its whole run, the user, and the directory (none yet).
+struct AsNobody {
+    _serial: std::sync::MutexGuard<'static, ()>,
+    user: User,
+    dir: PathBuf,
+}
+
+/// `None`, saying the test is skipped, unless the test runs as root.
+fn as_nobody() -> Option<AsNobody> {
+    if !is_root() {
+        println!("skipped: running spliced as nobody needs the test to run as root");
+        return None;
+    }
+    let serial = serial();
+    let dir = nobody_tmp_dir();
+    let _ = std::fs::remove_dir_all(&dir);
+    Some(AsNobody {
+        _serial: serial,
+        user: nobody(),
+        dir,
+    })
+}
+
 /// A fresh directory for one test's files, 0755 and root's.
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("spliced-files-{name}-{}", std::process::id()));
@@ -158,14 +182,9 @@ fn a_pid_directory_owned_by_another_user_is_refused() {
 /// The user's own directory, but open to everyone (0777): refused.
 #[test]
 fn a_world_writable_pid_directory_is_refused() {
-    if !is_root() {
-        println!("skipped: running spliced as nobody needs the test to run as root");
+    let Some(AsNobody { _serial, user, dir }) = as_nobody() else {
         return;
-    }
-    let _serial = serial();
-    let user = nobody();
-    let dir = nobody_tmp_dir();
-    let _ = std::fs::remove_dir_all(&dir);
+    };
     std::fs::create_dir(&dir).unwrap();
     chown(&dir, &user);
     chmod(&dir, 0o777);
@@ -197,14 +216,9 @@ fn a_world_writable_pid_directory_is_refused() {
 /// Without a directory, `spliced run` makes /tmp/spliced-UID 0700.
 #[test]
 fn the_pid_directory_is_made_owner_only() {
-    if !is_root() {
-        println!("skipped: running spliced as nobody needs the test to run as root");
+    let Some(AsNobody { _serial, user, dir }) = as_nobody() else {
         return;
-    }
-    let _serial = serial();
-    let user = nobody();
-    let dir = nobody_tmp_dir();
-    let _ = std::fs::remove_dir_all(&dir);
+    };
     let up = echo_server();
     let upstream = up.addr.to_string();
     let mut cmd = spliced_as(
@@ -226,14 +240,9 @@ fn the_pid_directory_is_made_owner_only() {
 /// spliced: `spliced reload` refuses it, and the process lives.
 #[test]
 fn reload_does_not_signal_a_pid_that_is_not_spliced() {
-    if !is_root() {
-        println!("skipped: running spliced as nobody needs the test to run as root");
+    let Some(AsNobody { _serial, user, dir }) = as_nobody() else {
         return;
-    }
-    let _serial = serial();
-    let user = nobody();
-    let dir = nobody_tmp_dir();
-    let _ = std::fs::remove_dir_all(&dir);
+    };
     std::fs::create_dir(&dir).unwrap();
     chown(&dir, &user);
     chmod(&dir, 0o700);

@@ -8,8 +8,8 @@ mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -67,64 +67,6 @@ fn wait_for_tag(proxy: SocketAddr, want: u8, within: Duration) -> Duration {
         },
     );
     start.elapsed()
-}
-
-/// A fake Redis: answers `PING` and `INFO replication` with the role and
-/// replication offset the test sets, and to anything else its tag byte,
-/// then an echo.
-struct FakeRedis {
-    server: Server,
-    master: Arc<AtomicBool>,
-    offset: Arc<AtomicU64>,
-}
-
-fn fake_redis(tag: u8, master: bool) -> FakeRedis {
-    let role = Arc::new(AtomicBool::new(master));
-    let flag = Arc::clone(&role);
-    let offset = Arc::new(AtomicU64::new(0));
-    let at = Arc::clone(&offset);
-    let server = serve(move |mut s: TcpStream| {
-        let mut buf = [0u8; 4096];
-        let mut tagged = false;
-        loop {
-            let n = match s.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            let text = String::from_utf8_lossy(&buf[..n]);
-            let reply = if text.contains("PING") {
-                b"+PONG\r\n".to_vec()
-            } else if text.contains("replication") {
-                let r = if flag.load(Ordering::SeqCst) {
-                    "master"
-                } else {
-                    "slave"
-                };
-                let at = at.load(Ordering::SeqCst);
-                let body = format!(
-                    "# Replication\r\nrole:{r}\r\nconnected_slaves:0\r\n\
-                     master_replid:f00d\r\nslave_repl_offset:{at}\r\nmaster_repl_offset:{at}\r\n"
-                );
-                format!("${}\r\n{body}\r\n", body.len()).into_bytes()
-            } else {
-                let mut out = Vec::new();
-                if !tagged {
-                    out.push(tag);
-                    tagged = true;
-                }
-                out.extend_from_slice(&buf[..n]);
-                out
-            };
-            if s.write_all(&reply).is_err() {
-                return;
-            }
-        }
-    });
-    FakeRedis {
-        server,
-        master: role,
-        offset,
-    }
 }
 
 fn redis_pair(mode: Mode, on_down: OnDown) -> (FakeRedis, FakeRedis, ProxyHandle) {
@@ -192,7 +134,10 @@ fn a_replica_behind_the_master_takes_no_new_relays_until_it_caught_up() {
         });
         let proxy = h.local_addr();
         // Both replicas serve: reach replica 1 and keep that relay.
-        let mut kept = wait_for(|| try_tag(proxy).filter(|(_, tag)| *tag == b'1')).0;
+        let mut kept = wait_for(T, "server 1 answers", || {
+            try_tag(proxy).filter(|(_, tag)| *tag == b'1')
+        })
+        .0;
         master.offset.store(5000, Ordering::SeqCst);
         two.offset.store(5000, Ordering::SeqCst);
         wait_for_tag(proxy, b'2', T);
@@ -218,7 +163,9 @@ fn a_replica_behind_the_master_takes_no_new_relays_until_it_caught_up() {
             );
         }
         one.offset.store(4300, Ordering::SeqCst);
-        wait_for(|| try_tag(proxy).filter(|(_, tag)| *tag == b'1'));
+        wait_for(T, "server 1 answers", || {
+            try_tag(proxy).filter(|(_, tag)| *tag == b'1')
+        });
     }
 }
 
@@ -230,18 +177,6 @@ fn try_tag(proxy: SocketAddr) -> Option<(TcpStream, u8)> {
     let mut reply = [0u8; 5];
     s.read_exact(&mut reply).ok()?;
     Some((s, reply[0]))
-}
-
-/// Calls `f` until it gives a value, for up to `T`.
-fn wait_for<V>(mut f: impl FnMut() -> Option<V>) -> V {
-    let deadline = Instant::now() + T;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out");
-        poll_pause();
-    }
 }
 
 #[test]

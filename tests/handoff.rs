@@ -191,9 +191,11 @@ fn a_failing_side_ends_the_pair_and_is_named(mode: Mode) {
     drop(server);
     let out = pair.wait();
     assert_eq!(out.ending, PairEnding::Reset(End::B), "{out:?}");
-    let (end, message) = out.error.expect("the failure is reported");
-    assert_eq!(end, End::B);
+    let error = out.error.expect("the failure is reported");
+    assert_eq!(error.end, End::B);
+    let message = error.to_string();
     assert!(message.contains("failed"), "{message}");
+    assert!(std::error::Error::source(&error).is_some(), "{error:?}");
     let (_, ending) = read_until_closed(&mut client, WAIT);
     assert_eq!(ending, Ending::Reset);
 }

@@ -9,8 +9,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -20,69 +19,6 @@ use spliced::{CloseReason, Config, Mode, ProxyHandle};
 const T: Duration = Duration::from_secs(5);
 /// The check period: a promotion is seen within one.
 const INTERVAL: Duration = Duration::from_millis(100);
-
-/// A fake Redis: answers `PING` and `INFO replication` with the role the
-/// test sets; to a client, its tag byte, then an echo. It records when it
-/// first answered as master and when each client's first bytes came.
-struct FakeRedis {
-    server: Server,
-    master: Arc<AtomicBool>,
-    /// When it first answered a probe as master.
-    promoted_seen: Arc<Mutex<Option<Instant>>>,
-    /// When each client's first bytes arrived.
-    first_bytes: Arc<Mutex<Vec<Instant>>>,
-}
-
-fn fake_redis(tag: u8, master: bool) -> FakeRedis {
-    let role = Arc::new(AtomicBool::new(master));
-    let promoted_seen = Arc::new(Mutex::new(None));
-    let first_bytes = Arc::new(Mutex::new(Vec::new()));
-    let (flag, seen, firsts) = (
-        Arc::clone(&role),
-        Arc::clone(&promoted_seen),
-        Arc::clone(&first_bytes),
-    );
-    let server = serve(move |mut s: TcpStream| {
-        let mut buf = [0u8; 4096];
-        let mut tagged = false;
-        loop {
-            let n = match s.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            let text = String::from_utf8_lossy(&buf[..n]);
-            let reply = if text.starts_with("*1\r\n$4\r\nPING") {
-                b"+PONG\r\n".to_vec()
-            } else if text.contains("$11\r\nreplication") {
-                let master = flag.load(Ordering::SeqCst);
-                if master {
-                    seen.lock().unwrap().get_or_insert_with(Instant::now);
-                }
-                let r = if master { "master" } else { "slave" };
-                let body = format!("# Replication\r\nrole:{r}\r\nconnected_slaves:0\r\n");
-                format!("${}\r\n{body}\r\n", body.len()).into_bytes()
-            } else {
-                let mut out = Vec::new();
-                if !tagged {
-                    firsts.lock().unwrap().push(Instant::now());
-                    out.push(tag);
-                    tagged = true;
-                }
-                out.extend_from_slice(&buf[..n]);
-                out
-            };
-            if s.write_all(&reply).is_err() {
-                return;
-            }
-        }
-    });
-    FakeRedis {
-        server,
-        master: role,
-        promoted_seen,
-        first_bytes,
-    }
-}
 
 /// A proxy whose one listener wants a primary among `servers` (Redis
 /// checks every [`INTERVAL`]) and holds clients up to `queue_timeout`.

@@ -175,11 +175,11 @@ pub struct PathArgs {
 }
 
 fn parse_size_arg(s: &str) -> Result<usize, String> {
-    parse_size(s)
+    parse_size(s).map_err(|e| e.to_string())
 }
 
 fn parse_write_size_arg(s: &str) -> Result<usize, String> {
-    let n = parse_size(s)?;
+    let n = parse_size_arg(s)?;
     if n == 0 || n > MAX_WRITE {
         return Err(format!("a write size must be 1 to {MAX_WRITE} bytes"));
     }
@@ -187,7 +187,9 @@ fn parse_write_size_arg(s: &str) -> Result<usize, String> {
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
-    parse_duration(s)?.ok_or_else(|| "the duration must be positive".to_string())
+    parse_duration(s)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "the duration must be positive".to_string())
 }
 
 /// What to run, after defaults and --quick are applied.
@@ -344,7 +346,7 @@ pub fn engine_specs(a: &BenchArgs) -> Result<Vec<EngineSpec>, String> {
                 t.as_str(),
             ),
         };
-        let addr = crate::config::resolve(addr)?[0];
+        let addr = crate::config::resolve(addr).map_err(|e| e.to_string())?[0];
         targets.push(EngineSpec::Target {
             name,
             addr,

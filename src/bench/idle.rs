@@ -269,7 +269,7 @@ pub fn child_main(spec: &str, args: &BenchArgs) -> ExitCode {
     };
     // Before the proxy starts, so that its workers start in the namespace too.
     if let Some(ns) = &args.net.idle_netns {
-        if let Err(e) = crate::sys::netns::enter(ns) {
+        if let Err(e) = crate::os::netns::enter(ns) {
             eprintln!(
                 "spliced: error: idle proxy: cannot enter network namespace {}: {e}",
                 ns.display()

@@ -58,7 +58,7 @@ impl Front {
         let thread = std::thread::Builder::new()
             .name("spliced-w-accept".into())
             .spawn(move || {
-                tid_slot.store(crate::sys::gettid(), Ordering::Relaxed);
+                tid_slot.store(crate::os::gettid(), Ordering::Relaxed);
                 for client in listener.incoming() {
                     if stop_flag.load(Ordering::Relaxed) {
                         return;
@@ -92,7 +92,7 @@ impl Front {
         let thread = std::thread::Builder::new()
             .name("spliced-w-tokio".into())
             .spawn(move || {
-                tid_slot.store(crate::sys::gettid(), Ordering::Relaxed);
+                tid_slot.store(crate::os::gettid(), Ordering::Relaxed);
                 let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                     .enable_io()
                     .build()
@@ -142,7 +142,7 @@ impl Front {
         let own: Duration = self
             .tids
             .iter()
-            .map(|t| crate::sys::thread_cpu_time(t.load(Ordering::Relaxed)))
+            .map(|t| crate::os::thread_cpu_time(t.load(Ordering::Relaxed)))
             .sum();
         own + self
             .runtime

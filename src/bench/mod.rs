@@ -48,7 +48,6 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 pub use args::{BenchArgs, Workload};
-pub(crate) use sysinfo::format_utc;
 
 use args::{EngineSpec, Settings};
 use engines::Engine;

@@ -471,7 +471,7 @@ fn ns_file(name: &str, side: &str) -> PathBuf {
 }
 
 fn enter(ns: &std::path::Path) -> Result<(), String> {
-    crate::sys::netns::enter(ns)
+    crate::os::netns::enter(ns)
         .map_err(|e| format!("cannot enter network namespace {}: {e}", ns.display()))
 }
 

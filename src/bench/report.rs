@@ -8,7 +8,6 @@ use super::args::{EngineSpec, Settings};
 use super::measure::Summary;
 use super::netpath::PathInfo;
 use super::noise::{self, Compared};
-use super::summary::Comparison;
 use super::sysinfo::SysInfo;
 use super::workloads::{Case, Figures, Metric};
 
@@ -46,6 +45,19 @@ impl EngineInfo {
             pid,
         }
     }
+}
+
+/// One line of the summary (`bench::summary::compare` makes them from
+/// the results): a comparison between engines in one case.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Comparison {
+    /// The case, e.g. `bulk 1 conn, one way`.
+    pub case: String,
+    /// What was compared and the figures, e.g. `splice CPU per GiB vs copy: 0.44×
+    /// (0.149 vs 0.341 s/GiB)`.
+    pub text: String,
+    /// The ratio of the medians, where the comparison is one.
+    pub ratio: Option<f64>,
 }
 
 /// Everything measured, before and after aggregation.

@@ -5,19 +5,8 @@
 
 use super::load::Way;
 use super::noise::{self, Compared};
-use super::report::Results;
+use super::report::{Comparison, Results};
 use super::workloads::{CaseKind, Metric};
-
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Comparison {
-    /// The case, e.g. `bulk 1 conn, one way`.
-    pub case: String,
-    /// What was compared and the figures, e.g. `splice CPU per GiB vs copy: 0.44×
-    /// (0.149 vs 0.341 s/GiB)`.
-    pub text: String,
-    /// The ratio of the medians, where the comparison is one.
-    pub ratio: Option<f64>,
-}
 
 /// `a / b` of one metric's medians in one case, with its spread.
 fn ratio_of(r: &Results, ci: usize, (a, b): (usize, usize), m: Metric) -> Option<(f64, f64)> {

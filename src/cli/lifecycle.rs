@@ -67,7 +67,7 @@ pub(super) fn run(
             }
             Err(e) => {
                 handle.abort();
-                return fail(&e);
+                return fail(&e.to_string());
             }
         }
     }

@@ -3,3 +3,4 @@
 
 pub mod log;
 pub mod stats;
+pub mod time;

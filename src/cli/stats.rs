@@ -29,7 +29,7 @@ pub struct StatsArgs {
 }
 
 fn interval(text: &str) -> Result<Duration, String> {
-    match crate::config::parse_duration(text)? {
+    match crate::config::parse_duration(text).map_err(|e| e.to_string())? {
         Some(d) if d >= Duration::from_millis(100) => Ok(d),
         _ => Err("the interval must be at least 100ms".into()),
     }
@@ -136,7 +136,7 @@ fn dead_message(file: &StatsFile, who: &str, snap: &Snapshot) -> String {
         "spliced: {who} is not running: {} belongs to a dead process (pid {}, started {}); the values shown are its last",
         file.path().display(),
         snap.pid,
-        crate::bench::format_utc(snap.started_unix)
+        super::time::format_utc(snap.started_unix)
     )
 }
 
@@ -168,7 +168,7 @@ pub fn render(
         "spliced {who}  pid {}  {state}  {}  rates {}",
         snap.pid,
         if dead {
-            format!("started {}", crate::bench::format_utc(snap.started_unix))
+            format!("started {}", super::time::format_utc(snap.started_unix))
         } else {
             format!("up {}", human_duration(uptime))
         },

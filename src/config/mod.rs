@@ -15,7 +15,9 @@
 //! | `check.rs` | the effective config as TOML (`spliced check`) |
 //! | `preflight.rs` | password files and server names, as `run` will meet them |
 
+#[cfg(feature = "config-file")]
 mod check;
+#[cfg(feature = "config-file")]
 mod file;
 pub mod listen;
 mod parse;
@@ -26,15 +28,21 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+#[cfg(feature = "config-file")]
 pub use check::effective_toml;
+#[cfg(feature = "config-file")]
 pub use file::{load, parse_str, Diagnostic, FlagDefaults, Loaded};
 pub use parse::*;
 pub use pool::*;
 pub use preflight::{Preflight, RunAs};
 
 /// How a listener's relays move bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "lowercase")
+)]
 pub enum Mode {
     /// socket → pipe → socket with splice(2); falls back to copy per direction.
     Splice,

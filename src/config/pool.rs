@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use super::HostPortError;
+
 /// Declares a config enum with its file spelling, `as_str`, `parse` and
 /// the list of choices for error messages.
 macro_rules! choice {
@@ -137,7 +139,7 @@ impl ServerConfig {
     }
 
     /// The host and port of `address`; `[v6]:port` loses its brackets.
-    pub fn host_port(&self) -> Result<(&str, u16), String> {
+    pub fn host_port(&self) -> Result<(&str, u16), HostPortError> {
         split_host_port(&self.address)
     }
 
@@ -148,29 +150,26 @@ impl ServerConfig {
 }
 
 /// Splits `HOST:PORT` (or `[v6]:PORT`).
-pub fn split_host_port(text: &str) -> Result<(&str, u16), String> {
+pub fn split_host_port(text: &str) -> Result<(&str, u16), HostPortError> {
     let (host, port) = text
         .rsplit_once(':')
-        .ok_or_else(|| format!("'{text}' is not an address (expected HOST:PORT)"))?;
-    let port: u16 = port
-        .parse()
-        .map_err(|_| format!("'{text}' has no valid port (expected HOST:PORT)"))?;
+        .ok_or_else(|| HostPortError::NotAnAddress(text.into()))?;
+    let port: u16 = port.parse().map_err(|_| HostPortError::Port(text.into()))?;
     let bracketed = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
     if host.is_empty() {
-        return Err(format!("'{text}' has no host (expected HOST:PORT)"));
+        return Err(HostPortError::NoHost(text.into()));
     }
     if let Some(v6) = bracketed {
         if v6.parse::<std::net::Ipv6Addr>().is_err() {
-            return Err(format!(
-                "'{text}' is not an address ([{v6}] is no IPv6 address)"
-            ));
+            return Err(HostPortError::NotIpv6 {
+                text: text.into(),
+                inner: v6.into(),
+            });
         }
         return Ok((v6, port));
     }
     if host.contains(':') {
-        return Err(format!(
-            "'{text}' is not an address (write IPv6 as [ADDR]:PORT)"
-        ));
+        return Err(HostPortError::Unbracketed(text.into()));
     }
     Ok((host, port))
 }

@@ -67,13 +67,29 @@ pub(crate) enum Transfer {
     Eof,
 }
 
+/// Why a fill failed, and so whom a relay's close blames.
+#[derive(Debug)]
+pub(crate) enum FillError {
+    /// Reading the source failed: its side's error.
+    Source(io::Error),
+    /// No pipe or copy buffer could be had (out of memory): the proxy's
+    /// own failure, not the source's.
+    NoBuffer(io::Error),
+}
+
+impl From<io::Error> for FillError {
+    fn from(e: io::Error) -> FillError {
+        FillError::Source(e)
+    }
+}
+
 /// The I/O one direction needs, so the state machine can be driven by real
 /// sockets ([`Wire`]) or by a scripted engine in tests and fuzzing.
 pub(crate) trait Endpoints {
     /// Moves bytes from the source into the buffer, taking one if needed.
     /// `pending` is what the buffer holds now. `WouldBlock` with bytes
     /// pending may mean the buffer is full.
-    fn fill(&mut self, pending: usize) -> io::Result<Transfer>;
+    fn fill(&mut self, pending: usize) -> Result<Transfer, FillError>;
     /// Moves up to `pending` buffered bytes to the destination.
     fn drain(&mut self, pending: usize) -> io::Result<Transfer>;
     /// Forwards FIN: `shutdown(SHUT_WR)` on the destination.
@@ -240,7 +256,7 @@ impl Wire<'_> {
 }
 
 impl Endpoints for Wire<'_> {
-    fn fill(&mut self, pending: usize) -> io::Result<Transfer> {
+    fn fill(&mut self, pending: usize) -> Result<Transfer, FillError> {
         loop {
             if self.slot.engine == Engine::Splice {
                 if let Some(Buffer::Mapped(preloaded)) = &self.slot.buffer {
@@ -255,7 +271,8 @@ impl Endpoints for Wire<'_> {
             if self.slot.buffer.is_none() {
                 self.slot.follow_policy(self.counters);
                 let asked = self.slot.engine;
-                self.slot.buffer = Some(self.pools.take(&mut self.slot.engine, self.counters)?);
+                let buffer = self.pools.take(&mut self.slot.engine, self.counters);
+                self.slot.buffer = Some(buffer.map_err(FillError::NoBuffer)?);
                 if self.slot.engine != asked {
                     // No pipe could be had (counted by the pool).
                     self.slot.fell_back = true;
@@ -294,7 +311,7 @@ impl Endpoints for Wire<'_> {
                     if self.slot.engine == Engine::Splice =>
                 {
                     self.slot.spliced_any = true;
-                    return result;
+                    return result.map_err(FillError::Source);
                 }
                 Ok(Transfer::WouldBlock | Transfer::Eof)
                     if self.slot.engine == Engine::Splice && self.stalled_at_urgent_mark() =>
@@ -313,7 +330,7 @@ impl Endpoints for Wire<'_> {
                         FallbackReason::UrgentData,
                     );
                 }
-                other => return other,
+                other => return other.map_err(FillError::Source),
             }
         }
     }

@@ -51,7 +51,7 @@ pub(crate) fn check_duration_text(text: &str) {
     let got = parse_duration(text);
     let want = reference_duration(text);
     match (&got, want) {
-        (Err(msg), Err(())) => assert!(!msg.is_empty()),
+        (Err(e), Err(())) => assert!(!e.to_string().is_empty()),
         (Ok(None), Ok(None)) => {}
         (Ok(Some(d)), Ok(Some(nanos))) => {
             let cap = u128::from(u64::MAX) * 1_000_000_000;

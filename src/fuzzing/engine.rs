@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::io;
 
-use crate::engine::{Endpoints, Transfer};
+use crate::engine::{Endpoints, FillError, Transfer};
 
 /// One scripted answer of the engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,7 +171,7 @@ fn fail(engine: &mut Engine, call: Call, kind: io::ErrorKind) -> io::Error {
 }
 
 impl Endpoints for Engine {
-    fn fill(&mut self, pending: usize) -> io::Result<Transfer> {
+    fn fill(&mut self, pending: usize) -> Result<Transfer, FillError> {
         self.usable("fill");
         assert_eq!(pending, self.buffered, "pending count drifted (fill)");
         assert!(!self.source_eof, "fill after the source reported EOF");
@@ -213,7 +213,7 @@ impl Endpoints for Engine {
                 self.fill_blocked = false;
                 Ok(Transfer::Eof)
             }
-            Step::Fail(kind) => Err(fail(self, Call::Fill, kind)),
+            Step::Fail(kind) => Err(fail(self, Call::Fill, kind).into()),
         }
     }
 
@@ -272,7 +272,7 @@ impl Endpoints for Engine {
 }
 
 impl Endpoints for &mut Engine {
-    fn fill(&mut self, pending: usize) -> io::Result<Transfer> {
+    fn fill(&mut self, pending: usize) -> Result<Transfer, FillError> {
         (**self).fill(pending)
     }
     fn drain(&mut self, pending: usize) -> io::Result<Transfer> {

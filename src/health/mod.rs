@@ -15,6 +15,10 @@ mod conn;
 mod http;
 pub mod lag;
 mod mysql;
+#[cfg(feature = "postgres-checks")]
+mod postgres;
+#[cfg(not(feature = "postgres-checks"))]
+#[path = "postgres_unbuilt.rs"]
 mod postgres;
 mod redis;
 mod state;
@@ -25,7 +29,14 @@ use std::str::FromStr;
 
 pub use conn::{probe_blocking, ProbeConn};
 pub use http::path_role;
+#[cfg(feature = "postgres-checks")]
 pub use postgres::QUERY as POSTGRES_ROLE_QUERY;
+
+/// Why this build cannot run a postgres check (feature `postgres-checks`).
+#[cfg(not(feature = "postgres-checks"))]
+pub(crate) fn postgres_unbuilt() -> &'static str {
+    postgres::UNBUILT
+}
 pub use state::{HealthParams, HealthState, Reported, Transition};
 
 /// Replies longer than this end the probe: a health check never needs
@@ -167,47 +178,31 @@ impl CheckSpec {
     }
 
     /// Refuses combinations that cannot work, naming the setting.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), CheckSpecError> {
         let role_kinds = matches!(self.kind, Kind::Redis | Kind::Postgres);
         if self.role != WantRole::Any && !role_kinds {
-            return Err(format!(
-                "health.role applies to redis and postgres checks only, not {}{}",
-                self.kind,
-                if self.kind == Kind::Http {
-                    " (choose health.path instead, e.g. /primary)"
-                } else {
-                    ""
-                }
-            ));
+            return Err(CheckSpecError::Role(self.kind));
         }
         if self.password.is_some() && !role_kinds {
-            return Err(format!(
-                "health.password applies to redis and postgres checks only, not {}",
-                self.kind
-            ));
+            return Err(CheckSpecError::Password(self.kind));
         }
         if self.kind == Kind::Http {
             let p = &self.http_path;
             if !p.starts_with('/') || p.bytes().any(|b| b <= b' ' || b == 0x7f) {
-                return Err(format!(
-                    "health.path {p:?} must start with '/' and hold no spaces or control characters"
-                ));
+                return Err(CheckSpecError::Path(p.clone()));
             }
         } else if self.http_port.is_some() {
-            return Err(format!(
-                "health.port applies to http checks only, not {}",
-                self.kind
-            ));
+            return Err(CheckSpecError::Port(self.kind));
         }
         for (key, v) in [("user", &self.user), ("database", &self.database)] {
             if v.as_deref()
                 .is_some_and(|s| s.is_empty() || s.contains('\0'))
             {
-                return Err(format!("health.{key} must be non-empty and hold no NUL"));
+                return Err(CheckSpecError::Name(key));
             }
         }
         if self.password.as_deref().is_some_and(|s| s.contains('\0')) {
-            return Err("health.password must hold no NUL".to_string());
+            return Err(CheckSpecError::PasswordNul);
         }
         Ok(())
     }
@@ -222,6 +217,56 @@ impl CheckSpec {
         }
     }
 }
+
+/// A health check setting that cannot work, and which.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CheckSpecError {
+    /// `health.role` on a check that cannot ask a role.
+    Role(Kind),
+    /// `health.password` on a check that logs in to nothing.
+    Password(Kind),
+    /// A `health.path` that is no HTTP path.
+    Path(String),
+    /// `health.port` on a check other than http.
+    Port(Kind),
+    /// `health.user` or `health.database` empty or holding a NUL.
+    Name(&'static str),
+    /// `health.password` holding a NUL.
+    PasswordNul,
+}
+
+impl fmt::Display for CheckSpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CheckSpecError::Role(kind) => write!(
+                f,
+                "health.role applies to redis and postgres checks only, not {kind}{}",
+                if *kind == Kind::Http {
+                    " (choose health.path instead, e.g. /primary)"
+                } else {
+                    ""
+                }
+            ),
+            CheckSpecError::Password(kind) => write!(
+                f,
+                "health.password applies to redis and postgres checks only, not {kind}"
+            ),
+            CheckSpecError::Path(p) => write!(
+                f,
+                "health.path {p:?} must start with '/' and hold no spaces or control characters"
+            ),
+            CheckSpecError::Port(kind) => {
+                write!(f, "health.port applies to http checks only, not {kind}")
+            }
+            CheckSpecError::Name(key) => {
+                write!(f, "health.{key} must be non-empty and hold no NUL")
+            }
+            CheckSpecError::PasswordNul => f.write_str("health.password must hold no NUL"),
+        }
+    }
+}
+
+impl std::error::Error for CheckSpecError {}
 
 /// The outcome of one probe.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -15,7 +15,7 @@
 
 use std::io;
 
-use crate::engine::{Endpoints, Transfer};
+use crate::engine::{Endpoints, FillError, Transfer};
 use crate::error::{Op, RelayError, Side};
 
 /// Where a direction is in its life, named after what it may still do.
@@ -157,7 +157,7 @@ impl Direction {
             }
             if self.state == DirState::Open && self.src_readable && *budget > 0 {
                 *budget -= 1;
-                match io.fill(self.pending).map_err(|e| self.src_error(e))? {
+                match io.fill(self.pending).map_err(|e| self.fill_error(e))? {
                     Transfer::Moved(n) => {
                         self.pending += n;
                         self.bytes_in += n as u64;
@@ -203,8 +203,13 @@ impl Direction {
         }
     }
 
-    fn src_error(&self, e: io::Error) -> RelayError {
-        RelayError::new(self.from, Op::Read, e)
+    /// A source's read failure is its side's; a buffer that could not be
+    /// had is the proxy's own.
+    fn fill_error(&self, e: FillError) -> RelayError {
+        match e {
+            FillError::Source(e) => RelayError::new(self.from, Op::Read, e),
+            FillError::NoBuffer(e) => RelayError::new(Side::Internal, Op::Buffer, e),
+        }
     }
 
     fn dst_error(&self, op: Op, e: io::Error) -> RelayError {
@@ -213,93 +218,25 @@ impl Direction {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use std::collections::VecDeque;
-
-    /// One scripted answer of the fake engine.
-    #[derive(Clone, Copy, Debug)]
-    pub(crate) enum Step {
-        Moved(usize),
-        MovedAll(usize),
-        WouldBlock,
-        Eof,
-        Fail(io::ErrorKind),
-    }
-
-    /// An engine that answers from scripts and records what it was asked.
-    #[derive(Default, Debug)]
-    pub(crate) struct Scripted {
-        pub(crate) fills: VecDeque<Step>,
-        pub(crate) drains: VecDeque<Step>,
-        pub(crate) shutdowns: usize,
-        pub(crate) releases: usize,
-        pub(crate) holding: bool,
-        /// Pending count seen at each shutdown (must be zero).
-        pub(crate) pending_at_shutdown: Vec<usize>,
-        pub(crate) buffered: usize,
-    }
-
-    fn answer(step: Option<Step>) -> io::Result<Transfer> {
-        match step.unwrap_or(Step::WouldBlock) {
-            Step::Moved(n) => Ok(Transfer::Moved(n)),
-            Step::MovedAll(n) => Ok(Transfer::MovedAll(n)),
-            Step::WouldBlock => Ok(Transfer::WouldBlock),
-            Step::Eof => Ok(Transfer::Eof),
-            Step::Fail(kind) => Err(kind.into()),
-        }
-    }
-
-    impl Endpoints for Scripted {
-        fn fill(&mut self, pending: usize) -> io::Result<Transfer> {
-            assert_eq!(pending, self.buffered, "pending count drifted");
-            self.holding = true;
-            let t = answer(self.fills.pop_front());
-            if let Ok(Transfer::Moved(n) | Transfer::MovedAll(n)) = t {
-                self.buffered += n;
-            }
-            t
-        }
-        fn drain(&mut self, pending: usize) -> io::Result<Transfer> {
-            assert!(self.holding, "drain without a buffer");
-            assert_eq!(pending, self.buffered, "pending count drifted");
-            let t = answer(self.drains.pop_front());
-            match t {
-                Ok(Transfer::Moved(n)) => {
-                    let n = n.min(pending);
-                    self.buffered -= n;
-                    Ok(Transfer::Moved(n))
-                }
-                other => other,
-            }
-        }
-        fn shutdown(&mut self) -> io::Result<()> {
-            self.pending_at_shutdown.push(self.buffered);
-            self.shutdowns += 1;
-            Ok(())
-        }
-        fn release(&mut self) {
-            if self.holding {
-                assert_eq!(self.buffered, 0, "released a buffer holding bytes");
-                self.holding = false;
-                self.releases += 1;
-            }
-        }
-    }
+    use crate::fuzzing::{Engine, Step};
 
     fn dir() -> Direction {
         Direction::new(Side::Client, Side::Upstream)
     }
 
-    fn script(fills: &[Step], drains: &[Step]) -> Scripted {
-        Scripted {
+    /// The fuzzers' scripted engine, which also panics on any call no real
+    /// engine could see (a FIN with bytes pending, a read after EOF, ...).
+    fn script(fills: &[Step], drains: &[Step]) -> Engine {
+        Engine {
             fills: fills.iter().cloned().collect(),
             drains: drains.iter().cloned().collect(),
-            ..Scripted::default()
+            ..Engine::default()
         }
     }
 
-    fn pump(d: &mut Direction, io: &mut Scripted) -> Result<Pumped, RelayError> {
+    fn pump(d: &mut Direction, io: &mut Engine) -> Result<Pumped, RelayError> {
         d.pump(io, &mut 1000)
     }
 
@@ -386,6 +323,28 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_buffer_that_cannot_be_had_blames_neither_peer() {
+        /// A fill that finds no buffer to take (out of memory).
+        struct NoBuffer;
+        impl Endpoints for NoBuffer {
+            fn fill(&mut self, _: usize) -> Result<Transfer, FillError> {
+                Err(FillError::NoBuffer(io::ErrorKind::OutOfMemory.into()))
+            }
+            fn drain(&mut self, _: usize) -> io::Result<Transfer> {
+                unreachable!("nothing was filled")
+            }
+            fn shutdown(&mut self) -> io::Result<()> {
+                unreachable!("the source never ended")
+            }
+            fn release(&mut self) {}
+        }
+        let mut d = dir();
+        let e = d.pump(&mut NoBuffer, &mut 10).unwrap_err();
+        assert_eq!((e.side, e.op), (Side::Internal, Op::Buffer));
+        assert_eq!(e.source.kind(), io::ErrorKind::OutOfMemory);
+    }
+
+    #[test]
     fn open_write_error_names_the_destination() {
         let mut d = dir();
         let mut io = script(&[Step::Moved(1)], &[Step::Fail(io::ErrorKind::BrokenPipe)]);
@@ -426,8 +385,9 @@ pub(crate) mod tests {
         let p = pump(&mut d, &mut io).unwrap();
         assert!(p.state_changed);
         assert_eq!(d.state(), DirState::Shut);
+        // The engine panics on a FIN with bytes still buffered.
         assert_eq!(io.shutdowns, 1);
-        assert_eq!(io.pending_at_shutdown, vec![0]);
+        assert_eq!(io.buffered, 0);
         assert_eq!(d.bytes_out(), 50);
     }
 
@@ -456,23 +416,11 @@ pub(crate) mod tests {
 
     #[test]
     fn source_eof_shutdown_error_names_the_destination() {
-        struct FailingShutdown(Scripted);
-        impl Endpoints for FailingShutdown {
-            fn fill(&mut self, pending: usize) -> io::Result<Transfer> {
-                self.0.fill(pending)
-            }
-            fn drain(&mut self, p: usize) -> io::Result<Transfer> {
-                self.0.drain(p)
-            }
-            fn shutdown(&mut self) -> io::Result<()> {
-                Err(io::ErrorKind::NotConnected.into())
-            }
-            fn release(&mut self) {
-                self.0.release()
-            }
-        }
         let mut d = dir();
-        let mut io = FailingShutdown(script(&[Step::Eof], &[]));
+        let mut io = Engine {
+            shutdown_fails: Some(io::ErrorKind::NotConnected),
+            ..script(&[Step::Eof], &[])
+        };
         let e = d.pump(&mut io, &mut 10).unwrap_err();
         assert_eq!((e.side, e.op), (Side::Upstream, Op::Shutdown));
     }

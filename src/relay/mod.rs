@@ -482,7 +482,7 @@ impl Relay {
                 engine_c2u: self.engine_label(Peer::Client),
                 engine_u2c: self.engine_label(Peer::Upstream),
                 reason,
-                error: error.map(|e| (e.side, format!("{} failed: {}", e.op, e.source))),
+                error: error.map(|e| Arc::new(e.duplicate())),
             });
         }
         tracing::info!(

@@ -139,13 +139,15 @@ proptest! {
         setup in (dir_setup(false), any::<bool>()).prop_map(|(s, settle)| DirSetup { settle, ..s }),
         actions in prop::collection::vec(action(any_step(), any_step()), 0..120),
     ) {
+        // The books (bytes out <= bytes in, one FIN at most) are checked
+        // by the driver after every pump and by its engine at every call
+        // (`check_books`, `Engine::drain`, `Engine::shutdown`), and the side
+        // and operation an error names by `check_error`, which panics
+        // unless they are exactly those of the call that failed: asking
+        // again here could never fail. What is left is what only the end
+        // shows.
         let out = run_direction(&setup, &actions);
-        prop_assert!(out.drained <= out.filled);
-        prop_assert!(out.shutdowns <= 1);
-        if let Some((side, _, discard)) = out.error {
-            let from = if setup.from_upstream { Side::Upstream } else { Side::Client };
-            let to = if from == Side::Client { Side::Upstream } else { Side::Client };
-            prop_assert!(side == from || side == to);
+        if let Some((_, _, discard)) = out.error {
             prop_assert!(!out.holding, "close left a buffer held");
             prop_assert_eq!(discard == Discard::Closed, out.pending > 0);
         }

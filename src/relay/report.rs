@@ -3,15 +3,15 @@
 //! task waker for a future. Nothing here knows an async runtime.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::Duration;
 
-use crate::error::Side;
+use crate::error::RelayError;
 use crate::stats::CloseReason;
 
 /// What a relay did, filled in when it closed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub(crate) struct RelayReport {
     /// Bytes written to the upstream side (from the client side).
     pub(crate) bytes_c2u: u64,
@@ -21,8 +21,8 @@ pub(crate) struct RelayReport {
     pub(crate) engine_c2u: &'static str,
     pub(crate) engine_u2c: &'static str,
     pub(crate) reason: CloseReason,
-    /// The failure that ended it, with the side and operation in the text.
-    pub(crate) error: Option<(Side, String)>,
+    /// The failure that ended it: the side, the operation, the error.
+    pub(crate) error: Option<Arc<RelayError>>,
 }
 
 #[derive(Debug, Default)]

@@ -7,7 +7,7 @@ mod privileges;
 mod rundir;
 
 pub use pidfile::{read_pid, PidFile, PidFileError};
-pub use privileges::drop_privileges;
+pub use privileges::{drop_privileges, PrivilegeError};
 pub use rundir::{pid_dir, UnsafeDir};
 
 /// A state change for the service manager; a no-op without

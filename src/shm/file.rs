@@ -30,9 +30,25 @@ pub fn stats_path(name: &str) -> PathBuf {
     dir.join(format!("{name}.stats"))
 }
 
+/// An instance name [`check_instance_name`] refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceNameError(pub String);
+
+impl std::fmt::Display for InstanceNameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "instance name '{}' must be 1 to 64 letters, digits, '.', '_' or '-', not starting with '.'",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for InstanceNameError {}
+
 /// Checks an instance name: 1 to 64 of `A-Z a-z 0-9 . _ -`, not starting
 /// with a dot (it names a file).
-pub fn check_instance_name(name: &str) -> Result<(), String> {
+pub fn check_instance_name(name: &str) -> Result<(), InstanceNameError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
@@ -42,9 +58,7 @@ pub fn check_instance_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "instance name '{name}' must be 1 to 64 letters, digits, '.', '_' or '-', not starting with '.'"
-        ))
+        Err(InstanceNameError(name.into()))
     }
 }
 

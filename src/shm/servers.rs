@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use super::{anonymous_words, read_name, write_name, Arena, Block, NAME_WORDS};
 use crate::stats::ServerBlock;
-use crate::sys::shared::Placed;
+use crate::sys::shared::{word_block, Placed};
 
 /// The state names of [`ServerHead::down`]'s low byte, by code.
 pub const STATES: [&str; 7] = [
@@ -46,35 +46,35 @@ pub const REASONS: [&str; 9] = [
 /// Bit 16 of [`ServerHead::down`]: it takes no new relays.
 pub(crate) const EXCLUDED: u64 = 1 << 16;
 
-/// A server slot's description, before its per-worker blocks.
-#[derive(Debug, Default)]
-#[repr(C)]
-pub(crate) struct ServerHead {
-    /// 1 while the slot belongs to a server, 0 when free.
-    pub(crate) status: AtomicU64,
-    /// Bumped each time the slot is taken: tells a reused slot apart.
-    pub(crate) generation: AtomicU64,
-    /// The listener slot whose pool it belongs to.
-    pub(crate) listener: AtomicU64,
-    /// Relays holding it now (connecting or connected).
-    pub(crate) live: AtomicU64,
-    /// How its pool judges it: the state code in bits 0–7 (0 up, 1 down,
-    /// 2 wrong role, 3 check error, 4 unknown, 5 standby, 6 lagging), the reason in
-    /// bits 8–15 ([`REASONS`]), and bit 16 set while it takes no new
-    /// relays. 0 is up and eligible; any other value was "down" to readers
-    /// of the first format.
-    pub(crate) down: AtomicU64,
-    /// The role the last answer reported: 0 unknown, 1 primary, 2 replica.
-    pub(crate) role: AtomicU64,
-    /// 1 for a backup server.
-    pub(crate) backup: AtomicU64,
-    /// When its last probe ended, in Unix milliseconds (0: never).
-    pub(crate) checked: AtomicU64,
-    /// A replica's measured replication lag in bytes, plus one (0: not
-    /// measured).
-    pub(crate) lag: AtomicU64,
-    /// Its address as text, NUL-padded.
-    pub(crate) name: [AtomicU64; NAME_WORDS],
+word_block! {
+    /// A server slot's description, before its per-worker blocks.
+    pub(crate) struct ServerHead {
+        /// 1 while the slot belongs to a server, 0 when free.
+        pub(crate) status: AtomicU64,
+        /// Bumped each time the slot is taken: tells a reused slot apart.
+        pub(crate) generation: AtomicU64,
+        /// The listener slot whose pool it belongs to.
+        pub(crate) listener: AtomicU64,
+        /// Relays holding it now (connecting or connected).
+        pub(crate) live: AtomicU64,
+        /// How its pool judges it: the state code in bits 0–7 (0 up, 1 down,
+        /// 2 wrong role, 3 check error, 4 unknown, 5 standby, 6 lagging), the reason in
+        /// bits 8–15 ([`REASONS`]), and bit 16 set while it takes no new
+        /// relays. 0 is up and eligible; any other value was "down" to readers
+        /// of the first format.
+        pub(crate) down: AtomicU64,
+        /// The role the last answer reported: 0 unknown, 1 primary, 2 replica.
+        pub(crate) role: AtomicU64,
+        /// 1 for a backup server.
+        pub(crate) backup: AtomicU64,
+        /// When its last probe ended, in Unix milliseconds (0: never).
+        pub(crate) checked: AtomicU64,
+        /// A replica's measured replication lag in bytes, plus one (0: not
+        /// measured).
+        pub(crate) lag: AtomicU64,
+        /// Its address as text, NUL-padded.
+        pub(crate) name: [AtomicU64; NAME_WORDS],
+    }
 }
 
 /// The words of state before the name.

@@ -13,8 +13,12 @@ use crate::stats::{ServerStats, Stats};
 use crate::sys::shared::view;
 
 /// What the instance said it was doing when last seen.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "lowercase")
+)]
 pub enum InstanceState {
     Running,
     Draining,

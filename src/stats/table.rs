@@ -3,8 +3,12 @@
 //! (`/metrics`, `spliced stats`, the stats file's layout check) works from.
 
 /// Whether a value only grows or goes up and down.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "lowercase")
+)]
 pub enum Kind {
     Counter,
     Gauge,
@@ -13,8 +17,12 @@ pub enum Kind {
 /// What a counter is kept for: each listener (relays, bytes, closes), each
 /// worker (pipes, buffers, timers, which relays of every listener share),
 /// or each server of a listener's pool.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "lowercase")
+)]
 pub enum Scope {
     Listener,
     Worker,
@@ -185,17 +193,18 @@ macro_rules! counter_table {
                 count $count:ident, micros $micros:ident => $h_family:literal $h_help:literal,)*
         }
     ) => {
-        $(#[doc = $block_doc])+
-        #[derive(Debug, Default)]
-        #[repr(C)]
-        pub struct $block {
-            $($(#[doc = $help])+ pub $name: AtomicU64,)+
-            $($(#[doc = $r_doc])+ pub(crate) $r_name: [AtomicU64; $reason::ALL.len()],)*
-            $($(#[doc = $h_doc])+ pub(crate) $h_name: [AtomicU64; $bounds.len() + 1],)*
+        $crate::sys::shared::word_block! {
+            $(#[doc = $block_doc])+
+            pub struct $block {
+                $($(#[doc = $help])+ pub $name: AtomicU64,)+
+                $($(#[doc = $r_doc])+ pub(crate) $r_name: [AtomicU64; $reason::ALL.len()],)*
+                $($(#[doc = $h_doc])+ pub(crate) $h_name: [AtomicU64; $bounds.len() + 1],)*
+            }
         }
 
         $(#[doc = $sum_doc])+
-        #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+        #[derive(Clone, Debug, Default, PartialEq, Eq)]
+        #[cfg_attr(feature = "serde", derive(serde::Serialize))]
         pub struct $sum {
             $($(#[doc = $help])+ pub $name: u64,)+
             $($(#[doc = $r_doc])+ pub $r_name: [u64; $reason::ALL.len()],)*

@@ -19,6 +19,7 @@
 //! `io::Error::last_os_error()`, so nothing outside sees a raw return code.
 #![allow(unsafe_code)]
 
+#[cfg(feature = "service")]
 pub mod activation;
 #[cfg(feature = "cli")]
 pub mod netns;

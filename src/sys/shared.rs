@@ -15,35 +15,81 @@ use std::sync::Arc;
 
 use memmap2::MmapRaw;
 
-use crate::shm::ServerHead;
-use crate::stats::{CounterBlock, ServerBlock};
-
 const WORD: usize = std::mem::size_of::<AtomicU64>();
 
 /// Types that are a `repr(C)` sequence of `AtomicU64`s (fields or arrays of
 /// them) and nothing else, so any run of words in a mapping is one.
+///
+/// Only [`word_block!`] implements it: a type is `Words` because the macro
+/// declared it, never because its owner says so.
 ///
 /// # Safety
 /// An implementor must be `repr(C)`, contain only `AtomicU64` (directly or
 /// in arrays), and so have no padding and an alignment of 8.
 pub(crate) unsafe trait Words: Sync {}
 
-// SAFETY: `CounterBlock` is `repr(C)` and holds only `AtomicU64` fields and
-// arrays of them (see `counter_table!` in stats.rs).
-unsafe impl Words for CounterBlock {}
+/// The field types a [`word_block!`] admits: an `AtomicU64` or an array of
+/// them. Sealed: nothing outside this module can add a type.
+pub(crate) trait Word: sealed::Sealed {}
 
-// SAFETY: `ServerBlock` is `repr(C)` and holds only `AtomicU64` fields and
-// an array of them (see stats.rs).
-unsafe impl Words for ServerBlock {}
+mod sealed {
+    use std::sync::atomic::AtomicU64;
 
-// SAFETY: `ServerHead` is `repr(C)` and holds only `AtomicU64` fields and
-// an array of them (see shm/servers.rs).
-unsafe impl Words for ServerHead {}
+    pub trait Sealed {}
+    impl Sealed for AtomicU64 {}
+    impl<const N: usize> Sealed for [AtomicU64; N] {}
+}
 
-const _: () = assert!(std::mem::size_of::<ServerBlock>() % WORD == 0);
-const _: () = assert!(std::mem::size_of::<ServerHead>() % WORD == 0);
-const _: () = assert!(std::mem::size_of::<CounterBlock>() % WORD == 0);
-const _: () = assert!(std::mem::align_of::<CounterBlock>() == WORD);
+impl Word for AtomicU64 {}
+impl<const N: usize> Word for [AtomicU64; N] {}
+
+/// Compiles only for a [`Word`] type; [`word_block!`] calls it per field.
+pub(crate) const fn is_word<T: Word>() {}
+
+/// Compiles only for a type of whole, 8-aligned words; [`word_block!`]
+/// checks each block it declares.
+pub(crate) const fn whole_words<T>() {
+    assert!(std::mem::size_of::<T>() % WORD == 0);
+    assert!(std::mem::align_of::<T>() == WORD);
+}
+
+/// Declares a block of counter words that may live in a shared mapping:
+/// a `repr(C)` struct (with `Debug` and `Default`) whose every field is an
+/// `AtomicU64` or an array of them, and its [`Words`] impl.
+///
+/// The soundness argument lives here, not with the caller: the grammar
+/// takes no attribute but doc comments (no other `repr`, no alignment) and
+/// no generics, and every field type must be a sealed [`Word`], so whatever
+/// a caller declares is plain words. The counter tables (`stats.rs`) and the
+/// stats file's server head (`shm/servers.rs`) are declared with it.
+macro_rules! word_block {
+    (
+        $(#[doc = $doc:literal])*
+        $vis:vis struct $name:ident {
+            $($(#[doc = $field_doc:literal])* $field_vis:vis $field:ident: $ty:ty,)+
+        }
+    ) => {
+        $(#[doc = $doc])*
+        #[derive(Debug, Default)]
+        #[repr(C)]
+        $vis struct $name {
+            $($(#[doc = $field_doc])* $field_vis $field: $ty,)+
+        }
+
+        const _: () = {
+            $($crate::sys::shared::is_word::<$ty>();)+
+            $crate::sys::shared::whole_words::<$name>();
+        };
+
+        // SAFETY: the struct above is `repr(C)`, takes no other attribute
+        // that could change its layout, and every field is an `AtomicU64`
+        // or an array of them (each checked to be a sealed `Word` above), so
+        // it is words and nothing else: no padding, an alignment of 8.
+        #[allow(unsafe_code)]
+        unsafe impl $crate::sys::shared::Words for $name {}
+    };
+}
+pub(crate) use word_block;
 
 /// The words of a mapping. The mapping must start on a page boundary
 /// (every mmap does) and its length is rounded down to whole words.
@@ -137,20 +183,32 @@ mod tests {
     use super::*;
     use std::sync::atomic::Ordering::Relaxed;
 
+    word_block! {
+        /// A block as the counter tables declare them.
+        struct TestBlock {
+            first: AtomicU64,
+            spread: [AtomicU64; 3],
+            last: AtomicU64,
+        }
+    }
+
     #[test]
     fn a_placed_block_writes_the_mapping_words() {
         let map: MmapRaw = memmap2::MmapMut::map_anon(4096).unwrap().into();
         let map = Arc::new(map);
-        let block: Placed<CounterBlock> = Placed::new(&map, 3);
-        block.relays_accepted.store(7, Relaxed);
-        let at = 3 + std::mem::offset_of!(CounterBlock, relays_accepted) / WORD;
+        let block: Placed<TestBlock> = Placed::new(&map, 3);
+        block.last.store(7, Relaxed);
+        block.spread[1].store(5, Relaxed);
+        let at = 3 + std::mem::offset_of!(TestBlock, last) / WORD;
+        assert_eq!(at, 3 + 4);
         assert_eq!(words(&map)[at].load(Relaxed), 7);
+        assert_eq!(words(&map)[3 + 2].load(Relaxed), 5);
     }
 
     #[test]
     #[should_panic(expected = "past the mapping")]
     fn a_block_must_fit() {
         let map = Arc::new(MmapRaw::from(memmap2::MmapMut::map_anon(64).unwrap()));
-        let _ = Placed::<CounterBlock>::new(&map, 0);
+        let _ = Placed::<TestBlock>::new(&map, 7);
     }
 }

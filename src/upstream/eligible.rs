@@ -52,7 +52,9 @@ pub(crate) enum State {
     Lagging,
 }
 
+// Every state and its name are for `/metrics` (feature `admin`).
 impl State {
+    #[cfg(any(feature = "admin", test))]
     pub(crate) const ALL: [State; 7] = [
         State::Up,
         State::Down,
@@ -63,6 +65,7 @@ impl State {
         State::Lagging,
     ];
 
+    #[cfg(any(feature = "admin", test))]
     pub(crate) fn name(self) -> &'static str {
         match self {
             State::Up => "up",

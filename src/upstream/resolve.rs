@@ -14,8 +14,8 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::pool::Member;
-use crate::listener::Listener;
+use super::pool::{Member, Pool};
+use crate::config::PoolConfig;
 
 /// How often a name that has never resolved is tried again.
 pub const UNRESOLVED_RETRY: Duration = Duration::from_secs(5);
@@ -35,10 +35,19 @@ impl Resolve for SystemResolver {
     }
 }
 
-/// One listener's pool as the resolver keeps it: each server entry's last
-/// addresses (`None`: never resolved).
+/// A pool for the resolver to keep filled: the name of the listener it
+/// serves (for the log lines), its settings (the server entries and
+/// `resolve-interval`) and the pool that takes the addresses.
+pub(crate) struct Target {
+    pub(crate) listener: String,
+    pub(crate) config: PoolConfig,
+    pub(crate) pool: Arc<Pool>,
+}
+
+/// One pool as the resolver keeps it: each server entry's last addresses
+/// (`None`: never resolved).
 struct Tracked {
-    listener: Arc<Listener>,
+    target: Target,
     known: Vec<Option<Vec<SocketAddr>>>,
     next: Instant,
     /// Resolved once already.
@@ -46,10 +55,10 @@ struct Tracked {
 }
 
 impl Tracked {
-    fn new(listener: Arc<Listener>, now: Instant) -> Tracked {
-        let known = vec![None; listener.config.pool.servers.len()];
+    fn new(target: Target, now: Instant) -> Tracked {
+        let known = vec![None; target.config.servers.len()];
         Tracked {
-            listener,
+            target,
             known,
             next: now,
             started: false,
@@ -59,7 +68,7 @@ impl Tracked {
     /// Resolves every entry, keeps the last addresses of a name that fails
     /// now, and gives the pool its new members. Logs what changed.
     fn refresh(&mut self, resolver: &dyn Resolve, now: Instant) {
-        let pool_config = &self.listener.config.pool;
+        let pool_config = &self.target.config;
         let mut members = Vec::new();
         for (entry, known) in pool_config.servers.iter().zip(&mut self.known) {
             // Validation guarantees HOST:PORT.
@@ -79,7 +88,7 @@ impl Tracked {
             match addrs {
                 Ok(addrs) => *known = Some(addrs),
                 Err(e) => tracing::warn!(
-                    listener = %self.listener.config.name,
+                    listener = %self.target.listener,
                     server = %entry.address,
                     error = %e,
                     "cannot resolve a server name; {}",
@@ -95,15 +104,15 @@ impl Tracked {
                 });
             }
         }
-        let (added, removed) = self.listener.pool.set_members(members);
+        let (added, removed) = self.target.pool.set_members(members);
         // The first resolution is what the start line shows; changes after
         // it are news.
         if self.started && (!added.is_empty() || !removed.is_empty()) {
             tracing::info!(
-                listener = %self.listener.config.name,
+                listener = %self.target.listener,
                 added = ?added,
                 removed = ?removed,
-                servers = self.listener.pool.members().servers.len(),
+                servers = self.target.pool.members().servers.len(),
                 "pool membership changed"
             );
         }
@@ -120,15 +129,9 @@ impl Tracked {
 
     /// Whether this pool needs the background thread at all.
     fn needs_refresh(&self) -> bool {
-        let names = self
-            .listener
-            .config
-            .pool
-            .servers
-            .iter()
-            .any(|s| s.ip().is_none());
+        let names = self.target.config.servers.iter().any(|s| s.ip().is_none());
         names
-            && (self.listener.config.pool.resolve_interval.is_some()
+            && (self.target.config.resolve_interval.is_some()
                 || self.known.iter().any(Option::is_none))
     }
 }
@@ -139,17 +142,14 @@ pub(crate) struct Refresher {
     _stop: Sender<()>,
 }
 
-/// Resolves every listener's servers now, on this thread, then starts the
+/// Resolves every target's servers now, on this thread, then starts the
 /// background thread if some pool has names to resolve again.
 pub(crate) fn start(
-    listeners: &[Arc<Listener>],
+    targets: impl IntoIterator<Item = Target>,
     resolver: Arc<dyn Resolve>,
 ) -> io::Result<Option<Refresher>> {
     let now = Instant::now();
-    let mut tracked: Vec<Tracked> = listeners
-        .iter()
-        .map(|l| Tracked::new(Arc::clone(l), now))
-        .collect();
+    let mut tracked: Vec<Tracked> = targets.into_iter().map(|t| Tracked::new(t, now)).collect();
     for t in &mut tracked {
         t.refresh(&*resolver, now);
     }

@@ -32,7 +32,9 @@ pub(crate) struct Inherited {
 
 impl Inherited {
     /// Keeps the descriptors that are listening TCP sockets; any other is
-    /// closed with a warning, since no listener could use it.
+    /// closed with a warning, since no listener could use it. (Only
+    /// socket activation, feature `service`, passes descriptors.)
+    #[cfg_attr(not(feature = "service"), allow(dead_code))]
     pub(crate) fn new(fds: Vec<OwnedFd>) -> Inherited {
         let mut sockets = Vec::new();
         for fd in fds {

@@ -70,7 +70,7 @@ mod close;
 mod connect;
 mod reload;
 
-pub(crate) use bind::{bind_listeners, Inherited};
+pub(crate) use bind::{bind_listeners, Bound, Inherited};
 
 /// Relay ids are unique in the process, across workers.
 static NEXT_RELAY_ID: AtomicU64 = AtomicU64::new(1);
@@ -454,7 +454,7 @@ impl Worker {
                     engine_c2u: "none",
                     engine_u2c: "none",
                     reason: CloseReason::Internal,
-                    error: Some((Side::Internal, format!("{} failed: {}", e.op, e.source))),
+                    error: Some(Arc::new(e)),
                 };
                 pair.client.reset_on_close();
                 pair.upstream.reset_on_close();

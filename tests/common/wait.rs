@@ -41,15 +41,21 @@ pub fn exit_within(
 /// Polls `cond` every few milliseconds until it holds; panics naming `what`
 /// if it does not within `timeout`.
 pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    wait_for(timeout, what, || cond().then_some(()))
+}
+
+/// Polls `f` every few milliseconds until it gives a value, and returns
+/// it; panics naming `what` if it gives none within `timeout`.
+pub fn wait_for<V>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<V>) -> V {
     let deadline = Instant::now() + timeout;
     loop {
-        if cond() {
-            return;
+        if let Some(v) = f() {
+            return v;
         }
         if Instant::now() >= deadline {
             panic!("timed out after {timeout:?} waiting until {what}");
         }
-        thread::sleep(Duration::from_millis(5));
+        poll_pause();
     }
 }
 

@@ -1,6 +1,7 @@
 //! The reading context: line numbers, collected problems, and typed
 //! values that record an error (naming the key) instead of stopping.
 
+use std::fmt::Display;
 use std::ops::Range;
 use std::time::Duration;
 
@@ -34,11 +35,11 @@ impl Cx {
         self.line_starts.partition_point(|&s| s <= span.start)
     }
 
-    pub(super) fn error(&mut self, span: &Range<usize>, key: &str, message: impl Into<String>) {
+    pub(super) fn error(&mut self, span: &Range<usize>, key: &str, message: impl Display) {
         self.errors.push(Diagnostic {
             line: self.line(span),
             key: key.into(),
-            message: message.into(),
+            message: message.to_string(),
         });
     }
 
@@ -179,8 +180,8 @@ impl Cx {
 
     pub(super) fn size(&mut self, v: &Value<'_>, key: &str) -> Option<usize> {
         let parsed = match v.get_ref() {
-            DeValue::String(s) => parse_size(s),
-            DeValue::Integer(i) => parse_size(i.as_str()),
+            DeValue::String(s) => parse_size(s).map_err(|e| e.to_string()),
+            DeValue::Integer(i) => parse_size(i.as_str()).map_err(|e| e.to_string()),
             other => Err(format!(
                 "expected a size such as \"1m\", found {}",
                 other.type_str()
