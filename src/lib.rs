@@ -57,6 +57,7 @@ pub mod proxy;
 pub mod proxy_protocol;
 mod relay;
 pub mod reload;
+mod route;
 pub mod runtime;
 pub mod service;
 pub mod shm;

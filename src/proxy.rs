@@ -64,6 +64,7 @@ fn start_inner(
     resolver: Arc<dyn Resolve>,
     mut inherited: Inherited,
 ) -> Result<ProxyHandle, StartError> {
+    config.link_pools().map_err(StartError::Config)?;
     config.validate().map_err(StartError::Config)?;
     config.load_secrets().map_err(StartError::Config)?;
     let nofile = crate::sys::raise_nofile_limit();
@@ -79,7 +80,12 @@ fn start_inner(
         .chain(&config.listeners)
         .map(listener::name_of)
         .collect();
-    let server_entries = config.listeners.iter().map(|l| l.pool.servers.len()).sum();
+    let server_entries = config
+        .listeners
+        .iter()
+        .flat_map(|l| l.pools())
+        .map(|(_, p)| p.servers.len())
+        .sum();
     let arena = Arena::create(config.workers, &names, &config.ops, server_entries)?;
     arena.keep_for_later(1);
     let fleet = Fleet::new();
@@ -114,10 +120,12 @@ fn start_inner(
     let admin = match config.ops.admin {
         Some(addr) => {
             let listeners = Arc::clone(&runtime.listeners);
+            let routed = Arc::clone(&runtime.listeners);
             let admin = crate::admin::Admin::start(
                 addr,
                 Arc::clone(&runtime.arena),
                 Arc::new(move || Runtime::server_samples(&listeners)),
+                Arc::new(move || Runtime::route_samples(&routed)),
                 Arc::clone(&runtime.stopping),
             )
             .map_err(|e| StartError::Io(format!("serve the admin endpoint on {addr}"), e))?;

@@ -256,6 +256,7 @@ impl Reloader {
     /// Replaces the listeners by those of `config` (see the module doc).
     /// On error nothing changed: the old listeners go on serving.
     pub fn reload(&self, mut config: Config) -> Result<ReloadReport, StartError> {
+        config.link_pools().map_err(StartError::Config)?;
         config.validate().map_err(StartError::Config)?;
         config.load_secrets().map_err(StartError::Config)?;
         self.apply(config, &mut Inherited::default())
@@ -330,7 +331,18 @@ impl Reloader {
         all_bound.extend(&bound.local_addrs);
         let upstreams: Vec<Vec<SocketAddr>> = listeners
             .iter()
-            .map(|l| l.pool.members().servers.iter().map(|s| s.addr).collect())
+            .map(|l| {
+                l.pools
+                    .iter()
+                    .flat_map(|p| {
+                        p.members()
+                            .servers
+                            .iter()
+                            .map(|s| s.addr)
+                            .collect::<Vec<_>>()
+                    })
+                    .collect()
+            })
             .collect();
         crate::proxy::refuse_loops(&effective, &upstreams, &all_bound)?;
 
@@ -338,12 +350,16 @@ impl Reloader {
         // showing their servers' state (their relays still follow it).
         for (i, fate) in plan.fates.iter().enumerate() {
             if let Fate::Changed(j) = *fate {
-                state.active[j].listener.pool.supersede();
+                state.active[j]
+                    .listener
+                    .pools
+                    .iter()
+                    .for_each(|p| p.supersede());
             }
             if *fate == Fate::New {
                 let name = &effective.listeners[i].name;
                 for d in draining.iter().filter(|d| &d.config.name == name) {
-                    d.pool.supersede();
+                    d.pools.iter().for_each(|p| p.supersede());
                 }
             }
         }
@@ -414,10 +430,20 @@ impl Reloader {
             .collect();
         for &(i, addr) in &bound.local_addrs {
             let l = &effective.listeners[i];
-            let servers: Vec<&str> = l.pool.servers.iter().map(|s| s.address.as_str()).collect();
+            let servers: Vec<&str> = l
+                .pools()
+                .into_iter()
+                .flat_map(|(_, p)| p.servers.iter().map(|s| s.address.as_str()))
+                .collect();
+            let routes: Vec<String> = l
+                .routes
+                .iter()
+                .map(|r| format!("{} -> {}", r.describe(), r.pool))
+                .collect();
             tracing::info!(
                 listener = %l.name,
                 upstreams = ?servers,
+                routes = (!routes.is_empty()).then(|| tracing::field::debug(&routes)),
                 mode = %l.mode,
                 workers = effective.workers,
                 pipe_size = effective.pipe_size,

@@ -14,7 +14,8 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::pool::Member;
+use super::pool::{Member, Pool};
+use crate::config::PoolConfig;
 use crate::listener::Listener;
 
 /// How often a name that has never resolved is tried again.
@@ -35,10 +36,13 @@ impl Resolve for SystemResolver {
     }
 }
 
-/// One listener's pool as the resolver keeps it: each server entry's last
-/// addresses (`None`: never resolved).
+/// One pool of a listener as the resolver keeps it: each server entry's
+/// last addresses (`None`: never resolved).
 struct Tracked {
-    listener: Arc<Listener>,
+    /// The listener's name, for log lines.
+    listener: String,
+    pool: Arc<Pool>,
+    config: PoolConfig,
     known: Vec<Option<Vec<SocketAddr>>>,
     next: Instant,
     /// Resolved once already.
@@ -46,20 +50,28 @@ struct Tracked {
 }
 
 impl Tracked {
-    fn new(listener: Arc<Listener>, now: Instant) -> Tracked {
-        let known = vec![None; listener.config.pool.servers.len()];
-        Tracked {
-            listener,
-            known,
-            next: now,
-            started: false,
-        }
+    /// Every pool of `listener`: its own, or those its routes lead to.
+    fn of(listener: &Listener, now: Instant) -> Vec<Tracked> {
+        listener
+            .config
+            .pools()
+            .into_iter()
+            .zip(&listener.pools)
+            .map(|((_, config), pool)| Tracked {
+                listener: listener.config.name.clone(),
+                pool: Arc::clone(pool),
+                known: vec![None; config.servers.len()],
+                config: config.clone(),
+                next: now,
+                started: false,
+            })
+            .collect()
     }
 
     /// Resolves every entry, keeps the last addresses of a name that fails
     /// now, and gives the pool its new members. Logs what changed.
     fn refresh(&mut self, resolver: &dyn Resolve, now: Instant) {
-        let pool_config = &self.listener.config.pool;
+        let pool_config = &self.config;
         let mut members = Vec::new();
         for (entry, known) in pool_config.servers.iter().zip(&mut self.known) {
             // Validation guarantees HOST:PORT.
@@ -79,7 +91,8 @@ impl Tracked {
             match addrs {
                 Ok(addrs) => *known = Some(addrs),
                 Err(e) => tracing::warn!(
-                    listener = %self.listener.config.name,
+                    listener = %self.listener,
+                    pool = self.pool.name(),
                     server = %entry.address,
                     error = %e,
                     "cannot resolve a server name; {}",
@@ -95,15 +108,16 @@ impl Tracked {
                 });
             }
         }
-        let (added, removed) = self.listener.pool.set_members(members);
+        let (added, removed) = self.pool.set_members(members);
         // The first resolution is what the start line shows; changes after
         // it are news.
         if self.started && (!added.is_empty() || !removed.is_empty()) {
             tracing::info!(
-                listener = %self.listener.config.name,
+                listener = %self.listener,
+                pool = self.pool.name(),
                 added = ?added,
                 removed = ?removed,
-                servers = self.listener.pool.members().servers.len(),
+                servers = self.pool.members().servers.len(),
                 "pool membership changed"
             );
         }
@@ -120,16 +134,8 @@ impl Tracked {
 
     /// Whether this pool needs the background thread at all.
     fn needs_refresh(&self) -> bool {
-        let names = self
-            .listener
-            .config
-            .pool
-            .servers
-            .iter()
-            .any(|s| s.ip().is_none());
-        names
-            && (self.listener.config.pool.resolve_interval.is_some()
-                || self.known.iter().any(Option::is_none))
+        let names = self.config.servers.iter().any(|s| s.ip().is_none());
+        names && (self.config.resolve_interval.is_some() || self.known.iter().any(Option::is_none))
     }
 }
 
@@ -146,10 +152,7 @@ pub(crate) fn start(
     resolver: Arc<dyn Resolve>,
 ) -> io::Result<Option<Refresher>> {
     let now = Instant::now();
-    let mut tracked: Vec<Tracked> = listeners
-        .iter()
-        .map(|l| Tracked::new(Arc::clone(l), now))
-        .collect();
+    let mut tracked: Vec<Tracked> = listeners.iter().flat_map(|l| Tracked::of(l, now)).collect();
     for t in &mut tracked {
         t.refresh(&*resolver, now);
     }

@@ -16,8 +16,13 @@
 
 mod farewell;
 mod health;
+mod negotiate;
 mod park;
 mod preface;
+mod routing;
+
+pub(crate) use negotiate::Negotiation;
+use routing::Destination;
 
 use std::io;
 use std::net::SocketAddr;
@@ -36,14 +41,16 @@ use crate::control::{self, Command, Handoff, Shared, WorkerLink};
 use crate::engine::Pools;
 use crate::error::{is_local_error, Op, RelayError, Side};
 use crate::listener::{Admission, Listener, Refused};
+use crate::pgwire;
 use crate::relay::report::Reporter;
-use crate::relay::{self, Accepted, Expiry, Next, Peer, Readiness, Relay, Unstarted};
+use crate::relay::{self, Accepted, Expiry, Next, Peer, Readiness, Relay, RouteTag, Unstarted};
+use crate::route::startup::TlsStyle;
 use crate::shm::Block;
 use crate::stats::{CloseReason, CounterBlock};
 use crate::timer::Timers;
 use crate::token::{self, Owner, RelayRef};
 use crate::upstream::fleet::Doorbell;
-use crate::upstream::{self, Connect, Round};
+use crate::upstream::{self, Connect, Pool, Round};
 
 /// Connections accepted per listener per wakeup before serving others.
 const ACCEPT_BUDGET: usize = 128;
@@ -296,8 +303,9 @@ impl Worker {
     /// Starts a relay's upstream connect. `local` is the address the
     /// client connected to when a PROXY header named it; `preread` are
     /// bytes the client sent already. Both, with `send-proxy`'s header in
-    /// front, reach the server before anything else. `since`: when the
-    /// client was accepted. A client no server takes now is held for one
+    /// front, reach the server before anything else (after what spliced
+    /// negotiates itself for a TLS client). `since`: when the client was
+    /// accepted. A client no server takes now is held for one
     /// (`queue-timeout`), else closed.
     #[allow(clippy::too_many_arguments)]
     fn start_relay(
@@ -309,17 +317,22 @@ impl Worker {
         admission: Admission,
         preread: Vec<u8>,
         since: Instant,
+        to: Destination,
         now: Instant,
     ) {
         let counters = listener.counters(self.index);
         CounterBlock::add(&counters.relays_accepted, 1);
         let id = next_relay_id();
         self.tune(&listener, &client, Side::Client, now);
-        let (ahead, ahead_header) = preface::ahead(&listener, &client, client_addr, local, preread);
+        let Destination { pool, route, tls } = to;
+        let (ahead, ahead_header) = preface::ahead(&pool, &client, client_addr, local, preread);
+        let (ahead, ahead_header, negotiation) = routing::for_tls(ahead, ahead_header, tls);
         let unstarted = Unstarted {
             accepted: Accepted {
                 id,
                 listener: Arc::clone(&listener),
+                pool: Arc::clone(&pool),
+                route,
                 client,
                 client_addr,
                 admission,
@@ -327,13 +340,16 @@ impl Worker {
             ahead,
             ahead_header,
             since,
+            negotiation,
         };
-        let mut round = Round::new(&listener.pool, client_addr.ip());
-        let upstream = match self.connect_next(id, &mut round, &listener, now) {
+        let mut round = Round::new(&pool, client_addr.ip());
+        let upstream = match self.connect_next(id, &mut round, &listener, &pool, now) {
             Ok(Some(upstream)) => upstream,
             failed => {
-                if failed.is_ok() {
-                    if let Some(deadline) = self.hold_deadline(&listener, since, now) {
+                // A TLS client cannot be told anything, nor wait unheard.
+                let tls = unstarted.negotiation.is_some();
+                if failed.is_ok() && !tls {
+                    if let Some(deadline) = self.hold_deadline(&pool, since, now) {
                         let after_failure = !round.tried_none();
                         self.hold(unstarted, deadline, false, after_failure, now);
                         return;
@@ -353,6 +369,7 @@ impl Worker {
                         tracing::warn!(
                             worker = self.index,
                             listener = listener.label(),
+                            pool = pool.name(),
                             client = %client_addr,
                             reason = %reason,
                             similar_closes_held_back = held_back,
@@ -368,18 +385,30 @@ impl Worker {
                         "relay closed"
                     );
                 }
-                if let Some(why) = farewell::TurnAway::of_close(reason) {
-                    let Unstarted {
-                        accepted,
-                        ahead,
-                        ahead_header,
-                        ..
-                    } = unstarted;
-                    let preread = ahead
-                        .get(usize::from(ahead_header)..)
-                        .unwrap_or_default()
-                        .to_vec();
-                    self.turn_away(accepted.client, client_addr, &listener, preread, why, now);
+                let Unstarted {
+                    accepted,
+                    ahead,
+                    ahead_header,
+                    ..
+                } = unstarted;
+                match farewell::TurnAway::of_close(reason).filter(|_| !tls) {
+                    Some(why) => {
+                        let preread = ahead
+                            .get(usize::from(ahead_header)..)
+                            .unwrap_or_default()
+                            .to_vec();
+                        self.turn_away(
+                            accepted.client,
+                            client_addr,
+                            &listener,
+                            Some(&*pool),
+                            preread,
+                            why,
+                            now,
+                        );
+                    }
+                    None if tls => farewell::let_go(accepted.client, true),
+                    None => {}
                 }
                 return;
             }
@@ -401,16 +430,19 @@ impl Worker {
             ahead,
             ahead_header,
             since,
+            negotiation,
         } = client;
         // A PostgreSQL client whose connects all fail is still answered:
         // keep what it sent until a server takes it.
         let first_bytes = ahead.get(usize::from(ahead_header)..).unwrap_or_default();
         let first_bytes = (accepted.listener.config.protocol == Protocol::Postgres
+            && negotiation.is_none()
             && !first_bytes.is_empty())
         .then(|| first_bytes.to_vec());
         let mut relay = Relay::new(accepted, upstream, round, now);
         relay.core.accepted_at(since);
         relay.ahead_header = ahead_header;
+        relay.negotiation = negotiation;
         if let Some(bytes) = first_bytes {
             relay.keep_first_bytes(bytes);
         }

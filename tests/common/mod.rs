@@ -12,11 +12,12 @@ mod data;
 mod files;
 mod io;
 mod peers;
+mod tls;
 mod wait;
 
 // Every test binary uses a different subset (as with `dead_code` above).
 #[allow(unused_imports)]
-pub use self::{child::*, data::*, files::*, io::*, peers::*, wait::*};
+pub use self::{child::*, data::*, files::*, io::*, peers::*, tls::*, wait::*};
 
 use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};
