@@ -277,6 +277,22 @@ fn direct_tls_written_a_byte_at_a_time_is_routed(mode: Mode) {
     round_trip(&mut c, b"more", T);
 }
 
+/// A server that answers a direct hello in plain text (a PostgreSQL 16 or
+/// older server reading it as a broken startup packet) gets the client
+/// reset, and nothing of its answer reaches the client.
+fn a_server_answering_a_direct_hello_without_tls_gets_the_client_reset(mode: Mode) {
+    let (h, a, _w) = sni_routed(mode, Script::Plain);
+    let hello = client_hello(Some("a.db.example"), &["postgresql"], 0);
+    let mut c = connect(h.local_addr());
+    c.write_all(&hello).unwrap();
+    let (bytes, ending) = read_until_closed(&mut c, T);
+    assert_eq!((bytes.len(), ending), (0, Ending::Reset));
+    assert_eq!(a.server.accepted(), 1, "the server was asked");
+    wait_stats(&h, T, "closed as upstream-reset", |s| {
+        s.closed(spliced::CloseReason::UpstreamReset) == 1
+    });
+}
+
 fn a_hello_larger_than_a_packet_is_read_whole(mode: Mode) {
     let (h, _a, w) = sni_routed(mode, Script::TlsReply);
     let hello = client_hello(Some("big.db.example"), &["postgresql"], 3000);
@@ -388,6 +404,7 @@ both_engines!(
     classic_tls_is_routed_by_server_name,
     a_server_answering_n_gets_the_tls_client_reset,
     direct_tls_written_a_byte_at_a_time_is_routed,
+    a_server_answering_a_direct_hello_without_tls_gets_the_client_reset,
     a_hello_larger_than_a_packet_is_read_whole,
     a_broken_or_truncated_hello_is_reset_and_nothing_forwarded,
     a_gssenc_request_hears_n_and_the_startup_is_routed,
@@ -503,3 +520,30 @@ fn a_held_client_waits_for_its_routes_pool(mode: Mode) {
 }
 
 both_engines!(a_held_client_waits_for_its_routes_pool);
+
+/// `/metrics` counts each route's clients, labelled by its position, what
+/// it matches and its pool, and the clients no route took.
+#[cfg(feature = "admin")]
+#[test]
+fn metrics_count_clients_per_route_and_unmatched() {
+    let a = Fake::new(b'a', Script::Plain);
+    let text = "admin = \"127.0.0.1:0\"\n".to_string()
+        + &pools(&[("olap", a.addr())])
+        + &listener("pg", "postgres", &route("database", "analytics", "olap"));
+    let h = start_text(Mode::Splice, &text);
+    let routed = startup_message(&[("user", "eve"), ("database", "analytics")]);
+    expect_routed(h.local_addr(), &routed, b'a');
+    expect_routed(h.local_addr(), &routed, b'a');
+    let mut c = connect(h.local_addr());
+    c.write_all(&startup_message(&[("user", "eve")])).unwrap();
+    expect_closed(&mut c, T);
+    wait_stats(&h, T, "the unmatched client", |s| s.refused_no_route == 1);
+    let mut s = connect(h.admin_addr().expect("an admin endpoint"));
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n")
+        .unwrap();
+    let body = String::from_utf8(read_to_eof(&mut s, T).unwrap()).unwrap();
+    let line = "spliced_route_clients_total{listener=\"pg\",route=\"1\",match=\"database=analytics\",pool=\"olap\"} 2";
+    assert!(body.contains(line), "{body}");
+    let refused = "spliced_connections_refused_total{listener=\"pg\",limit=\"no-route\"} 1";
+    assert!(body.contains(refused), "{body}");
+}

@@ -41,7 +41,11 @@ use crate::route::startup::{Opening, Step, TlsStyle};
 use crate::route::Shown;
 use crate::stats::CounterBlock;
 use crate::token;
-use crate::upstream::{self, Connect, Pool};
+use crate::upstream::Pool;
+
+mod cancel;
+
+use cancel::CancelSend;
 
 /// The most bytes read from a client before its relay starts.
 const PREFACE_MAX: usize = 4096;
@@ -85,14 +89,6 @@ struct Pending {
     accepted_at: Instant,
     /// A listener with routes: the opening read so far.
     opening: Option<Opening>,
-}
-
-/// A CancelRequest on its way to one server.
-struct CancelSend {
-    stream: TcpStream,
-    server: SocketAddr,
-    packet: [u8; CANCEL_LEN],
-    deadline: Instant,
 }
 
 enum Entry {
@@ -441,24 +437,7 @@ impl Worker {
                     Decision::Answer(_) => {}
                 }
             }
-            Some(Entry::Cancel(c)) => {
-                // Readiness is not known here: confirm with getpeername.
-                let outcome = upstream::connect_result(&c.stream, false);
-                match outcome {
-                    Connect::Pending => {}
-                    Connect::Established => {
-                        // Sixteen bytes into an empty send buffer.
-                        if let Err(e) = c.stream.write_all(&c.packet) {
-                            tracing::debug!(upstream = %c.server, error = %e, "cancel request not sent");
-                        }
-                        self.prefaces.entries.remove(key);
-                    }
-                    Connect::Lost(e) | Connect::Failed(e) => {
-                        tracing::debug!(upstream = %c.server, error = %e, "cancel request not sent: connect failed");
-                        self.prefaces.entries.remove(key);
-                    }
-                }
-            }
+            Some(Entry::Cancel(_)) => self.on_cancel_event(key),
             None => {}
         }
     }
@@ -603,67 +582,6 @@ impl Worker {
     ) {
         let counter = &listener.counters(self.index).refused_proxy_header;
         self.reset_refused(client, addr, listener, counter, why, now);
-    }
-
-    /// Sends a CancelRequest to every server of the client's pool and
-    /// closes the client, as PostgreSQL itself does after one.
-    fn fan_out_cancel(&mut self, key: usize, packet: [u8; CANCEL_LEN], now: Instant) {
-        let p = self.take_pending(key);
-        let listener = Arc::clone(&p.listener);
-        CounterBlock::add(&listener.counters(self.index).pg_cancel_requests, 1);
-        let deadline = now
-            + listener
-                .config
-                .timeouts
-                .connect
-                .unwrap_or(listener.config.first_packet_timeout);
-        let mut servers: Vec<SocketAddr> = listener
-            .pools
-            .iter()
-            .flat_map(|p| {
-                p.members()
-                    .servers
-                    .iter()
-                    .map(|s| s.addr)
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        servers.sort();
-        servers.dedup();
-        let mut sent = 0;
-        for addr in servers {
-            let mut stream = match TcpStream::connect(addr) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(upstream = %addr, error = %e, "cancel request not sent: connect failed");
-                    continue;
-                }
-            };
-            let entry = self.prefaces.entries.vacant_entry();
-            if self
-                .poll
-                .registry()
-                .register(&mut stream, token::preface(entry.key()), Interest::WRITABLE)
-                .is_err()
-            {
-                continue;
-            }
-            entry.insert(Entry::Cancel(CancelSend {
-                stream,
-                server: addr,
-                packet,
-                deadline,
-            }));
-            sent += 1;
-        }
-        self.prefaces.wake_by(deadline);
-        tracing::info!(
-            worker = self.index,
-            listener = listener.label(),
-            client = %p.client_addr,
-            servers = sent,
-            "postgres cancel request sent to every server of the listener's pools"
-        );
     }
 }
 
