@@ -376,6 +376,8 @@ fn a_cancel_request_reaches_every_pool(mode: Mode) {
     assert_eq!(h.stats().refused_no_route, 0);
 }
 
+/// A reload that changes a route, then one that changes the servers of a
+/// named pool: new clients follow each; a relay from before runs on.
 fn a_reload_changes_the_routes_for_new_clients(mode: Mode) {
     let (a, b) = (
         Fake::new(b'a', Script::Plain),
@@ -395,6 +397,16 @@ fn a_reload_changes_the_routes_for_new_clients(mode: Mode) {
     let report = h.reloader().reload(next).expect("reload");
     assert_eq!(report.changed, vec!["pg".to_string()]);
     expect_routed(h.local_addr(), &startup, b'b');
+    // The same routes, the named pool's servers changed.
+    let c = Fake::new(b'c', Script::Plain);
+    let moved = pools(&[("a", a.addr()), ("b", c.addr())])
+        + &listener("pg", "postgres", &route("user", "bob", "b"));
+    let mut next = parse_str(&moved, &FlagDefaults::default()).unwrap().config;
+    next.workers = 1;
+    next.listeners[0].mode = mode;
+    let report = h.reloader().reload(next).expect("reload");
+    assert_eq!(report.changed, vec!["pg".to_string()]);
+    expect_routed(h.local_addr(), &startup, b'c');
     round_trip(&mut before, b"the relay from before runs on", T);
 }
 
