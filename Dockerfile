@@ -26,12 +26,14 @@ ENV SPLICED_CONFIG=/etc/spliced/spliced.toml \
     SPLICED_ADMIN_PORT=9090 \
     RUST_LOG=info
 USER 10001:10001
-# The admin endpoint's /healthz answers 200 while the proxy serves (503
-# while it drains). The default config (examples/mysql.toml) enables the
-# admin endpoint on 0.0.0.0:9090; a config of your own must too.
-# scripts/artifacts.sh runs this command against that config.
+# A liveness check: the admin endpoint's /livez answers 200 while the
+# process serves, draining or not (/healthz turns 503 at SIGTERM, so a
+# restart policy acting on it would kill a draining proxy). The default
+# config (examples/mysql.toml) enables the admin endpoint on 0.0.0.0:9090;
+# a config of your own must too. scripts/artifacts.sh runs this command
+# against that config.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-  CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/${SPLICED_ADMIN_PORT} && printf 'GET /healthz HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n' >&3 && head -n1 <&3 | grep -q ' 200 '"]
+  CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/${SPLICED_ADMIN_PORT} && printf 'GET /livez HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n' >&3 && head -n1 <&3 | grep -q ' 200 '"]
 # SIGTERM drains (live relays finish within drain-timeout); give
 # `docker stop -t 40` or more for long relays.
 STOPSIGNAL SIGTERM

@@ -4,7 +4,8 @@
 #
 #   1. spliced starts with exactly the image's default config (the file the
 #      Dockerfile COPYs to /etc/spliced/spliced.toml, with the Dockerfile's
-#      ENV), and the Dockerfile's HEALTHCHECK command, run as written, passes.
+#      ENV), and the Dockerfile's HEALTHCHECK command, run as written, passes
+#      and asks /livez (a liveness check).
 #   2. spliced starts with exactly the ConfigMap's spliced.toml, started with
 #      the Deployment's args, and every probe of the Deployment (path and
 #      port parsed from deployment.yaml) answers 200; liveness asks /livez,
@@ -137,6 +138,9 @@ if start_spliced "$ADMIN_PORT" "${IMAGE_ENVS[@]}" -- "${ARGS[@]}"; then
     else
         bad "image: the HEALTHCHECK command fails"
     fi
+    # A liveness check: it must ask /livez, which stays 200 while draining.
+    [[ "${HEALTHCHECK[*]}" == *"GET /livez "* ]] && ok "image: the HEALTHCHECK asks /livez" ||
+        bad "image: the HEALTHCHECK does not ask /livez"
     stop_spliced
 else
     bad "image: spliced ${ARGS[*]} does not start with $CONFIG"

@@ -390,7 +390,7 @@ fi
     echo
     section "Bulk, request/response and connection rate" "$WORK/main.txt"
     section "Idle relays, spliced (as many of 10 000 as the fd limit of $NOFILE allows)" "$WORK/idle.txt"
-    section "Idle relays with the peers ($IDLE_RELAYS, what HAProxy's maxconn allows under that fd limit; one run on fresh processes; socat left out: one process per connection)" "$WORK/idle-peers.txt"
+    section "Idle relays with the peers (up to $IDLE_RELAYS, what HAProxy's maxconn allows under that fd limit, and no more than spliced's relay cap under it, the count in the table; one run on fresh processes; socat left out: one process per connection)" "$WORK/idle-peers.txt"
     section "rr 64 B, load and proxy on one CPU" "$WORK/onecpu.txt"
     section "spliced's pipe size" "$WORK/pipes.txt"
     section "Syscalls per relayed message and per connection (strace -c on each proxy but socat; one short run)" "$WORK/syscalls.txt"

@@ -31,7 +31,7 @@ case "$SECS" in
 esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 FUZZ_DIR="$ROOT/fuzz"
-ALL_TARGETS=(direction relay_pair config proxy_header health_reply)
+ALL_TARGETS=(direction relay_pair config proxy_header health_reply client_hello)
 read -r -a TARGETS <<<"${FUZZ_TARGETS:-${ALL_TARGETS[*]}}"
 SANITIZER="${FUZZ_SANITIZER:-none}"
 FUZZ_TARGET_DIR="${CARGO_TARGET_DIR:+$CARGO_TARGET_DIR/cargo-fuzz}"

@@ -22,6 +22,7 @@
 //! | [`health`] | active health probes (pure conversations), their non-blocking driver, rise/fall state |
 //! | [`proxy_protocol`] | PROXY protocol v1/v2: encoder, strict incremental parser, trusted sources |
 //! | `pgwire` | the PostgreSQL messages spliced speaks itself: first packets, the ErrorResponse of a refusal |
+//! | [`route`] | routing by a client's first bytes: the TLS ClientHello's server name and ALPN ([`route::hello`]) |
 //! | [`shm`] | the stats file the counters live in, and its reader |
 //! | [`ops`] | settings of the admin endpoint, stats file and progress lines |
 //! | `bench` | `spliced bench`: the self-contained benchmark (feature `cli`) |
@@ -57,7 +58,7 @@ pub mod proxy;
 pub mod proxy_protocol;
 mod relay;
 pub mod reload;
-mod route;
+pub mod route;
 pub mod runtime;
 pub mod service;
 pub mod shm;

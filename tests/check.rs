@@ -138,6 +138,12 @@ fn check_fails_for_a_password_file_the_run_as_user_cannot_read() {
 #[test]
 fn a_group_readable_password_file_is_a_warning_in_check_and_at_start() {
     let loose = secret_file("loose", 0o640);
+    let root = nix::unistd::geteuid().is_root();
+    if root {
+        // Group access is allowed only to a file root owns: give it away.
+        let nobody = Some(nix::unistd::Uid::from_raw(65534));
+        nix::unistd::chown(&loose, nobody, Some(nix::unistd::Gid::from_raw(65534))).unwrap();
+    }
     let text = with_password_file(&loose, "");
     let (code, stdout, stderr) = check("pw-loose", &text, &[]);
     assert_eq!(code, Some(0), "{stderr}");
@@ -155,7 +161,7 @@ fn a_group_readable_password_file_is_a_warning_in_check_and_at_start() {
         "listener 'one'",
         &format!("pool.health.password-file {}", loose.display()),
         "group or other access (mode 0640)",
-        "0600",
+        "u=rw (0600)",
     ] {
         assert!(lines[0].contains(needle), "{needle}: {stderr}");
     }
@@ -164,6 +170,27 @@ fn a_group_readable_password_file_is_a_warning_in_check_and_at_start() {
     let (code, _, stderr) = check("pw-tight", &with_password_file(&tight, ""), &[]);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.is_empty(), "{stderr}");
+    // A file root owns may be read by its group (a Secret under a pod's
+    // fsGroup), not by others.
+    if root {
+        let fs_group = secret_file("fsgroup", 0o440);
+        let (code, _, stderr) = check("pw-fsgroup", &with_password_file(&fs_group, ""), &[]);
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(stderr.is_empty(), "{stderr}");
+        let open = secret_file("rootopen", 0o644);
+        let (code, _, stderr) = check("pw-rootopen", &with_password_file(&open, ""), &[]);
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(
+            stderr.contains("group or other access (mode 0644)")
+                && stderr.contains("u=rw,g=r (0640) for a file root owns"),
+            "{stderr}"
+        );
+        for p in [fs_group, open] {
+            let _ = std::fs::remove_dir_all(p.parent().unwrap());
+        }
+    } else {
+        println!("not root: the root-owned cases need root to make a file root owns");
+    }
     // `run` says the same at start.
     let echo = echo_server();
     let served = text.replace("127.0.0.1:9", &echo.addr.to_string());

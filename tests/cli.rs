@@ -645,6 +645,27 @@ fn bench_output_reports_measurements_only() {
     }
 }
 
+/// Under a low fd limit the idle workload opens only the relays the proxy
+/// child can take: none waits in its listen backlog, so none fails.
+#[test]
+fn bench_idle_opens_only_what_the_proxy_fd_limit_allows() {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"ulimit -n 2000 && exec "$0" bench --quick --workloads idle --engines splice --idle-relays 1500"#)
+        .arg(bin());
+    let (status, stdout, stderr) = run_cmd(cmd, Duration::from_secs(120));
+    let status = status.expect("spliced bench did not finish in 120 s");
+    assert!(status.success(), "exit {status}:\n{stdout}\n{stderr}");
+    assert!(
+        !stdout.contains("errors"),
+        "the idle run had errors:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("allows") && stdout.contains("of the 1500 relays asked"),
+        "no note that the fd limit allows fewer relays:\n{stdout}"
+    );
+}
+
 #[test]
 fn check_as_another_user_needs_root() {
     let config =

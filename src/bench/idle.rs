@@ -37,9 +37,17 @@ pub fn fds_needed(relays: usize) -> u64 {
     2 * relays as u64 + 600
 }
 
-/// How many relays fit in the fd limit in force.
-pub fn relays_that_fit(wanted: usize, nofile: u64) -> usize {
-    wanted.min((nofile.saturating_sub(600) / 2) as usize)
+/// How many relays fit in the fd limit in force: in this process (a client
+/// and an upstream socket each) and under the relay cap the proxy child
+/// takes from the same limit with `workers` workers (its fd budget keeps
+/// room for pipes), so no relay is left waiting in the listen backlog.
+pub fn relays_that_fit(wanted: usize, nofile: u64, workers: usize) -> usize {
+    let here = (nofile.saturating_sub(600) / 2) as usize;
+    let unspecified = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut child = crate::config::Config::single(unspecified, vec![unspecified], Mode::Splice);
+    child.workers = workers.max(1);
+    let proxy = crate::runtime::fd_budget(&child, nofile).relays;
+    wanted.min(here).min(proxy)
 }
 
 enum Prober {

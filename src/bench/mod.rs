@@ -134,7 +134,7 @@ fn run_bench(args: &BenchArgs) -> Result<ExitCode, String> {
     let mut notes = Vec::new();
     if settings.workloads.contains(&Workload::Idle) {
         let nofile = measure::raise_nofile(idle::fds_needed(settings.idle_relays));
-        let fit = idle::relays_that_fit(settings.idle_relays, nofile);
+        let fit = idle::relays_that_fit(settings.idle_relays, nofile, settings.workers);
         if fit < settings.idle_relays {
             notes.push(format!(
                 "idle: the fd limit ({nofile}) allows {fit} of the {} relays asked; raise `ulimit -n` (hard) to measure them all",

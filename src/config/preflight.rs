@@ -173,10 +173,19 @@ fn password_file_line(owner: &str, key: &str, path: &str, problem: &str) -> Stri
 }
 
 /// A warning when the file has any group or other permission, as libpq
-/// gives for a `.pgpass` (which it then ignores; spliced uses it).
+/// gives for a `.pgpass` (which it then ignores; spliced uses it). A file
+/// root owns may also be read by its group, as PostgreSQL allows for its
+/// key files: that is how a Kubernetes Secret reaches a non-root process
+/// (root, the pod's `fsGroup`, mode 0440).
 fn loose_mode(path: &Path) -> Option<String> {
-    let mode = std::fs::metadata(path).ok()?.mode() & 0o7777;
-    (mode & 0o077 != 0).then(|| {
-        format!("has group or other access (mode {mode:04o}); permissions should be u=rw (0600) or less")
+    let meta = std::fs::metadata(path).ok()?;
+    let mode = meta.mode() & 0o7777;
+    let (forbidden, most) = if meta.uid() == 0 {
+        (0o037, "u=rw,g=r (0640) for a file root owns")
+    } else {
+        (0o077, "u=rw (0600)")
+    };
+    (mode & forbidden != 0).then(|| {
+        format!("has group or other access (mode {mode:04o}); permissions should be {most} or less")
     })
 }

@@ -18,6 +18,7 @@ mod decode;
 mod direction;
 mod engine;
 mod health;
+mod hello;
 mod pair;
 mod proxy;
 #[cfg(test)]
@@ -33,6 +34,9 @@ pub(crate) use self::{
 };
 pub(crate) use direction::run_direction;
 pub use health::{health_reply, health_verdict};
+pub use hello::client_hello;
+#[cfg(test)]
+pub(crate) use hello::tls_records;
 pub(crate) use pair::run_pair;
 pub use proxy::proxy_header;
 

@@ -9,12 +9,13 @@ use crate::relay::Peer;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 5] = [
+const TARGETS: [(&str, Target); 6] = [
     ("direction", direction_script),
     ("relay_pair", pair_script),
     ("config", config_text),
     ("proxy_header", proxy_header),
     ("health_reply", health_reply),
+    ("client_hello", client_hello),
 ];
 
 fn seeds(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
@@ -238,5 +239,31 @@ fn health_seeds_reach_their_verdicts() {
         .contains(&name.as_str());
         let v = health_verdict(&data);
         assert_eq!(v.is_up(), up, "{name}: {v}");
+    }
+}
+
+/// The ClientHello seeds reach the answers their names promise: real
+/// hellos (whole and re-split) are Done, the cut one Incomplete, the rest
+/// refused.
+#[test]
+fn hello_seeds_reach_their_answers() {
+    use crate::route::hello::{parse, HelloParse};
+    for (path, data) in seeds("client_hello") {
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let answer = parse(&data);
+        match name.as_str() {
+            "openssl_s_client"
+            | "openssl_split_three"
+            | "libpq18_direct"
+            | "libpq18_after_sslrequest"
+            | "libpq18_split" => {
+                assert!(matches!(answer, HelloParse::Done(_)), "{name}: {answer:?}")
+            }
+            "openssl_truncated" => assert_eq!(answer, HelloParse::Incomplete, "{name}"),
+            _ => assert!(
+                matches!(answer, HelloParse::Invalid(_)),
+                "{name}: {answer:?}"
+            ),
+        }
     }
 }

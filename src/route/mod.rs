@@ -6,13 +6,13 @@
 //! |---|---|
 //! | `mod.rs` | what a client showed ([`Shown`]), matching a route, a table's pick |
 //! | `startup.rs` | a PostgreSQL client's opening: requests, startup parameters, a TLS hello |
-//! | `hello.rs` | the TLS ClientHello parser (server name, ALPN) |
+//! | `hello.rs` | the TLS ClientHello, read without terminating TLS (server name, ALPN) |
 //!
 //! A route matches when every key it sets matches; routes are tried in
 //! order and the first that matches wins. A route without keys (the
 //! default) matches every client.
 
-pub(crate) mod hello;
+pub mod hello;
 pub(crate) mod startup;
 
 use crate::config::RouteConfig;

@@ -110,7 +110,7 @@ impl Opening {
                         ..Shown::default()
                     },
                 ),
-                HelloParse::Invalid(e) => Step::Refuse(format!("TLS ClientHello refused: {e}")),
+                HelloParse::Invalid(e) => Step::Refuse(e.to_string()),
             };
         }
         if buf.len() < 8 {
