@@ -189,3 +189,30 @@ impl Worker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_tls_goes_on_only_after_an_s() {
+        let judge = |b| Negotiation::judge(TlsStyle::Classic, b);
+        assert_eq!(judge(Some(b'S')), Verdict::Proceed);
+        for refused in [Some(b'N'), Some(b'E'), Some(0x16), None] {
+            assert!(matches!(judge(refused), Verdict::Refused(_)), "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn direct_tls_goes_on_only_after_a_tls_record() {
+        let judge = |b| Negotiation::judge(TlsStyle::Direct, b);
+        assert_eq!(judge(Some(0x16)), Verdict::Proceed);
+        assert_eq!(judge(Some(0x15)), Verdict::Proceed, "an alert is TLS too");
+        for refused in [Some(b'E'), Some(b'N'), None] {
+            let Verdict::Refused(why) = judge(refused) else {
+                panic!("{refused:?} taken for TLS")
+            };
+            assert!(why.contains("PostgreSQL 16 and older"), "{why}");
+        }
+    }
+}
