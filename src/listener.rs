@@ -13,13 +13,14 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use mio::net::TcpStream;
 use socket2::{SockRef, TcpKeepalive};
 
-use crate::config::ListenerConfig;
+use crate::config::{ListenerConfig, PoolConfig};
+use crate::route::{self, Shown};
 use crate::shm::{Block, ListenerCounters, ServerRegistry};
 use crate::stats::{CounterBlock, Stats};
 use crate::upstream::{Fleet, Pool};
@@ -38,10 +39,42 @@ impl std::fmt::Display for ListenerId {
 pub(crate) struct Listener {
     pub(crate) id: ListenerId,
     pub(crate) config: ListenerConfig,
-    pub(crate) pool: Arc<Pool>,
+    /// Every pool its clients may go to: its own alone, or with routes
+    /// each named pool they lead to once (in `config.route_pools` order).
+    pub(crate) pools: Vec<Arc<Pool>>,
+    /// Per route of `config.routes`: the index of its pool in `pools`
+    /// and its count of routed clients.
+    routes: Vec<Route>,
+    fleet: Arc<Fleet>,
     /// Limits and counters, shared with the listener's successors after a
     /// reload, so old and new relays count under one max-conns.
     state: Arc<State>,
+}
+
+/// A route as a running listener keeps it.
+#[derive(Debug)]
+struct Route {
+    pool: usize,
+    clients: Arc<AtomicU64>,
+}
+
+/// One route's count of clients it took, as the metrics show it.
+#[cfg_attr(not(feature = "admin"), allow(dead_code))]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct RouteSample {
+    /// Its position, from 1.
+    pub(crate) position: usize,
+    /// What it matches (`server-name=a.db`, `default`).
+    pub(crate) matches: String,
+    pub(crate) pool: String,
+    pub(crate) clients: u64,
+}
+
+/// The route a client took: its position (from 1) and its pool.
+#[derive(Clone, Debug)]
+pub(crate) struct Routed {
+    pub(crate) position: usize,
+    pub(crate) pool: Arc<Pool>,
 }
 
 #[derive(Debug)]
@@ -58,6 +91,9 @@ struct State {
     /// Where its servers count, so a server kept across a reload keeps
     /// its counters.
     servers: Arc<ServerRegistry>,
+    /// Clients each route took, by the route's position and what it
+    /// matches, kept across reloads for a route that stays.
+    routed: Mutex<HashMap<(usize, String), Arc<AtomicU64>>>,
 }
 
 /// The name a listener's counters go by in the stats file and metrics.
@@ -83,23 +119,59 @@ impl Listener {
         counters: ListenerCounters,
         fleet: &Arc<Fleet>,
     ) -> Listener {
-        let pool = Pool::new(
-            &config.name,
-            &config.pool,
-            Arc::clone(&counters.servers),
-            fleet,
-        );
+        let state = Arc::new(State {
+            live: AtomicUsize::new(0),
+            sources: Mutex::new(HashMap::new()),
+            queued: AtomicUsize::new(0),
+            counters: counters.blocks,
+            servers: counters.servers,
+            routed: Mutex::new(HashMap::new()),
+        });
+        Listener::with_state(id, config, state, fleet)
+    }
+
+    /// The listener's pools and routes for `config`, counting under `state`.
+    fn with_state(
+        id: ListenerId,
+        config: ListenerConfig,
+        state: Arc<State>,
+        fleet: &Arc<Fleet>,
+    ) -> Listener {
+        let make = |name: Option<&str>, pool: &PoolConfig| {
+            Pool::new(&config.name, name, pool, Arc::clone(&state.servers), fleet)
+        };
+        let (pools, routes) = if config.routes.is_empty() {
+            (vec![make(None, &config.pool)], Vec::new())
+        } else {
+            let pools: Vec<Arc<Pool>> = config
+                .route_pools
+                .iter()
+                .map(|p| make(Some(&p.name), &p.config))
+                .collect();
+            let mut routed = state.routed.lock().unwrap_or_else(|p| p.into_inner());
+            let routes = config
+                .routes
+                .iter()
+                .enumerate()
+                .map(|(i, r)| Route {
+                    // Validation makes every route's pool one of route_pools.
+                    pool: config
+                        .route_pools
+                        .iter()
+                        .position(|p| p.name == r.pool)
+                        .unwrap_or(0),
+                    clients: Arc::clone(routed.entry((i + 1, r.describe())).or_default()),
+                })
+                .collect();
+            (pools, routes)
+        };
         Listener {
             id,
             config,
-            pool,
-            state: Arc::new(State {
-                live: AtomicUsize::new(0),
-                sources: Mutex::new(HashMap::new()),
-                queued: AtomicUsize::new(0),
-                counters: counters.blocks,
-                servers: counters.servers,
-            }),
+            pools,
+            routes,
+            fleet: Arc::clone(fleet),
+            state,
         }
     }
 
@@ -115,17 +187,62 @@ impl Listener {
     /// but its own id, so the old relays' drain deadline is not the new
     /// ones'.
     pub(crate) fn heir(&self, id: ListenerId, config: ListenerConfig) -> Listener {
-        Listener {
-            id,
-            pool: Pool::new(
-                &config.name,
-                &config.pool,
-                Arc::clone(&self.state.servers),
-                self.pool.fleet(),
-            ),
-            config,
-            state: Arc::clone(&self.state),
+        Listener::with_state(id, config, Arc::clone(&self.state), self.fleet())
+    }
+
+    /// The fleet its pools' servers belong to.
+    pub(crate) fn fleet(&self) -> &Arc<Fleet> {
+        &self.fleet
+    }
+
+    /// Its own pool, when it has no routes: where every client goes.
+    pub(crate) fn own_pool(&self) -> Option<&Arc<Pool>> {
+        self.routes.is_empty().then(|| self.pools.first()).flatten()
+    }
+
+    /// Whether clients are routed (and must be read first to be).
+    pub(crate) fn has_routes(&self) -> bool {
+        !self.routes.is_empty()
+    }
+
+    /// The route that takes a client that showed `shown`, counted; `None`
+    /// when none does (no default route).
+    pub(crate) fn route(&self, shown: &Shown) -> Option<Routed> {
+        let i = route::pick(&self.config.routes, shown)?;
+        let r = &self.routes[i];
+        r.clients.fetch_add(1, Ordering::Relaxed);
+        Some(Routed {
+            position: i + 1,
+            pool: Arc::clone(&self.pools[r.pool]),
+        })
+    }
+
+    /// The pool of this listener that stands for `pool` of an earlier
+    /// listener of the same name: its own pool, or the named pool of the
+    /// same name.
+    pub(crate) fn counterpart(&self, pool: &Pool) -> Option<&Arc<Pool>> {
+        match (self.own_pool(), pool.name()) {
+            (Some(own), None) => Some(own),
+            (None, Some(name)) => self.pools.iter().find(|p| p.name() == Some(name)),
+            _ => None,
         }
+    }
+
+    /// Every route's count of clients.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
+    pub(crate) fn route_samples(&self) -> Vec<RouteSample> {
+        self.config
+            .routes
+            .iter()
+            .zip(&self.routes)
+            .enumerate()
+            .map(|(i, (r, slot))| RouteSample {
+                position: i + 1,
+                matches: r.describe(),
+                pool: r.pool.clone(),
+                clients: slot.clients.load(Ordering::Relaxed),
+            })
+            .collect()
     }
 
     /// The block worker `worker` writes this listener's counters to.

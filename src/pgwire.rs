@@ -14,6 +14,8 @@ pub(crate) const CANCEL_REQUEST_LEN: usize = 16;
 pub(crate) const CANCEL_REQUEST_CODE: u32 = 80_877_102;
 /// An SSLRequest's request code (the packet is 8 bytes).
 pub(crate) const SSL_REQUEST_CODE: u32 = 80_877_103;
+/// An SSLRequest as a client sends it, whole.
+pub(crate) const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 /// A GSSENCRequest's request code (the packet is 8 bytes).
 pub(crate) const GSSENC_REQUEST_CODE: u32 = 80_877_104;
 /// PostgreSQL's own bound on a startup packet (`MAX_STARTUP_PACKET_LENGTH`).

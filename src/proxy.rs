@@ -114,7 +114,12 @@ fn spawn_empty(
         .chain(&config.listeners)
         .map(listener::name_of)
         .collect();
-    let server_entries = config.listeners.iter().map(|l| l.pool.servers.len()).sum();
+    let server_entries = config
+        .listeners
+        .iter()
+        .flat_map(|l| l.pools())
+        .map(|(_, p)| p.servers.len())
+        .sum();
     let arena = Arena::create(config.workers, &names, &config.ops, server_entries)?;
     arena.keep_for_later(1);
     let fleet = Fleet::new();
@@ -150,10 +155,12 @@ fn start_admin(
         return Ok(None);
     };
     let listeners = Arc::clone(&runtime.listeners);
+    let routed = Arc::clone(&runtime.listeners);
     let admin = crate::admin::Admin::start(
         addr,
         Arc::clone(&runtime.arena),
         Arc::new(move || Runtime::server_samples(&listeners)),
+        Arc::new(move || Runtime::route_samples(&routed)),
         Arc::clone(&runtime.stopping),
     )
     .map_err(|e| StartError::Io(format!("serve the admin endpoint on {addr}"), e))?;

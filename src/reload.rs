@@ -233,13 +233,14 @@ fn same_family_and_port(asked: SocketAddr, bound: SocketAddr) -> bool {
 /// Validates a config as given and reads the secret files it names: the
 /// first step of a start and of a reload alike.
 pub(crate) fn prepare(config: &mut Config) -> Result<(), StartError> {
+    config.link_pools().map_err(StartError::Config)?;
     config.validate().map_err(StartError::Config)?;
     #[cfg(not(feature = "postgres-checks"))]
-    if let Some(l) = config
-        .listeners
-        .iter()
-        .find(|l| l.pool.health.check == Some(crate::config::Check::Postgres))
-    {
+    if let Some(l) = config.listeners.iter().find(|l| {
+        l.pools()
+            .iter()
+            .any(|(_, p)| p.health.check == Some(crate::config::Check::Postgres))
+    }) {
         return Err(StartError::Config(crate::config::ConfigError(format!(
             "listener '{}': {}",
             l.name,
@@ -379,10 +380,18 @@ impl State {
         listeners: &[Arc<Listener>],
         inherited: &mut Inherited,
     ) -> Result<(Option<Refresher>, worker::Bound), StartError> {
-        let targets = listeners.iter().map(|l| resolve::Target {
-            listener: l.config.name.clone(),
-            config: l.config.pool.clone(),
-            pool: Arc::clone(&l.pool),
+        // Every pool of every listener: its own, or those its routes lead to.
+        let targets = listeners.iter().flat_map(|l| {
+            l.config
+                .pools()
+                .into_iter()
+                .zip(&l.pools)
+                .map(|((_, config), pool)| resolve::Target {
+                    listener: l.config.name.clone(),
+                    config: config.clone(),
+                    pool: Arc::clone(pool),
+                })
+                .collect::<Vec<_>>()
         });
         let refresher = resolve::start(targets, Arc::clone(&self.resolver))
             .map_err(|e| StartError::Io("start the resolver thread".into(), e))?;
@@ -397,7 +406,18 @@ impl State {
         all_bound.extend(&bound.local_addrs);
         let upstreams: Vec<Vec<SocketAddr>> = listeners
             .iter()
-            .map(|l| l.pool.members().servers.iter().map(|s| s.addr).collect())
+            .map(|l| {
+                l.pools
+                    .iter()
+                    .flat_map(|p| {
+                        p.members()
+                            .servers
+                            .iter()
+                            .map(|s| s.addr)
+                            .collect::<Vec<_>>()
+                    })
+                    .collect()
+            })
             .collect();
         loops::refuse_loops(effective, &upstreams, &all_bound)?;
         Ok((refresher, bound))
@@ -408,12 +428,16 @@ impl State {
     fn supersede(&self, plan: &Plan, effective: &Config, draining: &[Arc<Listener>]) {
         for (i, fate) in plan.fates.iter().enumerate() {
             if let Fate::Changed(j) = *fate {
-                self.active[j].listener.pool.supersede();
+                self.active[j]
+                    .listener
+                    .pools
+                    .iter()
+                    .for_each(|p| p.supersede());
             }
             if *fate == Fate::New {
                 let name = &effective.listeners[i].name;
                 for d in draining.iter().filter(|d| &d.config.name == name) {
-                    d.pool.supersede();
+                    d.pools.iter().for_each(|p| p.supersede());
                 }
             }
         }
@@ -507,10 +531,20 @@ impl State {
 fn log_listening(effective: &Config, bound: &worker::Bound) {
     for &(i, addr) in &bound.local_addrs {
         let l = &effective.listeners[i];
-        let servers: Vec<&str> = l.pool.servers.iter().map(|s| s.address.as_str()).collect();
+        let servers: Vec<&str> = l
+            .pools()
+            .into_iter()
+            .flat_map(|(_, p)| p.servers.iter().map(|s| s.address.as_str()))
+            .collect();
+        let routes: Vec<String> = l
+            .routes
+            .iter()
+            .map(|r| format!("{} -> {}", r.describe(), r.pool))
+            .collect();
         tracing::info!(
             listener = %l.name,
             upstreams = ?servers,
+            routes = (!routes.is_empty()).then(|| tracing::field::debug(&routes)),
             mode = %l.mode,
             workers = effective.workers,
             pipe_size = effective.pipe_size,

@@ -344,10 +344,32 @@ impl Runtime {
             .iter()
             .flat_map(|l| {
                 let name = l.config.name.clone();
-                l.pool
-                    .samples()
+                // A server two of its pools share is shown once.
+                let mut samples: Vec<crate::upstream::ServerSample> =
+                    l.pools.iter().flat_map(|p| p.samples()).collect();
+                let mut seen = std::collections::HashSet::new();
+                samples.retain(|s| seen.insert(s.addr));
+                samples
                     .into_iter()
                     .map(move |s| (name.clone(), s))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Every route of every current listener, for the metrics.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
+    pub(crate) fn route_samples(
+        listeners: &Mutex<ListenerSet>,
+    ) -> Vec<(String, crate::listener::RouteSample)> {
+        let set = listeners.lock().unwrap_or_else(|p| p.into_inner());
+        set.current
+            .iter()
+            .flat_map(|l| {
+                let name = l.config.name.clone();
+                l.route_samples()
+                    .into_iter()
+                    .map(move |r| (name.clone(), r))
                     .collect::<Vec<_>>()
             })
             .collect()

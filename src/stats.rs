@@ -248,6 +248,10 @@ counter_table! {
         /// listener held max-queued clients already (closed as no-server).
         refused_max_queued: Counter per Listener => ["spliced_connections_refused"
             {limit = "max-queued"}],
+        /// Clients of a listener with routes that no route took (no
+        /// default route): reset, no upstream contacted.
+        refused_no_route: Counter per Listener => ["spliced_connections_refused"
+            {limit = "no-route"}],
         /// Holds that ended (connected, timed out, gave up, refused at a
         /// drain or a reload).
         held_waits: Counter per Listener => [],

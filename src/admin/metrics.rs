@@ -60,6 +60,7 @@ impl Family {
 struct Spliced {
     arena: Arc<Arena>,
     servers: super::ServerSamples,
+    routes: super::RouteSamples,
 }
 
 impl std::fmt::Debug for Spliced {
@@ -70,7 +71,8 @@ impl std::fmt::Debug for Spliced {
 
 impl Collector for Spliced {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), Error> {
-        encode(&self.arena.snapshot(), &(self.servers)(), &mut encoder)
+        let snap = self.arena.snapshot();
+        encode(&snap, &(self.servers)(), &(self.routes)(), &mut encoder)
     }
 }
 
@@ -78,6 +80,7 @@ impl Collector for Spliced {
 fn encode(
     snap: &Snapshot,
     samples: &[(String, crate::upstream::ServerSample)],
+    routes: &[(String, crate::listener::RouteSample)],
     encoder: &mut DescriptorEncoder,
 ) -> Result<(), Error> {
     let listeners: Vec<(Labels, crate::stats::Stats)> = snap
@@ -109,6 +112,9 @@ fn encode(
     }
     for f in server_families(samples) {
         f.encode(encoder)?;
+    }
+    if !routes.is_empty() {
+        route_family(routes).encode(encoder)?;
     }
     for f in table_families(&SERVER_COUNTERS, Scope::Server, &servers) {
         f.encode(encoder)?;
@@ -286,6 +292,21 @@ fn server_families(servers: &[(String, crate::upstream::ServerSample)]) -> Vec<F
     vec![up, state, role, checked, active, backup, lag]
 }
 
+/// Per route of each listener with routes: the clients it took.
+fn route_family(routes: &[(String, crate::listener::RouteSample)]) -> Family {
+    let mut clients = family(
+        "spliced_route_clients",
+        "Clients a listener's route took, by its position (from 1), what it matches and its pool (a route a reload keeps counts on).",
+        MetricType::Counter,
+    );
+    for (name, r) in routes {
+        let at = with(listener(name), "route", &r.position.to_string());
+        let at = with(with(at, "match", &r.matches), "pool", &r.pool);
+        clients.values.push((at, r.clients));
+    }
+    clients
+}
+
 fn listener(name: &str) -> Labels {
     vec![("listener", name.to_string())]
 }
@@ -329,9 +350,17 @@ fn instance_families(snap: &Snapshot) -> Vec<Family> {
 }
 
 /// The registry `/metrics` encodes: one collector over the arena.
-pub(crate) fn registry(arena: Arc<Arena>, servers: super::ServerSamples) -> Registry {
+pub(crate) fn registry(
+    arena: Arc<Arena>,
+    servers: super::ServerSamples,
+    routes: super::RouteSamples,
+) -> Registry {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(Spliced { arena, servers }));
+    registry.register_collector(Box::new(Spliced {
+        arena,
+        servers,
+        routes,
+    }));
     registry
 }
 

@@ -30,6 +30,10 @@ use crate::shm::Arena;
 pub(crate) type ServerSamples =
     Arc<dyn Fn() -> Vec<(String, crate::upstream::ServerSample)> + Send + Sync>;
 
+/// Reads every route's count of clients at scrape time: (listener, route).
+pub(crate) type RouteSamples =
+    Arc<dyn Fn() -> Vec<(String, crate::listener::RouteSample)> + Send + Sync>;
+
 /// A running admin endpoint; dropping it stops the thread.
 pub(crate) struct Admin {
     addr: SocketAddr,
@@ -44,6 +48,7 @@ impl Admin {
         addr: SocketAddr,
         arena: Arc<Arena>,
         servers: ServerSamples,
+        routes: RouteSamples,
         draining: Arc<AtomicBool>,
     ) -> std::io::Result<Admin> {
         let mut listener = bind(addr)?;
@@ -58,7 +63,7 @@ impl Admin {
             .name("spliced-admin".into())
             .spawn(move || {
                 let samples = Arc::clone(&servers);
-                let registry = metrics::registry(arena, servers);
+                let registry = metrics::registry(arena, servers, routes);
                 let answer = |head: &Head<'_>| answer(head, &registry, &samples, &draining);
                 server::Server::new(poll, listener, answer, stopping).run();
             })?;

@@ -12,6 +12,8 @@ struct File {
     #[serde(skip_serializing_if = "Option::is_none")]
     admin: Option<String>,
     global: Global,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pool: Vec<Pool>,
     listener: Vec<Listener>,
 }
 
@@ -56,7 +58,26 @@ struct Listener {
     #[serde(skip_serializing_if = "Option::is_none")]
     keepalive: Option<KeepaliveOut>,
     user_timeout: String,
-    pool: Pool,
+    /// Absent when the listener routes to named pools.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pool: Option<Pool>,
+    /// The route table, in the order routes are tried.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    route: Vec<Route>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct Route {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    alpn: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    database: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<String>,
+    pool: String,
 }
 
 #[derive(Serialize)]
@@ -75,6 +96,9 @@ struct KeepaliveOut {
 #[derive(Serialize)]
 #[serde(rename_all = "kebab-case")]
 struct Pool {
+    /// A named pool's (`[[pool]]`); a listener's own has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
     balance: &'static str,
     retries: usize,
     on_down: &'static str,
@@ -126,9 +150,47 @@ fn nets(list: &[ipnet::IpNet]) -> Vec<String> {
     list.iter().map(ToString::to_string).collect()
 }
 
-fn listener(l: &ListenerConfig) -> Listener {
-    let h = &l.pool.health;
+fn pool(name: Option<&str>, p: &PoolConfig) -> Pool {
+    let h = &p.health;
     let active = h.check.is_some();
+    Pool {
+        name: name.map(str::to_string),
+        balance: p.balance.as_str(),
+        retries: p.retries.unwrap_or(p.servers.len().saturating_sub(1)),
+        on_down: p.on_down.as_str(),
+        resolve_interval: format_duration(p.resolve_interval),
+        send_proxy: p.send_proxy.as_str(),
+        queue_timeout: format_duration(p.queue_timeout),
+        servers: p
+            .servers
+            .iter()
+            .map(|s| Server {
+                address: s.address.clone(),
+                weight: s.weight,
+                backup: s.backup,
+                check_port: s.check_port,
+            })
+            .collect(),
+        // Without an active check only `fall` and `interval` (the
+        // first retry of a down server) mean anything.
+        health: Health {
+            check: h.check.map(Check::as_str),
+            interval: format_duration(Some(h.interval)),
+            timeout: active.then(|| format_duration(Some(h.timeout))),
+            rise: active.then_some(h.rise),
+            fall: h.fall,
+            role: active.then(|| h.role.as_str()),
+            user: h.user.clone(),
+            password_file: h.password_file.clone(),
+            database: h.database.clone(),
+            port: h.port,
+            path: h.path.clone(),
+            max_lag: h.max_lag.map(|n| format_size(n as usize)),
+        },
+    }
+}
+
+fn listener(l: &ListenerConfig) -> Listener {
     Listener {
         name: l.name.clone(),
         listen: l.listen.iter().map(ToString::to_string).collect(),
@@ -154,44 +216,18 @@ fn listener(l: &ListenerConfig) -> Listener {
             count: k.count,
         }),
         user_timeout: format_duration(l.user_timeout),
-        pool: Pool {
-            balance: l.pool.balance.as_str(),
-            retries: l
-                .pool
-                .retries
-                .unwrap_or(l.pool.servers.len().saturating_sub(1)),
-            on_down: l.pool.on_down.as_str(),
-            resolve_interval: format_duration(l.pool.resolve_interval),
-            send_proxy: l.pool.send_proxy.as_str(),
-            queue_timeout: format_duration(l.pool.queue_timeout),
-            servers: l
-                .pool
-                .servers
-                .iter()
-                .map(|s| Server {
-                    address: s.address.clone(),
-                    weight: s.weight,
-                    backup: s.backup,
-                    check_port: s.check_port,
-                })
-                .collect(),
-            // Without an active check only `fall` and `interval` (the
-            // first retry of a down server) mean anything.
-            health: Health {
-                check: h.check.map(Check::as_str),
-                interval: format_duration(Some(h.interval)),
-                timeout: active.then(|| format_duration(Some(h.timeout))),
-                rise: active.then_some(h.rise),
-                fall: h.fall,
-                role: active.then(|| h.role.as_str()),
-                user: h.user.clone(),
-                password_file: h.password_file.clone(),
-                database: h.database.clone(),
-                port: h.port,
-                path: h.path.clone(),
-                max_lag: h.max_lag.map(|n| format_size(n as usize)),
-            },
-        },
+        pool: l.routes.is_empty().then(|| pool(None, &l.pool)),
+        route: l
+            .routes
+            .iter()
+            .map(|r| Route {
+                server_name: r.server_name.clone(),
+                alpn: r.alpn.clone(),
+                database: r.database.clone(),
+                user: r.user.clone(),
+                pool: r.pool.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -208,6 +244,11 @@ pub fn effective_toml(config: &Config) -> String {
             drain_timeout: format_duration(config.drain_timeout),
             stats_group: config.ops.stats_group.as_ref().map(|g| g.name.clone()),
         },
+        pool: config
+            .pools
+            .iter()
+            .map(|p| pool(Some(&p.name), &p.config))
+            .collect(),
         listener: config.listeners.iter().map(listener).collect(),
     };
     // Serialising plain strings, numbers and tables cannot fail.

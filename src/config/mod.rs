@@ -9,6 +9,7 @@
 //! |---|---|
 //! | `mod.rs` | `Config`, `ListenerConfig`, `Timeouts`, `Mode`, validation |
 //! | `pool.rs` | pools, servers, health, access lists, keepalive |
+//! | `route.rs` | named pools, routes and the rules of a route table |
 //! | `parse.rs` | durations, sizes, addresses |
 //! | `listen.rs` | which listen addresses can be bound side by side |
 //! | `file/` | the TOML file: every error with its key and line (`values.rs` typed values, `listener.rs` the top tables and listeners, `pool.rs` pools and health) |
@@ -23,6 +24,7 @@ pub mod listen;
 mod parse;
 mod pool;
 mod preflight;
+mod route;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -35,6 +37,7 @@ pub use file::{load, parse_str, Diagnostic, FlagDefaults, Loaded};
 pub use parse::*;
 pub use pool::*;
 pub use preflight::{Preflight, RunAs};
+pub use route::{route_problems, server_name_problem, NamedPool, RouteConfig, MAX_ALPN_LEN};
 
 /// How a listener's relays move bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -113,7 +116,17 @@ pub struct ListenerConfig {
     /// Every address is bound by every worker; `:PORT` yields both the IPv4
     /// and the IPv6 wildcard, and a host name every address it resolves to.
     pub listen: Vec<SocketAddr>,
+    /// The listener's own pool (`[listener.pool]`); unused (and empty)
+    /// when it has routes.
     pub pool: PoolConfig,
+    /// Routes to named pools, tried in order (`[[listener.route]]`);
+    /// empty: every client goes to `pool`.
+    pub routes: Vec<RouteConfig>,
+    /// The named pools its routes lead to, each once, as
+    /// [`Config::link_pools`] copied them from [`Config::pools`]: a
+    /// listener carries what it runs with, so a reload that changes a
+    /// named pool changes each listener that routes to it.
+    pub route_pools: Vec<NamedPool>,
     pub mode: Mode,
     pub timeouts: Timeouts,
     /// This listener's relays at most; at the limit it stops accepting and
@@ -162,6 +175,8 @@ impl ListenerConfig {
                     .map(|a| ServerConfig::new(a.to_string()))
                     .collect(),
             ),
+            routes: Vec::new(),
+            route_pools: Vec::new(),
             mode,
             timeouts: Timeouts::default(),
             max_conns: None,
@@ -174,6 +189,27 @@ impl ListenerConfig {
             keepalive: None,
             user_timeout: None,
         }
+    }
+
+    /// Every pool the listener's clients may go to, with how messages
+    /// name it: its own (`pool`) or, with routes, each named pool once
+    /// (`pool 'NAME'`).
+    pub fn pools(&self) -> Vec<(String, &PoolConfig)> {
+        if self.routes.is_empty() {
+            return vec![("pool".to_string(), &self.pool)];
+        }
+        self.route_pools
+            .iter()
+            .map(|p| (format!("pool '{}'", p.name), &p.config))
+            .collect()
+    }
+
+    /// [`ListenerConfig::pools`], to change them (passwords read at start).
+    pub fn pools_mut(&mut self) -> Vec<&mut PoolConfig> {
+        if self.routes.is_empty() {
+            return vec![&mut self.pool];
+        }
+        self.route_pools.iter_mut().map(|p| &mut p.config).collect()
     }
 
     /// Replaces the pool's servers by these addresses.
@@ -197,6 +233,8 @@ pub const DEFAULT_COPY_BUFFER: usize = 64 * 1024;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listeners: Vec<ListenerConfig>,
+    /// Named pools (`[[pool]]`), which listeners' routes lead to.
+    pub pools: Vec<NamedPool>,
     /// Worker threads, each with its own event loop and SO_REUSEPORT listener.
     pub workers: usize,
     /// Capacity asked of pooled pipes; 0 keeps the kernel default (64 KiB).
@@ -228,6 +266,7 @@ impl Config {
     pub fn single(listen: SocketAddr, upstreams: Vec<SocketAddr>, mode: Mode) -> Self {
         Config {
             listeners: vec![ListenerConfig::new(listen, upstreams, mode)],
+            pools: Vec::new(),
             workers: default_workers(),
             pipe_size: DEFAULT_PIPE_SIZE,
             max_pipes_per_worker: 4096,
@@ -246,60 +285,36 @@ impl Config {
             return Err(ConfigError("no listener configured".into()));
         }
         let mut names = std::collections::HashSet::new();
+        let mut pool_names = std::collections::HashSet::new();
+        for p in &self.pools {
+            if !pool_names.insert(p.name.as_str()) {
+                return Err(ConfigError(format!("two pools are named '{}'", p.name)));
+            }
+            validate_pool(&format!("pool '{}'", p.name), &p.config)?;
+        }
         for l in &self.listeners {
             if !names.insert(l.name.as_str()) {
                 return Err(ConfigError(format!("two listeners are named '{}'", l.name)));
             }
-            if l.pool.servers.is_empty() {
+            if let Some((i, key, problem)) =
+                route_problems(l.protocol, &l.routes).into_iter().next()
+            {
                 return Err(ConfigError(format!(
-                    "listener '{}' has no upstream server",
-                    l.name
+                    "listener '{}': route {}: {key}: {problem}",
+                    l.name,
+                    i + 1
                 )));
             }
-            for s in &l.pool.servers {
-                s.host_port()
-                    .map_err(|e| ConfigError(format!("listener '{}': server {e}", l.name)))?;
-                if s.weight == 0 || s.weight > MAX_WEIGHT {
+            for r in &l.routes {
+                if !l.route_pools.iter().any(|p| p.name == r.pool) {
                     return Err(ConfigError(format!(
-                        "listener '{}': server {} has weight {} (1 to {MAX_WEIGHT})",
-                        l.name, s.address, s.weight
+                        "listener '{}': a route leads to pool '{}', which is not defined",
+                        l.name, r.pool
                     )));
                 }
             }
-            if l.pool.health.fall == 0 || l.pool.health.rise == 0 {
-                return Err(ConfigError(format!(
-                    "listener '{}': health rise and fall must be at least 1",
-                    l.name
-                )));
-            }
-            let h = &l.pool.health;
-            if h.check == Some(Check::Http) && h.role != Role::Any {
-                return Err(ConfigError(format!(
-                    "listener '{}': an http check takes the role from its path (e.g. path = \"/primary\")",
-                    l.name
-                )));
-            }
-            if matches!(h.check, Some(Check::Tcp | Check::Mysql)) && h.role != Role::Any {
-                return Err(ConfigError(format!(
-                    "listener '{}': a {} check cannot tell roles: use redis, postgres or http",
-                    l.name,
-                    h.check.map_or("", Check::as_str)
-                )));
-            }
-            if h.max_lag.is_some()
-                && !(matches!(h.check, Some(Check::Postgres | Check::Redis))
-                    && matches!(h.role, Role::Replica | Role::PreferReplica))
-            {
-                return Err(ConfigError(format!(
-                    "listener '{}': health max-lag applies to postgres and redis checks with role replica or prefer-replica",
-                    l.name
-                )));
-            }
-            if h.max_lag == Some(0) {
-                return Err(ConfigError(format!(
-                    "listener '{}': health max-lag must be positive",
-                    l.name
-                )));
+            for (which, pool) in l.pools() {
+                validate_pool(&format!("listener '{}': {which}", l.name), pool)?;
             }
             if l.listen.is_empty() {
                 return Err(ConfigError(format!("listener '{}' has no address", l.name)));
@@ -328,6 +343,36 @@ impl Config {
         self.validate_runtime()
     }
 
+    /// Gives every listener with routes a copy of the named pools they
+    /// lead to ([`ListenerConfig::route_pools`]), from [`Config::pools`].
+    /// A name [`Config::pools`] lacks may have been given to the listener
+    /// directly (a config built in code); otherwise it is an error.
+    pub fn link_pools(&mut self) -> Result<(), ConfigError> {
+        for l in &mut self.listeners {
+            let mut linked: Vec<NamedPool> = Vec::new();
+            for r in &l.routes {
+                if linked.iter().any(|p| p.name == r.pool) {
+                    continue;
+                }
+                let found = self
+                    .pools
+                    .iter()
+                    .chain(&l.route_pools)
+                    .find(|p| p.name == r.pool)
+                    .cloned()
+                    .ok_or_else(|| {
+                        ConfigError(format!(
+                            "listener '{}': a route leads to pool '{}', which is not defined",
+                            l.name, r.pool
+                        ))
+                    })?;
+                linked.push(found);
+            }
+            l.route_pools = linked;
+        }
+        Ok(())
+    }
+
     /// Checks the settings a runtime needs even with no listener (one
     /// that only relays handed-off pairs).
     pub fn validate_runtime(&self) -> Result<(), ConfigError> {
@@ -339,6 +384,55 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Checks one pool: servers, weights, health settings. `which` names it
+/// in the message (`listener 'pg': pool`, `pool 'tenant-a'`).
+fn validate_pool(which: &str, pool: &PoolConfig) -> Result<(), ConfigError> {
+    if pool.servers.is_empty() {
+        return Err(ConfigError(format!("{which} has no upstream server")));
+    }
+    for s in &pool.servers {
+        s.host_port()
+            .map_err(|e| ConfigError(format!("{which}: server {e}")))?;
+        if s.weight == 0 || s.weight > MAX_WEIGHT {
+            return Err(ConfigError(format!(
+                "{which}: server {} has weight {} (1 to {MAX_WEIGHT})",
+                s.address, s.weight
+            )));
+        }
+    }
+    let h = &pool.health;
+    if h.fall == 0 || h.rise == 0 {
+        return Err(ConfigError(format!(
+            "{which}: health rise and fall must be at least 1"
+        )));
+    }
+    if h.check == Some(Check::Http) && h.role != Role::Any {
+        return Err(ConfigError(format!(
+            "{which}: an http check takes the role from its path (e.g. path = \"/primary\")"
+        )));
+    }
+    if matches!(h.check, Some(Check::Tcp | Check::Mysql)) && h.role != Role::Any {
+        return Err(ConfigError(format!(
+            "{which}: a {} check cannot tell roles: use redis, postgres or http",
+            h.check.map_or("", Check::as_str)
+        )));
+    }
+    if h.max_lag.is_some()
+        && !(matches!(h.check, Some(Check::Postgres | Check::Redis))
+            && matches!(h.role, Role::Replica | Role::PreferReplica))
+    {
+        return Err(ConfigError(format!(
+            "{which}: health max-lag applies to postgres and redis checks with role replica or prefer-replica"
+        )));
+    }
+    if h.max_lag == Some(0) {
+        return Err(ConfigError(format!(
+            "{which}: health max-lag must be positive"
+        )));
+    }
+    Ok(())
 }
 
 /// Half of `pipe-user-pages-soft` in bytes; 32 MiB if it cannot be read,

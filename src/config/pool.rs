@@ -103,8 +103,12 @@ choice! {
     Protocol {
         /// Nothing: the upstream connect starts at accept.
         None = "none",
-        /// The first packet, to send a CancelRequest to every server.
+        /// The first packet, to send a CancelRequest to every server, and
+        /// with routes to route by it (startup parameters, a TLS
+        /// ClientHello after an SSLRequest or in place of one).
         Postgres = "postgres",
+        /// A TLS ClientHello, to route by its server name and ALPN.
+        Tls = "tls",
     }
 }
 

@@ -8,7 +8,7 @@ use std::net::ToSocketAddrs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use super::{Config, ConfigError, ListenerConfig, Secret};
+use super::{Config, ConfigError, Secret};
 
 /// The user `spliced run --user` switches to: the password files must be
 /// readable with these ids, since a reload reads them after the switch.
@@ -50,15 +50,30 @@ impl Config {
     /// file's first line. A file with group or other access is read, with
     /// a warning.
     pub fn load_secrets(&mut self) -> Result<(), ConfigError> {
-        for l in &mut self.listeners {
-            let Some(path) = l.pool.health.password_file.clone() else {
+        let named = self.pools.iter_mut().map(|p| {
+            let owner = format!("pool '{}'", p.name);
+            (owner, "health.password-file", &mut p.config)
+        });
+        let own = self.listeners.iter_mut().flat_map(|l| {
+            let owner = format!("listener '{}'", l.name);
+            let key = if l.routes.is_empty() {
+                "pool.health.password-file"
+            } else {
+                "route pool's health.password-file"
+            };
+            l.pools_mut()
+                .into_iter()
+                .map(move |p| (owner.clone(), key, p))
+        });
+        for (owner, key, pool) in named.chain(own).collect::<Vec<_>>() {
+            let Some(path) = pool.health.password_file.clone() else {
                 continue;
             };
-            let password = read_password(&l.name, &path).map_err(ConfigError)?;
+            let password = read_password(&owner, key, &path).map_err(ConfigError)?;
             if let Some(warning) = loose_mode(Path::new(&path)) {
-                tracing::warn!(listener = %l.name, path = %path, "{}", password_file_line(&l.name, &path, &warning));
+                tracing::warn!(owner = %owner, path = %path, "{}", password_file_line(&owner, key, &path, &warning));
             }
-            l.pool.health.password = Some(Secret(password));
+            pool.health.password = Some(Secret(password));
         }
         Ok(())
     }
@@ -73,11 +88,26 @@ impl Config {
     /// checks that.
     pub fn preflight(&self, run_as: Option<&RunAs>) -> Preflight {
         let mut out = Preflight::default();
-        for l in &self.listeners {
-            if let Some(path) = l.pool.health.password_file.as_deref() {
-                check_password_file(l, path, run_as, &mut out);
+        let named = self.pools.iter().map(|p| {
+            (
+                format!("pool '{}'", p.name),
+                "health.password-file",
+                &p.config,
+            )
+        });
+        let own = self
+            .listeners
+            .iter()
+            .filter(|l| l.routes.is_empty())
+            .map(|l| {
+                let owner = format!("listener '{}'", l.name);
+                (owner, "pool.health.password-file", &l.pool)
+            });
+        for (owner, key, pool) in named.chain(own) {
+            if let Some(path) = pool.health.password_file.as_deref() {
+                check_password_file(&owner, key, path, run_as, &mut out);
             }
-            for s in &l.pool.servers {
+            for s in &pool.servers {
                 if s.ip().is_some() {
                     continue;
                 }
@@ -90,8 +120,8 @@ impl Config {
                     Err(e) => e.to_string(),
                 };
                 out.warnings.push(format!(
-                    "listener '{}': server {} does not resolve now ({problem}); 'spliced run' starts without it and keeps trying until it resolves",
-                    l.name, s.address
+                    "{owner}: server {} does not resolve now ({problem}); 'spliced run' starts without it and keeps trying until it resolves",
+                    s.address
                 ));
             }
         }
@@ -100,14 +130,15 @@ impl Config {
 }
 
 fn check_password_file(
-    l: &ListenerConfig,
+    owner: &str,
+    key: &str,
     path: &str,
     run_as: Option<&RunAs>,
     out: &mut Preflight,
 ) {
     // As this process: what the start reads (run reads the file before
     // it switches users), and the first line must be text.
-    if let Err(e) = read_password(&l.name, path) {
+    if let Err(e) = read_password(owner, key, path) {
         out.errors.push(e);
         return;
     }
@@ -117,7 +148,8 @@ fn check_password_file(
     if let Some(u) = run_as.filter(|u| u.uid != nix::unistd::geteuid().as_raw()) {
         if let Err(e) = u.can_read(Path::new(path)) {
             out.errors.push(password_file_line(
-                &l.name,
+                owner,
+                key,
                 path,
                 &format!("cannot read it {}: {e}", u.describe()),
             ));
@@ -125,19 +157,19 @@ fn check_password_file(
     }
     if let Some(warning) = loose_mode(Path::new(path)) {
         out.warnings
-            .push(password_file_line(&l.name, path, &warning));
+            .push(password_file_line(owner, key, path, &warning));
     }
 }
 
 /// The first line of the password file, or the one-line error.
-fn read_password(listener: &str, path: &str) -> Result<String, String> {
+fn read_password(owner: &str, key: &str, path: &str) -> Result<String, String> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| password_file_line(listener, path, &format!("cannot read it: {e}")))?;
+        .map_err(|e| password_file_line(owner, key, path, &format!("cannot read it: {e}")))?;
     Ok(text.lines().next().unwrap_or("").to_string())
 }
 
-fn password_file_line(listener: &str, path: &str, problem: &str) -> String {
-    format!("listener '{listener}': pool.health.password-file {path}: {problem}")
+fn password_file_line(owner: &str, key: &str, path: &str, problem: &str) -> String {
+    format!("{owner}: {key} {path}: {problem}")
 }
 
 /// A warning when the file has any group or other permission, as libpq

@@ -34,7 +34,7 @@ use crate::error::{Op, RelayError};
 use crate::listener::{Admission, Listener};
 use crate::stats::{CloseReason, CounterBlock, ServerBlock};
 use crate::sys::shared::Placed;
-use crate::upstream::Round;
+use crate::upstream::{Pool, Round};
 use report::{RelayReport, Reporter};
 
 /// A relay's sockets, slots and the worker's pools, as [`PairIo`].
@@ -81,6 +81,14 @@ impl PairIo for RelayIo<'_> {
 pub(crate) struct Relay {
     pub(crate) id: u64,
     pub(crate) listener: Arc<Listener>,
+    /// The pool it connects through: its listener's own, or its route's.
+    pub(crate) pool: Arc<Pool>,
+    /// The route that took its client, if its listener has routes.
+    pub(crate) route: Option<Box<RouteTag>>,
+    /// What must pass between spliced and the server before bytes flow
+    /// (a TLS client's SSLRequest, a direct hello): while it is `Some`,
+    /// the relay counts as connecting.
+    pub(crate) negotiation: Option<Box<crate::worker::Negotiation>>,
     pub(crate) client: Stream,
     pub(crate) upstream: Stream,
     /// The server connected to; `None` for a handed-off pair.
@@ -149,12 +157,27 @@ pub(crate) struct Unstarted {
     pub(crate) ahead_header: u16,
     /// When the client was accepted.
     pub(crate) since: Instant,
+    /// What spliced negotiates with the server before the client's bytes
+    /// (a TLS client's); such a client is never held.
+    pub(crate) negotiation: Option<Box<crate::worker::Negotiation>>,
+}
+
+/// Which route took a client, for its relay's log lines.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct RouteTag {
+    /// The route's position in its listener's table, from 1.
+    pub(crate) position: usize,
+    /// The server name its TLS hello asked for.
+    pub(crate) server_name: Option<Box<str>>,
 }
 
 /// The accepted client of a new relay.
 pub(crate) struct Accepted {
     pub(crate) id: u64,
     pub(crate) listener: Arc<Listener>,
+    /// The pool it goes to (its listener's own, or its route's).
+    pub(crate) pool: Arc<Pool>,
+    pub(crate) route: Option<Box<RouteTag>>,
     pub(crate) client: TcpStream,
     pub(crate) client_addr: SocketAddr,
     pub(crate) admission: Admission,
@@ -172,6 +195,8 @@ impl Relay {
         let Accepted {
             id,
             listener,
+            pool,
+            route,
             client,
             client_addr,
             admission,
@@ -180,6 +205,9 @@ impl Relay {
         Relay {
             id,
             listener,
+            pool,
+            route,
+            negotiation: None,
             client: Stream::Tcp(client),
             upstream: Stream::Tcp(upstream.0),
             upstream_addr: Some(upstream.1),
@@ -226,9 +254,14 @@ impl Relay {
         core.connected(now, false);
         core.preload(Peer::Client, pair.client_preread.len());
         core.preload(Peer::Upstream, pair.upstream_preread.len());
-        let round = Round::new(&pair.listener.pool, std::net::Ipv4Addr::UNSPECIFIED.into());
+        // A handoff listener has its own pool and no routes.
+        let pool = Arc::clone(&pair.listener.pools[0]);
+        let round = Round::new(&pool, std::net::Ipv4Addr::UNSPECIFIED.into());
         Ok(Relay {
             id: pair.id,
+            pool,
+            route: None,
+            negotiation: None,
             listener: pair.listener,
             client: pair.client,
             upstream: pair.upstream,
@@ -291,6 +324,8 @@ impl Relay {
             accepted: Accepted {
                 id: self.id,
                 listener: self.listener,
+                pool: self.pool,
+                route: self.route,
                 client,
                 client_addr,
                 admission: self._admission,
@@ -298,6 +333,7 @@ impl Relay {
             ahead,
             ahead_header: self.ahead_header,
             since: self.core.activity().started,
+            negotiation: self.negotiation,
         })
     }
 
@@ -495,6 +531,8 @@ impl Relay {
             duration_ms,
             engine_c2u = %self.engine_label(Peer::Client),
             engine_u2c = %self.engine_label(Peer::Upstream),
+            route = self.route.as_ref().map(|r| r.position),
+            server_name = self.route.as_ref().and_then(|r| r.server_name.as_deref()),
             reason = %reason,
             // Recorded only when there is one: `None` adds no field.
             error = error.map(tracing::field::display),

@@ -374,7 +374,7 @@ mod membership {
         let registry = arena.listener_counters(0).servers;
         let fleet = crate::upstream::Fleet::new();
         let config = PoolConfig::new(Vec::new());
-        let old = Pool::new("db", &config, Arc::clone(&registry), &fleet);
+        let old = Pool::new("db", None, &config, Arc::clone(&registry), &fleet);
         old.set_members(members(&[1, 2]));
         let client = "192.0.2.1".parse().unwrap();
         let lease = old.pick(0, client, &[], Instant::now()).expect("a server");
@@ -389,7 +389,7 @@ mod membership {
             s.block(0).connect_attempts.fetch_add(1, Ordering::Relaxed);
         }
         // A reload: the listener's new pool keeps only the other address.
-        let new = Pool::new("db", &config, Arc::clone(&registry), &fleet);
+        let new = Pool::new("db", None, &config, Arc::clone(&registry), &fleet);
         new.set_members(members(&[other]));
         drop(old);
         let name = |p: u16| format!("127.0.0.1:{p}");

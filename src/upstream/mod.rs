@@ -222,6 +222,7 @@ mod tests {
         config.health.fall = 1;
         let pool = Pool::new(
             "test",
+            None,
             &config,
             Arc::new(ServerRegistry::new(None, 1)),
             &Fleet::new(),

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::balance::{self, Candidate};
 use super::eligible::{self, Rules, Standing, State, Want, Why};
 use super::fleet::{Fleet, Probing, Upstream};
-use crate::config::{self, Balance, OnDown, PoolConfig};
+use crate::config::{self, Balance, OnDown, PoolConfig, SendProxy};
 use crate::health::lag::{Lag, Measured};
 use crate::health::{CheckSpec, HealthParams, Kind, Reported, Role, WantRole};
 use crate::shm::{ServerCounters, ServerRegistry};
@@ -158,6 +158,12 @@ impl Members {
 pub(crate) struct Pool {
     /// The listener's name, for log lines.
     listener: String,
+    /// A named pool's name (`[[pool]]`); `None` for a listener's own.
+    name: Option<String>,
+    /// The PROXY header its servers expect.
+    pub(crate) send_proxy: SendProxy,
+    /// How long a client no server takes is held for one.
+    pub(crate) queue_timeout: Option<Duration>,
     balance: Balance,
     retries: Option<usize>,
     params: HealthParams,
@@ -183,6 +189,7 @@ pub(crate) struct Pool {
 impl Pool {
     pub(crate) fn new(
         listener: &str,
+        name: Option<&str>,
         config: &PoolConfig,
         registry: Arc<ServerRegistry>,
         fleet: &Arc<Fleet>,
@@ -209,6 +216,9 @@ impl Pool {
         };
         let pool = Arc::new(Pool {
             listener: listener.to_string(),
+            name: name.map(str::to_string),
+            send_proxy: config.send_proxy,
+            queue_timeout: config.queue_timeout,
             balance: config.balance,
             retries: config.retries,
             params: HealthParams {
@@ -232,14 +242,14 @@ impl Pool {
         pool
     }
 
-    /// The fleet its servers belong to.
+    /// A named pool's name; `None` for a listener's own.
+    pub(crate) fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
     /// The role a server must have to take relays from this pool.
     pub(crate) fn want(&self) -> Want {
         self.want
-    }
-
-    pub(crate) fn fleet(&self) -> &Arc<Fleet> {
-        &self.fleet
     }
 
     pub(crate) fn members(&self) -> Arc<Members> {
@@ -371,6 +381,7 @@ impl Pool {
                 .collect();
             tracing::warn!(
                 listener = %self.listener,
+                pool = self.name.as_deref(),
                 "more than one server claims primary: no new relays go to {}",
                 names.join(", ")
             );

@@ -128,7 +128,8 @@ impl Worker {
         };
         CounterBlock::add(counter, 1);
         let cause = farewell::TurnAway::from(refused);
-        let how = if self.turn_away(client, addr, listener, preread, cause, now) {
+        let pool = listener.own_pool().map(|p| &**p);
+        let how = if self.turn_away(client, addr, listener, pool, preread, cause, now) {
             "told why"
         } else {
             "reset"

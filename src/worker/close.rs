@@ -77,17 +77,34 @@ impl Worker {
             CounterBlock::add(&server.relays_closed, 1);
         }
         let listener = relay.listener.id;
-        let told =
-            relay.core.is_connecting() && relay.listener.config.protocol == Protocol::Postgres;
+        // A TLS client (negotiating) can hear no word of ours.
+        let told = relay.core.is_connecting()
+            && relay.negotiation.is_none()
+            && relay.listener.config.protocol == Protocol::Postgres;
         match farewell::TurnAway::of_close(reason).filter(|_| told) {
             // A PostgreSQL client no server took hears why.
             Some(why) => {
                 let runtime = Arc::clone(&relay.listener);
+                let pool = Arc::clone(&relay.pool);
                 let kept = relay.close_keeping_client(reason, error, now, &mut self.pools);
                 if let Some((mut client, client_addr, first_bytes)) = kept {
                     let _ = self.poll.registry().deregister(&mut client);
-                    self.turn_away(client, client_addr, &runtime, first_bytes, why, now);
+                    self.turn_away(
+                        client,
+                        client_addr,
+                        &runtime,
+                        Some(&*pool),
+                        first_bytes,
+                        why,
+                        now,
+                    );
                 }
+            }
+            None if relay.negotiation.is_some() => {
+                // No server took it: it is reset, not left to time out
+                // waiting for a TLS answer.
+                relay.client.reset_on_close();
+                relay.close(reason, error, now, &mut self.pools);
             }
             None => relay.close(reason, error, now, &mut self.pools),
         }

@@ -14,9 +14,10 @@ impl Worker {
         relay: u64,
         round: &mut Round,
         listener: &Listener,
+        pool: &Pool,
         now: Instant,
     ) -> io::Result<Option<(TcpStream, SocketAddr)>> {
-        let next = round.connect_next(&listener.pool, self.index, now, |server, e, more| {
+        let next = round.connect_next(pool, self.index, now, |server, e, more| {
             self.connect_failed(relay, listener, server, e, more, now);
         });
         match &next {
@@ -120,6 +121,11 @@ impl Worker {
         now: Instant,
     ) {
         let relay = &mut self.relays[key];
+        if relay.negotiation.as_ref().is_some_and(|n| n.started()) {
+            // Connected already: the events are the server's answer.
+            self.negotiate(key, now);
+            return;
+        }
         let outcome = match relay.upstream.as_tcp() {
             // Only a TCP upstream is ever connecting; a handed-off pair is not.
             None => Connect::Established,
@@ -133,7 +139,7 @@ impl Worker {
             Connect::Pending => {}
             Connect::Established => {
                 relay.forget_first_bytes();
-                relay.round.succeeded(&relay.listener.pool, now);
+                relay.round.succeeded(&relay.pool, now);
                 relay.server = relay.round.server().map(|s| s.block(self.index).clone());
                 if let Some(since) = relay.core.activity().connecting_since {
                     let took = now.saturating_duration_since(since);
@@ -143,6 +149,10 @@ impl Worker {
                     }
                 }
                 relay.upstream.set_nodelay();
+                if relay.negotiation.is_some() {
+                    self.begin_negotiation(key, now);
+                    return;
+                }
                 if urgent {
                     // Urgent data from a server that spoke at once: its
                     // direction must look for the mark splice stops at.
@@ -171,7 +181,7 @@ impl Worker {
                 // The server accepted: this is a connection that reset, not
                 // a failed connect, so the client gets a reset too and no
                 // other server is tried.
-                relay.round.succeeded(&relay.listener.pool, now);
+                relay.round.succeeded(&relay.pool, now);
                 relay.server = relay.round.server().map(|s| s.block(self.index).clone());
                 relay.core.connected(now, hung_up);
                 let e = RelayError::new(Side::Upstream, Op::Read, e);
@@ -187,6 +197,11 @@ impl Worker {
     pub(super) fn next_connect_attempt(&mut self, key: usize, error: io::Error, now: Instant) {
         let relay = &mut self.relays[key];
         let (id, failed, listener) = (relay.id, relay.upstream_addr, Arc::clone(&relay.listener));
+        let pool = Arc::clone(&relay.pool);
+        let tls = relay.negotiation.is_some();
+        if let Some(n) = relay.negotiation.as_mut() {
+            n.restart();
+        }
         if is_local_error(&error) {
             self.local_error(id, &listener, &error, now);
             let e = RelayError::new(Side::Upstream, Op::Connect, error);
@@ -194,19 +209,20 @@ impl Worker {
             return;
         }
         let mut round = std::mem::replace(&mut relay.round, Round::empty());
-        round.failed(&listener.pool, self.index, &error, now);
-        let more = round.has_next(&listener.pool);
+        round.failed(&pool, self.index, &error, now);
+        let more = round.has_next(&pool);
         if let Some(failed) = failed {
             self.connect_failed(id, &listener, failed, &error, more, now);
         }
         let token = token::relay(RelayRef { key, id }, Peer::Upstream);
         let mut error = error;
         let next = loop {
-            let (mut stream, server) = match self.connect_next(id, &mut round, &listener, now) {
-                Ok(Some(next)) => next,
-                Ok(None) => break Ok(None),
-                Err(local) => break Err(local),
-            };
+            let (mut stream, server) =
+                match self.connect_next(id, &mut round, &listener, &pool, now) {
+                    Ok(Some(next)) => next,
+                    Ok(None) => break Ok(None),
+                    Err(local) => break Err(local),
+                };
             match self
                 .poll
                 .registry()
@@ -214,7 +230,7 @@ impl Worker {
             {
                 Ok(()) => break Ok(Some((stream, server))),
                 Err(e) => {
-                    let more = round.has_next(&listener.pool);
+                    let more = round.has_next(&pool);
                     self.connect_failed(id, &listener, server, &e, more, now);
                     error = e;
                 }
@@ -230,7 +246,10 @@ impl Worker {
             }
             Ok(None) => {
                 let since = relay.core.activity().started;
-                if let Some(deadline) = self.hold_deadline(&listener, since, now) {
+                let hold = (!tls)
+                    .then(|| self.hold_deadline(&pool, since, now))
+                    .flatten();
+                if let Some(deadline) = hold {
                     // Every server failed while the pool still took
                     // relays (a failover its checks have not seen yet):
                     // the client waits for what remains of its time.

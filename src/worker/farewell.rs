@@ -37,6 +37,7 @@ use crate::pgwire::{self, Greeting, Heard, SqlState};
 use crate::stats::CloseReason;
 use crate::token;
 use crate::upstream::eligible::Want;
+use crate::upstream::Pool;
 
 /// Refused clients one worker tells why at once; past it, the next are let
 /// go without a word.
@@ -287,7 +288,7 @@ impl Farewells {
 }
 
 /// Lets a client go without a word: reset, or closed with a FIN.
-fn let_go(client: TcpStream, reset: bool) {
+pub(super) fn let_go(client: TcpStream, reset: bool) {
     if reset {
         // A failed setsockopt only means the socket is already gone.
         let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
@@ -301,11 +302,13 @@ impl Worker {
     /// `preread` is what was read from it already (after any PROXY
     /// header). Counting and logging the refusal is the caller's. Returns
     /// whether the client is being told why (a PostgreSQL error follows).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn turn_away(
         &mut self,
         client: TcpStream,
         client_addr: SocketAddr,
         listener: &Listener,
+        pool: Option<&Pool>,
         preread: Vec<u8>,
         why: TurnAway,
         now: Instant,
@@ -319,7 +322,9 @@ impl Worker {
             let_go(client, why.resets());
             return false;
         }
-        let (state, message) = why.answer(listener.label(), listener.pool.want(), client_addr.ip());
+        // Before a route chose its pool, a client hears of no role.
+        let want = pool.map_or(Want::Any, Pool::want);
+        let (state, message) = why.answer(listener.label(), want, client_addr.ip());
         let mut farewell = Farewell {
             client,
             client_addr,

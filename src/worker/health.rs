@@ -203,8 +203,8 @@ impl Worker {
         let doomed: Vec<usize> = self
             .relays
             .iter()
-            .filter(|(_, r)| r.listener.pool.on_down == OnDown::Kill)
-            .filter(|(_, r)| r.round.lease().is_some_and(|l| l.doomed(&r.listener.pool)))
+            .filter(|(_, r)| r.pool.on_down == OnDown::Kill)
+            .filter(|(_, r)| r.round.lease().is_some_and(|l| l.doomed(&r.pool)))
             .map(|(key, _)| key)
             .collect();
         for &key in &doomed {

@@ -16,8 +16,14 @@
 
 mod farewell;
 mod health;
+mod negotiate;
 mod park;
 mod preface;
+mod routing;
+mod start;
+
+pub(crate) use negotiate::Negotiation;
+use routing::Destination;
 
 use std::io;
 use std::net::SocketAddr;
@@ -36,14 +42,16 @@ use crate::control::{self, Command, Handoff, Shared, WorkerLink};
 use crate::engine::Pools;
 use crate::error::{is_local_error, Op, RelayError, Side};
 use crate::listener::{Admission, Listener, Refused};
+use crate::pgwire;
 use crate::relay::report::Reporter;
-use crate::relay::{self, Accepted, Expiry, Next, Peer, Readiness, Relay, Unstarted};
+use crate::relay::{self, Accepted, Expiry, Next, Peer, Readiness, Relay, RouteTag, Unstarted};
+use crate::route::startup::TlsStyle;
 use crate::shm::Block;
 use crate::stats::{CloseReason, CounterBlock};
 use crate::timer::Timers;
 use crate::token::{self, Owner, RelayRef};
 use crate::upstream::fleet::Doorbell;
-use crate::upstream::{self, Connect, Round};
+use crate::upstream::{self, Connect, Pool, Round};
 
 /// Connections accepted per listener per wakeup before serving others.
 const ACCEPT_BUDGET: usize = 128;
@@ -289,137 +297,6 @@ impl Worker {
         .flatten()
         .min()
         .map(|at| at.saturating_duration_since(now))
-    }
-
-    /// Starts a relay's upstream connect. `local` is the address the
-    /// client connected to when a PROXY header named it; `preread` are
-    /// bytes the client sent already. Both, with `send-proxy`'s header in
-    /// front, reach the server before anything else. `since`: when the
-    /// client was accepted. A client no server takes now is held for one
-    /// (`queue-timeout`), else closed.
-    #[allow(clippy::too_many_arguments)]
-    fn start_relay(
-        &mut self,
-        client: TcpStream,
-        client_addr: SocketAddr,
-        local: Option<SocketAddr>,
-        listener: Arc<Listener>,
-        admission: Admission,
-        preread: Vec<u8>,
-        since: Instant,
-        now: Instant,
-    ) {
-        let counters = listener.counters(self.index);
-        CounterBlock::add(&counters.relays_accepted, 1);
-        let id = next_relay_id();
-        self.tune(&listener, &client, Side::Client, now);
-        let (ahead, ahead_header) = preface::ahead(&listener, &client, client_addr, local, preread);
-        let unstarted = Unstarted {
-            accepted: Accepted {
-                id,
-                listener: Arc::clone(&listener),
-                client,
-                client_addr,
-                admission,
-            },
-            ahead,
-            ahead_header,
-            since,
-        };
-        let mut round = Round::new(&listener.pool, client_addr.ip());
-        let upstream = match self.connect_next(id, &mut round, &listener, now) {
-            Ok(Some(upstream)) => upstream,
-            failed => {
-                if failed.is_ok() {
-                    if let Some(deadline) = self.hold_deadline(&listener, since, now) {
-                        let after_failure = !round.tried_none();
-                        self.hold(unstarted, deadline, false, after_failure, now);
-                        return;
-                    }
-                }
-                let reason = match failed {
-                    Err(_) => CloseReason::LocalError,
-                    Ok(_) if round.tried_none() => CloseReason::NoServer,
-                    Ok(_) => CloseReason::ConnectFailed,
-                };
-                listener.counters(self.index).closed(reason);
-                if reason == CloseReason::NoServer {
-                    // One line per listener and second, however many
-                    // clients a failover turns away.
-                    let limit = self.no_server_warnings.entry(listener.id).or_default();
-                    if let Some(held_back) = limit.allow(now) {
-                        tracing::warn!(
-                            worker = self.index,
-                            listener = listener.label(),
-                            client = %client_addr,
-                            reason = %reason,
-                            similar_closes_held_back = held_back,
-                            "relay closed: no server of the pool takes new relays (none answers in its role, or several claim primary)"
-                        );
-                    }
-                } else {
-                    tracing::info!(
-                        relay = id,
-                        listener = listener.label(),
-                        client = %client_addr,
-                        reason = %reason,
-                        "relay closed"
-                    );
-                }
-                if let Some(why) = farewell::TurnAway::of_close(reason) {
-                    let Unstarted {
-                        accepted,
-                        ahead,
-                        ahead_header,
-                        ..
-                    } = unstarted;
-                    let preread = ahead
-                        .get(usize::from(ahead_header)..)
-                        .unwrap_or_default()
-                        .to_vec();
-                    self.turn_away(accepted.client, client_addr, &listener, preread, why, now);
-                }
-                return;
-            }
-        };
-        self.launch(unstarted, upstream, round, now);
-    }
-
-    /// Makes the relay of a client whose upstream connect (attempt one
-    /// of `round`) just started, with the bytes meant for the server first.
-    fn launch(
-        &mut self,
-        client: Unstarted,
-        upstream: (TcpStream, SocketAddr),
-        round: Round,
-        now: Instant,
-    ) {
-        let Unstarted {
-            accepted,
-            ahead,
-            ahead_header,
-            since,
-        } = client;
-        // A PostgreSQL client whose connects all fail is still answered:
-        // keep what it sent until a server takes it.
-        let first_bytes = ahead.get(usize::from(ahead_header)..).unwrap_or_default();
-        let first_bytes = (accepted.listener.config.protocol == Protocol::Postgres
-            && !first_bytes.is_empty())
-        .then(|| first_bytes.to_vec());
-        let mut relay = Relay::new(accepted, upstream, round, now);
-        relay.core.accepted_at(since);
-        relay.ahead_header = ahead_header;
-        if let Some(bytes) = first_bytes {
-            relay.keep_first_bytes(bytes);
-        }
-        if let Err(e) = relay.read_ahead(&ahead, &mut self.pools) {
-            let e = RelayError::new(Side::Internal, Op::Read, e);
-            if let Some(key) = self.admit(relay, now) {
-                self.close(key, CloseReason::Internal, Some(&e), now);
-            }
-            return;
-        }
-        self.admit(relay, now);
     }
 
     /// Takes a pair handed over from outside the accept loop: it joins the

@@ -104,23 +104,23 @@ impl Parking {
 
 /// Whether `held` should try again at the retry tick, woken or not.
 fn needs_retry(held: &Held) -> bool {
-    held.after_failure || !held.client.accepted.listener.pool.is_checked()
+    held.after_failure || !held.client.accepted.pool.is_checked()
 }
 
 impl Worker {
     /// Until when a client accepted at `since` may be held for a server of
-    /// `listener`'s pool: `None` when it may not (no `queue-timeout`, its
-    /// time is up, or the worker drains).
+    /// `pool`: `None` when it may not (no `queue-timeout`, its time is up,
+    /// or the worker drains).
     pub(super) fn hold_deadline(
         &self,
-        listener: &Listener,
+        pool: &Pool,
         since: Instant,
         now: Instant,
     ) -> Option<Instant> {
         if self.draining {
             return None;
         }
-        let deadline = since.checked_add(listener.config.pool.queue_timeout?)?;
+        let deadline = since.checked_add(pool.queue_timeout?)?;
         (deadline > now).then_some(deadline)
     }
 
@@ -256,7 +256,16 @@ impl Worker {
         // A client being told why no longer counts against the listener's
         // limits: its admission goes now.
         drop(accepted.admission);
-        self.turn_away(accepted.client, addr, &listener, preread, told, now);
+        let pool = accepted.pool;
+        self.turn_away(
+            accepted.client,
+            addr,
+            &listener,
+            Some(&*pool),
+            preread,
+            told,
+            now,
+        );
         self.room_freed(listener.id, now);
         if why == HeldRefusal::Draining {
             tracing::debug!(listener = listener.label(), client = %addr, "held client closed: {}", why.text());
@@ -342,28 +351,37 @@ impl Worker {
     }
 
     /// After a reload: held clients of a removed listener are refused;
-    /// the others follow their listener's new settings (and pool), unless
-    /// those want another PROXY header than the one made for them.
+    /// the others follow their listener's new settings and their pool's
+    /// successor (the listener's own pool, or the named pool of the same
+    /// name), unless that pool is gone (a route's pool the reload removed)
+    /// or wants another PROXY header than the one made for them.
     pub(super) fn rehome_held(&mut self, removed: &[ListenerId], now: Instant) {
         let keys: Vec<usize> = self.parking.held.iter().map(|(k, _)| k).collect();
         for key in keys {
-            let old = Arc::clone(&self.parking.held[key].client.accepted.listener);
+            let accepted = &self.parking.held[key].client.accepted;
+            let (old, pool) = (Arc::clone(&accepted.listener), Arc::clone(&accepted.pool));
             let new = self
                 .listeners
                 .iter()
                 .find(|s| s.runtime.id == old.id)
                 .map(|s| Arc::clone(&s.runtime));
-            let keep = match &new {
-                Some(new) => new.config.pool.send_proxy == old.config.pool.send_proxy,
-                None => !removed.contains(&old.id),
+            let moved = match &new {
+                Some(new) => match new.counterpart(&pool) {
+                    Some(p) if p.send_proxy == pool.send_proxy => Some(Some(Arc::clone(p))),
+                    _ => None,
+                },
+                None if removed.contains(&old.id) => None,
+                None => Some(None),
             };
-            if !keep {
+            let Some(moved) = moved else {
                 let held = self.unhold(key, now);
                 self.refuse_held(held.client, HeldRefusal::Draining, now);
                 continue;
-            }
-            if let Some(new) = new {
-                self.parking.held[key].client.accepted.listener = new;
+            };
+            if let (Some(new), Some(pool)) = (new, moved) {
+                let accepted = &mut self.parking.held[key].client.accepted;
+                accepted.listener = new;
+                accepted.pool = pool;
             }
         }
         self.parking.look_again = true;
@@ -371,8 +389,8 @@ impl Worker {
 
     /// Connects held clients, oldest first, when a pool gained a server
     /// since the last look, after a reload, or at the retry tick. A
-    /// listener whose pool offers no server is passed over for the rest
-    /// of the round.
+    /// pool that offers no server is passed over for the rest of the
+    /// round.
     pub(super) fn resume_held(&mut self, now: Instant) {
         if self.parking.held.is_empty() {
             self.parking.retry_at = None;
@@ -386,26 +404,27 @@ impl Worker {
         self.parking.gains_seen = gains;
         self.parking.look_again = false;
         let order: Vec<usize> = self.parking.order.values().copied().collect();
-        let mut none_there: Vec<ListenerId> = Vec::new();
+        let mut none_there: Vec<Arc<Pool>> = Vec::new();
         for key in order {
             let Some(held) = self.parking.held.get(key) else {
                 continue;
             };
             let listener = Arc::clone(&held.client.accepted.listener);
-            if none_there.contains(&listener.id) {
+            let pool = Arc::clone(&held.client.accepted.pool);
+            if none_there.iter().any(|p| Arc::ptr_eq(p, &pool)) {
                 continue;
             }
             let (id, ip) = (
                 held.client.accepted.id,
                 held.client.accepted.client_addr.ip(),
             );
-            let mut round = Round::new(&listener.pool, ip);
-            match self.connect_next(id, &mut round, &listener, now) {
+            let mut round = Round::new(&pool, ip);
+            match self.connect_next(id, &mut round, &listener, &pool, now) {
                 Ok(Some(upstream)) => {
                     let held = self.unhold(key, now);
                     self.launch(held.client, upstream, round, now);
                 }
-                Ok(None) if round.tried_none() => none_there.push(listener.id),
+                Ok(None) if round.tried_none() => none_there.push(pool),
                 // Every server failed at once: it waits on.
                 Ok(None) => self.parking.held[key].after_failure = true,
                 Err(_) => {

@@ -11,8 +11,16 @@
 //!
 //! A CancelRequest (16 bytes: length 16, code 80877102) cannot be routed
 //! by its key without knowing every session's, so it is sent to every
-//! server of the pool: each connect is a preface entry too, written once
-//! connected and closed. PostgreSQL ignores a key it does not know.
+//! server of every pool the listener can send clients to: each connect is
+//! a preface entry too, written once connected and closed. PostgreSQL
+//! ignores a key it does not know.
+//!
+//! A listener with routes reads the client's opening as far as its routes
+//! need (`route::startup`): requests are answered as the server would
+//! (`N` to GSS encryption, `S` to TLS, on its behalf), then the startup
+//! packet or the TLS ClientHello chooses the route. A client no route
+//! takes, or whose hello cannot be read, is reset, with nothing sent to
+//! any server.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -28,12 +36,31 @@ use crate::config::{format_duration, Protocol, SendProxy};
 use crate::listener::{Admission, Listener, Reservation};
 use crate::pgwire;
 use crate::proxy_protocol::{self, Parse};
+use crate::route::hello::HELLO_MAX;
+use crate::route::startup::{Opening, Step, TlsStyle};
+use crate::route::Shown;
 use crate::stats::CounterBlock;
 use crate::token;
-use crate::upstream::{self, Connect};
+use crate::upstream::Pool;
+
+mod cancel;
+
+use cancel::CancelSend;
 
 /// The most bytes read from a client before its relay starts.
 const PREFACE_MAX: usize = 4096;
+/// The same for a listener with routes: a whole TLS ClientHello, or a
+/// startup packet (at most 10 000 bytes), after a PROXY header.
+const ROUTED_MAX: usize = {
+    let hello = HELLO_MAX + 8;
+    let startup = pgwire::MAX_STARTUP_LEN as usize + 8;
+    let most = if hello > startup { hello } else { startup };
+    if most > PREFACE_MAX {
+        most + 1024
+    } else {
+        PREFACE_MAX
+    }
+};
 /// PostgreSQL's CancelRequest: its length and its request code.
 const CANCEL_LEN: usize = pgwire::CANCEL_REQUEST_LEN;
 const CANCEL_CODE: u32 = pgwire::CANCEL_REQUEST_CODE;
@@ -60,14 +87,8 @@ struct Pending {
     deadline: Instant,
     /// When the client was accepted (its queue-timeout counts from then).
     accepted_at: Instant,
-}
-
-/// A CancelRequest on its way to one server.
-struct CancelSend {
-    stream: TcpStream,
-    server: SocketAddr,
-    packet: [u8; CANCEL_LEN],
-    deadline: Instant,
+    /// A listener with routes: the opening read so far.
+    opening: Option<Opening>,
 }
 
 enum Entry {
@@ -112,6 +133,26 @@ enum Decision {
     Cancel([u8; CANCEL_LEN]),
     /// Reset the client: a bad PROXY header.
     Refuse(String),
+    /// Answer the request of the first 8 bytes with this byte, drop them,
+    /// and decide again (a listener with routes).
+    Answer(u8),
+    /// Route by what the client showed, TLS or not.
+    Route(Option<TlsStyle>, Shown),
+    /// Reset the client: its opening cannot be routed (a broken hello).
+    Unroutable(String),
+}
+
+impl From<Step> for Decision {
+    fn from(step: Step) -> Decision {
+        match step {
+            Step::More => Decision::More,
+            Step::Answer(b) => Decision::Answer(b),
+            Step::Cancel(packet) => Decision::Cancel(packet),
+            Step::Tls(style, shown) => Decision::Route(Some(style), shown),
+            Step::Startup(shown) => Decision::Route(None, shown),
+            Step::Refuse(why) => Decision::Unroutable(why),
+        }
+    }
 }
 
 /// Whether a listener reads anything before its upstream connect.
@@ -181,9 +222,31 @@ impl Pending {
                 }
             }
         }
+        if let Some(opening) = &mut self.opening {
+            return opening.step(&self.buf).into();
+        }
         match self.listener.config.protocol {
-            Protocol::None => Decision::Relay,
+            // Without routes a TLS listener has nothing to read for.
+            Protocol::None | Protocol::Tls => Decision::Relay,
             Protocol::Postgres => postgres_first(&self.buf),
+        }
+    }
+
+    /// Nothing more will be read (end of stream, the deadline, the
+    /// buffer's bound): what the bytes so far decide.
+    fn give_up(&self) -> Decision {
+        match &self.opening {
+            Some(opening) => opening.give_up(&self.buf).into(),
+            None => Decision::Relay,
+        }
+    }
+
+    /// The most bytes read before the relay starts.
+    fn max(&self) -> usize {
+        if self.opening.is_some() {
+            ROUTED_MAX
+        } else {
+            PREFACE_MAX
         }
     }
 }
@@ -192,13 +255,13 @@ impl Pending {
 /// `send-proxy` header, then what the client sent before the connect; and
 /// the header's length.
 pub(super) fn ahead(
-    listener: &Listener,
+    pool: &Pool,
     client: &TcpStream,
     client_addr: SocketAddr,
     local: Option<SocketAddr>,
     preread: Vec<u8>,
 ) -> (Vec<u8>, u16) {
-    let version = listener.config.pool.send_proxy;
+    let version = pool.send_proxy;
     if version == SendProxy::None {
         return (preread, 0);
     }
@@ -230,16 +293,25 @@ impl Worker {
             return;
         }
         match listener.admit(reservation, addr.ip()) {
-            Ok(admission) => self.start_relay(
-                client,
-                addr,
-                None,
-                listener,
-                admission,
-                Vec::new(),
-                now,
-                now,
-            ),
+            Ok(admission) => {
+                // Routes on a listener that reads nothing: the default.
+                let Some(to) = self.destination(&listener, None, &Shown::default()) else {
+                    drop(admission);
+                    self.refuse_unrouted(client, addr, &listener, "no route matches", now);
+                    return;
+                };
+                self.start_relay(
+                    client,
+                    addr,
+                    None,
+                    listener,
+                    admission,
+                    Vec::new(),
+                    now,
+                    to,
+                    now,
+                )
+            }
             Err(refused) => self.refuse(client, addr, &listener, refused, Vec::new(), now),
         }
     }
@@ -271,7 +343,13 @@ impl Worker {
             }
         };
         let deadline = preface_deadline(&listener, false, now);
+        // A listener that reads no protocol routes every client by its
+        // default route (the only one it may have).
+        let protocol = listener.config.protocol;
+        let opening = (listener.has_routes() && protocol != Protocol::None)
+            .then(|| Opening::new(protocol == Protocol::Tls));
         let pending = Pending {
+            opening,
             client,
             client_addr: peer,
             local: None,
@@ -304,7 +382,8 @@ impl Worker {
     pub(super) fn on_preface_event(&mut self, key: usize, now: Instant) {
         match self.prefaces.entries.get_mut(key) {
             Some(Entry::Client(p)) => {
-                let eof = match read_some(&mut p.client, &mut p.buf) {
+                let max = p.max();
+                let eof = match read_some(&mut p.client, &mut p.buf, max) {
                     Ok(eof) => eof,
                     Err(e) => {
                         // The client reset or failed: nothing to relay.
@@ -313,8 +392,23 @@ impl Worker {
                         return;
                     }
                 };
-                let decision = p.decide(now);
-                let full = p.buf.len() >= PREFACE_MAX;
+                let mut decision = p.decide(now);
+                while let Decision::Answer(reply) = decision {
+                    // One byte into an empty send buffer, as a server
+                    // answers; the client waits for it before it goes on.
+                    if let Err(e) = (&p.client).write_all(&[reply]) {
+                        tracing::debug!(client = %p.client_addr, error = %e, "client failed before its relay started");
+                        self.prefaces.entries.remove(key);
+                        return;
+                    }
+                    p.buf.drain(..8);
+                    decision = p.decide(now);
+                }
+                let full = p.buf.len() >= p.max();
+                let decision = match decision {
+                    Decision::More if (eof || full) && p.opening.is_some() => p.give_up(),
+                    other => other,
+                };
                 match decision {
                     Decision::More if !eof && !full => {
                         let deadline = p.deadline;
@@ -332,29 +426,18 @@ impl Worker {
                     }
                     // A short first packet at EOF: the server says what it
                     // makes of it.
-                    Decision::More | Decision::Relay => self.start_pending(key, now),
+                    Decision::More | Decision::Relay => {
+                        self.start_pending(key, None, Shown::default(), now)
+                    }
+                    Decision::Route(tls, shown) => self.start_pending(key, tls, shown, now),
                     Decision::Cancel(packet) => self.fan_out_cancel(key, packet, now),
                     Decision::Refuse(why) => self.refuse_pending(key, &why, now),
+                    Decision::Unroutable(why) => self.unroutable_pending(key, &why, now),
+                    // Answered in the loop above.
+                    Decision::Answer(_) => {}
                 }
             }
-            Some(Entry::Cancel(c)) => {
-                // Readiness is not known here: confirm with getpeername.
-                let outcome = upstream::connect_result(&c.stream, false);
-                match outcome {
-                    Connect::Pending => {}
-                    Connect::Established => {
-                        // Sixteen bytes into an empty send buffer.
-                        if let Err(e) = c.stream.write_all(&c.packet) {
-                            tracing::debug!(upstream = %c.server, error = %e, "cancel request not sent");
-                        }
-                        self.prefaces.entries.remove(key);
-                    }
-                    Connect::Lost(e) | Connect::Failed(e) => {
-                        tracing::debug!(upstream = %c.server, error = %e, "cancel request not sent: connect failed");
-                        self.prefaces.entries.remove(key);
-                    }
-                }
-            }
+            Some(Entry::Cancel(_)) => self.on_cancel_event(key),
             None => {}
         }
     }
@@ -379,8 +462,16 @@ impl Worker {
                     self.refuse_pending(key, &why, now);
                 }
                 // A postgres client that sent no full first packet yet:
-                // relay what it sent and let the server judge.
-                Entry::Client(_) => self.start_pending(key, now),
+                // relay what it sent and let the server judge; with
+                // routes, what it showed decides.
+                Entry::Client(p) => match p.give_up() {
+                    Decision::Route(tls, shown) => self.start_pending(key, tls, shown, now),
+                    Decision::Unroutable(why) => {
+                        let why = format!("{why} within the first-packet-timeout");
+                        self.unroutable_pending(key, &why, now)
+                    }
+                    _ => self.start_pending(key, None, Shown::default(), now),
+                },
                 Entry::Cancel(c) => {
                     tracing::debug!(upstream = %c.server, "cancel request not sent: connect timed out");
                     self.prefaces.entries.remove(key);
@@ -404,8 +495,9 @@ impl Worker {
     }
 
     /// The preface is complete: admit the client by the address it now
-    /// has, and start its relay with what it sent so far.
-    fn start_pending(&mut self, key: usize, now: Instant) {
+    /// has, route it by what it showed, and start its relay with what it
+    /// sent so far (a TLS client's, after what spliced negotiates itself).
+    fn start_pending(&mut self, key: usize, tls: Option<TlsStyle>, shown: Shown, now: Instant) {
         let mut p = self.take_pending(key);
         let admission = match std::mem::replace(&mut p.hold, Hold::Taken) {
             Hold::Admitted(a) => a,
@@ -434,6 +526,15 @@ impl Worker {
             accepted_at,
             ..
         } = *p;
+        let Some(to) = self.destination(&listener, tls, &shown) else {
+            drop(admission);
+            let why = match &shown.server_name {
+                Some(name) => format!("no route matches (server name {name})"),
+                None => "no route matches".to_string(),
+            };
+            self.refuse_unrouted(client, client_addr, &listener, &why, now);
+            return;
+        };
         self.start_relay(
             client,
             client_addr,
@@ -442,8 +543,21 @@ impl Worker {
             admission,
             buf,
             accepted_at,
+            to,
             now,
         );
+    }
+
+    /// Resets a client whose opening cannot be routed.
+    fn unroutable_pending(&mut self, key: usize, why: &str, now: Instant) {
+        let p = self.take_pending(key);
+        let Pending {
+            client,
+            client_addr,
+            listener,
+            ..
+        } = *p;
+        self.refuse_unrouted(client, client_addr, &listener, why, now);
     }
 
     fn refuse_pending(&mut self, key: usize, why: &str, now: Instant) {
@@ -469,63 +583,13 @@ impl Worker {
         let counter = &listener.counters(self.index).refused_proxy_header;
         self.reset_refused(client, addr, listener, counter, why, now);
     }
-
-    /// Sends a CancelRequest to every server of the client's pool and
-    /// closes the client, as PostgreSQL itself does after one.
-    fn fan_out_cancel(&mut self, key: usize, packet: [u8; CANCEL_LEN], now: Instant) {
-        let p = self.take_pending(key);
-        let listener = Arc::clone(&p.listener);
-        CounterBlock::add(&listener.counters(self.index).pg_cancel_requests, 1);
-        let deadline = now
-            + listener
-                .config
-                .timeouts
-                .connect
-                .unwrap_or(listener.config.first_packet_timeout);
-        let members = listener.pool.members();
-        let mut sent = 0;
-        for server in &members.servers {
-            let mut stream = match TcpStream::connect(server.addr) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(upstream = %server.addr, error = %e, "cancel request not sent: connect failed");
-                    continue;
-                }
-            };
-            let entry = self.prefaces.entries.vacant_entry();
-            if self
-                .poll
-                .registry()
-                .register(&mut stream, token::preface(entry.key()), Interest::WRITABLE)
-                .is_err()
-            {
-                continue;
-            }
-            entry.insert(Entry::Cancel(CancelSend {
-                stream,
-                server: server.addr,
-                packet,
-                deadline,
-            }));
-            sent += 1;
-        }
-        self.prefaces.wake_by(deadline);
-        tracing::info!(
-            worker = self.index,
-            listener = listener.label(),
-            client = %p.client_addr,
-            servers = sent,
-            "postgres cancel request sent to every server of the pool"
-        );
-    }
 }
 
-/// Reads what the socket has, up to [`PREFACE_MAX`] in all. `Ok(true)` at
-/// EOF.
-fn read_some(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<bool> {
+/// Reads what the socket has, up to `max` bytes in all. `Ok(true)` at EOF.
+fn read_some(stream: &mut TcpStream, buf: &mut Vec<u8>, max: usize) -> io::Result<bool> {
     let mut chunk = [0u8; 1024];
-    while buf.len() < PREFACE_MAX {
-        let room = (PREFACE_MAX - buf.len()).min(chunk.len());
+    while buf.len() < max {
+        let room = (max - buf.len()).min(chunk.len());
         match stream.read(&mut chunk[..room]) {
             Ok(0) => return Ok(true),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),

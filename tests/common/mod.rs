@@ -13,11 +13,12 @@ mod files;
 mod io;
 mod peers;
 mod redis;
+mod tls;
 mod wait;
 
 // Every test binary uses a different subset (as with `dead_code` above).
 #[allow(unused_imports)]
-pub use self::{child::*, data::*, files::*, io::*, peers::*, redis::*, wait::*};
+pub use self::{child::*, data::*, files::*, io::*, peers::*, redis::*, tls::*, wait::*};
 
 use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};

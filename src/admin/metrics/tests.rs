@@ -13,7 +13,7 @@ struct Fixed(Snapshot);
 
 impl Collector for Fixed {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), Error> {
-        encode(&self.0, &[], &mut encoder)
+        encode(&self.0, &[], &[], &mut encoder)
     }
 }
 

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use toml::de::{DeTable, DeValue};
 
-use super::pool::read_pool;
+use super::pool::{read_named_pool, read_pool};
+use super::route::{check_pool_names, check_routes, read_routes, ReadRoute};
 use super::values::{join, Cx, Value};
 use super::FlagDefaults;
 use crate::config::listen;
@@ -132,6 +133,7 @@ pub(super) fn read_root(cx: &mut Cx, root: &DeTable<'_>, flags: &FlagDefaults) -
     config.listeners.clear();
     let mut defaults = Inherited::default();
     let mut listeners = None;
+    let mut pools = None;
     for (k, v) in root.iter() {
         let name = k.get_ref().as_ref();
         match name {
@@ -147,6 +149,7 @@ pub(super) fn read_root(cx: &mut Cx, root: &DeTable<'_>, flags: &FlagDefaults) -
             }
             "global" => read_global(cx, v, &mut config),
             "listener" => listeners = Some(v),
+            "pool" => pools = Some(v),
             "admin" => {
                 if let Some(text) = cx.string(v, "admin") {
                     match crate::config::resolve(text) {
@@ -155,7 +158,7 @@ pub(super) fn read_root(cx: &mut Cx, root: &DeTable<'_>, flags: &FlagDefaults) -
                     }
                 }
             }
-            _ => cx.unknown(k, "", &["admin", "global", "defaults", "listener"]),
+            _ => cx.unknown(k, "", &["admin", "global", "defaults", "pool", "listener"]),
         }
     }
     let flagged = Inherited {
@@ -166,6 +169,9 @@ pub(super) fn read_root(cx: &mut Cx, root: &DeTable<'_>, flags: &FlagDefaults) -
         ..Inherited::default()
     };
     let defaults = flagged.over(&defaults);
+    if let Some(v) = pools {
+        read_pools(cx, v, &mut config);
+    }
     let Some(listeners) = listeners else {
         cx.error(
             &(0..0),
@@ -190,7 +196,9 @@ pub(super) fn read_root(cx: &mut Cx, root: &DeTable<'_>, flags: &FlagDefaults) -
         let Some(table) = cx.table(item, &format!("listener[{i}]")) else {
             continue;
         };
-        if let Some(l) = read_listener(cx, table, i, &item.span(), &defaults) {
+        let (read, routes) = read_listener(cx, table, i, &item.span(), &defaults);
+        check_pool_names(cx, &config.pools, &routes);
+        if let Some(l) = read {
             let span_of = |key: &str| table.get(key).map_or(item.span(), |v| v.span());
             let (name_span, listen_span) = (span_of("name"), span_of("listen"));
             let line = cx.line(&name_span);
@@ -247,7 +255,38 @@ pub(super) fn read_root(cx: &mut Cx, root: &DeTable<'_>, flags: &FlagDefaults) -
             config.listeners.push(l);
         }
     }
+    // Every name was checked above, with its line.
+    let _ = config.link_pools();
     Some(config)
+}
+
+/// The `[[pool]]` tables: named pools, each name once.
+fn read_pools(cx: &mut Cx, v: &Value<'_>, config: &mut Config) {
+    let DeValue::Array(items) = v.get_ref() else {
+        cx.error(&v.span(), "pool", "expected [[pool]] tables");
+        return;
+    };
+    let mut lines: HashMap<String, usize> = HashMap::new();
+    for (i, item) in items.iter().enumerate() {
+        let Some(p) = read_named_pool(cx, item, i) else {
+            continue;
+        };
+        let span = item
+            .get_ref()
+            .as_table()
+            .and_then(|t| t.get("name"))
+            .map_or(item.span(), |n| n.span());
+        let line = cx.line(&span);
+        if let Some(first) = lines.insert(p.name.clone(), line) {
+            cx.error(
+                &span,
+                &format!("pool[{}].name", p.name),
+                format!("the name is already used by the pool on line {first}"),
+            );
+            continue;
+        }
+        config.pools.push(p);
+    }
 }
 
 /// The IPv4 address an IPv4-mapped one stands for (else unspecified).
@@ -320,7 +359,7 @@ fn read_listener(
     index: usize,
     span: &Range<usize>,
     defaults: &Inherited,
-) -> Option<ListenerConfig> {
+) -> (Option<ListenerConfig>, Vec<ReadRoute>) {
     let name = t
         .get("name")
         .and_then(|v| v.get_ref().as_str())
@@ -338,6 +377,7 @@ fn read_listener(
         "protocol",
         "first-packet-timeout",
         "pool",
+        "route",
     ]
     .into_iter()
     .chain(INHERITED.iter().copied())
@@ -350,6 +390,7 @@ fn read_listener(
     let mut protocol = Protocol::None;
     let mut first_packet_timeout = None;
     let mut pool = None;
+    let mut routes: Vec<ReadRoute> = Vec::new();
     for (k, v) in t.iter() {
         let name_k = k.get_ref().as_ref();
         let key = join(&path, name_k);
@@ -415,7 +456,8 @@ fn read_listener(
             "first-packet-timeout" => {
                 first_packet_timeout = cx.positive_duration(v, &key).map(|d| (d, v.span()));
             }
-            "pool" => pool = read_pool(cx, v, &key),
+            "pool" => pool = read_pool(cx, v, &key, false),
+            "route" => routes = read_routes(cx, v, &path),
             _ => cx.unknown(k, &path, &known),
         }
     }
@@ -423,32 +465,47 @@ fn read_listener(
         cx.error(
             at,
             &join(&path, "first-packet-timeout"),
-            "applies only with protocol = \"postgres\" (nothing else reads a first packet)",
+            "applies only with protocol = \"postgres\" or \"tls\" (nothing else reads a first packet)",
         );
     }
+    check_routes(cx, protocol, &routes);
     let Some(name) = name else {
         cx.error(span, &path, "missing key 'name'");
-        return None;
+        return (None, routes);
     };
     if !listen_seen {
         cx.error(span, &path, "missing key 'listen'");
     }
-    let Some(pool) = pool else {
-        if !t.contains_key("pool") {
-            cx.error(
-                span,
-                &join(&path, "pool"),
-                "missing [listener.pool] with at least one server",
-            );
+    if let (Some(_), Some(first)) = (t.get("pool"), routes.first()) {
+        cx.error(
+            &first.span,
+            &join(&path, "route"),
+            "a listener has either its own [listener.pool] or [[listener.route]] tables, not both",
+        );
+    }
+    let pool = match pool {
+        Some(pool) if routes.is_empty() => pool,
+        Some(_) => return (None, routes),
+        None if !routes.is_empty() => PoolConfig::new(Vec::new()),
+        None => {
+            if !t.contains_key("pool") && !t.contains_key("route") {
+                cx.error(
+                    span,
+                    &join(&path, "pool"),
+                    "missing [listener.pool] with at least one server (or [[listener.route]] tables leading to [[pool]]s)",
+                );
+            }
+            return (None, routes);
         }
-        return None;
     };
     let s = own.over(defaults);
     let base = Timeouts::default();
-    Some(ListenerConfig {
+    let config = ListenerConfig {
         name,
         listen,
         pool,
+        routes: routes.iter().map(|r| r.route.clone()).collect(),
+        route_pools: Vec::new(),
         mode: s.mode.unwrap_or(Mode::Splice),
         timeouts: Timeouts {
             idle: s.idle.unwrap_or(base.idle),
@@ -465,5 +522,6 @@ fn read_listener(
             .map_or(crate::config::DEFAULT_FIRST_PACKET_TIMEOUT, |(d, _)| d),
         keepalive: s.keepalive,
         user_timeout: s.user_timeout.flatten(),
-    })
+    };
+    (Some(config), routes)
 }

@@ -8,6 +8,7 @@
 
 mod listener;
 mod pool;
+mod route;
 mod values;
 
 use std::fmt;

@@ -1,4 +1,4 @@
-//! `[listener.pool]`, its servers and `[listener.pool.health]`.
+//! `[listener.pool]` and `[[pool]]`, their servers and health tables.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -8,7 +8,33 @@ use toml::de::DeValue;
 use super::values::{join, Cx, Value};
 use crate::config::*;
 
-pub(super) fn read_pool(cx: &mut Cx, v: &Value<'_>, path: &str) -> Option<PoolConfig> {
+/// A `[[pool]]` table: `name` and every key of a `[listener.pool]`.
+pub(super) fn read_named_pool(cx: &mut Cx, v: &Value<'_>, index: usize) -> Option<NamedPool> {
+    let t = cx.table(v, &format!("pool[{index}]"))?;
+    let name = match t.get("name") {
+        Some(n) => {
+            let name = cx.string(n, &format!("pool[{index}].name"))?;
+            if name.trim().is_empty() || name.chars().any(char::is_control) {
+                cx.error(
+                    &n.span(),
+                    &format!("pool[{index}].name"),
+                    "must be a non-empty name without control characters",
+                );
+                return None;
+            }
+            name.to_string()
+        }
+        None => {
+            cx.error(&v.span(), &format!("pool[{index}]"), "missing key 'name'");
+            return None;
+        }
+    };
+    let config = read_pool(cx, v, &format!("pool[{name}]"), true)?;
+    Some(NamedPool { name, config })
+}
+
+/// A pool's table; `named`: a `[[pool]]`, whose `name` was read already.
+pub(super) fn read_pool(cx: &mut Cx, v: &Value<'_>, path: &str, named: bool) -> Option<PoolConfig> {
     let t = cx.table(v, path)?;
     let mut pool = PoolConfig::new(Vec::new());
     let known = [
@@ -25,6 +51,7 @@ pub(super) fn read_pool(cx: &mut Cx, v: &Value<'_>, path: &str) -> Option<PoolCo
     for (k, v) in t.iter() {
         let key = join(path, k.get_ref());
         match k.get_ref().as_ref() {
+            "name" if named => {}
             "balance" => {
                 if let Some(b) = cx.choice(v, &key, Balance::parse, Balance::CHOICES) {
                     pool.balance = b;

@@ -18,7 +18,7 @@ fn pool_in(
     config: &PoolConfig,
     members: &[Member],
 ) -> Arc<Pool> {
-    let p = Pool::new("test", config, Arc::clone(registry), fleet);
+    let p = Pool::new("test", None, config, Arc::clone(registry), fleet);
     p.set_members(members.to_vec());
     p
 }
@@ -81,7 +81,7 @@ fn checked(check: config::Check, role: config::Role, fall: u32, rise: u32) -> Po
 
 fn observe(p: &Pool, i: usize, v: Verdict, now: Instant) {
     let s = Arc::clone(&p.members().servers[i]);
-    p.fleet().observe(&s.upstream, &v, None, None, now);
+    p.fleet.observe(&s.upstream, &v, None, None, now);
 }
 
 const PRIMARY: Verdict = Verdict::Up {
@@ -296,7 +296,7 @@ fn position(applied: u64, received: Option<u64>) -> crate::health::lag::Position
 fn observe_at(p: &Pool, i: usize, v: Verdict, applied: u64, now: Instant) {
     let s = Arc::clone(&p.members().servers[i]);
     let pos = position(applied, Some(applied));
-    p.fleet().observe(&s.upstream, &v, None, Some(pos), now);
+    p.fleet.observe(&s.upstream, &v, None, Some(pos), now);
 }
 
 #[test]
