@@ -107,3 +107,28 @@ fn without_log_interval_no_progress_is_logged() {
         assert!(close.contains(field), "{field} missing: {close}");
     }
 }
+
+/// In the text log a listener is named as the close line names it,
+/// `listener=NAME`, in warnings too (not `listener="NAME"`).
+#[test]
+fn warnings_name_the_listener_as_the_close_line_does() {
+    let dead = refused_addr();
+    let proxy = Spliced::run(&["--upstream", &dead.to_string()]);
+    let c = connect(proxy.addr);
+    wait_until(T, "the connect failure warning", || {
+        proxy
+            .logs()
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("upstream connect failed"))
+    });
+    drop(c);
+    let warning = proxy
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("WARN") && l.contains("upstream connect failed"))
+        .unwrap();
+    assert!(
+        warning.contains("listener=127.0.0.1:0 ") && !warning.contains("listener=\""),
+        "{warning}"
+    );
+}

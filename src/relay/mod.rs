@@ -532,7 +532,11 @@ impl Relay {
             engine_c2u = %self.engine_label(Peer::Client),
             engine_u2c = %self.engine_label(Peer::Upstream),
             route = self.route.as_ref().map(|r| r.position),
-            server_name = self.route.as_ref().and_then(|r| r.server_name.as_deref()),
+            server_name = self
+                .route
+                .as_ref()
+                .and_then(|r| r.server_name.as_deref())
+                .map(tracing::field::display),
             reason = %reason,
             // Recorded only when there is one: `None` adds no field.
             error = error.map(tracing::field::display),

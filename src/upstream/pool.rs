@@ -381,7 +381,7 @@ impl Pool {
                 .collect();
             tracing::warn!(
                 listener = %self.listener,
-                pool = self.name.as_deref(),
+                pool = self.name.as_deref().map(tracing::field::display),
                 "more than one server claims primary: no new relays go to {}",
                 names.join(", ")
             );

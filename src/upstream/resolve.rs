@@ -89,7 +89,7 @@ impl Tracked {
                 Ok(addrs) => *known = Some(addrs),
                 Err(e) => tracing::warn!(
                     listener = %self.target.listener,
-                    pool = self.target.pool.name(),
+                    pool = self.target.pool.name().map(tracing::field::display),
                     server = %entry.address,
                     error = %e,
                     "cannot resolve a server name; {}",
@@ -111,7 +111,7 @@ impl Tracked {
         if self.started && (!added.is_empty() || !removed.is_empty()) {
             tracing::info!(
                 listener = %self.target.listener,
-                pool = self.target.pool.name(),
+                pool = self.target.pool.name().map(tracing::field::display),
                 added = ?added,
                 removed = ?removed,
                 servers = self.target.pool.members().servers.len(),

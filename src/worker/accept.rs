@@ -99,7 +99,7 @@ impl Worker {
             let listener = &self.listeners[index].runtime;
             tracing::warn!(
                 worker = self.index,
-                listener = listener.label(),
+                listener = %listener.label(),
                 max_conns = listener.config.max_conns,
                 "listener at its max-conns: new connections wait in the listen backlog"
             );
@@ -168,13 +168,13 @@ impl Worker {
         match self.refusal_warnings.allow(now) {
             Some(held_back) => tracing::warn!(
                 worker = self.index,
-                listener = listener.label(),
+                listener = %listener.label(),
                 client = %addr,
                 similar_warnings_held_back = held_back,
                 "client refused ({how}): {why}"
             ),
             None => {
-                tracing::debug!(listener = listener.label(), client = %addr, "client refused ({how}): {why}")
+                tracing::debug!(listener = %listener.label(), client = %addr, "client refused ({how}): {why}")
             }
         }
     }

@@ -224,13 +224,25 @@ mod tests {
         let mut inherited = Inherited::new(vec![OwnedFd::from(passed)]);
         let bound = bind_listeners(&config, &runtimes, |_, _| true, &mut inherited).unwrap();
         assert_eq!(bound.local_addrs.len(), 2);
-        for sockets in &bound.per_worker {
-            assert_eq!(sockets.len(), 2);
-            for (socket, _) in sockets {
-                assert!(socket2::SockRef::from(socket).nodelay().unwrap());
-                let addr = socket.local_addr().unwrap();
-                let _client = TcpStream::connect(addr).unwrap();
-                let accepted = accept_within(socket, Duration::from_secs(5));
+        for &(_, addr) in &bound.local_addrs {
+            // The workers' sockets of one address: a SO_REUSEPORT group (the
+            // kernel picks which one accepts) or clones of a passed socket.
+            let group: Vec<&TcpListener> = bound
+                .per_worker
+                .iter()
+                .map(|sockets| {
+                    let (socket, _) = sockets
+                        .iter()
+                        .find(|(s, _)| s.local_addr().unwrap() == addr)
+                        .expect("every worker has a socket for every address");
+                    assert!(socket2::SockRef::from(socket).nodelay().unwrap());
+                    socket
+                })
+                .collect();
+            let clients: Vec<TcpStream> = (0..group.len())
+                .map(|_| TcpStream::connect(addr).unwrap())
+                .collect();
+            for accepted in accept_all(&group, clients.len(), Duration::from_secs(5)) {
                 assert!(
                     accepted.nodelay().unwrap(),
                     "accepted on {addr} without TCP_NODELAY"
@@ -239,20 +251,26 @@ mod tests {
         }
     }
 
-    /// Accepts on a non-blocking listener, polling until the deadline.
-    fn accept_within(socket: &TcpListener, limit: Duration) -> mio::net::TcpStream {
+    /// Accepts `n` connections from any socket of `group`, polling until the
+    /// deadline.
+    fn accept_all(group: &[&TcpListener], n: usize, limit: Duration) -> Vec<mio::net::TcpStream> {
         let until = std::time::Instant::now() + limit;
-        loop {
-            match socket.accept() {
-                Ok((s, _)) => return s,
-                Err(e)
-                    if e.kind() == io::ErrorKind::WouldBlock
-                        && std::time::Instant::now() < until =>
-                {
-                    std::thread::yield_now()
+        let mut accepted = Vec::new();
+        while accepted.len() < n {
+            for socket in group {
+                match socket.accept() {
+                    Ok((s, _)) => accepted.push(s),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("accept: {e}"),
                 }
-                Err(e) => panic!("accept: {e}"),
             }
+            assert!(
+                std::time::Instant::now() < until,
+                "{} of {n} connections accepted in {limit:?}",
+                accepted.len()
+            );
+            std::thread::yield_now();
         }
+        accepted
     }
 }

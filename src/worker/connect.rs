@@ -44,7 +44,7 @@ impl Worker {
             Some(held_back) => tracing::warn!(
                 worker = self.index,
                 relay,
-                listener = listener.label(),
+                listener = %listener.label(),
                 error = %e,
                 similar_warnings_held_back = held_back,
                 "upstream connect failed for the proxy's own want of resources, not the server's; the client is closed"
@@ -69,7 +69,7 @@ impl Worker {
             if let Some(held_back) = self.connect_warnings.allow(now) {
                 tracing::warn!(
                     worker = self.index,
-                    listener = listener.label(),
+                    listener = %listener.label(),
                     error = %e,
                     similar_warnings_held_back = held_back,
                     "internal: cannot set keepalive/user-timeout on the {side} socket"
@@ -99,7 +99,7 @@ impl Worker {
             Some(held_back) => tracing::warn!(
                 worker = self.index,
                 relay,
-                listener = listener.label(),
+                listener = %listener.label(),
                 upstream = %server,
                 error = %e,
                 similar_warnings_held_back = held_back,

@@ -168,7 +168,7 @@ impl Worker {
                     Some(held_back) => tracing::warn!(
                         worker = self.index,
                         relay = id,
-                        listener = listener.label(),
+                        listener = %listener.label(),
                         upstream = upstream.map(tracing::field::display),
                         similar_warnings_held_back = held_back,
                         "TLS client reset: {why}"

@@ -182,7 +182,7 @@ impl Worker {
         self.parking.deadlines.insert((deadline, id), key);
         tracing::debug!(
             relay = id,
-            listener = listener.label(),
+            listener = %listener.label(),
             after_failure,
             "client held until a server of the pool takes it"
         );
@@ -190,7 +190,7 @@ impl Worker {
         if let Some(held_back) = limit.allow(now) {
             tracing::warn!(
                 worker = self.index,
-                listener = listener.label(),
+                listener = %listener.label(),
                 held = self.parking.len(),
                 similar_warnings_held_back = held_back,
                 "holding new clients: no server of the pool takes them now; each waits for one up to the pool's queue-timeout"
@@ -268,14 +268,14 @@ impl Worker {
         );
         self.room_freed(listener.id, now);
         if why == HeldRefusal::Draining {
-            tracing::debug!(listener = listener.label(), client = %addr, "held client closed: {}", why.text());
+            tracing::debug!(listener = %listener.label(), client = %addr, "held client closed: {}", why.text());
             return;
         }
         let limit = self.no_server_warnings.entry(listener.id).or_default();
         if let Some(held_back) = limit.allow(now) {
             tracing::warn!(
                 worker = self.index,
-                listener = listener.label(),
+                listener = %listener.label(),
                 client = %addr,
                 reason = %CloseReason::NoServer,
                 similar_closes_held_back = held_back,
@@ -321,7 +321,7 @@ impl Worker {
         listener.counters(self.index).closed(reason);
         tracing::debug!(
             relay = held.client.accepted.id,
-            listener = listener.label(),
+            listener = %listener.label(),
             reason = %reason,
             "held client gave up"
         );

@@ -54,7 +54,7 @@ impl Worker {
             if let Err(e) = registered {
                 tracing::error!(
                     worker = self.index,
-                    listener = listener.label(),
+                    listener = %listener.label(),
                     error = %e,
                     "internal: cannot register a new listening socket; this worker does not accept on it"
                 );

@@ -73,8 +73,8 @@ impl Worker {
                     if let Some(held_back) = limit.allow(now) {
                         tracing::warn!(
                             worker = self.index,
-                            listener = listener.label(),
-                            pool = pool.name(),
+                            listener = %listener.label(),
+                            pool = pool.name().map(tracing::field::display),
                             client = %client_addr,
                             reason = %reason,
                             similar_closes_held_back = held_back,
@@ -84,7 +84,7 @@ impl Worker {
                 } else {
                     tracing::info!(
                         relay = id,
-                        listener = listener.label(),
+                        listener = %listener.label(),
                         client = %client_addr,
                         reason = %reason,
                         "relay closed"

@@ -93,7 +93,7 @@ impl Worker {
         self.prefaces.wake_by(deadline);
         tracing::info!(
             worker = self.index,
-            listener = listener.label(),
+            listener = %listener.label(),
             client = %p.client_addr,
             servers = sent,
             "postgres cancel request sent to every server of the listener's pools"
