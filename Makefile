@@ -20,6 +20,8 @@ unit:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	# The lean library (no default features) builds clean too.
+	$(CARGO) clippy --no-default-features --lib -- -D warnings
 
 bench:
 	$(CARGO) bench --bench relay
