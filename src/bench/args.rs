@@ -19,6 +19,9 @@ pub enum Workload {
     Rr,
     /// A new connection for each small exchange, closed after it.
     Connect,
+    /// `connect` with a TLS ClientHello first, through a listener that routes
+    /// by its server name and through one without routes.
+    ConnectRouted,
     /// Many open idle relays: the proxy's memory, fds and pipes per relay.
     Idle,
 }
@@ -29,6 +32,7 @@ impl Workload {
             Workload::Bulk => "bulk",
             Workload::Rr => "rr",
             Workload::Connect => "connect",
+            Workload::ConnectRouted => "connect-routed",
             Workload::Idle => "idle",
         }
     }
