@@ -271,5 +271,15 @@ pub fn check(e: &Engine) -> Result<(), String> {
             ""
         };
         format!("{}: no echo through {}: {err}{hint}", e.label, e.addr)
-    })
+    })?;
+    if let Some(addr) = e.routed_addr {
+        let hello = super::clienthello::client_hello(ROUTED_NAMES[0], 0);
+        super::load::request_reply(addr, &hello).map_err(|err| {
+            format!(
+                "{}: no echo through the routed listener {addr}: {err}",
+                e.label
+            )
+        })?;
+    }
+    Ok(())
 }
