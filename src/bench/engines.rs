@@ -17,8 +17,9 @@ pub struct Engine {
     pub label: String,
     /// Where the load connects.
     pub addr: SocketAddr,
-    /// An in-process spliced's second listener, which routes TLS clients by
-    /// server name (with the `connect-routed` workload only).
+    /// A listener that routes TLS clients by server name: an in-process
+    /// spliced's second one (with the `connect-routed` workload only), or
+    /// a target's `--target-routed`.
     pub routed_addr: Option<SocketAddr>,
     handle: Option<ProxyHandle>,
     front: Option<Front>,
@@ -68,9 +69,12 @@ impl Engine {
                 (addr, Some(h))
             }
         };
-        let routed_addr = handle
-            .as_ref()
-            .and_then(|h| h.local_addrs().get(1).copied());
+        let routed_addr = match spec {
+            EngineSpec::Target { routed, .. } => *routed,
+            _ => handle
+                .as_ref()
+                .and_then(|h| h.local_addrs().get(1).copied()),
+        };
         Ok(Engine {
             spec: spec.clone(),
             label,

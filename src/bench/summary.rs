@@ -172,9 +172,10 @@ pub fn compare(r: &Results) -> Vec<Comparison> {
     out
 }
 
-/// What a route decision adds per connection, for each in-process spliced:
-/// the CPU per connection through the routed listener against the plain
-/// one, the same ClientHello and exchange on both.
+/// What a route decision adds per connection, for each engine with a
+/// routed listener whose CPU is read: the CPU per connection through the
+/// routed listener against the plain one, the same ClientHello and
+/// exchange on both.
 fn compare_routing(r: &Results, out: &mut Vec<Comparison>) {
     let hello_case = |routed: bool| {
         r.cases.iter().position(
@@ -192,7 +193,7 @@ fn compare_routing(r: &Results, out: &mut Vec<Comparison>) {
         r.cases[routed].workload.as_str(),
         r.cases[routed].name
     );
-    for e in r.engine_index(|e| e.mode.is_some()) {
+    for e in 0..r.engines.len() {
         let (Some(a), Some(b)) = (
             r.summary(routed, e, Metric::CpuPerConn),
             r.summary(plain, e, Metric::CpuPerConn),
