@@ -23,7 +23,7 @@
 #   BENCH_PATH=veth make bench-peers      # over a 1500-byte veth path (root)
 #   BENCH_PATH=veth2 BENCH_MTU=9000 make bench-peers
 #   RUNS=3 OUT=/tmp/b.md bash scripts/bench-peers.sh
-#   STAGES=main bash scripts/bench-peers.sh   # some of: idle,main,onecpu,pipes,syscalls,logline,iperf3,apps
+#   STAGES=main bash scripts/bench-peers.sh   # some of: idle,main,onecpu,pipes,syscalls,logline,routes,iperf3,apps
 #
 # The stages iperf3 and apps (scripts/bench-apps.sh, loopback only) run last,
 # after these peers are stopped: iperf3, redis-benchmark and pgbench through
@@ -49,7 +49,7 @@ OUT=${OUT:-docs/benchmarks/peers-$BENCH_PATH.md}
 # The iperf3 and apps stages write beside it.
 APPS_OUT=${APPS_OUT:-$(dirname "$OUT")/apps-$BENCH_PATH.md}
 BENCH_MTU=${BENCH_MTU:-1500}
-STAGES=${STAGES:-idle,main,onecpu,pipes,syscalls,logline,iperf3,apps}
+STAGES=${STAGES:-idle,main,onecpu,pipes,syscalls,logline,routes,iperf3,apps}
 BASE_PORT=${BASE_PORT:-19100}
 NCPU=$(nproc)
 PROXY_CPU=${PROXY_CPU:-$((NCPU > 1 ? 1 : 0))}
@@ -76,7 +76,8 @@ apps() {
     RUNS=$RUNS STAGES=$STAGES OUT=$APPS_OUT BENCH_PATH=$BENCH_PATH PROXY_CPU=$PROXY_CPU LOAD_CPU=$LOAD_CPU \
         BENCH_USER=${BENCH_USER:-} bash scripts/bench-apps.sh
 }
-if ! stage idle && ! stage main && ! stage onecpu && ! stage pipes && ! stage syscalls && ! stage logline; then
+if ! stage idle && ! stage main && ! stage onecpu && ! stage pipes && ! stage syscalls && ! stage logline &&
+    ! stage routes; then
     apps
     exit
 fi
@@ -197,6 +198,44 @@ backend be
 EOF
 }
 
+# HAProxy with two frontends: `fe` forwards at once, as haproxy_cfg's do;
+# `fe-routed` waits for the TLS ClientHello and routes by its server name as
+# `spliced bench`'s routed listener does (connect-routed): a.db.example,
+# exactly one label before .olap.db.example, b.db.example, else the default;
+# every backend holds the one upstream. HAProxy's default splice setting
+# (none asked for), one thread.
+haproxy_routes_cfg() { # name port routed-port
+    cat >"$WORK/$1.cfg" <<EOF
+global
+    nbthread 1
+    maxconn $MAXCONN
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+frontend fe
+    bind $LISTEN_IP:$2
+    default_backend be-default
+frontend fe-routed
+    bind $LISTEN_IP:$3
+    tcp-request inspect-delay 5s
+    tcp-request content accept if { req.ssl_hello_type 1 }
+    use_backend be-a if { req.ssl_sni -i a.db.example }
+    use_backend be-olap if { req.ssl_sni -m reg -i ^[^.]+\\.olap\\.db\\.example\$ }
+    use_backend be-b if { req.ssl_sni -i b.db.example }
+    default_backend be-default
+backend be-a
+    server up $UPSTREAM
+backend be-olap
+    server up $UPSTREAM
+backend be-b
+    server up $UPSTREAM
+backend be-default
+    server up $UPSTREAM
+EOF
+}
+
 # peer_up PID PORT: the peer runs and listens.
 peer_up() { lib_pid_alive "$1" && port_listening "$2"; }
 
@@ -264,6 +303,16 @@ stream {
 EOF
 start_peer nginx "$port" nginx -e "$WORK/nginx-error.log" -p "$WORK" -c "$WORK/nginx.conf"
 port=$((port + 1))
+
+# The routing peer is started with the others but measured only in the
+# routes stage, so it is kept out of TARGETS.
+ROUTES_PORT=$port
+haproxy_routes_cfg haproxy-routes "$ROUTES_PORT" "$((ROUTES_PORT + 1))"
+start_peer haproxy-routes "$ROUTES_PORT" haproxy -db -f "$WORK/haproxy-routes.cfg"
+ROUTES_TARGET=("${TARGETS[@]: -4}" --target-routed "$LISTEN_IP:$((ROUTES_PORT + 1))")
+TARGETS=("${TARGETS[@]:0:${#TARGETS[@]}-4}")
+unset 'NAMES[-1]'
+port=$((ROUTES_PORT + 2))
 
 start_peer socat "$port" socat "TCP-LISTEN:$port,bind=$LISTEN_IP,fork,reuseaddr,backlog=1024,nodelay" "TCP:$UPSTREAM,nodelay"
 port=$((port + 1))
@@ -365,6 +414,15 @@ if stage logline; then
     } >"$WORK/logline.txt"
 fi
 
+if stage routes; then
+    # The same ClientHello and 64 B through a listener without routes and one
+    # that routes by server name: spliced (its second listener) and HAProxy
+    # (fe and fe-routed of one process).
+    lib_log "routes: connect-routed, spliced (splice, copy), direct and haproxy-routes"
+    bench "$LOAD_CPU" -w connect-routed -e splice,copy,direct,target --pin-proxy "$PROXY_CPU" \
+        "${ROUTES_TARGET[@]}" >"$WORK/routes.txt"
+fi
+
 # --- write docs/benchmarks/peers-PATH.md ----------------------------------------
 section() { # title file
     [[ -f $2 ]] || return 0
@@ -395,6 +453,7 @@ fi
     section "spliced's pipe size" "$WORK/pipes.txt"
     section "Syscalls per relayed message and per connection (strace -c on each proxy but socat; one short run)" "$WORK/syscalls.txt"
     section "Connections with the close line on and off (spliced's CPU includes its log writer thread)" "$WORK/logline.txt"
+    section "What routing by server name costs per connection (connect-routed; haproxy-routes: tcp-request inspect-delay and req.ssl_sni)" "$WORK/routes.txt"
     echo "<!-- $MARK:end -->"
 } >"$WORK/section.md"
 

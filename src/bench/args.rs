@@ -19,6 +19,9 @@ pub enum Workload {
     Rr,
     /// A new connection for each small exchange, closed after it.
     Connect,
+    /// `connect` with a TLS ClientHello first, through a listener that routes
+    /// by its server name and through one without routes.
+    ConnectRouted,
     /// Many open idle relays: the proxy's memory, fds and pipes per relay.
     Idle,
 }
@@ -29,6 +32,7 @@ impl Workload {
             Workload::Bulk => "bulk",
             Workload::Rr => "rr",
             Workload::Connect => "connect",
+            Workload::ConnectRouted => "connect-routed",
             Workload::Idle => "idle",
         }
     }
@@ -80,6 +84,13 @@ pub struct BenchArgs {
     /// included) are then read from /proc; the n-th --target-pid goes with the n-th --target.
     #[arg(long, value_name = "PID")]
     pub target_pid: Vec<u32>,
+
+    /// A --target's second listener, one that routes TLS clients by server name to
+    /// --upstream (`a.db.example`, `*.olap.db.example`, `b.db.example` and a default):
+    /// what the connect-routed workload's routed case measures; the n-th goes with
+    /// the n-th --target.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub target_routed: Vec<String>,
 
     /// Where the embedded upstream (sink, source and echo server) listens; a --target
     /// must forward there [default: 127.0.0.1:0; with a veth path: 10.201.0.2:0, its
@@ -290,6 +301,8 @@ pub enum EngineSpec {
         name: String,
         addr: SocketAddr,
         pid: Option<u32>,
+        /// Its listener that routes by server name (`--target-routed`).
+        routed: Option<SocketAddr>,
     },
 }
 
@@ -347,14 +360,24 @@ pub fn engine_specs(a: &BenchArgs) -> Result<Vec<EngineSpec>, String> {
             ),
         };
         let addr = crate::config::resolve(addr).map_err(|e| e.to_string())?[0];
+        let routed = match a.target_routed.get(i) {
+            Some(r) => {
+                Some(crate::config::resolve(r).map_err(|e| format!("--target-routed: {e}"))?[0])
+            }
+            None => None,
+        };
         targets.push(EngineSpec::Target {
             name,
             addr,
             pid: a.target_pid.get(i).copied(),
+            routed,
         });
     }
     if a.target_pid.len() > a.target.len() {
         return Err("more --target-pid than --target".into());
+    }
+    if a.target_routed.len() > a.target.len() {
+        return Err("more --target-routed than --target".into());
     }
     let names: Vec<String> = if a.engines.is_empty() {
         if targets.is_empty() {
@@ -501,6 +524,36 @@ mod tests {
         assert!(matches!(specs[4], EngineSpec::Target { pid: None, .. }));
         assert!(engine_specs(&parse(&["-e", "bogus"])).is_err());
         assert!(engine_specs(&parse(&["-e", "target"])).is_err());
+    }
+
+    #[test]
+    fn a_routed_listener_goes_with_its_target() {
+        let a = parse(&[
+            "--target",
+            "haproxy=127.0.0.1:8000",
+            "--target-routed",
+            "127.0.0.1:8001",
+            "--target",
+            "127.0.0.1:8002",
+        ]);
+        let specs = engine_specs(&a).unwrap();
+        let routed: Vec<Option<SocketAddr>> = specs
+            .iter()
+            .filter_map(|s| match s {
+                EngineSpec::Target { routed, .. } => Some(*routed),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(routed, [Some(([127, 0, 0, 1], 8001).into()), None]);
+        let one_too_many = parse(&[
+            "--target",
+            "127.0.0.1:8000",
+            "--target-routed",
+            "127.0.0.1:8001",
+            "--target-routed",
+            "127.0.0.1:8002",
+        ]);
+        assert!(engine_specs(&one_too_many).is_err());
     }
 
     #[test]

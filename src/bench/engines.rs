@@ -4,10 +4,11 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use super::args::{EngineSpec, Settings};
+use super::args::{EngineSpec, Settings, Workload};
 use super::inproc::{self, Front};
 use super::measure;
 use super::netpath::{NetPath, Side};
+use crate::config::{ConfigError, FlagDefaults};
 use crate::{Config, Mode, ProxyHandle, Stats};
 
 /// One engine, ready to take load.
@@ -16,6 +17,10 @@ pub struct Engine {
     pub label: String,
     /// Where the load connects.
     pub addr: SocketAddr,
+    /// A listener that routes TLS clients by server name: an in-process
+    /// spliced's second one (with the `connect-routed` workload only), or
+    /// a target's `--target-routed`.
+    pub routed_addr: Option<SocketAddr>,
     handle: Option<ProxyHandle>,
     front: Option<Front>,
 }
@@ -31,6 +36,7 @@ impl Engine {
     ) -> Result<Engine, String> {
         let listen = path.listen_ip();
         let mut front = None;
+        let routed = s.workloads.contains(&Workload::ConnectRouted);
         let (addr, handle) = match spec {
             EngineSpec::Direct => (upstream, None),
             EngineSpec::Target { addr, .. } => (*addr, None),
@@ -52,17 +58,28 @@ impl Engine {
                 // proxy's namespace.
                 let h = path
                     .run_in(Side::Proxy, || {
-                        start_proxy(*mode, *pipe_size, s.workers, listen, upstream)
+                        let mut cfg = proxy_config(*mode, *pipe_size, s.workers, listen, upstream);
+                        if routed {
+                            add_routed_listener(&mut cfg, listen, upstream)?;
+                        }
+                        crate::start(cfg)
                     })?
                     .map_err(|e| format!("{label}: cannot start spliced: {e}"))?;
                 let addr = h.local_addr();
                 (addr, Some(h))
             }
         };
+        let routed_addr = match spec {
+            EngineSpec::Target { routed, .. } => *routed,
+            _ => handle
+                .as_ref()
+                .and_then(|h| h.local_addrs().get(1).copied()),
+        };
         Ok(Engine {
             spec: spec.clone(),
             label,
             addr,
+            routed_addr,
             handle,
             front,
         })
@@ -170,11 +187,63 @@ pub fn start_proxy(
     listen: IpAddr,
     upstream: SocketAddr,
 ) -> Result<ProxyHandle, crate::StartError> {
+    crate::start(proxy_config(mode, pipe_size, workers, listen, upstream))
+}
+
+fn proxy_config(
+    mode: Mode,
+    pipe_size: usize,
+    workers: usize,
+    listen: IpAddr,
+    upstream: SocketAddr,
+) -> Config {
     let listen = SocketAddr::new(listen, 0);
     let mut cfg = Config::single(listen, vec![upstream], mode);
     cfg.workers = workers;
     cfg.pipe_size = pipe_size;
-    crate::start(cfg)
+    cfg
+}
+
+/// The server names of the routed listener's routes, in table order; the
+/// `connect-routed` load asks for the last, so every route is tried.
+pub const ROUTED_NAMES: [&str; 3] = ["a.db.example", "*.olap.db.example", "b.db.example"];
+
+/// Adds a second listener to `cfg`, in the mode of its first, as a config
+/// file would write it: `protocol = "tls"`, a server-name route per
+/// [`ROUTED_NAMES`] and a default route, each to its own named pool that
+/// holds the one upstream.
+fn add_routed_listener(
+    cfg: &mut Config,
+    listen: IpAddr,
+    upstream: SocketAddr,
+) -> Result<(), crate::StartError> {
+    let mut text = String::new();
+    let pools: Vec<String> = (0..=ROUTED_NAMES.len())
+        .map(|i| format!("pool-{i}"))
+        .collect();
+    for p in &pools {
+        text += &format!("[[pool]]\nname = \"{p}\"\nservers = [\"{upstream}\"]\n\n");
+    }
+    let listen = SocketAddr::new(listen, 0);
+    text +=
+        &format!("[[listener]]\nname = \"routed\"\nlisten = \"{listen}\"\nprotocol = \"tls\"\n\n");
+    for (name, pool) in ROUTED_NAMES.iter().zip(&pools) {
+        text += &format!("[[listener.route]]\nserver-name = \"{name}\"\npool = \"{pool}\"\n\n");
+    }
+    text += &format!(
+        "[[listener.route]]\npool = \"{}\"\n",
+        pools[ROUTED_NAMES.len()]
+    );
+    let parsed = crate::config::parse_str(&text, &FlagDefaults::default())
+        .map_err(|e| crate::StartError::Config(ConfigError(format!("the routed listener: {e:?}"))))?
+        .config;
+    let mode = cfg.listeners[0].mode;
+    for mut l in parsed.listeners {
+        l.mode = mode;
+        cfg.listeners.push(l);
+    }
+    cfg.pools.extend(parsed.pools);
+    Ok(())
 }
 
 /// Pins every spliced worker thread of this process (named `spliced-w*`) to
@@ -206,5 +275,15 @@ pub fn check(e: &Engine) -> Result<(), String> {
             ""
         };
         format!("{}: no echo through {}: {err}{hint}", e.label, e.addr)
-    })
+    })?;
+    if let Some(addr) = e.routed_addr {
+        let hello = super::clienthello::client_hello(ROUTED_NAMES[0], 0);
+        super::load::request_reply(addr, &hello).map_err(|err| {
+            format!(
+                "{}: no echo through the routed listener {addr}: {err}",
+                e.label
+            )
+        })?;
+    }
+    Ok(())
 }

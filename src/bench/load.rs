@@ -198,7 +198,8 @@ impl PingPong {
     }
 }
 
-/// Connection churn: threads that connect, exchange 64 bytes, close, until stopped.
+/// Connection churn: threads that connect, exchange 64 bytes (after an
+/// opening, if one is given), close, until stopped.
 pub struct Churn {
     stop: Arc<AtomicBool>,
     pub done: Arc<AtomicU64>,
@@ -206,17 +207,18 @@ pub struct Churn {
 }
 
 impl Churn {
-    pub fn start(addr: SocketAddr, threads: usize) -> io::Result<Churn> {
+    pub fn start(addr: SocketAddr, threads: usize, opening: &[u8]) -> io::Result<Churn> {
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicU64::new(0));
         let mut handles = Vec::new();
         for _ in 0..threads {
             let (stop, done) = (Arc::clone(&stop), Arc::clone(&done));
+            let opening = opening.to_vec();
             let t = std::thread::Builder::new()
                 .name("bench-churn".into())
                 .spawn(move || {
                     while !stop.load(Relaxed) {
-                        request_reply(addr)?;
+                        request_reply(addr, &opening)?;
                         done.fetch_add(1, Relaxed);
                     }
                     Ok(())
@@ -250,10 +252,22 @@ impl Churn {
 /// `connect` iteration. The server closes first, so the client's ephemeral
 /// ports do not pile up in TIME_WAIT (on loopback they would run out within
 /// seconds at tens of thousands of connections a second).
-pub fn request_reply(addr: SocketAddr) -> io::Result<()> {
+///
+/// A non-empty `opening` (a TLS ClientHello) is sent first and read back
+/// whole, as the upstream echoes it, before the 64 bytes: the client waits
+/// for the server's answer to its hello as a TLS client does.
+pub fn request_reply(addr: SocketAddr, opening: &[u8]) -> io::Result<()> {
     let mut s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
+    if !opening.is_empty() {
+        s.write_all(opening)?;
+        let mut echoed = vec![0u8; opening.len()];
+        s.read_exact(&mut echoed)?;
+        if echoed != opening {
+            return Err(io::Error::other("the opening came back changed"));
+        }
+    }
     let mut msg = [0x42u8; 72];
     msg[..8].copy_from_slice(&hello_with(Op::Reply, 64));
     s.write_all(&msg)?;

@@ -16,6 +16,7 @@
 //! | [`load`] | client connections: bulk, ping-pong, churn |
 //! | `engines` | spliced in-process, a `--target`, or `direct` |
 //! | `workloads` | the cases and one measured run of each |
+//! | `clienthello` | the TLS ClientHello of the routed connect workload |
 //! | `idle` | idle relays measured in a child process |
 //! | `measure` | /proc readers, medians and percentiles |
 //! | `netpath` | `--path`: loopback, or network namespaces joined by veth pairs |
@@ -25,6 +26,7 @@
 //! | `report`, `summary`, `plot`, `sysinfo` | what is printed and drawn |
 
 mod args;
+mod clienthello;
 mod engines;
 mod floor;
 mod idle;
@@ -231,6 +233,11 @@ fn run_bench(args: &BenchArgs) -> Result<ExitCode, String> {
                     CaseKind::Connect { threads } => {
                         Some(workloads::connect(e, &up, threads, &settings))
                     }
+                    CaseKind::ConnectHello {
+                        threads,
+                        hello,
+                        routes,
+                    } => workloads::connect_hello(e, &up, (threads, hello, routes > 0), &settings),
                     CaseKind::Idle { relays } => {
                         idle::run(&e.spec, relays, &settings, up.addr(), &path)
                     }

@@ -50,6 +50,7 @@ fn line(case: &str, text: String, ratio: Option<f64>) -> Comparison {
 pub fn compare(r: &Results) -> Vec<Comparison> {
     let mut out = Vec::new();
     compare_embedding(r, &mut out);
+    compare_routing(r, &mut out);
     let Some(sp) = r.main_splice() else {
         return out;
     };
@@ -169,6 +170,46 @@ pub fn compare(r: &Results) -> Vec<Comparison> {
         }
     }
     out
+}
+
+/// What a route decision adds per connection, for each engine with a
+/// routed listener whose CPU is read: the CPU per connection through the
+/// routed listener against the plain one, the same ClientHello and
+/// exchange on both.
+fn compare_routing(r: &Results, out: &mut Vec<Comparison>) {
+    let hello_case = |routed: bool| {
+        r.cases.iter().position(
+            |c| matches!(c.kind, CaseKind::ConnectHello { routes, .. } if (routes > 0) == routed),
+        )
+    };
+    let (Some(plain), Some(routed)) = (hello_case(false), hello_case(true)) else {
+        return;
+    };
+    let CaseKind::ConnectHello { routes, .. } = r.cases[routed].kind else {
+        return;
+    };
+    let name = format!(
+        "{} {}",
+        r.cases[routed].workload.as_str(),
+        r.cases[routed].name
+    );
+    for e in 0..r.engines.len() {
+        let (Some(a), Some(b)) = (
+            r.summary(routed, e, Metric::CpuPerConn),
+            r.summary(plain, e, Metric::CpuPerConn),
+        ) else {
+            continue;
+        };
+        let added = added_text(noise::difference(&a, &b));
+        out.push(line(
+            &name,
+            format!(
+                "{} CPU per connection added by routing ({routes} server-name routes): {added} ({:.1} vs {:.1} µs/conn without routes)",
+                r.engines[e].label, a.median, b.median
+            ),
+            None,
+        ));
+    }
 }
 
 /// Handing pairs to a spliced runtime against the in-process tokio

@@ -3,7 +3,10 @@
 //!
 //! A connection says what it wants in an 8-byte hello ([`hello`]); until then
 //! it costs the server nothing but its slab entry, so idle relays stay cheap
-//! on the load side. The sink discards with `recv(MSG_TRUNC)`, which drops the
+//! on the load side. A TLS handshake record ahead of the hello (a
+//! ClientHello) is echoed whole before the hello is read: its first byte
+//! answers a router's wait for the server's TLS record, as a ServerHello
+//! would. The sink discards with `recv(MSG_TRUNC)`, which drops the
 //! bytes in the kernel without copying them, so the load generator spends as
 //! little CPU as it can and the proxy's share stands out.
 
@@ -17,6 +20,8 @@ use std::time::Duration;
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
+
+use super::clienthello::TLS_HANDSHAKE;
 
 /// What a connection asks of the upstream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,6 +109,8 @@ struct Conn {
     pending: Vec<u8>,
     /// Reply: bytes still to echo before closing; then whether the FIN is sent.
     left: u32,
+    /// Bytes of a leading TLS record still to echo before the hello.
+    record_left: u32,
     fin_sent: bool,
 }
 
@@ -225,6 +232,7 @@ fn accept_all(
                     op: None,
                     pending: Vec::new(),
                     left: 0,
+                    record_left: 0,
                     fin_sent: false,
                 });
                 c.accepted.fetch_add(1, Relaxed);
@@ -257,26 +265,46 @@ fn drive(
     trunc: &mut [MaybeUninit<u8>],
     source: &[u8],
 ) -> io::Result<bool> {
-    let op = match conn.op {
-        Some(op) => op,
-        None => {
-            while (conn.hello_len as usize) < conn.hello.len() {
-                match conn.stream.read(&mut conn.hello[conn.hello_len as usize..]) {
-                    Ok(0) => return Ok(false),
-                    Ok(n) => conn.hello_len += n as u8,
-                    Err(e) if would_block(&e) => return Ok(true),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            let Some(op) = parse_hello(&conn.hello) else {
-                return Ok(false);
-            };
-            conn.op = Some(op);
-            conn.left =
-                u32::from_le_bytes([conn.hello[4], conn.hello[5], conn.hello[6], conn.hello[7]]);
-            op
+    let op = loop {
+        if let Some(op) = conn.op {
+            break op;
         }
+        if conn.record_left > 0 || !conn.pending.is_empty() {
+            if !echo_record(conn, c, scratch)? {
+                return Ok(true);
+            }
+            continue;
+        }
+        while (conn.hello_len as usize) < conn.hello.len() {
+            match conn.stream.read(&mut conn.hello[conn.hello_len as usize..]) {
+                Ok(0) => return Ok(false),
+                Ok(n) => conn.hello_len += n as u8,
+                Err(e) if would_block(&e) => return Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            let got = conn.hello_len as usize;
+            if got >= 5 && conn.hello[0] == TLS_HANDSHAKE {
+                let record = 5 + u32::from(u16::from_be_bytes([conn.hello[3], conn.hello[4]]));
+                // What was read past a record this short is not a hello either.
+                let Some(left) = record.checked_sub(got as u32) else {
+                    return Ok(false);
+                };
+                conn.pending.extend_from_slice(&conn.hello[..got]);
+                conn.record_left = left;
+                conn.hello_len = 0;
+                break;
+            }
+        }
+        if conn.hello_len == 0 {
+            continue;
+        }
+        let Some(op) = parse_hello(&conn.hello) else {
+            return Ok(false);
+        };
+        conn.op = Some(op);
+        conn.left =
+            u32::from_le_bytes([conn.hello[4], conn.hello[5], conn.hello[6], conn.hello[7]]);
     };
     match op {
         Op::Sink => sink(conn, c, trunc),
@@ -292,6 +320,37 @@ fn drive(
             pump(conn, c, &source[..write])
         }
         Op::Echo | Op::Reply => echo(conn, c, scratch),
+    }
+}
+
+/// Echoes the rest of a leading TLS record; true once all of it is back.
+fn echo_record(conn: &mut Conn, c: &UpstreamCounters, scratch: &mut [u8]) -> io::Result<bool> {
+    loop {
+        while !conn.pending.is_empty() {
+            match conn.stream.write(&conn.pending) {
+                Ok(n) => {
+                    c.echoed.fetch_add(n as u64, Relaxed);
+                    conn.pending.drain(..n);
+                }
+                Err(e) if would_block(&e) => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if conn.record_left == 0 {
+            return Ok(true);
+        }
+        let want = scratch.len().min(conn.record_left as usize);
+        match conn.stream.read(&mut scratch[..want]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                conn.record_left -= n as u32;
+                conn.pending.extend_from_slice(&scratch[..n]);
+            }
+            Err(e) if would_block(&e) => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -429,9 +488,32 @@ mod tests {
     fn reply_closes_after_the_named_bytes() {
         let up = Upstream::start(([127, 0, 0, 1], 0).into()).unwrap();
         for _ in 0..3 {
-            crate::bench::load::request_reply(up.addr()).unwrap();
+            crate::bench::load::request_reply(up.addr(), &[]).unwrap();
         }
         assert!(up.wait_open_at_most(0, Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_leading_tls_record_is_echoed_before_the_hello() {
+        let up = Upstream::start(([127, 0, 0, 1], 0).into()).unwrap();
+        let record = crate::bench::clienthello::client_hello("a.example", 517);
+        for _ in 0..2 {
+            crate::bench::load::request_reply(up.addr(), &record).unwrap();
+        }
+        // Written a byte at a time, the record is still echoed whole.
+        let mut c = std::net::TcpStream::connect(up.addr()).unwrap();
+        c.set_nodelay(true).unwrap();
+        for b in &record {
+            c.write_all(&[*b]).unwrap();
+        }
+        let mut back = vec![0u8; record.len()];
+        c.read_exact(&mut back).unwrap();
+        assert_eq!(back, record);
+        c.write_all(&hello_with(Op::Reply, 3)).unwrap();
+        c.write_all(b"abc").unwrap();
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, b"abc");
     }
 
     #[test]

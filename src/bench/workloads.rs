@@ -4,7 +4,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use super::args::{size_human, Settings, Workload};
-use super::engines::Engine;
+use super::clienthello::{client_hello, OPENSSL_HELLO_LEN};
+use super::engines::{Engine, ROUTED_NAMES};
 use super::load::{Bulk, Churn, PingPong, Way};
 use super::measure::percentile;
 use super::upstream::Upstream;
@@ -101,6 +102,14 @@ pub enum CaseKind {
     Connect {
         threads: usize,
     },
+    /// `connect` opened with a ClientHello of `hello` bytes, through a
+    /// listener with `routes` server-name routes and a default route, or
+    /// (`routes` 0) through the plain listener.
+    ConnectHello {
+        threads: usize,
+        hello: usize,
+        routes: usize,
+    },
     Idle {
         relays: usize,
     },
@@ -126,7 +135,9 @@ impl Case {
                 Metric::Gbps,
                 Metric::CpuPerGib,
             ],
-            CaseKind::Connect { .. } => &[Metric::ConnPerSec, Metric::CpuPerConn],
+            CaseKind::Connect { .. } | CaseKind::ConnectHello { .. } => {
+                &[Metric::ConnPerSec, Metric::CpuPerConn]
+            }
             CaseKind::Idle { .. } => &[
                 Metric::Relays,
                 Metric::BytesPerRelay,
@@ -188,6 +199,27 @@ pub fn cases(s: &Settings) -> Vec<Case> {
                     threads: s.connect_threads,
                 },
             }),
+            Workload::ConnectRouted => {
+                for routes in [0, ROUTED_NAMES.len()] {
+                    let via = if routes == 0 {
+                        "no routes".to_string()
+                    } else {
+                        format!("{routes} server-name routes + default")
+                    };
+                    out.push(Case {
+                        workload: *w,
+                        name: format!(
+                            "{} threads, {OPENSSL_HELLO_LEN} B hello + 64 B, {via}",
+                            s.connect_threads
+                        ),
+                        kind: CaseKind::ConnectHello {
+                            threads: s.connect_threads,
+                            hello: OPENSSL_HELLO_LEN,
+                            routes,
+                        },
+                    });
+                }
+            }
             Workload::Idle => out.push(Case {
                 workload: *w,
                 name: format!("{} relays", s.idle_relays),
@@ -315,14 +347,44 @@ pub fn rr(e: &Engine, up: &Upstream, size: usize, s: &Settings) -> Result<Figure
 
 /// One connect run: threads that connect, exchange 64 bytes and close.
 pub fn connect(e: &Engine, up: &Upstream, threads: usize, s: &Settings) -> Result<Figures, String> {
+    churn(e.addr, e, up, threads, &[], s).map_err(|err| format!("connect: {err}"))
+}
+
+/// One connect run opened with a ClientHello of `hello` bytes: through the
+/// engine's routed listener (`routed`), whose last server-name route the
+/// hello asks for, or through its plain listener. `None`: the engine has
+/// no routed listener.
+pub fn connect_hello(
+    e: &Engine,
+    up: &Upstream,
+    (threads, hello, routed): (usize, usize, bool),
+    s: &Settings,
+) -> Option<Result<Figures, String>> {
+    let (addr, name) = match (routed, e.routed_addr) {
+        (false, _) => (e.addr, "plain.db.example"),
+        (true, Some(addr)) => (addr, ROUTED_NAMES[ROUTED_NAMES.len() - 1]),
+        (true, None) => return None,
+    };
+    let opening = client_hello(name, hello);
+    Some(churn(addr, e, up, threads, &opening, s).map_err(|err| format!("connect: {err}")))
+}
+
+fn churn(
+    addr: std::net::SocketAddr,
+    e: &Engine,
+    up: &Upstream,
+    threads: usize,
+    opening: &[u8],
+    s: &Settings,
+) -> Result<Figures, String> {
     settle(up)?;
-    let churn = Churn::start(e.addr, threads).map_err(|err| format!("connect: {err}"))?;
+    let churn = Churn::start(addr, threads, opening).map_err(|err| err.to_string())?;
     std::thread::sleep(s.warmup);
     let (n0, cpu0, t0) = (churn.done.load(Relaxed), e.cpu(), Instant::now());
     std::thread::sleep(s.duration);
     let (n1, dt) = (churn.done.load(Relaxed), t0.elapsed().as_secs_f64());
     let cpu = cpu_delta(e, cpu0);
-    churn.stop().map_err(|err| format!("connect: {err}"))?;
+    churn.stop().map_err(|err| err.to_string())?;
     let n = n1.saturating_sub(n0) as f64;
     if n == 0.0 {
         return Err("no connection completed".into());
