@@ -31,14 +31,13 @@ impl Worker {
             }
             match relay.core.expired(relay.timeouts(), now) {
                 None => self.arm(entry.key),
-                Some(Expiry::Connect) => {
-                    let e = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
-                    self.next_connect_attempt(entry.key, e, now);
-                }
-                Some(Expiry::Idle) => self.close(entry.key, CloseReason::Idle, None, now),
-                Some(Expiry::FinTimeout) => {
-                    self.close(entry.key, CloseReason::FinTimeout, None, now)
-                }
+                Some(expiry) => match expiry_reason(expiry) {
+                    Some(reason) => self.close(entry.key, reason, None, now),
+                    None => {
+                        let e = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+                        self.next_connect_attempt(entry.key, e, now);
+                    }
+                },
             }
         }
     }
