@@ -36,7 +36,11 @@ use crate::listener::{Admission, Listener};
 use crate::stats::{CloseReason, CounterBlock, ServerBlock};
 use crate::sys::shared::Placed;
 use crate::upstream::{Pool, Round};
-use report::{RelayReport, Reporter};
+use report::{ClosedLine, RelayReport, Reporter, Traffic};
+
+/// The target of every relay's lines (`spliced::relay`), whichever module
+/// logs them.
+const LOG_TARGET: &str = module_path!();
 
 /// A relay's sockets, slots and the worker's pools, as [`PairIo`].
 struct RelayIo<'r> {
@@ -524,23 +528,23 @@ impl Relay {
                 error: error.map(|e| Arc::new(e.duplicate())),
             });
         }
-        tracing::info!(
-            relay = self.id,
-            client = self.client_addr.map(tracing::field::display),
-            listener = %self.listener.label(),
-            upstream = self.upstream_addr.map(tracing::field::display),
-            bytes_c2u = c2u.bytes_out(),
-            bytes_u2c = u2c.bytes_out(),
-            duration_ms,
-            engine_c2u = %self.engine_label(Peer::Client),
-            engine_u2c = %self.engine_label(Peer::Upstream),
-            route = self.route.as_ref().map(|r| r.position),
-            server_name = self.route.as_ref().and_then(|r| r.server_name.as_deref()),
-            reason = %reason,
-            // Recorded only when there is one: `None` adds no field.
-            error = error.map(tracing::field::display),
-            "relay closed"
-        );
+        ClosedLine {
+            relay: self.id,
+            client: self.client_addr,
+            listener: self.listener.label(),
+            upstream: self.upstream_addr,
+            traffic: Some(Traffic {
+                bytes_c2u: c2u.bytes_out(),
+                bytes_u2c: u2c.bytes_out(),
+                duration_ms,
+                engine_c2u: self.engine_label(Peer::Client),
+                engine_u2c: self.engine_label(Peer::Upstream),
+            }),
+            route: self.route.as_deref(),
+            reason,
+            error,
+        }
+        .log();
         plan
     }
 

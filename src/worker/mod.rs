@@ -43,7 +43,7 @@ use crate::engine::Pools;
 use crate::error::{is_local_error, Op, RelayError, Side};
 use crate::listener::{Admission, Listener, Refused};
 use crate::pgwire;
-use crate::relay::report::Reporter;
+use crate::relay::report::{ClosedLine, Reporter};
 use crate::relay::{
     self, expiry_reason, failure_reason, Accepted, Next, Peer, Readiness, Relay, RouteTag,
     Unstarted,

@@ -82,13 +82,17 @@ impl Worker {
                         );
                     }
                 } else {
-                    tracing::info!(
-                        relay = id,
-                        listener = listener.label(),
-                        client = %client_addr,
-                        reason = %reason,
-                        "relay closed"
-                    );
+                    ClosedLine {
+                        relay: id,
+                        client: Some(client_addr),
+                        listener: listener.label(),
+                        upstream: None,
+                        traffic: None,
+                        route: None,
+                        reason,
+                        error: None,
+                    }
+                    .log();
                 }
                 let Unstarted {
                     accepted,
