@@ -88,15 +88,12 @@ impl Worker {
                 let kept = relay.close_keeping_client(reason, error, now, &mut self.pools);
                 if let Some((mut client, client_addr, first_bytes)) = kept {
                     let _ = self.poll.registry().deregister(&mut client);
-                    self.turn_away(
+                    let leaving = farewell::Leaving {
                         client,
                         client_addr,
-                        &runtime,
-                        Some(&*pool),
-                        first_bytes,
-                        why,
-                        now,
-                    );
+                        preread: first_bytes,
+                    };
+                    self.turn_away(leaving, &runtime, Some(&*pool), why, now);
                 }
             }
             None if relay.negotiation.is_some() => {

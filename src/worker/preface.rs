@@ -31,6 +31,7 @@ use mio::net::TcpStream;
 use mio::Interest;
 use slab::Slab;
 
+use super::start::Arrival;
 use super::Worker;
 use crate::config::{format_duration, Protocol, SendProxy};
 use crate::listener::{Admission, Listener, Reservation};
@@ -300,17 +301,16 @@ impl Worker {
                     self.refuse_unrouted(client, addr, &listener, "no route matches", now);
                     return;
                 };
-                self.start_relay(
+                let arrival = Arrival {
                     client,
-                    addr,
-                    None,
+                    client_addr: addr,
+                    local: None,
                     listener,
                     admission,
-                    Vec::new(),
-                    now,
-                    to,
-                    now,
-                )
+                    preread: Vec::new(),
+                    since: now,
+                };
+                self.start_relay(arrival, to, now)
             }
             Err(refused) => self.refuse(client, addr, &listener, refused, Vec::new(), now),
         }
@@ -535,17 +535,16 @@ impl Worker {
             self.refuse_unrouted(client, client_addr, &listener, &why, now);
             return;
         };
-        self.start_relay(
+        let arrival = Arrival {
             client,
             client_addr,
             local,
             listener,
             admission,
-            buf,
-            accepted_at,
-            to,
-            now,
-        );
+            preread: buf,
+            since: accepted_at,
+        };
+        self.start_relay(arrival, to, now);
     }
 
     /// Resets a client whose opening cannot be routed.
