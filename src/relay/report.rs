@@ -53,7 +53,10 @@ impl ClosedLine<'_> {
             engine_c2u = traffic.map(|t| tracing::field::display(t.engine_c2u)),
             engine_u2c = traffic.map(|t| tracing::field::display(t.engine_u2c)),
             route = self.route.map(|r| r.position),
-            server_name = self.route.and_then(|r| r.server_name.as_deref()),
+            server_name = self
+                .route
+                .and_then(|r| r.server_name.as_deref())
+                .map(tracing::field::display),
             reason = %self.reason,
             error = self.error.map(tracing::field::display),
             "relay closed"
