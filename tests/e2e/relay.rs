@@ -79,7 +79,7 @@ pub fn stops_cleanly(mut proxy: Proxy) {
 }
 
 /// The close counters, for a failure message.
-fn closes_of(proxy: &Proxy) -> String {
+pub fn closes_of(proxy: &Proxy) -> String {
     proxy
         .metrics()
         .lines()

@@ -153,9 +153,10 @@ fn pg_clients_through_spliced(mode: &str) {
     assert_eq!(
         n - eof,
         0,
-        "[{mode}] of {n} relays closed for {} transactions, {} closed with a reason other than eof",
+        "[{mode}] of {n} relays closed for {} transactions, {} closed with a reason other than eof; /metrics:\n{}",
         churn.xacts,
-        n - eof
+        n - eof,
+        super::closes_of(&proxy)
     );
 
     // COPY TO STDOUT, 45 MB: the same bytes as read directly.
