@@ -132,6 +132,14 @@ fn pg_clients_through_spliced(mode: &str) {
 
     // A connection per transaction: each relay closes, every one at eof
     // (pgbench ends each connection with Terminate, then a close).
+    // The baseline is two reads: first every relay of the steps before
+    // (the ledger's psql, pgbench's last sessions) must have closed, or
+    // one closing between the reads counts as eof but not as closed.
+    crate::common::wait_until(
+        Duration::from_secs(10),
+        "the pg listener has no live relay before the churn",
+        || proxy.metric_sum("spliced_connections_active", &[("listener", "pg")]) == 0.0,
+    );
     let (before, eof0) = (
         closed(&proxy, "pg", None),
         closed(&proxy, "pg", Some("eof")),
