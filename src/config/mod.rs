@@ -73,18 +73,35 @@ impl fmt::Display for Mode {
 }
 
 impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ModeError;
+    fn from_str(s: &str) -> Result<Self, ModeError> {
         match s {
             "splice" => Ok(Mode::Splice),
             "copy" => Ok(Mode::Copy),
             "auto" => Ok(Mode::Auto),
-            other => Err(format!(
-                "unknown mode '{other}' (expected splice, copy or auto)"
-            )),
+            other => Err(ModeError::Unknown(other.to_string())),
         }
     }
 }
+
+/// Why a text is no [`Mode`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModeError {
+    /// The text names no mode.
+    Unknown(String),
+}
+
+impl fmt::Display for ModeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ModeError::Unknown(text) => {
+                write!(f, "unknown mode '{text}' (expected splice, copy or auto)")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ModeError {}
 
 /// Deadlines of one listener's relays. `None` disables a deadline.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -484,5 +501,16 @@ mod tests {
         c.listeners.pop();
         c.workers = 0;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn an_unknown_mode_is_a_typed_error_with_the_choices() {
+        assert_eq!("auto".parse::<Mode>(), Ok(Mode::Auto));
+        let e = "zero-copy".parse::<Mode>().unwrap_err();
+        assert_eq!(e, ModeError::Unknown("zero-copy".to_string()));
+        assert_eq!(
+            e.to_string(),
+            "unknown mode 'zero-copy' (expected splice, copy or auto)"
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! Checks shared by both drivers.
 
 use crate::error::{Op, RelayError, Side};
-use crate::relay::{DirState, Direction, Resets};
+use crate::relay::{ClosePlan, DirState, Direction, SocketEnd};
 use crate::stats::CloseReason;
 
 use super::engine::{Call, Discard, Engine};
@@ -108,12 +108,17 @@ pub(crate) fn check_error(e: &RelayError, from: Side, to: Side, io: &Engine) {
     assert_eq!(e.source.kind(), kind, "error kind changed on the way up");
 }
 
-/// The direction's part of the relay close after an error: the buffer goes
-/// back (pooled only if empty); nothing stays held.
-pub(super) fn close_direction(d: &Direction, io: &mut Engine) -> Discard {
-    let done = io.discard(d.pending());
+/// The direction's part of the relay close, with the `pending` bytes the
+/// close plan says it holds: the buffer goes back (pooled only if empty);
+/// nothing stays held.
+pub(super) fn close_direction(pending: usize, io: &mut Engine) -> Discard {
+    assert_eq!(
+        pending, io.buffered,
+        "the close plan's pending differs from the bytes buffered"
+    );
+    let done = io.discard(pending);
     assert!(!io.holding);
-    if d.pending() > 0 {
+    if pending > 0 {
         assert_eq!(
             done,
             Discard::Closed,
@@ -123,23 +128,21 @@ pub(super) fn close_direction(d: &Direction, io: &mut Engine) -> Discard {
     done
 }
 
-/// The close decision, checked against the engines' books rather than the
-/// directions' states. `toward_client` is the upstream→client engine,
+/// The core's close plan, checked against the engines' books rather than
+/// the directions' states. `toward_client` is the upstream→client engine,
 /// `toward_upstream` the client→upstream one. A side reads a clean EOF
 /// only if its direction's source really sent FIN and it was forwarded
 /// after every byte; beyond that, a failure resets both sides, a cut by
 /// spliced every side whose peer has not finished, and a lapse (both FINs
 /// forwarded, an inactivity deadline) only a side lacking bytes or a FIN.
-pub(crate) fn check_resets(
-    reason: CloseReason,
-    resets: Resets,
-    toward_client: &Engine,
-    toward_upstream: &Engine,
-) {
-    for (reset, io, side) in [
-        (resets.client, toward_client, "client"),
-        (resets.upstream, toward_upstream, "upstream"),
+/// A side not reset gets its FIN from the close unless one was forwarded.
+pub(crate) fn check_close_plan(plan: &ClosePlan, toward_client: &Engine, toward_upstream: &Engine) {
+    let reason = plan.reason;
+    for (end, io, side) in [
+        (plan.client, toward_client, "client"),
+        (plan.upstream, toward_upstream, "upstream"),
     ] {
+        let reset = end == SocketEnd::Reset;
         let all_delivered = io.drained == io.filled;
         let fin_through = io.source_eof && io.shutdowns == 1 && all_delivered;
         let lacking = !all_delivered || (io.source_eof && !fin_through);
@@ -164,5 +167,18 @@ pub(crate) fn check_resets(
             "{reason}: the {side} (delivered {} of {}, source EOF {}, FINs {}) reset: {reset}",
             io.drained, io.filled, io.source_eof, io.shutdowns
         );
+        if !reset {
+            let fin_forwarded = io.shutdowns == 1;
+            let expected = if fin_forwarded {
+                SocketEnd::Close
+            } else {
+                SocketEnd::Fin
+            };
+            assert_eq!(
+                end, expected,
+                "{reason}: the {side} (FINs {})",
+                io.shutdowns
+            );
+        }
     }
 }

@@ -173,7 +173,7 @@ pub(super) fn check_mode_text(text: &str) {
         Ok(mode) => assert_eq!(mode.as_str(), text),
         Err(msg) => {
             assert!(text != "splice" && text != "copy");
-            assert!(msg.contains("unknown mode"));
+            assert!(msg.to_string().contains("unknown mode"));
         }
     }
 }

@@ -74,7 +74,7 @@ impl DirRun {
             }
             Err(e) => {
                 check_error(&e, self.from, self.to, &self.io);
-                let done = close_direction(&self.d, &mut self.io);
+                let done = close_direction(self.d.pending(), &mut self.io);
                 self.error = Some((e.side, e.op, done));
                 false
             }

@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 use crate::config::Timeouts;
 use crate::error::{Op, Side};
 use crate::relay::{
-    Activity, DirState, Expiry, Next, PairIo, Peer, RelayCore, Resets, PUMP_BUDGET,
+    expiry_reason, failure_reason, Activity, ClosePlan, DirState, Expiry, Next, PairIo, Peer,
+    RelayCore, PUMP_BUDGET,
 };
 use crate::stats::CloseReason;
 
-use super::checks::{check_books, check_error, check_resets, check_waiting, close_direction};
+use super::checks::{check_books, check_close_plan, check_error, check_waiting, close_direction};
 use super::engine::{Discard, Engine, Step};
 
 /// The two directions' engines, as `pump_pair` wants them.
@@ -85,8 +86,9 @@ pub(crate) struct PairOutcome {
     pub(crate) drained: [u64; 2],
     pub(crate) discards: [Option<Discard>; 2],
     pub(crate) pumps: usize,
-    /// Why the relay closed and whom the core reset, if it closed.
-    pub(crate) closed: Option<(CloseReason, Resets)>,
+    /// The core's close plan (why, and what became of each socket), if
+    /// the relay closed.
+    pub(crate) closed: Option<ClosePlan>,
 }
 
 struct PairRun {
@@ -98,7 +100,7 @@ struct PairRun {
     expired: Option<Expiry>,
     finished: bool,
     pumps: usize,
-    closed: Option<(CloseReason, Resets)>,
+    closed: Option<ClosePlan>,
 }
 
 impl PairRun {
@@ -123,14 +125,16 @@ impl PairRun {
         self.finished = true;
     }
 
-    /// Closes both directions for `reason` (what `Relay::close` does:
-    /// whom to reset, then the buffers), checking whom the core resets.
+    /// Closes the relay for `reason` by the core's close plan, the one
+    /// `Relay::close` carries out on sockets: the plan is checked against
+    /// the engines' books, then each buffer goes back as it says.
     fn close(&mut self, reason: CloseReason) {
-        let resets = self.core.resets(reason);
-        check_resets(reason, resets, &self.io.u2c, &self.io.c2u);
-        close_direction(self.core.direction(Peer::Client), &mut self.io.c2u);
-        close_direction(self.core.direction(Peer::Upstream), &mut self.io.u2c);
-        self.closed = Some((reason, resets));
+        let plan = self.core.close_plan(reason);
+        assert_eq!(plan.reason, reason, "the plan is for another reason");
+        check_close_plan(&plan, &self.io.u2c, &self.io.c2u);
+        close_direction(plan.pending_c2u, &mut self.io.c2u);
+        close_direction(plan.pending_u2c, &mut self.io.u2c);
+        self.closed = Some(plan);
     }
 
     /// Readiness of `peer`'s socket, routed by the core; the engines learn
@@ -187,11 +191,7 @@ impl PairRun {
                 }
                 // The caller closes (and resets) both sides: the relay is over.
                 self.error = Some((e.side, e.op));
-                self.close(match e.side {
-                    Side::Client => CloseReason::ClientReset,
-                    Side::Upstream => CloseReason::UpstreamReset,
-                    Side::Internal => CloseReason::Internal,
-                });
+                self.close(failure_reason(e.side));
                 return None;
             }
         };
@@ -289,11 +289,10 @@ impl PairRun {
         check_expiry(self.activity(), &self.timeouts, self.now);
         if let Some(e) = self.core.expired(&self.timeouts, self.now) {
             self.expired = Some(e);
-            self.close(match e {
-                Expiry::Idle => CloseReason::Idle,
-                Expiry::FinTimeout => CloseReason::FinTimeout,
-                Expiry::Connect => unreachable!("the pair driver starts connected"),
-            });
+            let Some(reason) = expiry_reason(e) else {
+                unreachable!("the pair driver starts connected")
+            };
+            self.close(reason);
         }
     }
 

@@ -74,22 +74,41 @@ impl fmt::Display for Kind {
 }
 
 impl FromStr for Kind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
         Ok(match s {
             "tcp" => Kind::Tcp,
             "redis" => Kind::Redis,
             "postgres" => Kind::Postgres,
             "mysql" => Kind::Mysql,
             "http" => Kind::Http,
-            _ => {
-                return Err(format!(
-                    "unknown check kind {s:?} (want tcp, redis, postgres, mysql or http)"
-                ))
-            }
+            _ => return Err(NameError::Kind(s.to_string())),
         })
     }
 }
+
+/// Why a text is no check [`Kind`] or [`WantRole`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NameError {
+    /// The text names no check kind.
+    Kind(String),
+    /// The text names no role.
+    Role(String),
+}
+
+impl fmt::Display for NameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NameError::Kind(s) => write!(
+                f,
+                "unknown check kind {s:?} (want tcp, redis, postgres, mysql or http)"
+            ),
+            NameError::Role(s) => write!(f, "unknown role {s:?} (want any, primary or replica)"),
+        }
+    }
+}
+
+impl std::error::Error for NameError {}
 
 /// The role a server reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -117,13 +136,13 @@ pub enum WantRole {
 }
 
 impl FromStr for WantRole {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
         Ok(match s {
             "any" => WantRole::Any,
             "primary" => WantRole::Primary,
             "replica" => WantRole::Replica,
-            _ => return Err(format!("unknown role {s:?} (want any, primary or replica)")),
+            _ => return Err(NameError::Role(s.to_string())),
         })
     }
 }

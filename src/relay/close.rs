@@ -1,9 +1,99 @@
-//! The close decision: which sockets a closing relay resets instead of
-//! closing with a FIN, by the reason it closes for. Pure: it reads the two
-//! directions' states and nothing else.
+//! The close decision: why a relay ends, what becomes of each of its
+//! sockets (reset, FIN, or a close after the FIN already went) and of each
+//! direction's buffer. Pure: it reads the two directions' states and
+//! nothing else. `Relay::close` carries it out on real sockets, the fuzz
+//! driver on its scripted engines.
 
+use super::core::Expiry;
 use super::direction::{DirState, Direction};
+use crate::error::Side;
 use crate::stats::CloseReason;
+
+/// The reason a relay closes for when the pump failed on `side`.
+pub(crate) fn failure_reason(side: Side) -> CloseReason {
+    match side {
+        Side::Client => CloseReason::ClientReset,
+        Side::Upstream => CloseReason::UpstreamReset,
+        Side::Internal => CloseReason::Internal,
+    }
+}
+
+/// The reason a relay closes for when `expiry` fires; `None` for the
+/// connect deadline, which starts the next connect attempt instead.
+pub(crate) fn expiry_reason(expiry: Expiry) -> Option<CloseReason> {
+    match expiry {
+        Expiry::Idle => Some(CloseReason::Idle),
+        Expiry::FinTimeout => Some(CloseReason::FinTimeout),
+        Expiry::Connect => None,
+    }
+}
+
+/// What a closing relay does with one of its sockets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SocketEnd {
+    /// `SO_LINGER 0`, then close: the peer reads a reset.
+    Reset,
+    /// Close, which sends the FIN now: the direction towards this socket
+    /// delivered every byte but had not forwarded a FIN.
+    Fin,
+    /// Close only: the direction towards this socket forwarded its FIN
+    /// already, after every byte.
+    Close,
+}
+
+impl SocketEnd {
+    pub(crate) fn is_reset(self) -> bool {
+        self == SocketEnd::Reset
+    }
+}
+
+/// Everything a closing relay does, decided by [`plan`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ClosePlan {
+    pub(crate) reason: CloseReason,
+    pub(crate) client: SocketEnd,
+    pub(crate) upstream: SocketEnd,
+    /// The bytes the client→upstream direction still holds as its buffer
+    /// goes back (a buffer holding any is closed, never pooled).
+    pub(crate) pending_c2u: usize,
+    /// The same for the upstream→client direction.
+    pub(crate) pending_u2c: usize,
+}
+
+#[cfg(test)]
+impl ClosePlan {
+    /// Which sockets are reset.
+    pub(crate) fn resets(&self) -> Resets {
+        Resets {
+            client: self.client.is_reset(),
+            upstream: self.upstream.is_reset(),
+        }
+    }
+}
+
+/// The close of a relay whose directions are `c2u` and `u2c`, for `reason`:
+/// who is reset (see [`resets`]), who gets a FIN from the close, and what
+/// each buffer still holds.
+pub(crate) fn plan(reason: CloseReason, c2u: &Direction, u2c: &Direction) -> ClosePlan {
+    let reset = resets(reason, c2u, u2c);
+    let end = |reset: bool, toward: &Direction| {
+        if reset {
+            SocketEnd::Reset
+        } else if toward.state() == DirState::Shut {
+            SocketEnd::Close
+        } else {
+            SocketEnd::Fin
+        }
+    };
+    ClosePlan {
+        reason,
+        // The client receives what u2c carries; the upstream what c2u carries.
+        client: end(reset.client, u2c),
+        upstream: end(reset.upstream, c2u),
+        pending_c2u: c2u.pending(),
+        pending_u2c: u2c.pending(),
+    }
+}
 
 /// Which sockets a closing relay resets (SO_LINGER 0) instead of closing
 /// with a FIN.
@@ -73,7 +163,6 @@ pub(crate) fn resets(reason: CloseReason, c2u: &Direction, u2c: &Direction) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Side;
     use crate::fuzzing::{Engine, Step};
     use crate::relay::PUMP_BUDGET;
 
@@ -269,6 +358,42 @@ mod tests {
                 "{reason}"
             );
         }
+    }
+
+    // The plan: what becomes of each socket and buffer
+
+    #[test]
+    fn a_side_not_reset_gets_a_fin_from_the_close_unless_one_went_already() {
+        let plan = plan(CloseReason::Idle, &done(), &quiet());
+        assert_eq!(plan.reason, CloseReason::Idle);
+        // c2u forwarded the client's FIN to the upstream; u2c sent nothing
+        // the client lacks, but no FIN either.
+        assert_eq!(plan.upstream, SocketEnd::Close);
+        assert_eq!(plan.client, SocketEnd::Fin);
+        assert_eq!(plan.resets(), neither());
+    }
+
+    #[test]
+    fn the_plan_resets_whom_resets_names_and_reports_what_each_buffer_holds() {
+        for reason in CloseReason::ALL {
+            let (c2u, u2c) = (quiet(), direction_with(100, 40, false));
+            let p = plan(reason, &c2u, &u2c);
+            assert_eq!(p.resets(), resets(reason, &c2u, &u2c), "{reason}");
+            assert_eq!((p.pending_c2u, p.pending_u2c), (0, 60), "{reason}");
+        }
+    }
+
+    #[test]
+    fn failures_and_expiries_name_their_reasons() {
+        assert_eq!(failure_reason(Side::Client), CloseReason::ClientReset);
+        assert_eq!(failure_reason(Side::Upstream), CloseReason::UpstreamReset);
+        assert_eq!(failure_reason(Side::Internal), CloseReason::Internal);
+        assert_eq!(expiry_reason(Expiry::Idle), Some(CloseReason::Idle));
+        assert_eq!(
+            expiry_reason(Expiry::FinTimeout),
+            Some(CloseReason::FinTimeout)
+        );
+        assert_eq!(expiry_reason(Expiry::Connect), None);
     }
 
     // Failures: a socket (or spliced) failed

@@ -1,11 +1,11 @@
 //! The pure relay core: both directions, their timing, readiness routing
-//! and the close decision (made in `relay::close`). No sockets: the worker drives it with real ones
-//! through [`PairIo`], the property tests and fuzz targets with a scripted
-//! engine, so both exercise the same code.
+//! and the close decision (made in `relay::close`). No sockets: the worker
+//! drives it with real ones through [`PairIo`], the property tests and fuzz
+//! targets with a scripted engine, so both exercise the same code.
 
 use std::time::{Duration, Instant};
 
-use super::close::{resets, Resets};
+use super::close::{plan, ClosePlan};
 use super::direction::{DirState, Direction};
 use crate::config::Timeouts;
 use crate::engine::Endpoints;
@@ -291,9 +291,10 @@ impl RelayCore {
         self.activity.expired(t, now)
     }
 
-    /// Which sockets to reset when the relay ends for `reason`.
-    pub(crate) fn resets(&self, reason: CloseReason) -> Resets {
-        resets(reason, &self.c2u, &self.u2c)
+    /// What becomes of each socket and buffer when the relay ends for
+    /// `reason`.
+    pub(crate) fn close_plan(&self, reason: CloseReason) -> ClosePlan {
+        plan(reason, &self.c2u, &self.u2c)
     }
 }
 

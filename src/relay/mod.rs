@@ -20,11 +20,12 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
+pub(crate) use self::close::{expiry_reason, failure_reason};
 #[cfg(any(test, fuzzing))]
-pub(crate) use self::close::Resets;
+pub(crate) use self::close::{ClosePlan, SocketEnd};
 #[cfg(any(test, fuzzing))]
-pub(crate) use self::core::{Activity, PUMP_BUDGET};
-pub(crate) use self::core::{Expiry, Next, PairIo, Peer, RelayCore};
+pub(crate) use self::core::{Activity, Expiry, PUMP_BUDGET};
+pub(crate) use self::core::{Next, PairIo, Peer, RelayCore};
 #[cfg(any(test, fuzzing))]
 pub(crate) use direction::{DirState, Direction};
 
@@ -35,7 +36,11 @@ use crate::listener::{Admission, Listener};
 use crate::stats::{CloseReason, CounterBlock, ServerBlock};
 use crate::sys::shared::Placed;
 use crate::upstream::{Pool, Round};
-use report::{RelayReport, Reporter};
+use report::{ClosedLine, RelayReport, Reporter, Traffic};
+
+/// The target of every relay's lines (`spliced::relay`), whichever module
+/// logs them.
+const LOG_TARGET: &str = module_path!();
 
 /// A relay's sockets, slots and the worker's pools, as [`PairIo`].
 struct RelayIo<'r> {
@@ -476,8 +481,8 @@ impl Relay {
         now: Instant,
         pools: &mut Pools,
     ) -> Option<(TcpStream, SocketAddr, Vec<u8>)> {
-        let reset = self.finish(reason, error, now, pools);
-        if reset.client {
+        let plan = self.finish(reason, error, now, pools);
+        if plan.client.is_reset() {
             // The client is owed a reset, not a word.
             return None;
         }
@@ -487,27 +492,29 @@ impl Relay {
         }
     }
 
-    /// Everything of a close but dropping the sockets; returns who is reset.
+    /// Everything of a close but dropping the sockets (a socket not reset
+    /// sends its FIN, if it has not yet, when it is dropped); returns the
+    /// core's plan it carried out.
     fn finish(
         &mut self,
         reason: CloseReason,
         error: Option<&RelayError>,
         now: Instant,
         pools: &mut Pools,
-    ) -> close::Resets {
-        let reset = self.core.resets(reason);
-        if reset.client {
+    ) -> close::ClosePlan {
+        let plan = self.core.close_plan(reason);
+        if plan.client.is_reset() {
             self.client.reset_on_close();
         }
-        if reset.upstream {
+        if plan.upstream.is_reset() {
             self.upstream.reset_on_close();
         }
+        self.c2u_slot.discard(pools, plan.pending_c2u);
+        self.u2c_slot.discard(pools, plan.pending_u2c);
         let (c2u, u2c) = (
             self.core.direction(Peer::Client),
             self.core.direction(Peer::Upstream),
         );
-        self.c2u_slot.discard(pools, c2u.pending());
-        self.u2c_slot.discard(pools, u2c.pending());
         let duration = now.saturating_duration_since(self.core.activity().started);
         let duration_ms = duration.as_millis() as u64;
         if let Some(reporter) = &self.reporter {
@@ -521,28 +528,24 @@ impl Relay {
                 error: error.map(|e| Arc::new(e.duplicate())),
             });
         }
-        tracing::info!(
-            relay = self.id,
-            client = self.client_addr.map(tracing::field::display),
-            listener = %self.listener.label(),
-            upstream = self.upstream_addr.map(tracing::field::display),
-            bytes_c2u = c2u.bytes_out(),
-            bytes_u2c = u2c.bytes_out(),
-            duration_ms,
-            engine_c2u = %self.engine_label(Peer::Client),
-            engine_u2c = %self.engine_label(Peer::Upstream),
-            route = self.route.as_ref().map(|r| r.position),
-            server_name = self
-                .route
-                .as_ref()
-                .and_then(|r| r.server_name.as_deref())
-                .map(tracing::field::display),
-            reason = %reason,
-            // Recorded only when there is one: `None` adds no field.
-            error = error.map(tracing::field::display),
-            "relay closed"
-        );
-        reset
+        ClosedLine {
+            relay: self.id,
+            client: self.client_addr,
+            listener: self.listener.label(),
+            upstream: self.upstream_addr,
+            traffic: Some(Traffic {
+                bytes_c2u: c2u.bytes_out(),
+                bytes_u2c: u2c.bytes_out(),
+                duration_ms,
+                engine_c2u: self.engine_label(Peer::Client),
+                engine_u2c: self.engine_label(Peer::Upstream),
+            }),
+            route: self.route.as_deref(),
+            reason,
+            error,
+        }
+        .log();
+        plan
     }
 
     /// The engine a direction ended with (`splice`, `copy`, or `copy` after a

@@ -281,7 +281,8 @@ proptest! {
         actions.push(PairAction::Cut(reason));
         let setup = PairSetup { timeouts: t, capacity: cap, shutdown_fails: None, settle: false };
         let out = run_pair(&setup, &actions);
-        let (why, resets) = out.closed.expect("a cut script always ends closed");
+        let plan = out.closed.expect("a cut script always ends closed");
+        let (why, resets) = (plan.reason, plan.resets());
         if why == reason {
             prop_assert!(!out.finished);
             prop_assert!(resets.client || resets.upstream, "a cut relay reset no one");

@@ -129,7 +129,12 @@ impl Worker {
         CounterBlock::add(counter, 1);
         let cause = farewell::TurnAway::from(refused);
         let pool = listener.own_pool().map(|p| &**p);
-        let how = if self.turn_away(client, addr, listener, pool, preread, cause, now) {
+        let leaving = farewell::Leaving {
+            client,
+            client_addr: addr,
+            preread,
+        };
+        let how = if self.turn_away(leaving, listener, pool, cause, now) {
             "told why"
         } else {
             "reset"

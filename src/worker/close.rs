@@ -31,14 +31,13 @@ impl Worker {
             }
             match relay.core.expired(relay.timeouts(), now) {
                 None => self.arm(entry.key),
-                Some(Expiry::Connect) => {
-                    let e = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
-                    self.next_connect_attempt(entry.key, e, now);
-                }
-                Some(Expiry::Idle) => self.close(entry.key, CloseReason::Idle, None, now),
-                Some(Expiry::FinTimeout) => {
-                    self.close(entry.key, CloseReason::FinTimeout, None, now)
-                }
+                Some(expiry) => match expiry_reason(expiry) {
+                    Some(reason) => self.close(entry.key, reason, None, now),
+                    None => {
+                        let e = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+                        self.next_connect_attempt(entry.key, e, now);
+                    }
+                },
             }
         }
     }
@@ -89,15 +88,12 @@ impl Worker {
                 let kept = relay.close_keeping_client(reason, error, now, &mut self.pools);
                 if let Some((mut client, client_addr, first_bytes)) = kept {
                     let _ = self.poll.registry().deregister(&mut client);
-                    self.turn_away(
+                    let leaving = farewell::Leaving {
                         client,
                         client_addr,
-                        &runtime,
-                        Some(&*pool),
-                        first_bytes,
-                        why,
-                        now,
-                    );
+                        preread: first_bytes,
+                    };
+                    self.turn_away(leaving, &runtime, Some(&*pool), why, now);
                 }
             }
             None if relay.negotiation.is_some() => {

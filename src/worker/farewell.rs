@@ -296,23 +296,33 @@ pub(super) fn let_go(client: TcpStream, reset: bool) {
     drop(client);
 }
 
+/// A client being turned away: its socket, which must not be registered
+/// with the worker's poll, its address, and what was read from it already
+/// (after any PROXY header).
+pub(super) struct Leaving {
+    pub(super) client: TcpStream,
+    pub(super) client_addr: SocketAddr,
+    pub(super) preread: Vec<u8>,
+}
+
 impl Worker {
-    /// Turns a client away for `why`, as its listener speaks (see the
-    /// module). `client` must not be registered with the worker's poll;
-    /// `preread` is what was read from it already (after any PROXY
-    /// header). Counting and logging the refusal is the caller's. Returns
-    /// whether the client is being told why (a PostgreSQL error follows).
-    #[allow(clippy::too_many_arguments)]
+    /// Turns a client away for `why`, as its listener (and, once a route
+    /// chose it, `pool`) speaks (see the module). Counting and logging the
+    /// refusal is the caller's. Returns whether the client is being told
+    /// why (a PostgreSQL error follows).
     pub(super) fn turn_away(
         &mut self,
-        client: TcpStream,
-        client_addr: SocketAddr,
+        leaving: Leaving,
         listener: &Listener,
         pool: Option<&Pool>,
-        preread: Vec<u8>,
         why: TurnAway,
         now: Instant,
     ) -> bool {
+        let Leaving {
+            client,
+            client_addr,
+            preread,
+        } = leaving;
         if listener.config.protocol != Protocol::Postgres {
             let_go(client, why.resets());
             return false;

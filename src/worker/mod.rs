@@ -43,8 +43,11 @@ use crate::engine::Pools;
 use crate::error::{is_local_error, Op, RelayError, Side};
 use crate::listener::{Admission, Listener, Refused};
 use crate::pgwire;
-use crate::relay::report::Reporter;
-use crate::relay::{self, Accepted, Expiry, Next, Peer, Readiness, Relay, RouteTag, Unstarted};
+use crate::relay::report::{ClosedLine, Reporter};
+use crate::relay::{
+    self, expiry_reason, failure_reason, Accepted, Next, Peer, Readiness, Relay, RouteTag,
+    Unstarted,
+};
 use crate::route::startup::TlsStyle;
 use crate::shm::Block;
 use crate::stats::{CloseReason, CounterBlock};
@@ -413,7 +416,7 @@ impl Worker {
         // read below; the client's end the relay at once.
         if event.is_error() && !(connecting && peer == Peer::Upstream) {
             if let Some(e) = relay.socket_error(peer) {
-                self.close(key, reset_reason(e.side), Some(&e), now);
+                self.close(key, failure_reason(e.side), Some(&e), now);
                 return;
             }
         }
@@ -469,7 +472,7 @@ impl Worker {
                 newly_half_closed
             }
             Err(e) => {
-                self.close(key, reset_reason(e.side), Some(&e), now);
+                self.close(key, failure_reason(e.side), Some(&e), now);
                 return;
             }
         };
@@ -482,14 +485,6 @@ impl Worker {
 
 fn out_of_fds(e: &io::Error) -> bool {
     crate::error::is_local_error(e)
-}
-
-fn reset_reason(side: Side) -> CloseReason {
-    match side {
-        Side::Client => CloseReason::ClientReset,
-        Side::Upstream => CloseReason::UpstreamReset,
-        Side::Internal => CloseReason::Internal,
-    }
 }
 
 #[cfg(test)]

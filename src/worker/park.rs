@@ -257,15 +257,12 @@ impl Worker {
         // limits: its admission goes now.
         drop(accepted.admission);
         let pool = accepted.pool;
-        self.turn_away(
-            accepted.client,
-            addr,
-            &listener,
-            Some(&*pool),
+        let leaving = farewell::Leaving {
+            client: accepted.client,
+            client_addr: addr,
             preread,
-            told,
-            now,
-        );
+        };
+        self.turn_away(leaving, &listener, Some(&*pool), told, now);
         self.room_freed(listener.id, now);
         if why == HeldRefusal::Draining {
             tracing::debug!(listener = %listener.label(), client = %addr, "held client closed: {}", why.text());

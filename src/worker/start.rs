@@ -4,27 +4,36 @@
 
 use super::*;
 
+/// An admitted client whose relay is about to start.
+pub(super) struct Arrival {
+    pub(super) client: TcpStream,
+    pub(super) client_addr: SocketAddr,
+    /// The address the client connected to, when a PROXY header named it.
+    pub(super) local: Option<SocketAddr>,
+    pub(super) listener: Arc<Listener>,
+    pub(super) admission: Admission,
+    /// The bytes the client sent already (after any PROXY header).
+    pub(super) preread: Vec<u8>,
+    /// When the client was accepted.
+    pub(super) since: Instant,
+}
+
 impl Worker {
-    /// Starts a relay's upstream connect. `local` is the address the
-    /// client connected to when a PROXY header named it; `preread` are
-    /// bytes the client sent already. Both, with `send-proxy`'s header in
+    /// Starts the relay's upstream connect for `arrival` to `to`. Its
+    /// `local` address and `preread` bytes, with `send-proxy`'s header in
     /// front, reach the server before anything else (after what spliced
-    /// negotiates itself for a TLS client). `since`: when the client was
-    /// accepted. A client no server takes now is held for one
-    /// (`queue-timeout`), else closed.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn start_relay(
-        &mut self,
-        client: TcpStream,
-        client_addr: SocketAddr,
-        local: Option<SocketAddr>,
-        listener: Arc<Listener>,
-        admission: Admission,
-        preread: Vec<u8>,
-        since: Instant,
-        to: Destination,
-        now: Instant,
-    ) {
+    /// negotiates itself for a TLS client). A client no server takes now
+    /// is held for one (`queue-timeout`), else closed.
+    pub(super) fn start_relay(&mut self, arrival: Arrival, to: Destination, now: Instant) {
+        let Arrival {
+            client,
+            client_addr,
+            local,
+            listener,
+            admission,
+            preread,
+            since,
+        } = arrival;
         let counters = listener.counters(self.index);
         CounterBlock::add(&counters.relays_accepted, 1);
         let id = next_relay_id();
@@ -82,13 +91,17 @@ impl Worker {
                         );
                     }
                 } else {
-                    tracing::info!(
-                        relay = id,
-                        listener = %listener.label(),
-                        client = %client_addr,
-                        reason = %reason,
-                        "relay closed"
-                    );
+                    ClosedLine {
+                        relay: id,
+                        client: Some(client_addr),
+                        listener: listener.label(),
+                        upstream: None,
+                        traffic: None,
+                        route: None,
+                        reason,
+                        error: None,
+                    }
+                    .log();
                 }
                 let Unstarted {
                     accepted,
@@ -102,15 +115,12 @@ impl Worker {
                             .get(usize::from(ahead_header)..)
                             .unwrap_or_default()
                             .to_vec();
-                        self.turn_away(
-                            accepted.client,
+                        let leaving = farewell::Leaving {
+                            client: accepted.client,
                             client_addr,
-                            &listener,
-                            Some(&*pool),
                             preread,
-                            why,
-                            now,
-                        );
+                        };
+                        self.turn_away(leaving, &listener, Some(&*pool), why, now);
                     }
                     None if tls => farewell::let_go(accepted.client, true),
                     None => {}
