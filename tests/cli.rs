@@ -315,30 +315,12 @@ fn sigterm_lets_live_relay_finish(mode: Mode) {
         "exited {:?} after the relay ended",
         ended.elapsed()
     );
-    let logs = proxy.logs();
-    assert!(
-        logs.iter()
-            .any(|l| l.contains("relay closed") && l.contains("reason=eof")),
-        "no 'relay closed ... reason=eof' line:\n{}",
-        logs.join("\n")
-    );
+    assert_relay_closed_logged(&proxy, "eof");
 }
 
 fn sigterm_closes_endless_relay_at_drain_timeout(mode: Mode) {
     const DRAIN: Duration = Duration::from_secs(1);
-    let up = echo_server();
-    let addr = up.addr.to_string();
-    let mut proxy = Spliced::run(&[
-        "--upstream",
-        &addr,
-        "--mode",
-        mode.as_str(),
-        "--drain-timeout",
-        "1s",
-    ]);
-
-    let mut client = connect(proxy.addr);
-    round_trip(&mut client, b"still here", Duration::from_secs(5));
+    let (_up, mut proxy, mut client) = relaying_to_an_echo(mode, "1s");
 
     proxy.signal(Signal::SIGTERM);
     let signalled = Instant::now();
@@ -356,28 +338,41 @@ fn sigterm_closes_endless_relay_at_drain_timeout(mode: Mode) {
         took <= DRAIN + Duration::from_millis(1500),
         "exited after {took:?}, drain timeout {DRAIN:?}"
     );
-    let logs = proxy.logs();
-    assert!(
-        logs.iter()
-            .any(|l| l.contains("relay closed") && l.contains("reason=shutdown")),
-        "no 'relay closed ... reason=shutdown' line:\n{}",
-        logs.join("\n")
-    );
+    assert_relay_closed_logged(&proxy, "shutdown");
 }
 
-fn second_signal_exits_at_once(mode: Mode) {
+/// An echo server, spliced relaying to it with `mode` and `drain` as its
+/// drain timeout, and a client whose relay has carried a round trip.
+fn relaying_to_an_echo(mode: Mode, drain: &str) -> (Server, Spliced, TcpStream) {
     let up = echo_server();
     let addr = up.addr.to_string();
-    let mut proxy = Spliced::run(&[
+    let proxy = Spliced::run(&[
         "--upstream",
         &addr,
         "--mode",
         mode.as_str(),
         "--drain-timeout",
-        "30s",
+        drain,
     ]);
     let mut client = connect(proxy.addr);
     round_trip(&mut client, b"still here", Duration::from_secs(5));
+    (up, proxy, client)
+}
+
+/// spliced logged a `relay closed` line with `reason`.
+fn assert_relay_closed_logged(proxy: &Spliced, reason: &str) {
+    let logs = proxy.logs();
+    let want = format!("reason={reason}");
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("relay closed") && l.contains(&want)),
+        "no 'relay closed ... {want}' line:\n{}",
+        logs.join("\n")
+    );
+}
+
+fn second_signal_exits_at_once(mode: Mode) {
+    let (_up, mut proxy, mut client) = relaying_to_an_echo(mode, "30s");
 
     proxy.signal(Signal::SIGTERM);
     wait_refused(proxy.addr);
@@ -488,16 +483,6 @@ fn upstream_that_is_the_listen_address_is_refused() {
     assert_eq!(proxy.addr.port(), port);
 }
 
-/// The value of `key=` in a log line.
-fn field(line: &str, key: &str) -> Option<u64> {
-    let at = line.find(&format!("{key}="))? + key.len() + 1;
-    let digits: String = line[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse().ok()
-}
-
 #[test]
 fn effective_limits_are_logged_at_start() {
     let up = echo_server();
@@ -516,9 +501,9 @@ fn effective_limits_are_logged_at_start() {
     assert!(cap.contains("fd limit"), "{cap}");
     let pipe = logs
         .iter()
-        .find(|l| l.contains("pipe size") && field(l, "pipe_size").is_some())
+        .find(|l| l.contains("pipe size") && log_number::<u64>(l, "pipe_size").is_some())
         .unwrap_or_else(|| panic!("no pipe size line:\n{}", logs.join("\n")));
-    let granted = field(pipe, "pipe_size").unwrap();
+    let granted: u64 = log_number(pipe, "pipe_size").unwrap();
     assert_eq!(
         granted < PIPE,
         pipe.contains("WARN"),
@@ -543,7 +528,7 @@ fn effective_limits_are_logged_at_start() {
         .iter()
         .find(|l| l.contains("WARN") && l.contains("max_conns lowered"))
         .unwrap_or_else(|| panic!("no warning for --max-conns:\n{}", logs.join("\n")));
-    let effective = field(lowered, "max_conns").expect("max_conns=N in the warning");
+    let effective: u64 = log_number(lowered, "max_conns").expect("max_conns=N in the warning");
     assert!(effective < ASKED, "{lowered}");
     assert!(lowered.contains("fd limit"), "{lowered}");
     assert!(
@@ -560,7 +545,7 @@ fn effective_limits_are_logged_at_start() {
     assert!(
         logs.iter().any(|l| l.contains("INFO")
             && l.contains("at most 10 relays at once")
-            && field(l, "max_conns") == Some(10)),
+            && log_number::<u64>(l, "max_conns") == Some(10)),
         "no 'at most 10 relays' line:\n{}",
         logs.join("\n")
     );

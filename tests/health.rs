@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{black_hole, echo_server, refused_addr, serve, Server};
+use common::{black_hole, echo_server, refused_addr, serve, startup_message, Server};
 use spliced::health::{probe_blocking, CheckSpec, Kind, ProbeConn, Role, Verdict, WantRole};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -210,23 +210,13 @@ fn pg_msg(tag: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The startup packet of the check's login.
 fn startup(user: &str, database: Option<&str>) -> Vec<u8> {
-    let mut body = 196608u32.to_be_bytes().to_vec();
-    let params = [
+    startup_message(&[
         ("user", user),
         ("database", database.unwrap_or("postgres")),
         ("application_name", "spliced-health"),
-    ];
-    for (k, v) in params {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut out = (body.len() as u32 + 4).to_be_bytes().to_vec();
-    out.extend(body);
-    out
+    ])
 }
 
 fn pg_welcome() -> Vec<u8> {
