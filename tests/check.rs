@@ -32,6 +32,17 @@ fn check(text_name: &str, text: &str, extra_args: &[&str]) -> (Option<i32>, Stri
     (status.and_then(|s| s.code()), stdout, stderr)
 }
 
+/// The one line of `stderr` that starts `spliced: error: ` (there must be
+/// exactly one).
+fn the_error_line(stderr: &str) -> &str {
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("spliced: error: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    errors[0]
+}
+
 /// `stderr` is one line, starting with `prefix` and containing every one
 /// of `needles`.
 fn assert_one_line(stderr: &str, prefix: &str, needles: &[&str]) {
@@ -78,18 +89,14 @@ fn check_fails_for_a_password_file_the_run_as_user_cannot_read() {
     let (code, stdout, stderr) = check("pw-nobody", &text, &["--user", "nobody"]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stdout.is_empty(), "{stdout}");
-    let errors: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("spliced: error: "))
-        .collect();
-    assert_eq!(errors.len(), 1, "{stderr}");
+    let error = the_error_line(&stderr);
     for needle in [
         "listener 'one'",
         &format!("pool.health.password-file {}", private.display()),
         "as user nobody",
         "Permission denied",
     ] {
-        assert!(errors[0].contains(needle), "{needle}: {stderr}");
+        assert!(error.contains(needle), "{needle}: {stderr}");
     }
     // Readable by others, nobody reads it (with a warning about the mode).
     let open = secret_file("open", 0o644);
@@ -111,13 +118,8 @@ fn check_fails_for_a_password_file_the_run_as_user_cannot_read() {
     );
     assert_eq!(status.and_then(|s| s.code()), Some(1), "{stderr}");
     assert!(stdout.is_empty(), "{stdout}");
-    let errors: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("spliced: error: "))
-        .collect();
-    assert_eq!(errors.len(), 1, "{stderr}");
     assert!(
-        errors[0].contains("cannot read the config file as user nobody"),
+        the_error_line(&stderr).contains("cannot read the config file as user nobody"),
         "{stderr}"
     );
     let _ = std::fs::remove_dir_all(config.parent().unwrap());

@@ -269,8 +269,8 @@ fn postgres_md5_login_and_recovery_answer_then_terminate() {
     let mut query = spliced::health::POSTGRES_ROLE_QUERY.as_bytes().to_vec();
     query.push(0);
     let query = pg_msg(b'Q', &query);
-    let (v, rest) = run(
-        &s,
+    // A replica's conversation: md5 login, then `t` to the role query.
+    let replica = || {
         vec![
             (
                 startup("probe", Some("app")),
@@ -278,8 +278,9 @@ fn postgres_md5_login_and_recovery_answer_then_terminate() {
             ),
             (pg_msg(b'p', &hash), pg_welcome()),
             (query.clone(), pg_answer(b"t")),
-        ],
-    );
+        ]
+    };
+    let (v, rest) = run(&s, replica());
     assert_eq!(
         v,
         Verdict::Up {
@@ -289,17 +290,7 @@ fn postgres_md5_login_and_recovery_answer_then_terminate() {
     assert_eq!(rest, TERMINATE, "the session ends politely");
 
     s.role = WantRole::Primary;
-    let (v, rest) = run(
-        &s,
-        vec![
-            (
-                startup("probe", Some("app")),
-                pg_msg(b'R', &[0, 0, 0, 5, 9, 8, 7, 6]),
-            ),
-            (pg_msg(b'p', &hash), pg_welcome()),
-            (query, pg_answer(b"t")),
-        ],
-    );
+    let (v, rest) = run(&s, replica());
     assert_eq!(down_reason(v), "role is replica, want primary");
     assert_eq!(rest, TERMINATE);
 }

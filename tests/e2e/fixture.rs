@@ -55,6 +55,8 @@
 
 #[path = "fixture/clients.rs"]
 mod clients;
+#[path = "fixture/haproxy.rs"]
+mod haproxy;
 #[path = "fixture/patroni.rs"]
 mod patroni;
 #[path = "fixture/pg.rs"]
@@ -76,9 +78,8 @@ pub use self::clients::{
     knob, pgbench, pgbench_command, psql_args, redis_benchmark, redis_cli, run_limited, Pgbench,
     Ran,
 };
-pub use self::patroni::{
-    haproxy_bin, patroni_bin, rest_status, Haproxy, Patroni, PatroniBin, PatroniNode, PATRONI_VENV,
-};
+pub use self::haproxy::{haproxy_bin, Haproxy};
+pub use self::patroni::{patroni_bin, rest_status, Patroni, PatroniBin, PatroniNode, PATRONI_VENV};
 pub use self::pg::{
     pg_bin, primary_and_replica, primary_and_replica_named, psql_command, Pg, CLIENT_USER,
     MONITOR_USER,
