@@ -574,7 +574,10 @@ mod size_tests {
     fn a_relay_fits_its_budget() {
         let size = std::mem::size_of::<Relay>();
         eprintln!("size_of::<Relay>() = {size}");
-        assert!(size <= 472, "a Relay is {size} bytes, past its budget of 472");
+        assert!(
+            size <= 472,
+            "a Relay is {size} bytes, past its budget of 472"
+        );
         assert!(std::mem::size_of::<Round>() <= 24);
     }
 }
