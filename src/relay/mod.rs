@@ -103,7 +103,8 @@ pub(crate) struct Relay {
     /// When the next progress line is due (`--log-interval`); the relay's
     /// one timer entry covers it, so progress costs no timer of its own.
     pub(crate) progress_at: Option<Instant>,
-    /// This relay's connect attempts over the listener's pool.
+    /// This relay's connect attempts over the listener's pool; once it is
+    /// connected for good, only the lease of its server (`Round::settle`).
     pub(crate) round: Round,
     /// The counters of the server it connected to, as this worker writes
     /// them; set once connected (its lease in `round` keeps the slot).
