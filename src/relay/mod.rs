@@ -6,6 +6,10 @@
 //! reset at close) is the core's, which takes `now` and knows no socket.
 //! Every transfer costs one timestamp store (`last_active`); the worker's
 //! timer re-arms lazily when a deadline fires early.
+//!
+//! Its fields are its own: the worker moves a relay on through the named
+//! steps in `session` (the connect, the timer entry, the ready list, the
+//! close's counts) and the sockets' ones here (`ready`, `pump`, `close`).
 
 pub(crate) mod close;
 pub(crate) mod core;
@@ -13,6 +17,7 @@ pub(crate) mod direction;
 #[cfg(test)]
 mod props;
 pub(crate) mod report;
+mod session;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -84,41 +89,41 @@ impl PairIo for RelayIo<'_> {
 }
 
 pub(crate) struct Relay {
-    pub(crate) id: u64,
-    pub(crate) listener: Arc<Listener>,
+    id: u64,
+    listener: Arc<Listener>,
     /// The pool it connects through: its listener's own, or its route's.
-    pub(crate) pool: Arc<Pool>,
+    pool: Arc<Pool>,
     /// The route that took its client, if its listener has routes.
-    pub(crate) route: Option<Box<RouteTag>>,
+    route: Option<Box<RouteTag>>,
     /// What must pass between spliced and the server before bytes flow
     /// (a TLS client's SSLRequest, a direct hello): while it is `Some`,
     /// the relay counts as connecting.
-    pub(crate) negotiation: Option<Box<crate::worker::Negotiation>>,
-    pub(crate) client: Stream,
-    pub(crate) upstream: Stream,
+    negotiation: Option<Box<crate::worker::Negotiation>>,
+    client: Stream,
+    upstream: Stream,
     /// The server connected to; `None` for a handed-off pair.
-    pub(crate) upstream_addr: Option<SocketAddr>,
+    upstream_addr: Option<SocketAddr>,
     /// The client's address as accepted; `None` for a handed-off pair.
     client_addr: Option<SocketAddr>,
     /// When the next progress line is due (`--log-interval`); the relay's
     /// one timer entry covers it, so progress costs no timer of its own.
-    pub(crate) progress_at: Option<Instant>,
+    progress_at: Option<Instant>,
     /// This relay's connect attempts over the listener's pool; once it is
     /// connected for good, only the lease of its server (`Round::settle`).
-    pub(crate) round: Round,
+    round: Round,
     /// The counters of the server it connected to, as this worker writes
     /// them; set once connected (its lease in `round` keeps the slot).
-    pub(crate) server: Option<Placed<ServerBlock>>,
+    server: Option<Placed<ServerBlock>>,
     /// Its room under the listener's limits, given back when it closes.
     _admission: Admission,
-    pub(crate) core: RelayCore,
+    core: RelayCore,
     /// The deadline this relay currently has an entry for in the timer heap.
-    pub(crate) armed_at: Option<Instant>,
+    armed_at: Option<Instant>,
     /// On the worker's ready list (ran out of budget with work left).
-    pub(crate) queued: bool,
+    queued: bool,
     /// How many of the bytes read ahead are the `send-proxy` header (the
     /// rest are the client's own).
-    pub(crate) ahead_header: u16,
+    ahead_header: u16,
     c2u_slot: Slot,
     u2c_slot: Slot,
     /// Someone waits for this relay's end (a handed-off pair).

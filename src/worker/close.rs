@@ -9,11 +9,8 @@ impl Worker {
     /// it exists; later deadlines are found lazily when the entry fires.
     pub(super) fn arm(&mut self, key: usize) {
         let relay = &mut self.relays[key];
-        if let Some(at) = relay.deadline() {
-            if relay.armed_at.is_none_or(|armed| at < armed) {
-                relay.armed_at = Some(at);
-                self.timers.schedule(at, key, relay.id);
-            }
+        if let Some(at) = relay.arm() {
+            self.timers.schedule(at, key, relay.id());
         }
     }
 
@@ -22,14 +19,14 @@ impl Worker {
             let Some(relay) = self.relays.get_mut(entry.key) else {
                 continue;
             };
-            if relay.id != entry.id || relay.armed_at != Some(entry.at) {
+            if !relay.is_armed(entry.id, entry.at) {
                 continue;
             }
-            relay.armed_at = None;
+            relay.disarm();
             if let Some(interval) = self.config.ops.log_interval {
                 relay.log_progress(now, interval);
             }
-            match relay.core.expired(relay.timeouts(), now) {
+            match relay.expired(now) {
                 None => self.arm(entry.key),
                 Some(expiry) => match expiry_reason(expiry) {
                     Some(reason) => self.close(entry.key, reason, None, now),
@@ -52,11 +49,8 @@ impl Worker {
             return;
         }
         let relays = &self.relays;
-        self.timers.retain(|e| {
-            relays
-                .get(e.key)
-                .is_some_and(|r| r.id == e.id && r.armed_at == Some(e.at))
-        });
+        self.timers
+            .retain(|e| relays.get(e.key).is_some_and(|r| r.is_armed(e.id, e.at)));
     }
 
     // Closing and shutdown
@@ -69,22 +63,14 @@ impl Worker {
         now: Instant,
     ) {
         let relay = self.relays.remove(key);
-        let counters = relay.listener.counters(self.index);
-        counters.closed(reason);
-        CounterBlock::sub(&counters.relays_active, 1);
-        if let Some(server) = &relay.server {
-            CounterBlock::add(&server.relays_closed, 1);
-        }
-        let listener = relay.listener.id;
-        // A TLS client (negotiating) can hear no word of ours.
-        let told = relay.core.is_connecting()
-            && relay.negotiation.is_none()
-            && relay.listener.config.protocol == Protocol::Postgres;
+        relay.count_close(reason, self.index);
+        let listener = relay.listener_id();
+        let told = relay.client_can_be_told();
         match farewell::TurnAway::of_close(reason).filter(|_| told) {
             // A PostgreSQL client no server took hears why.
             Some(why) => {
-                let runtime = Arc::clone(&relay.listener);
-                let pool = Arc::clone(&relay.pool);
+                let runtime = Arc::clone(relay.listener());
+                let pool = Arc::clone(relay.pool());
                 let kept = relay.close_keeping_client(reason, error, now, &mut self.pools);
                 if let Some((mut client, client_addr, first_bytes)) = kept {
                     let _ = self.poll.registry().deregister(&mut client);
@@ -96,10 +82,10 @@ impl Worker {
                     self.turn_away(leaving, &runtime, Some(&*pool), why, now);
                 }
             }
-            None if relay.negotiation.is_some() => {
+            None if relay.is_negotiating() => {
                 // No server took it: it is reset, not left to time out
                 // waiting for a TLS answer.
-                relay.client.reset_on_close();
+                relay.reset_client_on_close();
                 relay.close(reason, error, now, &mut self.pools);
             }
             None => relay.close(reason, error, now, &mut self.pools),
@@ -132,7 +118,7 @@ impl Worker {
     /// held again): it no longer counts as a live relay.
     pub(super) fn take_relay(&mut self, key: usize) -> Relay {
         let relay = self.relays.remove(key);
-        CounterBlock::sub(&relay.listener.counters(self.index).relays_active, 1);
+        CounterBlock::sub(&relay.listener().counters(self.index).relays_active, 1);
         self.shared.relays_live.fetch_sub(1, Ordering::Relaxed);
         relay
     }

@@ -121,12 +121,12 @@ impl Worker {
         now: Instant,
     ) {
         let relay = &mut self.relays[key];
-        if relay.negotiation.as_ref().is_some_and(|n| n.started()) {
+        if relay.negotiation_started() {
             // Connected already: the events are the server's answer.
             self.negotiate(key, now);
             return;
         }
-        let outcome = match relay.upstream.as_tcp() {
+        let outcome = match relay.upstream_tcp() {
             // Only a TCP upstream is ever connecting; a handed-off pair is not.
             None => Connect::Established,
             // A handshake that failed (or a connection already reset) shows
@@ -138,18 +138,8 @@ impl Worker {
         match outcome {
             Connect::Pending => {}
             Connect::Established => {
-                relay.forget_first_bytes();
-                relay.round.succeeded(&relay.pool, now);
-                relay.server = relay.round.server().map(|s| s.block(self.index).clone());
-                if let Some(since) = relay.core.activity().connecting_since {
-                    let took = now.saturating_duration_since(since);
-                    relay.listener.counters(self.index).connected(took);
-                    if let Some(server) = &relay.server {
-                        server.connected(took);
-                    }
-                }
-                relay.upstream.set_nodelay();
-                if relay.negotiation.is_some() {
+                relay.upstream_established(now, self.index);
+                if relay.is_negotiating() {
                     self.begin_negotiation(key, now);
                     return;
                 }
@@ -166,14 +156,14 @@ impl Worker {
                         },
                     );
                 }
-                // No other server will be tried: the round keeps its lease only.
-                relay.round.settle();
-                // The edges of the connect went here, not to the relay: a
-                // server that spoke and closed at once left its FIN unannounced.
-                relay.core.connected(now, hung_up);
+                // No other server will be tried: the round keeps its lease
+                // only. The edges of the connect went here, not to the relay:
+                // a server that spoke and closed at once left its FIN
+                // unannounced.
+                relay.settle(now, hung_up);
                 tracing::debug!(
-                    relay = relay.id,
-                    upstream = relay.upstream_addr.map(tracing::field::display),
+                    relay = relay.id(),
+                    upstream = relay.upstream_addr().map(tracing::field::display),
                     "upstream connected"
                 );
                 self.arm(key);
@@ -183,9 +173,7 @@ impl Worker {
                 // The server accepted: this is a connection that reset, not
                 // a failed connect, so the client gets a reset too and no
                 // other server is tried.
-                relay.round.succeeded(&relay.pool, now);
-                relay.server = relay.round.server().map(|s| s.block(self.index).clone());
-                relay.core.connected(now, hung_up);
+                relay.upstream_reset(now, self.index, hung_up);
                 let e = RelayError::new(Side::Upstream, Op::Read, e);
                 self.close(key, CloseReason::UpstreamReset, Some(&e), now);
             }
@@ -198,19 +186,18 @@ impl Worker {
     /// client is closed with `local-error`.
     pub(super) fn next_connect_attempt(&mut self, key: usize, error: io::Error, now: Instant) {
         let relay = &mut self.relays[key];
-        let (id, failed, listener) = (relay.id, relay.upstream_addr, Arc::clone(&relay.listener));
-        let pool = Arc::clone(&relay.pool);
-        let tls = relay.negotiation.is_some();
-        if let Some(n) = relay.negotiation.as_mut() {
-            n.restart();
-        }
+        let (id, failed) = (relay.id(), relay.upstream_addr());
+        let listener = Arc::clone(relay.listener());
+        let pool = Arc::clone(relay.pool());
+        let tls = relay.is_negotiating();
+        relay.restart_negotiation();
         if is_local_error(&error) {
             self.local_error(id, &listener, &error, now);
             let e = RelayError::new(Side::Upstream, Op::Connect, error);
             self.close(key, CloseReason::LocalError, Some(&e), now);
             return;
         }
-        let mut round = std::mem::replace(&mut relay.round, Round::empty());
+        let mut round = relay.take_round();
         round.failed(&pool, self.index, &error, now);
         let more = round.has_next(&pool);
         if let Some(failed) = failed {
@@ -239,7 +226,7 @@ impl Worker {
             }
         };
         let relay = &mut self.relays[key];
-        relay.round = round;
+        relay.put_round(round);
         match next {
             Ok(Some((stream, server))) => {
                 // The old socket closes on drop, which also removes it from epoll.
@@ -247,7 +234,7 @@ impl Worker {
                 self.arm(key);
             }
             Ok(None) => {
-                let since = relay.core.activity().started;
+                let since = relay.started();
                 let hold = (!tls)
                     .then(|| self.hold_deadline(&pool, since, now))
                     .flatten();

@@ -203,14 +203,14 @@ impl Worker {
         let doomed: Vec<usize> = self
             .relays
             .iter()
-            .filter(|(_, r)| r.pool.on_down == OnDown::Kill)
-            .filter(|(_, r)| r.round.lease().is_some_and(|l| l.doomed(&r.pool)))
+            .filter(|(_, r)| r.pool().on_down == OnDown::Kill)
+            .filter(|(_, r)| r.round().lease().is_some_and(|l| l.doomed(r.pool())))
             .map(|(key, _)| key)
             .collect();
         for &key in &doomed {
             let relay = &self.relays[key];
             tracing::debug!(
-                relay = relay.id,
+                relay = relay.id(),
                 "resetting a relay of a server that went down or changed role"
             );
             self.close(key, CloseReason::ServerDown, None, now);

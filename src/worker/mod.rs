@@ -315,8 +315,12 @@ impl Worker {
                 if let Some(key) = self.admit(relay, now) {
                     let relay = &mut self.relays[key];
                     // Read-ahead bytes wait in the buffers: pump once.
-                    relay.queued = true;
-                    self.ready.push(RelayRef { key, id: relay.id });
+                    if relay.queue() {
+                        self.ready.push(RelayRef {
+                            key,
+                            id: relay.id(),
+                        });
+                    }
                 }
             }
             Err(refused) => {
@@ -349,29 +353,26 @@ impl Worker {
     fn admit(&mut self, mut relay: Relay, now: Instant) -> Option<usize> {
         let entry = self.relays.vacant_entry();
         let key = entry.key();
-        let this = RelayRef { key, id: relay.id };
+        let this = RelayRef {
+            key,
+            id: relay.id(),
+        };
         let registry = self.poll.registry();
+        let (client, upstream) = relay.sockets_mut();
         let registered = registry
-            .register(
-                &mut relay.client,
-                token::relay(this, Peer::Client),
-                RELAY_INTEREST,
-            )
+            .register(client, token::relay(this, Peer::Client), RELAY_INTEREST)
             .and_then(|()| {
-                registry.register(
-                    &mut relay.upstream,
-                    token::relay(this, Peer::Upstream),
-                    RELAY_INTEREST,
-                )
+                registry.register(upstream, token::relay(this, Peer::Upstream), RELAY_INTEREST)
             })
             .map_err(|e| RelayError::new(Side::Internal, Op::Register, e));
         relay.placed(key);
-        relay.progress_at = self
-            .config
-            .ops
-            .log_interval
-            .and_then(|i| now.checked_add(i));
-        CounterBlock::add(&relay.listener.counters(self.index).relays_active, 1);
+        relay.progress_from(
+            self.config
+                .ops
+                .log_interval
+                .and_then(|i| now.checked_add(i)),
+        );
+        CounterBlock::add(&relay.listener().counters(self.index).relays_active, 1);
         entry.insert(relay);
         self.shared.relays_live.fetch_add(1, Ordering::Relaxed);
         match registered {
@@ -389,7 +390,7 @@ impl Worker {
     /// Resets both sides of a handed-off relay at its owner's request.
     fn abort_relay(&mut self, id: u64, reporter: &Reporter, now: Instant) {
         let key = reporter.key();
-        if self.relays.get(key).is_some_and(|r| r.id == id) {
+        if self.relays.get(key).is_some_and(|r| r.id() == id) {
             self.close(key, CloseReason::Aborted, None, now);
         }
     }
@@ -407,11 +408,11 @@ impl Worker {
         let Some(relay) = self.relays.get_mut(key) else {
             return;
         };
-        if !this.is(relay.id) {
+        if !this.is(relay.id()) {
             // Meant for a relay that closed earlier in this batch.
             return;
         }
-        let connecting = relay.core.is_connecting();
+        let connecting = relay.is_connecting();
         // While connecting, the upstream's errors are the connect's outcome,
         // read below; the client's end the relay at once.
         if event.is_error() && !(connecting && peer == Peer::Upstream) {
@@ -443,8 +444,8 @@ impl Worker {
         let ready = std::mem::take(&mut self.ready);
         for this in ready {
             match self.relays.get_mut(this.key) {
-                Some(relay) if relay.id == this.id => {
-                    relay.queued = false;
+                Some(relay) if relay.id() == this.id => {
+                    relay.dequeue();
                     self.run_relay(this.key, now);
                 }
                 // Closed since it was queued; the slot may hold a new relay.
@@ -459,11 +460,14 @@ impl Worker {
             Ok((next, newly_half_closed)) => {
                 match next {
                     Next::Wait => {}
-                    Next::Again if !relay.queued => {
-                        relay.queued = true;
-                        self.ready.push(RelayRef { key, id: relay.id });
+                    Next::Again => {
+                        if relay.queue() {
+                            self.ready.push(RelayRef {
+                                key,
+                                id: relay.id(),
+                            });
+                        }
                     }
-                    Next::Again => {}
                     Next::Finished => {
                         self.close(key, CloseReason::Eof, None, now);
                         return;

@@ -67,6 +67,11 @@ impl Negotiation {
         self.started = false;
     }
 
+    /// The connect succeeded: what is to be sent goes now.
+    pub(crate) fn begin(&mut self) {
+        self.started = true;
+    }
+
     pub(crate) fn started(&self) -> bool {
         self.started
     }
@@ -99,9 +104,7 @@ impl Worker {
     /// The upstream of relay `key` connected and it negotiates: write what
     /// spliced says to the server, then wait for the answer.
     pub(super) fn begin_negotiation(&mut self, key: usize, now: Instant) {
-        if let Some(n) = self.relays[key].negotiation.as_mut() {
-            n.started = true;
-        }
+        self.relays[key].begin_negotiation();
         self.negotiate(key, now);
     }
 
@@ -109,10 +112,7 @@ impl Worker {
     /// then reads (classic) or peeks at (direct) the server's first byte.
     pub(super) fn negotiate(&mut self, key: usize, now: Instant) {
         let relay = &mut self.relays[key];
-        let Some(n) = relay.negotiation.as_mut() else {
-            return;
-        };
-        let Some(mut stream) = relay.upstream.as_tcp() else {
+        let Some((n, mut stream)) = relay.negotiation_io() else {
             return;
         };
         while n.written < n.send.len() {
@@ -154,17 +154,15 @@ impl Worker {
         match Negotiation::judge(style, first) {
             Verdict::Proceed => {
                 let relay = &mut self.relays[key];
-                relay.negotiation = None;
-                relay.round.settle();
-                relay.core.connected(now, false);
-                tracing::debug!(relay = relay.id, "upstream agreed to TLS; relaying");
+                relay.negotiated(now);
+                tracing::debug!(relay = relay.id(), "upstream agreed to TLS; relaying");
                 self.arm(key);
                 self.run_relay(key, now);
             }
             Verdict::Refused(why) => {
                 let relay = &self.relays[key];
-                let (id, upstream) = (relay.id, relay.upstream_addr);
-                let listener = Arc::clone(&relay.listener);
+                let (id, upstream) = (relay.id(), relay.upstream_addr());
+                let listener = Arc::clone(relay.listener());
                 match self.connect_warnings.allow(now) {
                     Some(held_back) => tracing::warn!(
                         worker = self.index,

@@ -102,7 +102,7 @@ impl Worker {
         let keys: Vec<usize> = self
             .relays
             .iter()
-            .filter(|(_, r)| due.contains(&r.listener.id))
+            .filter(|(_, r)| due.contains(&r.listener_id()))
             .map(|(k, _)| k)
             .collect();
         if !keys.is_empty() {

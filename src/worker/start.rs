@@ -155,9 +155,7 @@ impl Worker {
             && !first_bytes.is_empty())
         .then(|| first_bytes.to_vec());
         let mut relay = Relay::new(accepted, upstream, round, now);
-        relay.core.accepted_at(since);
-        relay.ahead_header = ahead_header;
-        relay.negotiation = negotiation;
+        relay.resume(since, ahead_header, negotiation);
         if let Some(bytes) = first_bytes {
             relay.keep_first_bytes(bytes);
         }
