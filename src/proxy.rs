@@ -60,6 +60,19 @@ pub fn start_activated(config: Config) -> Result<ProxyHandle, StartError> {
     start_inner(config, Arc::new(SystemResolver), Inherited::new(fds))
 }
 
+/// [`start`] on the listening sockets a live upgrade passed from the
+/// running instance (see [`crate::upgrade`]): each listener address
+/// adopts every passed socket bound to it; addresses none is bound to
+/// are bound anew, and passed sockets no listener claims are closed.
+/// (Feature `service`.)
+#[cfg(feature = "service")]
+pub fn start_upgraded(
+    config: Config,
+    sockets: Vec<std::os::fd::OwnedFd>,
+) -> Result<ProxyHandle, StartError> {
+    start_inner(config, Arc::new(SystemResolver), Inherited::new(sockets))
+}
+
 fn start_inner(
     mut config: Config,
     resolver: Arc<dyn Resolve>,

@@ -53,10 +53,15 @@ impl Inherited {
         Inherited { sockets }
     }
 
-    /// The inherited socket bound to exactly `addr`, if any.
-    fn take(&mut self, addr: SocketAddr) -> Option<std::net::TcpListener> {
-        let at = self.sockets.iter().position(|(_, a)| *a == addr)?;
-        Some(self.sockets.swap_remove(at).0)
+    /// Every inherited socket bound to exactly `addr`: one from a service
+    /// manager, or each of the old process's SO_REUSEPORT sockets in a
+    /// live upgrade (each has its own accept queue, so none may close).
+    fn take(&mut self, addr: SocketAddr) -> Vec<std::net::TcpListener> {
+        let (taken, kept) = std::mem::take(&mut self.sockets)
+            .into_iter()
+            .partition(|(_, a)| *a == addr);
+        self.sockets = kept;
+        taken.into_iter().map(|(s, _)| s).collect()
     }
 
     /// Closes the sockets no listener claimed, naming each.
@@ -92,15 +97,20 @@ pub(crate) fn bind_listeners(
         let dual_family = listener.listen.iter().any(|a| a.is_ipv4());
         for &asked in listener.listen.iter().filter(|&&a| want(index, a)) {
             let fail = |e| StartError::Listen(asked, e);
-            if let Some(socket) = inherited.take(asked) {
-                for sockets in per_worker.iter_mut() {
-                    let shared = socket.try_clone().map_err(fail)?;
-                    shared.set_nonblocking(true).map_err(fail)?;
-                    let shared = TcpListener::from_std(shared);
-                    accepted_without_delay(&shared).map_err(fail)?;
-                    sockets.push((shared, Arc::clone(runtime)));
+            let passed = inherited.take(asked);
+            if !passed.is_empty() {
+                // Every worker accepts on every passed socket of the
+                // address, whatever the two processes' worker counts.
+                for socket in &passed {
+                    for sockets in per_worker.iter_mut() {
+                        let shared = socket.try_clone().map_err(fail)?;
+                        shared.set_nonblocking(true).map_err(fail)?;
+                        let shared = TcpListener::from_std(shared);
+                        accepted_without_delay(&shared).map_err(fail)?;
+                        sockets.push((shared, Arc::clone(runtime)));
+                    }
                 }
-                tracing::info!(listener = %listener.name, address = %asked, "using the socket passed by the service manager");
+                tracing::info!(listener = %listener.name, address = %asked, sockets = passed.len(), "using the passed listening sockets");
                 local_addrs.push((index, asked));
                 continue;
             }
