@@ -331,6 +331,13 @@ impl ProxyHandle {
         self.runtime.worker_cpu_time()
     }
 
+    /// A cloneable handle that hands this proxy's listening sockets to a
+    /// new binary (a live upgrade), from any thread. (Feature `service`.)
+    #[cfg(feature = "service")]
+    pub fn upgrader(&self) -> crate::upgrade::Upgrader {
+        crate::upgrade::Upgrader::new(self.runtime.links(), self.runtime.controller())
+    }
+
     /// A cloneable handle that can stop this proxy from another thread.
     pub fn controller(&self) -> Controller {
         self.runtime.controller()

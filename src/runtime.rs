@@ -299,34 +299,6 @@ impl Runtime {
         self.listeners.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A duplicate of every distinct listening socket the workers accept
-    /// on, with its address: each worker's own SO_REUSEPORT socket, and a
-    /// socket several workers share (a passed one) once. Fails when a
-    /// worker has exited or cannot duplicate one.
-    #[cfg(feature = "service")]
-    pub(crate) fn listening_sockets(
-        &self,
-    ) -> std::io::Result<Vec<(std::net::SocketAddr, std::os::fd::OwnedFd)>> {
-        let mut seen = std::collections::HashSet::new();
-        let mut all = Vec::new();
-        for worker in &self.workers {
-            let (tx, rx) = std::sync::mpsc::channel();
-            let gone = || std::io::Error::other("a worker has exited");
-            worker
-                .link
-                .send(crate::control::Command::ListeningSockets(tx))
-                .map_err(|_| gone())?;
-            let sockets = rx.recv_timeout(Duration::from_secs(10)).map_err(|_| gone())??;
-            for (addr, fd) in sockets {
-                let stat = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&fd))?;
-                if seen.insert((stat.st_dev, stat.st_ino)) {
-                    all.push((addr, fd));
-                }
-            }
-        }
-        Ok(all)
-    }
-
     /// Every worker's command link, for a reload.
     pub(crate) fn links(&self) -> Vec<WorkerLink> {
         self.workers.iter().map(|w| w.link.clone()).collect()

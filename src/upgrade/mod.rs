@@ -31,7 +31,12 @@ use std::time::{Duration, Instant};
 pub use protocol::{BadMessage, FORMAT};
 use protocol::Message;
 
+use std::net::SocketAddr;
+
+use crate::control::{Command as WorkerCommand, WorkerLink};
 use crate::sys::fdpass;
+use crate::Controller;
+#[cfg(doc)]
 use crate::ProxyHandle;
 
 /// The environment variable naming the channel's descriptor in the new
@@ -123,22 +128,65 @@ impl std::error::Error for UpgradeError {
     }
 }
 
-/// The old process's side: starts `request.binary` and hands it every
-/// listening socket of `handle`. `on_commit(pid)` runs just before the
-/// commit (to tell the service manager the new main pid), and
-/// `on_rollback()` after a failure that followed it. On `Ok` the caller
-/// stops accepting; on `Err` nothing changed.
-pub fn hand_over(
-    handle: &ProxyHandle,
+/// The old process's side of an upgrade, usable from any thread (a signal
+/// thread, the control socket's): see [`ProxyHandle::upgrader`].
+#[derive(Clone)]
+pub struct Upgrader {
+    links: Vec<WorkerLink>,
+    controller: Controller,
+}
+
+impl Upgrader {
+    pub(crate) fn new(links: Vec<WorkerLink>, controller: Controller) -> Upgrader {
+        Upgrader { links, controller }
+    }
+
+    /// Starts `request.binary` and hands it every listening socket.
+    /// `on_commit(pid)` runs just before the commit (to tell the service
+    /// manager the new main pid), and `on_rollback()` after a failure that
+    /// followed it. On `Ok` this process has stopped accepting and drains
+    /// its live relays; on `Err` nothing changed.
+    pub fn hand_over(
+        &self,
+        request: &Request,
+        on_commit: impl FnOnce(u32),
+        on_rollback: impl FnOnce(),
+    ) -> Result<Handed, UpgradeError> {
+        let handed = hand_over(&self.links, request, on_commit, on_rollback)?;
+        self.controller.shutdown();
+        Ok(handed)
+    }
+}
+
+/// A duplicate of every distinct listening socket the workers accept on,
+/// with its address: each worker's own SO_REUSEPORT socket, and a socket
+/// several workers share (a passed one) once.
+fn listening_sockets(links: &[WorkerLink]) -> io::Result<Vec<(SocketAddr, OwnedFd)>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut all = Vec::new();
+    for link in links {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let gone = || io::Error::other("a worker has exited");
+        link.send(WorkerCommand::ListeningSockets(tx)).map_err(|_| gone())?;
+        let sockets = rx.recv_timeout(Duration::from_secs(10)).map_err(|_| gone())??;
+        for (addr, fd) in sockets {
+            let stat = nix::sys::stat::fstat(fd.as_raw_fd())?;
+            if seen.insert((stat.st_dev, stat.st_ino)) {
+                all.push((addr, fd));
+            }
+        }
+    }
+    Ok(all)
+}
+
+fn hand_over(
+    links: &[WorkerLink],
     request: &Request,
     on_commit: impl FnOnce(u32),
     on_rollback: impl FnOnce(),
 ) -> Result<Handed, UpgradeError> {
     let began = Instant::now();
-    let sockets = handle
-        .runtime()
-        .listening_sockets()
-        .map_err(UpgradeError::Sockets)?;
+    let sockets = listening_sockets(links).map_err(UpgradeError::Sockets)?;
     let (ours, theirs) = fdpass::channel_pair().map_err(UpgradeError::Channel)?;
     fdpass::set_timeouts(ours.as_fd(), Some(ANSWER_WITHIN)).map_err(UpgradeError::Channel)?;
     let child = Command::new(&request.binary)
@@ -187,7 +235,7 @@ struct Talk {
 impl Talk {
     fn run(
         &mut self,
-        sockets: &[(std::net::SocketAddr, OwnedFd)],
+        sockets: &[(SocketAddr, OwnedFd)],
         on_commit: impl FnOnce(u32),
     ) -> Result<u32, UpgradeError> {
         let header = Message::Header {
@@ -229,10 +277,20 @@ impl Talk {
 
     /// The next message; the end of the channel is the child's end.
     fn answer(&mut self, stage: &'static str) -> Result<Message, UpgradeError> {
-        let got = fdpass::receive(self.channel.as_fd()).map_err(|source| UpgradeError::Talk {
-            op: "read the answer",
-            source,
-        })?;
+        let got = match fdpass::receive(self.channel.as_fd()) {
+            Ok(got) => got,
+            // The child exited with a message of ours unread.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => fdpass::Received {
+                bytes: Vec::new(),
+                fds: Vec::new(),
+            },
+            Err(source) => {
+                return Err(UpgradeError::Talk {
+                    op: "read the answer",
+                    source,
+                })
+            }
+        };
         if got.bytes.is_empty() && got.fds.is_empty() {
             return Err(UpgradeError::Ended {
                 stage: before(stage),
