@@ -441,9 +441,14 @@ fn main() -> ExitCode {
             match args.clone().into_config(&given) {
                 Ok(config) => {
                     let (name, user) = (args.name.clone(), args.user.clone());
-                    lifecycle::run(config, &name, user.as_deref(), origin, incoming, move || {
-                        args.reread(&given)
-                    })
+                    lifecycle::run(
+                        config,
+                        &name,
+                        user.as_deref(),
+                        origin,
+                        incoming,
+                        move || args.reread(&given),
+                    )
                 }
                 Err(e) => {
                     if let Some(incoming) = incoming {

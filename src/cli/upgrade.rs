@@ -175,17 +175,24 @@ pub(super) fn request(name: &str, binary: Option<&Path>) -> ExitCode {
         Ok(b) => b,
         Err(e) => return fail(&format!("--binary: {e}")),
     };
-    let binary = binary.map(|b| b.to_string_lossy().into_owned()).unwrap_or_default();
+    let binary = binary
+        .map(|b| b.to_string_lossy().into_owned())
+        .unwrap_or_default();
     if binary.contains('\n') {
         return fail("--binary: a path with a line break cannot be sent");
     }
     let _ = stream.set_read_timeout(Some(ANSWER_WITHIN));
     if let Err(e) = stream.write_all(format!("upgrade {binary}\n").as_bytes()) {
-        return fail(&format!("cannot send the request to {}: {e}", path.display()));
+        return fail(&format!(
+            "cannot send the request to {}: {e}",
+            path.display()
+        ));
     }
     let mut answer = String::new();
     match BufReader::new(&stream).read_line(&mut answer) {
-        Ok(0) => fail(&format!("'{name}' closed the upgrade socket without an answer")),
+        Ok(0) => fail(&format!(
+            "'{name}' closed the upgrade socket without an answer"
+        )),
         Ok(_) => match answer.trim_end().split_once(' ') {
             Some(("ok", done)) => {
                 println!("spliced: {done}");

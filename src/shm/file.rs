@@ -1,11 +1,11 @@
 //! Where an instance's stats file lives, and how it is made: readable by
 //! its owner alone (0600), or also by one group (0640, `stats-group`).
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::fs::{self, File, Permissions};
 use std::io;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use memmap2::{MmapOptions, MmapRaw};
 

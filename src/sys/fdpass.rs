@@ -59,7 +59,10 @@ pub fn send(channel: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io
     if fds.len() > MAX_FDS_PER_MESSAGE {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("{} descriptors in one message, the kernel takes at most {MAX_FDS_PER_MESSAGE}", fds.len()),
+            format!(
+                "{} descriptors in one message, the kernel takes at most {MAX_FDS_PER_MESSAGE}",
+                fds.len()
+            ),
         ));
     }
     let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
@@ -67,7 +70,13 @@ pub fn send(channel: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io
     let cmsgs = [ControlMessage::ScmRights(&raw)];
     let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsgs };
     loop {
-        match sendmsg::<()>(channel.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+        match sendmsg::<()>(
+            channel.as_raw_fd(),
+            &iov,
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
             Ok(n) if n == bytes.len() => return Ok(()),
             Ok(n) => {
                 return Err(io::Error::new(
@@ -119,7 +128,9 @@ pub fn receive(channel: BorrowedFd<'_>) -> io::Result<Received> {
                 }
             }
         }
-        let truncated = msg.flags.intersects(MsgFlags::MSG_CTRUNC | MsgFlags::MSG_TRUNC);
+        let truncated = msg
+            .flags
+            .intersects(MsgFlags::MSG_CTRUNC | MsgFlags::MSG_TRUNC);
         let len = msg.bytes;
         if truncated {
             return Err(io::Error::other(format!(
@@ -136,11 +147,17 @@ pub fn receive(channel: BorrowedFd<'_>) -> io::Result<Received> {
 /// (close-on-exec set again). Checked to be a Unix socket.
 pub fn adopt_channel(fd: RawFd) -> io::Result<OwnedFd> {
     if fd < 3 {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("descriptor {fd} is not a handover channel")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is not a handover channel"),
+        ));
     }
     let stat = nix::sys::stat::fstat(fd)?;
     if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("descriptor {fd} is not a socket")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is not a socket"),
+        ));
     }
     // SAFETY: the spawning process left this descriptor open for this
     // process alone and named it in the environment, which the caller

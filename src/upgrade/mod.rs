@@ -28,8 +28,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use protocol::{BadMessage, FORMAT};
 use protocol::Message;
+pub use protocol::{BadMessage, FORMAT};
 
 use std::net::SocketAddr;
 
@@ -167,8 +167,11 @@ fn listening_sockets(links: &[WorkerLink]) -> io::Result<Vec<(SocketAddr, OwnedF
     for link in links {
         let (tx, rx) = std::sync::mpsc::channel();
         let gone = || io::Error::other("a worker has exited");
-        link.send(WorkerCommand::ListeningSockets(tx)).map_err(|_| gone())?;
-        let sockets = rx.recv_timeout(Duration::from_secs(10)).map_err(|_| gone())??;
+        link.send(WorkerCommand::ListeningSockets(tx))
+            .map_err(|_| gone())?;
+        let sockets = rx
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| gone())??;
         for (addr, fd) in sockets {
             let stat = nix::sys::stat::fstat(fd.as_raw_fd())?;
             if seen.insert((stat.st_dev, stat.st_ino)) {
@@ -270,7 +273,12 @@ impl Talk {
         }
     }
 
-    fn send(&self, m: &Message, fds: &[BorrowedFd<'_>], op: &'static str) -> Result<(), UpgradeError> {
+    fn send(
+        &self,
+        m: &Message,
+        fds: &[BorrowedFd<'_>],
+        op: &'static str,
+    ) -> Result<(), UpgradeError> {
         fdpass::send(self.channel.as_fd(), &m.encode(), fds)
             .map_err(|source| UpgradeError::Talk { op, source })
     }
@@ -379,7 +387,11 @@ impl Incoming {
 
     /// Tells the old process why this one will not serve; it carries on.
     pub fn refuse(self, reason: &str) {
-        let _ = fdpass::send(self.channel.as_fd(), &Message::Refuse(reason.into()).encode(), &[]);
+        let _ = fdpass::send(
+            self.channel.as_fd(),
+            &Message::Refuse(reason.into()).encode(),
+            &[],
+        );
     }
 
     /// Says `ready` and waits for the commit (for as long as the old
@@ -395,7 +407,9 @@ impl Incoming {
                 channel: self.channel,
                 sockets: self.sockets,
             }),
-            Ok(Message::Abort) => Err(UpgradeError::Refused("the running instance aborted the upgrade".into())),
+            Ok(Message::Abort) => Err(UpgradeError::Refused(
+                "the running instance aborted the upgrade".into(),
+            )),
             _ if got.bytes.is_empty() => Err(UpgradeError::Ended {
                 stage: "before the commit",
                 status: "the running instance closed the channel".into(),
@@ -413,20 +427,37 @@ fn receive(fd: i32, die_after_half: bool) -> Result<Incoming, UpgradeError> {
     let talk = |op, source| UpgradeError::Talk { op, source };
     let got = fdpass::receive(channel.as_fd()).map_err(|e| talk("read the header", e))?;
     let (from, expected) = match Message::decode(&got.bytes) {
-        Ok(Message::Header { format, from, sockets }) if format == FORMAT => (from, sockets),
+        Ok(Message::Header {
+            format,
+            from,
+            sockets,
+        }) if format == FORMAT => (from, sockets),
         Ok(Message::Header { format, .. }) => {
             let e = UpgradeError::Format { theirs: format };
-            let _ = fdpass::send(channel.as_fd(), &Message::Refuse(e.to_string()).encode(), &[]);
+            let _ = fdpass::send(
+                channel.as_fd(),
+                &Message::Refuse(e.to_string()).encode(),
+                &[],
+            );
             return Err(e);
         }
-        _ => return Err(UpgradeError::Protocol("the channel did not start with a header".into())),
+        _ => {
+            return Err(UpgradeError::Protocol(
+                "the channel did not start with a header".into(),
+            ))
+        }
     };
     let mut sockets = Vec::with_capacity(expected);
     while sockets.len() < expected {
-        let got = fdpass::receive(channel.as_fd()).map_err(|e| talk("read listening sockets", e))?;
+        let got =
+            fdpass::receive(channel.as_fd()).map_err(|e| talk("read listening sockets", e))?;
         let addrs = match Message::decode(&got.bytes) {
             Ok(Message::Sockets(addrs)) => addrs,
-            Ok(Message::Abort) => return Err(UpgradeError::Refused("the running instance aborted the upgrade".into())),
+            Ok(Message::Abort) => {
+                return Err(UpgradeError::Refused(
+                    "the running instance aborted the upgrade".into(),
+                ))
+            }
             _ => return Err(UpgradeError::Protocol("expected listening sockets".into())),
         };
         if addrs.len() != got.fds.len() {
@@ -473,6 +504,10 @@ impl Committed {
 
     /// Tells the old process this one could not start; it carries on.
     pub fn failed(self, reason: &str) {
-        let _ = fdpass::send(self.channel.as_fd(), &Message::Failed(reason.into()).encode(), &[]);
+        let _ = fdpass::send(
+            self.channel.as_fd(),
+            &Message::Failed(reason.into()).encode(),
+            &[],
+        );
     }
 }

@@ -77,7 +77,8 @@ impl Message {
     }
 
     pub(crate) fn decode(bytes: &[u8]) -> Result<Message, BadMessage> {
-        let text = std::str::from_utf8(bytes).map_err(|_| BadMessage(String::from_utf8_lossy(bytes).into()))?;
+        let text = std::str::from_utf8(bytes)
+            .map_err(|_| BadMessage(String::from_utf8_lossy(bytes).into()))?;
         let bad = || BadMessage(text.chars().take(200).collect());
         let (word, rest) = text.split_once(' ').unwrap_or((text, ""));
         let number = |s: &str| s.parse::<u64>().map_err(|_| bad());
@@ -135,7 +136,10 @@ mod tests {
                 from: 42,
                 sockets: 3,
             },
-            Message::Sockets(vec!["127.0.0.1:5432".parse().unwrap(), "[::1]:6432".parse().unwrap()]),
+            Message::Sockets(vec![
+                "127.0.0.1:5432".parse().unwrap(),
+                "[::1]:6432".parse().unwrap(),
+            ]),
             Message::Sockets(vec![]),
             Message::Ack(7),
             Message::Ready,
@@ -155,6 +159,13 @@ mod tests {
     #[test]
     fn a_header_of_another_format_still_reads_as_one() {
         let m = Message::decode(b"spliced-upgrade 2 from=5 sockets=1 relays=9").unwrap();
-        assert!(matches!(m, Message::Header { format: 2, from: 5, sockets: 1 }));
+        assert!(matches!(
+            m,
+            Message::Header {
+                format: 2,
+                from: 5,
+                sockets: 1
+            }
+        ));
     }
 }

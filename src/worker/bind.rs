@@ -56,7 +56,19 @@ impl Inherited {
     /// Every inherited socket bound to exactly `addr`: one from a service
     /// manager, or each of the old process's SO_REUSEPORT sockets in a
     /// live upgrade (each has its own accept queue, so none may close).
+    /// An address asked with port 0 takes the sockets of the first passed
+    /// address with its IP: the port the first process was given.
     fn take(&mut self, addr: SocketAddr) -> Vec<std::net::TcpListener> {
+        let addr = match self.sockets.iter().find(|(_, a)| *a == addr) {
+            Some(_) => addr,
+            None if addr.port() == 0 => {
+                match self.sockets.iter().find(|(_, a)| a.ip() == addr.ip()) {
+                    Some(&(_, a)) => a,
+                    None => return Vec::new(),
+                }
+            }
+            None => return Vec::new(),
+        };
         let (taken, kept) = std::mem::take(&mut self.sockets)
             .into_iter()
             .partition(|(_, a)| *a == addr);
@@ -110,8 +122,9 @@ pub(crate) fn bind_listeners(
                         sockets.push((shared, Arc::clone(runtime)));
                     }
                 }
-                tracing::info!(listener = %listener.name, address = %asked, sockets = passed.len(), "using the passed listening sockets");
-                local_addrs.push((index, asked));
+                let addr = passed[0].local_addr().map_err(fail)?;
+                tracing::info!(listener = %listener.name, address = %addr, sockets = passed.len(), "using the passed listening sockets");
+                local_addrs.push((index, addr));
                 continue;
             }
             let probe = match claim(asked, dual_family) {
