@@ -46,6 +46,16 @@ impl Instance {
         upstream: SocketAddr,
         fault: Option<&str>,
     ) -> (Spliced, Instance) {
+        Instance::start_with(name, mode, upstream, fault, &[])
+    }
+
+    fn start_with(
+        name: &str,
+        mode: Mode,
+        upstream: SocketAddr,
+        fault: Option<&str>,
+        extra: &[&str],
+    ) -> (Spliced, Instance) {
         let dir = temp_dir(name);
         let mut cmd = Command::new(bin());
         cmd.args([
@@ -59,6 +69,7 @@ impl Instance {
         ])
         .args(["--mode", mode_name(mode), "--upstream"])
         .arg(upstream.to_string())
+        .args(extra)
         .env("RUNTIME_DIRECTORY", &dir);
         if let Some(fault) = fault {
             cmd.env("SPLICED_UPGRADE_FAULT", fault);
@@ -124,9 +135,18 @@ impl Drop for Instance {
 /// The old process's exit, once its relays closed. (Not `wait_exit`: its
 /// stderr stays open in the new process.)
 fn old_exit(s: &mut Spliced) -> std::process::ExitStatus {
-    wait_for(T, "the old process exits once its relays closed", || {
-        s.try_wait()
-    })
+    let until = std::time::Instant::now() + T;
+    loop {
+        if let Some(status) = s.try_wait() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the old process has not exited once its relays closed; its log and the new one's:\n{}",
+            s.logs().join("\n")
+        );
+        poll_pause();
+    }
 }
 
 /// Fresh clients, one after another, each a full echo to EOF, until told
@@ -340,6 +360,88 @@ fn upgrade_of_an_instance_that_does_not_run() {
     assert!(!status.unwrap().success());
     assert!(err.contains("no running instance named 'nobody'"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The sum of a counter family's members on `/metrics`.
+fn scrape(admin: SocketAddr, family: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut c = connect(admin);
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    c.set_read_timeout(Some(T)).unwrap();
+    c.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+/// The listener counters (not gauges) in the stats file, summed.
+fn file_counters(instance: &Instance) -> Vec<(&'static str, u64)> {
+    use spliced::stats::{Kind, Values};
+    let path = instance.dir.join(format!("{}.stats", instance.name));
+    let snap = spliced::shm::StatsFile::open(&path)
+        .unwrap()
+        .snapshot()
+        .unwrap();
+    let total = snap
+        .listeners
+        .iter()
+        .map(|l| l.total())
+        .fold(spliced::Stats::default(), |a, b| a + b);
+    spliced::stats::COUNTERS
+        .counters
+        .iter()
+        .zip(total.values())
+        .filter(|(c, _)| c.kind == Kind::Counter)
+        .map(|(c, v)| (c.name, v))
+        .collect()
+}
+
+#[test]
+fn counters_carry_on_across_the_upgrade() {
+    let up = echo_server();
+    let admin = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let admin_arg = admin.to_string();
+    let (mut s, mut instance) = Instance::start_with(
+        "counters",
+        Mode::Splice,
+        up.addr,
+        None,
+        &["--admin", &admin_arg],
+    );
+    for i in 0..10 {
+        assert_eq!(echo_once(s.addr, i, 20_000, T).len(), 20_000);
+    }
+    wait_until(T, "the relays closed", || {
+        scrape(admin, "spliced_connections_closed_total") >= 10.0
+    });
+    let before_file = file_counters(&instance);
+    let before_metric = scrape(admin, "spliced_connections_accepted_total");
+    assert!(before_metric >= 10.0);
+    let (ok, out, err) = instance.upgrade(None);
+    assert!(ok, "{out}{err}");
+    old_exit(&mut s);
+    let after_file = file_counters(&instance);
+    for ((name, before), (_, after)) in before_file.iter().zip(&after_file) {
+        assert!(
+            after >= before,
+            "{name}: {before} before the upgrade, {after} after"
+        );
+    }
+    let after_metric = scrape(admin, "spliced_connections_accepted_total");
+    assert!(
+        after_metric >= before_metric,
+        "/metrics accepted: {before_metric} before, {after_metric} after"
+    );
+    assert_eq!(echo_once(s.addr, 99, 1000, T).len(), 1000);
+    let later = scrape(admin, "spliced_connections_accepted_total");
+    assert!(later > after_metric, "the new process counts on top");
 }
 
 both_engines!(upgrade_under_load, three_upgrades_in_a_row);

@@ -67,6 +67,14 @@ pub(super) fn run(
         Err(e) => return fail(&e.to_string()),
     };
     let stats_gid = config.ops.stats_group.as_ref().map(|g| g.gid);
+    // The old instance's counters, read before this process replaces its
+    // stats file, so the new one carries on from them.
+    let old_counters = committed.as_ref().and_then(|_| {
+        let path = spliced::shm::stats_path(name);
+        spliced::shm::StatsFile::open(&path)
+            .and_then(|f| f.snapshot())
+            .ok()
+    });
     let started = match committed.as_mut() {
         Some((_, c)) => spliced::start_upgraded(config, c.take_sockets()),
         None => spliced::start_activated(config),
@@ -81,6 +89,9 @@ pub(super) fn run(
         }
     };
     let upgraded = committed.is_some();
+    if let Some(old) = &old_counters {
+        handle.seed_counters(old);
+    }
     if let Some((from, c)) = committed {
         c.started();
         tracing::info!(from, "upgrade: serving in place of pid {from}");

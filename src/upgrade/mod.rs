@@ -134,11 +134,24 @@ impl std::error::Error for UpgradeError {
 pub struct Upgrader {
     links: Vec<WorkerLink>,
     controller: Controller,
+    /// The admin endpoint: stopped for the new process to bind its
+    /// address at the commit, started again if the upgrade then fails.
+    #[cfg(feature = "admin")]
+    admin: Option<crate::proxy::AdminSwitch>,
 }
 
 impl Upgrader {
-    pub(crate) fn new(links: Vec<WorkerLink>, controller: Controller) -> Upgrader {
-        Upgrader { links, controller }
+    pub(crate) fn new(
+        links: Vec<WorkerLink>,
+        controller: Controller,
+        #[cfg(feature = "admin")] admin: Option<crate::proxy::AdminSwitch>,
+    ) -> Upgrader {
+        Upgrader {
+            links,
+            controller,
+            #[cfg(feature = "admin")]
+            admin,
+        }
     }
 
     /// Starts `request.binary` and hands it every listening socket.
@@ -152,7 +165,30 @@ impl Upgrader {
         on_commit: impl FnOnce(u32),
         on_rollback: impl FnOnce(),
     ) -> Result<Handed, UpgradeError> {
-        let handed = hand_over(&self.links, request, on_commit, on_rollback)?;
+        let stop_admin = || {
+            #[cfg(feature = "admin")]
+            if let Some(admin) = &self.admin {
+                admin.stop();
+            }
+        };
+        let restart_admin = || {
+            #[cfg(feature = "admin")]
+            if let Some(admin) = &self.admin {
+                admin.restart();
+            }
+        };
+        let handed = hand_over(
+            &self.links,
+            request,
+            |pid| {
+                stop_admin();
+                on_commit(pid);
+            },
+            || {
+                restart_admin();
+                on_rollback();
+            },
+        )?;
         self.controller.shutdown();
         Ok(handed)
     }
@@ -273,14 +309,20 @@ impl Talk {
         }
     }
 
+    /// Sends `m`; a child that has exited (its end closed) is an `Ended`.
     fn send(
         &self,
         m: &Message,
         fds: &[BorrowedFd<'_>],
         op: &'static str,
     ) -> Result<(), UpgradeError> {
-        fdpass::send(self.channel.as_fd(), &m.encode(), fds)
-            .map_err(|source| UpgradeError::Talk { op, source })
+        fdpass::send(self.channel.as_fd(), &m.encode(), fds).map_err(|source| match source.kind() {
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => UpgradeError::Ended {
+                stage: before(op),
+                status: String::new(),
+            },
+            _ => UpgradeError::Talk { op, source },
+        })
     }
 
     /// The next message; the end of the channel is the child's end.
@@ -336,6 +378,10 @@ impl Talk {
 
 fn before(stage: &'static str) -> &'static str {
     match stage {
+        "send the header" | "send listening sockets" => {
+            "before it acknowledged every listening socket"
+        }
+        "send the commit" => "before the commit",
         "sockets acknowledged" => "before it acknowledged every listening socket",
         "ready" => "before it was ready",
         "started" => "after the commit, before it started",
