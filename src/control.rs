@@ -32,7 +32,9 @@ pub(crate) enum Command {
     /// Take a reloaded config's listeners.
     Reload(Box<WorkerReload>),
     /// Send a duplicate of every listening socket this worker accepts on,
-    /// with its address, for a live upgrade's new process.
+    /// with its address, for a live upgrade's new process (only a build
+    /// with the `service` feature upgrades).
+    #[cfg_attr(not(feature = "service"), allow(dead_code))]
     ListeningSockets(Sender<crate::worker::ListeningSockets>),
 }
 

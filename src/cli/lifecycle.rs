@@ -98,7 +98,7 @@ pub(super) fn run(
     }
     // A new process of an upgrade was started by one that had already
     // dropped root: it runs as that user.
-    let user = user.filter(|_| !(upgraded && !nix::unistd::geteuid().is_root()));
+    let user = user.filter(|_| !upgraded || nix::unistd::geteuid().is_root());
     if let Some(user) = user {
         // Without the file, the user could not remove it at exit. The
         // stats file keeps its stats-group; a link is changed itself,
