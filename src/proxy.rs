@@ -73,7 +73,11 @@ pub fn start_upgraded(
     config: Config,
     sockets: Vec<std::os::fd::OwnedFd>,
 ) -> Result<ProxyHandle, StartError> {
-    start_inner(config, Arc::new(SystemResolver), Inherited::new(sockets))
+    start_inner(
+        config,
+        Arc::new(SystemResolver),
+        Inherited::handed_over(sockets),
+    )
 }
 
 fn start_inner(

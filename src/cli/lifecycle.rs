@@ -66,6 +66,10 @@ pub(super) fn run(
         }
         Err(e) => return fail(&e.to_string()),
     };
+    let control_socket = socket_path(name);
+    let control = pid_file
+        .as_ref()
+        .and_then(|_| super::upgrade::bind(&control_socket));
     let stats_gid = config.ops.stats_group.as_ref().map(|g| g.gid);
     // The old instance's counters, read before this process replaces its
     // stats file, so the new one carries on from them.
@@ -130,9 +134,8 @@ pub(super) fn run(
     let controller = handle.controller();
     let reloader = handle.reloader();
     let upgrades = Upgrades::new(handle.upgrader(), origin.0, origin.1);
-    let control_socket = socket_path(name);
-    if pid_file.is_some() {
-        upgrades.serve(control_socket.clone());
+    if let Some(control) = control {
+        upgrades.serve(control);
     }
     service::notify(Notify::Ready, "serving");
     let on_signal = upgrades.clone();

@@ -27,6 +27,27 @@ pub(super) fn socket_path(name: &str) -> PathBuf {
     service::pid_dir().join(format!("spliced-{name}.upgrade"))
 }
 
+/// The control socket at `path`, 0600, made before the listeners are
+/// bound (so its descriptor is there from the start, as the pid file is).
+/// A previous instance's socket (or the one an upgrade replaces) goes; the
+/// pid file already told whether a live one holds the name.
+pub(super) fn bind(path: &Path) -> Option<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    let listener = match UnixListener::bind(path) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "no upgrade socket: 'spliced upgrade' cannot reach this instance (SIGUSR2 still upgrades)");
+            return None;
+        }
+    };
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot make the upgrade socket 0600; closing it");
+        let _ = std::fs::remove_file(path);
+        return None;
+    }
+    Some(listener)
+}
+
 /// A running instance's side: one upgrade at a time, from the control
 /// socket or SIGUSR2.
 #[derive(Clone)]
@@ -97,23 +118,8 @@ impl Upgrades {
         }
     }
 
-    /// Serves the control socket at `path` on a thread of its own.
-    pub(super) fn serve(&self, path: PathBuf) {
-        // A previous instance's socket (or the one this upgrade replaces)
-        // goes; the pid file already told whether a live one holds the name.
-        let _ = std::fs::remove_file(&path);
-        let listener = match UnixListener::bind(&path) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "no upgrade socket: 'spliced upgrade' cannot reach this instance (SIGUSR2 still upgrades)");
-                return;
-            }
-        };
-        if let Err(e) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
-            tracing::warn!(path = %path.display(), error = %e, "cannot make the upgrade socket 0600; closing it");
-            let _ = std::fs::remove_file(&path);
-            return;
-        }
+    /// Serves the control socket on a thread of its own.
+    pub(super) fn serve(&self, listener: UnixListener) {
         let upgrades = self.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {

@@ -28,6 +28,10 @@ pub(crate) struct Bound {
 #[derive(Debug, Default)]
 pub(crate) struct Inherited {
     sockets: Vec<(std::net::TcpListener, SocketAddr)>,
+    /// Passed by the instance a live upgrade replaces, not by a service
+    /// manager: a listener asked on port 0 then adopts the port the old
+    /// instance was given.
+    upgrade: bool,
 }
 
 impl Inherited {
@@ -50,18 +54,38 @@ impl Inherited {
                 ),
             }
         }
-        Inherited { sockets }
+        Inherited {
+            sockets,
+            upgrade: false,
+        }
+    }
+
+    /// The listening sockets a live upgrade passed (see [`Inherited::new`]).
+    #[cfg_attr(not(feature = "service"), allow(dead_code))]
+    pub(crate) fn handed_over(fds: Vec<OwnedFd>) -> Inherited {
+        Inherited {
+            upgrade: true,
+            ..Inherited::new(fds)
+        }
+    }
+
+    fn passer(&self) -> &'static str {
+        if self.upgrade {
+            "the instance this one upgrades"
+        } else {
+            "the service manager"
+        }
     }
 
     /// Every inherited socket bound to exactly `addr`: one from a service
     /// manager, or each of the old process's SO_REUSEPORT sockets in a
     /// live upgrade (each has its own accept queue, so none may close).
-    /// An address asked with port 0 takes the sockets of the first passed
-    /// address with its IP: the port the first process was given.
+    /// In an upgrade, an address asked with port 0 takes the sockets of the
+    /// first passed address with its IP: the port the old process was given.
     fn take(&mut self, addr: SocketAddr) -> Vec<std::net::TcpListener> {
         let addr = match self.sockets.iter().find(|(_, a)| *a == addr) {
             Some(_) => addr,
-            None if addr.port() == 0 => {
+            None if self.upgrade && addr.port() == 0 => {
                 match self.sockets.iter().find(|(_, a)| a.ip() == addr.ip()) {
                     Some(&(_, a)) => a,
                     None => return Vec::new(),
@@ -123,7 +147,8 @@ pub(crate) fn bind_listeners(
                     }
                 }
                 let addr = passed[0].local_addr().map_err(fail)?;
-                tracing::info!(listener = %listener.name, address = %addr, sockets = passed.len(), "using the passed listening sockets");
+                let by = inherited.passer();
+                tracing::info!(listener = %listener.name, address = %addr, sockets = passed.len(), "using the socket passed by {by}");
                 local_addrs.push((index, addr));
                 continue;
             }
