@@ -82,26 +82,12 @@ if stage apps && ! have_apps >/dev/null; then
 fi
 
 # --- who runs it -----------------------------------------------------------
-if [[ -z ${BENCH_USER:-} ]]; then
-    if [[ $(id -u) == 0 ]] && id cloudsdk >/dev/null 2>&1; then BENCH_USER=cloudsdk; else BENCH_USER=$(id -un); fi
-fi
+lib_bench_user
 # PostgreSQL refuses to run as root.
 if stage apps && [[ $BENCH_USER == root ]]; then lib_die "the apps stage needs BENCH_USER other than root (postgres refuses root)"; fi
-as_user() {
-    if [[ $(id -un) == "$BENCH_USER" ]]; then
-        "$@"
-    else
-        setpriv --reuid="$BENCH_USER" --regid="$(id -g "$BENCH_USER")" --init-groups -- "$@"
-    fi
-}
-load() { as_user taskset -c "$LOAD_CPU" "$@"; }
+load() { lib_as_user taskset -c "$LOAD_CPU" "$@"; }
 
-lib_init apps
-WORK=$LIB_TMP
-chmod 755 "$WORK"
-[[ $(id -un) == "$BENCH_USER" ]] || chown "$BENCH_USER" "$WORK"
-cp "$SPLICED_BIN" "$WORK/spliced"
-BIN=$WORK/spliced
+lib_bench_init apps
 
 # spawn NAME CPU CMD...: CMD as BENCH_USER pinned to CPU, output to
 # $WORK/NAME.log; SPAWNED is its pid (every step execs).
@@ -145,7 +131,7 @@ if stage apps; then
 
     PGBIN=$(find /usr/lib/postgresql -maxdepth 2 -name bin -type d | sort -V | tail -1)
     [[ -x $PGBIN/initdb ]] || lib_die "PostgreSQL binaries not found under /usr/lib/postgresql"
-    as_user "$PGBIN/initdb" -D "$WORK/pg" -U postgres -A trust --no-sync -E UTF8 >"$WORK/initdb.log" 2>&1 ||
+    lib_as_user "$PGBIN/initdb" -D "$WORK/pg" -U postgres -A trust --no-sync -E UTF8 >"$WORK/initdb.log" 2>&1 ||
         lib_die "initdb failed: $(tail -5 "$WORK/initdb.log")"
     spawn postgres "$LOAD_CPU" "$PGBIN/postgres" -D "$WORK/pg" -k "$WORK" -p "$PG_PORT" \
         -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off \

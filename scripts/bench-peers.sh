@@ -102,16 +102,7 @@ if ((${#pkgs[@]})); then
 fi
 
 # --- who runs it -----------------------------------------------------------
-if [[ -z ${BENCH_USER:-} ]]; then
-    if [[ $(id -u) == 0 ]] && id cloudsdk >/dev/null 2>&1; then BENCH_USER=cloudsdk; else BENCH_USER=$(id -un); fi
-fi
-as_user() {
-    if [[ $(id -un) == "$BENCH_USER" ]]; then
-        "$@"
-    else
-        setpriv --reuid="$BENCH_USER" --regid="$(id -g "$BENCH_USER")" --init-groups -- "$@"
-    fi
-}
+lib_bench_user
 # Enough fds for 10 000 idle relays (2 per relay in the load generator and in
 # each proxy); raised before dropping privileges so BENCH_USER inherits it.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
@@ -125,12 +116,7 @@ MAXCONN=$(((NOFILE - 2 * PEER_MAXPIPES - 300) / 2))
 IDLE_RELAYS=${IDLE_RELAYS:-$((MAXCONN - 50 < 10000 ? MAXCONN - 50 : 10000))}
 
 # The work dir goes at exit, after the peers (tracked pids) are stopped.
-lib_init peers
-WORK=$LIB_TMP
-chmod 755 "$WORK"
-[[ $(id -un) == "$BENCH_USER" ]] || chown "$BENCH_USER" "$WORK"
-cp "$SPLICED_BIN" "$WORK/spliced"
-BIN=$WORK/spliced
+lib_bench_init peers
 PIDS=()
 
 # --- the network path --------------------------------------------------------
@@ -335,7 +321,7 @@ targets_without_socat() {
 }
 
 bench() { # cpu-for-load args...
-    local cpu=$1 rc=0 run=as_user
+    local cpu=$1 rc=0 run=lib_as_user
     shift
     # Entering the namespaces takes root (see the top).
     [[ $BENCH_PATH == loopback ]] || run=

@@ -187,6 +187,37 @@ lib_init() {
 
 lib_on_exit() { LIB_EXIT_CMDS+=("$1"); }
 
+# ------------------------------------------------- benchmarks as a user ----
+# The bench-* scripts run their servers, proxies and load as BENCH_USER:
+# unless given, cloudsdk when run as root and that user exists, else the
+# caller.
+
+lib_bench_user() {
+    if [[ -z ${BENCH_USER:-} ]]; then
+        if [[ $(id -u) == 0 ]] && id cloudsdk >/dev/null 2>&1; then BENCH_USER=cloudsdk; else BENCH_USER=$(id -un); fi
+    fi
+}
+
+# lib_as_user CMD...: CMD as BENCH_USER.
+lib_as_user() {
+    if [[ $(id -un) == "$BENCH_USER" ]]; then
+        "$@"
+    else
+        setpriv --reuid="$BENCH_USER" --regid="$(id -g "$BENCH_USER")" --init-groups -- "$@"
+    fi
+}
+
+# lib_bench_init SUITE: lib_init SUITE, then WORK, the work dir, open to
+# BENCH_USER, and BIN, a copy of SPLICED_BIN in it that BENCH_USER can run.
+lib_bench_init() {
+    lib_init "$1"
+    WORK=$LIB_TMP
+    chmod 755 "$WORK"
+    [[ $(id -un) == "$BENCH_USER" ]] || chown "$BENCH_USER" "$WORK"
+    cp "$SPLICED_BIN" "$WORK/spliced"
+    BIN=$WORK/spliced
+}
+
 lib__cleanup() {
     local rc=$? i pid st pids=()
     trap - EXIT INT TERM

@@ -520,7 +520,9 @@ fn init_logging(default_level: &str, format: LogFormat) -> spliced::cli::log::Fl
         .with_writer(writer)
         .with_ansi(false);
     match format {
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => builder
+            .event_format(spliced::cli::logfmt::TextFormat::new())
+            .init(),
         LogFormat::Json => builder
             .json()
             .flatten_event(true)

@@ -17,7 +17,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
 
@@ -25,6 +25,16 @@ use common::{bin, serial, strip_ansi, wait_until};
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
+}
+
+/// The serial lock for a veth case, or `None` (after saying so) when not
+/// root: only root creates the path's network namespaces.
+fn as_root_serially() -> Option<MutexGuard<'static, ()>> {
+    if !is_root() {
+        eprintln!("not root: the veth path cannot be created; see refused_without_privileges");
+        return None;
+    }
+    Some(serial())
 }
 
 /// The namespaces of the bench with `pid` that still exist.
@@ -210,11 +220,9 @@ fn feature<'a>(shown: &'a str, name: &str) -> &'a str {
 
 #[test]
 fn veth_names_path_and_mtu_and_removes_its_namespaces() {
-    if !is_root() {
-        eprintln!("not root: the veth path cannot be created; see refused_without_privileges");
+    let Some(_serial) = as_root_serially() else {
         return;
-    }
-    let _serial = serial();
+    };
     // What a bench killed by SIGKILL would leave; the next bench removes it.
     let stale = format!("spliced-bench-{}-up", dead_pid());
     ip(&["netns", "add", &stale]);
@@ -251,11 +259,9 @@ fn veth_names_path_and_mtu_and_removes_its_namespaces() {
 
 #[test]
 fn veth2_json_names_path_and_mtu() {
-    if !is_root() {
-        eprintln!("not root: the veth path cannot be created; see refused_without_privileges");
+    let Some(_serial) = as_root_serially() else {
         return;
-    }
-    let _serial = serial();
+    };
     let mut b = Bench::spawn(&[
         "--quick",
         "--path",
@@ -308,11 +314,9 @@ fn veth2_json_names_path_and_mtu() {
 
 #[test]
 fn nic_paths_have_offloads_and_nooffload_has_none() {
-    if !is_root() {
-        eprintln!("not root: the veth path cannot be created; see refused_without_privileges");
+    let Some(_serial) = as_root_serially() else {
         return;
-    }
-    let _serial = serial();
+    };
     for path in ["veth", "veth2"] {
         let (child, name) = hold(path);
         let mut ends = vec![(format!("{name}-px"), "vup"), (format!("{name}-up"), "vpx")];
@@ -359,11 +363,9 @@ fn nic_paths_have_offloads_and_nooffload_has_none() {
 
 #[test]
 fn floor_refuses_a_shaped_path() {
-    if !is_root() {
-        eprintln!("not root: the veth path cannot be created; see refused_without_privileges");
+    let Some(_serial) = as_root_serially() else {
         return;
-    }
-    let _serial = serial();
+    };
     let (child, name) = hold("veth");
     // 100 Mbit/s towards the upstream: a hundredth of any loopback here.
     let px = format!("{name}-px");
@@ -393,11 +395,9 @@ fn floor_refuses_a_shaped_path() {
 
 #[test]
 fn nooffload_is_the_named_worst_case() {
-    if !is_root() {
-        eprintln!("not root: the veth path cannot be created; see refused_without_privileges");
+    let Some(_serial) = as_root_serially() else {
         return;
-    }
-    let _serial = serial();
+    };
     let mut b = Bench::spawn(&[
         "--quick",
         "--path",
@@ -422,11 +422,9 @@ fn nooffload_is_the_named_worst_case() {
 
 #[test]
 fn sigint_mid_run_removes_the_namespaces() {
-    if !is_root() {
-        eprintln!("not root: the veth path cannot be created; see refused_without_privileges");
+    let Some(_serial) = as_root_serially() else {
         return;
-    }
-    let _serial = serial();
+    };
     let mut b = Bench::spawn(&["--path", "veth2", "-w", "bulk", "-e", "splice,copy"]);
     let pid = b.pid();
     // Mid-run: the namespaces exist and the path's check has started.

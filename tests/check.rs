@@ -5,32 +5,16 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use spliced::config::{self, FlagDefaults};
 
-const MINIMAL: &str = r#"
-[[listener]]
-name = "one"
-listen = ["127.0.0.1:0"]
-[listener.pool]
-servers = [{ address = "127.0.0.1:9" }]
-"#;
-
-/// A file under the temp dir, unique to this process and `name`.
-fn temp_file(name: &str, text: &str) -> PathBuf {
-    let path = std::env::temp_dir().join(format!("spliced-{}-{name}.toml", std::process::id()));
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// `MINIMAL` with a postgres role check reading `password_file`, and a
+/// `MINIMAL_CONFIG` with a postgres role check reading `password_file`, and a
 /// second server `extra` beside the first.
 fn with_password_file(password_file: &std::path::Path, extra: &str) -> String {
-    MINIMAL.replace(
+    MINIMAL_CONFIG.replace(
         "servers = [{ address = \"127.0.0.1:9\" }]",
         &format!("servers = [{{ address = \"127.0.0.1:9\" }}{extra}]"),
     ) + &format!(
@@ -40,12 +24,34 @@ fn with_password_file(password_file: &std::path::Path, extra: &str) -> String {
 }
 
 fn check(text_name: &str, text: &str, extra_args: &[&str]) -> (Option<i32>, String, String) {
-    let path = temp_file(text_name, text);
+    let path = temp_config(text_name, text);
     let mut args = vec!["check", "--config", path.to_str().unwrap()];
     args.extend_from_slice(extra_args);
     let (status, stdout, stderr) = run_bin(&args, Duration::from_secs(20));
     let _ = std::fs::remove_file(path);
     (status.and_then(|s| s.code()), stdout, stderr)
+}
+
+/// The one line of `stderr` that starts `spliced: error: ` (there must be
+/// exactly one).
+fn the_error_line(stderr: &str) -> &str {
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("spliced: error: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    errors[0]
+}
+
+/// `stderr` is one line, starting with `prefix` and containing every one
+/// of `needles`.
+fn assert_one_line(stderr: &str, prefix: &str, needles: &[&str]) {
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].starts_with(prefix), "{stderr}");
+    for needle in needles {
+        assert!(lines[0].contains(needle), "{needle}: {stderr}");
+    }
 }
 
 #[test]
@@ -57,16 +63,15 @@ fn check_fails_for_a_missing_password_file_naming_listener_key_and_path() {
     );
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stdout.is_empty(), "{stdout}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{stderr}");
-    assert!(lines[0].starts_with("spliced: error: "), "{stderr}");
-    for needle in [
-        "listener 'one'",
-        "pool.health.password-file /nonexistent/pw",
-        "No such file",
-    ] {
-        assert!(lines[0].contains(needle), "{needle}: {stderr}");
-    }
+    assert_one_line(
+        &stderr,
+        "spliced: error: ",
+        &[
+            "listener 'one'",
+            "pool.health.password-file /nonexistent/pw",
+            "No such file",
+        ],
+    );
 }
 
 #[test]
@@ -84,18 +89,14 @@ fn check_fails_for_a_password_file_the_run_as_user_cannot_read() {
     let (code, stdout, stderr) = check("pw-nobody", &text, &["--user", "nobody"]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stdout.is_empty(), "{stdout}");
-    let errors: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("spliced: error: "))
-        .collect();
-    assert_eq!(errors.len(), 1, "{stderr}");
+    let error = the_error_line(&stderr);
     for needle in [
         "listener 'one'",
         &format!("pool.health.password-file {}", private.display()),
         "as user nobody",
         "Permission denied",
     ] {
-        assert!(errors[0].contains(needle), "{needle}: {stderr}");
+        assert!(error.contains(needle), "{needle}: {stderr}");
     }
     // Readable by others, nobody reads it (with a warning about the mode).
     let open = secret_file("open", 0o644);
@@ -117,13 +118,8 @@ fn check_fails_for_a_password_file_the_run_as_user_cannot_read() {
     );
     assert_eq!(status.and_then(|s| s.code()), Some(1), "{stderr}");
     assert!(stdout.is_empty(), "{stdout}");
-    let errors: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("spliced: error: "))
-        .collect();
-    assert_eq!(errors.len(), 1, "{stderr}");
     assert!(
-        errors[0].contains("cannot read the config file as user nobody"),
+        the_error_line(&stderr).contains("cannot read the config file as user nobody"),
         "{stderr}"
     );
     let _ = std::fs::remove_dir_all(config.parent().unwrap());
@@ -154,17 +150,17 @@ fn a_group_readable_password_file_is_a_warning_in_check_and_at_start() {
             .join(format!("spliced-{}-pw-loose.toml", std::process::id()))
             .display()
     );
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{stderr}");
-    for needle in [
-        warning.as_str(),
-        "listener 'one'",
-        &format!("pool.health.password-file {}", loose.display()),
-        "group or other access (mode 0640)",
-        "u=rw (0600)",
-    ] {
-        assert!(lines[0].contains(needle), "{needle}: {stderr}");
-    }
+    assert_one_line(
+        &stderr,
+        "spliced: warning: ",
+        &[
+            warning.as_str(),
+            "listener 'one'",
+            &format!("pool.health.password-file {}", loose.display()),
+            "group or other access (mode 0640)",
+            "u=rw (0600)",
+        ],
+    );
     // 0600 is quiet.
     let tight = secret_file("tight", 0o600);
     let (code, _, stderr) = check("pw-tight", &with_password_file(&tight, ""), &[]);
@@ -194,7 +190,7 @@ fn a_group_readable_password_file_is_a_warning_in_check_and_at_start() {
     // `run` says the same at start.
     let echo = echo_server();
     let served = text.replace("127.0.0.1:9", &echo.addr.to_string());
-    let path = temp_file("pw-run", &served);
+    let path = temp_config("pw-run", &served);
     let mut cmd = Command::new(bin());
     cmd.args(["run", "--workers", "1", "--name", "pwrun", "--config"])
         .arg(&path)
@@ -223,7 +219,7 @@ fn a_group_readable_password_file_is_a_warning_in_check_and_at_start() {
 
 #[test]
 fn check_warns_of_a_name_that_does_not_resolve_and_exits_zero() {
-    let text = MINIMAL.replace(
+    let text = MINIMAL_CONFIG.replace(
         "servers = [{ address = \"127.0.0.1:9\" }]",
         "servers = [{ address = \"127.0.0.1:9\" }, \"db.spliced-test.invalid:5432\"]",
     );
@@ -233,16 +229,15 @@ fn check_warns_of_a_name_that_does_not_resolve_and_exits_zero() {
         stdout.contains("address = \"db.spliced-test.invalid:5432\""),
         "{stdout}"
     );
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{stderr}");
-    assert!(lines[0].starts_with("spliced: warning: "), "{stderr}");
-    for needle in [
-        "listener 'one'",
-        "server db.spliced-test.invalid:5432 does not resolve",
-        "starts without it",
-    ] {
-        assert!(lines[0].contains(needle), "{needle}: {stderr}");
-    }
+    assert_one_line(
+        &stderr,
+        "spliced: warning: ",
+        &[
+            "listener 'one'",
+            "server db.spliced-test.invalid:5432 does not resolve",
+            "starts without it",
+        ],
+    );
 }
 
 #[test]
@@ -251,8 +246,8 @@ fn check_prints_admin_and_it_parses_back() {
         ("127.0.0.1:9100", "127.0.0.1:9100"),
         ("[::1]:9100", "[::1]:9100"),
     ] {
-        let text = format!("admin = \"{written}\"\n{MINIMAL}");
-        let path = temp_file("admin", &text);
+        let text = format!("admin = \"{written}\"\n{MINIMAL_CONFIG}");
+        let path = temp_config("admin", &text);
         let (status, stdout, stderr) = run_bin(
             &["check", "--config", path.to_str().unwrap()],
             Duration::from_secs(20),
@@ -268,6 +263,6 @@ fn check_prints_admin_and_it_parses_back() {
         assert_eq!(config::effective_toml(&again.config), stdout);
     }
     // No admin key, none printed.
-    let plain = config::parse_str(MINIMAL, &FlagDefaults::default()).unwrap();
+    let plain = config::parse_str(MINIMAL_CONFIG, &FlagDefaults::default()).unwrap();
     assert!(!config::effective_toml(&plain.config).contains("admin"));
 }

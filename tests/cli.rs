@@ -1,5 +1,6 @@
-//! The `spliced` binary: help and version, one-line errors on bad input, and
-//! the SIGTERM drain (both engines).
+//! The `spliced` binary: help and version, one-line errors on bad input,
+//! the SIGTERM drain (every engine), and `spliced bench --quick`
+//! (`cli/bench.rs`).
 
 #[macro_use]
 mod common;
@@ -13,6 +14,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use nix::sys::signal::Signal;
 use spliced::Mode;
+
+#[path = "cli/bench.rs"]
+mod bench;
 
 both_engines!(
     sigterm_lets_live_relay_finish,
@@ -315,30 +319,12 @@ fn sigterm_lets_live_relay_finish(mode: Mode) {
         "exited {:?} after the relay ended",
         ended.elapsed()
     );
-    let logs = proxy.logs();
-    assert!(
-        logs.iter()
-            .any(|l| l.contains("relay closed") && l.contains("reason=eof")),
-        "no 'relay closed ... reason=eof' line:\n{}",
-        logs.join("\n")
-    );
+    assert_relay_closed_logged(&proxy, "eof");
 }
 
 fn sigterm_closes_endless_relay_at_drain_timeout(mode: Mode) {
     const DRAIN: Duration = Duration::from_secs(1);
-    let up = echo_server();
-    let addr = up.addr.to_string();
-    let mut proxy = Spliced::run(&[
-        "--upstream",
-        &addr,
-        "--mode",
-        mode.as_str(),
-        "--drain-timeout",
-        "1s",
-    ]);
-
-    let mut client = connect(proxy.addr);
-    round_trip(&mut client, b"still here", Duration::from_secs(5));
+    let (_up, mut proxy, mut client) = relaying_to_an_echo(mode, "1s");
 
     proxy.signal(Signal::SIGTERM);
     let signalled = Instant::now();
@@ -356,28 +342,41 @@ fn sigterm_closes_endless_relay_at_drain_timeout(mode: Mode) {
         took <= DRAIN + Duration::from_millis(1500),
         "exited after {took:?}, drain timeout {DRAIN:?}"
     );
-    let logs = proxy.logs();
-    assert!(
-        logs.iter()
-            .any(|l| l.contains("relay closed") && l.contains("reason=shutdown")),
-        "no 'relay closed ... reason=shutdown' line:\n{}",
-        logs.join("\n")
-    );
+    assert_relay_closed_logged(&proxy, "shutdown");
 }
 
-fn second_signal_exits_at_once(mode: Mode) {
+/// An echo server, spliced relaying to it with `mode` and `drain` as its
+/// drain timeout, and a client whose relay has carried a round trip.
+fn relaying_to_an_echo(mode: Mode, drain: &str) -> (Server, Spliced, TcpStream) {
     let up = echo_server();
     let addr = up.addr.to_string();
-    let mut proxy = Spliced::run(&[
+    let proxy = Spliced::run(&[
         "--upstream",
         &addr,
         "--mode",
         mode.as_str(),
         "--drain-timeout",
-        "30s",
+        drain,
     ]);
     let mut client = connect(proxy.addr);
     round_trip(&mut client, b"still here", Duration::from_secs(5));
+    (up, proxy, client)
+}
+
+/// spliced logged a `relay closed` line with `reason`.
+fn assert_relay_closed_logged(proxy: &Spliced, reason: &str) {
+    let logs = proxy.logs();
+    let want = format!("reason={reason}");
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("relay closed") && l.contains(&want)),
+        "no 'relay closed ... {want}' line:\n{}",
+        logs.join("\n")
+    );
+}
+
+fn second_signal_exits_at_once(mode: Mode) {
+    let (_up, mut proxy, mut client) = relaying_to_an_echo(mode, "30s");
 
     proxy.signal(Signal::SIGTERM);
     wait_refused(proxy.addr);
@@ -488,16 +487,6 @@ fn upstream_that_is_the_listen_address_is_refused() {
     assert_eq!(proxy.addr.port(), port);
 }
 
-/// The value of `key=` in a log line.
-fn field(line: &str, key: &str) -> Option<u64> {
-    let at = line.find(&format!("{key}="))? + key.len() + 1;
-    let digits: String = line[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse().ok()
-}
-
 #[test]
 fn effective_limits_are_logged_at_start() {
     let up = echo_server();
@@ -516,9 +505,9 @@ fn effective_limits_are_logged_at_start() {
     assert!(cap.contains("fd limit"), "{cap}");
     let pipe = logs
         .iter()
-        .find(|l| l.contains("pipe size") && field(l, "pipe_size").is_some())
+        .find(|l| l.contains("pipe size") && log_number::<u64>(l, "pipe_size").is_some())
         .unwrap_or_else(|| panic!("no pipe size line:\n{}", logs.join("\n")));
-    let granted = field(pipe, "pipe_size").unwrap();
+    let granted: u64 = log_number(pipe, "pipe_size").unwrap();
     assert_eq!(
         granted < PIPE,
         pipe.contains("WARN"),
@@ -543,7 +532,7 @@ fn effective_limits_are_logged_at_start() {
         .iter()
         .find(|l| l.contains("WARN") && l.contains("max_conns lowered"))
         .unwrap_or_else(|| panic!("no warning for --max-conns:\n{}", logs.join("\n")));
-    let effective = field(lowered, "max_conns").expect("max_conns=N in the warning");
+    let effective: u64 = log_number(lowered, "max_conns").expect("max_conns=N in the warning");
     assert!(effective < ASKED, "{lowered}");
     assert!(lowered.contains("fd limit"), "{lowered}");
     assert!(
@@ -560,7 +549,7 @@ fn effective_limits_are_logged_at_start() {
     assert!(
         logs.iter().any(|l| l.contains("INFO")
             && l.contains("at most 10 relays at once")
-            && field(l, "max_conns") == Some(10)),
+            && log_number::<u64>(l, "max_conns") == Some(10)),
         "no 'at most 10 relays' line:\n{}",
         logs.join("\n")
     );
@@ -618,137 +607,8 @@ fn listen_on_port_alone_binds_ipv4_and_ipv6() {
 }
 
 #[test]
-fn bench_output_reports_measurements_only() {
-    let (status, stdout, stderr) = run_bin(
-        &[
-            "bench",
-            "--quick",
-            "--workloads",
-            "bulk,idle",
-            "--idle-relays",
-            "200",
-        ],
-        Duration::from_secs(120),
-    );
-    let status = status.expect("spliced bench --quick did not finish in 120 s");
-    assert!(status.success(), "exit {status}:\n{stdout}\n{stderr}");
-    assert!(
-        stdout.contains("CPU per GiB vs copy: ") && stdout.contains("×"),
-        "no splice vs copy ratio in the summary:\n{stdout}"
-    );
-    let lower = stdout.to_lowercase();
-    for word in ["issue", "floor", "missed", "targets's", "worker(s)"] {
-        assert!(
-            !lower.contains(word),
-            "the bench output says '{word}':\n{stdout}"
-        );
-    }
-}
-
-/// `connect-routed` prints a measured row per engine for the ClientHello
-/// through the plain listener and through the routed one (in-process
-/// spliced engines only: `direct` has no router), and what routing adds.
-#[test]
-fn bench_connect_routed_prints_both_listeners_rows() {
-    let (status, stdout, stderr) = run_bin(
-        &["bench", "--quick", "--workloads", "connect-routed"],
-        Duration::from_secs(120),
-    );
-    let status = status.expect("spliced bench --quick did not finish in 120 s");
-    assert!(status.success(), "exit {status}:\n{stdout}\n{stderr}");
-    assert!(!stdout.contains("\nerrors\n"), "errors:\n{stdout}");
-    // The rows of the case whose title starts with `title`: engine → cells.
-    let rows = |title: &str| -> Vec<(String, Vec<String>)> {
-        let block = stdout
-            .split("\n\n")
-            .find(|b| b.starts_with(title))
-            .unwrap_or_else(|| panic!("no case '{title}':\n{stdout}"));
-        let mut lines = block.lines();
-        let header = lines.next().unwrap();
-        assert!(
-            header.contains("conn/s") && header.contains("CPU µs/conn"),
-            "{header}"
-        );
-        lines
-            .map(|l| {
-                let mut words = l.split_whitespace().map(String::from);
-                (words.next().unwrap(), words.collect())
-            })
-            .collect()
-    };
-    let measured = |cells: &[String]| {
-        // `8405 ±13%   71.0 ±4%`: two medians, each with its spread.
-        cells.len() == 4
-            && cells[0].parse::<f64>().is_ok_and(|v| v > 0.0)
-            && cells[2].parse::<f64>().is_ok_and(|v| v > 0.0)
-            && cells[1].starts_with('±')
-            && cells[3].starts_with('±')
-    };
-    let plain = rows("connect-routed — 2 threads, 517 B hello + 64 B, no routes");
-    let routed =
-        rows("connect-routed — 2 threads, 517 B hello + 64 B, 3 server-name routes + default");
-    for (case, engines) in [
-        (&plain, &["splice", "copy"][..]),
-        (&routed, &["splice", "copy"][..]),
-    ] {
-        for engine in engines {
-            let row = case.iter().find(|(e, _)| e == engine);
-            assert!(
-                row.is_some_and(|(_, cells)| measured(cells)),
-                "no measured {engine} row: {row:?}\n{stdout}"
-            );
-        }
-    }
-    assert!(
-        plain
-            .iter()
-            .any(|(e, cells)| e == "direct" && cells.len() == 3),
-        "no direct row without routes:\n{stdout}"
-    );
-    assert!(
-        !routed.iter().any(|(e, _)| e == "direct"),
-        "direct has no router, yet a routed row:\n{stdout}"
-    );
-    for engine in ["splice", "copy"] {
-        assert!(
-            stdout.contains(&format!(
-                "{engine} CPU per connection added by routing (3 server-name routes): "
-            )),
-            "no routing summary for {engine}:\n{stdout}"
-        );
-    }
-}
-
-/// Under a low fd limit the idle workload opens only the relays the proxy
-/// child can take: none waits in its listen backlog, so none fails.
-#[test]
-fn bench_idle_opens_only_what_the_proxy_fd_limit_allows() {
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(r#"ulimit -n 2000 && exec "$0" bench --quick --workloads idle --engines splice --idle-relays 1500"#)
-        .arg(bin());
-    let (status, stdout, stderr) = run_cmd(cmd, Duration::from_secs(120));
-    let status = status.expect("spliced bench did not finish in 120 s");
-    assert!(status.success(), "exit {status}:\n{stdout}\n{stderr}");
-    assert!(
-        !stdout.contains("errors"),
-        "the idle run had errors:\n{stdout}"
-    );
-    assert!(
-        stdout.contains("allows") && stdout.contains("of the 1500 relays asked"),
-        "no note that the fd limit allows fewer relays:\n{stdout}"
-    );
-}
-
-#[test]
 fn check_as_another_user_needs_root() {
-    let config =
-        std::env::temp_dir().join(format!("spliced-cli-check-{}.toml", std::process::id()));
-    std::fs::write(
-        &config,
-        "[[listener]]\nname = \"one\"\nlisten = \"127.0.0.1:0\"\n[listener.pool]\nservers = [\"127.0.0.1:9\"]\n",
-    )
-    .unwrap();
+    let config = temp_config("cli-check", MINIMAL_CONFIG);
     let root = nix::unistd::geteuid().is_root();
     let mut cmd = if root {
         // As root the test drops to nobody to see the refusal.

@@ -13,13 +13,6 @@ use std::time::Duration;
 use common::*;
 use spliced::config::{self, Balance, FlagDefaults, Mode};
 
-/// A file under the temp dir, unique to this process and `name`.
-fn temp_file(name: &str, text: &str) -> PathBuf {
-    let path = std::env::temp_dir().join(format!("spliced-{}-{name}.toml", std::process::id()));
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 fn errors(text: &str) -> Vec<String> {
     match config::parse_str(text, &FlagDefaults::default()) {
         Ok(_) => panic!("accepted:\n{text}"),
@@ -34,14 +27,6 @@ fn assert_has(errors: &[String], needles: &[&str]) {
         errors.join("\n")
     );
 }
-
-const MINIMAL: &str = r#"
-[[listener]]
-name = "one"
-listen = ["127.0.0.1:0"]
-[listener.pool]
-servers = [{ address = "127.0.0.1:9" }]
-"#;
 
 #[test]
 fn every_example_validates_and_prints_a_config_that_parses_back() {
@@ -66,7 +51,7 @@ fn every_example_validates_and_prints_a_config_that_parses_back() {
             .collect::<Vec<_>>()
             .join("\n");
         let name = path.file_stem().unwrap().to_str().unwrap();
-        let local_path = temp_file(&format!("example-{name}"), &local);
+        let local_path = temp_config(&format!("example-{name}"), &local);
         let (status, stdout, stderr) = run_bin(
             &["check", "--config", local_path.to_str().unwrap()],
             Duration::from_secs(20),
@@ -92,7 +77,7 @@ fn every_example_validates_and_prints_a_config_that_parses_back() {
 
 #[test]
 fn defaults_are_inherited_and_flags_replace_them() {
-    let text = format!("[defaults]\nmode = \"copy\"\nidle-timeout = \"5m\"\n{MINIMAL}");
+    let text = format!("[defaults]\nmode = \"copy\"\nidle-timeout = \"5m\"\n{MINIMAL_CONFIG}");
     let own = text.replace("name = \"one\"", "name = \"one\"\nidle-timeout = \"7m\"");
     let c = config::parse_str(&text, &FlagDefaults::default())
         .unwrap()
@@ -130,7 +115,7 @@ fn defaults_are_inherited_and_flags_replace_them() {
 fn max_lag_is_a_size_for_replica_pools_of_postgres_and_redis_checks() {
     for (check, role) in [("postgres", "replica"), ("redis", "prefer-replica")] {
         let text = format!(
-            "{MINIMAL}[listener.pool.health]\ncheck = \"{check}\"\nrole = \"{role}\"\nuser = \"m\"\nmax-lag = \"16m\"\n"
+            "{MINIMAL_CONFIG}[listener.pool.health]\ncheck = \"{check}\"\nrole = \"{role}\"\nuser = \"m\"\nmax-lag = \"16m\"\n"
         );
         let c = config::parse_str(&text, &FlagDefaults::default())
             .unwrap()
@@ -144,7 +129,7 @@ fn max_lag_is_a_size_for_replica_pools_of_postgres_and_redis_checks() {
         ("http", "any", 13),
     ] {
         let text = format!(
-            "{MINIMAL}[listener.pool.health]\ncheck = \"{check}\"\nrole = \"{role}\"\nuser = \"m\"\n\n\nmax-lag = \"16m\"\n"
+            "{MINIMAL_CONFIG}[listener.pool.health]\ncheck = \"{check}\"\nrole = \"{role}\"\nuser = \"m\"\n\n\nmax-lag = \"16m\"\n"
         );
         let e = errors(&text);
         assert_has(
@@ -157,15 +142,15 @@ fn max_lag_is_a_size_for_replica_pools_of_postgres_and_redis_checks() {
         );
     }
     let e = errors(&format!(
-        "{MINIMAL}[listener.pool.health]\ncheck = \"postgres\"\nrole = \"replica\"\nuser = \"m\"\nmax-lag = \"lots\"\n"
+        "{MINIMAL_CONFIG}[listener.pool.health]\ncheck = \"postgres\"\nrole = \"replica\"\nuser = \"m\"\nmax-lag = \"lots\"\n"
     ));
     assert_has(&e, &["line 11", "health.max-lag", "not a size"]);
     let e = errors(&format!(
-        "{MINIMAL}[listener.pool.health]\ncheck = \"redis\"\nrole = \"replica\"\nmax-lag = 0\n"
+        "{MINIMAL_CONFIG}[listener.pool.health]\ncheck = \"redis\"\nrole = \"replica\"\nmax-lag = 0\n"
     ));
     assert_has(&e, &["line 10", "health.max-lag", "positive"]);
     // Built in code, the same rule holds.
-    let mut c = config::parse_str(MINIMAL, &FlagDefaults::default())
+    let mut c = config::parse_str(MINIMAL_CONFIG, &FlagDefaults::default())
         .unwrap()
         .config;
     c.listeners[0].pool.health.max_lag = Some(1);
@@ -180,40 +165,47 @@ fn each_error_names_its_key_and_line() {
         &["line 2", "defaults.idle-timeout", "bare number", "30s"],
     );
     assert_has(&e, &["listener", "at least one"]);
-    let e = errors(&MINIMAL.replace("listen =", "colour = 1\nlisten ="));
+    let e = errors(&MINIMAL_CONFIG.replace("listen =", "colour = 1\nlisten ="));
     assert_has(&e, &["line 4", "listener[one].colour", "unknown key"]);
-    let e = errors(&MINIMAL.replace("servers = [{ address = \"127.0.0.1:9\" }]", "servers = []"));
+    let e = errors(
+        &MINIMAL_CONFIG.replace("servers = [{ address = \"127.0.0.1:9\" }]", "servers = []"),
+    );
     assert_has(&e, &["line 6", "pool.servers", "empty"]);
-    let e = errors(&MINIMAL.replace("listen = [", "allow = [\"10.0.0.0/33\"]\nlisten = ["));
+    let e = errors(&MINIMAL_CONFIG.replace("listen = [", "allow = [\"10.0.0.0/33\"]\nlisten = ["));
     assert_has(&e, &["line 4", "allow[0]", "10.0.0.0/33", "CIDR"]);
-    let twice = format!("{MINIMAL}{}", MINIMAL.replace("127.0.0.1:0", "127.0.0.1:7"));
+    let twice = format!(
+        "{MINIMAL_CONFIG}{}",
+        MINIMAL_CONFIG.replace("127.0.0.1:0", "127.0.0.1:7")
+    );
     assert_has(
         &errors(&twice),
         &["line 9", "name", "already used", "line 3"],
     );
     let overlap = format!(
         "{}{}",
-        MINIMAL.replace("127.0.0.1:0", "127.0.0.1:7"),
-        MINIMAL.replace("one", "two").replace("127.0.0.1:0", ":7")
+        MINIMAL_CONFIG.replace("127.0.0.1:0", "127.0.0.1:7"),
+        MINIMAL_CONFIG
+            .replace("one", "two")
+            .replace("127.0.0.1:0", ":7")
     );
     assert_has(
         &errors(&overlap),
         &["line 10", "listener[two].listen", "overlaps 127.0.0.1:7"],
     );
-    let e = errors(&MINIMAL.replace(
+    let e = errors(&MINIMAL_CONFIG.replace(
         "[listener.pool]",
         "[listener.pool]\nbalance = \"rr\"\nretries = -1",
     ));
     assert_has(&e, &["line 6", "balance", "'rr'", "least-conn"]);
     assert_has(&e, &["line 7", "retries", "out of range"]);
-    let e = errors(&MINIMAL.replace("9\" }", "9\", weight = 0 }"));
+    let e = errors(&MINIMAL_CONFIG.replace("9\" }", "9\", weight = 0 }"));
     assert_has(&e, &["line 6", "servers[0].weight", "out of range"]);
     let e = errors(&format!(
-        "{MINIMAL}[listener.pool.health]\nrole = \"primary\"\n"
+        "{MINIMAL_CONFIG}[listener.pool.health]\nrole = \"primary\"\n"
     ));
     assert_has(&e, &["line 8", "health.role", "set health.check"]);
     assert_has(&errors("[[listener]\n"), &["line 1", "(syntax)"]);
-    let e = errors(&MINIMAL.replace(
+    let e = errors(&MINIMAL_CONFIG.replace(
         "listen =",
         "accept-proxy = { trusted = [\"10.0.0.0/8\"], timeout = 5 }\nfirst-packet-timeout = \"2s\"\nlisten =",
     ));
@@ -226,7 +218,7 @@ fn each_error_names_its_key_and_line() {
 
 #[test]
 fn pre_connect_deadlines_are_read_and_printed_back() {
-    let text = MINIMAL.replace(
+    let text = MINIMAL_CONFIG.replace(
         "listen =",
         "accept-proxy = { trusted = [\"10.0.0.0/8\"], timeout = \"750ms\" }\nprotocol = \"postgres\"\nfirst-packet-timeout = \"2s\"\nlisten =",
     );
@@ -244,14 +236,14 @@ fn pre_connect_deadlines_are_read_and_printed_back() {
     );
     let again = config::parse_str(&printed, &FlagDefaults::default()).unwrap();
     assert_eq!(config::effective_toml(&again.config), printed);
-    let plain = config::parse_str(MINIMAL, &FlagDefaults::default()).unwrap();
+    let plain = config::parse_str(MINIMAL_CONFIG, &FlagDefaults::default()).unwrap();
     let printed = config::effective_toml(&plain.config);
     assert!(!printed.contains("first-packet-timeout"), "{printed}");
 }
 
 #[test]
 fn check_lists_every_error_and_exits_one() {
-    let path = temp_file(
+    let path = temp_config(
         "bad",
         "[defaults]\nfin-timeout = 10\nmode = \"fast\"\n\n[[listener]]\nname = \"x\"\nlisten = [\"127.0.0.1:0\"]\n[listener.pool]\nservers = []\n",
     );
@@ -282,7 +274,7 @@ fn check_lists_every_error_and_exits_one() {
 #[test]
 fn run_carries_out_checks_proxy_headers_and_on_down_kill() {
     let echo = echo_server();
-    let text = MINIMAL
+    let text = MINIMAL_CONFIG
         .replace("127.0.0.1:9", &echo.addr.to_string())
         .replacen(
             "listen =",
@@ -294,7 +286,7 @@ fn run_carries_out_checks_proxy_headers_and_on_down_kill() {
             "[listener.pool]\nsend-proxy = \"v1\"\non-down = \"kill\"",
         )
         + "[listener.pool.health]\ncheck = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n";
-    let path = temp_file("fleet", &text);
+    let path = temp_config("fleet", &text);
     let mut cmd = Command::new(bin());
     cmd.args(["run", "--workers", "1", "--config"]).arg(&path);
     let proxy = Spliced::spawn(cmd);
@@ -311,9 +303,9 @@ fn run_carries_out_checks_proxy_headers_and_on_down_kill() {
 
 #[test]
 fn run_refuses_an_unreadable_password_file_on_one_line() {
-    let text = MINIMAL.to_string()
+    let text = MINIMAL_CONFIG.to_string()
         + "[listener.pool.health]\ncheck = \"postgres\"\nrole = \"primary\"\nuser = \"u\"\npassword-file = \"/nonexistent/pw\"\n";
-    let path = temp_file("pwfile", &text);
+    let path = temp_config("pwfile", &text);
     let p = path.to_str().unwrap();
     let (status, _, stderr) = run_bin(&["run", "--config", p], Duration::from_secs(20));
     assert_eq!(status.and_then(|s| s.code()), Some(2), "{stderr}");
@@ -329,8 +321,8 @@ fn run_refuses_an_unreadable_password_file_on_one_line() {
 #[test]
 fn run_serves_the_files_listeners_also_through_the_environment() {
     let echo = echo_server();
-    let text = MINIMAL.replace("127.0.0.1:9", &echo.addr.to_string());
-    let path = temp_file("serve", &text);
+    let text = MINIMAL_CONFIG.replace("127.0.0.1:9", &echo.addr.to_string());
+    let path = temp_config("serve", &text);
     for via_env in [false, true] {
         let mut cmd = Command::new(bin());
         cmd.arg("run");
@@ -376,7 +368,7 @@ fn run_serves_the_files_listeners_also_through_the_environment() {
 
 #[test]
 fn values_the_kernel_refuses_are_errors_naming_key_line_and_limit() {
-    let with = |lines: &str| MINIMAL.replace("listen =", &format!("{lines}\nlisten ="));
+    let with = |lines: &str| MINIMAL_CONFIG.replace("listen =", &format!("{lines}\nlisten ="));
     let e = errors(&with("keepalive = { idle = \"40000s\" }"));
     assert_has(
         &e,
@@ -394,7 +386,9 @@ fn values_the_kernel_refuses_are_errors_naming_key_line_and_limit() {
         &e,
         &["line 4", "listener[one].user-timeout", "2147483647ms"],
     );
-    let e = errors(&format!("[defaults]\nuser-timeout = \"30d\"\n{MINIMAL}"));
+    let e = errors(&format!(
+        "[defaults]\nuser-timeout = \"30d\"\n{MINIMAL_CONFIG}"
+    ));
     assert_has(&e, &["line 2", "defaults.user-timeout", "2147483647ms"]);
     // The limits themselves are accepted.
     let ok = with("keepalive = { idle = \"32767s\", interval = \"32767s\", count = 127 }\nuser-timeout = \"2147483647ms\"");
@@ -417,8 +411,10 @@ fn ipv4_mapped_and_dual_stack_listen_addresses_overlap_their_ipv4_twins() {
     let two = |a: &str, b: &str| {
         format!(
             "{}{}",
-            MINIMAL.replace("\"127.0.0.1:0\"", a),
-            MINIMAL.replace("one", "two").replace("\"127.0.0.1:0\"", b)
+            MINIMAL_CONFIG.replace("\"127.0.0.1:0\"", a),
+            MINIMAL_CONFIG
+                .replace("one", "two")
+                .replace("\"127.0.0.1:0\"", b)
         )
     };
     // Across two listeners: the mapped address is the IPv4 one.
@@ -434,7 +430,7 @@ fn ipv4_mapped_and_dual_stack_listen_addresses_overlap_their_ipv4_twins() {
     let e = errors(&two("\"0.0.0.0:7\"", "\"[::ffff:127.0.0.1]:7\""));
     assert_has(&e, &["listener[two].listen", "overlaps 0.0.0.0:7"]);
     // Within one listener.
-    let e = errors(&MINIMAL.replace(
+    let e = errors(&MINIMAL_CONFIG.replace(
         "\"127.0.0.1:0\"",
         "\"127.0.0.1:7\", \"[::ffff:127.0.0.1]:7\"",
     ));
@@ -448,7 +444,7 @@ fn ipv4_mapped_and_dual_stack_listen_addresses_overlap_their_ipv4_twins() {
     );
     // Beside IPv4 addresses a listener binds IPv6-only, which cannot take a
     // mapped address at all.
-    let e = errors(&MINIMAL.replace(
+    let e = errors(&MINIMAL_CONFIG.replace(
         "\"127.0.0.1:0\"",
         "\"127.0.0.1:7\", \"[::ffff:127.0.0.2]:7\"",
     ));
@@ -486,7 +482,7 @@ fn ipv4_mapped_and_dual_stack_listen_addresses_overlap_their_ipv4_twins() {
 
 #[test]
 fn queue_timeout_and_max_queued_are_read_checked_and_printed_back() {
-    let text = MINIMAL
+    let text = MINIMAL_CONFIG
         .replace(
             "[listener.pool]",
             "[listener.pool]\nqueue-timeout = \"15s\"",
@@ -503,20 +499,21 @@ fn queue_timeout_and_max_queued_are_read_checked_and_printed_back() {
     assert_eq!(config::effective_toml(&again.config), printed);
 
     // The default: refuse at once, no bound of its own.
-    let plain = config::parse_str(MINIMAL, &FlagDefaults::default()).unwrap();
+    let plain = config::parse_str(MINIMAL_CONFIG, &FlagDefaults::default()).unwrap();
     assert_eq!(plain.config.listeners[0].pool.queue_timeout, None);
     assert_eq!(plain.config.listeners[0].max_queued, None);
-    let zero = MINIMAL.replace("[listener.pool]", "[listener.pool]\nqueue-timeout = \"0\"");
+    let zero = MINIMAL_CONFIG.replace("[listener.pool]", "[listener.pool]\nqueue-timeout = \"0\"");
     let zero = config::parse_str(&zero, &FlagDefaults::default()).unwrap();
     assert_eq!(zero.config.listeners[0].pool.queue_timeout, None);
 
     // max-queued is inherited from [defaults] like max-conns.
-    let inherited = format!("[defaults]\nmax-queued = 7\n{MINIMAL}");
+    let inherited = format!("[defaults]\nmax-queued = 7\n{MINIMAL_CONFIG}");
     let inherited = config::parse_str(&inherited, &FlagDefaults::default()).unwrap();
     assert_eq!(inherited.config.listeners[0].max_queued, Some(7));
 
-    let e = errors(&MINIMAL.replace("[listener.pool]", "[listener.pool]\nqueue-timeout = 15"));
+    let e =
+        errors(&MINIMAL_CONFIG.replace("[listener.pool]", "[listener.pool]\nqueue-timeout = 15"));
     assert_has(&e, &["line 6", "pool.queue-timeout", "bare number"]);
-    let e = errors(&MINIMAL.replace("listen =", "max-queued = 0\nlisten ="));
+    let e = errors(&MINIMAL_CONFIG.replace("listen =", "max-queued = 0\nlisten ="));
     assert_has(&e, &["line 4", "listener[one].max-queued", "out of range"]);
 }

@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{black_hole, echo_server, refused_addr, serve, Server};
+use common::{black_hole, echo_server, refused_addr, serve, startup_message, Server};
 use spliced::health::{probe_blocking, CheckSpec, Kind, ProbeConn, Role, Verdict, WantRole};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -210,23 +210,13 @@ fn pg_msg(tag: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The startup packet of the check's login.
 fn startup(user: &str, database: Option<&str>) -> Vec<u8> {
-    let mut body = 196608u32.to_be_bytes().to_vec();
-    let params = [
+    startup_message(&[
         ("user", user),
         ("database", database.unwrap_or("postgres")),
         ("application_name", "spliced-health"),
-    ];
-    for (k, v) in params {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut out = (body.len() as u32 + 4).to_be_bytes().to_vec();
-    out.extend(body);
-    out
+    ])
 }
 
 fn pg_welcome() -> Vec<u8> {
@@ -279,8 +269,8 @@ fn postgres_md5_login_and_recovery_answer_then_terminate() {
     let mut query = spliced::health::POSTGRES_ROLE_QUERY.as_bytes().to_vec();
     query.push(0);
     let query = pg_msg(b'Q', &query);
-    let (v, rest) = run(
-        &s,
+    // A replica's conversation: md5 login, then `t` to the role query.
+    let replica = || {
         vec![
             (
                 startup("probe", Some("app")),
@@ -288,8 +278,9 @@ fn postgres_md5_login_and_recovery_answer_then_terminate() {
             ),
             (pg_msg(b'p', &hash), pg_welcome()),
             (query.clone(), pg_answer(b"t")),
-        ],
-    );
+        ]
+    };
+    let (v, rest) = run(&s, replica());
     assert_eq!(
         v,
         Verdict::Up {
@@ -299,17 +290,7 @@ fn postgres_md5_login_and_recovery_answer_then_terminate() {
     assert_eq!(rest, TERMINATE, "the session ends politely");
 
     s.role = WantRole::Primary;
-    let (v, rest) = run(
-        &s,
-        vec![
-            (
-                startup("probe", Some("app")),
-                pg_msg(b'R', &[0, 0, 0, 5, 9, 8, 7, 6]),
-            ),
-            (pg_msg(b'p', &hash), pg_welcome()),
-            (query, pg_answer(b"t")),
-        ],
-    );
+    let (v, rest) = run(&s, replica());
     assert_eq!(down_reason(v), "role is replica, want primary");
     assert_eq!(rest, TERMINATE);
 }

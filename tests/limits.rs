@@ -257,16 +257,6 @@ fn wait_metrics(
     }
 }
 
-/// The value of `key=N` in a log line.
-fn field(line: &str, key: &str) -> Option<usize> {
-    let at = line.find(&format!("{key}="))? + key.len() + 1;
-    let digits: String = line[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse().ok()
-}
-
 /// A client whose receive buffer is small, so what the upstream sends back
 /// piles up in the proxy (in a pipe, when it splices).
 fn slow_reader(proxy: SocketAddr) -> TcpStream {
@@ -305,8 +295,8 @@ fn budget_scenario(mode: Mode, user: Option<&str>) {
         .iter()
         .find(|l| l.contains("relays at once"))
         .unwrap_or_else(|| panic!("no relay cap line:\n{}", logs.join("\n")));
-    let cap = field(cap_line, "max_conns").expect("max_conns=N");
-    let pipe_fds = field(cap_line, "pipe_fds").expect("pipe_fds=N");
+    let cap: usize = log_number(cap_line, "max_conns").expect("max_conns=N");
+    let pipe_fds: usize = log_number(cap_line, "pipe_fds").expect("pipe_fds=N");
     assert!(
         2 * cap + pipe_fds <= NOFILE as usize,
         "sockets and pipes may pass the limit: {cap_line}"

@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
-use spliced::config::{Check, Role, ServerConfig};
+use spliced::config::{Check, PoolConfig, Role, ServerConfig};
 use spliced::{CloseReason, Config, Mode, ProxyHandle};
 
 const T: Duration = Duration::from_secs(5);
@@ -30,18 +30,23 @@ fn holding(
 ) -> ProxyHandle {
     let addrs = servers.iter().map(|s| s.server.addr).collect();
     proxy(mode, addrs, |c| {
-        let l = &mut c.listeners[0];
-        let h = &mut l.pool.health;
-        h.check = Some(Check::Redis);
-        h.role = Role::Primary;
-        h.interval = INTERVAL;
-        h.timeout = INTERVAL;
-        h.fall = 1;
-        h.rise = 1;
-        l.pool.retries = Some(0);
-        l.pool.queue_timeout = queue_timeout;
+        wants_a_primary(&mut c.listeners[0].pool, queue_timeout);
         tweak(c)
     })
+}
+
+/// `pool` wants a primary (Redis checks every [`INTERVAL`], one answer
+/// decides), never retries and holds clients up to `queue_timeout`.
+fn wants_a_primary(pool: &mut PoolConfig, queue_timeout: Option<Duration>) {
+    let h = &mut pool.health;
+    h.check = Some(Check::Redis);
+    h.role = Role::Primary;
+    h.interval = INTERVAL;
+    h.timeout = INTERVAL;
+    h.fall = 1;
+    h.rise = 1;
+    pool.retries = Some(0);
+    pool.queue_timeout = queue_timeout;
 }
 
 /// Connects and sends `hello`; the client waits for its tag and echo.
@@ -320,15 +325,7 @@ fn a_reload_wakes_held_clients_and_a_removal_refuses_them() {
             ServerConfig::new(a.server.addr.to_string()),
             ServerConfig::new(b.server.addr.to_string()),
         ];
-        let hc = &mut l.pool.health;
-        hc.check = Some(Check::Redis);
-        hc.role = Role::Primary;
-        hc.interval = INTERVAL;
-        hc.timeout = INTERVAL;
-        hc.fall = 1;
-        hc.rise = 1;
-        l.pool.retries = Some(0);
-        l.pool.queue_timeout = Some(Duration::from_secs(20));
+        wants_a_primary(&mut l.pool, Some(Duration::from_secs(20)));
     }
     reloader.reload(cfg.clone()).unwrap();
     expect_echo(&mut c, b'b', b"reload me");

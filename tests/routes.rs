@@ -458,56 +458,16 @@ fn two_listeners_on_one_named_pool_probe_its_server_once_per_interval() {
     assert!(server.server.accepted() as u64 <= h.stats().health_probes);
 }
 
-/// A fake Redis whose role the test sets: answers the check's `PING` and
-/// `INFO replication`; to a client, its tag, then an echo.
-fn fake_redis(tag: u8, master: Arc<std::sync::atomic::AtomicBool>) -> Server {
-    use std::sync::atomic::Ordering;
-    serve(move |mut s: TcpStream| {
-        let mut buf = [0u8; 4096];
-        let mut tagged = false;
-        loop {
-            let n = match s.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            let text = String::from_utf8_lossy(&buf[..n]);
-            let reply = if text.starts_with("*1\r\n$4\r\nPING") {
-                b"+PONG\r\n".to_vec()
-            } else if text.contains("$11\r\nreplication") {
-                let r = if master.load(Ordering::SeqCst) {
-                    "master"
-                } else {
-                    "slave"
-                };
-                let body = format!("# Replication\r\nrole:{r}\r\nconnected_slaves:0\r\n");
-                format!("${}\r\n{body}\r\n", body.len()).into_bytes()
-            } else {
-                let mut out = Vec::new();
-                if !tagged {
-                    out.push(tag);
-                    tagged = true;
-                }
-                out.extend_from_slice(&buf[..n]);
-                out
-            };
-            if s.write_all(&reply).is_err() {
-                return;
-            }
-        }
-    })
-}
-
 /// A client routed to a named pool whose only server is no primary yet is
 /// held (the pool's queue-timeout), and connects, its startup packet
 /// intact, once the server answers as primary.
 fn a_held_client_waits_for_its_routes_pool(mode: Mode) {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let master = Arc::new(AtomicBool::new(false));
-    let redis = fake_redis(b'r', Arc::clone(&master));
+    use std::sync::atomic::Ordering;
+    let redis = fake_redis(b'r', false);
     let other = Fake::new(b'o', Script::Plain);
     let text = format!(
         "[[pool]]\nname = \"rw\"\nservers = [\"{}\"]\nqueue-timeout = \"20s\"\n[pool.health]\ncheck = \"redis\"\nrole = \"primary\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 1\n\n",
-        redis.addr
+        redis.server.addr
     ) + &pools(&[("other", other.addr())])
         + &listener(
             "pg",
@@ -520,7 +480,7 @@ fn a_held_client_waits_for_its_routes_pool(mode: Mode) {
     let mut c = connect(h.local_addr());
     c.write_all(&startup).unwrap();
     wait_stats(&h, T, "the client held", |s| s.clients_held == 1);
-    master.store(true, Ordering::SeqCst);
+    redis.master.store(true, Ordering::SeqCst);
     let got = read_exact_within(&mut c, 1 + startup.len(), T).expect("relayed once promoted");
     assert_eq!((got[0], &got[1..]), (b'r', &startup[..]));
     assert_eq!(

@@ -10,6 +10,11 @@ fn listener(protocol: &str, routes: &str) -> String {
     format!("[[listener]]\nname = \"pg\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"{protocol}\"\n{routes}")
 }
 
+/// [`POOLS`] and then a listener speaking `protocol` with `routes`.
+fn with_pools(protocol: &str, routes: &str) -> String {
+    format!("{POOLS}{}", listener(protocol, routes))
+}
+
 /// The one error of `text`, as `line N: key: message`.
 fn error_of(text: &str) -> String {
     let errors = parse_str(text, &FlagDefaults::default()).expect_err(text);
@@ -20,7 +25,7 @@ fn error_of(text: &str) -> String {
 #[test]
 fn routes_and_named_pools_are_read_and_printed_back() {
     let routes = "[[listener.route]]\nserver-name = \"A.DB.example\"\npool = \"a\"\n[[listener.route]]\ndatabase = \"olap\"\nuser = \"bob\"\npool = \"b\"\n[[listener.route]]\npool = \"a\"\n";
-    let text = format!("{POOLS}{}", listener("postgres", routes));
+    let text = with_pools("postgres", routes);
     let loaded = parse_str(&text, &FlagDefaults::default()).unwrap();
     let c = &loaded.config;
     assert_eq!(c.pools.len(), 2);
@@ -51,7 +56,7 @@ fn routes_and_named_pools_are_read_and_printed_back() {
 fn each_mistake_names_its_key_and_line() {
     let cases = [
         (
-            format!("{POOLS}{}", listener("postgres", "[[listener.route]]\ndatabase = \"x\"\npool = \"nope\"\n")),
+            with_pools("postgres", "[[listener.route]]\ndatabase = \"x\"\npool = \"nope\"\n"),
             "line 17: listener[pg].route[0].pool: no [[pool]] is named 'nope' (defined: a, b)",
         ),
         (
@@ -59,27 +64,27 @@ fn each_mistake_names_its_key_and_line() {
             "line 12: pool[a].name: the name is already used by the pool on line 2",
         ),
         (
-            format!("{POOLS}{}", listener("postgres", "[[listener.route]]\npool = \"a\"\n[[listener.route]]\nuser = \"x\"\npool = \"b\"\n")),
+            with_pools("postgres", "[[listener.route]]\npool = \"a\"\n[[listener.route]]\nuser = \"x\"\npool = \"b\"\n"),
             "line 16: listener[pg].route[0].pool: a route without server-name, alpn, database or user is the default route and must be the last",
         ),
         (
-            format!("{POOLS}{}", listener("postgres", "[[listener.route]]\nuser = \"x\"\n")),
+            with_pools("postgres", "[[listener.route]]\nuser = \"x\"\n"),
             "line 15: listener[pg].route[0].pool: a route needs a pool (the name of a [[pool]])",
         ),
         (
-            format!("{POOLS}{}", listener("none", "[[listener.route]]\nserver-name = \"a.example\"\npool = \"a\"\n")),
+            with_pools("none", "[[listener.route]]\nserver-name = \"a.example\"\npool = \"a\"\n"),
             "line 16: listener[pg].route[0].server-name: needs protocol = \"postgres\" or \"tls\" on the listener (nothing else reads a TLS ClientHello)",
         ),
         (
-            format!("{POOLS}{}", listener("tls", "[[listener.route]]\ndatabase = \"x\"\npool = \"a\"\n")),
+            with_pools("tls", "[[listener.route]]\ndatabase = \"x\"\npool = \"a\"\n"),
             "line 16: listener[pg].route[0].database: needs protocol = \"postgres\" (a tls listener reads no startup packet)",
         ),
         (
-            format!("{POOLS}{}[listener.pool]\nservers = [\"127.0.0.1:1\"]\n", listener("postgres", "[[listener.route]]\npool = \"a\"\n")),
+            with_pools("postgres", "[[listener.route]]\npool = \"a\"\n") + "[listener.pool]\nservers = [\"127.0.0.1:1\"]\n",
             "line 15: listener[pg].route: a listener has either its own [listener.pool] or [[listener.route]] tables, not both",
         ),
         (
-            format!("{POOLS}{}", listener("tls", "[[listener.route]]\nserver-name = \"a.*.example\"\npool = \"a\"\n")),
+            with_pools("tls", "[[listener.route]]\nserver-name = \"a.*.example\"\npool = \"a\"\n"),
             "line 16: listener[pg].route[0].server-name: 'a.*.example': a wildcard is only allowed as the whole first label (\"*.db.example\")",
         ),
     ];

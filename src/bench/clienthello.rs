@@ -1,9 +1,9 @@
 //! The TLS ClientHello the routed connect workload opens each connection
-//! with: one handshake record the size of openssl's (its padding extension
-//! brings it to 517 bytes), with a server name, ALPN, supported versions
-//! and an x25519 key share, so a router reads what it would read from a
-//! real client. Nothing in it is ever decrypted; its random and key are
-//! arbitrary.
+//! with, and the one the loopback routing tests send: one handshake record
+//! with a server name, ALPN, supported versions and an x25519 key share,
+//! padded (RFC 7685) to a size asked for (the bench asks for openssl's,
+//! 517 bytes), so a router reads what it would read from a real client.
+//! Nothing in it is ever decrypted; its random and key are arbitrary.
 
 /// The record type of a TLS handshake record.
 pub const TLS_HANDSHAKE: u8 = 0x16;
@@ -11,20 +11,29 @@ pub const TLS_HANDSHAKE: u8 = 0x16;
 /// openssl s_client's ClientHello, record header included.
 pub const OPENSSL_HELLO_LEN: usize = 517;
 
-/// A ClientHello asking for `server_name`, padded (RFC 7685) to at least
-/// `min_len` bytes in all.
-pub fn client_hello(server_name: &str, min_len: usize) -> Vec<u8> {
+/// The protocols the bench's hello offers: PostgreSQL's ALPN name, then
+/// HTTP/1.1.
+pub const BENCH_ALPN: [&str; 2] = ["postgresql", "http/1.1"];
+
+/// A ClientHello asking for `server_name` (no server name extension when
+/// `None`) and offering `alpn` (no ALPN extension when empty), padded to at
+/// least `min_len` bytes in all.
+pub fn client_hello(server_name: Option<&str>, alpn: &[&str], min_len: usize) -> Vec<u8> {
     let mut exts = Vec::new();
-    let mut names = vec![0u8];
-    names.extend_from_slice(&len16(server_name.len()));
-    names.extend_from_slice(server_name.as_bytes());
-    push_ext(&mut exts, 0, &with_len16(&names));
-    let mut alpn = Vec::new();
-    for p in ["postgresql", "http/1.1"] {
-        alpn.push(p.len() as u8);
-        alpn.extend_from_slice(p.as_bytes());
+    if let Some(name) = server_name {
+        let mut names = vec![0u8];
+        names.extend_from_slice(&len16(name.len()));
+        names.extend_from_slice(name.as_bytes());
+        push_ext(&mut exts, 0, &with_len16(&names));
     }
-    push_ext(&mut exts, 16, &with_len16(&alpn));
+    if !alpn.is_empty() {
+        let mut list = Vec::new();
+        for p in alpn {
+            list.push(u8::try_from(p.len()).unwrap_or(u8::MAX));
+            list.extend_from_slice(p.as_bytes());
+        }
+        push_ext(&mut exts, 16, &with_len16(&list));
+    }
     // supported_groups: x25519, secp256r1.
     push_ext(&mut exts, 10, &with_len16(&[0, 0x1d, 0, 0x17]));
     // key_share: one x25519 share.
@@ -80,7 +89,7 @@ mod tests {
 
     #[test]
     fn the_hello_is_one_record_of_openssls_size_that_spliced_reads() {
-        let hello = client_hello("b.db.example", OPENSSL_HELLO_LEN);
+        let hello = client_hello(Some("b.db.example"), &BENCH_ALPN, OPENSSL_HELLO_LEN);
         assert_eq!(hello.len(), OPENSSL_HELLO_LEN);
         assert_eq!(
             usize::from(u16::from_be_bytes([hello[3], hello[4]])),

@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use super::args::{EngineSpec, Settings, Workload};
+use super::clienthello::BENCH_ALPN;
 use super::inproc::{self, Front};
 use super::measure;
 use super::netpath::{NetPath, Side};
@@ -277,7 +278,7 @@ pub fn check(e: &Engine) -> Result<(), String> {
         format!("{}: no echo through {}: {err}{hint}", e.label, e.addr)
     })?;
     if let Some(addr) = e.routed_addr {
-        let hello = super::clienthello::client_hello(ROUTED_NAMES[0], 0);
+        let hello = super::clienthello::client_hello(Some(ROUTED_NAMES[0]), &BENCH_ALPN, 0);
         super::load::request_reply(addr, &hello).map_err(|err| {
             format!(
                 "{}: no echo through the routed listener {addr}: {err}",

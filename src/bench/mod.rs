@@ -16,7 +16,7 @@
 //! | [`load`] | client connections: bulk, ping-pong, churn |
 //! | `engines` | spliced in-process, a `--target`, or `direct` |
 //! | `workloads` | the cases and one measured run of each |
-//! | `clienthello` | the TLS ClientHello of the routed connect workload |
+//! | `clienthello` | the TLS ClientHello of the routed connect workload (and of the routing tests) |
 //! | `idle` | idle relays measured in a child process |
 //! | `measure` | /proc readers, medians and percentiles |
 //! | `netpath` | `--path`: loopback, or network namespaces joined by veth pairs |
@@ -26,7 +26,8 @@
 //! | `report`, `summary`, `plot`, `sysinfo` | what is printed and drawn |
 
 mod args;
-mod clienthello;
+#[doc(hidden)]
+pub mod clienthello;
 mod engines;
 mod floor;
 mod idle;

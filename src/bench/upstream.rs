@@ -496,7 +496,11 @@ mod tests {
     #[test]
     fn a_leading_tls_record_is_echoed_before_the_hello() {
         let up = Upstream::start(([127, 0, 0, 1], 0).into()).unwrap();
-        let record = crate::bench::clienthello::client_hello("a.example", 517);
+        let record = crate::bench::clienthello::client_hello(
+            Some("a.example"),
+            &crate::bench::clienthello::BENCH_ALPN,
+            crate::bench::clienthello::OPENSSL_HELLO_LEN,
+        );
         for _ in 0..2 {
             crate::bench::load::request_reply(up.addr(), &record).unwrap();
         }

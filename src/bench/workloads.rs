@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use super::args::{size_human, Settings, Workload};
-use super::clienthello::{client_hello, OPENSSL_HELLO_LEN};
+use super::clienthello::{client_hello, BENCH_ALPN, OPENSSL_HELLO_LEN};
 use super::engines::{Engine, ROUTED_NAMES};
 use super::load::{Bulk, Churn, PingPong, Way};
 use super::measure::percentile;
@@ -365,7 +365,7 @@ pub fn connect_hello(
         (true, Some(addr)) => (addr, ROUTED_NAMES[ROUTED_NAMES.len() - 1]),
         (true, None) => return None,
     };
-    let opening = client_hello(name, hello);
+    let opening = client_hello(Some(name), &BENCH_ALPN, hello);
     Some(churn(addr, e, up, threads, &opening, s).map_err(|err| format!("connect: {err}")))
 }
 

@@ -2,5 +2,6 @@
 //! can drive them (feature `cli`).
 
 pub mod log;
+pub mod logfmt;
 pub mod stats;
 pub mod time;

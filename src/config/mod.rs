@@ -37,6 +37,8 @@ pub use file::{load, parse_str, Diagnostic, FlagDefaults, Loaded};
 pub use parse::*;
 pub use pool::*;
 pub use preflight::{Preflight, RunAs};
+#[cfg(test)]
+pub(crate) use route::test_route;
 pub use route::{route_problems, server_name_problem, NamedPool, RouteConfig, MAX_ALPN_LEN};
 
 /// How a listener's relays move bytes.

@@ -167,18 +167,21 @@ pub fn route_problems(
     out
 }
 
+/// The route tests' builder: a route to pool `p`, as `f` sets it.
+#[cfg(test)]
+pub(crate) fn test_route(f: impl FnOnce(&mut RouteConfig)) -> RouteConfig {
+    let mut r = RouteConfig {
+        pool: "p".into(),
+        ..RouteConfig::default()
+    };
+    f(&mut r);
+    r
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_route as route;
     use super::*;
-
-    fn route(f: impl FnOnce(&mut RouteConfig)) -> RouteConfig {
-        let mut r = RouteConfig {
-            pool: "p".into(),
-            ..RouteConfig::default()
-        };
-        f(&mut r);
-        r
-    }
 
     #[test]
     fn the_default_route_is_last_and_alone() {

@@ -103,7 +103,8 @@ pub(crate) struct Relay {
     /// When the next progress line is due (`--log-interval`); the relay's
     /// one timer entry covers it, so progress costs no timer of its own.
     pub(crate) progress_at: Option<Instant>,
-    /// This relay's connect attempts over the listener's pool.
+    /// This relay's connect attempts over the listener's pool; once it is
+    /// connected for good, only the lease of its server (`Round::settle`).
     pub(crate) round: Round,
     /// The counters of the server it connected to, as this worker writes
     /// them; set once connected (its lease in `round` keeps the slot).
@@ -259,9 +260,10 @@ impl Relay {
         core.connected(now, false);
         core.preload(Peer::Client, pair.client_preread.len());
         core.preload(Peer::Upstream, pair.upstream_preread.len());
-        // A handoff listener has its own pool and no routes.
+        // A handoff listener has its own pool and no routes; the pair
+        // never connects, so its round has nothing to try.
         let pool = Arc::clone(&pair.listener.pools[0]);
-        let round = Round::new(&pool, std::net::Ipv4Addr::UNSPECIFIED.into());
+        let round = Round::empty();
         Ok(Relay {
             id: pair.id,
             pool,
@@ -559,5 +561,24 @@ impl Relay {
             Engine::Copy if slot.fell_back() => "copy-fallback",
             engine => engine.as_str(),
         }
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    /// A relay's slot in its worker's slab is most of what an idle relay
+    /// costs in memory: it must not grow unnoticed. The connect-time state
+    /// (the round's tried servers) lives outside it, freed once connected.
+    #[test]
+    fn a_relay_fits_its_budget() {
+        let size = std::mem::size_of::<Relay>();
+        eprintln!("size_of::<Relay>() = {size}");
+        assert!(
+            size <= 472,
+            "a Relay is {size} bytes, past its budget of 472"
+        );
+        assert!(std::mem::size_of::<Round>() <= 24);
     }
 }

@@ -72,15 +72,7 @@ pub(crate) fn pick(routes: &[RouteConfig], shown: &Shown) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn route(f: impl FnOnce(&mut RouteConfig)) -> RouteConfig {
-        let mut r = RouteConfig {
-            pool: "p".into(),
-            ..RouteConfig::default()
-        };
-        f(&mut r);
-        r
-    }
+    use crate::config::test_route as route;
 
     #[test]
     fn wildcards_take_exactly_one_label() {

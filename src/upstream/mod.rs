@@ -38,50 +38,75 @@ pub use resolve::{Resolve, SystemResolver};
 /// until the relay closes or moves on).
 #[derive(Debug)]
 pub(crate) struct Round {
+    /// The server of the current attempt (the relay's, once connected).
+    current: Option<Lease>,
+    /// What picking the next server needs; boxed, and dropped by
+    /// [`Round::settle`] once the relay is connected for good, so a
+    /// connected relay holds only its lease.
+    attempts: Option<Box<Attempts>>,
+}
+
+/// A round's state while servers may still be tried.
+#[derive(Debug)]
+struct Attempts {
     cursor: usize,
     client: IpAddr,
     max_attempts: usize,
     tried: Vec<SocketAddr>,
-    current: Option<Lease>,
 }
 
-impl Round {
-    pub(crate) fn new(pool: &Pool, client: IpAddr) -> Round {
-        Round {
-            cursor: pool.next_cursor(),
-            client,
-            max_attempts: pool.attempts(),
-            tried: Vec::new(),
-            current: None,
-        }
-    }
-
-    /// A round with nothing to try (what a relay holds while its real
-    /// round is out being advanced).
-    pub(crate) fn empty() -> Round {
-        Round {
-            cursor: 0,
-            client: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-            max_attempts: 0,
-            tried: Vec::new(),
-            current: None,
-        }
-    }
-
-    /// Whether no server was tried at all (the pool had none to offer).
-    pub(crate) fn tried_none(&self) -> bool {
-        self.tried.is_empty()
-    }
-
-    /// Whether another server may be tried after the current one (an
-    /// estimate for the log: the pool may change meanwhile).
-    pub(crate) fn has_next(&self, pool: &Pool) -> bool {
+impl Attempts {
+    fn has_next(&self, pool: &Pool) -> bool {
         self.tried.len() < self.max_attempts
             && pool
                 .members()
                 .servers
                 .iter()
                 .any(|s| !self.tried.contains(&s.addr))
+    }
+}
+
+impl Round {
+    pub(crate) fn new(pool: &Pool, client: IpAddr) -> Round {
+        Round {
+            current: None,
+            attempts: Some(Box::new(Attempts {
+                cursor: pool.next_cursor(),
+                client,
+                max_attempts: pool.attempts(),
+                tried: Vec::new(),
+            })),
+        }
+    }
+
+    /// A round with nothing to try (what a relay holds while its real
+    /// round is out being advanced, and a handed-off pair's).
+    pub(crate) fn empty() -> Round {
+        Round {
+            current: None,
+            attempts: None,
+        }
+    }
+
+    /// The relay is connected for good (no other server will be tried):
+    /// keeps the lease, frees the rest.
+    pub(crate) fn settle(&mut self) {
+        self.attempts = None;
+    }
+
+    fn tried(&self) -> &[SocketAddr] {
+        self.attempts.as_ref().map_or(&[], |a| &a.tried)
+    }
+
+    /// Whether no server was tried at all (the pool had none to offer).
+    pub(crate) fn tried_none(&self) -> bool {
+        self.tried().is_empty()
+    }
+
+    /// Whether another server may be tried after the current one (an
+    /// estimate for the log: the pool may change meanwhile).
+    pub(crate) fn has_next(&self, pool: &Pool) -> bool {
+        self.attempts.as_ref().is_some_and(|a| a.has_next(pool))
     }
 
     /// Starts a connect to the next server, counted as an attempt in
@@ -102,31 +127,29 @@ impl Round {
         mut failed: impl FnMut(SocketAddr, &io::Error, bool),
     ) -> io::Result<Option<(TcpStream, SocketAddr)>> {
         self.current = None;
-        while self.tried.len() < self.max_attempts {
-            let Some(lease) = pool.pick(
-                self.cursor + self.tried.len(),
-                self.client,
-                &self.tried,
-                now,
-            ) else {
+        let Some(a) = self.attempts.as_mut() else {
+            return Ok(None);
+        };
+        while a.tried.len() < a.max_attempts {
+            let Some(lease) = pool.pick(a.cursor + a.tried.len(), a.client, &a.tried, now) else {
                 return Ok(None);
             };
             let server = lease.server.addr;
             let counters = lease.server.block(worker);
             match TcpStream::connect(server) {
                 Ok(stream) => {
-                    self.tried.push(server);
+                    a.tried.push(server);
                     counters.connect_attempts.fetch_add(1, Relaxed);
                     self.current = Some(lease);
                     return Ok(Some((stream, server)));
                 }
                 Err(e) if is_local_error(&e) => return Err(e),
                 Err(e) => {
-                    self.tried.push(server);
+                    a.tried.push(server);
                     counters.connect_attempts.fetch_add(1, Relaxed);
                     counters.connect_failures.fetch_add(1, Relaxed);
                     pool.failed(&lease.server, &e.to_string(), now);
-                    failed(server, &e, self.has_next(pool));
+                    failed(server, &e, a.has_next(pool));
                 }
             }
         }

@@ -166,6 +166,8 @@ impl Worker {
                         },
                     );
                 }
+                // No other server will be tried: the round keeps its lease only.
+                relay.round.settle();
                 // The edges of the connect went here, not to the relay: a
                 // server that spoke and closed at once left its FIN unannounced.
                 relay.core.connected(now, hung_up);

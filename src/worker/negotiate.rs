@@ -155,6 +155,7 @@ impl Worker {
             Verdict::Proceed => {
                 let relay = &mut self.relays[key];
                 relay.negotiation = None;
+                relay.round.settle();
                 relay.core.connected(now, false);
                 tracing::debug!(relay = relay.id, "upstream agreed to TLS; relaying");
                 self.arm(key);

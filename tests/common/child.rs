@@ -34,6 +34,16 @@ pub fn strip_ansi(line: &str) -> String {
     out
 }
 
+/// The number after `key=` in a log line, if any.
+pub fn log_number<T: std::str::FromStr>(line: &str, key: &str) -> Option<T> {
+    let at = line.find(&format!("{key}="))? + key.len() + 1;
+    let digits: String = line[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
 /// The address printed after `listening on` in a log line, if any.
 pub fn parse_listening(line: &str) -> Option<SocketAddr> {
     let at = line.find("listening on")?;
@@ -270,27 +280,50 @@ pub fn run_cmd(mut cmd: Command, timeout: Duration) -> (Option<ExitStatus>, Stri
         .env_remove("RUST_LOG")
         .spawn()
         .expect("spawn spliced");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out_t = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err_t = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
+    let outputs = Outputs::take(&mut child);
     let status = super::wait::exit_within(&mut child, timeout);
     if status.is_none() {
         let _ = child.kill();
         let _ = child.wait();
     }
-    let stdout = out_t.join().unwrap();
-    let stderr = strip_ansi(&err_t.join().unwrap());
+    let (stdout, stderr) = outputs.join();
+    let (stdout, stderr) = (text(&stdout), strip_ansi(&text(&stderr)));
     if let Some(dir) = own_dir {
         let _ = std::fs::remove_dir_all(dir);
     }
     (status, stdout, stderr)
+}
+
+/// A child's piped stdout and stderr, each read to its end on a thread of
+/// its own, so that a full pipe never stalls the child.
+pub struct Outputs {
+    stdout: JoinHandle<Vec<u8>>,
+    stderr: JoinHandle<Vec<u8>>,
+}
+
+impl Outputs {
+    /// Takes `child`'s stdout and stderr (both must be piped).
+    pub fn take(child: &mut Child) -> Outputs {
+        let read_all = |mut from: Box<dyn Read + Send>| {
+            thread::spawn(move || {
+                let mut b = Vec::new();
+                let _ = from.read_to_end(&mut b);
+                b
+            })
+        };
+        Outputs {
+            stdout: read_all(Box::new(child.stdout.take().expect("a piped stdout"))),
+            stderr: read_all(Box::new(child.stderr.take().expect("a piped stderr"))),
+        }
+    }
+
+    /// All the child wrote on stdout and stderr, once both are closed.
+    pub fn join(self) -> (Vec<u8>, Vec<u8>) {
+        (self.stdout.join().unwrap(), self.stderr.join().unwrap())
+    }
+}
+
+/// `bytes` as text, any invalid UTF-8 replaced.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }

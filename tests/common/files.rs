@@ -2,6 +2,24 @@
 
 use std::path::PathBuf;
 
+/// The smallest config file: listener `one` on 127.0.0.1:0, its pool one
+/// server, 127.0.0.1:9.
+pub const MINIMAL_CONFIG: &str = r#"
+[[listener]]
+name = "one"
+listen = ["127.0.0.1:0"]
+[listener.pool]
+servers = [{ address = "127.0.0.1:9" }]
+"#;
+
+/// `text` in a `.toml` file under the temp dir, unique to this process and
+/// `name`.
+pub fn temp_config(name: &str, text: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("spliced-{}-{name}.toml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 /// A file holding `secret`, with this mode, in a directory anyone may search.
 pub fn secret_file(name: &str, mode: u32) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;

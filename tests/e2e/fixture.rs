@@ -55,6 +55,8 @@
 
 #[path = "fixture/clients.rs"]
 mod clients;
+#[path = "fixture/haproxy.rs"]
+mod haproxy;
 #[path = "fixture/patroni.rs"]
 mod patroni;
 #[path = "fixture/pg.rs"]
@@ -76,9 +78,8 @@ pub use self::clients::{
     knob, pgbench, pgbench_command, psql_args, redis_benchmark, redis_cli, run_limited, Pgbench,
     Ran,
 };
-pub use self::patroni::{
-    haproxy_bin, patroni_bin, rest_status, Haproxy, Patroni, PatroniBin, PatroniNode, PATRONI_VENV,
-};
+pub use self::haproxy::{haproxy_bin, Haproxy};
+pub use self::patroni::{patroni_bin, rest_status, Patroni, PatroniBin, PatroniNode, PATRONI_VENV};
 pub use self::pg::{
     pg_bin, primary_and_replica, primary_and_replica_named, psql_command, Pg, CLIENT_USER,
     MONITOR_USER,
@@ -252,10 +253,7 @@ fn fixture_serves_classic_and_direct_tls() {
         "mon-pw",
         Some(certs.server("a.db.example")),
     );
-    let old: u32 = a
-        .psql("SELECT current_setting('server_version_num')::int / 10000")
-        .parse()
-        .unwrap();
+    let old = a.major();
     assert!(old < 17, "{} is PostgreSQL {old}", pg15.display());
     let (b, b_replica) = primary_and_replica_named(
         &pg17,
@@ -311,21 +309,7 @@ fn fixture_serves_classic_and_direct_tls() {
         (tls(&b, "b.db.example", Direct), "direct TLS to 17"),
         (tls(&a, "a.db.example", Postgres), "classic TLS to 15"),
     ] {
-        let job = Job {
-            cancel_after: Some(Duration::from_millis(300)),
-            ..Job::query(&c, "SELECT pg_sleep(30)")
-        };
-        let got = py.run(&[job], Duration::from_secs(40)).remove(0);
-        assert!(
-            matches!(&got.reply, Reply::Failed { sqlstate: Some(s), .. } if s == "57014"),
-            "{what}: {got:?}"
-        );
-        assert_eq!(got.cancel_error, None, "{what}");
-        let after = got.cancel_to_end.expect("the cancel was sent");
-        assert!(
-            after < Duration::from_secs(1),
-            "{what}: cancelled {after:?} after the request"
-        );
+        let after = py.cancel_within_a_second(&c, what);
         eprintln!("{what}: cancel_safe() ended pg_sleep(30) {after:?} after the request");
     }
 }

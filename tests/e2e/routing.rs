@@ -56,11 +56,6 @@ pub struct ListenerToml<'a> {
 
 impl ListenerToml<'_> {
     pub fn render(&self) -> String {
-        let servers: Vec<String> = self
-            .servers
-            .iter()
-            .map(|p| format!("\"127.0.0.1:{p}\""))
-            .collect();
         format!(
             "[[listener]]\n\
              name = \"{name}\"\n\
@@ -77,7 +72,7 @@ impl ListenerToml<'_> {
              {health_extra}\n",
             name = self.name,
             port = self.port,
-            servers = servers.join(", "),
+            servers = loopback_servers(self.servers),
             pool_extra = self.pool_extra,
             check = self.check,
             role = self.role,
@@ -85,6 +80,12 @@ impl ListenerToml<'_> {
             health_extra = self.health_extra,
         )
     }
+}
+
+/// The value of a `servers = [...]` list: these ports on 127.0.0.1.
+pub fn loopback_servers(ports: &[u16]) -> String {
+    let quoted: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+    quoted.join(", ")
 }
 
 /// `[listener.pool.health]` lines of a PostgreSQL check by the monitor

@@ -20,7 +20,7 @@ use crate::fixture::{
     free_port, loopback, pg17_bin, pg_bin, primary_and_replica_named, tls_who, write_secret,
     Answer, Certs, Conninfo, Job, Negotiation, Pg, Psycopg, Reply, TempDir, TLS_WHO,
 };
-use crate::routing::{pg_login, FALL, INTERVAL, PROBE_TIMEOUT};
+use crate::routing::{loopback_servers, pg_login, FALL, INTERVAL, PROBE_TIMEOUT};
 
 use Negotiation::{Direct, Postgres};
 
@@ -35,10 +35,7 @@ const ROUNDS: usize = 3;
 /// A `[[pool]]` of `servers` whose health is a PostgreSQL login by the
 /// monitor (password in `password_file`) asking the role.
 fn pool(name: &str, servers: &[&Pg], role: &str, password_file: &Path) -> String {
-    let servers: Vec<String> = servers
-        .iter()
-        .map(|pg| format!("\"127.0.0.1:{}\"", pg.port))
-        .collect();
+    let ports: Vec<u16> = servers.iter().map(|pg| pg.port).collect();
     format!(
         "[[pool]]\n\
          name = \"{name}\"\n\
@@ -50,7 +47,7 @@ fn pool(name: &str, servers: &[&Pg], role: &str, password_file: &Path) -> String
          fall = {FALL}\n\
          rise = 1\n\
          {login}\n\n",
-        servers = servers.join(", "),
+        servers = loopback_servers(&ports),
         interval = INTERVAL.as_millis(),
         login = pg_login(password_file, &format!("{}ms", PROBE_TIMEOUT.as_millis())),
     )
@@ -156,26 +153,9 @@ fn mismatches(cases: &[Case], answers: &[Answer]) -> Vec<String> {
         .collect()
 }
 
-/// `cancel_safe()` 300 ms into a `pg_sleep(30)` on a session made with
-/// `conninfo`: the query must end as cancelled (57014) within a second of
-/// the request. Over TLS the CancelRequest travels inside a TLS session of
-/// its own, routed by its hello like any client.
+/// [`Psycopg::cancel_within_a_second`], said on stderr.
 fn cancel_within_a_second(py: &Psycopg, conninfo: &Conninfo, what: &str) {
-    let job = Job {
-        cancel_after: Some(Duration::from_millis(300)),
-        ..Job::query(conninfo, "SELECT pg_sleep(30)")
-    };
-    let got = py.run(&[job], Duration::from_secs(45)).remove(0);
-    assert!(
-        matches!(&got.reply, Reply::Failed { sqlstate: Some(s), .. } if s == "57014"),
-        "{what}: the query was not cancelled: {got:?}"
-    );
-    assert_eq!(got.cancel_error, None, "{what}: cancel_safe() failed");
-    let after = got.cancel_to_end.expect("the cancel was sent");
-    assert!(
-        after < Duration::from_secs(1),
-        "{what}: cancelled {after:?} after the request"
-    );
+    let after = py.cancel_within_a_second(conninfo, what);
     eprintln!("{what}: cancelled {after:?} after cancel_safe()");
 }
 
@@ -198,12 +178,6 @@ fn refused(py: &Psycopg, conninfos: &[(&str, Conninfo)]) {
         );
         eprintln!("{what}: refused in {:?}: {:?}", got.took, got.reply);
     }
-}
-
-fn pg_major(pg: &Pg) -> u32 {
-    pg.psql("SELECT current_setting('server_version_num')::int / 10000")
-        .parse()
-        .unwrap()
 }
 
 /// Two tenants behind one `protocol = "postgres"` listener: a on
@@ -233,7 +207,7 @@ fn tls_tenants_by_server_name(mode: &str) {
         "mon-pw",
         Some(certs.server(names[2])),
     );
-    let old = pg_major(&a);
+    let old = a.major();
     let pass = write_secret(&dir, "monitor.pass", "mon-pw");
     let (pg_port, tls_port) = (free_port(), free_port());
     let routes = [
@@ -324,7 +298,7 @@ fn tls_names_without_a_route_are_refused(mode: &str) {
         "mon-pw",
         Some(certs.server("a.db.example")),
     );
-    let old = pg_major(&a);
+    let old = a.major();
     let pass = write_secret(&dir, "monitor.pass", "mon-pw");
     let port = free_port();
     let config = pool("tenant-a-rw", &[&a, &a_replica], "primary", &pass)
@@ -382,7 +356,7 @@ fn plain_routes_by_database(mode: &str) {
                 == Some("1")
         },
     );
-    let major = pg_major(&primary);
+    let major = primary.major();
     let pass = write_secret(&dir, "monitor.pass", "mon-pw");
     let port = free_port();
     let config = pool("olap", &[&primary, &replica], "replica", &pass)
