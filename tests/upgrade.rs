@@ -296,10 +296,9 @@ fn three_upgrades_in_a_row(mode: Mode) {
 
 /// An upgrade that cannot happen: the command fails with the reason, and
 /// the instance serves on as if nothing was tried.
-fn failed_upgrade(fault: Option<&str>, binary: Option<&Path>, reason: &str) {
+fn failed_upgrade(name: &str, fault: Option<&str>, binary: Option<&Path>, reason: &str) {
     let up = echo_server();
-    let name = format!("fail-{}", fault.unwrap_or("none"));
-    let (mut s, mut instance) = Instance::start(&name, Mode::Splice, up.addr, fault);
+    let (mut s, mut instance) = Instance::start(name, Mode::Splice, up.addr, fault);
     let live = open_live(s.addr, 20, 1);
     let (stop, fresh) = fresh_clients(s.addr);
     let (ok, out, err) = instance.upgrade(binary);
@@ -323,12 +322,18 @@ fn failed_upgrade(fault: Option<&str>, binary: Option<&Path>, reason: &str) {
 
 #[test]
 fn upgrade_to_a_binary_that_exits_at_once() {
-    failed_upgrade(None, Some(Path::new("/bin/false")), "exit status: 1");
+    failed_upgrade(
+        "false",
+        None,
+        Some(Path::new("/bin/false")),
+        "exit status: 1",
+    );
 }
 
 #[test]
 fn upgrade_to_a_missing_binary() {
     failed_upgrade(
+        "missing",
         None,
         Some(Path::new("/nonexistent/spliced")),
         "cannot start /nonexistent/spliced",
@@ -337,12 +342,22 @@ fn upgrade_to_a_missing_binary() {
 
 #[test]
 fn upgrade_whose_new_process_exits_at_start() {
-    failed_upgrade(Some("exit-at-start"), None, "the new process ended");
+    failed_upgrade(
+        "at-start",
+        Some("exit-at-start"),
+        None,
+        "the new process ended",
+    );
 }
 
 #[test]
 fn upgrade_whose_new_process_dies_after_half_the_sockets() {
-    failed_upgrade(Some("die-after-half"), None, "the new process ended");
+    failed_upgrade(
+        "half",
+        Some("die-after-half"),
+        None,
+        "the new process ended",
+    );
 }
 
 #[test]
