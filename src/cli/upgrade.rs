@@ -118,12 +118,36 @@ impl Upgrades {
         }
     }
 
-    /// Serves the control socket on a thread of its own.
+    /// Serves the control socket on a thread of its own. The thread waits
+    /// in poll(2), not in a blocking accept(2): the kernel gives a blocking
+    /// accept its descriptor number before a client comes, which would
+    /// take one of the process's descriptors away from the relays for good.
     pub(super) fn serve(&self, listener: UnixListener) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        if let Err(e) = listener.set_nonblocking(true) {
+            tracing::warn!(error = %e, "no upgrade socket: cannot make it non-blocking (SIGUSR2 still upgrades)");
+            return;
+        }
         let upgrades = self.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                upgrades.answer(stream);
+        std::thread::spawn(move || loop {
+            let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+            if let Err(e) = poll(&mut fds, PollTimeout::NONE) {
+                if e != nix::errno::Errno::EINTR {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                continue;
+            }
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(false).is_ok() {
+                        upgrades.answer(stream);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // Out of descriptors, say: the client sees its connect
+                // wait; look again shortly.
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
         });
     }
