@@ -31,6 +31,11 @@ pub(crate) enum Command {
     AbortRelay { id: u64, reporter: Arc<Reporter> },
     /// Take a reloaded config's listeners.
     Reload(Box<WorkerReload>),
+    /// Send a duplicate of every listening socket this worker accepts on,
+    /// with its address, for a live upgrade's new process (only a build
+    /// with the `service` feature upgrades).
+    #[cfg_attr(not(feature = "service"), allow(dead_code))]
+    ListeningSockets(Sender<crate::worker::ListeningSockets>),
 }
 
 /// One worker's part of a reload, applied between two polls so no accept
@@ -61,6 +66,7 @@ impl std::fmt::Debug for Command {
             Command::Abort => f.write_str("Abort"),
             Command::Handoff(_) => f.write_str("Handoff"),
             Command::AbortRelay { id, .. } => write!(f, "AbortRelay({id})"),
+            Command::ListeningSockets(_) => f.write_str("ListeningSockets"),
             Command::Reload(r) => write!(
                 f,
                 "Reload(retarget {}, close {}, add {}, retire {})",

@@ -73,6 +73,8 @@ pub mod stats;
 mod sys;
 mod timer;
 mod token;
+#[cfg(feature = "service")]
+pub mod upgrade;
 mod upstream;
 mod worker;
 
@@ -81,6 +83,8 @@ pub use error::{Side, StartError};
 pub use handoff::{End, Ending, Handoff, HandoffError, Outcome, PairError, Socket};
 #[cfg(feature = "service")]
 pub use proxy::start_activated;
+#[cfg(feature = "service")]
+pub use proxy::start_upgraded;
 pub use proxy::{start, start_with, ProxyHandle};
 pub use reload::{ReloadReport, Reloader};
 pub use runtime::{Controller, Runtime, RuntimeBuilder};

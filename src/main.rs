@@ -12,6 +12,9 @@ use spliced::config::{self, Config, Diagnostic, FlagDefaults, ListenerConfig, Mo
 /// running proxy's life (the library's part is `spliced::reload`).
 #[path = "cli/lifecycle.rs"]
 mod lifecycle;
+/// `spliced upgrade` and the control socket it talks to.
+#[path = "cli/upgrade.rs"]
+mod upgrade;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -36,6 +39,23 @@ enum Command {
     Stats(spliced::cli::stats::StatsArgs),
     /// Tell a running instance to re-read its config file (SIGHUP to the pid in its pid file).
     Reload(ReloadArgs),
+    /// Replace a running instance by a new process of the same (or another) binary, with no client refused.
+    Upgrade(UpgradeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct UpgradeArgs {
+    /// The instance to upgrade: the --name it was started with.
+    #[arg(
+        long,
+        env = "SPLICED_NAME",
+        default_value = "spliced",
+        value_name = "NAME"
+    )]
+    name: String,
+    /// The binary to start [default: the path the instance was started from, read anew].
+    #[arg(long, value_name = "PATH")]
+    binary: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -407,14 +427,35 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => {
             let _log = init_logging("info", args.log_format);
+            // Captured now: a binary replaced on disk later is what an
+            // upgrade starts, never the old inode (/proc/self/exe).
+            let binary = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("spliced"));
+            let origin = (binary, std::env::args_os().skip(1).collect());
+            let incoming = match spliced::upgrade::Incoming::from_env() {
+                None => None,
+                Some(Ok(incoming)) => Some(incoming),
+                Some(Err(e)) => return fail(&format!("upgrade: {e}")),
+            };
             let given_ids = given_ids(&matches);
             let given = move |id: &str| given_ids.contains(&id);
             match args.clone().into_config(&given) {
                 Ok(config) => {
                     let (name, user) = (args.name.clone(), args.user.clone());
-                    lifecycle::run(config, &name, user.as_deref(), move || args.reread(&given))
+                    lifecycle::run(
+                        config,
+                        &name,
+                        user.as_deref(),
+                        origin,
+                        incoming,
+                        move || args.reread(&given),
+                    )
                 }
-                Err(e) => fail(&e),
+                Err(e) => {
+                    if let Some(incoming) = incoming {
+                        incoming.refuse(&e);
+                    }
+                    fail(&e)
+                }
             }
         }
         Command::Bench(args) => {
@@ -434,6 +475,10 @@ fn main() -> ExitCode {
         Command::Reload(args) => {
             let _log = init_logging("warn", LogFormat::Text);
             lifecycle::signal_reload(&args.name)
+        }
+        Command::Upgrade(args) => {
+            let _log = init_logging("warn", LogFormat::Text);
+            upgrade::request(&args.name, args.binary.as_deref())
         }
     }
 }

@@ -30,8 +30,11 @@ pub struct ProxyHandle {
     /// Holds the listeners in force and the background resolver (stopped
     /// when the last reloader goes).
     reloader: Reloader,
+    /// The admin endpoint, if asked for, and how to start it again (a
+    /// live upgrade stops it for the new process and, should that fail,
+    /// starts it again).
     #[cfg(feature = "admin")]
-    admin: Option<crate::admin::Admin>,
+    admin: Option<AdminSwitch>,
 }
 
 /// Binds the listeners, refuses an upstream that loops back into the proxy,
@@ -60,6 +63,23 @@ pub fn start_activated(config: Config) -> Result<ProxyHandle, StartError> {
     start_inner(config, Arc::new(SystemResolver), Inherited::new(fds))
 }
 
+/// [`start`] on the listening sockets a live upgrade passed from the
+/// running instance (see [`crate::upgrade`]): each listener address
+/// adopts every passed socket bound to it; addresses none is bound to
+/// are bound anew, and passed sockets no listener claims are closed.
+/// (Feature `service`.)
+#[cfg(feature = "service")]
+pub fn start_upgraded(
+    config: Config,
+    sockets: Vec<std::os::fd::OwnedFd>,
+) -> Result<ProxyHandle, StartError> {
+    start_inner(
+        config,
+        Arc::new(SystemResolver),
+        Inherited::handed_over(sockets),
+    )
+}
+
 fn start_inner(
     mut config: Config,
     resolver: Arc<dyn Resolve>,
@@ -78,6 +98,14 @@ fn start_inner(
     let local_addrs: Vec<SocketAddr> = report.bound.iter().map(|&(_, a)| a).collect();
     #[cfg(feature = "admin")]
     let admin = start_admin(&settings, &runtime)?;
+    #[cfg(feature = "admin")]
+    let admin = admin.map(|running| AdminSwitch {
+        running: Arc::new(std::sync::Mutex::new(Some(running))),
+        again: {
+            let (settings, runtime) = (Arc::clone(&settings), runtime.admin_parts());
+            Arc::new(move || start_admin_with(&settings, &runtime))
+        },
+    });
     #[cfg(not(feature = "admin"))]
     if settings.ops.admin.is_some() {
         return Err(StartError::Config(crate::config::ConfigError(
@@ -145,23 +173,62 @@ fn spawn_empty(
     Ok((runtime, reloader))
 }
 
+/// The admin endpoint, running or stopped, and how to start it again.
+#[cfg(feature = "admin")]
+#[derive(Clone)]
+pub(crate) struct AdminSwitch {
+    running: Arc<std::sync::Mutex<Option<crate::admin::Admin>>>,
+    again: Arc<dyn Fn() -> Result<Option<crate::admin::Admin>, StartError> + Send + Sync>,
+}
+
+#[cfg(feature = "admin")]
+impl AdminSwitch {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<crate::admin::Admin>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops serving and frees the address (for a new process to bind).
+    pub(crate) fn stop(&self) {
+        drop(self.lock().take());
+    }
+
+    /// Serves again, if stopped.
+    pub(crate) fn restart(&self) {
+        let mut running = self.lock();
+        if running.is_none() {
+            match (self.again)() {
+                Ok(admin) => *running = admin,
+                Err(e) => tracing::error!(error = %e, "cannot serve the admin endpoint again"),
+            }
+        }
+    }
+}
+
 /// The admin endpoint on its own thread, if the config asks for one.
 #[cfg(feature = "admin")]
 fn start_admin(
     config: &Config,
     runtime: &Runtime,
 ) -> Result<Option<crate::admin::Admin>, StartError> {
+    start_admin_with(config, &runtime.admin_parts())
+}
+
+#[cfg(feature = "admin")]
+fn start_admin_with(
+    config: &Config,
+    parts: &crate::runtime::AdminParts,
+) -> Result<Option<crate::admin::Admin>, StartError> {
     let Some(addr) = config.ops.admin else {
         return Ok(None);
     };
-    let listeners = Arc::clone(&runtime.listeners);
-    let routed = Arc::clone(&runtime.listeners);
+    let listeners = Arc::clone(&parts.listeners);
+    let routed = Arc::clone(&parts.listeners);
     let admin = crate::admin::Admin::start(
         addr,
-        Arc::clone(&runtime.arena),
+        Arc::clone(&parts.arena),
         Arc::new(move || Runtime::server_samples(&listeners)),
         Arc::new(move || Runtime::route_samples(&routed)),
-        Arc::clone(&runtime.stopping),
+        Arc::clone(&parts.stopping),
     )
     .map_err(|e| StartError::Io(format!("serve the admin endpoint on {addr}"), e))?;
     tracing::info!("admin endpoint on http://{}/metrics", admin.addr());
@@ -293,7 +360,9 @@ impl ProxyHandle {
     /// Where the admin endpoint listens, if one was asked for.
     #[cfg(feature = "admin")]
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin.as_ref().map(|a| a.addr())
+        let admin = self.admin.as_ref()?;
+        let running = admin.lock();
+        running.as_ref().map(|a| a.addr())
     }
 
     /// The runtime under the listeners; pairs handed to it are relayed
@@ -316,6 +385,26 @@ impl ProxyHandle {
     /// CPU time (user + system) the worker threads have used so far.
     pub fn worker_cpu_time(&self) -> Duration {
         self.runtime.worker_cpu_time()
+    }
+
+    /// Carries on from the counters of the instance a live upgrade
+    /// replaces (its stats file's snapshot, read before this process
+    /// took the file over): see [`crate::upgrade`]. (Feature `service`.)
+    #[cfg(feature = "service")]
+    pub fn seed_counters(&self, old: &crate::shm::Snapshot) {
+        self.runtime.seed_counters(old);
+    }
+
+    /// A cloneable handle that hands this proxy's listening sockets to a
+    /// new binary (a live upgrade), from any thread. (Feature `service`.)
+    #[cfg(feature = "service")]
+    pub fn upgrader(&self) -> crate::upgrade::Upgrader {
+        crate::upgrade::Upgrader::new(
+            self.runtime.links(),
+            self.runtime.controller(),
+            #[cfg(feature = "admin")]
+            self.admin.clone(),
+        )
     }
 
     /// A cloneable handle that can stop this proxy from another thread.

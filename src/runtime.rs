@@ -66,6 +66,14 @@ impl Controller {
     }
 }
 
+/// The shared state the admin endpoint reads.
+#[cfg(feature = "admin")]
+pub(crate) struct AdminParts {
+    pub(crate) listeners: Arc<std::sync::Mutex<ListenerSet>>,
+    pub(crate) arena: Arc<Arena>,
+    pub(crate) stopping: Arc<AtomicBool>,
+}
+
 /// Running workers. Dropping it aborts every relay and joins the workers.
 ///
 /// ```
@@ -297,6 +305,45 @@ impl Runtime {
 
     fn listener_set(&self) -> std::sync::MutexGuard<'_, ListenerSet> {
         self.listeners.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds the counters of `old` (the snapshot of the instance a live
+    /// upgrade replaces) to worker 0's blocks: each listener's by name
+    /// (`handoff` to the handoff pseudo-listener's), the worker-scoped
+    /// ones summed. Gauges are not carried: they describe the old
+    /// process's relays, which stay there. A listener of `old` no current
+    /// one is named after is dropped.
+    #[cfg(feature = "service")]
+    pub(crate) fn seed_counters(&self, old: &crate::shm::Snapshot) {
+        let set = self.listener_set();
+        for old_listener in &old.listeners {
+            let target = set
+                .current
+                .iter()
+                .chain([&self.handoff_listener])
+                .find(|l| l.label() == old_listener.name);
+            if let Some(listener) = target {
+                listener.counters(0).seed(&old_listener.total());
+            }
+        }
+        if let Some(first) = self.workers.first() {
+            let workers = old
+                .workers
+                .iter()
+                .cloned()
+                .fold(Stats::default(), |a, b| a + b);
+            first.counters.seed(&workers);
+        }
+    }
+
+    /// What the admin endpoint reads, to start it now or again later.
+    #[cfg(feature = "admin")]
+    pub(crate) fn admin_parts(&self) -> AdminParts {
+        AdminParts {
+            listeners: Arc::clone(&self.listeners),
+            arena: Arc::clone(&self.arena),
+            stopping: Arc::clone(&self.stopping),
+        }
     }
 
     /// Every worker's command link, for a reload.

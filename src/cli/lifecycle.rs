@@ -5,13 +5,18 @@
 //! file and reloads (RELOADING, then READY whatever the outcome). The
 //! first SIGTERM/SIGINT drains (STOPPING), a second one exits at once.
 
+use std::ffi::OsString;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use spliced::config::Config;
 use spliced::service::{self, Notify, PidFile, PidFileError};
 use spliced::Reloader;
 
+use spliced::upgrade::Incoming;
+
 use super::fail;
+use super::upgrade::{socket_path, Upgrades};
 
 /// Runs the proxy until it has drained. `reread` gives the config file
 /// anew, or every problem in it, one a line.
@@ -19,18 +24,41 @@ pub(super) fn run(
     config: Config,
     name: &str,
     user: Option<&str>,
+    origin: (PathBuf, Vec<OsString>),
+    incoming: Option<Incoming>,
     reread: impl Fn() -> Result<Config, Vec<String>> + Send + 'static,
 ) -> ExitCode {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
     // Installed before anything starts, so an early SIGHUP cannot end the
     // process by its default action.
-    let signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]);
+    let signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR2]);
     let mut signals = match signals {
         Ok(s) => s,
-        Err(e) => return fail(&format!("cannot install signal handlers: {e}")),
+        Err(e) => {
+            let why = format!("cannot install signal handlers: {e}");
+            if let Some(incoming) = incoming {
+                incoming.refuse(&why);
+            }
+            return fail(&why);
+        }
     };
-    // Before binding: a second instance under a live name must not serve.
-    let pid_file = match PidFile::create(name) {
+    // A live upgrade's new process: ready once its config is read and the
+    // sockets are here; nothing is touched until the old one commits.
+    let mut committed = match incoming.map(|i| (i.from_pid(), i.ready())) {
+        None => None,
+        Some((from, Ok(c))) => {
+            service::take_over_from_pid(from);
+            Some((from, c))
+        }
+        Some((_, Err(e))) => return fail(&format!("upgrade: {e}")),
+    };
+    // Before binding: a second instance under a live name must not serve
+    // (the instance this one upgrades hands its name over).
+    let pid_file = match committed.as_ref().map(|(from, _)| *from) {
+        Some(from) => PidFile::take_over(name, from),
+        None => PidFile::create(name),
+    };
+    let pid_file = match pid_file {
         Ok(p) => Some(p),
         Err(e @ PidFileError::Io { .. }) => {
             tracing::warn!(error = %e, "no pid file: 'spliced reload --name {name}' cannot find this instance (SIGHUP still reloads)");
@@ -38,11 +66,43 @@ pub(super) fn run(
         }
         Err(e) => return fail(&e.to_string()),
     };
+    let control_socket = socket_path(name);
+    let control = pid_file
+        .as_ref()
+        .and_then(|_| super::upgrade::bind(&control_socket));
     let stats_gid = config.ops.stats_group.as_ref().map(|g| g.gid);
-    let handle = match spliced::start_activated(config) {
-        Ok(h) => h,
-        Err(e) => return fail(&e.to_string()),
+    // The old instance's counters, read before this process replaces its
+    // stats file, so the new one carries on from them.
+    let old_counters = committed.as_ref().and_then(|_| {
+        let path = spliced::shm::stats_path(name);
+        spliced::shm::StatsFile::open(&path)
+            .and_then(|f| f.snapshot())
+            .ok()
+    });
+    let started = match committed.as_mut() {
+        Some((_, c)) => spliced::start_upgraded(config, c.take_sockets()),
+        None => spliced::start_activated(config),
     };
+    let handle = match started {
+        Ok(h) => h,
+        Err(e) => {
+            if let Some((_, c)) = committed {
+                c.failed(&e.to_string());
+            }
+            return fail(&e.to_string());
+        }
+    };
+    let upgraded = committed.is_some();
+    if let Some(old) = &old_counters {
+        handle.seed_counters(old);
+    }
+    if let Some((from, c)) = committed {
+        c.started();
+        tracing::info!(from, "upgrade: serving in place of pid {from}");
+    }
+    // A new process of an upgrade was started by one that had already
+    // dropped root: it runs as that user.
+    let user = user.filter(|_| !upgraded || nix::unistd::geteuid().is_root());
     if let Some(user) = user {
         // Without the file, the user could not remove it at exit. The
         // stats file keeps its stats-group; a link is changed itself,
@@ -73,12 +133,23 @@ pub(super) fn run(
     }
     let controller = handle.controller();
     let reloader = handle.reloader();
+    let upgrades = Upgrades::new(handle.upgrader(), origin.0, origin.1);
+    if let Some(control) = control {
+        upgrades.serve(control);
+    }
     service::notify(Notify::Ready, "serving");
+    let on_signal = upgrades.clone();
     std::thread::spawn(move || {
         let mut seen = 0;
         for signal in signals.forever() {
             if signal == SIGHUP {
                 reload(&reloader, &reread);
+                continue;
+            }
+            if signal == SIGUSR2 {
+                tracing::info!("SIGUSR2: upgrading");
+                // The outcome is logged by `run`.
+                let _ = on_signal.run(None);
                 continue;
             }
             seen += 1;
@@ -94,6 +165,9 @@ pub(super) fn run(
         }
     });
     handle.join();
+    if pid_file.is_some() {
+        upgrades.remove(&control_socket);
+    }
     drop(pid_file);
     tracing::info!("all relays closed; exiting");
     ExitCode::SUCCESS

@@ -32,6 +32,24 @@ pub fn notify(state: Notify, status: &str) {
     }
 }
 
+/// Lets this process, the new one of a live upgrade, take over the stats
+/// file of `pid`, the instance it replaces (its pid file:
+/// [`PidFile::take_over`]).
+pub fn take_over_from_pid(pid: u32) {
+    crate::shm::take_over_from(pid);
+}
+
+/// Tells the service manager that `pid` is the service's main process
+/// from now on (a live upgrade's new process; this process's own pid
+/// again when it rolls back). Failures are logged, never fatal.
+pub fn notify_main_pid(pid: u32, status: &str) {
+    use sd_notify::NotifyState;
+    let states = [NotifyState::MainPid(pid), NotifyState::Status(status)];
+    if let Err(e) = sd_notify::notify(&states) {
+        tracing::warn!(error = %e, "internal: cannot notify the service manager (NOTIFY_SOCKET)");
+    }
+}
+
 /// Where the process is, as `sd_notify(3)` names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Notify {

@@ -99,6 +99,17 @@ impl PidFile {
     /// spliced of this user holds the name; a pid file naming a dead
     /// process, or one that is not such a spliced, is replaced (logged).
     pub fn create(name: &str) -> Result<PidFile, PidFileError> {
+        PidFile::write(name, None)
+    }
+
+    /// Like [`create`](Self::create) for the new process of a live
+    /// upgrade: the name held by `from`, the instance it takes over from,
+    /// is taken, not refused. Any other live holder is still refused.
+    pub fn take_over(name: &str, from: u32) -> Result<PidFile, PidFileError> {
+        PidFile::write(name, Some(from as i32))
+    }
+
+    fn write(name: &str, from: Option<i32>) -> Result<PidFile, PidFileError> {
         if name.is_empty() || name.contains('/') {
             return Err(PidFileError::BadName(name.to_string()));
         }
@@ -108,6 +119,9 @@ impl PidFile {
         let me = std::process::id() as i32;
         match read_in(&path) {
             Ok(pid) if pid == me => {}
+            Ok(pid) if Some(pid) == from => {
+                tracing::info!(path = %path.display(), pid, "taking over the pid file from pid {pid}");
+            }
             Ok(pid) => match our_spliced(pid) {
                 Ok(()) => {
                     return Err(PidFileError::Running {

@@ -5,6 +5,7 @@ use std::fs::{self, File, Permissions};
 use std::io;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use memmap2::{MmapOptions, MmapRaw};
 
@@ -72,6 +73,16 @@ pub(crate) enum CreateError {
     Group(StatsGroup, io::Error),
 }
 
+/// The pid of the instance a live upgrade takes over from: its stats file
+/// is replaced although it still runs (0: none).
+static TAKES_OVER_FROM: AtomicU32 = AtomicU32::new(0);
+
+/// Lets this process replace the stats file of `pid`, the running
+/// instance it upgrades (`crate::upgrade`).
+pub fn take_over_from(pid: u32) {
+    TAKES_OVER_FROM.store(pid, Ordering::Relaxed);
+}
+
 /// Builds the file under a temporary name and renames it into place,
 /// refusing when a live process owns the current one. The file is 0600,
 /// or 0640 and given to `group`.
@@ -81,7 +92,8 @@ pub(crate) fn create_file(
     group: Option<&StatsGroup>,
 ) -> Result<MmapRaw, CreateError> {
     if let Ok(existing) = StatsFile::open(path) {
-        if existing.liveness() == Liveness::Running && existing.pid() != std::process::id() {
+        let ours = [std::process::id(), TAKES_OVER_FROM.load(Ordering::Relaxed)];
+        if existing.liveness() == Liveness::Running && !ours.contains(&existing.pid()) {
             return Err(CreateError::File(io::Error::new(
                 io::ErrorKind::AddrInUse,
                 format!(

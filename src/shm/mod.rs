@@ -36,7 +36,7 @@ pub use servers::{REASONS, STATES};
 mod view;
 
 use file::CreateError;
-pub use file::{check_instance_name, stats_path, InstanceNameError};
+pub use file::{check_instance_name, stats_path, take_over_from, InstanceNameError};
 pub(crate) use servers::{ListenerCounters, ServerCounters, ServerHead, ServerRegistry, EXCLUDED};
 pub use view::{InstanceState, ListenerSnapshot, Liveness, ServerSnapshot, Snapshot, StatsFile};
 

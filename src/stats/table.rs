@@ -239,6 +239,24 @@ macro_rules! counter_table {
             },)*],
         };
 
+        impl $block {
+            /// Adds `from`'s counters, per-reason arrays and histogram
+            /// buckets to this block, never its gauges (a live upgrade's
+            /// new process carries on from the old one's counts).
+            #[allow(dead_code)]
+            pub(crate) fn seed(&self, from: &$sum) {
+                $(if $crate::stats::Kind::$kind == $crate::stats::Kind::Counter {
+                    self.$name.fetch_add(from.$name, Relaxed);
+                })+
+                $(for (word, v) in self.$r_name.iter().zip(&from.$r_name) {
+                    word.fetch_add(*v, Relaxed);
+                })*
+                $(for (word, v) in self.$h_name.iter().zip(&from.$h_name) {
+                    word.fetch_add(*v, Relaxed);
+                })*
+            }
+        }
+
         impl $sum {
             /// Sums blocks (one per worker) at one moment.
             pub(crate) fn sum<'a>(blocks: impl IntoIterator<Item = &'a $block>) -> $sum {

@@ -21,6 +21,8 @@
 
 #[cfg(feature = "service")]
 pub mod activation;
+#[cfg(feature = "service")]
+pub mod fdpass;
 #[cfg(feature = "cli")]
 pub mod netns;
 pub(crate) mod shared;

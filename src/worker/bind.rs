@@ -28,6 +28,10 @@ pub(crate) struct Bound {
 #[derive(Debug, Default)]
 pub(crate) struct Inherited {
     sockets: Vec<(std::net::TcpListener, SocketAddr)>,
+    /// Passed by the instance a live upgrade replaces, not by a service
+    /// manager: a listener asked on port 0 then adopts the port the old
+    /// instance was given.
+    upgrade: bool,
 }
 
 impl Inherited {
@@ -50,13 +54,50 @@ impl Inherited {
                 ),
             }
         }
-        Inherited { sockets }
+        Inherited {
+            sockets,
+            upgrade: false,
+        }
     }
 
-    /// The inherited socket bound to exactly `addr`, if any.
-    fn take(&mut self, addr: SocketAddr) -> Option<std::net::TcpListener> {
-        let at = self.sockets.iter().position(|(_, a)| *a == addr)?;
-        Some(self.sockets.swap_remove(at).0)
+    /// The listening sockets a live upgrade passed (see [`Inherited::new`]).
+    #[cfg_attr(not(feature = "service"), allow(dead_code))]
+    pub(crate) fn handed_over(fds: Vec<OwnedFd>) -> Inherited {
+        Inherited {
+            upgrade: true,
+            ..Inherited::new(fds)
+        }
+    }
+
+    fn passer(&self) -> &'static str {
+        if self.upgrade {
+            "the instance this one upgrades"
+        } else {
+            "the service manager"
+        }
+    }
+
+    /// Every inherited socket bound to exactly `addr`: one from a service
+    /// manager, or each of the old process's SO_REUSEPORT sockets in a
+    /// live upgrade (each has its own accept queue, so none may close).
+    /// In an upgrade, an address asked with port 0 takes the sockets of the
+    /// first passed address with its IP: the port the old process was given.
+    fn take(&mut self, addr: SocketAddr) -> Vec<std::net::TcpListener> {
+        let addr = match self.sockets.iter().find(|(_, a)| *a == addr) {
+            Some(_) => addr,
+            None if self.upgrade && addr.port() == 0 => {
+                match self.sockets.iter().find(|(_, a)| a.ip() == addr.ip()) {
+                    Some(&(_, a)) => a,
+                    None => return Vec::new(),
+                }
+            }
+            None => return Vec::new(),
+        };
+        let (taken, kept) = std::mem::take(&mut self.sockets)
+            .into_iter()
+            .partition(|(_, a)| *a == addr);
+        self.sockets = kept;
+        taken.into_iter().map(|(s, _)| s).collect()
     }
 
     /// Closes the sockets no listener claimed, naming each.
@@ -92,16 +133,23 @@ pub(crate) fn bind_listeners(
         let dual_family = listener.listen.iter().any(|a| a.is_ipv4());
         for &asked in listener.listen.iter().filter(|&&a| want(index, a)) {
             let fail = |e| StartError::Listen(asked, e);
-            if let Some(socket) = inherited.take(asked) {
-                for sockets in per_worker.iter_mut() {
-                    let shared = socket.try_clone().map_err(fail)?;
-                    shared.set_nonblocking(true).map_err(fail)?;
-                    let shared = TcpListener::from_std(shared);
-                    accepted_without_delay(&shared).map_err(fail)?;
-                    sockets.push((shared, Arc::clone(runtime)));
+            let passed = inherited.take(asked);
+            if !passed.is_empty() {
+                // Every worker accepts on every passed socket of the
+                // address, whatever the two processes' worker counts.
+                for socket in &passed {
+                    for sockets in per_worker.iter_mut() {
+                        let shared = socket.try_clone().map_err(fail)?;
+                        shared.set_nonblocking(true).map_err(fail)?;
+                        let shared = TcpListener::from_std(shared);
+                        accepted_without_delay(&shared).map_err(fail)?;
+                        sockets.push((shared, Arc::clone(runtime)));
+                    }
                 }
-                tracing::info!(listener = %listener.name, address = %asked, "using the socket passed by the service manager");
-                local_addrs.push((index, asked));
+                let addr = passed[0].local_addr().map_err(fail)?;
+                let by = inherited.passer();
+                tracing::info!(listener = %listener.name, address = %addr, sockets = passed.len(), "using the socket passed by {by}");
+                local_addrs.push((index, addr));
                 continue;
             }
             let probe = match claim(asked, dual_family) {

@@ -145,6 +145,7 @@ impl Worker {
                 Command::Handoff(mut handoff) => self.take_handoff(&mut handoff, now),
                 Command::AbortRelay { id, reporter } => self.abort_relay(id, &reporter, now),
                 Command::Reload(reload) => self.reload(*reload, now),
+                Command::ListeningSockets(answer) => self.send_listening_sockets(&answer),
             }
         }
         self.close_retired(now);

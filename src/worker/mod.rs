@@ -80,6 +80,8 @@ mod bind;
 mod close;
 mod connect;
 mod reload;
+mod upgrade;
+pub(crate) use upgrade::ListeningSockets;
 
 pub(crate) use bind::{bind_listeners, Bound, Inherited};
 

@@ -1,0 +1,462 @@
+//! `spliced upgrade`: a new process takes every listening socket over, no
+//! client is refused meanwhile, the relays alive at the upgrade finish in
+//! the old process byte-exact, and a failed upgrade changes nothing.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use spliced::Mode;
+
+const T: Duration = Duration::from_secs(20);
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("spliced-upgrade-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Splice => "splice",
+        Mode::Copy => "copy",
+        Mode::Auto => "auto",
+    }
+}
+
+/// A running instance under test, and the processes upgrades started,
+/// killed when the test ends (they are not this test's children).
+struct Instance {
+    name: String,
+    dir: PathBuf,
+    successors: Vec<i32>,
+}
+
+impl Instance {
+    fn start(
+        name: &str,
+        mode: Mode,
+        upstream: SocketAddr,
+        fault: Option<&str>,
+    ) -> (Spliced, Instance) {
+        Instance::start_with(name, mode, upstream, fault, &[])
+    }
+
+    fn start_with(
+        name: &str,
+        mode: Mode,
+        upstream: SocketAddr,
+        fault: Option<&str>,
+        extra: &[&str],
+    ) -> (Spliced, Instance) {
+        let dir = temp_dir(name);
+        let mut cmd = Command::new(bin());
+        cmd.args([
+            "run",
+            "--name",
+            name,
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+        ])
+        .args(["--mode", mode_name(mode), "--upstream"])
+        .arg(upstream.to_string())
+        .args(extra)
+        .env("RUNTIME_DIRECTORY", &dir);
+        if let Some(fault) = fault {
+            cmd.env("SPLICED_UPGRADE_FAULT", fault);
+        }
+        let s = Spliced::spawn(cmd);
+        let instance = Instance {
+            name: name.into(),
+            dir,
+            successors: Vec::new(),
+        };
+        (s, instance)
+    }
+
+    fn pid_file(&self) -> PathBuf {
+        self.dir.join(format!("spliced-{}.pid", self.name))
+    }
+
+    fn pid(&self) -> i32 {
+        std::fs::read_to_string(self.pid_file())
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// `spliced upgrade --name NAME [--binary PATH]`: exit success, stdout, stderr.
+    fn upgrade(&mut self, binary: Option<&Path>) -> (bool, String, String) {
+        let before = self.pid();
+        let mut cmd = Command::new(bin());
+        cmd.args(["upgrade", "--name", &self.name])
+            .env("RUNTIME_DIRECTORY", &self.dir);
+        if let Some(b) = binary {
+            cmd.arg("--binary").arg(b);
+        }
+        let (status, out, err) = run_cmd(cmd, T);
+        let ok = status.expect("spliced upgrade answers").success();
+        let after = self.pid();
+        if ok {
+            assert_ne!(
+                after, before,
+                "a successful upgrade names the new pid in the pid file"
+            );
+            self.successors.push(after);
+        } else {
+            assert_eq!(after, before, "a failed upgrade leaves the pid file alone");
+        }
+        (ok, out, err)
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        for &pid in &self.successors {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The old process's exit, once its relays closed. (Not `wait_exit`: its
+/// stderr stays open in the new process.)
+fn old_exit(s: &mut Spliced) -> std::process::ExitStatus {
+    let until = std::time::Instant::now() + T;
+    loop {
+        if let Some(status) = s.try_wait() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the old process has not exited once its relays closed; its log and the new one's:\n{}",
+            s.logs().join("\n")
+        );
+        poll_pause();
+    }
+}
+
+/// Fresh clients, one after another, each a full echo to EOF, until told
+/// to stop: every one must succeed, whichever process accepts it.
+fn fresh_clients(addr: SocketAddr) -> (Arc<AtomicBool>, std::thread::JoinHandle<usize>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    let worker = std::thread::spawn(move || {
+        let mut n = 0;
+        while !flag.load(Ordering::Relaxed) {
+            let len = 1000 + n % 5000;
+            let back = echo_once(addr, n as u64, len, T);
+            assert_eq!(
+                digest(&back),
+                expected_digest(n as u64, len),
+                "fresh client {n}"
+            );
+            n += 1;
+        }
+        n
+    });
+    (stop, worker)
+}
+
+/// Relays alive across the upgrade: echo ping-pong ones, and bulk ones
+/// both ways (streaming and half-closed from the start of the stream's
+/// end, the reply still flowing) with checksums.
+struct Live {
+    pingpong: Vec<std::net::TcpStream>,
+    bulk: Vec<std::thread::JoinHandle<()>>,
+}
+
+fn open_live(addr: SocketAddr, pingpong: usize, bulk: usize) -> Live {
+    let mut streams = Vec::new();
+    for i in 0..pingpong {
+        let mut c = connect(addr);
+        round_trip(&mut c, format!("hello {i}").as_bytes(), T);
+        streams.push(c);
+    }
+    let started = Arc::new(AtomicUsize::new(0));
+    let bulk: Vec<std::thread::JoinHandle<()>> = (0..bulk)
+        .map(|i| {
+            let started = Arc::clone(&started);
+            std::thread::spawn(move || {
+                let len = 24 * MIB;
+                let seed = 1000 + i as u64;
+                let mut c = connect(addr);
+                let mut w = c.try_clone().unwrap();
+                let writer = std::thread::spawn(move || {
+                    let data = pattern(seed, len);
+                    for chunk in data.chunks(256 * 1024) {
+                        use std::io::Write;
+                        w.write_all(chunk).unwrap();
+                        pace(Duration::from_millis(10));
+                    }
+                    w.shutdown(std::net::Shutdown::Write).unwrap();
+                });
+                started.fetch_add(1, Ordering::Relaxed);
+                let back =
+                    digest_to_eof(&mut c, Duration::from_secs(60)).expect("bulk echo to EOF");
+                writer.join().unwrap();
+                assert_eq!(
+                    back,
+                    expected_digest(seed, len),
+                    "bulk relay {i} byte-exact"
+                );
+            })
+        })
+        .collect();
+    wait_until(T, "every bulk stream started", || {
+        started.load(Ordering::Relaxed) == bulk.len()
+    });
+    Live {
+        pingpong: streams,
+        bulk,
+    }
+}
+
+impl Live {
+    /// Every ping-pong relay answers again, then half-closes and reads the
+    /// echo's FIN; every bulk stream completes byte-exact.
+    fn finish(self) {
+        for (i, mut c) in self.pingpong.into_iter().enumerate() {
+            round_trip(&mut c, format!("again {i}").as_bytes(), T);
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+            let (rest, ending) = read_until_closed(&mut c, T);
+            assert!(rest.is_empty());
+            assert_eq!(
+                ending,
+                Ending::Eof,
+                "relay {i} ends with a FIN, not a reset"
+            );
+        }
+        for b in self.bulk {
+            b.join().unwrap();
+        }
+    }
+}
+
+fn upgrade_under_load(mode: Mode) {
+    let up = echo_server();
+    let name = format!("up-{}", mode_name(mode));
+    let (mut s, mut instance) = Instance::start(&name, mode, up.addr, None);
+    let old = s.pid();
+    let live = open_live(s.addr, 100, 4);
+    let (stop, fresh) = fresh_clients(s.addr);
+    pace(Duration::from_millis(100));
+    let (ok, out, err) = instance.upgrade(None);
+    assert!(ok, "upgrade failed: {out}{err}");
+    assert!(out.contains("serves now"), "{out}");
+    pace(Duration::from_millis(100));
+    stop.store(true, Ordering::Relaxed);
+    let served = fresh.join().unwrap();
+    assert!(served > 0);
+    // New clients meet the new process.
+    let back = echo_once(s.addr, 7, 100_000, T);
+    assert_eq!(digest(&back), expected_digest(7, 100_000));
+    live.finish();
+    // The old process drained its relays and exited; the new one serves on.
+    let status = old_exit(&mut s);
+    assert!(status.success(), "the old process exits cleanly: {status}");
+    assert_ne!(instance.pid(), old);
+    let back = echo_once(s.addr, 8, 10_000, T);
+    assert_eq!(digest(&back), expected_digest(8, 10_000));
+}
+
+fn three_upgrades_in_a_row(mode: Mode) {
+    let up = echo_server();
+    let name = format!("three-{}", mode_name(mode));
+    let (mut s, mut instance) = Instance::start(&name, mode, up.addr, None);
+    let (stop, fresh) = fresh_clients(s.addr);
+    let mut lives = Vec::new();
+    for round in 0..3 {
+        lives.push(open_live(s.addr, 20, 1));
+        let (ok, out, err) = instance.upgrade(None);
+        assert!(ok, "upgrade {round} failed: {out}{err}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(fresh.join().unwrap() > 0);
+    for live in lives {
+        live.finish();
+    }
+    old_exit(&mut s);
+    let back = echo_once(s.addr, 9, 10_000, T);
+    assert_eq!(digest(&back), expected_digest(9, 10_000));
+}
+
+/// An upgrade that cannot happen: the command fails with the reason, and
+/// the instance serves on as if nothing was tried.
+fn failed_upgrade(name: &str, fault: Option<&str>, binary: Option<&Path>, reason: &str) {
+    let up = echo_server();
+    let (mut s, mut instance) = Instance::start(name, Mode::Splice, up.addr, fault);
+    let live = open_live(s.addr, 20, 1);
+    let (stop, fresh) = fresh_clients(s.addr);
+    let (ok, out, err) = instance.upgrade(binary);
+    assert!(!ok, "the upgrade should have failed: {out}");
+    assert!(err.contains(reason), "the reason is said: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(s.try_wait().is_none(), "the instance still runs");
+    assert_eq!(instance.pid(), s.pid());
+    stop.store(true, Ordering::Relaxed);
+    assert!(fresh.join().unwrap() > 0);
+    live.finish();
+    let back = echo_once(s.addr, 11, 50_000, T);
+    assert_eq!(digest(&back), expected_digest(11, 50_000));
+    if fault.is_none() {
+        // Nothing was left half done: a real upgrade works afterwards.
+        let (ok, out, err) = instance.upgrade(None);
+        assert!(ok, "{out}{err}");
+        old_exit(&mut s);
+    }
+}
+
+#[test]
+fn upgrade_to_a_binary_that_exits_at_once() {
+    failed_upgrade(
+        "false",
+        None,
+        Some(Path::new("/bin/false")),
+        "exit status: 1",
+    );
+}
+
+#[test]
+fn upgrade_to_a_missing_binary() {
+    failed_upgrade(
+        "missing",
+        None,
+        Some(Path::new("/nonexistent/spliced")),
+        "cannot start /nonexistent/spliced",
+    );
+}
+
+#[test]
+fn upgrade_whose_new_process_exits_at_start() {
+    failed_upgrade(
+        "at-start",
+        Some("exit-at-start"),
+        None,
+        "the new process ended",
+    );
+}
+
+#[test]
+fn upgrade_whose_new_process_dies_after_half_the_sockets() {
+    failed_upgrade(
+        "half",
+        Some("die-after-half"),
+        None,
+        "the new process ended",
+    );
+}
+
+#[test]
+fn upgrade_of_an_instance_that_does_not_run() {
+    let dir = temp_dir("none");
+    let (status, _, err) = run_cmd(
+        {
+            let mut c = Command::new(bin());
+            c.args(["upgrade", "--name", "nobody"])
+                .env("RUNTIME_DIRECTORY", &dir);
+            c
+        },
+        T,
+    );
+    assert!(!status.unwrap().success());
+    assert!(err.contains("no running instance named 'nobody'"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The sum of a counter family's members on `/metrics`.
+fn scrape(admin: SocketAddr, family: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut c = connect(admin);
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    c.set_read_timeout(Some(T)).unwrap();
+    c.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+/// The listener counters (not gauges) in the stats file, summed.
+fn file_counters(instance: &Instance) -> Vec<(&'static str, u64)> {
+    use spliced::stats::{Kind, Values};
+    let path = instance.dir.join(format!("{}.stats", instance.name));
+    let snap = spliced::shm::StatsFile::open(&path)
+        .unwrap()
+        .snapshot()
+        .unwrap();
+    let total = snap
+        .listeners
+        .iter()
+        .map(|l| l.total())
+        .fold(spliced::Stats::default(), |a, b| a + b);
+    spliced::stats::COUNTERS
+        .counters
+        .iter()
+        .zip(total.values())
+        .filter(|(c, _)| c.kind == Kind::Counter)
+        .map(|(c, v)| (c.name, v))
+        .collect()
+}
+
+#[test]
+fn counters_carry_on_across_the_upgrade() {
+    let up = echo_server();
+    let admin = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let admin_arg = admin.to_string();
+    let (mut s, mut instance) = Instance::start_with(
+        "counters",
+        Mode::Splice,
+        up.addr,
+        None,
+        &["--admin", &admin_arg],
+    );
+    for i in 0..10 {
+        assert_eq!(echo_once(s.addr, i, 20_000, T).len(), 20_000);
+    }
+    wait_until(T, "the relays closed", || {
+        scrape(admin, "spliced_connections_closed_total") >= 10.0
+    });
+    let before_file = file_counters(&instance);
+    let before_metric = scrape(admin, "spliced_connections_accepted_total");
+    assert!(before_metric >= 10.0);
+    let (ok, out, err) = instance.upgrade(None);
+    assert!(ok, "{out}{err}");
+    old_exit(&mut s);
+    let after_file = file_counters(&instance);
+    for ((name, before), (_, after)) in before_file.iter().zip(&after_file) {
+        assert!(
+            after >= before,
+            "{name}: {before} before the upgrade, {after} after"
+        );
+    }
+    let after_metric = scrape(admin, "spliced_connections_accepted_total");
+    assert!(
+        after_metric >= before_metric,
+        "/metrics accepted: {before_metric} before, {after_metric} after"
+    );
+    assert_eq!(echo_once(s.addr, 99, 1000, T).len(), 1000);
+    let later = scrape(admin, "spliced_connections_accepted_total");
+    assert!(later > after_metric, "the new process counts on top");
+}
+
+both_engines!(upgrade_under_load, three_upgrades_in_a_row);
