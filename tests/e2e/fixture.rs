@@ -73,8 +73,8 @@ mod wire;
 use std::path::PathBuf;
 
 pub use self::clients::{
-    knob, pgbench, pgbench_command, psql_args, redis_benchmark, redis_cli, run_limited, Pgbench,
-    Ran,
+    knob, pgbench, pgbench_command, psql_args, redis_benchmark, redis_cli, run_limited,
+    Interactive, Pgbench, PsqlSession, Ran,
 };
 pub use self::patroni::{
     haproxy_bin, patroni_bin, rest_status, Haproxy, Patroni, PatroniBin, PatroniNode, PATRONI_VENV,
@@ -83,7 +83,7 @@ pub use self::pg::{
     pg_bin, primary_and_replica, primary_and_replica_named, psql_command, Pg, CLIENT_USER,
     MONITOR_USER,
 };
-pub use self::proxy::{sample, sample_sum, Proxy};
+pub use self::proxy::{sample, sample_sum, Proxy, Upgrade};
 pub use self::psycopg::{Answer, Conninfo, Job, Negotiation, Psycopg, Reply, PSYCOPG_VENV};
 pub use self::redis::{redis_bin, Redis};
 pub use self::tls::{pg17_bin, Certs, ServerTls, PG17_DIR};
