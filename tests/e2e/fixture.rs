@@ -83,7 +83,7 @@ pub use self::pg::{
     pg_bin, primary_and_replica, primary_and_replica_named, psql_command, Pg, CLIENT_USER,
     MONITOR_USER,
 };
-pub use self::proxy::{sample, sample_sum, Proxy, Upgrade};
+pub use self::proxy::{sample, sample_sum, Binary, Proxy, Upgrade};
 pub use self::psycopg::{Answer, Conninfo, Job, Negotiation, Psycopg, Reply, PSYCOPG_VENV};
 pub use self::redis::{redis_bin, Redis};
 pub use self::tls::{pg17_bin, Certs, ServerTls, PG17_DIR};

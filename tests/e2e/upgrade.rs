@@ -28,13 +28,14 @@ use std::time::{Duration, Instant};
 
 use crate::common::{pace, wait_until};
 use crate::fixture::{
-    free_port, loopback, pg_bin, pgbench, redis_bin, redis_cli, Interactive, Pg, Proxy,
+    free_port, loopback, pg_bin, pgbench, redis_bin, redis_cli, Binary, Interactive, Pg, Proxy,
     PsqlSession, Redis, Resp, RespConn, TempDir,
 };
 use crate::relay::pg::{init, psql_ok};
 use crate::relay::{all_closed_clean, listener};
 
 crate::every_engine!(
+    failed_upgrades_keep_serving,
     pgbench_across_three_upgrades,
     transaction_across_upgrade,
     subscriber_across_upgrade,
@@ -69,9 +70,98 @@ fn stops_cleanly(mut proxy: Proxy) {
     );
 }
 
+/// Sets its flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 /// Joins a client thread, passing on its panic.
 fn join<T>(t: thread::JoinHandle<T>) -> T {
     t.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+/// A Redis client through spliced: which server answered (its port).
+fn served(via: std::net::SocketAddr) -> Result<u16, String> {
+    RespConn::connect(via, Duration::from_secs(5))
+        .and_then(|mut c| c.server_port())
+        .map_err(|e| e.to_string())
+}
+
+/// Upgrades that cannot happen (no such binary; a program that exits at
+/// once without taking over) exit non-zero with a one-line reason, and
+/// the process serving keeps serving, its live relay included; then an
+/// upgrade to a new path and one in place succeed with no client, each
+/// new process serves new clients, takes the pid file (`spliced reload
+/// --name` reaches it) and the stats file (`spliced stats --name`).
+fn failed_upgrades_keep_serving(mode: &str) {
+    let test = format!("failed_upgrades_keep_serving({mode})");
+    let Some(server) = redis_bin(&test) else {
+        return;
+    };
+    let dir = TempDir::new(&format!("e2e-upgrade-failed-{mode}"));
+    let redis = Redis::master(&server, &dir, "redis", None);
+    let port = free_port();
+    let config = listener("redis", port, redis.port, mode, "");
+    let mut proxy = Proxy::start_upgradable(&dir, &format!("upgrade-failed-{mode}"), &config);
+    let via = loopback(port);
+    let mut live = RespConn::connect(via, Duration::from_secs(5)).unwrap();
+    assert_eq!(live.server_port().unwrap(), redis.port);
+    let first = proxy.pid();
+
+    let missing = dir.join("no-such-spliced");
+    for bad in [missing, "/bin/true".into()] {
+        let up = proxy.upgrade(Binary::Given(bad.clone()));
+        assert!(
+            up.status.is_some_and(|s| !s.success()),
+            "[{mode}] an upgrade to {} exits non-zero: {}",
+            bad.display(),
+            up.show()
+        );
+        let said: Vec<&str> = up
+            .stderr
+            .lines()
+            .chain(up.stdout.lines())
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        assert_eq!(
+            said.len(),
+            1,
+            "[{mode}] an upgrade to {} says why in one line: {}",
+            bad.display(),
+            up.show()
+        );
+        assert_eq!(proxy.processes(), vec![first], "[{mode}] after {said:?}");
+        assert_eq!(
+            live.server_port().map_err(|e| e.to_string()),
+            Ok(redis.port),
+            "[{mode}] the live relay after {said:?}"
+        );
+        assert_eq!(
+            served(via),
+            Ok(redis.port),
+            "[{mode}] a new client after {said:?}"
+        );
+        eprintln!("[{mode}] upgrade to {}: {}", bad.display(), said[0]);
+    }
+    drop(live);
+
+    for how in [Binary::NewPath, Binary::InPlace] {
+        let what = format!("[{mode}] upgrade ({how:?}) with no client");
+        proxy.upgrade_ok(how, &what);
+        assert_eq!(served(via), Ok(redis.port), "{what}: a new client");
+        proxy.reload_by_name(&config);
+        let (st, out, err) = proxy.cli(&["stats"]);
+        assert!(
+            st.success() && out.contains("redis"),
+            "{what}: spliced stats --name: {st}\n{out}{err}"
+        );
+    }
+    all_closed_clean(&proxy, "redis", 0);
+    stops_cleanly(proxy);
 }
 
 fn pgbench_across_three_upgrades(mode: &str) {
@@ -116,7 +206,16 @@ fn pgbench_across_three_upgrades(mode: &str) {
             live >= f64::from(BENCH_CLIENTS),
             "[{mode}] before upgrade {k}: {live} live relays, want pgbench's {BENCH_CLIENTS}"
         );
-        let up = proxy.upgrade_ok(&format!("[{mode}] upgrade {k} of {UPGRADES} under pgbench"));
+        // The second writes the new binary over the running one's file.
+        let how = if k == 2 {
+            Binary::InPlace
+        } else {
+            Binary::NewPath
+        };
+        let up = proxy.upgrade_ok(
+            how,
+            &format!("[{mode}] upgrade {k} of {UPGRADES} under pgbench"),
+        );
         took.push(up.took);
     }
     let run = join(bench);
@@ -183,7 +282,10 @@ fn transaction_across_upgrade(mode: &str) {
         "idle in transaction"
     );
 
-    proxy.upgrade_ok(&format!("[{mode}] upgrade inside a transaction"));
+    proxy.upgrade_ok(
+        Binary::NewPath,
+        &format!("[{mode}] upgrade inside a transaction"),
+    );
 
     psql.run("INSERT INTO upgrade_tx VALUES (2);");
     assert_eq!(
@@ -275,6 +377,8 @@ fn subscriber_across_upgrade(mode: &str) {
     // During: a thread publishes back to back while the upgrade runs.
     let next = Arc::new(AtomicU64::new(EACH_SIDE));
     let stop = Arc::new(AtomicBool::new(false));
+    // A failing test stops the thread too.
+    let _stop = StopOnDrop(Arc::clone(&stop));
     let during = {
         let (next, stop) = (Arc::clone(&next), Arc::clone(&stop));
         thread::spawn(move || {
@@ -290,7 +394,10 @@ fn subscriber_across_upgrade(mode: &str) {
         next.load(Ordering::SeqCst) > EACH_SIDE
     });
     let started = next.load(Ordering::SeqCst);
-    proxy.upgrade_ok(&format!("[{mode}] upgrade under a subscriber"));
+    proxy.upgrade_ok(
+        Binary::NewPath,
+        &format!("[{mode}] upgrade under a subscriber"),
+    );
     let ended = next.load(Ordering::SeqCst);
     stop.store(true, Ordering::SeqCst);
     let mut publisher = join(during);
@@ -362,7 +469,10 @@ fn streaming_replica_across_upgrade(mode: &str) {
         count(&replica).as_deref() == Some("1000")
     });
 
-    proxy.upgrade_ok(&format!("[{mode}] upgrade under a streaming replica"));
+    proxy.upgrade_ok(
+        Binary::NewPath,
+        &format!("[{mode}] upgrade under a streaming replica"),
+    );
 
     // About 10 MB of WAL after the upgrade.
     primary.psql("INSERT INTO upgrade_repl SELECT generate_series(1001, 200000)");
