@@ -92,8 +92,9 @@ fn served(via: std::net::SocketAddr) -> Result<u16, String> {
 }
 
 /// Upgrades that cannot happen (no such binary; a program that exits at
-/// once without taking over) exit non-zero with a one-line reason, and
-/// the process serving keeps serving, its live relay included; then an
+/// once without taking over; a config file the new process refuses) exit
+/// non-zero with a one-line reason, and the process serving keeps
+/// serving, its live relay included, and its pid file; then an
 /// upgrade to a new path and one in place succeed with no client, each
 /// new process serves new clients, takes the pid file (`spliced reload
 /// --name` reaches it) and the stats file (`spliced stats --name`).
@@ -112,13 +113,23 @@ fn failed_upgrades_keep_serving(mode: &str) {
     assert_eq!(live.server_port().unwrap(), redis.port);
     let first = proxy.pid();
 
-    let missing = dir.join("no-such-spliced");
-    for bad in [missing, "/bin/true".into()] {
-        let up = proxy.upgrade(Binary::Given(bad.clone()));
+    let broken = "[[listener]]\nname = \"redis\"\n";
+    let cases = [
+        (Binary::Given(dir.join("no-such-spliced")), None),
+        (Binary::Given("/bin/true".into()), None),
+        // The new process reads the config file anew, and refuses it.
+        (Binary::NewPath, Some(broken)),
+    ];
+    for (how, toml) in cases {
+        if let Some(toml) = toml {
+            proxy.write_config(toml);
+        }
+        let up = proxy.upgrade(how.clone());
+        proxy.write_config(&config);
+        let case = format!("[{mode}] an upgrade to {how:?} with config {toml:?}");
         assert!(
             up.status.is_some_and(|s| !s.success()),
-            "[{mode}] an upgrade to {} exits non-zero: {}",
-            bad.display(),
+            "{case} exits non-zero: {}",
             up.show()
         );
         let said: Vec<&str> = up
@@ -127,25 +138,17 @@ fn failed_upgrades_keep_serving(mode: &str) {
             .chain(up.stdout.lines())
             .filter(|l| !l.trim().is_empty())
             .collect();
-        assert_eq!(
-            said.len(),
-            1,
-            "[{mode}] an upgrade to {} says why in one line: {}",
-            bad.display(),
-            up.show()
-        );
-        assert_eq!(proxy.processes(), vec![first], "[{mode}] after {said:?}");
+        assert_eq!(said.len(), 1, "{case} says why in one line: {}", up.show());
+        assert_eq!(proxy.processes(), vec![first], "{case}: processes");
         assert_eq!(
             live.server_port().map_err(|e| e.to_string()),
             Ok(redis.port),
-            "[{mode}] the live relay after {said:?}"
+            "{case}: the live relay"
         );
-        assert_eq!(
-            served(via),
-            Ok(redis.port),
-            "[{mode}] a new client after {said:?}"
-        );
-        eprintln!("[{mode}] upgrade to {}: {}", bad.display(), said[0]);
+        assert_eq!(served(via), Ok(redis.port), "{case}: a new client");
+        // The pid file still names the process serving.
+        proxy.reload_by_name(&config);
+        eprintln!("{case}: {}", said[0]);
     }
     drop(live);
 
