@@ -29,3 +29,5 @@ mod routing;
 mod servers;
 #[path = "e2e/tls_routes.rs"]
 mod tls_routes;
+#[path = "e2e/upgrade.rs"]
+mod upgrade;

@@ -10,7 +10,8 @@
 //!   [`primary_and_replica`]): PostgreSQL with `wal_level = replica`,
 //!   `hot_standby = on`, a [`MONITOR_USER`] role logging in by SCRAM with
 //!   its password, every other login trusted ([`CLIENT_USER`] is the one
-//!   clients use); [`Pg::promote`], [`Pg::stop_immediate`], [`Pg::start`]
+//!   clients use); [`Pg::replica_through`] streams through a proxy;
+//!   [`Pg::promote`], [`Pg::stop_immediate`], [`Pg::start`]
 //!   (again), [`Pg::psql`] (output of psql -At), [`Pg::timeline`].
 //! - TLS: [`Certs::new`] (a test CA and a certificate per server name,
 //!   made with the openssl command); [`Pg::primary_with_tls`] and
@@ -35,12 +36,22 @@
 //!   --name`); [`Proxy::metric`] reads one sample of /metrics;
 //!   [`Proxy::cli`] runs `spliced stats` and friends beside it;
 //!   [`Proxy::check`] runs `spliced check`.
+//! - Live upgrades: [`Proxy::start_upgradable`] runs a copy of the
+//!   binary; [`Proxy::upgrade`] runs `spliced upgrade --name` to a fresh
+//!   copy ([`Binary::NewPath`] by `--binary`, [`Binary::InPlace`] over the
+//!   running one's file) and follows the pid file to the new process
+//!   (adopted: the test process is a child subreaper meanwhile), so
+//!   [`Proxy::pid`], [`Proxy::signal`], [`Proxy::terminate`] and the drop
+//!   reach the process serving now; [`Proxy::upgrade_ok`] asserts a clean
+//!   one; [`Proxy::processes`] lists every process of the copies.
 //! - [`PgConn`] and [`RespConn`]: clients that tell which server answered
 //!   (`current_setting('port')`, `INFO server`'s `tcp_port`) and how a
 //!   failure looked ([`WireError::is_refused`], [`WireError::is_read_only`]).
 //! - [`write_secret`]: a password file.
 //! - [`run_limited`]: a client program (psql, pgbench, redis-cli...) run
-//!   to completion under a time limit ([`Ran`]); [`pgbench`] and
+//!   to completion under a time limit ([`Ran`]); [`Interactive`] keeps one
+//!   running (stdin written, stdout read line by line) and
+//!   [`PsqlSession`] is one psql session driven statement by statement; [`pgbench`] and
 //!   [`redis_benchmark`] also assert a clean run and parse its summary;
 //!   [`Proxy::metric_sum`] sums a family over listeners,
 //!   [`Proxy::terminate`] stops spliced by SIGTERM and returns its status;
@@ -75,8 +86,8 @@ mod wire;
 use std::path::PathBuf;
 
 pub use self::clients::{
-    knob, pgbench, pgbench_command, psql_args, redis_benchmark, redis_cli, run_limited, Pgbench,
-    Ran,
+    knob, pgbench, pgbench_command, psql_args, redis_benchmark, redis_cli, run_limited,
+    Interactive, Pgbench, PsqlSession, Ran,
 };
 pub use self::haproxy::{haproxy_bin, Haproxy};
 pub use self::patroni::{patroni_bin, rest_status, Patroni, PatroniBin, PatroniNode, PATRONI_VENV};
@@ -84,7 +95,7 @@ pub use self::pg::{
     pg_bin, primary_and_replica, primary_and_replica_named, psql_command, Pg, CLIENT_USER,
     MONITOR_USER,
 };
-pub use self::proxy::{sample, sample_sum, Proxy};
+pub use self::proxy::{sample, sample_sum, Binary, Proxy, Upgrade};
 pub use self::psycopg::{Answer, Conninfo, Job, Negotiation, Psycopg, Reply, PSYCOPG_VENV};
 pub use self::redis::{redis_bin, Redis};
 pub use self::tls::{pg17_bin, Certs, ServerTls, PG17_DIR};
