@@ -45,8 +45,8 @@ deps:
 # client (reloads under load, split brain, two Redis masters, monitor
 # password rotation, prefer-replica); a three-node Patroni cluster through
 # a switchover and a leader crash, spliced beside HAProxy; live upgrades
-# (`spliced upgrade`) under pgbench, inside an open transaction, under a
-# Redis subscriber and a streaming replica, and upgrades that fail.
+# (`spliced upgrade`) that fail and leave the old process serving, and
+# ones that hand the listening sockets over.
 e2e: build health-real
 	SPLICED_REAL_SERVERS=1 $(CARGO) test --release --test e2e -- --ignored --test-threads=1 --nocapture
 
