@@ -35,6 +35,9 @@ pub struct ProxyHandle {
     /// starts it again).
     #[cfg(feature = "admin")]
     admin: Option<AdminSwitch>,
+    /// The servers and their health (a live upgrade hands it over).
+    #[cfg(feature = "service")]
+    fleet: Arc<Fleet>,
 }
 
 /// Binds the listeners, refuses an upstream that loops back into the proxy,
@@ -47,7 +50,7 @@ pub fn start(config: Config) -> Result<ProxyHandle, StartError> {
 /// [`start`] with server names resolved by `resolver`: once now, then on a
 /// background thread every `resolve-interval`.
 pub fn start_with(config: Config, resolver: Arc<dyn Resolve>) -> Result<ProxyHandle, StartError> {
-    start_inner(config, resolver, Inherited::default())
+    start_inner(config, resolver, Inherited::default(), |_| {})
 }
 
 /// [`start`] with the listening sockets a service manager passed to this
@@ -60,38 +63,55 @@ pub fn start_with(config: Config, resolver: Arc<dyn Resolve>) -> Result<ProxyHan
 pub fn start_activated(config: Config) -> Result<ProxyHandle, StartError> {
     let fds = crate::sys::activation::take_inherited()
         .map_err(|e| StartError::Io("read LISTEN_FDS".into(), e))?;
-    start_inner(config, Arc::new(SystemResolver), Inherited::new(fds))
+    start_inner(
+        config,
+        Arc::new(SystemResolver),
+        Inherited::new(fds),
+        |_| {},
+    )
 }
 
 /// [`start`] on the listening sockets a live upgrade passed from the
 /// running instance (see [`crate::upgrade`]): each listener address
 /// adopts every passed socket bound to it; addresses none is bound to
 /// are bound anew, and passed sockets no listener claims are closed.
-/// (Feature `service`.)
+/// Each server of the config that the running instance knew (the same
+/// address, probed the same way) starts in the health it had there
+/// (`health`): up or down, its last confirmed role; the others start as
+/// at any start. (Feature `service`.)
 #[cfg(feature = "service")]
 pub fn start_upgraded(
     config: Config,
     sockets: Vec<std::os::fd::OwnedFd>,
+    health: crate::upgrade::CarriedHealth,
 ) -> Result<ProxyHandle, StartError> {
     start_inner(
         config,
         Arc::new(SystemResolver),
         Inherited::handed_over(sockets),
+        move |fleet| fleet.seed(health.0),
     )
 }
 
+/// Starts the proxy; `seed` sees the empty fleet before any server joins it.
 fn start_inner(
     mut config: Config,
     resolver: Arc<dyn Resolve>,
     mut inherited: Inherited,
+    seed: impl FnOnce(&Fleet),
 ) -> Result<ProxyHandle, StartError> {
     reload::prepare(&mut config)?;
     let nofile = crate::sys::raise_nofile_limit();
     let fds = fd_budget(&config, nofile);
     let settings = Arc::new(config.clone());
-    let (runtime, reloader) = spawn_empty(&settings, fds, resolver)?;
+    let (runtime, reloader, fleet) = spawn_empty(&settings, fds, resolver)?;
+    seed(&fleet);
     // A start is a reload from nothing.
-    let report = reloader.apply(config, &mut inherited)?;
+    let report = reloader.apply(config, &mut inherited);
+    // Servers that join later (a reload) start as new.
+    #[cfg(feature = "service")]
+    fleet.end_seeding();
+    let report = report?;
     inherited.close_unclaimed();
     log_relay_cap(&settings, nofile, fds);
     check_pipe_size(&settings);
@@ -121,6 +141,8 @@ fn start_inner(
         reloader,
         #[cfg(feature = "admin")]
         admin,
+        #[cfg(feature = "service")]
+        fleet,
     })
 }
 
@@ -130,7 +152,7 @@ fn spawn_empty(
     config: &Arc<Config>,
     fds: FdBudget,
     resolver: Arc<dyn Resolve>,
-) -> Result<(Runtime, Reloader), StartError> {
+) -> Result<(Runtime, Reloader, Arc<Fleet>), StartError> {
     // Pairs handed to a running proxy relay like the first listener's.
     let first = &config.listeners[0];
     let handoff = ListenerConfig::handoff(first.mode, first.timeouts);
@@ -168,9 +190,9 @@ fn spawn_empty(
         Arc::clone(&runtime.listeners),
         Arc::clone(&runtime.stopping),
         resolver,
-        fleet,
+        Arc::clone(&fleet),
     ));
-    Ok((runtime, reloader))
+    Ok((runtime, reloader, fleet))
 }
 
 /// The admin endpoint, running or stopped, and how to start it again.
@@ -402,6 +424,7 @@ impl ProxyHandle {
         crate::upgrade::Upgrader::new(
             self.runtime.links(),
             self.runtime.controller(),
+            Arc::clone(&self.fleet),
             #[cfg(feature = "admin")]
             self.admin.clone(),
         )

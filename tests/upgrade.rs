@@ -83,6 +83,25 @@ impl Instance {
         (s, instance)
     }
 
+    /// An instance from a config file of `text`.
+    fn start_config(name: &str, mode: Mode, text: &str) -> (Spliced, Instance) {
+        let dir = temp_dir(name);
+        let file = dir.join("spliced.toml");
+        std::fs::write(&file, text).unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.args(["run", "--name", name, "--workers", "2", "--config"])
+            .arg(&file)
+            .args(["--mode", mode_name(mode)])
+            .env("RUNTIME_DIRECTORY", &dir);
+        let s = Spliced::spawn(cmd);
+        let instance = Instance {
+            name: name.into(),
+            dir,
+            successors: Vec::new(),
+        };
+        (s, instance)
+    }
+
     fn pid_file(&self) -> PathBuf {
         self.dir.join(format!("spliced-{}.pid", self.name))
     }
@@ -459,4 +478,104 @@ fn counters_carry_on_across_the_upgrade() {
     assert!(later > after_metric, "the new process counts on top");
 }
 
-both_engines!(upgrade_under_load, three_upgrades_in_a_row);
+/// A listener on 127.0.0.1:0 whose pool of `servers` wants a primary,
+/// checked with `redis` every `interval`.
+fn primary_pool(servers: &[SocketAddr], interval: &str, timeout: &str, queue: &str) -> String {
+    let list: Vec<String> = servers.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "[[listener]]\nname = \"rw\"\nlisten = \"127.0.0.1:0\"\n\
+         [listener.pool]\nservers = [{}]\nqueue-timeout = \"{queue}\"\n\
+         [listener.pool.health]\ncheck = \"redis\"\nrole = \"primary\"\n\
+         interval = \"{interval}\"\ntimeout = \"{timeout}\"\nrise = 1\nfall = 1\n",
+        list.join(", ")
+    )
+}
+
+/// A client's bytes come back within `within`, behind the server's tag:
+/// the tag, or the error.
+fn relayed_tag(addr: SocketAddr, within: Duration) -> std::io::Result<u8> {
+    use std::io::Write;
+    let mut c = connect(addr);
+    c.write_all(b"hello")?;
+    let got = read_exact_within(&mut c, 6, within)?;
+    assert_eq!(&got[1..], b"hello");
+    Ok(got[0])
+}
+
+/// The old process's confirmed primary is the new one's from its start:
+/// a new client is relayed at once, though the new process's first probe
+/// gets no answer (its server stalls it, and the check waits 30 s).
+fn a_role_pool_relays_to_its_primary_at_once_after_the_upgrade(mode: Mode) {
+    let primary = fake_redis(b'p', true);
+    let text = primary_pool(&[primary.server.addr], "60s", "30s", "10s");
+    let name = format!("role-{}", mode_name(mode));
+    let (mut s, mut instance) = Instance::start_config(&name, mode, &text);
+    assert_eq!(
+        relayed_tag(s.addr, T).expect("the old process relays to its primary"),
+        b'p'
+    );
+    primary.stalled.store(true, Ordering::SeqCst);
+    let (ok, out, err) = instance.upgrade(None);
+    assert!(ok, "upgrade failed: {out}{err}");
+    // Not held (queue-timeout 10 s), not refused: relayed within 2 s.
+    let tag = relayed_tag(s.addr, Duration::from_secs(2));
+    primary.stalled.store(false, Ordering::SeqCst);
+    match tag {
+        Ok(tag) => assert_eq!(tag, b'p'),
+        Err(e) => panic!(
+            "a new client is not relayed at once after the upgrade ({e}); the logs:\n{}",
+            s.logs().join("\n")
+        ),
+    }
+    wait_until(T, "the new process says it carried the health over", || {
+        s.logs()
+            .iter()
+            .any(|l| l.contains("health of 1 servers carried over"))
+    });
+    old_exit(&mut s);
+}
+
+/// A server the old process had down (its checks stopped answering after
+/// it had confirmed it primary) is down in the new process too: no client
+/// reaches it until a probe of the new process answers.
+fn a_server_down_before_the_upgrade_stays_unused_after_it(mode: Mode) {
+    let server = fake_redis(b'd', true);
+    let text = primary_pool(&[server.server.addr], "300ms", "200ms", "0");
+    let name = format!("down-{}", mode_name(mode));
+    let (mut s, mut instance) = Instance::start_config(&name, mode, &text);
+    assert_eq!(relayed_tag(s.addr, T).expect("relayed while primary"), b'd');
+    server.stalled.store(true, Ordering::SeqCst);
+    wait_until(T, "the old process marked it down", || {
+        s.logs().iter().any(|l| l.contains("server marked down"))
+    });
+    let clients_before = server.first_bytes.lock().unwrap().len();
+    let (ok, out, err) = instance.upgrade(None);
+    assert!(ok, "upgrade failed: {out}{err}");
+    // Refused (queue-timeout 0), never relayed to the down server.
+    {
+        use std::io::Write;
+        let mut c = connect(s.addr);
+        let _ = c.write_all(b"hello");
+        let (rest, _) = read_until_closed(&mut c, T);
+        assert!(rest.is_empty(), "a client got bytes from a down server");
+    }
+    assert_eq!(
+        server.first_bytes.lock().unwrap().len(),
+        clients_before,
+        "no client reached the server the old process had down"
+    );
+    // The new process's probes carry on: once it answers, it serves.
+    server.stalled.store(false, Ordering::SeqCst);
+    let tag = wait_for(T, "relayed once the server answers again", || {
+        relayed_tag(s.addr, T).ok()
+    });
+    assert_eq!(tag, b'd');
+    old_exit(&mut s);
+}
+
+both_engines!(
+    upgrade_under_load,
+    three_upgrades_in_a_row,
+    a_role_pool_relays_to_its_primary_at_once_after_the_upgrade,
+    a_server_down_before_the_upgrade_stays_unused_after_it
+);

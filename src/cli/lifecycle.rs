@@ -79,8 +79,13 @@ pub(super) fn run(
             .and_then(|f| f.snapshot())
             .ok()
     });
+    let mut carried = 0;
     let started = match committed.as_mut() {
-        Some((_, c)) => spliced::start_upgraded(config, c.take_sockets()),
+        Some((_, c)) => {
+            let health = c.take_health();
+            carried = health.len();
+            spliced::start_upgraded(config, c.take_sockets(), health)
+        }
         None => spliced::start_activated(config),
     };
     let handle = match started {
@@ -98,7 +103,11 @@ pub(super) fn run(
     }
     if let Some((from, c)) = committed {
         c.started();
-        tracing::info!(from, "upgrade: serving in place of pid {from}");
+        tracing::info!(
+            from,
+            servers = carried,
+            "upgrade: serving in place of pid {from} (health of {carried} servers carried over)"
+        );
     }
     // A new process of an upgrade was started by one that had already
     // dropped root: it runs as that user.

@@ -37,7 +37,7 @@ pub use postgres::QUERY as POSTGRES_ROLE_QUERY;
 pub(crate) fn postgres_unbuilt() -> &'static str {
     postgres::UNBUILT
 }
-pub use state::{HealthParams, HealthState, Reported, Transition};
+pub use state::{Carried, HealthParams, HealthState, Reported, Transition};
 
 /// Replies longer than this end the probe: a health check never needs
 /// more, and a hostile or confused server must not make us buffer forever.

@@ -87,6 +87,22 @@ pub enum Transition {
     CheckOk,
 }
 
+/// What a live upgrade carries of one server's health to the new process:
+/// whether it is up, the last answer's role (and a primary's timeline),
+/// and a check error in force. Only what an answer said: a role no answer
+/// confirmed is never carried, since none is kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Carried {
+    pub up: bool,
+    pub reported: Option<Reported>,
+    pub timeline: Option<u32>,
+    /// The server answered a probe at least once.
+    pub answered: bool,
+    /// An active probe judged it at least once.
+    pub probed: bool,
+    pub check_error: Option<String>,
+}
+
 #[derive(Clone, Debug)]
 pub struct HealthState {
     params: HealthParams,
@@ -131,6 +147,38 @@ impl HealthState {
             last_check: None,
             backoff_steps: 0,
             retry_at: None,
+        }
+    }
+
+    /// The state a live upgrade's new process starts a server in: what
+    /// the old process last knew of it. A server it had down stays down
+    /// (tried again after one backoff step, or brought back by its probes),
+    /// one with a check error keeps it flagged, and the role is the last
+    /// answer's. The next probe's verdict carries on from there.
+    pub fn seeded(params: HealthParams, carried: &Carried, now: Instant) -> Self {
+        let mut h = HealthState::new(params, now);
+        h.up = carried.up;
+        h.reported = carried.reported;
+        h.timeline = carried.timeline;
+        h.answered = carried.answered;
+        h.probed = carried.probed;
+        h.check_error = carried.check_error.clone();
+        h.last_reason = carried.check_error.clone();
+        if !h.up {
+            h.retry_at = Some(now + h.step());
+        }
+        h
+    }
+
+    /// What a live upgrade carries of this state (see [`Carried`]).
+    pub fn carried(&self) -> Carried {
+        Carried {
+            up: self.up,
+            reported: self.reported,
+            timeline: self.timeline,
+            answered: self.answered,
+            probed: self.probed,
+            check_error: self.check_error.clone(),
         }
     }
 

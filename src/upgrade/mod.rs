@@ -6,13 +6,20 @@
 //! 1. The old process ([`hand_over`]) sends a header naming the format
 //!    ([`FORMAT`]), then its listening sockets in batches of at most 253
 //!    descriptors, each acknowledged.
+//!    Then the health of every server of its fleet (up or down, the last
+//!    answer's role and timeline, a check error), one `server` message
+//!    each, named as the fleet names a server: address and check.
 //! 2. The new process ([`Incoming`]) has read its config afresh; it
 //!    answers `ready` (or `refuse REASON`) and waits. It accepts nothing
 //!    until the old one sends `commit`.
 //! 3. On `commit` the new process starts on the passed sockets (every
 //!    SO_REUSEPORT socket of an address is adopted, so no accept queue is
 //!    closed) and answers `started PID`. Only then does the old process
-//!    stop accepting; its live relays stay with it and drain.
+//!    stop accepting; its live relays stay with it and drain. Before it
+//!    accepts, each server of its config that the old process knew starts
+//!    in the carried state ([`CarriedHealth`]), so a role pool relays at
+//!    once to the primary the old process had confirmed; its probes then
+//!    carry on as usual.
 //!
 //! Until `started`, the old process keeps accepting: if the new binary is
 //! missing, exits, refuses or dies, it is killed and reaped and nothing
@@ -35,6 +42,7 @@ use std::net::SocketAddr;
 
 use crate::control::{Command as WorkerCommand, WorkerLink};
 use crate::sys::fdpass;
+use crate::upstream::fleet::{Fleet, ServerHealth};
 use crate::Controller;
 #[cfg(doc)]
 use crate::ProxyHandle;
@@ -134,6 +142,8 @@ impl std::error::Error for UpgradeError {
 pub struct Upgrader {
     links: Vec<WorkerLink>,
     controller: Controller,
+    /// Whose servers' health is handed over.
+    fleet: std::sync::Arc<Fleet>,
     /// The admin endpoint: stopped for the new process to bind its
     /// address at the commit, started again if the upgrade then fails.
     #[cfg(feature = "admin")]
@@ -144,11 +154,13 @@ impl Upgrader {
     pub(crate) fn new(
         links: Vec<WorkerLink>,
         controller: Controller,
+        fleet: std::sync::Arc<Fleet>,
         #[cfg(feature = "admin")] admin: Option<crate::proxy::AdminSwitch>,
     ) -> Upgrader {
         Upgrader {
             links,
             controller,
+            fleet,
             #[cfg(feature = "admin")]
             admin,
         }
@@ -179,6 +191,7 @@ impl Upgrader {
         };
         let handed = hand_over(
             &self.links,
+            &self.fleet,
             request,
             |pid| {
                 stop_admin();
@@ -220,6 +233,7 @@ fn listening_sockets(links: &[WorkerLink]) -> io::Result<Vec<(SocketAddr, OwnedF
 
 fn hand_over(
     links: &[WorkerLink],
+    fleet: &Fleet,
     request: &Request,
     on_commit: impl FnOnce(u32),
     on_rollback: impl FnOnce(),
@@ -243,7 +257,7 @@ fn hand_over(
         child,
         committed: false,
     };
-    let outcome = talk.run(&sockets, on_commit);
+    let outcome = talk.run(&sockets, fleet, on_commit);
     match outcome {
         Ok(pid) => {
             // The child is not waited for: it is the instance now.
@@ -275,12 +289,17 @@ impl Talk {
     fn run(
         &mut self,
         sockets: &[(SocketAddr, OwnedFd)],
+        fleet: &Fleet,
         on_commit: impl FnOnce(u32),
     ) -> Result<u32, UpgradeError> {
+        // Taken now, so the header can count it; the new process's
+        // probes start as soon as it serves.
+        let health = fleet.carried();
         let header = Message::Header {
             format: FORMAT,
             from: std::process::id(),
             sockets: sockets.len(),
+            servers: health.len(),
         };
         self.send(&header, &[], "send the header")?;
         let mut sent = 0;
@@ -293,6 +312,9 @@ impl Talk {
                 Message::Ack(n) if n == sent => {}
                 other => return Err(out_of_place(&other, "an acknowledgement")),
             }
+        }
+        for server in health {
+            self.send(&Message::Server(server), &[], "send the servers' health")?;
         }
         match self.answer("ready")? {
             Message::Ready => {}
@@ -381,6 +403,7 @@ fn before(stage: &'static str) -> &'static str {
         "send the header" | "send listening sockets" => {
             "before it acknowledged every listening socket"
         }
+        "send the servers' health" => "before it read the servers' health",
         "send the commit" => "before the commit",
         "sockets acknowledged" => "before it acknowledged every listening socket",
         "ready" => "before it was ready",
@@ -400,6 +423,24 @@ pub struct Incoming {
     channel: OwnedFd,
     from: u32,
     sockets: Vec<OwnedFd>,
+    health: Vec<ServerHealth>,
+}
+
+/// The health of the old process's servers, for the new one to start
+/// from ([`crate::start_upgraded`]).
+#[derive(Debug, Default)]
+pub struct CarriedHealth(pub(crate) Vec<ServerHealth>);
+
+impl CarriedHealth {
+    /// How many servers it names.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it names none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 impl Incoming {
@@ -452,6 +493,7 @@ impl Incoming {
             Ok(Message::Commit) => Ok(Committed {
                 channel: self.channel,
                 sockets: self.sockets,
+                health: self.health,
             }),
             Ok(Message::Abort) => Err(UpgradeError::Refused(
                 "the running instance aborted the upgrade".into(),
@@ -472,12 +514,13 @@ fn receive(fd: i32, die_after_half: bool) -> Result<Incoming, UpgradeError> {
     fdpass::set_timeouts(channel.as_fd(), Some(ANSWER_WITHIN)).map_err(UpgradeError::Channel)?;
     let talk = |op, source| UpgradeError::Talk { op, source };
     let got = fdpass::receive(channel.as_fd()).map_err(|e| talk("read the header", e))?;
-    let (from, expected) = match Message::decode(&got.bytes) {
+    let (from, expected, servers) = match Message::decode(&got.bytes) {
         Ok(Message::Header {
             format,
             from,
             sockets,
-        }) if format == FORMAT => (from, sockets),
+            servers,
+        }) if format == FORMAT => (from, sockets, servers),
         Ok(Message::Header { format, .. }) => {
             let e = UpgradeError::Format { theirs: format };
             let _ = fdpass::send(
@@ -521,10 +564,25 @@ fn receive(fd: i32, die_after_half: bool) -> Result<Incoming, UpgradeError> {
             std::process::exit(3);
         }
     }
+    let mut health = Vec::with_capacity(servers.min(1 << 16));
+    while health.len() < servers {
+        let got =
+            fdpass::receive(channel.as_fd()).map_err(|e| talk("read the servers' health", e))?;
+        match Message::decode(&got.bytes) {
+            Ok(Message::Server(server)) => health.push(server),
+            Ok(Message::Abort) => {
+                return Err(UpgradeError::Refused(
+                    "the running instance aborted the upgrade".into(),
+                ))
+            }
+            _ => return Err(UpgradeError::Protocol("expected a server's health".into())),
+        }
+    }
     Ok(Incoming {
         channel,
         from,
         sockets,
+        health,
     })
 }
 
@@ -534,12 +592,18 @@ fn receive(fd: i32, die_after_half: bool) -> Result<Incoming, UpgradeError> {
 pub struct Committed {
     channel: OwnedFd,
     sockets: Vec<OwnedFd>,
+    health: Vec<ServerHealth>,
 }
 
 impl Committed {
     /// The passed listening sockets, to start on.
     pub fn take_sockets(&mut self) -> Vec<OwnedFd> {
         std::mem::take(&mut self.sockets)
+    }
+
+    /// The old process's servers' health, to start from.
+    pub fn take_health(&mut self) -> CarriedHealth {
+        CarriedHealth(std::mem::take(&mut self.health))
     }
 
     /// Tells the old process this one serves; it stops accepting.

@@ -37,27 +37,37 @@ use std::time::{Duration, Instant};
 use super::pool::Pool;
 use crate::health::lag::{self, Lag, Position, Samples};
 use crate::health::{
-    CheckSpec, HealthParams, HealthState, Kind, Reported, Role, Transition, Verdict,
+    Carried, CheckSpec, HealthParams, HealthState, Kind, Reported, Role, Transition, Verdict,
 };
 
 /// What makes two pools' servers one: the address and how it is probed.
+/// A live upgrade names servers by it too.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct ServerKey {
-    addr: SocketAddr,
-    check: Option<CheckKey>,
+pub(crate) struct ServerKey {
+    pub(crate) addr: SocketAddr,
+    pub(crate) check: Option<CheckKey>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct CheckKey {
-    kind: Kind,
-    target: SocketAddr,
-    path: String,
-    user: Option<String>,
-    database: Option<String>,
+pub(crate) struct CheckKey {
+    pub(crate) kind: Kind,
+    pub(crate) target: SocketAddr,
+    pub(crate) path: String,
+    pub(crate) user: Option<String>,
+    pub(crate) database: Option<String>,
+}
+
+/// One server's health as a live upgrade carries it to the new process:
+/// which server, and what the old process last knew of it.
+#[cfg(feature = "service")]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ServerHealth {
+    pub(crate) key: ServerKey,
+    pub(crate) health: Carried,
 }
 
 impl ServerKey {
-    fn new(addr: SocketAddr, spec: Option<&CheckSpec>) -> ServerKey {
+    pub(crate) fn new(addr: SocketAddr, spec: Option<&CheckSpec>) -> ServerKey {
         ServerKey {
             addr,
             check: spec.map(|s| CheckKey {
@@ -180,6 +190,9 @@ pub(crate) struct Fleet {
     gains: AtomicU64,
     doorbells: Mutex<Vec<Weak<Doorbell>>>,
     next_id: AtomicU64,
+    /// A live upgrade's new process: the old process's health of its
+    /// servers, taken by each server as it joins the fleet at the start.
+    seeds: Mutex<HashMap<ServerKey, Carried>>,
 }
 
 /// How the fleet wakes one worker: its mio waker, rung only while the
@@ -239,16 +252,64 @@ impl Fleet {
             return Arc::clone(&u);
         }
         servers.retain(|_, u| u.strong_count() > 0);
+        let seed = self.seeds().remove(&key);
+        let health = match seed {
+            Some(carried) => HealthState::seeded(params, &carried, Instant::now()),
+            None => HealthState::new(params, Instant::now()),
+        };
         let u = Arc::new(Upstream {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             addr,
             probing: Mutex::new(check.cloned()),
-            health: Mutex::new(HealthState::new(params, Instant::now())),
-            down: AtomicBool::new(false),
+            down: AtomicBool::new(!health.is_up()),
+            health: Mutex::new(health),
             replication: Mutex::default(),
         });
         servers.insert(key, Arc::downgrade(&u));
         u
+    }
+
+    fn seeds(&self) -> std::sync::MutexGuard<'_, HashMap<ServerKey, Carried>> {
+        self.seeds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every live server's health, for a live upgrade to carry over.
+    #[cfg(feature = "service")]
+    pub(crate) fn carried(&self) -> Vec<ServerHealth> {
+        let servers = self.servers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<(u64, ServerHealth)> = servers
+            .iter()
+            .filter_map(|(key, u)| {
+                let u = u.upgrade()?;
+                let health = u.with_health(|h| h.carried());
+                Some((
+                    u.id,
+                    ServerHealth {
+                        key: key.clone(),
+                        health,
+                    },
+                ))
+            })
+            .collect();
+        out.sort_by_key(|(id, _)| *id);
+        out.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// A live upgrade's new process, before its start: each server of the
+    /// config that the old process knew (the same address probed the same
+    /// way) starts in the state the old process last knew, not as new.
+    /// Servers the config no longer names are ignored.
+    #[cfg(feature = "service")]
+    pub(crate) fn seed(&self, carried: Vec<ServerHealth>) {
+        let mut seeds = self.seeds();
+        seeds.clear();
+        seeds.extend(carried.into_iter().map(|s| (s.key, s.health)));
+    }
+
+    /// The start is over: servers that join later (a reload) start as new.
+    #[cfg(feature = "service")]
+    pub(crate) fn end_seeding(&self) {
+        self.seeds().clear();
     }
 
     /// Every live server that has an active check.
@@ -473,5 +534,63 @@ fn log_transition(server: &Upstream, t: &Transition, by: &str) {
         Transition::CheckOk => {
             tracing::warn!(upstream = %server.addr, "health check works again")
         }
+    }
+}
+
+#[cfg(all(test, feature = "service"))]
+mod tests {
+    use super::*;
+
+    fn probing(kind: Kind) -> Probing {
+        Probing {
+            spec: CheckSpec::new(kind),
+            interval: Duration::from_secs(60),
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn a_new_fleet_takes_the_old_ones_health_of_the_same_servers_only() {
+        let p = HealthParams::default();
+        let old = Fleet::new();
+        let primary = old.upstream(addr(1), Some(&probing(Kind::Redis)), p);
+        let dead = old.upstream(addr(2), Some(&probing(Kind::Redis)), p);
+        let gone = old.upstream(addr(3), Some(&probing(Kind::Redis)), p);
+        let now = Instant::now();
+        let role = Verdict::Up {
+            role: Some(Role::Primary),
+        };
+        old.observe(&primary, &role, Some(3), None, now);
+        old.observe(&dead, &role, None, None, now);
+        old.observe(&dead, &Verdict::down("refused"), None, None, now);
+        old.observe(&dead, &Verdict::down("refused"), None, None, now);
+        old.observe(&dead, &Verdict::down("refused"), None, None, now);
+        assert!(dead.is_down());
+        old.observe(&gone, &role, None, None, now);
+        let carried = old.carried();
+        assert_eq!(carried.len(), 3);
+
+        let new = Fleet::new();
+        new.seed(carried);
+        let primary = new.upstream(addr(1), Some(&probing(Kind::Redis)), p);
+        let f = primary.facts();
+        assert!(f.up);
+        assert_eq!(f.reported, Some(Reported::Is(Role::Primary)));
+        assert_eq!(f.timeline, Some(3));
+        let dead = new.upstream(addr(2), Some(&probing(Kind::Redis)), p);
+        assert!(dead.is_down(), "down stays down");
+        assert!(!dead.facts().up);
+        // The same address probed another way is another server: new.
+        let other = new.upstream(addr(3), Some(&probing(Kind::Tcp)), p);
+        assert_eq!(other.facts().reported, None);
+        assert!(!other.facts().answered);
+        // After the start, a server that joins is new.
+        new.end_seeding();
+        let later = new.upstream(addr(3), Some(&probing(Kind::Redis)), p);
+        assert_eq!(later.facts().reported, None);
     }
 }

@@ -1,12 +1,13 @@
 //! A fake Redis server for the health-check tests: it answers the probe's
 //! `PING` and `INFO replication` with the role and replication offset the
 //! test sets, and to a client its tag byte, then an echo of what it sent.
+//! While `stalled`, a probe gets no answer (its check times out).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::peers::{serve, Server};
 
@@ -20,6 +21,8 @@ pub struct FakeRedis {
     pub promoted_seen: Arc<Mutex<Option<Instant>>>,
     /// When each client's first bytes arrived.
     pub first_bytes: Arc<Mutex<Vec<Instant>>>,
+    /// While set, probes get no answer.
+    pub stalled: Arc<AtomicBool>,
 }
 
 /// A fake Redis on 127.0.0.1 that tags its clients with `tag` and starts
@@ -29,11 +32,13 @@ pub fn fake_redis(tag: u8, master: bool) -> FakeRedis {
     let offset = Arc::new(AtomicU64::new(0));
     let promoted_seen = Arc::new(Mutex::new(None));
     let first_bytes = Arc::new(Mutex::new(Vec::new()));
-    let (flag, at, seen, firsts) = (
+    let stalled = Arc::new(AtomicBool::new(false));
+    let (flag, at, seen, firsts, stall) = (
         Arc::clone(&master),
         Arc::clone(&offset),
         Arc::clone(&promoted_seen),
         Arc::clone(&first_bytes),
+        Arc::clone(&stalled),
     );
     let server = serve(move |mut s: TcpStream| {
         let mut buf = [0u8; 4096];
@@ -44,6 +49,16 @@ pub fn fake_redis(tag: u8, master: bool) -> FakeRedis {
                 Ok(n) => n,
             };
             let text = String::from_utf8_lossy(&buf[..n]);
+            let probe = text.starts_with("*1\r\n$4\r\nPING") || text.contains("$11\r\nreplication");
+            if probe && stall.load(Ordering::SeqCst) {
+                // No answer while stalled (bounded, so no thread outlives
+                // a test by much), the connection held open; then the
+                // answer, if the probe still waits.
+                let until = Instant::now() + Duration::from_secs(60);
+                while stall.load(Ordering::SeqCst) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
             let reply = if text.starts_with("*1\r\n$4\r\nPING") {
                 b"+PONG\r\n".to_vec()
             } else if text.contains("$11\r\nreplication") {
@@ -79,5 +94,6 @@ pub fn fake_redis(tag: u8, master: bool) -> FakeRedis {
         offset,
         promoted_seen,
         first_bytes,
+        stalled,
     }
 }

@@ -286,3 +286,87 @@ fn backoff_starts_over_after_recovery() {
     obs(&mut h, &down("again"), t0);
     assert_eq!(h.retry_at(), Some(t0 + Duration::from_millis(100)));
 }
+
+#[test]
+fn a_seeded_state_is_what_the_old_process_last_knew() {
+    let t0 = Instant::now();
+    let p = params(2, 2);
+    // A confirmed primary, carried over: the role stands at once.
+    let mut old = probed(p, t0);
+    old.observe(
+        &Verdict::Up {
+            role: Some(Role::Primary),
+        },
+        t0,
+    );
+    old.set_timeline(Some(7));
+    let h = HealthState::seeded(p, &old.carried(), t0);
+    assert!(h.is_up());
+    assert_eq!(h.reported(), Some(Reported::Is(Role::Primary)));
+    assert_eq!(h.timeline(), Some(7));
+    assert!(h.answered());
+    assert_eq!(h.carried(), old.carried());
+    // Its first failure is one of `fall`, not a failure at start.
+    let mut h = h;
+    assert_eq!(obs(&mut h, &down("refused"), t0), None);
+    assert!(h.is_up());
+
+    // A fresh server, never answered: no role is made up.
+    let fresh = HealthState::new(p, t0);
+    let h = HealthState::seeded(p, &fresh.carried(), t0);
+    assert!(h.is_up());
+    assert_eq!(h.role(), None);
+    assert!(!h.answered());
+}
+
+#[test]
+fn a_seeded_down_or_erring_server_stays_so() {
+    let t0 = Instant::now();
+    let p = params(2, 1);
+    let mut old = probed(p, t0);
+    old.observe(
+        &Verdict::Up {
+            role: Some(Role::Primary),
+        },
+        t0,
+    );
+    obs(&mut old, &down("refused"), t0);
+    assert!(!old.is_up());
+    let mut h = HealthState::seeded(p, &old.carried(), t0);
+    assert!(!h.is_up(), "down stays down");
+    assert_eq!(h.reported(), Some(Reported::Is(Role::Primary)));
+    // Tried again only after a backoff step.
+    assert!(!h.take_trial(t0));
+    assert!(h.take_trial(t0 + Duration::from_millis(100)));
+    // Back only through `rise` good answers, as in the old process.
+    assert_eq!(obs(&mut h, &UP, t0), None);
+    assert!(matches!(obs(&mut h, &UP, t0), Some(Transition::Up { .. })));
+
+    let mut erring = probed(p, t0);
+    erring.observe(
+        &Verdict::NotRole {
+            role: Role::Primary,
+        },
+        t0,
+    );
+    erring.observe(
+        &Verdict::CheckError {
+            reason: "login refused".into(),
+        },
+        t0,
+    );
+    let mut h = HealthState::seeded(p, &erring.carried(), t0);
+    assert_eq!(h.check_error(), Some("login refused"));
+    assert_eq!(h.reported(), Some(Reported::Not(Role::Primary)));
+    assert_eq!(h.role(), None);
+    // The same error again is no new transition; an answer clears it.
+    assert!(h
+        .observe(
+            &Verdict::CheckError {
+                reason: "login refused".into()
+            },
+            t0
+        )
+        .is_empty());
+    assert!(h.observe(&UP, t0).contains(&Transition::CheckOk));
+}
