@@ -42,6 +42,7 @@ use crate::stats::{CloseReason, CounterBlock, ServerBlock};
 use crate::sys::shared::Placed;
 use crate::upstream::{Pool, Round};
 use report::{ClosedLine, RelayReport, Reporter, Traffic};
+use session::Session;
 
 /// The target of every relay's lines (`spliced::relay`), whichever module
 /// logs them.
@@ -90,32 +91,17 @@ impl PairIo for RelayIo<'_> {
 
 pub(crate) struct Relay {
     id: u64,
-    listener: Arc<Listener>,
-    /// The pool it connects through: its listener's own, or its route's.
-    pool: Arc<Pool>,
-    /// The route that took its client, if its listener has routes.
-    route: Option<Box<RouteTag>>,
-    /// What must pass between spliced and the server before bytes flow
-    /// (a TLS client's SSLRequest, a direct hello): while it is `Some`,
-    /// the relay counts as connecting.
-    negotiation: Option<Box<crate::worker::Negotiation>>,
+    /// Who the pair is for and how it got its server: listener, pool,
+    /// route, the connect round, admission.
+    session: Session,
     client: Stream,
     upstream: Stream,
-    /// The server connected to; `None` for a handed-off pair.
-    upstream_addr: Option<SocketAddr>,
-    /// The client's address as accepted; `None` for a handed-off pair.
-    client_addr: Option<SocketAddr>,
     /// When the next progress line is due (`--log-interval`); the relay's
     /// one timer entry covers it, so progress costs no timer of its own.
     progress_at: Option<Instant>,
-    /// This relay's connect attempts over the listener's pool; once it is
-    /// connected for good, only the lease of its server (`Round::settle`).
-    round: Round,
     /// The counters of the server it connected to, as this worker writes
-    /// them; set once connected (its lease in `round` keeps the slot).
+    /// them; set once connected (its lease in the round keeps the slot).
     server: Option<Placed<ServerBlock>>,
-    /// Its room under the listener's limits, given back when it closes.
-    _admission: Admission,
     core: RelayCore,
     /// The deadline this relay currently has an entry for in the timer heap.
     armed_at: Option<Instant>,
@@ -126,13 +112,6 @@ pub(crate) struct Relay {
     ahead_header: u16,
     c2u_slot: Slot,
     u2c_slot: Slot,
-    /// Someone waits for this relay's end (a handed-off pair).
-    reporter: Option<Arc<Reporter>>,
-    /// What the client sent before the connect, kept until an upstream
-    /// connects for a `protocol = "postgres"` listener, so a client no
-    /// server takes can still be answered as a server would (empty, not
-    /// allocated, otherwise).
-    first_bytes: Box<[u8]>,
 }
 
 /// What one epoll event said about a socket.
@@ -215,26 +194,28 @@ impl Relay {
         let mode = listener.config.mode;
         Relay {
             id,
-            listener,
-            pool,
-            route,
-            negotiation: None,
+            session: Session {
+                listener,
+                pool,
+                route,
+                negotiation: None,
+                upstream_addr: Some(upstream.1),
+                client_addr: Some(client_addr),
+                round,
+                admission,
+                reporter: None,
+                first_bytes: Box::default(),
+            },
             client: Stream::Tcp(client),
             upstream: Stream::Tcp(upstream.0),
-            upstream_addr: Some(upstream.1),
-            client_addr: Some(client_addr),
             progress_at: None,
-            round,
             server: None,
-            _admission: admission,
             core: RelayCore::new(now),
             armed_at: None,
             queued: false,
             ahead_header: 0,
             c2u_slot: Slot::new(mode),
             u2c_slot: Slot::new(mode),
-            reporter: None,
-            first_bytes: Box::default(),
         }
     }
 
@@ -271,16 +252,21 @@ impl Relay {
         let round = Round::empty();
         Ok(Relay {
             id: pair.id,
-            pool,
-            route: None,
-            negotiation: None,
-            listener: pair.listener,
+            session: Session {
+                listener: pair.listener,
+                pool,
+                route: None,
+                negotiation: None,
+                upstream_addr: None,
+                client_addr: None,
+                round,
+                admission: pair.admission,
+                reporter: Some(pair.reporter),
+                first_bytes: Box::default(),
+            },
             client: pair.client,
             upstream: pair.upstream,
-            upstream_addr: None,
-            client_addr: None,
             progress_at: None,
-            round,
             server: None,
             core,
             armed_at: None,
@@ -288,9 +274,6 @@ impl Relay {
             ahead_header: 0,
             c2u_slot,
             u2c_slot,
-            reporter: Some(pair.reporter),
-            _admission: pair.admission,
-            first_bytes: Box::default(),
         })
     }
 
@@ -301,8 +284,8 @@ impl Relay {
         if bytes.is_empty() {
             return Ok(());
         }
-        let counters = self.listener.counters(pools.worker);
-        let slot = Slot::preloaded(self.listener.config.mode, bytes, pools, counters)?;
+        let counters = self.session.listener.counters(pools.worker);
+        let slot = Slot::preloaded(self.session.listener.config.mode, bytes, pools, counters)?;
         self.c2u_slot = slot;
         self.core.preload(Peer::Client, bytes.len());
         Ok(())
@@ -310,13 +293,13 @@ impl Relay {
 
     /// Keeps what the client sent before the connect (see `first_bytes`).
     pub(crate) fn keep_first_bytes(&mut self, bytes: Vec<u8>) {
-        self.first_bytes = bytes.into_boxed_slice();
+        self.session.first_bytes = bytes.into_boxed_slice();
     }
 
     /// An upstream connected: the client's first bytes are the server's
     /// to answer now.
     pub(crate) fn forget_first_bytes(&mut self) {
-        self.first_bytes = Box::default();
+        self.session.first_bytes = Box::default();
     }
 
     /// Takes an accepted relay that never connected apart: its client, its
@@ -324,7 +307,8 @@ impl Relay {
     /// moves before the connect). The upstream socket closes. `None` for
     /// a relay that is not such (a handed-off pair).
     pub(crate) fn into_unstarted(mut self, pools: &mut Pools) -> Option<Unstarted> {
-        let (Stream::Tcp(client), Some(client_addr)) = (self.client, self.client_addr) else {
+        let (Stream::Tcp(client), Some(client_addr)) = (self.client, self.session.client_addr)
+        else {
             return None;
         };
         if !self.core.is_connecting() {
@@ -335,29 +319,29 @@ impl Relay {
         Some(Unstarted {
             accepted: Accepted {
                 id: self.id,
-                listener: self.listener,
-                pool: self.pool,
-                route: self.route,
+                listener: self.session.listener,
+                pool: self.session.pool,
+                route: self.session.route,
                 client,
                 client_addr,
-                admission: self._admission,
+                admission: self.session.admission,
             },
             ahead,
             ahead_header: self.ahead_header,
             since: self.core.activity().started,
-            negotiation: self.negotiation,
+            negotiation: self.session.negotiation,
         })
     }
 
     /// The worker keeps this relay at slab `key`.
     pub(crate) fn placed(&self, key: usize) {
-        if let Some(reporter) = &self.reporter {
+        if let Some(reporter) = &self.session.reporter {
             reporter.place(key);
         }
     }
 
     pub(crate) fn timeouts(&self) -> &Timeouts {
-        &self.listener.config.timeouts
+        &self.session.listener.config.timeouts
     }
 
     /// The relay's next deadline: the core's (connect, idle, FIN), or the
@@ -386,9 +370,9 @@ impl Relay {
             .as_millis() as u64;
         tracing::info!(
             relay = self.id,
-            client = self.client_addr.map(tracing::field::display),
-            listener = %self.listener.label(),
-            upstream = self.upstream_addr.map(tracing::field::display),
+            client = self.session.client_addr.map(tracing::field::display),
+            listener = %self.session.listener.label(),
+            upstream = self.session.upstream_addr.map(tracing::field::display),
             bytes_c2u = c2u.bytes_out(),
             bytes_u2c = u2c.bytes_out(),
             duration_ms,
@@ -401,7 +385,7 @@ impl Relay {
     /// A new connect attempt replaced the upstream socket.
     pub(crate) fn retry_upstream(&mut self, upstream: TcpStream, addr: SocketAddr, now: Instant) {
         self.upstream = Stream::Tcp(upstream);
-        self.upstream_addr = Some(addr);
+        self.session.upstream_addr = Some(addr);
         self.core.connecting(now);
     }
 
@@ -449,7 +433,7 @@ impl Relay {
             upstream: &self.upstream,
             c2u_slot: &mut self.c2u_slot,
             u2c_slot: &mut self.u2c_slot,
-            counters: self.listener.counters(pools.worker),
+            counters: self.session.listener.counters(pools.worker),
             server: self.server.as_deref(),
             pools,
         };
@@ -493,8 +477,8 @@ impl Relay {
             // The client is owed a reset, not a word.
             return None;
         }
-        match (self.client.into_tcp(), self.client_addr) {
-            (Some(client), Some(addr)) => Some((client, addr, self.first_bytes.into_vec())),
+        match (self.client.into_tcp(), self.session.client_addr) {
+            (Some(client), Some(addr)) => Some((client, addr, self.session.first_bytes.into_vec())),
             _ => None,
         }
     }
@@ -524,7 +508,7 @@ impl Relay {
         );
         let duration = now.saturating_duration_since(self.core.activity().started);
         let duration_ms = duration.as_millis() as u64;
-        if let Some(reporter) = &self.reporter {
+        if let Some(reporter) = &self.session.reporter {
             reporter.finish(RelayReport {
                 bytes_c2u: c2u.bytes_out(),
                 bytes_u2c: u2c.bytes_out(),
@@ -537,9 +521,9 @@ impl Relay {
         }
         ClosedLine {
             relay: self.id,
-            client: self.client_addr,
-            listener: self.listener.label(),
-            upstream: self.upstream_addr,
+            client: self.session.client_addr,
+            listener: self.session.listener.label(),
+            upstream: self.session.upstream_addr,
             traffic: Some(Traffic {
                 bytes_c2u: c2u.bytes_out(),
                 bytes_u2c: u2c.bytes_out(),
@@ -547,7 +531,7 @@ impl Relay {
                 engine_c2u: self.engine_label(Peer::Client),
                 engine_u2c: self.engine_label(Peer::Upstream),
             }),
-            route: self.route.as_deref(),
+            route: self.session.route.as_deref(),
             reason,
             error,
         }

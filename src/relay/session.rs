@@ -1,7 +1,8 @@
-//! What the worker asks of a relay, by name: who it is, the session around
-//! its pair (listener, pool, round of connects, negotiation) as the connect
-//! moves on, and its place in the worker's timer heap and ready list. The
-//! fields stay the relay's; the worker sees only these steps.
+//! The session around a relay's pair ([`Session`]: listener, pool, route,
+//! round of connects, negotiation, admission), and what the worker asks of
+//! a relay, by name: who it is, its session as the connect moves on, and
+//! its place in the worker's timer heap and ready list. The fields stay
+//! private to `relay`; the worker sees only these steps.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,13 +11,48 @@ use std::time::Instant;
 use mio::net::TcpStream;
 
 use super::core::Expiry;
-use super::Relay;
+use super::report::Reporter;
+use super::{Relay, RouteTag};
 use crate::config::Protocol;
 use crate::engine::Stream;
-use crate::listener::{Listener, ListenerId};
+use crate::listener::{Admission, Listener, ListenerId};
 use crate::stats::{CloseReason, CounterBlock};
 use crate::upstream::{Pool, Round};
 use crate::worker::Negotiation;
+
+/// The session around a relay's pair: what it is for (listener, pool,
+/// route) and how it got its server (the round of connects, a TLS
+/// negotiation), its room under the listener's limits, and what a close
+/// owes outside the pair (the client's address and first bytes for a
+/// refusal spoken in its protocol, a waiting handoff). The pair itself
+/// (sockets, slots, core) is the relay's.
+pub(super) struct Session {
+    pub(super) listener: Arc<Listener>,
+    /// The pool it connects through: its listener's own, or its route's.
+    pub(super) pool: Arc<Pool>,
+    /// The route that took its client, if its listener has routes.
+    pub(super) route: Option<Box<RouteTag>>,
+    /// What must pass between spliced and the server before bytes flow
+    /// (a TLS client's SSLRequest, a direct hello): while it is `Some`,
+    /// the relay counts as connecting.
+    pub(super) negotiation: Option<Box<Negotiation>>,
+    /// The server connected to; `None` for a handed-off pair.
+    pub(super) upstream_addr: Option<SocketAddr>,
+    /// The client's address as accepted; `None` for a handed-off pair.
+    pub(super) client_addr: Option<SocketAddr>,
+    /// This relay's connect attempts over the pool; once it is connected
+    /// for good, only the lease of its server (`Round::settle`).
+    pub(super) round: Round,
+    /// Its room under the listener's limits, given back when it closes.
+    pub(super) admission: Admission,
+    /// Someone waits for this relay's end (a handed-off pair).
+    pub(super) reporter: Option<Arc<Reporter>>,
+    /// What the client sent before the connect, kept until an upstream
+    /// connects for a `protocol = "postgres"` listener, so a client no
+    /// server takes can still be answered as a server would (empty, not
+    /// allocated, otherwise).
+    pub(super) first_bytes: Box<[u8]>,
+}
 
 impl Relay {
     // Who it is
@@ -26,26 +62,26 @@ impl Relay {
     }
 
     pub(crate) fn listener(&self) -> &Arc<Listener> {
-        &self.listener
+        &self.session.listener
     }
 
     pub(crate) fn listener_id(&self) -> ListenerId {
-        self.listener.id
+        self.session.listener.id
     }
 
     /// The pool it connects through: its listener's own, or its route's.
     pub(crate) fn pool(&self) -> &Arc<Pool> {
-        &self.pool
+        &self.session.pool
     }
 
     /// Its connect attempts; once connected, the lease of its server.
     pub(crate) fn round(&self) -> &Round {
-        &self.round
+        &self.session.round
     }
 
     /// The server it connects to; `None` for a handed-off pair.
     pub(crate) fn upstream_addr(&self) -> Option<SocketAddr> {
-        self.upstream_addr
+        self.session.upstream_addr
     }
 
     /// When its client was accepted.
@@ -70,7 +106,7 @@ impl Relay {
     ) {
         self.core.accepted_at(since);
         self.ahead_header = ahead_header;
-        self.negotiation = negotiation;
+        self.session.negotiation = negotiation;
     }
 
     /// Both sockets, for registering with the worker's poll.
@@ -88,31 +124,34 @@ impl Relay {
     /// spliced negotiates with the server before the client's bytes (a TLS
     /// client): while so, the relay counts as connecting.
     pub(crate) fn is_negotiating(&self) -> bool {
-        self.negotiation.is_some()
+        self.session.negotiation.is_some()
     }
 
     /// The negotiation has begun: the upstream's events are its answer.
     pub(crate) fn negotiation_started(&self) -> bool {
-        self.negotiation.as_ref().is_some_and(|n| n.started())
+        self.session
+            .negotiation
+            .as_ref()
+            .is_some_and(|n| n.started())
     }
 
     /// The upstream connected: the negotiation begins.
     pub(crate) fn begin_negotiation(&mut self) {
-        if let Some(n) = self.negotiation.as_mut() {
+        if let Some(n) = self.session.negotiation.as_mut() {
             n.begin();
         }
     }
 
     /// The negotiation and the upstream socket it speaks over (TCP only).
     pub(crate) fn negotiation_io(&mut self) -> Option<(&mut Negotiation, &TcpStream)> {
-        let n = self.negotiation.as_deref_mut()?;
+        let n = self.session.negotiation.as_deref_mut()?;
         let stream = self.upstream.as_tcp()?;
         Some((n, stream))
     }
 
     /// A connect attempt failed: the next one negotiates from the start.
     pub(crate) fn restart_negotiation(&mut self) {
-        if let Some(n) = self.negotiation.as_mut() {
+        if let Some(n) = self.session.negotiation.as_mut() {
             n.restart();
         }
     }
@@ -125,19 +164,19 @@ impl Relay {
     /// The round of connects, taken out while the worker tries the next
     /// server (an empty round stays in its place until [`Relay::put_round`]).
     pub(crate) fn take_round(&mut self) -> Round {
-        std::mem::replace(&mut self.round, Round::empty())
+        std::mem::replace(&mut self.session.round, Round::empty())
     }
 
     pub(crate) fn put_round(&mut self, round: Round) {
-        self.round = round;
+        self.session.round = round;
     }
 
     /// The server accepted the connect: the round counts it a success and
     /// the relay writes that server's counters (of worker `worker`) from
     /// now on.
     pub(crate) fn server_took(&mut self, now: Instant, worker: usize) {
-        self.round.succeeded(&self.pool, now);
-        self.server = self.round.server().map(|s| s.block(worker).clone());
+        self.session.round.succeeded(&self.session.pool, now);
+        self.server = self.session.round.server().map(|s| s.block(worker).clone());
     }
 
     /// The upstream connected and is alive: the client's first bytes are
@@ -148,7 +187,7 @@ impl Relay {
         self.server_took(now, worker);
         if let Some(since) = self.core.activity().connecting_since {
             let took = now.saturating_duration_since(since);
-            self.listener.counters(worker).connected(took);
+            self.session.listener.counters(worker).connected(took);
             if let Some(server) = &self.server {
                 server.connected(took);
             }
@@ -160,7 +199,7 @@ impl Relay {
     /// the relay is connected (`hung_up`: the server's FIN came with the
     /// connect, unannounced to the relay).
     pub(crate) fn settle(&mut self, now: Instant, hung_up: bool) {
-        self.round.settle();
+        self.session.round.settle();
         self.core.connected(now, hung_up);
     }
 
@@ -174,7 +213,7 @@ impl Relay {
 
     /// The server agreed to the negotiation: bytes flow from now on.
     pub(crate) fn negotiated(&mut self, now: Instant) {
-        self.negotiation = None;
+        self.session.negotiation = None;
         self.settle(now, false);
     }
 
@@ -222,7 +261,7 @@ impl Relay {
     /// Counts its close under `reason` in worker `worker`'s blocks of its
     /// listener and its server.
     pub(crate) fn count_close(&self, reason: CloseReason, worker: usize) {
-        let counters = self.listener.counters(worker);
+        let counters = self.session.listener.counters(worker);
         counters.closed(reason);
         CounterBlock::sub(&counters.relays_active, 1);
         if let Some(server) = &self.server {
@@ -235,8 +274,8 @@ impl Relay {
     /// nothing for (a TLS client can hear no word of ours).
     pub(crate) fn client_can_be_told(&self) -> bool {
         self.core.is_connecting()
-            && self.negotiation.is_none()
-            && self.listener.config.protocol == Protocol::Postgres
+            && self.session.negotiation.is_none()
+            && self.session.listener.config.protocol == Protocol::Postgres
     }
 
     /// The client gets a reset, not a FIN, when the relay closes.
