@@ -1,9 +1,18 @@
 //! Accepting: the accept budget, pauses when fds run out or at a relay
 //! cap, refusals by the access lists and per-source limits.
 
-use std::sync::atomic::AtomicU64;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use super::*;
+use mio::net::TcpStream;
+use socket2::SockRef;
+
+use super::{farewell, out_of_fds, Worker, ACCEPT_BUDGET, ACCEPT_PAUSE, CAP_RECHECK};
+use crate::listener::{Listener, Refused};
+use crate::stats::CounterBlock;
 
 impl Worker {
     // Accepting

@@ -1,6 +1,15 @@
 //! Deadlines, closing relays, commands, and draining.
 
-use super::*;
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{farewell, Worker, SLAB_KEEP, TIMER_SLACK};
+use crate::control::Command;
+use crate::error::RelayError;
+use crate::relay::{expiry_reason, Relay};
+use crate::stats::{CloseReason, CounterBlock};
 
 impl Worker {
     // Deadlines

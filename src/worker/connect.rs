@@ -1,7 +1,20 @@
 //! The connector's side in the worker: starting connects over a round,
 //! their outcome, failing over to the next server, and socket options.
 
-use super::*;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use mio::net::TcpStream;
+
+use super::{Worker, RELAY_INTEREST};
+use crate::error::{is_local_error, Op, RelayError, Side};
+use crate::listener::Listener;
+use crate::relay::{Peer, Readiness};
+use crate::stats::{CloseReason, CounterBlock};
+use crate::token::{self, RelayRef};
+use crate::upstream::{self, Connect, Pool, Round};
 
 impl Worker {
     /// The connector: starts a connect to the next server of `round`,

@@ -23,7 +23,6 @@ mod routing;
 mod start;
 
 pub(crate) use negotiate::Negotiation;
-use routing::Destination;
 
 use std::io;
 use std::net::SocketAddr;
@@ -32,29 +31,22 @@ use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Waker};
 use slab::Slab;
-use socket2::SockRef;
 
-use crate::config::{Config, Protocol};
+use crate::config::Config;
 use crate::control::{self, Command, Handoff, Shared, WorkerLink};
 use crate::engine::Pools;
-use crate::error::{is_local_error, Op, RelayError, Side};
-use crate::listener::{Admission, Listener, Refused};
-use crate::pgwire;
-use crate::relay::report::{ClosedLine, Reporter};
-use crate::relay::{
-    self, expiry_reason, failure_reason, Accepted, Next, Peer, Readiness, Relay, RouteTag,
-    Unstarted,
-};
-use crate::route::startup::TlsStyle;
+use crate::error::{Op, RelayError, Side};
+use crate::listener::Listener;
+use crate::relay::report::Reporter;
+use crate::relay::{self, failure_reason, Next, Peer, Readiness, Relay};
 use crate::shm::Block;
 use crate::stats::{CloseReason, CounterBlock};
 use crate::timer::Timers;
 use crate::token::{self, Owner, RelayRef};
 use crate::upstream::fleet::Doorbell;
-use crate::upstream::{self, Connect, Pool, Round};
 
 /// Connections accepted per listener per wakeup before serving others.
 const ACCEPT_BUDGET: usize = 128;

@@ -22,9 +22,16 @@
 //! the next server). A negotiating client is never held (`queue-timeout`):
 //! it already speaks TLS, so no word of ours could reach it.
 
+use std::io;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::Worker;
+use crate::error::{Op, RelayError, Side};
+use crate::stats::CloseReason;
+
 use std::io::{Read, Write};
 
-use super::*;
 use crate::route::startup::{TlsStyle, TLS_HANDSHAKE};
 
 /// A TLS record carrying an alert: a server that refuses the hello in TLS.

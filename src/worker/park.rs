@@ -22,10 +22,23 @@
 //! check (a down server comes back only through a trial connect), or it was
 //! held after failed connects to a server its pool still takes.
 
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::Interest;
+use slab::Slab;
+use socket2::SockRef;
+
+use super::{farewell, Worker};
+use crate::stats::{CloseReason, CounterBlock};
+use crate::token;
+use crate::upstream::{Pool, Round};
+
 use std::collections::BTreeMap;
 use std::mem::MaybeUninit;
 
-use super::*;
 use crate::listener::{ListenerId, QueuePlace};
 use crate::relay::Unstarted;
 
@@ -449,6 +462,7 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::relay::Relay;
 
     /// A held client must cost no more than a relay slot (it holds one).
     #[test]

@@ -22,7 +22,7 @@
 //! takes, or whose hello cannot be read, is reset, with nothing sent to
 //! any server.
 
-use std::io::{self, Write};
+use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -39,7 +39,6 @@ use crate::pgwire;
 use crate::proxy_protocol;
 use crate::route::startup::{Opening, TlsStyle};
 use crate::route::Shown;
-use crate::stats::CounterBlock;
 use crate::token;
 use crate::upstream::Pool;
 

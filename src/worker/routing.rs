@@ -2,11 +2,20 @@
 //! pool, or the pool of the first route that takes it; and, for a TLS
 //! client, what spliced must say to the server before the client's bytes.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
 use mio::net::TcpStream;
 
 use super::negotiate::Negotiation;
-use super::*;
+use super::Worker;
+use crate::listener::Listener;
+use crate::pgwire;
+use crate::relay::RouteTag;
+use crate::route::startup::TlsStyle;
 use crate::route::Shown;
+use crate::upstream::Pool;
 
 /// Where a client goes: its pool, the route that chose it, and whether it
 /// speaks TLS (then spliced negotiates with the server first).

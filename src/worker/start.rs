@@ -2,7 +2,21 @@
 //! holding it when no server takes it (`queue-timeout`), turning it away
 //! when it may not wait, and making the relay once a connect started.
 
-use super::*;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use mio::net::TcpStream;
+
+use super::routing::{self, Destination};
+use super::{farewell, next_relay_id, preface, Worker};
+use crate::config::Protocol;
+use crate::error::{Op, RelayError, Side};
+use crate::listener::{Admission, Listener};
+use crate::relay::report::ClosedLine;
+use crate::relay::{Accepted, Relay, Unstarted};
+use crate::stats::{CloseReason, CounterBlock};
+use crate::upstream::Round;
 
 /// An admitted client whose relay is about to start.
 pub(super) struct Arrival {

@@ -2,7 +2,19 @@
 //! every pool the listener can send clients to, each over its own
 //! connection, written once connected and closed.
 
-use super::*;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use mio::net::TcpStream;
+use mio::Interest;
+
+use super::super::Worker;
+use super::{Entry, CANCEL_LEN};
+use crate::stats::CounterBlock;
+use crate::token;
+
 use crate::upstream::{self, Connect};
 
 /// A CancelRequest on its way to one server.

@@ -2,9 +2,19 @@
 //! parsed once, then the first PostgreSQL packet or a routed listener's
 //! opening; and the bounded read that collects them.
 
+use std::io;
+use std::time::Instant;
+
+use mio::net::TcpStream;
+
+use super::{preface_deadline, Pending, CANCEL_CODE, CANCEL_LEN};
+use crate::config::Protocol;
+use crate::route::startup::TlsStyle;
+use crate::route::Shown;
+use crate::{pgwire, proxy_protocol};
+
 use std::io::Read;
 
-use super::*;
 use crate::proxy_protocol::Parse;
 use crate::route::hello::HELLO_MAX;
 use crate::route::startup::Step;
