@@ -429,3 +429,39 @@ fn relays_survive_a_new_process_that_dies(mode: Mode) {
 }
 
 both_engines!(relays_survive_a_new_process_that_dies);
+
+/// The pause of many live relays and the whole upgrade's time, as
+/// `spliced upgrade` prints them: `SPLICED_UPGRADE_RELAYS` idle relays
+/// (7000 by default; the fd limit of 20 000 allows this test process twice
+/// that) through three upgrades in a row, each printed. Run by hand:
+/// `cargo test --release --test upgrade -- --ignored --nocapture pause`.
+#[test]
+#[ignore = "a measurement: run by hand"]
+fn pause_of_many_relays() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    let n: usize = std::env::var("SPLICED_UPGRADE_RELAYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7000);
+    // An upstream that takes connections and holds them.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    let held = std::thread::spawn(move || {
+        (0..n)
+            .map(|_| upstream.accept().unwrap().0)
+            .collect::<Vec<_>>()
+    });
+    let (mut s, mut instance) = Instance::start("pause", Mode::Splice, up_addr, None);
+    let clients: Vec<TcpStream> = (0..n).map(|_| connect(s.addr)).collect();
+    let servers = held.join().unwrap();
+    for round in 1..=3 {
+        let (ok, out, err) = instance.upgrade(None);
+        assert!(ok, "{out}{err}");
+        assert_eq!(handed_count(&out), n, "{out}");
+        eprintln!("{n} relays, upgrade {round}: {}", out.trim_end());
+    }
+    old_exit(&mut s);
+    drop((clients, servers));
+}
