@@ -112,6 +112,7 @@ impl Worker {
                         upstream: None,
                         traffic: None,
                         route: None,
+                        server_name: None,
                         reason,
                         error: None,
                     }
