@@ -376,3 +376,65 @@ pub fn flush() {
 
 #[cfg(test)]
 mod tests;
+
+/// For `benches/logline.rs`: a queue with no writer thread.
+#[doc(hidden)]
+pub struct BenchQueue {
+    inner: Inner,
+    text: String,
+    joined: Vec<u8>,
+}
+
+#[doc(hidden)]
+impl BenchQueue {
+    pub fn new() -> BenchQueue {
+        BenchQueue {
+            inner: Inner {
+                pending: Mutex::new(Pending::default()),
+                lines: Condvar::new(),
+                room: Condvar::new(),
+            },
+            text: String::new(),
+            joined: Vec::new(),
+        }
+    }
+
+    /// Queues the bench's close line, as a worker does.
+    pub fn queue(&self, relay: u64, client: SocketAddr, upstream: SocketAddr) {
+        self.inner.append_close(&ClosedLine {
+            relay,
+            client: Some(client),
+            listener: "127.0.0.1:6432",
+            upstream: Some(upstream),
+            traffic: Some(Traffic {
+                bytes_c2u: 72,
+                bytes_u2c: 64,
+                duration_ms: 1,
+                engine_c2u: "splice",
+                engine_u2c: "splice",
+            }),
+            route: None,
+            server_name: None,
+            reason: CloseReason::Eof,
+            error: None,
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().batch.closes.len()
+    }
+
+    /// Formats what is queued into `out`, as the writer thread does, and
+    /// empties the queue.
+    pub fn write_to(&mut self, out: &mut Vec<u8>) {
+        let mut pending = self.inner.pending.lock().unwrap();
+        pending
+            .batch
+            .write_to(out, &mut self.text, &mut self.joined);
+        pending.batch.clear();
+    }
+
+    pub fn clear(&self) {
+        self.inner.lock().batch.clear();
+    }
+}
