@@ -73,29 +73,6 @@ fn close_line(c: &mut Criterion) {
             })
         });
     });
-    let queue = spliced::cli::log::BenchQueue::new();
-    let mut relay = 0u64;
-    group.bench_function("queued as fields (worker side)", |b| {
-        b.iter(|| {
-            relay += 1;
-            if queue.len() == 1024 {
-                queue.clear();
-            }
-            queue.queue(black_box(relay), client, upstream)
-        })
-    });
-    let mut queue = spliced::cli::log::BenchQueue::new();
-    let mut out = Vec::new();
-    group.bench_function("queued fields formatted, batch of 32 (writer side)", |b| {
-        b.iter(|| {
-            for relay in 0..32 {
-                queue.queue(relay, client, upstream);
-            }
-            out.clear();
-            queue.write_to(&mut out);
-            black_box(out.len())
-        })
-    });
     group.finish();
 }
 

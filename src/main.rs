@@ -444,14 +444,9 @@ fn init_logging(default_level: &str, format: LogFormat) -> spliced::cli::log::Fl
         .with_writer(writer)
         .with_ansi(false);
     match format {
-        LogFormat::Text => {
-            builder
-                .event_format(spliced::cli::logfmt::TextFormat::new())
-                .init();
-            // Relays' close lines are formatted on the writer thread, in
-            // the same format; JSON lines stay events.
-            spliced::cli::log::queue_closed_lines();
-        }
+        LogFormat::Text => builder
+            .event_format(spliced::cli::logfmt::TextFormat::new())
+            .init(),
         LogFormat::Json => builder
             .json()
             .flatten_event(true)

@@ -9,10 +9,6 @@
 //!
 //! The line is built in the subscriber's per-thread buffer: no allocation
 //! once that buffer has grown.
-//!
-//! A relay's `relay closed` line usually comes here not as an event but as
-//! its fields, queued by the worker and formatted on the log's writer
-//! thread ([`write_closed_line`], the same bytes; see `spliced::cli::log`).
 
 use std::cell::Cell;
 use std::fmt::{self, Write as _};
@@ -25,11 +21,8 @@ use tracing_subscriber::fmt::time::FormatTime;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::relay::report::ClosedLine;
-use crate::relay::LOG_TARGET;
-
 /// The target whose lines take the quick path (the relay's lines).
-const QUICK_TARGET: &str = LOG_TARGET;
+const QUICK_TARGET: &str = "spliced::relay";
 
 /// The text format of `spliced`'s log (see the module docs).
 pub struct TextFormat {
@@ -85,58 +78,6 @@ where
     }
 }
 
-/// A relay's close line logged at `at`, as the default format writes the
-/// event [`ClosedLine::log`] would have logged: for a line the worker
-/// queued as fields (`spliced::cli::log`), formatted on the log's writer
-/// thread. Each field is `{}` of its value, as the event's `%` fields and
-/// integers are written.
-pub(crate) fn write_closed_line(
-    out: &mut String,
-    at: SystemTime,
-    line: &ClosedLine<'_>,
-) -> fmt::Result {
-    let mut writer = Writer::new(out);
-    write_timestamp_of(&mut writer, at)?;
-    writer.write_str(level_str(&Level::INFO))?;
-    writer.write_char(' ')?;
-    writer.write_str(LOG_TARGET)?;
-    writer.write_str(": relay closed relay=")?;
-    write_u64(&mut writer, line.relay)?;
-    if let Some(client) = line.client {
-        write!(writer, " client={client}")?;
-    }
-    writer.write_str(" listener=")?;
-    writer.write_str(line.listener)?;
-    if let Some(upstream) = line.upstream {
-        write!(writer, " upstream={upstream}")?;
-    }
-    if let Some(t) = &line.traffic {
-        writer.write_str(" bytes_c2u=")?;
-        write_u64(&mut writer, t.bytes_c2u)?;
-        writer.write_str(" bytes_u2c=")?;
-        write_u64(&mut writer, t.bytes_u2c)?;
-        writer.write_str(" duration_ms=")?;
-        write_u64(&mut writer, t.duration_ms)?;
-        writer.write_str(" engine_c2u=")?;
-        writer.write_str(t.engine_c2u)?;
-        writer.write_str(" engine_u2c=")?;
-        writer.write_str(t.engine_u2c)?;
-    }
-    if let Some(route) = line.route {
-        writer.write_str(" route=")?;
-        write_u64(&mut writer, route as u64)?;
-    }
-    if let Some(server_name) = line.server_name {
-        writer.write_str(" server_name=")?;
-        writer.write_str(server_name)?;
-    }
-    write!(writer, " reason={}", line.reason)?;
-    if let Some(error) = line.error {
-        write!(writer, " error={error}")?;
-    }
-    writer.write_char('\n')
-}
-
 /// The level as the default format writes it: five columns, right-aligned.
 fn level_str(level: &Level) -> &'static str {
     match *level {
@@ -156,12 +97,7 @@ thread_local! {
 /// The timestamp and its trailing space, as `tracing_subscriber`'s
 /// `SystemTime` writes it (RFC 3339, UTC, microseconds).
 fn write_timestamp(writer: &mut Writer<'_>) -> fmt::Result {
-    write_timestamp_of(writer, SystemTime::now())
-}
-
-/// [`write_timestamp`] of the time `at`.
-fn write_timestamp_of(writer: &mut Writer<'_>, at: SystemTime) -> fmt::Result {
-    let since_epoch = at
+    let since_epoch = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .ok()
         .filter(|d| d.as_secs() < MAX_FOUR_DIGIT_YEAR_SECS);
@@ -423,4 +359,4 @@ impl fmt::Display for SourceList<'_> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests;
+mod tests;

@@ -46,7 +46,7 @@ use session::Session;
 
 /// The target of every relay's lines (`spliced::relay`), whichever module
 /// logs them.
-pub(crate) const LOG_TARGET: &str = module_path!();
+const LOG_TARGET: &str = module_path!();
 
 /// A relay's sockets, slots and the worker's pools, as [`PairIo`].
 struct RelayIo<'r> {
@@ -531,12 +531,7 @@ impl Relay {
                 engine_c2u: self.engine_label(Peer::Client),
                 engine_u2c: self.engine_label(Peer::Upstream),
             }),
-            route: self.session.route.as_ref().map(|r| r.position),
-            server_name: self
-                .session
-                .route
-                .as_ref()
-                .and_then(|r| r.server_name.as_deref()),
+            route: self.session.route.as_deref(),
             reason,
             error,
         }

@@ -5,26 +5,13 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::Duration;
 
-use tracing::metadata::Kind;
-use tracing::Level;
-
+use super::RouteTag;
 use crate::error::RelayError;
 use crate::stats::CloseReason;
-
-/// Where close lines go instead of a `tracing` event, once set (spliced's
-/// text log sets it, to format them on its writer thread rather than on the
-/// worker). Only lines the subscriber would take reach it.
-static CLOSED_LINE_SINK: OnceLock<fn(&ClosedLine<'_>)> = OnceLock::new();
-
-/// Sends every later close line to `sink` instead of a `tracing` event;
-/// `false` if a sink was set already.
-pub(crate) fn divert_closed_lines(sink: fn(&ClosedLine<'_>)) -> bool {
-    CLOSED_LINE_SINK.set(sink).is_ok()
-}
 
 /// The `relay closed` line, logged once per relay by [`ClosedLine::log`],
 /// whether the relay ever connected or not. A field that is `None` is not
@@ -36,10 +23,7 @@ pub(crate) struct ClosedLine<'a> {
     pub(crate) upstream: Option<SocketAddr>,
     /// What the relay moved; `None` for one that never started.
     pub(crate) traffic: Option<Traffic>,
-    /// The route's position in its listener's table, from 1.
-    pub(crate) route: Option<usize>,
-    /// The server name the client's TLS hello asked for.
-    pub(crate) server_name: Option<&'a str>,
+    pub(crate) route: Option<&'a RouteTag>,
     pub(crate) reason: CloseReason,
     pub(crate) error: Option<&'a RelayError>,
 }
@@ -56,32 +40,6 @@ pub(crate) struct Traffic {
 
 impl ClosedLine<'_> {
     pub(crate) fn log(&self) {
-        if let Some(sink) = CLOSED_LINE_SINK.get() {
-            // The same target, level and field names as the event below,
-            // so the subscriber's filter decides alike.
-            let enabled = tracing::enabled!(
-                kind: Kind::EVENT,
-                target: super::LOG_TARGET,
-                Level::INFO,
-                relay,
-                client,
-                listener,
-                upstream,
-                bytes_c2u,
-                bytes_u2c,
-                duration_ms,
-                engine_c2u,
-                engine_u2c,
-                route,
-                server_name,
-                reason,
-                error
-            );
-            if enabled {
-                sink(self);
-            }
-            return;
-        }
         let traffic = self.traffic.as_ref();
         tracing::info!(
             target: super::LOG_TARGET,
@@ -94,8 +52,11 @@ impl ClosedLine<'_> {
             duration_ms = traffic.map(|t| t.duration_ms),
             engine_c2u = traffic.map(|t| tracing::field::display(t.engine_c2u)),
             engine_u2c = traffic.map(|t| tracing::field::display(t.engine_u2c)),
-            route = self.route,
-            server_name = self.server_name.map(tracing::field::display),
+            route = self.route.map(|r| r.position),
+            server_name = self
+                .route
+                .and_then(|r| r.server_name.as_deref())
+                .map(tracing::field::display),
             reason = %self.reason,
             error = self.error.map(tracing::field::display),
             "relay closed"

@@ -112,7 +112,6 @@ impl Worker {
                         upstream: None,
                         traffic: None,
                         route: None,
-                        server_name: None,
                         reason,
                         error: None,
                     }

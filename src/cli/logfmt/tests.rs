@@ -4,6 +4,7 @@ use std::sync::{Arc, Mutex};
 use super::*;
 use crate::error::{Op, RelayError, Side};
 use crate::relay::report::{ClosedLine, Traffic};
+use crate::relay::RouteTag;
 use crate::stats::CloseReason;
 
 #[derive(Clone, Default)]
@@ -20,9 +21,9 @@ impl io::Write for Captured {
     }
 }
 
-/// What `log` writes through `tracing_subscriber`'s default format
-/// (without ANSI colours).
-pub(crate) fn default_format(log: impl Fn()) -> String {
+/// The lines `log` writes through the default format and through
+/// [`TextFormat`], each without its timestamp, and [`TextFormat`]'s whole.
+fn both(log: impl Fn()) -> (Vec<String>, Vec<String>, String) {
     let default = Captured::default();
     let sink = default.clone();
     let subscriber = tracing_subscriber::fmt()
@@ -31,24 +32,6 @@ pub(crate) fn default_format(log: impl Fn()) -> String {
         .with_max_level(Level::TRACE)
         .finish();
     tracing::subscriber::with_default(subscriber, &log);
-    let text = default.0.lock().unwrap().clone();
-    String::from_utf8(text).unwrap()
-}
-
-/// `text`'s lines without their timestamps.
-pub(crate) fn untimed(text: &str) -> Vec<String> {
-    text.lines()
-        .map(|l| {
-            assert!(l.len() > 28, "{l:?}");
-            l[28..].to_string()
-        })
-        .collect()
-}
-
-/// The lines `log` writes through the default format and through
-/// [`TextFormat`], each without its timestamp, and [`TextFormat`]'s whole.
-fn both(log: impl Fn()) -> (Vec<String>, Vec<String>, String) {
-    let default = default_format(&log);
     let quick = Captured::default();
     let sink = quick.clone();
     let subscriber = tracing_subscriber::fmt()
@@ -58,19 +41,30 @@ fn both(log: impl Fn()) -> (Vec<String>, Vec<String>, String) {
         .event_format(TextFormat::new())
         .finish();
     tracing::subscriber::with_default(subscriber, &log);
-    let quick = String::from_utf8(quick.0.lock().unwrap().clone()).unwrap();
+    let text = |c: &Captured| String::from_utf8(c.0.lock().unwrap().clone()).unwrap();
+    let untimed = |s: &str| -> Vec<String> {
+        s.lines()
+            .map(|l| {
+                assert!(l.len() > 28, "{l:?}");
+                l[28..].to_string()
+            })
+            .collect()
+    };
+    let (default, quick) = (text(&default), text(&quick));
     (untimed(&default), untimed(&quick), quick)
 }
 
-/// Two close lines: one with every field, one with none of the optional
-/// ones.
-pub(crate) fn sample_closed_lines(each: &mut dyn FnMut(&ClosedLine<'_>)) {
+fn closed_lines() {
     let error = RelayError::new(
         Side::Upstream,
         Op::Connect,
         io::Error::from_raw_os_error(libc::ECONNREFUSED),
     );
-    each(&ClosedLine {
+    let route = RouteTag {
+        position: 2,
+        server_name: Some("a.db.example".into()),
+    };
+    ClosedLine {
         relay: 7,
         client: Some("127.0.0.1:50000".parse().unwrap()),
         listener: "pg-rw",
@@ -82,26 +76,22 @@ pub(crate) fn sample_closed_lines(each: &mut dyn FnMut(&ClosedLine<'_>)) {
             engine_c2u: "splice",
             engine_u2c: "copy-fallback",
         }),
-        route: Some(2),
-        server_name: Some("a.db.example"),
+        route: Some(&route),
         reason: CloseReason::UpstreamReset,
         error: Some(&error),
-    });
-    each(&ClosedLine {
+    }
+    .log();
+    ClosedLine {
         relay: 8,
         client: Some("10.0.0.1:1".parse().unwrap()),
         listener: "127.0.0.1:6432",
         upstream: None,
         traffic: None,
         route: None,
-        server_name: None,
         reason: CloseReason::ConnectFailed,
         error: None,
-    });
-}
-
-fn closed_lines() {
-    sample_closed_lines(&mut |line| line.log());
+    }
+    .log();
 }
 
 #[test]
@@ -115,29 +105,6 @@ fn the_close_line_is_what_the_default_format_writes() {
         quick[0]
     );
     assert!(whole.ends_with("reason=connect-failed\n"), "{whole}");
-}
-
-#[test]
-fn a_close_line_formatted_from_its_fields_is_what_the_default_format_writes() {
-    let default = untimed(&default_format(closed_lines));
-    let mut fields = String::new();
-    sample_closed_lines(&mut |line| {
-        write_closed_line(&mut fields, SystemTime::now(), line).unwrap();
-    });
-    assert_eq!(default.len(), 2);
-    assert_eq!(untimed(&fields), default);
-}
-
-#[test]
-fn a_close_line_formatted_from_its_fields_has_the_time_it_was_logged() {
-    let at = UNIX_EPOCH + std::time::Duration::from_micros(1_796_619_494_000_123);
-    let mut fields = String::new();
-    sample_closed_lines(&mut |line| write_closed_line(&mut fields, at, line).unwrap());
-    assert!(
-        fields
-            .starts_with("2026-12-07T04:58:14.000123Z  INFO spliced::relay: relay closed relay=7 "),
-        "{fields}"
-    );
 }
 
 #[derive(Debug)]
