@@ -31,11 +31,50 @@ pub(crate) enum Command {
     AbortRelay { id: u64, reporter: Arc<Reporter> },
     /// Take a reloaded config's listeners.
     Reload(Box<WorkerReload>),
+    /// Stop every relay that can be handed over and send them out, for a
+    /// live upgrade's new process.
+    #[cfg(feature = "service")]
+    FreezeRelays(Sender<Vec<crate::relay::image::Outbound>>),
+    /// The relays a freeze sent out, back: each handed over, resumed or
+    /// reset.
+    #[cfg(feature = "service")]
+    EndFreeze(Vec<(crate::relay::Relay, Fate)>),
+    /// Take relays another process froze (a live upgrade's new process);
+    /// the answer says which could not be taken, and each one's pause.
+    #[cfg(feature = "service")]
+    AdoptRelays(Vec<crate::relay::image::Inbound>, Sender<Adopted>),
     /// Send a duplicate of every listening socket this worker accepts on,
     /// with its address, for a live upgrade's new process (only a build
     /// with the `service` feature upgrades).
     #[cfg_attr(not(feature = "service"), allow(dead_code))]
     ListeningSockets(Sender<crate::worker::ListeningSockets>),
+}
+
+/// What becomes of a relay a live upgrade froze.
+#[cfg(feature = "service")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fate {
+    /// The new process took it: let go without a trace.
+    Handed,
+    /// The upgrade failed before the new process could touch it: carry on.
+    Resume,
+    /// The new process ended after it may have moved the relay's bytes:
+    /// nothing can tell what it left, so both sides are reset.
+    Reset,
+}
+
+/// What a worker of a live upgrade's new process made of the relays it
+/// was given.
+#[cfg(feature = "service")]
+#[derive(Debug, Default)]
+pub(crate) struct Adopted {
+    /// Relays not taken (their listener is gone, or no buffer could be
+    /// had), by id, with why; their descriptors closed here untouched, so
+    /// the old process can carry on with them.
+    pub(crate) declined: Vec<(u64, String)>,
+    /// Per relay taken, from its freeze to its registration here, in
+    /// nanoseconds.
+    pub(crate) pauses: Vec<u64>,
 }
 
 /// One worker's part of a reload, applied between two polls so no accept
@@ -67,6 +106,12 @@ impl std::fmt::Debug for Command {
             Command::Handoff(_) => f.write_str("Handoff"),
             Command::AbortRelay { id, .. } => write!(f, "AbortRelay({id})"),
             Command::ListeningSockets(_) => f.write_str("ListeningSockets"),
+            #[cfg(feature = "service")]
+            Command::FreezeRelays(_) => f.write_str("FreezeRelays"),
+            #[cfg(feature = "service")]
+            Command::EndFreeze(r) => write!(f, "EndFreeze({})", r.len()),
+            #[cfg(feature = "service")]
+            Command::AdoptRelays(r, _) => write!(f, "AdoptRelays({})", r.len()),
             Command::Reload(r) => write!(
                 f,
                 "Reload(retarget {}, close {}, add {}, retire {})",

@@ -34,6 +34,8 @@ pub enum Op {
     Register,
     /// Taking a pipe or copy buffer for a direction.
     Buffer,
+    /// Handing the relay to a live upgrade's new process.
+    Upgrade,
 }
 
 impl fmt::Display for Op {
@@ -45,6 +47,7 @@ impl fmt::Display for Op {
             Op::Connect => "connect",
             Op::Register => "register",
             Op::Buffer => "buffer",
+            Op::Upgrade => "upgrade",
         })
     }
 }

@@ -283,6 +283,22 @@ impl Listener {
         })
     }
 
+    /// Room for a relay that is live already (a live upgrade handed it
+    /// over): counted under `max_conns` and the per-source limit even past
+    /// them, as the old process counted it.
+    pub(crate) fn admit_carried(self: &Arc<Self>, client: Option<IpAddr>) -> Admission {
+        self.state.live.fetch_add(1, Ordering::AcqRel);
+        let source = client.filter(|_| self.config.max_conns_per_source.is_some());
+        if let Some(ip) = source {
+            let mut sources = self.state.sources.lock().unwrap_or_else(|p| p.into_inner());
+            *sources.entry(ip).or_insert(0) += 1;
+        }
+        Admission {
+            reservation: Reservation(Arc::clone(self)),
+            source,
+        }
+    }
+
     pub(crate) fn admit(
         &self,
         reservation: Reservation,

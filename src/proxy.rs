@@ -430,6 +430,16 @@ impl ProxyHandle {
         )
     }
 
+    /// Gives the relays a live upgrade carried over to the workers, which
+    /// take them and move them on at once. (Feature `service`.)
+    #[cfg(feature = "service")]
+    pub fn adopt_relays(
+        &self,
+        relays: crate::upgrade::CarriedRelays,
+    ) -> crate::upgrade::AdoptOutcome {
+        crate::upgrade::adopt(&self.runtime.links(), relays)
+    }
+
     /// A cloneable handle that can stop this proxy from another thread.
     pub fn controller(&self) -> Controller {
         self.runtime.controller()

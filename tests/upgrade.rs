@@ -3,6 +3,8 @@
 //! the old process byte-exact, and a failed upgrade changes nothing.
 
 mod common;
+#[path = "upgrade/relays.rs"]
+mod relays;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

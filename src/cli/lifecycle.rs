@@ -101,12 +101,20 @@ pub(super) fn run(
     if let Some(old) = &old_counters {
         handle.seed_counters(old);
     }
-    if let Some((from, c)) = committed {
-        c.started();
+    if let Some((from, mut c)) = committed {
+        let outcome = handle.adopt_relays(c.take_relays());
+        let taken = c.started(&outcome);
         tracing::info!(
             from,
             servers = carried,
-            "upgrade: serving in place of pid {from} (health of {carried} servers carried over)"
+            relays = taken.relays,
+            declined = outcome.declined.len(),
+            pause_p50_us = taken.p50_us,
+            pause_p99_us = taken.p99_us,
+            pause_max_us = taken.max_us,
+            "upgrade: serving in place of pid {from} (health of {carried} servers carried over; {} live relays taken, {} left with pid {from})",
+            taken.relays,
+            outcome.declined.len()
         );
     }
     // A new process of an upgrade was started by one that had already

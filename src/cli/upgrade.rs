@@ -99,16 +99,23 @@ impl Upgrades {
             Ok(h) => {
                 self.handed.store(true, Ordering::Relaxed);
                 let ms = h.elapsed.as_secs_f64() * 1000.0;
+                let r = h.relays;
+                let us = |v: u64| v as f64 / 1000.0;
                 tracing::info!(
                     pid = h.pid,
                     sockets = h.sockets,
+                    relays = r.relays,
+                    kept = h.kept,
                     total_ms = ms,
-                    "upgrade: pid {} serves now; this process stopped accepting and drains its live relays",
+                    pause_p50_us = r.p50_us,
+                    pause_p99_us = r.p99_us,
+                    pause_max_us = r.max_us,
+                    "upgrade: pid {} serves now; this process stopped accepting and drains the relays it kept (declined, or not yet connected)",
                     h.pid
                 );
                 Ok(format!(
-                    "upgraded: pid {} serves now ({} listening sockets handed over in {ms:.1} ms); pid {me} drains its live relays",
-                    h.pid, h.sockets
+                    "upgraded: pid {} serves now ({} listening sockets and {} live relays handed over in {ms:.1} ms; relay pause p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms); pid {me} drains the rest ({} declined relays, and any that were still connecting)",
+                    h.pid, h.sockets, r.relays, us(r.p50_us), us(r.p99_us), us(r.max_us), h.kept
                 ))
             }
             Err(e) => {

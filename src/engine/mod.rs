@@ -105,6 +105,25 @@ pub(crate) enum Buffer {
     Mapped(MappedBuffer),
 }
 
+/// A direction's engine facts apart from its buffer, handed to a live
+/// upgrade's new process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SlotImage {
+    pub(crate) engine: Engine,
+    pub(crate) spliced_any: bool,
+    pub(crate) urgent: bool,
+    pub(crate) fell_back: bool,
+}
+
+/// The bytes a direction holds as it reaches a live upgrade's new process:
+/// in the pipe they were spliced into, or as a copy buffer's contents.
+#[derive(Debug)]
+pub(crate) enum Held {
+    Nothing,
+    Pipe(sys::Pipe),
+    Bytes(Vec<u8>),
+}
+
 /// A direction's engine choice and (lazily held) buffer.
 #[derive(Debug)]
 pub(crate) struct Slot {
@@ -131,6 +150,45 @@ impl Slot {
             fell_back: false,
             auto: (mode == Mode::Auto).then(AutoPolicy::new),
         }
+    }
+
+    /// Its engine facts, for a live upgrade.
+    pub(crate) fn image(&self) -> SlotImage {
+        SlotImage {
+            engine: self.engine,
+            spliced_any: self.spliced_any,
+            urgent: self.urgent,
+            fell_back: self.fell_back,
+        }
+    }
+
+    /// The buffer it holds now, if any.
+    pub(crate) fn buffer(&self) -> Option<&Buffer> {
+        self.buffer.as_ref()
+    }
+
+    /// A slot as another process left it, holding `held`. A listener of
+    /// `mode` auto keeps choosing its engine (from scratch) unless the
+    /// direction fell back. Fails only when no copy buffer can be mapped.
+    pub(crate) fn from_image(
+        mode: Mode,
+        image: SlotImage,
+        held: Held,
+        pools: &mut Pools,
+    ) -> io::Result<Slot> {
+        let buffer = match held {
+            Held::Nothing => None,
+            Held::Pipe(pipe) => Some(Buffer::Pipe(pools.adopt_pipe(pipe))),
+            Held::Bytes(bytes) => Some(pools.mapped_holding(&bytes)?),
+        };
+        Ok(Slot {
+            engine: image.engine,
+            buffer,
+            spliced_any: image.spliced_any,
+            urgent: image.urgent,
+            fell_back: image.fell_back,
+            auto: (mode == Mode::Auto && !image.fell_back).then(AutoPolicy::new),
+        })
     }
 
     /// Whether this direction was forced to copy (splice refused, no pipe,

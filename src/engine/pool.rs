@@ -143,6 +143,31 @@ impl Pools {
         Ok(Buffer::Mapped(heap))
     }
 
+    /// A pipe another process filled (a live upgrade's), counted as this
+    /// worker's from now on, past the caps if need be: its bytes have
+    /// nowhere else to wait.
+    pub(crate) fn adopt_pipe(&mut self, pipe: Pipe) -> PooledPipe {
+        self.pipe_fds.held.fetch_add(2, Ordering::Relaxed);
+        let capacity = sys::pipe_size(&pipe).unwrap_or(64 * 1024);
+        self.pipes_live += 1;
+        self.pipe_bytes += capacity;
+        let c = &self.counters;
+        CounterBlock::add_tracking_max(&c.pipes_in_use, &c.pipes_in_use_max);
+        PooledPipe::new(pipe, capacity)
+    }
+
+    /// A copy buffer holding `bytes` (another process's, a live
+    /// upgrade's), larger than the configured size if they need it.
+    pub(crate) fn mapped_holding(&mut self, bytes: &[u8]) -> io::Result<Buffer> {
+        let mut heap = match self.idle_buffers.pop() {
+            Some(heap) if bytes.len() <= self.buffer_size => heap,
+            _ => MappedBuffer::new(self.buffer_size.max(bytes.len()))?,
+        };
+        heap.preload(bytes)?;
+        CounterBlock::add(&self.counters.buffers_in_use, 1);
+        Ok(Buffer::Mapped(heap))
+    }
+
     /// Takes a buffer back. `empty` must be false when bytes may remain in
     /// it; such a pipe is closed, never pooled. Neither is a pipe pooled
     /// while the pipes' fd share is used up: closed, its fds serve another

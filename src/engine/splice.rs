@@ -19,6 +19,11 @@ impl PooledPipe {
         PooledPipe { pipe, capacity }
     }
 
+    /// The pipe itself (a live upgrade passes its ends on).
+    pub(crate) fn pipe(&self) -> &Pipe {
+        &self.pipe
+    }
+
     pub(crate) fn capacity(&self) -> usize {
         self.capacity
     }

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use super::close::{plan, ClosePlan};
-use super::direction::{DirState, Direction};
+use super::direction::{DirState, Direction, DirectionImage};
 use crate::config::Timeouts;
 use crate::engine::Endpoints;
 use crate::error::{RelayError, Side};
@@ -154,6 +154,19 @@ pub(crate) fn pump_pair(
     })
 }
 
+/// A connected relay's core, handed to a live upgrade's new process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct CoreImage {
+    pub(crate) c2u: DirectionImage,
+    pub(crate) u2c: DirectionImage,
+    /// Since its client was accepted.
+    pub(crate) age: Duration,
+    /// Since a byte last moved (or a FIN), what its idle and FIN deadlines
+    /// count from.
+    pub(crate) idle: Duration,
+    pub(crate) half_closed: bool,
+}
+
 /// Both directions of one relay and its timing facts.
 #[derive(Debug)]
 pub(crate) struct RelayCore {
@@ -177,6 +190,35 @@ impl RelayCore {
             c2u: Direction::new(Side::Client, Side::Upstream),
             u2c: Direction::new(Side::Upstream, Side::Client),
             activity: Activity::new(now),
+        }
+    }
+
+    /// The core as a live upgrade hands it over: both directions and how
+    /// long ago (at `now`) it started and last moved a byte.
+    pub(crate) fn image(&self, now: Instant) -> CoreImage {
+        CoreImage {
+            c2u: self.c2u.image(),
+            u2c: self.u2c.image(),
+            age: now.saturating_duration_since(self.activity.started),
+            idle: now.saturating_duration_since(self.activity.last_active),
+            half_closed: self.activity.half_closed,
+        }
+    }
+
+    /// A connected relay's core as another process left it, its clock
+    /// facts rebased on `now`: its idle and FIN deadlines fall where they
+    /// would have (plus the time the handover took).
+    pub(crate) fn from_image(image: &CoreImage, now: Instant) -> RelayCore {
+        let ago = |d: Duration| now.checked_sub(d).unwrap_or(now);
+        RelayCore {
+            c2u: Direction::from_image(Side::Client, Side::Upstream, image.c2u),
+            u2c: Direction::from_image(Side::Upstream, Side::Client, image.u2c),
+            activity: Activity {
+                started: ago(image.age),
+                last_active: ago(image.idle),
+                connecting_since: None,
+                half_closed: image.half_closed,
+            },
         }
     }
 

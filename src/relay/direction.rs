@@ -29,6 +29,16 @@ pub(crate) enum DirState {
     Shut,
 }
 
+/// A direction's books, handed to a live upgrade's new process: its state,
+/// the bytes its buffer holds, and its counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct DirectionImage {
+    pub(crate) state: DirState,
+    pub(crate) pending: usize,
+    pub(crate) bytes_in: u64,
+    pub(crate) bytes_out: u64,
+}
+
 /// What a pump call achieved.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Pumped {
@@ -73,6 +83,33 @@ impl Direction {
             dst_writable: true,
             bytes_in: 0,
             bytes_out: 0,
+        }
+    }
+
+    /// Where the direction stands, for a live upgrade's new process.
+    pub(crate) fn image(&self) -> DirectionImage {
+        DirectionImage {
+            state: self.state,
+            pending: self.pending,
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+        }
+    }
+
+    /// A direction as another process left it. Its readiness is unknown
+    /// here (edges went to the old process's epoll set), so reading goes
+    /// on until EAGAIN or EOF and writing is tried.
+    pub(crate) fn from_image(from: Side, to: Side, image: DirectionImage) -> Direction {
+        Direction {
+            from,
+            to,
+            state: image.state,
+            pending: image.pending,
+            src_readable: true,
+            src_unsure: true,
+            dst_writable: true,
+            bytes_in: image.bytes_in,
+            bytes_out: image.bytes_out,
         }
     }
 

@@ -14,6 +14,8 @@
 pub(crate) mod close;
 pub(crate) mod core;
 pub(crate) mod direction;
+#[cfg(feature = "service")]
+pub(crate) mod image;
 #[cfg(test)]
 mod props;
 pub(crate) mod report;

@@ -282,4 +282,11 @@ impl Relay {
     pub(crate) fn reset_client_on_close(&self) {
         self.client.reset_on_close();
     }
+
+    /// Both sides get a reset, not a FIN, when the relay closes.
+    #[cfg(feature = "service")]
+    pub(crate) fn reset_both_on_close(&self) {
+        self.client.reset_on_close();
+        self.upstream.reset_on_close();
+    }
 }

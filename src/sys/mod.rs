@@ -68,6 +68,12 @@ impl Pipe {
         Ok(Pipe { read, write })
     }
 
+    /// A pipe made of two ends passed from another process (a live
+    /// upgrade's), read end first.
+    pub fn from_ends(read: OwnedFd, write: OwnedFd) -> Pipe {
+        Pipe { read, write }
+    }
+
     pub fn read_end(&self) -> BorrowedFd<'_> {
         self.read.as_fd()
     }
@@ -75,6 +81,20 @@ impl Pipe {
     pub fn write_end(&self) -> BorrowedFd<'_> {
         self.write.as_fd()
     }
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds: one clock for every process of
+/// the host (`Instant` reads it too, but does not show its value), so two
+/// processes can tell how long passed between their readings.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC exists on
+    // every Linux, so the call cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
 }
 
 /// Sets a pipe's capacity with `fcntl(F_SETPIPE_SZ)` and returns what the

@@ -1,7 +1,7 @@
 //! Live upgrade: a running instance starts a new binary with the same
-//! arguments and hands it every listening socket over a Unix socket pair
-//! (`sys::fdpass`), in two phases, so a failure at any step leaves the old
-//! process serving as before.
+//! arguments and hands it every listening socket and every live relay
+//! over a Unix socket pair (`sys::fdpass`), in two phases, so a failure
+//! before the commit leaves the old process serving as before.
 //!
 //! 1. The old process ([`hand_over`]) sends a header naming the format
 //!    ([`FORMAT`]), then its listening sockets in batches of at most 253
@@ -12,21 +12,39 @@
 //! 2. The new process ([`Incoming`]) has read its config afresh; it
 //!    answers `ready` (or `refuse REASON`) and waits. It accepts nothing
 //!    until the old one sends `commit`.
-//! 3. On `commit` the new process starts on the passed sockets (every
+//! 3. The old process freezes every connected relay (`relays`: each
+//!    leaves its worker's epoll set and is moved by nothing) and sends
+//!    them in acknowledged batches: both sockets, each pipe that holds
+//!    bytes, a memory file with what a copy buffer holds, and the relay's
+//!    state as a line of text (`wire`). Relays still connecting, reading
+//!    a preface or held for a server, and pairs an embedder handed off,
+//!    stay with the old process and drain there.
+//! 4. On `commit` the new process starts on the passed sockets (every
 //!    SO_REUSEPORT socket of an address is adopted, so no accept queue is
-//!    closed) and answers `started PID`. Only then does the old process
-//!    stop accepting; its live relays stay with it and drain. Before it
-//!    accepts, each server of its config that the old process knew starts
-//!    in the carried state ([`CarriedHealth`]), so a role pool relays at
-//!    once to the primary the old process had confirmed; its probes then
-//!    carry on as usual.
+//!    closed), its workers take the relays, and it answers with the
+//!    relays it could not take (`declined`: their listener is gone from
+//!    its config) and `started PID` with the relays' pause distribution.
+//!    Only then does the old process stop accepting, let go of the relays
+//!    taken (its descriptors close; the sockets live on in the new one),
+//!    and resume the declined ones, which drain with the rest. Before it
+//!    accepts, each server of its config that the old process knew
+//!    starts in the carried state ([`CarriedHealth`]), so a role pool
+//!    relays at once to the primary the old process had confirmed.
 //!
-//! Until `started`, the old process keeps accepting: if the new binary is
-//! missing, exits, refuses or dies, it is killed and reaped and nothing
-//! changes. (Feature `service`.)
+//! Until the commit, the old process keeps accepting and the frozen
+//! relays are its own: if the new binary is missing, exits, refuses or
+//! dies, it is killed and reaped, the relays resume, and nothing else
+//! changes. After the commit, a new process that says `failed` had not
+//! touched them (they resume); one that dies without a word may have moved
+//! their bytes, so they are reset, never resumed or cut cleanly.
+//! (Feature `service`.)
 
+mod incoming;
 mod protocol;
+mod relays;
+mod wire;
 
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fmt;
 use std::io;
@@ -35,14 +53,17 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub use incoming::{CarriedHealth, Committed, Incoming};
 use protocol::Message;
-pub use protocol::{BadMessage, FORMAT};
+pub use protocol::{BadMessage, Taken, FORMAT};
+pub(crate) use relays::adopt;
+pub use relays::{AdoptOutcome, CarriedRelays};
 
 use std::net::SocketAddr;
 
-use crate::control::{Command as WorkerCommand, WorkerLink};
+use crate::control::{Command as WorkerCommand, Fate as WorkerFate, WorkerLink};
 use crate::sys::fdpass;
-use crate::upstream::fleet::{Fleet, ServerHealth};
+use crate::upstream::fleet::Fleet;
 use crate::Controller;
 #[cfg(doc)]
 use crate::ProxyHandle;
@@ -79,6 +100,11 @@ pub struct Handed {
     pub pid: u32,
     /// The listening sockets it adopted.
     pub sockets: usize,
+    /// The relays it took and how long they paused.
+    pub relays: Taken,
+    /// Relays it declined (their listener is gone from its config): they
+    /// resume here and drain with the relays that were not connected yet.
+    pub kept: usize,
     /// From the request to `started`.
     pub elapsed: Duration,
 }
@@ -256,21 +282,37 @@ fn hand_over(
         channel: ours,
         child,
         committed: false,
+        untouched: true,
+        frozen: None,
     };
-    let outcome = talk.run(&sockets, fleet, on_commit);
+    let outcome = talk.run(links, &sockets, fleet, on_commit);
     match outcome {
-        Ok(pid) => {
+        Ok((pid, relays, declined)) => {
             // The child is not waited for: it is the instance now.
             std::mem::forget(talk.child);
+            let kept = declined.len();
+            if let Some(frozen) = talk.frozen.take() {
+                frozen.end(links, relays::fate_after_start(&declined));
+            }
             Ok(Handed {
                 pid,
                 sockets: sockets.len(),
+                relays,
+                kept,
                 elapsed: began.elapsed(),
             })
         }
         Err(e) => {
             let _ = fdpass::send(talk.channel.as_fd(), &Message::Abort.encode(), &[]);
             let e = talk.end_child(e);
+            if let Some(frozen) = talk.frozen.take() {
+                let fate = if talk.untouched {
+                    WorkerFate::Resume
+                } else {
+                    WorkerFate::Reset
+                };
+                frozen.end(links, |_| fate);
+            }
             if talk.committed {
                 on_rollback();
             }
@@ -283,15 +325,23 @@ struct Talk {
     channel: OwnedFd,
     child: Child,
     committed: bool,
+    /// The new process has not touched the frozen relays: they can
+    /// resume here if the upgrade fails.
+    untouched: bool,
+    /// The relays frozen for the new process, until their fate is known.
+    frozen: Option<relays::Frozen>,
 }
 
 impl Talk {
+    /// The whole conversation: the new pid, what it took of the relays,
+    /// and the ids of those it declined.
     fn run(
         &mut self,
+        links: &[WorkerLink],
         sockets: &[(SocketAddr, OwnedFd)],
         fleet: &Fleet,
         on_commit: impl FnOnce(u32),
-    ) -> Result<u32, UpgradeError> {
+    ) -> Result<(u32, Taken, HashSet<u64>), UpgradeError> {
         // Taken now, so the header can count it; the new process's
         // probes start as soon as it serves.
         let health = fleet.carried();
@@ -321,14 +371,61 @@ impl Talk {
             Message::Refuse(why) => return Err(UpgradeError::Refused(why)),
             other => return Err(out_of_place(&other, "ready")),
         }
+        self.send_relays(links)?;
         on_commit(self.child.id());
         self.committed = true;
+        self.untouched = false;
         self.send(&Message::Commit, &[], "send the commit")?;
-        match self.answer("started")? {
-            Message::Started(pid) => Ok(pid),
-            Message::Failed(why) => Err(UpgradeError::Refused(why)),
-            other => Err(out_of_place(&other, "started")),
+        let mut declined = HashSet::new();
+        loop {
+            match self.answer("started")? {
+                Message::Declined(ids) => declined.extend(ids),
+                Message::Started(pid, taken) => {
+                    let taken = taken.unwrap_or(Taken {
+                        relays: 0,
+                        p50_us: 0,
+                        p99_us: 0,
+                        max_us: 0,
+                    });
+                    return Ok((pid, taken, declined));
+                }
+                Message::Failed(why) => {
+                    // Said before its workers took a relay.
+                    self.untouched = true;
+                    return Err(UpgradeError::Refused(why));
+                }
+                other => return Err(out_of_place(&other, "started")),
+            }
         }
+    }
+
+    /// Freezes the relays and sends them in acknowledged batches.
+    fn send_relays(&mut self, links: &[WorkerLink]) -> Result<(), UpgradeError> {
+        let frozen = relays::Frozen::take(links);
+        let sent = self.send_frozen(&frozen);
+        self.frozen = Some(frozen);
+        sent
+    }
+
+    fn send_frozen(&self, frozen: &relays::Frozen) -> Result<(), UpgradeError> {
+        let batches: Vec<_> = frozen
+            .batches()
+            .iter()
+            .map(|b| relays::batch_message(b))
+            .collect();
+        self.send(&Message::Relays(frozen.len()), &[], "send the relays")?;
+        let mut sent = 0;
+        for (message, fds) in &batches {
+            self.send(message, fds, "send the relays")?;
+            if let Message::RelayBatch(images) = message {
+                sent += images.len();
+            }
+            match self.answer("relays acknowledged")? {
+                Message::Ack(n) if n == sent => {}
+                other => return Err(out_of_place(&other, "an acknowledgement")),
+            }
+        }
+        Ok(())
     }
 
     /// Sends `m`; a child that has exited (its end closed) is an `Ended`.
@@ -338,17 +435,12 @@ impl Talk {
         fds: &[BorrowedFd<'_>],
         op: &'static str,
     ) -> Result<(), UpgradeError> {
-        fdpass::send(self.channel.as_fd(), &m.encode(), fds).map_err(|source| match source.kind() {
-            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => UpgradeError::Ended {
-                stage: before(op),
-                status: String::new(),
-            },
-            _ => UpgradeError::Talk { op, source },
-        })
+        fdpass::send(self.channel.as_fd(), &m.encode(), fds)
+            .map_err(|source| talk_error(op, source))
     }
 
     /// The next message; the end of the channel is the child's end.
-    fn answer(&mut self, stage: &'static str) -> Result<Message, UpgradeError> {
+    fn answer(&self, stage: &'static str) -> Result<Message, UpgradeError> {
         let got = match fdpass::receive(self.channel.as_fd()) {
             Ok(got) => got,
             // The child exited with a message of ours unread.
@@ -398,12 +490,24 @@ impl Talk {
     }
 }
 
+/// A failed send: a child that has exited (its end closed) is an `Ended`.
+fn talk_error(op: &'static str, source: io::Error) -> UpgradeError {
+    match source.kind() {
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => UpgradeError::Ended {
+            stage: before(op),
+            status: String::new(),
+        },
+        _ => UpgradeError::Talk { op, source },
+    }
+}
+
 fn before(stage: &'static str) -> &'static str {
     match stage {
         "send the header" | "send listening sockets" => {
             "before it acknowledged every listening socket"
         }
         "send the servers' health" => "before it read the servers' health",
+        "send the relays" | "relays acknowledged" => "before it acknowledged every relay",
         "send the commit" => "before the commit",
         "sockets acknowledged" => "before it acknowledged every listening socket",
         "ready" => "before it was ready",
@@ -415,209 +519,4 @@ fn before(stage: &'static str) -> &'static str {
 fn out_of_place(m: &Message, wanted: &str) -> UpgradeError {
     let text = String::from_utf8_lossy(&m.encode()).into_owned();
     UpgradeError::Protocol(format!("expected {wanted}, got {text:?}"))
-}
-
-/// The new process's side, between reading the sockets and the commit.
-#[derive(Debug)]
-pub struct Incoming {
-    channel: OwnedFd,
-    from: u32,
-    sockets: Vec<OwnedFd>,
-    health: Vec<ServerHealth>,
-}
-
-/// The health of the old process's servers, for the new one to start
-/// from ([`crate::start_upgraded`]).
-#[derive(Debug, Default)]
-pub struct CarriedHealth(pub(crate) Vec<ServerHealth>);
-
-impl CarriedHealth {
-    /// How many servers it names.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Whether it names none.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl Incoming {
-    /// When this process was started by an upgrade ([`CHANNEL_ENV`]):
-    /// raises RLIMIT_NOFILE, reads the header and every listening socket,
-    /// acknowledging each batch. A header of another format is refused on
-    /// the channel and returned as the error.
-    pub fn from_env() -> Option<Result<Incoming, UpgradeError>> {
-        let fd = std::env::var(CHANNEL_ENV).ok()?;
-        std::env::remove_var(CHANNEL_ENV);
-        let fault = std::env::var(FAULT_ENV).ok();
-        if fault.as_deref() == Some("exit-at-start") {
-            eprintln!("spliced: {FAULT_ENV}=exit-at-start: exiting (test fault)");
-            std::process::exit(3);
-        }
-        let fd = match fd.parse() {
-            Ok(fd) => fd,
-            Err(_) => {
-                return Some(Err(UpgradeError::Protocol(format!(
-                    "{CHANNEL_ENV}={fd:?} is not a descriptor number"
-                ))))
-            }
-        };
-        Some(receive(fd, fault.as_deref() == Some("die-after-half")))
-    }
-
-    /// The old process's pid (whose pid and stats file this one takes over).
-    pub fn from_pid(&self) -> u32 {
-        self.from
-    }
-
-    /// Tells the old process why this one will not serve; it carries on.
-    pub fn refuse(self, reason: &str) {
-        let _ = fdpass::send(
-            self.channel.as_fd(),
-            &Message::Refuse(reason.into()).encode(),
-            &[],
-        );
-    }
-
-    /// Says `ready` and waits for the commit (for as long as the old
-    /// process takes). Until then nothing is accepted on the sockets.
-    pub fn ready(self) -> Result<Committed, UpgradeError> {
-        let talk = |op, source| UpgradeError::Talk { op, source };
-        fdpass::send(self.channel.as_fd(), &Message::Ready.encode(), &[])
-            .map_err(|e| talk("send ready", e))?;
-        fdpass::set_timeouts(self.channel.as_fd(), None).map_err(|e| talk("wait", e))?;
-        let got = fdpass::receive(self.channel.as_fd()).map_err(|e| talk("read the commit", e))?;
-        match Message::decode(&got.bytes) {
-            Ok(Message::Commit) => Ok(Committed {
-                channel: self.channel,
-                sockets: self.sockets,
-                health: self.health,
-            }),
-            Ok(Message::Abort) => Err(UpgradeError::Refused(
-                "the running instance aborted the upgrade".into(),
-            )),
-            _ if got.bytes.is_empty() => Err(UpgradeError::Ended {
-                stage: "before the commit",
-                status: "the running instance closed the channel".into(),
-            }),
-            Ok(other) => Err(out_of_place(&other, "commit")),
-            Err(e) => Err(UpgradeError::Protocol(e.to_string())),
-        }
-    }
-}
-
-fn receive(fd: i32, die_after_half: bool) -> Result<Incoming, UpgradeError> {
-    crate::sys::raise_nofile_limit();
-    let channel = fdpass::adopt_channel(fd).map_err(UpgradeError::Channel)?;
-    fdpass::set_timeouts(channel.as_fd(), Some(ANSWER_WITHIN)).map_err(UpgradeError::Channel)?;
-    let talk = |op, source| UpgradeError::Talk { op, source };
-    let got = fdpass::receive(channel.as_fd()).map_err(|e| talk("read the header", e))?;
-    let (from, expected, servers) = match Message::decode(&got.bytes) {
-        Ok(Message::Header {
-            format,
-            from,
-            sockets,
-            servers,
-        }) if format == FORMAT => (from, sockets, servers),
-        Ok(Message::Header { format, .. }) => {
-            let e = UpgradeError::Format { theirs: format };
-            let _ = fdpass::send(
-                channel.as_fd(),
-                &Message::Refuse(e.to_string()).encode(),
-                &[],
-            );
-            return Err(e);
-        }
-        _ => {
-            return Err(UpgradeError::Protocol(
-                "the channel did not start with a header".into(),
-            ))
-        }
-    };
-    let mut sockets = Vec::with_capacity(expected);
-    while sockets.len() < expected {
-        let got =
-            fdpass::receive(channel.as_fd()).map_err(|e| talk("read listening sockets", e))?;
-        let addrs = match Message::decode(&got.bytes) {
-            Ok(Message::Sockets(addrs)) => addrs,
-            Ok(Message::Abort) => {
-                return Err(UpgradeError::Refused(
-                    "the running instance aborted the upgrade".into(),
-                ))
-            }
-            _ => return Err(UpgradeError::Protocol("expected listening sockets".into())),
-        };
-        if addrs.len() != got.fds.len() {
-            return Err(UpgradeError::Protocol(format!(
-                "{} addresses came with {} descriptors",
-                addrs.len(),
-                got.fds.len()
-            )));
-        }
-        sockets.extend(got.fds);
-        fdpass::send(channel.as_fd(), &Message::Ack(sockets.len()).encode(), &[])
-            .map_err(|e| talk("acknowledge", e))?;
-        if die_after_half && sockets.len() * 2 >= expected {
-            eprintln!("spliced: {FAULT_ENV}=die-after-half: exiting after {} of {expected} sockets (test fault)", sockets.len());
-            std::process::exit(3);
-        }
-    }
-    let mut health = Vec::with_capacity(servers.min(1 << 16));
-    while health.len() < servers {
-        let got =
-            fdpass::receive(channel.as_fd()).map_err(|e| talk("read the servers' health", e))?;
-        match Message::decode(&got.bytes) {
-            Ok(Message::Server(server)) => health.push(server),
-            Ok(Message::Abort) => {
-                return Err(UpgradeError::Refused(
-                    "the running instance aborted the upgrade".into(),
-                ))
-            }
-            _ => return Err(UpgradeError::Protocol("expected a server's health".into())),
-        }
-    }
-    Ok(Incoming {
-        channel,
-        from,
-        sockets,
-        health,
-    })
-}
-
-/// The new process after the commit: it starts on [`Committed::take_sockets`]
-/// and then says [`Committed::started`] (or [`Committed::failed`]).
-#[derive(Debug)]
-pub struct Committed {
-    channel: OwnedFd,
-    sockets: Vec<OwnedFd>,
-    health: Vec<ServerHealth>,
-}
-
-impl Committed {
-    /// The passed listening sockets, to start on.
-    pub fn take_sockets(&mut self) -> Vec<OwnedFd> {
-        std::mem::take(&mut self.sockets)
-    }
-
-    /// The old process's servers' health, to start from.
-    pub fn take_health(&mut self) -> CarriedHealth {
-        CarriedHealth(std::mem::take(&mut self.health))
-    }
-
-    /// Tells the old process this one serves; it stops accepting.
-    pub fn started(self) {
-        let m = Message::Started(std::process::id());
-        let _ = fdpass::send(self.channel.as_fd(), &m.encode(), &[]);
-    }
-
-    /// Tells the old process this one could not start; it carries on.
-    pub fn failed(self, reason: &str) {
-        let _ = fdpass::send(
-            self.channel.as_fd(),
-            &Message::Failed(reason.into()).encode(),
-            &[],
-        );
-    }
 }

@@ -9,20 +9,26 @@
 //!            target=ADDR path=P [user=U] [database=D]] [role=ROLE|not-ROLE]
 //!            [timeline=N] [error=E]        (M of them, one per server)
 //! new → old  ready | refuse REASON
+//! old → new  relays N                      (the relays it froze)
+//! old → new  relay-batch\nLINE\nLINE …     (≤ 253 descriptors each; a
+//!                                          line per relay, `wire`)
+//! new → old  ack K                         (K relays received so far)
 //! old → new  commit | abort
-//! new → old  started PID | failed REASON
+//! new → old  declined ID ID …              (relays it could not take)
+//! new → old  started PID [relays=K p50=US p99=US max=US] | failed REASON
 //! ```
 
 use std::fmt;
 use std::net::SocketAddr;
 
 use crate::health::{Carried, Reported, Role};
+use crate::relay::image::RelayImage;
 use crate::upstream::fleet::{CheckKey, ServerHealth, ServerKey};
 
 /// The snapshot format this build speaks. A build that reads another
 /// refuses the handover, and the old process carries on. (2: the servers'
-/// health follows the sockets.)
-pub const FORMAT: u32 = 2;
+/// health follows the sockets; 3: so do the live relays.)
+pub const FORMAT: u32 = 3;
 
 const MAGIC: &str = "spliced-upgrade";
 
@@ -40,10 +46,26 @@ pub(crate) enum Message {
     Ack(usize),
     Ready,
     Refuse(String),
+    /// How many relays follow, in batches.
+    Relays(usize),
+    RelayBatch(Vec<RelayImage>),
     Commit,
     Abort,
-    Started(u32),
+    /// Relays the new process did not take, by id.
+    Declined(Vec<u64>),
+    Started(u32, Option<Taken>),
     Failed(String),
+}
+
+/// What the new process took of the relays, and how long they paused
+/// (from the freeze to the registration in the new process), in
+/// microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken {
+    pub relays: usize,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
 }
 
 /// A message that is not one of the handover's.
@@ -79,9 +101,29 @@ impl Message {
             Message::Ack(n) => format!("ack {n}"),
             Message::Ready => "ready".into(),
             Message::Refuse(why) => format!("refuse {}", one_line(why)),
+            Message::Relays(n) => format!("relays {n}"),
+            Message::RelayBatch(images) => {
+                let mut text = String::from("relay-batch");
+                for image in images {
+                    text.push('\n');
+                    text.push_str(&super::wire::encode(image));
+                }
+                text
+            }
             Message::Commit => "commit".into(),
             Message::Abort => "abort".into(),
-            Message::Started(pid) => format!("started {pid}"),
+            Message::Declined(ids) => {
+                let mut line = String::from("declined");
+                for id in ids {
+                    line.push_str(&format!(" {id}"));
+                }
+                line
+            }
+            Message::Started(pid, None) => format!("started {pid}"),
+            Message::Started(pid, Some(t)) => format!(
+                "started {pid} relays={} p50={} p99={} max={}",
+                t.relays, t.p50_us, t.p99_us, t.max_us
+            ),
             Message::Failed(why) => format!("failed {}", one_line(why)),
         };
         text.into_bytes()
@@ -91,6 +133,17 @@ impl Message {
         let text = std::str::from_utf8(bytes)
             .map_err(|_| BadMessage(String::from_utf8_lossy(bytes).into()))?;
         let bad = || BadMessage(text.chars().take(200).collect());
+        if let Some(lines) = text.strip_prefix("relay-batch") {
+            let images = lines
+                .split('\n')
+                .skip(1)
+                .map(|line| super::wire::decode(line).ok_or_else(bad))
+                .collect::<Result<_, _>>()?;
+            if !lines.is_empty() && !lines.starts_with('\n') {
+                return Err(bad());
+            }
+            return Ok(Message::RelayBatch(images));
+        }
         let (word, rest) = text.split_once(' ').unwrap_or((text, ""));
         let number = |s: &str| s.parse::<u64>().map_err(|_| bad());
         Ok(match word {
@@ -126,9 +179,34 @@ impl Message {
             "ack" => Message::Ack(number(rest)? as usize),
             "ready" => Message::Ready,
             "refuse" => Message::Refuse(rest.into()),
+            "relays" => Message::Relays(number(rest)? as usize),
             "commit" => Message::Commit,
             "abort" => Message::Abort,
-            "started" => Message::Started(number(rest)? as u32),
+            "declined" => Message::Declined(
+                rest.split(' ')
+                    .filter(|s| !s.is_empty())
+                    .map(number)
+                    .collect::<Result<_, _>>()?,
+            ),
+            "started" => {
+                let mut parts = rest.split(' ');
+                let pid = number(parts.next().unwrap_or(""))? as u32;
+                let mut fields = std::collections::HashMap::new();
+                for part in parts {
+                    let (name, value) = part.split_once('=').ok_or_else(bad)?;
+                    fields.insert(name, number(value)?);
+                }
+                let taken = match fields.get("relays") {
+                    None => None,
+                    Some(&relays) => Some(Taken {
+                        relays: relays as usize,
+                        p50_us: *fields.get("p50").ok_or_else(bad)?,
+                        p99_us: *fields.get("p99").ok_or_else(bad)?,
+                        max_us: *fields.get("max").ok_or_else(bad)?,
+                    }),
+                };
+                Message::Started(pid, taken)
+            }
             "failed" => Message::Failed(rest.into()),
             _ => return Err(bad()),
         })
@@ -234,7 +312,7 @@ fn decode_server(rest: &str) -> Option<ServerHealth> {
 }
 
 /// A value as one field: `%`, space, `=` and control bytes as `%XX`.
-fn escape(value: &str) -> String {
+pub(super) fn escape(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for c in value.chars() {
         if c == '%' || c == ' ' || c == '=' || (c.is_control() && (c as u32) < 0x80) {
@@ -246,7 +324,7 @@ fn escape(value: &str) -> String {
     out
 }
 
-fn unescape(value: &str) -> Option<String> {
+pub(super) fn unescape(value: &str) -> Option<String> {
     let bytes = value.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -340,7 +418,20 @@ mod tests {
             Message::Refuse("config: no such file".into()),
             Message::Commit,
             Message::Abort,
-            Message::Started(99),
+            Message::Started(99, None),
+            Message::Started(
+                99,
+                Some(Taken {
+                    relays: 500,
+                    p50_us: 900,
+                    p99_us: 4100,
+                    max_us: 5000,
+                }),
+            ),
+            Message::Relays(3),
+            Message::RelayBatch(vec![]),
+            Message::Declined(vec![4, 5, 1 << 40]),
+            Message::Declined(vec![]),
             Message::Failed("bind: in use".into()),
         ];
         for m in messages {

@@ -88,6 +88,14 @@ impl Round {
         }
     }
 
+    /// The round of a relay connected already, holding `lease` only.
+    pub(crate) fn holding(lease: Lease) -> Round {
+        Round {
+            current: Some(lease),
+            attempts: None,
+        }
+    }
+
     /// The relay is connected for good (no other server will be tried):
     /// keeps the lease, frees the rest.
     pub(crate) fn settle(&mut self) {

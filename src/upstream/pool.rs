@@ -561,6 +561,15 @@ impl Pool {
         }
     }
 
+    /// A lease on the member at `addr`, for a relay that is connected to
+    /// it already (one a live upgrade handed over); `None` if the pool no
+    /// longer has it.
+    pub(crate) fn lease_of(&self, addr: SocketAddr) -> Option<Lease> {
+        let m = self.members();
+        let server = m.servers.iter().find(|s| s.addr == addr)?;
+        Some(Lease::new(Arc::clone(server)))
+    }
+
     /// A connect to `server` failed (refused, timed out, unreachable).
     pub(crate) fn failed(&self, server: &Server, reason: &str, now: Instant) {
         self.fleet.connect_failed(&server.upstream, reason, now);

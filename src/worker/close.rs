@@ -155,6 +155,12 @@ impl Worker {
                 Command::AbortRelay { id, reporter } => self.abort_relay(id, &reporter, now),
                 Command::Reload(reload) => self.reload(*reload, now),
                 Command::ListeningSockets(answer) => self.send_listening_sockets(&answer),
+                #[cfg(feature = "service")]
+                Command::FreezeRelays(answer) => self.freeze_relays(&answer, now),
+                #[cfg(feature = "service")]
+                Command::EndFreeze(relays) => self.end_freeze(relays, now),
+                #[cfg(feature = "service")]
+                Command::AdoptRelays(relays, answer) => self.adopt_relays(relays, &answer, now),
             }
         }
         self.close_retired(now);
@@ -163,7 +169,10 @@ impl Worker {
                 self.close_all(now);
             }
             // Refused clients still being told why have short deadlines.
-            return self.relays.is_empty() && self.farewells.is_empty() && self.parking.len() == 0;
+            return self.relays.is_empty()
+                && self.farewells.is_empty()
+                && self.parking.len() == 0
+                && self.frozen_out == 0;
         }
         false
     }

@@ -85,6 +85,13 @@ pub(crate) fn next_relay_id() -> u64 {
     NEXT_RELAY_ID.fetch_add(1, Ordering::Relaxed)
 }
 
+/// Relay ids of this process start past `id` (a live upgrade's new
+/// process carries relays with ids up to it).
+#[cfg(feature = "service")]
+pub(crate) fn relay_ids_after(id: u64) {
+    NEXT_RELAY_ID.fetch_max(id.saturating_add(1), Ordering::Relaxed);
+}
+
 /// Lets a warning through at most once per [`WARN_EVERY`], and counts the
 /// ones held back so the next line can say how many.
 #[derive(Debug, Default)]
@@ -159,6 +166,9 @@ pub(crate) struct Worker {
     parking: park::Parking,
     /// Rung by the fleet when a pool gains a server while clients are held.
     doorbell: Arc<Doorbell>,
+    /// Relays a live upgrade froze and has not given back: the worker
+    /// does not exit while they are out.
+    frozen_out: usize,
 }
 
 impl Worker {
@@ -221,6 +231,7 @@ impl Worker {
             farewells: farewell::Farewells::default(),
             parking: park::Parking::default(),
             doorbell,
+            frozen_out: 0,
         })
     }
 
@@ -344,11 +355,24 @@ impl Worker {
     /// Places a relay in the slab and registers both sockets: the one path
     /// every relay takes, accepted or handed over. `None` if it closed at
     /// once because a socket could not be registered.
-    fn admit(&mut self, mut relay: Relay, now: Instant) -> Option<usize> {
-        let entry = self.relays.vacant_entry();
-        let key = entry.key();
+    fn admit(&mut self, relay: Relay, now: Instant) -> Option<usize> {
+        match self.place(relay, now) {
+            Ok(key) => Some(key),
+            Err((relay, e)) => {
+                // Counted in, then closed as every relay is.
+                let key = self.count_in(relay);
+                self.close(key, CloseReason::Internal, Some(&e), now);
+                None
+            }
+        }
+    }
+
+    /// Registers both sockets under the slot the relay is to take, then
+    /// places it there. A relay a socket of which cannot be registered
+    /// comes back, registered nowhere.
+    fn place(&mut self, mut relay: Relay, now: Instant) -> Result<usize, (Relay, RelayError)> {
         let this = RelayRef {
-            key,
+            key: self.relays.vacant_entry().key(),
             id: relay.id(),
         };
         let registry = self.poll.registry();
@@ -356,29 +380,33 @@ impl Worker {
         let registered = registry
             .register(client, token::relay(this, Peer::Client), RELAY_INTEREST)
             .and_then(|()| {
-                registry.register(upstream, token::relay(this, Peer::Upstream), RELAY_INTEREST)
-            })
-            .map_err(|e| RelayError::new(Side::Internal, Op::Register, e));
-        relay.placed(key);
+                registry
+                    .register(upstream, token::relay(this, Peer::Upstream), RELAY_INTEREST)
+                    .inspect_err(|_| {
+                        let _ = registry.deregister(client);
+                    })
+            });
+        if let Err(e) = registered {
+            return Err((relay, RelayError::new(Side::Internal, Op::Register, e)));
+        }
         relay.progress_from(
             self.config
                 .ops
                 .log_interval
                 .and_then(|i| now.checked_add(i)),
         );
+        let key = self.count_in(relay);
+        self.arm(key);
+        Ok(key)
+    }
+
+    /// Puts a relay in the slab and counts it live.
+    fn count_in(&mut self, relay: Relay) -> usize {
         CounterBlock::add(&relay.listener().counters(self.index).relays_active, 1);
-        entry.insert(relay);
+        let key = self.relays.insert(relay);
+        self.relays[key].placed(key);
         self.shared.relays_live.fetch_add(1, Ordering::Relaxed);
-        match registered {
-            Ok(()) => {
-                self.arm(key);
-                Some(key)
-            }
-            Err(e) => {
-                self.close(key, CloseReason::Internal, Some(&e), now);
-                None
-            }
-        }
+        key
     }
 
     /// Resets both sides of a handed-off relay at its owner's request.
