@@ -286,6 +286,7 @@ impl Listener {
     /// Room for a relay that is live already (a live upgrade handed it
     /// over): counted under `max_conns` and the per-source limit even past
     /// them, as the old process counted it.
+    #[cfg(feature = "service")]
     pub(crate) fn admit_carried(self: &Arc<Self>, client: Option<IpAddr>) -> Admission {
         self.state.live.fetch_add(1, Ordering::AcqRel);
         let source = client.filter(|_| self.config.max_conns_per_source.is_some());

@@ -107,6 +107,7 @@ pub(crate) enum Buffer {
 
 /// A direction's engine facts apart from its buffer, handed to a live
 /// upgrade's new process.
+#[cfg(feature = "service")]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct SlotImage {
     pub(crate) engine: Engine,
@@ -117,6 +118,7 @@ pub(crate) struct SlotImage {
 
 /// The bytes a direction holds as it reaches a live upgrade's new process:
 /// in the pipe they were spliced into, or as a copy buffer's contents.
+#[cfg(feature = "service")]
 #[derive(Debug)]
 pub(crate) enum Held {
     Nothing,
@@ -153,6 +155,7 @@ impl Slot {
     }
 
     /// Its engine facts, for a live upgrade.
+    #[cfg(feature = "service")]
     pub(crate) fn image(&self) -> SlotImage {
         SlotImage {
             engine: self.engine,
@@ -163,6 +166,7 @@ impl Slot {
     }
 
     /// The buffer it holds now, if any.
+    #[cfg(feature = "service")]
     pub(crate) fn buffer(&self) -> Option<&Buffer> {
         self.buffer.as_ref()
     }
@@ -170,6 +174,7 @@ impl Slot {
     /// A slot as another process left it, holding `held`. A listener of
     /// `mode` auto keeps choosing its engine (from scratch) unless the
     /// direction fell back. Fails only when no copy buffer can be mapped.
+    #[cfg(feature = "service")]
     pub(crate) fn from_image(
         mode: Mode,
         image: SlotImage,

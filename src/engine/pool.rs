@@ -146,6 +146,7 @@ impl Pools {
     /// A pipe another process filled (a live upgrade's), counted as this
     /// worker's from now on, past the caps if need be: its bytes have
     /// nowhere else to wait.
+    #[cfg(feature = "service")]
     pub(crate) fn adopt_pipe(&mut self, pipe: Pipe) -> PooledPipe {
         self.pipe_fds.held.fetch_add(2, Ordering::Relaxed);
         let capacity = sys::pipe_size(&pipe).unwrap_or(64 * 1024);
@@ -158,6 +159,7 @@ impl Pools {
 
     /// A copy buffer holding `bytes` (another process's, a live
     /// upgrade's), larger than the configured size if they need it.
+    #[cfg(feature = "service")]
     pub(crate) fn mapped_holding(&mut self, bytes: &[u8]) -> io::Result<Buffer> {
         let mut heap = match self.idle_buffers.pop() {
             Some(heap) if bytes.len() <= self.buffer_size => heap,

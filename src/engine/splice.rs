@@ -20,6 +20,7 @@ impl PooledPipe {
     }
 
     /// The pipe itself (a live upgrade passes its ends on).
+    #[cfg(feature = "service")]
     pub(crate) fn pipe(&self) -> &Pipe {
         &self.pipe
     }

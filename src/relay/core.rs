@@ -6,7 +6,9 @@
 use std::time::{Duration, Instant};
 
 use super::close::{plan, ClosePlan};
-use super::direction::{DirState, Direction, DirectionImage};
+#[cfg(feature = "service")]
+use super::direction::DirectionImage;
+use super::direction::{DirState, Direction};
 use crate::config::Timeouts;
 use crate::engine::Endpoints;
 use crate::error::{RelayError, Side};
@@ -155,6 +157,7 @@ pub(crate) fn pump_pair(
 }
 
 /// A connected relay's core, handed to a live upgrade's new process.
+#[cfg(feature = "service")]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct CoreImage {
     pub(crate) c2u: DirectionImage,
@@ -195,6 +198,7 @@ impl RelayCore {
 
     /// The core as a live upgrade hands it over: both directions and how
     /// long ago (at `now`) it started and last moved a byte.
+    #[cfg(feature = "service")]
     pub(crate) fn image(&self, now: Instant) -> CoreImage {
         CoreImage {
             c2u: self.c2u.image(),
@@ -208,6 +212,7 @@ impl RelayCore {
     /// A connected relay's core as another process left it, its clock
     /// facts rebased on `now`: its idle and FIN deadlines fall where they
     /// would have (plus the time the handover took).
+    #[cfg(feature = "service")]
     pub(crate) fn from_image(image: &CoreImage, now: Instant) -> RelayCore {
         let ago = |d: Duration| now.checked_sub(d).unwrap_or(now);
         RelayCore {

@@ -31,6 +31,7 @@ pub(crate) enum DirState {
 
 /// A direction's books, handed to a live upgrade's new process: its state,
 /// the bytes its buffer holds, and its counts.
+#[cfg(feature = "service")]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct DirectionImage {
     pub(crate) state: DirState,
@@ -87,6 +88,7 @@ impl Direction {
     }
 
     /// Where the direction stands, for a live upgrade's new process.
+    #[cfg(feature = "service")]
     pub(crate) fn image(&self) -> DirectionImage {
         DirectionImage {
             state: self.state,
@@ -99,6 +101,7 @@ impl Direction {
     /// A direction as another process left it. Its readiness is unknown
     /// here (edges went to the old process's epoll set), so reading goes
     /// on until EAGAIN or EOF and writing is tried.
+    #[cfg(feature = "service")]
     pub(crate) fn from_image(from: Side, to: Side, image: DirectionImage) -> Direction {
         Direction {
             from,

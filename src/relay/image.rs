@@ -132,7 +132,7 @@ impl Relay {
         self,
         now: Instant,
         frozen_at: u64,
-    ) -> Result<Outbound, (Relay, io::Error)> {
+    ) -> Result<Outbound, Box<(Relay, io::Error)>> {
         let core = self.core.image(now);
         let mut bytes = Vec::new();
         let mut carry = |slot: &Slot, pending: usize| -> io::Result<Carry> {
@@ -152,12 +152,12 @@ impl Relay {
             .and_then(|c2u| Ok((c2u, carry(&self.u2c_slot, core.u2c.pending)?)));
         let (c2u_carry, u2c_carry) = match carries {
             Ok(c) => c,
-            Err(e) => return Err((self, e)),
+            Err(e) => return Err(Box::new((self, e))),
         };
         let memfd = match (!bytes.is_empty()).then(|| fdpass::memfd_holding(&bytes)) {
             None => None,
             Some(Ok(fd)) => Some(fd),
-            Some(Err(e)) => return Err((self, e)),
+            Some(Err(e)) => return Err(Box::new((self, e))),
         };
         Ok(Outbound {
             image: RelayImage {

@@ -167,6 +167,28 @@ pub fn adopt_channel(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(owned)
 }
 
+/// A memory file holding `bytes`, to pass with a message too
+/// large to carry them (a copy buffer's contents).
+pub fn memfd_holding(bytes: &[u8]) -> io::Result<OwnedFd> {
+    use std::io::Write;
+    let fd = nix::sys::memfd::memfd_create(
+        c"spliced-upgrade",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+    )?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(bytes)?;
+    Ok(OwnedFd::from(file))
+}
+
+/// The first `len` bytes of a memory file [`memfd_holding`] made.
+pub fn memfd_bytes(fd: OwnedFd, len: usize) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::from(fd);
+    let mut bytes = vec![0; len];
+    file.read_exact_at(&mut bytes, 0)?;
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,26 +214,4 @@ mod tests {
         let end = receive(b.as_fd()).unwrap();
         assert!(end.bytes.is_empty() && end.fds.is_empty());
     }
-}
-
-/// A memory file holding `bytes`, to pass with a message too
-/// large to carry them (a copy buffer's contents).
-pub fn memfd_holding(bytes: &[u8]) -> io::Result<OwnedFd> {
-    use std::io::Write;
-    let fd = nix::sys::memfd::memfd_create(
-        c"spliced-upgrade",
-        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
-    )?;
-    let mut file = std::fs::File::from(fd);
-    file.write_all(bytes)?;
-    Ok(OwnedFd::from(file))
-}
-
-/// The first `len` bytes of a memory file [`memfd_holding`] made.
-pub fn memfd_bytes(fd: OwnedFd, len: usize) -> io::Result<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
-    let file = std::fs::File::from(fd);
-    let mut bytes = vec![0; len];
-    file.read_exact_at(&mut bytes, 0)?;
-    Ok(bytes)
 }

@@ -70,6 +70,7 @@ impl Pipe {
 
     /// A pipe made of two ends passed from another process (a live
     /// upgrade's), read end first.
+    #[cfg(feature = "service")]
     pub fn from_ends(read: OwnedFd, write: OwnedFd) -> Pipe {
         Pipe { read, write }
     }
@@ -86,6 +87,7 @@ impl Pipe {
 /// CLOCK_MONOTONIC now, in nanoseconds: one clock for every process of
 /// the host (`Instant` reads it too, but does not show its value), so two
 /// processes can tell how long passed between their readings.
+#[cfg(feature = "service")]
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

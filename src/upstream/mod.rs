@@ -89,6 +89,7 @@ impl Round {
     }
 
     /// The round of a relay connected already, holding `lease` only.
+    #[cfg(feature = "service")]
     pub(crate) fn holding(lease: Lease) -> Round {
         Round {
             current: Some(lease),

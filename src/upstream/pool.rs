@@ -564,6 +564,7 @@ impl Pool {
     /// A lease on the member at `addr`, for a relay that is connected to
     /// it already (one a live upgrade handed over); `None` if the pool no
     /// longer has it.
+    #[cfg(feature = "service")]
     pub(crate) fn lease_of(&self, addr: SocketAddr) -> Option<Lease> {
         let m = self.members();
         let server = m.servers.iter().find(|s| s.addr == addr)?;

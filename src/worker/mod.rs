@@ -358,7 +358,8 @@ impl Worker {
     fn admit(&mut self, relay: Relay, now: Instant) -> Option<usize> {
         match self.place(relay, now) {
             Ok(key) => Some(key),
-            Err((relay, e)) => {
+            Err(refused) => {
+                let (relay, e) = *refused;
                 // Counted in, then closed as every relay is.
                 let key = self.count_in(relay);
                 self.close(key, CloseReason::Internal, Some(&e), now);
@@ -370,7 +371,7 @@ impl Worker {
     /// Registers both sockets under the slot the relay is to take, then
     /// places it there. A relay a socket of which cannot be registered
     /// comes back, registered nowhere.
-    fn place(&mut self, mut relay: Relay, now: Instant) -> Result<usize, (Relay, RelayError)> {
+    fn place(&mut self, mut relay: Relay, now: Instant) -> Result<usize, Box<(Relay, RelayError)>> {
         let this = RelayRef {
             key: self.relays.vacant_entry().key(),
             id: relay.id(),
@@ -387,7 +388,10 @@ impl Worker {
                     })
             });
         if let Err(e) = registered {
-            return Err((relay, RelayError::new(Side::Internal, Op::Register, e)));
+            return Err(Box::new((
+                relay,
+                RelayError::new(Side::Internal, Op::Register, e),
+            )));
         }
         relay.progress_from(
             self.config

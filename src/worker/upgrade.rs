@@ -70,7 +70,8 @@ mod relays {
                 let _ = registry.deregister(upstream);
                 match relay.freeze(now, frozen_at) {
                     Ok(outbound) => out.push(outbound),
-                    Err((relay, e)) => {
+                    Err(kept) => {
+                        let (relay, e) = *kept;
                         tracing::warn!(relay = relay.id(), error = %e, "upgrade: this relay stays with the old process");
                         self.resume_relay(relay, now);
                     }
@@ -180,7 +181,8 @@ mod relays {
                             .push(crate::sys::monotonic_ns().saturating_sub(frozen_at));
                         self.queue_relay(key);
                     }
-                    Err((relay, e)) => {
+                    Err(refused) => {
+                        let (relay, e) = *refused;
                         relay.hand_away(&mut self.pools);
                         report.declined.push((id, e.to_string()));
                     }

@@ -445,16 +445,32 @@ fn pause_of_many_relays() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(7000);
-    // An upstream that takes connections and holds them.
-    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // An upstream that takes connections and holds them, with an accept
+    // queue long enough for the burst of the proxy's connects.
+    let upstream =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    upstream
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    upstream.listen(8192).unwrap();
+    let upstream: std::net::TcpListener = upstream.into();
     let up_addr = upstream.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&accepted);
     let held = std::thread::spawn(move || {
         (0..n)
-            .map(|_| upstream.accept().unwrap().0)
+            .map(|_| {
+                let s = upstream.accept().unwrap().0;
+                counted.fetch_add(1, Ordering::Relaxed);
+                s
+            })
             .collect::<Vec<_>>()
     });
     let (mut s, mut instance) = Instance::start("pause", Mode::Splice, up_addr, None);
     let clients: Vec<TcpStream> = (0..n).map(|_| connect(s.addr)).collect();
+    wait_until(Duration::from_secs(60), "every relay connected", || {
+        accepted.load(Ordering::Relaxed) == n
+    });
     let servers = held.join().unwrap();
     for round in 1..=3 {
         let (ok, out, err) = instance.upgrade(None);
