@@ -1,6 +1,7 @@
-//! `spliced upgrade`: a new process takes every listening socket over, no
-//! client is refused meanwhile, the relays alive at the upgrade finish in
-//! the old process byte-exact, and a failed upgrade changes nothing.
+//! `spliced upgrade`: a new process takes every listening socket and every
+//! connected relay over, no client is refused meanwhile, the relays alive
+//! at the upgrade finish byte-exact (in the new process; `relays` tests
+//! every kind), and a failed upgrade changes nothing.
 
 mod common;
 #[path = "upgrade/relays.rs"]

@@ -362,6 +362,33 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    /// A core rebuilt from its image (a live upgrade's) keeps both
+    /// directions' books and its deadlines: they fall where they would
+    /// have, counted from the last byte, not from the rebuild.
+    #[cfg(feature = "service")]
+    #[test]
+    fn a_core_rebuilt_from_its_image_keeps_its_books_and_deadlines() {
+        let t = timeouts(1000, 300, 50);
+        let t0 = Instant::now();
+        let mut core = RelayCore::new(t0);
+        core.connected(t0 + ms(10), false);
+        core.preload(Peer::Client, 7);
+        core.activity.last_active = t0 + ms(100);
+        core.activity.half_closed = true;
+        let image = core.image(t0 + ms(250));
+        let later = t0 + ms(5000);
+        let back = RelayCore::from_image(&image, later);
+        assert_eq!(back.image(later), image);
+        assert_eq!(back.direction(Peer::Client).pending(), 7);
+        // The FIN deadline was 300 ms after the last byte, 150 ms after
+        // the image was taken: the rebuilt core has it 150 ms after `later`.
+        assert_eq!(
+            back.deadline(&t),
+            Some((later + ms(150), Expiry::FinTimeout))
+        );
+        assert!(!back.is_connecting());
+    }
+
     // Tests for the connecting phase
 
     #[test]

@@ -168,8 +168,11 @@ impl Worker {
             if self.drain_deadline.is_some_and(|t| t <= now) {
                 self.close_all(now);
             }
-            // Refused clients still being told why have short deadlines.
+            // Refused clients still being told why have short deadlines,
+            // and a client's first bytes its first-packet timeout: a client
+            // accepted before the drain is served, not cut mid-preface.
             return self.relays.is_empty()
+                && self.prefaces.is_empty()
                 && self.farewells.is_empty()
                 && self.parking.len() == 0
                 && self.frozen_out == 0;

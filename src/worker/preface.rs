@@ -104,6 +104,11 @@ impl Prefaces {
         self.next
     }
 
+    /// No client is being read and no cancel is on its way.
+    pub(super) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     fn wake_by(&mut self, deadline: Instant) {
         self.next = Some(self.next.map_or(deadline, |n| n.min(deadline)));
     }

@@ -430,54 +430,42 @@ fn relays_survive_a_new_process_that_dies(mode: Mode) {
 
 both_engines!(relays_survive_a_new_process_that_dies);
 
-/// The pause of many live relays and the whole upgrade's time, as
-/// `spliced upgrade` prints them: `SPLICED_UPGRADE_RELAYS` idle relays
-/// (7000 by default; the fd limit of 20 000 allows this test process twice
-/// that) through three upgrades in a row, each printed. Run by hand:
-/// `cargo test --release --test upgrade -- --ignored --nocapture pause`.
-#[test]
-#[ignore = "a measurement: run by hand"]
-fn pause_of_many_relays() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
-    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
-    let n: usize = std::env::var("SPLICED_UPGRADE_RELAYS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(7000);
-    // An upstream that takes connections and holds them, with an accept
-    // queue long enough for the burst of the proxy's connects.
-    let upstream =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    upstream
-        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
-        .unwrap();
-    upstream.listen(8192).unwrap();
-    let upstream: std::net::TcpListener = upstream.into();
-    let up_addr = upstream.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&accepted);
-    let held = std::thread::spawn(move || {
-        (0..n)
-            .map(|_| {
-                let s = upstream.accept().unwrap().0;
-                counted.fetch_add(1, Ordering::Relaxed);
-                s
-            })
-            .collect::<Vec<_>>()
-    });
-    let (mut s, mut instance) = Instance::start("pause", Mode::Splice, up_addr, None);
-    let clients: Vec<TcpStream> = (0..n).map(|_| connect(s.addr)).collect();
-    wait_until(Duration::from_secs(60), "every relay connected", || {
-        accepted.load(Ordering::Relaxed) == n
-    });
-    let servers = held.join().unwrap();
-    for round in 1..=3 {
-        let (ok, out, err) = instance.upgrade(None);
-        assert!(ok, "{out}{err}");
-        assert_eq!(handed_count(&out), n, "{out}");
-        eprintln!("{n} relays, upgrade {round}: {}", out.trim_end());
+/// A client still reading its PostgreSQL first packet at the upgrade stays
+/// with the old process, which finishes it as it drains: its packet, sent
+/// after the upgrade, reaches the server and the session runs to a clean
+/// end; the old process exits after it.
+fn a_client_reading_its_first_packet_finishes_in_the_old_process(mode: Mode) {
+    let up = echo_server();
+    let text = format!(
+        "[[listener]]\nname = \"pg\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"postgres\"\n\
+         [listener.pool]\nservers = [\"{}\"]\n",
+        up.addr
+    );
+    let name = format!("preface-{}", mode_name(mode));
+    let (mut s, mut instance) = Instance::start_config(&name, mode, &text);
+    let mut early = connect(s.addr);
+    // A connected relay beside it goes to the new process.
+    let mut connected = connect(s.addr);
+    let hello = startup_message(&[("user", "u"), ("database", "d")]);
+    round_trip(&mut connected, &hello, T);
+    let (ok, out, err) = instance.upgrade(None);
+    assert!(ok, "upgrade failed: {out}{err}");
+    assert_eq!(handed_count(&out), 1, "only the connected relay: {out}");
+    assert!(
+        s.try_wait().is_none(),
+        "the old process still serves its client"
+    );
+    round_trip(&mut early, &hello, T);
+    round_trip(&mut early, b"after the upgrade", T);
+    round_trip(&mut connected, b"after the upgrade", T);
+    for mut c in [early, connected] {
+        c.shutdown(Shutdown::Write).unwrap();
+        let (rest, ending) = read_until_closed(&mut c, T);
+        assert!(rest.is_empty());
+        assert_eq!(ending, Ending::Eof);
     }
-    old_exit(&mut s);
-    drop((clients, servers));
+    let status = old_exit(&mut s);
+    assert!(status.success(), "{status}");
 }
+
+both_engines!(a_client_reading_its_first_packet_finishes_in_the_old_process);
