@@ -309,10 +309,11 @@ impl Runtime {
 
     /// Adds the counters of `old` (the snapshot of the instance a live
     /// upgrade replaces) to worker 0's blocks: each listener's by name
-    /// (`handoff` to the handoff pseudo-listener's), the worker-scoped
-    /// ones summed. Gauges are not carried: they describe the old
-    /// process's relays, which stay there. A listener of `old` no current
-    /// one is named after is dropped.
+    /// (`handoff` to the handoff pseudo-listener's), each server's by its
+    /// listener's name and its address, the worker-scoped ones summed.
+    /// Gauges are not carried: they describe the old process's relays,
+    /// which are counted again as the new process takes them. A listener
+    /// or server of `old` the current config does not name is dropped.
     #[cfg(feature = "service")]
     pub(crate) fn seed_counters(&self, old: &crate::shm::Snapshot) {
         let set = self.listener_set();
@@ -324,6 +325,27 @@ impl Runtime {
                 .find(|l| l.label() == old_listener.name);
             if let Some(listener) = target {
                 listener.counters(0).seed(&old_listener.total());
+            }
+        }
+        // Each server's, by listener and address, when the new config
+        // still has it (a server shared by pools counts once).
+        for old_server in &old.servers {
+            let server = set
+                .current
+                .iter()
+                .filter(|l| l.label() == old_server.listener)
+                .flat_map(|l| l.pools.iter())
+                .find_map(|pool| {
+                    let members = pool.members();
+                    let found = members
+                        .servers
+                        .iter()
+                        .find(|s| s.addr.to_string() == old_server.addr)
+                        .cloned();
+                    found
+                });
+            if let Some(server) = server {
+                server.block(0).seed(&old_server.total());
             }
         }
         if let Some(first) = self.workers.first() {

@@ -461,6 +461,9 @@ fn counters_carry_on_across_the_upgrade() {
     let before_file = file_counters(&instance);
     let before_metric = scrape(admin, "spliced_connections_accepted_total");
     assert!(before_metric >= 10.0);
+    let server_family = "spliced_server_connections_closed_total";
+    let before_server = scrape(admin, server_family);
+    assert!(before_server >= 10.0);
     let (ok, out, err) = instance.upgrade(None);
     assert!(ok, "{out}{err}");
     old_exit(&mut s);
@@ -475,6 +478,11 @@ fn counters_carry_on_across_the_upgrade() {
     assert!(
         after_metric >= before_metric,
         "/metrics accepted: {before_metric} before, {after_metric} after"
+    );
+    let after_server = scrape(admin, server_family);
+    assert!(
+        after_server >= before_server,
+        "/metrics per server: {before_server} closed before, {after_server} after"
     );
     assert_eq!(echo_once(s.addr, 99, 1000, T).len(), 1000);
     let later = scrape(admin, "spliced_connections_accepted_total");
