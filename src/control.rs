@@ -32,9 +32,10 @@ pub(crate) enum Command {
     /// Take a reloaded config's listeners.
     Reload(Box<WorkerReload>),
     /// Stop every relay that can be handed over and send them out, for a
-    /// live upgrade's new process.
+    /// live upgrade's new process, with the count of those that may be
+    /// later (clients still connecting or reading their first bytes).
     #[cfg(feature = "service")]
-    FreezeRelays(Sender<Vec<crate::relay::image::Outbound>>),
+    FreezeRelays(Sender<(Vec<crate::relay::image::Outbound>, usize)>),
     /// The relays a freeze sent out, back: each handed over, resumed or
     /// reset.
     #[cfg(feature = "service")]

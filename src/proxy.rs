@@ -437,7 +437,16 @@ impl ProxyHandle {
         &self,
         relays: crate::upgrade::CarriedRelays,
     ) -> crate::upgrade::AdoptOutcome {
-        crate::upgrade::adopt(&self.runtime.links(), relays)
+        self.relay_adopter().adopt(relays)
+    }
+
+    /// A cloneable handle that gives carried relays to the workers from
+    /// any thread (a live upgrade's later rounds). (Feature `service`.)
+    #[cfg(feature = "service")]
+    pub fn relay_adopter(&self) -> crate::upgrade::RelayAdopter {
+        crate::upgrade::RelayAdopter {
+            links: self.runtime.links(),
+        }
     }
 
     /// A cloneable handle that can stop this proxy from another thread.

@@ -103,7 +103,9 @@ pub(super) fn run(
     }
     if let Some((from, mut c)) = committed {
         let outcome = handle.adopt_relays(c.take_relays());
-        let taken = c.started(&outcome);
+        let (taken, late) = c.started(&outcome);
+        let adopter = handle.relay_adopter();
+        late.serve(move |relays| adopter.adopt(relays));
         tracing::info!(
             from,
             servers = carried,

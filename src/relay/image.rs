@@ -124,6 +124,14 @@ impl Relay {
             && self.upstream.as_tcp().is_some()
     }
 
+    /// Whether a live upgrade can hand this relay over once its connect
+    /// and negotiation are done (no embedder waits for it).
+    pub(crate) fn can_hand_over_later(&self) -> bool {
+        self.session.reporter.is_none()
+            && self.client.as_tcp().is_some()
+            && (self.core.is_connecting() || self.session.negotiation.is_some())
+    }
+
     /// Stops the relay where it is, for a live upgrade: its image at `now`
     /// (monotonic `frozen_at`) and the relay itself, moved by nothing until
     /// it comes back to its worker. Gives the relay back if its bytes

@@ -2,11 +2,12 @@
 //! listening sockets and the servers' health, says `ready`, receives the
 //! frozen relays, and waits for the commit.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use super::protocol::{Message, Taken};
 use super::relays::{self, AdoptOutcome, CarriedRelays};
 use super::{out_of_place, UpgradeError, ANSWER_WITHIN, CHANNEL_ENV, FAULT_ENV, FORMAT};
+use crate::relay::image::Inbound;
 use crate::sys::fdpass;
 use crate::upstream::fleet::ServerHealth;
 
@@ -97,30 +98,8 @@ impl Incoming {
         let mut got =
             fdpass::receive(self.channel.as_fd()).map_err(|e| talk("read the commit", e))?;
         if let Ok(Message::Relays(expected)) = Message::decode(&got.bytes) {
-            while relays.len() < expected {
-                let batch = fdpass::receive(self.channel.as_fd())
-                    .map_err(|e| talk("read the relays", e))?;
-                let images = match Message::decode(&batch.bytes) {
-                    Ok(Message::RelayBatch(images)) => images,
-                    Ok(Message::Abort) => {
-                        return Err(UpgradeError::Refused(
-                            "the running instance aborted the upgrade".into(),
-                        ))
-                    }
-                    _ => return Err(UpgradeError::Protocol("expected relays".into())),
-                };
-                relays.extend(relays::inbound(images, batch.fds)?);
-                fdpass::send(
-                    self.channel.as_fd(),
-                    &Message::Ack(relays.len()).encode(),
-                    &[],
-                )
-                .map_err(|e| talk("acknowledge", e))?;
-                if self.die_after_half_relays && relays.len() * 2 >= expected {
-                    eprintln!("spliced: {FAULT_ENV}=die-after-half-relays: exiting after {} of {expected} relays (test fault)", relays.len());
-                    std::process::exit(3);
-                }
-            }
+            let die = self.die_after_half_relays;
+            relays = receive_relays(self.channel.as_fd(), expected, die)?;
             got = fdpass::receive(self.channel.as_fd()).map_err(|e| talk("read the commit", e))?;
         }
         match Message::decode(&got.bytes) {
@@ -141,6 +120,36 @@ impl Incoming {
             Err(e) => Err(UpgradeError::Protocol(e.to_string())),
         }
     }
+}
+
+/// `expected` relays in acknowledged batches.
+fn receive_relays(
+    channel: BorrowedFd<'_>,
+    expected: usize,
+    die_after_half: bool,
+) -> Result<Vec<Inbound>, UpgradeError> {
+    let talk = |op, source| UpgradeError::Talk { op, source };
+    let mut relays = Vec::with_capacity(expected.min(1 << 16));
+    while relays.len() < expected {
+        let batch = fdpass::receive(channel).map_err(|e| talk("read the relays", e))?;
+        let images = match Message::decode(&batch.bytes) {
+            Ok(Message::RelayBatch(images)) => images,
+            Ok(Message::Abort) => {
+                return Err(UpgradeError::Refused(
+                    "the running instance aborted the upgrade".into(),
+                ))
+            }
+            _ => return Err(UpgradeError::Protocol("expected relays".into())),
+        };
+        relays.extend(relays::inbound(images, batch.fds)?);
+        fdpass::send(channel, &Message::Ack(relays.len()).encode(), &[])
+            .map_err(|e| talk("acknowledge", e))?;
+        if die_after_half && relays.len() * 2 >= expected {
+            eprintln!("spliced: {FAULT_ENV}=die-after-half-relays: exiting after {} of {expected} relays (test fault)", relays.len());
+            std::process::exit(3);
+        }
+    }
+    Ok(relays)
 }
 
 fn receive(fd: i32, die_after_half: bool) -> Result<Incoming, UpgradeError> {
@@ -252,14 +261,14 @@ impl Committed {
     /// Tells the old process this one serves, which relays it did not
     /// take, and how long the others paused: it stops accepting, lets go
     /// of the relays taken and carries on with the rest.
-    pub fn started(self, relays: &AdoptOutcome) -> Taken {
-        let send = |m: Message| fdpass::send(self.channel.as_fd(), &m.encode(), &[]);
-        for ids in relays.declined.chunks(DECLINED_PER_MESSAGE) {
-            let _ = send(Message::Declined(ids.to_vec()));
-        }
-        let taken = relays.taken();
-        let _ = send(Message::Started(std::process::id(), Some(taken)));
-        taken
+    pub fn started(self, relays: &AdoptOutcome) -> (Taken, LateRelays) {
+        let taken = answer_started(self.channel.as_fd(), relays);
+        (
+            taken,
+            LateRelays {
+                channel: self.channel,
+            },
+        )
     }
 
     /// Tells the old process this one could not start; it carries on.
@@ -269,5 +278,71 @@ impl Committed {
             &Message::Failed(reason.into()).encode(),
             &[],
         );
+    }
+}
+
+/// Tells the old process which relays this one declined, then `started`
+/// with what it took.
+fn answer_started(channel: BorrowedFd<'_>, relays: &AdoptOutcome) -> Taken {
+    let send = |m: Message| fdpass::send(channel, &m.encode(), &[]);
+    for ids in relays.declined.chunks(DECLINED_PER_MESSAGE) {
+        let _ = send(Message::Declined(ids.to_vec()));
+    }
+    let taken = relays.taken();
+    let _ = send(Message::Started(std::process::id(), Some(taken)));
+    taken
+}
+
+/// The channel after `started`: the old process hands over, in later
+/// rounds, the relays that connect there after the freeze (clients that
+/// were connecting or sending their first bytes), until it closes it.
+#[derive(Debug)]
+pub struct LateRelays {
+    channel: OwnedFd,
+}
+
+impl LateRelays {
+    /// Serves the later rounds on a thread of their own: each round's
+    /// relays are received, and on the commit given to `adopt`; the
+    /// answer is the same as the first round's.
+    pub fn serve(self, adopt: impl Fn(CarriedRelays) -> AdoptOutcome + Send + 'static) {
+        let spawned = std::thread::Builder::new()
+            .name("spliced-upgrade".into())
+            .spawn(move || self.rounds(adopt));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "upgrade: relays still connecting in the old process stay there");
+        }
+    }
+
+    fn rounds(self, adopt: impl Fn(CarriedRelays) -> AdoptOutcome) {
+        let channel = self.channel.as_fd();
+        loop {
+            let expected = match fdpass::receive(channel).map(|got| Message::decode(&got.bytes)) {
+                Ok(Ok(Message::Relays(n))) => n,
+                // The old process closed the channel: no more rounds.
+                _ => return,
+            };
+            let relays = match receive_relays(channel, expected, false) {
+                Ok(relays) => relays,
+                Err(e) => {
+                    tracing::warn!(error = %e, "upgrade: a later round of relays failed; they stay with the old process");
+                    return;
+                }
+            };
+            // Nothing moves before the commit: without it the old process
+            // carries on with them (their descriptors close here untouched).
+            match fdpass::receive(channel).map(|got| Message::decode(&got.bytes)) {
+                Ok(Ok(Message::Commit)) => {}
+                _ => return,
+            }
+            let outcome = adopt(CarriedRelays(relays));
+            let taken = answer_started(channel, &outcome);
+            tracing::info!(
+                relays = taken.relays,
+                declined = outcome.declined.len(),
+                "upgrade: took {} more relays that connected in the old process after the freeze",
+                taken.relays
+            );
+        }
     }
 }

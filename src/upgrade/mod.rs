@@ -16,9 +16,10 @@
 //!    leaves its worker's epoll set and is moved by nothing) and sends
 //!    them in acknowledged batches: both sockets, each pipe that holds
 //!    bytes, a memory file with what a copy buffer holds, and the relay's
-//!    state as a line of text (`wire`). Relays still connecting, reading
-//!    a preface or held for a server, and pairs an embedder handed off,
-//!    stay with the old process and drain there.
+//!    state as a line of text (`wire`). Relays still connecting or
+//!    negotiating, and clients still reading a preface, follow in later
+//!    rounds (below); pairs an embedder handed off stay with the old
+//!    process and drain there.
 //! 4. On `commit` the new process starts on the passed sockets (every
 //!    SO_REUSEPORT socket of an address is adopted, so no accept queue is
 //!    closed), its workers take the relays, and it answers with the
@@ -30,6 +31,9 @@
 //!    accepts, each server of its config that the old process knew
 //!    starts in the carried state ([`CarriedHealth`]), so a role pool
 //!    relays at once to the primary the old process had confirmed.
+//! 5. Later rounds: the old process hands over, as in 3 and 4, the relays
+//!    that connected since the freeze, until none may follow or
+//!    [`LATE_WITHIN`] has passed, then closes the channel.
 //!
 //! Until the commit, the old process keeps accepting and the frozen
 //! relays are its own: if the new binary is missing, exits, refuses or
@@ -53,11 +57,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use incoming::{CarriedHealth, Committed, Incoming};
+pub use incoming::{CarriedHealth, Committed, Incoming, LateRelays};
 use protocol::Message;
 pub use protocol::{BadMessage, Taken, FORMAT};
-pub(crate) use relays::adopt;
-pub use relays::{AdoptOutcome, CarriedRelays};
+
+pub use relays::{AdoptOutcome, CarriedRelays, RelayAdopter};
 
 use std::net::SocketAddr;
 
@@ -80,6 +84,12 @@ pub const FAULT_ENV: &str = "SPLICED_UPGRADE_FAULT";
 /// How long the old process waits for each answer of the new one
 /// (its config is read before `ready`).
 const ANSWER_WITHIN: Duration = Duration::from_secs(30);
+
+/// How long the old process goes on handing over relays that connect
+/// after the freeze (clients that were connecting or sending their first
+/// bytes), and how often it looks.
+const LATE_WITHIN: Duration = Duration::from_secs(60);
+const LATE_EVERY: Duration = Duration::from_millis(20);
 
 /// Sockets per `sockets` message: the kernel's limit per message.
 const BATCH: usize = fdpass::MAX_FDS_PER_MESSAGE;
@@ -215,7 +225,7 @@ impl Upgrader {
                 admin.restart();
             }
         };
-        let handed = hand_over(
+        let (handed, talk) = hand_over(
             &self.links,
             &self.fleet,
             request,
@@ -229,6 +239,13 @@ impl Upgrader {
             },
         )?;
         self.controller.shutdown();
+        let links = self.links.clone();
+        let spawned = std::thread::Builder::new()
+            .name("spliced-upgrade".into())
+            .spawn(move || talk.late_rounds(&links));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "upgrade: relays still connecting stay with this process");
+        }
         Ok(handed)
     }
 }
@@ -263,7 +280,7 @@ fn hand_over(
     request: &Request,
     on_commit: impl FnOnce(u32),
     on_rollback: impl FnOnce(),
-) -> Result<Handed, UpgradeError> {
+) -> Result<(Handed, Talk), UpgradeError> {
     let began = Instant::now();
     let sockets = listening_sockets(links).map_err(UpgradeError::Sockets)?;
     let (ours, theirs) = fdpass::channel_pair().map_err(UpgradeError::Channel)?;
@@ -288,19 +305,18 @@ fn hand_over(
     let outcome = talk.run(links, &sockets, fleet, on_commit);
     match outcome {
         Ok((pid, relays, declined)) => {
-            // The child is not waited for: it is the instance now.
-            std::mem::forget(talk.child);
             let kept = declined.len();
             if let Some(frozen) = talk.frozen.take() {
                 frozen.end(links, relays::fate_after_start(&declined));
             }
-            Ok(Handed {
+            let handed = Handed {
                 pid,
                 sockets: sockets.len(),
                 relays,
                 kept,
                 elapsed: began.elapsed(),
-            })
+            };
+            Ok((handed, talk))
         }
         Err(e) => {
             let _ = fdpass::send(talk.channel.as_fd(), &Message::Abort.encode(), &[]);
@@ -374,6 +390,13 @@ impl Talk {
         self.send_relays(links)?;
         on_commit(self.child.id());
         self.committed = true;
+        self.commit_and_answer()
+    }
+
+    /// Sends the commit (from here on the new process may move the
+    /// frozen relays' bytes) and reads the answer: the relays it declined,
+    /// then `started`.
+    fn commit_and_answer(&mut self) -> Result<(u32, Taken, HashSet<u64>), UpgradeError> {
         self.untouched = false;
         self.send(&Message::Commit, &[], "send the commit")?;
         let mut declined = HashSet::new();
@@ -397,6 +420,58 @@ impl Talk {
                 other => return Err(out_of_place(&other, "started")),
             }
         }
+    }
+
+    /// After `started`. Clients that were connecting or still sending
+    /// their first bytes at the freeze become relays here (this process
+    /// no longer accepts): each round hands over those connected since,
+    /// as the first did, until no such client is left or [`LATE_WITHIN`]
+    /// has passed. A round that fails leaves its relays here (resumed, or
+    /// reset if the new process may have moved their bytes) and ends the
+    /// rounds. Closing the channel at the end tells the new process.
+    fn late_rounds(mut self, links: &[WorkerLink]) {
+        let until = Instant::now() + LATE_WITHIN;
+        loop {
+            let frozen = relays::Frozen::take(links);
+            let later = frozen.later;
+            if frozen.len() > 0 {
+                self.untouched = true;
+                let sent = self.send_frozen(&frozen);
+                self.frozen = Some(frozen);
+                match sent.and_then(|()| self.commit_and_answer()) {
+                    Ok((_, taken, declined)) => {
+                        if let Some(frozen) = self.frozen.take() {
+                            frozen.end(links, relays::fate_after_start(&declined));
+                        }
+                        tracing::info!(
+                            relays = taken.relays,
+                            declined = declined.len(),
+                            pause_p99_us = taken.p99_us,
+                            "upgrade: {} more relays handed over (they connected after the freeze)",
+                            taken.relays
+                        );
+                    }
+                    Err(e) => {
+                        let fate = if self.untouched {
+                            WorkerFate::Resume
+                        } else {
+                            WorkerFate::Reset
+                        };
+                        if let Some(frozen) = self.frozen.take() {
+                            frozen.end(links, |_| fate);
+                        }
+                        tracing::warn!(error = %e, "upgrade: relays that connected after the freeze stay with this process");
+                        break;
+                    }
+                }
+            }
+            if later == 0 || Instant::now() >= until {
+                break;
+            }
+            std::thread::sleep(LATE_EVERY);
+        }
+        // The child is not waited for: it is the instance now.
+        std::mem::forget(self.child);
     }
 
     /// Freezes the relays and sends them in acknowledged batches.

@@ -21,6 +21,9 @@ const BATCH_TEXT: usize = 48 * 1024;
 /// The relays the old process froze, by the worker they came from.
 pub(super) struct Frozen {
     per_worker: Vec<(usize, Vec<Outbound>)>,
+    /// Clients the workers still connect or read, which may become
+    /// relays to hand over (a worker that did not answer counts one).
+    pub(super) later: usize,
 }
 
 impl Frozen {
@@ -36,11 +39,21 @@ impl Frozen {
                 link.send(Command::FreezeRelays(tx)).ok().map(|()| (i, rx))
             })
             .collect();
+        let mut later = 0;
         let per_worker = asked
             .into_iter()
-            .filter_map(|(i, rx)| Some((i, rx.recv_timeout(Duration::from_secs(10)).ok()?)))
+            .filter_map(|(i, rx)| match rx.recv_timeout(Duration::from_secs(10)) {
+                Ok((relays, pending)) => {
+                    later += pending;
+                    Some((i, relays))
+                }
+                Err(_) => {
+                    later += 1;
+                    None
+                }
+            })
             .collect();
-        Frozen { per_worker }
+        Frozen { per_worker, later }
     }
 
     pub(super) fn len(&self) -> usize {
@@ -165,6 +178,19 @@ impl AdoptOutcome {
             p99_us: at(0.99),
             max_us: us.last().copied().unwrap_or(0),
         }
+    }
+}
+
+/// Gives carried relays to a running proxy's workers, from any thread
+/// ([`crate::ProxyHandle::relay_adopter`]).
+#[derive(Clone)]
+pub struct RelayAdopter {
+    pub(crate) links: Vec<WorkerLink>,
+}
+
+impl RelayAdopter {
+    pub fn adopt(&self, relays: CarriedRelays) -> AdoptOutcome {
+        adopt(&self.links, relays)
     }
 }
 

@@ -109,6 +109,15 @@ impl Prefaces {
         self.entries.is_empty()
     }
 
+    /// Clients being read (cancel requests on their way not counted).
+    #[cfg(feature = "service")]
+    pub(super) fn clients(&self) -> usize {
+        self.entries
+            .iter()
+            .filter(|(_, e)| matches!(e, Entry::Client(_)))
+            .count()
+    }
+
     fn wake_by(&mut self, deadline: Instant) {
         self.next = Some(self.next.map_or(deadline, |n| n.min(deadline)));
     }

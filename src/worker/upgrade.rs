@@ -51,7 +51,7 @@ mod relays {
         /// here.
         pub(in crate::worker) fn freeze_relays(
             &mut self,
-            answer: &Sender<Vec<Outbound>>,
+            answer: &Sender<(Vec<Outbound>, usize)>,
             now: Instant,
         ) {
             let frozen_at = crate::sys::monotonic_ns();
@@ -78,9 +78,17 @@ mod relays {
                 }
             }
             self.frozen_out += out.len();
-            if let Err(unsent) = answer.send(out) {
+            // Clients that may become relays to hand over: connecting or
+            // negotiating, or still sending their first bytes.
+            let later = self
+                .relays
+                .iter()
+                .filter(|(_, r)| r.can_hand_over_later())
+                .count()
+                + self.prefaces.clients();
+            if let Err(unsent) = answer.send((out, later)) {
                 // The upgrade gave up waiting: carry on with them.
-                for outbound in unsent.0 {
+                for outbound in unsent.0 .0 {
                     self.frozen_out -= 1;
                     self.resume_relay(outbound.relay, now);
                 }

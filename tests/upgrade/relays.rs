@@ -431,10 +431,10 @@ fn relays_survive_a_new_process_that_dies(mode: Mode) {
 both_engines!(relays_survive_a_new_process_that_dies);
 
 /// A client still reading its PostgreSQL first packet at the upgrade stays
-/// with the old process, which finishes it as it drains: its packet, sent
-/// after the upgrade, reaches the server and the session runs to a clean
-/// end; the old process exits after it.
-fn a_client_reading_its_first_packet_finishes_in_the_old_process(mode: Mode) {
+/// with the old process until its relay connects; a later round then
+/// hands the relay to the new process and the old one exits, while the
+/// session runs on to a clean end.
+fn a_client_reading_its_first_packet_is_handed_over_once_connected(mode: Mode) {
     let up = echo_server();
     let text = format!(
         "[[listener]]\nname = \"pg\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"postgres\"\n\
@@ -444,18 +444,18 @@ fn a_client_reading_its_first_packet_finishes_in_the_old_process(mode: Mode) {
     let name = format!("preface-{}", mode_name(mode));
     let (mut s, mut instance) = Instance::start_config(&name, mode, &text);
     let mut early = connect(s.addr);
-    // A connected relay beside it goes to the new process.
+    // A connected relay beside it goes in the first round.
     let mut connected = connect(s.addr);
     let hello = startup_message(&[("user", "u"), ("database", "d")]);
     round_trip(&mut connected, &hello, T);
     let (ok, out, err) = instance.upgrade(None);
     assert!(ok, "upgrade failed: {out}{err}");
     assert_eq!(handed_count(&out), 1, "only the connected relay: {out}");
-    assert!(
-        s.try_wait().is_none(),
-        "the old process still serves its client"
-    );
     round_trip(&mut early, &hello, T);
+    // Its relay connected in the old process, which hands it over and
+    // exits: what follows goes through the new one.
+    let status = old_exit(&mut s);
+    assert!(status.success(), "{status}");
     round_trip(&mut early, b"after the upgrade", T);
     round_trip(&mut connected, b"after the upgrade", T);
     for mut c in [early, connected] {
@@ -464,8 +464,50 @@ fn a_client_reading_its_first_packet_finishes_in_the_old_process(mode: Mode) {
         assert!(rest.is_empty());
         assert_eq!(ending, Ending::Eof);
     }
-    let status = old_exit(&mut s);
-    assert!(status.success(), "{status}");
 }
 
-both_engines!(a_client_reading_its_first_packet_finishes_in_the_old_process);
+both_engines!(a_client_reading_its_first_packet_is_handed_over_once_connected);
+
+/// A relay still connecting to a slow server at the upgrade (its SYN
+/// dropped by a full accept queue) connects in the old process once the
+/// server makes room; a later round hands it to the new process, and the
+/// old one exits while the pair carries on.
+fn a_relay_connecting_at_the_upgrade_is_handed_over_once_connected(mode: Mode) {
+    let (slow, filler, up_addr) = black_hole();
+    let name = format!("connecting-{}", mode_name(mode));
+    let (mut s, mut instance) =
+        Instance::start_with(&name, mode, up_addr, None, &["--connect-timeout", "20s"]);
+    let mut c = connect(s.addr);
+    // Give the proxy time to accept the client and start its connect (a
+    // client still in the backlog would simply meet the new process).
+    pace(Duration::from_millis(300));
+    let (ok, out, err) = instance.upgrade(None);
+    assert!(ok, "upgrade failed: {out}{err}");
+    assert_eq!(handed_count(&out), 0, "nothing was connected yet: {out}");
+    assert!(
+        s.try_wait().is_none(),
+        "the old process keeps its connecting relay"
+    );
+    // Room in the queue: the proxy's next SYN gets in.
+    drop(slow.accept().unwrap());
+    drop(filler);
+    slow.set_nonblocking(true).unwrap();
+    let mut server = wait_for(T, "the proxy's connect", || slow.accept().ok()).0;
+    server.set_nonblocking(false).unwrap();
+    let status = old_exit(&mut s);
+    assert!(status.success(), "{status}");
+    c.write_all(b"ping").unwrap();
+    assert_eq!(read_exact_within(&mut server, 4, T).unwrap(), b"ping");
+    server.write_all(b"pong").unwrap();
+    assert_eq!(read_exact_within(&mut c, 4, T).unwrap(), b"pong");
+    c.shutdown(Shutdown::Write).unwrap();
+    let (rest, ending) = read_until_closed(&mut server, T);
+    assert!(rest.is_empty());
+    assert_eq!(ending, Ending::Eof, "the client's FIN reaches the server");
+    server.shutdown(Shutdown::Write).unwrap();
+    let (rest, ending) = read_until_closed(&mut c, T);
+    assert!(rest.is_empty());
+    assert_eq!(ending, Ending::Eof, "the server's FIN reaches the client");
+}
+
+both_engines!(a_relay_connecting_at_the_upgrade_is_handed_over_once_connected);
