@@ -511,3 +511,41 @@ fn a_relay_connecting_at_the_upgrade_is_handed_over_once_connected(mode: Mode) {
 }
 
 both_engines!(a_relay_connecting_at_the_upgrade_is_handed_over_once_connected);
+
+/// An instance that dropped root (`--user nobody`) upgrades as well: the
+/// new process it starts runs as that user, takes the relay and the pid
+/// file, and upgrades again the same way. Needs root to drop from.
+#[test]
+fn an_instance_that_dropped_root_hands_its_relays_over() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: dropping to nobody needs root");
+        return;
+    }
+    let up = kinds_server();
+    let (mut s, mut instance) = Instance::start_with(
+        "user",
+        Mode::Splice,
+        up.server.addr,
+        None,
+        &["--user", "nobody"],
+    );
+    let mut c = open(s.addr, Kind::Echo, 1, None);
+    round_trip(&mut c, b"before", T);
+    for round in 0..2 {
+        let (ok, out, err) = instance.upgrade(None);
+        assert!(ok, "upgrade {round} failed: {out}{err}");
+        assert_eq!(handed_count(&out), 1, "{out}");
+        round_trip(&mut c, format!("after upgrade {round}").as_bytes(), T);
+    }
+    old_exit(&mut s);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", instance.pid())).unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid.contains("65534"),
+        "the new process runs as nobody: {uid}"
+    );
+    c.shutdown(Shutdown::Write).unwrap();
+    let (rest, ending) = read_until_closed(&mut c, T);
+    assert!(rest.is_empty());
+    assert_eq!(ending, Ending::Eof);
+}
