@@ -549,3 +549,58 @@ fn an_instance_that_dropped_root_hands_its_relays_over() {
     assert!(rest.is_empty());
     assert_eq!(ending, Ending::Eof);
 }
+
+/// The next notification on `socket` holding `line`, as its lines.
+fn expect_notice(socket: &std::os::unix::net::UnixDatagram, line: &str) -> Vec<String> {
+    let deadline = Instant::now() + T;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = socket.recv(&mut buf).expect("a notification");
+        let notice: Vec<String> = String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .map(String::from)
+            .collect();
+        if notice.iter().any(|l| l == line) {
+            return notice;
+        }
+        assert!(Instant::now() < deadline, "no {line} notification");
+    }
+}
+
+/// Under a service manager (`NOTIFY_SOCKET`, as `Type=notify` gives),
+/// the old process names the new one the main process (`MAINPID=`) before
+/// the commit, and the new one says `READY=1` once it serves; the relay
+/// carries on in it.
+#[test]
+fn the_service_manager_hears_the_new_main_pid() {
+    let up = kinds_server();
+    let dir = temp_dir("notify");
+    let notify_path = dir.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(T)).unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.args(["run", "--name", "notify", "--listen", "127.0.0.1:0"])
+        .args(["--workers", "2", "--upstream"])
+        .arg(up.server.addr.to_string())
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("RUNTIME_DIRECTORY", &dir);
+    let mut s = Spliced::spawn(cmd);
+    let mut instance = Instance {
+        name: "notify".into(),
+        dir: dir.clone(),
+        successors: Vec::new(),
+    };
+    expect_notice(&notify, "READY=1");
+    let mut c = open(s.addr, Kind::Echo, 1, None);
+    round_trip(&mut c, b"before", T);
+    let (ok, out, err) = instance.upgrade(None);
+    assert!(ok, "{out}{err}");
+    let new = instance.pid();
+    expect_notice(&notify, &format!("MAINPID={new}"));
+    expect_notice(&notify, "READY=1");
+    old_exit(&mut s);
+    round_trip(&mut c, b"after", T);
+    c.shutdown(Shutdown::Write).unwrap();
+    let (_, ending) = read_until_closed(&mut c, T);
+    assert_eq!(ending, Ending::Eof);
+}
