@@ -604,3 +604,51 @@ fn the_service_manager_hears_the_new_main_pid() {
     let (_, ending) = read_until_closed(&mut c, T);
     assert_eq!(ending, Ending::Eof);
 }
+
+/// A relay whose listener the new config no longer has is declined: it
+/// stays with the old process, on its old settings, and runs to its end
+/// there; the other listener's relay moves.
+fn a_relay_of_a_listener_the_new_config_drops_stays_behind(mode: Mode) {
+    let up = echo_server();
+    let listener = |name: &str| {
+        format!(
+            "[[listener]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\n\
+             [listener.pool]\nservers = [\"{}\"]\n",
+            up.addr
+        )
+    };
+    let name = format!("dropped-{}", mode_name(mode));
+    let (mut s, mut instance) =
+        Instance::start_config(&name, mode, &format!("{}{}", listener("a"), listener("b")));
+    let a = s.addr;
+    let b = wait_for(T, "the second listener's address", || {
+        s.logs()
+            .iter()
+            .filter_map(|l| parse_listening(l))
+            .find(|addr| *addr != a)
+    });
+    let mut on_a = connect(a);
+    let mut on_b = connect(b);
+    round_trip(&mut on_a, b"a before", T);
+    round_trip(&mut on_b, b"b before", T);
+    std::fs::write(instance.dir.join("spliced.toml"), listener("a")).unwrap();
+    let (ok, out, err) = instance.upgrade(None);
+    assert!(ok, "{out}{err}");
+    assert_eq!(handed_count(&out), 1, "{out}");
+    assert!(out.contains("(1 declined relays"), "{out}");
+    round_trip(&mut on_a, b"a after", T);
+    round_trip(&mut on_b, b"b after", T);
+    assert!(
+        s.try_wait().is_none(),
+        "the old process serves the declined relay"
+    );
+    on_b.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_until_closed(&mut on_b, T).1, Ending::Eof);
+    let status = old_exit(&mut s);
+    assert!(status.success(), "{status}");
+    round_trip(&mut on_a, b"a at the end", T);
+    on_a.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_until_closed(&mut on_a, T).1, Ending::Eof);
+}
+
+both_engines!(a_relay_of_a_listener_the_new_config_drops_stays_behind);
