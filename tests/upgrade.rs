@@ -4,6 +4,8 @@
 //! every kind), and a failed upgrade changes nothing.
 
 mod common;
+#[path = "upgrade/later.rs"]
+mod later;
 #[path = "upgrade/relays.rs"]
 mod relays;
 
