@@ -167,8 +167,7 @@ pub(super) fn run(
             }
             if signal == SIGUSR2 {
                 tracing::info!("SIGUSR2: upgrading");
-                // The outcome is logged by `run`.
-                let _ = on_signal.run(None);
+                on_signal.run_from_signal();
                 continue;
             }
             seen += 1;
@@ -184,6 +183,9 @@ pub(super) fn run(
         }
     });
     handle.join();
+    // An upgrade that handed every relay over ends the workers at once:
+    // its answer is written (or logged) before the process exits.
+    upgrades.wait_answered();
     if pid_file.is_some() {
         upgrades.remove(&control_socket);
     }

@@ -59,6 +59,10 @@ pub(super) struct Upgrades {
     binary: PathBuf,
     args: Vec<OsString>,
     busy: Arc<Mutex<()>>,
+    /// Held while an upgrade runs and its outcome is answered or logged:
+    /// the process does not exit before (it may be done at once, every
+    /// relay handed over).
+    answering: Arc<Mutex<()>>,
     /// Set once a new process took over: the control socket's path is its
     /// own then, never removed by this one.
     pub(super) handed: Arc<AtomicBool>,
@@ -71,6 +75,7 @@ impl Upgrades {
             binary,
             args,
             busy: Arc::new(Mutex::new(())),
+            answering: Arc::new(Mutex::new(())),
             handed: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -90,10 +95,20 @@ impl Upgrades {
         };
         tracing::info!(binary = %request.binary.display(), "upgrade: starting the new process");
         let me = std::process::id();
+        let handed = &self.handed;
         let outcome = self.upgrader.hand_over(
             &request,
-            |pid| service::notify_main_pid(pid, "upgrading"),
-            || service::notify_main_pid(me, "serving; the upgrade failed (see the log)"),
+            |pid| {
+                // From the commit the new process owns the control socket's
+                // path: this one must not remove it when it exits, which
+                // may be at once (every relay handed over).
+                handed.store(true, Ordering::Relaxed);
+                service::notify_main_pid(pid, "upgrading")
+            },
+            || {
+                handed.store(false, Ordering::Relaxed);
+                service::notify_main_pid(me, "serving; the upgrade failed (see the log)")
+            },
         );
         match outcome {
             Ok(h) => {
@@ -110,11 +125,11 @@ impl Upgrades {
                     pause_p50_us = r.p50_us,
                     pause_p99_us = r.p99_us,
                     pause_max_us = r.max_us,
-                    "upgrade: pid {} serves now; this process stopped accepting and drains the relays it kept (declined, or not yet connected)",
+                    "upgrade: pid {} serves now; this process stopped accepting, keeps the relays it declined and hands over the ones still connecting as they connect",
                     h.pid
                 );
                 Ok(format!(
-                    "upgraded: pid {} serves now ({} listening sockets and {} live relays handed over in {ms:.1} ms; relay pause p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms); pid {me} drains the rest ({} declined relays, and any that were still connecting)",
+                    "upgraded: pid {} serves now ({} listening sockets and {} live relays handed over in {ms:.1} ms; relay pause p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms); pid {me} keeps {} declined relays and hands over the ones still connecting as they connect",
                     h.pid, h.sockets, r.relays, us(r.p50_us), us(r.p99_us), us(r.max_us), h.kept
                 ))
             }
@@ -159,7 +174,19 @@ impl Upgrades {
         });
     }
 
+    /// Runs one upgrade from SIGUSR2; the outcome is logged.
+    pub(super) fn run_from_signal(&self) {
+        let _answering = self.answering.lock();
+        let _ = self.run(None);
+    }
+
+    /// Returns once no upgrade is being run or answered.
+    pub(super) fn wait_answered(&self) {
+        drop(self.answering.lock());
+    }
+
     fn answer(&self, stream: UnixStream) {
+        let _answering = self.answering.lock();
         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
         let mut line = String::new();
         if BufReader::new(&stream).read_line(&mut line).is_err() {

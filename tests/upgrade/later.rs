@@ -216,7 +216,7 @@ fn a_relay_of_a_listener_the_new_config_drops_stays_behind(mode: Mode) {
     let (ok, out, err) = instance.upgrade(None);
     assert!(ok, "{out}{err}");
     assert_eq!(handed_count(&out), 1, "{out}");
-    assert!(out.contains("(1 declined relays"), "{out}");
+    assert!(out.contains("keeps 1 declined relays"), "{out}");
     round_trip(&mut on_a, b"a after", T);
     round_trip(&mut on_b, b"b after", T);
     assert!(
