@@ -152,9 +152,9 @@ pub(super) fn run(
     }
     let controller = handle.controller();
     let reloader = handle.reloader();
-    let upgrades = Upgrades::new(handle.upgrader(), origin.0, origin.1);
+    let upgrades = Upgrades::new(handle.upgrader(), name, origin.0, origin.1);
     if let Some(control) = control {
-        upgrades.serve(control);
+        upgrades.serve(control, &control_socket);
     }
     service::notify(Notify::Ready, "serving");
     let on_signal = upgrades.clone();

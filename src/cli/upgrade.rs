@@ -66,16 +66,32 @@ pub(super) struct Upgrades {
     /// Set once a new process took over: the control socket's path is its
     /// own then, never removed by this one.
     pub(super) handed: Arc<AtomicBool>,
+    /// Where the control socket is, once served: bound again after an
+    /// upgrade that failed past the commit (the new process had replaced
+    /// it by its own).
+    path: Arc<Mutex<Option<PathBuf>>>,
+    /// The instance's name, and its pid file as written again after such
+    /// a failure (the new process had taken it over).
+    name: String,
+    pid_file: Arc<Mutex<Option<service::PidFile>>>,
 }
 
 impl Upgrades {
-    pub(super) fn new(upgrader: Upgrader, binary: PathBuf, args: Vec<OsString>) -> Upgrades {
+    pub(super) fn new(
+        upgrader: Upgrader,
+        name: &str,
+        binary: PathBuf,
+        args: Vec<OsString>,
+    ) -> Upgrades {
         Upgrades {
             upgrader,
             binary,
             args,
             busy: Arc::new(Mutex::new(())),
             answering: Arc::new(Mutex::new(())),
+            path: Arc::new(Mutex::new(None)),
+            name: name.to_string(),
+            pid_file: Arc::new(Mutex::new(None)),
             handed: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -107,6 +123,7 @@ impl Upgrades {
             },
             || {
                 handed.store(false, Ordering::Relaxed);
+                self.take_name_back();
                 service::notify_main_pid(me, "serving; the upgrade failed (see the log)")
             },
         );
@@ -140,11 +157,38 @@ impl Upgrades {
         }
     }
 
+    /// Serves the control socket bound at `path`.
+    pub(super) fn serve(&self, listener: UnixListener, path: &Path) {
+        *self.path.lock().unwrap_or_else(|p| p.into_inner()) = Some(path.to_path_buf());
+        self.serve_listener(listener);
+    }
+
+    /// Takes the name back after a new process failed past the commit
+    /// (it had taken over the pid file and bound its own control socket):
+    /// writes the pid file again and binds and serves the control socket,
+    /// so `spliced reload` and `spliced upgrade` reach this process.
+    fn take_name_back(&self) {
+        let path = self.path.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(path) = path else {
+            return;
+        };
+        match service::PidFile::create(&self.name) {
+            Ok(p) => *self.pid_file.lock().unwrap_or_else(|p| p.into_inner()) = Some(p),
+            Err(e) => tracing::warn!(error = %e, "upgrade failed: cannot write the pid file again"),
+        }
+        if let Some(listener) = bind(&path) {
+            tracing::info!(
+                "upgrade failed: the pid file and the control socket are this process's again"
+            );
+            self.serve_listener(listener);
+        }
+    }
+
     /// Serves the control socket on a thread of its own. The thread waits
     /// in poll(2), not in a blocking accept(2): the kernel gives a blocking
     /// accept its descriptor number before a client comes, which would
     /// take one of the process's descriptors away from the relays for good.
-    pub(super) fn serve(&self, listener: UnixListener) {
+    fn serve_listener(&self, listener: UnixListener) {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         use std::os::fd::AsFd;
         if let Err(e) = listener.set_nonblocking(true) {

@@ -233,3 +233,46 @@ fn a_relay_of_a_listener_the_new_config_drops_stays_behind(mode: Mode) {
 }
 
 both_engines!(a_relay_of_a_listener_the_new_config_drops_stays_behind);
+
+/// A new process that cannot start after the commit (an address its
+/// config adds is taken) answers `failed`: the old process resumes every
+/// relay and serves on, takes its pid file and control socket back, and a
+/// later upgrade (the config fixed) hands the relay over.
+fn a_new_process_that_fails_after_the_commit_changes_nothing(mode: Mode) {
+    let up = kinds_server();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listener = |name: &str, addr: &str| {
+        format!(
+            "[[listener]]\nname = \"{name}\"\nlisten = \"{addr}\"\n\
+             [listener.pool]\nservers = [\"{}\"]\n",
+            up.server.addr
+        )
+    };
+    let name = format!("late-fail-{}", mode_name(mode));
+    let a = listener("a", "127.0.0.1:0");
+    let (mut s, mut instance) = Instance::start_config(&name, mode, &a);
+    let mut c = open(s.addr, Kind::Echo, 1, None);
+    round_trip(&mut c, b"before", T);
+    let config = instance.dir.join("spliced.toml");
+    let b = listener("b", &taken.local_addr().unwrap().to_string());
+    std::fs::write(&config, format!("{a}{b}")).unwrap();
+    let (ok, out, err) = instance.upgrade(None);
+    assert!(!ok, "the upgrade should have failed: {out}");
+    assert!(err.contains("in use"), "the reason is said: {err}");
+    assert!(s.try_wait().is_none(), "the instance still runs");
+    round_trip(&mut c, b"after the failed upgrade", T);
+    round_trip(&mut open(s.addr, Kind::Echo, 2, None), b"a new client", T);
+    std::fs::write(&config, &a).unwrap();
+    let (ok, out, err) = instance.upgrade(None);
+    assert!(
+        ok,
+        "the next upgrade reaches the instance again: {out}{err}"
+    );
+    assert_eq!(handed_count(&out), 1, "{out}");
+    old_exit(&mut s);
+    round_trip(&mut c, b"in the new process", T);
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_until_closed(&mut c, T).1, Ending::Eof);
+}
+
+both_engines!(a_new_process_that_fails_after_the_commit_changes_nothing);
