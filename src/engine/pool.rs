@@ -161,9 +161,12 @@ impl Pools {
     /// upgrade's), larger than the configured size if they need it.
     #[cfg(feature = "service")]
     pub(crate) fn mapped_holding(&mut self, bytes: &[u8]) -> io::Result<Buffer> {
-        let mut heap = match self.idle_buffers.pop() {
-            Some(heap) if bytes.len() <= self.buffer_size => heap,
-            _ => MappedBuffer::new(self.buffer_size.max(bytes.len()))?,
+        let pooled = (bytes.len() <= self.buffer_size)
+            .then(|| self.idle_buffers.pop())
+            .flatten();
+        let mut heap = match pooled {
+            Some(heap) => heap,
+            None => MappedBuffer::new(self.buffer_size.max(bytes.len()))?,
         };
         heap.preload(bytes)?;
         CounterBlock::add(&self.counters.buffers_in_use, 1);
