@@ -78,7 +78,7 @@ pub mod upgrade;
 mod upstream;
 mod worker;
 
-pub use config::{Config, ListenerConfig, Mode, Timeouts};
+pub use config::{Config, EventLoop, ListenerConfig, Mode, Timeouts};
 pub use error::{Side, StartError};
 pub use handoff::{End, Ending, Handoff, HandoffError, Outcome, PairError, Socket};
 #[cfg(feature = "service")]

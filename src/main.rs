@@ -129,6 +129,11 @@ struct RunArgs {
     /// Worker threads, each with its own event loop [default: number of CPUs].
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
+    /// The workers' loop: epoll, or uring (the copy engine's socket reads
+    /// and writes batched through io_uring; epoll where io_uring cannot be
+    /// used) [default: epoll].
+    #[arg(long = "loop", value_name = "LOOP")]
+    event_loop: Option<spliced::EventLoop>,
     /// Capacity asked of each pooled pipe (F_SETPIPE_SZ), e.g. 256k; 0 keeps
     /// the kernel's default size.
     #[arg(long, default_value = "1m", value_name = "BYTES", value_parser = config::parse_size)]
@@ -211,6 +216,9 @@ impl RunArgs {
         };
         if let Some(n) = self.workers {
             config.workers = n;
+        }
+        if let Some(event_loop) = self.event_loop {
+            config.event_loop = event_loop;
         }
         config.pipe_size = self.pipe_size;
         config.max_pipes_per_worker = self.max_pipes;
@@ -301,6 +309,9 @@ impl RunArgs {
     fn overlay(&self, config: &mut Config, given: impl Fn(&str) -> bool) {
         if let Some(n) = self.workers {
             config.workers = n;
+        }
+        if let Some(event_loop) = self.event_loop {
+            config.event_loop = event_loop;
         }
         if given("pipe_size") {
             config.pipe_size = self.pipe_size;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use mio::net::TcpListener;
 
-use crate::config::{Config, ListenerConfig, Mode, Timeouts};
+use crate::config::{Config, EventLoop, ListenerConfig, Mode, Timeouts};
 use crate::control::{Command, Shared, WorkerLink};
 use crate::error::StartError;
 use crate::listener::{self, Listener, ListenerId};
@@ -240,6 +240,7 @@ impl Runtime {
             copy_buffer_size: config.copy_buffer_size,
             arena: Arc::clone(&arena),
         };
+        let mut rings = rings(config.event_loop, per_worker.len());
         for (index, sockets) in per_worker.into_iter().enumerate() {
             let counters = arena.worker_block(index);
             let tid = Arc::new(AtomicI32::new(0));
@@ -250,6 +251,7 @@ impl Runtime {
                 Arc::clone(&shared),
                 counters.clone(),
                 fds.relays,
+                rings.pop().flatten(),
             )
             .map_err(|e| StartError::Io("create the event loop".into(), e))?;
             let link = w.link();
@@ -526,6 +528,27 @@ pub(crate) struct FdBudget {
 /// spread connections evenly: a per-worker share would strand clients on a
 /// full worker while another has room. The pipe share is one count for the
 /// same reason.
+/// One io_uring per worker for the `uring` loop; none for `epoll`, or
+/// where io_uring cannot be used, which is logged once: the workers then
+/// run the epoll loop.
+fn rings(event_loop: EventLoop, workers: usize) -> Vec<Option<crate::sys::uring::Ring>> {
+    if event_loop == EventLoop::Epoll {
+        return Vec::new();
+    }
+    let mut rings = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        match crate::sys::uring::Ring::new() {
+            Ok(ring) => rings.push(Some(ring)),
+            Err(e) => {
+                tracing::warn!(error = %e, "io_uring cannot be used here (kernel.io_uring_disabled, a seccomp profile, or an old kernel): the workers run the epoll loop");
+                return Vec::new();
+            }
+        }
+    }
+    tracing::info!(workers, "the workers run the uring loop");
+    rings
+}
+
 pub(crate) fn fd_budget(config: &Config, nofile: u64) -> FdBudget {
     let reserve = (nofile / 8).clamp(16, 256) + 4 * config.workers as u64
         // The admin endpoint's own fds, bounded, so its clients can never

@@ -21,6 +21,8 @@ struct File {
 #[serde(rename_all = "kebab-case")]
 struct Global {
     workers: usize,
+    #[serde(rename = "loop")]
+    event_loop: &'static str,
     /// Absent: derived from the fd limit at start.
     #[serde(skip_serializing_if = "Option::is_none")]
     max_conns: Option<usize>,
@@ -237,6 +239,7 @@ pub fn effective_toml(config: &Config) -> String {
         admin: config.ops.admin.map(|a| a.to_string()),
         global: Global {
             workers: config.workers,
+            event_loop: config.event_loop.as_str(),
             max_conns: config.max_relays,
             pipe_size: format_size(config.pipe_size),
             max_pipes: config.max_pipes_per_worker,

@@ -105,6 +105,52 @@ impl fmt::Display for ModeError {
 
 impl std::error::Error for ModeError {}
 
+/// How each worker waits for and moves bytes (`[global] loop`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "lowercase")
+)]
+pub enum EventLoop {
+    /// epoll: one read(2), write(2) or splice(2) per socket and transfer.
+    #[default]
+    Epoll,
+    /// epoll for readiness; the copy engine's reads of the sockets a wakeup
+    /// reported, and the writes its relays queued, go to the kernel in one
+    /// io_uring submission per batch. Falls back to `epoll` (logged once)
+    /// where io_uring cannot be used.
+    Uring,
+}
+
+impl EventLoop {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventLoop::Epoll => "epoll",
+            EventLoop::Uring => "uring",
+        }
+    }
+}
+
+impl fmt::Display for EventLoop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for EventLoop {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "epoll" => Ok(EventLoop::Epoll),
+            "uring" => Ok(EventLoop::Uring),
+            other => Err(ConfigError(format!(
+                "unknown loop '{other}' (expected epoll or uring)"
+            ))),
+        }
+    }
+}
+
 /// Deadlines of one listener's relays. `None` disables a deadline.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
@@ -256,6 +302,8 @@ pub struct Config {
     pub pools: Vec<NamedPool>,
     /// Worker threads, each with its own event loop and SO_REUSEPORT listener.
     pub workers: usize,
+    /// Which loop the workers run.
+    pub event_loop: EventLoop,
     /// Capacity asked of pooled pipes; 0 keeps the kernel default (64 KiB).
     pub pipe_size: usize,
     /// Most pipes one worker holds (in use plus pooled); past it, directions copy.
@@ -287,6 +335,7 @@ impl Config {
             listeners: vec![ListenerConfig::new(listen, upstreams, mode)],
             pools: Vec::new(),
             workers: default_workers(),
+            event_loop: EventLoop::Epoll,
             pipe_size: DEFAULT_PIPE_SIZE,
             max_pipes_per_worker: 4096,
             max_idle_pipes_per_worker: 64,

@@ -2,6 +2,7 @@
 //! fallback when no pipe can be had, and the honest baseline for benchmarks.
 
 use std::io::{self, Read, Write};
+use std::ops::Range;
 
 use memmap2::MmapMut;
 
@@ -22,6 +23,13 @@ pub(crate) struct MappedBuffer {
     bytes: MmapMut,
     start: usize,
     end: usize,
+}
+
+/// The whole mapping, as a batched recv or send of the uring loop sees it.
+impl AsMut<[u8]> for MappedBuffer {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes
+    }
 }
 
 impl MappedBuffer {
@@ -99,6 +107,59 @@ impl MappedBuffer {
                 }
             }
             other => other,
+        })
+    }
+
+    /// Makes an empty buffer ready for a batched recv into all of it
+    /// (`None` if it holds bytes). The recv's result goes to
+    /// [`fill_from`](Self::fill_from).
+    pub(crate) fn recv_range(&mut self) -> Option<Range<usize>> {
+        self.rewind_if_empty();
+        (self.start == self.end).then(|| 0..self.bytes.len())
+    }
+
+    /// What a fill makes of a recv the uring loop ran into
+    /// [`recv_range`](Self::recv_range): `result` is the call's return
+    /// (bytes, or a negated errno). `None` for EINTR: read again.
+    pub(crate) fn fill_from(&mut self, result: i32) -> Option<io::Result<Transfer>> {
+        let asked = self.room();
+        Some(match result {
+            n if n > 0 => {
+                let n = (n as usize).min(asked);
+                self.end += n;
+                Ok(if n < asked {
+                    Transfer::MovedAll(n)
+                } else {
+                    Transfer::Moved(n)
+                })
+            }
+            0 => Ok(Transfer::Eof),
+            e if -e == libc::EINTR => return None,
+            e if -e == libc::EAGAIN => Ok(Transfer::WouldBlock),
+            e => Err(io::Error::from_raw_os_error(-e)),
+        })
+    }
+
+    /// The unsent bytes' place in the buffer, for a batched send.
+    pub(crate) fn send_range(&self) -> Range<usize> {
+        self.start..self.end
+    }
+
+    /// What a drain makes of a send the uring loop ran of
+    /// [`send_range`](Self::send_range). `None` for EINTR: send again.
+    pub(crate) fn drained_by(&mut self, result: i32) -> Option<io::Result<Transfer>> {
+        Some(match result {
+            n if n > 0 => {
+                let n = (n as usize).min(self.end - self.start);
+                self.start += n;
+                self.rewind_if_empty();
+                Ok(Transfer::Moved(n))
+            }
+            // A zero-byte write reads as `Eof`, as in `drain`.
+            0 => Ok(Transfer::Eof),
+            e if -e == libc::EINTR => return None,
+            e if -e == libc::EAGAIN => Ok(Transfer::WouldBlock),
+            e => Err(io::Error::from_raw_os_error(-e)),
         })
     }
 

@@ -140,6 +140,27 @@ pub(crate) struct Slot {
     fell_back: bool,
     /// In `auto` mode (until a fallback), what the reads have looked like.
     auto: Option<AutoPolicy>,
+    /// The uring loop's batched calls for this direction.
+    batch: Batched,
+}
+
+/// Where a direction's batched calls (the uring loop's) stand. Each result
+/// is consumed by the fill or drain that follows it in the same loop turn.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Batched {
+    /// A recv ran into the (empty) copy buffer: its return value.
+    read: Option<i32>,
+    send: BatchedSend,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum BatchedSend {
+    #[default]
+    None,
+    /// A drain found unsent bytes: send them with the next batch.
+    Wanted,
+    /// The batch sent them: the send's return value.
+    Done(i32),
 }
 
 impl Slot {
@@ -151,7 +172,77 @@ impl Slot {
             urgent: false,
             fell_back: false,
             auto: (mode == Mode::Auto).then(AutoPolicy::new),
+            batch: Batched::default(),
         }
+    }
+
+    /// For the uring loop: the empty copy buffer a batched recv may fill,
+    /// taken out of the slot (taking one from the pool as a fill would),
+    /// with its range. `None` when this direction does not copy now, holds
+    /// bytes, or its source has urgent data (whose mark only a plain read
+    /// handles).
+    pub(crate) fn stage_read(
+        &mut self,
+        pools: &mut Pools,
+        counters: &CounterBlock,
+    ) -> Option<(MappedBuffer, std::ops::Range<usize>)> {
+        if self.urgent || self.batch != Batched::default() {
+            return None;
+        }
+        if self.buffer.is_none() {
+            self.follow_policy(counters);
+            if self.engine != Engine::Copy {
+                return None;
+            }
+            // Failing to map a buffer is the fill's to report.
+            self.buffer = Some(pools.take(&mut self.engine, counters).ok()?);
+        }
+        let Some(Buffer::Mapped(mapped)) = &mut self.buffer else {
+            return None;
+        };
+        if self.engine != Engine::Copy {
+            return None;
+        }
+        let range = mapped.recv_range()?;
+        let Some(Buffer::Mapped(mapped)) = self.buffer.take() else {
+            unreachable!("matched above")
+        };
+        Some((mapped, range))
+    }
+
+    /// Puts back the buffer [`stage_read`](Self::stage_read) took, with
+    /// what the recv returned; the next fill consumes it.
+    pub(crate) fn staged_read(&mut self, buffer: MappedBuffer, result: i32) {
+        self.buffer = Some(Buffer::Mapped(buffer));
+        self.batch.read = Some(result);
+    }
+
+    /// Whether a drain left bytes for the next batched send.
+    pub(crate) fn wants_send(&self) -> bool {
+        self.batch.send == BatchedSend::Wanted
+    }
+
+    /// The copy buffer whose unsent bytes a batched send is to write,
+    /// taken out of the slot, with their range.
+    pub(crate) fn take_send(&mut self) -> Option<(MappedBuffer, std::ops::Range<usize>)> {
+        if self.batch.send != BatchedSend::Wanted {
+            return None;
+        }
+        let Some(Buffer::Mapped(mapped)) = self.buffer.take() else {
+            // Only a copy buffer's drain asks for a batched send.
+            self.batch.send = BatchedSend::None;
+            return None;
+        };
+        self.batch.send = BatchedSend::None;
+        let range = mapped.send_range();
+        Some((mapped, range))
+    }
+
+    /// Puts back the buffer [`take_send`](Self::take_send) took, with what
+    /// the send returned; the next drain consumes it.
+    pub(crate) fn sent(&mut self, buffer: MappedBuffer, result: i32) {
+        self.buffer = Some(Buffer::Mapped(buffer));
+        self.batch.send = BatchedSend::Done(result);
     }
 
     /// Its engine facts, for a live upgrade.
@@ -193,6 +284,7 @@ impl Slot {
             urgent: image.urgent,
             fell_back: image.fell_back,
             auto: (mode == Mode::Auto && !image.fell_back).then(AutoPolicy::new),
+            batch: Batched::default(),
         })
     }
 
@@ -304,6 +396,9 @@ pub(crate) struct Wire<'a> {
     /// The counters of the server the relay is connected to, as this
     /// worker writes them (none for a handed-off pair).
     pub(crate) server: Option<&'a ServerBlock>,
+    /// The uring loop's: a copy buffer's drain leaves its bytes for the
+    /// worker's next batched send instead of writing them itself.
+    pub(crate) batched: bool,
 }
 
 impl Wire<'_> {
@@ -346,7 +441,11 @@ impl Endpoints for Wire<'_> {
                 Some(Buffer::Pipe(pipe)) => (pipe.fill(self.src.as_fd(), pending), None),
                 Some(Buffer::Mapped(heap)) => {
                     let room = heap.room();
-                    (heap.fill(self.src), Some(room))
+                    let staged = self.slot.batch.read.take();
+                    match staged.and_then(|r| heap.fill_from(r)) {
+                        Some(result) => (result, Some(room)),
+                        None => (heap.fill(self.src), Some(room)),
+                    }
                 }
                 None => unreachable!("a buffer was just taken"),
             };
@@ -411,7 +510,20 @@ impl Endpoints for Wire<'_> {
                 },
             ),
             Some(Buffer::Mapped(heap)) => (
-                heap.drain(self.dst)?,
+                match std::mem::take(&mut self.slot.batch.send) {
+                    BatchedSend::Done(result) => match heap.drained_by(result) {
+                        Some(result) => result?,
+                        None => {
+                            self.slot.batch.send = BatchedSend::Wanted;
+                            Transfer::WouldBlock
+                        }
+                    },
+                    _ if self.batched => {
+                        self.slot.batch.send = BatchedSend::Wanted;
+                        Transfer::WouldBlock
+                    }
+                    _ => heap.drain(self.dst)?,
+                },
                 &c.bytes_copied,
                 if self.to_client {
                     &c.bytes_u2c_copied

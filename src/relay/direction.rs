@@ -156,6 +156,12 @@ impl Direction {
         self.dst_writable = true;
     }
 
+    /// Whether the next pump starts by reading the source into an empty
+    /// buffer (what the uring loop may read ahead of it, batched).
+    pub(crate) fn reads_into_empty(&self) -> bool {
+        self.state == DirState::Open && self.src_readable && self.pending == 0
+    }
+
     /// Whether a pump could make progress now.
     pub(crate) fn has_work(&self) -> bool {
         (self.state == DirState::Open && self.src_readable)

@@ -11,6 +11,7 @@
 //! steps in `session` (the connect, the timer entry, the ready list, the
 //! close's counts) and the sockets' ones here (`ready`, `pump`, `close`).
 
+mod batch;
 pub(crate) mod close;
 pub(crate) mod core;
 pub(crate) mod direction;
@@ -59,6 +60,7 @@ struct RelayIo<'r> {
     pools: &'r mut Pools,
     counters: &'r CounterBlock,
     server: Option<&'r ServerBlock>,
+    batched: bool,
 }
 
 impl PairIo for RelayIo<'_> {
@@ -77,6 +79,7 @@ impl PairIo for RelayIo<'_> {
                 counters: self.counters,
                 to_client: false,
                 server: self.server,
+                batched: self.batched,
             },
             Peer::Upstream => Wire {
                 slot: self.u2c_slot,
@@ -86,6 +89,7 @@ impl PairIo for RelayIo<'_> {
                 counters: self.counters,
                 to_client: true,
                 server: self.server,
+                batched: self.batched,
             },
         }
     }
@@ -424,11 +428,13 @@ impl Relay {
 
     /// Pumps both directions within the budget. Returns what is left to do
     /// and whether the relay became half-closed (its deadline may be
-    /// earlier now).
+    /// earlier now). `batched` (the uring loop): copy buffers' bytes wait
+    /// for the worker's next batched send.
     pub(crate) fn pump(
         &mut self,
         now: Instant,
         pools: &mut Pools,
+        batched: bool,
     ) -> Result<(Next, bool), RelayError> {
         let mut io = RelayIo {
             client: &self.client,
@@ -438,6 +444,7 @@ impl Relay {
             counters: self.session.listener.counters(pools.worker),
             server: self.server.as_deref(),
             pools,
+            batched,
         };
         let pumped = self.core.pump(&mut io, now)?;
         if pumped.pair.state_changed {

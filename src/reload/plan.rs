@@ -87,6 +87,7 @@ pub(super) fn restart_settings(old: &Config, new: &Config) -> Vec<&'static str> 
         }
     };
     check(old.workers != new.workers, "workers");
+    check(old.event_loop != new.event_loop, "loop");
     check(old.pipe_size != new.pipe_size, "pipe-size");
     check(
         old.max_pipes_per_worker != new.max_pipes_per_worker,

@@ -12,6 +12,8 @@
 //!   (the stats file the workers write directly).
 //! - [`activation::take_inherited`]: the listening sockets a service manager
 //!   passed (`LISTEN_FDS`), owned.
+//! - [`uring::Ring`]: a batch of socket recv/send calls submitted and
+//!   answered in one io_uring_enter(2), each call `MSG_DONTWAIT`.
 //! - [`access::readable_as`]: whether another user can read a file, asked of
 //!   the kernel in a forked child with that user's ids.
 //!
@@ -26,6 +28,7 @@ pub mod fdpass;
 #[cfg(feature = "cli")]
 pub mod netns;
 pub(crate) mod shared;
+pub mod uring;
 
 use std::fs;
 use std::io;

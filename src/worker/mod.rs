@@ -68,6 +68,7 @@ const TIMER_SLACK: usize = 1024;
 const WARN_EVERY: Duration = Duration::from_secs(1);
 
 mod accept;
+mod batch;
 mod bind;
 mod close;
 mod connect;
@@ -169,6 +170,10 @@ pub(crate) struct Worker {
     /// Relays a live upgrade froze and has not given back: the worker
     /// does not exit while they are out.
     frozen_out: usize,
+    /// The uring loop's ring (`None`: the epoll loop).
+    ring: Option<crate::sys::uring::Ring>,
+    /// Relays whose drains left bytes for the next batched send.
+    sending: Vec<RelayRef>,
 }
 
 impl Worker {
@@ -179,6 +184,7 @@ impl Worker {
         shared: Arc<Shared>,
         counters: Block,
         relay_cap: usize,
+        ring: Option<crate::sys::uring::Ring>,
     ) -> io::Result<Worker> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), token::waker())?);
@@ -232,6 +238,8 @@ impl Worker {
             parking: park::Parking::default(),
             doorbell,
             frozen_out: 0,
+            ring,
+            sending: Vec::new(),
         })
     }
 
@@ -268,6 +276,7 @@ impl Worker {
                     Owner::Held(key) => self.on_held_event(key, event, now),
                 }
             }
+            self.read_ahead(now);
             self.run_ready(now);
             self.resume_accepting(now);
             self.expire(now);
@@ -277,6 +286,7 @@ impl Worker {
             self.reset_down_relays(now);
             self.resume_held(now);
             self.expire_held(now);
+            self.flush_sends(now);
             self.counters
                 .timer_entries
                 .store(self.timers.len() as u64, Ordering::Relaxed);
@@ -287,7 +297,10 @@ impl Worker {
     }
 
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        if !self.ready.is_empty() || self.listeners.iter().any(|l| l.backlog) {
+        if !self.ready.is_empty()
+            || !self.sending.is_empty()
+            || self.listeners.iter().any(|l| l.backlog)
+        {
             return Some(Duration::ZERO);
         }
         [
@@ -463,7 +476,14 @@ impl Worker {
             urgent: event.is_priority(),
         };
         relay.ready(peer, readiness);
-        self.run_relay(key, now);
+        if self.ring.is_some() {
+            // Pumped after the turn's batched read (`read_ahead`).
+            if relay.queue() {
+                self.ready.push(this);
+            }
+        } else {
+            self.run_relay(key, now);
+        }
     }
 
     fn run_ready(&mut self, now: Instant) {
@@ -482,7 +502,8 @@ impl Worker {
 
     fn run_relay(&mut self, key: usize, now: Instant) {
         let relay = &mut self.relays[key];
-        let newly_half_closed = match relay.pump(now, &mut self.pools) {
+        let batched = self.ring.is_some();
+        let newly_half_closed = match relay.pump(now, &mut self.pools, batched) {
             Ok((next, newly_half_closed)) => {
                 match next {
                     Next::Wait => {}
@@ -498,6 +519,12 @@ impl Worker {
                         self.close(key, CloseReason::Eof, None, now);
                         return;
                     }
+                }
+                if batched && relay.wants_send() {
+                    self.sending.push(RelayRef {
+                        key,
+                        id: relay.id(),
+                    });
                 }
                 newly_half_closed
             }

@@ -304,6 +304,7 @@ fn read_global(cx: &mut Cx, v: &Value<'_>, config: &mut Config) {
     };
     let known = [
         "workers",
+        "loop",
         "max-conns",
         "pipe-size",
         "max-pipes",
@@ -317,6 +318,14 @@ fn read_global(cx: &mut Cx, v: &Value<'_>, config: &mut Config) {
             "workers" => {
                 if let Some(n) = cx.uint(v, &key, 1, 1024) {
                     config.workers = n as usize;
+                }
+            }
+            "loop" => {
+                if let Some(name) = cx.string(v, &key) {
+                    match name.parse() {
+                        Ok(event_loop) => config.event_loop = event_loop,
+                        Err(e) => cx.error(&v.span(), &key, e),
+                    }
                 }
             }
             "max-conns" => config.max_relays = cx.uint(v, &key, 1, 1 << 32).map(|n| n as usize),
