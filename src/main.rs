@@ -132,7 +132,7 @@ struct RunArgs {
     /// The workers' loop: epoll, or uring (the copy engine's socket reads
     /// and writes batched through io_uring; epoll where io_uring cannot be
     /// used) [default: epoll].
-    #[arg(long = "loop", value_name = "LOOP")]
+    #[arg(long = "loop", env = "SPLICED_LOOP", value_name = "LOOP")]
     event_loop: Option<spliced::EventLoop>,
     /// Capacity asked of each pooled pipe (F_SETPIPE_SZ), e.g. 256k; 0 keeps
     /// the kernel's default size.

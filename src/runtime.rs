@@ -128,6 +128,12 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Which loop the workers run (default: epoll).
+    pub fn event_loop(mut self, event_loop: EventLoop) -> Self {
+        self.config.event_loop = event_loop;
+        self
+    }
+
     /// How handed-off pairs move bytes (default: splice).
     pub fn mode(mut self, mode: Mode) -> Self {
         self.mode = mode;

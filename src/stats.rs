@@ -201,6 +201,12 @@ counter_table! {
             column "LOCAL-ERR"],
         /// Microseconds the established upstream connects took, summed.
         upstream_connect_micros: Counter per Listener => [],
+        /// io_uring batches the uring loop submitted.
+        ring_batches: Counter per Worker => ["spliced_uring_batches"
+            "io_uring batches a worker of the uring loop submitted, each one io_uring_enter for the socket reads or writes of many relays."],
+        /// Socket reads and writes those batches carried.
+        ring_ops: Counter per Worker => ["spliced_uring_ops"
+            "Socket reads and writes the uring loop's batches carried."],
         /// Entries in the workers' deadline heaps (live and not yet swept).
         timer_entries: Gauge per Worker => ["spliced_timer_entries"
             "Entries in a worker's deadline heap (live and not yet swept).", column "TIMERS"],

@@ -37,6 +37,7 @@ const WAIT: Duration = Duration::from_secs(20);
 fn runtime(mode: Mode) -> Runtime {
     Runtime::builder()
         .workers(2)
+        .event_loop(common::event_loop())
         .mode(mode)
         .start()
         .unwrap_or_else(|e| panic!("start the runtime: {e}"))

@@ -75,7 +75,8 @@ fn admin_addr(line: &str) -> Option<SocketAddr> {
 
 fn runtime_dir(mode: Mode) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
-        "spliced-reload-stats-{mode}-{}",
+        "spliced-reload-stats-{mode}-{}-{}",
+        common::event_loop(),
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&dir);

@@ -119,6 +119,7 @@ fn start_text(mode: Mode, text: &str) -> ProxyHandle {
         .unwrap_or_else(|e| panic!("{text}\n{e:?}"))
         .config;
     c.workers = 1;
+    c.event_loop = common::event_loop();
     for l in &mut c.listeners {
         l.mode = mode;
     }

@@ -13,7 +13,11 @@ const T: Duration = Duration::from_secs(10);
 
 /// A directory of its own for one test's stats files.
 fn runtime_dir(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("spliced-stats-{test}-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "spliced-stats-{test}-{}-{}",
+        event_loop(),
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir

@@ -22,7 +22,12 @@ use spliced::Mode;
 const T: Duration = Duration::from_secs(20);
 
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("spliced-upgrade-{name}-{}", std::process::id()));
+    // A case runs on each loop, at once: each has its own directory.
+    let dir = std::env::temp_dir().join(format!(
+        "spliced-upgrade-{name}-{}-{}",
+        event_loop(),
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir

@@ -12,7 +12,7 @@ use super::Worker;
 use crate::engine::MappedBuffer;
 use crate::error::{Op, RelayError, Side};
 use crate::relay::Peer;
-use crate::stats::CloseReason;
+use crate::stats::{CloseReason, CounterBlock};
 use crate::sys::uring::{IoOp, Ring, RingFailed};
 use crate::token::RelayRef;
 
@@ -97,6 +97,8 @@ impl Worker {
             return None;
         }
         let ring: &mut Ring = self.ring.as_mut()?;
+        CounterBlock::add(&self.counters.ring_batches, 1);
+        CounterBlock::add(&self.counters.ring_ops, ops.len() as u64);
         match ring.run(ops) {
             Ok(ops) => Some(ops),
             Err(RingFailed(e)) => {

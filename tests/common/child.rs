@@ -115,6 +115,9 @@ impl Spliced {
             cmd.env("RUNTIME_DIRECTORY", &dir);
             own_dir = Some(dir);
         }
+        if !cmd.get_envs().any(|(k, _)| k == "SPLICED_LOOP") {
+            cmd.env("SPLICED_LOOP", super::event_loop().as_str());
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -25,9 +25,12 @@ use std::sync::{Mutex, MutexGuard};
 
 use spliced::{start, Config, Mode, ProxyHandle};
 
-/// Runs a case once per engine: `both_engines!(case_a, case_b)` makes
-/// `case_a::splice`, `case_a::copy` and `case_a::auto` tests calling
-/// `case_a(Mode)` (auto switches engines per direction as it goes).
+/// Runs a case once per engine and loop: `both_engines!(case_a, case_b)`
+/// makes `case_a::splice`, `case_a::copy` and `case_a::auto` tests calling
+/// `case_a(Mode)` on the epoll loop (auto switches engines per direction
+/// as it goes), and `case_a::uring_splice`, `uring_copy` and `uring_auto`
+/// the same on the uring loop: [`proxy`] and [`Spliced`] children take
+/// the loop of the test's thread ([`event_loop`]).
 #[macro_export]
 macro_rules! both_engines {
     ($($name:ident),* $(,)?) => {
@@ -45,9 +48,38 @@ macro_rules! both_engines {
                 fn auto() {
                     super::$name(spliced::Mode::Auto)
                 }
+                #[test]
+                fn uring_splice() {
+                    crate::common::on_loop(spliced::EventLoop::Uring);
+                    super::$name(spliced::Mode::Splice)
+                }
+                #[test]
+                fn uring_copy() {
+                    crate::common::on_loop(spliced::EventLoop::Uring);
+                    super::$name(spliced::Mode::Copy)
+                }
+                #[test]
+                fn uring_auto() {
+                    crate::common::on_loop(spliced::EventLoop::Uring);
+                    super::$name(spliced::Mode::Auto)
+                }
             }
         )*
     };
+}
+
+thread_local! {
+    static LOOP: std::cell::Cell<spliced::EventLoop> = const { std::cell::Cell::new(spliced::EventLoop::Epoll) };
+}
+
+/// Runs the rest of this test (its thread) on `event_loop`.
+pub fn on_loop(event_loop: spliced::EventLoop) {
+    LOOP.with(|l| l.set(event_loop));
+}
+
+/// The loop this test's proxies run ([`on_loop`]; epoll by default).
+pub fn event_loop() -> spliced::EventLoop {
+    LOOP.with(|l| l.get())
 }
 
 pub const MIB: usize = 1 << 20;
@@ -77,6 +109,7 @@ pub fn proxy(
 ) -> ProxyHandle {
     let mut cfg = Config::single("127.0.0.1:0".parse().unwrap(), upstreams, mode);
     cfg.workers = 1;
+    cfg.event_loop = event_loop();
     tweak(&mut cfg);
     start(cfg).unwrap_or_else(|e| panic!("start the proxy: {e}"))
 }

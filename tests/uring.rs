@@ -1,0 +1,132 @@
+//! The uring loop's own facts: the copy engine's reads and writes really go
+//! through its batches (every relay case also runs on it, through
+//! `both_engines!`), and splice directions stay with splice(2).
+
+#[macro_use]
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use spliced::{EventLoop, Mode};
+
+const T: Duration = Duration::from_secs(20);
+const CLIENTS: usize = 40;
+const ROUNDS: usize = 5;
+
+/// Every client writes its message before any reply is read, so one wakeup
+/// reports many sockets; each round trip through a copy relay is four
+/// batched calls at least (two reads, two writes).
+fn many_clients_round_trip(mode: Mode, event_loop: EventLoop) -> spliced::Stats {
+    let up = echo_server();
+    let h = proxy(mode, vec![up.addr], |c| c.event_loop = event_loop);
+    let mut clients: Vec<_> = (0..CLIENTS).map(|_| connect(h.local_addr())).collect();
+    for round in 0..ROUNDS {
+        for (i, c) in clients.iter_mut().enumerate() {
+            std::io::Write::write_all(c, &pattern((round * CLIENTS + i) as u64, 64)).unwrap();
+        }
+        for (i, c) in clients.iter_mut().enumerate() {
+            let back = read_exact_within(c, 64, T).expect("reply");
+            assert_eq!(back, pattern((round * CLIENTS + i) as u64, 64));
+        }
+    }
+    drop(clients);
+    wait_until(T, "every relay closed", || h.stats().relays_active == 0);
+    h.stats()
+}
+
+#[test]
+fn the_uring_loop_batches_the_copy_engines_reads_and_writes() {
+    let s = many_clients_round_trip(Mode::Copy, EventLoop::Uring);
+    let messages = (CLIENTS * ROUNDS) as u64;
+    eprintln!(
+        "{} batches, {} calls ({:.1} a batch) for {messages} round trips",
+        s.ring_batches,
+        s.ring_ops,
+        s.ring_ops as f64 / s.ring_batches.max(1) as f64
+    );
+    assert!(
+        s.ring_ops >= 4 * messages,
+        "every read and write of a copy relay goes through a batch: {s:#?}"
+    );
+    assert!(s.ring_batches > 0 && s.ring_batches <= s.ring_ops);
+    assert_eq!(s.bytes_copied, 2 * 64 * messages);
+}
+
+#[test]
+fn the_epoll_loop_submits_no_batch() {
+    let s = many_clients_round_trip(Mode::Copy, EventLoop::Epoll);
+    assert_eq!((s.ring_batches, s.ring_ops), (0, 0), "{s:#?}");
+}
+
+#[test]
+fn splice_directions_on_the_uring_loop_keep_splicing() {
+    let s = many_clients_round_trip(Mode::Splice, EventLoop::Uring);
+    let messages = (CLIENTS * ROUNDS) as u64;
+    assert_eq!(s.bytes_spliced, 2 * 64 * messages, "{s:#?}");
+    assert_eq!(s.ring_ops, 0, "splice is not batched: {s:#?}");
+}
+
+/// `--loop uring` and `[global] loop` reach the workers; the line that says
+/// which loop runs is logged once.
+#[test]
+fn the_cli_and_the_config_file_choose_the_loop() {
+    let up = echo_server();
+    let upstream = up.addr.to_string();
+    let s = Spliced::run(&["--loop", "uring", "--mode", "copy", "--upstream", &upstream]);
+    let mut c = connect(s.addr);
+    round_trip(&mut c, b"through the ring", T);
+    let lines = s.logs();
+    let said: Vec<_> = lines
+        .iter()
+        .filter(|l| l.contains("the workers run the uring loop"))
+        .collect();
+    assert_eq!(said.len(), 1, "{lines:#?}");
+
+    let dir = std::env::temp_dir().join(format!("spliced-uring-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("spliced.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[global]\nloop = \"uring\"\n\n[[listener]]\nname = \"db\"\nlisten = \"127.0.0.1:0\"\nmode = \"copy\"\n\n[listener.pool]\nservers = [\"{upstream}\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(["run", "--workers", "1", "--config"])
+        .arg(&file)
+        .env_remove("SPLICED_LOOP");
+    let s = Spliced::spawn(cmd);
+    let mut c = connect(s.addr);
+    round_trip(&mut c, b"from the file", T);
+    assert!(
+        s.logs()
+            .iter()
+            .any(|l| l.contains("the workers run the uring loop")),
+        "{:#?}",
+        s.logs()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_unknown_loop_is_one_clear_line() {
+    let (status, _, stderr) = run_bin(
+        &[
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:1",
+            "--loop",
+            "kqueue",
+        ],
+        T,
+    );
+    assert!(!status.unwrap().success());
+    assert!(
+        stderr.contains("unknown loop 'kqueue' (expected epoll or uring)"),
+        "{stderr}"
+    );
+}
