@@ -49,6 +49,8 @@ deps:
 # ones that hand the listening sockets over.
 e2e: build health-real
 	SPLICED_REAL_SERVERS=1 $(CARGO) test --release --test e2e -- --ignored --test-threads=1 --nocapture
+	# The uring loop where io_uring is forbidden (a seccomp filter).
+	$(CARGO) test --release --test uring -- --ignored --nocapture
 
 # Health probes against real Redis, PostgreSQL (trust, md5, SCRAM; primary
 # and a streaming replica) and MariaDB started on 127.0.0.1 (~5 s).

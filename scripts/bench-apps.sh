@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The application stages of `make bench-peers` (STAGES iperf3 and apps): real
-# clients and servers through spliced (--mode splice, copy, auto) and the peers
+# clients and servers through spliced (--mode splice, copy, auto; and
+# spliced-uring-copy etc. for the same on --loop uring) and the peers
 # (HAProxy forced splice, splice-auto, no splice; nginx stream), each run as one
 # worker pinned to PROXY_CPU, and a `direct` baseline with no proxy.
 #
@@ -47,7 +48,7 @@ IPERF_SECS=${IPERF_SECS:-5}
 REDIS_REQUESTS=${REDIS_REQUESTS:-100000}
 PGBENCH_SECS=${PGBENCH_SECS:-5}
 PGBENCH_SCALE=${PGBENCH_SCALE:-10}
-ENGINES=${ENGINES:-direct,spliced-splice,spliced-copy,spliced-auto,haproxy-splice,haproxy-splice-auto,haproxy-nosplice,nginx}
+ENGINES=${ENGINES:-direct,spliced-splice,spliced-copy,spliced-auto,spliced-uring-copy,spliced-uring-auto,haproxy-splice,haproxy-splice-auto,haproxy-nosplice,nginx}
 NCPU=$(nproc)
 PROXY_CPU=${PROXY_CPU:-$((NCPU > 1 ? 1 : 0))}
 LOAD_CPU=${LOAD_CPU:-0}
@@ -202,6 +203,8 @@ start_proxy() {
     fi
     BASE=${ports[0]}
     case $eng in
+        spliced-uring-*) cmd=(env "RUNTIME_DIRECTORY=$WORK" "$BIN" run --config "$WORK/spliced-$idx.toml"
+            --mode "${eng#spliced-uring-}" --loop uring --workers 1 --name "apps-$eng") ;;
         spliced-*) cmd=(env "RUNTIME_DIRECTORY=$WORK" "$BIN" run --config "$WORK/spliced-$idx.toml"
             --mode "${eng#spliced-}" --workers 1 --name "apps-$eng") ;;
         haproxy-splice) cmd=(haproxy -db -f "$WORK/haproxy-forced-$idx.cfg") ;;

@@ -23,11 +23,13 @@
 #   BENCH_PATH=veth make bench-peers      # over a 1500-byte veth path (root)
 #   BENCH_PATH=veth2 BENCH_MTU=9000 make bench-peers
 #   RUNS=3 OUT=/tmp/b.md bash scripts/bench-peers.sh
-#   STAGES=main bash scripts/bench-peers.sh   # some of: idle,main,onecpu,pipes,syscalls,logline,routes,iperf3,apps
+#   STAGES=main bash scripts/bench-peers.sh   # some of: idle,main,onecpu,pipes,syscalls,logline,routes,loops,iperf3,apps
 #
 # The stages iperf3 and apps (scripts/bench-apps.sh, loopback only) run last,
 # after these peers are stopped: iperf3, redis-benchmark and pgbench through
-# spliced (splice, copy, auto) and a second set of peers started for them.
+# spliced (splice, copy, auto, each also on --loop uring) and a second set
+# of peers started for them. The loops stage runs `spliced bench` on both of
+# spliced's loops side by side (bulk, ping-pong, connections).
 #
 # On a veth path the peers still run as BENCH_USER, but `spliced bench` (the
 # load and the in-process spliced) runs as root: it enters the namespaces,
@@ -49,7 +51,7 @@ OUT=${OUT:-docs/benchmarks/peers-$BENCH_PATH.md}
 # The iperf3 and apps stages write beside it.
 APPS_OUT=${APPS_OUT:-$(dirname "$OUT")/apps-$BENCH_PATH.md}
 BENCH_MTU=${BENCH_MTU:-1500}
-STAGES=${STAGES:-idle,main,onecpu,pipes,syscalls,logline,routes,iperf3,apps}
+STAGES=${STAGES:-idle,main,onecpu,pipes,syscalls,logline,routes,loops,iperf3,apps}
 BASE_PORT=${BASE_PORT:-19100}
 NCPU=$(nproc)
 PROXY_CPU=${PROXY_CPU:-$((NCPU > 1 ? 1 : 0))}
@@ -77,7 +79,7 @@ apps() {
         BENCH_USER=${BENCH_USER:-} bash scripts/bench-apps.sh
 }
 if ! stage idle && ! stage main && ! stage onecpu && ! stage pipes && ! stage syscalls && ! stage logline &&
-    ! stage routes; then
+    ! stage routes && ! stage loops; then
     apps
     exit
 fi
@@ -409,6 +411,14 @@ if stage routes; then
         "${ROUTES_TARGET[@]}" >"$WORK/routes.txt"
 fi
 
+if stage loops; then
+    # The same engines on the epoll loop and on the uring loop, one after
+    # the other in each run.
+    lib_log "loops: bulk, rr 64 B, connect: spliced's engines on the epoll and the uring loop"
+    bench "$LOAD_CPU" -w bulk,rr,connect --sizes 64 -e copy,uring-copy,auto,uring-auto,splice,uring-splice \
+        --pin-proxy "$PROXY_CPU" >"$WORK/loops.txt"
+fi
+
 # --- write docs/benchmarks/peers-PATH.md ----------------------------------------
 section() { # title file
     [[ -f $2 ]] || return 0
@@ -440,6 +450,7 @@ fi
     section "Syscalls per relayed message and per connection (strace -c on each proxy but socat; one short run)" "$WORK/syscalls.txt"
     section "Connections with the close line on and off (spliced's CPU includes its log writer thread)" "$WORK/logline.txt"
     section "What routing by server name costs per connection (connect-routed; haproxy-routes: tcp-request inspect-delay and req.ssl_sni)" "$WORK/routes.txt"
+    section "spliced's two loops: epoll (copy, auto, splice) and uring (uring-copy, uring-auto, uring-splice)" "$WORK/loops.txt"
     echo "<!-- $MARK:end -->"
 } >"$WORK/section.md"
 

@@ -80,6 +80,8 @@ command -v jq >/dev/null || missing+=(jq)
 { command -v haproxy >/dev/null || [[ -x /usr/sbin/haproxy ]]; } || missing+=(haproxy)
 /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3 python3-venv)
 command -v openssl >/dev/null || missing+=(openssl)
+# libseccomp's bindings: the uring loop's test where io_uring is forbidden.
+/usr/bin/python3 -c 'import seccomp' 2>/dev/null || missing+=(python3-seccomp)
 
 PATRONI_VENV=/opt/spliced-patroni
 # Patroni in its own virtualenv of the system Python (world-readable, unlike

@@ -201,12 +201,13 @@ counter_table! {
             column "LOCAL-ERR"],
         /// Microseconds the established upstream connects took, summed.
         upstream_connect_micros: Counter per Listener => [],
-        /// io_uring batches the uring loop submitted.
+        /// io_uring submissions the uring loop made (batches of two calls
+        /// or more; a single call is made as a plain system call).
         ring_batches: Counter per Worker => ["spliced_uring_batches"
-            "io_uring batches a worker of the uring loop submitted, each one io_uring_enter for the socket reads or writes of many relays."],
-        /// Socket reads and writes those batches carried.
-        ring_ops: Counter per Worker => ["spliced_uring_ops"
-            "Socket reads and writes the uring loop's batches carried."],
+            "io_uring submissions a worker of the uring loop made, each one io_uring_enter for the socket reads or writes of several relays (a batch of one is made as a plain call and not counted)."],
+        /// The socket reads and writes those submissions carried.
+        ring_calls: Counter per Worker => ["spliced_uring_calls"
+            "The socket reads and writes the uring loop's io_uring submissions carried."],
         /// Entries in the workers' deadline heaps (live and not yet swept).
         timer_entries: Gauge per Worker => ["spliced_timer_entries"
             "Entries in a worker's deadline heap (live and not yet swept).", column "TIMERS"],

@@ -40,23 +40,21 @@ fn the_uring_loop_batches_the_copy_engines_reads_and_writes() {
     let s = many_clients_round_trip(Mode::Copy, EventLoop::Uring);
     let messages = (CLIENTS * ROUNDS) as u64;
     eprintln!(
-        "{} batches, {} calls ({:.1} a batch) for {messages} round trips",
+        "{} submissions carried {} calls ({:.1} each) for {messages} round trips",
         s.ring_batches,
-        s.ring_ops,
-        s.ring_ops as f64 / s.ring_batches.max(1) as f64
+        s.ring_calls,
+        s.ring_calls as f64 / s.ring_batches.max(1) as f64
     );
-    assert!(
-        s.ring_ops >= 4 * messages,
-        "every read and write of a copy relay goes through a batch: {s:#?}"
-    );
-    assert!(s.ring_batches > 0 && s.ring_batches <= s.ring_ops);
+    // Forty sockets answered at once fill submissions of several calls.
+    assert!(s.ring_batches > 0, "{s:#?}");
+    assert!(s.ring_calls >= 2 * s.ring_batches, "{s:#?}");
     assert_eq!(s.bytes_copied, 2 * 64 * messages);
 }
 
 #[test]
 fn the_epoll_loop_submits_no_batch() {
     let s = many_clients_round_trip(Mode::Copy, EventLoop::Epoll);
-    assert_eq!((s.ring_batches, s.ring_ops), (0, 0), "{s:#?}");
+    assert_eq!((s.ring_batches, s.ring_calls), (0, 0), "{s:#?}");
 }
 
 #[test]
@@ -64,7 +62,7 @@ fn splice_directions_on_the_uring_loop_keep_splicing() {
     let s = many_clients_round_trip(Mode::Splice, EventLoop::Uring);
     let messages = (CLIENTS * ROUNDS) as u64;
     assert_eq!(s.bytes_spliced, 2 * 64 * messages, "{s:#?}");
-    assert_eq!(s.ring_ops, 0, "splice is not batched: {s:#?}");
+    assert_eq!(s.ring_calls, 0, "splice is not batched: {s:#?}");
 }
 
 /// `--loop uring` and `[global] loop` reach the workers; the line that says
@@ -128,5 +126,53 @@ fn an_unknown_loop_is_one_clear_line() {
     assert!(
         stderr.contains("unknown loop 'kqueue' (expected epoll or uring)"),
         "{stderr}"
+    );
+}
+
+/// Where io_uring is forbidden (here: a seccomp filter answering EPERM to
+/// io_uring_setup, as the default profiles of Docker and containerd do),
+/// `--loop uring` says so once and relays on the epoll loop. Needs the
+/// python3-seccomp package (`make deps`); run by `make e2e`.
+#[test]
+#[ignore = "needs python3-seccomp: make e2e"]
+fn where_io_uring_is_forbidden_the_epoll_loop_runs_and_says_so_once() {
+    const DENY: &str = "import errno, os, sys, seccomp\n\
+        f = seccomp.SyscallFilter(defaction=seccomp.ALLOW)\n\
+        f.add_rule(seccomp.ERRNO(errno.EPERM), 'io_uring_setup')\n\
+        f.load()\n\
+        os.execv(sys.argv[1], sys.argv[1:])\n";
+    // The system Python, which Debian's python3-seccomp is for.
+    let probe = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", "import seccomp"])
+        .status();
+    assert!(
+        probe.is_ok_and(|s| s.success()),
+        "python3 cannot import seccomp: install python3-seccomp (make deps)"
+    );
+    let up = echo_server();
+    let mut cmd = std::process::Command::new("/usr/bin/python3");
+    cmd.args(["-c", DENY, bin(), "run", "--listen", "127.0.0.1:0"])
+        .args(["--workers", "2", "--mode", "copy", "--loop", "uring"])
+        .args(["--upstream", &up.addr.to_string()]);
+    let s = Spliced::spawn(cmd);
+    for i in 0..4 {
+        let mut c = connect(s.addr);
+        round_trip(&mut c, &pattern(i, 1000), T);
+    }
+    let lines = s.logs();
+    let fell_back: Vec<_> = lines
+        .iter()
+        .filter(|l| l.contains("io_uring cannot be used here"))
+        .collect();
+    assert_eq!(fell_back.len(), 1, "said once: {lines:#?}");
+    assert!(
+        fell_back[0].contains("Operation not permitted"),
+        "{fell_back:?}"
+    );
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("the workers run the uring loop")),
+        "{lines:#?}"
     );
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::netpath::PathKind;
 use super::upstream::{DEFAULT_WRITE, MAX_WRITE};
 use crate::config::{parse_duration, parse_size};
-use crate::Mode;
+use crate::{EventLoop, Mode};
 
 /// A workload family; each can be selected with `--workloads`.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -50,7 +50,8 @@ pub struct BenchArgs {
           default_values_t = [Workload::Bulk, Workload::Rr, Workload::Connect, Workload::Idle])]
     pub workloads: Vec<Workload>,
 
-    /// Engines to compare, comma-separated: splice, copy, auto (spliced's three modes),
+    /// Engines to compare, comma-separated: splice, copy, auto (spliced's three modes,
+    /// on the epoll loop), uring-splice, uring-copy, uring-auto (the same on the uring loop),
     /// handoff (pairs handed to an in-process spliced runtime), tokio (an in-process
     /// copy_bidirectional baseline), direct (no proxy) or target (every --target)
     /// [default: splice,copy,direct; with --target: direct,target].
@@ -289,8 +290,12 @@ impl Settings {
 pub enum EngineSpec {
     /// No proxy: the load talks to the embedded upstream.
     Direct,
-    /// spliced in-process.
-    Proxy { mode: Mode, pipe_size: usize },
+    /// spliced in-process, on the epoll or the uring loop.
+    Proxy {
+        mode: Mode,
+        pipe_size: usize,
+        event_loop: EventLoop,
+    },
     /// A blocking accept loop in this process handing each pair to a
     /// spliced runtime (the embedding API).
     Handoff,
@@ -313,8 +318,17 @@ impl EngineSpec {
             EngineSpec::Proxy {
                 mode: Mode::Splice,
                 pipe_size,
-            } if several_pipe_sizes => format!("splice-{}", size_label(*pipe_size)),
-            EngineSpec::Proxy { mode, .. } => mode.as_str().into(),
+                event_loop,
+            } if several_pipe_sizes => {
+                format!(
+                    "{}splice-{}",
+                    loop_prefix(*event_loop),
+                    size_label(*pipe_size)
+                )
+            }
+            EngineSpec::Proxy {
+                mode, event_loop, ..
+            } => format!("{}{}", loop_prefix(*event_loop), mode.as_str()),
             EngineSpec::Handoff => "handoff".into(),
             EngineSpec::Tokio => "tokio".into(),
             EngineSpec::Target { name, .. } => name.clone(),
@@ -341,6 +355,15 @@ pub fn size_human(n: usize) -> String {
         format!("{} KiB", n >> 10)
     } else {
         format!("{n} B")
+    }
+}
+
+/// How an engine's label names the uring loop (the epoll loop's labels
+/// are the modes alone).
+fn loop_prefix(event_loop: EventLoop) -> &'static str {
+    match event_loop {
+        EventLoop::Epoll => "",
+        EventLoop::Uring => "uring-",
     }
 }
 
@@ -398,22 +421,34 @@ pub fn engine_specs(a: &BenchArgs) -> Result<Vec<EngineSpec>, String> {
     };
     let mut out = Vec::new();
     for n in &names {
-        let add: Vec<EngineSpec> = match n.as_str() {
+        let (event_loop, mode_name) = match n.strip_prefix("uring-") {
+            Some(rest) => (EventLoop::Uring, rest),
+            None => (EventLoop::Epoll, n.as_str()),
+        };
+        let add: Vec<EngineSpec> = match mode_name {
             "splice" => pipe_sizes
                 .iter()
                 .map(|&p| EngineSpec::Proxy {
                     mode: Mode::Splice,
                     pipe_size: p,
+                    event_loop,
                 })
                 .collect(),
             "copy" => vec![EngineSpec::Proxy {
                 mode: Mode::Copy,
                 pipe_size: pipe_sizes[0],
+                event_loop,
             }],
             "auto" => vec![EngineSpec::Proxy {
                 mode: Mode::Auto,
                 pipe_size: pipe_sizes[0],
+                event_loop,
             }],
+            _ if event_loop == EventLoop::Uring => {
+                return Err(format!(
+                    "unknown engine '{n}' (the uring loop runs uring-splice, uring-copy and uring-auto)"
+                ))
+            }
             "handoff" => vec![EngineSpec::Handoff],
             "tokio" => vec![EngineSpec::Tokio],
             "direct" => vec![EngineSpec::Direct],
@@ -425,7 +460,7 @@ pub fn engine_specs(a: &BenchArgs) -> Result<Vec<EngineSpec>, String> {
             }
             other => {
                 return Err(format!(
-                    "unknown engine '{other}' (expected splice, copy, auto, handoff, tokio, direct or target)"
+                    "unknown engine '{other}' (expected splice, copy, auto, uring-splice, uring-copy, uring-auto, handoff, tokio, direct or target)"
                 ))
             }
         };

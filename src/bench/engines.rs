@@ -10,7 +10,7 @@ use super::inproc::{self, Front};
 use super::measure;
 use super::netpath::{NetPath, Side};
 use crate::config::{ConfigError, FlagDefaults};
-use crate::{Config, Mode, ProxyHandle, Stats};
+use crate::{Config, EventLoop, Mode, ProxyHandle, Stats};
 
 /// One engine, ready to take load.
 pub struct Engine {
@@ -54,12 +54,17 @@ impl Engine {
                 front = Some(f);
                 (addr, None)
             }
-            EngineSpec::Proxy { mode, pipe_size } => {
+            EngineSpec::Proxy {
+                mode,
+                pipe_size,
+                event_loop,
+            } => {
                 // The workers start where their creator is, so they connect from the
                 // proxy's namespace.
                 let h = path
                     .run_in(Side::Proxy, || {
                         let mut cfg = proxy_config(*mode, *pipe_size, s.workers, listen, upstream);
+                        cfg.event_loop = *event_loop;
                         if routed {
                             add_routed_listener(&mut cfg, listen, upstream)?;
                         }
@@ -184,11 +189,14 @@ impl Engine {
 pub fn start_proxy(
     mode: Mode,
     pipe_size: usize,
+    event_loop: EventLoop,
     workers: usize,
     listen: IpAddr,
     upstream: SocketAddr,
 ) -> Result<ProxyHandle, crate::StartError> {
-    crate::start(proxy_config(mode, pipe_size, workers, listen, upstream))
+    let mut cfg = proxy_config(mode, pipe_size, workers, listen, upstream);
+    cfg.event_loop = event_loop;
+    crate::start(cfg)
 }
 
 fn proxy_config(

@@ -17,7 +17,7 @@ use super::load::exchange_and_keep;
 use super::measure;
 use super::netpath::{NetPath, Side};
 use super::workloads::{Figures, Metric};
-use crate::Mode;
+use crate::{EventLoop, Mode};
 
 /// What the proxy holds at one moment.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -98,6 +98,7 @@ impl Prober {
 fn spawn_child(
     mode: Mode,
     pipe_size: usize,
+    event_loop: EventLoop,
     s: &Settings,
     upstream: SocketAddr,
     path: &NetPath,
@@ -106,7 +107,7 @@ fn spawn_child(
     let mut cmd = Command::new(exe);
     cmd.arg("bench")
         .arg("--idle-child")
-        .arg(format!("{}:{}", mode.as_str(), pipe_size))
+        .arg(format!("{}:{}:{}", mode.as_str(), pipe_size, event_loop))
         .arg("--workers")
         .arg(s.workers.to_string())
         .arg("--upstream")
@@ -168,12 +169,14 @@ pub fn run(
             pid: Some(pid),
             ..
         } => (Prober::Pid(*pid), *addr),
-        EngineSpec::Proxy { mode, pipe_size } => {
-            match spawn_child(*mode, *pipe_size, s, upstream, path) {
-                Ok(x) => x,
-                Err(e) => return Some(Err(e)),
-            }
-        }
+        EngineSpec::Proxy {
+            mode,
+            pipe_size,
+            event_loop,
+        } => match spawn_child(*mode, *pipe_size, *event_loop, s, upstream, path) {
+            Ok(x) => x,
+            Err(e) => return Some(Err(e)),
+        },
     };
     let r = measure_idle(&mut prober, addr, relays);
     prober.finish();
@@ -260,10 +263,14 @@ fn close_relays(mut open: Vec<TcpStream>) {
 
 /// The hidden `--idle-child MODE:PIPE_SIZE` mode: run spliced, answer probes on stdin.
 pub fn child_main(spec: &str, args: &BenchArgs) -> ExitCode {
-    let parsed = spec
-        .split_once(':')
-        .and_then(|(m, p)| Some((m.parse::<Mode>().ok()?, p.parse::<usize>().ok()?)));
-    let Some((mode, pipe_size)) = parsed else {
+    let mut parts = spec.split(':');
+    let parsed = (|| {
+        let mode = parts.next()?.parse::<Mode>().ok()?;
+        let pipe_size = parts.next()?.parse::<usize>().ok()?;
+        let event_loop = parts.next()?.parse::<EventLoop>().ok()?;
+        Some((mode, pipe_size, event_loop))
+    })();
+    let Some((mode, pipe_size, event_loop)) = parsed else {
         eprintln!("spliced: error: bad --idle-child {spec:?}");
         return ExitCode::from(2);
     };
@@ -282,7 +289,14 @@ pub fn child_main(spec: &str, args: &BenchArgs) -> ExitCode {
         return ExitCode::from(2);
     };
     let workers = args.workers.max(1);
-    let h = match engines::start_proxy(mode, pipe_size, workers, args.net.idle_listen, upstream) {
+    let h = match engines::start_proxy(
+        mode,
+        pipe_size,
+        event_loop,
+        workers,
+        args.net.idle_listen,
+        upstream,
+    ) {
         Ok(h) => h,
         Err(e) => {
             eprintln!("spliced: error: idle proxy: {e}");

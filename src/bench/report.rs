@@ -26,7 +26,9 @@ impl EngineInfo {
     pub fn new(spec: &EngineSpec, label: &str, addr: std::net::SocketAddr) -> EngineInfo {
         let (kind, mode, pipe_size, pid) = match spec {
             EngineSpec::Direct => ("direct", None, None, None),
-            EngineSpec::Proxy { mode, pipe_size } => (
+            EngineSpec::Proxy {
+                mode, pipe_size, ..
+            } => (
                 "spliced",
                 Some(*mode),
                 (*mode == crate::Mode::Splice).then_some(*pipe_size),
