@@ -450,6 +450,12 @@ impl Config {
         if self.copy_buffer_size == 0 {
             return Err(ConfigError("copy buffer size must be positive".into()));
         }
+        if self.copy_buffer_size > crate::engine::MAX_COPY_BUFFER {
+            return Err(ConfigError(format!(
+                "copy buffer size must be at most {} bytes",
+                crate::engine::MAX_COPY_BUFFER
+            )));
+        }
         Ok(())
     }
 }

@@ -21,9 +21,14 @@ use super::{transfer, Stream, Transfer};
 #[derive(Debug)]
 pub(crate) struct MappedBuffer {
     bytes: MmapMut,
-    start: usize,
-    end: usize,
+    // u32: a buffer is at most `MAX_SIZE`, and every relay holds two
+    // slots whose size is most of an idle relay's memory.
+    start: u32,
+    end: u32,
 }
+
+/// The largest copy buffer (`Config::copy_buffer_size` is checked against it).
+pub(crate) const MAX_SIZE: usize = 1 << 30;
 
 /// The whole mapping, as a batched recv or send of the uring loop sees it.
 impl AsMut<[u8]> for MappedBuffer {
@@ -34,6 +39,12 @@ impl AsMut<[u8]> for MappedBuffer {
 
 impl MappedBuffer {
     pub(crate) fn new(size: usize) -> io::Result<MappedBuffer> {
+        if size > MAX_SIZE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a copy buffer of {size} bytes is past the limit of {MAX_SIZE}"),
+            ));
+        }
         Ok(MappedBuffer {
             bytes: MmapMut::map_anon(size)?,
             start: 0,
@@ -41,28 +52,36 @@ impl MappedBuffer {
         })
     }
 
+    fn start(&self) -> usize {
+        self.start as usize
+    }
+
+    fn end(&self) -> usize {
+        self.end as usize
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
-        self.start == self.end
+        self.start() == self.end()
     }
 
     /// Bytes the next fill may read.
     pub(crate) fn room(&self) -> usize {
-        if self.start == self.end {
+        if self.start() == self.end() {
             self.bytes.len()
         } else {
-            self.bytes.len() - self.end
+            self.bytes.len() - self.end()
         }
     }
 
     /// The bytes not sent yet.
     pub(crate) fn unsent(&self) -> &[u8] {
-        &self.bytes[self.start..self.end]
+        &self.bytes[self.start()..self.end()]
     }
 
     /// Starts the buffer with `bytes`, which must fit.
     pub(crate) fn preload(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.rewind_if_empty();
-        if bytes.len() > self.bytes.len() - self.end {
+        if bytes.len() > self.bytes.len() - self.end() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
@@ -72,14 +91,15 @@ impl MappedBuffer {
                 ),
             ));
         }
-        self.bytes[self.end..self.end + bytes.len()].copy_from_slice(bytes);
-        self.end += bytes.len();
+        let end = self.end();
+        self.bytes[end..end + bytes.len()].copy_from_slice(bytes);
+        self.end += bytes.len() as u32;
         Ok(())
     }
 
     /// An empty buffer starts over at offset 0.
     fn rewind_if_empty(&mut self) {
-        if self.start == self.end {
+        if self.start() == self.end() {
             self.start = 0;
             self.end = 0;
         }
@@ -88,15 +108,16 @@ impl MappedBuffer {
     /// Socket → buffer. A full buffer answers `WouldBlock` without a syscall.
     pub(crate) fn fill(&mut self, mut src: &Stream) -> io::Result<Transfer> {
         self.rewind_if_empty();
-        if self.end == self.bytes.len() {
+        if self.end() == self.bytes.len() {
             return Ok(Transfer::WouldBlock);
         }
-        let room = &mut self.bytes[self.end..];
+        let end = self.end();
+        let room = &mut self.bytes[end..];
         let asked = room.len();
         let moved = transfer(|| src.read(room), Transfer::Eof)?;
         Ok(match moved {
             Transfer::Moved(n) => {
-                self.end += n;
+                self.end += n as u32;
                 // A stream socket's read stops short only when its receive
                 // queue ran dry (or at an urgent mark, which the caller
                 // knows about).
@@ -115,7 +136,7 @@ impl MappedBuffer {
     /// [`fill_from`](Self::fill_from).
     pub(crate) fn recv_range(&mut self) -> Option<Range<usize>> {
         self.rewind_if_empty();
-        (self.start == self.end).then(|| 0..self.bytes.len())
+        self.is_empty().then(|| 0..self.bytes.len())
     }
 
     /// What a fill makes of a recv the uring loop ran into
@@ -126,7 +147,7 @@ impl MappedBuffer {
         Some(match result {
             n if n > 0 => {
                 let n = (n as usize).min(asked);
-                self.end += n;
+                self.end += n as u32;
                 Ok(if n < asked {
                     Transfer::MovedAll(n)
                 } else {
@@ -142,7 +163,7 @@ impl MappedBuffer {
 
     /// The unsent bytes' place in the buffer, for a batched send.
     pub(crate) fn send_range(&self) -> Range<usize> {
-        self.start..self.end
+        self.start()..self.end()
     }
 
     /// What a drain makes of a send the uring loop ran of
@@ -150,8 +171,8 @@ impl MappedBuffer {
     pub(crate) fn drained_by(&mut self, result: i32) -> Option<io::Result<Transfer>> {
         Some(match result {
             n if n > 0 => {
-                let n = (n as usize).min(self.end - self.start);
-                self.start += n;
+                let n = (n as usize).min(self.end() - self.start());
+                self.start += n as u32;
                 self.rewind_if_empty();
                 Ok(Transfer::Moved(n))
             }
@@ -165,11 +186,11 @@ impl MappedBuffer {
 
     /// Buffer → socket.
     pub(crate) fn drain(&mut self, mut dst: &Stream) -> io::Result<Transfer> {
-        let unsent = &self.bytes[self.start..self.end];
+        let unsent = &self.bytes[self.start()..self.end()];
         // A zero-byte write reads as `Eof`: the state machine treats it as an error.
         let moved = transfer(|| dst.write(unsent), Transfer::Eof)?;
         if let Transfer::Moved(n) = moved {
-            self.start += n;
+            self.start += n as u32;
             self.rewind_if_empty();
         }
         Ok(moved)

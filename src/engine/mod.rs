@@ -16,7 +16,7 @@ mod stream;
 use std::io;
 use std::os::fd::AsFd;
 
-pub(crate) use copy::MappedBuffer;
+pub(crate) use copy::{MappedBuffer, MAX_SIZE as MAX_COPY_BUFFER};
 pub(crate) use pool::{PipeFds, Pools};
 pub(crate) use splice::PooledPipe;
 pub(crate) use stream::Stream;
@@ -144,23 +144,44 @@ pub(crate) struct Slot {
     batch: Batched,
 }
 
-/// Where a direction's batched calls (the uring loop's) stand. Each result
-/// is consumed by the fill or drain that follows it in the same loop turn.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// Where a direction's batched calls (the uring loop's) stand, in eight
+/// bytes: every relay has two, and an idle relay's memory is mostly its
+/// slot. Each result is consumed by the fill or drain that follows it in
+/// the same loop turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Batched {
-    /// A recv ran into the (empty) copy buffer: its return value.
-    read: Option<i32>,
-    send: BatchedSend,
+    /// A recv that ran into the (empty) copy buffer: its return value, or
+    /// [`Batched::NONE`].
+    read: i32,
+    /// [`Batched::NONE`], [`Batched::WANTED`] (a drain found unsent bytes:
+    /// send them with the next batch), or the batch's send's return value.
+    send: i32,
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-enum BatchedSend {
-    #[default]
-    None,
-    /// A drain found unsent bytes: send them with the next batch.
-    Wanted,
-    /// The batch sent them: the send's return value.
-    Done(i32),
+impl Batched {
+    /// No return value is this small: bytes are positive, errors -4095 at
+    /// the least.
+    const NONE: i32 = i32::MIN;
+    const WANTED: i32 = i32::MIN + 1;
+    const IDLE: Batched = Batched {
+        read: Batched::NONE,
+        send: Batched::NONE,
+    };
+
+    fn take_read(&mut self) -> Option<i32> {
+        let read = std::mem::replace(&mut self.read, Batched::NONE);
+        (read != Batched::NONE).then_some(read)
+    }
+
+    fn take_sent(&mut self) -> Option<i32> {
+        match self.send {
+            Batched::NONE | Batched::WANTED => None,
+            sent => {
+                self.send = Batched::NONE;
+                Some(sent)
+            }
+        }
+    }
 }
 
 impl Slot {
@@ -172,7 +193,7 @@ impl Slot {
             urgent: false,
             fell_back: false,
             auto: (mode == Mode::Auto).then(AutoPolicy::new),
-            batch: Batched::default(),
+            batch: Batched::IDLE,
         }
     }
 
@@ -186,7 +207,7 @@ impl Slot {
         pools: &mut Pools,
         counters: &CounterBlock,
     ) -> Option<(MappedBuffer, std::ops::Range<usize>)> {
-        if self.urgent || self.batch != Batched::default() {
+        if self.urgent || self.batch != Batched::IDLE {
             return None;
         }
         if self.buffer.is_none() {
@@ -214,26 +235,25 @@ impl Slot {
     /// what the recv returned; the next fill consumes it.
     pub(crate) fn staged_read(&mut self, buffer: MappedBuffer, result: i32) {
         self.buffer = Some(Buffer::Mapped(buffer));
-        self.batch.read = Some(result);
+        self.batch.read = result;
     }
 
     /// Whether a drain left bytes for the next batched send.
     pub(crate) fn wants_send(&self) -> bool {
-        self.batch.send == BatchedSend::Wanted
+        self.batch.send == Batched::WANTED
     }
 
     /// The copy buffer whose unsent bytes a batched send is to write,
     /// taken out of the slot, with their range.
     pub(crate) fn take_send(&mut self) -> Option<(MappedBuffer, std::ops::Range<usize>)> {
-        if self.batch.send != BatchedSend::Wanted {
+        if self.batch.send != Batched::WANTED {
             return None;
         }
+        self.batch.send = Batched::NONE;
         let Some(Buffer::Mapped(mapped)) = self.buffer.take() else {
             // Only a copy buffer's drain asks for a batched send.
-            self.batch.send = BatchedSend::None;
             return None;
         };
-        self.batch.send = BatchedSend::None;
         let range = mapped.send_range();
         Some((mapped, range))
     }
@@ -242,7 +262,7 @@ impl Slot {
     /// the send returned; the next drain consumes it.
     pub(crate) fn sent(&mut self, buffer: MappedBuffer, result: i32) {
         self.buffer = Some(Buffer::Mapped(buffer));
-        self.batch.send = BatchedSend::Done(result);
+        self.batch.send = result;
     }
 
     /// Its engine facts, for a live upgrade.
@@ -284,7 +304,7 @@ impl Slot {
             urgent: image.urgent,
             fell_back: image.fell_back,
             auto: (mode == Mode::Auto && !image.fell_back).then(AutoPolicy::new),
-            batch: Batched::default(),
+            batch: Batched::IDLE,
         })
     }
 
@@ -441,7 +461,7 @@ impl Endpoints for Wire<'_> {
                 Some(Buffer::Pipe(pipe)) => (pipe.fill(self.src.as_fd(), pending), None),
                 Some(Buffer::Mapped(heap)) => {
                     let room = heap.room();
-                    let staged = self.slot.batch.read.take();
+                    let staged = self.slot.batch.take_read();
                     match staged.and_then(|r| heap.fill_from(r)) {
                         Some(result) => (result, Some(room)),
                         None => (heap.fill(self.src), Some(room)),
@@ -510,19 +530,23 @@ impl Endpoints for Wire<'_> {
                 },
             ),
             Some(Buffer::Mapped(heap)) => (
-                match std::mem::take(&mut self.slot.batch.send) {
-                    BatchedSend::Done(result) => match heap.drained_by(result) {
+                match self.slot.batch.take_sent() {
+                    Some(sent) => match heap.drained_by(sent) {
                         Some(result) => result?,
                         None => {
-                            self.slot.batch.send = BatchedSend::Wanted;
+                            self.slot.batch.send = Batched::WANTED;
                             Transfer::WouldBlock
                         }
                     },
-                    _ if self.batched => {
-                        self.slot.batch.send = BatchedSend::Wanted;
+                    None if self.batched => {
+                        self.slot.batch.send = Batched::WANTED;
                         Transfer::WouldBlock
                     }
-                    _ => heap.drain(self.dst)?,
+                    None => {
+                        // The ring is gone: what a batch was to send, write.
+                        self.slot.batch.send = Batched::NONE;
+                        heap.drain(self.dst)?
+                    }
                 },
                 &c.bytes_copied,
                 if self.to_client {

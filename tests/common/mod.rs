@@ -50,17 +50,17 @@ macro_rules! both_engines {
                 }
                 #[test]
                 fn uring_splice() {
-                    crate::common::on_loop(spliced::EventLoop::Uring);
+                    $crate::common::on_loop(spliced::EventLoop::Uring);
                     super::$name(spliced::Mode::Splice)
                 }
                 #[test]
                 fn uring_copy() {
-                    crate::common::on_loop(spliced::EventLoop::Uring);
+                    $crate::common::on_loop(spliced::EventLoop::Uring);
                     super::$name(spliced::Mode::Copy)
                 }
                 #[test]
                 fn uring_auto() {
-                    crate::common::on_loop(spliced::EventLoop::Uring);
+                    $crate::common::on_loop(spliced::EventLoop::Uring);
                     super::$name(spliced::Mode::Auto)
                 }
             }

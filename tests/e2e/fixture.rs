@@ -56,7 +56,8 @@
 //!   [`Proxy::metric_sum`] sums a family over listeners,
 //!   [`Proxy::terminate`] stops spliced by SIGTERM and returns its status;
 //!   [`Pg::signal_all`] hangs (SIGSTOP) or resumes a whole server.
-//! - [`every_engine!`]: one ignored test per engine (splice, copy, auto).
+//! - [`every_engine!`]: one ignored test per engine (splice, copy, auto),
+//!   and copy and auto again on the uring loop (`uring_copy`, `uring_auto`).
 //!
 //! A test whose binaries are missing gets `None` from [`pg_bin`] /
 //! [`redis_bin`] / [`Mariadb::start`] (after printing SKIPPED and why)
@@ -105,7 +106,9 @@ pub use crate::servers::{free_port, loopback, TempDir};
 
 /// Runs a real-server case once per engine: `every_engine!(case)` makes
 /// ignored tests `case::splice`, `case::copy` and `case::auto` calling
-/// `case("splice")` and so on (the `mode` a listener is given).
+/// `case("splice")` and so on (the `mode` a listener is given), and
+/// `case::uring_copy` and `case::uring_auto`, whose spliced processes run
+/// the uring loop (`SPLICED_LOOP`, set by `Spliced::spawn`).
 #[macro_export]
 macro_rules! every_engine {
     ($($name:ident),* $(,)?) => {
@@ -124,6 +127,18 @@ macro_rules! every_engine {
                 #[test]
                 #[ignore = "starts real servers: make e2e"]
                 fn auto() {
+                    super::$name("auto")
+                }
+                #[test]
+                #[ignore = "starts real servers: make e2e"]
+                fn uring_copy() {
+                    $crate::common::on_loop(spliced::EventLoop::Uring);
+                    super::$name("copy")
+                }
+                #[test]
+                #[ignore = "starts real servers: make e2e"]
+                fn uring_auto() {
+                    $crate::common::on_loop(spliced::EventLoop::Uring);
                     super::$name("auto")
                 }
             }
