@@ -59,9 +59,13 @@ fn a_relay_connecting_at_the_upgrade_is_handed_over_once_connected(mode: Mode) {
     let (mut s, mut instance) =
         Instance::start_with(&name, mode, up_addr, None, &["--connect-timeout", "20s"]);
     let mut c = connect(s.addr);
-    // Give the proxy time to accept the client and start its connect (a
+    // The proxy counts the client accepted as it starts its connect (a
     // client still in the backlog would simply meet the new process).
-    pace(Duration::from_millis(300));
+    wait_until(T, "the proxy accepted the client", || {
+        file_counters(&instance)
+            .iter()
+            .any(|&(name, n)| name == "relays_accepted" && n == 1)
+    });
     let (ok, out, err) = instance.upgrade(None);
     assert!(ok, "upgrade failed: {out}{err}");
     assert_eq!(handed_count(&out), 0, "nothing was connected yet: {out}");
