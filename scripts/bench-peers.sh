@@ -387,11 +387,12 @@ fi
 if stage logline; then
     # The one line per closed relay, on (spliced run's default level, info)
     # and off (warn), written to a file as a journal or log collector would
-    # take it; the proxy's CPU includes its log writer thread.
-    lib_log "logline: connections through spliced with the close line on and off"
+    # take it; the proxy's CPU includes its log writer thread. The peers,
+    # which log nothing per connection, run beside it in both passes.
+    lib_log "logline: connections through spliced with the close line on and off, and every peer"
     for level in info warn; do
-        RUST_LOG=$level bench "$LOAD_CPU" -w connect -e splice,copy --pin-proxy "$PROXY_CPU" \
-            >"$WORK/logline-$level.txt" 2>"$WORK/logline-$level.log"
+        RUST_LOG=$level bench "$LOAD_CPU" -w connect -e splice,copy,target --pin-proxy "$PROXY_CPU" \
+            "${TARGETS[@]}" >"$WORK/logline-$level.txt" 2>"$WORK/logline-$level.log"
     done
     {
         echo "close line on (RUST_LOG=info, $(wc -l <"$WORK/logline-info.log") lines logged):"

@@ -267,19 +267,32 @@ mod tests {
         assert_eq!(&got, b"hello");
     }
 
+    fn op(fd: RawFd, kind: IoKind, buf: Vec<u8>, range: Range<usize>) -> IoOp<Vec<u8>> {
+        IoOp {
+            fd,
+            kind,
+            buf,
+            range,
+            result: 0,
+        }
+    }
+
+    /// Each answer as one call of a batch and as a single plain call.
+    fn both_ways(ring: &mut Ring, make: impl Fn() -> IoOp<Vec<u8>>) -> [IoOp<Vec<u8>>; 2] {
+        let mut batch = ring.run(vec![make(), make()]).unwrap();
+        let single = ring.run(vec![make()]).unwrap().remove(0);
+        [batch.remove(0), single]
+    }
+
     #[test]
     fn a_range_outside_the_buffer_is_refused_not_submitted() {
         let Some(mut ring) = ring() else { return };
         let (a, _b) = UnixStream::pair().unwrap();
-        let ops = vec![IoOp {
-            fd: a.as_raw_fd(),
-            kind: IoKind::Send,
-            buf: vec![0u8; 4],
-            range: 2..9,
-            result: 0,
-        }];
-        let ops = ring.run(ops).unwrap();
-        assert_eq!(ops[0].result, -libc::EINVAL);
+        for answer in both_ways(&mut ring, || {
+            op(a.as_raw_fd(), IoKind::Send, vec![0u8; 4], 2..9)
+        }) {
+            assert_eq!(answer.result, -libc::EINVAL);
+        }
     }
 
     /// A batch of one is a plain call, with the same results.
@@ -288,22 +301,17 @@ mod tests {
         let Some(mut ring) = ring() else { return };
         let (a, b) = UnixStream::pair().unwrap();
         b.set_nonblocking(true).unwrap();
-        let recv = |ring: &mut Ring| {
-            let op = IoOp {
-                fd: b.as_raw_fd(),
-                kind: IoKind::Recv,
-                buf: vec![0u8; 8],
-                range: 0..8,
-                result: 0,
-            };
-            ring.run(vec![op]).unwrap().remove(0)
-        };
-        assert_eq!(recv(&mut ring).result, -libc::EAGAIN);
+        let recv = || op(b.as_raw_fd(), IoKind::Recv, vec![0u8; 8], 0..8);
+        for answer in both_ways(&mut ring, recv) {
+            assert_eq!(answer.result, -libc::EAGAIN);
+        }
         (&a).write_all(b"one").unwrap();
-        let op = recv(&mut ring);
-        assert_eq!((op.result, &op.buf[..3]), (3, &b"one"[..]));
+        let single = ring.run(vec![recv()]).unwrap().remove(0);
+        assert_eq!((single.result, &single.buf[..3]), (3, &b"one"[..]));
         drop(a);
-        assert_eq!(recv(&mut ring).result, 0, "EOF");
+        for answer in both_ways(&mut ring, recv) {
+            assert_eq!(answer.result, 0, "EOF");
+        }
     }
 
     #[test]
@@ -311,14 +319,10 @@ mod tests {
         let Some(mut ring) = ring() else { return };
         let (a, b) = UnixStream::pair().unwrap();
         drop(b);
-        let ops = vec![IoOp {
-            fd: a.as_raw_fd(),
-            kind: IoKind::Send,
-            buf: vec![1u8; 4],
-            range: 0..4,
-            result: 0,
-        }];
-        let ops = ring.run(ops).unwrap();
-        assert_eq!(ops[0].result, -libc::EPIPE);
+        for answer in both_ways(&mut ring, || {
+            op(a.as_raw_fd(), IoKind::Send, vec![1u8; 4], 0..4)
+        }) {
+            assert_eq!(answer.result, -libc::EPIPE);
+        }
     }
 }

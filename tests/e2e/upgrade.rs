@@ -31,7 +31,7 @@ use crate::fixture::{
     free_port, loopback, pg_bin, pgbench, redis_bin, redis_cli, Binary, Interactive, Pg, Proxy,
     PsqlSession, Redis, Resp, RespConn, TempDir,
 };
-use crate::relay::pg::{init, psql_ok};
+use crate::relay::pg::{assert_ledger, init};
 use crate::relay::{all_closed_clean, listener};
 
 crate::every_engine!(
@@ -228,29 +228,12 @@ fn pgbench_across_three_upgrades(mode: &str) {
         t0.elapsed()
     );
 
-    // The ledger: every balance sum equals the sum of the deltas, and the
-    // history has a row per transaction pgbench saw commit (one per client
-    // may have been in flight at the deadline).
-    let row = psql_ok(
+    assert_ledger(
         &bin,
         via,
-        "SELECT (SELECT sum(abalance) FROM pgbench_accounts), (SELECT sum(bbalance) FROM pgbench_branches), \
-         (SELECT sum(tbalance) FROM pgbench_tellers), (SELECT coalesce(sum(delta), 0) FROM pgbench_history), \
-         (SELECT count(*) FROM pgbench_history)",
-        "ledger",
-    );
-    let row = String::from_utf8_lossy(&row).trim().to_string();
-    let v: Vec<&str> = row.split('|').collect();
-    assert_eq!(v.len(), 5, "[{mode}] ledger row: {row}");
-    assert!(
-        !v[0].is_empty() && v[0] == v[1] && v[1] == v[2] && v[2] == v[3],
-        "[{mode}] balances disagree: sum(abalance), sum(bbalance), sum(tbalance), sum(delta) = {row}"
-    );
-    let history: u64 = v[4].parse().unwrap();
-    assert!(
-        history >= run.xacts && history <= run.xacts + u64::from(BENCH_CLIENTS),
-        "[{mode}] history has {history} rows but pgbench committed {}",
-        run.xacts
+        run.xacts,
+        u64::from(BENCH_CLIENTS),
+        &format!("[{mode}]"),
     );
     eprintln!(
         "{what}: {} transactions, none failed; the upgrades took {took:?}",

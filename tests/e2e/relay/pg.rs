@@ -37,6 +37,33 @@ pub fn copy_query(rows: u64) -> String {
 
 /// `psql -At -c sql` against `addr` (spliced or the server), under a limit;
 /// panics with its output unless it exits 0.
+/// The TPC-B ledger pgbench left, read through `addr`: every balance sum
+/// equals the sum of the deltas, and the history has a row per transaction
+/// pgbench saw commit (`committed`), and at most one more per client (one
+/// may have been in flight at the `-T` deadline).
+pub fn assert_ledger(bin: &Path, addr: SocketAddr, committed: u64, clients: u64, what: &str) {
+    let row = psql_ok(
+        bin,
+        addr,
+        "SELECT (SELECT sum(abalance) FROM pgbench_accounts), (SELECT sum(bbalance) FROM pgbench_branches), \
+         (SELECT sum(tbalance) FROM pgbench_tellers), (SELECT coalesce(sum(delta), 0) FROM pgbench_history), \
+         (SELECT count(*) FROM pgbench_history)",
+        "ledger",
+    );
+    let row = String::from_utf8_lossy(&row).trim().to_string();
+    let v: Vec<&str> = row.split('|').collect();
+    assert_eq!(v.len(), 5, "{what} ledger row: {row}");
+    assert!(
+        !v[0].is_empty() && v[0] == v[1] && v[1] == v[2] && v[2] == v[3],
+        "{what} balances disagree: sum(abalance), sum(bbalance), sum(tbalance), sum(delta) = {row}"
+    );
+    let history: u64 = v[4].parse().unwrap();
+    assert!(
+        history >= committed && history <= committed + clients,
+        "{what} history has {history} rows but pgbench committed {committed}"
+    );
+}
+
 pub fn psql_ok(bin: &Path, addr: SocketAddr, sql: &str, what: &str) -> Vec<u8> {
     let ran = run_limited(
         psql_args(bin, addr, &["-At", "-c", sql]),
@@ -104,31 +131,7 @@ fn pg_clients_through_spliced(mode: &str) {
         &format!("[{mode}] pgbench TPC-B"),
     );
 
-    // The ledger, read through spliced: every balance sum equals the sum
-    // of the deltas, and the history has a row per committed transaction
-    // (pgbench counts only those it saw commit; one per client may still
-    // have been in flight at the -T deadline).
-    let row = psql_ok(
-        &bin,
-        via,
-        "SELECT (SELECT sum(abalance) FROM pgbench_accounts), (SELECT sum(bbalance) FROM pgbench_branches), \
-         (SELECT sum(tbalance) FROM pgbench_tellers), (SELECT coalesce(sum(delta), 0) FROM pgbench_history), \
-         (SELECT count(*) FROM pgbench_history)",
-        "ledger",
-    );
-    let row = String::from_utf8_lossy(&row).trim().to_string();
-    let v: Vec<&str> = row.split('|').collect();
-    assert_eq!(v.len(), 5, "[{mode}] ledger row: {row}");
-    assert!(
-        !v[0].is_empty() && v[0] == v[1] && v[1] == v[2] && v[2] == v[3],
-        "[{mode}] balances disagree: sum(abalance), sum(bbalance), sum(tbalance), sum(delta) = {row}"
-    );
-    let history: u64 = v[4].parse().unwrap();
-    assert!(
-        history >= tpcb.xacts && history <= tpcb.xacts + 4,
-        "[{mode}] history has {history} rows but pgbench committed {}",
-        tpcb.xacts
-    );
+    assert_ledger(&bin, via, tpcb.xacts, 4, &format!("[{mode}]"));
 
     // A connection per transaction: each relay closes, every one at eof
     // (pgbench ends each connection with Terminate, then a close).
