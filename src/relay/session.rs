@@ -256,6 +256,16 @@ impl Relay {
         self.queued = false;
     }
 
+    /// The relay left its worker's slab (a live upgrade froze it, or its
+    /// client is held again): its ready-list and timer entries name a slot
+    /// it no longer holds, so neither counts. Placed again, it is queued
+    /// and armed afresh; a stale mark would keep it off the ready list for
+    /// good, and on the uring loop every wakeup goes through that list.
+    pub(crate) fn left_the_slab(&mut self) {
+        self.queued = false;
+        self.armed_at = None;
+    }
+
     // The close
 
     /// Counts its close under `reason` in worker `worker`'s blocks of its

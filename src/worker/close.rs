@@ -126,7 +126,8 @@ impl Worker {
     /// Takes a relay out of the slab without closing it (its client is
     /// held again): it no longer counts as a live relay.
     pub(super) fn take_relay(&mut self, key: usize) -> Relay {
-        let relay = self.relays.remove(key);
+        let mut relay = self.relays.remove(key);
+        relay.left_the_slab();
         CounterBlock::sub(&relay.listener().counters(self.index).relays_active, 1);
         self.shared.relays_live.fetch_sub(1, Ordering::Relaxed);
         relay
