@@ -290,11 +290,14 @@ fn budget_scenario(mode: Mode, user: Option<&str>) {
                 .is_some_and(|l| l.split_whitespace().skip(1).all(|v| v == uid.to_string()))
         });
     }
-    let logs = proxy.logs();
-    let cap_line = logs
-        .iter()
-        .find(|l| l.contains("relays at once"))
-        .unwrap_or_else(|| panic!("no relay cap line:\n{}", logs.join("\n")));
+    // The cap line follows the "listening on" line the spawn waited for.
+    let cap_line = wait_for(T, "the relay cap line", || {
+        proxy
+            .logs()
+            .into_iter()
+            .find(|l| l.contains("relays at once"))
+    });
+    let cap_line = cap_line.as_str();
     let cap: usize = log_number(cap_line, "max_conns").expect("max_conns=N");
     let pipe_fds: usize = log_number(cap_line, "pipe_fds").expect("pipe_fds=N");
     assert!(
