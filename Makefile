@@ -2,7 +2,7 @@
 CARGO ?= cargo
 SPLICED := $(or $(CARGO_TARGET_DIR),target)/release/spliced
 
-.PHONY: all build test lint unit bench bench-quick bench-peers deps e2e health-real faults scale soak fuzz fuzz-smoke artifacts ci clean
+.PHONY: all build test lint unit tools bench bench-quick bench-peers deps e2e health-real faults scale soak fuzz fuzz-smoke artifacts ci clean
 
 all: build
 
@@ -13,7 +13,7 @@ build:
 # the bench smoke run and the lints.
 test: lint unit bench-quick
 
-unit:
+unit: tools
 	$(CARGO) test --release --all-targets
 	$(CARGO) test --release --doc
 
@@ -31,6 +31,11 @@ bench-quick: build
 
 bench-peers: build
 	bash scripts/bench-peers.sh
+
+# The commands `make test` runs beside cargo (ip, tc, ethtool, strace,
+# setpriv): installed with apt-get when missing.
+tools:
+	bash scripts/install-deps.sh --tools
 
 # Debian packages the database, fault and peer tests drive.
 deps:

@@ -2,7 +2,7 @@
 # scripts/install-deps.sh: install the Debian packages that the database
 # end-to-end tests (the Rust fixture of tests/e2e.rs and
 # tests/health_real.rs) and the shell helpers
-# (scripts/lib.sh) drive. Idempotent: installs only what is missing, runs `apt-get update` at
+# (scripts/lib.sh) drive; with --tools, only the commands `make test` runs. Idempotent: installs only what is missing, runs `apt-get update` at
 # most once and only when needed. Needs root only if something is missing.
 #
 #   PostgreSQL : server (initdb, pg_ctl, postgres, pg_basebackup), psql and
@@ -62,16 +62,33 @@ have_pg() {
     return 1
 }
 
+# --tools: only the commands `make test` itself runs (the bench's veth
+# paths, the limit and sandbox tests), not the servers.
+tools_missing() {
+    { command -v ip >/dev/null && command -v ss >/dev/null && command -v tc >/dev/null; } || echo iproute2
+    command -v ethtool >/dev/null || echo ethtool
+    command -v strace >/dev/null || echo strace
+    { command -v setpriv >/dev/null && command -v taskset >/dev/null && command -v runuser >/dev/null; } || echo util-linux
+    { command -v pgrep >/dev/null && command -v ps >/dev/null; } || echo procps
+}
+if [[ "${1:-}" == --tools ]]; then
+    mapfile -t missing < <(tools_missing)
+    if ((${#missing[@]} == 0)); then
+        exit 0
+    fi
+    lib_apt_install "${missing[@]}" || lib_die "install-deps: could not install ${missing[*]}"
+    mapfile -t missing < <(tools_missing)
+    ((${#missing[@]} == 0)) || lib_die "install-deps: ${missing[*]} still missing after install"
+    exit 0
+fi
+
 missing=()
+mapfile -t missing < <(tools_missing)
 have_pg || missing+=(postgresql postgresql-client)
 command -v redis-server >/dev/null || missing+=(redis-server)
 { command -v redis-cli >/dev/null && command -v redis-benchmark >/dev/null; } || missing+=(redis-tools)
 { command -v mariadbd >/dev/null || [[ -x /usr/sbin/mariadbd ]]; } || missing+=(mariadb-server)
-{ command -v ss >/dev/null && command -v tc >/dev/null; } || missing+=(iproute2)
-command -v ethtool >/dev/null || missing+=(ethtool)
-{ command -v pgrep >/dev/null && command -v ps >/dev/null; } || missing+=(procps)
 command -v fuser >/dev/null || missing+=(psmisc)
-{ command -v runuser >/dev/null && command -v setpriv >/dev/null; } || missing+=(util-linux)
 command -v socat >/dev/null || missing+=(socat)
 command -v sha256sum >/dev/null || missing+=(coreutils)
 command -v awk >/dev/null || missing+=(mawk)
