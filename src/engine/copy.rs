@@ -142,13 +142,15 @@ impl MappedBuffer {
     /// What a fill makes of a recv the uring loop ran into
     /// [`recv_range`](Self::recv_range): `result` is the call's return
     /// (bytes, or a negated errno). `None` for EINTR: read again.
-    pub(crate) fn fill_from(&mut self, result: i32) -> Option<io::Result<Transfer>> {
+    /// `more`: the recv asked for less than the room and got all it
+    /// asked, so its source may hold more.
+    pub(crate) fn fill_from(&mut self, result: i32, more: bool) -> Option<io::Result<Transfer>> {
         let asked = self.room();
         Some(match result {
             n if n > 0 => {
                 let n = (n as usize).min(asked);
                 self.end += n as u32;
-                Ok(if n < asked {
+                Ok(if n < asked && !more {
                     Transfer::MovedAll(n)
                 } else {
                     Transfer::Moved(n)

@@ -163,14 +163,31 @@ impl Batched {
     /// the least.
     const NONE: i32 = i32::MIN;
     const WANTED: i32 = i32::MIN + 1;
+    /// `read`: a receive armed on the ring waits for the source's bytes;
+    /// nothing else may read the source until it is answered.
+    const ARMED: i32 = i32::MIN + 2;
+    /// `read`: `FILLED + n`, a ring receive filled its whole length with
+    /// `n` bytes, so more may wait (a plain result `n` says the queue ran
+    /// dry when it is short of the buffer's room). Below every errno.
+    const FILLED: i32 = i32::MIN + 4096;
     const IDLE: Batched = Batched {
         read: Batched::NONE,
         send: Batched::NONE,
     };
 
-    fn take_read(&mut self) -> Option<i32> {
-        let read = std::mem::replace(&mut self.read, Batched::NONE);
-        (read != Batched::NONE).then_some(read)
+    /// The staged read's result, and whether more may wait behind it.
+    fn take_read(&mut self) -> Option<(i32, bool)> {
+        match self.read {
+            Batched::NONE | Batched::ARMED => None,
+            filled if filled > Batched::FILLED && filled < -4095 => {
+                self.read = Batched::NONE;
+                Some((filled - Batched::FILLED, true))
+            }
+            read => {
+                self.read = Batched::NONE;
+                Some((read, false))
+            }
+        }
     }
 
     fn take_sent(&mut self) -> Option<i32> {
@@ -236,6 +253,84 @@ impl Slot {
     pub(crate) fn staged_read(&mut self, buffer: MappedBuffer, result: i32) {
         self.buffer = Some(Buffer::Mapped(buffer));
         self.batch.read = result;
+    }
+
+    /// For the uring loop's `copy` relays: marks a receive armed on the
+    /// ring for this direction, when it copies, holds no bytes and has
+    /// nothing staged. False: do not arm one.
+    pub(crate) fn arm(&mut self) -> bool {
+        let empty = match &self.buffer {
+            None => true,
+            Some(Buffer::Mapped(mapped)) => mapped.is_empty(),
+            Some(Buffer::Pipe(_)) => false,
+        };
+        if self.engine != Engine::Copy || !empty || self.batch != Batched::IDLE {
+            return false;
+        }
+        self.batch.read = Batched::ARMED;
+        true
+    }
+
+    /// Forgets a receive marked armed that the ring never took (or whose
+    /// answer will never come): the direction reads for itself again.
+    pub(crate) fn disarm(&mut self) {
+        if self.batch.read == Batched::ARMED {
+            self.batch.read = Batched::NONE;
+        }
+    }
+
+    /// Whether a receive armed on the ring is unanswered.
+    pub(crate) fn is_armed(&self) -> bool {
+        self.batch.read == Batched::ARMED
+    }
+
+    /// The answer to the armed receive: `bytes` (what `result` counted) go
+    /// into the copy buffer, taken from the pool as a fill would, for the
+    /// next fill to report; EOF and errors are staged as they are.
+    /// `filled`: the receive's length was all it could take, so more may
+    /// wait. A receive the ring could not serve (no provided buffer,
+    /// cancelled) stages nothing, and the direction reads for itself.
+    pub(crate) fn received(
+        &mut self,
+        pools: &mut Pools,
+        counters: &CounterBlock,
+        bytes: &[u8],
+        result: i32,
+        filled: bool,
+    ) {
+        if self.batch.read != Batched::ARMED {
+            return;
+        }
+        self.batch.read = Batched::NONE;
+        if result == -libc::ENOBUFS || result == -libc::ECANCELED {
+            return;
+        }
+        if result <= 0 {
+            self.batch.read = result;
+            return;
+        }
+        if self.buffer.is_none() {
+            match pools.take(&mut self.engine, counters) {
+                Ok(buffer) => self.buffer = Some(buffer),
+                Err(e) => {
+                    // The bytes are gone with the relay, which fails.
+                    self.batch.read = -e.raw_os_error().unwrap_or(libc::ENOMEM);
+                    return;
+                }
+            }
+        }
+        let Some(Buffer::Mapped(mapped)) = &mut self.buffer else {
+            self.batch.read = -libc::EINVAL;
+            return;
+        };
+        let Some(range) = mapped.recv_range() else {
+            self.batch.read = -libc::EINVAL;
+            return;
+        };
+        let n = bytes.len().min(range.len());
+        mapped.as_mut()[range.start..range.start + n].copy_from_slice(&bytes[..n]);
+        let n = n as i32;
+        self.batch.read = if filled { Batched::FILLED + n } else { n };
     }
 
     /// Whether a drain left bytes for the next batched send.
@@ -435,6 +530,10 @@ impl Wire<'_> {
 
 impl Endpoints for Wire<'_> {
     fn fill(&mut self, pending: usize) -> Result<Transfer, FillError> {
+        if self.slot.is_armed() {
+            // The ring reads this source; its answer comes as a staged read.
+            return Ok(Transfer::WouldBlock);
+        }
         loop {
             if self.slot.engine == Engine::Splice {
                 if let Some(Buffer::Mapped(preloaded)) = &self.slot.buffer {
@@ -462,7 +561,7 @@ impl Endpoints for Wire<'_> {
                 Some(Buffer::Mapped(heap)) => {
                     let room = heap.room();
                     let staged = self.slot.batch.take_read();
-                    match staged.and_then(|r| heap.fill_from(r)) {
+                    match staged.and_then(|(r, more)| heap.fill_from(r, more)) {
                         Some(result) => (result, Some(room)),
                         None => (heap.fill(self.src), Some(room)),
                     }

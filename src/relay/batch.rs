@@ -3,10 +3,15 @@
 //! drains left for the batch. Every result goes back into the direction's
 //! slot, where the fill or drain of the pump that follows consumes it, so
 //! the direction's state machine is the same in both loops.
+//!
+//! A relay of a `copy` listener reads through receives armed on the ring
+//! instead: each waits in the kernel for its source's bytes, and its answer
+//! is staged the same way.
 
 use std::os::fd::{AsFd, AsRawFd};
 
 use super::{Peer, Relay};
+use crate::config::Mode;
 use crate::engine::{MappedBuffer, Pools, Slot, Stream};
 use crate::sys::uring::{IoKind, IoOp};
 
@@ -18,6 +23,61 @@ impl Relay {
             Peer::Client => (&mut self.c2u_slot, &self.client, &self.upstream),
             Peer::Upstream => (&mut self.u2c_slot, &self.upstream, &self.client),
         }
+    }
+
+    /// Whether this relay reads through receives armed on the ring (on the
+    /// uring loop): a `copy` listener's relays do.
+    pub(crate) fn reads_on_ring(&self) -> bool {
+        self.session.listener.config.mode == Mode::Copy
+    }
+
+    /// Arms a receive, through `arm` (its source's fd and direction; false
+    /// when the ring could not take it), for each direction that waits for
+    /// its source's bytes with none pending and nothing armed or staged.
+    pub(crate) fn arm_reads(&mut self, mut arm: impl FnMut(std::os::fd::RawFd, Peer) -> bool) {
+        if self.core.is_connecting() {
+            return;
+        }
+        for from in [Peer::Client, Peer::Upstream] {
+            if !self.core.direction(from).awaits_source() {
+                continue;
+            }
+            let (slot, src, _) = self.way(from);
+            let fd = src.as_fd().as_raw_fd();
+            if slot.arm() && !arm(fd, from) {
+                slot.disarm();
+            }
+        }
+    }
+
+    /// The directions whose armed receive is unanswered.
+    pub(crate) fn armed(&self) -> impl Iterator<Item = Peer> + '_ {
+        [
+            (Peer::Client, &self.c2u_slot),
+            (Peer::Upstream, &self.u2c_slot),
+        ]
+        .into_iter()
+        .filter(|(_, slot)| slot.is_armed())
+        .map(|(from, _)| from)
+    }
+
+    /// The answer to the direction from `from`'s armed receive (see
+    /// `Slot::received`); the source counts as readable, so the next pump
+    /// takes it.
+    pub(crate) fn received(
+        &mut self,
+        from: Peer,
+        pools: &mut Pools,
+        bytes: &[u8],
+        result: i32,
+        filled: bool,
+    ) {
+        let listener = std::sync::Arc::clone(&self.session.listener);
+        let counters = listener.counters(pools.worker);
+        self.way(from)
+            .0
+            .received(pools, counters, bytes, result, filled);
+        self.core.ready(from, true, false, false);
     }
 
     /// A batched recv for the direction from `from`, when its next pump

@@ -162,6 +162,13 @@ impl Direction {
         self.state == DirState::Open && self.src_readable && self.pending == 0
     }
 
+    /// Whether the direction waits for its source's next bytes with none
+    /// pending (readiness aside): the uring loop's `copy` relays arm a
+    /// receive for it.
+    pub(crate) fn awaits_source(&self) -> bool {
+        self.state == DirState::Open && self.pending == 0
+    }
+
     /// Whether a pump could make progress now.
     pub(crate) fn has_work(&self) -> bool {
         (self.state == DirState::Open && self.src_readable)

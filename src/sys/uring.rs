@@ -16,16 +16,50 @@
 //! so no buffer can be freed or moved while the kernel may still use it.
 //! If the ring itself fails past the point where operations were handed to
 //! the kernel, the batch is leaked rather than freed ([`RingFailed`]).
+//!
+//! The ring also carries the loop's waiting ([`Ring::wait`]): it polls the
+//! worker's epoll fd and holds receives that wait for data
+//! ([`Ring::arm_recv`]), each into a buffer of the ring's own provided-buffer
+//! group, so the kernel never writes into memory a relay owns. Their
+//! completions wait in the ring ([`Ring::take_received`]) until the worker
+//! copies each buffer out and gives it back ([`Ring::recycle`]).
 
 use std::io;
 use std::ops::Range;
 use std::os::fd::RawFd;
 
-use io_uring::{opcode, types, IoUring};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use memmap2::MmapMut;
 
 /// Submission queue entries of a worker's ring; a longer batch is run in
 /// chunks of this many.
 const ENTRIES: u32 = 256;
+
+/// Buffers in a ring's provided-buffer group, and the size of each: what
+/// the receives completed between two turns can hold (beyond it a receive
+/// answers `-ENOBUFS` and the relay reads for itself). 8 MiB of address
+/// space per worker; the pages a small message never touches stay unmapped.
+pub const RECV_BUFFERS: u16 = 512;
+pub const RECV_BUFFER_SIZE: usize = 16 * 1024;
+/// The provided-buffer group's id.
+const GROUP: u16 = 0;
+
+/// What a completion's `user_data` says it answers: with the top bit
+/// clear, an armed receive (the caller's tag: the worker's relay tokens
+/// have that bit clear too); with it set, bits 61..63 name a batch's
+/// operation (its index in the low bits), the epoll fd's poll or a
+/// cancellation.
+const OURS: u64 = 1 << 63;
+const KIND: u64 = OURS | (3 << 61);
+const BATCH: u64 = OURS;
+const EPOLL: u64 = OURS | (1 << 61);
+const CANCEL: u64 = OURS | (2 << 61);
+const INDEX: u64 = (1 << 61) - 1;
+/// The bits of an armed receive's tag.
+pub const TAG_BITS: u64 = !OURS;
 
 /// What one operation does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,9 +87,32 @@ pub struct IoOp<B> {
 #[derive(Debug)]
 pub struct RingFailed(pub io::Error);
 
+/// An armed receive's answer: the caller's tag, the recv's return (bytes,
+/// 0 for EOF, or a negated errno) and the provided buffer holding the bytes.
+#[derive(Debug)]
+pub struct Received {
+    pub tag: u64,
+    pub result: i32,
+    buffer: Option<u16>,
+}
+
 /// One worker's ring. Not shared: the worker thread alone submits.
 pub struct Ring {
+    // Dropped first: the kernel lets go of the buffers below with the ring.
     ring: IoUring,
+    /// The provided-buffer ring's entries (its tail in the first entry).
+    entries: MmapMut,
+    /// The buffers the entries point at, `RECV_BUFFER_SIZE` each.
+    buffers: MmapMut,
+    /// The next tail to publish.
+    tail: u16,
+    /// Receives answered and not yet taken.
+    received: Vec<Received>,
+    /// The epoll fd polled (multishot), whether that poll is armed, and
+    /// whether it fired since the worker last read epoll.
+    epoll: Option<RawFd>,
+    epoll_armed: bool,
+    epoll_ready: bool,
 }
 
 impl std::fmt::Debug for Ring {
@@ -68,13 +125,241 @@ impl Ring {
     /// io_uring_setup(2). Fails where io_uring cannot be used: the
     /// `kernel.io_uring_disabled` sysctl, a seccomp profile that forbids
     /// it (EPERM, ENOSYS), a kernel without it, or no memory to lock.
+    /// Also registers the provided-buffer group (5.19+).
     pub fn new() -> io::Result<Ring> {
-        let ring = IoUring::builder()
-            .setup_coop_taskrun()
-            .build(ENTRIES)
-            // COOP_TASKRUN is 5.19+: an older kernel takes a plain ring.
-            .or_else(|_| IoUring::new(ENTRIES))?;
-        Ok(Ring { ring })
+        // Not COOP_TASKRUN: an armed receive completes through task work
+        // queued when its data arrives, and without a signal that work
+        // would not wake a worker asleep in `wait` before its timeout.
+        let ring = IoUring::new(ENTRIES)?;
+        let entries = MmapMut::map_anon(
+            usize::from(RECV_BUFFERS) * std::mem::size_of::<types::BufRingEntry>(),
+        )?;
+        let buffers = MmapMut::map_anon(usize::from(RECV_BUFFERS) * RECV_BUFFER_SIZE)?;
+        // SAFETY: `entries` is a page-aligned mapping of `RECV_BUFFERS`
+        // entries that lives as long as the ring: the ring is dropped
+        // first (field order), and the kernel pins the pages it registers.
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                entries.as_ptr() as u64,
+                RECV_BUFFERS,
+                GROUP,
+                0,
+            )?;
+        }
+        let mut this = Ring {
+            ring,
+            entries,
+            buffers,
+            tail: 0,
+            received: Vec::new(),
+            epoll: None,
+            epoll_armed: false,
+            epoll_ready: false,
+        };
+        for bid in 0..RECV_BUFFERS {
+            this.provide(bid);
+        }
+        this.publish();
+        Ok(this)
+    }
+
+    /// Waits on the worker's epoll fd too: [`wait`](Self::wait) returns
+    /// when it has events, and [`take_epoll_ready`](Self::take_epoll_ready)
+    /// says so.
+    pub fn watch_epoll(&mut self, epfd: RawFd) {
+        self.epoll = Some(epfd);
+        self.epoll_armed = false;
+        self.epoll_ready = true;
+    }
+
+    /// The worker read epoll and more events may wait: the next wait
+    /// does not sleep.
+    pub fn epoll_has_more(&mut self) {
+        self.epoll_ready = true;
+    }
+
+    /// Whether the epoll fd fired since the last call.
+    pub fn take_epoll_ready(&mut self) -> bool {
+        std::mem::take(&mut self.epoll_ready)
+    }
+
+    /// Queues a receive of at most `len` bytes from `fd` into one of the
+    /// group's buffers, which waits for data; its answer comes back with
+    /// `tag` (within [`TAG_BITS`]) from [`take_received`](Self::take_received).
+    /// Submitted with the next [`wait`](Self::wait).
+    pub fn arm_recv(&mut self, fd: RawFd, tag: u64, len: u32) -> io::Result<()> {
+        let len = len.min(RECV_BUFFER_SIZE as u32);
+        let entry = opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), len)
+            .buf_group(GROUP)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT)
+            .user_data(tag & TAG_BITS);
+        self.push(&entry)
+    }
+
+    /// Queues the cancellation of the receive armed with `tag`; its answer
+    /// (`-ECANCELED`, or the bytes it got first) still comes back.
+    pub fn cancel_recv(&mut self, tag: u64) -> io::Result<()> {
+        let entry = opcode::AsyncCancel::new(tag & TAG_BITS)
+            .build()
+            .user_data(CANCEL);
+        self.push(&entry)
+    }
+
+    /// Submits what is queued and waits, at most `timeout` (`None`: no
+    /// limit), for a receive's answer or an epoll event, unless one is
+    /// already there.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        if let (Some(epfd), false) = (self.epoll, self.epoll_armed) {
+            let entry = opcode::PollAdd::new(types::Fd(epfd), libc::POLLIN as u32)
+                .multi(true)
+                .build()
+                .user_data(EPOLL);
+            self.push(&entry)?;
+            self.epoll_armed = true;
+        }
+        let ready = !self.received.is_empty() || self.epoll_ready;
+        let submitted = match timeout {
+            _ if ready => self.ring.submit(),
+            Some(t) if t.is_zero() => self.ring.submit(),
+            Some(t) => {
+                let ts = types::Timespec::from(t);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+            None => self.ring.submit_and_wait(1),
+        };
+        match submitted {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) => {}
+            Err(e) => return Err(e),
+        }
+        self.reap_others::<Vec<u8>>(&mut []);
+        Ok(())
+    }
+
+    /// The receives answered since the last call, into `into` (emptied
+    /// first; the two vectors swap, so neither allocates once grown).
+    pub fn take_received(&mut self, into: &mut Vec<Received>) {
+        into.clear();
+        std::mem::swap(into, &mut self.received);
+    }
+
+    /// The bytes an answered receive put in its buffer.
+    pub fn bytes(&self, received: &Received) -> &[u8] {
+        match (received.buffer, usize::try_from(received.result)) {
+            (Some(bid), Ok(n)) if bid < RECV_BUFFERS => {
+                let at = usize::from(bid) * RECV_BUFFER_SIZE;
+                // SAFETY: the buffer lies inside the mapping (checked bid),
+                // and the kernel wrote these bytes before it posted the
+                // completion; it writes this buffer again only once it is
+                // recycled, which takes `received` by value after this
+                // borrow ends. Other buffers may be written meanwhile, so
+                // no reference covers the whole mapping.
+                unsafe {
+                    std::slice::from_raw_parts(
+                        self.buffers.as_ptr().add(at),
+                        n.min(RECV_BUFFER_SIZE),
+                    )
+                }
+            }
+            _ => &[],
+        }
+    }
+
+    /// Gives an answered receive's buffer back to the group.
+    pub fn recycle(&mut self, received: Received) {
+        if let Some(bid) = received.buffer {
+            self.provide(bid);
+            self.publish();
+        }
+    }
+
+    /// Writes buffer `bid` into the next entry (published by `publish`).
+    fn provide(&mut self, bid: u16) {
+        let mask = usize::from(RECV_BUFFERS - 1);
+        let at = usize::from(self.tail) & mask;
+        let addr = self.buffers.as_ptr() as u64 + u64::from(bid) * RECV_BUFFER_SIZE as u64;
+        let size = std::mem::size_of::<types::BufRingEntry>();
+        let slot = &mut self.entries[at * size..(at + 1) * size];
+        // An io_uring_buf: addr (u64), len (u32), bid (u16), and in the
+        // first entry the ring's tail (u16), which `publish` alone writes.
+        slot[0..8].copy_from_slice(&addr.to_ne_bytes());
+        slot[8..12].copy_from_slice(&(RECV_BUFFER_SIZE as u32).to_ne_bytes());
+        slot[12..14].copy_from_slice(&bid.to_ne_bytes());
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Hands the entries written so far to the kernel.
+    fn publish(&mut self) {
+        let base = self.entries.as_mut_ptr().cast::<types::BufRingEntry>();
+        // SAFETY: `base` is the first entry of the registered ring, which
+        // is page-aligned and initialised; its tail field is a naturally
+        // aligned u16 that the kernel reads atomically, and this thread
+        // alone writes it.
+        let tail = unsafe { &*types::BufRingEntry::tail(base).cast::<AtomicU16>() };
+        tail.store(self.tail, Ordering::Release);
+    }
+
+    /// Queues `entry`, submitting what is queued first when the queue is
+    /// full.
+    fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: an armed receive points at no memory of ours (the
+            // kernel picks a buffer of the registered group); a poll and a
+            // cancellation point at none at all.
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                return Ok(());
+            }
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {
+                    self.reap_others::<Vec<u8>>(&mut []);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Takes every completion there is: a batch's into `batch` (by index;
+    /// returns how many), the others into the ring's own state.
+    fn reap_others<B>(&mut self, batch: &mut [IoOp<B>]) -> usize {
+        let mut answered = 0;
+        for cqe in self.ring.completion() {
+            let data = cqe.user_data();
+            if data & OURS == 0 {
+                self.received.push(Received {
+                    tag: data,
+                    result: cqe.result(),
+                    buffer: cqueue::buffer_select(cqe.flags()),
+                });
+                continue;
+            }
+            match data & KIND {
+                BATCH => {
+                    if let Some(op) = batch.get_mut((data & INDEX) as usize) {
+                        if op.result == i32::MIN {
+                            op.result = cqe.result();
+                            answered += 1;
+                        }
+                    }
+                }
+                EPOLL => {
+                    self.epoll_ready = true;
+                    if !cqueue::more(cqe.flags()) {
+                        self.epoll_armed = false;
+                    }
+                }
+                // A cancellation's own answer says nothing the receive's
+                // answer does not.
+                _ => {}
+            }
+        }
+        answered
     }
 
     /// Runs every operation and records each one's result. `Err` only when
@@ -105,6 +390,17 @@ impl Ring {
     /// Submits `ops` (at most [`ENTRIES`]) and waits for all their
     /// completions. On `Err`, some may still be in the kernel's hands.
     fn run_chunk<B: AsMut<[u8]>>(&mut self, ops: &mut [IoOp<B>]) -> io::Result<()> {
+        // Armed receives and polls queued since the last submission go
+        // first, so the chunk has the whole queue.
+        while !self.ring.submission().is_empty() {
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {
+                    self.reap_others::<B>(&mut []);
+                }
+                Err(e) => return Err(e),
+            }
+        }
         {
             let mut sq = self.ring.submission();
             for (i, op) in ops.iter_mut().enumerate() {
@@ -129,7 +425,7 @@ impl Ring {
                 // answered every entry (below); on `Err` the caller leaks
                 // the buffers. The queue has room: it holds at most one
                 // chunk, and every earlier chunk was submitted.
-                if unsafe { sq.push(&entry.user_data(i as u64)) }.is_err() {
+                if unsafe { sq.push(&entry.user_data(BATCH | i as u64)) }.is_err() {
                     op.result = -libc::EBUSY;
                 }
             }
@@ -145,14 +441,7 @@ impl Ring {
                     ) => {}
                 Err(e) => return Err(e),
             }
-            for cqe in self.ring.completion() {
-                if let Some(op) = ops.get_mut(cqe.user_data() as usize) {
-                    if op.result == i32::MIN {
-                        op.result = cqe.result();
-                        waiting -= 1;
-                    }
-                }
-            }
+            waiting -= self.reap_others(ops);
         }
         Ok(())
     }

@@ -6,6 +6,7 @@
 //! can close while the kernel holds its buffer; every result is consumed by
 //! the pump that follows it in the same turn.
 
+use std::io;
 use std::time::Instant;
 
 use super::Worker;
@@ -105,14 +106,19 @@ impl Worker {
         match ring.run(ops) {
             Ok(ops) => Some(ops),
             Err(RingFailed(e)) => {
-                tracing::error!(worker = self.index, error = %e, "internal: io_uring failed; closing the relays of its batch and running the epoll loop");
-                self.ring = None;
-                let e = RelayError::new(Side::Internal, Op::Buffer, e);
+                // The batch's relays close first: the kernel may still hold
+                // their buffers, which were leaked.
+                let error = RelayError::new(
+                    Side::Internal,
+                    Op::Buffer,
+                    io::Error::new(e.kind(), e.to_string()),
+                );
                 for &(this, _) in owners {
                     if self.relays.get(this.key).is_some_and(|r| this.is(r.id())) {
-                        self.close(this.key, CloseReason::Internal, Some(&e), now);
+                        self.close(this.key, CloseReason::Internal, Some(&error), now);
                     }
                 }
+                self.ring_failed(&e, now);
                 None
             }
         }

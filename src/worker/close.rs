@@ -71,6 +71,7 @@ impl Worker {
         error: Option<&RelayError>,
         now: Instant,
     ) {
+        self.disarm_reads(key);
         let relay = self.relays.remove(key);
         relay.count_close(reason, self.index);
         let listener = relay.listener_id();

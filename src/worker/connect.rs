@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
-use super::{Worker, RELAY_INTEREST};
+use super::Worker;
 use crate::error::{is_local_error, Op, RelayError, Side};
 use crate::listener::Listener;
 use crate::relay::{Peer, Readiness};
@@ -217,6 +217,7 @@ impl Worker {
             self.connect_failed(id, &listener, failed, &error, more, now);
         }
         let token = token::relay(RelayRef { key, id }, Peer::Upstream);
+        let interest = self.relay_interest(&self.relays[key]);
         let mut error = error;
         let next = loop {
             let (mut stream, server) =
@@ -225,11 +226,7 @@ impl Worker {
                     Ok(None) => break Ok(None),
                     Err(local) => break Err(local),
                 };
-            match self
-                .poll
-                .registry()
-                .register(&mut stream, token, RELAY_INTEREST)
-            {
+            match self.poll.registry().register(&mut stream, token, interest) {
                 Ok(()) => break Ok(Some((stream, server))),
                 Err(e) => {
                     let more = round.has_next(&pool);

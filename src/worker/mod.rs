@@ -68,6 +68,7 @@ const TIMER_SLACK: usize = 1024;
 const WARN_EVERY: Duration = Duration::from_secs(1);
 
 mod accept;
+mod armed;
 mod batch;
 mod bind;
 mod close;
@@ -174,6 +175,10 @@ pub(crate) struct Worker {
     ring: Option<crate::sys::uring::Ring>,
     /// Relays whose drains left bytes for the next batched send.
     sending: Vec<RelayRef>,
+    /// The ring's answered receives, taken each turn (kept for its room).
+    received: Vec<crate::sys::uring::Received>,
+    /// A live upgrade is settling the receives of the relays it takes.
+    settling: bool,
 }
 
 impl Worker {
@@ -187,6 +192,10 @@ impl Worker {
         ring: Option<crate::sys::uring::Ring>,
     ) -> io::Result<Worker> {
         let poll = Poll::new()?;
+        let ring = ring.map(|mut ring| {
+            ring.watch_epoll(std::os::fd::AsRawFd::as_raw_fd(&poll));
+            ring
+        });
         let waker = Arc::new(Waker::new(poll.registry(), token::waker())?);
         let (link, commands) = control::channel(Arc::clone(&waker));
         let doorbell = Doorbell::new(waker);
@@ -240,6 +249,8 @@ impl Worker {
             frozen_out: 0,
             ring,
             sending: Vec::new(),
+            received: Vec::new(),
+            settling: false,
         })
     }
 
@@ -253,7 +264,7 @@ impl Worker {
         let mut events = Events::with_capacity(1024);
         loop {
             let now = Instant::now();
-            if let Err(e) = self.poll.poll(&mut events, self.poll_timeout(now)) {
+            if let Err(e) = self.wait(&mut events, self.poll_timeout(now)) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -276,6 +287,7 @@ impl Worker {
                     Owner::Held(key) => self.on_held_event(key, event, now),
                 }
             }
+            self.take_received();
             self.read_ahead(now);
             self.run_ready(now);
             self.resume_accepting(now);
@@ -389,13 +401,14 @@ impl Worker {
             key: self.relays.vacant_entry().key(),
             id: relay.id(),
         };
+        let interest = self.relay_interest(&relay);
         let registry = self.poll.registry();
         let (client, upstream) = relay.sockets_mut();
         let registered = registry
-            .register(client, token::relay(this, Peer::Client), RELAY_INTEREST)
+            .register(client, token::relay(this, Peer::Client), interest)
             .and_then(|()| {
                 registry
-                    .register(upstream, token::relay(this, Peer::Upstream), RELAY_INTEREST)
+                    .register(upstream, token::relay(this, Peer::Upstream), interest)
                     .inspect_err(|_| {
                         let _ = registry.deregister(client);
                     })
@@ -526,6 +539,7 @@ impl Worker {
                         id: relay.id(),
                     });
                 }
+                self.arm_reads(key);
                 newly_half_closed
             }
             Err(e) => {

@@ -55,11 +55,18 @@ mod relays {
             now: Instant,
         ) {
             let frozen_at = crate::sys::monotonic_ns();
-            let keys: Vec<usize> = self
-                .relays
-                .iter()
-                .filter(|(_, r)| r.can_hand_over())
-                .map(|(k, _)| k)
+            let can_go = |w: &Worker| -> Vec<usize> {
+                w.relays
+                    .iter()
+                    .filter(|(_, r)| r.can_hand_over())
+                    .map(|(k, _)| k)
+                    .collect()
+            };
+            // On the uring loop, nothing of theirs may be left in the ring.
+            let unsettled = self.settle_reads(&can_go(self), now);
+            let keys: Vec<usize> = can_go(self)
+                .into_iter()
+                .filter(|k| !unsettled.contains(k))
                 .collect();
             let mut out = Vec::with_capacity(keys.len());
             for key in keys {
