@@ -129,9 +129,9 @@ struct RunArgs {
     /// Worker threads, each with its own event loop [default: number of CPUs].
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
-    /// The workers' loop: epoll, or uring (the copy engine's socket reads
-    /// and writes batched through io_uring; epoll where io_uring cannot be
-    /// used) [default: epoll].
+    /// The workers' loop: epoll, or uring (waits in io_uring; copy relays
+    /// read through receives armed on it, copy buffers' writes go in
+    /// batches; epoll where io_uring cannot be used) [default: epoll].
     #[arg(long = "loop", env = "SPLICED_LOOP", value_name = "LOOP")]
     event_loop: Option<spliced::EventLoop>,
     /// Capacity asked of each pooled pipe (F_SETPIPE_SZ), e.g. 256k; 0 keeps

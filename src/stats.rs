@@ -208,6 +208,9 @@ counter_table! {
         /// The socket reads and writes those submissions carried.
         ring_calls: Counter per Worker => ["spliced_uring_calls"
             "The socket reads and writes the uring loop's io_uring submissions carried."],
+        /// Receives armed on the ring that were answered.
+        ring_receives: Counter per Worker => ["spliced_uring_receives"
+            "Receives the uring loop armed on its io_uring for copy relays (each waits in the kernel for its socket's bytes) that were answered: with bytes, EOF, an error, or a cancellation."],
         /// Entries in the workers' deadline heaps (live and not yet swept).
         timer_entries: Gauge per Worker => ["spliced_timer_entries"
             "Entries in a worker's deadline heap (live and not yet swept).", column "TIMERS"],

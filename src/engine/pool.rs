@@ -22,8 +22,13 @@ use crate::sys::{self, Pipe};
 
 /// How often a worker may log fallbacks or pipe-size warnings.
 const LOG_EVERY: Duration = Duration::from_secs(1);
-/// Most empty copy buffers a worker keeps.
+/// Most empty copy buffers a worker keeps, unless more were in use at once
+/// within the last [`PEAK_WINDOW`]: the uring loop's copy buffers are all
+/// out at once between a turn's receives and its sends, and a pool smaller
+/// than that would unmap and map them again every turn.
 const MAX_IDLE_BUFFERS: usize = 256;
+/// How long a peak of copy buffers in use keeps that many mapped.
+const PEAK_WINDOW: Duration = Duration::from_secs(1);
 
 /// The pipe fds all workers hold (live pipes, in use or pooled), within
 /// the share of the fd limit the relays' sockets leave them (see
@@ -83,6 +88,11 @@ pub(crate) struct Pools {
     pipe_bytes: usize,
     idle_buffers: Vec<MappedBuffer>,
     buffer_size: usize,
+    /// Copy buffers taken and not given back; the most at once since
+    /// `peak_since` (with the window before it).
+    buffers_out: usize,
+    buffers_peak: usize,
+    peak_since: Option<Instant>,
     /// The worker these belong to: it selects the listener counter block
     /// a relay's transfers are counted on.
     pub(crate) worker: usize,
@@ -110,6 +120,9 @@ impl Pools {
             pipe_bytes: 0,
             idle_buffers: Vec::new(),
             buffer_size: config.copy_buffer_size,
+            buffers_out: 0,
+            buffers_peak: 0,
+            peak_since: None,
             worker,
             counters,
             last_log: None,
@@ -140,7 +153,27 @@ impl Pools {
             None => MappedBuffer::new(self.buffer_size)?,
         };
         CounterBlock::add(&self.counters.buffers_in_use, 1);
+        self.buffers_out += 1;
+        self.buffers_peak = self.buffers_peak.max(self.buffers_out);
         Ok(Buffer::Mapped(heap))
+    }
+
+    /// Once a [`PEAK_WINDOW`]: unmaps the empty copy buffers beyond what
+    /// the last window's peak needed (and [`MAX_IDLE_BUFFERS`]), so the
+    /// memory a burst mapped goes back to the OS within two windows.
+    pub(crate) fn trim(&mut self, now: Instant) {
+        match self.peak_since {
+            Some(since) if now.saturating_duration_since(since) < PEAK_WINDOW => {}
+            _ => {
+                self.idle_buffers.truncate(self.idle_cap());
+                self.buffers_peak = self.buffers_out;
+                self.peak_since = Some(now);
+            }
+        }
+    }
+
+    fn idle_cap(&self) -> usize {
+        MAX_IDLE_BUFFERS.max(self.buffers_peak)
     }
 
     /// A pipe another process filled (a live upgrade's), counted as this
@@ -170,6 +203,7 @@ impl Pools {
         };
         heap.preload(bytes)?;
         CounterBlock::add(&self.counters.buffers_in_use, 1);
+        self.buffers_out += 1;
         Ok(Buffer::Mapped(heap))
     }
 
@@ -193,7 +227,8 @@ impl Pools {
             }
             Buffer::Mapped(heap) => {
                 CounterBlock::sub(&self.counters.buffers_in_use, 1);
-                if heap.is_empty() && self.idle_buffers.len() < MAX_IDLE_BUFFERS {
+                self.buffers_out = self.buffers_out.saturating_sub(1);
+                if heap.is_empty() && self.idle_buffers.len() < self.idle_cap() {
                     self.idle_buffers.push(heap);
                 }
             }

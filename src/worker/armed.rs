@@ -53,12 +53,15 @@ impl Worker {
 
     /// Waits for the turn's events, at most `timeout`: epoll's, or on the
     /// uring loop the ring's, with epoll read when its fd fired.
+    /// A worker none of whose relays ever read through the ring (only
+    /// `auto` and `splice` listeners) waits in epoll_wait, as the epoll
+    /// loop does: nothing it waits for would come through the ring.
     pub(super) fn wait(
         &mut self,
         events: &mut Events,
         timeout: Option<Duration>,
     ) -> io::Result<()> {
-        let Some(ring) = self.ring.as_mut() else {
+        let Some(ring) = self.ring.as_mut().filter(|_| self.ring_waits) else {
             return self.poll.poll(events, timeout);
         };
         if let Err(e) = ring.wait(timeout) {
@@ -86,7 +89,7 @@ impl Worker {
         };
         let mut received = std::mem::take(&mut self.received);
         ring.take_received(&mut received);
-        CounterBlock::add(&self.counters.ring_calls, received.len() as u64);
+        CounterBlock::add(&self.counters.ring_receives, received.len() as u64);
         let len = ring_read_len(self.config.copy_buffer_size);
         for answer in received.drain(..) {
             let tag = usize::try_from(answer.tag).unwrap_or(usize::MAX);
@@ -132,10 +135,14 @@ impl Worker {
             id: relay.id(),
         };
         let len = ring_read_len(self.config.copy_buffer_size);
+        let mut armed = false;
         relay.arm_reads(|fd, from| {
             let tag = token::relay(this, from).0 as u64;
-            ring.arm_recv(fd, tag, len).is_ok()
+            armed = ring.arm_recv(fd, tag, len).is_ok();
+            armed
         });
+        // From now on the wait must be the ring's, which their answers end.
+        self.ring_waits |= armed;
     }
 
     /// Cancels relay `key`'s unanswered receives, before it closes: the

@@ -179,6 +179,8 @@ pub(crate) struct Worker {
     received: Vec<crate::sys::uring::Received>,
     /// A live upgrade is settling the receives of the relays it takes.
     settling: bool,
+    /// A receive was ever armed on the ring: the worker waits in it.
+    ring_waits: bool,
 }
 
 impl Worker {
@@ -251,6 +253,7 @@ impl Worker {
             sending: Vec::new(),
             received: Vec::new(),
             settling: false,
+            ring_waits: false,
         })
     }
 
@@ -291,6 +294,7 @@ impl Worker {
             self.read_ahead(now);
             self.run_ready(now);
             self.resume_accepting(now);
+            self.pools.trim(now);
             self.expire(now);
             self.expire_prefaces(now);
             self.expire_farewells(now);

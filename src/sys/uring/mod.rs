@@ -28,22 +28,18 @@ use std::io;
 use std::ops::Range;
 use std::os::fd::RawFd;
 
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
-use memmap2::MmapMut;
+
+mod recv_buffers;
+use recv_buffers::RecvBuffers;
+pub use recv_buffers::RECV_BUFFER_SIZE;
 
 /// Submission queue entries of a worker's ring; a longer batch is run in
 /// chunks of this many.
 const ENTRIES: u32 = 256;
 
-/// Buffers in a ring's provided-buffer group, and the size of each: what
-/// the receives completed between two turns can hold (beyond it a receive
-/// answers `-ENOBUFS` and the relay reads for itself). 8 MiB of address
-/// space per worker; the pages a small message never touches stay unmapped.
-pub const RECV_BUFFERS: u16 = 512;
-pub const RECV_BUFFER_SIZE: usize = 16 * 1024;
 /// The provided-buffer group's id.
 const GROUP: u16 = 0;
 
@@ -100,12 +96,8 @@ pub struct Received {
 pub struct Ring {
     // Dropped first: the kernel lets go of the buffers below with the ring.
     ring: IoUring,
-    /// The provided-buffer ring's entries (its tail in the first entry).
-    entries: MmapMut,
-    /// The buffers the entries point at, `RECV_BUFFER_SIZE` each.
-    buffers: MmapMut,
-    /// The next tail to publish.
-    tail: u16,
+    /// The provided-buffer group armed receives fill.
+    buffers: RecvBuffers,
     /// Receives answered and not yet taken.
     received: Vec<Received>,
     /// The epoll fd polled (multishot), whether that poll is armed, and
@@ -113,6 +105,8 @@ pub struct Ring {
     epoll: Option<RawFd>,
     epoll_armed: bool,
     epoll_ready: bool,
+    /// Made disabled, not yet enabled by the thread that uses it.
+    disabled: bool,
 }
 
 impl std::fmt::Debug for Ring {
@@ -125,42 +119,47 @@ impl Ring {
     /// io_uring_setup(2). Fails where io_uring cannot be used: the
     /// `kernel.io_uring_disabled` sysctl, a seccomp profile that forbids
     /// it (EPERM, ENOSYS), a kernel without it, or no memory to lock.
-    /// Also registers the provided-buffer group (5.19+).
+    /// Also registers the provided-buffer group (5.19+). The ring runs
+    /// its task work (what answers an armed receive or the epoll poll)
+    /// only when its thread waits in it (`DEFER_TASKRUN`, 6.1+), so the
+    /// kernel never interrupts a busy worker to post a completion; such a
+    /// ring is made disabled and taken by the first thread that uses it
+    /// (`SINGLE_ISSUER`). An older kernel gets a plain ring.
     pub fn new() -> io::Result<Ring> {
-        // Not COOP_TASKRUN: an armed receive completes through task work
-        // queued when its data arrives, and without a signal that work
-        // would not wake a worker asleep in `wait` before its timeout.
-        let ring = IoUring::new(ENTRIES)?;
-        let entries = MmapMut::map_anon(
-            usize::from(RECV_BUFFERS) * std::mem::size_of::<types::BufRingEntry>(),
-        )?;
-        let buffers = MmapMut::map_anon(usize::from(RECV_BUFFERS) * RECV_BUFFER_SIZE)?;
-        // SAFETY: `entries` is a page-aligned mapping of `RECV_BUFFERS`
-        // entries that lives as long as the ring: the ring is dropped
-        // first (field order), and the kernel pins the pages it registers.
-        unsafe {
-            ring.submitter().register_buf_ring_with_flags(
-                entries.as_ptr() as u64,
-                RECV_BUFFERS,
-                GROUP,
-                0,
-            )?;
-        }
-        let mut this = Ring {
+        Ring::with(true).or_else(|_| Ring::with(false))
+    }
+
+    fn with(deferred: bool) -> io::Result<Ring> {
+        let ring = if deferred {
+            IoUring::builder()
+                .setup_single_issuer()
+                .setup_defer_taskrun()
+                .setup_taskrun_flag()
+                .setup_r_disabled()
+                .build(ENTRIES)?
+        } else {
+            IoUring::new(ENTRIES)?
+        };
+        let buffers = RecvBuffers::register(&ring, GROUP)?;
+        Ok(Ring {
             ring,
-            entries,
             buffers,
-            tail: 0,
             received: Vec::new(),
             epoll: None,
             epoll_armed: false,
             epoll_ready: false,
-        };
-        for bid in 0..RECV_BUFFERS {
-            this.provide(bid);
+            disabled: deferred,
+        })
+    }
+
+    /// Enables a ring made disabled, for the calling thread: the only one
+    /// that may submit to it from then on.
+    fn start(&mut self) -> io::Result<()> {
+        if self.disabled {
+            self.ring.submitter().register_enable_rings()?;
+            self.disabled = false;
         }
-        this.publish();
-        Ok(this)
+        Ok(())
     }
 
     /// Waits on the worker's epoll fd too: [`wait`](Self::wait) returns
@@ -210,6 +209,7 @@ impl Ring {
     /// limit), for a receive's answer or an epoll event, unless one is
     /// already there.
     pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.start()?;
         if let (Some(epfd), false) = (self.epoll, self.epoll_armed) {
             let entry = opcode::PollAdd::new(types::Fd(epfd), libc::POLLIN as u32)
                 .multi(true)
@@ -252,21 +252,7 @@ impl Ring {
     /// The bytes an answered receive put in its buffer.
     pub fn bytes(&self, received: &Received) -> &[u8] {
         match (received.buffer, usize::try_from(received.result)) {
-            (Some(bid), Ok(n)) if bid < RECV_BUFFERS => {
-                let at = usize::from(bid) * RECV_BUFFER_SIZE;
-                // SAFETY: the buffer lies inside the mapping (checked bid),
-                // and the kernel wrote these bytes before it posted the
-                // completion; it writes this buffer again only once it is
-                // recycled, which takes `received` by value after this
-                // borrow ends. Other buffers may be written meanwhile, so
-                // no reference covers the whole mapping.
-                unsafe {
-                    std::slice::from_raw_parts(
-                        self.buffers.as_ptr().add(at),
-                        n.min(RECV_BUFFER_SIZE),
-                    )
-                }
-            }
+            (Some(bid), Ok(n)) => self.buffers.bytes(bid, n),
             _ => &[],
         }
     }
@@ -274,40 +260,14 @@ impl Ring {
     /// Gives an answered receive's buffer back to the group.
     pub fn recycle(&mut self, received: Received) {
         if let Some(bid) = received.buffer {
-            self.provide(bid);
-            self.publish();
+            self.buffers.provide(bid);
         }
-    }
-
-    /// Writes buffer `bid` into the next entry (published by `publish`).
-    fn provide(&mut self, bid: u16) {
-        let mask = usize::from(RECV_BUFFERS - 1);
-        let at = usize::from(self.tail) & mask;
-        let addr = self.buffers.as_ptr() as u64 + u64::from(bid) * RECV_BUFFER_SIZE as u64;
-        let size = std::mem::size_of::<types::BufRingEntry>();
-        let slot = &mut self.entries[at * size..(at + 1) * size];
-        // An io_uring_buf: addr (u64), len (u32), bid (u16), and in the
-        // first entry the ring's tail (u16), which `publish` alone writes.
-        slot[0..8].copy_from_slice(&addr.to_ne_bytes());
-        slot[8..12].copy_from_slice(&(RECV_BUFFER_SIZE as u32).to_ne_bytes());
-        slot[12..14].copy_from_slice(&bid.to_ne_bytes());
-        self.tail = self.tail.wrapping_add(1);
-    }
-
-    /// Hands the entries written so far to the kernel.
-    fn publish(&mut self) {
-        let base = self.entries.as_mut_ptr().cast::<types::BufRingEntry>();
-        // SAFETY: `base` is the first entry of the registered ring, which
-        // is page-aligned and initialised; its tail field is a naturally
-        // aligned u16 that the kernel reads atomically, and this thread
-        // alone writes it.
-        let tail = unsafe { &*types::BufRingEntry::tail(base).cast::<AtomicU16>() };
-        tail.store(self.tail, Ordering::Release);
     }
 
     /// Queues `entry`, submitting what is queued first when the queue is
     /// full.
     fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        self.start()?;
         loop {
             // SAFETY: an armed receive points at no memory of ours (the
             // kernel picks a buffer of the registered group); a poll and a
@@ -390,6 +350,7 @@ impl Ring {
     /// Submits `ops` (at most [`ENTRIES`]) and waits for all their
     /// completions. On `Err`, some may still be in the kernel's hands.
     fn run_chunk<B: AsMut<[u8]>>(&mut self, ops: &mut [IoOp<B>]) -> io::Result<()> {
+        self.start()?;
         // Armed receives and polls queued since the last submission go
         // first, so the chunk has the whole queue.
         while !self.ring.submission().is_empty() {
@@ -484,134 +445,4 @@ fn plain_call<B: AsMut<[u8]>>(op: &mut IoOp<B>) -> i32 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::{Read, Write};
-    use std::os::fd::AsRawFd;
-    use std::os::unix::net::UnixStream;
-
-    fn ring() -> Option<Ring> {
-        match Ring::new() {
-            Ok(r) => Some(r),
-            Err(e) => {
-                eprintln!("io_uring unavailable here ({e}): nothing to test");
-                None
-            }
-        }
-    }
-
-    #[test]
-    fn a_batch_reads_and_writes_many_sockets_in_one_call() {
-        let Some(mut ring) = ring() else { return };
-        let pairs: Vec<_> = (0..300).map(|_| UnixStream::pair().unwrap()).collect();
-        for (i, (a, _)) in pairs.iter().enumerate() {
-            a.set_nonblocking(true).unwrap();
-            (&*a).write_all(format!("m{i}").as_bytes()).unwrap();
-        }
-        // Reads on the far ends: every one has its message; the last pair
-        // gets no message and answers EAGAIN, as a non-blocking read does.
-        let ops = pairs
-            .iter()
-            .map(|(_, b)| IoOp {
-                fd: b.as_raw_fd(),
-                kind: IoKind::Recv,
-                buf: vec![0u8; 16],
-                range: 0..16,
-                result: 0,
-            })
-            .collect();
-        let ops = ring.run(ops).unwrap();
-        for (i, op) in ops.iter().enumerate() {
-            let want = format!("m{i}");
-            assert_eq!(op.result, want.len() as i32, "op {i}");
-            assert_eq!(&op.buf[..want.len()], want.as_bytes());
-        }
-        let again = vec![IoOp {
-            fd: pairs[0].1.as_raw_fd(),
-            kind: IoKind::Recv,
-            buf: vec![0u8; 4],
-            range: 0..4,
-            result: 0,
-        }];
-        pairs[0].1.set_nonblocking(true).unwrap();
-        let again = ring.run(again).unwrap();
-        assert_eq!(again[0].result, -libc::EAGAIN);
-        // Writes of a part of each buffer.
-        let ops = pairs
-            .iter()
-            .map(|(a, _)| IoOp {
-                fd: a.as_raw_fd(),
-                kind: IoKind::Send,
-                buf: b"xxhello".to_vec(),
-                range: 2..7,
-                result: 0,
-            })
-            .collect();
-        let ops = ring.run(ops).unwrap();
-        assert!(ops.iter().all(|op| op.result == 5));
-        let (_, b) = &pairs[7];
-        b.set_nonblocking(false).unwrap();
-        let mut got = [0u8; 5];
-        (&*b).read_exact(&mut got).unwrap();
-        assert_eq!(&got, b"hello");
-    }
-
-    fn op(fd: RawFd, kind: IoKind, buf: Vec<u8>, range: Range<usize>) -> IoOp<Vec<u8>> {
-        IoOp {
-            fd,
-            kind,
-            buf,
-            range,
-            result: 0,
-        }
-    }
-
-    /// Each answer as one call of a batch and as a single plain call.
-    fn both_ways(ring: &mut Ring, make: impl Fn() -> IoOp<Vec<u8>>) -> [IoOp<Vec<u8>>; 2] {
-        let mut batch = ring.run(vec![make(), make()]).unwrap();
-        let single = ring.run(vec![make()]).unwrap().remove(0);
-        [batch.remove(0), single]
-    }
-
-    #[test]
-    fn a_range_outside_the_buffer_is_refused_not_submitted() {
-        let Some(mut ring) = ring() else { return };
-        let (a, _b) = UnixStream::pair().unwrap();
-        for answer in both_ways(&mut ring, || {
-            op(a.as_raw_fd(), IoKind::Send, vec![0u8; 4], 2..9)
-        }) {
-            assert_eq!(answer.result, -libc::EINVAL);
-        }
-    }
-
-    /// A batch of one is a plain call, with the same results.
-    #[test]
-    fn a_single_call_answers_as_a_batch_would() {
-        let Some(mut ring) = ring() else { return };
-        let (a, b) = UnixStream::pair().unwrap();
-        b.set_nonblocking(true).unwrap();
-        let recv = || op(b.as_raw_fd(), IoKind::Recv, vec![0u8; 8], 0..8);
-        for answer in both_ways(&mut ring, recv) {
-            assert_eq!(answer.result, -libc::EAGAIN);
-        }
-        (&a).write_all(b"one").unwrap();
-        let single = ring.run(vec![recv()]).unwrap().remove(0);
-        assert_eq!((single.result, &single.buf[..3]), (3, &b"one"[..]));
-        drop(a);
-        for answer in both_ways(&mut ring, recv) {
-            assert_eq!(answer.result, 0, "EOF");
-        }
-    }
-
-    #[test]
-    fn a_closed_peer_is_an_error_result_not_a_signal() {
-        let Some(mut ring) = ring() else { return };
-        let (a, b) = UnixStream::pair().unwrap();
-        drop(b);
-        for answer in both_ways(&mut ring, || {
-            op(a.as_raw_fd(), IoKind::Send, vec![1u8; 4], 0..4)
-        }) {
-            assert_eq!(answer.result, -libc::EPIPE);
-        }
-    }
-}
+mod tests;
