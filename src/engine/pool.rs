@@ -172,6 +172,19 @@ impl Pools {
         }
     }
 
+    /// When [`trim`](Self::trim) has buffers to unmap: the worker wakes
+    /// for it even with nothing else to do, so a burst's memory does not
+    /// stay mapped while the worker sleeps.
+    pub(crate) fn trim_due(&self) -> Option<Instant> {
+        if self.idle_buffers.len() <= MAX_IDLE_BUFFERS {
+            return None;
+        }
+        Some(
+            self.peak_since
+                .map_or_else(Instant::now, |since| since + PEAK_WINDOW),
+        )
+    }
+
     fn idle_cap(&self) -> usize {
         MAX_IDLE_BUFFERS.max(self.buffers_peak)
     }
@@ -382,6 +395,42 @@ mod tests {
             "the pooled pipe was reused"
         );
         p.give(b, true);
+    }
+
+    /// A burst keeps as many copy buffers mapped as it had out at once,
+    /// for the window after it, and the worker wakes to unmap them.
+    #[test]
+    fn a_bursts_copy_buffers_stay_pooled_for_a_window_then_go() {
+        let (mut p, c) = pools(8, 0, 0);
+        let burst = MAX_IDLE_BUFFERS + 44;
+        let t0 = Instant::now();
+        p.trim(t0);
+        let taken: Vec<_> = (0..burst)
+            .map(|_| p.take(&mut Engine::Copy, &c).unwrap())
+            .collect();
+        for b in taken {
+            p.give(b, true);
+        }
+        assert_eq!(
+            p.idle_buffers.len(),
+            burst,
+            "all pooled: the peak needed them"
+        );
+        assert_eq!(p.trim_due(), Some(t0 + PEAK_WINDOW));
+        p.trim(t0 + PEAK_WINDOW / 2);
+        assert_eq!(p.idle_buffers.len(), burst, "within the window");
+        // The window that saw the burst ends: kept for one more.
+        p.trim(t0 + PEAK_WINDOW);
+        assert_eq!(p.idle_buffers.len(), burst);
+        assert_eq!(p.trim_due(), Some(t0 + 2 * PEAK_WINDOW));
+        // A window with none out: back to the fixed cap, nothing more due.
+        p.trim(t0 + 2 * PEAK_WINDOW);
+        assert_eq!(p.idle_buffers.len(), MAX_IDLE_BUFFERS);
+        assert_eq!(p.trim_due(), None);
+        // Buffers taken again come from the pool, not new mappings.
+        let again = p.take(&mut Engine::Copy, &c).unwrap();
+        assert_eq!(p.idle_buffers.len(), MAX_IDLE_BUFFERS - 1);
+        p.give(again, true);
     }
 
     #[test]

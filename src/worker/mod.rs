@@ -327,6 +327,7 @@ impl Worker {
             self.prefaces.next(),
             self.farewells.next(),
             self.parking.next(),
+            self.pools.trim_due(),
         ]
         .into_iter()
         .chain(self.listeners.iter().map(|l| l.full_until))
