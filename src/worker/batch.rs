@@ -24,6 +24,15 @@ const SEND_ROUNDS: usize = 4;
 /// The relays and directions a batch's operations belong to, in order.
 type Owners = Vec<(RelayRef, Peer)>;
 
+/// The vectors a turn's batches are built in, kept between turns so that
+/// a busy loop does not allocate them anew every turn.
+#[derive(Debug, Default)]
+pub(super) struct BatchRoom {
+    ops: Vec<IoOp<MappedBuffer>>,
+    owners: Owners,
+    sending: Vec<RelayRef>,
+}
+
 impl Worker {
     /// Reads, in one batch, every relay direction on the ready list whose
     /// pump would start with a read into an empty copy buffer.
@@ -31,8 +40,8 @@ impl Worker {
         if self.ring.is_none() || self.ready.is_empty() {
             return;
         }
-        let mut ops = Vec::new();
-        let mut owners = Owners::new();
+        let mut ops = std::mem::take(&mut self.batch_room.ops);
+        let mut owners = std::mem::take(&mut self.batch_room.owners);
         for &this in &self.ready {
             let Some(relay) = self.relays.get_mut(this.key).filter(|r| this.is(r.id())) else {
                 continue;
@@ -44,11 +53,14 @@ impl Worker {
                 }
             }
         }
-        if let Some(ops) = self.run_batch(ops, &owners, now) {
-            for (op, (this, from)) in ops.into_iter().zip(owners) {
+        if let Some(mut ops) = self.run_batch(ops, &owners, now) {
+            for (op, &(this, from)) in ops.drain(..).zip(&owners) {
                 self.relays[this.key].staged_read(from, op);
             }
+            self.batch_room.ops = ops;
         }
+        owners.clear();
+        self.batch_room.owners = owners;
     }
 
     /// Sends what the relays' drains left, in batches, pumping the relays
@@ -59,9 +71,11 @@ impl Worker {
             if self.ring.is_none() || self.sending.is_empty() {
                 return;
             }
-            let mut ops = Vec::new();
-            let mut owners = Owners::new();
-            for this in std::mem::take(&mut self.sending) {
+            let mut ops = std::mem::take(&mut self.batch_room.ops);
+            let mut owners = std::mem::take(&mut self.batch_room.owners);
+            let spare = std::mem::take(&mut self.batch_room.sending);
+            let mut sending = std::mem::replace(&mut self.sending, spare);
+            for this in sending.drain(..) {
                 let Some(relay) = self.relays.get_mut(this.key).filter(|r| this.is(r.id())) else {
                     continue;
                 };
@@ -72,15 +86,19 @@ impl Worker {
                     }
                 }
             }
-            if let Some(ops) = self.run_batch(ops, &owners, now) {
-                for (op, (this, from)) in ops.into_iter().zip(owners) {
+            self.batch_room.sending = sending;
+            if let Some(mut ops) = self.run_batch(ops, &owners, now) {
+                for (op, &(this, from)) in ops.drain(..).zip(&owners) {
                     let relay = &mut self.relays[this.key];
                     relay.sent(from, op);
                     if relay.queue() {
                         self.ready.push(this);
                     }
                 }
+                self.batch_room.ops = ops;
             }
+            owners.clear();
+            self.batch_room.owners = owners;
             self.run_ready(now);
         }
     }
@@ -95,7 +113,8 @@ impl Worker {
         now: Instant,
     ) -> Option<Vec<IoOp<MappedBuffer>>> {
         if ops.is_empty() {
-            return None;
+            // Nothing to run: the vector goes back for the next batch.
+            return Some(ops);
         }
         let ring: &mut Ring = self.ring.as_mut()?;
         if ops.len() > 1 {

@@ -175,6 +175,8 @@ pub(crate) struct Worker {
     ring: Option<crate::sys::uring::Ring>,
     /// Relays whose drains left bytes for the next batched send.
     sending: Vec<RelayRef>,
+    /// The vectors the uring loop's batches are built in.
+    batch_room: batch::BatchRoom,
     /// The ring's answered receives, taken each turn (kept for its room).
     received: Vec<crate::sys::uring::Received>,
     /// A live upgrade is settling the receives of the relays it takes.
@@ -251,6 +253,7 @@ impl Worker {
             frozen_out: 0,
             ring,
             sending: Vec::new(),
+            batch_room: batch::BatchRoom::default(),
             received: Vec::new(),
             settling: false,
             ring_waits: false,
