@@ -135,14 +135,16 @@ impl Worker {
             id: relay.id(),
         };
         let len = ring_read_len(self.config.copy_buffer_size);
-        let mut armed = false;
+        let mut tried = false;
         relay.arm_reads(|fd, from| {
+            tried = true;
             let tag = token::relay(this, from).0 as u64;
-            armed = ring.arm_recv(fd, tag, len).is_ok();
-            armed
+            ring.arm_recv(fd, tag, len).is_ok()
         });
-        // From now on the wait must be the ring's, which their answers end.
-        self.ring_waits |= armed;
+        // From now on the wait must be the ring's, which their answers end;
+        // a ring that could not take the receive fails that wait, which
+        // closes this relay rather than leave it without readiness.
+        self.ring_waits |= tried;
     }
 
     /// Cancels relay `key`'s unanswered receives, before it closes: the

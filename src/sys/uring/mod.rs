@@ -229,15 +229,8 @@ impl Ring {
             }
             None => self.ring.submit_and_wait(1),
         };
-        match submitted {
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                ) => {}
-            Err(e) => return Err(e),
-        }
+        // ETIME: the wait ended at its timeout.
+        not_now(submitted, &[libc::ETIME])?;
         self.reap_others::<Vec<u8>>(&mut []);
         Ok(())
     }
@@ -275,13 +268,8 @@ impl Ring {
             if unsafe { self.ring.submission().push(entry) }.is_ok() {
                 return Ok(());
             }
-            match self.ring.submit() {
-                Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {
-                    self.reap_others::<Vec<u8>>(&mut []);
-                }
-                Err(e) => return Err(e),
-            }
+            not_now(self.ring.submit(), &[])?;
+            self.reap_others::<Vec<u8>>(&mut []);
         }
     }
 
@@ -354,13 +342,8 @@ impl Ring {
         // Armed receives and polls queued since the last submission go
         // first, so the chunk has the whole queue.
         while !self.ring.submission().is_empty() {
-            match self.ring.submit() {
-                Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {
-                    self.reap_others::<B>(&mut []);
-                }
-                Err(e) => return Err(e),
-            }
+            not_now(self.ring.submit(), &[])?;
+            self.reap_others::<B>(&mut []);
         }
         {
             let mut sq = self.ring.submission();
@@ -393,18 +376,25 @@ impl Ring {
         }
         let mut waiting = ops.iter().filter(|op| op.result == i32::MIN).count();
         while waiting > 0 {
-            match self.ring.submit_and_wait(waiting) {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
-                    ) => {}
-                Err(e) => return Err(e),
-            }
+            not_now(self.ring.submit_and_wait(waiting), &[libc::EAGAIN])?;
             waiting -= self.reap_others(ops);
         }
         Ok(())
+    }
+}
+
+/// A submission's outcome, with the errors that only mean "not now" as
+/// `Ok`: a signal (EINTR), a completion queue too full to take more
+/// (EBUSY: reaping makes room), and those in `also`.
+fn not_now(submitted: io::Result<usize>, also: &[i32]) -> io::Result<()> {
+    match submitted {
+        Err(e)
+            if e.raw_os_error()
+                .is_some_and(|n| n == libc::EINTR || n == libc::EBUSY || also.contains(&n)) =>
+        {
+            Ok(())
+        }
+        other => other.map(drop),
     }
 }
 
